@@ -1,0 +1,15 @@
+# The two commands for users: `make demo` and `make test`. Both run the
+# idempotent setup first (Debian dataset, project venv with libtorch and
+# nats-server, release build); it only installs what is missing.
+.PHONY: setup demo test
+
+setup:
+	@scripts/setup.sh
+
+demo: setup
+	./target/release/branchpoint evaluate
+
+# Tests run in release mode: they reuse the release build of libtorch's
+# wrapper from setup and run the real model at full speed.
+test: setup
+	cargo test --release --workspace

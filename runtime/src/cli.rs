@@ -1,0 +1,121 @@
+//! Command-line interface. Every flag carries help text; a test checks it.
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// The model the project ships; every command that reads a model defaults to it.
+pub const DEFAULT_MODEL: &str = "models/balexnet-fmnist.safetensors";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "branchpoint",
+    version,
+    about = "Calibrated early-exit offloading of deep-network inference from edge devices to the cloud",
+    long_about = "branchpoint runs an early-exit network split between devices and cloud workers: \
+                  each device answers when its side branch is confident enough (max softmax >= p_tar) \
+                  and offloads the intermediate activation otherwise."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train the early-exit network jointly on all exits; write weights and a model card.
+    Train(TrainArgs),
+    /// Evaluate a model on the test set: accuracy, NLL and ECE of every exit.
+    Evaluate(EvaluateArgs),
+    /// Measure the median latency of every stage, branch and partition on this machine.
+    Profile(ProfileArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ComputeArgs {
+    /// Where tensor work runs: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: String,
+    /// Intra-op threads libtorch uses (0: libtorch's default, one per core).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub threads: i32,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Dataset to train on: fashion-mnist or cifar-10.
+    #[arg(long, default_value = "fashion-mnist", value_name = "NAME")]
+    pub dataset: String,
+    /// Folder holding the dataset files [default: /usr/share/datasets/fashion-mnist for
+    /// fashion-mnist, data/cifar-10-batches-bin for cifar-10].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Passes over the training split.
+    #[arg(long, default_value_t = 12, value_name = "N")]
+    pub epochs: usize,
+    /// Seed of weight initialisation, shuffling and augmentation.
+    #[arg(long, default_value_t = 1, value_name = "S")]
+    pub seed: u64,
+    /// Inputs per optimisation step.
+    #[arg(long, default_value_t = 128, value_name = "B")]
+    pub batch_size: usize,
+    /// Peak learning rate of Adam (decayed to zero on a cosine schedule).
+    #[arg(long, default_value_t = 2e-3, value_name = "LR")]
+    pub learning_rate: f64,
+    /// Loss weight of each exit, comma-separated: branches in order, then final.
+    #[arg(long, default_value = "1,1,1", value_name = "W,W,W", value_delimiter = ',')]
+    pub exit_weights: Vec<f64>,
+    /// Inputs held out of the training set for validation (calibration uses them).
+    #[arg(long, default_value_t = 5000, value_name = "N")]
+    pub validation_size: usize,
+    /// Seed of the train/validation split.
+    #[arg(long, default_value_t = 2021, value_name = "S")]
+    pub split_seed: u64,
+    /// Train on only the first N inputs of the training split (quick runs and tests).
+    #[arg(long, value_name = "N")]
+    pub subset: Option<usize>,
+    /// Turn off random crops and horizontal flips of training images.
+    #[arg(long)]
+    pub no_augment: bool,
+    /// Where to write the weights (.safetensors); the model card goes beside it as NAME.json.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct EvaluateArgs {
+    /// Weights file (.safetensors) with its model card NAME.json beside it.
+    #[arg(long, default_value = DEFAULT_MODEL, value_name = "FILE")]
+    pub model: PathBuf,
+    /// Folder holding the dataset files [default: the dataset's standard folder].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Also write the per-exit metrics as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ProfileArgs {
+    /// Weights file (.safetensors) with its model card NAME.json beside it.
+    #[arg(long, default_value = DEFAULT_MODEL, value_name = "FILE")]
+    pub model: PathBuf,
+    /// Also write the profile as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Batch sizes to time, comma-separated.
+    #[arg(long, default_value = "1,32", value_name = "B,B", value_delimiter = ',')]
+    pub batch_sizes: Vec<i64>,
+    /// Timed runs per measurement (the median is reported).
+    #[arg(long, default_value_t = 50, value_name = "N")]
+    pub repeats: usize,
+    /// Where tensor work runs: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: String,
+    /// Intra-op threads libtorch uses; 1 by default, like a device's single inference thread.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub threads: i32,
+}

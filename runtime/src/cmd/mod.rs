@@ -1,0 +1,4 @@
+//! One file per subcommand: parse nothing (clap did), do the work, print.
+pub mod evaluate;
+pub mod profile;
+pub mod train;

@@ -1,0 +1,135 @@
+//! `branchpoint train`: joint training of all exits, weights + model card.
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use branchpoint_models::card::{card_path, sha256_file, DatasetCard, ModelCard, NamedExitMetrics, TrainingCard};
+use branchpoint_models::metrics::exit_metrics;
+use branchpoint_models::train::{train, TrainConfig};
+use branchpoint_models::{Dataset, DatasetKind, EarlyExitNet};
+use indicatif::{ProgressBar, ProgressStyle};
+use tch::nn;
+
+use crate::cli::TrainArgs;
+use crate::{parse_device, set_threads};
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    if args.out.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+        bail!("--out {}: the weights file must end in .safetensors", args.out.display());
+    }
+    let kind = DatasetKind::parse(&args.dataset)?;
+    let device = parse_device(&args.compute.device)?;
+    set_threads(args.compute.threads)?;
+    let cfg = TrainConfig {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        learning_rate: args.learning_rate,
+        weight_decay: TrainConfig::default().weight_decay,
+        exit_weights: args.exit_weights.clone(),
+        seed: args.seed,
+        augment: !args.no_augment,
+    };
+
+    let data_dir = args.data_dir.clone().unwrap_or_else(|| kind.default_dir());
+    eprintln!("loading {} from {}", kind.name(), data_dir.display());
+    let data = Dataset::load(kind, &data_dir, args.validation_size, args.split_seed)?;
+    let train_split = match args.subset {
+        Some(n) => data.train.head(n),
+        None => data.train.head(data.train.len()),
+    };
+    eprintln!(
+        "split (seed {}): {} train ({} used), {} validation, {} test",
+        data.split.seed,
+        data.split.train,
+        train_split.len(),
+        data.split.validation,
+        data.split.test
+    );
+
+    tch::manual_seed(args.seed as i64);
+    let vs = nn::VarStore::new(device);
+    let net = EarlyExitNet::new(&vs.root(), kind.input_shape(), kind.num_classes());
+    cfg.validate(net.architecture().num_exits())?;
+    let exit_names = net.architecture().exit_names();
+
+    let batches = train_split.len().div_ceil(cfg.batch_size) as u64;
+    let bar = ProgressBar::new(batches);
+    bar.set_style(
+        ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} batches  {msg}  ({elapsed}, eta {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let started = Instant::now();
+    let history = train(
+        &net,
+        &vs,
+        &train_split,
+        &data.validation,
+        &kind.normalization(),
+        &cfg,
+        |p| {
+            if p.batch == 1 {
+                bar.reset();
+                bar.set_prefix(format!("{}/{}", p.epoch, p.epochs));
+            }
+            bar.set_position(p.batch as u64);
+            bar.set_message(format!("loss {:.4}  train acc {:.2} %", p.loss, 100.0 * p.accuracy));
+        },
+        |e| {
+            let val: Vec<String> = exit_names
+                .iter()
+                .zip(&e.validation)
+                .map(|(n, m)| format!("{n} {:.2} %", 100.0 * m.accuracy))
+                .collect();
+            let line = format!(
+                "epoch {:>2}: loss {:.4}, train acc {:.2} %; validation: {}",
+                e.epoch,
+                e.loss,
+                100.0 * e.train_accuracy,
+                val.join(", ")
+            );
+            // A hidden bar (stderr not a terminal: CI, logs) drops println.
+            if bar.is_hidden() {
+                eprintln!("{line}");
+            } else {
+                bar.println(line);
+            }
+        },
+    )?;
+    bar.finish_and_clear();
+    let duration_s = started.elapsed().as_secs_f64();
+
+    let test_logits = net.logits_for(&data.test.images, 500);
+    let test_metrics: Vec<NamedExitMetrics> = exit_names
+        .iter()
+        .zip(&test_logits)
+        .map(|(name, z)| NamedExitMetrics { exit: name.clone(), metrics: exit_metrics(z, &data.test.labels) })
+        .collect();
+
+    if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    vs.save(&args.out).with_context(|| format!("writing weights to {}", args.out.display()))?;
+    let card = ModelCard {
+        weights: args.out.file_name().expect("--out has a file name").to_string_lossy().into_owned(),
+        weights_sha256: sha256_file(&args.out)?,
+        architecture: net.architecture().clone(),
+        dataset: DatasetCard { name: kind, normalization: kind.normalization(), split: data.split.clone() },
+        training: TrainingCard {
+            config: cfg,
+            optimizer: "adam, cosine-decayed learning rate".into(),
+            torch_threads: tch::get_num_threads(),
+            duration_s,
+            history,
+        },
+        test_metrics,
+    };
+    let card_file = card_path(&args.out);
+    card.write(&card_file)?;
+
+    println!("trained in {duration_s:.0} s; test set ({} inputs):", data.split.test);
+    for m in &card.test_metrics {
+        println!("  {:<9} accuracy {:6.2} %  NLL {:.4}  ECE {:.4}", m.exit, 100.0 * m.metrics.accuracy, m.metrics.nll, m.metrics.ece);
+    }
+    println!("weights: {}\nmodel card: {}", args.out.display(), card_file.display());
+    Ok(())
+}

