@@ -4,11 +4,13 @@
 //! This crate knows nothing about actors or the network: it is pure
 //! computation on tensors and files, so the actors, the CLI and the tests all
 //! run exactly the same model code.
+pub mod calibration;
 pub mod card;
 pub mod data;
 pub mod error;
 pub mod metrics;
 pub mod net;
+pub mod offload;
 pub mod profile;
 pub mod rng;
 pub mod train;

@@ -24,7 +24,9 @@ pub struct Cli {
 pub enum Command {
     /// Train the early-exit network jointly on all exits; write weights and a model card.
     Train(TrainArgs),
-    /// Evaluate a model on the test set: accuracy, NLL and ECE of every exit.
+    /// Fit temperatures on the validation split (temperature scaling) and write them to a file.
+    Calibrate(CalibrateArgs),
+    /// Evaluate a model on the test set: per-exit metrics, calibration, and the offloading sweep.
     Evaluate(EvaluateArgs),
     /// Measure the median latency of every stage, branch and partition on this machine.
     Profile(ProfileArgs),
@@ -84,6 +86,24 @@ pub struct TrainArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct CalibrateArgs {
+    /// Weights file (.safetensors) with its model card NAME.json beside it.
+    #[arg(long, default_value = DEFAULT_MODEL, value_name = "FILE")]
+    pub model: PathBuf,
+    /// global: one temperature for all exits; per-branch: one temperature per exit.
+    #[arg(long, default_value = "per-branch", value_name = "METHOD")]
+    pub method: String,
+    /// Where to write the calibration file (JSON).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Folder holding the dataset files [default: the dataset's standard folder].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+#[derive(Debug, Args)]
 pub struct EvaluateArgs {
     /// Weights file (.safetensors) with its model card NAME.json beside it.
     #[arg(long, default_value = DEFAULT_MODEL, value_name = "FILE")]
@@ -91,9 +111,39 @@ pub struct EvaluateArgs {
     /// Folder holding the dataset files [default: the dataset's standard folder].
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Also write the per-exit metrics as JSON to this file.
+    /// Use this calibration file's temperatures for its method instead of fitting them here.
     #[arg(long, value_name = "FILE")]
+    pub calibration: Option<PathBuf>,
+    /// Write the full report (per method, branch and p_tar; per-exit calibration) as JSON.
+    #[arg(long, value_name = "REPORT")]
     pub json: Option<PathBuf>,
+    /// Write PNG plots (reliability diagrams, edge accuracy, offloading, outage, deadlines) here.
+    #[arg(long, value_name = "DIR")]
+    pub plots: Option<PathBuf>,
+    /// Write per-exit validation and test logits with labels as CSV files here.
+    #[arg(long, value_name = "DIR")]
+    pub dump_logits: Option<PathBuf>,
+    /// Targets p_tar to sweep, comma-separated [default: 0.50 to 0.95 by 0.05, then 0.96 to 0.99].
+    #[arg(long, value_name = "P,P", value_delimiter = ',')]
+    pub p_tars: Option<Vec<f64>>,
+    /// Consecutive test inputs per batch when counting inference outages.
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    pub outage_batch: usize,
+    /// Uplink rate of the latency model, in Mbit/s.
+    #[arg(long, default_value_t = 10.0, value_name = "MBIT_S")]
+    pub uplink_mbit_s: f64,
+    /// Round-trip propagation delay device <-> cloud of the latency model, in ms.
+    #[arg(long, default_value_t = 20.0, value_name = "MS")]
+    pub rtt_ms: f64,
+    /// Deadline t_tar of one input, in ms, for the missed-deadline probability.
+    #[arg(long, default_value_t = 40.0, value_name = "MS")]
+    pub deadline_ms: f64,
+    /// p_tar at which the missed-deadline curve over deadlines is drawn.
+    #[arg(long, default_value_t = 0.9, value_name = "P")]
+    pub deadline_curve_p_tar: f64,
+    /// Compute profile JSON (from `branchpoint profile --json`) [default: profile this machine now].
+    #[arg(long, value_name = "FILE")]
+    pub profile: Option<PathBuf>,
     #[command(flatten)]
     pub compute: ComputeArgs,
 }

@@ -2,6 +2,8 @@
 //! binary (`main.rs`) only parses arguments and calls `run`.
 pub mod cli;
 pub mod cmd;
+pub mod evaluation;
+pub mod plots;
 
 use anyhow::{bail, Result};
 use tch::Device;
@@ -9,6 +11,7 @@ use tch::Device;
 pub fn run(cli: cli::Cli) -> Result<()> {
     match cli.command {
         cli::Command::Train(args) => cmd::train::run(args),
+        cli::Command::Calibrate(args) => cmd::calibrate::run(args),
         cli::Command::Evaluate(args) => cmd::evaluate::run(args),
         cli::Command::Profile(args) => cmd::profile::run(args),
     }

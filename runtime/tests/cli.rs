@@ -99,14 +99,16 @@ fn train_then_evaluate_and_profile_through_the_cli() {
     assert_eq!(card["architecture"]["partition_points"].as_array().unwrap().len(), 2);
     assert_eq!(card["test_metrics"].as_array().unwrap().len(), 3);
 
-    let json = dir.path().join("metrics.json");
-    let out = branchpoint(&["evaluate", "--model", w, "--json", json.to_str().unwrap()]);
+    let json = dir.path().join("report.json");
+    let out = branchpoint(&["evaluate", "--model", w, "--json", json.to_str().unwrap(), "--p-tars", "0.6,0.9"]);
     assert!(out.status.success(), "evaluate failed: {}", stderr(&out));
     assert!(stdout(&out).contains("every exit's accuracy equals the model card's"), "{}", stdout(&out));
-    let measured: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    for (m, c) in measured.as_array().unwrap().iter().zip(card["test_metrics"].as_array().unwrap()) {
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let uncalibrated = &report["methods"][0];
+    assert_eq!(uncalibrated["method"], "uncalibrated");
+    for (m, c) in uncalibrated["exits"].as_array().unwrap().iter().zip(card["test_metrics"].as_array().unwrap()) {
         assert_eq!(m["exit"], c["exit"]);
-        let (a, b) = (m["accuracy"].as_f64().unwrap(), c["accuracy"].as_f64().unwrap());
+        let (a, b) = (m["before"]["accuracy"].as_f64().unwrap(), c["accuracy"].as_f64().unwrap());
         assert!((a - b).abs() < 1e-9, "{a} vs {b}");
     }
 

@@ -1,51 +1,165 @@
-//! `branchpoint evaluate`: per-exit test metrics of a model, beside the
-//! numbers its model card recorded at training time.
-use anyhow::{Context, Result};
-use branchpoint_models::card::NamedExitMetrics;
-use branchpoint_models::metrics::exit_metrics;
-use branchpoint_models::{load_model, Dataset};
+//! `branchpoint evaluate`: per-exit test metrics beside the model card, then
+//! the paper's evaluation for uncalibrated, global and per-branch
+//! temperature scaling: calibration quality per exit and the offloading
+//! sweep per partition branch, as a table, a JSON report and PNG plots.
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use branchpoint_models::calibration::{self, CalibrationFile, Method};
+use branchpoint_models::offload::{check_p_tar, default_p_tars, LatencyModel};
+use branchpoint_models::profile::{profile, ComputeProfile};
+use branchpoint_models::{load_model, Dataset, LoadedModel};
 
 use crate::cli::EvaluateArgs;
+use crate::evaluation::{dump_logits, method_report, split_logits, MethodReport, NetworkSettings, Report, SweepSettings};
+use crate::plots::{line_plot, method_color, prepare_dir, reliability_diagram, Curve, LinePlot};
 use crate::{parse_device, set_threads};
 
 pub fn run(args: EvaluateArgs) -> Result<()> {
+    // Check every number a user gave before any slow work.
+    let p_tars = args.p_tars.clone().unwrap_or_else(default_p_tars);
+    if p_tars.is_empty() {
+        bail!("--p-tars: give at least one target");
+    }
+    for &p in p_tars.iter().chain([&args.deadline_curve_p_tar]) {
+        check_p_tar(p)?;
+    }
+    if args.outage_batch == 0 {
+        bail!("--outage-batch must be at least 1");
+    }
+    for (flag, v, positive) in [
+        ("--uplink-mbit-s", args.uplink_mbit_s, true),
+        ("--rtt-ms", args.rtt_ms, false),
+        ("--deadline-ms", args.deadline_ms, false),
+    ] {
+        if !v.is_finite() || v < 0.0 || (positive && v == 0.0) {
+            bail!("{flag} {v}: give a {} number", if positive { "positive" } else { "non-negative" });
+        }
+    }
     let device = parse_device(&args.compute.device)?;
     set_threads(args.compute.threads)?;
     let model = load_model(&args.model, device)?;
-    let card = &model.card;
-    let kind = card.dataset.name;
+    let num_exits = model.net.architecture().num_exits();
+    let calibration_file = match &args.calibration {
+        Some(path) => {
+            let file = CalibrationFile::read(path)?;
+            file.check_fits(num_exits, &model.card.weights_sha256)
+                .with_context(|| format!("calibration file {}", path.display()))?;
+            Some((path.clone(), file))
+        }
+        None => None,
+    };
+    let latency = latency_models(&model, &args)?;
+
+    let kind = model.card.dataset.name;
     let data_dir = args.data_dir.clone().unwrap_or_else(|| kind.default_dir());
-    let data = Dataset::load(kind, &data_dir, card.dataset.split.validation, card.dataset.split.seed)?;
-
-    let logits = model.net.logits_for(&data.test.images, 500);
+    let data = Dataset::load(kind, &data_dir, model.card.dataset.split.validation, model.card.dataset.split.seed)?;
+    let logits = split_logits(&model, &data)?;
     let names = model.net.architecture().exit_names();
-    let measured: Vec<NamedExitMetrics> = names
-        .iter()
-        .zip(&logits)
-        .map(|(name, z)| NamedExitMetrics { exit: name.clone(), metrics: exit_metrics(z, &data.test.labels) })
-        .collect();
 
-    println!(
-        "model {} ({}, {}), test set: {} inputs",
-        args.model.display(),
-        model.card.architecture.name,
-        kind.name(),
-        data.test.len()
-    );
+    print_exit_table(&args.model, &model, &logits.test, &names);
+
+    let settings = SweepSettings {
+        p_tars: &p_tars,
+        outage_batch: args.outage_batch,
+        latency: &latency,
+        deadline_ms: args.deadline_ms,
+        deadline_curve_p_tar: args.deadline_curve_p_tar,
+    };
+    let mut methods = Vec::new();
+    for method in [Method::Uncalibrated, Method::Global, Method::PerBranch] {
+        let (temps, source) = match &calibration_file {
+            Some((path, file)) if file.method == method => (file.temperatures.clone(), format!("calibration file {}", path.display())),
+            _ if method == Method::Uncalibrated => (vec![1.0; num_exits], "T = 1".to_string()),
+            _ => (calibration::fit(method, &logits.validation)?, "fit on the validation split".to_string()),
+        };
+        methods.push(method_report(method, source, &temps, &logits, &names, &settings)?);
+    }
+    let report = Report {
+        model: model.card.weights.clone(),
+        weights_sha256: model.card.weights_sha256.clone(),
+        dataset: kind.name().into(),
+        test_inputs: data.test.len(),
+        validation_inputs: data.validation.len(),
+        p_tars: p_tars.clone(),
+        outage_batch: args.outage_batch,
+        outage_rule: "consecutive batches of outage_batch test inputs in dataset order (a final partial batch is dropped); \
+                      a batch is in outage when the accuracy of its on-device inputs is below p_tar; \
+                      a batch with no on-device input is not in outage"
+            .into(),
+        network: NetworkSettings { uplink_mbit_s: args.uplink_mbit_s, rtt_ms: args.rtt_ms, deadline_ms: args.deadline_ms },
+        deadline_curve_p_tar: args.deadline_curve_p_tar,
+        latency,
+        methods,
+    };
+    print_calibration(&report);
+    print_sweep(&report, 1);
+    print_verdicts(&report);
+
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+        println!("report written to {}", path.display());
+    }
+    if let Some(dir) = &args.plots {
+        let n = write_plots(dir, &report)?;
+        println!("{n} plots written to {}", dir.display());
+    }
+    if let Some(dir) = &args.dump_logits {
+        let files = dump_logits(dir, &logits, &names)?;
+        println!("{} logit files (CSV: label,z0..z9) written to {}", files.len(), dir.display());
+    }
+    Ok(())
+}
+
+/// Head and tail latency at batch 1 per partition branch: from a saved
+/// profile, or measured now.
+fn latency_models(model: &LoadedModel, args: &EvaluateArgs) -> Result<Vec<LatencyModel>> {
+    let profile: ComputeProfile = match &args.profile {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading profile {}", path.display()))?;
+            serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a profile written by `branchpoint profile --json`", path.display()))?
+        }
+        None => profile(&model.net, &[1], 30),
+    };
+    let Some(b1) = profile.batch_sizes.iter().position(|&b| b == 1) else {
+        bail!("the compute profile has no batch-1 timings; run `branchpoint profile --batch-sizes 1,32 --json FILE`");
+    };
+    let points = &model.net.architecture().partition_points;
+    if profile.partitions.len() != points.len() {
+        bail!("the compute profile has {} partitions, the model {}; profile this model", profile.partitions.len(), points.len());
+    }
+    Ok(points
+        .iter()
+        .zip(&profile.partitions)
+        .map(|(pp, part)| LatencyModel {
+            head_ms: part.head_median_ms[b1],
+            tail_ms: part.tail_median_ms[b1],
+            activation_bytes: pp.activation_bytes,
+            uplink_mbit_s: args.uplink_mbit_s,
+            rtt_ms: args.rtt_ms,
+        })
+        .collect())
+}
+
+fn print_exit_table(path: &Path, model: &LoadedModel, test: &[calibration::ExitLogits], names: &[String]) {
+    let n = test.first().map_or(0, |e| e.len());
+    println!("model {} ({}, {}), test set: {n} inputs", path.display(), model.card.architecture.name, model.card.dataset.name.name());
     println!("  {:<9} {:>10} {:>8} {:>8} {:>15}", "exit", "accuracy", "NLL", "ECE", "card accuracy");
-    let n = data.test.len() as f64;
     let mut differing = 0;
-    for (m, c) in measured.iter().zip(&card.test_metrics) {
+    for ((name, e), card) in names.iter().zip(test).zip(&model.card.test_metrics) {
+        let m = calibration::calibration_metrics(e, 1.0);
         // Accuracies are counts over the same inputs: compare them as counts.
-        let same = (m.metrics.accuracy * n).round() == (c.metrics.accuracy * n).round();
+        let same = (m.accuracy * n as f64).round() == (card.metrics.accuracy * n as f64).round();
         differing += usize::from(!same);
         println!(
             "  {:<9} {:>8.2} % {:>8.4} {:>8.4} {:>13.2} %{}",
-            m.exit,
-            100.0 * m.metrics.accuracy,
-            m.metrics.nll,
-            m.metrics.ece,
-            100.0 * c.metrics.accuracy,
+            name,
+            100.0 * m.accuracy,
+            m.nll,
+            m.ece,
+            100.0 * card.metrics.accuracy,
             if same { "" } else { "  (differs)" }
         );
     }
@@ -54,10 +168,157 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     } else {
         println!("{differing} exit(s) differ from the model card (another libtorch build or CPU can flip a few near-ties)");
     }
-    if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&measured)?;
-        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
-        println!("metrics written to {}", path.display());
+}
+
+fn print_calibration(report: &Report) {
+    println!("\ncalibration on the test set (temperatures fit on the validation split):");
+    println!("  {:<13} {:<9} {:>12} {:>11} {:>10} {:>11} {:>10}", "method", "exit", "temperature", "ECE before", "ECE after", "NLL before", "NLL after");
+    for m in &report.methods {
+        for e in &m.exits {
+            println!(
+                "  {:<13} {:<9} {:>12.4} {:>11.4} {:>10.4} {:>11.4} {:>10.4}",
+                m.method, e.exit, e.temperature, e.ece_before, e.ece_after, e.nll_before, e.nll_after
+            );
+        }
     }
-    Ok(())
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{:.2}", 100.0 * v))
+}
+
+fn print_sweep(report: &Report, branch: usize) {
+    let lat = &report.latency[branch - 1];
+    println!(
+        "\nsweep at partition branch {branch} (on device {:.3} ms; offloaded {:.2} ms = uplink {:.2} + RTT {:.1} + cloud {:.3}; deadline {} ms), values in %:",
+        lat.edge_ms(),
+        lat.offload_ms(),
+        lat.uplink_ms(),
+        lat.rtt_ms,
+        lat.tail_ms,
+        report.network.deadline_ms
+    );
+    println!("  {:<13} {:>5} {:>9} {:>9} {:>9} {:>8} {:>8}  {}", "method", "p_tar", "offload", "edge acc", "overall", "outage", "missed", "edge acc >= p_tar");
+    for m in &report.methods {
+        for r in &m.branches[branch - 1].rows {
+            println!(
+                "  {:<13} {:>5.2} {:>9.2} {:>9} {:>9.2} {:>8.1} {:>8.2}  {}",
+                m.method,
+                r.p_tar,
+                100.0 * r.offload_prob,
+                pct(r.edge_accuracy),
+                100.0 * r.overall_accuracy,
+                100.0 * r.outage_prob,
+                100.0 * r.missed_deadline_prob,
+                match r.meets_p_tar {
+                    Some(true) => "yes",
+                    Some(false) => "NO",
+                    None => "(nothing on device)",
+                }
+            );
+        }
+    }
+}
+
+fn print_verdicts(report: &Report) {
+    println!("\ndoes the on-device accuracy meet p_tar over the sweep?");
+    for m in &report.methods {
+        for b in &m.branches {
+            if b.edge_accuracy_meets_p_tar {
+                println!("  {:<13} branch {}: yes, at every p_tar", m.method, b.branch);
+            } else {
+                let list: Vec<String> = b.p_tars_missed.iter().map(|p| format!("{p:.2}")).collect();
+                println!("  {:<13} branch {}: no, below p_tar at {}", m.method, b.branch, list.join(", "));
+            }
+        }
+    }
+}
+
+fn write_plots(dir: &Path, report: &Report) -> Result<usize> {
+    prepare_dir(dir)?;
+    let mut n = 0;
+    let method_curves = |f: &dyn Fn(&MethodReport, usize) -> Vec<(f64, f64)>, branch: usize| -> Vec<Curve> {
+        report
+            .methods
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Curve { label: m.method.clone(), color: method_color(i), points: f(m, branch), dashed: false })
+            .collect()
+    };
+    let (pmin, pmax) = (report.p_tars.iter().cloned().fold(1.0, f64::min), report.p_tars.iter().cloned().fold(0.0, f64::max));
+    let x_range = (pmin - 0.01, pmax + 0.01);
+    for b in 1..=report.latency.len() {
+        // Edge accuracy vs p_tar, with the line y = p_tar.
+        let mut curves = method_curves(
+            &|m, b| m.branches[b - 1].rows.iter().filter_map(|r| r.edge_accuracy.map(|a| (r.p_tar, a))).collect(),
+            b,
+        );
+        let lowest = curves.iter().flat_map(|c| c.points.iter().map(|p| p.1)).fold(pmin, f64::min);
+        curves.push(Curve {
+            label: "target: edge accuracy = p_tar".into(),
+            color: plotters::style::RGBColor(0, 0, 0),
+            points: vec![(x_range.0, x_range.0), (x_range.1, x_range.1)],
+            dashed: true,
+        });
+        line_plot(
+            &dir.join(format!("edge-accuracy-branch{b}.png")),
+            &LinePlot {
+                title: &format!("On-device accuracy vs p_tar, branch {b}"),
+                x_label: "p_tar",
+                y_label: "on-device (edge) accuracy",
+                x_range,
+                y_range: ((lowest - 0.02).max(0.0), 1.0),
+                curves,
+            },
+        )?;
+        line_plot(
+            &dir.join(format!("offload-prob-branch{b}.png")),
+            &LinePlot {
+                title: &format!("Offloading probability vs p_tar, branch {b}"),
+                x_label: "p_tar",
+                y_label: "offloading probability",
+                x_range,
+                y_range: (0.0, 1.0),
+                curves: method_curves(&|m, b| m.branches[b - 1].rows.iter().map(|r| (r.p_tar, r.offload_prob)).collect(), b),
+            },
+        )?;
+        line_plot(
+            &dir.join(format!("outage-prob-branch{b}.png")),
+            &LinePlot {
+                title: &format!("Inference outage probability vs p_tar, branch {b} (batches of {})", report.outage_batch),
+                x_label: "p_tar",
+                y_label: "outage probability",
+                x_range,
+                y_range: (0.0, 1.0),
+                curves: method_curves(&|m, b| m.branches[b - 1].rows.iter().map(|r| (r.p_tar, r.outage_prob)).collect(), b),
+            },
+        )?;
+        let curves = method_curves(&|m, b| m.branches[b - 1].missed_deadline_curve.clone(), b);
+        let xmax = curves.iter().flat_map(|c| c.points.iter().map(|p| p.0)).fold(1.0, f64::max);
+        line_plot(
+            &dir.join(format!("missed-deadline-branch{b}.png")),
+            &LinePlot {
+                title: &format!("Missed-deadline probability vs deadline, branch {b}, p_tar {:.2}", report.deadline_curve_p_tar),
+                x_label: "deadline t_tar (ms)",
+                y_label: "missed-deadline probability",
+                x_range: (0.0, xmax),
+                y_range: (0.0, 1.0),
+                curves,
+            },
+        )?;
+        n += 4;
+    }
+    // Reliability diagrams per exit: before, then after each calibration.
+    let uncal = &report.methods[0];
+    for (ei, exit) in uncal.exits.iter().enumerate() {
+        let mut panels = vec![("uncalibrated (T = 1)".to_string(), exit.before.ece, exit.before.reliability.as_slice())];
+        for m in &report.methods[1..] {
+            let e = &m.exits[ei];
+            panels.push((format!("{} (T = {:.3})", m.method, e.temperature), e.after.ece, e.after.reliability.as_slice()));
+        }
+        let file = format!("reliability-{}.png", exit.exit.replace(' ', ""));
+        reliability_diagram(&dir.join(file), &format!("Reliability diagram, {} (test set)", exit.exit), &panels)?;
+        n += 1;
+    }
+    Ok(n)
 }

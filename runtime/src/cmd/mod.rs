@@ -1,4 +1,5 @@
 //! One file per subcommand: parse nothing (clap did), do the work, print.
+pub mod calibrate;
 pub mod evaluate;
 pub mod profile;
 pub mod train;

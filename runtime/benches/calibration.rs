@@ -1,0 +1,68 @@
+//! Benchmark: temperature fitting on the 5,000 validation inputs and the full
+//! offloading sweep once logits exist, on the shipped model.
+//!
+//!     cargo bench -p branchpoint --bench calibration
+//!
+//! Logits are computed once (not timed); each measurement is the median of
+//! repeated runs. Results go in BENCHMARKS.md.
+use std::path::Path;
+use std::time::Instant;
+
+use branchpoint::evaluation::{method_report, split_logits, SweepSettings};
+use branchpoint_models::calibration::{fit, Method};
+use branchpoint_models::offload::{default_p_tars, LatencyModel};
+use branchpoint_models::{load_model, Dataset};
+
+fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut t: Vec<f64> = (0..runs)
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[runs / 2]
+}
+
+fn main() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let model = load_model(&root.join("models/balexnet-fmnist.safetensors"), tch::Device::Cpu).expect("shipped model");
+    let kind = model.card.dataset.name;
+    let data = Dataset::load(kind, &kind.default_dir(), model.card.dataset.split.validation, model.card.dataset.split.seed)
+        .expect("dataset installed by scripts/setup.sh");
+    let logits = split_logits(&model, &data).expect("logits");
+    let names = model.net.architecture().exit_names();
+    let n_val = logits.validation[0].len();
+
+    let per_branch = median_ms(21, || {
+        fit(Method::PerBranch, &logits.validation).unwrap();
+    });
+    let global = median_ms(21, || {
+        fit(Method::Global, &logits.validation).unwrap();
+    });
+    let latency: Vec<LatencyModel> = model
+        .net
+        .architecture()
+        .partition_points
+        .iter()
+        .map(|p| LatencyModel { head_ms: 0.4, tail_ms: 1.0, activation_bytes: p.activation_bytes, uplink_mbit_s: 10.0, rtt_ms: 20.0 })
+        .collect();
+    let p_tars = default_p_tars();
+    let settings = SweepSettings { p_tars: &p_tars, outage_batch: 100, latency: &latency, deadline_ms: 40.0, deadline_curve_p_tar: 0.9 };
+    let temps = fit(Method::PerBranch, &logits.validation).unwrap();
+    let sweep = median_ms(11, || {
+        for m in [Method::Uncalibrated, Method::Global, Method::PerBranch] {
+            method_report(m, String::new(), &temps, &logits, &names, &settings).unwrap();
+        }
+    });
+    println!("validation inputs: {n_val}, test inputs: {}, exits: {}", logits.test[0].len(), names.len());
+    println!("fit per-branch TS (one T per exit, {} fits):      median {per_branch:8.2} ms", names.len());
+    println!("fit global TS (one T, all exits' logits pooled):    median {global:8.2} ms");
+    println!(
+        "full evaluation (3 methods x {} branches x {} p_tar, per-exit metrics, deadline curves): median {sweep:8.2} ms",
+        latency.len(),
+        p_tars.len()
+    );
+}

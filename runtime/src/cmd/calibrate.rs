@@ -1,0 +1,42 @@
+//! `branchpoint calibrate`: temperature scaling on the validation split.
+use anyhow::{bail, Result};
+use branchpoint_models::calibration::Method;
+use branchpoint_models::{load_model, Dataset};
+
+use crate::cli::CalibrateArgs;
+use crate::evaluation::{calibrate, split_logits};
+use crate::{parse_device, set_threads};
+
+pub fn run(args: CalibrateArgs) -> Result<()> {
+    let method = Method::parse(&args.method)?;
+    if method == Method::Uncalibrated {
+        bail!("--method {}: use global or per-branch", args.method);
+    }
+    let device = parse_device(&args.compute.device)?;
+    set_threads(args.compute.threads)?;
+    let model = load_model(&args.model, device)?;
+    let kind = model.card.dataset.name;
+    let data_dir = args.data_dir.clone().unwrap_or_else(|| kind.default_dir());
+    let data = Dataset::load(kind, &data_dir, model.card.dataset.split.validation, model.card.dataset.split.seed)?;
+    let logits = split_logits(&model, &data)?;
+    let file = calibrate(&model, method, &logits.validation)?;
+    file.write(&args.out)?;
+
+    println!(
+        "{} temperature scaling of {} on the validation split ({} inputs, split seed {}):",
+        method.name(),
+        args.model.display(),
+        file.fit.inputs,
+        file.fit.split_seed
+    );
+    println!("  fit: {}", file.fit.objective);
+    println!("  {:<9} {:>12} {:>11} {:>10} {:>11} {:>10}", "exit", "temperature", "NLL before", "NLL after", "ECE before", "ECE after");
+    for e in &file.exits {
+        println!(
+            "  {:<9} {:>12.4} {:>11.4} {:>10.4} {:>11.4} {:>10.4}",
+            e.exit, e.temperature, e.nll_before, e.nll_after, e.ece_before, e.ece_after
+        );
+    }
+    println!("written to {}", args.out.display());
+    Ok(())
+}

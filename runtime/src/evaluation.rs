@@ -1,0 +1,221 @@
+//! The paper's evaluation of one model: logits on the validation and test
+//! splits, temperatures per method, calibration quality per exit, and the
+//! offloading sweep per partition branch. Shared by `calibrate` and
+//! `evaluate`; all the arithmetic lives in `branchpoint_models`.
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use branchpoint_models::calibration::{
+    self, calibration_metrics, CalibrationFile, CalibrationMetrics, ExitCalibration, ExitLogits, FitInfo, Method, TOLERANCE,
+};
+use branchpoint_models::offload::{sweep, Decisions, LatencyModel, SweepRow};
+use branchpoint_models::{Dataset, LoadedModel};
+use serde::{Deserialize, Serialize};
+
+/// Per-exit logits of the validation and test splits.
+pub struct SplitLogits {
+    pub validation: Vec<ExitLogits>,
+    pub test: Vec<ExitLogits>,
+}
+
+pub fn split_logits(model: &LoadedModel, data: &Dataset) -> Result<SplitLogits> {
+    let to_exit = |images: &tch::Tensor, labels: &tch::Tensor| -> Result<Vec<ExitLogits>> {
+        model
+            .net
+            .logits_for(images, 500)
+            .iter()
+            .map(|z| ExitLogits::from_tensors(z, labels).map_err(Into::into))
+            .collect()
+    };
+    Ok(SplitLogits {
+        validation: to_exit(&data.validation.images, &data.validation.labels)?,
+        test: to_exit(&data.test.images, &data.test.labels)?,
+    })
+}
+
+/// Fits `method` on the validation logits and describes the fit.
+pub fn calibrate(model: &LoadedModel, method: Method, validation: &[ExitLogits]) -> Result<CalibrationFile> {
+    let temperatures = calibration::fit(method, validation)?;
+    let names = model.net.architecture().exit_names();
+    let exits = names
+        .iter()
+        .zip(validation)
+        .zip(&temperatures)
+        .map(|((name, e), &t)| {
+            let before = calibration_metrics(e, 1.0);
+            let after = calibration_metrics(e, t);
+            ExitCalibration {
+                exit: name.clone(),
+                temperature: t,
+                nll_before: before.nll,
+                nll_after: after.nll,
+                ece_before: before.ece,
+                ece_after: after.ece,
+            }
+        })
+        .collect();
+    Ok(CalibrationFile {
+        model: model.card.weights.clone(),
+        weights_sha256: model.card.weights_sha256.clone(),
+        method,
+        temperatures,
+        fit: FitInfo {
+            data: "validation split held out of the training set".into(),
+            inputs: validation.first().map_or(0, |e| e.len()),
+            split_seed: model.card.dataset.split.seed,
+            tolerance: TOLERANCE,
+            objective: method.objective().into(),
+        },
+        exits,
+    })
+}
+
+/// Network and deadline settings of the latency model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetworkSettings {
+    pub uplink_mbit_s: f64,
+    pub rtt_ms: f64,
+    pub deadline_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub model: String,
+    pub weights_sha256: String,
+    pub dataset: String,
+    pub test_inputs: usize,
+    pub validation_inputs: usize,
+    pub p_tars: Vec<f64>,
+    pub outage_batch: usize,
+    /// How a batch with no on-device input counts towards outages.
+    pub outage_rule: String,
+    pub network: NetworkSettings,
+    /// p_tar at which the missed-deadline curve over deadlines is drawn.
+    pub deadline_curve_p_tar: f64,
+    pub latency: Vec<LatencyModel>,
+    pub methods: Vec<MethodReport>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MethodReport {
+    pub method: String,
+    /// Where the temperatures came from: fit here, or a calibration file.
+    pub source: String,
+    pub temperatures: Vec<f64>,
+    /// Calibration quality per exit on the test set.
+    pub exits: Vec<ExitReport>,
+    pub branches: Vec<BranchReport>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExitReport {
+    pub exit: String,
+    pub temperature: f64,
+    pub ece_before: f64,
+    pub ece_after: f64,
+    pub nll_before: f64,
+    pub nll_after: f64,
+    pub before: CalibrationMetrics,
+    pub after: CalibrationMetrics,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BranchReport {
+    pub branch: usize,
+    pub rows: Vec<SweepRow>,
+    /// True when the edge accuracy reaches p_tar at every p_tar of the sweep
+    /// that keeps at least one input on the device.
+    pub edge_accuracy_meets_p_tar: bool,
+    /// The p_tars at which it does not.
+    pub p_tars_missed: Vec<f64>,
+    /// (deadline ms, fraction of inputs missing it) at `deadline_curve_p_tar`.
+    pub missed_deadline_curve: Vec<(f64, f64)>,
+}
+
+pub struct SweepSettings<'a> {
+    pub p_tars: &'a [f64],
+    pub outage_batch: usize,
+    pub latency: &'a [LatencyModel],
+    pub deadline_ms: f64,
+    pub deadline_curve_p_tar: f64,
+}
+
+/// Deadlines for the missed-deadline curve: 0 to 1.5x the slowest offload.
+pub fn deadline_grid(latency: &[LatencyModel]) -> Vec<f64> {
+    let max = latency.iter().map(|l| l.offload_ms()).fold(1.0, f64::max) * 1.5;
+    (0..=150).map(|i| max * f64::from(i) / 150.0).collect()
+}
+
+pub fn method_report(
+    method: Method,
+    source: String,
+    temperatures: &[f64],
+    logits: &SplitLogits,
+    names: &[String],
+    s: &SweepSettings,
+) -> Result<MethodReport> {
+    let exits = names
+        .iter()
+        .zip(&logits.test)
+        .zip(temperatures)
+        .map(|((name, e), &t)| {
+            let before = calibration_metrics(e, 1.0);
+            let after = calibration_metrics(e, t);
+            ExitReport {
+                exit: name.clone(),
+                temperature: t,
+                ece_before: before.ece,
+                ece_after: after.ece,
+                nll_before: before.nll,
+                nll_after: after.nll,
+                before,
+                after,
+            }
+        })
+        .collect();
+    let final_exit = logits.test.last().expect("a final exit");
+    let mut branches = Vec::new();
+    for (bi, latency) in s.latency.iter().enumerate() {
+        let d = Decisions::new(&logits.test[bi], final_exit, temperatures[bi])?;
+        let rows = sweep(&d, s.p_tars, s.outage_batch, latency, s.deadline_ms)?;
+        let p_tars_missed: Vec<f64> = rows.iter().filter(|r| r.meets_p_tar == Some(false)).map(|r| r.p_tar).collect();
+        let grid = deadline_grid(s.latency);
+        let curve = grid
+            .iter()
+            .map(|&dl| (dl, branchpoint_models::offload::sweep_row(&d, s.deadline_curve_p_tar, s.outage_batch, latency, dl).missed_deadline_prob))
+            .collect();
+        branches.push(BranchReport {
+            branch: bi + 1,
+            edge_accuracy_meets_p_tar: p_tars_missed.is_empty(),
+            p_tars_missed,
+            rows,
+            missed_deadline_curve: curve,
+        });
+    }
+    Ok(MethodReport { method: method.name().into(), source, temperatures: temperatures.to_vec(), exits, branches })
+}
+
+/// Writes per-exit logits as CSV: `{split}-{exit}.csv` (exit = branch1,
+/// branch2, ..., final), one row per input in dataset order, columns
+/// `label,z0,...,z{C-1}` (raw logits, before any temperature).
+pub fn dump_logits(dir: &Path, logits: &SplitLogits, names: &[String]) -> Result<Vec<std::path::PathBuf>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut written = Vec::new();
+    for (split, exits) in [("validation", &logits.validation), ("test", &logits.test)] {
+        for (name, e) in names.iter().zip(exits.iter()) {
+            let path = dir.join(format!("{split}-{}.csv", name.replace(' ', "")));
+            let file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+            let mut w = std::io::BufWriter::new(file);
+            let header: Vec<String> = (0..e.classes).map(|c| format!("z{c}")).collect();
+            writeln!(w, "label,{}", header.join(","))?;
+            for i in 0..e.len() {
+                let row: Vec<String> = e.row(i).iter().map(|z| format!("{z:?}")).collect();
+                writeln!(w, "{},{}", e.labels[i], row.join(","))?;
+            }
+            w.flush()?;
+            written.push(path);
+        }
+    }
+    Ok(written)
+}

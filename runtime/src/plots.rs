@@ -1,0 +1,190 @@
+//! PNG plots of the evaluation (plotters, bitmap backend).
+//!
+//! Text is drawn with ab_glyph from a TrueType font found on the system
+//! (DejaVu Sans, which scripts/setup.sh installs), so no fontconfig or
+//! freetype development files are needed at build time.
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use anyhow::{anyhow, bail, Context, Result};
+use branchpoint_models::calibration::ReliabilityBin;
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+
+const WIDTH: u32 = 900;
+const HEIGHT: u32 = 600;
+const FONT_CANDIDATES: &[&str] = &[
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+];
+
+/// Colours by method, the same in every plot.
+pub fn method_color(i: usize) -> RGBColor {
+    [RGBColor(214, 39, 40), RGBColor(31, 119, 180), RGBColor(44, 160, 44), RGBColor(148, 103, 189)][i % 4]
+}
+
+/// Registers the font once; later calls return the first outcome.
+pub fn ensure_font() -> Result<()> {
+    static FONT: OnceLock<Result<(), String>> = OnceLock::new();
+    FONT.get_or_init(|| {
+        let path: Option<PathBuf> = std::env::var_os("BRANCHPOINT_FONT")
+            .map(PathBuf::from)
+            .into_iter()
+            .chain(FONT_CANDIDATES.iter().map(PathBuf::from))
+            .find(|p| p.is_file());
+        let Some(path) = path else {
+            return Err(format!(
+                "no TrueType font for plot text: looked for {}; install Debian's fonts-dejavu-core \
+                 (scripts/setup.sh does) or set BRANCHPOINT_FONT to a .ttf file",
+                FONT_CANDIDATES.join(", ")
+            ));
+        };
+        let bytes = std::fs::read(&path).map_err(|e| format!("reading font {}: {e}", path.display()))?;
+        // plotters keeps fonts for the life of the process.
+        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+            .map_err(|_| format!("{} is not a usable TrueType font", path.display()))
+    })
+    .clone()
+    .map_err(|e| anyhow!(e))
+}
+
+/// One named curve of (x, y) points.
+pub struct Curve {
+    pub label: String,
+    pub color: RGBColor,
+    pub points: Vec<(f64, f64)>,
+    pub dashed: bool,
+}
+
+pub struct LinePlot<'a> {
+    pub title: &'a str,
+    pub x_label: &'a str,
+    pub y_label: &'a str,
+    pub x_range: (f64, f64),
+    pub y_range: (f64, f64),
+    pub curves: Vec<Curve>,
+}
+
+fn draw_err<E: std::fmt::Debug>(path: &Path) -> impl FnOnce(E) -> anyhow::Error + '_ {
+    move |e| anyhow!("drawing {}: {e:?}", path.display())
+}
+
+/// A line plot with markers and a legend.
+pub fn line_plot(path: &Path, plot: &LinePlot) -> Result<()> {
+    ensure_font()?;
+    let root = BitMapBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
+    root.fill(&WHITE).map_err(draw_err(path))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(plot.title, ("sans-serif", 24))
+        .margin(15)
+        .x_label_area_size(50)
+        .y_label_area_size(65)
+        .build_cartesian_2d(plot.x_range.0..plot.x_range.1, plot.y_range.0..plot.y_range.1)
+        .map_err(draw_err(path))?;
+    chart
+        .configure_mesh()
+        .x_desc(plot.x_label)
+        .y_desc(plot.y_label)
+        .label_style(("sans-serif", 16))
+        .axis_desc_style(("sans-serif", 18))
+        .light_line_style(RGBColor(235, 235, 235))
+        .draw()
+        .map_err(draw_err(path))?;
+    for c in &plot.curves {
+        let color = c.color;
+        let style = color.stroke_width(if c.dashed { 1 } else { 2 });
+        if c.dashed {
+            chart
+                .draw_series(DashedLineSeries::new(c.points.iter().copied(), 8, 6, style))
+                .map_err(draw_err(path))?
+                .label(&c.label)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(1)));
+        } else {
+            chart.draw_series(LineSeries::new(c.points.iter().copied(), style)).map_err(draw_err(path))?;
+            chart
+                .draw_series(c.points.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                .map_err(draw_err(path))?
+                .label(&c.label)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        }
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 16))
+        .draw()
+        .map_err(draw_err(path))?;
+    root.present().map_err(draw_err(path))?;
+    Ok(())
+}
+
+/// A reliability diagram: one panel per (label, bins), accuracy bars per
+/// confidence bin against the diagonal of perfect calibration, with the
+/// panel's ECE in its title.
+pub fn reliability_diagram(path: &Path, title: &str, panels: &[(String, f64, &[ReliabilityBin])]) -> Result<()> {
+    ensure_font()?;
+    if panels.is_empty() {
+        bail!("no reliability panels to draw");
+    }
+    let root = BitMapBackend::new(path, (520 * panels.len() as u32, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(draw_err(path))?;
+    let root = root.titled(title, ("sans-serif", 24)).map_err(draw_err(path))?;
+    for (area, (label, ece, bins)) in root.split_evenly((1, panels.len())).iter().zip(panels) {
+        let mut chart = ChartBuilder::on(area)
+            .caption(format!("{label} (ECE {:.4})", ece), ("sans-serif", 19))
+            .margin(15)
+            .x_label_area_size(45)
+            .y_label_area_size(55)
+            .build_cartesian_2d(0f64..1f64, 0f64..1f64)
+            .map_err(draw_err(path))?;
+        chart
+            .configure_mesh()
+            .x_desc("confidence (max softmax)")
+            .y_desc("accuracy")
+            .label_style(("sans-serif", 14))
+            .axis_desc_style(("sans-serif", 16))
+            .light_line_style(RGBColor(235, 235, 235))
+            .draw()
+            .map_err(draw_err(path))?;
+        let bar = RGBColor(31, 119, 180);
+        chart
+            .draw_series(bins.iter().filter(|b| b.count > 0).map(|b| {
+                Rectangle::new([(b.lo + 0.004, 0.0), (b.hi - 0.004, b.accuracy)], bar.mix(0.75).filled())
+            }))
+            .map_err(draw_err(path))?
+            .label("accuracy in bin")
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], bar.mix(0.75).filled()));
+        let gap = RGBColor(214, 39, 40);
+        chart
+            .draw_series(bins.iter().filter(|b| b.count > 0).map(|b| {
+                Circle::new((0.5 * (b.lo + b.hi), b.mean_confidence), 3, gap.filled())
+            }))
+            .map_err(draw_err(path))?
+            .label("mean confidence in bin")
+            .legend(move |(x, y)| Circle::new((x + 7, y), 3, gap.filled()));
+        chart
+            .draw_series(LineSeries::new(vec![(0.0, 0.0), (1.0, 1.0)], BLACK.stroke_width(1)))
+            .map_err(draw_err(path))?
+            .label("perfect calibration")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(1)));
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .draw()
+            .map_err(draw_err(path))?;
+    }
+    root.present().map_err(draw_err(path))?;
+    Ok(())
+}
+
+/// Creates the plot folder, with a message that names it on failure.
+pub fn prepare_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating plot folder {}", dir.display()))
+}
