@@ -25,13 +25,21 @@ as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-# 1. Fashion-MNIST from Debian.
+# 1. Debian packages: the Fashion-MNIST dataset, and DejaVu Sans for the text
+# of the plots (drawn with ab_glyph, so no fontconfig is needed).
+missing=()
 if [ ! -f "$FMNIST_DIR/t10k-labels-idx1-ubyte.gz" ] && [ ! -f "$FMNIST_DIR/t10k-labels-idx1-ubyte" ]; then
-  log "installing Debian package dataset-fashion-mnist"
+  missing+=(dataset-fashion-mnist)
+fi
+if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
+  missing+=(fonts-dejavu-core)
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
+  log "installing Debian packages: ${missing[*]}"
   as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 else
-  log "Fashion-MNIST present in $FMNIST_DIR"
+  log "Fashion-MNIST present in $FMNIST_DIR; DejaVu Sans present"
 fi
 
 # 2. Project-local virtual environment with libtorch and nats-server.

@@ -1,9 +1,30 @@
 //! Wire types of branchpoint: everything that crosses a process boundary.
 //!
-//! This crate knows nothing about tch, actix or NATS and does no I/O. It is
-//! filled by the issue that puts devices and cloud workers on NATS; for now
-//! it holds only the wire-format version that every message will carry.
+//! This crate knows nothing about tch, actix or NATS and does no I/O: it owns
+//! the message types ([`wire`]), tensors on the wire ([`tensor`]), subject
+//! names ([`subjects`]) and what can be wrong with a message ([`error`]).
+//!
+//! Messages are MessagePack with named fields inside an envelope that carries
+//! [`WIRE_VERSION`]; [`encode`] validates before sending, [`decode`] checks the
+//! version, then the body, and never panics on arbitrary bytes.
+
+pub mod error;
+pub mod subjects;
+pub mod tensor;
+pub mod wire;
+
+#[cfg(test)]
+mod tests;
+
+pub use error::MessageError;
+pub use tensor::{DType, Tensor, MAX_DIMS, MAX_TENSOR_BYTES};
+pub use wire::{
+    decode, encode, CalibrationMethod, CalibrationUpdate, Deadline, ErrorKind, ErrorReply, Message,
+    NetworkReport, OffloadAnswer, OffloadReply, OffloadRequest, PlanTarget, PlanUpdate,
+    WorkerStatus, WorkerTimings, MAX_MESSAGE_BYTES,
+};
 
 /// Version of the wire format. Every message carries it, so a peer can refuse
-/// a message it does not understand instead of misreading it.
+/// a message it does not understand instead of misreading it. Adding a field
+/// does not change it (see [`wire`]); any incompatible change does.
 pub const WIRE_VERSION: u16 = 1;

@@ -52,7 +52,7 @@ pub struct TrainArgs {
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// Passes over the training split.
-    #[arg(long, default_value_t = 12, value_name = "N")]
+    #[arg(long, default_value_t = 20, value_name = "N")]
     pub epochs: usize,
     /// Seed of weight initialisation, shuffling and augmentation.
     #[arg(long, default_value_t = 1, value_name = "S")]
@@ -64,7 +64,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 2e-3, value_name = "LR")]
     pub learning_rate: f64,
     /// Loss weight of each exit, comma-separated: branches in order, then final.
-    #[arg(long, default_value = "1,1,1", value_name = "W,W,W", value_delimiter = ',')]
+    #[arg(long, default_value = "0.5,0.5,1", value_name = "W,W,W", value_delimiter = ',')]
     pub exit_weights: Vec<f64>,
     /// Inputs held out of the training set for validation (calibration uses them).
     #[arg(long, default_value_t = 5000, value_name = "N")]
@@ -75,9 +75,10 @@ pub struct TrainArgs {
     /// Train on only the first N inputs of the training split (quick runs and tests).
     #[arg(long, value_name = "N")]
     pub subset: Option<usize>,
-    /// Turn off random crops and horizontal flips of training images.
+    /// Augment training images with random crops and horizontal flips (off by default:
+    /// augmentation regularises, and the project studies networks trained plainly).
     #[arg(long)]
-    pub no_augment: bool,
+    pub augment: bool,
     /// Where to write the weights (.safetensors); the model card goes beside it as NAME.json.
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,

@@ -125,3 +125,131 @@ fn train_then_evaluate_and_profile_through_the_cli() {
         }
     }
 }
+
+#[test]
+fn calibration_files_and_targets_that_do_not_fit_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/balexnet-fmnist.json")).unwrap())
+            .unwrap();
+    let sha = card["weights_sha256"].as_str().unwrap();
+    let calibration = |name: &str, temps: &str, sha: &str| {
+        let path = dir.path().join(name);
+        let text = format!(
+            r#"{{"model": "balexnet-fmnist.safetensors", "weights_sha256": "{sha}", "method": "per-branch",
+                "temperatures": {temps},
+                "fit": {{"data": "validation", "inputs": 5000, "split_seed": 2021, "tolerance": 1e-10, "objective": "x"}},
+                "exits": []}}"#
+        );
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let two_exits = calibration("two.json", "[1.5, 1.2]", sha);
+    let negative = calibration("neg.json", "[1.5, -1.0, 1.1]", sha);
+    let zero = calibration("zero.json", "[1.5, 0.0, 1.1]", sha);
+    let other_model = calibration("other.json", "[1.5, 1.2, 1.1]", "00ff");
+    let not_json = dir.path().join("garbage.json");
+    std::fs::write(&not_json, "temperatures = 3").unwrap();
+    let not_json = not_json.to_str().unwrap().to_string();
+
+    let cases: Vec<(Vec<&str>, &[&str])> = vec![
+        (vec!["evaluate", "--calibration", &two_exits], &["2 given", "3 exits"]),
+        (vec!["evaluate", "--calibration", &negative], &["-1", "must be > 0"]),
+        (vec!["evaluate", "--calibration", &zero], &["must be > 0"]),
+        (vec!["evaluate", "--calibration", &other_model], &["SHA-256", "refit with `branchpoint calibrate`"]),
+        (vec!["evaluate", "--calibration", &not_json], &["not a calibration file"]),
+        (vec!["evaluate", "--calibration", "/nonexistent/cal.json"], &["/nonexistent/cal.json", "branchpoint calibrate"]),
+        (vec!["evaluate", "--p-tars", "0.5,1.2"], &["1.2 is outside (0, 1)"]),
+        (vec!["evaluate", "--p-tars", "0"], &["0 is outside (0, 1)"]),
+        (vec!["evaluate", "--deadline-curve-p-tar", "1"], &["outside (0, 1)"]),
+        (vec!["evaluate", "--uplink-mbit-s", "0"], &["--uplink-mbit-s", "positive"]),
+        (vec!["evaluate", "--outage-batch", "0"], &["--outage-batch"]),
+        (vec!["calibrate", "--method", "isotonic", "--out", "/tmp/c.json"], &["isotonic", "global or per-branch"]),
+    ];
+    for (args, words) in cases {
+        let out = branchpoint(&args);
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = stderr(&out);
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+        for w in words {
+            assert!(err.contains(w), "{args:?}: expected {w:?} in: {err}");
+        }
+    }
+}
+
+#[test]
+fn calibrate_then_evaluate_with_the_file_reproduces_the_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let cal = dir.path().join("per-branch.json");
+    let out = branchpoint(&["calibrate", "--method", "per-branch", "--out", cal.to_str().unwrap()]);
+    assert!(out.status.success(), "calibrate failed: {}", stderr(&out));
+    let file: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cal).unwrap()).unwrap();
+    assert_eq!(file["method"], "per-branch");
+    assert_eq!(file["fit"]["inputs"], 5000);
+    let exits = file["exits"].as_array().unwrap();
+    assert_eq!(exits.len(), 3);
+    for e in exits {
+        // Fitting minimises the validation NLL, so it never rises.
+        assert!(e["nll_after"].as_f64().unwrap() <= e["nll_before"].as_f64().unwrap() + 1e-12, "{e}");
+        assert!(e["temperature"].as_f64().unwrap() > 0.0);
+    }
+
+    let report = dir.path().join("report.json");
+    let plots = dir.path().join("plots");
+    let logits = dir.path().join("logits");
+    let out = branchpoint(&[
+        "evaluate",
+        "--calibration",
+        cal.to_str().unwrap(),
+        "--json",
+        report.to_str().unwrap(),
+        "--plots",
+        plots.to_str().unwrap(),
+        "--dump-logits",
+        logits.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "evaluate failed: {}", stderr(&out));
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let methods: Vec<&str> = r["methods"].as_array().unwrap().iter().map(|m| m["method"].as_str().unwrap()).collect();
+    assert_eq!(methods, ["uncalibrated", "global", "per-branch"]);
+    let per_branch = &r["methods"][2];
+    assert!(per_branch["source"].as_str().unwrap().contains("calibration file"));
+    assert_eq!(per_branch["temperatures"], file["temperatures"]);
+    for m in r["methods"].as_array().unwrap() {
+        for b in m["branches"].as_array().unwrap() {
+            let rows = b["rows"].as_array().unwrap();
+            assert_eq!(rows.len(), 14, "the default sweep");
+            for row in rows {
+                for key in ["p_tar", "offload_prob", "edge_accuracy", "overall_accuracy", "outage_prob", "missed_deadline_prob"] {
+                    assert!(row.get(key).is_some(), "row lacks {key}: {row}");
+                }
+            }
+            // A higher target never keeps more inputs on the device.
+            let offload: Vec<f64> = rows.iter().map(|r| r["offload_prob"].as_f64().unwrap()).collect();
+            assert!(offload.windows(2).all(|w| w[0] <= w[1]), "{offload:?}");
+        }
+        for e in m["exits"].as_array().unwrap() {
+            for key in ["temperature", "ece_before", "ece_after", "nll_before", "nll_after"] {
+                assert!(e[key].is_number(), "exit lacks {key}");
+            }
+        }
+    }
+    for f in ["edge-accuracy-branch1.png", "offload-prob-branch2.png", "outage-prob-branch1.png", "missed-deadline-branch1.png", "reliability-final.png"] {
+        let bytes = std::fs::read(plots.join(f)).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG", "{f} is a PNG");
+    }
+    // The dumped logits reproduce the report's uncalibrated test accuracy of branch 1.
+    let csv = std::fs::read_to_string(logits.join("test-branch1.csv")).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(lines.next().unwrap(), "label,z0,z1,z2,z3,z4,z5,z6,z7,z8,z9");
+    let (mut n, mut right) = (0usize, 0usize);
+    for line in lines {
+        let v: Vec<f64> = line.split(',').map(|x| x.parse().unwrap()).collect();
+        let arg = (1..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap() - 1;
+        n += 1;
+        right += usize::from(arg == v[0] as usize);
+    }
+    assert_eq!(n, 10_000);
+    let acc = r["methods"][0]["exits"][0]["before"]["accuracy"].as_f64().unwrap();
+    assert!((right as f64 / n as f64 - acc).abs() < 1e-9);
+}

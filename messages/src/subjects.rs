@@ -1,0 +1,64 @@
+//! NATS subject names and the workers' queue group: the one place that says
+//! who publishes what where. Every subject starts with `branchpoint.` so one
+//! server can host other applications, and `branchpoint.>` sees everything.
+//!
+//! Ids that go into a subject (device ids, group names) must be single
+//! subject tokens; [`is_valid_id`] is the rule, and every message checks it.
+
+/// Prefix of the offload subjects; the partition branch is the last token.
+pub const OFFLOAD_PREFIX: &str = "branchpoint.offload";
+
+/// Wildcard a worker subscribes to when it serves the tail of every branch.
+pub const OFFLOAD_ALL: &str = "branchpoint.offload.*";
+
+/// Queue group of the cloud workers: NATS hands each offload request to one
+/// member only, which balances the load without a broker of our own.
+pub const WORKER_QUEUE_GROUP: &str = "branchpoint-workers";
+
+/// Calibration actor -> devices: new temperatures (`CalibrationUpdate`).
+/// One subject for all, since temperatures belong to the model, not a device.
+pub const CALIBRATION_UPDATE: &str = "branchpoint.calibration.update";
+
+/// Prefix of the plan subjects, see [`plan_device`] and [`plan_group`].
+pub const PLAN_PREFIX: &str = "branchpoint.plan";
+
+/// Wildcard that sees every plan update (for the fleet view and tests).
+pub const PLAN_ALL: &str = "branchpoint.plan.>";
+
+/// Devices -> planner: observed uplink throughput and round trip (`NetworkReport`).
+pub const NETWORK_REPORT: &str = "branchpoint.report.network";
+
+/// Workers -> planner and fleet view: queue depth and batching (`WorkerStatus`).
+pub const WORKER_STATUS: &str = "branchpoint.worker.status";
+
+/// Device -> workers, request/reply: `OffloadRequest` for `partition_branch`,
+/// answered with an `OffloadReply` on the request's reply inbox.
+///
+/// One subject per branch, because a worker batches only requests whose
+/// activations have the same shape, and may load only some tails.
+pub fn offload(partition_branch: u8) -> String {
+    format!("{OFFLOAD_PREFIX}.{partition_branch}")
+}
+
+/// Planner -> one device: `PlanUpdate` for `device_id`.
+///
+/// Devices and groups get separate tokens (`device` / `group`) so a device
+/// and a group may share a name without one receiving the other's plan.
+pub fn plan_device(device_id: &str) -> String {
+    format!("{PLAN_PREFIX}.device.{device_id}")
+}
+
+/// Planner -> every device of a group: `PlanUpdate` for `group`.
+pub fn plan_group(group: &str) -> String {
+    format!("{PLAN_PREFIX}.group.{group}")
+}
+
+/// Whether `id` can serve as a device id, worker id or group name: 1 to 64
+/// characters of `[A-Za-z0-9_-]`. No dots, spaces or `*`/`>`, because these
+/// would split the subject or turn it into a wildcard.
+pub fn is_valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}

@@ -1,0 +1,167 @@
+//! Tensors on the wire: dtype + shape + raw little-endian bytes.
+//!
+//! Bytes rather than a MessagePack array of numbers because an activation is
+//! tens of kilobytes to megabytes: as `bin` it is one memcpy to encode and can
+//! be borrowed when decoding, while an array costs a type tag per element.
+//! Little-endian is fixed so the wire never depends on the sender's CPU.
+
+use std::fmt;
+
+use half::f16;
+use serde::{Deserialize, Serialize};
+
+use crate::MessageError;
+
+/// Most dimensions a tensor may have. Activations are NCHW; 8 leaves room.
+pub const MAX_DIMS: usize = 8;
+/// Most bytes a tensor payload may hold (64 MiB). Note that a NATS server
+/// refuses payloads above its `max_payload` (1 MiB unless configured).
+pub const MAX_TENSOR_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Element type of a tensor payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    /// IEEE 754 binary32, 4 bytes.
+    F32,
+    /// IEEE 754 binary16, 2 bytes: halves the uplink bytes of an activation.
+    F16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> u64 {
+        match self {
+            DType::F32 => 4,
+            DType::F16 => 2,
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+        })
+    }
+}
+
+/// A dense tensor in row-major order, as it travels on the wire.
+///
+/// Fields are public so tests and peers can inspect them, but build tensors
+/// with [`Tensor::from_f32`] or [`Tensor::from_f32_as_f16`], which validate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tensor {
+    pub dtype: DType,
+    pub shape: Vec<u32>,
+    /// `product(shape) * dtype.size()` little-endian bytes.
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+impl Tensor {
+    /// A f32 tensor holding `values` (row-major) with the given shape.
+    pub fn from_f32(shape: &[u32], values: &[f32]) -> Result<Self, MessageError> {
+        let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Self::checked(DType::F32, shape, data)
+    }
+
+    /// A f16 tensor holding `values` rounded to the nearest f16. Values beyond
+    /// f16's range (|x| > 65504) become infinite and are refused.
+    pub fn from_f32_as_f16(shape: &[u32], values: &[f32]) -> Result<Self, MessageError> {
+        let data = values
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect();
+        Self::checked(DType::F16, shape, data)
+    }
+
+    fn checked(dtype: DType, shape: &[u32], data: Vec<u8>) -> Result<Self, MessageError> {
+        let tensor = Tensor {
+            dtype,
+            shape: shape.to_vec(),
+            data,
+        };
+        tensor.validate()?;
+        Ok(tensor)
+    }
+
+    /// Number of elements, `product(shape)`, or `None` if it overflows u64.
+    pub fn num_elements(&self) -> Option<u64> {
+        self.shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(u64::from(d)))
+    }
+
+    /// The values as f32, widening f16. Validates the size first, so a
+    /// malformed payload gives an error rather than a short vector.
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>, MessageError> {
+        self.check_size()?;
+        Ok(self.values().collect())
+    }
+
+    /// Checks shape, size and that every value is finite.
+    pub fn validate(&self) -> Result<(), MessageError> {
+        self.check_size()?;
+        // NaN or inf in an activation would silently poison the tail's logits
+        // and every answer batched with it, so refuse it at the boundary.
+        match self.values().enumerate().find(|(_, v)| !v.is_finite()) {
+            Some((index, value)) => Err(MessageError::NonFinite { index, value }),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks dims, limits and that the byte length equals shape x dtype size.
+    fn check_size(&self) -> Result<(), MessageError> {
+        let bad = |reason| MessageError::BadShape {
+            shape: self.shape.clone(),
+            reason,
+        };
+        if self.shape.is_empty() || self.shape.len() > MAX_DIMS {
+            return Err(bad("a tensor needs 1 to 8 dimensions"));
+        }
+        if self.shape.contains(&0) {
+            return Err(bad("a zero dimension leaves nothing to compute on"));
+        }
+        let expected = self
+            .num_elements()
+            .and_then(|n| n.checked_mul(self.dtype.size()))
+            .unwrap_or(u64::MAX);
+        if expected > MAX_TENSOR_BYTES {
+            let limit = MAX_TENSOR_BYTES;
+            return Err(MessageError::TooLarge {
+                what: "tensor",
+                size: expected,
+                limit,
+            });
+        }
+        let actual = self.data.len() as u64;
+        if actual != expected {
+            let (shape, dtype) = (self.shape.clone(), self.dtype);
+            return Err(MessageError::SizeMismatch {
+                shape,
+                dtype,
+                expected,
+                actual,
+            });
+        }
+        Ok(())
+    }
+
+    /// Values as f32; assumes `check_size` passed (a ragged tail is dropped).
+    fn values(&self) -> Box<dyn Iterator<Item = f32> + '_> {
+        match self.dtype {
+            DType::F32 => Box::new(
+                self.data
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            ),
+            DType::F16 => Box::new(
+                self.data
+                    .chunks_exact(2)
+                    .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()),
+            ),
+        }
+    }
+}

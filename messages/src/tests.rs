@@ -1,0 +1,438 @@
+//! Tests of the codec and validation: property tests for round trips and
+//! hostile input, unit tests for each rule the wire promises.
+
+use proptest::prelude::*;
+use serde::Serialize;
+
+use crate::wire::encode_unvalidated;
+use crate::*;
+use MessageError as E;
+
+fn id() -> impl Strategy<Value = String> {
+    "[A-Za-z0-9_-]{1,64}"
+}
+
+fn tensor() -> impl Strategy<Value = Tensor> {
+    (prop::collection::vec(1u32..5, 1..5), any::<bool>()).prop_flat_map(|(shape, half)| {
+        let n = shape.iter().product::<u32>() as usize;
+        prop::collection::vec(-1e3f32..1e3, n).prop_map(move |values| match half {
+            true => Tensor::from_f32_as_f16(&shape, &values).unwrap(),
+            false => Tensor::from_f32(&shape, &values).unwrap(),
+        })
+    })
+}
+
+// prop_compose! keeps each generator next to the fields it fills.
+prop_compose! {
+    fn request()(device_id in id(), seq: u64, partition_branch in 1u8.., activation in tensor(),
+                 sent_at_unix_us: u64, budget_us in 1u64..) -> OffloadRequest {
+        let deadline = Deadline { sent_at_unix_us, budget_us };
+        OffloadRequest { device_id, seq, partition_branch, activation, deadline }
+    }
+}
+
+prop_compose! {
+    fn answer()(seq: u64, worker_id in id(), class: u32, confidence in 0f32..=1.0,
+                queue_us: u64, compute_us: u64, batch_size: u32) -> OffloadReply {
+        let timings = WorkerTimings { queue_us, compute_us, batch_size };
+        OffloadReply::Answer(OffloadAnswer { seq, worker_id, class, confidence, timings })
+    }
+}
+
+const ERROR_KINDS: [ErrorKind; 6] = {
+    use ErrorKind::*;
+    [
+        DeadlineExpired,
+        Overloaded,
+        InvalidRequest,
+        UnsupportedVersion,
+        UnknownBranch,
+        Internal,
+    ]
+};
+
+prop_compose! {
+    fn error_reply()(seq: Option<u64>, worker_id in id(), detail in ".{0,40}",
+                     kind in prop::sample::select(&ERROR_KINDS[..])) -> OffloadReply {
+        OffloadReply::Error(ErrorReply { seq, worker_id, kind, detail })
+    }
+}
+
+prop_compose! {
+    fn calibration()(model_sha256 in "[0-9a-f]{64}", identity: bool,
+                     temperatures in prop::collection::vec(1e-3f32..100.0, 1..6))
+                     -> CalibrationUpdate {
+        use CalibrationMethod::*;
+        let method = if identity { Identity } else { Temperature };
+        CalibrationUpdate { model_sha256, method, temperatures }
+    }
+}
+
+prop_compose! {
+    fn plan()(id in id(), group: bool, partition_branch in 1u8.., p_tar in 1e-6f32..0.999)
+              -> PlanUpdate {
+        let target = if group { PlanTarget::Group(id) } else { PlanTarget::Device(id) };
+        PlanUpdate { target, partition_branch, p_tar }
+    }
+}
+
+prop_compose! {
+    fn network()(device_id in id(), uplink_bytes_per_s_ewma in 0f64..1e10, rtt_us_ewma in 0f64..1e8,
+                 start: u32, len in 0u64..1 << 40, samples: u32) -> NetworkReport {
+        let (window_start_unix_us, window_end_unix_us) = (u64::from(start), u64::from(start) + len);
+        NetworkReport {
+            device_id, uplink_bytes_per_s_ewma, rtt_us_ewma,
+            window_start_unix_us, window_end_unix_us, samples,
+        }
+    }
+}
+
+prop_compose! {
+    fn worker_status()(worker_id in id(), queue_depth: u32, batches_served: u64,
+                       mean_batch_size in 0f64..256.0, queue_delay_us_ewma in 0f64..1e7,
+                       at_unix_us: u64) -> WorkerStatus {
+        WorkerStatus {
+            worker_id, queue_depth, batches_served,
+            mean_batch_size, queue_delay_us_ewma, at_unix_us,
+        }
+    }
+}
+
+fn roundtrip<M: Message + PartialEq + std::fmt::Debug>(msg: &M) -> Result<(), TestCaseError> {
+    let bytes = encode(msg).unwrap();
+    prop_assert_eq!(&decode::<M>(&bytes).unwrap(), msg);
+    // Every strict prefix is an incomplete message and must be refused.
+    for cut in [0, 1, bytes.len() / 2, bytes.len() - 1] {
+        prop_assert!(decode::<M>(&bytes[..cut]).is_err());
+    }
+    Ok(())
+}
+
+/// Decodes `bytes` as every message type and counts the successes.
+fn decode_all(bytes: &[u8]) -> usize {
+    [
+        decode::<OffloadRequest>(bytes).is_ok(),
+        decode::<OffloadReply>(bytes).is_ok(),
+        decode::<CalibrationUpdate>(bytes).is_ok(),
+        decode::<PlanUpdate>(bytes).is_ok(),
+        decode::<NetworkReport>(bytes).is_ok(),
+        decode::<WorkerStatus>(bytes).is_ok(),
+    ]
+    .iter()
+    .filter(|ok| **ok)
+    .count()
+}
+
+/// Asserts that `$result` is an `Err` matching `$pattern`.
+macro_rules! assert_refused {
+    ($result:expr, $pattern:pat) => {
+        match $result {
+            Err($pattern) => {}
+            other => panic!("expected {}, got {other:?}", stringify!($pattern)),
+        }
+    };
+}
+
+proptest! {
+    #[test]
+    fn every_message_round_trips(
+        req in request(), rep in prop_oneof![answer(), error_reply()], cal in calibration(),
+        pl in plan(), net in network(), ws in worker_status(),
+    ) {
+        roundtrip(&req)?;
+        roundtrip(&rep)?;
+        roundtrip(&cal)?;
+        roundtrip(&pl)?;
+        roundtrip(&net)?;
+        roundtrip(&ws)?;
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        prop_assert_eq!(decode_all(&bytes), 0);
+    }
+
+    #[test]
+    fn corrupted_messages_never_panic(
+        req in request(),
+        flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+    ) {
+        let mut bytes = encode(&req).unwrap();
+        for (at, byte) in flips {
+            let i = at.index(bytes.len());
+            bytes[i] = byte;
+        }
+        decode_all(&bytes);
+    }
+
+    #[test]
+    fn wrong_byte_length_is_refused(mut req in request(), extra in 1usize..9, shorter: bool) {
+        let data = &mut req.activation.data;
+        match shorter {
+            true => data.truncate(data.len().saturating_sub(extra)),
+            false => data.extend(std::iter::repeat_n(0u8, extra)),
+        }
+        assert_refused!(req.activation.validate(), E::SizeMismatch { .. });
+        assert_refused!(req.activation.to_f32_vec(), E::SizeMismatch { .. });
+        let bytes = encode_unvalidated(&req, WIRE_VERSION).unwrap();
+        assert_refused!(decode::<OffloadRequest>(&bytes), E::SizeMismatch { .. });
+    }
+}
+
+fn sample_request() -> OffloadRequest {
+    let activation = Tensor::from_f32(&[1, 2, 2], &[0.5, -1.0, 2.0, 3.25]).unwrap();
+    let deadline = Deadline {
+        sent_at_unix_us: 1_700_000_000_000_000,
+        budget_us: 50_000,
+    };
+    OffloadRequest {
+        device_id: "dev-1".into(),
+        seq: 7,
+        partition_branch: 2,
+        activation,
+        deadline,
+    }
+}
+
+#[test]
+fn unknown_fields_are_ignored() {
+    // What a newer peer might send: extra fields in the envelope and in the body.
+    #[derive(Serialize)]
+    struct FutureReport {
+        #[serde(flatten)]
+        known: NetworkReport,
+        radio: &'static str,
+        signal_dbm: Vec<i32>,
+    }
+    #[derive(Serialize)]
+    struct FutureEnvelope {
+        trace_id: u64,
+        wire_version: u16,
+        body: FutureReport,
+    }
+    let known = NetworkReport {
+        device_id: "dev-1".into(),
+        uplink_bytes_per_s_ewma: 1e6,
+        rtt_us_ewma: 2e4,
+        window_start_unix_us: 10,
+        window_end_unix_us: 20,
+        samples: 3,
+    };
+    let body = FutureReport {
+        known: known.clone(),
+        radio: "lte",
+        signal_dbm: vec![-80, -90],
+    };
+    let envelope = FutureEnvelope {
+        trace_id: 9,
+        wire_version: WIRE_VERSION,
+        body,
+    };
+    let bytes = rmp_serde::to_vec_named(&envelope).unwrap();
+    assert_eq!(decode::<NetworkReport>(&bytes), Ok(known));
+}
+
+#[test]
+fn wrong_version_is_refused_naming_both() {
+    let bytes = encode_unvalidated(&sample_request(), WIRE_VERSION + 1).unwrap();
+    let err = decode::<OffloadRequest>(&bytes).unwrap_err();
+    assert_eq!(
+        err,
+        E::VersionMismatch {
+            got: WIRE_VERSION + 1,
+            expected: WIRE_VERSION
+        }
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("version 2") && text.contains("version 1"),
+        "{text}"
+    );
+}
+
+#[test]
+fn non_finite_activation_is_refused() {
+    assert_refused!(
+        Tensor::from_f32(&[2], &[1.0, f32::NAN]),
+        E::NonFinite { index: 1, .. }
+    );
+    // Beyond f16's range a value becomes infinite, which is refused too.
+    assert_refused!(
+        Tensor::from_f32_as_f16(&[1], &[1e6]),
+        E::NonFinite { index: 0, .. }
+    );
+    let mut req = sample_request();
+    req.activation.data[4..8].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    assert_refused!(encode(&req), E::NonFinite { index: 1, .. });
+    let bytes = encode_unvalidated(&req, WIRE_VERSION).unwrap();
+    assert_refused!(
+        decode::<OffloadRequest>(&bytes),
+        E::NonFinite { index: 1, .. }
+    );
+}
+
+#[test]
+fn f16_round_trip_within_f16_precision() {
+    let values: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) * 0.731).collect();
+    let t = Tensor::from_f32_as_f16(&[10, 100], &values).unwrap();
+    assert_eq!(t.data.len(), 2000);
+    for (a, b) in values.iter().zip(t.to_f32_vec().unwrap()) {
+        // f16 has an 11-bit significand: relative rounding error <= 2^-11.
+        assert!((a - b).abs() <= a.abs() * 2f32.powi(-11), "{a} vs {b}");
+    }
+    let exact = Tensor::from_f32(&[3], &[1.5, -2.0, 1e-30]).unwrap();
+    assert_eq!(exact.to_f32_vec().unwrap(), vec![1.5, -2.0, 1e-30]);
+}
+
+#[test]
+fn tensor_travels_as_bytes_not_numbers() {
+    let mut req = sample_request();
+    req.activation = Tensor::from_f32(&[1000], &[0.1; 1000]).unwrap();
+    // An array of f32 would cost 5 bytes per element; bin costs 4 plus a header.
+    assert!(encode(&req).unwrap().len() < 4000 + 200);
+}
+
+#[test]
+fn missing_deadline_is_refused() {
+    let mut req = sample_request();
+    req.deadline = Deadline::default();
+    let bytes = encode_unvalidated(&req, WIRE_VERSION).unwrap();
+    assert_eq!(decode::<OffloadRequest>(&bytes), Err(E::MissingDeadline));
+    // A sender that leaves the field out entirely gets the same error.
+    #[derive(Serialize)]
+    struct NoDeadline {
+        device_id: String,
+        seq: u64,
+        partition_branch: u8,
+        activation: Tensor,
+    }
+    let OffloadRequest {
+        device_id,
+        seq,
+        partition_branch,
+        activation,
+        ..
+    } = req;
+    let old = NoDeadline {
+        device_id,
+        seq,
+        partition_branch,
+        activation,
+    };
+    let bytes = encode_unvalidated(&old, WIRE_VERSION).unwrap();
+    assert_eq!(decode::<OffloadRequest>(&bytes), Err(E::MissingDeadline));
+}
+
+#[test]
+fn ranges_are_checked() {
+    let plan = |partition_branch, p_tar| PlanUpdate {
+        target: PlanTarget::Group("lab".into()),
+        partition_branch,
+        p_tar,
+    };
+    assert!(plan(1, 0.8).validate().is_ok());
+    assert_eq!(plan(0, 0.8).validate(), Err(E::PartitionBranch(0)));
+    for p in [0.0, 1.0, -0.5, f32::NAN] {
+        assert_refused!(plan(1, p).validate(), E::PTar(_));
+    }
+    let cal = |temperatures: Vec<f32>| CalibrationUpdate {
+        model_sha256: "ab".repeat(32),
+        method: CalibrationMethod::Temperature,
+        temperatures,
+    };
+    assert!(cal(vec![1.2, 0.9, 1.0]).validate().is_ok());
+    assert_eq!(cal(vec![]).validate(), Err(E::NoTemperatures));
+    assert_eq!(
+        cal(vec![1.0, 0.0]).validate(),
+        Err(E::Temperature {
+            exit: 2,
+            value: 0.0
+        })
+    );
+    assert_refused!(
+        cal(vec![f32::INFINITY]).validate(),
+        E::Temperature { exit: 1, .. }
+    );
+    let mut bad_sha = cal(vec![1.0]);
+    bad_sha.model_sha256 = "AB".repeat(32);
+    assert_refused!(bad_sha.validate(), E::BadSha256(_));
+    let mut req = sample_request();
+    req.device_id = "dev.1".into();
+    assert_refused!(
+        encode(&req),
+        E::BadId {
+            what: "device id",
+            ..
+        }
+    );
+}
+
+#[test]
+fn hostile_shapes_and_sizes_are_refused() {
+    let t = |shape: Vec<u32>| Tensor {
+        dtype: DType::F32,
+        shape,
+        data: vec![],
+    };
+    assert_refused!(t(vec![]).validate(), E::BadShape { .. });
+    assert_refused!(t(vec![1; MAX_DIMS + 1]).validate(), E::BadShape { .. });
+    assert_refused!(t(vec![4, 0]).validate(), E::BadShape { .. });
+    assert_refused!(
+        t(vec![u32::MAX; 4]).validate(),
+        E::TooLarge { what: "tensor", .. }
+    );
+    // Deep nesting must end in an error, not a stack overflow.
+    assert_eq!(decode_all(&[0x91; 100_000]), 0);
+    let huge = vec![0u8; MAX_MESSAGE_BYTES as usize + 1];
+    assert_refused!(
+        decode::<WorkerStatus>(&huge),
+        E::TooLarge {
+            what: "message",
+            ..
+        }
+    );
+}
+
+#[test]
+fn unknown_error_kind_decodes_as_unknown() {
+    // A newer worker's reply with an error kind this build does not know.
+    #[derive(Serialize)]
+    #[serde(rename_all = "snake_case")]
+    enum FutureReply {
+        Error {
+            seq: Option<u64>,
+            worker_id: &'static str,
+            kind: &'static str,
+            detail: String,
+        },
+    }
+    let reply = FutureReply::Error {
+        seq: None,
+        worker_id: "w1",
+        kind: "gpu_on_fire",
+        detail: "".into(),
+    };
+    let decoded = decode::<OffloadReply>(&encode_unvalidated(&reply, WIRE_VERSION).unwrap());
+    assert!(matches!(
+        decoded,
+        Ok(OffloadReply::Error(ErrorReply {
+            kind: ErrorKind::Unknown,
+            ..
+        }))
+    ));
+}
+
+#[test]
+fn subjects_are_dotted_tokens() {
+    assert_eq!(subjects::offload(2), "branchpoint.offload.2");
+    let device = PlanTarget::Device("dev-1".into());
+    assert_eq!(device.subject(), "branchpoint.plan.device.dev-1");
+    assert_eq!(
+        PlanTarget::Group("lab".into()).subject(),
+        "branchpoint.plan.group.lab"
+    );
+    assert!(subjects::is_valid_id("edge_01-a"));
+    for bad in ["", "a.b", "a b", "*", ">", &"x".repeat(65)] {
+        assert!(!subjects::is_valid_id(bad), "{bad:?}");
+    }
+}

@@ -1,0 +1,409 @@
+//! Message types and their codec: MessagePack with named fields, wrapped in
+//! an envelope that carries the wire version.
+//!
+//! Compatibility rule: adding a field is not a version bump. Fields are
+//! encoded by name (`rmp_serde::to_vec_named`) and unknown fields are ignored
+//! on decode, so an older peer reads a newer message and skips what it does
+//! not know. A new field must therefore be optional (`#[serde(default)]`) for
+//! the newer peer to read older messages. Anything else (renaming, retyping or
+//! removing a field, a new enum variant that old peers must understand)
+//! bumps [`WIRE_VERSION`], and peers refuse any version but their own.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::subjects::{self, is_valid_id};
+use crate::tensor::{Tensor, MAX_TENSOR_BYTES};
+use crate::{MessageError, WIRE_VERSION};
+
+/// Largest encoded message accepted: the largest tensor plus room for the
+/// rest. Checked before parsing so no decode work is spent on a flood.
+pub const MAX_MESSAGE_BYTES: u64 = MAX_TENSOR_BYTES + 1024 * 1024;
+
+/// Nesting depth allowed while decoding. Our messages nest 4 levels; the
+/// limit stops a hostile `[[[[...]]]]` from recursing deep into the stack.
+const MAX_DEPTH: usize = 16;
+
+/// A type that crosses a process boundary: it can be validated, encoded with
+/// [`encode`] and decoded with [`decode`].
+pub trait Message: Serialize + DeserializeOwned {
+    /// Checks everything that the types alone do not (ranges, ids, tensors).
+    fn validate(&self) -> Result<(), MessageError>;
+}
+
+#[derive(Serialize)]
+struct EnvelopeOut<'a, M> {
+    wire_version: u16,
+    body: &'a M,
+}
+
+/// The envelope as decoded; `wire_version` is skipped here because
+/// [`VersionProbe`] has checked it already.
+#[derive(Deserialize)]
+struct EnvelopeIn<M> {
+    body: M,
+}
+
+/// The envelope with the body skipped, so the version is checked before the
+/// body is interpreted: a message of another version fails with
+/// `VersionMismatch`, not with a confusing error about some field.
+#[derive(Deserialize)]
+struct VersionProbe {
+    wire_version: u16,
+}
+
+/// Validates `msg` and encodes it as `{wire_version, body}` in MessagePack
+/// with named fields. Validating here means a peer never sends what the
+/// other side would refuse.
+pub fn encode<M: Message>(msg: &M) -> Result<Vec<u8>, MessageError> {
+    msg.validate()?;
+    encode_unvalidated(msg, WIRE_VERSION)
+}
+
+/// Encodes without validating and with any version; for tests of the decoder.
+pub(crate) fn encode_unvalidated<M: Serialize>(
+    msg: &M,
+    version: u16,
+) -> Result<Vec<u8>, MessageError> {
+    let envelope = EnvelopeOut {
+        wire_version: version,
+        body: msg,
+    };
+    rmp_serde::to_vec_named(&envelope).map_err(|e| MessageError::Encode(e.to_string()))
+}
+
+/// Decodes and validates a message. Never panics: any input that is not a
+/// valid message of this version and type gives a `MessageError`.
+pub fn decode<M: Message>(bytes: &[u8]) -> Result<M, MessageError> {
+    let size = bytes.len() as u64;
+    if size > MAX_MESSAGE_BYTES {
+        return Err(MessageError::TooLarge {
+            what: "message",
+            size,
+            limit: MAX_MESSAGE_BYTES,
+        });
+    }
+    let probe: VersionProbe = from_slice(bytes)?;
+    if probe.wire_version != WIRE_VERSION {
+        return Err(MessageError::VersionMismatch {
+            got: probe.wire_version,
+            expected: WIRE_VERSION,
+        });
+    }
+    let envelope: EnvelopeIn<M> = from_slice(bytes)?;
+    envelope.body.validate()?;
+    Ok(envelope.body)
+}
+
+fn from_slice<'de, T: Deserialize<'de>>(bytes: &'de [u8]) -> Result<T, MessageError> {
+    let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    de.set_max_depth(MAX_DEPTH);
+    T::deserialize(&mut de).map_err(|e| MessageError::Decode(e.to_string()))
+}
+
+/// When an offload answer stops being useful.
+///
+/// A relative budget, not an absolute time: devices and workers run on
+/// different machines whose clocks may disagree by more than a whole budget
+/// (tens of milliseconds), and comparing an absolute deadline from one clock
+/// with the other would drop fresh requests or keep stale ones. The worker
+/// anchors `budget_us` at its own receive time instead, so only one clock is
+/// involved. That ignores the uplink transit, which makes the worker slightly
+/// optimistic; the device keeps its own timer on its own clock and falls back
+/// on its local answer when it fires, so a late reply is merely discarded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deadline {
+    /// Device clock at send, microseconds since the Unix epoch. For traces
+    /// and latency reports only; never compared with another machine's clock.
+    pub sent_at_unix_us: u64,
+    /// How long after sending the device still waits for the answer, in µs.
+    pub budget_us: u64,
+}
+
+/// Device -> worker: run the tail of `partition_branch` on `activation`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OffloadRequest {
+    pub device_id: String,
+    /// Per-device sequence number; echoed in the reply.
+    pub seq: u64,
+    /// The branch the device's head ended with, numbered from 1; the worker
+    /// runs `tail(partition_branch)`.
+    pub partition_branch: u8,
+    /// Output of `head(partition_branch)`, batch dimension first.
+    pub activation: Tensor,
+    /// Missing on the wire decodes as the zero default, which validation
+    /// refuses as `MissingDeadline` (clearer than a generic decode error).
+    #[serde(default)]
+    pub deadline: Deadline,
+}
+
+impl Message for OffloadRequest {
+    fn validate(&self) -> Result<(), MessageError> {
+        check_id("device id", &self.device_id)?;
+        check_branch(self.partition_branch)?;
+        if self.deadline.budget_us == 0 {
+            return Err(MessageError::MissingDeadline);
+        }
+        self.activation.validate()
+    }
+}
+
+/// Where the worker's time went, so the planner can tell queueing from compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerTimings {
+    /// From receiving the request to starting its batch, in µs.
+    pub queue_us: u64,
+    /// Running the tail on the batch, in µs.
+    pub compute_us: u64,
+    /// Requests in the batch this one ran in.
+    pub batch_size: u32,
+}
+
+/// Worker -> device: the final exit's answer for one request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OffloadAnswer {
+    /// The request's `seq`.
+    pub seq: u64,
+    pub worker_id: String,
+    /// Predicted class index of the final exit.
+    pub class: u32,
+    /// Max softmax probability of the final exit, in [0, 1].
+    pub confidence: f32,
+    pub timings: WorkerTimings,
+}
+
+/// What went wrong with an offload, so the device can choose how to react
+/// (e.g. back off on `Overloaded`, re-plan on `UnknownBranch`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The budget ran out before the worker could start the request.
+    DeadlineExpired,
+    /// The worker's queue is full.
+    Overloaded,
+    /// The request failed validation or decoding.
+    InvalidRequest,
+    /// The request's wire version is not the worker's.
+    UnsupportedVersion,
+    /// The worker does not serve this partition branch.
+    UnknownBranch,
+    /// The worker failed for a reason of its own.
+    Internal,
+    /// A kind this build does not know (sent by a newer peer); decoding it as
+    /// `Unknown` lets new kinds be added without a version bump.
+    #[serde(other)]
+    Unknown,
+}
+
+/// Worker -> device: the offload failed; the device falls back on its own answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// The request's `seq`, if the worker could decode that far.
+    pub seq: Option<u64>,
+    pub worker_id: String,
+    pub kind: ErrorKind,
+    /// Human-readable detail, e.g. the `MessageError` text.
+    pub detail: String,
+}
+
+/// Worker -> device: the reply to an `OffloadRequest`, answer or error. One
+/// enum so the device decodes a single type and must handle both.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OffloadReply {
+    Answer(OffloadAnswer),
+    Error(ErrorReply),
+}
+
+impl Message for OffloadReply {
+    fn validate(&self) -> Result<(), MessageError> {
+        match self {
+            OffloadReply::Answer(a) => {
+                check_id("worker id", &a.worker_id)?;
+                check_range("confidence", f64::from(a.confidence), 1.0, "within [0, 1]")
+            }
+            OffloadReply::Error(e) => check_id("worker id", &e.worker_id),
+        }
+    }
+}
+
+/// How the temperatures were obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CalibrationMethod {
+    /// One temperature per exit, fit by minimising NLL on the validation split.
+    Temperature,
+    /// All temperatures 1: raw softmax, e.g. to undo a calibration.
+    Identity,
+}
+
+/// Calibration actor -> devices: divide each exit's logits by its temperature.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationUpdate {
+    /// SHA-256 of the weights these temperatures were fit for (as in the
+    /// model card); a device running other weights must ignore the update.
+    pub model_sha256: String,
+    pub method: CalibrationMethod,
+    /// One per exit, ordered branch 1, branch 2, ..., final.
+    pub temperatures: Vec<f32>,
+}
+
+impl Message for CalibrationUpdate {
+    fn validate(&self) -> Result<(), MessageError> {
+        let sha = &self.model_sha256;
+        if sha.len() != 64 || !sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(MessageError::BadSha256(sha.clone()));
+        }
+        if self.temperatures.is_empty() {
+            return Err(MessageError::NoTemperatures);
+        }
+        match self
+            .temperatures
+            .iter()
+            .enumerate()
+            .find(|(_, t)| !(t.is_finite() && **t > 0.0))
+        {
+            Some((i, &value)) => Err(MessageError::Temperature { exit: i + 1, value }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Whom a plan is for: one device or a named group of devices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlanTarget {
+    Device(String),
+    Group(String),
+}
+
+impl PlanTarget {
+    /// The subject this plan is published on.
+    pub fn subject(&self) -> String {
+        match self {
+            PlanTarget::Device(id) => subjects::plan_device(id),
+            PlanTarget::Group(name) => subjects::plan_group(name),
+        }
+    }
+}
+
+/// Planner -> devices: where to cut and when to offload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanUpdate {
+    pub target: PlanTarget,
+    /// Branch to end the head with, numbered from 1.
+    pub partition_branch: u8,
+    /// Answer on the device when the branch's calibrated confidence is at
+    /// least `p_tar`; offload otherwise.
+    pub p_tar: f32,
+}
+
+impl Message for PlanUpdate {
+    fn validate(&self) -> Result<(), MessageError> {
+        match &self.target {
+            PlanTarget::Device(id) => check_id("device id", id)?,
+            PlanTarget::Group(name) => check_id("group name", name)?,
+        }
+        check_branch(self.partition_branch)?;
+        // 0 and 1 are excluded on purpose: they would mean "never" or "always"
+        // offload, which the planner says by choosing another branch instead.
+        if !(self.p_tar > 0.0 && self.p_tar < 1.0) {
+            return Err(MessageError::PTar(self.p_tar));
+        }
+        Ok(())
+    }
+}
+
+/// Device -> planner: what the device saw of its uplink in a time window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetworkReport {
+    pub device_id: String,
+    /// EWMA of observed uplink throughput, bytes per second.
+    pub uplink_bytes_per_s_ewma: f64,
+    /// EWMA of offload round trips, µs (includes the worker's time).
+    pub rtt_us_ewma: f64,
+    /// Window the observations come from, device clock, µs since the epoch.
+    pub window_start_unix_us: u64,
+    pub window_end_unix_us: u64,
+    /// Offloads observed in the window; 0 means the EWMAs are stale.
+    pub samples: u32,
+}
+
+impl Message for NetworkReport {
+    fn validate(&self) -> Result<(), MessageError> {
+        check_id("device id", &self.device_id)?;
+        check_non_negative("uplink_bytes_per_s_ewma", self.uplink_bytes_per_s_ewma)?;
+        check_non_negative("rtt_us_ewma", self.rtt_us_ewma)?;
+        if self.window_end_unix_us < self.window_start_unix_us {
+            return Err(MessageError::OutOfRange {
+                field: "window_end_unix_us",
+                value: self.window_end_unix_us as f64,
+                expected: "at least window_start_unix_us",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Worker -> planner: how loaded the worker is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub worker_id: String,
+    /// Requests waiting now.
+    pub queue_depth: u32,
+    /// Batches run since the worker started.
+    pub batches_served: u64,
+    /// Requests per batch over those batches.
+    pub mean_batch_size: f64,
+    /// EWMA of the time requests wait before their batch starts, µs.
+    pub queue_delay_us_ewma: f64,
+    /// Worker clock when this status was taken, µs since the epoch.
+    pub at_unix_us: u64,
+}
+
+impl Message for WorkerStatus {
+    fn validate(&self) -> Result<(), MessageError> {
+        check_id("worker id", &self.worker_id)?;
+        check_non_negative("mean_batch_size", self.mean_batch_size)?;
+        check_non_negative("queue_delay_us_ewma", self.queue_delay_us_ewma)
+    }
+}
+
+fn check_id(what: &'static str, id: &str) -> Result<(), MessageError> {
+    match is_valid_id(id) {
+        true => Ok(()),
+        false => Err(MessageError::BadId {
+            what,
+            id: id.to_string(),
+        }),
+    }
+}
+
+fn check_branch(partition_branch: u8) -> Result<(), MessageError> {
+    match partition_branch {
+        0 => Err(MessageError::PartitionBranch(0)),
+        _ => Ok(()),
+    }
+}
+
+/// `value` must be finite and within `[0, max]`; `expected` says so in words.
+fn check_range(
+    field: &'static str,
+    value: f64,
+    max: f64,
+    expected: &'static str,
+) -> Result<(), MessageError> {
+    match value.is_finite() && (0.0..=max).contains(&value) {
+        true => Ok(()),
+        false => Err(MessageError::OutOfRange {
+            field,
+            value,
+            expected,
+        }),
+    }
+}
+
+/// Finite and >= 0, the rule of every rate, delay and mean on the wire.
+fn check_non_negative(field: &'static str, value: f64) -> Result<(), MessageError> {
+    check_range(field, value, f64::MAX, "finite and >= 0")
+}
