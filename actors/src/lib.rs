@@ -1,5 +1,16 @@
-//! Actors of branchpoint: device, cloud worker, calibration, planner, fleet.
+//! Actors of branchpoint: device, cloud worker, collector, fleet driver, and
+//! the sync compute pools they share.
 //!
-//! Empty until the issue that builds the live system: the foundation only
-//! provides the model (`branchpoint-models`) and the binary. Nothing here
-//! pretends to work yet.
+//! Tensor work happens only in `compute` (sync actors on their own threads);
+//! everything else runs on the actix event loop. Wire types from
+//! `branchpoint-messages` are used only at the NATS edge (`transport`,
+//! `worker::serve_nats`); inside a process actors exchange their own messages.
+pub mod collector;
+pub mod compute;
+pub mod device;
+pub mod error;
+pub mod fleet;
+pub mod transport;
+pub mod worker;
+
+pub use error::ActorError;

@@ -50,10 +50,10 @@ pub enum MessageError {
     PartitionBranch(u8),
     /// `p_tar` is a confidence threshold strictly between 0 and 1.
     #[error("p_tar must lie in (0, 1), got {0}")]
-    PTar(f32),
+    PTar(f64),
     /// Temperatures divide logits, so they must be positive and finite.
     #[error("temperature of exit {exit} must be positive and finite, got {value}")]
-    Temperature { exit: usize, value: f32 },
+    Temperature { exit: usize, value: f64 },
     /// A calibration update without any temperature calibrates nothing.
     #[error(
         "calibration update holds no temperatures; send one per exit, branch 1 first, final last"

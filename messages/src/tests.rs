@@ -60,7 +60,7 @@ prop_compose! {
 
 prop_compose! {
     fn calibration()(model_sha256 in "[0-9a-f]{64}", identity: bool,
-                     temperatures in prop::collection::vec(1e-3f32..100.0, 1..6))
+                     temperatures in prop::collection::vec(1e-3f64..100.0, 1..6))
                      -> CalibrationUpdate {
         use CalibrationMethod::*;
         let method = if identity { Identity } else { Temperature };
@@ -69,7 +69,7 @@ prop_compose! {
 }
 
 prop_compose! {
-    fn plan()(id in id(), group: bool, partition_branch in 1u8.., p_tar in 1e-6f32..0.999)
+    fn plan()(id in id(), group: bool, partition_branch in 1u8.., p_tar in 1e-6f64..0.999)
               -> PlanUpdate {
         let target = if group { PlanTarget::Group(id) } else { PlanTarget::Device(id) };
         PlanUpdate { target, partition_branch, p_tar }
@@ -332,10 +332,10 @@ fn ranges_are_checked() {
     };
     assert!(plan(1, 0.8).validate().is_ok());
     assert_eq!(plan(0, 0.8).validate(), Err(E::PartitionBranch(0)));
-    for p in [0.0, 1.0, -0.5, f32::NAN] {
+    for p in [0.0, 1.0, -0.5, f64::NAN] {
         assert_refused!(plan(1, p).validate(), E::PTar(_));
     }
-    let cal = |temperatures: Vec<f32>| CalibrationUpdate {
+    let cal = |temperatures: Vec<f64>| CalibrationUpdate {
         model_sha256: "ab".repeat(32),
         method: CalibrationMethod::Temperature,
         temperatures,
@@ -350,7 +350,7 @@ fn ranges_are_checked() {
         })
     );
     assert_refused!(
-        cal(vec![f32::INFINITY]).validate(),
+        cal(vec![f64::INFINITY]).validate(),
         E::Temperature { exit: 1, .. }
     );
     let mut bad_sha = cal(vec![1.0]);

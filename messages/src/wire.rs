@@ -245,7 +245,7 @@ pub struct CalibrationUpdate {
     pub model_sha256: String,
     pub method: CalibrationMethod,
     /// One per exit, ordered branch 1, branch 2, ..., final.
-    pub temperatures: Vec<f32>,
+    pub temperatures: Vec<f64>,
 }
 
 impl Message for CalibrationUpdate {
@@ -295,7 +295,7 @@ pub struct PlanUpdate {
     pub partition_branch: u8,
     /// Answer on the device when the branch's calibrated confidence is at
     /// least `p_tar`; offload otherwise.
-    pub p_tar: f32,
+    pub p_tar: f64,
 }
 
 impl Message for PlanUpdate {

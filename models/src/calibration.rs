@@ -63,13 +63,19 @@ impl ExitLogits {
 
     /// (predicted class, confidence = max softmax(z / T)) of input i.
     pub fn predict(&self, i: usize, temperature: f64) -> (usize, f64) {
-        let row = self.row(i);
-        let (arg, &max) = row.iter().enumerate().fold((0, &f32::NEG_INFINITY), |a, b| if b.1 > a.1 { b } else { a });
-        let max = f64::from(max);
-        // max softmax = 1 / sum_j exp((z_j - z_max) / T)
-        let denom: f64 = row.iter().map(|&z| ((f64::from(z) - max) / temperature).exp()).sum();
-        (arg, 1.0 / denom)
+        predict(self.row(i), temperature)
     }
+}
+
+/// (predicted class, confidence = max softmax(z / T)) of one input's logits.
+/// The one definition of a calibrated confidence: the offline evaluation and
+/// the devices both call it, so they make the same decisions.
+pub fn predict(logits: &[f32], temperature: f64) -> (usize, f64) {
+    let (arg, &max) = logits.iter().enumerate().fold((0, &f32::NEG_INFINITY), |a, b| if b.1 > a.1 { b } else { a });
+    let max = f64::from(max);
+    // max softmax = 1 / sum_j exp((z_j - z_max) / T)
+    let denom: f64 = logits.iter().map(|&z| ((f64::from(z) - max) / temperature).exp()).sum();
+    (arg, 1.0 / denom)
 }
 
 /// Mean NLL of the labels under softmax(beta z), and its first two

@@ -1,10 +1,9 @@
 //! Joint training of all exits: loss = sum over exits e of w_e * CE(z_e, y).
 //!
 //! Deliberately plain: Adam with a cosine-decayed learning rate, dropout in
-//! the final exit, batch norm in the convolutions. Augmentation (random crop
-//! and horizontal flip) exists but is off by default. No label smoothing,
-//! mixup or other tricks that improve calibration: the project studies
-//! miscalibration as it occurs in practice.
+//! the final exit, batch norm in the convolutions, random crops and
+//! horizontal flips. No label smoothing, mixup or other tricks that improve
+//! calibration: the project studies miscalibration as it occurs in practice.
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
@@ -38,7 +37,7 @@ impl Default for TrainConfig {
             weight_decay: 1e-4,
             exit_weights: vec![0.5, 0.5, 1.0],
             seed: 1,
-            augment: false,
+            augment: true,
         }
     }
 }

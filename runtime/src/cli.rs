@@ -30,6 +30,120 @@ pub enum Command {
     Evaluate(EvaluateArgs),
     /// Measure the median latency of every stage, branch and partition on this machine.
     Profile(ProfileArgs),
+    /// Run a cloud worker: serve offloaded activations from NATS with dynamic batching.
+    Worker(WorkerArgs),
+    /// Run a fleet of simulated devices (in-process by default, or against NATS workers).
+    Fleet(FleetArgs),
+}
+
+/// How to reach NATS. Without --nats, commands that can run in-process do so.
+#[derive(Debug, Args, Clone)]
+pub struct NatsArgs {
+    /// NATS server URL, e.g. nats://127.0.0.1:4222 (several: comma-separated).
+    #[arg(long, value_name = "URL")]
+    pub nats: Option<String>,
+    /// User name for NATS user/password authentication.
+    #[arg(long, value_name = "USER", requires = "nats_password")]
+    pub nats_user: Option<String>,
+    /// Password for NATS user/password authentication.
+    #[arg(long, value_name = "PASSWORD", requires = "nats_user")]
+    pub nats_password: Option<String>,
+    /// Token for NATS token authentication.
+    #[arg(long, value_name = "TOKEN")]
+    pub nats_token: Option<String>,
+    /// Require TLS on the NATS connection.
+    #[arg(long)]
+    pub nats_tls: bool,
+    /// CA certificate (PEM) to verify the NATS server with.
+    #[arg(long, value_name = "FILE")]
+    pub nats_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS; needs --nats-key.
+    #[arg(long, value_name = "FILE", requires = "nats_key")]
+    pub nats_cert: Option<PathBuf>,
+    /// Client private key (PEM) for mutual TLS; needs --nats-cert.
+    #[arg(long, value_name = "FILE", requires = "nats_cert")]
+    pub nats_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// Weights file (.safetensors) with its model card NAME.json beside it.
+    #[arg(long, default_value = DEFAULT_MODEL, value_name = "FILE")]
+    pub model: PathBuf,
+    /// Most offloaded inputs run together in one batched tail forward.
+    #[arg(long, default_value_t = 32, value_name = "B")]
+    pub max_batch: usize,
+    /// Longest an offloaded input waits for others to join its batch, in microseconds.
+    #[arg(long, default_value_t = 2000, value_name = "U")]
+    pub max_wait_us: u64,
+    /// Compute threads running tails (each with its own copy of the model).
+    #[arg(long, default_value_t = 1, value_name = "T")]
+    pub threads: usize,
+    /// Where tensor work runs: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: String,
+    /// Name this worker reports in replies and service info [default: worker-<pid>].
+    #[arg(long, value_name = "ID")]
+    pub worker_id: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct FleetArgs {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// Weights file (.safetensors) with its model card NAME.json beside it.
+    #[arg(long, default_value = DEFAULT_MODEL, value_name = "FILE")]
+    pub model: PathBuf,
+    /// Folder holding the dataset files [default: the dataset's standard folder].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Simulated devices.
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    pub devices: usize,
+    /// Mean inputs per second at each device (Poisson arrivals).
+    #[arg(long, default_value_t = 10.0, value_name = "R")]
+    pub rate: f64,
+    /// Seconds during which inputs arrive.
+    #[arg(long, default_value_t = 10.0, value_name = "S")]
+    pub duration: f64,
+    /// Stop after this many inputs in total (inputs are test inputs 0, 1, 2, ... in arrival order).
+    #[arg(long, value_name = "N")]
+    pub inputs: Option<usize>,
+    /// Confidence target: answer on the device when the calibrated branch confidence reaches it.
+    #[arg(long, default_value_t = 0.9, value_name = "P")]
+    pub p_tar: f64,
+    /// Partition branch every device ends its head with.
+    #[arg(long, default_value_t = 1, value_name = "K")]
+    pub branch: usize,
+    /// Calibration file (from `branchpoint calibrate`) with the temperatures [default: uncalibrated].
+    #[arg(long, value_name = "FILE")]
+    pub calibration: Option<PathBuf>,
+    /// Deadline of one input from arrival to answer, in ms; past it the device falls back to its branch.
+    #[arg(long, default_value_t = 1000.0, value_name = "MS")]
+    pub deadline_ms: f64,
+    /// Seed of the arrival processes.
+    #[arg(long, default_value_t = 1, value_name = "S")]
+    pub seed: u64,
+    /// Compute threads running the devices' heads.
+    #[arg(long, default_value_t = 1, value_name = "T")]
+    pub threads: usize,
+    /// In-process only: compute threads of the embedded cloud worker.
+    #[arg(long, default_value_t = 1, value_name = "T")]
+    pub worker_threads: usize,
+    /// In-process only: batch size limit of the embedded cloud worker.
+    #[arg(long, default_value_t = 32, value_name = "B")]
+    pub max_batch: usize,
+    /// In-process only: batching wait of the embedded cloud worker, in microseconds.
+    #[arg(long, default_value_t = 2000, value_name = "U")]
+    pub max_wait_us: u64,
+    /// Write the summary as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Write every input's outcome as JSON lines to this file.
+    #[arg(long, value_name = "FILE")]
+    pub outcomes: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -75,10 +189,9 @@ pub struct TrainArgs {
     /// Train on only the first N inputs of the training split (quick runs and tests).
     #[arg(long, value_name = "N")]
     pub subset: Option<usize>,
-    /// Augment training images with random crops and horizontal flips (off by default:
-    /// augmentation regularises, and the project studies networks trained plainly).
+    /// Turn off random crops (2-pixel padding) and horizontal flips of training images.
     #[arg(long)]
-    pub augment: bool,
+    pub no_augment: bool,
     /// Where to write the weights (.safetensors); the model card goes beside it as NAME.json.
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,

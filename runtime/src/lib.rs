@@ -3,6 +3,7 @@
 pub mod cli;
 pub mod cmd;
 pub mod evaluation;
+pub mod nats;
 pub mod plots;
 
 use anyhow::{bail, Result};
@@ -14,6 +15,8 @@ pub fn run(cli: cli::Cli) -> Result<()> {
         cli::Command::Calibrate(args) => cmd::calibrate::run(args),
         cli::Command::Evaluate(args) => cmd::evaluate::run(args),
         cli::Command::Profile(args) => cmd::profile::run(args),
+        cli::Command::Worker(args) => cmd::worker::run(args),
+        cli::Command::Fleet(args) => cmd::fleet::run(args),
     }
 }
 

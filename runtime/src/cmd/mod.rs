@@ -1,5 +1,7 @@
 //! One file per subcommand: parse nothing (clap did), do the work, print.
 pub mod calibrate;
 pub mod evaluate;
+pub mod fleet;
 pub mod profile;
 pub mod train;
+pub mod worker;

@@ -26,7 +26,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         weight_decay: TrainConfig::default().weight_decay,
         exit_weights: args.exit_weights.clone(),
         seed: args.seed,
-        augment: args.augment,
+        augment: !args.no_augment,
     };
 
     let data_dir = args.data_dir.clone().unwrap_or_else(|| kind.default_dir());

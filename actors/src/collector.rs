@@ -1,0 +1,221 @@
+//! Collector: one outcome per input, and the fleet summary.
+//!
+//! Owns: every `Outcome` the devices report. Messages in: `Outcome`,
+//! `GetSummary`, `TakeOutcomes`. Mailbox: unbounded in practice (devices use
+//! `do_send`: an outcome must never be dropped because the collector is
+//! briefly busy, and it does O(1) work per message). Restart: none; it lives
+//! as long as the fleet. Shutdown: holds its data until the system stops.
+use std::collections::HashSet;
+
+use actix::{Actor, Context, Handler, Message, MessageResult};
+use serde::{Deserialize, Serialize};
+
+/// Where an input's answer was decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Decided {
+    /// The branch was confident enough: answered on the device.
+    Device,
+    /// Offloaded and answered by a cloud worker with the final exit.
+    Cloud,
+    /// Offloaded, but no answer came in time (or an error came back): the
+    /// device answered with its own branch.
+    Fallback,
+}
+
+/// Why an offload fell back to the device's own answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FallbackReason {
+    Deadline,
+    NoResponders,
+    ErrorReply,
+    Transport,
+}
+
+/// Latency of one input, broken down, in microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Latency {
+    pub device_compute_us: u64,
+    /// Offload round trip minus the worker's queueing and compute: uplink,
+    /// propagation and downlink together (0 when decided on the device).
+    pub network_us: u64,
+    pub queueing_us: u64,
+    pub cloud_compute_us: u64,
+    pub total_us: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+#[rtype(result = "()")]
+pub struct Outcome {
+    pub device_id: String,
+    /// Index of the input in the test set: identifies it across devices.
+    pub input_index: usize,
+    pub label: i64,
+    pub class: u32,
+    pub decided: Decided,
+    /// The exit that produced the answer: a branch number, or 0 for final.
+    pub exit: usize,
+    pub partition_branch: usize,
+    pub p_tar: f64,
+    pub fallback: Option<FallbackReason>,
+    pub worker_id: Option<String>,
+    pub latency: Latency,
+    /// Set when the device could not decide at all (a bug or a bad input,
+    /// never the network): the input is counted under `errors`.
+    pub error: Option<String>,
+}
+
+impl Outcome {
+    pub fn correct(&self) -> bool {
+        i64::from(self.class) == self.label
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Inputs the fleet fed in.
+    pub inputs: usize,
+    /// Outcomes received (equals `inputs` when nothing was lost).
+    pub outcomes: usize,
+    /// Inputs that got more than one outcome (must be 0).
+    pub duplicates: usize,
+    pub decided_on_device: usize,
+    pub offloaded: usize,
+    pub answered_by_cloud: usize,
+    pub fallbacks: usize,
+    pub fallbacks_deadline: usize,
+    pub fallbacks_no_responders: usize,
+    pub fallbacks_error_reply: usize,
+    pub fallbacks_transport: usize,
+    /// Inputs the device could not decide at all.
+    pub errors: usize,
+    /// Outcomes per exit: branches in order, then final.
+    pub per_exit: Vec<usize>,
+    pub accuracy: f64,
+    /// Accuracy over inputs decided on the device (None if there were none).
+    pub edge_accuracy: Option<f64>,
+    pub latency_ms_p50: f64,
+    pub latency_ms_p95: f64,
+    pub latency_ms_p99: f64,
+}
+
+pub struct Collector {
+    num_branches: usize,
+    inputs: usize,
+    outcomes: Vec<Outcome>,
+    seen: HashSet<usize>,
+    duplicates: usize,
+}
+
+impl Collector {
+    pub fn new(num_branches: usize) -> Self {
+        Self { num_branches, inputs: 0, outcomes: Vec::new(), seen: HashSet::new(), duplicates: 0 }
+    }
+}
+
+impl Actor for Collector {
+    type Context = Context<Self>;
+}
+
+impl Handler<Outcome> for Collector {
+    type Result = ();
+
+    fn handle(&mut self, msg: Outcome, _: &mut Context<Self>) {
+        if !self.seen.insert(msg.input_index) {
+            self.duplicates += 1;
+        }
+        self.outcomes.push(msg);
+    }
+}
+
+/// A device counts an input it accepted, before deciding it, so inputs and
+/// outcomes can be compared at the end.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct InputAccepted;
+
+impl Handler<InputAccepted> for Collector {
+    type Result = ();
+
+    fn handle(&mut self, _: InputAccepted, _: &mut Context<Self>) {
+        self.inputs += 1;
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "Summary")]
+pub struct GetSummary;
+
+impl Handler<GetSummary> for Collector {
+    type Result = MessageResult<GetSummary>;
+
+    fn handle(&mut self, _: GetSummary, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(summarize(self.inputs, self.duplicates, self.num_branches, &self.outcomes))
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "Vec<Outcome>")]
+pub struct TakeOutcomes;
+
+impl Handler<TakeOutcomes> for Collector {
+    type Result = MessageResult<TakeOutcomes>;
+
+    fn handle(&mut self, _: TakeOutcomes, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.outcomes.clone())
+    }
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+pub fn summarize(inputs: usize, duplicates: usize, num_branches: usize, outcomes: &[Outcome]) -> Summary {
+    let mut s = Summary { inputs, outcomes: outcomes.len(), duplicates, per_exit: vec![0; num_branches + 1], ..Default::default() };
+    let (mut right, mut edge, mut edge_right) = (0usize, 0usize, 0usize);
+    let mut lat: Vec<f64> = Vec::with_capacity(outcomes.len());
+    for o in outcomes {
+        if o.error.is_some() {
+            s.errors += 1;
+            continue;
+        }
+        right += usize::from(o.correct());
+        match o.decided {
+            Decided::Device => {
+                s.decided_on_device += 1;
+                edge += 1;
+                edge_right += usize::from(o.correct());
+            }
+            Decided::Cloud => {
+                s.offloaded += 1;
+                s.answered_by_cloud += 1;
+            }
+            Decided::Fallback => {
+                s.offloaded += 1;
+                s.fallbacks += 1;
+                match o.fallback {
+                    Some(FallbackReason::Deadline) => s.fallbacks_deadline += 1,
+                    Some(FallbackReason::NoResponders) => s.fallbacks_no_responders += 1,
+                    Some(FallbackReason::ErrorReply) => s.fallbacks_error_reply += 1,
+                    Some(FallbackReason::Transport) | None => s.fallbacks_transport += 1,
+                }
+            }
+        }
+        let slot = if o.exit == 0 { num_branches } else { (o.exit - 1).min(num_branches) };
+        s.per_exit[slot] += 1;
+        lat.push(o.latency.total_us as f64 / 1e3);
+    }
+    lat.sort_by(f64::total_cmp);
+    let n = outcomes.len().max(1) as f64;
+    s.accuracy = right as f64 / n;
+    s.edge_accuracy = (edge > 0).then(|| edge_right as f64 / edge as f64);
+    s.latency_ms_p50 = percentile(&lat, 0.50);
+    s.latency_ms_p95 = percentile(&lat, 0.95);
+    s.latency_ms_p99 = percentile(&lat, 0.99);
+    s
+}

@@ -1,0 +1,135 @@
+//! Fleet driver: many simulated devices, each fed test inputs as a Poisson
+//! process, until a duration or an input budget is spent; then it waits for
+//! every input's outcome.
+//!
+//! Inputs are taken from the test set in arrival order across the whole
+//! fleet (input i of the run is test input i mod N), so a run of N inputs
+//! classifies each test input exactly once and can be compared input by
+//! input with the offline evaluation.
+use std::cell::Cell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use branchpoint_models::rng::SplitMix64;
+use branchpoint_models::Split;
+
+use crate::collector::{Collector, GetSummary, Summary};
+use crate::compute::Executor;
+use crate::device::{Device, DeviceConfig, Infer};
+use crate::error::ActorError;
+use crate::transport::OffloadLink;
+
+/// Test inputs in plain memory, shareable across actors and threads.
+pub struct TestInputs {
+    pub images: Vec<Arc<[f32]>>,
+    pub labels: Vec<i64>,
+}
+
+impl TestInputs {
+    pub fn from_split(split: &Split) -> Result<Self, ActorError> {
+        let n = split.len();
+        let flat: Vec<f32> = Vec::try_from(split.images.flatten(0, -1)).map_err(branchpoint_models::ModelError::from)?;
+        let per = flat.len() / n.max(1);
+        let labels: Vec<i64> = Vec::try_from(&split.labels).map_err(branchpoint_models::ModelError::from)?;
+        Ok(Self { images: flat.chunks(per).map(Arc::from).collect(), labels })
+    }
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    pub devices: usize,
+    /// Mean arrivals per second at each device (Poisson).
+    pub rate_per_device: f64,
+    /// How long inputs keep arriving.
+    pub duration: Duration,
+    /// Stop after this many inputs in total, if set.
+    pub max_inputs: Option<usize>,
+    pub seed: u64,
+    /// Template for every device; ids become `{id}-{index}`.
+    pub device: DeviceConfig,
+    /// How long to wait for outstanding outcomes after the last arrival.
+    pub drain: Duration,
+}
+
+impl FleetConfig {
+    pub fn validate(&self) -> Result<(), ActorError> {
+        let bad = |what: &str, reason: String| Err(ActorError::Invalid { what: what.into(), reason });
+        if self.devices == 0 {
+            return bad("--devices", "must be at least 1".into());
+        }
+        if !(self.rate_per_device.is_finite() && self.rate_per_device > 0.0) {
+            return bad("--rate", format!("{} must be a positive number of inputs per second", self.rate_per_device));
+        }
+        if !(self.device.p_tar > 0.0 && self.device.p_tar < 1.0) {
+            return bad("--p-tar", format!("{} is outside (0, 1)", self.device.p_tar));
+        }
+        Ok(())
+    }
+}
+
+/// Runs the fleet to completion and returns the collector's summary.
+pub async fn run_fleet(
+    cfg: FleetConfig,
+    inputs: Arc<TestInputs>,
+    executor: Addr<Executor>,
+    link: OffloadLink,
+    collector: Addr<Collector>,
+) -> Result<Summary, ActorError> {
+    cfg.validate()?;
+    if inputs.is_empty() {
+        return Err(ActorError::Invalid { what: "test inputs".into(), reason: "none".into() });
+    }
+    let started = Instant::now();
+    let claimed = Rc::new(Cell::new(0usize));
+    let budget = cfg.max_inputs.unwrap_or(usize::MAX);
+    let mut arrivals = Vec::with_capacity(cfg.devices);
+    for d in 0..cfg.devices {
+        let mut dcfg = cfg.device.clone();
+        dcfg.id = format!("{}-{d}", cfg.device.id);
+        let device = Device::new(dcfg, executor.clone(), link.clone(), collector.clone()).start();
+        let inputs = inputs.clone();
+        let claimed = claimed.clone();
+        let mut rng = SplitMix64::new(cfg.seed.wrapping_mul(0x100_0000_01B3).wrapping_add(d as u64));
+        let (rate, duration) = (cfg.rate_per_device, cfg.duration);
+        arrivals.push(actix::spawn(async move {
+            let mut at = Duration::ZERO;
+            loop {
+                let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+                at += Duration::from_secs_f64(-(1.0 - u).ln() / rate);
+                if at >= duration {
+                    break;
+                }
+                tokio::time::sleep_until(tokio::time::Instant::from_std(started + at)).await;
+                let i = claimed.get();
+                if i >= budget {
+                    break;
+                }
+                claimed.set(i + 1);
+                let k = i % inputs.len();
+                device.do_send(Infer { input_index: k, input: inputs.images[k].clone(), label: inputs.labels[k] });
+            }
+        }));
+    }
+    for a in arrivals {
+        let _ = a.await;
+    }
+    // Every accepted input gets exactly one outcome; wait for the last ones.
+    let drain_until = Instant::now() + cfg.drain;
+    loop {
+        let s = collector.send(GetSummary).await?;
+        if (s.outcomes >= claimed.get() && s.inputs >= claimed.get()) || Instant::now() >= drain_until {
+            return Ok(s);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

@@ -1,0 +1,274 @@
+//! Cloud worker: receives offload requests (over NATS or in-process),
+//! batches those that arrive close together, runs one batched tail forward
+//! per batch on the compute pool, and answers each request.
+//!
+//! Owns: the pending batches, one per partition branch (only requests of the
+//! same branch have activations of the same shape). Messages in: `Job`,
+//! `GetWorkerStats`. A batch is flushed when it holds `max_batch` requests or
+//! `max_wait` after its first request arrived, whichever comes first.
+//! Mailbox: bounded (actix default); the NATS loop awaits `send`, so a busy
+//! worker stops pulling from its subscription and NATS's queue group hands
+//! new requests to other members. Bad requests get a typed error reply and
+//! the worker keeps serving. Restart: state is only in-flight batches; a
+//! restarted worker starts empty and devices fall back for what was lost.
+//! Shutdown: dropping the service unsubscribes; in-flight requests time out
+//! at the devices, which fall back to their own answers.
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use branchpoint_messages::{
+    decode, encode, subjects, ErrorKind, ErrorReply, MessageError, OffloadAnswer, OffloadReply, OffloadRequest, WorkerTimings,
+};
+use branchpoint_models::net::PartitionPoint;
+use futures::StreamExt;
+
+use crate::compute::{Executor, RunTail};
+use crate::error::ActorError;
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub worker_id: String,
+    /// Most requests in one batched forward.
+    pub max_batch: usize,
+    /// Longest a request waits for others to join its batch.
+    pub max_wait: Duration,
+}
+
+/// Where the answer to one request goes.
+pub enum ReplyTo {
+    /// In-process: straight back to the waiting device.
+    Local(tokio::sync::oneshot::Sender<OffloadReply>),
+    /// Over NATS: to the request's reply inbox.
+    Nats(async_nats::service::Request),
+}
+
+impl ReplyTo {
+    fn send(self, reply: OffloadReply) {
+        match self {
+            // The device may have given up (deadline): nobody to tell.
+            ReplyTo::Local(tx) => drop(tx.send(reply)),
+            ReplyTo::Nats(request) => {
+                let bytes = match encode(&reply) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let err = OffloadReply::Error(ErrorReply {
+                            seq: None,
+                            worker_id: "unknown".into(),
+                            kind: ErrorKind::Internal,
+                            detail: format!("could not encode the reply: {e}"),
+                        });
+                        encode(&err).unwrap_or_default()
+                    }
+                };
+                actix::spawn(async move {
+                    // A lost reply is the device's timeout to handle.
+                    let _ = request.respond(Ok(bytes.into())).await;
+                });
+            }
+        }
+    }
+}
+
+/// One offload request waiting for its answer.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Job {
+    pub request: OffloadRequest,
+    pub received: Instant,
+    pub reply: ReplyTo,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct WorkerStats {
+    pub requests: u64,
+    pub batches: u64,
+    pub errors: u64,
+    pub queue_depth: usize,
+    pub mean_batch_size: f64,
+    /// EWMA (alpha 0.1) of the time requests wait for their batch, µs.
+    pub queue_delay_us_ewma: f64,
+}
+
+pub struct Batcher {
+    cfg: WorkerConfig,
+    executor: Addr<Executor>,
+    partition_points: Vec<PartitionPoint>,
+    pending: HashMap<u8, Vec<Job>>,
+    /// Bumped at every flush, so a stale max_wait timer flushes nothing.
+    generation: HashMap<u8, u64>,
+    stats: WorkerStats,
+}
+
+impl Batcher {
+    pub fn new(cfg: WorkerConfig, executor: Addr<Executor>, partition_points: Vec<PartitionPoint>) -> Self {
+        Self { cfg, executor, partition_points, pending: HashMap::new(), generation: HashMap::new(), stats: WorkerStats::default() }
+    }
+
+    fn error(&mut self, seq: Option<u64>, kind: ErrorKind, detail: String) -> OffloadReply {
+        self.stats.errors += 1;
+        OffloadReply::Error(ErrorReply { seq, worker_id: self.cfg.worker_id.clone(), kind, detail })
+    }
+
+    /// Checks what the message crate cannot: that the branch exists here and
+    /// the activation has its shape, one input per request.
+    fn check(&self, r: &OffloadRequest) -> Result<(), (ErrorKind, String)> {
+        let k = r.partition_branch as usize;
+        let Some(pp) = self.partition_points.get(k.wrapping_sub(1)) else {
+            return Err((ErrorKind::UnknownBranch, format!("branch {k} does not exist; this model has branches 1..={}", self.partition_points.len())));
+        };
+        let mut want: Vec<u32> = vec![1];
+        want.extend(pp.activation_shape.iter().map(|&d| d as u32));
+        if r.activation.shape != want {
+            return Err((ErrorKind::InvalidRequest, format!("activation shape {:?}, branch {k} needs {want:?}", r.activation.shape)));
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, branch: u8, ctx: &mut Context<Self>) {
+        *self.generation.entry(branch).or_default() += 1;
+        let Some(jobs) = self.pending.remove(&branch).filter(|j| !j.is_empty()) else { return };
+        let started = Instant::now();
+        let mut live = Vec::with_capacity(jobs.len());
+        let mut activations = Vec::new();
+        for job in jobs {
+            let budget = Duration::from_micros(job.request.deadline.budget_us);
+            if started.duration_since(job.received) >= budget {
+                let reply = self.error(Some(job.request.seq), ErrorKind::DeadlineExpired, "the deadline passed while the request waited".into());
+                job.reply.send(reply);
+                continue;
+            }
+            match job.request.activation.to_f32_vec() {
+                Ok(v) => {
+                    activations.extend(v);
+                    live.push(job);
+                }
+                Err(e) => {
+                    let reply = self.error(Some(job.request.seq), ErrorKind::InvalidRequest, e.to_string());
+                    job.reply.send(reply);
+                }
+            }
+        }
+        if live.is_empty() {
+            return;
+        }
+        let n = live.len();
+        self.stats.batches += 1;
+        self.stats.mean_batch_size += (n as f64 - self.stats.mean_batch_size) / self.stats.batches as f64;
+        for job in &live {
+            let q = started.duration_since(job.received).as_micros() as f64;
+            self.stats.queue_delay_us_ewma = 0.9 * self.stats.queue_delay_us_ewma + 0.1 * q;
+        }
+        let run = RunTail { partition_branch: branch as usize, batch: n, activations };
+        self.executor
+            .send(run)
+            .into_actor(self)
+            .map(move |result, act, _| {
+                let result = result.map_err(ActorError::from).and_then(|r| r);
+                match result {
+                    Ok(out) => {
+                        for (job, (class, confidence)) in live.into_iter().zip(out.answers) {
+                            let timings = WorkerTimings {
+                                queue_us: started.duration_since(job.received).as_micros() as u64,
+                                compute_us: out.compute.as_micros() as u64,
+                                batch_size: n as u32,
+                            };
+                            let answer = OffloadAnswer { seq: job.request.seq, worker_id: act.cfg.worker_id.clone(), class, confidence, timings };
+                            job.reply.send(OffloadReply::Answer(answer));
+                        }
+                    }
+                    Err(e) => {
+                        for job in live {
+                            let reply = act.error(Some(job.request.seq), ErrorKind::Internal, e.to_string());
+                            job.reply.send(reply);
+                        }
+                    }
+                }
+            })
+            .spawn(ctx);
+    }
+}
+
+impl Actor for Batcher {
+    type Context = Context<Self>;
+}
+
+impl Handler<Job> for Batcher {
+    type Result = ();
+
+    fn handle(&mut self, job: Job, ctx: &mut Context<Self>) {
+        self.stats.requests += 1;
+        if let Err((kind, detail)) = self.check(&job.request) {
+            let reply = self.error(Some(job.request.seq), kind, detail);
+            job.reply.send(reply);
+            return;
+        }
+        let branch = job.request.partition_branch;
+        let queue = self.pending.entry(branch).or_default();
+        queue.push(job);
+        let len = queue.len();
+        if len >= self.cfg.max_batch {
+            self.flush(branch, ctx);
+        } else if len == 1 {
+            let generation = *self.generation.entry(branch).or_default();
+            ctx.run_later(self.cfg.max_wait, move |act, ctx| {
+                if act.generation.get(&branch) == Some(&generation) {
+                    act.flush(branch, ctx);
+                }
+            });
+        }
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "WorkerStats")]
+pub struct GetWorkerStats;
+
+impl Handler<GetWorkerStats> for Batcher {
+    type Result = MessageResult<GetWorkerStats>;
+
+    fn handle(&mut self, _: GetWorkerStats, _: &mut Context<Self>) -> Self::Result {
+        let mut s = self.stats;
+        s.queue_depth = self.pending.values().map(Vec::len).sum();
+        MessageResult(s)
+    }
+}
+
+/// Name of the NATS service the workers register (`$SRV.PING.branchpoint-worker`).
+pub const SERVICE_NAME: &str = "branchpoint-worker";
+
+/// Serves offload requests from NATS until the subscription ends: the
+/// service API endpoint subscribes to every branch's offload subject in the
+/// workers' queue group, so each request goes to one worker of the pool.
+pub async fn serve_nats(client: async_nats::Client, batcher: Addr<Batcher>, worker_id: String) -> Result<(), ActorError> {
+    use async_nats::service::ServiceExt;
+    let nats = |e: async_nats::Error| ActorError::Nats(e.to_string());
+    let service = client
+        .service_builder()
+        .description("branchpoint cloud worker: runs the tails of offloaded inputs")
+        .queue_group(subjects::WORKER_QUEUE_GROUP)
+        .metadata(HashMap::from([("worker_id".to_string(), worker_id.clone())]))
+        .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(nats)?;
+    let mut endpoint = service.endpoint_builder().name("offload").add(subjects::OFFLOAD_ALL).await.map_err(nats)?;
+    while let Some(request) = endpoint.next().await {
+        let received = Instant::now();
+        match decode::<OffloadRequest>(&request.message.payload) {
+            Ok(offload) => {
+                if batcher.send(Job { request: offload, received, reply: ReplyTo::Nats(request) }).await.is_err() {
+                    break; // the batcher stopped: so does this worker
+                }
+            }
+            Err(e) => {
+                let kind = match e {
+                    MessageError::VersionMismatch { .. } => ErrorKind::UnsupportedVersion,
+                    _ => ErrorKind::InvalidRequest,
+                };
+                let reply = OffloadReply::Error(ErrorReply { seq: None, worker_id: worker_id.clone(), kind, detail: e.to_string() });
+                ReplyTo::Nats(request).send(reply);
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,141 @@
+//! `branchpoint fleet`: simulated devices streaming test inputs, answered on
+//! the device or by cloud workers (embedded, or over NATS).
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Actor;
+use anyhow::{bail, Context, Result};
+use branchpoint_actors::collector::{Collector, Summary, TakeOutcomes};
+use branchpoint_actors::compute::{Executor, ModelSpec};
+use branchpoint_actors::device::DeviceConfig;
+use branchpoint_actors::fleet::{run_fleet, FleetConfig, TestInputs};
+use branchpoint_actors::transport::OffloadLink;
+use branchpoint_actors::worker::{Batcher, WorkerConfig};
+use branchpoint_models::calibration::CalibrationFile;
+use branchpoint_models::{load_model, Dataset};
+
+use crate::cli::FleetArgs;
+
+pub fn run(args: FleetArgs) -> Result<()> {
+    if !(args.deadline_ms.is_finite() && args.deadline_ms > 0.0) {
+        bail!("--deadline-ms {}: give a positive number of milliseconds", args.deadline_ms);
+    }
+    if !(args.duration.is_finite() && args.duration > 0.0) {
+        bail!("--duration {}: give a positive number of seconds", args.duration);
+    }
+    if args.threads == 0 || args.worker_threads == 0 || args.max_batch == 0 {
+        bail!("--threads, --worker-threads and --max-batch must be at least 1");
+    }
+    tch::set_num_threads(1);
+    let model = load_model(&args.model, tch::Device::Cpu)?;
+    model.net.check_branch(args.branch).context("--branch")?;
+    let num_exits = model.net.architecture().num_exits();
+    let temperatures = match &args.calibration {
+        Some(path) => {
+            let file = CalibrationFile::read(path)?;
+            file.check_fits(num_exits, &model.card.weights_sha256)
+                .with_context(|| format!("calibration file {}", path.display()))?;
+            file.temperatures
+        }
+        None => vec![1.0; num_exits],
+    };
+    let kind = model.card.dataset.name;
+    let data_dir = args.data_dir.clone().unwrap_or_else(|| kind.default_dir());
+    let data = Dataset::load(kind, &data_dir, model.card.dataset.split.validation, model.card.dataset.split.seed)?;
+    let inputs = Arc::new(TestInputs::from_split(&data.test)?);
+    let partition_points = model.net.architecture().partition_points.clone();
+    let num_branches = model.net.num_branches();
+    drop(model);
+
+    let cfg = FleetConfig {
+        devices: args.devices,
+        rate_per_device: args.rate,
+        duration: Duration::from_secs_f64(args.duration),
+        max_inputs: args.inputs,
+        seed: args.seed,
+        device: DeviceConfig {
+            id: "device".into(),
+            partition_branch: args.branch,
+            p_tar: args.p_tar,
+            temperatures,
+            deadline: Duration::from_secs_f64(args.deadline_ms / 1e3),
+        },
+        drain: Duration::from_secs_f64(args.deadline_ms / 1e3) + Duration::from_secs(2),
+    };
+    cfg.validate()?;
+    let spec = ModelSpec { weights: args.model.clone(), device: tch::Device::Cpu };
+
+    let system = actix::System::new();
+    let (summary, outcomes) = system.block_on(async move {
+        let executor = Executor::start(spec.clone(), args.threads)?;
+        let link = match &args.nats.nats {
+            Some(_) => OffloadLink::Nats(crate::nats::connect(&args.nats, "branchpoint-fleet").await?),
+            None => {
+                let worker_exec = Executor::start(spec, args.worker_threads)?;
+                let wcfg = WorkerConfig {
+                    worker_id: "embedded".into(),
+                    max_batch: args.max_batch,
+                    max_wait: Duration::from_micros(args.max_wait_us),
+                };
+                OffloadLink::InProcess(Batcher::new(wcfg, worker_exec, partition_points).start())
+            }
+        };
+        let collector = Collector::new(num_branches).start();
+        let summary = run_fleet(cfg, inputs, executor, link, collector.clone()).await?;
+        let outcomes = collector.send(TakeOutcomes).await?;
+        Ok::<_, anyhow::Error>((summary, outcomes))
+    })?;
+
+    print_summary(&summary);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&summary)? + "\n").with_context(|| format!("writing {}", path.display()))?;
+        println!("summary written to {}", path.display());
+    }
+    if let Some(path) = &args.outcomes {
+        let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        let mut w = std::io::BufWriter::new(file);
+        for o in &outcomes {
+            serde_json::to_writer(&mut w, o)?;
+            writeln!(w)?;
+        }
+        w.flush()?;
+        println!("{} outcomes written to {}", outcomes.len(), path.display());
+    }
+    if summary.outcomes != summary.inputs || summary.duplicates > 0 {
+        bail!("{} inputs but {} outcomes ({} duplicates): inputs were lost", summary.inputs, summary.outcomes, summary.duplicates);
+    }
+    Ok(())
+}
+
+fn print_summary(s: &Summary) {
+    let pct = |n: usize| 100.0 * n as f64 / s.outcomes.max(1) as f64;
+    println!("inputs {}, outcomes {}, duplicates {}", s.inputs, s.outcomes, s.duplicates);
+    let exits: Vec<String> = s
+        .per_exit
+        .iter()
+        .enumerate()
+        .map(|(i, n)| if i + 1 == s.per_exit.len() { format!("final {n}") } else { format!("branch {} {n}", i + 1) })
+        .collect();
+    println!("per exit: {}", exits.join(", "));
+    println!(
+        "decided on device {} ({:.1} %), offloaded {} ({:.1} %): answered by cloud {}, fallbacks {} (deadline {}, no responders {}, error reply {}, transport {}); errors {}",
+        s.decided_on_device,
+        pct(s.decided_on_device),
+        s.offloaded,
+        pct(s.offloaded),
+        s.answered_by_cloud,
+        s.fallbacks,
+        s.fallbacks_deadline,
+        s.fallbacks_no_responders,
+        s.fallbacks_error_reply,
+        s.fallbacks_transport,
+        s.errors
+    );
+    println!(
+        "accuracy {:.2} %, edge accuracy {}",
+        100.0 * s.accuracy,
+        s.edge_accuracy.map_or("- (nothing decided on the device)".into(), |a| format!("{:.2} %", 100.0 * a))
+    );
+    println!("latency p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms", s.latency_ms_p50, s.latency_ms_p95, s.latency_ms_p99);
+}

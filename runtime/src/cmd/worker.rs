@@ -1,0 +1,66 @@
+//! `branchpoint worker`: a cloud worker serving offloads from NATS until
+//! interrupted (Ctrl-C or SIGTERM).
+use std::time::Duration;
+
+use actix::Actor;
+use anyhow::{bail, Context, Result};
+use branchpoint_actors::compute::{Executor, ModelSpec};
+use branchpoint_actors::worker::{serve_nats, Batcher, WorkerConfig};
+use branchpoint_models::load_model;
+
+use crate::cli::WorkerArgs;
+use crate::parse_device;
+
+pub fn run(args: WorkerArgs) -> Result<()> {
+    if args.nats.nats.is_none() {
+        bail!("branchpoint worker needs --nats URL: it serves offloads that devices send over NATS");
+    }
+    if args.max_batch == 0 || args.threads == 0 {
+        bail!("--max-batch and --threads must be at least 1");
+    }
+    let device = parse_device(&args.device)?;
+    // One intra-op thread per compute thread: parallelism comes from the pool.
+    tch::set_num_threads(1);
+    let model = load_model(&args.model, device)?;
+    let partition_points = model.net.architecture().partition_points.clone();
+    drop(model);
+    let worker_id = args.worker_id.clone().unwrap_or_else(|| format!("worker-{}", std::process::id()));
+    if !branchpoint_messages::subjects::is_valid_id(&worker_id) {
+        bail!("--worker-id {worker_id:?}: use 1 to 64 letters, digits, '-' or '_'");
+    }
+
+    let system = actix::System::new();
+    system.block_on(async move {
+        let client = crate::nats::connect(&args.nats, &worker_id).await?;
+        let executor = Executor::start(ModelSpec { weights: args.model.clone(), device }, args.threads)?;
+        let cfg = WorkerConfig {
+            worker_id: worker_id.clone(),
+            max_batch: args.max_batch,
+            max_wait: Duration::from_micros(args.max_wait_us),
+        };
+        let batcher = Batcher::new(cfg, executor, partition_points).start();
+        eprintln!(
+            "worker {worker_id} serving {} on {} (max batch {}, max wait {} us, {} thread(s), {})",
+            branchpoint_messages::subjects::OFFLOAD_ALL,
+            args.nats.nats.as_deref().unwrap_or_default(),
+            args.max_batch,
+            args.max_wait_us,
+            args.threads,
+            args.device
+        );
+        tokio::select! {
+            r = serve_nats(client, batcher, worker_id.clone()) => r.context("serving offloads")?,
+            _ = shutdown_signal() => eprintln!("worker {worker_id}: shutting down"),
+        }
+        Ok::<(), anyhow::Error>(())
+    })
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+    }
+}

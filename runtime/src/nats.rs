@@ -1,0 +1,43 @@
+//! Connecting to NATS from the command line's options, with errors that say
+//! what to check.
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::cli::NatsArgs;
+
+/// Connects to `args.nats` (which must be set), with the authentication and
+/// TLS options given. Fails within a few seconds if no server answers.
+pub async fn connect(args: &NatsArgs, client_name: &str) -> Result<async_nats::Client> {
+    let url = args.nats.as_deref().context("no --nats URL given")?;
+    let mut opts = async_nats::ConnectOptions::new()
+        .name(client_name)
+        .connection_timeout(Duration::from_secs(3))
+        // Each offload sets its own timeout from its deadline.
+        .request_timeout(None);
+    if let (Some(user), Some(password)) = (&args.nats_user, &args.nats_password) {
+        opts = opts.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &args.nats_token {
+        opts = opts.token(token.clone());
+    }
+    if args.nats_tls {
+        opts = opts.require_tls(true);
+    }
+    if let Some(ca) = &args.nats_ca {
+        anyhow::ensure!(ca.is_file(), "--nats-ca {}: no such file", ca.display());
+        opts = opts.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&args.nats_cert, &args.nats_key) {
+        for f in [cert, key] {
+            anyhow::ensure!(f.is_file(), "{}: no such file (--nats-cert / --nats-key)", f.display());
+        }
+        opts = opts.add_client_certificate(cert.clone(), key.clone());
+    }
+    opts.connect(url).await.with_context(|| {
+        format!(
+            "could not connect to NATS at {url}; start a server (scripts/setup.sh installs one as \
+             .venv/bin/nats-server) or check --nats and the credentials"
+        )
+    })
+}
