@@ -240,7 +240,14 @@ pub const SERVICE_NAME: &str = "branchpoint-worker";
 /// Serves offload requests from NATS until the subscription ends: the
 /// service API endpoint subscribes to every branch's offload subject in the
 /// workers' queue group, so each request goes to one worker of the pool.
-pub async fn serve_nats(client: async_nats::Client, batcher: Addr<Batcher>, worker_id: String) -> Result<(), ActorError> {
+/// `on_ready` runs once the endpoint is subscribed, i.e. once requests can
+/// reach this worker.
+pub async fn serve_nats(
+    client: async_nats::Client,
+    batcher: Addr<Batcher>,
+    worker_id: String,
+    on_ready: impl FnOnce(),
+) -> Result<(), ActorError> {
     use async_nats::service::ServiceExt;
     let nats = |e: async_nats::Error| ActorError::Nats(e.to_string());
     let service = client
@@ -252,6 +259,9 @@ pub async fn serve_nats(client: async_nats::Client, batcher: Addr<Batcher>, work
         .await
         .map_err(nats)?;
     let mut endpoint = service.endpoint_builder().name("offload").add(subjects::OFFLOAD_ALL).await.map_err(nats)?;
+    // Make sure the server has the subscription before saying we are ready.
+    client.flush().await.map_err(|e| ActorError::Nats(e.to_string()))?;
+    on_ready();
     while let Some(request) = endpoint.next().await {
         let received = Instant::now();
         match decode::<OffloadRequest>(&request.message.payload) {

@@ -39,17 +39,18 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             max_wait: Duration::from_micros(args.max_wait_us),
         };
         let batcher = Batcher::new(cfg, executor, partition_points).start();
-        eprintln!(
-            "worker {worker_id} serving {} on {} (max batch {}, max wait {} us, {} thread(s), {})",
-            branchpoint_messages::subjects::OFFLOAD_ALL,
-            args.nats.nats.as_deref().unwrap_or_default(),
-            args.max_batch,
-            args.max_wait_us,
-            args.threads,
-            args.device
-        );
+        let ready = {
+            let (id, url) = (worker_id.clone(), args.nats.nats.clone().unwrap_or_default());
+            let (max_batch, max_wait_us, threads, device) = (args.max_batch, args.max_wait_us, args.threads, args.device.clone());
+            move || {
+                eprintln!(
+                    "worker {id} serving {} on {url} (max batch {max_batch}, max wait {max_wait_us} us, {threads} thread(s), {device})",
+                    branchpoint_messages::subjects::OFFLOAD_ALL
+                )
+            }
+        };
         tokio::select! {
-            r = serve_nats(client, batcher, worker_id.clone()) => r.context("serving offloads")?,
+            r = serve_nats(client, batcher, worker_id.clone(), ready) => r.context("serving offloads")?,
             _ = shutdown_signal() => eprintln!("worker {worker_id}: shutting down"),
         }
         Ok::<(), anyhow::Error>(())

@@ -1,0 +1,91 @@
+//! Shared by the integration tests: a real nats-server (the one
+//! scripts/setup.sh installs into the venv) on a free loopback port, and
+//! child processes of the `branchpoint` binary, all killed on drop.
+#![allow(dead_code)]
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+pub fn shipped_model() -> PathBuf {
+    repo_root().join("models/balexnet-fmnist.safetensors")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_for_port(port: u16, within: Duration) -> bool {
+    let until = Instant::now() + within;
+    while Instant::now() < until {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// A child process killed when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub struct NatsServer {
+    pub url: String,
+    _proc: Proc,
+}
+
+impl NatsServer {
+    pub fn start() -> NatsServer {
+        let bin = repo_root().join(".venv/bin/nats-server");
+        assert!(bin.is_file(), "{} is missing: run scripts/setup.sh", bin.display());
+        let port = free_port();
+        let child = Command::new(&bin)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        let proc = Proc(child);
+        assert!(wait_for_port(port, Duration::from_secs(10)), "nats-server did not listen on {port}");
+        NatsServer { url: format!("nats://127.0.0.1:{port}"), _proc: proc }
+    }
+}
+
+pub fn branchpoint() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_branchpoint"));
+    c.current_dir(repo_root());
+    c
+}
+
+/// Starts `branchpoint worker` and waits until it says it is serving.
+pub fn start_worker(url: &str, id: &str, extra: &[&str]) -> Proc {
+    let log = std::env::temp_dir().join(format!("branchpoint-test-{}-{id}.log", std::process::id()));
+    let child = branchpoint()
+        .args(["worker", "--nats", url, "--worker-id", id])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("worker starts");
+    let proc = Proc(child);
+    let until = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < until {
+        if std::fs::read_to_string(&log).unwrap_or_default().contains("serving") {
+            return proc;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("worker {id} did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
+}
