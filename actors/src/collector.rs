@@ -58,6 +58,8 @@ pub struct Outcome {
     pub exit: usize,
     pub partition_branch: usize,
     pub p_tar: f64,
+    /// Temperature of the partition branch used for the decision.
+    pub temperature: f64,
     pub fallback: Option<FallbackReason>,
     pub worker_id: Option<String>,
     pub latency: Latency,

@@ -94,6 +94,7 @@ async fn decide(seq: u64, cfg: &DeviceConfig, msg: Infer, executor: &Addr<Execut
         exit: branch,
         partition_branch: branch,
         p_tar: cfg.p_tar,
+        temperature: cfg.temperatures.get(branch - 1).copied().unwrap_or(1.0),
         fallback: None,
         worker_id: None,
         latency: Latency::default(),
@@ -104,8 +105,7 @@ async fn decide(seq: u64, cfg: &DeviceConfig, msg: Infer, executor: &Addr<Execut
         Ok(Err(e)) => return outcome.failed(e.to_string(), arrived),
         Err(e) => return outcome.failed(format!("compute pool: {e}"), arrived),
     };
-    let temperature = cfg.temperatures.get(branch - 1).copied().unwrap_or(1.0);
-    let (class, confidence) = predict(&head.branch_logits, temperature);
+    let (class, confidence) = predict(&head.branch_logits, outcome.temperature);
     outcome.class = class as u32;
     outcome.latency.device_compute_us = head.compute.as_micros() as u64;
     if confidence >= cfg.p_tar {
@@ -177,6 +177,12 @@ impl Handler<ApplyPlan> for Device {
     type Result = ();
 
     fn handle(&mut self, msg: ApplyPlan, _: &mut Context<Self>) {
+        // temperatures has one entry per exit: branches 1..len-1, then final.
+        let branches = self.cfg.temperatures.len().saturating_sub(1);
+        if msg.partition_branch == 0 || msg.partition_branch > branches || !(msg.p_tar > 0.0 && msg.p_tar < 1.0) {
+            eprintln!("device {}: ignored plan {msg:?}: this model has branches 1..={branches}, p_tar must be in (0, 1)", self.cfg.id);
+            return;
+        }
         self.cfg.partition_branch = msg.partition_branch;
         self.cfg.p_tar = msg.p_tar;
     }
@@ -193,6 +199,11 @@ impl Handler<ApplyCalibration> for Device {
     type Result = ();
 
     fn handle(&mut self, msg: ApplyCalibration, _: &mut Context<Self>) {
+        let n = self.cfg.temperatures.len();
+        if msg.temperatures.len() != n || msg.temperatures.iter().any(|t| !(t.is_finite() && *t > 0.0)) {
+            eprintln!("device {}: ignored calibration {:?}: need {n} positive temperatures", self.cfg.id, msg.temperatures);
+            return;
+        }
         self.cfg.temperatures = msg.temperatures;
     }
 }

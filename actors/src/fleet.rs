@@ -17,7 +17,7 @@ use branchpoint_models::Split;
 
 use crate::collector::{Collector, GetSummary, Summary};
 use crate::compute::Executor;
-use crate::device::{Device, DeviceConfig, Infer};
+use crate::device::{ApplyCalibration, ApplyPlan, Device, DeviceConfig, Infer};
 use crate::error::ActorError;
 use crate::transport::OffloadLink;
 
@@ -59,6 +59,11 @@ pub struct FleetConfig {
     pub device: DeviceConfig,
     /// How long to wait for outstanding outcomes after the last arrival.
     pub drain: Duration,
+    /// Group of every device, for plan updates addressed to a group.
+    pub group: String,
+    /// Digest of the devices' weights: calibration updates for other weights
+    /// are ignored.
+    pub model_sha256: String,
 }
 
 impl FleetConfig {
@@ -78,25 +83,48 @@ impl FleetConfig {
 }
 
 /// Runs the fleet to completion and returns the collector's summary.
+///
+/// With a NATS client in `updates`, calibration and plan updates published
+/// while the fleet runs reach its devices, which apply them to the inputs
+/// that arrive afterwards. `on_started` runs once the devices exist and
+/// listen for updates, just before the first arrival.
 pub async fn run_fleet(
     cfg: FleetConfig,
     inputs: Arc<TestInputs>,
     executor: Addr<Executor>,
     link: OffloadLink,
     collector: Addr<Collector>,
+    updates: Option<async_nats::Client>,
+    on_started: impl FnOnce(),
 ) -> Result<Summary, ActorError> {
     cfg.validate()?;
     if inputs.is_empty() {
         return Err(ActorError::Invalid { what: "test inputs".into(), reason: "none".into() });
     }
-    let started = Instant::now();
     let claimed = Rc::new(Cell::new(0usize));
     let budget = cfg.max_inputs.unwrap_or(usize::MAX);
-    let mut arrivals = Vec::with_capacity(cfg.devices);
+    let mut devices = Vec::with_capacity(cfg.devices);
     for d in 0..cfg.devices {
         let mut dcfg = cfg.device.clone();
         dcfg.id = format!("{}-{d}", cfg.device.id);
-        let device = Device::new(dcfg, executor.clone(), link.clone(), collector.clone()).start();
+        let device = Device::new(dcfg.clone(), executor.clone(), link.clone(), collector.clone()).start();
+        devices.push((dcfg.id, device));
+    }
+    let listener = match updates {
+        Some(client) => {
+            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+            let task = actix::spawn(forward_updates(client, devices.clone(), cfg.group.clone(), cfg.model_sha256.clone(), ready_tx));
+            // If subscribing failed the task has said so and ended; run anyway.
+            let _ = ready_rx.await;
+            Some(task)
+        }
+        None => None,
+    };
+    on_started();
+    let started = Instant::now();
+    let mut arrivals = Vec::with_capacity(cfg.devices);
+    for (d, (_, device)) in devices.iter().enumerate() {
+        let device = device.clone();
         let inputs = inputs.clone();
         let claimed = claimed.clone();
         let mut rng = SplitMix64::new(cfg.seed.wrapping_mul(0x100_0000_01B3).wrapping_add(d as u64));
@@ -128,8 +156,63 @@ pub async fn run_fleet(
     loop {
         let s = collector.send(GetSummary).await?;
         if (s.outcomes >= claimed.get() && s.inputs >= claimed.get()) || Instant::now() >= drain_until {
+            if let Some(l) = listener {
+                l.abort();
+            }
             return Ok(s);
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Forwards calibration updates (for these weights) and plan updates (for
+/// this group or one of these devices) from NATS to the devices. Malformed
+/// updates are dropped with a message on stderr: a bad publisher must not
+/// stop the fleet.
+async fn forward_updates(
+    client: async_nats::Client,
+    devices: Vec<(String, Addr<Device>)>,
+    group: String,
+    sha256: String,
+    ready: tokio::sync::oneshot::Sender<()>,
+) {
+    use branchpoint_messages::{decode, subjects, CalibrationUpdate, PlanTarget, PlanUpdate};
+    use futures::StreamExt;
+    let (Ok(mut cal), Ok(mut plans)) =
+        (client.subscribe(subjects::CALIBRATION_UPDATE).await, client.subscribe(subjects::PLAN_ALL).await)
+    else {
+        eprintln!("fleet: could not subscribe to calibration and plan updates");
+        return;
+    };
+    let _ = client.flush().await;
+    let _ = ready.send(());
+    loop {
+        tokio::select! {
+            Some(msg) = cal.next() => match decode::<CalibrationUpdate>(&msg.payload) {
+                Ok(u) if u.model_sha256 == sha256 => {
+                    for (_, d) in &devices {
+                        d.do_send(ApplyCalibration { temperatures: u.temperatures.clone() });
+                    }
+                }
+                Ok(_) => eprintln!("fleet: ignored a calibration update for other weights"),
+                Err(e) => eprintln!("fleet: ignored a malformed calibration update: {e}"),
+            },
+            Some(msg) = plans.next() => match decode::<PlanUpdate>(&msg.payload) {
+                Ok(p) => {
+                    let apply = ApplyPlan { partition_branch: p.partition_branch as usize, p_tar: p.p_tar };
+                    for (id, d) in &devices {
+                        let for_me = match &p.target {
+                            PlanTarget::Device(t) => t == id,
+                            PlanTarget::Group(g) => *g == group,
+                        };
+                        if for_me {
+                            d.do_send(apply.clone());
+                        }
+                    }
+                }
+                Err(e) => eprintln!("fleet: ignored a malformed plan update: {e}"),
+            },
+            else => return,
+        }
     }
 }

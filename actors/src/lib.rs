@@ -5,6 +5,7 @@
 //! everything else runs on the actix event loop. Wire types from
 //! `branchpoint-messages` are used only at the NATS edge (`transport`,
 //! `worker::serve_nats`); inside a process actors exchange their own messages.
+pub mod calibration;
 pub mod collector;
 pub mod compute;
 pub mod device;

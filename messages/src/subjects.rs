@@ -19,6 +19,14 @@ pub const WORKER_QUEUE_GROUP: &str = "branchpoint-workers";
 /// One subject for all, since temperatures belong to the model, not a device.
 pub const CALIBRATION_UPDATE: &str = "branchpoint.calibration.update";
 
+/// Request/reply, anyone -> calibration actor: the current temperatures,
+/// answered with a `CalibrationUpdate` (what a device asks at start).
+pub const CALIBRATION_GET: &str = "branchpoint.calibration.get";
+
+/// Request/reply, anyone -> calibration actor: `CalibrationRefit`, answered
+/// with the new `CalibrationUpdate` once it has been published.
+pub const CALIBRATION_REFIT: &str = "branchpoint.calibration.refit";
+
 /// Prefix of the plan subjects, see [`plan_device`] and [`plan_group`].
 pub const PLAN_PREFIX: &str = "branchpoint.plan";
 

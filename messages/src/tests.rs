@@ -59,11 +59,11 @@ prop_compose! {
 }
 
 prop_compose! {
-    fn calibration()(model_sha256 in "[0-9a-f]{64}", identity: bool,
+    fn calibration()(model_sha256 in "[0-9a-f]{64}", which in 0u8..3,
                      temperatures in prop::collection::vec(1e-3f64..100.0, 1..6))
                      -> CalibrationUpdate {
         use CalibrationMethod::*;
-        let method = if identity { Identity } else { Temperature };
+        let method = [Uncalibrated, Global, PerBranch][which as usize];
         CalibrationUpdate { model_sha256, method, temperatures }
     }
 }
@@ -337,7 +337,7 @@ fn ranges_are_checked() {
     }
     let cal = |temperatures: Vec<f64>| CalibrationUpdate {
         model_sha256: "ab".repeat(32),
-        method: CalibrationMethod::Temperature,
+        method: CalibrationMethod::PerBranch,
         temperatures,
     };
     assert!(cal(vec![1.2, 0.9, 1.0]).validate().is_ok());

@@ -227,14 +227,39 @@ impl Message for OffloadReply {
     }
 }
 
-/// How the temperatures were obtained.
+/// How the temperatures were obtained (the names of `branchpoint calibrate
+/// --method` and of the evaluation report).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "kebab-case")]
 pub enum CalibrationMethod {
-    /// One temperature per exit, fit by minimising NLL on the validation split.
-    Temperature,
     /// All temperatures 1: raw softmax, e.g. to undo a calibration.
-    Identity,
+    Uncalibrated,
+    /// One temperature shared by all exits, fit on the validation split.
+    Global,
+    /// One temperature per exit, each fit on the validation split.
+    PerBranch,
+}
+
+/// A typed error also travels alone, e.g. as the calibration actor's answer
+/// to a refit it could not do.
+impl Message for ErrorReply {
+    fn validate(&self) -> Result<(), MessageError> {
+        check_id("worker id", &self.worker_id)
+    }
+}
+
+/// Anyone -> calibration actor, request/reply on `CALIBRATION_REFIT`: fit
+/// temperatures again with `method` on the validation split and publish
+/// them. The reply is the resulting `CalibrationUpdate`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationRefit {
+    pub method: CalibrationMethod,
+}
+
+impl Message for CalibrationRefit {
+    fn validate(&self) -> Result<(), MessageError> {
+        Ok(())
+    }
 }
 
 /// Calibration actor -> devices: divide each exit's logits by its temperature.

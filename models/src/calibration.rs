@@ -306,6 +306,55 @@ pub fn check_temperatures(temperatures: &[f64], num_exits: usize) -> Result<()> 
     Ok(())
 }
 
+/// Logits of every exit over a split, as plain `ExitLogits` (branches in
+/// order, then final).
+pub fn split_exit_logits(net: &crate::net::EarlyExitNet, split: &crate::data::Split) -> Result<Vec<ExitLogits>> {
+    net.logits_for(&split.images, 500).iter().map(|z| ExitLogits::from_tensors(z, &split.labels)).collect()
+}
+
+/// Fits `method` on validation logits and describes the fit: the
+/// calibration file for weights `model` (file name) with digest `sha256`.
+pub fn fit_file(
+    method: Method,
+    validation: &[ExitLogits],
+    exit_names: &[String],
+    model: &str,
+    sha256: &str,
+    split_seed: u64,
+) -> Result<CalibrationFile> {
+    let temperatures = fit(method, validation)?;
+    let exits = exit_names
+        .iter()
+        .zip(validation)
+        .zip(&temperatures)
+        .map(|((name, e), &t)| {
+            let (before, after) = (calibration_metrics(e, 1.0), calibration_metrics(e, t));
+            ExitCalibration {
+                exit: name.clone(),
+                temperature: t,
+                nll_before: before.nll,
+                nll_after: after.nll,
+                ece_before: before.ece,
+                ece_after: after.ece,
+            }
+        })
+        .collect();
+    Ok(CalibrationFile {
+        model: model.to_string(),
+        weights_sha256: sha256.to_string(),
+        method,
+        temperatures,
+        fit: FitInfo {
+            data: "validation split held out of the training set".into(),
+            inputs: validation.first().map_or(0, |e| e.len()),
+            split_seed,
+            tolerance: TOLERANCE,
+            objective: method.objective().into(),
+        },
+        exits,
+    })
+}
+
 /// A calibration file: the temperatures of one model, how they were fit,
 /// and the per-exit NLL and ECE on the validation split before and after.
 /// Written by `branchpoint calibrate`, read by `evaluate` and the devices.
@@ -468,6 +517,15 @@ mod tests {
         assert_eq!(b.count, 2);
         assert!((b.mean_confidence - 0.75).abs() < 1e-6 && (b.accuracy - 0.5).abs() < 1e-12);
         assert_eq!(m.reliability.iter().map(|b| b.count).sum::<usize>(), 2);
+    }
+
+    #[test]
+    fn bins_are_left_open_right_closed() {
+        assert_eq!(bin_index(1.0, 15), 14);
+        assert_eq!(bin_index(1.0 / 15.0, 15), 0);
+        assert_eq!(bin_index(1.0 / 15.0 + 1e-12, 15), 1);
+        assert_eq!(bin_index(0.5, 10), 4);
+        assert_eq!(bin_index(0.0, 15), 0);
     }
 
     #[test]

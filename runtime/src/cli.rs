@@ -34,6 +34,26 @@ pub enum Command {
     Worker(WorkerArgs),
     /// Run a fleet of simulated devices (in-process by default, or against NATS workers).
     Fleet(FleetArgs),
+    /// Run the calibration actor on NATS: publish temperatures, answer gets and refits.
+    Calibrator(CalibratorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CalibratorArgs {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// Weights file (.safetensors) with its model card NAME.json beside it.
+    #[arg(long, default_value = DEFAULT_MODEL, value_name = "FILE")]
+    pub model: PathBuf,
+    /// Folder holding the dataset files [default: the dataset's standard folder].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Method of the first fit: uncalibrated, global or per-branch (ignored with --calibration).
+    #[arg(long, default_value = "per-branch", value_name = "METHOD")]
+    pub method: String,
+    /// Start from this calibration file instead of fitting.
+    #[arg(long, value_name = "FILE")]
+    pub calibration: Option<PathBuf>,
 }
 
 /// How to reach NATS. Without --nats, commands that can run in-process do so.
@@ -144,6 +164,9 @@ pub struct FleetArgs {
     /// Write every input's outcome as JSON lines to this file.
     #[arg(long, value_name = "FILE")]
     pub outcomes: Option<PathBuf>,
+    /// Group of the devices, for plan updates addressed to a group (with --nats).
+    #[arg(long, default_value = "default", value_name = "NAME")]
+    pub group: String,
 }
 
 #[derive(Debug, Args)]

@@ -6,9 +6,7 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use branchpoint_models::calibration::{
-    self, calibration_metrics, CalibrationFile, CalibrationMetrics, ExitCalibration, ExitLogits, FitInfo, Method, TOLERANCE,
-};
+use branchpoint_models::calibration::{self, calibration_metrics, CalibrationFile, CalibrationMetrics, ExitLogits, Method};
 use branchpoint_models::offload::{sweep, Decisions, LatencyModel, SweepRow};
 use branchpoint_models::{Dataset, LoadedModel};
 use serde::{Deserialize, Serialize};
@@ -20,55 +18,17 @@ pub struct SplitLogits {
 }
 
 pub fn split_logits(model: &LoadedModel, data: &Dataset) -> Result<SplitLogits> {
-    let to_exit = |images: &tch::Tensor, labels: &tch::Tensor| -> Result<Vec<ExitLogits>> {
-        model
-            .net
-            .logits_for(images, 500)
-            .iter()
-            .map(|z| ExitLogits::from_tensors(z, labels).map_err(Into::into))
-            .collect()
-    };
     Ok(SplitLogits {
-        validation: to_exit(&data.validation.images, &data.validation.labels)?,
-        test: to_exit(&data.test.images, &data.test.labels)?,
+        validation: calibration::split_exit_logits(&model.net, &data.validation)?,
+        test: calibration::split_exit_logits(&model.net, &data.test)?,
     })
 }
 
 /// Fits `method` on the validation logits and describes the fit.
 pub fn calibrate(model: &LoadedModel, method: Method, validation: &[ExitLogits]) -> Result<CalibrationFile> {
-    let temperatures = calibration::fit(method, validation)?;
+    let c = &model.card;
     let names = model.net.architecture().exit_names();
-    let exits = names
-        .iter()
-        .zip(validation)
-        .zip(&temperatures)
-        .map(|((name, e), &t)| {
-            let before = calibration_metrics(e, 1.0);
-            let after = calibration_metrics(e, t);
-            ExitCalibration {
-                exit: name.clone(),
-                temperature: t,
-                nll_before: before.nll,
-                nll_after: after.nll,
-                ece_before: before.ece,
-                ece_after: after.ece,
-            }
-        })
-        .collect();
-    Ok(CalibrationFile {
-        model: model.card.weights.clone(),
-        weights_sha256: model.card.weights_sha256.clone(),
-        method,
-        temperatures,
-        fit: FitInfo {
-            data: "validation split held out of the training set".into(),
-            inputs: validation.first().map_or(0, |e| e.len()),
-            split_seed: model.card.dataset.split.seed,
-            tolerance: TOLERANCE,
-            objective: method.objective().into(),
-        },
-        exits,
-    })
+    Ok(calibration::fit_file(method, validation, &names, &c.weights, &c.weights_sha256, c.dataset.split.seed)?)
 }
 
 /// Network and deadline settings of the latency model.

@@ -254,3 +254,89 @@ fn without_workers_offloads_fall_back_and_every_input_is_answered() {
     assert_eq!(s.fallbacks_no_responders, s.fallbacks, "NATS says at once that nobody listens: {s:?}");
     exactly_one_each(&outcomes, 300);
 }
+
+#[test]
+fn calibration_refits_and_plans_reach_running_devices() {
+    use branchpoint_messages::{CalibrationMethod, CalibrationRefit, CalibrationUpdate, PlanTarget, PlanUpdate};
+    let _serial = serial();
+    let nats = NatsServer::start();
+    let _w = start_worker(&nats.url, "w", &[]);
+    // The calibrator starts uncalibrated (T = 1 everywhere).
+    let log = std::env::temp_dir().join(format!("branchpoint-test-{}-calibrator.log", std::process::id()));
+    let _cal = Proc(
+        branchpoint()
+            .args(["calibrator", "--nats", &nats.url, "--method", "uncalibrated"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("calibrator serving") {
+        assert!(std::time::Instant::now() < until, "calibrator did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let summary = dir.path().join("summary.json");
+    let outcomes = dir.path().join("outcomes.jsonl");
+    // 10 devices x 40/s for 4 s; updates land in the middle.
+    let fleet = branchpoint()
+        .args(["fleet", "--nats", &nats.url, "--devices", "10", "--rate", "40", "--duration", "4", "--p-tar", "0.9"])
+        .args(["--json", summary.to_str().unwrap(), "--outcomes", outcomes.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Updates are not stored (that is the control plane's key-value store):
+    // publish them once the fleet is running and listening.
+    let mut fleet = fleet;
+    let mut stderr = std::io::BufReader::new(fleet.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("fleet running") {
+        line.clear();
+        assert!(std::io::BufRead::read_line(&mut stderr, &mut line).unwrap() > 0, "fleet ended before running");
+    }
+
+    let fitted = runtime().block_on(async {
+        let client = async_nats::connect(&nats.url).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let current = client.request(subjects::CALIBRATION_GET, "".into()).await.unwrap();
+        let current: CalibrationUpdate = decode(&current.payload).unwrap();
+        assert_eq!(current.method, CalibrationMethod::Uncalibrated);
+        assert!(current.temperatures.iter().all(|&t| t == 1.0));
+
+        let refit = encode(&CalibrationRefit { method: CalibrationMethod::PerBranch }).unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(30), client.request(subjects::CALIBRATION_REFIT, refit.into()))
+            .await
+            .unwrap()
+            .unwrap();
+        let fitted: CalibrationUpdate = decode(&reply.payload).unwrap();
+        assert_eq!(fitted.method, CalibrationMethod::PerBranch);
+        assert!(fitted.temperatures.iter().all(|&t| t > 0.0 && t != 1.0), "{fitted:?}");
+
+        // A malformed refit gets an error reply; the calibrator keeps serving.
+        let bad = client.request(subjects::CALIBRATION_REFIT, "nonsense".into()).await.unwrap();
+        assert!(decode::<branchpoint_messages::ErrorReply>(&bad.payload).is_ok());
+
+        let plan = PlanUpdate { target: PlanTarget::Group("default".into()), partition_branch: 2, p_tar: 0.75 };
+        client.publish(plan.target.subject(), encode(&plan).unwrap().into()).await.unwrap();
+        client.flush().await.unwrap();
+        fitted
+    });
+    let status = fleet.wait().unwrap();
+    assert!(status.success(), "fleet failed");
+    let s: Summary = serde_json::from_str(&std::fs::read_to_string(summary).unwrap()).unwrap();
+    assert_eq!((s.outcomes, s.duplicates), (s.inputs, 0));
+
+    // Outcomes in arrival order: T = 1 at branch 1 and p_tar 0.9 first; the
+    // fitted temperatures, then branch 2 at p_tar 0.75, later.
+    let mut outcomes = read_outcomes(&outcomes);
+    outcomes.sort_by_key(|o| o.input_index);
+    assert_eq!((outcomes[0].temperature, outcomes[0].partition_branch, outcomes[0].p_tar), (1.0, 1, 0.9));
+    let last = outcomes.last().unwrap();
+    assert_eq!((last.partition_branch, last.p_tar), (2, 0.75));
+    assert_eq!(last.temperature, fitted.temperatures[1], "branch 2 decides with its fitted temperature");
+    let first_fitted = outcomes.iter().position(|o| o.temperature != 1.0).expect("the refit reached the devices");
+    assert!(first_fitted > 0);
+}

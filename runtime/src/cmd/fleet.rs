@@ -46,7 +46,11 @@ pub fn run(args: FleetArgs) -> Result<()> {
     let inputs = Arc::new(TestInputs::from_split(&data.test)?);
     let partition_points = model.net.architecture().partition_points.clone();
     let num_branches = model.net.num_branches();
+    let model_sha256 = model.card.weights_sha256.clone();
     drop(model);
+    if !branchpoint_messages::subjects::is_valid_id(&args.group) {
+        bail!("--group {:?}: use 1 to 64 letters, digits, '-' or '_'", args.group);
+    }
 
     let cfg = FleetConfig {
         devices: args.devices,
@@ -62,6 +66,8 @@ pub fn run(args: FleetArgs) -> Result<()> {
             deadline: Duration::from_secs_f64(args.deadline_ms / 1e3),
         },
         drain: Duration::from_secs_f64(args.deadline_ms / 1e3) + Duration::from_secs(2),
+        group: args.group.clone(),
+        model_sha256,
     };
     cfg.validate()?;
     let spec = ModelSpec { weights: args.model.clone(), device: tch::Device::Cpu };
@@ -69,8 +75,12 @@ pub fn run(args: FleetArgs) -> Result<()> {
     let system = actix::System::new();
     let (summary, outcomes) = system.block_on(async move {
         let executor = Executor::start(spec.clone(), args.threads)?;
-        let link = match &args.nats.nats {
-            Some(_) => OffloadLink::Nats(crate::nats::connect(&args.nats, "branchpoint-fleet").await?),
+        let client = match &args.nats.nats {
+            Some(_) => Some(crate::nats::connect(&args.nats, "branchpoint-fleet").await?),
+            None => None,
+        };
+        let link = match &client {
+            Some(c) => OffloadLink::Nats(c.clone()),
             None => {
                 let worker_exec = Executor::start(spec, args.worker_threads)?;
                 let wcfg = WorkerConfig {
@@ -82,7 +92,9 @@ pub fn run(args: FleetArgs) -> Result<()> {
             }
         };
         let collector = Collector::new(num_branches).start();
-        let summary = run_fleet(cfg, inputs, executor, link, collector.clone()).await?;
+        let (devices, rate) = (cfg.devices, cfg.rate_per_device);
+        let started = move || eprintln!("fleet running: {devices} devices, {rate} inputs/s each");
+        let summary = run_fleet(cfg, inputs, executor, link, collector.clone(), client, started).await?;
         let outcomes = collector.send(TakeOutcomes).await?;
         Ok::<_, anyhow::Error>((summary, outcomes))
     })?;

@@ -1,5 +1,6 @@
 //! One file per subcommand: parse nothing (clap did), do the work, print.
 pub mod calibrate;
+pub mod calibrator;
 pub mod evaluate;
 pub mod fleet;
 pub mod profile;

@@ -1,0 +1,181 @@
+//! Calibration actor: owns the model's current temperatures, refits them on
+//! the validation split on request, and (over NATS) publishes every change so
+//! running devices apply it live.
+//!
+//! Owns: a copy of the model, the validation split, the current calibration
+//! file. Messages in: `GetCalibration`, `Refit`. It is a sync actor (its own
+//! thread): a refit runs the network over 5,000 validation inputs and fits
+//! temperatures, work that must stay off the event loop. Mailbox: actix's
+//! default bound; callers await. Restart: the arbiter rebuilds it from the
+//! model and the initial method, so temperatures fall back to the initial fit
+//! (a durable store comes with the control plane). Shutdown: with its address.
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use branchpoint_messages::{
+    decode, encode, subjects, CalibrationMethod, CalibrationRefit, CalibrationUpdate, ErrorKind, ErrorReply,
+};
+use branchpoint_models::calibration::{fit_file, split_exit_logits, CalibrationFile, ExitLogits, Method};
+use branchpoint_models::{load_model, Dataset, LoadedModel};
+use futures::StreamExt;
+
+use crate::error::ActorError;
+
+#[derive(Debug, Clone)]
+pub struct CalibratorConfig {
+    pub weights: PathBuf,
+    pub data_dir: Option<PathBuf>,
+    /// The calibration to start with: a file, or a fit with this method.
+    pub initial: Initial,
+}
+
+#[derive(Debug, Clone)]
+pub enum Initial {
+    File(CalibrationFile),
+    Fit(Method),
+}
+
+pub struct Calibrator {
+    model: LoadedModel,
+    validation: Vec<ExitLogits>,
+    current: CalibrationFile,
+}
+
+impl Actor for Calibrator {
+    type Context = SyncContext<Self>;
+}
+
+impl Calibrator {
+    fn build(cfg: &CalibratorConfig) -> Result<Self, ActorError> {
+        let model = load_model(&cfg.weights, tch::Device::Cpu)?;
+        let c = &model.card;
+        let dir = cfg.data_dir.clone().unwrap_or_else(|| c.dataset.name.default_dir());
+        let data = Dataset::load(c.dataset.name, &dir, c.dataset.split.validation, c.dataset.split.seed)?;
+        let validation = split_exit_logits(&model.net, &data.validation)?;
+        let current = match &cfg.initial {
+            Initial::File(f) => {
+                f.check_fits(model.net.architecture().num_exits(), &c.weights_sha256)?;
+                f.clone()
+            }
+            Initial::Fit(method) => Self::fit(&model, &validation, *method)?,
+        };
+        Ok(Self { model, validation, current })
+    }
+
+    fn fit(model: &LoadedModel, validation: &[ExitLogits], method: Method) -> Result<CalibrationFile, ActorError> {
+        let c = &model.card;
+        let names = model.net.architecture().exit_names();
+        Ok(fit_file(method, validation, &names, &c.weights, &c.weights_sha256, c.dataset.split.seed)?)
+    }
+
+    /// Builds the actor once here, so a bad model, dataset or file is a clear
+    /// error at start; the arbiter's thread then builds its own.
+    pub fn start(cfg: CalibratorConfig) -> Result<(Addr<Calibrator>, CalibrationFile), ActorError> {
+        let first = Self::build(&cfg)?;
+        let initial = first.current.clone();
+        drop(first);
+        let cfg = Arc::new(cfg);
+        let addr = SyncArbiter::start(1, move || Calibrator::build(&cfg).expect("built once already at start"));
+        Ok((addr, initial))
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "CalibrationFile")]
+pub struct GetCalibration;
+
+impl Handler<GetCalibration> for Calibrator {
+    type Result = MessageResult<GetCalibration>;
+
+    fn handle(&mut self, _: GetCalibration, _: &mut SyncContext<Self>) -> Self::Result {
+        MessageResult(self.current.clone())
+    }
+}
+
+/// Fit again with `method`; the result becomes current.
+#[derive(Message)]
+#[rtype(result = "Result<CalibrationFile, ActorError>")]
+pub struct Refit(pub Method);
+
+impl Handler<Refit> for Calibrator {
+    type Result = Result<CalibrationFile, ActorError>;
+
+    fn handle(&mut self, msg: Refit, _: &mut SyncContext<Self>) -> Self::Result {
+        self.current = Self::fit(&self.model, &self.validation, msg.0)?;
+        Ok(self.current.clone())
+    }
+}
+
+/// The wire form of a calibration file.
+pub fn to_update(file: &CalibrationFile) -> CalibrationUpdate {
+    CalibrationUpdate {
+        model_sha256: file.weights_sha256.clone(),
+        method: match file.method {
+            Method::Uncalibrated => CalibrationMethod::Uncalibrated,
+            Method::Global => CalibrationMethod::Global,
+            Method::PerBranch => CalibrationMethod::PerBranch,
+        },
+        temperatures: file.temperatures.clone(),
+    }
+}
+
+pub fn method_of(m: CalibrationMethod) -> Method {
+    match m {
+        CalibrationMethod::Uncalibrated => Method::Uncalibrated,
+        CalibrationMethod::Global => Method::Global,
+        CalibrationMethod::PerBranch => Method::PerBranch,
+    }
+}
+
+/// Serves the calibration actor on NATS: publishes the current temperatures
+/// on `CALIBRATION_UPDATE` at start and after every refit, answers
+/// `CALIBRATION_GET` with them and `CALIBRATION_REFIT` with the new ones (or
+/// an `ErrorReply` when the request is malformed or the fit fails).
+pub async fn serve_calibration_nats(
+    client: async_nats::Client,
+    calibrator: Addr<Calibrator>,
+    on_ready: impl FnOnce(),
+) -> Result<(), ActorError> {
+    let nats = |e: String| ActorError::Nats(e);
+    let mut get = client.subscribe(subjects::CALIBRATION_GET).await.map_err(|e| nats(e.to_string()))?;
+    let mut refit = client.subscribe(subjects::CALIBRATION_REFIT).await.map_err(|e| nats(e.to_string()))?;
+    let publish = |file: CalibrationFile| {
+        let client = client.clone();
+        async move {
+            let bytes = encode(&to_update(&file))?;
+            client.publish(subjects::CALIBRATION_UPDATE, bytes.clone().into()).await.map_err(|e| nats(e.to_string()))?;
+            Ok::<_, ActorError>(bytes)
+        }
+    };
+    publish(calibrator.send(GetCalibration).await?).await?;
+    client.flush().await.map_err(|e| nats(e.to_string()))?;
+    on_ready();
+    loop {
+        tokio::select! {
+            Some(msg) = get.next() => {
+                if let Some(reply) = msg.reply {
+                    let bytes = encode(&to_update(&calibrator.send(GetCalibration).await?))?;
+                    let _ = client.publish(reply, bytes.into()).await;
+                }
+            }
+            Some(msg) = refit.next() => {
+                let result = match decode::<CalibrationRefit>(&msg.payload) {
+                    Ok(r) => match calibrator.send(Refit(method_of(r.method))).await? {
+                        Ok(file) => publish(file).await,
+                        Err(e) => Err(e),
+                    },
+                    Err(e) => Err(e.into()),
+                };
+                if let Some(reply) = msg.reply {
+                    let bytes = match result {
+                        Ok(bytes) => bytes,
+                        Err(e) => encode(&ErrorReply { seq: None, worker_id: "calibrator".into(), kind: ErrorKind::InvalidRequest, detail: e.to_string() })?,
+                    };
+                    let _ = client.publish(reply, bytes.into()).await;
+                }
+            }
+            else => return Ok(()),
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! Benchmarks of the live system (issue: device and cloud-worker actors):
+//!
+//!     cargo bench -p branchpoint --bench system
+//!
+//! 1. Device decision path at batch 1 (actor message to the compute pool,
+//!    head forward, calibrated decision) vs a bare tch forward of the same
+//!    head and branch: ratio of medians.
+//! 2. Worker throughput with dynamic batching (requests flooding the
+//!    batcher, max batch 32) vs a bare batched tail forward at batch 32:
+//!    ratio of inputs per second.
+//! 3. Offload round trip over loopback NATS to a real worker at a paced
+//!    1,000 requests/s, with the worker's queueing and compute subtracted:
+//!    p50 and p99.
+//! 4. One process running 1,000 device actors: sustained inputs/s and
+//!    resident memory.
+//!
+//! Each comparison is measured in the same run, on the same machine.
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::Actor;
+use branchpoint_actors::collector::Collector;
+use branchpoint_actors::compute::{Executor, ModelSpec, RunHead};
+use branchpoint_actors::device::DeviceConfig;
+use branchpoint_actors::fleet::{run_fleet, FleetConfig, TestInputs};
+use branchpoint_actors::transport::OffloadLink;
+use branchpoint_actors::worker::{serve_nats, Batcher, Job, ReplyTo, WorkerConfig};
+use branchpoint_messages::{Deadline, OffloadReply, OffloadRequest, Tensor as WireTensor};
+use branchpoint_models::calibration::predict;
+use branchpoint_models::{load_model, Dataset};
+use tch::Tensor;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn pct(mut v: Vec<f64>, q: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1]
+}
+
+fn rss_mib() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn main() {
+    tch::set_num_threads(1);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let weights = root.join("models/balexnet-fmnist.safetensors");
+    let model = load_model(&weights, tch::Device::Cpu).expect("shipped model");
+    let kind = model.card.dataset.name;
+    let data = Dataset::load(kind, &kind.default_dir(), model.card.dataset.split.validation, model.card.dataset.split.seed).unwrap();
+    let inputs = Arc::new(TestInputs::from_split(&data.test).unwrap());
+    let points = model.net.architecture().partition_points.clone();
+    let spec = ModelSpec { weights: weights.clone(), device: tch::Device::Cpu };
+    println!("torch threads per compute thread: 1; machine: {} cores", std::thread::available_parallelism().map_or(0, |n| n.get()));
+
+    // 1. Decision path vs bare head forward, batch 1, branch 1.
+    let runs = 3000;
+    let bare: Vec<f64> = (0..runs)
+        .map(|i| {
+            let x = Tensor::from_slice(&inputs.images[i % 1000]).view([1, 1, 28, 28]);
+            let t = Instant::now();
+            let (logits, _act) = model.net.head(1, &x).unwrap();
+            let _ = Vec::<f32>::try_from(logits.flatten(0, -1)).unwrap();
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    let system = actix::System::new();
+    let actor: Vec<f64> = system.block_on({
+        let (spec, inputs) = (spec.clone(), inputs.clone());
+        async move {
+            let exec = Executor::start(spec, 1).unwrap();
+            let mut v = Vec::with_capacity(runs);
+            for i in 0..runs {
+                let t = Instant::now();
+                let h = exec.send(RunHead { partition_branch: 1, input: inputs.images[i % 1000].clone() }).await.unwrap().unwrap();
+                let (_class, conf) = predict(&h.branch_logits, 1.3);
+                std::hint::black_box(conf >= 0.9);
+                v.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            v
+        }
+    });
+    let (b, a) = (median(bare), median(actor));
+    println!("[1] decision path, batch 1, branch 1: bare head forward median {b:.1} us; device decision path median {a:.1} us; ratio {:.3}", a / b);
+
+    // 2. Worker throughput with dynamic batching vs bare batched tail, batch 32, branch 2.
+    let (batch, batches) = (32usize, 100usize);
+    let act_shape = &points[1].activation_shape;
+    let per: usize = act_shape.iter().product::<i64>() as usize;
+    let one_act: Vec<f32> = (0..per).map(|i| ((i % 17) as f32) * 0.1).collect();
+    let mut dims = vec![batch as i64];
+    dims.extend(act_shape);
+    let xb = Tensor::from_slice(&one_act.repeat(batch)).view(dims.as_slice());
+    let _ = model.net.tail(2, &xb).unwrap();
+    let t = Instant::now();
+    for _ in 0..batches {
+        let y = model.net.tail(2, &xb).unwrap();
+        let _ = y.softmax(-1, tch::Kind::Float).max_dim(1, false);
+    }
+    let bare_ips = (batch * batches) as f64 / t.elapsed().as_secs_f64();
+    let worker_ips = system.block_on({
+        let (spec, points, one_act, act_shape) = (spec.clone(), points.clone(), one_act.clone(), act_shape.clone());
+        async move {
+            let exec = Executor::start(spec, 1).unwrap();
+            let cfg = WorkerConfig { worker_id: "bench".into(), max_batch: batch, max_wait: Duration::from_millis(5) };
+            let batcher = Batcher::new(cfg, exec, points).start();
+            let mut shape = vec![1u32];
+            shape.extend(act_shape.iter().map(|&d| d as u32));
+            let tensor = WireTensor::from_f32(&shape, &one_act).unwrap();
+            let n = batch * batches;
+            let t = Instant::now();
+            let mut waits = Vec::with_capacity(n);
+            for seq in 0..n {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let request = OffloadRequest {
+                    device_id: "bench".into(),
+                    seq: seq as u64,
+                    partition_branch: 2,
+                    activation: tensor.clone(),
+                    deadline: Deadline { sent_at_unix_us: 0, budget_us: 60_000_000 },
+                };
+                batcher.send(Job { request, received: Instant::now(), reply: ReplyTo::Local(tx) }).await.unwrap();
+                waits.push(rx);
+            }
+            for w in waits {
+                assert!(matches!(w.await.unwrap(), OffloadReply::Answer(_)));
+            }
+            n as f64 / t.elapsed().as_secs_f64()
+        }
+    });
+    println!(
+        "[2] worker throughput, branch 2 tail, batch {batch}: bare batched forward {bare_ips:.0} inputs/s; worker with dynamic batching {worker_ips:.0} inputs/s; ratio {:.3}",
+        worker_ips / bare_ips
+    );
+
+    // 3. Offload round trip over loopback NATS at 1,000 requests/s, worker compute excluded.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut server = Command::new(root.join(".venv/bin/nats-server"))
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nats-server from scripts/setup.sh");
+    std::thread::sleep(Duration::from_millis(300));
+    let url = format!("nats://127.0.0.1:{port}");
+    let (overhead, rtts, sent) = system.block_on({
+        let (spec, points, one_act, act_shape) = (spec.clone(), points.clone(), one_act.clone(), act_shape.clone());
+        async move {
+            let wclient = async_nats::connect(&url).await.unwrap();
+            let exec = Executor::start(spec, 1).unwrap();
+            let cfg = WorkerConfig { worker_id: "bench".into(), max_batch: 32, max_wait: Duration::from_micros(500) };
+            let batcher = Batcher::new(cfg, exec, points).start();
+            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+            actix::spawn(async move {
+                let _ = serve_nats(wclient, batcher, "bench".into(), move || drop(ready_tx.send(()))).await;
+            });
+            ready_rx.await.unwrap();
+            let client = async_nats::connect(&url).await.unwrap();
+            let link = OffloadLink::Nats(client);
+            let mut shape = vec![1u32];
+            shape.extend(act_shape.iter().map(|&d| d as u32));
+            let tensor = WireTensor::from_f32(&shape, &one_act).unwrap();
+            let n = 3000;
+            let start = Instant::now();
+            let mut handles = Vec::with_capacity(n);
+            for seq in 0..n {
+                tokio::time::sleep_until(tokio::time::Instant::from_std(start + Duration::from_micros(1000 * seq as u64))).await;
+                let link = link.clone();
+                let request = OffloadRequest {
+                    device_id: "bench".into(),
+                    seq: seq as u64,
+                    partition_branch: 2,
+                    activation: tensor.clone(),
+                    deadline: Deadline { sent_at_unix_us: 0, budget_us: 5_000_000 },
+                };
+                handles.push(actix::spawn(async move {
+                    let t = Instant::now();
+                    let a = link.offload(request, Duration::from_secs(5)).await.expect("answer");
+                    let rtt = t.elapsed().as_secs_f64() * 1e6;
+                    (rtt, rtt - (a.timings.queue_us + a.timings.compute_us) as f64)
+                }));
+            }
+            let mut rtts = Vec::new();
+            let mut over = Vec::new();
+            for h in handles {
+                let (r, o) = h.await.unwrap();
+                rtts.push(r);
+                over.push(o);
+            }
+            (over, rtts, n as f64 / start.elapsed().as_secs_f64())
+        }
+    });
+    let _ = server.kill();
+    println!(
+        "[3] offload over loopback NATS at {sent:.0} requests/s, {} bytes per activation: round trip minus worker queueing and compute p50 {:.0} us, p99 {:.0} us (whole round trip p50 {:.0} us, p99 {:.0} us)",
+        one_act.len() * 4,
+        pct(overhead.clone(), 0.5),
+        pct(overhead, 0.99),
+        pct(rtts.clone(), 0.5),
+        pct(rtts, 0.99)
+    );
+
+    // 4. 1,000 device actors in one process, in-process worker.
+    let (summary, secs) = system.block_on({
+        let (spec, points, inputs) = (spec.clone(), points.clone(), inputs.clone());
+        async move {
+            let exec = Executor::start(spec.clone(), 1).unwrap();
+            let wexec = Executor::start(spec, 1).unwrap();
+            let cfg = WorkerConfig { worker_id: "embedded".into(), max_batch: 32, max_wait: Duration::from_millis(2) };
+            let link = OffloadLink::InProcess(Batcher::new(cfg, wexec, points).start());
+            let collector = Collector::new(2).start();
+            let fleet = FleetConfig {
+                devices: 1000,
+                rate_per_device: 1.0,
+                duration: Duration::from_secs(10),
+                max_inputs: None,
+                seed: 1,
+                device: DeviceConfig { id: "d".into(), partition_branch: 1, p_tar: 0.9, temperatures: vec![1.0; 3], deadline: Duration::from_secs(1) },
+                drain: Duration::from_secs(3),
+                group: "default".into(),
+                model_sha256: String::new(),
+            };
+            let t = Instant::now();
+            let s = run_fleet(fleet, inputs, exec, link, collector, None, || ()).await.unwrap();
+            (s, t.elapsed().as_secs_f64())
+        }
+    });
+    let (rss, hwm) = rss_mib();
+    println!(
+        "[4] 1,000 device actors, offered 1,000 inputs/s for 10 s: {} inputs, {} outcomes in {secs:.1} s = {:.0} inputs/s sustained; latency p50 {:.1} ms, p99 {:.1} ms; fallbacks {}; resident memory now {rss:.0} MiB, peak {hwm:.0} MiB (whole benchmark process)",
+        summary.inputs,
+        summary.outcomes,
+        summary.outcomes as f64 / secs,
+        summary.latency_ms_p50,
+        summary.latency_ms_p99,
+        summary.fallbacks
+    );
+}

@@ -1,0 +1,39 @@
+//! `branchpoint calibrator`: the calibration actor on NATS.
+use anyhow::{bail, Context, Result};
+use branchpoint_actors::calibration::{serve_calibration_nats, Calibrator, CalibratorConfig, Initial};
+use branchpoint_models::calibration::{CalibrationFile, Method};
+
+use crate::cli::CalibratorArgs;
+use crate::cmd::worker::shutdown_signal;
+
+pub fn run(args: CalibratorArgs) -> Result<()> {
+    if args.nats.nats.is_none() {
+        bail!("branchpoint calibrator needs --nats URL: it publishes temperatures to devices over NATS");
+    }
+    tch::set_num_threads(1);
+    let initial = match &args.calibration {
+        Some(path) => Initial::File(CalibrationFile::read(path)?),
+        None => Initial::Fit(Method::parse(&args.method)?),
+    };
+    let cfg = CalibratorConfig { weights: args.model.clone(), data_dir: args.data_dir.clone(), initial };
+    let system = actix::System::new();
+    system.block_on(async move {
+        let client = crate::nats::connect(&args.nats, "branchpoint-calibrator").await?;
+        let (calibrator, file) = Calibrator::start(cfg)?;
+        let ready = move || {
+            eprintln!(
+                "calibrator serving {} and {}; {} temperatures {:?} published on {}",
+                branchpoint_messages::subjects::CALIBRATION_GET,
+                branchpoint_messages::subjects::CALIBRATION_REFIT,
+                file.method.name(),
+                file.temperatures,
+                branchpoint_messages::subjects::CALIBRATION_UPDATE
+            )
+        };
+        tokio::select! {
+            r = serve_calibration_nats(client, calibrator, ready) => r.context("serving calibration")?,
+            _ = shutdown_signal() => eprintln!("calibrator: shutting down"),
+        }
+        Ok::<(), anyhow::Error>(())
+    })
+}
