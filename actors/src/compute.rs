@@ -43,6 +43,10 @@ impl Executor {
         load_model(&spec.weights, spec.device)?;
         let spec = Arc::new(spec);
         Ok(SyncArbiter::start(threads.max(1), move || {
+            // libtorch's intra-op thread count is per calling thread (an
+            // OpenMP setting): without this each pool thread would fan every
+            // small forward out to all cores and fight its siblings.
+            tch::set_num_threads(1);
             let m = load_model(&spec.weights, spec.device).expect("model loaded once already at start");
             Executor { net: m.net, _vs: m.vs }
         }))

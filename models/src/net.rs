@@ -115,6 +115,15 @@ impl<'a> Builder<'a> {
         self
     }
 
+    /// Average pooling to a fixed `size` x `size` grid.
+    fn avg_pool_to(mut self, size: i64) -> Self {
+        self.layers.push(format!("adaptive-avgpool to {size}x{size}"));
+        self.seq = self.seq.add_fn(move |x| x.adaptive_avg_pool2d([size, size]));
+        self.shape[1] = size;
+        self.shape[2] = size;
+        self
+    }
+
     fn flatten(mut self) -> Self {
         self.layers.push("flatten".into());
         self.seq = self.seq.add_fn(|x| x.flatten(1, -1));
@@ -146,7 +155,7 @@ impl<'a> Builder<'a> {
 /// The early-exit CNN, in the spirit of B-AlexNet (BranchyNet), sized for
 /// 28x28x1 (Fashion-MNIST) and 32x32x3 (CIFAR-10) inputs.
 ///
-/// stage1: conv5x5(C->32) maxpool  | branch1: maxpool, linear   (weak, cheap)
+/// stage1: conv5x5(C->32) maxpool  | branch1: avgpool to 5x5, linear (weak, cheap)
 /// stage2: conv3x3(32->64) maxpool | branch2: conv3x3(64->32), linear
 /// stage3: 2x conv3x3(->96) maxpool
 /// final:  linear(->256) relu dropout linear(->10)
@@ -173,7 +182,9 @@ impl EarlyExitNet {
         let in_shape = input.dims().to_vec();
 
         let s1 = Builder::new(root / "stage1", &in_shape).conv_bn_relu(32, 5).max_pool2();
-        let b1 = Builder::new(root / "branch1", &s1.shape).max_pool2().flatten().linear("fc", num_classes);
+        // Branch 1 sees a coarse 5x5 summary of stage 1: cheap, and weaker
+        // than the deeper exits, so offloading buys accuracy.
+        let b1 = Builder::new(root / "branch1", &s1.shape).avg_pool_to(5).flatten().linear("fc", num_classes);
         let s2 = Builder::new(root / "stage2", &s1.shape).conv_bn_relu(64, 3).max_pool2();
         let b2 = Builder::new(root / "branch2", &s2.shape).conv_bn_relu(32, 3).flatten().linear("fc", num_classes);
         let s3 = Builder::new(root / "stage3", &s2.shape).conv_bn_relu(96, 3).conv_bn_relu(96, 3).max_pool2();

@@ -167,7 +167,9 @@ fn main() {
             let batcher = Batcher::new(cfg, exec, points).start();
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
             actix::spawn(async move {
-                let _ = serve_nats(wclient, batcher, "bench".into(), move || drop(ready_tx.send(()))).await;
+                let _ = serve_nats(wclient, batcher, "bench".into(), move || {
+                    let _ = ready_tx.send(());
+                }).await;
             });
             ready_rx.await.unwrap();
             let client = async_nats::connect(&url).await.unwrap();

@@ -65,6 +65,8 @@ pub struct LinePlot<'a> {
     pub x_range: (f64, f64),
     pub y_range: (f64, f64),
     pub curves: Vec<Curve>,
+    /// Where the legend goes: a corner the curves leave free.
+    pub legend: SeriesLabelPosition,
 }
 
 fn draw_err<E: std::fmt::Debug>(path: &Path) -> impl FnOnce(E) -> anyhow::Error + '_ {
@@ -112,7 +114,7 @@ pub fn line_plot(path: &Path, plot: &LinePlot) -> Result<()> {
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(plot.legend.clone())
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font(("sans-serif", 16))

@@ -12,6 +12,8 @@ use branchpoint_models::{load_model, Dataset, LoadedModel};
 
 use crate::cli::EvaluateArgs;
 use crate::evaluation::{dump_logits, method_report, split_logits, MethodReport, NetworkSettings, Report, SweepSettings};
+use plotters::prelude::SeriesLabelPosition;
+
 use crate::plots::{line_plot, method_color, prepare_dir, reliability_diagram, Curve, LinePlot};
 use crate::{parse_device, set_threads};
 
@@ -269,6 +271,7 @@ fn write_plots(dir: &Path, report: &Report) -> Result<usize> {
                 x_range,
                 y_range: ((lowest - 0.02).max(0.0), 1.0),
                 curves,
+                legend: SeriesLabelPosition::LowerRight,
             },
         )?;
         line_plot(
@@ -280,6 +283,7 @@ fn write_plots(dir: &Path, report: &Report) -> Result<usize> {
                 x_range,
                 y_range: (0.0, 1.0),
                 curves: method_curves(&|m, b| m.branches[b - 1].rows.iter().map(|r| (r.p_tar, r.offload_prob)).collect(), b),
+                legend: SeriesLabelPosition::UpperLeft,
             },
         )?;
         line_plot(
@@ -291,6 +295,7 @@ fn write_plots(dir: &Path, report: &Report) -> Result<usize> {
                 x_range,
                 y_range: (0.0, 1.0),
                 curves: method_curves(&|m, b| m.branches[b - 1].rows.iter().map(|r| (r.p_tar, r.outage_prob)).collect(), b),
+                legend: SeriesLabelPosition::UpperLeft,
             },
         )?;
         let curves = method_curves(&|m, b| m.branches[b - 1].missed_deadline_curve.clone(), b);
@@ -304,6 +309,7 @@ fn write_plots(dir: &Path, report: &Report) -> Result<usize> {
                 x_range: (0.0, xmax),
                 y_range: (0.0, 1.0),
                 curves,
+                legend: SeriesLabelPosition::UpperRight,
             },
         )?;
         n += 4;

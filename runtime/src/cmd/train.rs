@@ -29,6 +29,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         augment: !args.no_augment,
     };
 
+    tch::manual_seed(args.seed as i64);
+    let vs = nn::VarStore::new(device);
+    let net = EarlyExitNet::new(&vs.root(), kind.input_shape(), kind.num_classes());
+    cfg.validate(net.architecture().num_exits())?;
+    let exit_names = net.architecture().exit_names();
     let data_dir = args.data_dir.clone().unwrap_or_else(|| kind.default_dir());
     eprintln!("loading {} from {}", kind.name(), data_dir.display());
     let data = Dataset::load(kind, &data_dir, args.validation_size, args.split_seed)?;
@@ -45,11 +50,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
         data.split.test
     );
 
-    tch::manual_seed(args.seed as i64);
-    let vs = nn::VarStore::new(device);
-    let net = EarlyExitNet::new(&vs.root(), kind.input_shape(), kind.num_classes());
-    cfg.validate(net.architecture().num_exits())?;
-    let exit_names = net.architecture().exit_names();
 
     let batches = train_split.len().div_ceil(cfg.batch_size) as u64;
     let bar = ProgressBar::new(batches);
