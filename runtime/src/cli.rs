@@ -42,18 +42,25 @@ pub enum Command {
 pub struct CalibratorArgs {
     #[command(flatten)]
     pub nats: NatsArgs,
-    /// Weights file (.safetensors) with its model card NAME.json beside it.
-    #[arg(long, default_value = DEFAULT_MODEL, value_name = "FILE")]
-    pub model: PathBuf,
-    /// Folder holding the dataset files [default: the dataset's standard folder].
-    #[arg(long, value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub source: ModelArgs,
     /// Method of the first fit: uncalibrated, global or per-branch (ignored with --calibration).
     #[arg(long, default_value = "per-branch", value_name = "METHOD")]
     pub method: String,
     /// Start from this calibration file instead of fitting.
     #[arg(long, value_name = "FILE")]
     pub calibration: Option<PathBuf>,
+}
+
+/// A model and the dataset it was trained on, for commands that need both.
+#[derive(Debug, Args, Clone)]
+pub struct ModelArgs {
+    /// Weights file (.safetensors) with its model card NAME.json beside it.
+    #[arg(long, default_value = DEFAULT_MODEL, value_name = "FILE")]
+    pub model: PathBuf,
+    /// Folder holding the dataset files [default: the dataset's standard folder].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
 }
 
 /// How to reach NATS. Without --nats, commands that can run in-process do so.
@@ -113,12 +120,8 @@ pub struct WorkerArgs {
 pub struct FleetArgs {
     #[command(flatten)]
     pub nats: NatsArgs,
-    /// Weights file (.safetensors) with its model card NAME.json beside it.
-    #[arg(long, default_value = DEFAULT_MODEL, value_name = "FILE")]
-    pub model: PathBuf,
-    /// Folder holding the dataset files [default: the dataset's standard folder].
-    #[arg(long, value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub source: ModelArgs,
     /// Simulated devices.
     #[arg(long, default_value_t = 10, value_name = "N")]
     pub devices: usize,
@@ -224,30 +227,22 @@ pub struct TrainArgs {
 
 #[derive(Debug, Args)]
 pub struct CalibrateArgs {
-    /// Weights file (.safetensors) with its model card NAME.json beside it.
-    #[arg(long, default_value = DEFAULT_MODEL, value_name = "FILE")]
-    pub model: PathBuf,
+    #[command(flatten)]
+    pub source: ModelArgs,
     /// global: one temperature for all exits; per-branch: one temperature per exit.
     #[arg(long, default_value = "per-branch", value_name = "METHOD")]
     pub method: String,
     /// Where to write the calibration file (JSON).
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
-    /// Folder holding the dataset files [default: the dataset's standard folder].
-    #[arg(long, value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
     #[command(flatten)]
     pub compute: ComputeArgs,
 }
 
 #[derive(Debug, Args)]
 pub struct EvaluateArgs {
-    /// Weights file (.safetensors) with its model card NAME.json beside it.
-    #[arg(long, default_value = DEFAULT_MODEL, value_name = "FILE")]
-    pub model: PathBuf,
-    /// Folder holding the dataset files [default: the dataset's standard folder].
-    #[arg(long, value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub source: ModelArgs,
     /// Use this calibration file's temperatures for its method instead of fitting them here.
     #[arg(long, value_name = "FILE")]
     pub calibration: Option<PathBuf>,

@@ -53,3 +53,18 @@ pub fn set_threads(threads: i32) -> Result<()> {
     }
     Ok(())
 }
+
+impl cli::ModelArgs {
+    /// Loads the model through its card.
+    pub fn load_model(&self, device: Device) -> Result<branchpoint_models::LoadedModel> {
+        Ok(branchpoint_models::load_model(&self.model, device)?)
+    }
+
+    /// Loads the model's dataset with the split its card records, so the
+    /// validation and test inputs are the ones held out when it was trained.
+    pub fn load_data(&self, model: &branchpoint_models::LoadedModel) -> Result<branchpoint_models::Dataset> {
+        let c = &model.card;
+        let dir = self.data_dir.clone().unwrap_or_else(|| c.dataset.name.default_dir());
+        Ok(branchpoint_models::Dataset::load(c.dataset.name, &dir, c.dataset.split.validation, c.dataset.split.seed)?)
+    }
+}

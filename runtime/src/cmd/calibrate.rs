@@ -1,7 +1,6 @@
 //! `branchpoint calibrate`: temperature scaling on the validation split.
 use anyhow::{bail, Result};
 use branchpoint_models::calibration::Method;
-use branchpoint_models::{load_model, Dataset};
 
 use crate::cli::CalibrateArgs;
 use crate::evaluation::{calibrate, split_logits};
@@ -14,10 +13,8 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     }
     let device = parse_device(&args.compute.device)?;
     set_threads(args.compute.threads)?;
-    let model = load_model(&args.model, device)?;
-    let kind = model.card.dataset.name;
-    let data_dir = args.data_dir.clone().unwrap_or_else(|| kind.default_dir());
-    let data = Dataset::load(kind, &data_dir, model.card.dataset.split.validation, model.card.dataset.split.seed)?;
+    let model = args.source.load_model(device)?;
+    let data = args.source.load_data(&model)?;
     let logits = split_logits(&model, &data)?;
     let file = calibrate(&model, method, &logits.validation)?;
     file.write(&args.out)?;
@@ -25,7 +22,7 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     println!(
         "{} temperature scaling of {} on the validation split ({} inputs, split seed {}):",
         method.name(),
-        args.model.display(),
+        args.source.model.display(),
         file.fit.inputs,
         file.fit.split_seed
     );

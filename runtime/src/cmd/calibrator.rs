@@ -15,7 +15,7 @@ pub fn run(args: CalibratorArgs) -> Result<()> {
         Some(path) => Initial::File(CalibrationFile::read(path)?),
         None => Initial::Fit(Method::parse(&args.method)?),
     };
-    let cfg = CalibratorConfig { weights: args.model.clone(), data_dir: args.data_dir.clone(), initial };
+    let cfg = CalibratorConfig { weights: args.source.model.clone(), data_dir: args.source.data_dir.clone(), initial };
     let system = actix::System::new();
     system.block_on(async move {
         let client = crate::nats::connect(&args.nats, "branchpoint-calibrator").await?;

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use branchpoint_models::calibration::{self, CalibrationFile, Method};
 use branchpoint_models::offload::{check_p_tar, default_p_tars, LatencyModel};
 use branchpoint_models::profile::{profile, ComputeProfile};
-use branchpoint_models::{load_model, Dataset, LoadedModel};
+use branchpoint_models::LoadedModel;
 
 use crate::cli::EvaluateArgs;
 use crate::evaluation::{dump_logits, method_report, split_logits, MethodReport, NetworkSettings, Report, SweepSettings};
@@ -40,7 +40,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     }
     let device = parse_device(&args.compute.device)?;
     set_threads(args.compute.threads)?;
-    let model = load_model(&args.model, device)?;
+    let model = args.source.load_model(device)?;
     let num_exits = model.net.architecture().num_exits();
     let calibration_file = match &args.calibration {
         Some(path) => {
@@ -54,12 +54,11 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     let latency = latency_models(&model, &args)?;
 
     let kind = model.card.dataset.name;
-    let data_dir = args.data_dir.clone().unwrap_or_else(|| kind.default_dir());
-    let data = Dataset::load(kind, &data_dir, model.card.dataset.split.validation, model.card.dataset.split.seed)?;
+    let data = args.source.load_data(&model)?;
     let logits = split_logits(&model, &data)?;
     let names = model.net.architecture().exit_names();
 
-    print_exit_table(&args.model, &model, &logits.test, &names);
+    print_exit_table(&args.source.model, &model, &logits.test, &names);
 
     let settings = SweepSettings {
         p_tars: &p_tars,

@@ -13,7 +13,6 @@ use branchpoint_actors::fleet::{run_fleet, FleetConfig, TestInputs};
 use branchpoint_actors::transport::OffloadLink;
 use branchpoint_actors::worker::{Batcher, WorkerConfig};
 use branchpoint_models::calibration::CalibrationFile;
-use branchpoint_models::{load_model, Dataset};
 
 use crate::cli::FleetArgs;
 
@@ -28,7 +27,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
         bail!("--threads, --worker-threads and --max-batch must be at least 1");
     }
     tch::set_num_threads(1);
-    let model = load_model(&args.model, tch::Device::Cpu)?;
+    let model = args.source.load_model(tch::Device::Cpu)?;
     model.net.check_branch(args.branch).context("--branch")?;
     let num_exits = model.net.architecture().num_exits();
     let temperatures = match &args.calibration {
@@ -40,9 +39,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
         }
         None => vec![1.0; num_exits],
     };
-    let kind = model.card.dataset.name;
-    let data_dir = args.data_dir.clone().unwrap_or_else(|| kind.default_dir());
-    let data = Dataset::load(kind, &data_dir, model.card.dataset.split.validation, model.card.dataset.split.seed)?;
+    let data = args.source.load_data(&model)?;
     let inputs = Arc::new(TestInputs::from_split(&data.test)?);
     let partition_points = model.net.architecture().partition_points.clone();
     let num_branches = model.net.num_branches();
@@ -70,7 +67,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
         model_sha256,
     };
     cfg.validate()?;
-    let spec = ModelSpec { weights: args.model.clone(), device: tch::Device::Cpu };
+    let spec = ModelSpec { weights: args.source.model.clone(), device: tch::Device::Cpu };
 
     let system = actix::System::new();
     let (summary, outcomes) = system.block_on(async move {
