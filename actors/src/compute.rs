@@ -1,9 +1,11 @@
-//! Tensor work on sync actors: one `SyncArbiter` thread pool for device heads
-//! and one for worker tails. Each thread owns its own copy of the network
-//! (tch modules are Send but not Sync); the async event loop never touches a
-//! tensor.
+//! Tensor work. Each thread that touches tensors owns its own copy of the
+//! network (`LoadedNet`; tch modules are Send but not Sync):
+//! - device threads (see `fleet::DeviceThreads`) run heads inline, inside the
+//!   device actor's handler, so an input's decision costs no thread hop;
+//! - cloud workers run tails on a `SyncArbiter` pool of `Executor`s, so the
+//!   batcher's event loop never blocks on a forward.
 //!
-//! Messages in: `RunHead` (one input), `RunTail` (a batch of activations).
+//! Executor messages in: `RunTail` (a batch of activations).
 //! Mailbox: actix's default bound for sync actors (16 per thread); senders
 //! await `send`, so a busy pool slows its callers instead of growing a queue.
 //! Restart: a thread that panics is replaced by the arbiter with a freshly
@@ -25,11 +27,43 @@ pub struct ModelSpec {
     pub device: Device,
 }
 
-/// One compute thread's network.
-pub struct Executor {
+/// One thread's copy of the network.
+pub struct LoadedNet {
     net: EarlyExitNet,
     // Keeps the variables alive; the network's layers read them.
     _vs: tch::nn::VarStore,
+}
+
+impl LoadedNet {
+    pub fn load(spec: &ModelSpec) -> Result<Self, ActorError> {
+        let m = load_model(&spec.weights, spec.device)?;
+        Ok(Self { net: m.net, _vs: m.vs })
+    }
+
+    pub fn net(&self) -> &EarlyExitNet {
+        &self.net
+    }
+
+    /// Runs `head(partition_branch)` on one input [C, H, W] (flattened).
+    pub fn run_head(&self, partition_branch: usize, input: &[f32]) -> Result<HeadOutput, ActorError> {
+        let started = Instant::now();
+        let dims = self.net.architecture().input.dims();
+        let want = (dims[0] * dims[1] * dims[2]) as usize;
+        if input.len() != want {
+            return Err(ActorError::Invalid {
+                what: "input".into(),
+                reason: format!("{} values, the model takes {dims:?} = {want}", input.len()),
+            });
+        }
+        let x = Tensor::from_slice(input).view([1, dims[0], dims[1], dims[2]]).to_device(self.net.device());
+        let (logits, activation) = self.net.head(partition_branch, &x)?;
+        Ok(HeadOutput { branch_logits: to_vec(&logits)?, activation, compute: started.elapsed() })
+    }
+}
+
+/// One tail-pool thread.
+pub struct Executor {
+    net: LoadedNet,
 }
 
 impl Actor for Executor {
@@ -47,51 +81,24 @@ impl Executor {
             // OpenMP setting): without this each pool thread would fan every
             // small forward out to all cores and fight its siblings.
             tch::set_num_threads(1);
-            let m = load_model(&spec.weights, spec.device).expect("model loaded once already at start");
-            Executor { net: m.net, _vs: m.vs }
+            Executor { net: LoadedNet::load(&spec).expect("model loaded once already at start") }
         }))
     }
 }
 
-/// Runs `head(partition_branch)` on one input [C, H, W] (flattened).
-#[derive(Message)]
-#[rtype(result = "Result<HeadOutput, ActorError>")]
-pub struct RunHead {
-    pub partition_branch: usize,
-    pub input: Arc<[f32]>,
-}
-
-#[derive(Debug, Clone)]
 pub struct HeadOutput {
     pub branch_logits: Vec<f32>,
-    /// The activation, flattened, without the batch dimension.
-    pub activation: Vec<f32>,
-    pub activation_shape: Vec<i64>,
+    /// The activation [1, ...], left as a tensor: it is copied out only for
+    /// an input that is offloaded.
+    pub activation: Tensor,
     pub compute: Duration,
 }
 
-impl Handler<RunHead> for Executor {
-    type Result = Result<HeadOutput, ActorError>;
-
-    fn handle(&mut self, msg: RunHead, _: &mut SyncContext<Self>) -> Self::Result {
-        let started = Instant::now();
-        let dims = self.net.architecture().input.dims();
-        let want = (dims[0] * dims[1] * dims[2]) as usize;
-        if msg.input.len() != want {
-            return Err(ActorError::Invalid {
-                what: "input".into(),
-                reason: format!("{} values, the model takes {dims:?} = {want}", msg.input.len()),
-            });
-        }
-        let x = Tensor::from_slice(&msg.input).view([1, dims[0], dims[1], dims[2]]).to_device(self.net.device());
-        let (logits, act) = self.net.head(msg.partition_branch, &x)?;
-        let activation_shape = act.size()[1..].to_vec();
-        Ok(HeadOutput {
-            branch_logits: to_vec(&logits)?,
-            activation: to_vec(&act)?,
-            activation_shape,
-            compute: started.elapsed(),
-        })
+impl HeadOutput {
+    /// The activation as a wire tensor, batch dimension included.
+    pub fn wire_activation(&self) -> Result<branchpoint_messages::Tensor, ActorError> {
+        let shape: Vec<u32> = self.activation.size().iter().map(|&d| d as u32).collect();
+        Ok(branchpoint_messages::Tensor::from_f32(&shape, &to_vec(&self.activation)?)?)
     }
 }
 
@@ -126,8 +133,9 @@ impl Handler<RunTail> for Executor {
         }
         let mut dims = vec![msg.batch as i64];
         dims.extend(&shape);
-        let x = Tensor::from_slice(&msg.activations).view(dims.as_slice()).to_device(self.net.device());
-        let logits = self.net.tail(msg.partition_branch, &x)?;
+        let net = &self.net.net;
+        let x = Tensor::from_slice(&msg.activations).view(dims.as_slice()).to_device(net.device());
+        let logits = net.tail(msg.partition_branch, &x)?;
         let (conf, class) = logits.softmax(-1, Kind::Float).max_dim(1, false);
         let conf: Vec<f32> = to_vec(&conf)?;
         let class: Vec<i64> = Vec::try_from(class.to_device(Device::Cpu)).map_err(branchpoint_models::ModelError::from)?;
@@ -140,8 +148,8 @@ impl Handler<RunTail> for Executor {
 
 impl Executor {
     fn activation_shape(&self, branch: usize) -> Result<Vec<i64>, ActorError> {
-        self.net.check_branch(branch)?;
-        Ok(self.net.architecture().partition_points[branch - 1].activation_shape.clone())
+        self.net.net.check_branch(branch)?;
+        Ok(self.net.net.architecture().partition_points[branch - 1].activation_shape.clone())
     }
 }
 

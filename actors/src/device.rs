@@ -3,23 +3,26 @@
 //! per input to the collector.
 //!
 //! Owns: its partition branch, p_tar and temperatures (changed live by
-//! `ApplyPlan` and `ApplyCalibration`), its sequence numbers. Messages in:
-//! `Infer`, `ApplyPlan`, `ApplyCalibration`. Tensor work goes to the shared
-//! compute pool (sync actors); an input waits for the cloud at most until
-//! its deadline, then the device answers with its own branch and counts a
-//! fallback, so no input is ever lost. Each input is handled in its own
-//! future: the mailbox keeps taking new inputs while others wait on the
-//! network. Restart: configuration comes from the plan and calibration
-//! sources; in-flight inputs of a stopped device are lost with it.
+//! `ApplyPlan` and `ApplyCalibration`), its sequence numbers, and a share of
+//! its thread's copy of the network. Messages in: `Infer`, `ApplyPlan`,
+//! `ApplyCalibration`. The head runs inline in the `Infer` handler, on the
+//! device's own thread, like on a real device: an input that exits costs no
+//! thread hop and no copy of its activation. An offloaded input waits for the
+//! cloud in its own future, at most until its deadline, then the device
+//! answers with its own branch and counts a fallback, so no input is ever
+//! lost; the mailbox keeps taking new inputs meanwhile. Restart:
+//! configuration comes from the plan and calibration sources; in-flight
+//! inputs of a stopped device are lost with it.
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
-use branchpoint_messages::{Deadline, OffloadRequest, Tensor as WireTensor};
+use branchpoint_messages::{Deadline, OffloadRequest};
 use branchpoint_models::calibration::predict;
 
 use crate::collector::{Collector, Decided, FallbackReason, InputAccepted, Latency, Outcome};
-use crate::compute::{Executor, RunHead};
+use crate::compute::{HeadOutput, LoadedNet};
 use crate::transport::{OffloadFailure, OffloadLink};
 
 #[derive(Debug, Clone)]
@@ -35,15 +38,16 @@ pub struct DeviceConfig {
 
 pub struct Device {
     cfg: DeviceConfig,
-    executor: Addr<Executor>,
+    /// Shared by the devices of one thread; see `fleet::DeviceThreads`.
+    net: Rc<LoadedNet>,
     link: OffloadLink,
     collector: Addr<Collector>,
     seq: u64,
 }
 
 impl Device {
-    pub fn new(cfg: DeviceConfig, executor: Addr<Executor>, link: OffloadLink, collector: Addr<Collector>) -> Self {
-        Self { cfg, executor, link, collector, seq: 0 }
+    pub fn new(cfg: DeviceConfig, net: Rc<LoadedNet>, link: OffloadLink, collector: Addr<Collector>) -> Self {
+        Self { cfg, net, link, collector, seq: 0 }
     }
 }
 
@@ -68,66 +72,68 @@ impl Handler<Infer> for Device {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, msg: Infer, _: &mut Context<Self>) -> Self::Result {
+        let arrived = Instant::now();
         self.seq += 1;
         self.collector.do_send(InputAccepted);
-        let seq = self.seq;
-        let cfg = self.cfg.clone();
-        let executor = self.executor.clone();
-        let link = self.link.clone();
-        let collector = self.collector.clone();
+        let cfg = &self.cfg;
+        let branch = cfg.partition_branch;
+        let mut outcome = Outcome {
+            device_id: cfg.id.clone(),
+            input_index: msg.input_index,
+            label: msg.label,
+            class: 0,
+            decided: Decided::Device,
+            exit: branch,
+            partition_branch: branch,
+            p_tar: cfg.p_tar,
+            temperature: cfg.temperatures.get(branch - 1).copied().unwrap_or(1.0),
+            fallback: None,
+            worker_id: None,
+            latency: Latency::default(),
+            error: None,
+        };
+        let head = match self.net.run_head(branch, &msg.input) {
+            Ok(h) => h,
+            Err(e) => {
+                self.collector.do_send(outcome.failed(e.to_string(), arrived));
+                return Box::pin(std::future::ready(()));
+            }
+        };
+        let (class, confidence) = predict(&head.branch_logits, outcome.temperature);
+        outcome.class = class as u32;
+        outcome.latency.device_compute_us = head.compute.as_micros() as u64;
+        if confidence >= cfg.p_tar {
+            outcome.latency.total_us = arrived.elapsed().as_micros() as u64;
+            self.collector.do_send(outcome);
+            return Box::pin(std::future::ready(()));
+        }
+        let request = offload_request(self.seq, cfg, &head, arrived);
+        let (link, collector, deadline) = (self.link.clone(), self.collector.clone(), cfg.deadline);
         Box::pin(async move {
-            let outcome = decide(seq, &cfg, msg, &executor, &link).await;
+            let outcome = match request {
+                Ok(request) => offload(outcome, request, &link, deadline, arrived).await,
+                Err(e) => outcome.failed(format!("activation: {e}"), arrived),
+            };
             collector.do_send(outcome);
         })
     }
 }
 
-async fn decide(seq: u64, cfg: &DeviceConfig, msg: Infer, executor: &Addr<Executor>, link: &OffloadLink) -> Outcome {
-    let arrived = Instant::now();
-    let branch = cfg.partition_branch;
-    let mut outcome = Outcome {
-        device_id: cfg.id.clone(),
-        input_index: msg.input_index,
-        label: msg.label,
-        class: 0,
-        decided: Decided::Device,
-        exit: branch,
-        partition_branch: branch,
-        p_tar: cfg.p_tar,
-        temperature: cfg.temperatures.get(branch - 1).copied().unwrap_or(1.0),
-        fallback: None,
-        worker_id: None,
-        latency: Latency::default(),
-        error: None,
-    };
-    let head = match executor.send(RunHead { partition_branch: branch, input: msg.input }).await {
-        Ok(Ok(h)) => h,
-        Ok(Err(e)) => return outcome.failed(e.to_string(), arrived),
-        Err(e) => return outcome.failed(format!("compute pool: {e}"), arrived),
-    };
-    let (class, confidence) = predict(&head.branch_logits, outcome.temperature);
-    outcome.class = class as u32;
-    outcome.latency.device_compute_us = head.compute.as_micros() as u64;
-    if confidence >= cfg.p_tar {
-        outcome.latency.total_us = arrived.elapsed().as_micros() as u64;
-        return outcome;
-    }
-
-    // Offload. The request carries what is left of the budget.
+/// The request for an input that did not exit: it carries what is left of
+/// the input's budget.
+fn offload_request(seq: u64, cfg: &DeviceConfig, head: &HeadOutput, arrived: Instant) -> Result<OffloadRequest, crate::ActorError> {
     let remaining = cfg.deadline.saturating_sub(arrived.elapsed());
-    let mut shape = vec![1u32];
-    shape.extend(head.activation_shape.iter().map(|&d| d as u32));
-    let activation = match WireTensor::from_f32(&shape, &head.activation) {
-        Ok(t) => t,
-        Err(e) => return outcome.failed(format!("activation: {e}"), arrived),
-    };
-    let request = OffloadRequest {
+    Ok(OffloadRequest {
         device_id: cfg.id.clone(),
         seq,
-        partition_branch: branch as u8,
-        activation,
+        partition_branch: cfg.partition_branch as u8,
+        activation: head.wire_activation()?,
         deadline: Deadline { sent_at_unix_us: unix_us(), budget_us: remaining.as_micros().max(1) as u64 },
-    };
+    })
+}
+
+async fn offload(mut outcome: Outcome, request: OffloadRequest, link: &OffloadLink, deadline: Duration, arrived: Instant) -> Outcome {
+    let remaining = deadline.saturating_sub(arrived.elapsed());
     let sent = Instant::now();
     let result = if remaining.is_zero() { Err(OffloadFailure::Deadline) } else { link.offload(request, remaining).await };
     let round_trip = sent.elapsed().as_micros() as u64;

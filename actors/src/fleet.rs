@@ -16,10 +16,105 @@ use branchpoint_models::rng::SplitMix64;
 use branchpoint_models::Split;
 
 use crate::collector::{Collector, GetSummary, Summary};
-use crate::compute::Executor;
+use crate::compute::{LoadedNet, ModelSpec};
 use crate::device::{ApplyCalibration, ApplyPlan, Device, DeviceConfig, Infer};
 use crate::error::ActorError;
 use crate::transport::OffloadLink;
+
+/// The threads that host device actors. Each thread has its own copy of the
+/// network, shared by the devices it hosts, which run their heads inline: a
+/// thread is one device CPU, shared round-robin by the devices placed on it.
+pub struct DeviceThreads {
+    hosts: Vec<(Arbiter, Addr<Host>)>,
+}
+
+impl DeviceThreads {
+    /// Starts `threads` device threads. The model is loaded once here to fail
+    /// fast with a clear error; each thread then loads its own copy.
+    pub fn start(spec: ModelSpec, threads: usize) -> Result<Self, ActorError> {
+        LoadedNet::load(&spec)?;
+        let hosts = (0..threads.max(1))
+            .map(|_| {
+                let arbiter = Arbiter::new();
+                let spec = spec.clone();
+                let host = Host::start_in_arbiter(&arbiter.handle(), move |_| {
+                    // One intra-op thread: see `compute::Executor::start`.
+                    tch::set_num_threads(1);
+                    Host { net: Rc::new(LoadedNet::load(&spec).expect("model loaded once already at start")) }
+                });
+                (arbiter, host)
+            })
+            .collect();
+        Ok(Self { hosts })
+    }
+
+    pub fn len(&self) -> usize {
+        self.hosts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hosts.is_empty()
+    }
+
+    /// Starts one device per configuration, spread round-robin over the
+    /// threads; returns their addresses in the same order.
+    pub async fn spawn(&self, configs: Vec<DeviceConfig>, link: OffloadLink, collector: Addr<Collector>) -> Result<Vec<Addr<Device>>, ActorError> {
+        let n = self.hosts.len();
+        let mut shards: Vec<Vec<(usize, DeviceConfig)>> = vec![Vec::new(); n];
+        for (i, c) in configs.into_iter().enumerate() {
+            shards[i % n].push((i, c));
+        }
+        let mut out: Vec<Option<Addr<Device>>> = Vec::new();
+        for ((_, host), shard) in self.hosts.iter().zip(shards) {
+            let indices: Vec<usize> = shard.iter().map(|(i, _)| *i).collect();
+            let configs = shard.into_iter().map(|(_, c)| c).collect();
+            let addrs = host.send(SpawnDevices { configs, link: link.clone(), collector: collector.clone() }).await?;
+            for (i, a) in indices.into_iter().zip(addrs) {
+                if out.len() <= i {
+                    out.resize(i + 1, None);
+                }
+                out[i] = Some(a);
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+}
+
+impl Drop for DeviceThreads {
+    fn drop(&mut self) {
+        for (arbiter, _) in &self.hosts {
+            arbiter.stop();
+        }
+    }
+}
+
+/// Holds one device thread's network and starts devices on that thread.
+pub struct Host {
+    net: Rc<LoadedNet>,
+}
+
+impl Actor for Host {
+    type Context = Context<Self>;
+}
+
+#[derive(Message)]
+#[rtype(result = "Vec<Addr<Device>>")]
+struct SpawnDevices {
+    configs: Vec<DeviceConfig>,
+    link: OffloadLink,
+    collector: Addr<Collector>,
+}
+
+impl Handler<SpawnDevices> for Host {
+    type Result = Vec<Addr<Device>>;
+
+    fn handle(&mut self, msg: SpawnDevices, _: &mut Context<Self>) -> Self::Result {
+        msg.configs
+            .into_iter()
+            .map(|c| Device::new(c, self.net.clone(), msg.link.clone(), msg.collector.clone()).start())
+            .collect()
+    }
+}
 
 /// Test inputs in plain memory, shareable across actors and threads.
 pub struct TestInputs {
@@ -91,7 +186,7 @@ impl FleetConfig {
 pub async fn run_fleet(
     cfg: FleetConfig,
     inputs: Arc<TestInputs>,
-    executor: Addr<Executor>,
+    threads: &DeviceThreads,
     link: OffloadLink,
     collector: Addr<Collector>,
     updates: Option<async_nats::Client>,
@@ -103,13 +198,11 @@ pub async fn run_fleet(
     }
     let claimed = Rc::new(Cell::new(0usize));
     let budget = cfg.max_inputs.unwrap_or(usize::MAX);
-    let mut devices = Vec::with_capacity(cfg.devices);
-    for d in 0..cfg.devices {
-        let mut dcfg = cfg.device.clone();
-        dcfg.id = format!("{}-{d}", cfg.device.id);
-        let device = Device::new(dcfg.clone(), executor.clone(), link.clone(), collector.clone()).start();
-        devices.push((dcfg.id, device));
-    }
+    let configs: Vec<DeviceConfig> = (0..cfg.devices)
+        .map(|d| DeviceConfig { id: format!("{}-{d}", cfg.device.id), ..cfg.device.clone() })
+        .collect();
+    let ids: Vec<String> = configs.iter().map(|c| c.id.clone()).collect();
+    let devices: Vec<(String, Addr<Device>)> = ids.into_iter().zip(threads.spawn(configs, link, collector.clone()).await?).collect();
     let listener = match updates {
         Some(client) => {
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();

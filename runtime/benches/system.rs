@@ -2,9 +2,10 @@
 //!
 //!     cargo bench -p branchpoint --bench system
 //!
-//! 1. Device decision path at batch 1 (actor message to the compute pool,
-//!    head forward, calibrated decision) vs a bare tch forward of the same
-//!    head and branch: ratio of medians.
+//! 1. Device decision path at batch 1 (an `Infer` message to a device actor,
+//!    head forward on the device's thread, calibrated decision, outcome to
+//!    the collector) vs a bare tch forward of the same head and branch, with
+//!    its logits read back: ratio of medians.
 //! 2. Worker throughput with dynamic batching (requests flooding the
 //!    batcher, max batch 32) vs a bare batched tail forward at batch 32:
 //!    ratio of inputs per second.
@@ -21,14 +22,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::Actor;
-use branchpoint_actors::collector::Collector;
-use branchpoint_actors::compute::{Executor, ModelSpec, RunHead};
-use branchpoint_actors::device::DeviceConfig;
-use branchpoint_actors::fleet::{run_fleet, FleetConfig, TestInputs};
+use branchpoint_actors::collector::{Collector, GetSummary};
+use branchpoint_actors::compute::{Executor, LoadedNet, ModelSpec};
+use branchpoint_actors::device::{Device, DeviceConfig, Infer};
+use branchpoint_actors::fleet::{run_fleet, DeviceThreads, FleetConfig, TestInputs};
 use branchpoint_actors::transport::OffloadLink;
 use branchpoint_actors::worker::{serve_nats, Batcher, Job, ReplyTo, WorkerConfig};
 use branchpoint_messages::{Deadline, OffloadReply, OffloadRequest, Tensor as WireTensor};
-use branchpoint_models::calibration::predict;
 use branchpoint_models::{load_model, Dataset};
 use tch::Tensor;
 
@@ -68,31 +68,39 @@ fn main() {
     let spec = ModelSpec { weights: weights.clone(), device: tch::Device::Cpu };
     println!("torch threads per compute thread: 1; machine: {} cores", std::thread::available_parallelism().map_or(0, |n| n.get()));
 
-    // 1. Decision path vs bare head forward, batch 1, branch 1.
+    // 1. Decision path vs bare head forward, batch 1, branch 1. The two are
+    // interleaved input by input, so both see the same machine load (run
+    // one after the other, they differed by up to 30 % on this shared
+    // machine, either way round).
     let runs = 3000;
-    let bare: Vec<f64> = (0..runs)
-        .map(|i| {
-            let x = Tensor::from_slice(&inputs.images[i % 1000]).view([1, 1, 28, 28]);
-            let t = Instant::now();
-            let (logits, _act) = model.net.head(1, &x).unwrap();
-            let _ = Vec::<f32>::try_from(logits.flatten(0, -1)).unwrap();
-            t.elapsed().as_secs_f64() * 1e6
-        })
-        .collect();
     let system = actix::System::new();
-    let actor: Vec<f64> = system.block_on({
-        let (spec, inputs) = (spec.clone(), inputs.clone());
+    let (bare, actor): (Vec<f64>, Vec<f64>) = system.block_on({
+        let (spec, inputs, points) = (spec.clone(), inputs.clone(), points.clone());
         async move {
-            let exec = Executor::start(spec, 1).unwrap();
-            let mut v = Vec::with_capacity(runs);
+            // The device lives on this thread, as on a real device; p_tar is
+            // low enough that every input exits (the offload path is [3]).
+            let net = std::rc::Rc::new(LoadedNet::load(&spec).unwrap());
+            let collector = Collector::new(2).start();
+            let wexec = Executor::start(spec.clone(), 1).unwrap();
+            let wcfg = WorkerConfig { worker_id: "unused".into(), max_batch: 1, max_wait: Duration::from_millis(1) };
+            let link = OffloadLink::InProcess(Batcher::new(wcfg, wexec, points).start());
+            let cfg = DeviceConfig { id: "bench".into(), partition_branch: 1, p_tar: 0.1, temperatures: vec![1.3; 3], deadline: Duration::from_secs(1) };
+            let device = Device::new(cfg, net.clone(), link, collector.clone()).start();
+            let (mut bare, mut actor) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
             for i in 0..runs {
+                let k = i % 1000;
                 let t = Instant::now();
-                let h = exec.send(RunHead { partition_branch: 1, input: inputs.images[i % 1000].clone() }).await.unwrap().unwrap();
-                let (_class, conf) = predict(&h.branch_logits, 1.3);
-                std::hint::black_box(conf >= 0.9);
-                v.push(t.elapsed().as_secs_f64() * 1e6);
+                let x = Tensor::from_slice(&inputs.images[k]).view([1, 1, 28, 28]);
+                let (logits, _act) = net.net().head(1, &x).unwrap();
+                let _ = Vec::<f32>::try_from(logits.flatten(0, -1)).unwrap();
+                bare.push(t.elapsed().as_secs_f64() * 1e6);
+                let t = Instant::now();
+                device.send(Infer { input_index: k, input: inputs.images[k].clone(), label: inputs.labels[k] }).await.unwrap();
+                actor.push(t.elapsed().as_secs_f64() * 1e6);
             }
-            v
+            let s = collector.send(GetSummary).await.unwrap();
+            assert_eq!((s.outcomes, s.decided_on_device), (runs, runs), "every input decided on the device");
+            (bare, actor)
         }
     });
     let (b, a) = (median(bare), median(actor));
@@ -107,14 +115,13 @@ fn main() {
     dims.extend(act_shape);
     let xb = Tensor::from_slice(&one_act.repeat(batch)).view(dims.as_slice());
     let _ = model.net.tail(2, &xb).unwrap();
-    let t = Instant::now();
-    for _ in 0..batches {
-        let y = model.net.tail(2, &xb).unwrap();
-        let _ = y.softmax(-1, tch::Kind::Float).max_dim(1, false);
-    }
-    let bare_ips = (batch * batches) as f64 / t.elapsed().as_secs_f64();
-    let worker_ips = system.block_on({
+    // Rounds of 10 bare batches, then 10 batches' worth of requests through
+    // the worker, so both see the same machine load; inputs/s over all rounds.
+    let rounds = batches / 10;
+    let (bare_secs, worker_secs) = system.block_on({
         let (spec, points, one_act, act_shape) = (spec.clone(), points.clone(), one_act.clone(), act_shape.clone());
+        let net = &model.net;
+        let xb = &xb;
         async move {
             let exec = Executor::start(spec, 1).unwrap();
             let cfg = WorkerConfig { worker_id: "bench".into(), max_batch: batch, max_wait: Duration::from_millis(5) };
@@ -122,27 +129,39 @@ fn main() {
             let mut shape = vec![1u32];
             shape.extend(act_shape.iter().map(|&d| d as u32));
             let tensor = WireTensor::from_f32(&shape, &one_act).unwrap();
-            let n = batch * batches;
-            let t = Instant::now();
-            let mut waits = Vec::with_capacity(n);
-            for seq in 0..n {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                let request = OffloadRequest {
-                    device_id: "bench".into(),
-                    seq: seq as u64,
-                    partition_branch: 2,
-                    activation: tensor.clone(),
-                    deadline: Deadline { sent_at_unix_us: 0, budget_us: 60_000_000 },
-                };
-                batcher.send(Job { request, received: Instant::now(), reply: ReplyTo::Local(tx) }).await.unwrap();
-                waits.push(rx);
+            let (mut bare, mut worker) = (0.0, 0.0);
+            for _ in 0..rounds {
+                let t = Instant::now();
+                for _ in 0..10 {
+                    let y = net.tail(2, xb).unwrap();
+                    let _ = y.softmax(-1, tch::Kind::Float).max_dim(1, false);
+                }
+                bare += t.elapsed().as_secs_f64();
+                let n = batch * 10;
+                let t = Instant::now();
+                let mut waits = Vec::with_capacity(n);
+                for seq in 0..n {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    let request = OffloadRequest {
+                        device_id: "bench".into(),
+                        seq: seq as u64,
+                        partition_branch: 2,
+                        activation: tensor.clone(),
+                        deadline: Deadline { sent_at_unix_us: 0, budget_us: 60_000_000 },
+                    };
+                    batcher.send(Job { request, received: Instant::now(), reply: ReplyTo::Local(tx) }).await.unwrap();
+                    waits.push(rx);
+                }
+                for w in waits {
+                    assert!(matches!(w.await.unwrap(), OffloadReply::Answer(_)));
+                }
+                worker += t.elapsed().as_secs_f64();
             }
-            for w in waits {
-                assert!(matches!(w.await.unwrap(), OffloadReply::Answer(_)));
-            }
-            n as f64 / t.elapsed().as_secs_f64()
+            (bare, worker)
         }
     });
+    let bare_ips = (batch * batches) as f64 / bare_secs;
+    let worker_ips = (batch * batches) as f64 / worker_secs;
     println!(
         "[2] worker throughput, branch 2 tail, batch {batch}: bare batched forward {bare_ips:.0} inputs/s; worker with dynamic batching {worker_ips:.0} inputs/s; ratio {:.3}",
         worker_ips / bare_ips
@@ -221,7 +240,7 @@ fn main() {
     let (summary, secs) = system.block_on({
         let (spec, points, inputs) = (spec.clone(), points.clone(), inputs.clone());
         async move {
-            let exec = Executor::start(spec.clone(), 1).unwrap();
+            let device_threads = DeviceThreads::start(spec.clone(), 1).unwrap();
             let wexec = Executor::start(spec, 1).unwrap();
             let cfg = WorkerConfig { worker_id: "embedded".into(), max_batch: 32, max_wait: Duration::from_millis(2) };
             let link = OffloadLink::InProcess(Batcher::new(cfg, wexec, points).start());
@@ -238,7 +257,7 @@ fn main() {
                 model_sha256: String::new(),
             };
             let t = Instant::now();
-            let s = run_fleet(fleet, inputs, exec, link, collector, None, || ()).await.unwrap();
+            let s = run_fleet(fleet, inputs, &device_threads, link, collector, None, || ()).await.unwrap();
             (s, t.elapsed().as_secs_f64())
         }
     });

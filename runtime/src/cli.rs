@@ -149,7 +149,7 @@ pub struct FleetArgs {
     /// Seed of the arrival processes.
     #[arg(long, default_value_t = 1, value_name = "S")]
     pub seed: u64,
-    /// Compute threads running the devices' heads.
+    /// Device threads: each has its own copy of the model and runs the heads of the devices it hosts.
     #[arg(long, default_value_t = 1, value_name = "T")]
     pub threads: usize,
     /// In-process only: compute threads of the embedded cloud worker.

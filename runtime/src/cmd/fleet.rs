@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use branchpoint_actors::collector::{Collector, Summary, TakeOutcomes};
 use branchpoint_actors::compute::{Executor, ModelSpec};
 use branchpoint_actors::device::DeviceConfig;
-use branchpoint_actors::fleet::{run_fleet, FleetConfig, TestInputs};
+use branchpoint_actors::fleet::{run_fleet, DeviceThreads, FleetConfig, TestInputs};
 use branchpoint_actors::transport::OffloadLink;
 use branchpoint_actors::worker::{Batcher, WorkerConfig};
 use branchpoint_models::calibration::CalibrationFile;
@@ -71,7 +71,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
 
     let system = actix::System::new();
     let (summary, outcomes) = system.block_on(async move {
-        let executor = Executor::start(spec.clone(), args.threads)?;
+        let device_threads = DeviceThreads::start(spec.clone(), args.threads)?;
         let client = match &args.nats.nats {
             Some(_) => Some(crate::nats::connect(&args.nats, "branchpoint-fleet").await?),
             None => None,
@@ -91,7 +91,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
         let collector = Collector::new(num_branches).start();
         let (devices, rate) = (cfg.devices, cfg.rate_per_device);
         let started = move || eprintln!("fleet running: {devices} devices, {rate} inputs/s each");
-        let summary = run_fleet(cfg, inputs, executor, link, collector.clone(), client, started).await?;
+        let summary = run_fleet(cfg, inputs, &device_threads, link, collector.clone(), client, started).await?;
         let outcomes = collector.send(TakeOutcomes).await?;
         Ok::<_, anyhow::Error>((summary, outcomes))
     })?;
