@@ -6,8 +6,10 @@
 setup:
 	@scripts/setup.sh
 
+# The main job: replay the shipped LTE-handover scenario under every policy
+# (about 15 s here); it prints where report.json and the plots are.
 demo: setup
-	./target/release/branchpoint evaluate
+	./target/release/branchpoint run scenarios/lte-handover.toml
 
 # Tests run in release mode: they reuse the release build of libtorch's
 # wrapper from setup and run the real model at full speed.

@@ -225,8 +225,7 @@ pub async fn run_fleet(
         arrivals.push(actix::spawn(async move {
             let mut at = Duration::ZERO;
             loop {
-                let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-                at += Duration::from_secs_f64(-(1.0 - u).ln() / rate);
+                at += Duration::from_secs_f64(rng.exponential(rate));
                 if at >= duration {
                     break;
                 }

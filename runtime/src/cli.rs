@@ -36,6 +36,55 @@ pub enum Command {
     Fleet(FleetArgs),
     /// Run the calibration actor on NATS: publish temperatures, answer gets and refits.
     Calibrator(CalibratorArgs),
+    /// Replay a network scenario under each policy; write report.json and plots.
+    Run(RunArgs),
+    /// Generate a synthetic cellular uplink trace (Mahimahi format).
+    Trace(TraceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// Where to write the trace.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Seed of the generator: the same seed gives the same file.
+    #[arg(long, default_value_t = 1, value_name = "S")]
+    pub seed: u64,
+    /// Length of the trace; replays repeat it.
+    #[arg(long, default_value_t = 60.0, value_name = "SECONDS")]
+    pub duration_s: f64,
+    /// Capacity in the good state.
+    #[arg(long, default_value_t = 6.0, value_name = "MBIT_S")]
+    pub good_mbit_s: f64,
+    /// Capacity in the bad state.
+    #[arg(long, default_value_t = 0.6, value_name = "MBIT_S")]
+    pub bad_mbit_s: f64,
+    /// Mean time in the good state.
+    #[arg(long, default_value_t = 8.0, value_name = "SECONDS")]
+    pub mean_good_s: f64,
+    /// Mean time in the bad state.
+    #[arg(long, default_value_t = 3.0, value_name = "SECONDS")]
+    pub mean_bad_s: f64,
+    /// Probability that a bad period is a complete outage.
+    #[arg(long, default_value_t = 0.3, value_name = "P")]
+    pub outage: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Scenario file (TOML), e.g. scenarios/wifi-stable.toml.
+    #[arg(value_name = "SCENARIO")]
+    pub scenario: PathBuf,
+    /// Folder for report.json and the plots [default: runs/<scenario name>].
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Mahimahi trace to use for every group whose network is a trace.
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
+    #[command(flatten)]
+    pub source: ModelArgs,
+    #[command(flatten)]
+    pub nats: NatsArgs,
 }
 
 #[derive(Debug, Args)]
@@ -81,10 +130,10 @@ pub struct NatsArgs {
     /// Require TLS on the NATS connection.
     #[arg(long)]
     pub nats_tls: bool,
-    /// CA certificate (PEM) to verify the NATS server with.
+    /// CA certificate (PEM) to verify the NATS server with; implies --nats-tls.
     #[arg(long, value_name = "FILE")]
     pub nats_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for mutual TLS; needs --nats-key.
+    /// Client certificate (PEM) for mutual TLS; needs --nats-key; implies --nats-tls.
     #[arg(long, value_name = "FILE", requires = "nats_key")]
     pub nats_cert: Option<PathBuf>,
     /// Client private key (PEM) for mutual TLS; needs --nats-cert.

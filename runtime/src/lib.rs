@@ -5,6 +5,7 @@ pub mod cmd;
 pub mod evaluation;
 pub mod nats;
 pub mod plots;
+pub mod scenario;
 
 use anyhow::{bail, Result};
 use tch::Device;
@@ -18,6 +19,8 @@ pub fn run(cli: cli::Cli) -> Result<()> {
         cli::Command::Worker(args) => cmd::worker::run(args),
         cli::Command::Fleet(args) => cmd::fleet::run(args),
         cli::Command::Calibrator(args) => cmd::calibrator::run(args),
+        cli::Command::Run(args) => cmd::run::run(args),
+        cli::Command::Trace(args) => cmd::trace::run(args),
     }
 }
 

@@ -21,7 +21,9 @@ pub async fn connect(args: &NatsArgs, client_name: &str) -> Result<async_nats::C
     if let Some(token) = &args.nats_token {
         opts = opts.token(token.clone());
     }
-    if args.nats_tls {
+    // A CA or a client certificate means the user wants TLS: never fall
+    // back to plain text against a server that does not offer it.
+    if args.nats_tls || args.nats_ca.is_some() || args.nats_cert.is_some() {
         opts = opts.require_tls(true);
     }
     if let Some(ca) = &args.nats_ca {

@@ -190,3 +190,107 @@ pub fn reliability_diagram(path: &Path, title: &str, panels: &[(String, f64, &[R
 pub fn prepare_dir(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating plot folder {}", dir.display()))
 }
+
+/// One panel of a time-series figure.
+pub struct Panel<'a> {
+    pub y_label: &'a str,
+    pub y_range: (f64, f64),
+    pub curves: Vec<Curve>,
+}
+
+/// Panels stacked vertically over one time axis (seconds); lines without
+/// markers, a legend in each panel.
+pub fn time_panels(path: &Path, title: &str, x_range: (f64, f64), panels: &[Panel]) -> Result<()> {
+    ensure_font()?;
+    let height = 60 + 260 * panels.len() as u32;
+    let root = BitMapBackend::new(path, (WIDTH + 200, height)).into_drawing_area();
+    root.fill(&WHITE).map_err(draw_err(path))?;
+    let root = root.titled(title, ("sans-serif", 24)).map_err(draw_err(path))?;
+    let areas = root.split_evenly((panels.len(), 1));
+    for (area, panel) in areas.iter().zip(panels) {
+        let (lo, hi) = panel.y_range;
+        let hi = if hi > lo { hi } else { lo + 1.0 };
+        let mut chart = ChartBuilder::on(area)
+            .margin(10)
+            .x_label_area_size(35)
+            .y_label_area_size(65)
+            .build_cartesian_2d(x_range.0..x_range.1, lo..hi)
+            .map_err(draw_err(path))?;
+        chart
+            .configure_mesh()
+            .x_desc("time (s)")
+            .y_desc(panel.y_label)
+            .label_style(("sans-serif", 14))
+            .axis_desc_style(("sans-serif", 16))
+            .light_line_style(RGBColor(235, 235, 235))
+            .draw()
+            .map_err(draw_err(path))?;
+        for c in &panel.curves {
+            let color = c.color;
+            let series = if c.dashed {
+                chart.draw_series(DashedLineSeries::new(c.points.iter().copied(), 6, 4, color.stroke_width(2))).map_err(draw_err(path))?
+            } else {
+                chart.draw_series(LineSeries::new(c.points.iter().copied(), color.stroke_width(2))).map_err(draw_err(path))?
+            };
+            series.label(&c.label).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        }
+        if !panel.curves.is_empty() {
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::Coordinate(WIDTH as i32 - 160, 5))
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .label_font(("sans-serif", 14))
+                .draw()
+                .map_err(draw_err(path))?;
+        }
+    }
+    root.present().map_err(draw_err(path))?;
+    Ok(())
+}
+
+/// One bar chart per metric, side by side: a bar per category, its value
+/// written above it.
+pub fn grouped_bars(path: &Path, title: &str, categories: &[String], colors: &[RGBColor], metrics: &[(&str, Vec<f64>)]) -> Result<()> {
+    ensure_font()?;
+    let root = BitMapBackend::new(path, (WIDTH + 500, HEIGHT)).into_drawing_area();
+    root.fill(&WHITE).map_err(draw_err(path))?;
+    let root = root.titled(title, ("sans-serif", 24)).map_err(draw_err(path))?;
+    let areas = root.split_evenly((1, metrics.len()));
+    let n = categories.len();
+    for (area, (name, values)) in areas.iter().zip(metrics) {
+        let top = values.iter().copied().fold(0.0, f64::max);
+        let top = if top > 0.0 { top * 1.15 } else { 1.0 };
+        let mut chart = ChartBuilder::on(area)
+            .caption(*name, ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d((0..n as i32 - 1).into_segmented(), 0.0..top)
+            .map_err(draw_err(path))?;
+        let label = |v: &SegmentValue<i32>| match v {
+            SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => categories.get(*i as usize).cloned().unwrap_or_default(),
+            SegmentValue::Last => String::new(),
+        };
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(n)
+            .x_label_formatter(&label)
+            .label_style(("sans-serif", 13))
+            .light_line_style(RGBColor(235, 235, 235))
+            .draw()
+            .map_err(draw_err(path))?;
+        for (i, &v) in values.iter().enumerate() {
+            let color = colors[i % colors.len()];
+            chart
+                .draw_series(Histogram::vertical(&chart).style(color.filled()).margin(8).data(std::iter::once((i as i32, v))))
+                .map_err(draw_err(path))?;
+            chart
+                .draw_series(std::iter::once(Text::new(format!("{v:.1}"), (SegmentValue::CenterOf(i as i32), v + top * 0.03), ("sans-serif", 14))))
+                .map_err(draw_err(path))?;
+        }
+    }
+    root.present().map_err(draw_err(path))?;
+    Ok(())
+}

@@ -4,5 +4,7 @@ pub mod calibrator;
 pub mod evaluate;
 pub mod fleet;
 pub mod profile;
+pub mod run;
+pub mod trace;
 pub mod train;
 pub mod worker;

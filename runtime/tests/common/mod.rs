@@ -3,9 +3,10 @@
 //! child processes of the `branchpoint` binary, all killed on drop.
 #![allow(dead_code)]
 
+use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub fn repo_root() -> PathBuf {
@@ -48,17 +49,24 @@ pub struct NatsServer {
 
 impl NatsServer {
     pub fn start() -> NatsServer {
+        NatsServer::start_with(&[])
+    }
+
+    /// A nats-server with extra command-line options, e.g. `--user U --pass P`,
+    /// `--auth TOKEN`, `--tls --tlscert F --tlskey F` or `-c CONFIG`.
+    pub fn start_with(extra: &[&str]) -> NatsServer {
         let bin = repo_root().join(".venv/bin/nats-server");
         assert!(bin.is_file(), "{} is missing: run scripts/setup.sh", bin.display());
         let port = free_port();
         let child = Command::new(&bin)
             .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("nats-server starts");
         let proc = Proc(child);
-        assert!(wait_for_port(port, Duration::from_secs(10)), "nats-server did not listen on {port}");
+        assert!(wait_for_port(port, Duration::from_secs(10)), "nats-server {extra:?} did not listen on {port}");
         NatsServer { url: format!("nats://127.0.0.1:{port}"), _proc: proc }
     }
 }
@@ -88,4 +96,34 @@ pub fn start_worker(url: &str, id: &str, extra: &[&str]) -> Proc {
         std::thread::sleep(Duration::from_millis(20));
     }
     panic!("worker {id} did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
+}
+
+/// Runs `cmd` to its end with stdout and stderr captured, like
+/// `Command::output`, but kills it and fails the test if it is still running
+/// after `within` (a command that should fail must not hang instead).
+pub fn output_within(cmd: &mut Command, within: Duration) -> Output {
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("command starts");
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let until = Instant::now() + within;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= until {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = String::from_utf8_lossy(&stderr.join().unwrap()).into_owned();
+            panic!("{cmd:?} still running after {within:?}; stderr: {err}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() }
 }

@@ -1,0 +1,402 @@
+//! The partition planner's decision, as pure computation: given what
+//! calibration predicts about each branch and threshold, the compute costs,
+//! and what a device observes of its network, choose the partition branch
+//! and p_tar with the best predicted accuracy whose predicted deadline-miss
+//! rate stays under a bound.
+//!
+//! Thresholds: an input exits at branch k when its calibrated confidence is
+//! at least p_tar. In a plan, p_tar = 0 means every input exits (device
+//! only) and p_tar = 1 means every input is offloaded (cloud only); values in
+//! between are ordinary targets.
+//!
+//! Predictions come from the validation split, without its labels: with
+//! calibrated branches the mean confidence of the inputs that exit *is* the
+//! expected edge accuracy, which is the point of calibrating (Pacheco et al.,
+//! ICC 2021). The labels are used only to report how good the predictions
+//! were.
+use serde::{Deserialize, Serialize};
+
+use crate::calibration::ExitLogits;
+use crate::error::{ModelError, Result};
+
+/// A device's partition branch and threshold.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub branch: usize,
+    pub p_tar: f64,
+}
+
+impl Plan {
+    /// Whether an input with this calibrated confidence stays on the device.
+    pub fn exits(&self, confidence: f64) -> bool {
+        self.p_tar < 1.0 && confidence >= self.p_tar
+    }
+}
+
+/// What calibration predicts for one (branch, p_tar) on validation inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ThresholdStats {
+    pub plan: Plan,
+    pub offload_rate: f64,
+    /// Mean calibrated branch confidence of the inputs that exit.
+    pub edge_accuracy: f64,
+    /// Mean calibrated final-exit confidence of the inputs offloaded.
+    pub cloud_accuracy: f64,
+    /// Mean calibrated branch confidence of the inputs offloaded: what a
+    /// fallback to the branch's answer is worth.
+    pub fallback_accuracy: f64,
+    /// The same four as measured with the validation labels, for reports.
+    pub measured_edge_accuracy: f64,
+    pub measured_cloud_accuracy: f64,
+}
+
+/// Predictions for every candidate plan.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelStats {
+    pub candidates: Vec<ThresholdStats>,
+}
+
+/// The default candidate thresholds: device only (0), 0.5 to 0.95 in steps
+/// of 0.05, 0.97, 0.99, and cloud only (1).
+pub fn default_candidate_p_tars() -> Vec<f64> {
+    let mut v = vec![0.0];
+    v.extend((0..10).map(|i| ((0.5 + 0.05 * f64::from(i)) * 100.0).round() / 100.0));
+    v.extend([0.97, 0.99, 1.0]);
+    v
+}
+
+impl ModelStats {
+    /// `validation`: one `ExitLogits` per exit (branches, then final);
+    /// `temperatures`: one per exit.
+    pub fn from_validation(validation: &[ExitLogits], temperatures: &[f64], p_tars: &[f64]) -> Result<Self> {
+        let exits = validation.len();
+        if exits < 2 || temperatures.len() != exits {
+            return Err(ModelError::InvalidArgument {
+                what: "planner statistics".into(),
+                reason: format!("{exits} exits of validation logits and {} temperatures", temperatures.len()),
+            });
+        }
+        if let Some(p) = p_tars.iter().find(|p| !(0.0..=1.0).contains(*p)) {
+            return Err(ModelError::InvalidArgument { what: "candidate p_tar".into(), reason: format!("{p} is outside [0, 1]") });
+        }
+        let fin = &validation[exits - 1];
+        let n = fin.len();
+        let finals: Vec<(usize, f64)> = (0..n).map(|i| fin.predict(i, temperatures[exits - 1])).collect();
+        let mut candidates = Vec::new();
+        for (b, branch) in validation[..exits - 1].iter().enumerate() {
+            let preds: Vec<(usize, f64)> = (0..n).map(|i| branch.predict(i, temperatures[b])).collect();
+            for &p_tar in p_tars {
+                let plan = Plan { branch: b + 1, p_tar };
+                let (mut ne, mut conf_e, mut right_e) = (0usize, 0.0, 0usize);
+                let (mut no, mut conf_c, mut conf_f, mut right_c) = (0usize, 0.0, 0.0, 0usize);
+                for i in 0..n {
+                    let (class, conf) = preds[i];
+                    if plan.exits(conf) {
+                        ne += 1;
+                        conf_e += conf;
+                        right_e += usize::from(class as i64 == branch.labels[i]);
+                    } else {
+                        no += 1;
+                        conf_c += finals[i].1;
+                        conf_f += conf;
+                        right_c += usize::from(finals[i].0 as i64 == fin.labels[i]);
+                    }
+                }
+                let mean = |s: f64, k: usize| if k == 0 { 0.0 } else { s / k as f64 };
+                candidates.push(ThresholdStats {
+                    plan,
+                    offload_rate: no as f64 / n.max(1) as f64,
+                    edge_accuracy: mean(conf_e, ne),
+                    cloud_accuracy: mean(conf_c, no),
+                    fallback_accuracy: mean(conf_f, no),
+                    measured_edge_accuracy: mean(right_e as f64, ne),
+                    measured_cloud_accuracy: mean(right_c as f64, no),
+                });
+            }
+        }
+        Ok(Self { candidates })
+    }
+}
+
+/// What the planner knows of compute and of the deadline.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Costs {
+    /// Device compute of head(k), per branch k (index k - 1), microseconds.
+    pub head_us: Vec<f64>,
+    /// Bytes sent per offload at branch k (activation plus framing).
+    pub upload_bytes: Vec<f64>,
+    pub deadline_us: f64,
+    /// Inputs per second arriving at the device.
+    pub arrival_rate: f64,
+    /// The largest predicted fraction of inputs that may miss the deadline.
+    pub miss_bound: f64,
+}
+
+/// A device's network as the planner sees it: conservative figures (mean
+/// plus a safety margin of deviations), see `LinkEstimator`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Observed {
+    /// Uplink time per byte, microseconds.
+    pub us_per_byte: f64,
+    /// From the end of an upload to its reply: propagation both ways plus
+    /// the cloud's queueing and compute, microseconds.
+    pub response_us: f64,
+}
+
+/// What the planner expects of a plan.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    pub plan: Plan,
+    pub accuracy: f64,
+    pub offload_rate: f64,
+    pub miss_rate: f64,
+}
+
+/// Probability that one offloaded input misses its deadline. The device's
+/// uplink is a queue fed at rate lambda * offload_rate with deterministic
+/// service D = bytes * us_per_byte (M/D/1); its waiting time is taken as
+/// P(W > s) = rho * exp(-2 (1 - rho) s / D) (the heavy-traffic exponential
+/// approximation, exact in its mean), with s the slack left after the head,
+/// the transfer and the response.
+pub fn offload_miss_probability(head_us: f64, bytes: f64, costs: &Costs, offload_rate: f64, seen: &Observed) -> f64 {
+    let service = bytes * seen.us_per_byte;
+    let slack = costs.deadline_us - head_us - service - seen.response_us;
+    if slack < 0.0 || !slack.is_finite() {
+        return 1.0;
+    }
+    let rho = costs.arrival_rate * offload_rate * service / 1e6;
+    if rho >= 1.0 {
+        return 1.0;
+    }
+    if service <= 0.0 {
+        return 0.0;
+    }
+    (rho * (-2.0 * (1.0 - rho) * slack / service).exp()).clamp(0.0, 1.0)
+}
+
+/// The plan with the best predicted accuracy whose predicted miss rate is
+/// within the bound; when none is, the one with the fewest predicted misses.
+/// Ties go to fewer misses, then to less offloading.
+pub fn choose(stats: &ModelStats, costs: &Costs, seen: &Observed) -> Prediction {
+    let mut best: Option<(bool, Prediction)> = None;
+    for c in &stats.candidates {
+        let k = c.plan.branch - 1;
+        let (head, bytes) = (costs.head_us[k], costs.upload_bytes[k]);
+        // A device whose CPU cannot keep up misses everything.
+        let cpu = costs.arrival_rate * head / 1e6;
+        let m = if c.offload_rate > 0.0 { offload_miss_probability(head, bytes, costs, c.offload_rate, seen) } else { 0.0 };
+        let miss_rate = if cpu >= 1.0 || head > costs.deadline_us { 1.0 } else { c.offload_rate * m };
+        let accuracy = (1.0 - c.offload_rate) * c.edge_accuracy + c.offload_rate * ((1.0 - m) * c.cloud_accuracy + m * c.fallback_accuracy);
+        let p = Prediction { plan: c.plan, accuracy, offload_rate: c.offload_rate, miss_rate };
+        let ok = miss_rate <= costs.miss_bound;
+        let better = match &best {
+            None => true,
+            Some((best_ok, b)) => match (ok, *best_ok) {
+                (true, false) => true,
+                (false, true) => false,
+                (true, true) => (p.accuracy, -p.miss_rate, -p.offload_rate) > (b.accuracy, -b.miss_rate, -b.offload_rate),
+                (false, false) => (-p.miss_rate, p.accuracy) > (-b.miss_rate, b.accuracy),
+            },
+        };
+        if better {
+            best = Some((ok, p));
+        }
+    }
+    best.expect("at least one candidate").1
+}
+
+/// A device's running estimate of its uplink and response time: smoothed
+/// mean and mean deviation (as TCP estimates its round trip, RFC 6298), so
+/// that a conservative figure is mean + safety * deviation.
+///
+/// Uplink samples are times per byte, capped at `cap_us_per_byte`: a link
+/// slower than the cap is as useless as a dead one, and without the cap one
+/// outage's enormous sample would take dozens of samples to forget.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LinkEstimator {
+    pub alpha: f64,
+    pub cap_us_per_byte: f64,
+    us_per_byte: Option<(f64, f64)>,
+    response_us: Option<(f64, f64)>,
+}
+
+impl LinkEstimator {
+    pub fn new(alpha: f64, cap_us_per_byte: f64) -> Self {
+        Self { alpha, cap_us_per_byte, us_per_byte: None, response_us: None }
+    }
+
+    fn update(slot: &mut Option<(f64, f64)>, alpha: f64, x: f64) {
+        *slot = Some(match *slot {
+            None => (x, x / 2.0),
+            Some((m, d)) => {
+                // The deviation moves twice as fast as the mean (RFC 6298's beta = 2 alpha).
+                let beta = (2.0 * alpha).min(1.0);
+                ((1.0 - alpha) * m + alpha * x, (1.0 - beta) * d + beta * (x - m).abs())
+            }
+        });
+    }
+
+    /// An upload of `bytes` took `us` from its first to its last byte.
+    pub fn observe_upload(&mut self, bytes: usize, us: f64) {
+        if bytes > 0 && us.is_finite() && us >= 0.0 {
+            Self::update(&mut self.us_per_byte, self.alpha, (us / bytes as f64).min(self.cap_us_per_byte));
+        }
+    }
+
+    /// An upload of `bytes` still in progress after `us`: only raises the
+    /// estimate (an outage shows before the upload ends).
+    pub fn observe_stalled_upload(&mut self, bytes: usize, us: f64) {
+        if let Some((m, _)) = self.us_per_byte {
+            let x = (us / bytes.max(1) as f64).min(self.cap_us_per_byte);
+            if x > m {
+                Self::update(&mut self.us_per_byte, self.alpha, x);
+            }
+        }
+    }
+
+    pub fn observe_response(&mut self, us: f64) {
+        if us.is_finite() && us >= 0.0 {
+            Self::update(&mut self.response_us, self.alpha, us);
+        }
+    }
+
+    /// Whether both the uplink and the response time have a sample.
+    pub fn is_ready(&self) -> bool {
+        self.us_per_byte.is_some() && self.response_us.is_some()
+    }
+
+    /// Mean + safety * deviation of each; `None` until both have a sample.
+    pub fn conservative(&self, safety: f64) -> Option<Observed> {
+        let (Some((bm, bd)), Some((rm, rd))) = (self.us_per_byte, self.response_us) else {
+            return None;
+        };
+        Some(Observed { us_per_byte: bm + safety * bd, response_us: rm + safety * rd })
+    }
+
+    /// Smoothed uplink throughput, Mbit/s (for reports).
+    pub fn mean_mbit_s(&self) -> Option<f64> {
+        self.us_per_byte.map(|(m, _)| 8.0 / m)
+    }
+
+    /// Smoothed response time, microseconds (for reports).
+    pub fn mean_response_us(&self) -> Option<f64> {
+        self.response_us.map(|(m, _)| m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats() -> ModelStats {
+        // Branch 1: cheap but weak; branch 2: better. Hand-made predictions.
+        let mk = |branch, p_tar, offload_rate, edge| ThresholdStats {
+            plan: Plan { branch, p_tar },
+            offload_rate,
+            edge_accuracy: edge,
+            cloud_accuracy: 0.95,
+            fallback_accuracy: 0.6,
+            measured_edge_accuracy: edge,
+            measured_cloud_accuracy: 0.95,
+        };
+        ModelStats {
+            candidates: vec![
+                mk(1, 0.0, 0.0, 0.85),
+                mk(1, 0.9, 0.4, 0.97),
+                mk(1, 1.0, 1.0, 0.0),
+                mk(2, 0.0, 0.0, 0.90),
+                mk(2, 0.9, 0.2, 0.97),
+                mk(2, 1.0, 1.0, 0.0),
+            ],
+        }
+    }
+
+    fn costs() -> Costs {
+        Costs { head_us: vec![2_000.0, 3_000.0], upload_bytes: vec![25_000.0, 12_500.0], deadline_us: 100_000.0, arrival_rate: 10.0, miss_bound: 0.05 }
+    }
+
+    #[test]
+    fn a_fast_link_offloads_and_a_dead_link_stays_on_the_device() {
+        let s = stats();
+        // 100 Mbit/s: 0.08 us per byte; 10 ms response.
+        let fast = choose(&s, &costs(), &Observed { us_per_byte: 0.08, response_us: 10_000.0 });
+        // Branch 2 at 0.9 beats cloud only here: 0.8 * 0.97 + 0.2 * 0.95.
+        assert_eq!(fast.plan, Plan { branch: 2, p_tar: 0.9 }, "{fast:?}");
+        assert!((fast.accuracy - 0.966).abs() < 1e-9 && fast.miss_rate < 1e-9, "{fast:?}");
+        // 0.1 Mbit/s: 80 us per byte, 12,500 bytes take 1 s: nothing can be offloaded.
+        let slow = choose(&s, &costs(), &Observed { us_per_byte: 80.0, response_us: 10_000.0 });
+        assert_eq!(slow.plan, Plan { branch: 2, p_tar: 0.0 }, "{slow:?}");
+        assert_eq!(slow.miss_rate, 0.0);
+    }
+
+    #[test]
+    fn a_middling_link_offloads_only_what_it_can_carry() {
+        let s = stats();
+        // 2 Mbit/s = 4 us per byte: 12,500 bytes take 50 ms, 25,000 take 100 ms.
+        let seen = Observed { us_per_byte: 4.0, response_us: 20_000.0 };
+        let p = choose(&s, &costs(), &seen);
+        assert_eq!(p.plan, Plan { branch: 2, p_tar: 0.9 }, "{p:?}");
+        assert!(p.miss_rate <= 0.05 && p.miss_rate > 0.001, "{p:?}");
+        // A tighter bound than that plan's predicted misses keeps inputs on the device.
+        let strict = choose(&s, &Costs { miss_bound: 0.001, ..costs() }, &seen);
+        assert_eq!(strict.plan, Plan { branch: 2, p_tar: 0.0 }, "{strict:?}");
+    }
+
+    #[test]
+    fn miss_probability_grows_with_load_and_shrinking_slack() {
+        let c = costs();
+        let seen = Observed { us_per_byte: 4.0, response_us: 20_000.0 };
+        let light = offload_miss_probability(3_000.0, 12_500.0, &c, 0.1, &seen);
+        let heavy = offload_miss_probability(3_000.0, 12_500.0, &c, 1.0, &seen);
+        assert!(light < heavy && heavy < 1.0, "{light} {heavy}");
+        let late = Observed { us_per_byte: 4.0, response_us: 60_000.0 };
+        assert_eq!(offload_miss_probability(3_000.0, 12_500.0, &c, 0.1, &late), 1.0);
+    }
+
+    #[test]
+    fn estimator_is_conservative_and_reacts_to_stalls() {
+        let mut e = LinkEstimator::new(0.25, 100.0);
+        assert!(e.conservative(2.0).is_none() && !e.is_ready());
+        for _ in 0..50 {
+            e.observe_upload(1000, 1000.0);
+            e.observe_response(10_000.0);
+        }
+        let calm = e.conservative(2.0).unwrap();
+        assert!((calm.us_per_byte - 1.0).abs() < 0.01, "{calm:?}");
+        assert!((e.mean_mbit_s().unwrap() - 8.0).abs() < 1e-6);
+        e.observe_stalled_upload(1000, 500.0);
+        assert_eq!(e.conservative(2.0).unwrap(), calm, "a stall shorter than usual says nothing");
+        // A 10 s stall counts as the cap, 100 us per byte: mean 25.75.
+        e.observe_stalled_upload(1000, 10_000_000.0);
+        let stalled = e.conservative(2.0).unwrap();
+        assert!((e.mean_mbit_s().unwrap() - 8.0 / 25.75).abs() < 1e-9);
+        assert!(stalled.us_per_byte > 50.0, "{stalled:?}");
+        // Good samples bring it back within twenty uploads.
+        for _ in 0..20 {
+            e.observe_upload(1000, 1000.0);
+        }
+        assert!(e.conservative(2.0).unwrap().us_per_byte < 2.0, "{:?}", e.conservative(2.0));
+    }
+
+    #[test]
+    fn stats_from_validation_predict_with_confidences() {
+        // Two exits, three inputs, two classes.
+        let branch = ExitLogits::new(2, vec![5.0, 0.0, 0.0, 0.1, 0.0, 5.0], vec![0, 1, 0]).unwrap();
+        let fin = ExitLogits::new(2, vec![5.0, 0.0, 0.0, 5.0, 5.0, 0.0], vec![0, 1, 0]).unwrap();
+        let s = ModelStats::from_validation(&[branch, fin], &[1.0, 1.0], &[0.0, 0.9, 1.0]).unwrap();
+        let at = |p: f64| s.candidates.iter().find(|c| c.plan.p_tar == p).unwrap();
+        assert_eq!(at(0.0).offload_rate, 0.0);
+        assert_eq!(at(1.0).offload_rate, 1.0);
+        let mid = at(0.9);
+        assert!((mid.offload_rate - 1.0 / 3.0).abs() < 1e-12);
+        assert!((mid.measured_edge_accuracy - 0.5).abs() < 1e-12, "inputs 0 and 2 exit; input 2 is wrong");
+        assert!((mid.measured_cloud_accuracy - 1.0).abs() < 1e-12);
+        let conf = 1.0 / (1.0 + (-5.0f64).exp());
+        assert!((mid.edge_accuracy - conf).abs() < 1e-6);
+        assert!(ModelStats::from_validation(&s_exits(), &[1.0], &[0.5]).is_err());
+    }
+
+    fn s_exits() -> Vec<ExitLogits> {
+        vec![ExitLogits::new(2, vec![1.0, 0.0], vec![0]).unwrap(), ExitLogits::new(2, vec![1.0, 0.0], vec![0]).unwrap()]
+    }
+}

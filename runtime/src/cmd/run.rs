@@ -1,0 +1,94 @@
+//! `branchpoint run SCENARIO`: replays a network scenario under each of its
+//! policies and writes report.json and plots.
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::cli::RunArgs;
+use crate::evaluation::split_logits;
+use crate::scenario::{self, report, Scenario, TimeMode};
+
+pub fn run(args: RunArgs) -> Result<()> {
+    let started = Instant::now();
+    let scenario = Scenario::read(&args.scenario, args.trace.as_deref())?;
+    if scenario.time == TimeMode::Real || args.nats.nats.is_some() {
+        bail!(
+            "scenario {}: real-time replay (time = \"real\", or --nats) is not available yet; \
+             set time = \"virtual\" and run without --nats",
+            scenario.path.display()
+        );
+    }
+    tch::set_num_threads(std::thread::available_parallelism().map_or(1, |n| n.get() as i32));
+    let model = args.source.load_model(tch::Device::Cpu)?;
+    let data = args.source.load_data(&model)?;
+    let profile = scenario::read_profile(&scenario, &args.source.model)?;
+    eprintln!("scenario {} ({}): computing the model's answers on {} test inputs", scenario.name, scenario.path.display(), data.test.len());
+    let logits = split_logits(&model, &data)?;
+    let prepared = scenario::prepare(&scenario, &model, &logits.validation, &logits.test, &profile)?;
+    let cfg = scenario::sim_config(&scenario)?;
+
+    let bar = ProgressBar::new(0);
+    bar.set_style(ProgressStyle::with_template("replaying {bar:30} {pos}/{len} runs ({elapsed})").expect("valid template"));
+    let progress = |done: usize, total: usize| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    };
+    let replay_started = Instant::now();
+    let runs = scenario::replay(&scenario, &prepared, &progress)?;
+    bar.finish_and_clear();
+    let replay_s = replay_started.elapsed().as_secs_f64();
+    for r in &runs {
+        if r.outcomes != r.arrivals {
+            bail!("policy {}: {} inputs but {} outcomes: the replay lost inputs (a bug; please report it)", r.policy.name(), r.arrivals, r.outcomes);
+        }
+    }
+    let rep = report::build(&scenario, &cfg, &prepared, &args.source.model.display().to_string(), &model.card.weights_sha256, runs);
+
+    let out = args.out.clone().unwrap_or_else(|| std::path::Path::new("runs").join(&scenario.name));
+    std::fs::create_dir_all(&out).map_err(|e| anyhow::anyhow!("creating {}: {e}", out.display()))?;
+    let json = out.join("report.json");
+    report::write_json(&rep, &json)?;
+    let plots = report::plot(&rep, &out)?;
+
+    print_summary(&rep);
+    println!(
+        "replayed {} s of {} device(s) in virtual time: {:.1} s ({:.1} s replaying), {} runs",
+        scenario.duration_s,
+        scenario.groups.iter().map(|g| g.devices).sum::<usize>(),
+        started.elapsed().as_secs_f64(),
+        replay_s,
+        rep.policies.len() + if scenario.policies.contains(&scenario::Policy::Oracle) { prepared.candidate_p_tars.len() * prepared.sim.num_branches() - 1 } else { 0 }
+    );
+    println!("report: {}", json.display());
+    for p in plots {
+        println!("plot:   {}", p.display());
+    }
+    Ok(())
+}
+
+fn print_summary(r: &report::ScenarioReport) {
+    println!("scenario {} (seed {}, {} s, calibration {})", r.scenario, r.seed, r.duration_s, r.model.calibration);
+    for g in &r.groups {
+        println!(
+            "  group {}: {} devices x {} inputs/s, deadline {} ms, static plan branch {} p_tar {}; network {} (mean {:.2} Mbit/s)",
+            g.name, g.devices, g.rate, g.deadline_ms, g.branch, g.p_tar, g.network, g.mean_capacity_mbit_s
+        );
+    }
+    println!("  {:<12} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}", "policy", "inputs", "accuracy", "edge acc", "offload", "misses", "p50 ms", "p95 ms", "p99 ms");
+    for p in &r.policies {
+        let t = &p.totals;
+        println!(
+            "  {:<12} {:>8} {:>8.2}% {:>9} {:>8.1}% {:>8.2}% {:>9.1} {:>9.1} {:>9.1}",
+            p.policy,
+            t.inputs,
+            100.0 * t.accuracy,
+            t.edge_accuracy.map_or("-".into(), |a| format!("{:.2}%", 100.0 * a)),
+            100.0 * t.offload_rate,
+            100.0 * t.deadline_miss_rate,
+            t.latency_ms_p50,
+            t.latency_ms_p95,
+            t.latency_ms_p99
+        );
+    }
+}

@@ -1,0 +1,383 @@
+//! Scenario files (TOML): what to replay, read and validated in one place.
+//! `scenarios/wifi-stable.toml` documents every key. Unknown keys and bad
+//! values are errors that name the key and the file.
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use branchpoint_models::calibration::Method;
+use branchpoint_models::link::{Link, Segment};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TimeMode {
+    /// Discrete-event replay: as fast as the CPU allows, same seed, same report.
+    Virtual,
+    /// The live actors, paced by the wall clock.
+    Real,
+}
+
+/// How devices choose their partition branch and p_tar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// The group's branch and p_tar, fixed: the paper's setting.
+    Static,
+    /// Every input offloaded at the group's branch.
+    CloudOnly,
+    /// Every input answered at the group's branch.
+    DeviceOnly,
+    /// The planner, from what devices observe.
+    Adaptive,
+    /// In hindsight, the best fixed branch and p_tar in each time window.
+    Oracle,
+}
+
+impl Policy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::Static => "static",
+            Policy::CloudOnly => "cloud-only",
+            Policy::DeviceOnly => "device-only",
+            Policy::Adaptive => "adaptive",
+            Policy::Oracle => "oracle",
+        }
+    }
+
+    pub fn all() -> Vec<Policy> {
+        vec![Policy::Static, Policy::CloudOnly, Policy::DeviceOnly, Policy::Adaptive, Policy::Oracle]
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    pub seed: u64,
+    pub duration_s: f64,
+    #[serde(default = "default_time")]
+    pub time: TimeMode,
+    #[serde(default = "Policy::all")]
+    pub policies: Vec<Policy>,
+    /// uncalibrated, global or per-branch.
+    #[serde(default = "default_calibration")]
+    pub calibration: String,
+    #[serde(default)]
+    pub compute: ComputeSection,
+    #[serde(default)]
+    pub workers: WorkersSection,
+    #[serde(default)]
+    pub planner: PlannerSection,
+    #[serde(default)]
+    pub oracle: OracleSection,
+    #[serde(default)]
+    pub report: ReportSection,
+    pub groups: Vec<GroupSection>,
+    /// The scenario file's folder: relative trace paths start there.
+    #[serde(skip)]
+    pub dir: PathBuf,
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+fn default_time() -> TimeMode {
+    TimeMode::Virtual
+}
+
+fn default_calibration() -> String {
+    "per-branch".into()
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ComputeSection {
+    /// Device compute = this machine's measured head time times this.
+    pub device_slowdown: f64,
+    /// Cloud compute = this machine's measured tail time times this.
+    pub cloud_slowdown: f64,
+    /// Compute profile (`branchpoint profile --json`); default: beside the model.
+    pub profile: Option<PathBuf>,
+}
+
+impl Default for ComputeSection {
+    fn default() -> Self {
+        Self { device_slowdown: 1.0, cloud_slowdown: 1.0, profile: None }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkersSection {
+    pub count: usize,
+    pub max_batch: usize,
+    pub max_wait_ms: f64,
+}
+
+impl Default for WorkersSection {
+    fn default() -> Self {
+        Self { count: 2, max_batch: 32, max_wait_ms: 2.0 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlannerSection {
+    /// Most deadline misses to accept, as a fraction of inputs: the adaptive
+    /// planner's bound on its predictions, and the oracle's on what happened.
+    pub miss_bound: f64,
+    /// How often each device reports what it observed; the planner answers
+    /// each report with a plan.
+    pub report_interval_s: f64,
+    /// Weight of a new sample in the devices' smoothed estimates.
+    pub ewma_alpha: f64,
+    /// Deviations added to the smoothed estimates to be conservative.
+    pub safety: f64,
+    /// A device that sent nothing for a report interval probes its uplink
+    /// with this many bytes, so the planner can learn the link came back.
+    pub probe_bytes: usize,
+    /// Candidate thresholds (0: device only, 1: cloud only).
+    pub p_tars: Option<Vec<f64>>,
+}
+
+impl Default for PlannerSection {
+    fn default() -> Self {
+        Self { miss_bound: 0.05, report_interval_s: 1.0, ewma_alpha: 0.25, safety: 2.0, probe_bytes: 15_000, p_tars: None }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OracleSection {
+    pub window_s: f64,
+}
+
+impl Default for OracleSection {
+    fn default() -> Self {
+        Self { window_s: 10.0 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReportSection {
+    /// Width of one time-series bin.
+    pub bin_s: f64,
+}
+
+impl Default for ReportSection {
+    fn default() -> Self {
+        Self { bin_s: 1.0 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSection {
+    pub name: String,
+    pub devices: usize,
+    /// Mean inputs per second at each device (Poisson).
+    pub rate: f64,
+    pub deadline_ms: f64,
+    /// Initial partition branch (and the static policy's).
+    pub branch: usize,
+    /// Initial p_tar (and the static policy's).
+    pub p_tar: f64,
+    pub network: NetworkSection,
+}
+
+/// Exactly one of: `uplink_mbit_s` (constant), `schedule`, or `trace`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSection {
+    pub uplink_mbit_s: Option<f64>,
+    pub rtt_ms: Option<f64>,
+    pub loss: Option<f64>,
+    pub schedule: Option<Vec<ScheduleStep>>,
+    pub trace: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleStep {
+    pub at_s: f64,
+    pub uplink_mbit_s: f64,
+    pub rtt_ms: f64,
+    #[serde(default)]
+    pub loss: f64,
+}
+
+impl Scenario {
+    /// Reads and validates a scenario file; `trace` replaces the trace of
+    /// every group whose network is a trace.
+    pub fn read(path: &Path, trace: Option<&Path>) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("could not read scenario {}; the project's scenarios are in scenarios/", path.display()))?;
+        Self::parse(&text, path, trace)
+    }
+
+    pub fn parse(text: &str, path: &Path, trace: Option<&Path>) -> Result<Self> {
+        let mut s: Scenario = toml::from_str(text).map_err(|e| anyhow::anyhow!("scenario {}: {e}", path.display()))?;
+        s.path = path.to_path_buf();
+        s.dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        if let Some(t) = trace {
+            s.override_trace(t)?;
+        }
+        s.validate()?;
+        Ok(s)
+    }
+
+    fn override_trace(&mut self, trace: &Path) -> Result<()> {
+        let mut any = false;
+        for g in &mut self.groups {
+            if g.network.trace.is_some() {
+                // Absolute, so that it is not read relative to the scenario's folder.
+                g.network.trace = Some(std::path::absolute(trace).unwrap_or_else(|_| trace.to_path_buf()));
+                any = true;
+            }
+        }
+        if !any {
+            bail!("--trace {}: scenario {} has no group whose network is a trace", trace.display(), self.path.display());
+        }
+        Ok(())
+    }
+
+    pub fn calibration_method(&self) -> Result<Method> {
+        Method::parse(&self.calibration).map_err(|e| anyhow::anyhow!("scenario {}: calibration: {e}", self.path.display()))
+    }
+
+    fn err(&self, key: &str, reason: impl std::fmt::Display) -> anyhow::Error {
+        anyhow::anyhow!("scenario {}: {key}: {reason}", self.path.display())
+    }
+
+    fn validate(&self) -> Result<()> {
+        let positive = |key: &str, v: f64| -> Result<()> {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(self.err(key, format!("{v} must be a positive number")))
+            }
+        };
+        if self.name.trim().is_empty() {
+            return Err(self.err("name", "must not be empty"));
+        }
+        positive("duration_s", self.duration_s)?;
+        if self.duration_s > 86_400.0 {
+            return Err(self.err("duration_s", format!("{} s is more than a day", self.duration_s)));
+        }
+        if self.policies.is_empty() {
+            return Err(self.err("policies", "name at least one of static, cloud-only, device-only, adaptive, oracle"));
+        }
+        self.calibration_method()?;
+        positive("compute.device_slowdown", self.compute.device_slowdown)?;
+        positive("compute.cloud_slowdown", self.compute.cloud_slowdown)?;
+        if self.workers.count == 0 {
+            return Err(self.err("workers.count", "must be at least 1"));
+        }
+        if self.workers.max_batch == 0 {
+            return Err(self.err("workers.max_batch", "must be at least 1"));
+        }
+        if !(self.workers.max_wait_ms.is_finite() && self.workers.max_wait_ms >= 0.0) {
+            return Err(self.err("workers.max_wait_ms", format!("{} must be at least 0", self.workers.max_wait_ms)));
+        }
+        let p = &self.planner;
+        if !(p.miss_bound > 0.0 && p.miss_bound < 1.0) {
+            return Err(self.err("planner.miss_bound", format!("{} must be in (0, 1)", p.miss_bound)));
+        }
+        positive("planner.report_interval_s", p.report_interval_s)?;
+        if !(p.ewma_alpha > 0.0 && p.ewma_alpha <= 1.0) {
+            return Err(self.err("planner.ewma_alpha", format!("{} must be in (0, 1]", p.ewma_alpha)));
+        }
+        if !(p.safety.is_finite() && p.safety >= 0.0) {
+            return Err(self.err("planner.safety", format!("{} must be at least 0", p.safety)));
+        }
+        if p.probe_bytes == 0 {
+            return Err(self.err("planner.probe_bytes", "must be at least 1"));
+        }
+        if let Some(ps) = &p.p_tars {
+            if ps.is_empty() || ps.iter().any(|x| !(0.0..=1.0).contains(x)) {
+                return Err(self.err("planner.p_tars", format!("{ps:?}: give one or more thresholds in [0, 1]")));
+            }
+        }
+        positive("oracle.window_s", self.oracle.window_s)?;
+        positive("report.bin_s", self.report.bin_s)?;
+        let ratio = self.oracle.window_s / self.report.bin_s;
+        if (ratio - ratio.round()).abs() > 1e-9 {
+            return Err(self.err("oracle.window_s", format!("{} s must be a whole number of report.bin_s ({} s)", self.oracle.window_s, self.report.bin_s)));
+        }
+        if self.duration_s / self.report.bin_s > 100_000.0 {
+            return Err(self.err("report.bin_s", "more than 100,000 bins: use wider bins"));
+        }
+        if self.groups.is_empty() {
+            return Err(self.err("groups", "define at least one [[groups]]"));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, g) in self.groups.iter().enumerate() {
+            let key = |k: &str| format!("groups[{i}] ({}).{k}", g.name);
+            if !branchpoint_messages::subjects::is_valid_id(&g.name) {
+                return Err(self.err(&format!("groups[{i}].name"), format!("{:?}: use 1 to 64 letters, digits, '-' or '_'", g.name)));
+            }
+            if !names.insert(g.name.clone()) {
+                return Err(self.err(&format!("groups[{i}].name"), format!("{:?} is used twice", g.name)));
+            }
+            if g.devices == 0 || g.devices > 100_000 {
+                return Err(self.err(&key("devices"), format!("{} must be between 1 and 100000", g.devices)));
+            }
+            positive(&key("rate"), g.rate)?;
+            positive(&key("deadline_ms"), g.deadline_ms)?;
+            if g.branch == 0 {
+                return Err(self.err(&key("branch"), "branches count from 1"));
+            }
+            if !(g.p_tar > 0.0 && g.p_tar < 1.0) {
+                return Err(self.err(&key("p_tar"), format!("{} is outside (0, 1)", g.p_tar)));
+            }
+            self.link(g).map_err(|e| self.err(&key("network"), format!("{e:#}")))?;
+        }
+        Ok(())
+    }
+
+    /// The group's uplink, from its `network` section.
+    pub fn link(&self, g: &GroupSection) -> Result<Link> {
+        let n = &g.network;
+        let loss = n.loss.unwrap_or(0.0);
+        let us = |ms: f64, key: &str| -> Result<u64> {
+            if ms.is_finite() && ms >= 0.0 {
+                Ok((ms * 1e3).round() as u64)
+            } else {
+                bail!("{key} = {ms} must be at least 0 ms")
+            }
+        };
+        match (n.uplink_mbit_s, &n.schedule, &n.trace) {
+            (Some(rate), None, None) => {
+                if !(rate.is_finite() && rate > 0.0) {
+                    bail!("uplink_mbit_s = {rate} must be a positive rate");
+                }
+                let rtt = n.rtt_ms.context("a constant link needs rtt_ms")?;
+                Ok(Link::constant(rate, us(rtt, "rtt_ms")?, loss)?)
+            }
+            (None, Some(steps), None) => {
+                if n.rtt_ms.is_some() || n.loss.is_some() {
+                    bail!("with a schedule, give rtt_ms and loss in each step, not beside it");
+                }
+                let mut segs = Vec::new();
+                for (j, s) in steps.iter().enumerate() {
+                    if !(s.at_s.is_finite() && s.at_s >= 0.0) {
+                        bail!("schedule[{j}].at_s = {} must be at least 0", s.at_s);
+                    }
+                    segs.push(Segment {
+                        at_us: (s.at_s * 1e6).round() as u64,
+                        uplink_mbit_s: s.uplink_mbit_s,
+                        rtt_us: us(s.rtt_ms, &format!("schedule[{j}].rtt_ms"))?,
+                        loss: s.loss,
+                    });
+                }
+                Ok(Link::schedule(segs)?)
+            }
+            (None, None, Some(trace)) => {
+                let rtt = n.rtt_ms.context("a trace link needs rtt_ms (the trace gives only capacity)")?;
+                let path = if trace.is_absolute() { trace.clone() } else { self.dir.join(trace) };
+                Ok(Link::trace(&path, us(rtt, "rtt_ms")?, loss)?)
+            }
+            _ => bail!("give exactly one of uplink_mbit_s (a constant link), schedule (steps over time) or trace (a Mahimahi file)"),
+        }
+    }
+}

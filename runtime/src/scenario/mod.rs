@@ -1,0 +1,297 @@
+//! Scenario replay: read a scenario, replay it under each policy, and write
+//! the report and plots.
+//!
+//! `file` reads and validates scenario files; `sim` is the virtual-time
+//! engine; `report` turns runs into report.json and PNG plots. Every policy
+//! replays the same arrivals on the same links (same seed); the oracle is
+//! assembled afterwards from runs with every fixed candidate plan.
+pub mod file;
+pub mod report;
+pub mod sim;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use anyhow::{bail, Context, Result};
+use branchpoint_messages::{encode, Deadline, OffloadRequest, Tensor as WireTensor};
+use branchpoint_models::calibration::{self, ExitLogits, Method};
+use branchpoint_models::planner::{default_candidate_p_tars, ModelStats, Plan};
+use branchpoint_models::profile::ComputeProfile;
+use branchpoint_models::LoadedModel;
+
+pub use file::{Policy, Scenario, TimeMode};
+use sim::{GroupSim, Plans, RunResult, SimConfig, SimModel};
+
+/// Everything about the model a replay needs, computed once.
+pub struct Prepared {
+    pub sim: SimModel,
+    pub method: Method,
+    pub temperatures: Vec<f64>,
+    pub candidate_p_tars: Vec<f64>,
+}
+
+/// Reads the compute profile: the scenario's, or the one beside the model.
+pub fn read_profile(scenario: &Scenario, weights: &Path) -> Result<ComputeProfile> {
+    let path = match &scenario.compute.profile {
+        Some(p) if p.is_absolute() => p.clone(),
+        Some(p) => scenario.dir.join(p),
+        None => weights.with_extension("profile.json"),
+    };
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!("could not read the compute profile {}; write one with `branchpoint profile --batch-sizes 1,8,32 --json {}`", path.display(), path.display())
+    })?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not a compute profile written by `branchpoint profile --json`", path.display()))
+}
+
+/// Computes the model's answers on the test split, its temperatures and
+/// the planner's statistics on the validation split, and the costs.
+pub fn prepare(scenario: &Scenario, model: &LoadedModel, validation: &[ExitLogits], test: &[ExitLogits], profile: &ComputeProfile) -> Result<Prepared> {
+    let method = scenario.calibration_method()?;
+    let num_exits = test.len();
+    let branches = num_exits - 1;
+    for (i, g) in scenario.groups.iter().enumerate() {
+        if g.branch > branches {
+            bail!("scenario {}: groups[{i}] ({}).branch: {} but this model has branches 1..={branches}", scenario.path.display(), g.name, g.branch);
+        }
+    }
+    let temperatures = calibration::fit(method, validation)?;
+    let points = &model.net.architecture().partition_points;
+    if profile.partitions.len() != branches {
+        bail!("the compute profile has {} partitions, the model {branches}: profile the same model", profile.partitions.len());
+    }
+    let batch1 = profile
+        .batch_sizes
+        .iter()
+        .position(|&b| b == 1)
+        .context("the compute profile has no batch size 1; write one with `branchpoint profile --batch-sizes 1,8,32 --json FILE`")?;
+    let mut head_us = Vec::new();
+    let mut tail_us = Vec::new();
+    let mut upload_bytes = Vec::new();
+    for (k, part) in profile.partitions.iter().enumerate() {
+        head_us.push(part.head_median_ms[batch1] * 1e3 * scenario.compute.device_slowdown);
+        let mut pts: Vec<(usize, f64)> = profile
+            .batch_sizes
+            .iter()
+            .zip(&part.tail_median_ms)
+            .map(|(&b, &ms)| (b as usize, ms * 1e3 * scenario.compute.cloud_slowdown))
+            .collect();
+        pts.sort_by_key(|p| p.0);
+        tail_us.push(pts);
+        // The exact size of a request on the wire, framing included.
+        let mut shape = vec![1u32];
+        shape.extend(points[k].activation_shape.iter().map(|&d| d as u32));
+        let zeros = vec![0f32; points[k].activation_bytes / 4];
+        let request = OffloadRequest {
+            device_id: "device-00000".into(),
+            seq: u64::MAX,
+            partition_branch: (k + 1) as u8,
+            activation: WireTensor::from_f32(&shape, &zeros)?,
+            deadline: Deadline { sent_at_unix_us: u64::MAX, budget_us: u64::MAX },
+        };
+        upload_bytes.push(encode(&request)?.len());
+    }
+    let branch_pred: Vec<Vec<(u32, f64)>> = (0..branches)
+        .map(|k| (0..test[k].len()).map(|i| {
+            let (c, p) = test[k].predict(i, temperatures[k]);
+            (c as u32, p)
+        }).collect())
+        .collect();
+    let fin = &test[num_exits - 1];
+    let final_class = (0..fin.len()).map(|i| fin.predict(i, temperatures[num_exits - 1]).0 as u32).collect();
+    let labels = fin.labels.iter().map(|&y| y as u32).collect();
+    let candidate_p_tars = scenario.planner.p_tars.clone().unwrap_or_else(default_candidate_p_tars);
+    let stats = ModelStats::from_validation(validation, &temperatures, &candidate_p_tars)?;
+    Ok(Prepared {
+        sim: SimModel { branch_pred, final_class, labels, head_us, upload_bytes, tail_us, stats },
+        method,
+        temperatures,
+        candidate_p_tars,
+    })
+}
+
+pub fn sim_config(s: &Scenario) -> Result<SimConfig> {
+    let groups = s
+        .groups
+        .iter()
+        .map(|g| {
+            Ok(GroupSim {
+                devices: g.devices,
+                rate: g.rate,
+                deadline_us: (g.deadline_ms * 1e3).round() as u64,
+                link: s.link(g)?,
+                initial: Plan { branch: g.branch, p_tar: g.p_tar },
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(SimConfig {
+        seed: s.seed,
+        duration_us: (s.duration_s * 1e6).round() as u64,
+        bin_us: (s.report.bin_s * 1e6).round() as u64,
+        window_us: (s.oracle.window_s * 1e6).round() as u64,
+        groups,
+        workers: s.workers.count,
+        max_batch: s.workers.max_batch,
+        max_wait_us: (s.workers.max_wait_ms * 1e3).round() as u64,
+        report_interval_us: (s.planner.report_interval_s * 1e6).round() as u64,
+        ewma_alpha: s.planner.ewma_alpha,
+        safety: s.planner.safety,
+        probe_bytes: s.planner.probe_bytes,
+        miss_bound: s.planner.miss_bound,
+    })
+}
+
+/// The plans of one policy that is not the oracle.
+pub fn policy_plans(policy: Policy, s: &Scenario) -> Option<Plans> {
+    let fixed = |p: fn(&file::GroupSection) -> f64| Plans::Fixed(s.groups.iter().map(|g| Plan { branch: g.branch, p_tar: p(g) }).collect());
+    match policy {
+        Policy::Static => Some(fixed(|g| g.p_tar)),
+        Policy::CloudOnly => Some(fixed(|_| 1.0)),
+        Policy::DeviceOnly => Some(fixed(|_| 0.0)),
+        Policy::Adaptive => Some(Plans::Adaptive),
+        Policy::Oracle => None,
+    }
+}
+
+/// The oracle's candidates: every branch with every candidate threshold,
+/// the same for all groups.
+pub fn oracle_candidates(prepared: &Prepared) -> Vec<Plan> {
+    let mut v = Vec::new();
+    for branch in 1..=prepared.sim.num_branches() {
+        for &p_tar in &prepared.candidate_p_tars {
+            v.push(Plan { branch, p_tar });
+        }
+    }
+    v
+}
+
+/// Runs `jobs` on all cores; results come back in job order, so the outcome
+/// never depends on scheduling.
+pub fn run_all(model: &SimModel, cfg: &SimConfig, jobs: &[Plans], on_done: &(dyn Fn() + Sync)) -> Vec<RunResult> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(jobs.len()).max(1);
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<RunResult>>> = Mutex::new(vec![None; jobs.len()]);
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= jobs.len() {
+                    return;
+                }
+                let r = sim::simulate(model, cfg, &jobs[i]);
+                results.lock().expect("no panics while holding it")[i] = Some(r);
+                on_done();
+            });
+        }
+    });
+    results.into_inner().expect("threads joined").into_iter().map(|r| r.expect("every job ran")).collect()
+}
+
+/// One policy's runs, by group and bin, ready for the report.
+pub struct PolicyRun {
+    pub policy: Policy,
+    pub bins: Vec<Vec<sim::Bin>>,
+    /// All latencies per group.
+    pub latencies_us: Vec<Vec<u32>>,
+    pub arrivals: u64,
+    pub outcomes: u64,
+    pub mean_batch: f64,
+    /// Oracle only: per group, per window, the plan chosen.
+    pub choices: Option<Vec<Vec<Plan>>>,
+}
+
+impl PolicyRun {
+    fn from_result(policy: Policy, r: RunResult) -> Self {
+        Self {
+            policy,
+            latencies_us: r.latencies_us.into_iter().map(|w| w.concat()).collect(),
+            bins: r.bins,
+            arrivals: r.arrivals,
+            outcomes: r.outcomes,
+            mean_batch: r.batched_requests as f64 / r.batches.max(1) as f64,
+            choices: None,
+        }
+    }
+}
+
+/// The oracle: per group and window, the candidate run with the best
+/// accuracy whose deadline-miss rate in that window is within the bound
+/// (the fewest misses when none is); ties go to fewer misses, then to less
+/// offloading.
+pub fn assemble_oracle(cfg: &SimConfig, candidates: &[Plan], runs: &[RunResult], miss_bound: f64) -> PolicyRun {
+    let bins_per_window = (cfg.window_us / cfg.bin_us) as usize;
+    let groups = cfg.groups.len();
+    let mut bins = vec![vec![sim::Bin::default(); cfg.bins()]; groups];
+    let mut latencies = vec![Vec::new(); groups];
+    let mut choices = vec![Vec::new(); groups];
+    let (mut arrivals, mut outcomes) = (0, 0);
+    for g in 0..groups {
+        for w in 0..cfg.windows() {
+            let range = w * bins_per_window..((w + 1) * bins_per_window).min(cfg.bins());
+            let mut best: Option<(usize, bool, f64, f64, f64)> = None;
+            for (c, r) in runs.iter().enumerate() {
+                let mut t = sim::Bin::default();
+                for b in &r.bins[g][range.clone()] {
+                    t.add(b);
+                }
+                let n = t.inputs.max(1) as f64;
+                let (acc, miss, off) = (t.correct as f64 / n, t.misses as f64 / n, t.offloaded as f64 / n);
+                let ok = miss <= miss_bound;
+                let better = match best {
+                    None => true,
+                    Some((_, bok, bacc, bmiss, boff)) => match (ok, bok) {
+                        (true, false) => true,
+                        (false, true) => false,
+                        (true, true) => (acc, -miss, -off) > (bacc, -bmiss, -boff),
+                        (false, false) => (-miss, acc) > (-bmiss, bacc),
+                    },
+                };
+                if better {
+                    best = Some((c, ok, acc, miss, off));
+                }
+            }
+            let c = best.expect("at least one candidate").0;
+            choices[g].push(candidates[c]);
+            for i in range {
+                bins[g][i] = runs[c].bins[g][i].clone();
+                arrivals += runs[c].bins[g][i].inputs;
+                outcomes += runs[c].bins[g][i].inputs;
+            }
+            latencies[g].extend_from_slice(&runs[c].latencies_us[g][w]);
+        }
+    }
+    PolicyRun { policy: Policy::Oracle, bins, latencies_us: latencies, arrivals, outcomes, mean_batch: f64::NAN, choices: Some(choices) }
+}
+
+/// Replays the scenario under each of its policies in virtual time.
+pub fn replay(scenario: &Scenario, prepared: &Prepared, on_progress: &(dyn Fn(usize, usize) + Sync)) -> Result<Vec<PolicyRun>> {
+    let cfg = sim_config(scenario)?;
+    let mut jobs: Vec<Plans> = Vec::new();
+    let mut owners: Vec<Policy> = Vec::new();
+    for &p in &scenario.policies {
+        if let Some(plans) = policy_plans(p, scenario) {
+            jobs.push(plans);
+            owners.push(p);
+        }
+    }
+    let named = jobs.len();
+    let candidates = if scenario.policies.contains(&Policy::Oracle) { oracle_candidates(prepared) } else { Vec::new() };
+    for c in &candidates {
+        jobs.push(Plans::Fixed(vec![*c; cfg.groups.len()]));
+    }
+    let total = jobs.len();
+    let done = AtomicUsize::new(0);
+    let tick = || {
+        let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+        on_progress(n, total);
+    };
+    let mut results = run_all(&prepared.sim, &cfg, &jobs, &tick);
+    let oracle_runs = results.split_off(named);
+    let mut runs: Vec<PolicyRun> = owners.into_iter().zip(results).map(|(p, r)| PolicyRun::from_result(p, r)).collect();
+    if !candidates.is_empty() {
+        runs.push(assemble_oracle(&cfg, &candidates, &oracle_runs, scenario.planner.miss_bound));
+    }
+    // The report lists policies in the scenario's order.
+    runs.sort_by_key(|r| scenario.policies.iter().position(|&p| p == r.policy));
+    Ok(runs)
+}

@@ -1,0 +1,423 @@
+//! report.json and the plots of a scenario replay.
+//!
+//! Rates are fractions of inputs by arrival time; accuracy counts an input
+//! right when the answer the device gave (its branch's, the cloud's, or its
+//! branch's again after a missed deadline) is the label. A deadline miss is
+//! an input whose answer came from the fallback because the cloud's reply
+//! was late (or never sent), or whose device compute alone overran.
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use branchpoint_models::planner::Plan;
+use plotters::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::sim::{Bin, SimConfig};
+use super::{PolicyRun, Prepared, Scenario};
+use crate::plots::{self, Curve, Panel};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ScenarioReport {
+    pub scenario: String,
+    pub file: String,
+    pub seed: u64,
+    pub duration_s: f64,
+    pub time: String,
+    pub model: ModelInfo,
+    pub settings: Settings,
+    pub groups: Vec<GroupInfo>,
+    pub policies: Vec<PolicyReport>,
+    pub links: Vec<LinkSeries>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelInfo {
+    pub weights: String,
+    pub sha256: String,
+    pub calibration: String,
+    pub temperatures: Vec<f64>,
+    pub device_head_ms: Vec<f64>,
+    pub upload_bytes: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Settings {
+    pub workers: usize,
+    pub max_batch: usize,
+    pub max_wait_ms: f64,
+    pub miss_bound: f64,
+    pub report_interval_s: f64,
+    pub ewma_alpha: f64,
+    pub safety: f64,
+    pub probe_bytes: usize,
+    pub candidate_p_tars: Vec<f64>,
+    pub oracle_window_s: f64,
+    pub bin_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GroupInfo {
+    pub name: String,
+    pub devices: usize,
+    pub rate: f64,
+    pub deadline_ms: f64,
+    pub branch: usize,
+    pub p_tar: f64,
+    pub network: String,
+    pub mean_capacity_mbit_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Totals {
+    pub inputs: u64,
+    pub accuracy: f64,
+    /// Over inputs answered on the device: exits and declined offloads, not fallbacks.
+    pub edge_accuracy: Option<f64>,
+    /// Inputs sent to the cloud (answered there or fallen back).
+    pub offload_rate: f64,
+    pub answered_by_cloud: u64,
+    pub fallbacks: u64,
+    pub deadline_misses: u64,
+    pub deadline_miss_rate: f64,
+    /// Adaptive: inputs below p_tar the device answered itself because it
+    /// predicted their offload would miss the deadline (counted on device).
+    pub declined_offloads: u64,
+    pub latency_ms_p50: f64,
+    pub latency_ms_p95: f64,
+    pub latency_ms_p99: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PolicyReport {
+    pub policy: String,
+    #[serde(flatten)]
+    pub totals: Totals,
+    /// Cloud requests per batch (not for the oracle, which mixes runs).
+    pub mean_batch: Option<f64>,
+    pub groups: Vec<GroupTotals>,
+    pub series: Series,
+    /// Oracle only: the plan chosen for each group and window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oracle_choices: Option<Vec<OracleChoices>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GroupTotals {
+    pub group: String,
+    #[serde(flatten)]
+    pub totals: Totals,
+}
+
+/// Per time bin, all groups together; `null` where a bin had no input.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Series {
+    pub t_s: Vec<f64>,
+    pub inputs: Vec<u64>,
+    pub accuracy: Vec<Option<f64>>,
+    pub deadline_miss_rate: Vec<Option<f64>>,
+    pub offload_rate: Vec<Option<f64>>,
+    /// Mean p_tar and branch of the plans the inputs were decided with.
+    pub p_tar: Vec<Option<f64>>,
+    pub branch: Vec<Option<f64>>,
+    /// Adaptive only: the devices' smoothed uplink estimate and the
+    /// planner's predictions, averaged over the reports in the bin.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimated_uplink_mbit_s: Option<Vec<Option<f64>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub predicted_accuracy: Option<Vec<Option<f64>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub predicted_miss_rate: Option<Vec<Option<f64>>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OracleChoices {
+    pub group: String,
+    pub window_start_s: Vec<f64>,
+    pub plans: Vec<Plan>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LinkSeries {
+    pub group: String,
+    pub t_s: Vec<f64>,
+    pub capacity_mbit_s: Vec<f64>,
+}
+
+fn ratio(a: u64, b: u64) -> Option<f64> {
+    (b > 0).then(|| a as f64 / b as f64)
+}
+
+/// Nearest-rank percentile, in ms.
+fn percentile_ms(sorted: &[u32], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
+    f64::from(sorted[i]) / 1e3
+}
+
+fn totals(bins: &[&Bin], latencies: &mut [u32]) -> Totals {
+    let mut t = Bin::default();
+    for b in bins {
+        t.add(b);
+    }
+    latencies.sort_unstable();
+    Totals {
+        inputs: t.inputs,
+        accuracy: ratio(t.correct, t.inputs).unwrap_or(0.0),
+        edge_accuracy: ratio(t.edge_correct, t.on_device),
+        offload_rate: ratio(t.offloaded, t.inputs).unwrap_or(0.0),
+        answered_by_cloud: t.cloud,
+        fallbacks: t.fallbacks,
+        deadline_misses: t.misses,
+        deadline_miss_rate: ratio(t.misses, t.inputs).unwrap_or(0.0),
+        declined_offloads: t.declined,
+        latency_ms_p50: percentile_ms(latencies, 0.5),
+        latency_ms_p95: percentile_ms(latencies, 0.95),
+        latency_ms_p99: percentile_ms(latencies, 0.99),
+    }
+}
+
+fn describe_network(s: &Scenario, g: &super::file::GroupSection) -> String {
+    let n = &g.network;
+    if let Some(rate) = n.uplink_mbit_s {
+        format!("constant {rate} Mbit/s, RTT {} ms, loss {}", n.rtt_ms.unwrap_or(0.0), n.loss.unwrap_or(0.0))
+    } else if let Some(steps) = &n.schedule {
+        let parts: Vec<String> = steps.iter().map(|st| format!("{} s: {} Mbit/s, RTT {} ms", st.at_s, st.uplink_mbit_s, st.rtt_ms)).collect();
+        format!("schedule [{}]", parts.join("; "))
+    } else if let Some(t) = &n.trace {
+        let path = if t.is_absolute() { t.clone() } else { s.dir.join(t) };
+        let name = path.file_name().map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned());
+        format!("trace {name}, RTT {} ms, loss {}", n.rtt_ms.unwrap_or(0.0), n.loss.unwrap_or(0.0))
+    } else {
+        String::new()
+    }
+}
+
+pub fn build(scenario: &Scenario, cfg: &SimConfig, prepared: &Prepared, weights: &str, sha256: &str, runs: Vec<PolicyRun>) -> ScenarioReport {
+    let bin_s = cfg.bin_us as f64 / 1e6;
+    let t_s: Vec<f64> = (0..cfg.bins()).map(|i| i as f64 * bin_s).collect();
+    let groups = scenario
+        .groups
+        .iter()
+        .zip(&cfg.groups)
+        .map(|(g, sim)| GroupInfo {
+            name: g.name.clone(),
+            devices: g.devices,
+            rate: g.rate,
+            deadline_ms: g.deadline_ms,
+            branch: g.branch,
+            p_tar: g.p_tar,
+            network: describe_network(scenario, g),
+            mean_capacity_mbit_s: sim.link.mean_capacity_mbit_s(0, cfg.duration_us),
+        })
+        .collect();
+    let links = scenario
+        .groups
+        .iter()
+        .zip(&cfg.groups)
+        .map(|(g, sim)| LinkSeries {
+            group: g.name.clone(),
+            t_s: t_s.clone(),
+            capacity_mbit_s: (0..cfg.bins() as u64).map(|i| sim.link.mean_capacity_mbit_s(i * cfg.bin_us, ((i + 1) * cfg.bin_us).min(cfg.duration_us))).collect(),
+        })
+        .collect();
+    let policies = runs
+        .into_iter()
+        .map(|mut run| {
+            let all_bins: Vec<&Bin> = run.bins.iter().flatten().collect();
+            let mut all_lat: Vec<u32> = run.latencies_us.concat();
+            let overall = totals(&all_bins, &mut all_lat);
+            let per_group = scenario
+                .groups
+                .iter()
+                .enumerate()
+                .map(|(g, gs)| GroupTotals { group: gs.name.clone(), totals: totals(&run.bins[g].iter().collect::<Vec<_>>(), &mut run.latencies_us[g]) })
+                .collect();
+            let mut merged = vec![Bin::default(); cfg.bins()];
+            for g in &run.bins {
+                for (m, b) in merged.iter_mut().zip(g) {
+                    m.add(b);
+                }
+            }
+            let adaptive = run.policy == super::Policy::Adaptive;
+            let per_report = |f: fn(&Bin) -> f64| -> Option<Vec<Option<f64>>> {
+                adaptive.then(|| merged.iter().map(|b| (b.reports > 0).then(|| f(b) / b.reports as f64)).collect())
+            };
+            let series = Series {
+                t_s: t_s.clone(),
+                inputs: merged.iter().map(|b| b.inputs).collect(),
+                accuracy: merged.iter().map(|b| ratio(b.correct, b.inputs)).collect(),
+                deadline_miss_rate: merged.iter().map(|b| ratio(b.misses, b.inputs)).collect(),
+                offload_rate: merged.iter().map(|b| ratio(b.offloaded, b.inputs)).collect(),
+                p_tar: merged.iter().map(|b| (b.inputs > 0).then(|| b.p_tar_sum / b.inputs as f64)).collect(),
+                branch: merged.iter().map(|b| (b.inputs > 0).then(|| b.branch_sum as f64 / b.inputs as f64)).collect(),
+                estimated_uplink_mbit_s: per_report(|b| b.est_mbit_s_sum),
+                predicted_accuracy: per_report(|b| b.predicted_accuracy_sum),
+                predicted_miss_rate: per_report(|b| b.predicted_miss_sum),
+            };
+            let window_s = cfg.window_us as f64 / 1e6;
+            let oracle_choices = run.choices.map(|choices| {
+                choices
+                    .into_iter()
+                    .zip(&scenario.groups)
+                    .map(|(plans, g)| OracleChoices {
+                        group: g.name.clone(),
+                        window_start_s: (0..plans.len()).map(|w| w as f64 * window_s).collect(),
+                        plans,
+                    })
+                    .collect()
+            });
+            PolicyReport {
+                policy: run.policy.name().into(),
+                totals: overall,
+                mean_batch: run.mean_batch.is_finite().then_some(run.mean_batch),
+                groups: per_group,
+                series,
+                oracle_choices,
+            }
+        })
+        .collect();
+    let p = &scenario.planner;
+    ScenarioReport {
+        scenario: scenario.name.clone(),
+        file: scenario.path.display().to_string(),
+        seed: scenario.seed,
+        duration_s: scenario.duration_s,
+        time: "virtual".into(),
+        model: ModelInfo {
+            weights: weights.into(),
+            sha256: sha256.into(),
+            calibration: prepared.method.name().into(),
+            temperatures: prepared.temperatures.clone(),
+            device_head_ms: prepared.sim.head_us.iter().map(|u| u / 1e3).collect(),
+            upload_bytes: prepared.sim.upload_bytes.clone(),
+        },
+        settings: Settings {
+            workers: cfg.workers,
+            max_batch: cfg.max_batch,
+            max_wait_ms: cfg.max_wait_us as f64 / 1e3,
+            miss_bound: p.miss_bound,
+            report_interval_s: p.report_interval_s,
+            ewma_alpha: p.ewma_alpha,
+            safety: p.safety,
+            probe_bytes: p.probe_bytes,
+            candidate_p_tars: prepared.candidate_p_tars.clone(),
+            oracle_window_s: scenario.oracle.window_s,
+            bin_s: scenario.report.bin_s,
+        },
+        groups,
+        policies,
+        links,
+    }
+}
+
+/// Colours by policy, the same in every plot.
+fn policy_color(name: &str) -> RGBColor {
+    match name {
+        "static" => RGBColor(214, 39, 40),
+        "cloud-only" => RGBColor(31, 119, 180),
+        "device-only" => RGBColor(127, 127, 127),
+        "adaptive" => RGBColor(44, 160, 44),
+        _ => RGBColor(148, 103, 189),
+    }
+}
+
+fn points(t: &[f64], v: &[Option<f64>], scale: f64) -> Vec<(f64, f64)> {
+    t.iter().zip(v).filter_map(|(&t, v)| v.map(|v| (t, v * scale))).collect()
+}
+
+/// Writes the plots; returns their paths.
+pub fn plot(report: &ScenarioReport, dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    plots::prepare_dir(dir)?;
+    let mut written = Vec::new();
+    let x_range = (0.0, report.duration_s);
+    let policy = |name: &str| report.policies.iter().find(|p| p.policy == name);
+
+    // 1. The network and the plans: capacity (and what adaptive devices
+    // estimated), p_tar and branch over time.
+    let mut cap_curves: Vec<Curve> = report
+        .links
+        .iter()
+        .enumerate()
+        .map(|(i, l)| Curve {
+            label: format!("capacity ({})", l.group),
+            color: [RGBColor(0, 0, 0), RGBColor(140, 86, 75), RGBColor(23, 190, 207)][i % 3],
+            points: l.t_s.iter().copied().zip(l.capacity_mbit_s.iter().copied()).collect(),
+            dashed: false,
+        })
+        .collect();
+    if let Some(est) = policy("adaptive").and_then(|p| p.series.estimated_uplink_mbit_s.as_ref()) {
+        cap_curves.push(Curve { label: "adaptive devices' estimate".into(), color: policy_color("adaptive"), points: points(&report.links[0].t_s, est, 1.0), dashed: true });
+    }
+    let cap_max = cap_curves.iter().flat_map(|c| c.points.iter().map(|p| p.1)).fold(1.0, f64::max) * 1.1;
+    let plan_policies = ["static", "adaptive", "oracle"];
+    let p_tar_curves: Vec<Curve> = plan_policies
+        .iter()
+        .filter_map(|&n| policy(n).map(|p| Curve { label: n.into(), color: policy_color(n), points: points(&p.series.t_s, &p.series.p_tar, 1.0), dashed: false }))
+        .collect();
+    let branch_curves: Vec<Curve> = plan_policies
+        .iter()
+        .filter_map(|&n| policy(n).map(|p| Curve { label: n.into(), color: policy_color(n), points: points(&p.series.t_s, &p.series.branch, 1.0), dashed: false }))
+        .collect();
+    let branches = report.model.upload_bytes.len() as f64;
+    let path = dir.join("network.png");
+    plots::time_panels(
+        &path,
+        &format!("{}: uplink and plans", report.scenario),
+        x_range,
+        &[
+            Panel { y_label: "uplink (Mbit/s)", y_range: (0.0, cap_max), curves: cap_curves },
+            Panel { y_label: "p_tar (mean)", y_range: (0.0, 1.05), curves: p_tar_curves },
+            Panel { y_label: "branch (mean)", y_range: (0.5, branches + 0.5), curves: branch_curves },
+        ],
+    )?;
+    written.push(path);
+
+    // 2. Accuracy and deadline misses over time, every policy.
+    let acc: Vec<Curve> = report
+        .policies
+        .iter()
+        .map(|p| Curve { label: p.policy.clone(), color: policy_color(&p.policy), points: points(&p.series.t_s, &p.series.accuracy, 100.0), dashed: false })
+        .collect();
+    let acc_min = acc.iter().flat_map(|c| c.points.iter().map(|p| p.1)).fold(100.0, f64::min);
+    let miss: Vec<Curve> = report
+        .policies
+        .iter()
+        .map(|p| Curve { label: p.policy.clone(), color: policy_color(&p.policy), points: points(&p.series.t_s, &p.series.deadline_miss_rate, 100.0), dashed: false })
+        .collect();
+    let miss_max = miss.iter().flat_map(|c| c.points.iter().map(|p| p.1)).fold(5.0, f64::max) * 1.1;
+    let path = dir.join("accuracy-and-misses.png");
+    plots::time_panels(
+        &path,
+        &format!("{}: accuracy and deadline misses per {} s", report.scenario, report.settings.bin_s),
+        x_range,
+        &[
+            Panel { y_label: "accuracy (%)", y_range: ((acc_min - 1.0).max(0.0).floor(), 100.0), curves: acc },
+            Panel { y_label: "deadline misses (%)", y_range: (0.0, miss_max.min(100.0)), curves: miss },
+        ],
+    )?;
+    written.push(path);
+
+    // 3. Summary per policy.
+    let path = dir.join("summary.png");
+    let names: Vec<String> = report.policies.iter().map(|p| p.policy.clone()).collect();
+    plots::grouped_bars(
+        &path,
+        &format!("{}: per policy", report.scenario),
+        &names,
+        &names.iter().map(|n| policy_color(n)).collect::<Vec<_>>(),
+        &[
+            ("accuracy (%)", report.policies.iter().map(|p| 100.0 * p.totals.accuracy).collect()),
+            ("deadline misses (%)", report.policies.iter().map(|p| 100.0 * p.totals.deadline_miss_rate).collect()),
+            ("offloaded (%)", report.policies.iter().map(|p| 100.0 * p.totals.offload_rate).collect()),
+        ],
+    )?;
+    written.push(path);
+    Ok(written)
+}
+
+pub fn write_json(report: &ScenarioReport, path: &Path) -> Result<()> {
+    let text = serde_json::to_string_pretty(report)? + "\n";
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}

@@ -1,0 +1,715 @@
+//! Virtual-time replay: a discrete-event simulation of the devices, their
+//! uplinks, the planner and the cloud workers, driven by the model's real
+//! decisions.
+//!
+//! What is real: every input's branch and final-exit answers and calibrated
+//! confidences (computed once by the model on the test split), the
+//! planner's code (`branchpoint_models::planner`), the link emulation
+//! (`branchpoint_models::link`), and compute times (the model's measured
+//! profile). What is simulated: the passage of time. So a 10-minute,
+//! 100-device scenario replays in seconds, and the same seed gives the same
+//! report.
+//!
+//! One input, as the live device handles it: it arrives (Poisson, per
+//! device) and waits for the device's CPU; the head runs; if the calibrated
+//! confidence reaches p_tar the device answers. Otherwise the activation
+//! queues for the device's uplink; an upload that cannot start before the
+//! input's deadline is dropped (the device answers with its branch at the
+//! deadline). The upload crosses the link, propagates for half the RTT,
+//! queues at the cloud (dynamic batching over a pool of workers, one branch
+//! per batch; a request whose deadline passed is rejected unprocessed), and
+//! the reply propagates back in half the RTT. A reply after the deadline is
+//! a deadline miss: the device has already answered with its branch.
+//!
+//! Adaptive devices report every `report_interval_s`: their smoothed uplink
+//! time per byte and response time (`LinkEstimator`); the planner answers
+//! with a plan that reaches the device one RTT after the report was sent. A
+//! device whose uplink was idle for a whole interval first sends a probe.
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+
+use branchpoint_models::link::Link;
+use branchpoint_models::planner::{choose, Costs, LinkEstimator, ModelStats, Plan};
+use branchpoint_models::rng::SplitMix64;
+
+/// The model's answers for every test input, and its costs.
+pub struct SimModel {
+    /// `[branch - 1][input]`: (class, calibrated confidence).
+    pub branch_pred: Vec<Vec<(u32, f64)>>,
+    pub final_class: Vec<u32>,
+    pub labels: Vec<u32>,
+    /// Device compute of head(k), microseconds.
+    pub head_us: Vec<f64>,
+    /// Bytes of one offload request at branch k, framing included.
+    pub upload_bytes: Vec<usize>,
+    /// Per branch: (batch size, microseconds) of the cloud's tail, ascending.
+    pub tail_us: Vec<Vec<(usize, f64)>>,
+    pub stats: ModelStats,
+}
+
+impl SimModel {
+    pub fn num_branches(&self) -> usize {
+        self.branch_pred.len()
+    }
+
+    pub fn inputs(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Tail time of a batch of n at branch k: linear between the profiled
+    /// batch sizes, and beyond them.
+    pub fn tail_time_us(&self, branch: usize, n: usize) -> f64 {
+        let pts = &self.tail_us[branch - 1];
+        if pts.len() == 1 {
+            return pts[0].1 * n as f64 / pts[0].0 as f64;
+        }
+        let i = pts.partition_point(|&(b, _)| b < n).clamp(1, pts.len() - 1);
+        let ((b0, t0), (b1, t1)) = (pts[i - 1], pts[i]);
+        (t0 + (t1 - t0) * (n as f64 - b0 as f64) / (b1 as f64 - b0 as f64)).max(1.0)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GroupSim {
+    pub devices: usize,
+    pub rate: f64,
+    pub deadline_us: u64,
+    pub link: Link,
+    pub initial: Plan,
+}
+
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub seed: u64,
+    pub duration_us: u64,
+    pub bin_us: u64,
+    pub window_us: u64,
+    pub groups: Vec<GroupSim>,
+    pub workers: usize,
+    pub max_batch: usize,
+    pub max_wait_us: u64,
+    pub report_interval_us: u64,
+    pub ewma_alpha: f64,
+    pub safety: f64,
+    pub probe_bytes: usize,
+    pub miss_bound: f64,
+}
+
+impl SimConfig {
+    pub fn bins(&self) -> usize {
+        self.duration_us.div_ceil(self.bin_us) as usize
+    }
+
+    pub fn windows(&self) -> usize {
+        self.duration_us.div_ceil(self.window_us) as usize
+    }
+}
+
+/// How devices get their plans in one run.
+#[derive(Debug, Clone)]
+pub enum Plans {
+    /// One fixed plan per group.
+    Fixed(Vec<Plan>),
+    /// The planner, from the devices' reports.
+    Adaptive,
+}
+
+/// Counts of one group in one time bin, by arrival time.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Bin {
+    pub inputs: u64,
+    pub correct: u64,
+    pub on_device: u64,
+    pub edge_correct: u64,
+    pub offloaded: u64,
+    pub cloud: u64,
+    pub fallbacks: u64,
+    pub misses: u64,
+    /// Adaptive runs: inputs below p_tar answered on the device because the
+    /// device predicted their offload would miss the deadline.
+    pub declined: u64,
+    pub p_tar_sum: f64,
+    pub branch_sum: u64,
+    /// Adaptive runs: the planner's view at the reports in this bin.
+    pub reports: u64,
+    pub est_mbit_s_sum: f64,
+    pub predicted_accuracy_sum: f64,
+    pub predicted_miss_sum: f64,
+}
+
+impl Bin {
+    pub fn add(&mut self, o: &Bin) {
+        self.inputs += o.inputs;
+        self.correct += o.correct;
+        self.on_device += o.on_device;
+        self.edge_correct += o.edge_correct;
+        self.offloaded += o.offloaded;
+        self.cloud += o.cloud;
+        self.fallbacks += o.fallbacks;
+        self.misses += o.misses;
+        self.declined += o.declined;
+        self.p_tar_sum += o.p_tar_sum;
+        self.branch_sum += o.branch_sum;
+        self.reports += o.reports;
+        self.est_mbit_s_sum += o.est_mbit_s_sum;
+        self.predicted_accuracy_sum += o.predicted_accuracy_sum;
+        self.predicted_miss_sum += o.predicted_miss_sum;
+    }
+}
+
+/// One run's results: counts per (group, bin) and latencies per (group,
+/// window), both by arrival time.
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    pub bins: Vec<Vec<Bin>>,
+    pub latencies_us: Vec<Vec<Vec<u32>>>,
+    pub arrivals: u64,
+    pub outcomes: u64,
+    pub batches: u64,
+    pub batched_requests: u64,
+}
+
+// Event kinds, in the order they are handled within one microsecond.
+const REPLY: u8 = 0;
+const UPLOAD_DONE: u8 = 1;
+const PROBE_DONE: u8 = 2;
+const PROBE_ECHO: u8 = 3;
+const CLOUD_ARRIVE: u8 = 4;
+const WORKER_FREE: u8 = 5;
+const BATCH_TIMER: u8 = 6;
+const PLAN_ARRIVE: u8 = 7;
+const REPORT: u8 = 8;
+const ARRIVAL: u8 = 9;
+
+/// Ordered by time, then kind, then the ids: never by insertion order, so
+/// the order of simultaneous arrivals (and with it which test input each
+/// device gets) is the same under every policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Event {
+    t: u64,
+    kind: u8,
+    a: u32,
+    b: u32,
+}
+
+struct Device {
+    group: usize,
+    arrivals: SplitMix64,
+    losses: SplitMix64,
+    cpu_free: u64,
+    uplink_free: u64,
+    /// Uploads not yet finished: (start, finish, bytes).
+    uploading: VecDeque<(u64, u64, usize)>,
+    plan: Plan,
+    est: LinkEstimator,
+}
+
+struct Request {
+    device: u32,
+    input: u32,
+    arrival: u64,
+    deadline_at: u64,
+    branch: usize,
+    upload_start: u64,
+    upload_done: u64,
+    cloud_arrival: u64,
+    /// The device's p_tar when the input arrived.
+    p_tar: f64,
+}
+
+struct Sim<'a> {
+    m: &'a SimModel,
+    c: &'a SimConfig,
+    events: BinaryHeap<Reverse<Event>>,
+    devices: Vec<Device>,
+    requests: Vec<Request>,
+    /// Per branch: requests waiting at the cloud.
+    queues: Vec<VecDeque<u32>>,
+    timers: Vec<Option<u64>>,
+    idle_workers: Vec<u32>,
+    plans: Vec<Plan>,
+    /// Adaptive devices decline offloads they predict would miss.
+    admission: bool,
+    next_input: u64,
+    out: RunResult,
+    costs: Vec<Costs>,
+}
+
+/// Whether an adaptive device expects an offload decided at `done` (for an
+/// input that arrived at `t`) to miss its deadline, from what it knows at
+/// `t`: its estimate, the uploads still queued, and how long the current
+/// one has been going (a stalled upload raises the time per byte).
+fn would_miss(dev: &Device, t: u64, done: u64, bytes: usize, deadline: u64, safety: f64) -> bool {
+    let Some(seen) = dev.est.conservative(safety) else { return false };
+    let mut us_per_byte = seen.us_per_byte;
+    let mut pending: f64 = dev.uploading.iter().filter(|u| u.1 > t).map(|u| u.2 as f64).sum();
+    if let Some(&(start, _, b)) = dev.uploading.iter().find(|u| u.1 > t && u.0 <= t) {
+        let elapsed = (t - start) as f64;
+        us_per_byte = us_per_byte.max(elapsed / b as f64);
+        // What has probably left already.
+        pending -= (elapsed / us_per_byte).min(b as f64);
+    }
+    let predicted = (done - t) as f64 + (pending.max(0.0) + bytes as f64) * us_per_byte + seen.response_us;
+    predicted > deadline as f64
+}
+
+/// Microseconds to the next Poisson arrival.
+fn interarrival_us(rng: &mut SplitMix64, rate: f64) -> u64 {
+    (rng.exponential(rate) * 1e6).round().max(1.0) as u64
+}
+
+pub fn simulate(m: &SimModel, c: &SimConfig, plans: &Plans) -> RunResult {
+    let (bins, windows) = (c.bins(), c.windows());
+    let mut sim = Sim {
+        m,
+        c,
+        events: BinaryHeap::new(),
+        devices: Vec::new(),
+        requests: Vec::new(),
+        queues: vec![VecDeque::new(); m.num_branches()],
+        timers: vec![None; m.num_branches()],
+        idle_workers: (0..c.workers as u32).rev().collect(),
+        plans: Vec::new(),
+        admission: matches!(plans, Plans::Adaptive),
+        next_input: 0,
+        out: RunResult {
+            bins: vec![vec![Bin::default(); bins]; c.groups.len()],
+            latencies_us: vec![vec![Vec::new(); windows]; c.groups.len()],
+            arrivals: 0,
+            outcomes: 0,
+            batches: 0,
+            batched_requests: 0,
+        },
+        costs: c
+            .groups
+            .iter()
+            .map(|g| Costs {
+                head_us: m.head_us.clone(),
+                upload_bytes: m.upload_bytes.iter().map(|&b| b as f64).collect(),
+                deadline_us: g.deadline_us as f64,
+                arrival_rate: g.rate,
+                miss_bound: c.miss_bound,
+            })
+            .collect(),
+    };
+    let mut d = 0u32;
+    for (gi, g) in c.groups.iter().enumerate() {
+        let plan = match plans {
+            Plans::Fixed(p) => p[gi],
+            Plans::Adaptive => g.initial,
+        };
+        for k in 0..g.devices {
+            // Streams depend only on the seed and the device's place.
+            let base = c.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((gi as u64) << 32 | k as u64);
+            let mut arrivals = SplitMix64::new(base);
+            let first = interarrival_us(&mut arrivals, g.rate);
+            sim.devices.push(Device {
+                group: gi,
+                arrivals,
+                losses: SplitMix64::new(base ^ 0x5555_5555_5555_5555),
+                cpu_free: 0,
+                uplink_free: 0,
+                uploading: VecDeque::new(),
+                plan,
+                // Slower than this, not even the smallest upload could make
+                // the deadline with no response time at all.
+                est: LinkEstimator::new(c.ewma_alpha, g.deadline_us as f64 / *m.upload_bytes.iter().min().expect("a branch") as f64),
+            });
+            if first < c.duration_us {
+                sim.push(first, ARRIVAL, d, 0);
+            }
+            if matches!(plans, Plans::Adaptive) {
+                // Reports spread over the first interval, not all at once.
+                let offset = c.report_interval_us * (u64::from(d) + 1) / (c.groups.iter().map(|g| g.devices).sum::<usize>() as u64 + 1);
+                sim.push(offset.max(1), REPORT, d, 0);
+            }
+            d += 1;
+        }
+    }
+    while let Some(Reverse(e)) = sim.events.pop() {
+        sim.handle(e);
+    }
+    sim.out
+}
+
+impl<'a> Sim<'a> {
+    fn push(&mut self, t: u64, kind: u8, a: u32, b: u32) {
+        self.events.push(Reverse(Event { t, kind, a, b }));
+    }
+
+    fn handle(&mut self, e: Event) {
+        match e.kind {
+            ARRIVAL => self.arrival(e.t, e.a),
+            UPLOAD_DONE => self.upload_done(e.t, e.a),
+            CLOUD_ARRIVE => self.cloud_arrive(e.t, e.a),
+            WORKER_FREE => {
+                self.idle_workers.push(e.a);
+                self.dispatch(e.t);
+            }
+            BATCH_TIMER => {
+                if self.timers[e.a as usize] == Some(e.t) {
+                    self.timers[e.a as usize] = None;
+                }
+                self.dispatch(e.t);
+            }
+            REPLY => self.reply(e.t, e.a, e.b),
+            REPORT => self.report(e.t, e.a),
+            PROBE_DONE => {
+                let dev = &mut self.devices[e.a as usize];
+                if let Some(&(start, _, bytes)) = dev.uploading.iter().find(|u| u.1 == e.t) {
+                    dev.est.observe_upload(bytes, (e.t - start) as f64);
+                }
+                dev.uploading.retain(|u| u.1 > e.t);
+                let rtt = self.c.groups[dev.group].link.rtt_us(e.t);
+                self.push(e.t + rtt, PROBE_ECHO, e.a, 0);
+            }
+            PROBE_ECHO => {
+                let dev = &mut self.devices[e.a as usize];
+                let rtt = self.c.groups[dev.group].link.rtt_us(e.t);
+                dev.est.observe_response(rtt as f64);
+            }
+            PLAN_ARRIVE => self.devices[e.a as usize].plan = self.plans[e.b as usize],
+            _ => unreachable!("unknown event kind {}", e.kind),
+        }
+    }
+
+    fn bin(&mut self, group: usize, arrival: u64) -> &mut Bin {
+        let i = ((arrival / self.c.bin_us) as usize).min(self.out.bins[group].len() - 1);
+        &mut self.out.bins[group][i]
+    }
+
+    /// Records the one outcome of an input.
+    #[allow(clippy::too_many_arguments)]
+    fn record(&mut self, group: usize, arrival: u64, latency: u64, correct: bool, on_device: bool, cloud: bool, missed: bool, plan: Plan) {
+        self.out.outcomes += 1;
+        let b = self.bin(group, arrival);
+        b.inputs += 1;
+        b.correct += u64::from(correct);
+        b.p_tar_sum += plan.p_tar;
+        b.branch_sum += plan.branch as u64;
+        if on_device {
+            b.on_device += 1;
+            b.edge_correct += u64::from(correct);
+        } else {
+            b.offloaded += 1;
+            if cloud {
+                b.cloud += 1;
+            } else {
+                b.fallbacks += 1;
+            }
+        }
+        b.misses += u64::from(missed);
+        let w = ((arrival / self.c.window_us) as usize).min(self.out.latencies_us[group].len() - 1);
+        self.out.latencies_us[group][w].push(latency.min(u64::from(u32::MAX)) as u32);
+    }
+
+    fn arrival(&mut self, t: u64, d: u32) {
+        self.out.arrivals += 1;
+        let (c, m) = (self.c, self.m);
+        let dev = &mut self.devices[d as usize];
+        let g = &c.groups[dev.group];
+        let next = t + interarrival_us(&mut dev.arrivals, g.rate);
+        let input = (self.next_input % m.inputs() as u64) as u32;
+        self.next_input += 1;
+        let plan = dev.plan;
+        let k = plan.branch;
+        let start = t.max(dev.cpu_free);
+        let done = start + m.head_us[k - 1].round() as u64;
+        dev.cpu_free = done;
+        let (class, conf) = m.branch_pred[k - 1][input as usize];
+        let label = m.labels[input as usize];
+        let (group, deadline) = (dev.group, g.deadline_us);
+        if next < c.duration_us {
+            self.events.push(Reverse(Event { t: next, kind: ARRIVAL, a: d, b: 0 }));
+        }
+        if plan.exits(conf) {
+            let latency = done - t;
+            self.record(group, t, latency, class == label, true, false, latency > deadline, plan);
+            return;
+        }
+        if self.admission && would_miss(dev, t, done, m.upload_bytes[k - 1], deadline, c.safety) {
+            self.bin(group, t).declined += 1;
+            self.record(group, t, done - t, class == label, true, false, false, plan);
+            return;
+        }
+        let dev = &mut self.devices[d as usize];
+        let deadline_at = t + deadline;
+        let up_start = done.max(dev.uplink_free);
+        if up_start >= deadline_at {
+            // Still queued at its deadline: never sent.
+            self.record(group, t, deadline.max(done - t), class == label, false, false, true, plan);
+            return;
+        }
+        let bytes = m.upload_bytes[k - 1];
+        let finish = g.link.transmit(up_start, bytes, &mut dev.losses).unwrap_or(u64::MAX);
+        dev.uplink_free = finish;
+        dev.uploading.push_back((up_start, finish, bytes));
+        let id = self.requests.len() as u32;
+        self.requests.push(Request {
+            device: d,
+            input,
+            arrival: t,
+            deadline_at,
+            branch: k,
+            upload_start: up_start,
+            upload_done: finish,
+            cloud_arrival: 0,
+            p_tar: plan.p_tar,
+        });
+        if finish == u64::MAX {
+            // The link never delivers it: the device answers at the deadline.
+            self.record(group, t, deadline, class == label, false, false, true, plan);
+        } else {
+            self.push(finish, UPLOAD_DONE, id, 0);
+        }
+    }
+
+    fn upload_done(&mut self, t: u64, id: u32) {
+        let r = &self.requests[id as usize];
+        let dev = &mut self.devices[r.device as usize];
+        dev.uploading.retain(|u| u.1 > t);
+        dev.est.observe_upload(self.m.upload_bytes[r.branch - 1], (t - r.upload_start) as f64);
+        let half_rtt = self.c.groups[dev.group].link.rtt_us(t) / 2;
+        self.push(t + half_rtt, CLOUD_ARRIVE, id, 0);
+    }
+
+    fn cloud_arrive(&mut self, t: u64, id: u32) {
+        self.requests[id as usize].cloud_arrival = t;
+        let k = self.requests[id as usize].branch;
+        self.queues[k - 1].push_back(id);
+        self.dispatch(t);
+    }
+
+    /// Starts batches on idle workers: a branch's queue goes when it holds
+    /// `max_batch` requests or its oldest has waited `max_wait`.
+    fn dispatch(&mut self, t: u64) {
+        loop {
+            // Expired requests are rejected unprocessed, like the live worker does.
+            for k in 0..self.queues.len() {
+                while let Some(&id) = self.queues[k].front() {
+                    if t >= self.requests[id as usize].deadline_at {
+                        self.queues[k].pop_front();
+                        self.expired(id);
+                    } else {
+                        break;
+                    }
+                }
+            }
+            if self.idle_workers.is_empty() {
+                return;
+            }
+            let mut ready: Option<usize> = None;
+            let mut timers = Vec::new();
+            for (k, q) in self.queues.iter().enumerate() {
+                let Some(&oldest) = q.front() else { continue };
+                let due = self.requests[oldest as usize].cloud_arrival + self.c.max_wait_us;
+                if q.len() >= self.c.max_batch || t >= due {
+                    let older = ready.is_none_or(|r| {
+                        self.requests[oldest as usize].cloud_arrival < self.requests[*self.queues[r].front().unwrap() as usize].cloud_arrival
+                    });
+                    if older {
+                        ready = Some(k);
+                    }
+                } else if self.timers[k] != Some(due) {
+                    timers.push((k, due));
+                }
+            }
+            for (k, due) in timers {
+                self.timers[k] = Some(due);
+                self.push(due, BATCH_TIMER, k as u32, 0);
+            }
+            let Some(k) = ready else { return };
+            let worker = self.idle_workers.pop().expect("checked above");
+            let n = self.queues[k].len().min(self.c.max_batch);
+            let service = self.m.tail_time_us(k + 1, n).round() as u64;
+            self.out.batches += 1;
+            self.out.batched_requests += n as u64;
+            for _ in 0..n {
+                let id = self.queues[k].pop_front().expect("n <= len");
+                let dev = self.requests[id as usize].device as usize;
+                let half_rtt = self.c.groups[self.devices[dev].group].link.rtt_us(t) / 2;
+                self.push(t + service + half_rtt, REPLY, id, 0);
+            }
+            self.push(t + service, WORKER_FREE, worker, 0);
+        }
+    }
+
+    fn expired(&mut self, id: u32) {
+        let r = &self.requests[id as usize];
+        let dev = &self.devices[r.device as usize];
+        let (class, _) = self.m.branch_pred[r.branch - 1][r.input as usize];
+        let correct = class == self.m.labels[r.input as usize];
+        let (group, arrival, deadline) = (dev.group, r.arrival, self.c.groups[dev.group].deadline_us);
+        let plan = Plan { branch: r.branch, p_tar: r.p_tar };
+        self.record(group, arrival, deadline, correct, false, false, true, plan);
+    }
+
+    fn reply(&mut self, t: u64, id: u32, _: u32) {
+        let r = &self.requests[id as usize];
+        let d = r.device as usize;
+        let (arrival, deadline_at, branch, input, upload_done, p_tar) = (r.arrival, r.deadline_at, r.branch, r.input as usize, r.upload_done, r.p_tar);
+        self.devices[d].est.observe_response((t - upload_done) as f64);
+        let group = self.devices[d].group;
+        let deadline = self.c.groups[group].deadline_us;
+        let label = self.m.labels[input];
+        let plan = Plan { branch, p_tar };
+        if t <= deadline_at {
+            let correct = self.m.final_class[input] == label;
+            self.record(group, arrival, t - arrival, correct, false, true, false, plan);
+        } else {
+            let correct = self.m.branch_pred[branch - 1][input].0 == label;
+            self.record(group, arrival, deadline, correct, false, false, true, plan);
+        }
+    }
+
+    fn report(&mut self, t: u64, d: u32) {
+        let interval = self.c.report_interval_us;
+        if t + interval < self.c.duration_us {
+            self.push(t + interval, REPORT, d, 0);
+        }
+        let dev = &mut self.devices[d as usize];
+        let g = &self.c.groups[dev.group];
+        dev.uploading.retain(|u| u.1 > t);
+        if let Some(&(start, _, bytes)) = dev.uploading.front() {
+            if start <= t {
+                dev.est.observe_stalled_upload(bytes, (t - start) as f64);
+            }
+        }
+        // Probe an uplink idle for a whole interval, or one the device has
+        // not measured yet (no plan can be made without it).
+        let measuring = dev.uploading.iter().any(|u| u.0 <= t);
+        if dev.uplink_free + interval <= t || (!dev.est.is_ready() && !measuring) {
+            let bytes = self.c.probe_bytes;
+            let start = t.max(dev.uplink_free);
+            let finish = g.link.transmit(start, bytes, &mut dev.losses).unwrap_or(u64::MAX);
+            dev.uplink_free = finish;
+            dev.uploading.push_back((start, finish, bytes));
+            if finish != u64::MAX {
+                self.push(finish, PROBE_DONE, d, 0);
+            }
+        }
+        let dev = &self.devices[d as usize];
+        let Some(seen) = dev.est.conservative(self.c.safety) else { return };
+        let group = dev.group;
+        let mbit = dev.est.mean_mbit_s().unwrap_or(0.0);
+        let prediction = choose(&self.m.stats, &self.costs[group], &seen);
+        let rtt = self.c.groups[group].link.rtt_us(t);
+        let b = self.bin(group, t);
+        b.reports += 1;
+        b.est_mbit_s_sum += mbit;
+        b.predicted_accuracy_sum += prediction.accuracy;
+        b.predicted_miss_sum += prediction.miss_rate;
+        let idx = self.plans.len() as u32;
+        self.plans.push(prediction.plan);
+        self.push(t + rtt.max(1), PLAN_ARRIVE, d, idx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use branchpoint_models::link::Segment;
+    use branchpoint_models::planner::ThresholdStats;
+
+    /// 100 inputs: even ones confident at both branches and right
+    /// everywhere; odd ones unsure at the branches, wrong there, right at
+    /// the final exit.
+    fn model() -> SimModel {
+        let n = 100;
+        let labels: Vec<u32> = (0..n).map(|i| (i % 10) as u32).collect();
+        let pred = |i: usize| if i % 2 == 0 { (labels[i], 0.99) } else { ((labels[i] + 1) % 10, 0.5) };
+        let stat = |branch, p_tar: f64, off: f64| ThresholdStats {
+            plan: Plan { branch, p_tar },
+            offload_rate: off,
+            edge_accuracy: if off < 1.0 { 0.99 } else { 0.0 },
+            cloud_accuracy: 1.0,
+            fallback_accuracy: 0.0,
+            measured_edge_accuracy: 1.0,
+            measured_cloud_accuracy: 1.0,
+        };
+        SimModel {
+            branch_pred: vec![(0..n).map(pred).collect(), (0..n).map(pred).collect()],
+            final_class: labels.clone(),
+            labels,
+            head_us: vec![1_000.0, 2_000.0],
+            upload_bytes: vec![25_000, 12_500],
+            tail_us: vec![vec![(1, 500.0), (32, 8_000.0)], vec![(1, 400.0), (32, 6_000.0)]],
+            stats: ModelStats { candidates: vec![stat(2, 0.0, 0.0), stat(2, 0.9, 0.5), stat(2, 1.0, 1.0)] },
+        }
+    }
+
+    fn config(link: Link) -> SimConfig {
+        SimConfig {
+            seed: 3,
+            duration_us: 20_000_000,
+            bin_us: 1_000_000,
+            window_us: 5_000_000,
+            groups: vec![GroupSim { devices: 4, rate: 5.0, deadline_us: 100_000, link, initial: Plan { branch: 2, p_tar: 0.9 } }],
+            workers: 2,
+            max_batch: 8,
+            max_wait_us: 2_000,
+            report_interval_us: 1_000_000,
+            ewma_alpha: 0.25,
+            safety: 2.0,
+            probe_bytes: 15_000,
+            miss_bound: 0.05,
+        }
+    }
+
+    fn total(r: &RunResult) -> Bin {
+        let mut t = Bin::default();
+        r.bins.iter().flatten().for_each(|b| t.add(b));
+        t
+    }
+
+    #[test]
+    fn a_fast_link_answers_every_offload_in_the_cloud() {
+        let m = model();
+        let c = config(Link::constant(100.0, 10_000, 0.0).unwrap());
+        let r = simulate(&m, &c, &Plans::Fixed(vec![Plan { branch: 2, p_tar: 0.9 }]));
+        let t = total(&r);
+        assert_eq!(r.arrivals, r.outcomes);
+        assert_eq!(t.inputs, r.arrivals);
+        assert!(t.inputs > 300, "4 devices x 5/s x 20 s: {}", t.inputs);
+        assert_eq!(t.offloaded, t.cloud, "every offload answered");
+        assert_eq!((t.misses, t.fallbacks), (0, 0));
+        assert_eq!(t.correct, t.inputs, "confident inputs right on the device, the rest right in the cloud");
+        assert!(t.offloaded * 3 > t.inputs && t.offloaded * 3 < 2 * t.inputs, "about half offloaded: {t:?}");
+        assert!(r.batches > 0 && r.batched_requests == t.cloud);
+        // The same seed, the same run.
+        assert_eq!(simulate(&m, &c, &Plans::Fixed(vec![Plan { branch: 2, p_tar: 0.9 }])).bins, r.bins);
+    }
+
+    #[test]
+    fn a_dead_link_turns_offloads_into_fallbacks_and_the_planner_stops_offloading() {
+        let m = model();
+        let dead = Link::schedule(vec![
+            Segment { at_us: 0, uplink_mbit_s: 100.0, rtt_us: 10_000, loss: 0.0 },
+            Segment { at_us: 5_000_000, uplink_mbit_s: 0.0, rtt_us: 10_000, loss: 0.0 },
+        ])
+        .unwrap();
+        let c = config(dead);
+        let fixed = total(&simulate(&m, &c, &Plans::Fixed(vec![Plan { branch: 2, p_tar: 0.9 }])));
+        assert_eq!(fixed.misses, fixed.fallbacks);
+        assert!(fixed.fallbacks * 2 > fixed.offloaded, "after 5 s nothing gets through: {fixed:?}");
+        let r = simulate(&m, &c, &Plans::Adaptive);
+        let late: Bin = r.bins[0][10..].iter().fold(Bin::default(), |mut a, b| {
+            a.add(b);
+            a
+        });
+        assert_eq!(r.arrivals, r.outcomes);
+        assert_eq!(late.offloaded, 0, "the planner keeps inputs on the device once the link is dead: {late:?}");
+        assert!(total(&r).misses < fixed.misses / 4, "adaptive {:?} vs fixed {fixed:?}", total(&r));
+        // Stalls count as the cap: 100 ms / 12,500 bytes = 8 us per byte = 1 Mbit/s.
+        assert!(late.reports > 0 && late.est_mbit_s_sum / (late.reports as f64) < 1.5);
+    }
+
+    #[test]
+    fn tail_time_interpolates_between_profiled_batches() {
+        let m = model();
+        assert_eq!(m.tail_time_us(1, 1), 500.0);
+        assert_eq!(m.tail_time_us(1, 32), 8_000.0);
+        assert!((m.tail_time_us(1, 16) - (500.0 + 7_500.0 * 15.0 / 31.0)).abs() < 1e-9);
+        assert!(m.tail_time_us(1, 64) > 8_000.0);
+    }
+}
