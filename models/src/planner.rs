@@ -284,6 +284,82 @@ impl LinkEstimator {
     }
 }
 
+/// A device's view of its own uplink: the uploads it has queued (the
+/// uplink sends one at a time, in order) and its estimate. The same code
+/// runs in the virtual-time replay and in live devices, so both decline,
+/// probe and report alike. Times are microseconds on the caller's clock.
+#[derive(Debug, Clone)]
+pub struct DeviceUplink {
+    pub est: LinkEstimator,
+    free_at: u64,
+    /// Uploads not yet known to be finished: (start, finish, bytes).
+    uploading: std::collections::VecDeque<(u64, u64, usize)>,
+}
+
+impl DeviceUplink {
+    pub fn new(est: LinkEstimator) -> Self {
+        Self { est, free_at: 0, uploading: Default::default() }
+    }
+
+    /// When the uplink is free of everything queued so far.
+    pub fn free_at(&self) -> u64 {
+        self.free_at
+    }
+
+    /// Queues `bytes` ready at `ready`: returns (start, finish), finish
+    /// `None` when the link never delivers them.
+    pub fn enqueue(&mut self, link: &crate::link::Link, ready: u64, bytes: usize, rng: &mut crate::rng::SplitMix64) -> (u64, Option<u64>) {
+        let start = ready.max(self.free_at);
+        let finish = link.transmit(start, bytes, rng);
+        self.free_at = finish.unwrap_or(u64::MAX);
+        self.uploading.push_back((start, self.free_at, bytes));
+        (start, finish)
+    }
+
+    /// The upload that started at `start` finished at `t`.
+    pub fn finished(&mut self, t: u64, start: u64, bytes: usize) {
+        self.est.observe_upload(bytes, t.saturating_sub(start) as f64);
+        self.uploading.retain(|u| u.1 > t);
+    }
+
+    /// Before a report at `t`: forgets finished uploads and lets a stalled
+    /// one raise the estimate.
+    pub fn before_report(&mut self, t: u64) {
+        self.uploading.retain(|u| u.1 > t);
+        if let Some(&(start, _, bytes)) = self.uploading.front() {
+            if start <= t {
+                self.est.observe_stalled_upload(bytes, (t - start) as f64);
+            }
+        }
+    }
+
+    /// Probe when the uplink sat idle for a whole interval, or when the
+    /// estimate has no sample yet and nothing is being sent.
+    pub fn needs_probe(&self, t: u64, interval: u64) -> bool {
+        let sending = self.uploading.iter().any(|u| u.0 <= t && u.1 > t);
+        self.free_at.saturating_add(interval) <= t || (!self.est.is_ready() && !sending)
+    }
+
+    /// Whether an offload decided at `done` (the input arrived at `t`) would
+    /// miss `deadline`, from what the device knows at `t`: its conservative
+    /// estimate, the bytes still queued, and how long the current upload
+    /// has been going (a stall raises the time per byte). Without an
+    /// estimate it cannot tell and says no.
+    pub fn would_miss(&self, t: u64, done: u64, bytes: usize, deadline: u64, safety: f64) -> bool {
+        let Some(seen) = self.est.conservative(safety) else { return false };
+        let mut us_per_byte = seen.us_per_byte;
+        let mut pending: f64 = self.uploading.iter().filter(|u| u.1 > t).map(|u| u.2 as f64).sum();
+        if let Some(&(start, _, b)) = self.uploading.iter().find(|u| u.1 > t && u.0 <= t) {
+            let elapsed = (t - start) as f64;
+            us_per_byte = us_per_byte.max(elapsed / b as f64);
+            // What has probably left already.
+            pending -= (elapsed / us_per_byte).min(b as f64);
+        }
+        let predicted = done.saturating_sub(t) as f64 + (pending.max(0.0) + bytes as f64) * us_per_byte + seen.response_us;
+        predicted > deadline as f64
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

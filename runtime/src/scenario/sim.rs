@@ -29,7 +29,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 
 use branchpoint_models::link::Link;
-use branchpoint_models::planner::{choose, Costs, LinkEstimator, ModelStats, Plan};
+use branchpoint_models::planner::{choose, Costs, DeviceUplink, LinkEstimator, ModelStats, Plan};
 use branchpoint_models::rng::SplitMix64;
 
 /// The model's answers for every test input, and its costs.
@@ -197,11 +197,10 @@ struct Device {
     arrivals: SplitMix64,
     losses: SplitMix64,
     cpu_free: u64,
-    uplink_free: u64,
-    /// Uploads not yet finished: (start, finish, bytes).
-    uploading: VecDeque<(u64, u64, usize)>,
+    uplink: DeviceUplink,
+    /// Start of the probe in flight.
+    probe_start: u64,
     plan: Plan,
-    est: LinkEstimator,
 }
 
 struct Request {
@@ -233,24 +232,6 @@ struct Sim<'a> {
     next_input: u64,
     out: RunResult,
     costs: Vec<Costs>,
-}
-
-/// Whether an adaptive device expects an offload decided at `done` (for an
-/// input that arrived at `t`) to miss its deadline, from what it knows at
-/// `t`: its estimate, the uploads still queued, and how long the current
-/// one has been going (a stalled upload raises the time per byte).
-fn would_miss(dev: &Device, t: u64, done: u64, bytes: usize, deadline: u64, safety: f64) -> bool {
-    let Some(seen) = dev.est.conservative(safety) else { return false };
-    let mut us_per_byte = seen.us_per_byte;
-    let mut pending: f64 = dev.uploading.iter().filter(|u| u.1 > t).map(|u| u.2 as f64).sum();
-    if let Some(&(start, _, b)) = dev.uploading.iter().find(|u| u.1 > t && u.0 <= t) {
-        let elapsed = (t - start) as f64;
-        us_per_byte = us_per_byte.max(elapsed / b as f64);
-        // What has probably left already.
-        pending -= (elapsed / us_per_byte).min(b as f64);
-    }
-    let predicted = (done - t) as f64 + (pending.max(0.0) + bytes as f64) * us_per_byte + seen.response_us;
-    predicted > deadline as f64
 }
 
 /// Microseconds to the next Poisson arrival.
@@ -308,12 +289,11 @@ pub fn simulate(m: &SimModel, c: &SimConfig, plans: &Plans) -> RunResult {
                 arrivals,
                 losses: SplitMix64::new(base ^ 0x5555_5555_5555_5555),
                 cpu_free: 0,
-                uplink_free: 0,
-                uploading: VecDeque::new(),
+                // Slower than the cap, not even the smallest upload could
+                // make the deadline with no response time at all.
+                uplink: DeviceUplink::new(LinkEstimator::new(c.ewma_alpha, g.deadline_us as f64 / *m.upload_bytes.iter().min().expect("a branch") as f64)),
+                probe_start: 0,
                 plan,
-                // Slower than this, not even the smallest upload could make
-                // the deadline with no response time at all.
-                est: LinkEstimator::new(c.ewma_alpha, g.deadline_us as f64 / *m.upload_bytes.iter().min().expect("a branch") as f64),
             });
             if first < c.duration_us {
                 sim.push(first, ARRIVAL, d, 0);
@@ -356,17 +336,14 @@ impl<'a> Sim<'a> {
             REPORT => self.report(e.t, e.a),
             PROBE_DONE => {
                 let dev = &mut self.devices[e.a as usize];
-                if let Some(&(start, _, bytes)) = dev.uploading.iter().find(|u| u.1 == e.t) {
-                    dev.est.observe_upload(bytes, (e.t - start) as f64);
-                }
-                dev.uploading.retain(|u| u.1 > e.t);
+                dev.uplink.finished(e.t, dev.probe_start, self.c.probe_bytes);
                 let rtt = self.c.groups[dev.group].link.rtt_us(e.t);
                 self.push(e.t + rtt, PROBE_ECHO, e.a, 0);
             }
             PROBE_ECHO => {
                 let dev = &mut self.devices[e.a as usize];
                 let rtt = self.c.groups[dev.group].link.rtt_us(e.t);
-                dev.est.observe_response(rtt as f64);
+                dev.uplink.est.observe_response(rtt as f64);
             }
             PLAN_ARRIVE => self.devices[e.a as usize].plan = self.plans[e.b as usize],
             _ => unreachable!("unknown event kind {}", e.kind),
@@ -427,23 +404,22 @@ impl<'a> Sim<'a> {
             self.record(group, t, latency, class == label, true, false, latency > deadline, plan);
             return;
         }
-        if self.admission && would_miss(dev, t, done, m.upload_bytes[k - 1], deadline, c.safety) {
+        if self.admission && dev.uplink.would_miss(t, done, m.upload_bytes[k - 1], deadline, c.safety) {
             self.bin(group, t).declined += 1;
             self.record(group, t, done - t, class == label, true, false, false, plan);
             return;
         }
         let dev = &mut self.devices[d as usize];
         let deadline_at = t + deadline;
-        let up_start = done.max(dev.uplink_free);
+        let up_start = done.max(dev.uplink.free_at());
         if up_start >= deadline_at {
             // Still queued at its deadline: never sent.
             self.record(group, t, deadline.max(done - t), class == label, false, false, true, plan);
             return;
         }
         let bytes = m.upload_bytes[k - 1];
-        let finish = g.link.transmit(up_start, bytes, &mut dev.losses).unwrap_or(u64::MAX);
-        dev.uplink_free = finish;
-        dev.uploading.push_back((up_start, finish, bytes));
+        let (_, finish) = dev.uplink.enqueue(&g.link, up_start, bytes, &mut dev.losses);
+        let finish = finish.unwrap_or(u64::MAX);
         let id = self.requests.len() as u32;
         self.requests.push(Request {
             device: d,
@@ -467,8 +443,7 @@ impl<'a> Sim<'a> {
     fn upload_done(&mut self, t: u64, id: u32) {
         let r = &self.requests[id as usize];
         let dev = &mut self.devices[r.device as usize];
-        dev.uploading.retain(|u| u.1 > t);
-        dev.est.observe_upload(self.m.upload_bytes[r.branch - 1], (t - r.upload_start) as f64);
+        dev.uplink.finished(t, r.upload_start, self.m.upload_bytes[r.branch - 1]);
         let half_rtt = self.c.groups[dev.group].link.rtt_us(t) / 2;
         self.push(t + half_rtt, CLOUD_ARRIVE, id, 0);
     }
@@ -548,7 +523,7 @@ impl<'a> Sim<'a> {
         let r = &self.requests[id as usize];
         let d = r.device as usize;
         let (arrival, deadline_at, branch, input, upload_done, p_tar) = (r.arrival, r.deadline_at, r.branch, r.input as usize, r.upload_done, r.p_tar);
-        self.devices[d].est.observe_response((t - upload_done) as f64);
+        self.devices[d].uplink.est.observe_response((t - upload_done) as f64);
         let group = self.devices[d].group;
         let deadline = self.c.groups[group].deadline_us;
         let label = self.m.labels[input];
@@ -569,29 +544,20 @@ impl<'a> Sim<'a> {
         }
         let dev = &mut self.devices[d as usize];
         let g = &self.c.groups[dev.group];
-        dev.uploading.retain(|u| u.1 > t);
-        if let Some(&(start, _, bytes)) = dev.uploading.front() {
-            if start <= t {
-                dev.est.observe_stalled_upload(bytes, (t - start) as f64);
-            }
-        }
+        dev.uplink.before_report(t);
         // Probe an uplink idle for a whole interval, or one the device has
         // not measured yet (no plan can be made without it).
-        let measuring = dev.uploading.iter().any(|u| u.0 <= t);
-        if dev.uplink_free + interval <= t || (!dev.est.is_ready() && !measuring) {
-            let bytes = self.c.probe_bytes;
-            let start = t.max(dev.uplink_free);
-            let finish = g.link.transmit(start, bytes, &mut dev.losses).unwrap_or(u64::MAX);
-            dev.uplink_free = finish;
-            dev.uploading.push_back((start, finish, bytes));
-            if finish != u64::MAX {
+        if dev.uplink.needs_probe(t, interval) {
+            let (start, finish) = dev.uplink.enqueue(&g.link, t, self.c.probe_bytes, &mut dev.losses);
+            dev.probe_start = start;
+            if let Some(finish) = finish {
                 self.push(finish, PROBE_DONE, d, 0);
             }
         }
         let dev = &self.devices[d as usize];
-        let Some(seen) = dev.est.conservative(self.c.safety) else { return };
+        let Some(seen) = dev.uplink.est.conservative(self.c.safety) else { return };
         let group = dev.group;
-        let mbit = dev.est.mean_mbit_s().unwrap_or(0.0);
+        let mbit = dev.uplink.est.mean_mbit_s().unwrap_or(0.0);
         let prediction = choose(&self.m.stats, &self.costs[group], &seen);
         let rtt = self.c.groups[group].link.rtt_us(t);
         let b = self.bin(group, t);
