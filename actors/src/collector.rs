@@ -66,6 +66,13 @@ pub struct Outcome {
     /// Set when the device could not decide at all (a bug or a bad input,
     /// never the network): the input is counted under `errors`.
     pub error: Option<String>,
+    /// When the input arrived at the device, µs since the Unix epoch.
+    #[serde(default)]
+    pub arrived_unix_us: u64,
+    /// Below p_tar, but answered on the device because the device predicted
+    /// its offload would miss the deadline (adaptive devices only).
+    #[serde(default)]
+    pub declined: bool,
 }
 
 impl Outcome {

@@ -21,8 +21,11 @@ use actix::prelude::*;
 use branchpoint_messages::{Deadline, OffloadRequest};
 use branchpoint_models::calibration::predict;
 
+use branchpoint_models::planner::Plan;
+
 use crate::collector::{Collector, Decided, FallbackReason, InputAccepted, Latency, Outcome};
 use crate::compute::{HeadOutput, LoadedNet};
+use crate::emulation::{Emulation, EmulationSpec, ReportTo};
 use crate::transport::{OffloadFailure, OffloadLink};
 
 #[derive(Debug, Clone)]
@@ -34,6 +37,8 @@ pub struct DeviceConfig {
     pub temperatures: Vec<f64>,
     /// Budget of one input from arrival to answer.
     pub deadline: Duration,
+    /// Real-time scenario replay: the emulated uplink in front of `link`.
+    pub emulation: Option<EmulationSpec>,
 }
 
 pub struct Device {
@@ -43,16 +48,96 @@ pub struct Device {
     link: OffloadLink,
     collector: Addr<Collector>,
     seq: u64,
+    em: Option<Rc<Emulation>>,
 }
 
 impl Device {
-    pub fn new(cfg: DeviceConfig, net: Rc<LoadedNet>, link: OffloadLink, collector: Addr<Collector>) -> Self {
-        Self { cfg, net, link, collector, seq: 0 }
+    pub fn new(mut cfg: DeviceConfig, net: Rc<LoadedNet>, link: OffloadLink, collector: Addr<Collector>) -> Self {
+        let em = cfg.emulation.take().map(|spec| Rc::new(Emulation::new(spec)));
+        Self { cfg, net, link, collector, seq: 0, em }
     }
 }
 
 impl Actor for Device {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        if let Some(em) = &self.em {
+            if em.spec.reports.is_some() {
+                let interval = em.spec.report_interval;
+                ctx.run_later(em.spec.report_offset, move |act, ctx| {
+                    act.report(ctx);
+                    ctx.run_interval(interval, |act, ctx| act.report(ctx));
+                });
+            }
+        }
+    }
+}
+
+impl Device {
+    /// Probes an idle or unmeasured uplink, then reports the conservative
+    /// estimate to the planner.
+    fn report(&mut self, ctx: &mut Context<Self>) {
+        let Some(em) = self.em.clone() else { return };
+        let now = em.us(Instant::now());
+        let interval = em.spec.report_interval.as_micros() as u64;
+        let mut up = em.uplink.borrow_mut();
+        up.before_report(now);
+        if up.needs_probe(now, interval) {
+            let bytes = em.spec.probe_bytes;
+            let (start, finish) = up.enqueue(&em.spec.link, now, bytes, &mut em.rng.borrow_mut());
+            if let Some(finish) = finish {
+                let em2 = em.clone();
+                ctx.run_later(Duration::from_micros(finish.saturating_sub(now)), move |_, ctx| {
+                    em2.uplink.borrow_mut().finished(finish, start, bytes);
+                    // The probe's echo measures the round trip.
+                    let rtt = em2.spec.link.rtt_us(finish);
+                    ctx.run_later(Duration::from_micros(rtt), move |_, _| em2.uplink.borrow_mut().est.observe_response(rtt as f64));
+                });
+            }
+        }
+        let Some(observed) = up.est.conservative(em.spec.safety) else { return };
+        let estimated_mbit_s = up.est.mean_mbit_s().unwrap_or(0.0);
+        let response = up.est.mean_response_us().unwrap_or(0.0);
+        drop(up);
+        match em.spec.reports.as_ref() {
+            Some(ReportTo::Planner(planner)) => planner.do_send(crate::planner::DeviceReport {
+                device_id: self.cfg.id.clone(),
+                group: em.spec.group.clone(),
+                at_us: now,
+                observed,
+                estimated_mbit_s,
+                rtt: Duration::from_micros(em.spec.link.rtt_us(now)),
+                reply_to: Some(ctx.address()),
+            }),
+            Some(ReportTo::Nats(client)) => {
+                let report = branchpoint_messages::NetworkReport {
+                    device_id: self.cfg.id.clone(),
+                    uplink_bytes_per_s_ewma: estimated_mbit_s * 1e6 / 8.0,
+                    rtt_us_ewma: response,
+                    window_start_unix_us: now.saturating_sub(interval),
+                    window_end_unix_us: now,
+                    samples: 0,
+                    group: Some(em.spec.group.clone()),
+                    us_per_byte_conservative: Some(observed.us_per_byte),
+                    response_us_conservative: Some(observed.response_us),
+                };
+                match branchpoint_messages::encode(&report) {
+                    Ok(bytes) => {
+                        let client = client.clone();
+                        let delay = em.half_rtt(now);
+                        actix::spawn(async move {
+                            // The report crosses the emulated link too.
+                            tokio::time::sleep(delay).await;
+                            let _ = client.publish(branchpoint_messages::subjects::NETWORK_REPORT, bytes.into()).await;
+                        });
+                    }
+                    Err(e) => eprintln!("device {}: could not encode a network report: {e}", self.cfg.id),
+                }
+            }
+            None => {}
+        }
+    }
 }
 
 /// One input for the device to classify.
@@ -91,6 +176,8 @@ impl Handler<Infer> for Device {
             worker_id: None,
             latency: Latency::default(),
             error: None,
+            arrived_unix_us: unix_us(),
+            declined: false,
         };
         let head = match self.net.run_head(branch, &msg.input) {
             Ok(h) => h,
@@ -102,13 +189,16 @@ impl Handler<Infer> for Device {
         let (class, confidence) = predict(&head.branch_logits, outcome.temperature);
         outcome.class = class as u32;
         outcome.latency.device_compute_us = head.compute.as_micros() as u64;
-        if confidence >= cfg.p_tar {
+        if (Plan { branch, p_tar: cfg.p_tar }).exits(confidence) {
             outcome.latency.total_us = arrived.elapsed().as_micros() as u64;
             self.collector.do_send(outcome);
             return Box::pin(std::future::ready(()));
         }
         let request = offload_request(self.seq, cfg, &head, arrived);
         let (link, collector, deadline) = (self.link.clone(), self.collector.clone(), cfg.deadline);
+        if let (Some(em), Ok(request)) = (self.em.clone(), &request) {
+            return self.offload_emulated(em, outcome, request.clone(), arrived);
+        }
         Box::pin(async move {
             let outcome = match request {
                 Ok(request) => offload(outcome, request, &link, deadline, arrived).await,
@@ -163,6 +253,90 @@ async fn offload(mut outcome: Outcome, request: OffloadRequest, link: &OffloadLi
     outcome
 }
 
+impl Device {
+    /// An offload across the emulated uplink: decline it if the device
+    /// predicts a miss (adaptive devices), drop it if it cannot start before
+    /// the deadline, otherwise wait for the upload and half the RTT, offload,
+    /// and wait half the RTT for the reply.
+    fn offload_emulated(&mut self, em: Rc<Emulation>, mut outcome: Outcome, request: OffloadRequest, arrived: Instant) -> ResponseFuture<()> {
+        let collector = self.collector.clone();
+        let deadline = self.cfg.deadline;
+        let deadline_us = deadline.as_micros() as u64;
+        let branch_class = outcome.class;
+        let (t_arrival, now) = (em.us(arrived), em.us(Instant::now()));
+        let bytes = branchpoint_messages::encode(&request).map_or(request.activation.data.len(), |b| b.len());
+        if em.spec.admission && em.uplink.borrow().would_miss(t_arrival, now, bytes, deadline_us, em.spec.safety) {
+            outcome.declined = true;
+            outcome.latency.total_us = arrived.elapsed().as_micros() as u64;
+            collector.do_send(outcome);
+            return Box::pin(std::future::ready(()));
+        }
+        let queued_behind = em.uplink.borrow().free_at();
+        if queued_behind.max(now) >= t_arrival + deadline_us {
+            // Still queued at its deadline: never sent.
+            return Box::pin(async move {
+                tokio::time::sleep_until(tokio::time::Instant::from_std(arrived + deadline)).await;
+                collector.do_send(fallback(outcome, FallbackReason::Deadline, arrived));
+            });
+        }
+        let (start, finish) = em.uplink.borrow_mut().enqueue(&em.spec.link, now, bytes, &mut em.rng.borrow_mut());
+        let link = self.link.clone();
+        Box::pin(async move {
+            let Some(finish) = finish else {
+                tokio::time::sleep_until(tokio::time::Instant::from_std(arrived + deadline)).await;
+                collector.do_send(fallback(outcome, FallbackReason::Deadline, arrived));
+                return;
+            };
+            // The upload ends when the link says, whatever happens to the
+            // input; its timing feeds the estimate.
+            let done_em = em.clone();
+            actix::spawn(async move {
+                tokio::time::sleep_until(tokio::time::Instant::from_std(done_em.instant(finish))).await;
+                done_em.uplink.borrow_mut().finished(finish, start, bytes);
+            });
+            let half = em.half_rtt(finish);
+            let fallback_outcome = outcome.clone();
+            let exchange = async {
+                tokio::time::sleep_until(tokio::time::Instant::from_std(em.instant(finish) + half)).await;
+                let out = offload(outcome, request, &link, deadline.saturating_sub(half), arrived).await;
+                if out.decided == Decided::Cloud {
+                    tokio::time::sleep(half).await;
+                    let replied = em.us(Instant::now());
+                    em.uplink.borrow_mut().est.observe_response(replied.saturating_sub(finish) as f64);
+                }
+                out
+            };
+            // The device answers by the deadline, with its branch if the
+            // cloud's reply has not come back.
+            let mut out = match tokio::time::timeout_at(tokio::time::Instant::from_std(arrived + deadline), exchange).await {
+                Ok(out) if out.decided == Decided::Cloud => {
+                    let mut out = out;
+                    out.latency.total_us = arrived.elapsed().as_micros() as u64;
+                    out
+                }
+                Ok(out) => out,
+                Err(_) => {
+                    let mut out = fallback(fallback_outcome, FallbackReason::Deadline, arrived);
+                    out.class = branch_class;
+                    out
+                }
+            };
+            out.latency.network_us = out.latency.total_us.saturating_sub(out.latency.device_compute_us + out.latency.queueing_us + out.latency.cloud_compute_us);
+            collector.do_send(out);
+        })
+    }
+}
+
+/// The branch's own answer stands for an offload that did not come back.
+fn fallback(mut o: Outcome, reason: FallbackReason, arrived: Instant) -> Outcome {
+    o.decided = Decided::Fallback;
+    o.fallback = Some(reason);
+    o.exit = o.partition_branch;
+    o.worker_id = None;
+    o.latency.total_us = arrived.elapsed().as_micros() as u64;
+    o
+}
+
 impl Outcome {
     fn failed(mut self, error: String, arrived: Instant) -> Outcome {
         self.error = Some(error);
@@ -185,8 +359,8 @@ impl Handler<ApplyPlan> for Device {
     fn handle(&mut self, msg: ApplyPlan, _: &mut Context<Self>) {
         // temperatures has one entry per exit: branches 1..len-1, then final.
         let branches = self.cfg.temperatures.len().saturating_sub(1);
-        if msg.partition_branch == 0 || msg.partition_branch > branches || !(msg.p_tar > 0.0 && msg.p_tar < 1.0) {
-            eprintln!("device {}: ignored plan {msg:?}: this model has branches 1..={branches}, p_tar must be in (0, 1)", self.cfg.id);
+        if msg.partition_branch == 0 || msg.partition_branch > branches || !(0.0..=1.0).contains(&msg.p_tar) {
+            eprintln!("device {}: ignored plan {msg:?}: this model has branches 1..={branches}, p_tar must be in [0, 1]", self.cfg.id);
             return;
         }
         self.cfg.partition_branch = msg.partition_branch;

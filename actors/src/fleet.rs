@@ -261,7 +261,7 @@ pub async fn run_fleet(
 /// this group or one of these devices) from NATS to the devices. Malformed
 /// updates are dropped with a message on stderr: a bad publisher must not
 /// stop the fleet.
-async fn forward_updates(
+pub async fn forward_updates(
     client: async_nats::Client,
     devices: Vec<(String, Addr<Device>)>,
     group: String,

@@ -9,8 +9,10 @@ pub mod calibration;
 pub mod collector;
 pub mod compute;
 pub mod device;
+pub mod emulation;
 pub mod error;
 pub mod fleet;
+pub mod planner;
 pub mod transport;
 pub mod worker;
 

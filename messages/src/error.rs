@@ -48,8 +48,8 @@ pub enum MessageError {
     /// Branches are numbered from 1; branch 0 does not exist.
     #[error("partition branch must be >= 1, got {0}")]
     PartitionBranch(u8),
-    /// `p_tar` is a confidence threshold strictly between 0 and 1.
-    #[error("p_tar must lie in (0, 1), got {0}")]
+    /// `p_tar` is a confidence threshold in [0, 1].
+    #[error("p_tar must lie in [0, 1], got {0}")]
     PTar(f64),
     /// Temperatures divide logits, so they must be positive and finite.
     #[error("temperature of exit {exit} must be positive and finite, got {value}")]

@@ -83,6 +83,9 @@ prop_compose! {
         NetworkReport {
             device_id, uplink_bytes_per_s_ewma, rtt_us_ewma,
             window_start_unix_us, window_end_unix_us, samples,
+            group: (samples % 2 == 0).then(|| "phones".into()),
+            us_per_byte_conservative: (samples % 3 == 0).then_some(f64::from(samples) / 7.0),
+            response_us_conservative: (samples % 5 == 0).then_some(f64::from(samples) * 3.0),
         }
     }
 }
@@ -217,6 +220,9 @@ fn unknown_fields_are_ignored() {
         window_start_unix_us: 10,
         window_end_unix_us: 20,
         samples: 3,
+        group: None,
+        us_per_byte_conservative: None,
+        response_us_conservative: None,
     };
     let body = FutureReport {
         known: known.clone(),
@@ -330,9 +336,11 @@ fn ranges_are_checked() {
         partition_branch,
         p_tar,
     };
-    assert!(plan(1, 0.8).validate().is_ok());
+    for p in [0.0, 0.8, 1.0] {
+        assert!(plan(1, p).validate().is_ok(), "p_tar {p}: 0 is device only, 1 cloud only");
+    }
     assert_eq!(plan(0, 0.8).validate(), Err(E::PartitionBranch(0)));
-    for p in [0.0, 1.0, -0.5, f64::NAN] {
+    for p in [1.5, -0.5, f64::NAN] {
         assert_refused!(plan(1, p).validate(), E::PTar(_));
     }
     let cal = |temperatures: Vec<f64>| CalibrationUpdate {

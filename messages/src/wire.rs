@@ -319,7 +319,8 @@ pub struct PlanUpdate {
     /// Branch to end the head with, numbered from 1.
     pub partition_branch: u8,
     /// Answer on the device when the branch's calibrated confidence is at
-    /// least `p_tar`; offload otherwise.
+    /// least `p_tar`; offload otherwise. In [0, 1]: 0 answers every input on
+    /// the device, 1 offloads every input.
     pub p_tar: f64,
 }
 
@@ -330,9 +331,9 @@ impl Message for PlanUpdate {
             PlanTarget::Group(name) => check_id("group name", name)?,
         }
         check_branch(self.partition_branch)?;
-        // 0 and 1 are excluded on purpose: they would mean "never" or "always"
-        // offload, which the planner says by choosing another branch instead.
-        if !(self.p_tar > 0.0 && self.p_tar < 1.0) {
+        // 0 means every input exits at the branch (device only), 1 means
+        // every input is offloaded (cloud only): the planner's extremes.
+        if !(0.0..=1.0).contains(&self.p_tar) {
             return Err(MessageError::PTar(self.p_tar));
         }
         Ok(())
@@ -352,6 +353,15 @@ pub struct NetworkReport {
     pub window_end_unix_us: u64,
     /// Offloads observed in the window; 0 means the EWMAs are stale.
     pub samples: u32,
+    /// For the partition planner (absent from older devices): the device's
+    /// group, and its conservative estimates (mean worsened by its safety
+    /// margin of deviations): uplink time per byte and response time, µs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub us_per_byte_conservative: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_us_conservative: Option<f64>,
 }
 
 impl Message for NetworkReport {
@@ -359,6 +369,14 @@ impl Message for NetworkReport {
         check_id("device id", &self.device_id)?;
         check_non_negative("uplink_bytes_per_s_ewma", self.uplink_bytes_per_s_ewma)?;
         check_non_negative("rtt_us_ewma", self.rtt_us_ewma)?;
+        if let Some(g) = &self.group {
+            check_id("group name", g)?;
+        }
+        for (field, v) in [("us_per_byte_conservative", self.us_per_byte_conservative), ("response_us_conservative", self.response_us_conservative)] {
+            if let Some(v) = v {
+                check_non_negative(field, v)?;
+            }
+        }
         if self.window_end_unix_us < self.window_start_unix_us {
             return Err(MessageError::OutOfRange {
                 field: "window_end_unix_us",

@@ -220,3 +220,40 @@ fn the_trace_command_regenerates_the_shipped_trace() {
     let shipped = std::fs::read(repo_root().join("scenarios/traces/synthetic-cellular.up")).unwrap();
     assert!(std::fs::read(&out).unwrap() == shipped, "scenarios/traces/synthetic-cellular.up is `branchpoint trace` with its defaults");
 }
+
+/// Real time, across a real NATS server: the live devices, workers and
+/// planner make the same arrivals and nearly the same decisions as the
+/// virtual-time replay of the same scenario.
+#[test]
+fn real_time_over_nats_agrees_with_virtual_time() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let nats = common::NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    // lte-handover squeezed into 16 s: the link drops at 6 s and returns at 12 s.
+    let text = std::fs::read_to_string(repo_root().join("scenarios/lte-handover.toml"))
+        .unwrap()
+        .replace("duration_s = 120.0", "duration_s = 16.0\npolicies = [\"static\", \"adaptive\"]")
+        .replace("devices = 20", "devices = 10")
+        .replace("at_s = 40.0", "at_s = 6.0")
+        .replace("at_s = 60.0", "at_s = 9.0")
+        .replace("at_s = 65.0", "at_s = 10.0")
+        .replace("at_s = 70.0", "at_s = 12.0");
+    let path = dir.path().join("short.toml");
+    std::fs::write(&path, &text).unwrap();
+    let live = replay(&path, &["--nats", &nats.url], &dir.path().join("live"));
+    let virt = replay(&path, &[], &dir.path().join("virtual"));
+    assert_eq!((live.time.as_str(), virt.time.as_str()), ("real", "virtual"));
+    for name in ["static", "adaptive"] {
+        let (l, v) = (&policy(&live, name).totals, &policy(&virt, name).totals);
+        eprintln!("{name}: live {l:?}\n{name}: virtual {v:?}");
+        assert_eq!(l.inputs, v.inputs, "{name}: the same arrivals");
+        assert!((l.accuracy - v.accuracy).abs() < 0.02, "{name}: accuracy live {} virtual {}", l.accuracy, v.accuracy);
+        assert!((l.deadline_miss_rate - v.deadline_miss_rate).abs() < 0.03, "{name}: misses live {} virtual {}", l.deadline_miss_rate, v.deadline_miss_rate);
+    }
+    // The live planner got reports over NATS and its plans reached the devices.
+    let adaptive = policy(&live, "adaptive");
+    assert!(adaptive.series.estimated_uplink_mbit_s.as_ref().unwrap().iter().flatten().count() > 5, "reports reached the planner");
+    let p_tar_late: Vec<f64> = adaptive.series.p_tar[10..14].iter().flatten().copied().collect();
+    assert!(p_tar_late.iter().all(|&p| p < 0.5), "during the outage the devices run the planner's low p_tar: {p_tar_late:?}");
+    assert!(policy(&live, "static").totals.deadline_miss_rate > 0.05, "the fixed plan misses during the drop");
+}

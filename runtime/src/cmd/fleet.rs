@@ -61,6 +61,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
             p_tar: args.p_tar,
             temperatures,
             deadline: Duration::from_secs_f64(args.deadline_ms / 1e3),
+            emulation: None,
         },
         drain: Duration::from_secs_f64(args.deadline_ms / 1e3) + Duration::from_secs(2),
         group: args.group.clone(),

@@ -5,6 +5,9 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use branchpoint_actors::compute::ModelSpec;
+use branchpoint_actors::fleet::TestInputs;
+
 use crate::cli::RunArgs;
 use crate::evaluation::split_logits;
 use crate::scenario::{self, report, Scenario, TimeMode};
@@ -12,13 +15,8 @@ use crate::scenario::{self, report, Scenario, TimeMode};
 pub fn run(args: RunArgs) -> Result<()> {
     let started = Instant::now();
     let scenario = Scenario::read(&args.scenario, args.trace.as_deref())?;
-    if scenario.time == TimeMode::Real || args.nats.nats.is_some() {
-        bail!(
-            "scenario {}: real-time replay (time = \"real\", or --nats) is not available yet; \
-             set time = \"virtual\" and run without --nats",
-            scenario.path.display()
-        );
-    }
+    // A broker means live actors: virtual time runs in one process.
+    let time = if args.nats.nats.is_some() { TimeMode::Real } else { scenario.time };
     tch::set_num_threads(std::thread::available_parallelism().map_or(1, |n| n.get() as i32));
     let model = args.source.load_model(tch::Device::Cpu)?;
     let data = args.source.load_data(&model)?;
@@ -28,22 +26,58 @@ pub fn run(args: RunArgs) -> Result<()> {
     let prepared = scenario::prepare(&scenario, &model, &logits.validation, &logits.test, &profile)?;
     let cfg = scenario::sim_config(&scenario)?;
 
-    let bar = ProgressBar::new(0);
-    bar.set_style(ProgressStyle::with_template("replaying {bar:30} {pos}/{len} runs ({elapsed})").expect("valid template"));
-    let progress = |done: usize, total: usize| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    };
     let replay_started = Instant::now();
-    let runs = scenario::replay(&scenario, &prepared, &progress)?;
-    bar.finish_and_clear();
+    let runs = match time {
+        TimeMode::Virtual => {
+            let bar = ProgressBar::new(0);
+            bar.set_style(ProgressStyle::with_template("replaying {bar:30} {pos}/{len} runs ({elapsed})").expect("valid template"));
+            let progress = |done: usize, total: usize| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            };
+            let runs = scenario::replay(&scenario, &prepared, &progress)?;
+            bar.finish_and_clear();
+            runs
+        }
+        TimeMode::Real => {
+            let inputs = std::sync::Arc::new(TestInputs::from_split(&data.test)?);
+            let setup = scenario::live::LiveSetup {
+                scenario: &scenario,
+                cfg: &cfg,
+                prepared: &prepared,
+                spec: ModelSpec { weights: args.source.model.clone(), device: tch::Device::Cpu },
+                points: model.net.architecture().partition_points.clone(),
+                inputs,
+                nats: &args.nats,
+                model_sha256: model.card.weights_sha256.clone(),
+            };
+            let n = scenario.policies.iter().filter(|p| **p != scenario::Policy::Oracle).count();
+            tch::set_num_threads(1);
+            let bar = ProgressBar::new(scenario.duration_s.round() as u64 * n as u64);
+            bar.set_style(ProgressStyle::with_template("live {msg} {bar:30} {pos}/{len} s ({elapsed})").expect("valid template"));
+            let ticker = {
+                let bar = bar.clone();
+                std::thread::spawn(move || {
+                    while !bar.is_finished() {
+                        std::thread::sleep(std::time::Duration::from_secs(1));
+                        bar.inc(1);
+                    }
+                })
+            };
+            let on_policy = |p: scenario::Policy| bar.set_message(format!("{} over {}", p.name(), if args.nats.nats.is_some() { "NATS" } else { "in-process links" }));
+            let runs = scenario::live::replay_live(&setup, &on_policy);
+            bar.finish_and_clear();
+            let _ = ticker.join();
+            runs?
+        }
+    };
     let replay_s = replay_started.elapsed().as_secs_f64();
     for r in &runs {
         if r.outcomes != r.arrivals {
             bail!("policy {}: {} inputs but {} outcomes: the replay lost inputs (a bug; please report it)", r.policy.name(), r.arrivals, r.outcomes);
         }
     }
-    let rep = report::build(&scenario, &cfg, &prepared, &args.source.model.display().to_string(), &model.card.weights_sha256, runs);
+    let rep = report::build(&scenario, &cfg, &prepared, &args.source.model.display().to_string(), &model.card.weights_sha256, runs, time);
 
     let out = args.out.clone().unwrap_or_else(|| std::path::Path::new("runs").join(&scenario.name));
     std::fs::create_dir_all(&out).map_err(|e| anyhow::anyhow!("creating {}: {e}", out.display()))?;
@@ -53,12 +87,12 @@ pub fn run(args: RunArgs) -> Result<()> {
 
     print_summary(&rep);
     println!(
-        "replayed {} s of {} device(s) in virtual time: {:.1} s ({:.1} s replaying), {} runs",
+        "replayed {} s of {} device(s) in {} time: {:.1} s ({:.1} s replaying)",
         scenario.duration_s,
         scenario.groups.iter().map(|g| g.devices).sum::<usize>(),
+        rep.time,
         started.elapsed().as_secs_f64(),
         replay_s,
-        rep.policies.len() + if scenario.policies.contains(&scenario::Policy::Oracle) { prepared.candidate_p_tars.len() * prepared.sim.num_branches() - 1 } else { 0 }
     );
     println!("report: {}", json.display());
     for p in plots {
@@ -68,7 +102,7 @@ pub fn run(args: RunArgs) -> Result<()> {
 }
 
 fn print_summary(r: &report::ScenarioReport) {
-    println!("scenario {} (seed {}, {} s, calibration {})", r.scenario, r.seed, r.duration_s, r.model.calibration);
+    println!("scenario {} (seed {}, {} s in {} time, calibration {})", r.scenario, r.seed, r.duration_s, r.time, r.model.calibration);
     for g in &r.groups {
         println!(
             "  group {}: {} devices x {} inputs/s, deadline {} ms, static plan branch {} p_tar {}; network {} (mean {:.2} Mbit/s)",

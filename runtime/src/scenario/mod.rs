@@ -6,6 +6,7 @@
 //! replays the same arrivals on the same links (same seed); the oracle is
 //! assembled afterwards from runs with every fixed candidate plan.
 pub mod file;
+pub mod live;
 pub mod report;
 pub mod sim;
 

@@ -194,7 +194,7 @@ fn describe_network(s: &Scenario, g: &super::file::GroupSection) -> String {
     }
 }
 
-pub fn build(scenario: &Scenario, cfg: &SimConfig, prepared: &Prepared, weights: &str, sha256: &str, runs: Vec<PolicyRun>) -> ScenarioReport {
+pub fn build(scenario: &Scenario, cfg: &SimConfig, prepared: &Prepared, weights: &str, sha256: &str, runs: Vec<PolicyRun>, time: super::TimeMode) -> ScenarioReport {
     let bin_s = cfg.bin_us as f64 / 1e6;
     let t_s: Vec<f64> = (0..cfg.bins()).map(|i| i as f64 * bin_s).collect();
     let groups = scenario
@@ -284,7 +284,10 @@ pub fn build(scenario: &Scenario, cfg: &SimConfig, prepared: &Prepared, weights:
         file: scenario.path.display().to_string(),
         seed: scenario.seed,
         duration_s: scenario.duration_s,
-        time: "virtual".into(),
+        time: match time {
+            super::TimeMode::Virtual => "virtual".into(),
+            super::TimeMode::Real => "real".into(),
+        },
         model: ModelInfo {
             weights: weights.into(),
             sha256: sha256.into(),

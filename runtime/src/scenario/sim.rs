@@ -234,8 +234,15 @@ struct Sim<'a> {
     costs: Vec<Costs>,
 }
 
+/// Seed of a device's streams: depends only on the run's seed and the
+/// device's place, so every policy (and a real-time run) sees the same
+/// arrivals. The device's loss stream uses it xor 0x5555....
+pub fn device_seed(seed: u64, group: usize, index: usize) -> u64 {
+    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((group as u64) << 32 | index as u64)
+}
+
 /// Microseconds to the next Poisson arrival.
-fn interarrival_us(rng: &mut SplitMix64, rate: f64) -> u64 {
+pub fn interarrival_us(rng: &mut SplitMix64, rate: f64) -> u64 {
     (rng.exponential(rate) * 1e6).round().max(1.0) as u64
 }
 
@@ -280,8 +287,7 @@ pub fn simulate(m: &SimModel, c: &SimConfig, plans: &Plans) -> RunResult {
             Plans::Adaptive => g.initial,
         };
         for k in 0..g.devices {
-            // Streams depend only on the seed and the device's place.
-            let base = c.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((gi as u64) << 32 | k as u64);
+            let base = device_seed(c.seed, gi, k);
             let mut arrivals = SplitMix64::new(base);
             let first = interarrival_us(&mut arrivals, g.rate);
             sim.devices.push(Device {

@@ -1,0 +1,161 @@
+//! Partition planner: answers each device's network report with the plan
+//! (partition branch and p_tar) that maximises predicted accuracy within the
+//! deadline-miss bound (`branchpoint_models::planner::choose`).
+//!
+//! Owns: the model's statistics (from the calibrated validation split), the
+//! costs of each device group, and a log of what it decided (for reports).
+//! Messages in: `DeviceReport` (in-process), or NATS `NetworkReport`s through
+//! `serve_planner_nats`. Plans go back as `ApplyPlan` to the device
+//! (in-process, one round trip of the device's link after the report left)
+//! or as a `PlanUpdate` on `branchpoint.plan.device.<id>` (NATS). A report
+//! from an unknown group is dropped with a message: a stray publisher must
+//! not stop the planner. Restart: stateless apart from its log; devices keep
+//! their last plan meanwhile.
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use branchpoint_models::planner::{choose, Costs, ModelStats, Observed, Prediction};
+use serde::{Deserialize, Serialize};
+
+use crate::device::{ApplyPlan, Device};
+
+/// One decision, for the run's report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlanRecord {
+    /// When the report was made, microseconds since the run's epoch.
+    pub at_us: u64,
+    pub group: String,
+    pub device_id: String,
+    /// The device's smoothed uplink estimate, Mbit/s.
+    pub estimated_mbit_s: f64,
+    pub prediction: Prediction,
+}
+
+pub struct Planner {
+    stats: Arc<ModelStats>,
+    costs: BTreeMap<String, Costs>,
+    log: Vec<PlanRecord>,
+    nats: Option<async_nats::Client>,
+}
+
+impl Planner {
+    pub fn new(stats: Arc<ModelStats>, costs: BTreeMap<String, Costs>, nats: Option<async_nats::Client>) -> Self {
+        Self { stats, costs, log: Vec::new(), nats }
+    }
+}
+
+impl Actor for Planner {
+    type Context = Context<Self>;
+}
+
+/// What a device saw of its network, and where to send its plan.
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct DeviceReport {
+    pub device_id: String,
+    pub group: String,
+    pub at_us: u64,
+    pub observed: Observed,
+    pub estimated_mbit_s: f64,
+    /// The device's current round trip: the plan arrives this long after
+    /// the report left (half up, half down).
+    pub rtt: Duration,
+    /// In-process devices get their plan directly; `None` over NATS.
+    pub reply_to: Option<Addr<Device>>,
+}
+
+impl Handler<DeviceReport> for Planner {
+    type Result = ();
+
+    fn handle(&mut self, r: DeviceReport, ctx: &mut Context<Self>) {
+        let Some(costs) = self.costs.get(&r.group) else {
+            eprintln!("planner: ignored a report from device {} of unknown group {:?}", r.device_id, r.group);
+            return;
+        };
+        let prediction = choose(&self.stats, costs, &r.observed);
+        self.log.push(PlanRecord {
+            at_us: r.at_us,
+            group: r.group.clone(),
+            device_id: r.device_id.clone(),
+            estimated_mbit_s: r.estimated_mbit_s,
+            prediction,
+        });
+        let apply = ApplyPlan { partition_branch: prediction.plan.branch, p_tar: prediction.plan.p_tar };
+        match (r.reply_to, &self.nats) {
+            (Some(device), _) => {
+                ctx.run_later(r.rtt, move |_, _| device.do_send(apply));
+            }
+            (None, Some(client)) => {
+                use branchpoint_messages::{encode, subjects, PlanTarget, PlanUpdate};
+                let update = PlanUpdate {
+                    target: PlanTarget::Device(r.device_id.clone()),
+                    partition_branch: apply.partition_branch as u8,
+                    p_tar: apply.p_tar,
+                };
+                match encode(&update) {
+                    Ok(bytes) => {
+                        let client = client.clone();
+                        let subject = subjects::plan_device(&r.device_id);
+                        actix::spawn(async move {
+                            if let Err(e) = client.publish(subject, bytes.into()).await {
+                                eprintln!("planner: could not publish a plan: {e}");
+                            }
+                        });
+                    }
+                    Err(e) => eprintln!("planner: could not encode a plan for {}: {e}", r.device_id),
+                }
+            }
+            (None, None) => eprintln!("planner: no way to reach device {}", r.device_id),
+        }
+    }
+}
+
+/// Hands over the planner's log.
+#[derive(Message)]
+#[rtype(result = "Vec<PlanRecord>")]
+pub struct TakePlanLog;
+
+impl Handler<TakePlanLog> for Planner {
+    type Result = MessageResult<TakePlanLog>;
+
+    fn handle(&mut self, _: TakePlanLog, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(std::mem::take(&mut self.log))
+    }
+}
+
+/// Serves network reports from NATS (`branchpoint.report.network`) until
+/// the subscription ends. Malformed reports, and reports without the
+/// planner's fields, are dropped with a message on stderr.
+pub async fn serve_planner_nats(client: async_nats::Client, planner: Addr<Planner>, on_ready: impl FnOnce()) -> Result<(), crate::ActorError> {
+    use branchpoint_messages::{decode, subjects, NetworkReport};
+    use futures::StreamExt;
+    let mut sub = client.subscribe(subjects::NETWORK_REPORT).await.map_err(|e| crate::ActorError::Nats(e.to_string()))?;
+    client.flush().await.map_err(|e| crate::ActorError::Nats(e.to_string()))?;
+    on_ready();
+    while let Some(msg) = sub.next().await {
+        let report = match decode::<NetworkReport>(&msg.payload) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("planner: ignored a malformed network report: {e}");
+                continue;
+            }
+        };
+        let (Some(group), Some(us_per_byte), Some(response_us)) = (report.group.clone(), report.us_per_byte_conservative, report.response_us_conservative)
+        else {
+            eprintln!("planner: ignored a report from {} without group and conservative estimates", report.device_id);
+            continue;
+        };
+        planner.do_send(DeviceReport {
+            device_id: report.device_id.clone(),
+            group,
+            at_us: report.window_end_unix_us,
+            observed: Observed { us_per_byte, response_us },
+            estimated_mbit_s: report.uplink_bytes_per_s_ewma * 8.0 / 1e6,
+            rtt: Duration::ZERO,
+            reply_to: None,
+        });
+    }
+    Ok(())
+}
