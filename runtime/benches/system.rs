@@ -32,6 +32,16 @@ use branchpoint_messages::{Deadline, OffloadReply, OffloadRequest, Tensor as Wir
 use branchpoint_models::{load_model, Dataset};
 use tch::Tensor;
 
+fn branch2_request(seq: usize, activation: &WireTensor, budget_us: u64) -> OffloadRequest {
+    OffloadRequest {
+        device_id: "bench".into(),
+        seq: seq as u64,
+        partition_branch: 2,
+        activation: activation.clone(),
+        deadline: Deadline { sent_at_unix_us: 0, budget_us },
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -142,13 +152,7 @@ fn main() {
                 let mut waits = Vec::with_capacity(n);
                 for seq in 0..n {
                     let (tx, rx) = tokio::sync::oneshot::channel();
-                    let request = OffloadRequest {
-                        device_id: "bench".into(),
-                        seq: seq as u64,
-                        partition_branch: 2,
-                        activation: tensor.clone(),
-                        deadline: Deadline { sent_at_unix_us: 0, budget_us: 60_000_000 },
-                    };
+                    let request = branch2_request(seq, &tensor, 60_000_000);
                     batcher.send(Job { request, received: Instant::now(), reply: ReplyTo::Local(tx) }).await.unwrap();
                     waits.push(rx);
                 }
@@ -202,13 +206,7 @@ fn main() {
             for seq in 0..n {
                 tokio::time::sleep_until(tokio::time::Instant::from_std(start + Duration::from_micros(1000 * seq as u64))).await;
                 let link = link.clone();
-                let request = OffloadRequest {
-                    device_id: "bench".into(),
-                    seq: seq as u64,
-                    partition_branch: 2,
-                    activation: tensor.clone(),
-                    deadline: Deadline { sent_at_unix_us: 0, budget_us: 5_000_000 },
-                };
+                let request = branch2_request(seq, &tensor, 5_000_000);
                 handles.push(actix::spawn(async move {
                     let t = Instant::now();
                     let a = link.offload(request, Duration::from_secs(5)).await.expect("answer");
@@ -227,6 +225,7 @@ fn main() {
         }
     });
     let _ = server.kill();
+    let _ = server.wait();
     println!(
         "[3] offload over loopback NATS at {sent:.0} requests/s, {} bytes per activation: round trip minus worker queueing and compute p50 {:.0} us, p99 {:.0} us (whole round trip p50 {:.0} us, p99 {:.0} us)",
         one_act.len() * 4,

@@ -112,16 +112,23 @@ pub fn line_plot(path: &Path, plot: &LinePlot) -> Result<()> {
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
         }
     }
-    chart
-        .configure_series_labels()
-        .position(plot.legend.clone())
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 16))
-        .draw()
-        .map_err(draw_err(path))?;
+    draw_legend(&mut chart, plot.legend.clone(), 16, path)?;
     root.present().map_err(draw_err(path))?;
     Ok(())
+}
+
+type Chart2d<'a, 'b> = ChartContext<'a, BitMapBackend<'b>, Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>>;
+
+/// The series labels, in a white box with a black border.
+fn draw_legend<'a, 'b: 'a>(chart: &mut Chart2d<'a, 'b>, position: SeriesLabelPosition, font: u32, path: &Path) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", font))
+        .draw()
+        .map_err(draw_err(path))
 }
 
 /// A reliability diagram: one panel per (label, bins), accuracy bars per
@@ -235,14 +242,7 @@ pub fn time_panels(path: &Path, title: &str, x_range: (f64, f64), panels: &[Pane
             series.label(&c.label).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
         }
         if !panel.curves.is_empty() {
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::Coordinate(WIDTH as i32 - 160, 5))
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .label_font(("sans-serif", 14))
-                .draw()
-                .map_err(draw_err(path))?;
+            draw_legend(&mut chart, SeriesLabelPosition::Coordinate(WIDTH as i32 - 160, 5), 14, path)?;
         }
     }
     root.present().map_err(draw_err(path))?;

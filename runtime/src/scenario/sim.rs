@@ -589,7 +589,7 @@ mod tests {
     fn model() -> SimModel {
         let n = 100;
         let labels: Vec<u32> = (0..n).map(|i| (i % 10) as u32).collect();
-        let pred = |i: usize| if i % 2 == 0 { (labels[i], 0.99) } else { ((labels[i] + 1) % 10, 0.5) };
+        let pred = |i: usize| if i.is_multiple_of(2) { (labels[i], 0.99) } else { ((labels[i] + 1) % 10, 0.5) };
         let stat = |branch, p_tar: f64, off: f64| ThresholdStats {
             plan: Plan { branch, p_tar },
             offload_rate: off,
