@@ -16,6 +16,10 @@ pub const DEFAULT_MODEL: &str = "models/balexnet-fmnist.safetensors";
                   and offloads the intermediate activation otherwise."
 )]
 pub struct Cli {
+    /// Configuration file (TOML) [default: branchpoint.toml in the working directory, if there].
+    /// Flags beat BRANCHPOINT_<SECTION>__<KEY> environment variables, which beat the file.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }

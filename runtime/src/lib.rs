@@ -2,6 +2,7 @@
 //! binary (`main.rs`) only parses arguments and calls `run`.
 pub mod cli;
 pub mod cmd;
+pub mod config;
 pub mod evaluation;
 pub mod nats;
 pub mod plots;
@@ -9,6 +10,35 @@ pub mod scenario;
 
 use anyhow::{bail, Result};
 use tch::Device;
+
+/// Parses the command line, layered over the configuration file and the
+/// environment (see `config`).
+pub fn parse_with_config(args: Vec<std::ffi::OsString>) -> Result<cli::Cli, ParseFailure> {
+    use clap::{CommandFactory, FromArgMatches};
+    let command = cli::Cli::command();
+    let matches = command.clone().try_get_matches_from(args.clone()).map_err(ParseFailure::Clap)?;
+    let explicit = matches.get_one::<std::path::PathBuf>("config").cloned();
+    let settings = config::config_file(explicit)
+        .and_then(|file| config::load(file.as_deref(), std::env::vars()))
+        .map_err(ParseFailure::Config)?;
+    let args = config::merged_args(&command, &matches, args, &settings).map_err(ParseFailure::Config)?;
+    let matches = command.try_get_matches_from(args).map_err(|e| {
+        if settings.is_empty() {
+            ParseFailure::Clap(e)
+        } else {
+            ParseFailure::Config(anyhow::anyhow!(config::explain(&e, &settings)))
+        }
+    })?;
+    cli::Cli::from_arg_matches(&matches).map_err(ParseFailure::Clap)
+}
+
+/// Why the command line could not be parsed.
+pub enum ParseFailure {
+    /// clap's own errors, help and version included: clap prints them.
+    Clap(clap::Error),
+    /// The configuration was wrong.
+    Config(anyhow::Error),
+}
 
 pub fn run(cli: cli::Cli) -> Result<()> {
     match cli.command {

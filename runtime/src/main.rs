@@ -1,9 +1,16 @@
 use std::process::ExitCode;
 
-use clap::Parser;
+use branchpoint::ParseFailure;
 
 fn main() -> ExitCode {
-    let cli = branchpoint::cli::Cli::parse();
+    let cli = match branchpoint::parse_with_config(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(ParseFailure::Clap(e)) => e.exit(),
+        Err(ParseFailure::Config(e)) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     match branchpoint::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

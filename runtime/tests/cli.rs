@@ -253,3 +253,42 @@ fn calibrate_then_evaluate_with_the_file_reproduces_the_fit() {
     let acc = r["methods"][0]["exits"][0]["before"]["accuracy"].as_f64().unwrap();
     assert!((right as f64 / n as f64 - acc).abs() < 1e-9);
 }
+
+/// Layered configuration end to end: the file, then the environment, then
+/// flags; the [nats] section reaches a command that connects.
+#[test]
+fn configuration_layers_file_environment_and_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("b.toml");
+    let json = dir.path().join("s.json");
+    std::fs::write(&file, format!("[fleet]\ndevices = 2\nrate = 200.0\ninputs = 40\njson = {:?}\n", json.to_str().unwrap())).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let run = |env: &[(&str, &str)], extra: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_branchpoint"));
+        c.current_dir(root).arg("--config").arg(&file).arg("fleet").args(extra);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        s["inputs"].as_u64().unwrap()
+    };
+    assert_eq!(run(&[], &[]), 40, "from the file");
+    assert_eq!(run(&[("BRANCHPOINT_FLEET__INPUTS", "30")], &[]), 30, "the environment beats the file");
+    assert_eq!(run(&[("BRANCHPOINT_FLEET__INPUTS", "30")], &["--inputs", "20"]), 20, "a flag beats both");
+
+    // The [nats] section, on a port where nothing listens.
+    std::fs::write(&file, "[nats]\nurl = \"nats://127.0.0.1:1\"\n[fleet]\ninputs = 10\n").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_branchpoint")).current_dir(root).arg("--config").arg(&file).arg("fleet").output().unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("could not connect to NATS at nats://127.0.0.1:1"), "{}", stderr(&o));
+
+    // Bad configuration: non-zero exit, the key and its origin named.
+    std::fs::write(&file, "[fleet]\nrate = \"fast\"\n").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_branchpoint")).current_dir(root).arg("--config").arg(&file).arg("fleet").output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("fleet.rate") && stderr(&o).contains("b.toml"), "{}", stderr(&o));
+    let o = branchpoint(&["--config", "no-such.toml", "fleet"]);
+    assert!(!o.status.success() && stderr(&o).contains("no-such.toml"));
+}
