@@ -109,6 +109,8 @@ impl Device {
                 estimated_mbit_s,
                 rtt: Duration::from_micros(em.spec.link.rtt_us(now)),
                 reply_to: Some(ctx.address()),
+                deadline_us: Some(self.cfg.deadline.as_micros() as f64),
+                arrival_rate: Some(em.spec.arrival_rate),
             }),
             Some(ReportTo::Nats(client)) => {
                 let report = branchpoint_messages::NetworkReport {
@@ -121,6 +123,8 @@ impl Device {
                     group: Some(em.spec.group.clone()),
                     us_per_byte_conservative: Some(observed.us_per_byte),
                     response_us_conservative: Some(observed.response_us),
+                    deadline_us: Some(self.cfg.deadline.as_micros() as u64),
+                    arrival_rate: Some(em.spec.arrival_rate),
                 };
                 match branchpoint_messages::encode(&report) {
                     Ok(bytes) => {

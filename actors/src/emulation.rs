@@ -51,6 +51,8 @@ pub struct EmulationSpec {
     pub report_interval: Duration,
     pub report_offset: Duration,
     pub probe_bytes: usize,
+    /// Inputs per second arriving at the device, for its reports.
+    pub arrival_rate: f64,
 }
 
 /// A device's emulation state, on the device's thread.

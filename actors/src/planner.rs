@@ -35,14 +35,26 @@ pub struct PlanRecord {
 
 pub struct Planner {
     stats: Arc<ModelStats>,
+    /// Costs of known groups (a scenario's).
     costs: BTreeMap<String, Costs>,
+    /// For devices of other groups: compute and bound from here, deadline
+    /// and arrival rate from their reports.
+    template: Option<Costs>,
     log: Vec<PlanRecord>,
     nats: Option<async_nats::Client>,
 }
 
 impl Planner {
-    pub fn new(stats: Arc<ModelStats>, costs: BTreeMap<String, Costs>, nats: Option<async_nats::Client>) -> Self {
-        Self { stats, costs, log: Vec::new(), nats }
+    pub fn new(stats: Arc<ModelStats>, costs: BTreeMap<String, Costs>, template: Option<Costs>, nats: Option<async_nats::Client>) -> Self {
+        Self { stats, costs, template, log: Vec::new(), nats }
+    }
+
+    fn costs_for(&self, r: &DeviceReport) -> Option<Costs> {
+        if let Some(c) = self.costs.get(&r.group) {
+            return Some(c.clone());
+        }
+        let (t, deadline_us, rate) = (self.template.as_ref()?, r.deadline_us?, r.arrival_rate?);
+        Some(Costs { deadline_us, arrival_rate: rate, ..t.clone() })
     }
 }
 
@@ -64,17 +76,21 @@ pub struct DeviceReport {
     pub rtt: Duration,
     /// In-process devices get their plan directly; `None` over NATS.
     pub reply_to: Option<Addr<Device>>,
+    /// The device's own deadline (µs) and arrival rate, for groups the
+    /// planner has no settings for.
+    pub deadline_us: Option<f64>,
+    pub arrival_rate: Option<f64>,
 }
 
 impl Handler<DeviceReport> for Planner {
     type Result = ();
 
     fn handle(&mut self, r: DeviceReport, ctx: &mut Context<Self>) {
-        let Some(costs) = self.costs.get(&r.group) else {
-            eprintln!("planner: ignored a report from device {} of unknown group {:?}", r.device_id, r.group);
+        let Some(costs) = self.costs_for(&r) else {
+            eprintln!("planner: ignored a report from device {} of group {:?}: no settings for the group, and the report carries no deadline and arrival rate", r.device_id, r.group);
             return;
         };
-        let prediction = choose(&self.stats, costs, &r.observed);
+        let prediction = choose(&self.stats, &costs, &r.observed);
         self.log.push(PlanRecord {
             at_us: r.at_us,
             group: r.group.clone(),
@@ -155,6 +171,8 @@ pub async fn serve_planner_nats(client: async_nats::Client, planner: Addr<Planne
             estimated_mbit_s: report.uplink_bytes_per_s_ewma * 8.0 / 1e6,
             rtt: Duration::ZERO,
             reply_to: None,
+            deadline_us: report.deadline_us.map(|d| d as f64),
+            arrival_rate: report.arrival_rate,
         });
     }
     Ok(())

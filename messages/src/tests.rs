@@ -86,6 +86,8 @@ prop_compose! {
             group: (samples % 2 == 0).then(|| "phones".into()),
             us_per_byte_conservative: (samples % 3 == 0).then_some(f64::from(samples) / 7.0),
             response_us_conservative: (samples % 5 == 0).then_some(f64::from(samples) * 3.0),
+            deadline_us: (samples % 7 == 0).then_some(u64::from(samples)),
+            arrival_rate: (samples % 11 == 0).then_some(f64::from(samples) / 3.0),
         }
     }
 }
@@ -223,6 +225,8 @@ fn unknown_fields_are_ignored() {
         group: None,
         us_per_byte_conservative: None,
         response_us_conservative: None,
+        deadline_us: None,
+        arrival_rate: None,
     };
     let body = FutureReport {
         known: known.clone(),

@@ -362,6 +362,12 @@ pub struct NetworkReport {
     pub us_per_byte_conservative: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_us_conservative: Option<f64>,
+    /// The device's deadline per input (µs) and its arrival rate (inputs
+    /// per second), so a planner needs no per-group settings of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_us: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arrival_rate: Option<f64>,
 }
 
 impl Message for NetworkReport {
@@ -372,7 +378,11 @@ impl Message for NetworkReport {
         if let Some(g) = &self.group {
             check_id("group name", g)?;
         }
-        for (field, v) in [("us_per_byte_conservative", self.us_per_byte_conservative), ("response_us_conservative", self.response_us_conservative)] {
+        for (field, v) in [
+            ("us_per_byte_conservative", self.us_per_byte_conservative),
+            ("response_us_conservative", self.response_us_conservative),
+            ("arrival_rate", self.arrival_rate),
+        ] {
             if let Some(v) = v {
                 check_non_negative(field, v)?;
             }

@@ -40,6 +40,8 @@ pub enum Command {
     Fleet(FleetArgs),
     /// Run the calibration actor on NATS: publish temperatures, answer gets and refits.
     Calibrator(CalibratorArgs),
+    /// Run the partition planner on NATS: answer devices' network reports with plans.
+    Planner(PlannerArgs),
     /// Replay a network scenario under each policy; write report.json and plots.
     Run(RunArgs),
     /// Generate a synthetic cellular uplink trace (Mahimahi format).
@@ -72,6 +74,29 @@ pub struct TraceArgs {
     /// Probability that a bad period is a complete outage.
     #[arg(long, default_value_t = 0.3, value_name = "P")]
     pub outage: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct PlannerArgs {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    #[command(flatten)]
+    pub source: ModelArgs,
+    /// Temperatures to plan with: fit with this method (uncalibrated, global, per-branch).
+    #[arg(long, default_value = "per-branch", value_name = "METHOD")]
+    pub method: String,
+    /// Plan with this calibration file's temperatures instead of fitting.
+    #[arg(long, value_name = "FILE")]
+    pub calibration: Option<PathBuf>,
+    /// Largest predicted fraction of a device's inputs that may miss the deadline.
+    #[arg(long, default_value_t = 0.05, value_name = "P")]
+    pub miss_bound: f64,
+    /// Devices' head compute = the profile's time on this project's machine times this.
+    #[arg(long, default_value_t = 1.0, value_name = "X")]
+    pub device_slowdown: f64,
+    /// Compute profile [default: <model>.profile.json].
+    #[arg(long, value_name = "FILE")]
+    pub profile: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -340,3 +340,61 @@ fn calibration_refits_and_plans_reach_running_devices() {
     let first_fitted = outcomes.iter().position(|o| o.temperature != 1.0).expect("the refit reached the devices");
     assert!(first_fitted > 0);
 }
+
+/// `branchpoint planner` over NATS: a report of a fast link gets a plan that
+/// offloads, one of a crawling link a plan that keeps every input on the
+/// device; malformed reports do not stop it.
+#[test]
+fn the_planner_answers_network_reports_with_plans() {
+    use branchpoint_messages::{encode, subjects, NetworkReport, PlanTarget, PlanUpdate};
+    use futures::StreamExt;
+    let _serial = serial();
+    let nats = NatsServer::start();
+    let log = std::env::temp_dir().join(format!("branchpoint-test-{}-planner.log", std::process::id()));
+    let _planner = Proc(
+        branchpoint()
+            .args(["planner", "--nats", &nats.url, "--device-slowdown", "4"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let until = std::time::Instant::now() + Duration::from_secs(90);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("planner serving") {
+        assert!(std::time::Instant::now() < until, "planner did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let report = |us_per_byte: f64| NetworkReport {
+        device_id: "phone-7".into(),
+        uplink_bytes_per_s_ewma: 1e6 / us_per_byte,
+        rtt_us_ewma: 20_000.0,
+        window_start_unix_us: 0,
+        window_end_unix_us: 1,
+        samples: 3,
+        group: Some("phones".into()),
+        us_per_byte_conservative: Some(us_per_byte),
+        response_us_conservative: Some(20_000.0),
+        deadline_us: Some(100_000),
+        arrival_rate: Some(10.0),
+    };
+    let plans: Vec<PlanUpdate> = runtime().block_on(async {
+        let client = async_nats::connect(&nats.url).await.unwrap();
+        let mut sub = client.subscribe(subjects::plan_device("phone-7")).await.unwrap();
+        client.flush().await.unwrap();
+        let mut plans = Vec::new();
+        // 100 Mbit/s, then garbage, then 0.05 Mbit/s.
+        for payload in [encode(&report(0.08)).unwrap(), b"not a report".to_vec(), encode(&report(160.0)).unwrap()] {
+            client.publish(subjects::NETWORK_REPORT, payload.into()).await.unwrap();
+            client.flush().await.unwrap();
+        }
+        for _ in 0..2 {
+            let msg = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.expect("a plan within 20 s").unwrap();
+            plans.push(branchpoint_messages::decode::<PlanUpdate>(&msg.payload).unwrap());
+        }
+        plans
+    });
+    assert_eq!(plans[0].target, PlanTarget::Device("phone-7".into()));
+    assert!(plans[0].p_tar > 0.0, "a fast link is worth offloading to: {:?}", plans[0]);
+    assert_eq!(plans[1].p_tar, 0.0, "nothing can cross a 0.05 Mbit/s link in 100 ms: {:?}", plans[1]);
+    assert!(std::fs::read_to_string(&log).unwrap().contains("malformed network report"));
+}

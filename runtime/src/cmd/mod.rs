@@ -3,6 +3,7 @@ pub mod calibrate;
 pub mod calibrator;
 pub mod evaluate;
 pub mod fleet;
+pub mod planner;
 pub mod profile;
 pub mod run;
 pub mod trace;

@@ -117,7 +117,7 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                     (g.name.clone(), costs)
                 })
                 .collect();
-            Planner::new(Arc::new(prepared.sim.stats.clone()), costs, client.clone()).start()
+            Planner::new(Arc::new(prepared.sim.stats.clone()), costs, None, client.clone()).start()
         });
         if let (Some(c), Some(p)) = (&client, &planner) {
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -171,6 +171,7 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                         report_interval: Duration::from_micros(cfg.report_interval_us),
                         report_offset: Duration::from_micros(cfg.report_interval_us * (n as u64 + 1) / (total as u64 + 1)) + Duration::from_millis(500),
                         probe_bytes: cfg.probe_bytes,
+                        arrival_rate: sim.rate,
                     }),
                 });
                 places.push((gi, k, sim.rate));

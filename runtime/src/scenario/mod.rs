@@ -39,6 +39,12 @@ pub fn read_profile(scenario: &Scenario, weights: &Path) -> Result<ComputeProfil
         Some(p) => scenario.dir.join(p),
         None => weights.with_extension("profile.json"),
     };
+    read_profile_at(&path)
+}
+
+/// Reads a compute profile written by `branchpoint profile --json`.
+pub fn read_profile_at(path: &Path) -> Result<ComputeProfile> {
+    let path = path.to_path_buf();
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!("could not read the compute profile {}; write one with `branchpoint profile --batch-sizes 1,8,32 --json {}`", path.display(), path.display())
     })?;
@@ -61,37 +67,8 @@ pub fn prepare(scenario: &Scenario, model: &LoadedModel, validation: &[ExitLogit
     if profile.partitions.len() != branches {
         bail!("the compute profile has {} partitions, the model {branches}: profile the same model", profile.partitions.len());
     }
-    let batch1 = profile
-        .batch_sizes
-        .iter()
-        .position(|&b| b == 1)
-        .context("the compute profile has no batch size 1; write one with `branchpoint profile --batch-sizes 1,8,32 --json FILE`")?;
-    let mut head_us = Vec::new();
-    let mut tail_us = Vec::new();
-    let mut upload_bytes = Vec::new();
-    for (k, part) in profile.partitions.iter().enumerate() {
-        head_us.push(part.head_median_ms[batch1] * 1e3 * scenario.compute.device_slowdown);
-        let mut pts: Vec<(usize, f64)> = profile
-            .batch_sizes
-            .iter()
-            .zip(&part.tail_median_ms)
-            .map(|(&b, &ms)| (b as usize, ms * 1e3 * scenario.compute.cloud_slowdown))
-            .collect();
-        pts.sort_by_key(|p| p.0);
-        tail_us.push(pts);
-        // The exact size of a request on the wire, framing included.
-        let mut shape = vec![1u32];
-        shape.extend(points[k].activation_shape.iter().map(|&d| d as u32));
-        let zeros = vec![0f32; points[k].activation_bytes / 4];
-        let request = OffloadRequest {
-            device_id: "device-00000".into(),
-            seq: u64::MAX,
-            partition_branch: (k + 1) as u8,
-            activation: WireTensor::from_f32(&shape, &zeros)?,
-            deadline: Deadline { sent_at_unix_us: u64::MAX, budget_us: u64::MAX },
-        };
-        upload_bytes.push(encode(&request)?.len());
-    }
+    let (head_us, tail_us) = compute_costs(profile, scenario.compute.device_slowdown, scenario.compute.cloud_slowdown)?;
+    let upload_bytes = upload_bytes(points)?;
     let branch_pred: Vec<Vec<(u32, f64)>> = (0..branches)
         .map(|k| (0..test[k].len()).map(|i| {
             let (c, p) = test[k].predict(i, temperatures[k]);
@@ -109,6 +86,49 @@ pub fn prepare(scenario: &Scenario, model: &LoadedModel, validation: &[ExitLogit
         temperatures,
         candidate_p_tars,
     })
+}
+
+/// Device head time per branch (batch 1) and cloud tail times per branch
+/// (batch size, time), in microseconds, from a profile and slowdowns.
+#[allow(clippy::type_complexity)]
+pub fn compute_costs(profile: &ComputeProfile, device_slowdown: f64, cloud_slowdown: f64) -> Result<(Vec<f64>, Vec<Vec<(usize, f64)>>)> {
+    let batch1 = profile
+        .batch_sizes
+        .iter()
+        .position(|&b| b == 1)
+        .context("the compute profile has no batch size 1; write one with `branchpoint profile --batch-sizes 1,8,32 --json FILE`")?;
+    let mut head_us = Vec::new();
+    let mut tail_us = Vec::new();
+    for part in &profile.partitions {
+        head_us.push(part.head_median_ms[batch1] * 1e3 * device_slowdown);
+        let mut pts: Vec<(usize, f64)> =
+            profile.batch_sizes.iter().zip(&part.tail_median_ms).map(|(&b, &ms)| (b as usize, ms * 1e3 * cloud_slowdown)).collect();
+        pts.sort_by_key(|p| p.0);
+        tail_us.push(pts);
+    }
+    Ok((head_us, tail_us))
+}
+
+/// The exact size on the wire of one offload request at each branch,
+/// framing included.
+pub fn upload_bytes(points: &[branchpoint_models::net::PartitionPoint]) -> Result<Vec<usize>> {
+    points
+        .iter()
+        .enumerate()
+        .map(|(k, p)| {
+            let mut shape = vec![1u32];
+            shape.extend(p.activation_shape.iter().map(|&d| d as u32));
+            let zeros = vec![0f32; p.activation_bytes / 4];
+            let request = OffloadRequest {
+                device_id: "device-00000".into(),
+                seq: u64::MAX,
+                partition_branch: (k + 1) as u8,
+                activation: WireTensor::from_f32(&shape, &zeros)?,
+                deadline: Deadline { sent_at_unix_us: u64::MAX, budget_us: u64::MAX },
+            };
+            Ok(encode(&request)?.len())
+        })
+        .collect()
 }
 
 pub fn sim_config(s: &Scenario) -> Result<SimConfig> {

@@ -1,0 +1,70 @@
+//! `branchpoint planner`: the partition planner on NATS. Devices publish
+//! network reports on `branchpoint.report.network` (with their deadline and
+//! arrival rate); the planner answers each with a `PlanUpdate` on
+//! `branchpoint.plan.device.<id>`.
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use actix::Actor;
+use anyhow::{bail, Context, Result};
+use branchpoint_actors::planner::{serve_planner_nats, Planner};
+use branchpoint_models::calibration::{self, CalibrationFile, Method};
+use branchpoint_models::planner::{default_candidate_p_tars, Costs, ModelStats};
+
+use crate::cli::PlannerArgs;
+use crate::cmd::worker::shutdown_signal;
+use crate::scenario::{compute_costs, read_profile_at, upload_bytes};
+
+pub fn run(args: PlannerArgs) -> Result<()> {
+    if args.nats.nats.is_none() {
+        bail!("branchpoint planner needs --nats URL: devices reach it over NATS");
+    }
+    if !(args.miss_bound > 0.0 && args.miss_bound < 1.0) {
+        bail!("--miss-bound {}: give a fraction in (0, 1), e.g. 0.05", args.miss_bound);
+    }
+    if !(args.device_slowdown.is_finite() && args.device_slowdown > 0.0) {
+        bail!("--device-slowdown {}: give a positive factor", args.device_slowdown);
+    }
+    tch::set_num_threads(std::thread::available_parallelism().map_or(1, |n| n.get() as i32));
+    let model = args.source.load_model(tch::Device::Cpu)?;
+    let data = args.source.load_data(&model)?;
+    let validation = calibration::split_exit_logits(&model.net, &data.validation)?;
+    let num_exits = validation.len();
+    let temperatures = match &args.calibration {
+        Some(path) => {
+            let file = CalibrationFile::read(path)?;
+            file.check_fits(num_exits, &model.card.weights_sha256).with_context(|| format!("calibration file {}", path.display()))?;
+            file.temperatures
+        }
+        None => calibration::fit(Method::parse(&args.method)?, &validation)?,
+    };
+    let stats = ModelStats::from_validation(&validation, &temperatures, &default_candidate_p_tars())?;
+    let profile_path = args.profile.clone().unwrap_or_else(|| args.source.model.with_extension("profile.json"));
+    let profile = read_profile_at(&profile_path)?;
+    let (head_us, _) = compute_costs(&profile, args.device_slowdown, 1.0)?;
+    let template = Costs {
+        head_us,
+        upload_bytes: upload_bytes(&model.net.architecture().partition_points)?.into_iter().map(|b| b as f64).collect(),
+        deadline_us: 0.0,
+        arrival_rate: 0.0,
+        miss_bound: args.miss_bound,
+    };
+    tch::set_num_threads(1);
+    let system = actix::System::new();
+    system.block_on(async move {
+        let client = crate::nats::connect(&args.nats, "branchpoint-planner").await?;
+        let planner = Planner::new(Arc::new(stats), BTreeMap::new(), Some(template), Some(client.clone())).start();
+        let ready = move || {
+            eprintln!(
+                "planner serving {} with temperatures {temperatures:?}; plans go to {}",
+                branchpoint_messages::subjects::NETWORK_REPORT,
+                branchpoint_messages::subjects::plan_device("<id>")
+            )
+        };
+        tokio::select! {
+            r = serve_planner_nats(client, planner, ready) => r.context("serving the planner")?,
+            _ = shutdown_signal() => eprintln!("planner: shutting down"),
+        }
+        Ok::<(), anyhow::Error>(())
+    })
+}
