@@ -82,12 +82,8 @@ pub struct PlannerArgs {
     pub nats: NatsArgs,
     #[command(flatten)]
     pub source: ModelArgs,
-    /// Temperatures to plan with: fit with this method (uncalibrated, global, per-branch).
-    #[arg(long, default_value = "per-branch", value_name = "METHOD")]
-    pub method: String,
-    /// Plan with this calibration file's temperatures instead of fitting.
-    #[arg(long, value_name = "FILE")]
-    pub calibration: Option<PathBuf>,
+    #[command(flatten)]
+    pub temperatures: TemperatureArgs,
     /// Largest predicted fraction of a device's inputs that may miss the deadline.
     #[arg(long, default_value_t = 0.05, value_name = "P")]
     pub miss_bound: f64,
@@ -122,10 +118,18 @@ pub struct CalibratorArgs {
     pub nats: NatsArgs,
     #[command(flatten)]
     pub source: ModelArgs,
-    /// Method of the first fit: uncalibrated, global or per-branch (ignored with --calibration).
+    #[command(flatten)]
+    pub temperatures: TemperatureArgs,
+}
+
+/// Where a NATS service's temperatures come from: a fit on the validation
+/// split, or a calibration file.
+#[derive(Debug, Args, Clone)]
+pub struct TemperatureArgs {
+    /// Fit temperatures with this method: uncalibrated, global or per-branch (ignored with --calibration).
     #[arg(long, default_value = "per-branch", value_name = "METHOD")]
     pub method: String,
-    /// Start from this calibration file instead of fitting.
+    /// Use this calibration file's temperatures instead of fitting.
     #[arg(long, value_name = "FILE")]
     pub calibration: Option<PathBuf>,
 }

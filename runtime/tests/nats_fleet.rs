@@ -262,20 +262,7 @@ fn calibration_refits_and_plans_reach_running_devices() {
     let nats = NatsServer::start();
     let _w = start_worker(&nats.url, "w", &[]);
     // The calibrator starts uncalibrated (T = 1 everywhere).
-    let log = std::env::temp_dir().join(format!("branchpoint-test-{}-calibrator.log", std::process::id()));
-    let _cal = Proc(
-        branchpoint()
-            .args(["calibrator", "--nats", &nats.url, "--method", "uncalibrated"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let until = std::time::Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(&log).unwrap_or_default().contains("calibrator serving") {
-        assert!(std::time::Instant::now() < until, "calibrator did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let _cal = start_service("calibrator", &["calibrator", "--nats", &nats.url, "--method", "uncalibrated"], "calibrator serving", Duration::from_secs(60));
 
     let dir = tempfile::tempdir().unwrap();
     let summary = dir.path().join("summary.json");
@@ -350,20 +337,7 @@ fn the_planner_answers_network_reports_with_plans() {
     use futures::StreamExt;
     let _serial = serial();
     let nats = NatsServer::start();
-    let log = std::env::temp_dir().join(format!("branchpoint-test-{}-planner.log", std::process::id()));
-    let _planner = Proc(
-        branchpoint()
-            .args(["planner", "--nats", &nats.url, "--device-slowdown", "4"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let until = std::time::Instant::now() + Duration::from_secs(90);
-    while !std::fs::read_to_string(&log).unwrap_or_default().contains("planner serving") {
-        assert!(std::time::Instant::now() < until, "planner did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let _planner = start_service("planner", &["planner", "--nats", &nats.url, "--device-slowdown", "4"], "planner serving", Duration::from_secs(90));
     let report = |us_per_byte: f64| NetworkReport {
         device_id: "phone-7".into(),
         uplink_bytes_per_s_ewma: 1e6 / us_per_byte,
@@ -396,5 +370,5 @@ fn the_planner_answers_network_reports_with_plans() {
     assert_eq!(plans[0].target, PlanTarget::Device("phone-7".into()));
     assert!(plans[0].p_tar > 0.0, "a fast link is worth offloading to: {:?}", plans[0]);
     assert_eq!(plans[1].p_tar, 0.0, "nothing can cross a 0.05 Mbit/s link in 100 ms: {:?}", plans[1]);
-    assert!(std::fs::read_to_string(&log).unwrap().contains("malformed network report"));
+    assert!(service_log("planner").contains("malformed network report"));
 }

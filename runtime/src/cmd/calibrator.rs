@@ -11,9 +11,9 @@ pub fn run(args: CalibratorArgs) -> Result<()> {
         bail!("branchpoint calibrator needs --nats URL: it publishes temperatures to devices over NATS");
     }
     tch::set_num_threads(1);
-    let initial = match &args.calibration {
+    let initial = match &args.temperatures.calibration {
         Some(path) => Initial::File(CalibrationFile::read(path)?),
-        None => Initial::Fit(Method::parse(&args.method)?),
+        None => Initial::Fit(Method::parse(&args.temperatures.method)?),
     };
     let cfg = CalibratorConfig { weights: args.source.model.clone(), data_dir: args.source.data_dir.clone(), initial };
     let system = actix::System::new();

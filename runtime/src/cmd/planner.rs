@@ -30,13 +30,13 @@ pub fn run(args: PlannerArgs) -> Result<()> {
     let data = args.source.load_data(&model)?;
     let validation = calibration::split_exit_logits(&model.net, &data.validation)?;
     let num_exits = validation.len();
-    let temperatures = match &args.calibration {
+    let temperatures = match &args.temperatures.calibration {
         Some(path) => {
             let file = CalibrationFile::read(path)?;
             file.check_fits(num_exits, &model.card.weights_sha256).with_context(|| format!("calibration file {}", path.display()))?;
             file.temperatures
         }
-        None => calibration::fit(Method::parse(&args.method)?, &validation)?,
+        None => calibration::fit(Method::parse(&args.temperatures.method)?, &validation)?,
     };
     let stats = ModelStats::from_validation(&validation, &temperatures, &default_candidate_p_tars())?;
     let profile_path = args.profile.clone().unwrap_or_else(|| args.source.model.with_extension("profile.json"));

@@ -77,25 +77,36 @@ pub fn branchpoint() -> Command {
     c
 }
 
-/// Starts `branchpoint worker` and waits until it says it is serving.
-pub fn start_worker(url: &str, id: &str, extra: &[&str]) -> Proc {
-    let log = std::env::temp_dir().join(format!("branchpoint-test-{}-{id}.log", std::process::id()));
+/// Starts `branchpoint ARGS` and waits until its stderr says `ready`.
+pub fn start_service(name: &str, args: &[&str], ready: &str, within: Duration) -> Proc {
+    let log = std::env::temp_dir().join(format!("branchpoint-test-{}-{name}.log", std::process::id()));
     let child = branchpoint()
-        .args(["worker", "--nats", url, "--worker-id", id])
-        .args(extra)
+        .args(args)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
-        .expect("worker starts");
+        .expect("the service starts");
     let proc = Proc(child);
-    let until = Instant::now() + Duration::from_secs(30);
+    let until = Instant::now() + within;
     while Instant::now() < until {
-        if std::fs::read_to_string(&log).unwrap_or_default().contains("serving") {
+        if std::fs::read_to_string(&log).unwrap_or_default().contains(ready) {
             return proc;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    panic!("worker {id} did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
+    panic!("{name} did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
+}
+
+/// The stderr of a service started by `start_service`, so far.
+pub fn service_log(name: &str) -> String {
+    std::fs::read_to_string(std::env::temp_dir().join(format!("branchpoint-test-{}-{name}.log", std::process::id()))).unwrap_or_default()
+}
+
+/// Starts `branchpoint worker` and waits until it says it is serving.
+pub fn start_worker(url: &str, id: &str, extra: &[&str]) -> Proc {
+    let mut args = vec!["worker", "--nats", url, "--worker-id", id];
+    args.extend_from_slice(extra);
+    start_service(id, &args, "serving", Duration::from_secs(30))
 }
 
 /// Runs `cmd` to its end with stdout and stderr captured, like
