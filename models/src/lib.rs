@@ -4,6 +4,7 @@
 //! This crate knows nothing about actors or the network: it is pure
 //! computation on tensors and files, so the actors, the CLI and the tests all
 //! run exactly the same model code.
+pub mod autoscale;
 pub mod calibration;
 pub mod card;
 pub mod data;
