@@ -129,21 +129,28 @@ pub fn method_of(m: CalibrationMethod) -> Method {
 }
 
 /// Serves the calibration actor on NATS: publishes the current temperatures
-/// on `CALIBRATION_UPDATE` at start and after every refit, answers
-/// `CALIBRATION_GET` with them and `CALIBRATION_REFIT` with the new ones (or
-/// an `ErrorReply` when the request is malformed or the fit fails).
+/// on `CALIBRATION_UPDATE` (and stores them in the control store, when there
+/// is one) at start and after every refit, answers `CALIBRATION_GET` with
+/// them and `CALIBRATION_REFIT` with the new ones (or an `ErrorReply` when
+/// the request is malformed or the fit fails).
 pub async fn serve_calibration_nats(
     client: async_nats::Client,
     calibrator: Addr<Calibrator>,
+    store: Option<crate::control::ControlStore>,
     on_ready: impl FnOnce(),
 ) -> Result<(), ActorError> {
     let nats = |e: String| ActorError::Nats(e);
     let mut get = client.subscribe(subjects::CALIBRATION_GET).await.map_err(|e| nats(e.to_string()))?;
     let mut refit = client.subscribe(subjects::CALIBRATION_REFIT).await.map_err(|e| nats(e.to_string()))?;
     let publish = |file: CalibrationFile| {
-        let client = client.clone();
+        let (client, store) = (client.clone(), store.clone());
         async move {
-            let bytes = encode(&to_update(&file))?;
+            let update = to_update(&file);
+            // Stored first: a device that starts after this sees it.
+            if let Some(store) = &store {
+                store.put_calibration(&update).await?;
+            }
+            let bytes = encode(&update)?;
             client.publish(subjects::CALIBRATION_UPDATE, bytes.clone().into()).await.map_err(|e| nats(e.to_string()))?;
             Ok::<_, ActorError>(bytes)
         }

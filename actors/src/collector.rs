@@ -49,7 +49,11 @@ pub struct Latency {
 #[rtype(result = "()")]
 pub struct Outcome {
     pub device_id: String,
-    /// Index of the input in the test set: identifies it across devices.
+    /// Arrival number in the run: identifies the input across devices (a
+    /// long run feeds the same test input more than once).
+    #[serde(default)]
+    pub arrival: u64,
+    /// Index of the input in the test set.
     pub input_index: usize,
     pub label: i64,
     pub class: u32,
@@ -81,45 +85,51 @@ impl Outcome {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Summary {
-    /// Inputs the fleet fed in.
-    pub inputs: usize,
-    /// Outcomes received (equals `inputs` when nothing was lost).
-    pub outcomes: usize,
-    /// Inputs that got more than one outcome (must be 0).
-    pub duplicates: usize,
-    pub decided_on_device: usize,
-    pub offloaded: usize,
-    pub answered_by_cloud: usize,
-    pub fallbacks: usize,
-    pub fallbacks_deadline: usize,
-    pub fallbacks_no_responders: usize,
-    pub fallbacks_error_reply: usize,
-    pub fallbacks_transport: usize,
-    /// Inputs the device could not decide at all.
-    pub errors: usize,
-    /// Outcomes per exit: branches in order, then final.
-    pub per_exit: Vec<usize>,
-    pub accuracy: f64,
-    /// Accuracy over inputs decided on the device (None if there were none).
-    pub edge_accuracy: Option<f64>,
-    pub latency_ms_p50: f64,
-    pub latency_ms_p95: f64,
-    pub latency_ms_p99: f64,
+/// The fleet's totals; a wire type, because fleets publish it.
+pub use branchpoint_messages::FleetSummary as Summary;
+
+/// Upper bounds of the latency histogram, ms: from a fast device answer to
+/// the longest deadlines.
+pub const LATENCY_LE_MS: [f64; 12] = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0];
+
+/// Outcome latencies in `LATENCY_LE_MS` buckets, kept as outcomes arrive.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LatencyHistogram {
+    pub le_ms: Vec<f64>,
+    /// Outcomes at or below each bound (cumulative).
+    pub counts: Vec<u64>,
+    pub sum_ms: f64,
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        Self { le_ms: LATENCY_LE_MS.to_vec(), counts: vec![0; LATENCY_LE_MS.len()], sum_ms: 0.0 }
+    }
+}
+
+impl LatencyHistogram {
+    fn add(&mut self, ms: f64) {
+        self.sum_ms += ms;
+        for (le, c) in self.le_ms.iter().zip(&mut self.counts) {
+            if ms <= *le {
+                *c += 1;
+            }
+        }
+    }
 }
 
 pub struct Collector {
     num_branches: usize,
     inputs: usize,
     outcomes: Vec<Outcome>,
-    seen: HashSet<usize>,
+    seen: HashSet<u64>,
     duplicates: usize,
+    latency: LatencyHistogram,
 }
 
 impl Collector {
     pub fn new(num_branches: usize) -> Self {
-        Self { num_branches, inputs: 0, outcomes: Vec::new(), seen: HashSet::new(), duplicates: 0 }
+        Self { num_branches, inputs: 0, outcomes: Vec::new(), seen: HashSet::new(), duplicates: 0, latency: LatencyHistogram::default() }
     }
 }
 
@@ -131,8 +141,11 @@ impl Handler<Outcome> for Collector {
     type Result = ();
 
     fn handle(&mut self, msg: Outcome, _: &mut Context<Self>) {
-        if !self.seen.insert(msg.input_index) {
+        if !self.seen.insert(msg.arrival) {
             self.duplicates += 1;
+        }
+        if msg.error.is_none() {
+            self.latency.add(msg.latency.total_us as f64 / 1e3);
         }
         self.outcomes.push(msg);
     }
@@ -161,6 +174,19 @@ impl Handler<GetSummary> for Collector {
 
     fn handle(&mut self, _: GetSummary, _: &mut Context<Self>) -> Self::Result {
         MessageResult(summarize(self.inputs, self.duplicates, self.num_branches, &self.outcomes))
+    }
+}
+
+/// The summary and the latency histogram, for a status report.
+#[derive(Message)]
+#[rtype(result = "(Summary, LatencyHistogram)")]
+pub struct GetSnapshot;
+
+impl Handler<GetSnapshot> for Collector {
+    type Result = MessageResult<GetSnapshot>;
+
+    fn handle(&mut self, _: GetSnapshot, _: &mut Context<Self>) -> Self::Result {
+        MessageResult((summarize(self.inputs, self.duplicates, self.num_branches, &self.outcomes), self.latency.clone()))
     }
 }
 

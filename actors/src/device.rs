@@ -148,6 +148,8 @@ impl Device {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Infer {
+    /// Arrival number in the run, unique across the fleet.
+    pub arrival: u64,
     pub input_index: usize,
     pub input: Arc<[f32]>,
     pub label: i64,
@@ -168,6 +170,7 @@ impl Handler<Infer> for Device {
         let branch = cfg.partition_branch;
         let mut outcome = Outcome {
             device_id: cfg.id.clone(),
+            arrival: msg.arrival,
             input_index: msg.input_index,
             label: msg.label,
             class: 0,
@@ -389,5 +392,20 @@ impl Handler<ApplyCalibration> for Device {
             return;
         }
         self.cfg.temperatures = msg.temperatures;
+    }
+}
+
+/// The plan a device holds now: partition branch, p_tar, and the
+/// temperature of that branch.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "(usize, f64, f64)")]
+pub struct GetPlan;
+
+impl Handler<GetPlan> for Device {
+    type Result = MessageResult<GetPlan>;
+
+    fn handle(&mut self, _: GetPlan, _: &mut Context<Self>) -> Self::Result {
+        let b = self.cfg.partition_branch;
+        MessageResult((b, self.cfg.p_tar, self.cfg.temperatures.get(b - 1).copied().unwrap_or(1.0)))
     }
 }

@@ -15,9 +15,10 @@ use actix::prelude::*;
 use branchpoint_models::rng::SplitMix64;
 use branchpoint_models::Split;
 
-use crate::collector::{Collector, GetSummary, Summary};
+use crate::collector::{Collector, GetSnapshot, GetSummary, Summary};
 use crate::compute::{LoadedNet, ModelSpec};
-use crate::device::{ApplyCalibration, ApplyPlan, Device, DeviceConfig, Infer};
+use crate::control::{ControlChange, ControlStore};
+use crate::device::{ApplyCalibration, ApplyPlan, Device, DeviceConfig, GetPlan, Infer};
 use crate::error::ActorError;
 use crate::transport::OffloadLink;
 
@@ -159,6 +160,11 @@ pub struct FleetConfig {
     /// Digest of the devices' weights: calibration updates for other weights
     /// are ignored.
     pub model_sha256: String,
+    /// Names this fleet in its status reports.
+    pub fleet_id: String,
+    /// With NATS: publish a `FleetStatus` this often while running (and once
+    /// at the end).
+    pub status_interval: Option<Duration>,
 }
 
 impl FleetConfig {
@@ -203,15 +209,30 @@ pub async fn run_fleet(
         .collect();
     let ids: Vec<String> = configs.iter().map(|c| c.id.clone()).collect();
     let devices: Vec<(String, Addr<Device>)> = ids.into_iter().zip(threads.spawn(configs, link, collector.clone()).await?).collect();
-    let listener = match updates {
+    let listener = match &updates {
         Some(client) => {
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-            let task = actix::spawn(forward_updates(client, devices.clone(), cfg.group.clone(), cfg.model_sha256.clone(), ready_tx));
+            let task =
+                actix::spawn(forward_updates(client.clone(), devices.clone(), cfg.group.clone(), cfg.model_sha256.clone(), ready_tx));
             // If subscribing failed the task has said so and ended; run anyway.
             let _ = ready_rx.await;
             Some(task)
         }
         None => None,
+    };
+    let started_unix_us = unix_us();
+    let status = match (&updates, cfg.status_interval) {
+        (Some(client), Some(every)) => {
+            let (client, cfg, devices, collector) = (client.clone(), cfg.clone(), devices.clone(), collector.clone());
+            Some(actix::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    publish_status(&client, &cfg, &devices, &collector, started_unix_us, true).await;
+                }
+            }))
+        }
+        _ => None,
     };
     on_started();
     let started = Instant::now();
@@ -236,7 +257,7 @@ pub async fn run_fleet(
                 }
                 claimed.set(i + 1);
                 let k = i % inputs.len();
-                device.do_send(Infer { input_index: k, input: inputs.images[k].clone(), label: inputs.labels[k] });
+                device.do_send(Infer { arrival: i as u64, input_index: k, input: inputs.images[k].clone(), label: inputs.labels[k] });
             }
         }));
     }
@@ -251,16 +272,79 @@ pub async fn run_fleet(
             if let Some(l) = listener {
                 l.abort();
             }
+            if let Some(task) = status {
+                task.abort();
+                if let Some(client) = &updates {
+                    publish_status(client, &cfg, &devices, &collector, started_unix_us, false).await;
+                    // The last status must leave before the process exits.
+                    let _ = client.flush().await;
+                }
+            }
             return Ok(s);
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
-/// Forwards calibration updates (for these weights) and plan updates (for
-/// this group or one of these devices) from NATS to the devices. Malformed
-/// updates are dropped with a message on stderr: a bad publisher must not
-/// stop the fleet.
+fn unix_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+/// Publishes the fleet's `FleetStatus`: the collector's totals and the plans
+/// the devices hold (asked of each device, so it is what they apply, not what
+/// was sent to them). A failed publish is reported and the fleet goes on.
+async fn publish_status(
+    client: &async_nats::Client,
+    cfg: &FleetConfig,
+    devices: &[(String, Addr<Device>)],
+    collector: &Addr<Collector>,
+    started_unix_us: u64,
+    running: bool,
+) {
+    use branchpoint_messages::{encode, subjects, AppliedPlan, FleetStatus};
+    let Ok((summary, latency)) = collector.send(GetSnapshot).await else { return };
+    let mut applied: Vec<AppliedPlan> = Vec::new();
+    for (_, d) in devices {
+        let Ok((branch, p_tar, temperature)) = d.send(GetPlan).await else { continue };
+        match applied.iter_mut().find(|a| a.partition_branch as usize == branch && a.p_tar == p_tar && a.temperature == temperature) {
+            Some(a) => a.devices += 1,
+            None => applied.push(AppliedPlan { partition_branch: branch as u8, p_tar, temperature, devices: 1 }),
+        }
+    }
+    let status = FleetStatus {
+        fleet_id: cfg.fleet_id.clone(),
+        group: cfg.group.clone(),
+        devices: devices.len() as u32,
+        running,
+        at_unix_us: unix_us(),
+        started_unix_us,
+        summary,
+        latency_le_ms: latency.le_ms,
+        latency_le_counts: latency.counts,
+        latency_sum_ms: latency.sum_ms,
+        applied,
+    };
+    match encode(&status) {
+        Ok(bytes) => {
+            if let Err(e) = client.publish(subjects::fleet_status(&cfg.fleet_id), bytes.into()).await {
+                eprintln!("fleet: could not publish its status: {e}");
+            }
+        }
+        Err(e) => eprintln!("fleet: could not encode its status: {e}"),
+    }
+}
+
+/// Forwards plans and temperatures to the devices, from two sources:
+/// - the control store (JetStream key-value, see `control`): the stored
+///   state is applied before `ready` fires, so devices start from it, and
+///   later writes follow;
+/// - the update subjects (`branchpoint.calibration.update`,
+///   `branchpoint.plan.>`), for publishers that do not store.
+///
+/// Only temperatures for these weights and plans for this group or one of
+/// these devices are applied. Malformed updates are dropped with a message on
+/// stderr: a bad publisher must not stop the fleet. Without JetStream the
+/// fleet says so once and lives on the subjects alone.
 pub async fn forward_updates(
     client: async_nats::Client,
     devices: Vec<(String, Addr<Device>)>,
@@ -268,7 +352,7 @@ pub async fn forward_updates(
     sha256: String,
     ready: tokio::sync::oneshot::Sender<()>,
 ) {
-    use branchpoint_messages::{decode, subjects, CalibrationUpdate, PlanTarget, PlanUpdate};
+    use branchpoint_messages::{decode, subjects, CalibrationUpdate, PlanUpdate};
     use futures::StreamExt;
     let (Ok(mut cal), Ok(mut plans)) =
         (client.subscribe(subjects::CALIBRATION_UPDATE).await, client.subscribe(subjects::PLAN_ALL).await)
@@ -276,35 +360,81 @@ pub async fn forward_updates(
         eprintln!("fleet: could not subscribe to calibration and plan updates");
         return;
     };
+    let apply = Forward { devices, group, sha256 };
+    let mut stored: std::pin::Pin<Box<dyn futures::Stream<Item = ControlChange>>> = match resume(&client, &apply).await {
+        Ok(watch) => Box::pin(watch),
+        Err(e) => {
+            eprintln!("fleet: no stored control state, so plans and temperatures come only from update subjects: {e}");
+            Box::pin(futures::stream::pending())
+        }
+    };
     let _ = client.flush().await;
     let _ = ready.send(());
     loop {
         tokio::select! {
             Some(msg) = cal.next() => match decode::<CalibrationUpdate>(&msg.payload) {
-                Ok(u) if u.model_sha256 == sha256 => {
-                    for (_, d) in &devices {
-                        d.do_send(ApplyCalibration { temperatures: u.temperatures.clone() });
-                    }
-                }
-                Ok(_) => eprintln!("fleet: ignored a calibration update for other weights"),
+                Ok(u) => apply.calibration(&u),
                 Err(e) => eprintln!("fleet: ignored a malformed calibration update: {e}"),
             },
             Some(msg) = plans.next() => match decode::<PlanUpdate>(&msg.payload) {
-                Ok(p) => {
-                    let apply = ApplyPlan { partition_branch: p.partition_branch as usize, p_tar: p.p_tar };
-                    for (id, d) in &devices {
-                        let for_me = match &p.target {
-                            PlanTarget::Device(t) => t == id,
-                            PlanTarget::Group(g) => *g == group,
-                        };
-                        if for_me {
-                            d.do_send(apply.clone());
-                        }
-                    }
-                }
+                Ok(p) => apply.plan(&p),
                 Err(e) => eprintln!("fleet: ignored a malformed plan update: {e}"),
             },
+            Some(change) = stored.next() => match change {
+                ControlChange::Plan(p) => apply.plan(&p),
+                ControlChange::Calibration(u) => apply.calibration(&u),
+            },
             else => return,
+        }
+    }
+}
+
+/// Applies the stored state (plans in the order they were written, so the
+/// latest wins as it would have live), then returns the watch of the store,
+/// which repeats the stored state (harmless: applying is idempotent) and
+/// then follows every write.
+async fn resume(client: &async_nats::Client, apply: &Forward) -> Result<impl futures::Stream<Item = ControlChange>, ActorError> {
+    let store = ControlStore::open(client).await?;
+    let mut plans = store.plans().await?;
+    plans.sort_by_key(|p| p.revision);
+    for p in &plans {
+        apply.plan(&p.value);
+    }
+    if let Some(c) = store.calibration(&apply.sha256).await? {
+        apply.calibration(&c.value);
+    }
+    store.watch(&apply.sha256).await
+}
+
+/// Who gets which update.
+struct Forward {
+    devices: Vec<(String, Addr<Device>)>,
+    group: String,
+    sha256: String,
+}
+
+impl Forward {
+    fn calibration(&self, u: &branchpoint_messages::CalibrationUpdate) {
+        if u.model_sha256 != self.sha256 {
+            eprintln!("fleet: ignored a calibration update for other weights");
+            return;
+        }
+        for (_, d) in &self.devices {
+            d.do_send(ApplyCalibration { temperatures: u.temperatures.clone() });
+        }
+    }
+
+    fn plan(&self, p: &branchpoint_messages::PlanUpdate) {
+        use branchpoint_messages::PlanTarget;
+        let apply = ApplyPlan { partition_branch: p.partition_branch as usize, p_tar: p.p_tar };
+        for (id, d) in &self.devices {
+            let for_me = match &p.target {
+                PlanTarget::Device(t) => t == id,
+                PlanTarget::Group(g) => *g == self.group,
+            };
+            if for_me {
+                d.do_send(apply.clone());
+            }
         }
     }
 }

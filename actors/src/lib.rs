@@ -8,6 +8,7 @@
 pub mod calibration;
 pub mod collector;
 pub mod compute;
+pub mod control;
 pub mod device;
 pub mod emulation;
 pub mod error;

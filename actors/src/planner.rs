@@ -9,8 +9,9 @@
 //! (in-process, one round trip of the device's link after the report left)
 //! or as a `PlanUpdate` on `branchpoint.plan.device.<id>` (NATS). A report
 //! from an unknown group is dropped with a message: a stray publisher must
-//! not stop the planner. Restart: stateless apart from its log; devices keep
-//! their last plan meanwhile.
+//! not stop the planner. Restart: over NATS with JetStream, plans are stored
+//! in the control store (`control`) when they change, and a restarted planner
+//! starts from the stored ones; devices keep their last plan meanwhile.
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,11 +43,28 @@ pub struct Planner {
     template: Option<Costs>,
     log: Vec<PlanRecord>,
     nats: Option<async_nats::Client>,
+    /// Where plans are stored durably (over NATS with JetStream), and the
+    /// plan stored for each device: a plan is stored only when it changes,
+    /// and a restarted planner starts from what is stored.
+    store: Option<crate::control::ControlStore>,
+    stored: std::collections::HashMap<String, branchpoint_messages::PlanUpdate>,
 }
 
 impl Planner {
     pub fn new(stats: Arc<ModelStats>, costs: BTreeMap<String, Costs>, template: Option<Costs>, nats: Option<async_nats::Client>) -> Self {
-        Self { stats, costs, template, log: Vec::new(), nats }
+        Self { stats, costs, template, log: Vec::new(), nats, store: None, stored: Default::default() }
+    }
+
+    /// Stores plans in `store`, starting from the device plans in `stored`.
+    pub fn with_store(mut self, store: crate::control::ControlStore, stored: Vec<branchpoint_messages::PlanUpdate>) -> Self {
+        use branchpoint_messages::PlanTarget;
+        for p in stored {
+            if let PlanTarget::Device(id) = &p.target {
+                self.stored.insert(id.clone(), p.clone());
+            }
+        }
+        self.store = Some(store);
+        self
     }
 
     fn costs_for(&self, r: &DeviceReport) -> Option<Costs> {
@@ -110,11 +128,23 @@ impl Handler<DeviceReport> for Planner {
                     partition_branch: apply.partition_branch as u8,
                     p_tar: apply.p_tar,
                 };
+                let store = match &self.store {
+                    Some(s) if self.stored.get(&r.device_id) != Some(&update) => {
+                        self.stored.insert(r.device_id.clone(), update.clone());
+                        Some(s.clone())
+                    }
+                    _ => None,
+                };
                 match encode(&update) {
                     Ok(bytes) => {
                         let client = client.clone();
                         let subject = subjects::plan_device(&r.device_id);
                         actix::spawn(async move {
+                            if let Some(store) = store {
+                                if let Err(e) = store.put_plan(&update).await {
+                                    eprintln!("planner: could not store a plan: {e}");
+                                }
+                            }
                             if let Err(e) = client.publish(subject, bytes.into()).await {
                                 eprintln!("planner: could not publish a plan: {e}");
                             }

@@ -84,10 +84,17 @@ pub struct WorkerStats {
     pub requests: u64,
     pub batches: u64,
     pub errors: u64,
+    /// Requests waiting: for their batch, or in a batch waiting for compute.
     pub queue_depth: usize,
     pub mean_batch_size: f64,
     /// EWMA (alpha 0.1) of the time requests wait for their batch, µs.
     pub queue_delay_us_ewma: f64,
+    /// Requests answered by the tail (not error replies).
+    pub answered: u64,
+    /// Sum over answered requests of the time their formed batch waited for
+    /// a compute thread, µs: divided by `answered` it is the congestion
+    /// delay, without the batching window.
+    pub compute_wait_us_total: f64,
 }
 
 pub struct Batcher {
@@ -98,11 +105,13 @@ pub struct Batcher {
     /// Bumped at every flush, so a stale max_wait timer flushes nothing.
     generation: HashMap<u8, u64>,
     stats: WorkerStats,
+    /// Requests in batches handed to the compute pool and not yet answered.
+    in_flight: usize,
 }
 
 impl Batcher {
     pub fn new(cfg: WorkerConfig, executor: Addr<Executor>, partition_points: Vec<PartitionPoint>) -> Self {
-        Self { cfg, executor, partition_points, pending: HashMap::new(), generation: HashMap::new(), stats: WorkerStats::default() }
+        Self { cfg, executor, partition_points, pending: HashMap::new(), generation: HashMap::new(), stats: WorkerStats::default(), in_flight: 0 }
     }
 
     fn error(&mut self, seq: Option<u64>, kind: ErrorKind, detail: String) -> OffloadReply {
@@ -160,13 +169,18 @@ impl Batcher {
             self.stats.queue_delay_us_ewma = 0.9 * self.stats.queue_delay_us_ewma + 0.1 * q;
         }
         let run = RunTail { partition_branch: branch as usize, batch: n, activations };
+        self.in_flight += n;
         self.executor
             .send(run)
             .into_actor(self)
             .map(move |result, act, _| {
+                act.in_flight -= n;
                 let result = result.map_err(ActorError::from).and_then(|r| r);
                 match result {
                     Ok(out) => {
+                        let waited = started.elapsed().saturating_sub(out.compute).as_micros() as f64;
+                        act.stats.answered += n as u64;
+                        act.stats.compute_wait_us_total += waited * n as f64;
                         for (job, (class, confidence)) in live.into_iter().zip(out.answers) {
                             let timings = WorkerTimings {
                                 queue_us: started.duration_since(job.received).as_micros() as u64,
@@ -229,8 +243,48 @@ impl Handler<GetWorkerStats> for Batcher {
 
     fn handle(&mut self, _: GetWorkerStats, _: &mut Context<Self>) -> Self::Result {
         let mut s = self.stats;
-        s.queue_depth = self.pending.values().map(Vec::len).sum();
+        s.queue_depth = self.pending.values().map(Vec::len).sum::<usize>() + self.in_flight;
         MessageResult(s)
+    }
+}
+
+/// Publishes the worker's `WorkerStatus` on `branchpoint.worker.status`
+/// every `every`, for the autoscaler and the control plane, until the
+/// batcher stops. Interval figures are differences of the batcher's
+/// cumulative counters between two statuses.
+pub async fn publish_status(client: async_nats::Client, batcher: Addr<Batcher>, worker_id: String, every: Duration) {
+    use branchpoint_messages::WorkerStatus;
+    let mut tick = tokio::time::interval(every);
+    let mut last = WorkerStats::default();
+    loop {
+        tick.tick().await;
+        let Ok(s) = batcher.send(GetWorkerStats).await else { return };
+        let answered = s.answered - last.answered;
+        let batches = s.batches - last.batches;
+        // Requests batched since the last status: the mean batch size times
+        // the batch count, before and after.
+        let batched = s.mean_batch_size * s.batches as f64 - last.mean_batch_size * last.batches as f64;
+        let status = WorkerStatus {
+            worker_id: worker_id.clone(),
+            queue_depth: s.queue_depth as u32,
+            batches_served: s.batches,
+            mean_batch_size: s.mean_batch_size,
+            queue_delay_us_ewma: s.queue_delay_us_ewma,
+            at_unix_us: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64),
+            requests: s.requests,
+            errors: s.errors,
+            queue_delay_us_interval: if answered > 0 { (s.compute_wait_us_total - last.compute_wait_us_total) / answered as f64 } else { 0.0 },
+            batch_size_interval: if batches > 0 { (batched / batches as f64).max(0.0) } else { 0.0 },
+        };
+        last = s;
+        match encode(&status) {
+            Ok(bytes) => {
+                if let Err(e) = client.publish(subjects::WORKER_STATUS, bytes.into()).await {
+                    eprintln!("worker {worker_id}: could not publish its status: {e}");
+                }
+            }
+            Err(e) => eprintln!("worker {worker_id}: could not encode its status: {e}"),
+        }
     }
 }
 

@@ -36,8 +36,20 @@ pub const PLAN_ALL: &str = "branchpoint.plan.>";
 /// Devices -> planner: observed uplink throughput and round trip (`NetworkReport`).
 pub const NETWORK_REPORT: &str = "branchpoint.report.network";
 
-/// Workers -> planner and fleet view: queue depth and batching (`WorkerStatus`).
+/// Workers -> autoscaler and control plane: queue depth, queue delay and
+/// batching (`WorkerStatus`).
 pub const WORKER_STATUS: &str = "branchpoint.worker.status";
+
+/// Prefix of the fleets' status subjects, see [`fleet_status`].
+pub const FLEET_STATUS_PREFIX: &str = "branchpoint.status.fleet";
+
+/// Wildcard that sees every fleet's status (the control plane).
+pub const FLEET_STATUS_ALL: &str = "branchpoint.status.fleet.*";
+
+/// Fleet -> control plane: `FleetStatus` of fleet `fleet_id`.
+pub fn fleet_status(fleet_id: &str) -> String {
+    format!("{FLEET_STATUS_PREFIX}.{fleet_id}")
+}
 
 /// Device -> workers, request/reply: `OffloadRequest` for `partition_branch`,
 /// answered with an `OffloadReply` on the request's reply inbox.

@@ -95,10 +95,30 @@ prop_compose! {
 prop_compose! {
     fn worker_status()(worker_id in id(), queue_depth: u32, batches_served: u64,
                        mean_batch_size in 0f64..256.0, queue_delay_us_ewma in 0f64..1e7,
-                       at_unix_us: u64) -> WorkerStatus {
+                       at_unix_us: u64, requests: u64,
+                       queue_delay_us_interval in 0f64..1e7) -> WorkerStatus {
         WorkerStatus {
             worker_id, queue_depth, batches_served,
             mean_batch_size, queue_delay_us_ewma, at_unix_us,
+            requests, errors: requests / 7, queue_delay_us_interval,
+            batch_size_interval: mean_batch_size / 2.0,
+        }
+    }
+}
+
+prop_compose! {
+    fn fleet_status()(fleet_id in id(), group in id(), devices: u32, running: bool,
+                      inputs in 0usize..1_000_000, p_tar in 0f64..=1.0,
+                      counts in proptest::collection::vec(0u64..1000, 0..12)) -> FleetStatus {
+        let summary = FleetSummary {
+            inputs, outcomes: inputs, per_exit: vec![inputs / 2, inputs - inputs / 2],
+            accuracy: 0.5, edge_accuracy: (inputs % 2 == 0).then_some(0.25), ..FleetSummary::default()
+        };
+        FleetStatus {
+            fleet_id, group, devices, running, at_unix_us: 7, started_unix_us: 3, summary,
+            latency_le_ms: counts.iter().map(|&c| c as f64 + 0.5).collect(),
+            latency_le_counts: counts, latency_sum_ms: 12.5,
+            applied: vec![AppliedPlan { partition_branch: 1, p_tar, temperature: 1.5, devices }],
         }
     }
 }
@@ -122,6 +142,7 @@ fn decode_all(bytes: &[u8]) -> usize {
         decode::<PlanUpdate>(bytes).is_ok(),
         decode::<NetworkReport>(bytes).is_ok(),
         decode::<WorkerStatus>(bytes).is_ok(),
+        decode::<FleetStatus>(bytes).is_ok(),
     ]
     .iter()
     .filter(|ok| **ok)
@@ -142,7 +163,7 @@ proptest! {
     #[test]
     fn every_message_round_trips(
         req in request(), rep in prop_oneof![answer(), error_reply()], cal in calibration(),
-        pl in plan(), net in network(), ws in worker_status(),
+        pl in plan(), net in network(), ws in worker_status(), fs in fleet_status(),
     ) {
         roundtrip(&req)?;
         roundtrip(&rep)?;
@@ -150,6 +171,7 @@ proptest! {
         roundtrip(&pl)?;
         roundtrip(&net)?;
         roundtrip(&ws)?;
+        roundtrip(&fs)?;
     }
 
     #[test]

@@ -398,11 +398,12 @@ impl Message for NetworkReport {
     }
 }
 
-/// Worker -> planner: how loaded the worker is.
+/// Worker -> autoscaler and control plane: how loaded the worker is,
+/// published every status interval on `branchpoint.worker.status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkerStatus {
     pub worker_id: String,
-    /// Requests waiting now.
+    /// Requests waiting now: for a batch, or in a batch waiting for compute.
     pub queue_depth: u32,
     /// Batches run since the worker started.
     pub batches_served: u64,
@@ -412,13 +413,116 @@ pub struct WorkerStatus {
     pub queue_delay_us_ewma: f64,
     /// Worker clock when this status was taken, µs since the epoch.
     pub at_unix_us: u64,
+    /// Requests received since the worker started.
+    #[serde(default)]
+    pub requests: u64,
+    /// Error replies sent since the worker started.
+    #[serde(default)]
+    pub errors: u64,
+    /// Mean time the requests answered since the previous status waited for
+    /// compute after their batch was formed, µs (0 when none were answered).
+    /// The batching window is left out on purpose: it is chosen, not
+    /// congestion, and under light load it would hide an idle worker.
+    #[serde(default)]
+    pub queue_delay_us_interval: f64,
+    /// Mean batch size over the batches run since the previous status.
+    #[serde(default)]
+    pub batch_size_interval: f64,
 }
 
 impl Message for WorkerStatus {
     fn validate(&self) -> Result<(), MessageError> {
         check_id("worker id", &self.worker_id)?;
         check_non_negative("mean_batch_size", self.mean_batch_size)?;
-        check_non_negative("queue_delay_us_ewma", self.queue_delay_us_ewma)
+        check_non_negative("queue_delay_us_ewma", self.queue_delay_us_ewma)?;
+        check_non_negative("queue_delay_us_interval", self.queue_delay_us_interval)?;
+        check_non_negative("batch_size_interval", self.batch_size_interval)
+    }
+}
+
+/// A fleet's totals: what `branchpoint fleet --json` writes, and the core of
+/// the `FleetStatus` the fleet publishes while it runs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FleetSummary {
+    /// Inputs the fleet fed in.
+    pub inputs: usize,
+    /// Outcomes received (equals `inputs` when nothing was lost).
+    pub outcomes: usize,
+    /// Inputs that got more than one outcome (must be 0).
+    pub duplicates: usize,
+    pub decided_on_device: usize,
+    pub offloaded: usize,
+    pub answered_by_cloud: usize,
+    pub fallbacks: usize,
+    /// Offloads with no answer before the deadline: the deadline misses.
+    pub fallbacks_deadline: usize,
+    pub fallbacks_no_responders: usize,
+    pub fallbacks_error_reply: usize,
+    pub fallbacks_transport: usize,
+    /// Inputs the device could not decide at all.
+    pub errors: usize,
+    /// Outcomes per exit: branches in order, then final.
+    pub per_exit: Vec<usize>,
+    pub accuracy: f64,
+    /// Accuracy over inputs decided on the device (None if there were none).
+    pub edge_accuracy: Option<f64>,
+    pub latency_ms_p50: f64,
+    pub latency_ms_p95: f64,
+    pub latency_ms_p99: f64,
+}
+
+/// Devices holding one plan and calibration, as they report it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppliedPlan {
+    pub partition_branch: u8,
+    pub p_tar: f64,
+    /// Temperature of the partition branch the devices use now.
+    pub temperature: f64,
+    pub devices: u32,
+}
+
+/// Fleet -> control plane: a running fleet's totals and the plans its
+/// devices hold, every status interval on `branchpoint.status.fleet.<id>`,
+/// and once more with `running: false` when it ends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetStatus {
+    pub fleet_id: String,
+    pub group: String,
+    pub devices: u32,
+    pub running: bool,
+    /// Fleet clock when this status was taken, µs since the epoch.
+    pub at_unix_us: u64,
+    pub started_unix_us: u64,
+    pub summary: FleetSummary,
+    /// Latency histogram: upper bounds (ms), and the number of outcomes at
+    /// or below each (cumulative, as Prometheus wants it).
+    pub latency_le_ms: Vec<f64>,
+    pub latency_le_counts: Vec<u64>,
+    pub latency_sum_ms: f64,
+    /// What the devices hold now, one entry per distinct plan.
+    pub applied: Vec<AppliedPlan>,
+}
+
+impl Message for FleetStatus {
+    fn validate(&self) -> Result<(), MessageError> {
+        check_id("fleet id", &self.fleet_id)?;
+        check_id("group name", &self.group)?;
+        if self.latency_le_ms.len() != self.latency_le_counts.len() {
+            return Err(MessageError::OutOfRange {
+                field: "latency_le_counts",
+                value: self.latency_le_counts.len() as f64,
+                expected: "one count per latency bound",
+            });
+        }
+        check_non_negative("latency_sum_ms", self.latency_sum_ms)?;
+        for a in &self.applied {
+            check_branch(a.partition_branch)?;
+            if !(0.0..=1.0).contains(&a.p_tar) {
+                return Err(MessageError::PTar(a.p_tar));
+            }
+            check_non_negative("temperature", a.temperature)?;
+        }
+        Ok(())
     }
 }
 

@@ -105,7 +105,7 @@ fn main() {
                 let _ = Vec::<f32>::try_from(logits.flatten(0, -1)).unwrap();
                 bare.push(t.elapsed().as_secs_f64() * 1e6);
                 let t = Instant::now();
-                device.send(Infer { input_index: k, input: inputs.images[k].clone(), label: inputs.labels[k] }).await.unwrap();
+                device.send(Infer { arrival: i as u64, input_index: k, input: inputs.images[k].clone(), label: inputs.labels[k] }).await.unwrap();
                 actor.push(t.elapsed().as_secs_f64() * 1e6);
             }
             let s = collector.send(GetSummary).await.unwrap();
@@ -254,6 +254,8 @@ fn main() {
                 drain: Duration::from_secs(3),
                 group: "default".into(),
                 model_sha256: String::new(),
+                fleet_id: "bench".into(),
+                status_interval: None,
             };
             let t = Instant::now();
             let s = run_fleet(fleet, inputs, &device_threads, link, collector, None, || ()).await.unwrap();

@@ -46,6 +46,120 @@ pub enum Command {
     Run(RunArgs),
     /// Generate a synthetic cellular uplink trace (Mahimahi format).
     Trace(TraceArgs),
+    /// Run the HTTP control plane on NATS: health, Prometheus metrics, fleet view, plans, calibration, dashboard.
+    Serve(ServeArgs),
+    /// Run the whole stack as local processes: nats-server (JetStream), workers (autoscaled), calibrator, planner, API, fleet.
+    Stack(StackArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct HttpArgs {
+    /// Address the HTTP API and dashboard listen on.
+    #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+    pub listen: String,
+    /// Bearer token that PUT /api/plan and POST /api/calibration/refit require [default: none, so they answer 401].
+    #[arg(long, value_name = "TOKEN")]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    #[command(flatten)]
+    pub http: HttpArgs,
+    /// Weights file (.safetensors) with its model card NAME.json beside it: plans are checked against it.
+    #[arg(long, default_value = DEFAULT_MODEL, value_name = "FILE")]
+    pub model: PathBuf,
+    /// Forget a worker or fleet that has not reported for this long, in seconds.
+    #[arg(long, default_value_t = 5.0, value_name = "S")]
+    pub stale_after_s: f64,
+}
+
+/// What `branchpoint stack` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StackAction {
+    /// Start every service and keep them running until Ctrl-C or SIGTERM.
+    Up,
+}
+
+#[derive(Debug, Args)]
+pub struct StackArgs {
+    /// up: start the stack in the foreground.
+    #[arg(value_enum, value_name = "ACTION")]
+    pub action: StackAction,
+    /// Folder for the services' logs, the JetStream store and the fleet's summary.
+    #[arg(long, default_value = "runs/stack", value_name = "DIR")]
+    pub dir: PathBuf,
+    /// nats-server binary [default: .venv/bin/nats-server if present (scripts/setup.sh installs it), else from PATH].
+    #[arg(long, value_name = "FILE")]
+    pub nats_server: Option<PathBuf>,
+    /// Port of the stack's nats-server on 127.0.0.1.
+    #[arg(long, default_value_t = 4222, value_name = "PORT")]
+    pub nats_port: u16,
+    #[command(flatten)]
+    pub http: HttpArgs,
+    /// Weights file (.safetensors) with its model card NAME.json beside it.
+    #[arg(long, default_value = DEFAULT_MODEL, value_name = "FILE")]
+    pub model: PathBuf,
+    /// Workers to start with.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    pub workers: usize,
+    #[command(flatten)]
+    pub autoscale: AutoscaleArgs,
+    /// Devices of the stack's fleet (0: no fleet).
+    #[arg(long, default_value_t = 50, value_name = "N")]
+    pub devices: usize,
+    /// Mean inputs per second at each device.
+    #[arg(long, default_value_t = 10.0, value_name = "R")]
+    pub rate: f64,
+    /// Seconds the fleet runs; the other services stay up after it ends.
+    #[arg(long, default_value_t = 3600.0, value_name = "S")]
+    pub duration: f64,
+    /// The fleet's starting confidence target (until a plan arrives).
+    #[arg(long, default_value_t = 0.9, value_name = "P")]
+    pub p_tar: f64,
+    /// The fleet's starting partition branch.
+    #[arg(long, default_value_t = 1, value_name = "K")]
+    pub branch: usize,
+    /// Deadline of one input, in ms.
+    #[arg(long, default_value_t = 1000.0, value_name = "MS")]
+    pub deadline_ms: f64,
+    /// Temperature method of the calibrator's initial fit: uncalibrated, global or per-branch.
+    #[arg(long, default_value = "per-branch", value_name = "METHOD")]
+    pub method: String,
+}
+
+/// The autoscaler's bounds and thresholds (`branchpoint_models::autoscale`).
+#[derive(Debug, Args)]
+pub struct AutoscaleArgs {
+    /// Fewest workers [default: --workers].
+    #[arg(long, value_name = "N")]
+    pub min_workers: Option<usize>,
+    /// Most workers [default: --workers, i.e. no autoscaling].
+    #[arg(long, value_name = "N")]
+    pub max_workers: Option<usize>,
+    /// Add a worker when requests wait longer than this for compute, on average, in ms ...
+    #[arg(long, default_value_t = 5.0, value_name = "MS")]
+    pub scale_up_delay_ms: f64,
+    /// ... or when more requests than this wait per worker.
+    #[arg(long, default_value_t = 8.0, value_name = "N")]
+    pub scale_up_backlog: f64,
+    /// Remove a worker only when requests wait less than this, in ms ...
+    #[arg(long, default_value_t = 1.0, value_name = "MS")]
+    pub scale_down_delay_ms: f64,
+    /// ... and at most this many wait per worker.
+    #[arg(long, default_value_t = 1.0, value_name = "N")]
+    pub scale_down_backlog: f64,
+    /// Busy ticks in a row before adding a worker.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    pub scale_up_after: u32,
+    /// Idle ticks in a row before removing a worker.
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub scale_down_after: u32,
+    /// How often the autoscaler looks at the workers' load, in ms.
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    pub scale_tick_ms: u64,
 }
 
 #[derive(Debug, Args)]
@@ -196,6 +310,9 @@ pub struct WorkerArgs {
     /// Name this worker reports in replies and service info [default: worker-<pid>].
     #[arg(long, value_name = "ID")]
     pub worker_id: Option<String>,
+    /// How often the worker publishes its load (queue delay, backlog) for the autoscaler, in ms.
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    pub status_interval_ms: u64,
 }
 
 #[derive(Debug, Args)]
@@ -252,6 +369,12 @@ pub struct FleetArgs {
     /// Group of the devices, for plan updates addressed to a group (with --nats).
     #[arg(long, default_value = "default", value_name = "NAME")]
     pub group: String,
+    /// Name of this fleet in its status reports (with --nats) [default: fleet-<pid>].
+    #[arg(long, value_name = "ID")]
+    pub fleet_id: Option<String>,
+    /// With --nats: how often the fleet publishes its totals and its devices' plans, in ms (0: never).
+    #[arg(long, default_value_t = 250, value_name = "MS")]
+    pub status_interval_ms: u64,
 }
 
 #[derive(Debug, Args)]

@@ -52,6 +52,8 @@ pub fn run(cli: cli::Cli) -> Result<()> {
         cli::Command::Planner(args) => cmd::planner::run(args),
         cli::Command::Run(args) => cmd::run::run(args),
         cli::Command::Trace(args) => cmd::trace::run(args),
+        cli::Command::Serve(args) => cmd::serve::run(args),
+        cli::Command::Stack(args) => cmd::stack::run(args),
     }
 }
 

@@ -1,6 +1,7 @@
 //! `branchpoint calibrator`: the calibration actor on NATS.
 use anyhow::{bail, Context, Result};
-use branchpoint_actors::calibration::{serve_calibration_nats, Calibrator, CalibratorConfig, Initial};
+use branchpoint_actors::calibration::{method_of, serve_calibration_nats, Calibrator, CalibratorConfig, Initial, Refit};
+use branchpoint_actors::control::ControlStore;
 use branchpoint_models::calibration::{CalibrationFile, Method};
 
 use crate::cli::CalibratorArgs;
@@ -19,7 +20,25 @@ pub fn run(args: CalibratorArgs) -> Result<()> {
     let system = actix::System::new();
     system.block_on(async move {
         let client = crate::nats::connect(&args.nats, "branchpoint-calibrator").await?;
-        let (calibrator, file) = Calibrator::start(cfg)?;
+        let (calibrator, mut file) = Calibrator::start(cfg)?;
+        // The stored method beats the command line's: it is what an operator
+        // last asked for (a refit), and a restart must not undo it.
+        let store = match ControlStore::open(&client).await {
+            Ok(store) => Some(store),
+            Err(e) => {
+                eprintln!("calibrator: temperatures will not be stored: {e:#}");
+                None
+            }
+        };
+        if let Some(store) = &store {
+            if let Some(stored) = store.calibration(&file.weights_sha256).await? {
+                let method = method_of(stored.value.method);
+                eprintln!("calibrator: resuming the stored {} calibration (revision {})", method.name(), stored.revision);
+                if method != file.method {
+                    file = calibrator.send(Refit(method)).await??;
+                }
+            }
+        }
         let ready = move || {
             eprintln!(
                 "calibrator serving {} and {}; {} temperatures {:?} published on {}",
@@ -31,7 +50,7 @@ pub fn run(args: CalibratorArgs) -> Result<()> {
             )
         };
         tokio::select! {
-            r = serve_calibration_nats(client, calibrator, ready) => r.context("serving calibration")?,
+            r = serve_calibration_nats(client, calibrator, store, ready) => r.context("serving calibration")?,
             _ = shutdown_signal() => eprintln!("calibrator: shutting down"),
         }
         Ok::<(), anyhow::Error>(())

@@ -48,6 +48,10 @@ pub fn run(args: FleetArgs) -> Result<()> {
     if !branchpoint_messages::subjects::is_valid_id(&args.group) {
         bail!("--group {:?}: use 1 to 64 letters, digits, '-' or '_'", args.group);
     }
+    let fleet_id = args.fleet_id.clone().unwrap_or_else(|| format!("fleet-{}", std::process::id()));
+    if !branchpoint_messages::subjects::is_valid_id(&fleet_id) {
+        bail!("--fleet-id {fleet_id:?}: use 1 to 64 letters, digits, '-' or '_'");
+    }
 
     let cfg = FleetConfig {
         devices: args.devices,
@@ -66,6 +70,8 @@ pub fn run(args: FleetArgs) -> Result<()> {
         drain: Duration::from_secs_f64(args.deadline_ms / 1e3) + Duration::from_secs(2),
         group: args.group.clone(),
         model_sha256,
+        fleet_id,
+        status_interval: (args.status_interval_ms > 0).then(|| Duration::from_millis(args.status_interval_ms)),
     };
     cfg.validate()?;
     let spec = ModelSpec { weights: args.source.model.clone(), device: tch::Device::Cpu };

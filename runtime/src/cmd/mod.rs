@@ -6,6 +6,8 @@ pub mod fleet;
 pub mod planner;
 pub mod profile;
 pub mod run;
+pub mod serve;
+pub mod stack;
 pub mod trace;
 pub mod train;
 pub mod worker;

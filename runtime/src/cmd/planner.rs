@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use actix::Actor;
 use anyhow::{bail, Context, Result};
+use branchpoint_actors::control::ControlStore;
 use branchpoint_actors::planner::{serve_planner_nats, Planner};
 use branchpoint_models::calibration::{self, CalibrationFile, Method};
 use branchpoint_models::planner::{default_candidate_p_tars, Costs, ModelStats};
@@ -53,7 +54,17 @@ pub fn run(args: PlannerArgs) -> Result<()> {
     let system = actix::System::new();
     system.block_on(async move {
         let client = crate::nats::connect(&args.nats, "branchpoint-planner").await?;
-        let planner = Planner::new(Arc::new(stats), BTreeMap::new(), Some(template), Some(client.clone())).start();
+        let mut planner = Planner::new(Arc::new(stats), BTreeMap::new(), Some(template), Some(client.clone()));
+        match ControlStore::open(&client).await {
+            Ok(store) => {
+                let stored: Vec<_> = store.plans().await?.into_iter().map(|p| p.value).collect();
+                let devices = stored.iter().filter(|p| matches!(p.target, branchpoint_messages::PlanTarget::Device(_))).count();
+                eprintln!("planner: resumed {devices} device plan(s) from the control store");
+                planner = planner.with_store(store, stored);
+            }
+            Err(e) => eprintln!("planner: plans will not be stored: {e:#}"),
+        }
+        let planner = planner.start();
         let ready = move || {
             eprintln!(
                 "planner serving {} with temperatures {temperatures:?}; plans go to {}",

@@ -5,7 +5,7 @@ use std::time::Duration;
 use actix::Actor;
 use anyhow::{bail, Context, Result};
 use branchpoint_actors::compute::{Executor, ModelSpec};
-use branchpoint_actors::worker::{serve_nats, Batcher, WorkerConfig};
+use branchpoint_actors::worker::{publish_status, serve_nats, Batcher, GetWorkerStats, WorkerConfig};
 use branchpoint_models::load_model;
 
 use crate::cli::WorkerArgs;
@@ -15,8 +15,8 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     if args.nats.nats.is_none() {
         bail!("branchpoint worker needs --nats URL: it serves offloads that devices send over NATS");
     }
-    if args.max_batch == 0 || args.threads == 0 {
-        bail!("--max-batch and --threads must be at least 1");
+    if args.max_batch == 0 || args.threads == 0 || args.status_interval_ms == 0 {
+        bail!("--max-batch, --threads and --status-interval-ms must be at least 1");
     }
     let device = parse_device(&args.device)?;
     // One intra-op thread per compute thread: parallelism comes from the pool.
@@ -49,10 +49,26 @@ pub fn run(args: WorkerArgs) -> Result<()> {
                 )
             }
         };
+        let status_every = Duration::from_millis(args.status_interval_ms);
+        let status = actix::spawn(publish_status(client.clone(), batcher.clone(), worker_id.clone(), status_every));
+        let (batcher_for_drain, drain_client) = (batcher.clone(), client.clone());
         tokio::select! {
             r = serve_nats(client, batcher, worker_id.clone(), ready) => r.context("serving offloads")?,
             _ = shutdown_signal() => eprintln!("worker {worker_id}: shutting down"),
         }
+        // The subscription is gone with serve_nats's future, so no new
+        // request arrives; answer those already here before exiting.
+        let until = std::time::Instant::now() + Duration::from_secs(3);
+        while std::time::Instant::now() < until {
+            match batcher_for_drain.send(GetWorkerStats).await {
+                Ok(s) if s.queue_depth > 0 => tokio::time::sleep(Duration::from_millis(10)).await,
+                _ => break,
+            }
+        }
+        // Replies are published by spawned tasks: let them run, then flush.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let _ = drain_client.flush().await;
+        status.abort();
         Ok::<(), anyhow::Error>(())
     })
 }

@@ -203,7 +203,7 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                     let i = claimed.get();
                     claimed.set(i + 1);
                     let x = i % inputs.len();
-                    device.do_send(Infer { input_index: x, input: inputs.images[x].clone(), label: inputs.labels[x] });
+                    device.do_send(Infer { arrival: i as u64, input_index: x, input: inputs.images[x].clone(), label: inputs.labels[x] });
                 }
             }));
         }

@@ -1,0 +1,585 @@
+//! `branchpoint serve`: the HTTP control plane (actix-web) on NATS.
+//!
+//! It keeps a view of the system from what the services publish (fleets'
+//! `FleetStatus`, workers' `WorkerStatus`), reads and writes the control
+//! store (plans, temperatures: JetStream key-value, see `actors::control`),
+//! and forwards refits to the calibrator. It holds no state of its own that
+//! matters: a restarted API rebuilds its view within a status interval.
+//!
+//! Endpoints: `GET /healthz`, `GET /readyz`, `GET /metrics` (Prometheus text
+//! format), `GET /api/fleet`, `GET`/`PUT /api/plan`, `GET /api/calibration`,
+//! `POST /api/calibration/refit`, and the dashboard at `/`. Mutating
+//! endpoints need `Authorization: Bearer <token>`; without a configured
+//! token they refuse every request.
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use anyhow::{bail, Context, Result};
+use branchpoint_actors::control::ControlStore;
+use branchpoint_messages::{
+    decode, encode, subjects, CalibrationMethod, CalibrationRefit, CalibrationUpdate, ErrorReply, FleetStatus, PlanTarget,
+    PlanUpdate, WorkerStatus,
+};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::cli::ServeArgs;
+use crate::cmd::worker::shutdown_signal;
+
+/// The dashboard: one static page, no build step.
+const DASHBOARD: &str = include_str!("../../web/dashboard.html");
+
+/// Longest a refit may take before the API gives up waiting (the fit itself
+/// takes seconds on the validation split).
+const REFIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    if args.nats.nats.is_none() {
+        bail!("branchpoint serve needs --nats URL: the control plane reads and steers the system over NATS");
+    }
+    if !(args.stale_after_s.is_finite() && args.stale_after_s > 0.0) {
+        bail!("--stale-after-s {}: give a positive number of seconds", args.stale_after_s);
+    }
+    if args.http.token.as_deref() == Some("") {
+        bail!("--token is empty: give a secret, or leave it out to refuse every change");
+    }
+    tch::set_num_threads(1);
+    let model = branchpoint_models::load_model(&args.model, tch::Device::Cpu)?;
+    let info = ModelInfo { sha256: model.card.weights_sha256.clone(), branches: model.net.num_branches() };
+    drop(model);
+    let system = actix::System::new();
+    system.block_on(async move {
+        let client = crate::nats::connect(&args.nats, "branchpoint-api").await?;
+        let store = ControlStore::open(&client).await?;
+        let state = ApiState::new(client, store, args.http.token.clone(), info, Duration::from_secs_f64(args.stale_after_s));
+        let (fleets, workers) = state.follow().await?;
+        let server = http_server(state, &args.http.listen)?;
+        eprintln!("api listening on http://{} (dashboard at /, metrics at /metrics)", args.http.listen);
+        let handle = server.handle();
+        let served = actix::spawn(server);
+        shutdown_signal().await;
+        eprintln!("api: shutting down");
+        handle.stop(true).await;
+        let _ = served.await;
+        fleets.abort();
+        workers.abort();
+        Ok::<(), anyhow::Error>(())
+    })
+}
+
+/// Binds the API's HTTP server to `listen` (it runs once awaited).
+pub fn http_server(state: ApiState, listen: &str) -> Result<actix_web::dev::Server> {
+    let data = web::Data::new(state);
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            // Plans and refit requests are a few hundred bytes.
+            .app_data(web::PayloadConfig::new(64 * 1024))
+            .route("/", web::get().to(dashboard))
+            .route("/healthz", web::get().to(healthz))
+            .route("/readyz", web::get().to(readyz))
+            .route("/metrics", web::get().to(metrics))
+            .route("/api/fleet", web::get().to(get_fleet))
+            .route("/api/plan", web::get().to(get_plan))
+            .route("/api/plan", web::put().to(put_plan))
+            .route("/api/calibration", web::get().to(get_calibration))
+            .route("/api/calibration/refit", web::post().to(post_refit))
+            .default_service(web::to(not_found))
+    })
+    // The API is light; two threads keep a slow scrape from blocking a PUT.
+    .workers(2)
+    .disable_signals()
+    .bind(listen)
+    .with_context(|| format!("could not listen on {listen}: is the address free? (--listen)"))?
+    .run();
+    Ok(server)
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub sha256: String,
+    pub branches: usize,
+}
+
+/// A fleet as last heard of, with its input rate between its last two statuses.
+struct FleetView {
+    status: FleetStatus,
+    seen: Instant,
+    inputs_per_s: f64,
+}
+
+struct WorkerView {
+    status: WorkerStatus,
+    seen: Instant,
+}
+
+#[derive(Default)]
+struct View {
+    fleets: BTreeMap<String, FleetView>,
+    workers: BTreeMap<String, WorkerView>,
+}
+
+#[derive(Clone)]
+pub struct ApiState {
+    client: async_nats::Client,
+    store: ControlStore,
+    token: Option<String>,
+    model: ModelInfo,
+    stale_after: Duration,
+    view: Arc<Mutex<View>>,
+}
+
+impl ApiState {
+    pub fn new(client: async_nats::Client, store: ControlStore, token: Option<String>, model: ModelInfo, stale_after: Duration) -> Self {
+        Self { client, store, token, model, stale_after, view: Arc::default() }
+    }
+
+    /// Subscribes to fleet and worker statuses and keeps the view current;
+    /// returns the two tasks. Malformed statuses are reported and skipped.
+    pub async fn follow(&self) -> Result<(tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>)> {
+        let mut fleets = self.client.subscribe(subjects::FLEET_STATUS_ALL).await.context("subscribing to fleet statuses")?;
+        let mut workers = self.client.subscribe(subjects::WORKER_STATUS).await.context("subscribing to worker statuses")?;
+        self.client.flush().await.context("subscribing to statuses")?;
+        let view = self.view.clone();
+        let f = actix::spawn(async move {
+            while let Some(msg) = fleets.next().await {
+                match decode::<FleetStatus>(&msg.payload) {
+                    Ok(s) => {
+                        let mut v = view.lock().unwrap_or_else(|e| e.into_inner());
+                        let inputs_per_s = match v.fleets.get(&s.fleet_id) {
+                            Some(prev) if s.at_unix_us > prev.status.at_unix_us => {
+                                let dt = (s.at_unix_us - prev.status.at_unix_us) as f64 / 1e6;
+                                s.summary.inputs.saturating_sub(prev.status.summary.inputs) as f64 / dt
+                            }
+                            Some(prev) => prev.inputs_per_s,
+                            None => 0.0,
+                        };
+                        let inputs_per_s = if s.running { inputs_per_s } else { 0.0 };
+                        v.fleets.insert(s.fleet_id.clone(), FleetView { status: s, seen: Instant::now(), inputs_per_s });
+                    }
+                    Err(e) => eprintln!("api: ignored a malformed fleet status: {e}"),
+                }
+            }
+        });
+        let view = self.view.clone();
+        let w = actix::spawn(async move {
+            while let Some(msg) = workers.next().await {
+                match decode::<WorkerStatus>(&msg.payload) {
+                    Ok(s) => {
+                        let mut v = view.lock().unwrap_or_else(|e| e.into_inner());
+                        v.workers.insert(s.worker_id.clone(), WorkerView { status: s, seen: Instant::now() });
+                    }
+                    Err(e) => eprintln!("api: ignored a malformed worker status: {e}"),
+                }
+            }
+        });
+        Ok((f, w))
+    }
+
+    /// Fleets and workers heard from recently enough; forgets the others. A
+    /// finished fleet stays, with its final totals, until it goes stale too.
+    fn snapshot(&self) -> (Vec<(FleetStatus, f64)>, Vec<WorkerStatus>) {
+        let mut v = self.view.lock().unwrap_or_else(|e| e.into_inner());
+        let stale = self.stale_after;
+        v.workers.retain(|_, w| w.seen.elapsed() < stale);
+        v.fleets.retain(|_, f| !f.status.running || f.seen.elapsed() < stale);
+        let fleets = v.fleets.values().map(|f| (f.status.clone(), f.inputs_per_s)).collect();
+        let workers = v.workers.values().map(|w| w.status.clone()).collect();
+        (fleets, workers)
+    }
+
+    fn authorized(&self, req: &HttpRequest) -> Result<(), HttpResponse> {
+        let Some(token) = &self.token else {
+            return Err(unauthorized("this API has no token configured, so it refuses every change; set --token (or [serve] token, or BRANCHPOINT_SERVE__TOKEN)"));
+        };
+        let given = req.headers().get(header::AUTHORIZATION).and_then(|h| h.to_str().ok()).and_then(|h| h.strip_prefix("Bearer "));
+        match given {
+            Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(()),
+            Some(_) => Err(unauthorized("wrong bearer token")),
+            None => Err(unauthorized("send the API token as 'Authorization: Bearer <token>'")),
+        }
+    }
+}
+
+/// Compares without an early exit, so timing does not leak how much matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> HttpResponse {
+    HttpResponse::build(status).json(json!({ "error": message.into() }))
+}
+
+fn unauthorized(message: &str) -> HttpResponse {
+    HttpResponse::Unauthorized().insert_header((header::WWW_AUTHENTICATE, "Bearer")).json(json!({ "error": message }))
+}
+
+async fn not_found(req: HttpRequest) -> HttpResponse {
+    error(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no such endpoint: {} {}; see /healthz, /readyz, /metrics, /api/fleet, /api/plan, /api/calibration, /api/calibration/refit",
+            req.method(),
+            req.path()
+        ),
+    )
+}
+
+async fn dashboard() -> HttpResponse {
+    HttpResponse::Ok().content_type("text/html; charset=utf-8").body(DASHBOARD)
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({ "status": "ok" }))
+}
+
+/// Ready when NATS is connected (the model was loaded and the control store
+/// opened before the server started).
+async fn readyz(state: web::Data<ApiState>) -> HttpResponse {
+    let nats = state.client.connection_state();
+    let connected = matches!(nats, async_nats::connection::State::Connected);
+    let body = json!({
+        "ready": connected,
+        "nats": format!("{nats:?}").to_lowercase(),
+        "model_sha256": state.model.sha256,
+        "control_store": true,
+    });
+    match connected {
+        true => HttpResponse::Ok().json(body),
+        false => HttpResponse::ServiceUnavailable().json(body),
+    }
+}
+
+#[derive(Serialize)]
+struct FleetJson {
+    #[serde(flatten)]
+    status: FleetStatus,
+    inputs_per_s: f64,
+}
+
+/// Totals over the fleets, as the dashboard shows them.
+#[derive(Serialize, Default)]
+struct Totals {
+    fleets: usize,
+    devices: u64,
+    inputs: u64,
+    inputs_per_s: f64,
+    offload_rate: Option<f64>,
+    edge_accuracy: Option<f64>,
+    deadline_misses: u64,
+    workers: usize,
+}
+
+fn totals(fleets: &[(FleetStatus, f64)], workers: usize) -> Totals {
+    let mut t = Totals { fleets: fleets.len(), workers, ..Totals::default() };
+    let (mut outcomes, mut offloaded, mut edge, mut edge_right) = (0u64, 0u64, 0u64, 0.0);
+    for (f, rate) in fleets {
+        let s = &f.summary;
+        if f.running {
+            t.devices += u64::from(f.devices);
+            t.inputs_per_s += rate;
+        }
+        t.inputs += s.inputs as u64;
+        outcomes += (s.outcomes - s.errors) as u64;
+        offloaded += s.offloaded as u64;
+        t.deadline_misses += s.fallbacks_deadline as u64;
+        if let Some(a) = s.edge_accuracy {
+            edge += s.decided_on_device as u64;
+            edge_right += a * s.decided_on_device as f64;
+        }
+    }
+    t.offload_rate = (outcomes > 0).then(|| offloaded as f64 / outcomes as f64);
+    t.edge_accuracy = (edge > 0).then(|| edge_right / edge as f64);
+    t
+}
+
+async fn get_fleet(state: web::Data<ApiState>) -> HttpResponse {
+    let (fleets, workers) = state.snapshot();
+    let t = totals(&fleets, workers.len());
+    let fleets: Vec<FleetJson> = fleets.into_iter().map(|(status, inputs_per_s)| FleetJson { status, inputs_per_s }).collect();
+    HttpResponse::Ok().json(json!({ "totals": t, "fleets": fleets, "workers": workers }))
+}
+
+/// A plan as the API shows and takes it: exactly one of `group` and `device`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanJson {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    group: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device: Option<String>,
+    partition_branch: u8,
+    p_tar: f64,
+    #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
+    revision: Option<u64>,
+}
+
+impl PlanJson {
+    fn from_update(p: &PlanUpdate, revision: u64) -> Self {
+        let (group, device) = match &p.target {
+            PlanTarget::Group(g) => (Some(g.clone()), None),
+            PlanTarget::Device(d) => (None, Some(d.clone())),
+        };
+        Self { group, device, partition_branch: p.partition_branch, p_tar: p.p_tar, revision: Some(revision) }
+    }
+}
+
+async fn get_plan(state: web::Data<ApiState>) -> HttpResponse {
+    match state.store.plans().await {
+        Ok(plans) => {
+            let plans: Vec<PlanJson> = plans.iter().map(|p| PlanJson::from_update(&p.value, p.revision)).collect();
+            HttpResponse::Ok().json(json!({ "plans": plans }))
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("could not read the plans: {e}")),
+    }
+}
+
+async fn put_plan(state: web::Data<ApiState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+    if let Err(denied) = state.authorized(&req) {
+        return denied;
+    }
+    let plan: PlanJson = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("the body is not a plan ({e}); send JSON like {{\"group\": \"default\", \"partition_branch\": 1, \"p_tar\": 0.8}}"),
+            )
+        }
+    };
+    let target = match (plan.group, plan.device) {
+        (Some(g), None) => PlanTarget::Group(g),
+        (None, Some(d)) => PlanTarget::Device(d),
+        _ => return error(StatusCode::UNPROCESSABLE_ENTITY, "give exactly one of \"group\" and \"device\""),
+    };
+    let branches = state.model.branches;
+    if plan.partition_branch == 0 || plan.partition_branch as usize > branches {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("partition_branch {}: this model has branches 1 to {branches}", plan.partition_branch),
+        );
+    }
+    let update = PlanUpdate { target, partition_branch: plan.partition_branch, p_tar: plan.p_tar };
+    // The wire checks (ids, p_tar in [0, 1]) run here, before anything is stored.
+    if let Err(e) = encode(&update) {
+        return error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string());
+    }
+    match state.store.put_plan(&update).await {
+        Ok(revision) => HttpResponse::Ok().json(PlanJson::from_update(&update, revision)),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("could not store the plan: {e}")),
+    }
+}
+
+fn method_name(m: CalibrationMethod) -> &'static str {
+    match m {
+        CalibrationMethod::Uncalibrated => "uncalibrated",
+        CalibrationMethod::Global => "global",
+        CalibrationMethod::PerBranch => "per-branch",
+    }
+}
+
+fn calibration_json(u: &CalibrationUpdate, revision: Option<u64>) -> serde_json::Value {
+    json!({
+        "model_sha256": u.model_sha256,
+        "method": method_name(u.method),
+        "temperatures": u.temperatures,
+        "revision": revision,
+    })
+}
+
+async fn get_calibration(state: web::Data<ApiState>) -> HttpResponse {
+    match state.store.calibration(&state.model.sha256).await {
+        Ok(Some(c)) => HttpResponse::Ok().json(calibration_json(&c.value, Some(c.revision))),
+        Ok(None) => error(StatusCode::NOT_FOUND, "no temperatures stored for this model yet: is `branchpoint calibrator` running?"),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("could not read the temperatures: {e}")),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefitJson {
+    method: String,
+}
+
+async fn post_refit(state: web::Data<ApiState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+    if let Err(denied) = state.authorized(&req) {
+        return denied;
+    }
+    let refit: RefitJson = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("the body is not a refit request ({e}); send JSON like {{\"method\": \"per-branch\"}}")),
+    };
+    let method = match refit.method.as_str() {
+        "uncalibrated" => CalibrationMethod::Uncalibrated,
+        "global" => CalibrationMethod::Global,
+        "per-branch" => CalibrationMethod::PerBranch,
+        other => return error(StatusCode::UNPROCESSABLE_ENTITY, format!("method {other:?}: use uncalibrated, global or per-branch")),
+    };
+    let bytes = match encode(&CalibrationRefit { method }) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let request = state.client.request(subjects::CALIBRATION_REFIT, bytes.into());
+    let reply = match tokio::time::timeout(REFIT_TIMEOUT, request).await {
+        Err(_) => return error(StatusCode::GATEWAY_TIMEOUT, format!("the calibrator did not answer within {} s", REFIT_TIMEOUT.as_secs())),
+        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "no calibrator is running: start `branchpoint calibrator --nats URL`")
+        }
+        Ok(Err(e)) => return error(StatusCode::BAD_GATEWAY, format!("asking the calibrator: {e}")),
+        Ok(Ok(m)) => m,
+    };
+    if let Ok(u) = decode::<CalibrationUpdate>(&reply.payload) {
+        return HttpResponse::Ok().json(calibration_json(&u, None));
+    }
+    match decode::<ErrorReply>(&reply.payload) {
+        Ok(e) => error(StatusCode::UNPROCESSABLE_ENTITY, format!("the calibrator refused: {}", e.detail)),
+        Err(e) => error(StatusCode::BAD_GATEWAY, format!("the calibrator's answer is malformed: {e}")),
+    }
+}
+
+/// Escapes a Prometheus label value.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Writes `# HELP` and `# TYPE` once, then the samples.
+struct Metrics(String);
+
+impl Metrics {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &str, value: f64) {
+        match labels.is_empty() {
+            true => {
+                let _ = writeln!(self.0, "{name} {value}");
+            }
+            false => {
+                let _ = writeln!(self.0, "{name}{{{labels}}} {value}");
+            }
+        }
+    }
+}
+
+async fn metrics(state: web::Data<ApiState>) -> HttpResponse {
+    let (fleets, workers) = state.snapshot();
+    let plans = state.store.plans().await.unwrap_or_default();
+    let connected = matches!(state.client.connection_state(), async_nats::connection::State::Connected);
+    let mut m = Metrics(String::new());
+    m.family("branchpoint_nats_connected", "gauge", "1 when the API is connected to NATS.");
+    m.sample("branchpoint_nats_connected", "", f64::from(u8::from(connected)));
+
+    let fl = |f: &FleetStatus| format!("fleet=\"{}\",group=\"{}\"", label(&f.fleet_id), label(&f.group));
+    type Counter = (&'static str, &'static str, fn(&branchpoint_messages::FleetSummary) -> usize);
+    let counters: [Counter; 7] = [
+        ("branchpoint_inputs_total", "Inputs the fleet's devices accepted.", |s| s.inputs),
+        ("branchpoint_outcomes_total", "Inputs answered (on the device, by the cloud, or by fallback).", |s| s.outcomes),
+        ("branchpoint_decided_on_device_total", "Inputs answered on the device because the branch was confident enough.", |s| s.decided_on_device),
+        ("branchpoint_offloads_total", "Inputs offloaded to the cloud workers.", |s| s.offloaded),
+        ("branchpoint_cloud_answers_total", "Offloads answered by a cloud worker.", |s| s.answered_by_cloud),
+        ("branchpoint_deadline_misses_total", "Offloads with no answer before the deadline (answered by the branch instead).", |s| s.fallbacks_deadline),
+        ("branchpoint_errors_total", "Inputs the device could not decide at all.", |s| s.errors),
+    ];
+    m.family("branchpoint_fleet_devices", "gauge", "Devices of the fleet.");
+    for (f, _) in &fleets {
+        m.sample("branchpoint_fleet_devices", &fl(f), f64::from(f.devices));
+    }
+    m.family("branchpoint_fleet_running", "gauge", "1 while the fleet runs, 0 once it has ended.");
+    for (f, _) in &fleets {
+        m.sample("branchpoint_fleet_running", &fl(f), f64::from(u8::from(f.running)));
+    }
+    m.family("branchpoint_inputs_per_second", "gauge", "Inputs per second between the fleet's last two statuses.");
+    for (f, rate) in &fleets {
+        m.sample("branchpoint_inputs_per_second", &fl(f), *rate);
+    }
+    for (name, help, get) in counters {
+        m.family(name, "counter", help);
+        for (f, _) in &fleets {
+            m.sample(name, &fl(f), get(&f.summary) as f64);
+        }
+    }
+    m.family("branchpoint_exits_total", "counter", "Answers per exit: branch1, branch2, ..., final.");
+    for (f, _) in &fleets {
+        let n = f.summary.per_exit.len();
+        for (i, count) in f.summary.per_exit.iter().enumerate() {
+            let exit = if i + 1 == n { "final".to_string() } else { format!("branch{}", i + 1) };
+            m.sample("branchpoint_exits_total", &format!("{},exit=\"{exit}\"", fl(f)), *count as f64);
+        }
+    }
+    m.family("branchpoint_fallbacks_total", "counter", "Offloads answered by the device's branch instead, by reason.");
+    for (f, _) in &fleets {
+        let s = &f.summary;
+        for (reason, n) in [
+            ("deadline", s.fallbacks_deadline),
+            ("no-responders", s.fallbacks_no_responders),
+            ("error-reply", s.fallbacks_error_reply),
+            ("transport", s.fallbacks_transport),
+        ] {
+            m.sample("branchpoint_fallbacks_total", &format!("{},reason=\"{reason}\"", fl(f)), n as f64);
+        }
+    }
+    m.family("branchpoint_accuracy", "gauge", "Share of answers that were right.");
+    for (f, _) in &fleets {
+        m.sample("branchpoint_accuracy", &fl(f), f.summary.accuracy);
+    }
+    m.family("branchpoint_edge_accuracy", "gauge", "Share of on-device answers that were right.");
+    for (f, _) in &fleets {
+        if let Some(a) = f.summary.edge_accuracy {
+            m.sample("branchpoint_edge_accuracy", &fl(f), a);
+        }
+    }
+    m.family("branchpoint_latency_ms", "histogram", "Time from an input's arrival to its answer, ms.");
+    for (f, _) in &fleets {
+        for (le, c) in f.latency_le_ms.iter().zip(&f.latency_le_counts) {
+            m.sample("branchpoint_latency_ms_bucket", &format!("{},le=\"{le}\"", fl(f)), *c as f64);
+        }
+        let answered = (f.summary.outcomes - f.summary.errors) as f64;
+        m.sample("branchpoint_latency_ms_bucket", &format!("{},le=\"+Inf\"", fl(f)), answered);
+        m.sample("branchpoint_latency_ms_sum", &fl(f), f.latency_sum_ms);
+        m.sample("branchpoint_latency_ms_count", &fl(f), answered);
+    }
+    m.family("branchpoint_devices_on_plan", "gauge", "Devices holding this plan now, as they report it.");
+    for (f, _) in &fleets {
+        for a in &f.applied {
+            let l = format!("{},partition_branch=\"{}\",p_tar=\"{}\",temperature=\"{}\"", fl(f), a.partition_branch, a.p_tar, a.temperature);
+            m.sample("branchpoint_devices_on_plan", &l, f64::from(a.devices));
+        }
+    }
+    let target = |p: &PlanUpdate| match &p.target {
+        PlanTarget::Group(g) => format!("group=\"{}\"", label(g)),
+        PlanTarget::Device(d) => format!("device=\"{}\"", label(d)),
+    };
+    m.family("branchpoint_plan_p_tar", "gauge", "Stored plan: confidence target, per group or device.");
+    for p in &plans {
+        m.sample("branchpoint_plan_p_tar", &target(&p.value), p.value.p_tar);
+    }
+    m.family("branchpoint_plan_partition_branch", "gauge", "Stored plan: partition branch, per group or device.");
+    for p in &plans {
+        m.sample("branchpoint_plan_partition_branch", &target(&p.value), f64::from(p.value.partition_branch));
+    }
+    m.family("branchpoint_workers", "gauge", "Workers that reported their status recently.");
+    m.sample("branchpoint_workers", "", workers.len() as f64);
+    type WorkerGauge = (&'static str, &'static str, &'static str, fn(&WorkerStatus) -> f64);
+    let worker_metrics: [WorkerGauge; 7] = [
+        ("branchpoint_worker_queue_depth", "gauge", "Requests waiting at the worker: for a batch or for compute.", |w| f64::from(w.queue_depth)),
+        ("branchpoint_worker_queue_delay_us", "gauge", "Mean wait for compute after batching over the last status interval, µs.", |w| w.queue_delay_us_interval),
+        ("branchpoint_worker_batch_size", "gauge", "Mean batch size over the last status interval.", |w| w.batch_size_interval),
+        ("branchpoint_worker_mean_batch_size", "gauge", "Mean batch size since the worker started.", |w| w.mean_batch_size),
+        ("branchpoint_worker_requests_total", "counter", "Offload requests the worker received.", |w| w.requests as f64),
+        ("branchpoint_worker_batches_total", "counter", "Batches the worker ran.", |w| w.batches_served as f64),
+        ("branchpoint_worker_errors_total", "counter", "Error replies the worker sent.", |w| w.errors as f64),
+    ];
+    for (name, kind, help, get) in worker_metrics {
+        m.family(name, kind, help);
+        for w in &workers {
+            m.sample(name, &format!("worker=\"{}\"", label(&w.worker_id)), get(w));
+        }
+    }
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(m.0)
+}

