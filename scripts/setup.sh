@@ -25,8 +25,9 @@ as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-# 1. Debian packages: the Fashion-MNIST dataset, and DejaVu Sans for the text
-# of the plots (drawn with ab_glyph, so no fontconfig is needed).
+# 1. Debian packages: the Fashion-MNIST dataset, DejaVu Sans for the text of
+# the plots (drawn with ab_glyph, so no fontconfig is needed), and Chromium,
+# in which the tests load the dashboard headless.
 missing=()
 if [ ! -f "$FMNIST_DIR/t10k-labels-idx1-ubyte.gz" ] && [ ! -f "$FMNIST_DIR/t10k-labels-idx1-ubyte" ]; then
   missing+=(dataset-fashion-mnist)
@@ -34,12 +35,15 @@ fi
 if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
   missing+=(fonts-dejavu-core)
 fi
+if [ ! -x /usr/bin/chromium ]; then
+  missing+=(chromium)
+fi
 if [ "${#missing[@]}" -gt 0 ]; then
   log "installing Debian packages: ${missing[*]}"
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 else
-  log "Fashion-MNIST present in $FMNIST_DIR; DejaVu Sans present"
+  log "Fashion-MNIST present in $FMNIST_DIR; DejaVu Sans and Chromium present"
 fi
 
 # 2. Project-local virtual environment with libtorch and nats-server.

@@ -67,6 +67,8 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub nats: NatsArgs,
     #[command(flatten)]
+    pub service: ServiceArgs,
+    #[command(flatten)]
     pub http: HttpArgs,
     /// Weights file (.safetensors) with its model card NAME.json beside it: plans are checked against it.
     #[arg(long, default_value = DEFAULT_MODEL, value_name = "FILE")]
@@ -195,6 +197,8 @@ pub struct PlannerArgs {
     #[command(flatten)]
     pub nats: NatsArgs,
     #[command(flatten)]
+    pub service: ServiceArgs,
+    #[command(flatten)]
     pub source: ModelArgs,
     #[command(flatten)]
     pub temperatures: TemperatureArgs,
@@ -231,6 +235,8 @@ pub struct CalibratorArgs {
     #[command(flatten)]
     pub nats: NatsArgs,
     #[command(flatten)]
+    pub service: ServiceArgs,
+    #[command(flatten)]
     pub source: ModelArgs,
     #[command(flatten)]
     pub temperatures: TemperatureArgs,
@@ -257,6 +263,32 @@ pub struct ModelArgs {
     /// Folder holding the dataset files [default: the dataset's standard folder].
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+}
+
+/// What a long-running service offers its supervisor.
+#[derive(Debug, Args, Clone)]
+pub struct ServiceArgs {
+    /// Create this file once the service serves (for container healthchecks); removed at a clean exit.
+    #[arg(long, value_name = "FILE")]
+    pub ready_file: Option<PathBuf>,
+}
+
+impl ServiceArgs {
+    /// Creates the ready file, if one was asked for. A failure is reported,
+    /// not fatal: the service itself works.
+    pub fn mark_ready(&self) {
+        if let Some(f) = &self.ready_file {
+            if let Err(e) = std::fs::write(f, b"ready\n") {
+                eprintln!("could not create the ready file {}: {e}", f.display());
+            }
+        }
+    }
+
+    pub fn clear(&self) {
+        if let Some(f) = &self.ready_file {
+            let _ = std::fs::remove_file(f);
+        }
+    }
 }
 
 /// How to reach NATS. Without --nats, commands that can run in-process do so.
@@ -292,6 +324,8 @@ pub struct NatsArgs {
 pub struct WorkerArgs {
     #[command(flatten)]
     pub nats: NatsArgs,
+    #[command(flatten)]
+    pub service: ServiceArgs,
     /// Weights file (.safetensors) with its model card NAME.json beside it.
     #[arg(long, default_value = DEFAULT_MODEL, value_name = "FILE")]
     pub model: PathBuf,
@@ -319,6 +353,8 @@ pub struct WorkerArgs {
 pub struct FleetArgs {
     #[command(flatten)]
     pub nats: NatsArgs,
+    #[command(flatten)]
+    pub service: ServiceArgs,
     #[command(flatten)]
     pub source: ModelArgs,
     /// Simulated devices.

@@ -39,7 +39,9 @@ pub fn run(args: CalibratorArgs) -> Result<()> {
                 }
             }
         }
+        let service = args.service.clone();
         let ready = move || {
+            service.mark_ready();
             eprintln!(
                 "calibrator serving {} and {}; {} temperatures {:?} published on {}",
                 branchpoint_messages::subjects::CALIBRATION_GET,
@@ -53,6 +55,7 @@ pub fn run(args: CalibratorArgs) -> Result<()> {
             r = serve_calibration_nats(client, calibrator, store, ready) => r.context("serving calibration")?,
             _ = shutdown_signal() => eprintln!("calibrator: shutting down"),
         }
+        args.service.clear();
         Ok::<(), anyhow::Error>(())
     })
 }

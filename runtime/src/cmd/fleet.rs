@@ -76,6 +76,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
     cfg.validate()?;
     let spec = ModelSpec { weights: args.source.model.clone(), device: tch::Device::Cpu };
 
+    let ready_service = args.service.clone();
     let system = actix::System::new();
     let (summary, outcomes) = system.block_on(async move {
         let device_threads = DeviceThreads::start(spec.clone(), args.threads)?;
@@ -97,12 +98,17 @@ pub fn run(args: FleetArgs) -> Result<()> {
         };
         let collector = Collector::new(num_branches).start();
         let (devices, rate) = (cfg.devices, cfg.rate_per_device);
-        let started = move || eprintln!("fleet running: {devices} devices, {rate} inputs/s each");
+        let service = ready_service;
+        let started = move || {
+            service.mark_ready();
+            eprintln!("fleet running: {devices} devices, {rate} inputs/s each")
+        };
         let summary = run_fleet(cfg, inputs, &device_threads, link, collector.clone(), client, started).await?;
         let outcomes = collector.send(TakeOutcomes).await?;
         Ok::<_, anyhow::Error>((summary, outcomes))
     })?;
 
+    args.service.clear();
     print_summary(&summary);
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&summary)? + "\n").with_context(|| format!("writing {}", path.display()))?;

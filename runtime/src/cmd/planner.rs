@@ -65,7 +65,9 @@ pub fn run(args: PlannerArgs) -> Result<()> {
             Err(e) => eprintln!("planner: plans will not be stored: {e:#}"),
         }
         let planner = planner.start();
+        let service = args.service.clone();
         let ready = move || {
+            service.mark_ready();
             eprintln!(
                 "planner serving {} with temperatures {temperatures:?}; plans go to {}",
                 branchpoint_messages::subjects::NETWORK_REPORT,
@@ -76,6 +78,7 @@ pub fn run(args: PlannerArgs) -> Result<()> {
             r = serve_planner_nats(client, planner, ready) => r.context("serving the planner")?,
             _ = shutdown_signal() => eprintln!("planner: shutting down"),
         }
+        args.service.clear();
         Ok::<(), anyhow::Error>(())
     })
 }

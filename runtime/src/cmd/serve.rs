@@ -45,8 +45,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if !(args.stale_after_s.is_finite() && args.stale_after_s > 0.0) {
         bail!("--stale-after-s {}: give a positive number of seconds", args.stale_after_s);
     }
-    if args.http.token.as_deref() == Some("") {
-        bail!("--token is empty: give a secret, or leave it out to refuse every change");
+    // An empty token (say, an unset variable in compose.yaml) means none:
+    // every change is refused, never allowed without a secret.
+    let token = args.http.token.clone().filter(|t| !t.is_empty());
+    if token.is_none() {
+        eprintln!("api: no --token, so PUT /api/plan and POST /api/calibration/refit answer 401");
     }
     tch::set_num_threads(1);
     let model = branchpoint_models::load_model(&args.model, tch::Device::Cpu)?;
@@ -56,9 +59,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
     system.block_on(async move {
         let client = crate::nats::connect(&args.nats, "branchpoint-api").await?;
         let store = ControlStore::open(&client).await?;
-        let state = ApiState::new(client, store, args.http.token.clone(), info, Duration::from_secs_f64(args.stale_after_s));
+        let state = ApiState::new(client, store, token, info, Duration::from_secs_f64(args.stale_after_s));
         let (fleets, workers) = state.follow().await?;
         let server = http_server(state, &args.http.listen)?;
+        args.service.mark_ready();
         eprintln!("api listening on http://{} (dashboard at /, metrics at /metrics)", args.http.listen);
         let handle = server.handle();
         let served = actix::spawn(server);
@@ -68,6 +72,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let _ = served.await;
         fleets.abort();
         workers.abort();
+        args.service.clear();
         Ok::<(), anyhow::Error>(())
     })
 }

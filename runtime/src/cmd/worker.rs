@@ -42,7 +42,9 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         let ready = {
             let (id, url) = (worker_id.clone(), args.nats.nats.clone().unwrap_or_default());
             let (max_batch, max_wait_us, threads, device) = (args.max_batch, args.max_wait_us, args.threads, args.device.clone());
+            let service = args.service.clone();
             move || {
+                service.mark_ready();
                 eprintln!(
                     "worker {id} serving {} on {url} (max batch {max_batch}, max wait {max_wait_us} us, {threads} thread(s), {device})",
                     branchpoint_messages::subjects::OFFLOAD_ALL
@@ -69,6 +71,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let _ = drain_client.flush().await;
         status.abort();
+        args.service.clear();
         Ok::<(), anyhow::Error>(())
     })
 }
