@@ -228,7 +228,7 @@ pub async fn run_fleet(
                 let mut tick = tokio::time::interval(every);
                 loop {
                     tick.tick().await;
-                    publish_status(&client, &cfg, &devices, &collector, started_unix_us, true).await;
+                    publish_status(&client, &cfg.fleet_id, &cfg.group, &devices, &collector, started_unix_us, true).await;
                 }
             }))
         }
@@ -275,7 +275,7 @@ pub async fn run_fleet(
             if let Some(task) = status {
                 task.abort();
                 if let Some(client) = &updates {
-                    publish_status(client, &cfg, &devices, &collector, started_unix_us, false).await;
+                    publish_status(client, &cfg.fleet_id, &cfg.group, &devices, &collector, started_unix_us, false).await;
                     // The last status must leave before the process exits.
                     let _ = client.flush().await;
                 }
@@ -286,16 +286,17 @@ pub async fn run_fleet(
     }
 }
 
-fn unix_us() -> u64 {
+pub fn unix_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
-/// Publishes the fleet's `FleetStatus`: the collector's totals and the plans
+/// Publishes a fleet's `FleetStatus`: the collector's totals and the plans
 /// the devices hold (asked of each device, so it is what they apply, not what
 /// was sent to them). A failed publish is reported and the fleet goes on.
-async fn publish_status(
+pub async fn publish_status(
     client: &async_nats::Client,
-    cfg: &FleetConfig,
+    fleet_id: &str,
+    group: &str,
     devices: &[(String, Addr<Device>)],
     collector: &Addr<Collector>,
     started_unix_us: u64,
@@ -312,8 +313,8 @@ async fn publish_status(
         }
     }
     let status = FleetStatus {
-        fleet_id: cfg.fleet_id.clone(),
-        group: cfg.group.clone(),
+        fleet_id: fleet_id.to_string(),
+        group: group.to_string(),
         devices: devices.len() as u32,
         running,
         at_unix_us: unix_us(),
@@ -326,7 +327,7 @@ async fn publish_status(
     };
     match encode(&status) {
         Ok(bytes) => {
-            if let Err(e) = client.publish(subjects::fleet_status(&cfg.fleet_id), bytes.into()).await {
+            if let Err(e) = client.publish(subjects::fleet_status(fleet_id), bytes.into()).await {
                 eprintln!("fleet: could not publish its status: {e}");
             }
         }

@@ -228,6 +228,12 @@ pub struct RunArgs {
     pub source: ModelArgs,
     #[command(flatten)]
     pub nats: NatsArgs,
+    /// With --nats: also serve the HTTP API and dashboard (as `branchpoint serve` does) on this address while the replay runs.
+    #[arg(long, value_name = "ADDR", requires = "nats")]
+    pub listen: Option<String>,
+    /// Bearer token for the embedded API's PUT /api/plan and POST /api/calibration/refit [default: none, so they answer 401].
+    #[arg(long, value_name = "TOKEN", requires = "listen")]
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -82,6 +82,53 @@ fn scenario_errors_name_the_key_and_the_file() {
     expect_error("name = \"t\"\nseed = 1\nduration_s = 5.0\ngroups = []\n", &["groups", "at least one"]);
 }
 
+const AUTOSCALE: &str = r#"
+[workers]
+count = 1
+
+[workers.autoscale]
+min_workers = 1
+max_workers = 4
+up_queue_delay_us = 10000.0
+down_queue_delay_us = 3000.0
+"#;
+
+#[test]
+fn rate_schedules_and_autoscaling_are_checked_key_by_key() {
+    let scaled = format!("{VALID}{AUTOSCALE}");
+    let s = parse(&scaled).unwrap();
+    let a = s.workers.autoscale.as_ref().unwrap();
+    assert_eq!((a.tick_s, a.start_delay_s, a.up_after_ticks), (1.0, 1.0, 2), "unset keys take the defaults");
+    let stepped = VALID.replace("rate = 5.0", "rate_schedule = [{ at_s = 0.0, rate = 5.0 }, { at_s = 4.0, rate = 40.0 }]");
+    assert_eq!(parse(&stepped).unwrap().groups[0].mean_rate(10.0), 26.0);
+
+    expect_error(&scaled.replace("min_workers = 1", "min_workers = 0"), &["workers.autoscale", "min_workers must be at least 1"]);
+    expect_error(&scaled.replace("count = 1", "count = 5"), &["workers.count", "5 is outside", "1..=4"]);
+    expect_error(&scaled.replace("down_queue_delay_us = 3000.0", "down_queue_delay_us = 20000.0"), &["workers.autoscale", "down_queue_delay_us 20000 must be below up_queue_delay_us"]);
+    expect_error(&format!("{scaled}tick = 2.0\n"), &["unknown field", "tick"]);
+    expect_error(&format!("{scaled}tick_s = 0.0\n"), &["workers.autoscale.tick_s"]);
+    expect_error(&format!("{scaled}start_delay_s = -1.0\n"), &["workers.autoscale.start_delay_s"]);
+    expect_error(&format!("time = \"real\"\n{scaled}"), &["workers.autoscale", "virtual time only"]);
+
+    expect_error(&VALID.replace("rate = 5.0", "rate = 5.0\nrate_schedule = [{ at_s = 0.0, rate = 5.0 }]"), &["groups[0] (g).rate", "exactly one of"]);
+    expect_error(&VALID.replace("rate = 5.0", ""), &["groups[0] (g).rate", "exactly one of"]);
+    expect_error(&stepped.replace("at_s = 0.0", "at_s = 1.0"), &["groups[0] (g).rate_schedule[0].at_s", "start at 0.0"]);
+    expect_error(&stepped.replace("at_s = 4.0", "at_s = 0.0"), &["groups[0] (g).rate_schedule[1].at_s", "time order"]);
+    expect_error(&stepped.replace("at_s = 4.0", "at_s = 12.0"), &["rate_schedule[1].at_s", "after the scenario ends"]);
+    expect_error(&stepped.replace("rate = 40.0", "rate = 0.0"), &["groups[0] (g).rate_schedule[1].rate", "positive"]);
+    expect_error(&stepped.replace("rate = 40.0", "rate = 40.0, burst = 2"), &["unknown field", "burst"]);
+    expect_error(&VALID.replace("rate = 5.0", "rate_schedule = []"), &["groups[0] (g).rate_schedule", "is empty"]);
+
+    // The command refuses before it loads anything.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad-autoscale.toml");
+    std::fs::write(&bad, scaled.replace("count = 1", "count = 7")).unwrap();
+    let o = output_within(branchpoint().arg("run").arg(&bad).arg("--out").arg(dir.path()), Duration::from_secs(30));
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("bad-autoscale.toml") && err.contains("workers.count"), "{err}");
+}
+
 #[test]
 fn the_command_fails_clearly_on_bad_input() {
     let dir = tempfile::tempdir().unwrap();
@@ -256,4 +303,46 @@ fn real_time_over_nats_agrees_with_virtual_time() {
     let p_tar_late: Vec<f64> = adaptive.series.p_tar[10..14].iter().flatten().copied().collect();
     assert!(p_tar_late.iter().all(|&p| p < 0.5), "during the outage the devices run the planner's low p_tar: {p_tar_late:?}");
     assert!(policy(&live, "static").totals.deadline_miss_rate > 0.05, "the fixed plan misses during the drop");
+}
+
+/// scenarios/load-step.toml: 200 inputs/s, 2,000 from 20 s to 40 s, 200
+/// again. The autoscaled pool grows within seconds of the step, never
+/// beyond max_workers, shrinks back to one worker after it, and during the
+/// step answers faster than one worker does, for less than a fixed pool of
+/// four costs.
+#[test]
+fn the_pool_follows_a_load_step_out_and_back_in() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = repo_root().join("scenarios/load-step.toml");
+    let scaled = replay(&shipped, &[], &dir.path().join("scaled"));
+    assert!(std::fs::metadata(dir.path().join("scaled/workers.png")).is_ok_and(|m| m.len() > 10_000), "workers.png written");
+    // The same scenario with a pool of one.
+    let text = std::fs::read_to_string(&shipped).unwrap();
+    assert!(text.contains("max_workers = 4") && text.contains("count = 1"), "the test edits these keys");
+    let one_path = dir.path().join("one-worker.toml");
+    std::fs::write(&one_path, text.replace("max_workers = 4", "max_workers = 1")).unwrap();
+    let one = replay(&one_path, &[], &dir.path().join("one"));
+
+    let mean = |v: &[Option<f64>]| v.iter().map(|x| x.expect("every second has inputs")).sum::<f64>() / v.len() as f64;
+    for name in ["static", "cloud-only"] {
+        let (p, q) = (policy(&scaled, name), policy(&one, name));
+        let workers = p.series.workers.as_ref().expect("autoscaled runs report their pool");
+        eprintln!("{name}: workers {workers:?}");
+        assert!(workers.iter().all(|&w| (1.0..=4.0).contains(&w)), "{name}: within min_workers..=max_workers: {workers:?}");
+        assert!(workers[..20].iter().all(|&w| w == 1.0), "{name}: one worker serves the light load: {workers:?}");
+        assert!(workers[20..25].iter().any(|&w| w > 1.0), "{name}: the pool grows within 5 s of the step at 20 s: {workers:?}");
+        assert!(workers[55..].iter().all(|&w| w == 1.0), "{name}: back to one worker after the step: {workers:?}");
+        assert!(p.worker_seconds.unwrap() < 4.0 * scaled.duration_s, "{name}: cheaper than four workers throughout");
+
+        // Once the new workers serve and the backlog is gone (27 s to 40 s),
+        // latency and misses are lower than with one worker, which never
+        // catches up.
+        let (p95, p95_one) = (mean(&p.series.latency_ms_p95.as_ref().unwrap()[27..40]), mean(&q.series.latency_ms_p95.as_ref().unwrap()[27..40]));
+        let (miss, miss_one) = (mean(&p.series.deadline_miss_rate[27..40]), mean(&q.series.deadline_miss_rate[27..40]));
+        eprintln!("{name}, 27-40 s: p95 {p95:.1} ms, misses {:.2} % autoscaled; one worker {p95_one:.1} ms, {:.2} %", 100.0 * miss, 100.0 * miss_one);
+        assert!(p95 + 10.0 < p95_one, "{name}: p95 {p95} ms autoscaled vs {p95_one} ms with one worker");
+        assert!(miss < 0.01 && miss_one > 0.05, "{name}: misses {miss} autoscaled vs {miss_one} with one worker");
+        assert_eq!(p.totals.inputs, q.totals.inputs, "{name}: the same arrivals");
+    }
 }

@@ -26,6 +26,11 @@ pub fn run(args: RunArgs) -> Result<()> {
     let prepared = scenario::prepare(&scenario, &model, &logits.validation, &logits.test, &profile)?;
     let cfg = scenario::sim_config(&scenario)?;
 
+    if let Some(listen) = &args.listen {
+        let info = crate::cmd::serve::ModelInfo { sha256: model.card.weights_sha256.clone(), branches: model.net.num_branches() };
+        crate::cmd::serve::spawn_embedded(args.nats.clone(), listen.clone(), args.token.clone(), info)?;
+        eprintln!("api listening on http://{listen} (dashboard at /, metrics at /metrics) while the replay runs");
+    }
     let replay_started = Instant::now();
     let runs = match time {
         TimeMode::Virtual => {

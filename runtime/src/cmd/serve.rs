@@ -77,6 +77,35 @@ pub fn run(args: ServeArgs) -> Result<()> {
     })
 }
 
+/// Runs the API on its own thread (and actix system) for a command that
+/// embeds it (`branchpoint run --listen`); returns once it listens, or with
+/// the error that kept it from starting.
+pub fn spawn_embedded(nats: crate::cli::NatsArgs, listen: String, token: Option<String>, model: ModelInfo) -> Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel::<Result<()>>();
+    std::thread::spawn(move || {
+        let system = actix::System::new();
+        system.block_on(async move {
+            let started = async {
+                let client = crate::nats::connect(&nats, "branchpoint-api").await?;
+                let store = ControlStore::open(&client).await?;
+                let state = ApiState::new(client, store, token.filter(|t| !t.is_empty()), model, Duration::from_secs(5));
+                let tasks = state.follow().await?;
+                Ok::<_, anyhow::Error>((http_server(state, &listen)?, tasks))
+            };
+            match started.await {
+                Ok((server, _tasks)) => {
+                    let _ = tx.send(Ok(()));
+                    let _ = server.await;
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            }
+        });
+    });
+    rx.recv().context("the embedded API's thread ended before it started")?
+}
+
 /// Binds the API's HTTP server to `listen` (it runs once awaited).
 pub fn http_server(state: ApiState, listen: &str) -> Result<actix_web::dev::Server> {
     let data = web::Data::new(state);
@@ -111,12 +140,17 @@ pub struct ModelInfo {
     pub branches: usize,
 }
 
-/// A fleet as last heard of, with its input rate between its last two statuses.
+/// A fleet as last heard of, with its recent input rate.
 struct FleetView {
     status: FleetStatus,
     seen: Instant,
     inputs_per_s: f64,
+    /// (status time in µs, inputs) of the statuses inside the rate window.
+    recent: std::collections::VecDeque<(u64, usize)>,
 }
+
+/// Inputs per second are measured over this much of the fleet's recent statuses.
+const RATE_WINDOW_US: u64 = 2_000_000;
 
 struct WorkerView {
     status: WorkerStatus,
@@ -156,16 +190,17 @@ impl ApiState {
                 match decode::<FleetStatus>(&msg.payload) {
                     Ok(s) => {
                         let mut v = view.lock().unwrap_or_else(|e| e.into_inner());
-                        let inputs_per_s = match v.fleets.get(&s.fleet_id) {
-                            Some(prev) if s.at_unix_us > prev.status.at_unix_us => {
-                                let dt = (s.at_unix_us - prev.status.at_unix_us) as f64 / 1e6;
-                                s.summary.inputs.saturating_sub(prev.status.summary.inputs) as f64 / dt
-                            }
-                            Some(prev) => prev.inputs_per_s,
-                            None => 0.0,
-                        };
-                        let inputs_per_s = if s.running { inputs_per_s } else { 0.0 };
-                        v.fleets.insert(s.fleet_id.clone(), FleetView { status: s, seen: Instant::now(), inputs_per_s });
+                        let mut recent = v.fleets.remove(&s.fleet_id).map(|f| f.recent).unwrap_or_default();
+                        recent.push_back((s.at_unix_us, s.summary.inputs));
+                        // The rate over the last two seconds or so: statuses
+                        // come every 250 ms, too short a window to be steady.
+                        while recent.len() > 2 && s.at_unix_us.saturating_sub(recent[1].0) >= RATE_WINDOW_US {
+                            recent.pop_front();
+                        }
+                        let (t0, n0) = recent[0];
+                        let dt = s.at_unix_us.saturating_sub(t0) as f64 / 1e6;
+                        let inputs_per_s = if s.running && dt > 0.0 { s.summary.inputs.saturating_sub(n0) as f64 / dt } else { 0.0 };
+                        v.fleets.insert(s.fleet_id.clone(), FleetView { status: s, seen: Instant::now(), inputs_per_s, recent });
                     }
                     Err(e) => eprintln!("api: ignored a malformed fleet status: {e}"),
                 }
@@ -499,7 +534,7 @@ async fn metrics(state: web::Data<ApiState>) -> HttpResponse {
     for (f, _) in &fleets {
         m.sample("branchpoint_fleet_running", &fl(f), f64::from(u8::from(f.running)));
     }
-    m.family("branchpoint_inputs_per_second", "gauge", "Inputs per second between the fleet's last two statuses.");
+    m.family("branchpoint_inputs_per_second", "gauge", "Inputs per second over the fleet's last two seconds of statuses.");
     for (f, rate) in &fleets {
         m.sample("branchpoint_inputs_per_second", &fl(f), *rate);
     }

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use branchpoint_models::autoscale::AutoscaleConfig;
 use branchpoint_models::calibration::Method;
 use branchpoint_models::link::{Link, Segment};
 use serde::{Deserialize, Serialize};
@@ -108,14 +109,76 @@ impl Default for ComputeSection {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkersSection {
+    /// The pool's size; with `autoscale`, its size at the start.
     pub count: usize,
     pub max_batch: usize,
     pub max_wait_ms: f64,
+    /// Virtual time only: `branchpoint_models::autoscale` resizes the pool
+    /// from the load it sees.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<AutoscaleSection>,
 }
 
 impl Default for WorkersSection {
     fn default() -> Self {
-        Self { count: 2, max_batch: 32, max_wait_ms: 2.0 }
+        Self { count: 2, max_batch: 32, max_wait_ms: 2.0, autoscale: None }
+    }
+}
+
+/// `[workers.autoscale]`: the policy's settings (`AutoscaleConfig`, same
+/// names and defaults) and how the engine applies them. The fields are
+/// spelled out rather than flattened because serde cannot deny unknown keys
+/// through `flatten`, and a typo here must not pass silently.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AutoscaleSection {
+    pub min_workers: usize,
+    pub max_workers: usize,
+    pub up_queue_delay_us: f64,
+    pub up_backlog_per_worker: f64,
+    pub down_queue_delay_us: f64,
+    pub down_backlog_per_worker: f64,
+    pub up_after_ticks: u32,
+    pub down_after_ticks: u32,
+    /// How often the policy samples the load, in seconds.
+    pub tick_s: f64,
+    /// How long a started worker takes before it serves, in seconds.
+    pub start_delay_s: f64,
+}
+
+impl Default for AutoscaleSection {
+    fn default() -> Self {
+        let p = AutoscaleConfig::default();
+        Self {
+            min_workers: p.min_workers,
+            max_workers: p.max_workers,
+            up_queue_delay_us: p.up_queue_delay_us,
+            up_backlog_per_worker: p.up_backlog_per_worker,
+            down_queue_delay_us: p.down_queue_delay_us,
+            down_backlog_per_worker: p.down_backlog_per_worker,
+            up_after_ticks: p.up_after_ticks,
+            down_after_ticks: p.down_after_ticks,
+            tick_s: 1.0,
+            start_delay_s: 1.0,
+        }
+    }
+}
+
+impl AutoscaleSection {
+    /// The policy's settings. Every field is named (no `..`), so a field
+    /// added to `AutoscaleConfig` fails to compile here until the section
+    /// has it too.
+    pub fn policy(&self) -> AutoscaleConfig {
+        AutoscaleConfig {
+            min_workers: self.min_workers,
+            max_workers: self.max_workers,
+            up_queue_delay_us: self.up_queue_delay_us,
+            up_backlog_per_worker: self.up_backlog_per_worker,
+            down_queue_delay_us: self.down_queue_delay_us,
+            down_backlog_per_worker: self.down_backlog_per_worker,
+            up_after_ticks: self.up_after_ticks,
+            down_after_ticks: self.down_after_ticks,
+        }
     }
 }
 
@@ -175,8 +238,12 @@ impl Default for ReportSection {
 pub struct GroupSection {
     pub name: String,
     pub devices: usize,
-    /// Mean inputs per second at each device (Poisson).
-    pub rate: f64,
+    /// Mean inputs per second at each device (Poisson) ...
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate: Option<f64>,
+    /// ... or a rate that steps over time: exactly one of the two.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_schedule: Option<Vec<RateStep>>,
     pub deadline_ms: f64,
     /// Initial partition branch (and the static policy's).
     pub branch: usize,
@@ -194,6 +261,36 @@ pub struct NetworkSection {
     pub loss: Option<f64>,
     pub schedule: Option<Vec<ScheduleStep>>,
     pub trace: Option<PathBuf>,
+}
+
+/// From `at_s` on (until the next step), each device's mean inputs per second.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateStep {
+    pub at_s: f64,
+    pub rate: f64,
+}
+
+impl GroupSection {
+    /// The arrival rate as steps: a constant `rate` is one step at 0.
+    /// Validation guarantees exactly one of `rate` and `rate_schedule`.
+    pub fn rate_steps(&self) -> Vec<RateStep> {
+        match (&self.rate_schedule, self.rate) {
+            (Some(steps), _) => steps.clone(),
+            (None, rate) => vec![RateStep { at_s: 0.0, rate: rate.unwrap_or(0.0) }],
+        }
+    }
+
+    /// Mean inputs per second at each device over the first `duration_s`.
+    pub fn mean_rate(&self, duration_s: f64) -> f64 {
+        let steps = self.rate_steps();
+        let mut inputs = 0.0;
+        for (i, s) in steps.iter().enumerate() {
+            let end = steps.get(i + 1).map_or(duration_s, |n| n.at_s).min(duration_s);
+            inputs += s.rate * (end - s.at_s).max(0.0);
+        }
+        inputs / duration_s
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -279,6 +376,9 @@ impl Scenario {
         if !(self.workers.max_wait_ms.is_finite() && self.workers.max_wait_ms >= 0.0) {
             return Err(self.err("workers.max_wait_ms", format!("{} must be at least 0", self.workers.max_wait_ms)));
         }
+        if let Some(a) = &self.workers.autoscale {
+            self.validate_autoscale(a)?;
+        }
         let p = &self.planner;
         if !(p.miss_bound > 0.0 && p.miss_bound < 1.0) {
             return Err(self.err("planner.miss_bound", format!("{} must be in (0, 1)", p.miss_bound)));
@@ -322,7 +422,16 @@ impl Scenario {
             if g.devices == 0 || g.devices > 100_000 {
                 return Err(self.err(&key("devices"), format!("{} must be between 1 and 100000", g.devices)));
             }
-            positive(&key("rate"), g.rate)?;
+            match (g.rate, &g.rate_schedule) {
+                (Some(rate), None) => positive(&key("rate"), rate)?,
+                (None, Some(steps)) => self.validate_rate_schedule(steps, &key("rate_schedule"))?,
+                _ => {
+                    return Err(self.err(
+                        &key("rate"),
+                        "give exactly one of rate (inputs/s per device) or rate_schedule (steps over time, e.g. [{ at_s = 0.0, rate = 5.0 }, { at_s = 20.0, rate = 40.0 }])",
+                    ))
+                }
+            }
             positive(&key("deadline_ms"), g.deadline_ms)?;
             if g.branch == 0 {
                 return Err(self.err(&key("branch"), "branches count from 1"));
@@ -331,6 +440,57 @@ impl Scenario {
                 return Err(self.err(&key("p_tar"), format!("{} is outside (0, 1)", g.p_tar)));
             }
             self.link(g).map_err(|e| self.err(&key("network"), format!("{e:#}")))?;
+        }
+        Ok(())
+    }
+
+    fn validate_autoscale(&self, a: &AutoscaleSection) -> Result<()> {
+        a.policy().validate().map_err(|e| self.err("workers.autoscale", e))?;
+        if !(a.tick_s.is_finite() && a.tick_s > 0.0) {
+            return Err(self.err("workers.autoscale.tick_s", format!("{} must be a positive number of seconds", a.tick_s)));
+        }
+        if self.duration_s / a.tick_s > 1_000_000.0 {
+            return Err(self.err("workers.autoscale.tick_s", format!("{} s makes more than 1,000,000 ticks in {} s: use a longer tick", a.tick_s, self.duration_s)));
+        }
+        if !(a.start_delay_s.is_finite() && a.start_delay_s >= 0.0) {
+            return Err(self.err("workers.autoscale.start_delay_s", format!("{} must be at least 0 seconds", a.start_delay_s)));
+        }
+        let count = self.workers.count;
+        if count < a.min_workers || count > a.max_workers {
+            return Err(self.err(
+                "workers.count",
+                format!(
+                    "{count} is outside workers.autoscale's min_workers..=max_workers ({}..={}): with autoscaling it is the pool's size at the start",
+                    a.min_workers, a.max_workers
+                ),
+            ));
+        }
+        if self.time == TimeMode::Real {
+            return Err(self.err("workers.autoscale", "autoscaling is replayed in virtual time only: remove the table or set time = \"virtual\""));
+        }
+        Ok(())
+    }
+
+    fn validate_rate_schedule(&self, steps: &[RateStep], key: &str) -> Result<()> {
+        let Some(first) = steps.first() else {
+            return Err(self.err(key, "is empty: give at least one step, the first at_s = 0.0"));
+        };
+        if first.at_s != 0.0 {
+            return Err(self.err(&format!("{key}[0].at_s"), format!("{}: the first step must start at 0.0", first.at_s)));
+        }
+        for (j, s) in steps.iter().enumerate() {
+            if !(s.rate.is_finite() && s.rate > 0.0) {
+                return Err(self.err(&format!("{key}[{j}].rate"), format!("{} must be a positive number of inputs/s", s.rate)));
+            }
+            if j > 0 && !(s.at_s.is_finite() && s.at_s > steps[j - 1].at_s) {
+                return Err(self.err(&format!("{key}[{j}].at_s"), format!("{} must be after the step before ({}): list steps in time order", s.at_s, steps[j - 1].at_s)));
+            }
+            if s.at_s >= self.duration_s {
+                return Err(self.err(&format!("{key}[{j}].at_s"), format!("{} starts after the scenario ends (duration_s = {})", s.at_s, self.duration_s)));
+            }
+        }
+        if self.time == TimeMode::Real {
+            return Err(self.err(key, "a rate that steps is replayed in virtual time only: use rate, or set time = \"virtual\""));
         }
         Ok(())
     }

@@ -20,10 +20,10 @@ use branchpoint_actors::collector::{Collector, Decided, TakeOutcomes};
 use branchpoint_actors::compute::{Executor, ModelSpec};
 use branchpoint_actors::device::{DeviceConfig, Infer};
 use branchpoint_actors::emulation::{EmulationSpec, ReportTo};
-use branchpoint_actors::fleet::{forward_updates, DeviceThreads, TestInputs};
+use branchpoint_actors::fleet::{forward_updates, publish_status, DeviceThreads, TestInputs};
 use branchpoint_actors::planner::{serve_planner_nats, Planner, TakePlanLog};
 use branchpoint_actors::transport::OffloadLink;
-use branchpoint_actors::worker::{serve_nats, Batcher, WorkerConfig};
+use branchpoint_actors::worker::{publish_status as publish_worker_status, serve_nats, Batcher, WorkerConfig};
 use branchpoint_models::net::PartitionPoint;
 use branchpoint_models::planner::{Costs, LinkEstimator};
 use branchpoint_models::rng::SplitMix64;
@@ -49,6 +49,14 @@ pub struct LiveSetup<'a> {
 
 /// Runs every policy but the oracle live, one after the other.
 pub fn replay_live(setup: &LiveSetup, on_policy: &dyn Fn(Policy)) -> Result<Vec<PolicyRun>> {
+    // `--nats` turns a virtual-time file into a live replay; these two have
+    // no live counterpart yet, and ignoring them would replay another scenario.
+    if setup.scenario.workers.autoscale.is_some() {
+        bail!("scenario {}: workers.autoscale is replayed in virtual time only; run it without --nats (or see `branchpoint stack up` for live autoscaling)", setup.scenario.path.display());
+    }
+    if let Some(g) = setup.scenario.groups.iter().find(|g| g.rate_schedule.is_some()) {
+        bail!("scenario {}: group {} has a rate_schedule, which is replayed in virtual time only; run it without --nats", setup.scenario.path.display(), g.name);
+    }
     let mut runs = Vec::new();
     for &policy in &setup.scenario.policies {
         let Some(plans) = policy_plans(policy, setup.scenario) else {
@@ -86,6 +94,8 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                     let batcher = Batcher::new(wcfg(w), Executor::start(setup.spec.clone(), 1)?, setup.points.clone()).start();
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     let id = wcfg(w).worker_id;
+                    // Their load, for a control plane watching the run (`--listen`).
+                    actix::spawn(publish_worker_status(wc.clone(), batcher.clone(), id.clone(), Duration::from_secs(1)));
                     actix::spawn(async move {
                         if let Err(e) = serve_nats(wc, batcher, id, move || {
                             let _ = tx.send(());
@@ -179,11 +189,28 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
         }
         let ids: Vec<String> = configs.iter().map(|c| c.id.clone()).collect();
         let devices = threads.spawn(configs, link, collector.clone()).await?;
-        if let Some(c) = &client {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            actix::spawn(forward_updates(c.clone(), ids.iter().cloned().zip(devices.iter().cloned()).collect(), String::new(), setup.model_sha256.clone(), tx));
-            let _ = rx.await;
-        }
+        // Over NATS the run shows up as a fleet named after the scenario and
+        // policy, for a control plane watching it (`--listen`, `serve`).
+        let fleet_id: String = format!("{}-{}", s.name, policy.name()).chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '-' }).take(64).collect();
+        let named: Vec<_> = ids.iter().cloned().zip(devices.iter().cloned()).collect();
+        let status_started = unix_us();
+        let status = match &client {
+            Some(c) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                actix::spawn(forward_updates(c.clone(), named.clone(), String::new(), setup.model_sha256.clone(), tx));
+                let _ = rx.await;
+                let (c, named, collector, id) = (c.clone(), named.clone(), collector.clone(), fleet_id.clone());
+                let started = status_started;
+                Some(actix::spawn(async move {
+                    let mut tick = tokio::time::interval(Duration::from_millis(250));
+                    loop {
+                        tick.tick().await;
+                        publish_status(&c, &id, "replay", &named, &collector, started, true).await;
+                    }
+                }))
+            }
+            None => None,
+        };
 
         // Arrivals: the virtual-time replay's streams, on the wall clock.
         let claimed = Rc::new(Cell::new(0usize));
@@ -218,6 +245,11 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if let (Some(task), Some(c)) = (status, &client) {
+            task.abort();
+            publish_status(c, &fleet_id, "replay", &named, &collector, status_started, false).await;
+            let _ = c.flush().await;
         }
         let outcomes = collector.send(TakeOutcomes).await?;
         let log = match &planner {

@@ -22,7 +22,7 @@ use branchpoint_models::profile::ComputeProfile;
 use branchpoint_models::LoadedModel;
 
 pub use file::{Policy, Scenario, TimeMode};
-use sim::{GroupSim, Plans, RunResult, SimConfig, SimModel};
+use sim::{AutoscaleSim, GroupSim, Plans, RunResult, SimConfig, SimModel};
 
 /// Everything about the model a replay needs, computed once.
 pub struct Prepared {
@@ -136,9 +136,11 @@ pub fn sim_config(s: &Scenario) -> Result<SimConfig> {
         .groups
         .iter()
         .map(|g| {
+            let rate_steps: Vec<(u64, f64)> = g.rate_steps().iter().map(|s| ((s.at_s * 1e6).round() as u64, s.rate)).collect();
             Ok(GroupSim {
                 devices: g.devices,
-                rate: g.rate,
+                rate: rate_steps[0].1,
+                rate_steps,
                 deadline_us: (g.deadline_ms * 1e3).round() as u64,
                 link: s.link(g)?,
                 initial: Plan { branch: g.branch, p_tar: g.p_tar },
@@ -159,6 +161,13 @@ pub fn sim_config(s: &Scenario) -> Result<SimConfig> {
         safety: s.planner.safety,
         probe_bytes: s.planner.probe_bytes,
         miss_bound: s.planner.miss_bound,
+        autoscale: s.workers.autoscale.as_ref().map(|a| AutoscaleSim {
+            policy: a.policy(),
+            tick_us: ((a.tick_s * 1e6).round() as u64).max(1),
+            start_delay_us: (a.start_delay_s * 1e6).round() as u64,
+        }),
+        // Autoscaled reports plot latency per bin beside the pool's size.
+        bin_latencies: s.workers.autoscale.is_some(),
     })
 }
 

@@ -12,6 +12,7 @@ use branchpoint_models::planner::Plan;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::file::{AutoscaleSection, RateStep};
 use super::sim::{Bin, SimConfig};
 use super::{PolicyRun, Prepared, Scenario};
 use crate::plots::{self, Curve, Panel};
@@ -53,13 +54,21 @@ pub struct Settings {
     pub candidate_p_tars: Vec<f64>,
     pub oracle_window_s: f64,
     pub bin_s: f64,
+    /// The pool's autoscaling, when the scenario has `[workers.autoscale]`
+    /// (`workers` is then the pool's size at the start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<AutoscaleSection>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct GroupInfo {
     pub name: String,
     pub devices: usize,
+    /// Inputs per second at each device; with a rate schedule, the mean
+    /// over the run.
     pub rate: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_schedule: Option<Vec<RateStep>>,
     pub deadline_ms: f64,
     pub branch: usize,
     pub p_tar: f64,
@@ -94,6 +103,10 @@ pub struct PolicyReport {
     pub totals: Totals,
     /// Cloud requests per batch (not for the oracle, which mixes runs).
     pub mean_batch: Option<f64>,
+    /// Autoscaled pools: worker-seconds served over the run, what the pool
+    /// cost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_seconds: Option<f64>,
     pub groups: Vec<GroupTotals>,
     pub series: Series,
     /// Oracle only: the plan chosen for each group and window.
@@ -127,6 +140,16 @@ pub struct Series {
     pub predicted_accuracy: Option<Vec<Option<f64>>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub predicted_miss_rate: Option<Vec<Option<f64>>>,
+    /// Autoscaled pools only: the mean number of workers serving over the
+    /// bin (one leaving counts until its last batch is done; one starting
+    /// does not count yet). The pool serves every group; the oracle's is
+    /// that of the runs it chose for the first group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<Vec<f64>>,
+    /// Autoscaled pools only: the 95th percentile latency of the bin's
+    /// inputs, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms_p95: Option<Vec<Option<f64>>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -204,7 +227,9 @@ pub fn build(scenario: &Scenario, cfg: &SimConfig, prepared: &Prepared, weights:
         .map(|(g, sim)| GroupInfo {
             name: g.name.clone(),
             devices: g.devices,
-            rate: g.rate,
+            // A schedule's mean rounded: 15.8333... reads better as 15.833.
+            rate: g.rate.unwrap_or_else(|| (g.mean_rate(scenario.duration_s) * 1e3).round() / 1e3),
+            rate_schedule: g.rate_schedule.clone(),
             deadline_ms: g.deadline_ms,
             branch: g.branch,
             p_tar: g.p_tar,
@@ -241,6 +266,9 @@ pub fn build(scenario: &Scenario, cfg: &SimConfig, prepared: &Prepared, weights:
                 }
             }
             let adaptive = run.policy == super::Policy::Adaptive;
+            // Live runs cannot autoscale: their bins hold no pool.
+            let autoscaled = scenario.workers.autoscale.is_some() && time == super::TimeMode::Virtual;
+            let bin_width_s = |i: usize| ((((i as u64 + 1) * cfg.bin_us).min(cfg.duration_us) - i as u64 * cfg.bin_us) as f64 / 1e6).max(1e-9);
             let per_report = |f: fn(&Bin) -> f64| -> Option<Vec<Option<f64>>> {
                 adaptive.then(|| merged.iter().map(|b| (b.reports > 0).then(|| f(b) / b.reports as f64)).collect())
             };
@@ -255,6 +283,16 @@ pub fn build(scenario: &Scenario, cfg: &SimConfig, prepared: &Prepared, weights:
                 estimated_uplink_mbit_s: per_report(|b| b.est_mbit_s_sum),
                 predicted_accuracy: per_report(|b| b.predicted_accuracy_sum),
                 predicted_miss_rate: per_report(|b| b.predicted_miss_sum),
+                workers: autoscaled.then(|| merged.iter().enumerate().map(|(i, b)| b.worker_us as f64 / 1e6 / bin_width_s(i)).collect()),
+                latency_ms_p95: autoscaled.then(|| {
+                    merged
+                        .iter_mut()
+                        .map(|b| {
+                            b.latencies_us.sort_unstable();
+                            (!b.latencies_us.is_empty()).then(|| percentile_ms(&b.latencies_us, 0.95))
+                        })
+                        .collect()
+                }),
             };
             let window_s = cfg.window_us as f64 / 1e6;
             let oracle_choices = run.choices.map(|choices| {
@@ -272,6 +310,7 @@ pub fn build(scenario: &Scenario, cfg: &SimConfig, prepared: &Prepared, weights:
                 policy: run.policy.name().into(),
                 totals: overall,
                 mean_batch: run.mean_batch.is_finite().then_some(run.mean_batch),
+                worker_seconds: autoscaled.then(|| merged.iter().map(|b| b.worker_us).sum::<u64>() as f64 / 1e6),
                 groups: per_group,
                 series,
                 oracle_choices,
@@ -308,6 +347,7 @@ pub fn build(scenario: &Scenario, cfg: &SimConfig, prepared: &Prepared, weights:
             candidate_p_tars: prepared.candidate_p_tars.clone(),
             oracle_window_s: scenario.oracle.window_s,
             bin_s: scenario.report.bin_s,
+            autoscale: scenario.workers.autoscale.clone().filter(|_| time == super::TimeMode::Virtual),
         },
         groups,
         policies,
@@ -417,7 +457,65 @@ pub fn plot(report: &ScenarioReport, dir: &Path) -> Result<Vec<std::path::PathBu
         ],
     )?;
     written.push(path);
+
+    // 4. Autoscaling: the offered load, the pool's size and the latency
+    // it gave, every policy.
+    if let Some(a) = &report.settings.autoscale {
+        let path = dir.join("workers.png");
+        plot_workers(report, a, &path)?;
+        written.push(path);
+    }
     Ok(written)
+}
+
+fn plot_workers(report: &ScenarioReport, a: &AutoscaleSection, path: &Path) -> Result<()> {
+    let x_range = (0.0, report.duration_s);
+    let bin_s = report.settings.bin_s;
+    let offered: Vec<Curve> = report
+        .policies
+        .first()
+        .map(|p| Curve {
+            label: "inputs arriving".into(),
+            color: RGBColor(0, 0, 0),
+            points: p.series.t_s.iter().zip(&p.series.inputs).map(|(&t, &n)| (t, n as f64 / bin_s)).collect(),
+            dashed: false,
+        })
+        .into_iter()
+        .collect();
+    let offered_max = offered.iter().flat_map(|c| c.points.iter().map(|p| p.1)).fold(1.0, f64::max) * 1.1;
+    let workers: Vec<Curve> = report
+        .policies
+        .iter()
+        .filter_map(|p| {
+            let w = p.series.workers.as_ref()?;
+            Some(Curve { label: p.policy.clone(), color: policy_color(&p.policy), points: p.series.t_s.iter().copied().zip(w.iter().copied()).collect(), dashed: false })
+        })
+        .collect();
+    let mut latency: Vec<Curve> = report
+        .policies
+        .iter()
+        .filter_map(|p| {
+            let l = p.series.latency_ms_p95.as_ref()?;
+            Some(Curve { label: p.policy.clone(), color: policy_color(&p.policy), points: points(&p.series.t_s, l, 1.0), dashed: false })
+        })
+        .collect();
+    let mut deadlines: Vec<f64> = report.groups.iter().map(|g| g.deadline_ms).collect();
+    deadlines.sort_by(f64::total_cmp);
+    deadlines.dedup();
+    for d in deadlines {
+        latency.push(Curve { label: format!("deadline {d} ms"), color: RGBColor(0, 0, 0), points: vec![(x_range.0, d), (x_range.1, d)], dashed: true });
+    }
+    let latency_max = latency.iter().flat_map(|c| c.points.iter().map(|p| p.1)).fold(1.0, f64::max) * 1.1;
+    plots::time_panels(
+        path,
+        &format!("{}: autoscaled workers ({}..={}) per {} s", report.scenario, a.min_workers, a.max_workers, bin_s),
+        x_range,
+        &[
+            Panel { y_label: "offered (inputs/s)", y_range: (0.0, offered_max), curves: offered },
+            Panel { y_label: "workers serving (mean)", y_range: (0.0, a.max_workers as f64 + 0.5), curves: workers },
+            Panel { y_label: "latency p95 (ms)", y_range: (0.0, latency_max), curves: latency },
+        ],
+    )
 }
 
 pub fn write_json(report: &ScenarioReport, path: &Path) -> Result<()> {

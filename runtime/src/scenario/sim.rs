@@ -25,9 +25,17 @@
 //! time per byte and response time (`LinkEstimator`); the planner answers
 //! with a plan that reaches the device one RTT after the report was sent. A
 //! device whose uplink was idle for a whole interval first sends a probe.
+//!
+//! With autoscaling, the pool's size follows `branchpoint_models::autoscale`:
+//! every tick the policy sees the pool (serving and starting workers), the
+//! mean queue delay of the batches started since the last tick and the
+//! requests waiting now. A worker it adds serves after the start delay; one
+//! it removes leaves at once if idle, else when its batch is done, so no
+//! request in flight is lost.
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 
+use branchpoint_models::autoscale::{AutoscaleConfig, Autoscaler, Load};
 use branchpoint_models::link::Link;
 use branchpoint_models::planner::{choose, Costs, DeviceUplink, LinkEstimator, ModelStats, Plan};
 use branchpoint_models::rng::SplitMix64;
@@ -72,7 +80,12 @@ impl SimModel {
 #[derive(Debug, Clone)]
 pub struct GroupSim {
     pub devices: usize,
+    /// Inputs per second at each device at time 0 (the real-time replay's
+    /// rate, which does not step).
     pub rate: f64,
+    /// (start µs, inputs per second at each device), ascending from 0:
+    /// one step for a constant rate.
+    pub rate_steps: Vec<(u64, f64)>,
     pub deadline_us: u64,
     pub link: Link,
     pub initial: Plan,
@@ -93,6 +106,26 @@ pub struct SimConfig {
     pub safety: f64,
     pub probe_bytes: usize,
     pub miss_bound: f64,
+    pub autoscale: Option<AutoscaleSim>,
+    /// Keep every input's latency in its bin too, for per-bin percentiles.
+    /// Off unless a report plots them, so that the others' runs keep their
+    /// memory and report as they were.
+    pub bin_latencies: bool,
+}
+
+/// The worker pool's autoscaling in virtual time.
+#[derive(Debug, Clone)]
+pub struct AutoscaleSim {
+    pub policy: AutoscaleConfig,
+    pub tick_us: u64,
+    pub start_delay_us: u64,
+}
+
+impl GroupSim {
+    /// Inputs per second at each device at time t.
+    pub fn rate_at(&self, t: u64) -> f64 {
+        self.rate_steps[self.rate_steps.partition_point(|s| s.0 <= t).max(1) - 1].1
+    }
 }
 
 impl SimConfig {
@@ -135,6 +168,12 @@ pub struct Bin {
     pub est_mbit_s_sum: f64,
     pub predicted_accuracy_sum: f64,
     pub predicted_miss_sum: f64,
+    /// Autoscaled runs: worker-microseconds served in the bin. The pool is
+    /// shared by every group, so only the first group's bins count it, and
+    /// adding bins over groups counts it once.
+    pub worker_us: u64,
+    /// With `SimConfig::bin_latencies`: the latency of every input in the bin.
+    pub latencies_us: Vec<u32>,
 }
 
 impl Bin {
@@ -154,6 +193,8 @@ impl Bin {
         self.est_mbit_s_sum += o.est_mbit_s_sum;
         self.predicted_accuracy_sum += o.predicted_accuracy_sum;
         self.predicted_miss_sum += o.predicted_miss_sum;
+        self.worker_us += o.worker_us;
+        self.latencies_us.extend_from_slice(&o.latencies_us);
     }
 }
 
@@ -180,6 +221,9 @@ const BATCH_TIMER: u8 = 6;
 const PLAN_ARRIVE: u8 = 7;
 const REPORT: u8 = 8;
 const ARRIVAL: u8 = 9;
+// Autoscaled runs only, so the others' order of events is as it was.
+const WORKER_READY: u8 = 10;
+const SCALE_TICK: u8 = 11;
 
 /// Ordered by time, then kind, then the ids: never by insertion order, so
 /// the order of simultaneous arrivals (and with it which test input each
@@ -226,12 +270,31 @@ struct Sim<'a> {
     queues: Vec<VecDeque<u32>>,
     timers: Vec<Option<u64>>,
     idle_workers: Vec<u32>,
+    pool: Pool,
     plans: Vec<Plan>,
     /// Adaptive devices decline offloads they predict would miss.
     admission: bool,
     next_input: u64,
     out: RunResult,
     costs: Vec<Costs>,
+}
+
+/// The worker pool's state beyond `idle_workers`, which autoscaling changes.
+struct Pool {
+    scaler: Option<Autoscaler>,
+    /// Workers taking batches, idle or busy, not counting those leaving.
+    serving: usize,
+    /// Busy workers that leave when their batch is done.
+    leaving: usize,
+    /// Ids of the started workers not serving yet; a WORKER_READY whose id
+    /// is no longer here was cancelled.
+    starting: Vec<u32>,
+    next_id: u32,
+    /// Queue delays of the batches started since the last tick.
+    delay_sum_us: u64,
+    delayed: u64,
+    /// Until when worker time has been counted into the bins.
+    counted_until: u64,
 }
 
 /// Seed of a device's streams: depends only on the run's seed and the
@@ -246,6 +309,26 @@ pub fn interarrival_us(rng: &mut SplitMix64, rate: f64) -> u64 {
     (rng.exponential(rate) * 1e6).round().max(1.0) as u64
 }
 
+/// Time of the next arrival after `t` of a Poisson process whose rate
+/// steps (`(start µs, rate)`, ascending from 0). A draw that crosses into
+/// the next step is redrawn from that step's start at its rate: exact, since
+/// the process is memoryless. With one step this is `t + interarrival_us`,
+/// draw for draw, so constant-rate scenarios keep their arrivals.
+pub fn next_arrival_us(rng: &mut SplitMix64, t: u64, steps: &[(u64, f64)]) -> u64 {
+    let mut from = t;
+    let mut i = steps.partition_point(|s| s.0 <= from).max(1) - 1;
+    loop {
+        let next = from + interarrival_us(rng, steps[i].1);
+        match steps.get(i + 1) {
+            Some(&(start, _)) if next >= start => {
+                from = start;
+                i += 1;
+            }
+            _ => return next,
+        }
+    }
+}
+
 pub fn simulate(m: &SimModel, c: &SimConfig, plans: &Plans) -> RunResult {
     let (bins, windows) = (c.bins(), c.windows());
     let mut sim = Sim {
@@ -257,6 +340,16 @@ pub fn simulate(m: &SimModel, c: &SimConfig, plans: &Plans) -> RunResult {
         queues: vec![VecDeque::new(); m.num_branches()],
         timers: vec![None; m.num_branches()],
         idle_workers: (0..c.workers as u32).rev().collect(),
+        pool: Pool {
+            scaler: c.autoscale.as_ref().map(|a| Autoscaler::new(a.policy.clone())),
+            serving: c.workers,
+            leaving: 0,
+            starting: Vec::new(),
+            next_id: c.workers as u32,
+            delay_sum_us: 0,
+            delayed: 0,
+            counted_until: 0,
+        },
         plans: Vec::new(),
         admission: matches!(plans, Plans::Adaptive),
         next_input: 0,
@@ -275,7 +368,7 @@ pub fn simulate(m: &SimModel, c: &SimConfig, plans: &Plans) -> RunResult {
                 head_us: m.head_us.clone(),
                 upload_bytes: m.upload_bytes.iter().map(|&b| b as f64).collect(),
                 deadline_us: g.deadline_us as f64,
-                arrival_rate: g.rate,
+                arrival_rate: g.rate_at(0),
                 miss_bound: c.miss_bound,
             })
             .collect(),
@@ -289,7 +382,7 @@ pub fn simulate(m: &SimModel, c: &SimConfig, plans: &Plans) -> RunResult {
         for k in 0..g.devices {
             let base = device_seed(c.seed, gi, k);
             let mut arrivals = SplitMix64::new(base);
-            let first = interarrival_us(&mut arrivals, g.rate);
+            let first = next_arrival_us(&mut arrivals, 0, &g.rate_steps);
             sim.devices.push(Device {
                 group: gi,
                 arrivals,
@@ -312,8 +405,16 @@ pub fn simulate(m: &SimModel, c: &SimConfig, plans: &Plans) -> RunResult {
             d += 1;
         }
     }
+    if let Some(a) = &c.autoscale {
+        if a.tick_us <= c.duration_us {
+            sim.push(a.tick_us, SCALE_TICK, 0, 0);
+        }
+    }
     while let Some(Reverse(e)) = sim.events.pop() {
         sim.handle(e);
+    }
+    if c.autoscale.is_some() {
+        sim.count_workers(c.duration_us);
     }
     sim.out
 }
@@ -329,9 +430,25 @@ impl<'a> Sim<'a> {
             UPLOAD_DONE => self.upload_done(e.t, e.a),
             CLOUD_ARRIVE => self.cloud_arrive(e.t, e.a),
             WORKER_FREE => {
-                self.idle_workers.push(e.a);
-                self.dispatch(e.t);
+                if self.pool.leaving > 0 {
+                    // Asked to leave while busy: its batch is done now.
+                    self.count_workers(e.t);
+                    self.pool.leaving -= 1;
+                } else {
+                    self.idle_workers.push(e.a);
+                    self.dispatch(e.t);
+                }
             }
+            WORKER_READY => {
+                if let Some(i) = self.pool.starting.iter().position(|&w| w == e.a) {
+                    self.pool.starting.remove(i);
+                    self.count_workers(e.t);
+                    self.pool.serving += 1;
+                    self.idle_workers.push(e.a);
+                    self.dispatch(e.t);
+                }
+            }
+            SCALE_TICK => self.scale_tick(e.t),
             BATCH_TIMER => {
                 if self.timers[e.a as usize] == Some(e.t) {
                     self.timers[e.a as usize] = None;
@@ -365,6 +482,7 @@ impl<'a> Sim<'a> {
     #[allow(clippy::too_many_arguments)]
     fn record(&mut self, group: usize, arrival: u64, latency: u64, correct: bool, on_device: bool, cloud: bool, missed: bool, plan: Plan) {
         self.out.outcomes += 1;
+        let keep_latency = self.c.bin_latencies;
         let b = self.bin(group, arrival);
         b.inputs += 1;
         b.correct += u64::from(correct);
@@ -382,6 +500,9 @@ impl<'a> Sim<'a> {
             }
         }
         b.misses += u64::from(missed);
+        if keep_latency {
+            b.latencies_us.push(latency.min(u64::from(u32::MAX)) as u32);
+        }
         let w = ((arrival / self.c.window_us) as usize).min(self.out.latencies_us[group].len() - 1);
         self.out.latencies_us[group][w].push(latency.min(u64::from(u32::MAX)) as u32);
     }
@@ -391,7 +512,7 @@ impl<'a> Sim<'a> {
         let (c, m) = (self.c, self.m);
         let dev = &mut self.devices[d as usize];
         let g = &c.groups[dev.group];
-        let next = t + interarrival_us(&mut dev.arrivals, g.rate);
+        let next = next_arrival_us(&mut dev.arrivals, t, &g.rate_steps);
         let input = (self.next_input % m.inputs() as u64) as u32;
         self.next_input += 1;
         let plan = dev.plan;
@@ -505,13 +626,96 @@ impl<'a> Sim<'a> {
             let service = self.m.tail_time_us(k + 1, n).round() as u64;
             self.out.batches += 1;
             self.out.batched_requests += n as u64;
+            // When the batch was formed: full, or its oldest request's
+            // max_wait over. The policy's queue delay is the wait after that,
+            // for a worker, as the live worker measures it: the batching
+            // window is chosen, not congestion, and counting it would keep a
+            // lightly loaded pool from ever looking idle.
+            let q = &self.queues[k];
+            let due = self.requests[q[0] as usize].cloud_arrival + self.c.max_wait_us;
+            let formed = match q.get(self.c.max_batch - 1) {
+                Some(&last) => due.min(self.requests[last as usize].cloud_arrival),
+                None => due,
+            };
             for _ in 0..n {
                 let id = self.queues[k].pop_front().expect("n <= len");
+                self.pool.delay_sum_us += t.saturating_sub(formed.max(self.requests[id as usize].cloud_arrival));
+                self.pool.delayed += 1;
                 let dev = self.requests[id as usize].device as usize;
                 let half_rtt = self.c.groups[self.devices[dev].group].link.rtt_us(t) / 2;
                 self.push(t + service + half_rtt, REPLY, id, 0);
             }
             self.push(t + service, WORKER_FREE, worker, 0);
+        }
+    }
+
+    /// Counts the workers serving (busy ones leaving included) from the
+    /// last count until `t` into the bins; called before the count changes.
+    fn count_workers(&mut self, t: u64) {
+        let t = t.min(self.c.duration_us);
+        let running = (self.pool.serving + self.pool.leaving) as u64;
+        let mut from = self.pool.counted_until;
+        while from < t {
+            let i = (from / self.c.bin_us) as usize;
+            let end = ((i as u64 + 1) * self.c.bin_us).min(t);
+            let last = self.out.bins[0].len() - 1;
+            self.out.bins[0][i.min(last)].worker_us += running * (end - from);
+            from = end;
+        }
+        self.pool.counted_until = self.pool.counted_until.max(t);
+    }
+
+    /// One autoscaling tick: the policy sees the load and the pool moves
+    /// toward its answer.
+    fn scale_tick(&mut self, t: u64) {
+        let c = self.c;
+        let Some(a) = &c.autoscale else { return };
+        if t + a.tick_us <= c.duration_us {
+            self.push(t + a.tick_us, SCALE_TICK, 0, 0);
+        }
+        // Expired requests still queued are as good as gone: the next
+        // dispatch rejects them.
+        let backlog = self.queues.iter().flatten().filter(|&&id| self.requests[id as usize].deadline_at > t).count();
+        let queue_delay_us = if self.pool.delayed > 0 { self.pool.delay_sum_us as f64 / self.pool.delayed as f64 } else { 0.0 };
+        (self.pool.delay_sum_us, self.pool.delayed) = (0, 0);
+        let workers = self.pool.serving + self.pool.starting.len();
+        let scaler = self.pool.scaler.as_mut().expect("autoscaled runs have a policy");
+        let target = scaler.tick(Load { workers, queue_delay_us, backlog: backlog as f64 });
+        for _ in workers..target {
+            self.add_worker(t);
+        }
+        for _ in target..workers {
+            self.remove_worker(t);
+        }
+    }
+
+    fn add_worker(&mut self, t: u64) {
+        let p = &mut self.pool;
+        if p.leaving > 0 {
+            // A busy worker asked to leave is still running: keeping it
+            // serves sooner than starting another.
+            p.leaving -= 1;
+            p.serving += 1;
+            return;
+        }
+        let id = p.next_id;
+        p.next_id += 1;
+        p.starting.push(id);
+        let delay = self.c.autoscale.as_ref().map_or(0, |a| a.start_delay_us);
+        self.push(t + delay, WORKER_READY, id, 0);
+    }
+
+    /// Cancels the newest start, else retires an idle worker, else asks a
+    /// busy one to leave when its batch is done: work in flight is never
+    /// dropped.
+    fn remove_worker(&mut self, t: u64) {
+        if self.pool.starting.pop().is_some() {
+            return;
+        }
+        self.count_workers(t);
+        self.pool.serving -= 1;
+        if self.idle_workers.pop().is_none() {
+            self.pool.leaving += 1;
         }
     }
 
@@ -564,6 +768,8 @@ impl<'a> Sim<'a> {
         let Some(seen) = dev.uplink.est.conservative(self.c.safety) else { return };
         let group = dev.group;
         let mbit = dev.uplink.est.mean_mbit_s().unwrap_or(0.0);
+        // The device knows the rate its inputs arrive at now.
+        self.costs[group].arrival_rate = self.c.groups[group].rate_at(t);
         let prediction = choose(&self.m.stats, &self.costs[group], &seen);
         let rtt = self.c.groups[group].link.rtt_us(t);
         let b = self.bin(group, t);
@@ -616,7 +822,7 @@ mod tests {
             duration_us: 20_000_000,
             bin_us: 1_000_000,
             window_us: 5_000_000,
-            groups: vec![GroupSim { devices: 4, rate: 5.0, deadline_us: 100_000, link, initial: Plan { branch: 2, p_tar: 0.9 } }],
+            groups: vec![GroupSim { devices: 4, rate: 5.0, rate_steps: vec![(0, 5.0)], deadline_us: 100_000, link, initial: Plan { branch: 2, p_tar: 0.9 } }],
             workers: 2,
             max_batch: 8,
             max_wait_us: 2_000,
@@ -625,6 +831,8 @@ mod tests {
             safety: 2.0,
             probe_bytes: 15_000,
             miss_bound: 0.05,
+            autoscale: None,
+            bin_latencies: false,
         }
     }
 
@@ -674,6 +882,84 @@ mod tests {
         assert!(total(&r).misses < fixed.misses / 4, "adaptive {:?} vs fixed {fixed:?}", total(&r));
         // Stalls count as the cap: 100 ms / 12,500 bytes = 8 us per byte = 1 Mbit/s.
         assert!(late.reports > 0 && late.est_mbit_s_sum / (late.reports as f64) < 1.5);
+    }
+
+    #[test]
+    fn a_single_rate_step_draws_the_same_arrivals_as_a_constant_rate() {
+        let (mut a, mut b) = (SplitMix64::new(9), SplitMix64::new(9));
+        let mut t = 0;
+        for _ in 0..1_000 {
+            let next = next_arrival_us(&mut a, t, &[(0, 7.0)]);
+            assert_eq!(next, t + interarrival_us(&mut b, 7.0));
+            t = next;
+        }
+    }
+
+    #[test]
+    fn arrivals_follow_the_rate_of_each_step() {
+        // 5/s for 100 s, then 50/s for 100 s, then 5/s again.
+        let steps = [(0, 5.0), (100_000_000, 50.0), (200_000_000, 5.0)];
+        let mut rng = SplitMix64::new(4);
+        let mut counts = [0u32; 3];
+        let mut t = next_arrival_us(&mut rng, 0, &steps);
+        while t < 300_000_000 {
+            counts[(t / 100_000_000) as usize] += 1;
+            t = next_arrival_us(&mut rng, t, &steps);
+        }
+        assert!((400..600).contains(&counts[0]) && (400..600).contains(&counts[2]), "{counts:?}");
+        assert!((4_700..5_300).contains(&counts[1]), "{counts:?}");
+    }
+
+    /// A cloud that one worker cannot keep up with at 1,000 inputs/s, and
+    /// a load that steps from 40/s to 1,000/s at 5 s and back at 15 s.
+    fn load_step(max_workers: usize) -> (SimModel, SimConfig) {
+        let mut m = model();
+        m.tail_us = vec![vec![(1, 5_000.0), (32, 60_000.0)], vec![(1, 5_000.0), (32, 60_000.0)]];
+        let mut c = config(Link::constant(100.0, 10_000, 0.0).unwrap());
+        c.duration_us = 30_000_000;
+        c.workers = 1;
+        c.groups[0].devices = 20;
+        c.groups[0].deadline_us = 200_000;
+        c.groups[0].rate_steps = vec![(0, 2.0), (5_000_000, 50.0), (15_000_000, 2.0)];
+        c.groups[0].rate = 2.0;
+        c.bin_latencies = true;
+        c.autoscale = Some(AutoscaleSim {
+            policy: AutoscaleConfig {
+                min_workers: 1,
+                max_workers,
+                up_queue_delay_us: 10_000.0,
+                down_queue_delay_us: 3_000.0,
+                down_after_ticks: 3,
+                ..AutoscaleConfig::default()
+            },
+            tick_us: 1_000_000,
+            start_delay_us: 1_000_000,
+        });
+        (m, c)
+    }
+
+    #[test]
+    fn the_pool_grows_with_the_load_step_and_shrinks_back_without_losing_work() {
+        let (m, c) = load_step(4);
+        let cloud_only = Plans::Fixed(vec![Plan { branch: 2, p_tar: 1.0 }]);
+        let r = simulate(&m, &c, &cloud_only);
+        assert_eq!(r.arrivals, r.outcomes, "workers leave only when idle: no request is lost");
+        let workers: Vec<f64> = r.bins[0].iter().map(|b| b.worker_us as f64 / 1e6).collect();
+        assert!(workers.iter().all(|&w| (1.0..=4.0).contains(&w)), "{workers:?}");
+        assert_eq!(workers[..5], [1.0; 5], "the light load needs one worker: {workers:?}");
+        assert!(workers[5..10].iter().any(|&w| w > 1.0), "the pool grows within 5 s of the step: {workers:?}");
+        assert_eq!(workers[29], 1.0, "back to min_workers after the step: {workers:?}");
+        assert!(r.bins[0].iter().map(|b| b.latencies_us.len() as u64).sum::<u64>() == r.outcomes);
+
+        // One worker throughout: the same arrivals, far more misses.
+        let (m, fixed) = load_step(1);
+        let one = simulate(&m, &fixed, &cloud_only);
+        assert_eq!(one.arrivals, r.arrivals);
+        assert!(one.bins[0].iter().all(|b| b.worker_us == 1_000_000));
+        let (scaled, single) = (total(&r).misses, total(&one).misses);
+        assert!(scaled * 2 < single, "autoscaled misses {scaled}, one worker {single}");
+        // The same seed, the same run.
+        assert_eq!(simulate(&m, &c, &cloud_only).bins, r.bins);
     }
 
     #[test]
