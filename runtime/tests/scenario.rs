@@ -274,7 +274,8 @@ fn the_trace_command_regenerates_the_shipped_trace() {
 #[test]
 fn real_time_over_nats_agrees_with_virtual_time() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let nats = common::NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let nats = common::NatsServer::start_with(&["-js", "-sd", store.path().to_str().unwrap()]);
     let dir = tempfile::tempdir().unwrap();
     // lte-handover squeezed into 16 s: the link drops at 6 s and returns at 12 s.
     let text = std::fs::read_to_string(repo_root().join("scenarios/lte-handover.toml"))
@@ -287,7 +288,40 @@ fn real_time_over_nats_agrees_with_virtual_time() {
         .replace("at_s = 70.0", "at_s = 12.0");
     let path = dir.path().join("short.toml");
     std::fs::write(&path, &text).unwrap();
-    let live = replay(&path, &["--nats", &nats.url], &dir.path().join("live"));
+    // The live replay embeds the HTTP API (--listen): a poller records which
+    // fleets and workers it shows while the policies run.
+    let api = format!("127.0.0.1:{}", common::port());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<String, u64>::new()));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = {
+        let (api, seen, done) = (api.clone(), seen.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut workers = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(r) = common::try_http("GET", &api, "/api/fleet", None, None) {
+                    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap_or_default();
+                    for f in v["fleets"].as_array().into_iter().flatten() {
+                        let inputs = f["summary"]["inputs"].as_u64().unwrap_or(0);
+                        let mut seen = seen.lock().unwrap();
+                        let e = seen.entry(f["fleet_id"].as_str().unwrap_or("?").to_string()).or_default();
+                        *e = (*e).max(inputs);
+                    }
+                    workers = workers.max(v["totals"]["workers"].as_u64().unwrap_or(0));
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            workers
+        })
+    };
+    let live = replay(&path, &["--nats", &nats.url, "--listen", &api], &dir.path().join("live"));
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let workers = poller.join().unwrap();
+    let seen = seen.lock().unwrap().clone();
+    for name in ["static", "adaptive"] {
+        let inputs = seen.get(&format!("lte-handover-{name}")).copied();
+        assert!(inputs.is_some_and(|n| n > 100), "the embedded API showed the {name} run as a fleet: {seen:?}");
+    }
+    assert!(workers >= 1, "the embedded API showed the run's workers");
     let virt = replay(&path, &[], &dir.path().join("virtual"));
     assert_eq!((live.time.as_str(), virt.time.as_str()), ("real", "virtual"));
     for name in ["static", "adaptive"] {

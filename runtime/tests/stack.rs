@@ -258,7 +258,8 @@ fn autoscaler_adds_workers_under_a_load_step_and_removes_them_after() {
     });
     let step = Instant::now();
     let up = wait_for("a second worker", Duration::from_secs(12), || (stack.workers() >= 2).then(|| step.elapsed()));
-    let _ = load.wait();
+    let load_status = load.wait().unwrap();
+    assert!(load_status.success(), "every input of the load step got its outcome: {}", std::fs::read_to_string(&load_log).unwrap_or_default());
     let ended = Instant::now();
     let down = wait_for("the pool to shrink back to one worker", Duration::from_secs(30), || (stack.workers() == 1).then(|| ended.elapsed()));
     let log = stack.log();
@@ -335,4 +336,44 @@ fn a_restarted_planner_resumes_its_plans_and_a_new_fleet_starts_from_stored_plan
     for o in &lines {
         assert_eq!((o["partition_branch"].as_u64(), o["p_tar"].as_f64()), (Some(2), Some(0.6)), "input decided with {o}");
     }
+}
+
+#[test]
+fn bad_setups_fail_with_what_to_do() {
+    let _serial = serial();
+    // The control plane needs JetStream: a plain server is refused, with the fix.
+    let plain = NatsServer::start();
+    let out = output_within(branchpoint().args(["serve", "--nats", &plain.url, "--listen", &format!("127.0.0.1:{}", port())]), Duration::from_secs(60));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("JetStream") && err.contains("-js"), "{err}");
+    // A taken port, an impossible pool, a missing nats-server: each a clear error.
+    let taken = plain.url.rsplit(':').next().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let stack = |extra: &[&str]| {
+        let out = output_within(branchpoint().args(["stack", "up", "--dir"]).arg(dir.path()).args(extra), Duration::from_secs(30));
+        assert!(!out.status.success(), "{extra:?} should fail");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(stack(&["--nats-port", &taken]).contains("is taken"));
+    let e = stack(&["--nats-port", &port().to_string(), "--workers", "3", "--max-workers", "2"]);
+    assert!(e.contains("--workers 3") || e.contains("max_workers"), "{e}");
+    let e = stack(&["--nats-port", &port().to_string(), "--nats-server", "/no/such/nats-server"]);
+    assert!(e.contains("/no/such/nats-server") && e.contains("no such file"), "{e}");
+    // An API without calibrator: each endpoint says what is missing.
+    let store = tempfile::tempdir().unwrap();
+    let js = NatsServer::start_with(&["-js", "-sd", store.path().to_str().unwrap()]);
+    let api = format!("127.0.0.1:{}", port());
+    let _serve = start_service("lonely-api", &["serve", "--nats", &js.url, "--listen", &api, "--token", TOKEN], "api listening", Duration::from_secs(60));
+    let r = http("GET", &api, "/nope", None, None);
+    assert_eq!(r.status, 404);
+    assert!(r.body.contains("/api/plan"), "{}", r.body);
+    let r = http("GET", &api, "/api/calibration", None, None);
+    assert_eq!(r.status, 404);
+    assert!(r.body.contains("branchpoint calibrator"), "{}", r.body);
+    let r = http("POST", &api, "/api/calibration/refit", Some(TOKEN), Some(r#"{"method": "global"}"#));
+    assert_eq!(r.status, 503);
+    assert!(r.body.contains("no calibrator is running"), "{}", r.body);
+    let huge = format!(r#"{{"group": "{}", "partition_branch": 1, "p_tar": 0.5}}"#, "g".repeat(100_000));
+    assert_eq!(http("PUT", &api, "/api/plan", Some(TOKEN), Some(&huge)).status, 413, "bodies are bounded");
+    assert_eq!(http("GET", &api, "/api/plan", None, None).body, r#"{"plans":[]}"#, "nothing was stored");
 }

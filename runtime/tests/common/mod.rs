@@ -153,24 +153,32 @@ pub struct Http {
 /// One HTTP/1.1 request over a fresh connection (the tests need no client
 /// library for a few JSON calls). Fails the test on a connection error.
 pub fn http(method: &str, addr: &str, path: &str, token: Option<&str>, body: Option<&str>) -> Http {
+    try_http(method, addr, path, token, body).unwrap_or_else(|e| panic!("{method} http://{addr}{path}: {e}"))
+}
+
+/// `http`, for a poller that must survive the server going away.
+pub fn try_http(method: &str, addr: &str, path: &str, token: Option<&str>, body: Option<&str>) -> std::io::Result<Http> {
     use std::io::Write;
-    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(90)))?;
     let body = body.unwrap_or("");
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
-    )
-    .unwrap();
+    )?;
     let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
+    s.read_to_string(&mut raw)?;
     let (head, rest) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("no status line in {head:?}"));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status line in {head:?}")))?;
     // actix answers small bodies with Content-Length; chunked only when streaming.
     let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.to_string() };
-    Http { status, body }
+    Ok(Http { status, body })
 }
 
 fn dechunk(mut s: &str) -> String {
