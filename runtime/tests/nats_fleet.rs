@@ -333,24 +333,12 @@ fn calibration_refits_and_plans_reach_running_devices() {
 /// device; malformed reports do not stop it.
 #[test]
 fn the_planner_answers_network_reports_with_plans() {
-    use branchpoint_messages::{encode, subjects, NetworkReport, PlanTarget, PlanUpdate};
+    use branchpoint_messages::{encode, subjects, PlanTarget, PlanUpdate};
     use futures::StreamExt;
     let _serial = serial();
     let nats = NatsServer::start();
     let _planner = start_service("planner", &["planner", "--nats", &nats.url, "--device-slowdown", "4"], "planner serving", Duration::from_secs(90));
-    let report = |us_per_byte: f64| NetworkReport {
-        device_id: "phone-7".into(),
-        uplink_bytes_per_s_ewma: 1e6 / us_per_byte,
-        rtt_us_ewma: 20_000.0,
-        window_start_unix_us: 0,
-        window_end_unix_us: 1,
-        samples: 3,
-        group: Some("phones".into()),
-        us_per_byte_conservative: Some(us_per_byte),
-        response_us_conservative: Some(20_000.0),
-        deadline_us: Some(100_000),
-        arrival_rate: Some(10.0),
-    };
+    let report = |us_per_byte: f64| network_report("phone-7", us_per_byte);
     let plans: Vec<PlanUpdate> = runtime().block_on(async {
         let client = async_nats::connect(&nats.url).await.unwrap();
         let mut sub = client.subscribe(subjects::plan_device("phone-7")).await.unwrap();

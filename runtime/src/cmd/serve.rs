@@ -233,15 +233,16 @@ impl ApiState {
         (fleets, workers)
     }
 
-    fn authorized(&self, req: &HttpRequest) -> Result<(), HttpResponse> {
+    /// The 401 to answer when `req` does not carry the API token; None when it does.
+    fn denied(&self, req: &HttpRequest) -> Option<HttpResponse> {
         let Some(token) = &self.token else {
-            return Err(unauthorized("this API has no token configured, so it refuses every change; set --token (or [serve] token, or BRANCHPOINT_SERVE__TOKEN)"));
+            return Some(unauthorized("this API has no token configured, so it refuses every change; set --token (or [serve] token, or BRANCHPOINT_SERVE__TOKEN)"));
         };
         let given = req.headers().get(header::AUTHORIZATION).and_then(|h| h.to_str().ok()).and_then(|h| h.strip_prefix("Bearer "));
         match given {
-            Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(()),
-            Some(_) => Err(unauthorized("wrong bearer token")),
-            None => Err(unauthorized("send the API token as 'Authorization: Bearer <token>'")),
+            Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => None,
+            Some(_) => Some(unauthorized("wrong bearer token")),
+            None => Some(unauthorized("send the API token as 'Authorization: Bearer <token>'")),
         }
     }
 }
@@ -380,7 +381,7 @@ async fn get_plan(state: web::Data<ApiState>) -> HttpResponse {
 }
 
 async fn put_plan(state: web::Data<ApiState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
-    if let Err(denied) = state.authorized(&req) {
+    if let Some(denied) = state.denied(&req) {
         return denied;
     }
     let plan: PlanJson = match serde_json::from_slice(&body) {
@@ -447,7 +448,7 @@ struct RefitJson {
 }
 
 async fn post_refit(state: web::Data<ApiState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
-    if let Err(denied) = state.authorized(&req) {
+    if let Some(denied) = state.denied(&req) {
         return denied;
     }
     let refit: RefitJson = match serde_json::from_slice(&body) {
@@ -622,4 +623,22 @@ async fn metrics(state: web::Data<ApiState>) -> HttpResponse {
         }
     }
     HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(m.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
 }

@@ -211,3 +211,22 @@ pub fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T
 pub fn metric(text: &str, prefix: &str) -> Option<f64> {
     text.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
 }
+
+/// A device's report to the planner, group "phones": a link of `us_per_byte`
+/// (conservative estimate too), 20 ms responses, a 100 ms deadline and 10
+/// inputs/s.
+pub fn network_report(device_id: &str, us_per_byte: f64) -> branchpoint_messages::NetworkReport {
+    branchpoint_messages::NetworkReport {
+        device_id: device_id.into(),
+        uplink_bytes_per_s_ewma: 1e6 / us_per_byte,
+        rtt_us_ewma: 20_000.0,
+        window_start_unix_us: 0,
+        window_end_unix_us: 1,
+        samples: 3,
+        group: Some("phones".into()),
+        us_per_byte_conservative: Some(us_per_byte),
+        response_us_conservative: Some(20_000.0),
+        deadline_us: Some(100_000),
+        arrival_rate: Some(10.0),
+    }
+}
