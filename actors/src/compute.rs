@@ -64,6 +64,9 @@ impl LoadedNet {
 /// One tail-pool thread.
 pub struct Executor {
     net: LoadedNet,
+    /// Emulates slower cloud hardware: each tail holds its thread this many
+    /// times as long as it took here (1: this machine as it is).
+    slowdown: f64,
 }
 
 impl Actor for Executor {
@@ -74,6 +77,16 @@ impl Executor {
     /// Starts `threads` executors. The model is loaded once here to fail
     /// fast with a clear error; each thread then loads its own copy.
     pub fn start(spec: ModelSpec, threads: usize) -> Result<Addr<Executor>, ActorError> {
+        Self::start_with_slowdown(spec, threads, 1.0)
+    }
+
+    /// `start`, on emulated hardware `slowdown` times slower than this
+    /// machine: the thread stays busy for the difference, as a slower CPU
+    /// would, so queues and batching react to it like to real load.
+    pub fn start_with_slowdown(spec: ModelSpec, threads: usize, slowdown: f64) -> Result<Addr<Executor>, ActorError> {
+        if !(slowdown.is_finite() && slowdown >= 1.0) {
+            return Err(ActorError::Invalid { what: "cloud slowdown".into(), reason: format!("{slowdown} must be a number at least 1") });
+        }
         load_model(&spec.weights, spec.device)?;
         let spec = Arc::new(spec);
         Ok(SyncArbiter::start(threads.max(1), move || {
@@ -81,7 +94,7 @@ impl Executor {
             // OpenMP setting): without this each pool thread would fan every
             // small forward out to all cores and fight its siblings.
             tch::set_num_threads(1);
-            Executor { net: LoadedNet::load(&spec).expect("model loaded once already at start") }
+            Executor { net: LoadedNet::load(&spec).expect("model loaded once already at start"), slowdown }
         }))
     }
 }
@@ -139,6 +152,9 @@ impl Handler<RunTail> for Executor {
         let (conf, class) = logits.softmax(-1, Kind::Float).max_dim(1, false);
         let conf: Vec<f32> = to_vec(&conf)?;
         let class: Vec<i64> = Vec::try_from(class.to_device(Device::Cpu)).map_err(branchpoint_models::ModelError::from)?;
+        if self.slowdown > 1.0 {
+            std::thread::sleep(started.elapsed().mul_f64(self.slowdown - 1.0));
+        }
         Ok(TailOutput {
             answers: class.into_iter().map(|c| c as u32).zip(conf).collect(),
             compute: started.elapsed(),

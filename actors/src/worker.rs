@@ -5,7 +5,10 @@
 //! Owns: the pending batches, one per partition branch (only requests of the
 //! same branch have activations of the same shape). Messages in: `Job`,
 //! `GetWorkerStats`. A batch is flushed when it holds `max_batch` requests or
-//! `max_wait` after its first request arrived, whichever comes first.
+//! `max_wait` after its first request arrived, whichever comes first, and
+//! runs when a compute thread is free (`with_compute_threads`): under
+//! overload requests wait here, where expired ones are answered at once and
+//! the others join full batches, rather than queueing at the compute pool.
 //! Mailbox: bounded (actix default); the NATS loop awaits `send`, so a busy
 //! worker stops pulling from its subscription and NATS's queue group hands
 //! new requests to other members. Bad requests get a typed error reply and
@@ -107,11 +110,39 @@ pub struct Batcher {
     stats: WorkerStats,
     /// Requests in batches handed to the compute pool and not yet answered.
     in_flight: usize,
+    /// Batches handed to the compute pool and not yet answered, and how
+    /// many may be: one per compute thread. Beyond that, requests wait here,
+    /// where an expired one is answered at once instead of being computed,
+    /// and where waiting requests join bigger batches.
+    batches_in_flight: usize,
+    max_batches_in_flight: usize,
+    /// Branches with requests ready to run, waiting for a compute thread,
+    /// and since when: the queue delay starts there, not at arrival, because
+    /// the batching window before it is chosen, not congestion.
+    deferred: std::collections::BTreeSet<u8>,
+    ready_since: HashMap<u8, Instant>,
 }
 
 impl Batcher {
     pub fn new(cfg: WorkerConfig, executor: Addr<Executor>, partition_points: Vec<PartitionPoint>) -> Self {
-        Self { cfg, executor, partition_points, pending: HashMap::new(), generation: HashMap::new(), stats: WorkerStats::default(), in_flight: 0 }
+        Self { cfg, executor, partition_points, pending: HashMap::new(), generation: HashMap::new(), stats: WorkerStats::default(), in_flight: 0, batches_in_flight: 0, max_batches_in_flight: usize::MAX, deferred: Default::default(), ready_since: HashMap::new() }
+    }
+
+    /// Hands the compute pool at most `threads` batches at a time (the pool
+    /// the executor runs: one batch per thread). Without this call there is
+    /// no bound, and under overload batches queue at the executor, where
+    /// expired requests are computed anyway.
+    pub fn with_compute_threads(mut self, threads: usize) -> Self {
+        self.max_batches_in_flight = threads.max(1);
+        self
+    }
+
+    /// Flushes deferred branches while compute threads are free.
+    fn resume(&mut self, ctx: &mut Context<Self>) {
+        while self.batches_in_flight < self.max_batches_in_flight {
+            let Some(branch) = self.deferred.pop_first() else { return };
+            self.flush(branch, ctx);
+        }
     }
 
     fn error(&mut self, seq: Option<u64>, kind: ErrorKind, detail: String) -> OffloadReply {
@@ -136,8 +167,27 @@ impl Batcher {
 
     fn flush(&mut self, branch: u8, ctx: &mut Context<Self>) {
         *self.generation.entry(branch).or_default() += 1;
-        let Some(jobs) = self.pending.remove(&branch).filter(|j| !j.is_empty()) else { return };
+        if self.pending.get(&branch).is_none_or(Vec::is_empty) {
+            return;
+        }
+        if self.batches_in_flight >= self.max_batches_in_flight {
+            // Ready, but every compute thread is busy: runs when one frees.
+            self.deferred.insert(branch);
+            self.ready_since.entry(branch).or_insert_with(Instant::now);
+            return;
+        }
+        let ready = self.ready_since.remove(&branch);
+        let queue = self.pending.get_mut(&branch).expect("checked above");
+        let take = queue.len().min(self.cfg.max_batch);
+        let jobs: Vec<Job> = queue.drain(..take).collect();
+        if !queue.is_empty() {
+            // More arrived while the branch waited for a thread; they have
+            // waited too, so they go next.
+            self.deferred.insert(branch);
+            self.ready_since.insert(branch, Instant::now());
+        }
         let started = Instant::now();
+        let ready = ready.unwrap_or(started);
         let mut live = Vec::with_capacity(jobs.len());
         let mut activations = Vec::new();
         for job in jobs {
@@ -159,6 +209,8 @@ impl Batcher {
             }
         }
         if live.is_empty() {
+            // Nothing left to compute: the thread is still free.
+            self.resume(ctx);
             return;
         }
         let n = live.len();
@@ -170,15 +222,19 @@ impl Batcher {
         }
         let run = RunTail { partition_branch: branch as usize, batch: n, activations };
         self.in_flight += n;
+        self.batches_in_flight += 1;
         self.executor
             .send(run)
             .into_actor(self)
-            .map(move |result, act, _| {
+            .map(move |result, act, ctx| {
                 act.in_flight -= n;
+                act.batches_in_flight -= 1;
+                act.resume(ctx);
                 let result = result.map_err(ActorError::from).and_then(|r| r);
                 match result {
                     Ok(out) => {
-                        let waited = started.elapsed().saturating_sub(out.compute).as_micros() as f64;
+                        // Waiting for a thread: deferred here, then queued at the pool.
+                        let waited = (started.elapsed().saturating_sub(out.compute) + started.duration_since(ready)).as_micros() as f64;
                         act.stats.answered += n as u64;
                         act.stats.compute_wait_us_total += waited * n as f64;
                         for (job, (class, confidence)) in live.into_iter().zip(out.answers) {

@@ -93,7 +93,7 @@ fn main() {
             let collector = Collector::new(2).start();
             let wexec = Executor::start(spec.clone(), 1).unwrap();
             let wcfg = WorkerConfig { worker_id: "unused".into(), max_batch: 1, max_wait: Duration::from_millis(1) };
-            let link = OffloadLink::InProcess(Batcher::new(wcfg, wexec, points).start());
+            let link = OffloadLink::InProcess(Batcher::new(wcfg, wexec, points).with_compute_threads(1).start());
             let cfg = DeviceConfig { id: "bench".into(), partition_branch: 1, p_tar: 0.1, temperatures: vec![1.3; 3], deadline: Duration::from_secs(1), emulation: None };
             let device = Device::new(cfg, net.clone(), link, collector.clone()).start();
             let (mut bare, mut actor) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
@@ -135,7 +135,7 @@ fn main() {
         async move {
             let exec = Executor::start(spec, 1).unwrap();
             let cfg = WorkerConfig { worker_id: "bench".into(), max_batch: batch, max_wait: Duration::from_millis(5) };
-            let batcher = Batcher::new(cfg, exec, points).start();
+            let batcher = Batcher::new(cfg, exec, points).with_compute_threads(1).start();
             let mut shape = vec![1u32];
             shape.extend(act_shape.iter().map(|&d| d as u32));
             let tensor = WireTensor::from_f32(&shape, &one_act).unwrap();
@@ -187,7 +187,7 @@ fn main() {
             let wclient = async_nats::connect(&url).await.unwrap();
             let exec = Executor::start(spec, 1).unwrap();
             let cfg = WorkerConfig { worker_id: "bench".into(), max_batch: 32, max_wait: Duration::from_micros(500) };
-            let batcher = Batcher::new(cfg, exec, points).start();
+            let batcher = Batcher::new(cfg, exec, points).with_compute_threads(1).start();
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
             actix::spawn(async move {
                 let _ = serve_nats(wclient, batcher, "bench".into(), move || {
@@ -242,7 +242,7 @@ fn main() {
             let device_threads = DeviceThreads::start(spec.clone(), 1).unwrap();
             let wexec = Executor::start(spec, 1).unwrap();
             let cfg = WorkerConfig { worker_id: "embedded".into(), max_batch: 32, max_wait: Duration::from_millis(2) };
-            let link = OffloadLink::InProcess(Batcher::new(cfg, wexec, points).start());
+            let link = OffloadLink::InProcess(Batcher::new(cfg, wexec, points).with_compute_threads(1).start());
             let collector = Collector::new(2).start();
             let fleet = FleetConfig {
                 devices: 1000,

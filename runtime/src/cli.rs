@@ -107,6 +107,9 @@ pub struct StackArgs {
     /// Workers to start with.
     #[arg(long, default_value_t = 2, value_name = "N")]
     pub workers: usize,
+    /// Workers emulate cloud hardware this many times slower than this machine (`worker --cloud-slowdown`).
+    #[arg(long, default_value_t = 1.0, value_name = "X")]
+    pub cloud_slowdown: f64,
     #[command(flatten)]
     pub autoscale: AutoscaleArgs,
     /// Devices of the stack's fleet (0: no fleet).
@@ -350,6 +353,9 @@ pub struct WorkerArgs {
     /// Name this worker reports in replies and service info [default: worker-<pid>].
     #[arg(long, value_name = "ID")]
     pub worker_id: Option<String>,
+    /// Emulate cloud hardware this many times slower than this machine (each tail holds its thread that much longer).
+    #[arg(long, default_value_t = 1.0, value_name = "X")]
+    pub cloud_slowdown: f64,
     /// How often the worker publishes its load (queue delay, backlog) for the autoscaler, in ms.
     #[arg(long, default_value_t = 1000, value_name = "MS")]
     pub status_interval_ms: u64,

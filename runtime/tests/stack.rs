@@ -238,16 +238,19 @@ fn autoscaler_adds_workers_under_a_load_step_and_removes_them_after() {
     let dir = tempfile::tempdir().unwrap();
     let stack = stack_up(
         dir.path(),
-        &["--workers", "1", "--min-workers", "1", "--max-workers", "3", "--devices", "0", "--scale-down-after", "3", "--token", TOKEN],
+        // Workers emulate cloud hardware 10x slower than this machine, so that
+        // one saturates under a load two cores can also generate.
+        &["--workers", "1", "--min-workers", "1", "--max-workers", "3", "--devices", "0", "--scale-down-after", "3", "--cloud-slowdown", "10", "--token", TOKEN],
     );
     // Let the idle stack settle: it must stay at one worker.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(stack.workers(), 1, "{}", stack.log());
-    // The step: 40 devices at 50 inputs/s, nearly all offloaded at branch 1,
-    // for 10 s: more than one single-threaded worker can batch through.
+    // The step: 20 devices at 20 inputs/s, nearly all offloaded at branch 1,
+    // for 10 s: 400 requests/s, more than one (slowed) worker can serve
+    // (about 230/s at batch 32).
     let load_log = dir.path().join("load-step.log");
     let mut load = branchpoint()
-        .args(["fleet", "--nats", &stack.nats, "--fleet-id", "load-step", "--devices", "40", "--rate", "50", "--duration", "10"])
+        .args(["fleet", "--nats", &stack.nats, "--fleet-id", "load-step", "--devices", "20", "--rate", "20", "--duration", "10"])
         .args(["--p-tar", "0.999", "--branch", "1", "--threads", "1", "--deadline-ms", "2000"])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&load_log).unwrap())

@@ -93,7 +93,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
                     max_batch: args.max_batch,
                     max_wait: Duration::from_micros(args.max_wait_us),
                 };
-                OffloadLink::InProcess(Batcher::new(wcfg, worker_exec, partition_points).start())
+                OffloadLink::InProcess(Batcher::new(wcfg, worker_exec, partition_points).with_compute_threads(args.worker_threads).start())
             }
         };
         let collector = Collector::new(num_branches).start();

@@ -248,7 +248,7 @@ pub fn run(args: StackArgs) -> Result<()> {
             api.extend(["--token".into(), t.clone()]);
         }
         stack.start("api", api, true)?;
-        let worker_base = with_nats("worker", &[]);
+        let worker_base = with_nats("worker", &["--cloud-slowdown", &args.cloud_slowdown.to_string()]);
         for _ in 0..args.workers {
             stack.start_worker(&worker_base)?;
         }

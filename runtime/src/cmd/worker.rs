@@ -32,13 +32,14 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     let system = actix::System::new();
     system.block_on(async move {
         let client = crate::nats::connect(&args.nats, &worker_id).await?;
-        let executor = Executor::start(ModelSpec { weights: args.model.clone(), device }, args.threads)?;
+        let executor = Executor::start_with_slowdown(ModelSpec { weights: args.model.clone(), device }, args.threads, args.cloud_slowdown)
+            .context("--cloud-slowdown")?;
         let cfg = WorkerConfig {
             worker_id: worker_id.clone(),
             max_batch: args.max_batch,
             max_wait: Duration::from_micros(args.max_wait_us),
         };
-        let batcher = Batcher::new(cfg, executor, partition_points).start();
+        let batcher = Batcher::new(cfg, executor, partition_points).with_compute_threads(args.threads).start();
         let ready = {
             let (id, url) = (worker_id.clone(), args.nats.nats.clone().unwrap_or_default());
             let (max_batch, max_wait_us, threads, device) = (args.max_batch, args.max_wait_us, args.threads, args.device.clone());

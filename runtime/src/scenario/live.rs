@@ -86,12 +86,12 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
         let link = match &client {
             None => {
                 let exec = Executor::start(setup.spec.clone(), cfg.workers)?;
-                OffloadLink::InProcess(Batcher::new(wcfg(0), exec, setup.points.clone()).start())
+                OffloadLink::InProcess(Batcher::new(wcfg(0), exec, setup.points.clone()).with_compute_threads(cfg.workers).start())
             }
             Some(c) => {
                 for w in 0..cfg.workers {
                     let wc = crate::nats::connect(setup.nats, &format!("branchpoint-run-worker-{w}")).await?;
-                    let batcher = Batcher::new(wcfg(w), Executor::start(setup.spec.clone(), 1)?, setup.points.clone()).start();
+                    let batcher = Batcher::new(wcfg(w), Executor::start(setup.spec.clone(), 1)?, setup.points.clone()).with_compute_threads(1).start();
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     let id = wcfg(w).worker_id;
                     // Their load, for a control plane watching the run (`--listen`).
