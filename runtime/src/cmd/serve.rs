@@ -222,7 +222,8 @@ impl ApiState {
     }
 
     /// Fleets and workers heard from recently enough; forgets the others. A
-    /// finished fleet stays, with its final totals, until it goes stale too.
+    /// finished fleet stays, with its final totals, until the API restarts:
+    /// its counters must not vanish from /metrics once it ends.
     fn snapshot(&self) -> (Vec<(FleetStatus, f64)>, Vec<WorkerStatus>) {
         let mut v = self.view.lock().unwrap_or_else(|e| e.into_inner());
         let stale = self.stale_after;
