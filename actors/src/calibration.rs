@@ -3,16 +3,16 @@
 //! running devices apply it live.
 //!
 //! Owns: a copy of the model, the validation split, the current calibration
-//! file. Messages in: `GetCalibration`, `Refit`. It is a sync actor (its own
-//! thread): a refit runs the network over 5,000 validation inputs and fits
-//! temperatures, work that must stay off the event loop. Mailbox: actix's
-//! default bound; callers await. Restart: the arbiter rebuilds it from the
-//! model and the initial method, so temperatures fall back to the initial fit
-//! (a durable store comes with the control plane). Shutdown: with its address.
+//! file, all on its own thread (a `TensorPool` of one): a refit runs the
+//! network over 5,000 validation inputs and fits temperatures, work that must
+//! stay off the event loop. Messages in (`CalibratorHandle`): `current`,
+//! `refit`, one at a time in arrival order; at most a few wait. Restart: a
+//! refit that panics rebuilds the state from the model and the initial
+//! method, so temperatures fall back to the initial fit until the next
+//! refit (the control store keeps the method an operator asked for).
+//! Shutdown: `shutdown`, or the last handle dropped, joins the thread.
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use actix::prelude::*;
 use branchpoint_messages::{
     decode, encode, subjects, CalibrationMethod, CalibrationRefit, CalibrationUpdate, ErrorKind, ErrorReply,
 };
@@ -20,6 +20,7 @@ use branchpoint_models::calibration::{fit_file, split_exit_logits, CalibrationFi
 use branchpoint_models::{load_model, Dataset, LoadedModel};
 use futures::StreamExt;
 
+use crate::compute::TensorPool;
 use crate::error::ActorError;
 
 #[derive(Debug, Clone)]
@@ -40,10 +41,6 @@ pub struct Calibrator {
     model: LoadedModel,
     validation: Vec<ExitLogits>,
     current: CalibrationFile,
-}
-
-impl Actor for Calibrator {
-    type Context = SyncContext<Self>;
 }
 
 impl Calibrator {
@@ -69,41 +66,40 @@ impl Calibrator {
         Ok(fit_file(method, validation, &names, &c.weights, &c.weights_sha256, c.dataset.split.seed)?)
     }
 
-    /// Builds the actor once here, so a bad model, dataset or file is a clear
-    /// error at start; the arbiter's thread then builds its own.
-    pub fn start(cfg: CalibratorConfig) -> Result<(Addr<Calibrator>, CalibrationFile), ActorError> {
-        let first = Self::build(&cfg)?;
-        let initial = first.current.clone();
-        drop(first);
-        let cfg = Arc::new(cfg);
-        let addr = SyncArbiter::start(1, move || Calibrator::build(&cfg).expect("built once already at start"));
-        Ok((addr, initial))
+    /// Starts the calibrator's thread, which builds its state (a bad model,
+    /// dataset or file is a clear error here); returns its handle and the
+    /// initial calibration.
+    pub async fn start(cfg: CalibratorConfig) -> Result<(CalibratorHandle, CalibrationFile), ActorError> {
+        let handle = CalibratorHandle(TensorPool::start("calibrator", 1, 8, move || Calibrator::build(&cfg))?);
+        let initial = handle.current().await?;
+        Ok((handle, initial))
     }
 }
 
-#[derive(Message)]
-#[rtype(result = "CalibrationFile")]
-pub struct GetCalibration;
+/// The calibrator's address: its thread and mailbox.
+#[derive(Clone)]
+pub struct CalibratorHandle(TensorPool<Calibrator>);
 
-impl Handler<GetCalibration> for Calibrator {
-    type Result = MessageResult<GetCalibration>;
-
-    fn handle(&mut self, _: GetCalibration, _: &mut SyncContext<Self>) -> Self::Result {
-        MessageResult(self.current.clone())
+impl CalibratorHandle {
+    /// The current calibration.
+    pub async fn current(&self) -> Result<CalibrationFile, ActorError> {
+        self.0.run(|c: &mut Calibrator| c.current.clone()).await
     }
-}
 
-/// Fit again with `method`; the result becomes current.
-#[derive(Message)]
-#[rtype(result = "Result<CalibrationFile, ActorError>")]
-pub struct Refit(pub Method);
+    /// Fits again with `method`; the result becomes current.
+    pub async fn refit(&self, method: Method) -> Result<CalibrationFile, ActorError> {
+        self.0
+            .run(move |c: &mut Calibrator| {
+                c.current = Calibrator::fit(&c.model, &c.validation, method)?;
+                Ok(c.current.clone())
+            })
+            .await?
+    }
 
-impl Handler<Refit> for Calibrator {
-    type Result = Result<CalibrationFile, ActorError>;
-
-    fn handle(&mut self, msg: Refit, _: &mut SyncContext<Self>) -> Self::Result {
-        self.current = Self::fit(&self.model, &self.validation, msg.0)?;
-        Ok(self.current.clone())
+    /// Stops the thread (a refit in progress finishes first); see
+    /// `TensorPool::shutdown`.
+    pub fn shutdown(&self, within: std::time::Duration) -> Vec<String> {
+        self.0.shutdown(within)
     }
 }
 
@@ -135,7 +131,7 @@ pub fn method_of(m: CalibrationMethod) -> Method {
 /// the request is malformed or the fit fails).
 pub async fn serve_calibration_nats(
     client: async_nats::Client,
-    calibrator: Addr<Calibrator>,
+    calibrator: CalibratorHandle,
     store: Option<crate::control::ControlStore>,
     on_ready: impl FnOnce(),
 ) -> Result<(), ActorError> {
@@ -155,20 +151,20 @@ pub async fn serve_calibration_nats(
             Ok::<_, ActorError>(bytes)
         }
     };
-    publish(calibrator.send(GetCalibration).await?).await?;
+    publish(calibrator.current().await?).await?;
     client.flush().await.map_err(|e| nats(e.to_string()))?;
     on_ready();
     loop {
         tokio::select! {
             Some(msg) = get.next() => {
                 if let Some(reply) = msg.reply {
-                    let bytes = encode(&to_update(&calibrator.send(GetCalibration).await?))?;
+                    let bytes = encode(&to_update(&calibrator.current().await?))?;
                     let _ = client.publish(reply, bytes.into()).await;
                 }
             }
             Some(msg) = refit.next() => {
                 let result = match decode::<CalibrationRefit>(&msg.payload) {
-                    Ok(r) => match calibrator.send(Refit(method_of(r.method))).await? {
+                    Ok(r) => match calibrator.refit(method_of(r.method)).await {
                         Ok(file) => publish(file).await,
                         Err(e) => Err(e),
                     },

@@ -2,19 +2,29 @@
 //! network (`LoadedNet`; tch modules are Send but not Sync):
 //! - device threads (see `fleet::DeviceThreads`) run heads inline, inside the
 //!   device actor's handler, so an input's decision costs no thread hop;
-//! - cloud workers run tails on a `SyncArbiter` pool of `Executor`s, so the
-//!   batcher's event loop never blocks on a forward.
+//! - cloud workers run tails on a `TensorPool` of `Executor`s, so the
+//!   batcher's event loop never blocks on a forward; the calibrator runs on
+//!   a pool of one thread.
 //!
-//! Executor messages in: `RunTail` (a batch of activations).
-//! Mailbox: actix's default bound for sync actors (16 per thread); senders
-//! await `send`, so a busy pool slows its callers instead of growing a queue.
-//! Restart: a thread that panics is replaced by the arbiter with a freshly
-//! loaded network. Shutdown: threads end when the last address is dropped.
+//! `TensorPool` is a pool of threads, each with state built on the thread
+//! itself, fed from one shared bounded queue: a job goes to whichever thread
+//! is free. Every pool thread starts with `prepare_tensor_thread`
+//! (subnormals flushed, one intra-op thread: parallelism comes from the
+//! pool, and without it each thread would fan every small forward out to
+//! all cores and fight its siblings). A job that panics is answered with an
+//! error and the thread rebuilds its state. Shutdown: `shutdown` (or
+//! dropping the last handle) closes the queue, answers queued jobs with an
+//! error, and joins every thread, so no forward still runs when the process
+//! tears libtorch down (that crashed: a forward racing libtorch's static
+//! destructors).
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use actix::{Actor, Addr, Handler, Message, SyncArbiter, SyncContext};
+use branchpoint_models::subnormal::prepare_tensor_thread;
 use branchpoint_models::{load_model, EarlyExitNet};
 use tch::{Device, Kind, Tensor};
 
@@ -32,12 +42,21 @@ pub struct LoadedNet {
     net: EarlyExitNet,
     // Keeps the variables alive; the network's layers read them.
     _vs: tch::nn::VarStore,
+    /// Emulates slower device hardware: each head holds its thread this
+    /// many times as long as it took here (1: this machine as it is).
+    slowdown: f64,
 }
 
 impl LoadedNet {
     pub fn load(spec: &ModelSpec) -> Result<Self, ActorError> {
         let m = load_model(&spec.weights, spec.device)?;
-        Ok(Self { net: m.net, _vs: m.vs })
+        Ok(Self { net: m.net, _vs: m.vs, slowdown: 1.0 })
+    }
+
+    /// This copy on emulated hardware `slowdown` (at least 1) times slower.
+    pub fn with_slowdown(mut self, slowdown: f64) -> Self {
+        self.slowdown = slowdown.max(1.0);
+        self
     }
 
     pub fn net(&self) -> &EarlyExitNet {
@@ -57,11 +76,186 @@ impl LoadedNet {
         }
         let x = Tensor::from_slice(input).view([1, dims[0], dims[1], dims[2]]).to_device(self.net.device());
         let (logits, activation) = self.net.head(partition_branch, &x)?;
-        Ok(HeadOutput { branch_logits: to_vec(&logits)?, activation, compute: started.elapsed() })
+        let branch_logits = to_vec(&logits)?;
+        if self.slowdown > 1.0 {
+            std::thread::sleep(started.elapsed().mul_f64(self.slowdown - 1.0));
+        }
+        Ok(HeadOutput { branch_logits, activation, compute: started.elapsed() })
     }
 }
 
-/// One tail-pool thread.
+type Job<S> = Box<dyn FnOnce(&mut S) + Send>;
+
+/// Threads that run tensors, each owning state `S` built on the thread (see
+/// the module doc). Cloning shares the pool; the last handle dropped shuts
+/// it down.
+pub struct TensorPool<S> {
+    inner: Arc<PoolInner<S>>,
+}
+
+impl<S> Clone for TensorPool<S> {
+    fn clone(&self) -> Self {
+        Self { inner: self.inner.clone() }
+    }
+}
+
+struct PoolInner<S> {
+    name: String,
+    queue: Mutex<Option<crossbeam_channel::Sender<Job<S>>>>,
+    closing: Arc<AtomicBool>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    size: usize,
+}
+
+impl<S: 'static> TensorPool<S> {
+    /// Starts `threads` threads named `name-i`; each builds its state with
+    /// `build` on itself. Returns once every thread has built it, or with the
+    /// first thread's error (a bad model or dataset is a clear error at
+    /// start, not a dead thread later). At most `queue` jobs wait.
+    pub fn start(
+        name: &str,
+        threads: usize,
+        queue: usize,
+        build: impl Fn() -> Result<S, ActorError> + Send + Sync + 'static,
+    ) -> Result<Self, ActorError> {
+        let threads = threads.max(1);
+        let (tx, rx) = crossbeam_channel::bounded::<Job<S>>(queue.max(1));
+        let (built_tx, built_rx) = std::sync::mpsc::channel::<Result<(), ActorError>>();
+        let build = Arc::new(build);
+        let closing = Arc::new(AtomicBool::new(false));
+        let mut handles = Vec::with_capacity(threads);
+        for i in 0..threads {
+            let (rx, build, built_tx, closing) = (rx.clone(), build.clone(), built_tx.clone(), closing.clone());
+            let thread_name = format!("{name}-{i}");
+            let spawned = std::thread::Builder::new().name(thread_name.clone()).spawn(move || {
+                prepare_tensor_thread(1);
+                let mut state = match build() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = built_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = built_tx.send(Ok(()));
+                drop(built_tx);
+                // Ends when the queue is closed and drained.
+                for job in rx.iter() {
+                    if closing.load(Ordering::Acquire) {
+                        // Dropping the job answers its caller with an error.
+                        continue;
+                    }
+                    if std::panic::catch_unwind(AssertUnwindSafe(|| job(&mut state))).is_err() {
+                        eprintln!("{thread_name}: a job panicked (its caller gets an error); rebuilding this thread's state");
+                        match build() {
+                            Ok(s) => state = s,
+                            Err(e) => {
+                                eprintln!("{thread_name}: could not rebuild its state, so this thread stops: {e}");
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+            match spawned {
+                Ok(h) => handles.push(h),
+                Err(e) => return Err(ActorError::Invalid { what: format!("{name} thread"), reason: format!("could not start: {e}") }),
+            }
+        }
+        drop(built_tx);
+        let pool = Self {
+            inner: Arc::new(PoolInner { name: name.into(), queue: Mutex::new(Some(tx)), closing, threads: Mutex::new(handles), size: threads }),
+        };
+        for _ in 0..threads {
+            match built_rx.recv() {
+                Ok(Ok(())) => {}
+                // The pool is dropped on the way out: its threads are joined.
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(ActorError::Invalid { what: format!("{name} thread"), reason: "ended while starting".into() }),
+            }
+        }
+        Ok(pool)
+    }
+
+    /// Threads in the pool.
+    pub fn threads(&self) -> usize {
+        self.inner.size
+    }
+
+    /// Runs `f` on a free thread with its state; resolves to its result, or
+    /// to an error when the queue is full, the pool shut down, or `f`
+    /// panicked.
+    pub fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut S) -> R + Send + 'static,
+    ) -> impl std::future::Future<Output = Result<R, ActorError>> + 'static {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job<S> = Box::new(move |state| {
+            let _ = tx.send(f(state));
+        });
+        let name = self.inner.name.clone();
+        let queued = match self.inner.queue.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            Some(q) => q.try_send(job).map_err(|e| match e {
+                crossbeam_channel::TrySendError::Full(_) => format!("{name}: every thread is busy and its queue is full"),
+                crossbeam_channel::TrySendError::Disconnected(_) => format!("{name}: shut down"),
+            }),
+            None => Err(format!("{name}: shut down")),
+        };
+        async move {
+            queued.map_err(|reason| ActorError::Compute(reason))?;
+            rx.await.map_err(|_| ActorError::Compute(format!("{name}: the job was dropped (it panicked, or the pool shut down)")))
+        }
+    }
+
+    /// Closes the queue, answers the jobs still queued with an error, and
+    /// waits for every thread to finish its current job and exit. Waits at
+    /// most `within` in all; returns the names of threads still running
+    /// then (they are left running, detached). Idempotent.
+    pub fn shutdown(&self, within: Duration) -> Vec<String> {
+        self.inner.shutdown(within)
+    }
+}
+
+impl<S> PoolInner<S> {
+    fn shutdown(&self, within: Duration) -> Vec<String> {
+        self.closing.store(true, Ordering::Release);
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let handles: Vec<JoinHandle<()>> = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        join_within(handles, within)
+    }
+}
+
+impl<S> Drop for PoolInner<S> {
+    fn drop(&mut self) {
+        let still = self.shutdown(Duration::from_secs(10));
+        if !still.is_empty() {
+            eprintln!("{}: threads {still:?} still computing 10 s after shutdown; left running", self.name);
+        }
+    }
+}
+
+/// Joins `handles` within `within` in all (never the calling thread itself);
+/// returns the names of the threads still running then.
+pub fn join_within(handles: Vec<JoinHandle<()>>, within: Duration) -> Vec<String> {
+    let until = Instant::now() + within;
+    let me = std::thread::current().id();
+    let mut still = Vec::new();
+    for h in handles {
+        if h.thread().id() == me {
+            continue;
+        }
+        while !h.is_finished() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if h.is_finished() {
+            let _ = h.join();
+        } else {
+            still.push(h.thread().name().unwrap_or("unnamed").to_string());
+        }
+    }
+    still
+}
+
+/// One tail-pool thread's state: its copy of the network.
 pub struct Executor {
     net: LoadedNet,
     /// Emulates slower cloud hardware: each tail holds its thread this many
@@ -69,72 +263,26 @@ pub struct Executor {
     slowdown: f64,
 }
 
-impl Actor for Executor {
-    type Context = SyncContext<Self>;
-}
-
 impl Executor {
-    /// Starts `threads` executors. The model is loaded once here to fail
-    /// fast with a clear error; each thread then loads its own copy.
-    pub fn start(spec: ModelSpec, threads: usize) -> Result<Addr<Executor>, ActorError> {
+    /// Starts `threads` executors, each with its own copy of the model.
+    pub fn start(spec: ModelSpec, threads: usize) -> Result<TensorPool<Executor>, ActorError> {
         Self::start_with_slowdown(spec, threads, 1.0)
     }
 
     /// `start`, on emulated hardware `slowdown` times slower than this
     /// machine: the thread stays busy for the difference, as a slower CPU
     /// would, so queues and batching react to it like to real load.
-    pub fn start_with_slowdown(spec: ModelSpec, threads: usize, slowdown: f64) -> Result<Addr<Executor>, ActorError> {
+    pub fn start_with_slowdown(spec: ModelSpec, threads: usize, slowdown: f64) -> Result<TensorPool<Executor>, ActorError> {
         if !(slowdown.is_finite() && slowdown >= 1.0) {
             return Err(ActorError::Invalid { what: "cloud slowdown".into(), reason: format!("{slowdown} must be a number at least 1") });
         }
-        load_model(&spec.weights, spec.device)?;
-        let spec = Arc::new(spec);
-        Ok(SyncArbiter::start(threads.max(1), move || {
-            // libtorch's intra-op thread count is per calling thread (an
-            // OpenMP setting): without this each pool thread would fan every
-            // small forward out to all cores and fight its siblings.
-            tch::set_num_threads(1);
-            Executor { net: LoadedNet::load(&spec).expect("model loaded once already at start"), slowdown }
-        }))
+        // The batcher keeps at most one batch per thread plus one in flight
+        // (`Batcher::with_compute_threads`); the queue leaves room for more.
+        TensorPool::start("tail", threads, 2 * threads.max(1) + 2, move || Ok(Executor { net: LoadedNet::load(&spec)?, slowdown }))
     }
-}
 
-pub struct HeadOutput {
-    pub branch_logits: Vec<f32>,
-    /// The activation [1, ...], left as a tensor: it is copied out only for
-    /// an input that is offloaded.
-    pub activation: Tensor,
-    pub compute: Duration,
-}
-
-impl HeadOutput {
-    /// The activation as a wire tensor, batch dimension included.
-    pub fn wire_activation(&self) -> Result<branchpoint_messages::Tensor, ActorError> {
-        let shape: Vec<u32> = self.activation.size().iter().map(|&d| d as u32).collect();
-        Ok(branchpoint_messages::Tensor::from_f32(&shape, &to_vec(&self.activation)?)?)
-    }
-}
-
-/// Runs `tail(partition_branch)` on `batch` activations laid end to end.
-#[derive(Message)]
-#[rtype(result = "Result<TailOutput, ActorError>")]
-pub struct RunTail {
-    pub partition_branch: usize,
-    pub batch: usize,
-    pub activations: Vec<f32>,
-}
-
-#[derive(Debug, Clone)]
-pub struct TailOutput {
-    /// (predicted class, max softmax probability) per input, in order.
-    pub answers: Vec<(u32, f32)>,
-    pub compute: Duration,
-}
-
-impl Handler<RunTail> for Executor {
-    type Result = Result<TailOutput, ActorError>;
-
-    fn handle(&mut self, msg: RunTail, _: &mut SyncContext<Self>) -> Self::Result {
+    /// Runs `tail(partition_branch)` on a batch.
+    pub fn run_tail(&self, msg: RunTail) -> Result<TailOutput, ActorError> {
         let started = Instant::now();
         let shape = self.activation_shape(msg.partition_branch)?;
         let per_input: i64 = shape.iter().product();
@@ -160,13 +308,41 @@ impl Handler<RunTail> for Executor {
             compute: started.elapsed(),
         })
     }
-}
 
-impl Executor {
     fn activation_shape(&self, branch: usize) -> Result<Vec<i64>, ActorError> {
         self.net.net.check_branch(branch)?;
         Ok(self.net.net.architecture().partition_points[branch - 1].activation_shape.clone())
     }
+}
+
+pub struct HeadOutput {
+    pub branch_logits: Vec<f32>,
+    /// The activation [1, ...], left as a tensor: it is copied out only for
+    /// an input that is offloaded.
+    pub activation: Tensor,
+    pub compute: Duration,
+}
+
+impl HeadOutput {
+    /// The activation as a wire tensor, batch dimension included.
+    pub fn wire_activation(&self) -> Result<branchpoint_messages::Tensor, ActorError> {
+        let shape: Vec<u32> = self.activation.size().iter().map(|&d| d as u32).collect();
+        Ok(branchpoint_messages::Tensor::from_f32(&shape, &to_vec(&self.activation)?)?)
+    }
+}
+
+/// `tail(partition_branch)` on `batch` activations laid end to end.
+pub struct RunTail {
+    pub partition_branch: usize,
+    pub batch: usize,
+    pub activations: Vec<f32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TailOutput {
+    /// (predicted class, max softmax probability) per input, in order.
+    pub answers: Vec<(u32, f32)>,
+    pub compute: Duration,
 }
 
 fn to_vec(t: &Tensor) -> Result<Vec<f32>, ActorError> {

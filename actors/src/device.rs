@@ -14,6 +14,7 @@
 //! configuration comes from the plan and calibration sources; in-flight
 //! inputs of a stopped device are lost with it.
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -39,6 +40,36 @@ pub struct DeviceConfig {
     pub deadline: Duration,
     /// Real-time scenario replay: the emulated uplink in front of `link`.
     pub emulation: Option<EmulationSpec>,
+    /// Shared by a fleet's devices; see `Interrupt`.
+    pub interrupt: Interrupt,
+}
+
+/// A fleet's stop switch, shared by its devices. Once set, an input that
+/// reaches a device is not run but counted as not run, so that a backlog of
+/// inputs in the mailboxes (a device thread far behind its arrivals) cannot
+/// hold up a shutdown; inputs already running still get their outcome.
+#[derive(Debug, Clone, Default)]
+pub struct Interrupt(Arc<InterruptState>);
+
+#[derive(Debug, Default)]
+struct InterruptState {
+    set: AtomicBool,
+    not_run: AtomicUsize,
+}
+
+impl Interrupt {
+    pub fn set(&self) {
+        self.0.set.store(true, Ordering::Release);
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.set.load(Ordering::Acquire)
+    }
+
+    /// Inputs that reached a device after the switch was set.
+    pub fn not_run(&self) -> usize {
+        self.0.not_run.load(Ordering::Acquire)
+    }
 }
 
 pub struct Device {
@@ -150,6 +181,9 @@ impl Device {
 pub struct Infer {
     /// Arrival number in the run, unique across the fleet.
     pub arrival: u64,
+    /// When the input arrived: its deadline and latency count from here,
+    /// so time spent queued behind other inputs on a busy device counts.
+    pub arrived: Instant,
     pub input_index: usize,
     pub input: Arc<[f32]>,
     pub label: i64,
@@ -163,7 +197,11 @@ impl Handler<Infer> for Device {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, msg: Infer, _: &mut Context<Self>) -> Self::Result {
-        let arrived = Instant::now();
+        if self.cfg.interrupt.is_set() {
+            self.cfg.interrupt.0.not_run.fetch_add(1, Ordering::AcqRel);
+            return Box::pin(std::future::ready(()));
+        }
+        let arrived = msg.arrived;
         self.seq += 1;
         self.collector.do_send(InputAccepted);
         let cfg = &self.cfg;
@@ -183,7 +221,7 @@ impl Handler<Infer> for Device {
             worker_id: None,
             latency: Latency::default(),
             error: None,
-            arrived_unix_us: unix_us(),
+            arrived_unix_us: unix_us().saturating_sub(arrived.elapsed().as_micros() as u64),
             declined: false,
         };
         let head = match self.net.run_head(branch, &msg.input) {

@@ -18,6 +18,9 @@ pub enum ActorError {
     #[error("NATS: {0}")]
     Nats(String),
 
+    #[error("compute pool: {0}")]
+    Compute(String),
+
     #[error("invalid {what}: {reason}")]
     Invalid { what: String, reason: String },
 }

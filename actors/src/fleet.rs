@@ -33,15 +33,25 @@ impl DeviceThreads {
     /// Starts `threads` device threads. The model is loaded once here to fail
     /// fast with a clear error; each thread then loads its own copy.
     pub fn start(spec: ModelSpec, threads: usize) -> Result<Self, ActorError> {
+        Self::start_with_slowdown(spec, threads, 1.0)
+    }
+
+    /// `start`, on emulated device hardware `slowdown` times slower than
+    /// this machine: each head holds its thread that much longer, as a
+    /// slower CPU would (see `LoadedNet::with_slowdown`).
+    pub fn start_with_slowdown(spec: ModelSpec, threads: usize, slowdown: f64) -> Result<Self, ActorError> {
+        if !(slowdown.is_finite() && slowdown >= 1.0) {
+            return Err(ActorError::Invalid { what: "device slowdown".into(), reason: format!("{slowdown} must be a number at least 1") });
+        }
         LoadedNet::load(&spec)?;
         let hosts = (0..threads.max(1))
             .map(|_| {
                 let arbiter = Arbiter::new();
                 let spec = spec.clone();
                 let host = Host::start_in_arbiter(&arbiter.handle(), move |_| {
-                    // One intra-op thread: see `compute::Executor::start`.
-                    tch::set_num_threads(1);
-                    Host { net: Rc::new(LoadedNet::load(&spec).expect("model loaded once already at start")) }
+                    // Subnormals flushed, one intra-op thread: see `compute`.
+                    branchpoint_models::subnormal::prepare_tensor_thread(1);
+                    Host { net: Rc::new(LoadedNet::load(&spec).expect("model loaded once already at start").with_slowdown(slowdown)) }
                 });
                 (arbiter, host)
             })
@@ -81,11 +91,27 @@ impl DeviceThreads {
     }
 }
 
-impl Drop for DeviceThreads {
-    fn drop(&mut self) {
-        for (arbiter, _) in &self.hosts {
+impl DeviceThreads {
+    /// Stops every device thread and waits for it to exit: a head in
+    /// progress finishes, the devices and inputs still in their mailboxes
+    /// are dropped. Call it once the fleet has drained; dropping does it too.
+    pub fn shutdown(&mut self) {
+        let hosts = std::mem::take(&mut self.hosts);
+        for (arbiter, _) in &hosts {
             arbiter.stop();
         }
+        for (arbiter, host) in hosts {
+            drop(host);
+            // Joined, so no head still runs when the process tears libtorch
+            // down; a thread that panicked has said so on stderr.
+            let _ = arbiter.join();
+        }
+    }
+}
+
+impl Drop for DeviceThreads {
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }
 
@@ -165,6 +191,9 @@ pub struct FleetConfig {
     /// With NATS: publish a `FleetStatus` this often while running (and once
     /// at the end).
     pub status_interval: Option<Duration>,
+    /// After an interruption (`run_fleet`'s `stop`), how long to wait for the
+    /// outcomes of inputs already running.
+    pub stop_grace: Duration,
 }
 
 impl FleetConfig {
@@ -183,12 +212,41 @@ impl FleetConfig {
     }
 }
 
+/// How a fleet run ended.
+#[derive(Debug, Clone)]
+pub struct FleetRun {
+    pub summary: Summary,
+    /// Inputs that arrived (were handed to a device).
+    pub arrived: usize,
+    /// Arrived inputs that no device ran because the run was interrupted
+    /// first (they were still in a mailbox).
+    pub not_run: usize,
+    /// The run was stopped by `stop` before its duration or input budget.
+    pub interrupted: bool,
+}
+
+impl FleetRun {
+    /// Inputs a device accepted that have no outcome (always 0 for a run
+    /// that drained).
+    pub fn missing(&self) -> usize {
+        self.summary.inputs.saturating_sub(self.summary.outcomes)
+    }
+}
+
 /// Runs the fleet to completion and returns the collector's summary.
 ///
 /// With a NATS client in `updates`, calibration and plan updates published
 /// while the fleet runs reach its devices, which apply them to the inputs
 /// that arrive afterwards. `on_started` runs once the devices exist and
 /// listen for updates, just before the first arrival.
+///
+/// The run ends when its duration or input budget is spent and every input
+/// that arrived has its outcome, however far behind the device threads are:
+/// the drain waits as long as inputs keep being decided, and gives up only
+/// when nothing has moved for `cfg.drain`. When `stop` resolves first
+/// (Ctrl-C), arrivals end at once, inputs still queued at the devices are
+/// not run, and the inputs already running get `cfg.stop_grace` to finish.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_fleet(
     cfg: FleetConfig,
     inputs: Arc<TestInputs>,
@@ -197,13 +255,15 @@ pub async fn run_fleet(
     collector: Addr<Collector>,
     updates: Option<async_nats::Client>,
     on_started: impl FnOnce(),
-) -> Result<Summary, ActorError> {
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<FleetRun, ActorError> {
     cfg.validate()?;
     if inputs.is_empty() {
         return Err(ActorError::Invalid { what: "test inputs".into(), reason: "none".into() });
     }
     let claimed = Rc::new(Cell::new(0usize));
     let budget = cfg.max_inputs.unwrap_or(usize::MAX);
+    let interrupt = cfg.device.interrupt.clone();
     let configs: Vec<DeviceConfig> = (0..cfg.devices)
         .map(|d| DeviceConfig { id: format!("{}-{d}", cfg.device.id), ..cfg.device.clone() })
         .collect();
@@ -257,32 +317,97 @@ pub async fn run_fleet(
                 }
                 claimed.set(i + 1);
                 let k = i % inputs.len();
-                device.do_send(Infer { arrival: i as u64, input_index: k, input: inputs.images[k].clone(), label: inputs.labels[k] });
+                // Unbounded on purpose: the arrival process is the load being
+                // simulated, and every input handed over must get its outcome
+                // (the drain below waits for the backlog).
+                let arrived = Instant::now();
+                device.do_send(Infer { arrival: i as u64, arrived, input_index: k, input: inputs.images[k].clone(), label: inputs.labels[k] });
             }
         }));
     }
-    for a in arrivals {
-        let _ = a.await;
+    let aborts: Vec<_> = arrivals.iter().map(|a| a.abort_handle()).collect();
+    tokio::pin!(stop);
+    let mut stop_deadline = None;
+    tokio::select! {
+        _ = futures::future::join_all(arrivals) => {}
+        _ = &mut stop => {
+            // Aborted between arrivals: every input claimed was handed over.
+            aborts.iter().for_each(|a| a.abort());
+            interrupt.set();
+            stop_deadline = Some(Instant::now());
+        }
     }
-    // Every accepted input gets exactly one outcome; wait for the last ones.
-    let drain_until = Instant::now() + cfg.drain;
+    // Polled again only if it has not resolved yet.
+    let stop = async move {
+        if stop_deadline.is_none() {
+            stop.await
+        } else {
+            std::future::pending().await
+        }
+    };
+    let arrived = claimed.get();
+    let (summary, stopped) = drain(&collector, arrived, &interrupt, cfg.drain, cfg.stop_grace, stop, stop_deadline).await?;
+    if let Some(l) = listener {
+        l.abort();
+    }
+    if let Some(task) = status {
+        task.abort();
+        if let Some(client) = &updates {
+            // The last status must leave before the process exits, unless
+            // the server is gone: then a flush would wait for it forever.
+            let last = async {
+                publish_status(client, &cfg.fleet_id, &cfg.group, &devices, &collector, started_unix_us, false).await;
+                let _ = client.flush().await;
+            };
+            if tokio::time::timeout(Duration::from_millis(500), last).await.is_err() {
+                eprintln!("fleet: could not publish its last status (NATS unreachable)");
+            }
+        }
+    }
+    Ok(FleetRun { summary, arrived, not_run: interrupt.not_run(), interrupted: stopped })
+}
+
+/// Waits until each of the `arrived` inputs has its outcome (or, after an
+/// interruption, was not run), backlog included: as long as inputs keep
+/// being decided. Gives up when nothing has moved for `stall`, or `grace`
+/// after `stop` resolved (or after `stopped_at`, when it already had): then
+/// `interrupt` is set, so that inputs still queued are not run. Returns the
+/// summary then, and whether the run was interrupted.
+pub async fn drain(
+    collector: &Addr<Collector>,
+    arrived: usize,
+    interrupt: &crate::device::Interrupt,
+    stall: Duration,
+    grace: Duration,
+    stop: impl std::future::Future<Output = ()>,
+    stopped_at: Option<Instant>,
+) -> Result<(Summary, bool), ActorError> {
+    tokio::pin!(stop);
+    let mut give_up_at = stopped_at.map(|t| t + grace);
+    let mut progress = (usize::MAX, Instant::now());
     loop {
         let s = collector.send(GetSummary).await?;
-        if (s.outcomes >= claimed.get() && s.inputs >= claimed.get()) || Instant::now() >= drain_until {
-            if let Some(l) = listener {
-                l.abort();
-            }
-            if let Some(task) = status {
-                task.abort();
-                if let Some(client) = &updates {
-                    publish_status(client, &cfg.fleet_id, &cfg.group, &devices, &collector, started_unix_us, false).await;
-                    // The last status must leave before the process exits.
-                    let _ = client.flush().await;
-                }
-            }
-            return Ok(s);
+        let not_run = interrupt.not_run();
+        if s.inputs + not_run >= arrived && s.outcomes >= s.inputs {
+            return Ok((s, give_up_at.is_some()));
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        let moved = s.inputs + not_run + s.outcomes;
+        if moved != progress.0 {
+            progress = (moved, Instant::now());
+        } else if progress.1.elapsed() >= stall {
+            return Ok((s, give_up_at.is_some()));
+        }
+        if give_up_at.is_some_and(|d| Instant::now() >= d) {
+            return Ok((s, true));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+            _ = &mut stop, if give_up_at.is_none() => {
+                // Interrupted while draining: the backlog is not run.
+                interrupt.set();
+                give_up_at = Some(Instant::now() + grace);
+            }
+        }
     }
 }
 

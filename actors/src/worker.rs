@@ -26,7 +26,7 @@ use branchpoint_messages::{
 use branchpoint_models::net::PartitionPoint;
 use futures::StreamExt;
 
-use crate::compute::{Executor, RunTail};
+use crate::compute::{Executor, RunTail, TensorPool};
 use crate::error::ActorError;
 
 #[derive(Debug, Clone)]
@@ -102,7 +102,7 @@ pub struct WorkerStats {
 
 pub struct Batcher {
     cfg: WorkerConfig,
-    executor: Addr<Executor>,
+    executor: TensorPool<Executor>,
     partition_points: Vec<PartitionPoint>,
     pending: HashMap<u8, Vec<Job>>,
     /// Bumped at every flush, so a stale max_wait timer flushes nothing.
@@ -124,7 +124,7 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    pub fn new(cfg: WorkerConfig, executor: Addr<Executor>, partition_points: Vec<PartitionPoint>) -> Self {
+    pub fn new(cfg: WorkerConfig, executor: TensorPool<Executor>, partition_points: Vec<PartitionPoint>) -> Self {
         Self { cfg, executor, partition_points, pending: HashMap::new(), generation: HashMap::new(), stats: WorkerStats::default(), in_flight: 0, batches_in_flight: 0, max_batches_in_flight: usize::MAX, deferred: Default::default(), ready_since: HashMap::new() }
     }
 
@@ -226,13 +226,13 @@ impl Batcher {
         self.in_flight += n;
         self.batches_in_flight += 1;
         self.executor
-            .send(run)
+            .run(move |e| e.run_tail(run))
             .into_actor(self)
             .map(move |result, act, ctx| {
                 act.in_flight -= n;
                 act.batches_in_flight -= 1;
                 act.resume(ctx);
-                let result = result.map_err(ActorError::from).and_then(|r| r);
+                let result = result.and_then(|r| r);
                 match result {
                     Ok(out) => {
                         // Waiting for a thread: deferred here, then queued at the pool.

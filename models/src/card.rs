@@ -103,7 +103,12 @@ impl std::fmt::Debug for LoadedModel {
 /// Loads `weights` (a .safetensors file) and its card onto `device`,
 /// checking that every variable is present with the shape the architecture
 /// expects and that the file is the one the card describes.
+///
+/// The calling thread is the one that will run the model (each thread loads
+/// its own copy), so this also turns on subnormal flushing for it: a thread
+/// that forgot `subnormal::prepare_tensor_thread` still computes at full speed.
 pub fn load_model(weights: &Path, device: Device) -> Result<LoadedModel> {
+    crate::subnormal::flush_subnormals();
     if !weights.is_file() {
         return Err(ModelError::MissingWeights {
             path: weights.to_path_buf(),

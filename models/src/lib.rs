@@ -16,6 +16,7 @@ pub mod offload;
 pub mod planner;
 pub mod profile;
 pub mod rng;
+pub mod subnormal;
 pub mod train;
 
 pub use card::{load_model, LoadedModel, ModelCard};

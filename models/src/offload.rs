@@ -134,6 +134,18 @@ impl Decisions {
     }
 }
 
+/// Whether `correct` right answers out of `total` reach the accuracy target
+/// `p_tar`, i.e. correct / total >= p_tar, decided exactly in integers. The
+/// target counts as the decimal it was written as, to the nearest millionth:
+/// p_tar 0.55 means 55/100, so 55 right out of 100 reach it, although the
+/// float product 0.55 * 100 is 55.000000000000007. `total` 0 reaches any
+/// target (there is nothing to be wrong about).
+pub fn reaches_target(correct: usize, total: usize, p_tar: f64) -> bool {
+    const PARTS: u128 = 1_000_000;
+    let millionths = (p_tar.clamp(0.0, 1.0) * PARTS as f64).round() as u128;
+    correct as u128 * PARTS >= millionths * total as u128
+}
+
 pub fn sweep_row(d: &Decisions, p_tar: f64, outage_batch: usize, latency: &LatencyModel, deadline_ms: f64) -> SweepRow {
     let n = d.confidence.len();
     let (mut edge, mut edge_ok, mut all_ok, mut missed) = (0usize, 0usize, 0usize, 0usize);
@@ -160,7 +172,7 @@ pub fn sweep_row(d: &Decisions, p_tar: f64, outage_batch: usize, latency: &Laten
         }
         if e == 0 {
             empty += 1;
-        } else if (e_ok as f64) < p_tar * e as f64 {
+        } else if !reaches_target(e_ok, e, p_tar) {
             outages += 1;
         }
         late_batches += usize::from(lat_sum / batch as f64 > deadline_ms);
@@ -175,7 +187,7 @@ pub fn sweep_row(d: &Decisions, p_tar: f64, outage_batch: usize, latency: &Laten
         outage_prob: outages as f64 / batches.max(1) as f64,
         missed_deadline_prob: missed as f64 / nf,
         missed_deadline_batch_prob: late_batches as f64 / batches.max(1) as f64,
-        meets_p_tar: edge_accuracy.map(|a| a >= p_tar),
+        meets_p_tar: (edge > 0).then(|| reaches_target(edge_ok, edge, p_tar)),
         edge_inputs: edge,
         batches,
         batches_without_edge_inputs: empty,
@@ -246,6 +258,38 @@ mod tests {
         assert_eq!((r.edge_accuracy, r.meets_p_tar, r.outage_prob), (None, None, 0.0));
         assert_eq!(r.batches_without_edge_inputs, 2);
         assert!((r.overall_accuracy - 0.75).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_outage_rule_is_exact_at_the_boundary() {
+        // (right, of, p_tar, reaches): the float products would say 55 of
+        // 100 misses 0.55 (0.55 * 100 = 55.000000000000007), 7 of 10 misses
+        // 0.7, and 29 of 100 misses 0.29.
+        let table = [
+            (55, 100, 0.55, true),
+            (54, 100, 0.55, false),
+            (7, 10, 0.7, true),
+            (29, 100, 0.29, true),
+            (28, 100, 0.29, false),
+            (99, 100, 0.99, true),
+            (98, 100, 0.99, false),
+            (1, 1, 1.0, true),
+            (0, 3, 0.0, true),
+            (0, 0, 0.9, true),
+        ];
+        for (right, of, p_tar, reaches) in table {
+            assert_eq!(reaches_target(right, of, p_tar), reaches, "{right} of {of} at p_tar {p_tar}");
+        }
+        assert!((55.0f64) < 0.55 * 100.0, "the float rule this replaces would be wrong here");
+
+        // A batch of 100 decided on the device, 55 right: at 0.55 it is not in
+        // outage and meets the target; at 0.56 it is in outage.
+        let conf = vec![0.99; 100];
+        let right: Vec<bool> = (0..100).map(|i| i < 55).collect();
+        let d = decisions(&conf, &right, &vec![true; 100]);
+        let at = |p: f64| sweep_row(&d, p, 100, &LAT, 100.0);
+        assert_eq!((at(0.55).outage_prob, at(0.55).meets_p_tar), (0.0, Some(true)));
+        assert_eq!((at(0.56).outage_prob, at(0.56).meets_p_tar), (1.0, Some(false)));
     }
 
     #[test]

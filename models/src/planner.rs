@@ -174,35 +174,66 @@ pub fn offload_miss_probability(head_us: f64, bytes: f64, costs: &Costs, offload
     (rho * (-2.0 * (1.0 - rho) * slack / service).exp()).clamp(0.0, 1.0)
 }
 
+/// Predicted accuracies closer than this count as equal in `choose`. Two
+/// plans can be equally good on paper and differ only by float rounding: when
+/// every offload misses, a plan that offloads some inputs (and falls back on
+/// them) predicts exactly the accuracy of keeping all of them on the device.
+/// Rounding of these sums of a few thousand confidences is about 1e-13; one
+/// validation input out of 5,000 weighs 2e-4; the tolerance lies between.
+pub const ACCURACY_TOLERANCE: f64 = 1e-9;
+
+/// What the planner predicts for one candidate under these costs and this
+/// network.
+pub fn predict(c: &ThresholdStats, costs: &Costs, seen: &Observed) -> Prediction {
+    let k = c.plan.branch - 1;
+    let (head, bytes) = (costs.head_us[k], costs.upload_bytes[k]);
+    // A device whose CPU cannot keep up misses everything.
+    let cpu = costs.arrival_rate * head / 1e6;
+    let m = if c.offload_rate > 0.0 { offload_miss_probability(head, bytes, costs, c.offload_rate, seen) } else { 0.0 };
+    let miss_rate = if cpu >= 1.0 || head > costs.deadline_us { 1.0 } else { c.offload_rate * m };
+    let accuracy = (1.0 - c.offload_rate) * c.edge_accuracy + c.offload_rate * ((1.0 - m) * c.cloud_accuracy + m * c.fallback_accuracy);
+    Prediction { plan: c.plan, accuracy, offload_rate: c.offload_rate, miss_rate }
+}
+
 /// The plan with the best predicted accuracy whose predicted miss rate is
-/// within the bound; when none is, the one with the fewest predicted misses.
-/// Ties go to fewer misses, then to less offloading.
+/// within the bound; when none is, the one with the fewest predicted misses
+/// (then the best accuracy, then the least offloading).
+///
+/// Accuracies within `ACCURACY_TOLERANCE` count as equal, and then fewer
+/// predicted misses, then less offloading, win: the returned plan has no
+/// candidate within the tolerance of its accuracy (or better) that misses
+/// less, or misses as much and offloads less. Starting from the most
+/// accurate plan, it moves to the best such candidate until there is none;
+/// every move lowers (misses, offloading), so it ends, and it drifts from
+/// the best accuracy by at most the tolerance per candidate.
 pub fn choose(stats: &ModelStats, costs: &Costs, seen: &Observed) -> Prediction {
-    let mut best: Option<(bool, Prediction)> = None;
-    for c in &stats.candidates {
-        let k = c.plan.branch - 1;
-        let (head, bytes) = (costs.head_us[k], costs.upload_bytes[k]);
-        // A device whose CPU cannot keep up misses everything.
-        let cpu = costs.arrival_rate * head / 1e6;
-        let m = if c.offload_rate > 0.0 { offload_miss_probability(head, bytes, costs, c.offload_rate, seen) } else { 0.0 };
-        let miss_rate = if cpu >= 1.0 || head > costs.deadline_us { 1.0 } else { c.offload_rate * m };
-        let accuracy = (1.0 - c.offload_rate) * c.edge_accuracy + c.offload_rate * ((1.0 - m) * c.cloud_accuracy + m * c.fallback_accuracy);
-        let p = Prediction { plan: c.plan, accuracy, offload_rate: c.offload_rate, miss_rate };
-        let ok = miss_rate <= costs.miss_bound;
-        let better = match &best {
-            None => true,
-            Some((best_ok, b)) => match (ok, *best_ok) {
-                (true, false) => true,
-                (false, true) => false,
-                (true, true) => (p.accuracy, -p.miss_rate, -p.offload_rate) > (b.accuracy, -b.miss_rate, -b.offload_rate),
-                (false, false) => (-p.miss_rate, p.accuracy) > (-b.miss_rate, b.accuracy),
-            },
-        };
-        if better {
-            best = Some((ok, p));
-        }
+    use std::cmp::Ordering;
+    let all: Vec<Prediction> = stats.candidates.iter().map(|c| predict(c, costs, seen)).collect();
+    // Fewer misses, then less offloading, then better accuracy: the order
+    // in which equally accurate plans are preferred.
+    let cheaper = |a: &Prediction, b: &Prediction| -> Ordering {
+        a.miss_rate.total_cmp(&b.miss_rate).then(a.offload_rate.total_cmp(&b.offload_rate)).then(b.accuracy.total_cmp(&a.accuracy))
+    };
+    let feasible: Vec<&Prediction> = all.iter().filter(|p| p.miss_rate <= costs.miss_bound).collect();
+    if feasible.is_empty() {
+        return *all.iter().min_by(|a, b| cheaper(a, b)).expect("at least one candidate");
     }
-    best.expect("at least one candidate").1
+    // min_by keeps the first of equals: ties beyond these keys go to the
+    // candidate listed first.
+    let mut best = *feasible.iter().min_by(|a, b| b.accuracy.total_cmp(&a.accuracy).then(cheaper(a, b))).expect("not empty");
+    while let Some(next) = feasible
+        .iter()
+        .filter(|p| p.accuracy >= best.accuracy - ACCURACY_TOLERANCE && cheaper_ignoring_accuracy(p, best))
+        .min_by(|a, b| cheaper(a, b))
+    {
+        best = *next;
+    }
+    *best
+}
+
+/// Fewer predicted misses, or as many and less offloading.
+fn cheaper_ignoring_accuracy(a: &Prediction, b: &Prediction) -> bool {
+    a.miss_rate.total_cmp(&b.miss_rate).then(a.offload_rate.total_cmp(&b.offload_rate)).is_lt()
 }
 
 /// A device's running estimate of its uplink and response time: smoothed
@@ -470,6 +501,129 @@ mod tests {
         let conf = 1.0 / (1.0 + (-5.0f64).exp());
         assert!((mid.edge_accuracy - conf).abs() < 1e-6);
         assert!(ModelStats::from_validation(&s_exits(), &[1.0], &[0.5]).is_err());
+    }
+
+    /// Random validation logits: `n` inputs, 10 classes, each exit with one
+    /// class raised by a random margin, so that most confidences are high and
+    /// a few are low, as with a trained network: at p_tar 0.5 to 0.99 a few
+    /// percent to a third of the inputs are offloaded.
+    fn random_validation(seed: u64, n: usize, exits: usize) -> Vec<ExitLogits> {
+        let mut rng = crate::rng::SplitMix64::new(seed);
+        let labels: Vec<i64> = (0..n).map(|_| rng.below(10) as i64).collect();
+        (0..exits)
+            .map(|e| {
+                let mut z: Vec<f32> = (0..n * 10).map(|_| rng.next_f64() as f32).collect();
+                for i in 0..n {
+                    let top = if rng.next_f64() < 0.9 { labels[i] as usize } else { rng.below(10) as usize };
+                    z[i * 10 + top] += (3.0 + e as f64 + 9.0 * rng.next_f64()) as f32;
+                }
+                ExitLogits::new(10, z, labels.clone()).unwrap()
+            })
+            .collect()
+    }
+
+    fn costs_for(exits: usize) -> Costs {
+        let branches = exits - 1;
+        Costs {
+            head_us: (0..branches).map(|b| 1_000.0 * (b + 1) as f64).collect(),
+            upload_bytes: (0..branches).map(|b| 25_000.0 / (b + 1) as f64).collect(),
+            ..costs()
+        }
+    }
+
+    /// The failure the issue saw: on a link where every offload misses, an
+    /// offloading plan predicts the same accuracy as device-only on paper
+    /// (its fallbacks are worth their branch confidence), so only rounding
+    /// told them apart. Device-only must win: no misses for nothing gained.
+    #[test]
+    fn when_every_offload_misses_the_device_keeps_every_input() {
+        for seed in 0..20 {
+            let validation = random_validation(seed, 2_000, 3);
+            let stats = ModelStats::from_validation(&validation, &[1.3, 1.1, 1.0], &default_candidate_p_tars()).unwrap();
+            let dead = Observed { us_per_byte: 160.0, response_us: 20_000.0 };
+            let p = choose(&stats, &costs_for(3), &dead);
+            assert_eq!((p.plan.p_tar, p.miss_rate, p.offload_rate), (0.0, 0.0, 0.0), "seed {seed}: {p:?}");
+            let best_device_only = stats
+                .candidates
+                .iter()
+                .filter(|c| c.offload_rate == 0.0)
+                .map(|c| predict(c, &costs_for(3), &dead).accuracy)
+                .fold(f64::MIN, f64::max);
+            assert!(p.accuracy >= best_device_only - ACCURACY_TOLERANCE, "seed {seed}: {p:?}");
+        }
+    }
+
+    fn check_choice(stats: &ModelStats, costs: &Costs, seen: &Observed) -> Result<(), String> {
+        let chosen = choose(stats, costs, seen);
+        let all: Vec<Prediction> = stats.candidates.iter().map(|c| predict(c, costs, seen)).collect();
+        let feasible: Vec<&Prediction> = all.iter().filter(|p| p.miss_rate <= costs.miss_bound).collect();
+        if feasible.is_empty() {
+            let fewest = all.iter().map(|p| p.miss_rate).fold(f64::INFINITY, f64::min);
+            return if chosen.miss_rate == fewest { Ok(()) } else { Err(format!("{chosen:?} misses more than {fewest}")) };
+        }
+        if chosen.miss_rate > costs.miss_bound {
+            return Err(format!("{chosen:?} breaks the bound while {} plans meet it", feasible.len()));
+        }
+        for c in &all {
+            if c.accuracy >= chosen.accuracy - ACCURACY_TOLERANCE && c.miss_rate < chosen.miss_rate {
+                return Err(format!("{chosen:?} was chosen over {c:?}: as accurate, fewer misses"));
+            }
+        }
+        let best = feasible.iter().map(|p| p.accuracy).fold(f64::MIN, f64::max);
+        if chosen.accuracy < best - ACCURACY_TOLERANCE * all.len() as f64 {
+            return Err(format!("{chosen:?} gives up accuracy: the best plan within the bound predicts {best}"));
+        }
+        Ok(())
+    }
+
+    fn arbitrary_candidates() -> impl proptest::strategy::Strategy<Value = ModelStats> {
+        use proptest::prelude::*;
+        // Accuracies on a coarse grid, so exact ties (and sums that tie only
+        // on paper) are common, as with real statistics.
+        let level = (0u32..=20).prop_map(|k| f64::from(k) / 20.0);
+        let one = (1usize..=3, 0usize..14, level.clone(), level.clone(), level.clone(), level).prop_map(|(branch, p, offload, edge, cloud, fallback)| {
+            ThresholdStats {
+                plan: Plan { branch, p_tar: default_candidate_p_tars()[p] },
+                offload_rate: offload,
+                edge_accuracy: edge,
+                cloud_accuracy: cloud,
+                fallback_accuracy: fallback,
+                measured_edge_accuracy: edge,
+                measured_cloud_accuracy: cloud,
+            }
+        });
+        proptest::collection::vec(one, 1..30).prop_map(|candidates| ModelStats { candidates })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn choose_never_prefers_more_misses_at_equal_accuracy(
+            stats in arbitrary_candidates(),
+            us_per_byte in 0.0f64..200.0,
+            response_us in 0.0f64..150_000.0,
+            rate in 0.5f64..200.0,
+            bound in 0.0f64..0.2,
+        ) {
+            let costs = Costs { arrival_rate: rate, miss_bound: bound, ..costs_for(4) };
+            let seen = Observed { us_per_byte, response_us };
+            if let Err(e) = check_choice(&stats, &costs, &seen) {
+                return Err(proptest::test_runner::TestCaseError::fail(e));
+            }
+        }
+
+        #[test]
+        fn choose_never_prefers_more_misses_on_statistics_from_logits(
+            seed in 0u64..1_000,
+            us_per_byte in 0.0f64..200.0,
+            rate in 0.5f64..100.0,
+        ) {
+            let validation = random_validation(seed, 300, 3);
+            let stats = ModelStats::from_validation(&validation, &[1.0, 1.0, 1.0], &default_candidate_p_tars()).unwrap();
+            let seen = Observed { us_per_byte, response_us: 20_000.0 };
+            if let Err(e) = check_choice(&stats, &Costs { arrival_rate: rate, ..costs_for(3) }, &seen) {
+                return Err(proptest::test_runner::TestCaseError::fail(e));
+            }
+        }
     }
 
     fn s_exits() -> Vec<ExitLogits> {

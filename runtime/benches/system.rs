@@ -14,6 +14,12 @@
 //!    p50 and p99.
 //! 4. One process running 1,000 device actors: sustained inputs/s and
 //!    resident memory.
+//! 5. Subnormals: the batched tail (branch 2, batch 32) on real activations
+//!    of test inputs vs the same activations with every subnormal flushed,
+//!    and vs the same with a tenth of their values made subnormal (what a
+//!    device that does not flush could send), all on a thread that flushes;
+//!    and the last once more on a thread that does not, to show what the
+//!    flush saves on this CPU.
 //!
 //! Each comparison is measured in the same run, on the same machine.
 use std::path::Path;
@@ -67,7 +73,7 @@ fn rss_mib() -> (f64, f64) {
 }
 
 fn main() {
-    tch::set_num_threads(1);
+    branchpoint_models::subnormal::prepare_tensor_thread(1);
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
     let weights = root.join("models/balexnet-fmnist.safetensors");
     let model = load_model(&weights, tch::Device::Cpu).expect("shipped model");
@@ -94,7 +100,7 @@ fn main() {
             let wexec = Executor::start(spec.clone(), 1).unwrap();
             let wcfg = WorkerConfig { worker_id: "unused".into(), max_batch: 1, max_wait: Duration::from_millis(1) };
             let link = OffloadLink::InProcess(Batcher::new(wcfg, wexec, points).with_compute_threads(1).start());
-            let cfg = DeviceConfig { id: "bench".into(), partition_branch: 1, p_tar: 0.1, temperatures: vec![1.3; 3], deadline: Duration::from_secs(1), emulation: None };
+            let cfg = DeviceConfig { id: "bench".into(), partition_branch: 1, p_tar: 0.1, temperatures: vec![1.3; 3], deadline: Duration::from_secs(1), emulation: None, interrupt: Default::default() };
             let device = Device::new(cfg, net.clone(), link, collector.clone()).start();
             let (mut bare, mut actor) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
             for i in 0..runs {
@@ -105,7 +111,8 @@ fn main() {
                 let _ = Vec::<f32>::try_from(logits.flatten(0, -1)).unwrap();
                 bare.push(t.elapsed().as_secs_f64() * 1e6);
                 let t = Instant::now();
-                device.send(Infer { arrival: i as u64, input_index: k, input: inputs.images[k].clone(), label: inputs.labels[k] }).await.unwrap();
+                let arrived = Instant::now();
+                device.send(Infer { arrival: i as u64, arrived, input_index: k, input: inputs.images[k].clone(), label: inputs.labels[k] }).await.unwrap();
                 actor.push(t.elapsed().as_secs_f64() * 1e6);
             }
             let s = collector.send(GetSummary).await.unwrap();
@@ -179,7 +186,11 @@ fn main() {
         .stderr(Stdio::null())
         .spawn()
         .expect("nats-server from scripts/setup.sh");
-    std::thread::sleep(Duration::from_millis(300));
+    let listening = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < listening, "nats-server did not listen on {port} within 10 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let url = format!("nats://127.0.0.1:{port}");
     let (overhead, rtts, sent) = system.block_on({
         let (spec, points, one_act, act_shape) = (spec.clone(), points.clone(), one_act.clone(), act_shape.clone());
@@ -239,7 +250,7 @@ fn main() {
     let (summary, secs) = system.block_on({
         let (spec, points, inputs) = (spec.clone(), points.clone(), inputs.clone());
         async move {
-            let device_threads = DeviceThreads::start(spec.clone(), 1).unwrap();
+            let mut device_threads = DeviceThreads::start(spec.clone(), 1).unwrap();
             let wexec = Executor::start(spec, 1).unwrap();
             let cfg = WorkerConfig { worker_id: "embedded".into(), max_batch: 32, max_wait: Duration::from_millis(2) };
             let link = OffloadLink::InProcess(Batcher::new(cfg, wexec, points).with_compute_threads(1).start());
@@ -250,16 +261,20 @@ fn main() {
                 duration: Duration::from_secs(10),
                 max_inputs: None,
                 seed: 1,
-                device: DeviceConfig { id: "d".into(), partition_branch: 1, p_tar: 0.9, temperatures: vec![1.0; 3], deadline: Duration::from_secs(1), emulation: None },
+                device: DeviceConfig { id: "d".into(), partition_branch: 1, p_tar: 0.9, temperatures: vec![1.0; 3], deadline: Duration::from_secs(1), emulation: None, interrupt: Default::default() },
                 drain: Duration::from_secs(3),
                 group: "default".into(),
                 model_sha256: String::new(),
                 fleet_id: "bench".into(),
                 status_interval: None,
+                stop_grace: Duration::ZERO,
             };
             let t = Instant::now();
-            let s = run_fleet(fleet, inputs, &device_threads, link, collector, None, || ()).await.unwrap();
-            (s, t.elapsed().as_secs_f64())
+            let run = run_fleet(fleet, inputs, &device_threads, link, collector, None, || (), std::future::pending()).await.unwrap();
+            let secs = t.elapsed().as_secs_f64();
+            // Joined: no head may still run while the process exits.
+            device_threads.shutdown();
+            (run.summary, secs)
         }
     });
     let (rss, hwm) = rss_mib();
@@ -271,5 +286,72 @@ fn main() {
         summary.latency_ms_p50,
         summary.latency_ms_p99,
         summary.fallbacks
+    );
+
+    // 5. Subnormals in the activations a worker receives.
+    let head_inputs = Tensor::from_slice(&inputs.images[..batch].concat()).view([batch as i64, 1, 28, 28]);
+    let (_, real) = model.net.head(2, &head_inputs).unwrap();
+    let real = real.contiguous();
+    let flushed = {
+        let v: Vec<f32> = Vec::try_from(real.flatten(0, -1)).unwrap();
+        Tensor::from_slice(&v.iter().map(|x| if x.is_subnormal() { 0.0 } else { *x }).collect::<Vec<f32>>()).view(real.size().as_slice())
+    };
+    let shape = real.size();
+    let laden_values: Vec<f32> = {
+        // Every tenth value becomes a subnormal of its sign (set by bits:
+        // arithmetic would flush it on this thread).
+        let v: Vec<f32> = Vec::try_from(real.flatten(0, -1)).unwrap();
+        v.iter().enumerate().map(|(i, x)| if i % 10 == 0 { f32::from_bits((x.to_bits() & 0x8000_0000) | 0x0000_4000) } else { *x }).collect()
+    };
+    let laden = Tensor::from_slice(&laden_values).view(shape.as_slice());
+    let subnormals = |t: &Tensor| branchpoint_models::subnormal::count(t);
+    let tail_ms = |x: &Tensor, reps: usize| {
+        let t = Instant::now();
+        for _ in 0..reps {
+            let y = model.net.tail(2, x).unwrap();
+            let _ = Vec::<f32>::try_from(y.flatten(0, -1)).unwrap();
+        }
+        t.elapsed().as_secs_f64() * 1e3 / reps as f64
+    };
+    let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..30 {
+        a.push(tail_ms(&real, 5));
+        b.push(tail_ms(&flushed, 5));
+        c.push(tail_ms(&laden, 5));
+    }
+    let (a, b, c) = (median(a), median(b), median(c));
+    // The same laden batch on a thread that keeps subnormals (libtorch's
+    // default): what every worker thread paid before it flushed.
+    let unflushed = {
+        let (spec, shape) = (spec.clone(), shape.clone());
+        std::thread::spawn(move || {
+            let net = LoadedNet::load(&spec).unwrap();
+            // After the load, which turns flushing on for its thread.
+            branchpoint_models::subnormal::set_flush_subnormals(false);
+            tch::set_num_threads(1);
+            let x = Tensor::from_slice(&laden_values).view(shape.as_slice());
+            let v: Vec<f64> = (0..5)
+                .map(|_| {
+                    let t = Instant::now();
+                    for _ in 0..2 {
+                        let y = net.net().tail(2, &x).unwrap();
+                        let _ = Vec::<f32>::try_from(y.flatten(0, -1)).unwrap();
+                    }
+                    t.elapsed().as_secs_f64() * 1e3 / 2.0
+                })
+                .collect();
+            median(v)
+        })
+        .join()
+        .unwrap()
+    };
+    println!(
+        "[5] subnormals, branch 2 tail, batch {batch}: real activations ({} subnormal of {}) {a:.2} ms; every subnormal flushed {b:.2} ms; ratio {:.3}; a tenth made subnormal ({}) {c:.2} ms, ratio {:.3}; the same on a thread that does not flush {unflushed:.2} ms, {:.1}x",
+        subnormals(&real),
+        real.numel(),
+        a / b,
+        subnormals(&laden),
+        c / b,
+        unflushed / b
     );
 }

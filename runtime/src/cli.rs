@@ -399,6 +399,9 @@ pub struct FleetArgs {
     /// Device threads: each has its own copy of the model and runs the heads of the devices it hosts.
     #[arg(long, default_value_t = 1, value_name = "T")]
     pub threads: usize,
+    /// Emulate device hardware this many times slower than this machine (each head holds its device thread that much longer).
+    #[arg(long, default_value_t = 1.0, value_name = "X")]
+    pub device_slowdown: f64,
     /// In-process only: compute threads of the embedded cloud worker.
     #[arg(long, default_value_t = 1, value_name = "T")]
     pub worker_threads: usize,

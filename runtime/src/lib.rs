@@ -7,6 +7,7 @@ pub mod evaluation;
 pub mod nats;
 pub mod plots;
 pub mod scenario;
+pub mod shutdown;
 
 use anyhow::{bail, Result};
 use tch::Device;

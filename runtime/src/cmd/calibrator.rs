@@ -1,17 +1,18 @@
 //! `branchpoint calibrator`: the calibration actor on NATS.
 use anyhow::{bail, Context, Result};
-use branchpoint_actors::calibration::{method_of, serve_calibration_nats, Calibrator, CalibratorConfig, Initial, Refit};
+use branchpoint_actors::calibration::{method_of, serve_calibration_nats, Calibrator, CalibratorConfig, Initial};
 use branchpoint_actors::control::ControlStore;
 use branchpoint_models::calibration::{CalibrationFile, Method};
 
 use crate::cli::CalibratorArgs;
-use crate::cmd::worker::shutdown_signal;
+use crate::shutdown::{Stopping, GRACE};
 
 pub fn run(args: CalibratorArgs) -> Result<()> {
+    crate::shutdown::install("calibrator");
     if args.nats.nats.is_none() {
         bail!("branchpoint calibrator needs --nats URL: it publishes temperatures to devices over NATS");
     }
-    tch::set_num_threads(1);
+    branchpoint_models::subnormal::prepare_tensor_thread(1);
     let initial = match &args.temperatures.calibration {
         Some(path) => Initial::File(CalibrationFile::read(path)?),
         None => Initial::Fit(Method::parse(&args.temperatures.method)?),
@@ -20,7 +21,7 @@ pub fn run(args: CalibratorArgs) -> Result<()> {
     let system = actix::System::new();
     system.block_on(async move {
         let client = crate::nats::connect(&args.nats, "branchpoint-calibrator").await?;
-        let (calibrator, mut file) = Calibrator::start(cfg)?;
+        let (calibrator, mut file) = Calibrator::start(cfg).await?;
         // The stored method beats the command line's: it is what an operator
         // last asked for (a refit), and a restart must not undo it.
         let store = match ControlStore::open(&client).await {
@@ -35,7 +36,7 @@ pub fn run(args: CalibratorArgs) -> Result<()> {
                 let method = method_of(stored.value.method);
                 eprintln!("calibrator: resuming the stored {} calibration (revision {})", method.name(), stored.revision);
                 if method != file.method {
-                    file = calibrator.send(Refit(method)).await??;
+                    file = calibrator.refit(method).await?;
                 }
             }
         }
@@ -51,11 +52,26 @@ pub fn run(args: CalibratorArgs) -> Result<()> {
                 branchpoint_messages::subjects::CALIBRATION_UPDATE
             )
         };
-        tokio::select! {
-            r = serve_calibration_nats(client, calibrator, store, ready) => r.context("serving calibration")?,
-            _ = shutdown_signal() => eprintln!("calibrator: shutting down"),
+        crate::shutdown::serving();
+        let served = tokio::select! {
+            r = serve_calibration_nats(client.clone(), calibrator.clone(), store, ready) => Some(r),
+            sig = crate::shutdown::signal() => {
+                eprintln!("calibrator: {}: shutting down", sig.name());
+                None
+            }
+        };
+        let stopping = Stopping::new("calibrator", GRACE);
+        // Replies already published leave now, unless the server is gone.
+        stopping.step("flushing replies to NATS", std::time::Duration::from_millis(500), client.flush()).await;
+        let still = calibrator.shutdown(stopping.left());
+        if !still.is_empty() {
+            eprintln!("calibrator: a refit is still running on {still:?}");
         }
         args.service.clear();
+        if let Some(r) = served {
+            r.context("serving calibration")?;
+        }
+        stopping.done();
         Ok::<(), anyhow::Error>(())
     })
 }

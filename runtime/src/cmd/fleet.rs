@@ -17,6 +17,7 @@ use branchpoint_models::calibration::CalibrationFile;
 use crate::cli::FleetArgs;
 
 pub fn run(args: FleetArgs) -> Result<()> {
+    crate::shutdown::install("fleet");
     if !(args.deadline_ms.is_finite() && args.deadline_ms > 0.0) {
         bail!("--deadline-ms {}: give a positive number of milliseconds", args.deadline_ms);
     }
@@ -26,7 +27,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
     if args.threads == 0 || args.worker_threads == 0 || args.max_batch == 0 {
         bail!("--threads, --worker-threads and --max-batch must be at least 1");
     }
-    tch::set_num_threads(1);
+    branchpoint_models::subnormal::prepare_tensor_thread(1);
     let model = args.source.load_model(tch::Device::Cpu)?;
     model.net.check_branch(args.branch).context("--branch")?;
     let num_exits = model.net.architecture().num_exits();
@@ -66,28 +67,35 @@ pub fn run(args: FleetArgs) -> Result<()> {
             temperatures,
             deadline: Duration::from_secs_f64(args.deadline_ms / 1e3),
             emulation: None,
+            interrupt: Default::default(),
         },
+        // No outcome for this long means none is coming: an offload ends by
+        // its deadline at the latest.
         drain: Duration::from_secs_f64(args.deadline_ms / 1e3) + Duration::from_secs(2),
         group: args.group.clone(),
         model_sha256,
         fleet_id,
         status_interval: (args.status_interval_ms > 0).then(|| Duration::from_millis(args.status_interval_ms)),
+        // Leaves room in shutdown::GRACE for the last status and the joins.
+        stop_grace: crate::shutdown::GRACE - Duration::from_millis(800),
     };
     cfg.validate()?;
     let spec = ModelSpec { weights: args.source.model.clone(), device: tch::Device::Cpu };
 
     let ready_service = args.service.clone();
     let system = actix::System::new();
-    let (summary, outcomes) = system.block_on(async move {
-        let device_threads = DeviceThreads::start(spec.clone(), args.threads)?;
+    let (run, outcomes) = system.block_on(async move {
+        let mut device_threads = DeviceThreads::start_with_slowdown(spec.clone(), args.threads, args.device_slowdown).context("--device-slowdown")?;
         let client = match &args.nats.nats {
             Some(_) => Some(crate::nats::connect(&args.nats, "branchpoint-fleet").await?),
             None => None,
         };
+        let mut embedded_pool = None;
         let link = match &client {
             Some(c) => OffloadLink::Nats(c.clone()),
             None => {
                 let worker_exec = Executor::start(spec, args.worker_threads)?;
+                embedded_pool = Some(worker_exec.clone());
                 let wcfg = WorkerConfig {
                     worker_id: "embedded".into(),
                     max_batch: args.max_batch,
@@ -100,13 +108,30 @@ pub fn run(args: FleetArgs) -> Result<()> {
         let (devices, rate) = (cfg.devices, cfg.rate_per_device);
         let service = ready_service;
         let started = move || {
+            crate::shutdown::serving();
             service.mark_ready();
             eprintln!("fleet running: {devices} devices, {rate} inputs/s each")
         };
-        let summary = run_fleet(cfg, inputs, &device_threads, link, collector.clone(), client, started).await?;
+        let signalled = std::cell::Cell::new(None);
+        let stop = async {
+            let sig = crate::shutdown::signal().await;
+            signalled.set(Some(std::time::Instant::now()));
+            eprintln!("fleet: {}: no more arrivals; waiting for the inputs already running", sig.name());
+        };
+        let run = run_fleet(cfg, inputs, &device_threads, link, collector.clone(), client, started, stop).await?;
         let outcomes = collector.send(TakeOutcomes).await?;
-        Ok::<_, anyhow::Error>((summary, outcomes))
+        // Joined before the process exits: no forward may still run while
+        // libtorch tears down.
+        device_threads.shutdown();
+        if let Some(pool) = embedded_pool {
+            pool.shutdown(Duration::from_secs(1));
+        }
+        if let Some(at) = signalled.get() {
+            eprintln!("fleet: stopped in {} ms", at.elapsed().as_millis());
+        }
+        Ok::<_, anyhow::Error>((run, outcomes))
     })?;
+    let summary = run.summary.clone();
 
     args.service.clear();
     print_summary(&summary);
@@ -124,8 +149,21 @@ pub fn run(args: FleetArgs) -> Result<()> {
         w.flush()?;
         println!("{} outcomes written to {}", outcomes.len(), path.display());
     }
-    if summary.outcomes != summary.inputs || summary.duplicates > 0 {
-        bail!("{} inputs but {} outcomes ({} duplicates): inputs were lost", summary.inputs, summary.outcomes, summary.duplicates);
+    if run.interrupted {
+        println!(
+            "interrupted after {} arrivals: {} decided, {} still queued at the devices were not run",
+            run.arrived, summary.inputs, run.not_run
+        );
+    }
+    if run.missing() > 0 || summary.duplicates > 0 {
+        bail!(
+            "{} inputs accepted but {} outcomes ({} duplicates): {} inputs were lost{}",
+            summary.inputs,
+            summary.outcomes,
+            summary.duplicates,
+            run.missing(),
+            if run.interrupted { " (still waiting for the cloud when the fleet stopped)" } else { "" }
+        );
     }
     Ok(())
 }

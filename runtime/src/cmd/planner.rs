@@ -13,10 +13,11 @@ use branchpoint_models::calibration::{self, CalibrationFile, Method};
 use branchpoint_models::planner::{default_candidate_p_tars, Costs, ModelStats};
 
 use crate::cli::PlannerArgs;
-use crate::cmd::worker::shutdown_signal;
+use crate::shutdown::{Stopping, GRACE};
 use crate::scenario::{compute_costs, read_profile_at, upload_bytes};
 
 pub fn run(args: PlannerArgs) -> Result<()> {
+    crate::shutdown::install("planner");
     if args.nats.nats.is_none() {
         bail!("branchpoint planner needs --nats URL: devices reach it over NATS");
     }
@@ -74,11 +75,16 @@ pub fn run(args: PlannerArgs) -> Result<()> {
                 branchpoint_messages::subjects::plan_device("<id>")
             )
         };
+        crate::shutdown::serving();
         tokio::select! {
-            r = serve_planner_nats(client, planner, ready) => r.context("serving the planner")?,
-            _ = shutdown_signal() => eprintln!("planner: shutting down"),
+            r = serve_planner_nats(client.clone(), planner, ready) => r.context("serving the planner")?,
+            sig = crate::shutdown::signal() => eprintln!("planner: {}: shutting down", sig.name()),
         }
+        let stopping = Stopping::new("planner", GRACE);
+        // Plans already published leave now, unless the server is gone.
+        stopping.step("flushing plans to NATS", std::time::Duration::from_millis(500), client.flush()).await;
         args.service.clear();
+        stopping.done();
         Ok::<(), anyhow::Error>(())
     })
 }

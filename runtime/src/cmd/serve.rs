@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::cli::ServeArgs;
-use crate::cmd::worker::shutdown_signal;
+use crate::shutdown::{Stopping, GRACE};
 
 /// The dashboard: one static page, no build step.
 const DASHBOARD: &str = include_str!("../../web/dashboard.html");
@@ -39,6 +39,7 @@ const DASHBOARD: &str = include_str!("../../web/dashboard.html");
 const REFIT_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub fn run(args: ServeArgs) -> Result<()> {
+    crate::shutdown::install("api");
     if args.nats.nats.is_none() {
         bail!("branchpoint serve needs --nats URL: the control plane reads and steers the system over NATS");
     }
@@ -51,7 +52,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if token.is_none() {
         eprintln!("api: no --token, so PUT /api/plan and POST /api/calibration/refit answer 401");
     }
-    tch::set_num_threads(1);
+    branchpoint_models::subnormal::prepare_tensor_thread(1);
     let model = branchpoint_models::load_model(&args.model, tch::Device::Cpu)?;
     let info = ModelInfo { sha256: model.card.weights_sha256.clone(), branches: model.net.num_branches() };
     drop(model);
@@ -66,13 +67,21 @@ pub fn run(args: ServeArgs) -> Result<()> {
         eprintln!("api listening on http://{} (dashboard at /, metrics at /metrics)", args.http.listen);
         let handle = server.handle();
         let served = actix::spawn(server);
-        shutdown_signal().await;
-        eprintln!("api: shutting down");
-        handle.stop(true).await;
-        let _ = served.await;
+        crate::shutdown::serving();
+        let sig = crate::shutdown::signal().await;
+        eprintln!("api: {}: shutting down", sig.name());
+        let stopping = Stopping::new("api", GRACE);
         fleets.abort();
         workers.abort();
+        // Requests in progress get a second to finish (the server's own
+        // shutdown timeout), then their connections are closed.
+        stopping.step("finishing HTTP requests in progress", Duration::from_secs(2), async {
+            handle.stop(true).await;
+            let _ = served.await;
+        })
+        .await;
         args.service.clear();
+        stopping.done();
         Ok::<(), anyhow::Error>(())
     })
 }
@@ -127,6 +136,8 @@ pub fn http_server(state: ApiState, listen: &str) -> Result<actix_web::dev::Serv
     })
     // The API is light; two threads keep a slow scrape from blocking a PUT.
     .workers(2)
+    // Stopping waits this long for requests in progress (see `run`).
+    .shutdown_timeout(1)
     .disable_signals()
     .bind(listen)
     .with_context(|| format!("could not listen on {listen}: is the address free? (--listen)"))?

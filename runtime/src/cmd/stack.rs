@@ -27,7 +27,6 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use crate::cli::{AutoscaleArgs, StackArgs};
-use crate::cmd::worker::shutdown_signal;
 
 /// The autoscaling settings from the command line.
 pub fn autoscale_config(a: &AutoscaleArgs, workers: usize) -> Result<AutoscaleConfig> {
@@ -137,10 +136,17 @@ impl Stack {
         }
     }
 
+    /// Stops every service within `shutdown::BOUND`: SIGTERM to all of them
+    /// at once (each drains within its own bound), SIGKILL to any still
+    /// running after the grace, then nats-server last, so the others can
+    /// still reach it while they stop.
     fn stop_all(&mut self) {
-        while let Some(mut s) = self.services.pop() {
-            terminate(&mut s.child, Duration::from_secs(5));
+        let (mut nats, mut rest): (Vec<Service>, Vec<Service>) = std::mem::take(&mut self.services).into_iter().partition(|s| s.name == "nats");
+        let grace = crate::shutdown::GRACE + Duration::from_millis(500);
+        for s in terminate_all(&mut rest, grace) {
+            eprintln!("stack: {s} did not stop within {} ms of SIGTERM; killed", grace.as_millis());
         }
+        terminate_all(&mut nats, Duration::from_millis(800));
     }
 
     fn write_file(&self, dir: &Path, nats_url: &str, listen: &str) {
@@ -162,6 +168,30 @@ fn die_with_parent(cmd: &mut Command) {
             Ok(())
         });
     }
+}
+
+/// SIGTERM to every service, then SIGKILL to those that have not exited
+/// within `grace`; returns their names.
+fn terminate_all(services: &mut [Service], grace: Duration) -> Vec<String> {
+    for s in services.iter() {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(s.child.id() as i32, libc::SIGTERM);
+        }
+    }
+    let until = Instant::now() + grace;
+    let mut killed = Vec::new();
+    for s in services.iter_mut() {
+        while Instant::now() < until && !matches!(s.child.try_wait(), Ok(Some(_))) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if !matches!(s.child.try_wait(), Ok(Some(_))) {
+            let _ = s.child.kill();
+            killed.push(s.name.clone());
+        }
+        let _ = s.child.wait();
+    }
+    killed
 }
 
 /// SIGTERM, then SIGKILL if the child has not exited within `grace`.
@@ -197,6 +227,7 @@ fn nats_server_binary(given: Option<&Path>) -> Result<PathBuf> {
 }
 
 pub fn run(args: StackArgs) -> Result<()> {
+    crate::shutdown::install("stack");
     let scale = autoscale_config(&args.autoscale, args.workers)?;
     if !args.model.is_file() {
         bail!("--model {}: no such file (run from the repository root, or give the path)", args.model.display());
@@ -294,8 +325,10 @@ pub fn run(args: StackArgs) -> Result<()> {
     let tick = Duration::from_millis(args.autoscale.scale_tick_ms);
     let system = actix::System::new();
     let result = system.block_on(supervise(&mut stack, &worker_base, scale, tick, &url, &args));
+    let stopping = Instant::now();
     stack.stop_all();
     let _ = std::fs::remove_file(args.dir.join("stack.json"));
+    eprintln!("stack: stopped in {} ms", stopping.elapsed().as_millis());
     result
 }
 
@@ -313,12 +346,13 @@ async fn supervise(stack: &mut Stack, worker_base: &[String], scale: AutoscaleCo
     let mut timeline = File::create(args.dir.join("workers.csv")).context("creating workers.csv")?;
     writeln!(timeline, "unix_s,workers,queue_delay_us,backlog")?;
     let mut ticker = tokio::time::interval(tick);
-    let shutdown = shutdown_signal();
+    crate::shutdown::serving();
+    let shutdown = crate::shutdown::signal();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            _ = &mut shutdown => {
-                eprintln!("stack: shutting down");
+            sig = &mut shutdown => {
+                eprintln!("stack: {}: stopping {} services", sig.name(), stack.services.len());
                 return Ok(());
             }
             Some(msg) = statuses.next() => {

@@ -97,6 +97,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
     )?;
     bar.finish_and_clear();
     let duration_s = started.elapsed().as_secs_f64();
+    // Flushing keeps training from making subnormals, but a weights file
+    // must hold none on any machine: zero what is left before measuring
+    // and saving, so the card describes exactly the file.
+    let zeroed = branchpoint_models::subnormal::zero_subnormal_weights(&vs);
+    if zeroed > 0 {
+        eprintln!("zeroed {zeroed} subnormal weights before saving");
+    }
 
     let test_logits = net.logits_for(&data.test.images, 500);
     let test_metrics: Vec<NamedExitMetrics> = exit_names

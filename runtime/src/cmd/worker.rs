@@ -12,6 +12,7 @@ use crate::cli::WorkerArgs;
 use crate::parse_device;
 
 pub fn run(args: WorkerArgs) -> Result<()> {
+    crate::shutdown::install("worker");
     if args.nats.nats.is_none() {
         bail!("branchpoint worker needs --nats URL: it serves offloads that devices send over NATS");
     }
@@ -20,7 +21,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     }
     let device = parse_device(&args.device)?;
     // One intra-op thread per compute thread: parallelism comes from the pool.
-    tch::set_num_threads(1);
+    branchpoint_models::subnormal::prepare_tensor_thread(1);
     let model = load_model(&args.model, device)?;
     let partition_points = model.net.architecture().partition_points.clone();
     drop(model);
@@ -39,6 +40,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             max_batch: args.max_batch,
             max_wait: Duration::from_micros(args.max_wait_us),
         };
+        let executor_pool = executor.clone();
         let batcher = Batcher::new(cfg, executor, partition_points).with_compute_threads(args.threads).start();
         let ready = {
             let (id, url) = (worker_id.clone(), args.nats.nats.clone().unwrap_or_default());
@@ -55,33 +57,47 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         let status_every = Duration::from_millis(args.status_interval_ms);
         let status = actix::spawn(publish_status(client.clone(), batcher.clone(), worker_id.clone(), status_every));
         let (batcher_for_drain, drain_client) = (batcher.clone(), client.clone());
-        tokio::select! {
-            r = serve_nats(client, batcher, worker_id.clone(), ready) => r.context("serving offloads")?,
-            _ = shutdown_signal() => eprintln!("worker {worker_id}: shutting down"),
+        let who = format!("worker {worker_id}");
+        crate::shutdown::serving();
+        let sig = tokio::select! {
+            r = serve_nats(client, batcher, worker_id.clone(), ready) => {
+                r.context("serving offloads")?;
+                None
+            }
+            sig = crate::shutdown::signal() => Some(sig),
+        };
+        let stopping = crate::shutdown::Stopping::new(&who, crate::shutdown::GRACE);
+        if let Some(sig) = sig {
+            eprintln!("{who}: {}: shutting down", sig.name());
         }
+        status.abort();
         // The subscription is gone with serve_nats's future, so no new
         // request arrives; answer those already here before exiting.
-        let until = std::time::Instant::now() + Duration::from_secs(3);
-        while std::time::Instant::now() < until {
-            match batcher_for_drain.send(GetWorkerStats).await {
-                Ok(s) if s.queue_depth > 0 => tokio::time::sleep(Duration::from_millis(10)).await,
-                _ => break,
+        let drained = stopping
+            .step("answering the requests already received", Duration::from_secs(2), async {
+                loop {
+                    match batcher_for_drain.send(GetWorkerStats).await {
+                        Ok(s) if s.queue_depth > 0 => tokio::time::sleep(Duration::from_millis(5)).await,
+                        _ => break,
+                    }
+                }
+            })
+            .await;
+        if drained.is_none() {
+            if let Ok(s) = batcher_for_drain.send(GetWorkerStats).await {
+                eprintln!("{who}: {} request(s) not answered; their devices fall back to their own answers", s.queue_depth);
             }
         }
-        // Replies are published by spawned tasks: let them run, then flush.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let _ = drain_client.flush().await;
-        status.abort();
+        // Replies are published by spawned tasks: let them run, then flush,
+        // unless the server is gone (a flush would wait for it forever).
+        tokio::task::yield_now().await;
+        stopping.step("flushing replies to NATS", Duration::from_millis(500), drain_client.flush()).await;
+        let still = executor_pool.shutdown(stopping.left());
+        if !still.is_empty() {
+            eprintln!("{who}: compute threads {still:?} still busy");
+        }
         args.service.clear();
+        stopping.done();
         Ok::<(), anyhow::Error>(())
     })
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
-    }
 }

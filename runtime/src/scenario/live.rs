@@ -20,7 +20,7 @@ use branchpoint_actors::collector::{Collector, Decided, TakeOutcomes};
 use branchpoint_actors::compute::{Executor, ModelSpec};
 use branchpoint_actors::device::{DeviceConfig, Infer};
 use branchpoint_actors::emulation::{EmulationSpec, ReportTo};
-use branchpoint_actors::fleet::{forward_updates, publish_status, DeviceThreads, TestInputs};
+use branchpoint_actors::fleet::{drain, forward_updates, publish_status, DeviceThreads, TestInputs};
 use branchpoint_actors::planner::{serve_planner_nats, Planner, TakePlanLog};
 use branchpoint_actors::transport::OffloadLink;
 use branchpoint_actors::worker::{publish_status as publish_worker_status, serve_nats, Batcher, WorkerConfig};
@@ -183,6 +183,7 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                         probe_bytes: cfg.probe_bytes,
                         arrival_rate: sim.rate,
                     }),
+                    interrupt: Default::default(),
                 });
                 places.push((gi, k, sim.rate));
             }
@@ -230,33 +231,38 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                     let i = claimed.get();
                     claimed.set(i + 1);
                     let x = i % inputs.len();
-                    device.do_send(Infer { arrival: i as u64, input_index: x, input: inputs.images[x].clone(), label: inputs.labels[x] });
+                    let arrived = Instant::now();
+                    device.do_send(Infer { arrival: i as u64, arrived, input_index: x, input: inputs.images[x].clone(), label: inputs.labels[x] });
                 }
             }));
         }
         for t in tasks {
             let _ = t.await;
         }
+        // Every input gets its outcome, however far behind the device
+        // threads are; an offload ends by its deadline at the latest.
         let longest = cfg.groups.iter().map(|g| g.deadline_us).max().unwrap_or(0);
-        let until = Instant::now() + Duration::from_micros(longest) + Duration::from_secs(5);
-        loop {
-            let sum = collector.send(branchpoint_actors::collector::GetSummary).await?;
-            if sum.outcomes >= claimed.get() || Instant::now() >= until {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let stall = Duration::from_micros(longest) + Duration::from_secs(5);
+        let no_interrupt = branchpoint_actors::device::Interrupt::default();
+        drain(&collector, claimed.get(), &no_interrupt, stall, Duration::ZERO, std::future::pending(), None).await?;
         if let (Some(task), Some(c)) = (status, &client) {
             task.abort();
-            publish_status(c, &fleet_id, "replay", &named, &collector, status_started, false).await;
-            let _ = c.flush().await;
+            let last = async {
+                publish_status(c, &fleet_id, "replay", &named, &collector, status_started, false).await;
+                let _ = c.flush().await;
+            };
+            if tokio::time::timeout(Duration::from_secs(1), last).await.is_err() {
+                eprintln!("run: could not publish the policy's last status (NATS unreachable)");
+            }
         }
         let outcomes = collector.send(TakeOutcomes).await?;
         let log = match &planner {
             Some(p) => p.send(TakePlanLog).await?,
             None => Vec::new(),
         };
-        drop(threads);
+        // Joined before the next policy starts and before the process exits.
+        let mut threads = threads;
+        threads.shutdown();
         Ok::<_, anyhow::Error>((outcomes, log, claimed.get(), epoch_unix))
     })?;
 

@@ -230,3 +230,48 @@ pub fn network_report(device_id: &str, us_per_byte: f64) -> branchpoint_messages
         arrival_rate: Some(10.0),
     }
 }
+
+/// Every message on one NATS subject since it was created, decoded (the
+/// undecodable skipped), collected by a thread of its own: a test waits on
+/// it for evidence (a worker's status, a fleet's status) instead of sleeping.
+pub struct Watch<T> {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<T>>>,
+}
+
+impl<T: branchpoint_messages::Message + Send + 'static> Watch<T> {
+    /// Returns once the subscription is in place at the server.
+    pub fn new(url: &str, subject: &str) -> Self {
+        use futures::StreamExt;
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (url, subject, sink) = (url.to_string(), subject.to_string(), seen.clone());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let client = async_nats::connect(&url).await.expect("the watch connects");
+                let mut sub = client.subscribe(subject).await.expect("the watch subscribes");
+                client.flush().await.expect("the subscription reaches the server");
+                let _ = ready_tx.send(());
+                // Ends when the server goes away with the test.
+                while let Some(msg) = sub.next().await {
+                    if let Ok(m) = branchpoint_messages::decode::<T>(&msg.payload) {
+                        sink.lock().unwrap().push(m);
+                    }
+                }
+            });
+        });
+        ready_rx.recv_timeout(Duration::from_secs(10)).expect("the watch subscribed within 10 s");
+        Watch { seen }
+    }
+
+    /// Waits until `f` finds what it needs among the messages so far.
+    pub fn wait<R>(&self, what: &str, within: Duration, mut f: impl FnMut(&[T]) -> Option<R>) -> R {
+        wait_for(what, within, || f(&self.seen.lock().unwrap()))
+    }
+}
+
+/// Sends `signal` to a running child.
+pub fn send_signal(child: &Child, signal: i32) {
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0, "signal {signal} delivered to {}", child.id());
+}
