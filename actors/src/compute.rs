@@ -201,7 +201,7 @@ impl<S: 'static> TensorPool<S> {
             None => Err(format!("{name}: shut down")),
         };
         async move {
-            queued.map_err(|reason| ActorError::Compute(reason))?;
+            queued.map_err(ActorError::Compute)?;
             rx.await.map_err(|_| ActorError::Compute(format!("{name}: the job was dropped (it panicked, or the pool shut down)")))
         }
     }

@@ -280,13 +280,12 @@ mod tests {
         for (right, of, p_tar, reaches) in table {
             assert_eq!(reaches_target(right, of, p_tar), reaches, "{right} of {of} at p_tar {p_tar}");
         }
-        assert!((55.0f64) < 0.55 * 100.0, "the float rule this replaces would be wrong here");
 
         // A batch of 100 decided on the device, 55 right: at 0.55 it is not in
         // outage and meets the target; at 0.56 it is in outage.
         let conf = vec![0.99; 100];
         let right: Vec<bool> = (0..100).map(|i| i < 55).collect();
-        let d = decisions(&conf, &right, &vec![true; 100]);
+        let d = decisions(&conf, &right, &[true; 100]);
         let at = |p: f64| sweep_row(&d, p, 100, &LAT, 100.0);
         assert_eq!((at(0.55).outage_prob, at(0.55).meets_p_tar), (0.0, Some(true)));
         assert_eq!((at(0.56).outage_prob, at(0.56).meets_p_tar), (1.0, Some(false)));

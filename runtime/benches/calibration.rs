@@ -27,6 +27,8 @@ fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
+    // Before any thread exists: libtorch's intra-op threads inherit it.
+    branchpoint_models::subnormal::flush_subnormals();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let model = load_model(&root.join("models/balexnet-fmnist.safetensors"), tch::Device::Cpu).expect("shipped model");
     let kind = model.card.dataset.name;

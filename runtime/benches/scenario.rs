@@ -17,6 +17,8 @@ use branchpoint::scenario::{self, Scenario};
 use branchpoint_models::{load_model, Dataset};
 
 fn main() {
+    // Before any thread exists: libtorch's intra-op threads inherit it.
+    branchpoint_models::subnormal::flush_subnormals();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
     let path = root.join("scenarios/cellular-trace.toml");
     let text = std::fs::read_to_string(&path).unwrap().replace("duration_s = 140.0", "duration_s = 600.0").replace("devices = 20", "devices = 100");

@@ -105,14 +105,12 @@ pub fn requested() -> Option<Signal> {
 
 /// Resolves once a signal has asked the process to stop (checked every
 /// 10 ms: the handler itself may only touch atomics).
-pub fn signal() -> impl Future<Output = Signal> + 'static {
-    async {
-        loop {
-            if let Some(s) = requested() {
-                return s;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+pub async fn signal() -> Signal {
+    loop {
+        if let Some(s) = requested() {
+            return s;
         }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

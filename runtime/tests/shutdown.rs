@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 use std::process::ExitStatus;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use branchpoint::shutdown::BOUND;
 use common::*;
@@ -19,20 +19,9 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Sends `signal` to the service and waits for it to exit: its exit status
-/// and how long it took. Fails the test if it is still running after
-/// twice the bound (so a hang says so rather than hanging the test).
+/// Stops the service with `signal`: its exit status and how long it took.
 fn stop(service: &mut Proc, signal: i32) -> (ExitStatus, Duration) {
-    // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(service.0.id() as i32, signal) }, 0, "the signal was delivered");
-    let sent = Instant::now();
-    loop {
-        if let Some(status) = service.0.try_wait().unwrap() {
-            return (status, sent.elapsed());
-        }
-        assert!(sent.elapsed() < 2 * BOUND, "still running {:?} after signal {signal}", sent.elapsed());
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    stop_with(&mut service.0, signal, 2 * BOUND)
 }
 
 /// Whether NATS is still up when the service is stopped.

@@ -388,7 +388,9 @@ async fn supervise(stack: &mut Stack, worker_base: &[String], scale: AutoscaleCo
                 };
                 let target = autoscaler.tick(load);
                 let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-                writeln!(timeline, "{now:.3},{},{:.0},{:.0}", load.workers, load.queue_delay_us, load.backlog)?;
+                // Full precision: the rows are exactly what the policy saw, so
+                // its decisions can be replayed from them.
+                writeln!(timeline, "{now:.3},{},{},{}", load.workers, load.queue_delay_us, load.backlog)?;
                 if target != load.workers {
                     eprintln!(
                         "stack: autoscaler: {} -> {target} workers (queue delay {:.1} ms, backlog {:.0})",

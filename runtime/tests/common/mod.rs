@@ -275,3 +275,18 @@ pub fn send_signal(child: &Child, signal: i32) {
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0, "signal {signal} delivered to {}", child.id());
 }
+
+/// Sends `signal` and waits for the child to exit: its status and how long
+/// it took. Fails the test if it is still running after `give_up`, so that a
+/// hang says so instead of hanging the test.
+pub fn stop_with(child: &mut Child, signal: i32, give_up: Duration) -> (std::process::ExitStatus, Duration) {
+    send_signal(child, signal);
+    let sent = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return (status, sent.elapsed());
+        }
+        assert!(sent.elapsed() < give_up, "still running {:?} after signal {signal}", sent.elapsed());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
