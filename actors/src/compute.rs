@@ -19,7 +19,7 @@
 //! destructors).
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -86,6 +86,33 @@ impl LoadedNet {
 
 type Job<S> = Box<dyn FnOnce(&mut S) + Send>;
 
+/// Pool threads alive in this process (see `tensor_threads_running`).
+static POOL_THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts a pool thread for as long as it lives.
+struct PoolThread;
+
+impl PoolThread {
+    fn enter() -> Self {
+        POOL_THREADS.fetch_add(1, Ordering::AcqRel);
+        PoolThread
+    }
+}
+
+impl Drop for PoolThread {
+    fn drop(&mut self) {
+        POOL_THREADS.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Tensor-pool threads still alive: a shutdown that could not join one (a
+/// forward longer than its bound) leaves it running, and then the process
+/// must end without running libtorch's static destructors (`_exit`), or
+/// they race the forward and crash.
+pub fn tensor_threads_running() -> usize {
+    POOL_THREADS.load(Ordering::Acquire)
+}
+
 /// Threads that run tensors, each owning state `S` built on the thread (see
 /// the module doc). Cloning shares the pool; the last handle dropped shuts
 /// it down.
@@ -128,6 +155,7 @@ impl<S: 'static> TensorPool<S> {
             let (rx, build, built_tx, closing) = (rx.clone(), build.clone(), built_tx.clone(), closing.clone());
             let thread_name = format!("{name}-{i}");
             let spawned = std::thread::Builder::new().name(thread_name.clone()).spawn(move || {
+                let _alive = PoolThread::enter();
                 prepare_tensor_thread(1);
                 let mut state = match build() {
                     Ok(s) => s,
@@ -347,4 +375,94 @@ pub struct TailOutput {
 
 fn to_vec(t: &Tensor) -> Result<Vec<f32>, ActorError> {
     Ok(Vec::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1)).map_err(branchpoint_models::ModelError::from)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::executor::block_on;
+
+    #[test]
+    fn jobs_run_on_pool_threads_with_their_own_state() {
+        let pool = TensorPool::start("t", 2, 8, || Ok(Vec::<u32>::new())).unwrap();
+        let results: Vec<(String, usize)> = (0..20)
+            .map(|i| {
+                block_on(pool.run(move |seen: &mut Vec<u32>| {
+                    seen.push(i);
+                    (std::thread::current().name().unwrap_or("").to_string(), seen.len())
+                }))
+                .unwrap()
+            })
+            .collect();
+        assert!(results.iter().all(|(name, _)| name.starts_with("t-")), "{results:?}");
+        // Each thread counts only the jobs it ran itself.
+        assert_eq!(results.iter().filter(|(_, n)| *n == 1).count(), results.iter().map(|(t, _)| t).collect::<std::collections::BTreeSet<_>>().len());
+        assert!(subnormal_flag_on_pool(&pool), "pool threads flush subnormals");
+    }
+
+    fn subnormal_flag_on_pool<S: 'static>(pool: &TensorPool<S>) -> bool {
+        block_on(pool.run(|_| branchpoint_models::subnormal::subnormals_flushed())).unwrap()
+    }
+
+    #[test]
+    fn a_panicking_job_is_an_error_and_the_pool_keeps_serving() {
+        let pool = TensorPool::start("p", 1, 4, || Ok(0u32)).unwrap();
+        let e = block_on(pool.run(|_: &mut u32| -> u32 { panic!("boom") })).unwrap_err();
+        assert!(e.to_string().contains("dropped"), "{e}");
+        assert_eq!(block_on(pool.run(|n: &mut u32| *n + 7)).unwrap(), 7, "state rebuilt, still serving");
+    }
+
+    #[test]
+    fn shutdown_waits_for_the_job_in_progress_and_refuses_new_ones() {
+        let pool = TensorPool::start("s", 1, 4, || Ok(())).unwrap();
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let done = Arc::new(AtomicBool::new(false));
+        let flag = done.clone();
+        let running = pool.run(move |_| {
+            started_tx.send(()).unwrap();
+            let _ = release_rx.recv();
+            flag.store(true, Ordering::Release);
+        });
+        started_rx.recv().unwrap();
+        let queued = pool.run(|_| ());
+        let stopper = {
+            let pool = pool.clone();
+            std::thread::spawn(move || pool.shutdown(Duration::from_secs(60)))
+        };
+        // The queue closes first (probes queued meanwhile are dropped with
+        // the rest): then release the running job.
+        use futures::FutureExt;
+        while !matches!(pool.run(|_| ()).now_or_never(), Some(Err(e)) if e.to_string().contains("shut down")) {
+            std::thread::yield_now();
+        }
+        release_tx.send(()).unwrap();
+        assert!(stopper.join().unwrap().is_empty(), "joined within the bound");
+        assert!(done.load(Ordering::Acquire), "shutdown returned only after the running job ended");
+        assert!(block_on(running).is_ok());
+        assert!(block_on(queued).is_err(), "a job still queued at shutdown is answered with an error");
+    }
+
+    #[test]
+    fn a_full_queue_is_refused_at_once() {
+        let pool = TensorPool::start("q", 1, 1, || Ok(())).unwrap();
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let blocker = pool.run(move |_| {
+            started_tx.send(()).unwrap();
+            let _ = release_rx.recv();
+        });
+        started_rx.recv().unwrap();
+        let waiting = pool.run(|_| ());
+        let refused = block_on(pool.run(|_| ())).unwrap_err();
+        assert!(refused.to_string().contains("queue is full"), "{refused}");
+        release_tx.send(()).unwrap();
+        assert!(block_on(blocker).is_ok() && block_on(waiting).is_ok());
+    }
+
+    #[test]
+    fn a_thread_that_cannot_build_its_state_fails_the_start() {
+        let e = TensorPool::<()>::start("b", 2, 2, || Err(ActorError::Invalid { what: "model".into(), reason: "no such file".into() })).err().unwrap();
+        assert!(e.to_string().contains("no such file"), "{e}");
+    }
 }

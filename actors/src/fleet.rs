@@ -59,6 +59,22 @@ impl DeviceThreads {
         Ok(Self { hosts })
     }
 
+    /// Stops every device thread and waits for it to exit: a head in
+    /// progress finishes, the devices and inputs still in their mailboxes
+    /// are dropped. Call it once the fleet has drained; dropping does it too.
+    pub fn shutdown(&mut self) {
+        let hosts = std::mem::take(&mut self.hosts);
+        for (arbiter, _) in &hosts {
+            arbiter.stop();
+        }
+        for (arbiter, host) in hosts {
+            drop(host);
+            // Joined, so no head still runs when the process tears libtorch
+            // down; a thread that panicked has said so on stderr.
+            let _ = arbiter.join();
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.hosts.len()
     }
@@ -88,24 +104,6 @@ impl DeviceThreads {
             }
         }
         Ok(out.into_iter().flatten().collect())
-    }
-}
-
-impl DeviceThreads {
-    /// Stops every device thread and waits for it to exit: a head in
-    /// progress finishes, the devices and inputs still in their mailboxes
-    /// are dropped. Call it once the fleet has drained; dropping does it too.
-    pub fn shutdown(&mut self) {
-        let hosts = std::mem::take(&mut self.hosts);
-        for (arbiter, _) in &hosts {
-            arbiter.stop();
-        }
-        for (arbiter, host) in hosts {
-            drop(host);
-            // Joined, so no head still runs when the process tears libtorch
-            // down; a thread that panicked has said so on stderr.
-            let _ = arbiter.join();
-        }
     }
 }
 
@@ -179,7 +177,9 @@ pub struct FleetConfig {
     pub seed: u64,
     /// Template for every device; ids become `{id}-{index}`.
     pub device: DeviceConfig,
-    /// How long to wait for outstanding outcomes after the last arrival.
+    /// After the last arrival, how long the drain waits without any input
+    /// being decided before it gives up on the rest (an offload ends by its
+    /// deadline, so the deadline and a margin).
     pub drain: Duration,
     /// Group of every device, for plan updates addressed to a group.
     pub group: String,

@@ -14,11 +14,23 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match branchpoint::run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+    let code = match branchpoint::run(cli) {
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            1
         }
+    };
+    // Every command joins its tensor threads; one that could not (a forward
+    // outlasting its shutdown bound) must not meet libtorch's teardown.
+    let running = branchpoint_actors::compute::tensor_threads_running();
+    if running > 0 {
+        eprintln!("{running} compute thread(s) still running; exiting without waiting for them");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        // SAFETY: _exit ends the process at once, skipping the destructors
+        // that would race the running thread.
+        unsafe { libc::_exit(code) }
     }
+    ExitCode::from(code as u8)
 }
