@@ -7,7 +7,7 @@ setup:
 	@scripts/setup.sh
 
 # The main job: replay the shipped LTE-handover scenario under every policy
-# (about 15 s here); it prints where report.json and the plots are.
+# (about 6 s here); it prints where report.json and the plots are.
 demo: setup
 	./target/release/branchpoint run scenarios/lte-handover.toml
 
