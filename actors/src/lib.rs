@@ -1,8 +1,9 @@
 //! Actors of branchpoint: device, cloud worker, collector, fleet driver, and
-//! the sync compute pools they share.
+//! the compute pools they share.
 //!
-//! Tensor work happens only in `compute` (sync actors on their own threads);
-//! everything else runs on the actix event loop. Wire types from
+//! Tensor work happens only on threads that own a copy of the network: the
+//! device threads (`fleet::DeviceThreads`) and the `compute::TensorPool`s of
+//! workers and the calibrator; everything else runs on the actix event loop. Wire types from
 //! `branchpoint-messages` are used only at the NATS edge (`transport`,
 //! `worker::serve_nats`); inside a process actors exchange their own messages.
 pub mod calibration;
