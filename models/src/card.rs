@@ -16,7 +16,7 @@ use tch::{nn, Device, Tensor};
 use crate::data::{DatasetKind, Normalization, SplitInfo};
 use crate::error::{ModelError, Result};
 use crate::metrics::ExitMetrics;
-use crate::net::{Architecture, EarlyExitNet, ARCHITECTURE_NAME};
+use crate::net::{Architecture, EarlyExitNet, ARCHITECTURES};
 use crate::train::{EpochSummary, TrainConfig};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -71,10 +71,10 @@ impl ModelCard {
             .map_err(|e| ModelError::BadModelCard { path: path.to_path_buf(), reason: e.to_string() })?;
         let card: ModelCard = serde_json::from_str(&text)
             .map_err(|e| ModelError::BadModelCard { path: path.to_path_buf(), reason: e.to_string() })?;
-        if card.architecture.name != ARCHITECTURE_NAME {
+        if !ARCHITECTURES.contains(&card.architecture.name.as_str()) {
             return Err(ModelError::BadModelCard {
                 path: path.to_path_buf(),
-                reason: format!("architecture {:?} is not one this build knows ({ARCHITECTURE_NAME:?})", card.architecture.name),
+                reason: format!("architecture {:?} is not one this build knows ({ARCHITECTURES:?})", card.architecture.name),
             });
         }
         Ok(card)
@@ -127,7 +127,7 @@ pub fn load_model(weights: &Path, device: Device) -> Result<LoadedModel> {
         });
     }
     let mut vs = nn::VarStore::new(device);
-    let net = EarlyExitNet::new(&vs.root(), card.architecture.input, card.architecture.num_classes);
+    let net = EarlyExitNet::build(&vs.root(), &card.architecture.name, card.architecture.input, card.architecture.num_classes)?;
     if net.architecture() != &card.architecture {
         return Err(ModelError::BadModelCard {
             path: card_file,

@@ -18,9 +18,13 @@ use tch::{Device, Kind, Tensor};
 use crate::data::InputShape;
 use crate::error::{ModelError, Result};
 
-/// Name of the architecture defined here. Recorded in the model card; a card
-/// naming another architecture is refused.
-pub const ARCHITECTURE_NAME: &str = "b-alexnet-small";
+/// The architecture `train` builds unless told otherwise (the first
+/// shipped model's).
+pub const DEFAULT_ARCHITECTURE: &str = "b-alexnet-small";
+
+/// The architectures this build can construct, by the name a model card
+/// records; a card naming another is refused.
+pub const ARCHITECTURES: [&str; 2] = ["b-alexnet-small", "b-vgg-small"];
 
 /// A human- and machine-readable summary of the network, stored in the model
 /// card: what each stage and branch computes and what crosses each cut.
@@ -152,13 +156,23 @@ impl<'a> Builder<'a> {
     }
 }
 
-/// The early-exit CNN, in the spirit of B-AlexNet (BranchyNet), sized for
-/// 28x28x1 (Fashion-MNIST) and 32x32x3 (CIFAR-10) inputs.
+/// An early-exit CNN: stages, side branches after some of them, and the
+/// final exit. Two architectures, both sized for 28x28x1 (Fashion-MNIST) and
+/// 32x32x3 (CIFAR-10) inputs:
 ///
+/// `b-alexnet-small`, in the spirit of B-AlexNet (BranchyNet):
 /// stage1: conv5x5(C->32) maxpool  | branch1: avgpool to 5x5, linear (weak, cheap)
 /// stage2: conv3x3(32->64) maxpool | branch2: conv3x3(64->32), linear
 /// stage3: 2x conv3x3(->96) maxpool
 /// final:  linear(->256) relu dropout linear(->10)
+///
+/// `b-vgg-small`, deeper and wider, three side branches, no dropout (the
+/// kind of network that overfits its training set and grows overconfident):
+/// stage1: conv3x3(C->32) maxpool            | branch1: avgpool to 4x4, linear
+/// stage2: conv3x3(32->64) maxpool           | branch2: conv3x3(64->32), avgpool to 3x3, linear
+/// stage3: 2x conv3x3(->128) maxpool         | branch3: linear
+/// stage4: conv3x3(128->256)
+/// final:  linear(->512) relu linear(->10)
 pub struct EarlyExitNet {
     arch: Architecture,
     stages: Vec<nn::SequentialT>,
@@ -176,35 +190,74 @@ impl std::fmt::Debug for EarlyExitNet {
 }
 
 impl EarlyExitNet {
-    /// Builds the network's variables under `root` (fresh initialisation; load
-    /// weights into the VarStore afterwards).
+    /// Builds the default architecture's variables under `root` (fresh
+    /// initialisation; load weights into the VarStore afterwards).
     pub fn new(root: &nn::Path, input: InputShape, num_classes: i64) -> Self {
-        let in_shape = input.dims().to_vec();
+        Self::build(root, DEFAULT_ARCHITECTURE, input, num_classes).expect("the default architecture exists")
+    }
 
-        let s1 = Builder::new(root / "stage1", &in_shape).conv_bn_relu(32, 5).max_pool2();
-        // Branch 1 sees a coarse 5x5 summary of stage 1: cheap, and weaker
-        // than the deeper exits, so offloading buys accuracy.
-        let b1 = Builder::new(root / "branch1", &s1.shape).avg_pool_to(5).flatten().linear("fc", num_classes);
-        let s2 = Builder::new(root / "stage2", &s1.shape).conv_bn_relu(64, 3).max_pool2();
-        let b2 = Builder::new(root / "branch2", &s2.shape).conv_bn_relu(32, 3).flatten().linear("fc", num_classes);
-        let s3 = Builder::new(root / "stage3", &s2.shape).conv_bn_relu(96, 3).conv_bn_relu(96, 3).max_pool2();
-        let fin = Builder::new(root / "final", &s3.shape)
-            .flatten()
-            .linear("fc1", 256)
-            .relu()
-            .dropout(0.5)
-            .linear("fc2", num_classes);
+    /// Builds the architecture `name` (one of `ARCHITECTURES`) under `root`.
+    pub fn build(root: &nn::Path, name: &str, input: InputShape, num_classes: i64) -> Result<Self> {
+        let x = input.dims().to_vec();
+        let net = match name {
+            "b-alexnet-small" => {
+                let s1 = Builder::new(root / "stage1", &x).conv_bn_relu(32, 5).max_pool2();
+                // Branch 1 sees a coarse 5x5 summary of stage 1: cheap, and weaker
+                // than the deeper exits, so offloading buys accuracy.
+                let b1 = Builder::new(root / "branch1", &s1.shape).avg_pool_to(5).flatten().linear("fc", num_classes);
+                let s2 = Builder::new(root / "stage2", &s1.shape).conv_bn_relu(64, 3).max_pool2();
+                let b2 = Builder::new(root / "branch2", &s2.shape).conv_bn_relu(32, 3).flatten().linear("fc", num_classes);
+                let s3 = Builder::new(root / "stage3", &s2.shape).conv_bn_relu(96, 3).conv_bn_relu(96, 3).max_pool2();
+                let fin = Builder::new(root / "final", &s3.shape).flatten().linear("fc1", 256).relu().dropout(0.5).linear("fc2", num_classes);
+                Self::assemble(root, name, input, num_classes, vec![("stage1", s1), ("stage2", s2), ("stage3", s3)], vec![(0, b1), (1, b2)], fin)
+            }
+            "b-vgg-small" => {
+                let s1 = Builder::new(root / "stage1", &x).conv_bn_relu(32, 3).max_pool2();
+                let b1 = Builder::new(root / "branch1", &s1.shape).avg_pool_to(4).flatten().linear("fc", num_classes);
+                let s2 = Builder::new(root / "stage2", &s1.shape).conv_bn_relu(64, 3).max_pool2();
+                let b2 = Builder::new(root / "branch2", &s2.shape).conv_bn_relu(32, 3).avg_pool_to(3).flatten().linear("fc", num_classes);
+                let s3 = Builder::new(root / "stage3", &s2.shape).conv_bn_relu(128, 3).conv_bn_relu(128, 3).max_pool2();
+                let b3 = Builder::new(root / "branch3", &s3.shape).flatten().linear("fc", num_classes);
+                let s4 = Builder::new(root / "stage4", &s3.shape).conv_bn_relu(256, 3);
+                let fin = Builder::new(root / "final", &s4.shape).flatten().linear("fc1", 512).relu().linear("fc2", num_classes);
+                Self::assemble(
+                    root,
+                    name,
+                    input,
+                    num_classes,
+                    vec![("stage1", s1), ("stage2", s2), ("stage3", s3), ("stage4", s4)],
+                    vec![(0, b1), (1, b2), (2, b3)],
+                    fin,
+                )
+            }
+            other => {
+                return Err(ModelError::InvalidArgument {
+                    what: "architecture".into(),
+                    reason: format!("{other:?} is not one this build knows; use one of {ARCHITECTURES:?}"),
+                })
+            }
+        };
+        Ok(net)
+    }
 
-        let branch_after = vec![0, 1];
-        let stage_builders = [("stage1", s1), ("stage2", s2), ("stage3", s3)];
-        let stage_specs: Vec<StageSpec> = stage_builders
-            .iter()
-            .map(|(name, b)| StageSpec { name: name.to_string(), layers: b.layers.clone(), output_shape: b.shape.clone() })
-            .collect();
-        let branch_specs: Vec<BranchSpec> = [&b1, &b2]
+    /// The network from its built parts; `branches` are (0-based index of the
+    /// stage the branch follows, the branch), in order.
+    fn assemble(
+        root: &nn::Path,
+        name: &str,
+        input: InputShape,
+        num_classes: i64,
+        stages: Vec<(&str, Builder)>,
+        branches: Vec<(usize, Builder)>,
+        fin: Builder,
+    ) -> Self {
+        let stage_specs: Vec<StageSpec> =
+            stages.iter().map(|(name, b)| StageSpec { name: name.to_string(), layers: b.layers.clone(), output_shape: b.shape.clone() }).collect();
+        let branch_after: Vec<usize> = branches.iter().map(|(after, _)| *after).collect();
+        let branch_specs: Vec<BranchSpec> = branches
             .iter()
             .enumerate()
-            .map(|(i, b)| BranchSpec { branch: i + 1, after_stage: branch_after[i] + 1, layers: b.layers.clone() })
+            .map(|(i, (after, b))| BranchSpec { branch: i + 1, after_stage: after + 1, layers: b.layers.clone() })
             .collect();
         let partition_points = branch_specs
             .iter()
@@ -215,7 +268,7 @@ impl EarlyExitNet {
             })
             .collect();
         let arch = Architecture {
-            name: ARCHITECTURE_NAME.to_string(),
+            name: name.to_string(),
             input,
             num_classes,
             stages: stage_specs,
@@ -223,11 +276,10 @@ impl EarlyExitNet {
             final_exit: fin.layers.clone(),
             partition_points,
         };
-        let [(_, s1), (_, s2), (_, s3)] = stage_builders;
         Self {
             arch,
-            stages: vec![s1.seq, s2.seq, s3.seq],
-            branches: vec![b1.seq, b2.seq],
+            stages: stages.into_iter().map(|(_, b)| b.seq).collect(),
+            branches: branches.into_iter().map(|(_, b)| b.seq).collect(),
             branch_after,
             final_exit: fin.seq,
             device: root.device(),

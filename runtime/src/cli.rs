@@ -459,9 +459,15 @@ pub struct TrainArgs {
     /// Peak learning rate of Adam (decayed to zero on a cosine schedule).
     #[arg(long, default_value_t = 2e-3, value_name = "LR")]
     pub learning_rate: f64,
-    /// Loss weight of each exit, comma-separated: branches in order, then final.
-    #[arg(long, default_value = "0.5,0.5,1", value_name = "W,W,W", value_delimiter = ',')]
-    pub exit_weights: Vec<f64>,
+    /// Loss weight of each exit, comma-separated: branches in order, then final [default: 0.5 per branch, 1 for final].
+    #[arg(long, value_name = "W,W,W", value_delimiter = ',')]
+    pub exit_weights: Option<Vec<f64>>,
+    /// Network to train: b-alexnet-small (2 side branches) or b-vgg-small (3 side branches, deeper and wider, no dropout).
+    #[arg(long, default_value = "b-alexnet-small", value_name = "NAME")]
+    pub architecture: String,
+    /// Adam's L2 weight decay (0: none).
+    #[arg(long, default_value_t = 1e-4, value_name = "WD")]
+    pub weight_decay: f64,
     /// Inputs held out of the training set for validation (calibration uses them).
     #[arg(long, default_value_t = 5000, value_name = "N")]
     pub validation_size: usize,

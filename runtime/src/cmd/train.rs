@@ -19,20 +19,24 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let kind = DatasetKind::parse(&args.dataset)?;
     let device = parse_device(&args.compute.device)?;
     set_threads(args.compute.threads)?;
+    if !(args.weight_decay.is_finite() && args.weight_decay >= 0.0) {
+        bail!("--weight-decay {}: give a non-negative number", args.weight_decay);
+    }
+
+    tch::manual_seed(args.seed as i64);
+    let vs = nn::VarStore::new(device);
+    let net = EarlyExitNet::build(&vs.root(), &args.architecture, kind.input_shape(), kind.num_classes()).context("--architecture")?;
+    let branches = net.num_branches();
     let cfg = TrainConfig {
         epochs: args.epochs,
         batch_size: args.batch_size,
         learning_rate: args.learning_rate,
-        weight_decay: TrainConfig::default().weight_decay,
-        exit_weights: args.exit_weights.clone(),
+        weight_decay: args.weight_decay,
+        exit_weights: args.exit_weights.clone().unwrap_or_else(|| std::iter::repeat_n(0.5, branches).chain([1.0]).collect()),
         seed: args.seed,
         augment: !args.no_augment,
     };
-
-    tch::manual_seed(args.seed as i64);
-    let vs = nn::VarStore::new(device);
-    let net = EarlyExitNet::new(&vs.root(), kind.input_shape(), kind.num_classes());
-    cfg.validate(net.architecture().num_exits())?;
+    cfg.validate(net.architecture().num_exits()).context("--exit-weights")?;
     let exit_names = net.architecture().exit_names();
     let data_dir = args.data_dir.clone().unwrap_or_else(|| kind.default_dir());
     eprintln!("loading {} from {}", kind.name(), data_dir.display());

@@ -1,0 +1,376 @@
+//! Certified thresholds: a branch's exit threshold chosen so that its
+//! on-device accuracy is at least a target `a` with probability at least
+//! `1 - delta`, whatever the calibration of its confidences.
+//!
+//! Temperature scaling makes confidence track accuracy on average, with no
+//! guarantee. Learn-then-Test (Angelopoulos et al., 2021; for early exits,
+//! Jazbec et al., NeurIPS 2024) turns threshold selection into multiple
+//! testing on a calibration split: for each threshold `l` of a grid fixed in
+//! advance, from high to low, test the null hypothesis "the error rate of
+//! the inputs with confidence >= l is above 1 - a" with an exact binomial
+//! test, and keep going while it is rejected at level `delta` (fixed-sequence
+//! testing needs no correction for the number of thresholds). The lowest
+//! threshold rejected is certified; if the first is not rejected, none is
+//! and the branch offloads everything.
+//!
+//! The binomial test rejects exactly when the Clopper-Pearson upper
+//! confidence bound on the error rate is at most 1 - a: with k errors among
+//! the n inputs that exit, the p-value is P(Binomial(n, 1 - a) <= k).
+//! Thresholds at which no input exits have no evidence and are not rejected.
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ModelError, Result};
+
+/// ln Gamma(x) for x > 0 (Lanczos approximation, g = 7, 9 coefficients;
+/// relative error below 1e-14 over the range used here).
+pub fn ln_gamma(x: f64) -> f64 {
+    const G: f64 = 7.0;
+    const C: [f64; 9] = [
+        0.999_999_999_999_809_9,
+        676.520_368_121_885_1,
+        -1_259.139_216_722_402_8,
+        771.323_428_777_653_1,
+        -176.615_029_162_140_6,
+        12.507_343_278_686_905,
+        -0.138_571_095_265_720_12,
+        9.984_369_578_019_572e-6,
+        1.505_632_735_149_311_6e-7,
+    ];
+    if x < 0.5 {
+        // Reflection: Gamma(x) Gamma(1 - x) = pi / sin(pi x).
+        return (std::f64::consts::PI / (std::f64::consts::PI * x).sin()).ln() - ln_gamma(1.0 - x);
+    }
+    let x = x - 1.0;
+    let mut a = C[0];
+    let t = x + G + 0.5;
+    for (i, c) in C.iter().enumerate().skip(1) {
+        a += c / (x + i as f64);
+    }
+    0.5 * (2.0 * std::f64::consts::PI).ln() + (x + 0.5) * t.ln() - t + a.ln()
+}
+
+/// The regularized incomplete beta function I_x(a, b), for a, b > 0 and
+/// 0 <= x <= 1 (continued fraction, modified Lentz; Numerical Recipes 6.4).
+pub fn beta_inc(a: f64, b: f64, x: f64) -> f64 {
+    if x <= 0.0 {
+        return 0.0;
+    }
+    if x >= 1.0 {
+        return 1.0;
+    }
+    let ln_front = ln_gamma(a + b) - ln_gamma(a) - ln_gamma(b) + a * x.ln() + b * (1.0 - x).ln();
+    // The continued fraction converges fast for x < (a + 1) / (a + b + 2);
+    // otherwise use I_x(a, b) = 1 - I_{1-x}(b, a).
+    if x < (a + 1.0) / (a + b + 2.0) {
+        ln_front.exp() * beta_fraction(a, b, x) / a
+    } else {
+        1.0 - ln_front.exp() * beta_fraction(b, a, 1.0 - x) / b
+    }
+}
+
+fn beta_fraction(a: f64, b: f64, x: f64) -> f64 {
+    const TINY: f64 = 1e-300;
+    const EPS: f64 = 1e-15;
+    let (qab, qap, qam) = (a + b, a + 1.0, a - 1.0);
+    let mut c = 1.0;
+    let mut d = 1.0 - qab * x / qap;
+    if d.abs() < TINY {
+        d = TINY;
+    }
+    d = 1.0 / d;
+    let mut h = d;
+    for m in 1..10_000 {
+        let m = f64::from(m);
+        let m2 = 2.0 * m;
+        let aa = m * (b - m) * x / ((qam + m2) * (a + m2));
+        d = 1.0 + aa * d;
+        if d.abs() < TINY {
+            d = TINY;
+        }
+        c = 1.0 + aa / c;
+        if c.abs() < TINY {
+            c = TINY;
+        }
+        d = 1.0 / d;
+        h *= d * c;
+        let aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2));
+        d = 1.0 + aa * d;
+        if d.abs() < TINY {
+            d = TINY;
+        }
+        c = 1.0 + aa / c;
+        if c.abs() < TINY {
+            c = TINY;
+        }
+        d = 1.0 / d;
+        let step = d * c;
+        h *= step;
+        if (step - 1.0).abs() < EPS {
+            break;
+        }
+    }
+    h
+}
+
+/// P(X <= k) for X ~ Binomial(n, p).
+pub fn binomial_cdf(k: u64, n: u64, p: f64) -> f64 {
+    if k >= n || p <= 0.0 {
+        return 1.0;
+    }
+    if p >= 1.0 {
+        return 0.0;
+    }
+    // P(X <= k) = I_{1-p}(n - k, k + 1), computed directly (not as 1 - I)
+    // so that small tails keep their relative precision.
+    beta_inc((n - k) as f64, (k + 1) as f64, 1.0 - p)
+}
+
+/// The one-sided Clopper-Pearson upper confidence bound, at confidence
+/// 1 - delta, on a rate observed as `k` events in `n` trials: the largest p
+/// with P(Binomial(n, p) <= k) >= delta. 1 when n is 0.
+pub fn clopper_pearson_upper(k: u64, n: u64, delta: f64) -> f64 {
+    if n == 0 || k >= n {
+        return 1.0;
+    }
+    // P(Bin(n, p) <= k) falls from 1 to 0 as p goes from k/n to 1: bisect.
+    let (mut lo, mut hi) = (k as f64 / n as f64, 1.0);
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if binomial_cdf(k, n, mid) > delta {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+        if hi - lo < 1e-13 {
+            break;
+        }
+    }
+    hi
+}
+
+/// The threshold grid, from high to low, fixed before any data is seen:
+/// 0.9999, then 0.999 down to 0.001 in steps of 0.001.
+pub fn default_grid() -> Vec<f64> {
+    std::iter::once(0.9999).chain((1..1000).rev().map(|i| f64::from(i) / 1000.0)).collect()
+}
+
+/// A target: on-device accuracy at least `accuracy`, with probability at
+/// least `1 - delta` over the calibration split.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Target {
+    pub accuracy: f64,
+    pub delta: f64,
+}
+
+impl Target {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.accuracy > 0.0 && self.accuracy < 1.0) {
+            return Err(ModelError::InvalidArgument { what: "certified accuracy".into(), reason: format!("{} is outside (0, 1)", self.accuracy) });
+        }
+        if !(self.delta > 0.0 && self.delta < 1.0) {
+            return Err(ModelError::InvalidArgument { what: "certificate delta".into(), reason: format!("{} is outside (0, 1)", self.delta) });
+        }
+        Ok(())
+    }
+}
+
+/// What Learn-then-Test certified for one branch and target.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Certificate {
+    pub target: Target,
+    /// The lowest grid threshold rejected in sequence; `None` when the first
+    /// was not (then the branch should offload every input).
+    pub threshold: Option<f64>,
+    /// At that threshold, on the calibration split: inputs that exit, and
+    /// how many of them are wrong.
+    pub exits: usize,
+    pub errors: usize,
+    /// Clopper-Pearson upper bound (confidence 1 - delta) on their error rate.
+    pub error_upper_bound: f64,
+    /// Calibration inputs.
+    pub inputs: usize,
+}
+
+/// Confidences and correctness of one branch on a calibration split, sorted
+/// for counting: how many inputs reach a threshold, and how many of those
+/// are wrong, in O(log n) per threshold.
+#[derive(Debug, Clone)]
+pub struct ConfidenceCounts {
+    /// Confidences in descending order.
+    sorted: Vec<f64>,
+    /// wrong_before[i] = errors among the i most confident inputs.
+    wrong_before: Vec<u32>,
+}
+
+impl ConfidenceCounts {
+    pub fn new(confidences: &[f64], correct: &[bool]) -> Result<Self> {
+        if confidences.len() != correct.len() {
+            return Err(ModelError::InvalidArgument {
+                what: "calibration split".into(),
+                reason: format!("{} confidences but {} correctness flags", confidences.len(), correct.len()),
+            });
+        }
+        if let Some(c) = confidences.iter().find(|c| !c.is_finite()) {
+            return Err(ModelError::InvalidArgument { what: "confidence".into(), reason: format!("{c} is not a number") });
+        }
+        let mut order: Vec<usize> = (0..confidences.len()).collect();
+        // Descending; ties keep input order (the counts do not depend on it).
+        order.sort_by(|&i, &j| confidences[j].total_cmp(&confidences[i]));
+        let sorted = order.iter().map(|&i| confidences[i]).collect();
+        let mut wrong_before = Vec::with_capacity(order.len() + 1);
+        wrong_before.push(0);
+        for &i in &order {
+            wrong_before.push(wrong_before.last().copied().unwrap_or(0) + u32::from(!correct[i]));
+        }
+        Ok(Self { sorted, wrong_before })
+    }
+
+    pub fn len(&self) -> usize {
+        self.sorted.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sorted.is_empty()
+    }
+
+    /// (inputs with confidence >= `threshold`, errors among them).
+    pub fn at(&self, threshold: f64) -> (usize, usize) {
+        let n = self.sorted.partition_point(|&c| c >= threshold);
+        (n, self.wrong_before[n] as usize)
+    }
+}
+
+/// Learn-then-Test with fixed-sequence testing over `grid` (descending; see
+/// the module doc) on one branch's calibration counts.
+pub fn certify(counts: &ConfidenceCounts, target: Target, grid: &[f64]) -> Result<Certificate> {
+    target.validate()?;
+    if grid.windows(2).any(|w| w[0] <= w[1]) {
+        return Err(ModelError::InvalidArgument { what: "threshold grid".into(), reason: "must be strictly decreasing (tested from high to low)".into() });
+    }
+    let allowed_error = 1.0 - target.accuracy;
+    let mut certified: Option<(f64, usize, usize)> = None;
+    for &threshold in grid {
+        let (n, k) = counts.at(threshold);
+        // Reject "error rate > allowed" when seeing at most k errors would be
+        // unlikely (<= delta) if the rate were exactly the allowed one.
+        let rejected = n > 0 && binomial_cdf(k as u64, n as u64, allowed_error) <= target.delta;
+        if !rejected {
+            break;
+        }
+        certified = Some((threshold, n, k));
+    }
+    let (threshold, exits, errors) = match certified {
+        Some((t, n, k)) => (Some(t), n, k),
+        None => (None, 0, 0),
+    };
+    Ok(Certificate {
+        target,
+        threshold,
+        exits,
+        errors,
+        error_upper_bound: clopper_pearson_upper(errors as u64, exits as u64, target.delta),
+        inputs: counts.len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ln_gamma_matches_factorials_and_half_integers() {
+        // Gamma(n) = (n - 1)!; Gamma(1/2) = sqrt(pi).
+        let mut fact = 1.0f64;
+        for n in 1..30u32 {
+            let got = ln_gamma(f64::from(n));
+            assert!((got - fact.ln()).abs() < 1e-12 * fact.ln().abs().max(1.0), "n {n}: {got} vs {}", fact.ln());
+            fact *= f64::from(n);
+        }
+        assert!((ln_gamma(0.5) - std::f64::consts::PI.sqrt().ln()).abs() < 1e-13);
+        assert!((ln_gamma(1e4) - 82_099.717_496_442_37).abs() < 1e-7, "{}", ln_gamma(1e4));
+    }
+
+    #[test]
+    fn incomplete_beta_matches_closed_forms() {
+        // I_x(1, b) = 1 - (1 - x)^b; I_x(a, 1) = x^a; I_x(a, b) + I_{1-x}(b, a) = 1.
+        for &(a, b, x) in &[(1.0f64, 5.0f64, 0.3f64), (1.0, 40.0, 0.01), (7.0, 1.0, 0.8), (3.5, 2.5, 0.6)] {
+            let got = beta_inc(a, b, x);
+            if a == 1.0 {
+                assert!((got - (1.0 - (1.0f64 - x).powf(b))).abs() < 1e-14, "{a} {b} {x}: {got}");
+            }
+            if b == 1.0 {
+                assert!((got - x.powf(a)).abs() < 1e-14, "{a} {b} {x}: {got}");
+            }
+            assert!((got + beta_inc(b, a, 1.0 - x) - 1.0).abs() < 1e-14);
+        }
+    }
+
+    /// The binomial CDF as a plain sum of terms, exact enough for checks.
+    fn cdf_by_sum(k: u64, n: u64, p: f64) -> f64 {
+        let ln_choose = |n: u64, i: u64| ln_gamma(n as f64 + 1.0) - ln_gamma(i as f64 + 1.0) - ln_gamma((n - i) as f64 + 1.0);
+        (0..=k).map(|i| (ln_choose(n, i) + i as f64 * p.ln() + (n - i) as f64 * (1.0 - p).ln()).exp()).sum()
+    }
+
+    #[test]
+    fn the_binomial_cdf_is_the_sum_of_its_terms() {
+        for &(k, n, p) in &[(0u64, 10u64, 0.1), (3, 10, 0.25), (5, 100, 0.05), (12, 200, 0.1), (40, 1000, 0.05), (999, 1000, 0.999)] {
+            let (got, want) = (binomial_cdf(k, n, p), cdf_by_sum(k, n, p));
+            assert!((got - want).abs() < 1e-12 * want.max(1e-300) + 1e-15, "P(Bin({n}, {p}) <= {k}) = {got}, by the sum {want}");
+        }
+        // Hand-computed: P(Bin(2, 1/2) <= 0) = 1/4, <= 1 = 3/4.
+        assert!((binomial_cdf(0, 2, 0.5) - 0.25).abs() < 1e-15 && (binomial_cdf(1, 2, 0.5) - 0.75).abs() < 1e-15);
+        assert_eq!((binomial_cdf(5, 5, 0.3), binomial_cdf(0, 5, 0.0), binomial_cdf(2, 5, 1.0)), (1.0, 1.0, 0.0));
+    }
+
+    #[test]
+    fn clopper_pearson_has_its_closed_forms() {
+        // 0 events in n: P(Bin(n, u) <= 0) = (1 - u)^n = delta.
+        for &(n, delta) in &[(10u64, 0.05f64), (100, 0.1), (3000, 0.05)] {
+            let want = 1.0 - delta.powf(1.0 / n as f64);
+            assert!((clopper_pearson_upper(0, n, delta) - want).abs() < 1e-11, "n {n}");
+        }
+        // n - 1 events in n: 1 - u^n = delta.
+        let want = (1.0f64 - 0.05).powf(1.0 / 20.0);
+        assert!((clopper_pearson_upper(19, 20, 0.05) - want).abs() < 1e-11);
+        assert_eq!((clopper_pearson_upper(0, 0, 0.05), clopper_pearson_upper(7, 7, 0.05)), (1.0, 1.0));
+        // The bound is where the tail equals delta.
+        let u = clopper_pearson_upper(5, 100, 0.05);
+        assert!((cdf_by_sum(5, 100, u) - 0.05).abs() < 1e-9 && u > 0.05, "{u}");
+    }
+
+    #[test]
+    fn learn_then_test_by_hand() {
+        // 20 inputs: confidences 1.00, 0.95, ..., 0.05; the 4 least confident
+        // of the top 10 are wrong (0.70, 0.65, 0.60, 0.55), and all below 0.5.
+        let conf: Vec<f64> = (0..20).map(|i| 1.0 - 0.05 * f64::from(i)).collect();
+        let correct: Vec<bool> = (0..20).map(|i| i < 6).collect();
+        let counts = ConfidenceCounts::new(&conf, &correct).unwrap();
+        // Thresholds between the confidences, so no count hinges on rounding.
+        assert_eq!(counts.at(0.875), (3, 0));
+        assert_eq!(counts.at(0.575), (9, 3));
+        // Target accuracy 0.5, delta 0.2; grid 0.925, 0.825, 0.725, 0.625.
+        // At 0.925: n 2, k 0: P(Bin(2, 0.5) <= 0) = 0.25 > 0.2, not rejected:
+        // nothing is certified, however good the lower thresholds look.
+        let grid = [0.925, 0.825, 0.725, 0.625];
+        let c = certify(&counts, Target { accuracy: 0.5, delta: 0.2 }, &grid).unwrap();
+        assert_eq!((c.threshold, c.exits), (None, 0));
+        // delta 0.3: 0.925 rejected (0.25); 0.825: n 4, k 0, 1/16; 0.725:
+        // n 6, k 0, 1/64; 0.625: n 8, k 2, P(Bin(8, 0.5) <= 2) = 37/256 =
+        // 0.1445: all rejected, 0.625 is certified.
+        let c = certify(&counts, Target { accuracy: 0.5, delta: 0.3 }, &grid).unwrap();
+        assert_eq!((c.threshold, c.exits, c.errors), (Some(0.625), 8, 2));
+        assert!((binomial_cdf(2, 8, 0.5) - 37.0 / 256.0).abs() < 1e-15);
+        // Accuracy 0.9 (error 0.1), delta 0.3: at 0.925, P(Bin(2, 0.1) <= 0)
+        // = 0.81, not rejected.
+        assert_eq!(certify(&counts, Target { accuracy: 0.9, delta: 0.3 }, &grid).unwrap().threshold, None);
+        assert!(certify(&counts, Target { accuracy: 0.5, delta: 0.3 }, &[0.5, 0.9]).is_err(), "an ascending grid is refused");
+        assert!(certify(&counts, Target { accuracy: 1.5, delta: 0.3 }, &grid).is_err());
+    }
+
+    #[test]
+    fn the_default_grid_falls_from_0_9999() {
+        let g = default_grid();
+        assert_eq!((g.len(), g[0], g[1], g[999]), (1000, 0.9999, 0.999, 0.001));
+        assert!(g.windows(2).all(|w| w[0] > w[1]));
+    }
+}
