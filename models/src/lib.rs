@@ -15,6 +15,7 @@ pub mod net;
 pub mod offload;
 pub mod planner;
 pub mod profile;
+pub mod recalibration;
 pub mod risk;
 pub mod rng;
 pub mod subnormal;
