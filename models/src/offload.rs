@@ -146,49 +146,83 @@ pub fn reaches_target(correct: usize, total: usize, p_tar: f64) -> bool {
     correct as u128 * PARTS >= millionths * total as u128
 }
 
-pub fn sweep_row(d: &Decisions, p_tar: f64, outage_batch: usize, latency: &LatencyModel, deadline_ms: f64) -> SweepRow {
+/// Where one exit threshold puts a branch, judged against an accuracy
+/// target that need not equal the threshold (a certified threshold is chosen
+/// for a target, not equal to it; for a plain p_tar the two are the same).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct OperatingPoint {
+    /// Inputs with confidence >= threshold stay on the device; infinite
+    /// means none does.
+    pub threshold: f64,
+    pub target: f64,
+    pub offload_prob: f64,
+    pub edge_accuracy: Option<f64>,
+    pub overall_accuracy: f64,
+    /// Fraction of batches of `outage_batch` inputs whose on-device
+    /// accuracy is below the target (a batch without on-device input is not).
+    pub outage_prob: f64,
+    pub edge_inputs: usize,
+    /// Whether the edge accuracy reaches the target (None: nothing exits).
+    pub meets_target: Option<bool>,
+}
+
+pub fn operating_point(d: &Decisions, threshold: f64, target: f64, outage_batch: usize) -> OperatingPoint {
     let n = d.confidence.len();
-    let (mut edge, mut edge_ok, mut all_ok, mut missed) = (0usize, 0usize, 0usize, 0usize);
-    let lat = |on: bool| if on { latency.edge_ms() } else { latency.offload_ms() };
+    let (mut edge, mut edge_ok, mut all_ok) = (0usize, 0usize, 0usize);
     for i in 0..n {
-        let on = d.on_device(i, p_tar);
+        let on = d.on_device(i, threshold);
         let ok = if on { d.branch_correct[i] } else { d.final_correct[i] };
         edge += usize::from(on);
         edge_ok += usize::from(on && ok);
         all_ok += usize::from(ok);
-        missed += usize::from(lat(on) > deadline_ms);
     }
     let batch = outage_batch.max(1);
     let batches = n / batch;
-    let (mut outages, mut empty, mut late_batches) = (0usize, 0usize, 0usize);
+    let mut outages = 0usize;
     for b in 0..batches {
-        let range = b * batch..(b + 1) * batch;
-        let (mut e, mut e_ok, mut lat_sum) = (0usize, 0usize, 0.0);
-        for i in range {
-            let on = d.on_device(i, p_tar);
+        let (mut e, mut e_ok) = (0usize, 0usize);
+        for i in b * batch..(b + 1) * batch {
+            let on = d.on_device(i, threshold);
             e += usize::from(on);
             e_ok += usize::from(on && d.branch_correct[i]);
-            lat_sum += lat(on);
         }
-        if e == 0 {
-            empty += 1;
-        } else if !reaches_target(e_ok, e, p_tar) {
-            outages += 1;
-        }
-        late_batches += usize::from(lat_sum / batch as f64 > deadline_ms);
+        outages += usize::from(e > 0 && !reaches_target(e_ok, e, target));
     }
-    let edge_accuracy = (edge > 0).then(|| edge_ok as f64 / edge as f64);
-    let nf = n.max(1) as f64;
+    OperatingPoint {
+        threshold,
+        target,
+        offload_prob: (n - edge) as f64 / n.max(1) as f64,
+        edge_accuracy: (edge > 0).then(|| edge_ok as f64 / edge as f64),
+        overall_accuracy: all_ok as f64 / n.max(1) as f64,
+        outage_prob: outages as f64 / batches.max(1) as f64,
+        edge_inputs: edge,
+        meets_target: (edge > 0).then(|| reaches_target(edge_ok, edge, target)),
+    }
+}
+
+pub fn sweep_row(d: &Decisions, p_tar: f64, outage_batch: usize, latency: &LatencyModel, deadline_ms: f64) -> SweepRow {
+    let op = operating_point(d, p_tar, p_tar, outage_batch);
+    let n = d.confidence.len();
+    let lat = |i: usize| if d.on_device(i, p_tar) { latency.edge_ms() } else { latency.offload_ms() };
+    let missed = (0..n).filter(|&i| lat(i) > deadline_ms).count();
+    let batch = outage_batch.max(1);
+    let batches = n / batch;
+    let (mut empty, mut late_batches) = (0usize, 0usize);
+    for b in 0..batches {
+        let range = b * batch..(b + 1) * batch;
+        empty += usize::from(!range.clone().any(|i| d.on_device(i, p_tar)));
+        late_batches += usize::from(range.map(lat).sum::<f64>() / batch as f64 > deadline_ms);
+    }
     SweepRow {
         p_tar,
-        offload_prob: (n - edge) as f64 / nf,
-        edge_accuracy,
-        overall_accuracy: all_ok as f64 / nf,
-        outage_prob: outages as f64 / batches.max(1) as f64,
-        missed_deadline_prob: missed as f64 / nf,
+        offload_prob: op.offload_prob,
+        edge_accuracy: op.edge_accuracy,
+        overall_accuracy: op.overall_accuracy,
+        outage_prob: op.outage_prob,
+        missed_deadline_prob: missed as f64 / n.max(1) as f64,
         missed_deadline_batch_prob: late_batches as f64 / batches.max(1) as f64,
-        meets_p_tar: (edge > 0).then(|| reaches_target(edge_ok, edge, p_tar)),
-        edge_inputs: edge,
+        meets_p_tar: op.meets_target,
+        edge_inputs: op.edge_inputs,
         batches,
         batches_without_edge_inputs: empty,
     }
