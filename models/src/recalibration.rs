@@ -20,7 +20,7 @@
 //! then refit on the whole split. Every fit is deterministic.
 use serde::{Deserialize, Serialize};
 
-use crate::calibration::{bin_index, fit_temperature, predict, ExitLogits, BINS};
+use crate::calibration::{bin_index, fit_temperature, predict, ExitLogits, ReliabilityBin, BINS};
 use crate::error::{ModelError, Result};
 use crate::rng::SplitMix64;
 
@@ -293,7 +293,7 @@ fn solve(a: &mut [f64], b: &[f64], n: usize) -> Option<Vec<f64>> {
 }
 
 /// How well one exit's confidences predict its answers, on one split.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConfidenceQuality {
     pub accuracy: f64,
     /// Expected calibration error, 15 equal-width bins, (lo, hi].
@@ -304,6 +304,8 @@ pub struct ConfidenceQuality {
     /// one), ties counting one half: failure prediction. `None` when every
     /// answer is right or every one is wrong.
     pub auroc: Option<f64>,
+    /// The reliability diagram's bins (the same 15 as the ECE).
+    pub reliability: Vec<ReliabilityBin>,
 }
 
 /// (confidence, correct) of every input of `e` under `map`.
@@ -318,18 +320,25 @@ pub fn confidences(map: &ConfidenceMap, e: &ExitLogits) -> Vec<(f64, bool)> {
 
 pub fn quality(points: &[(f64, bool)]) -> ConfidenceQuality {
     let n = points.len().max(1) as f64;
-    let mut bins = [(0usize, 0.0f64, 0usize); BINS];
+    let mut bins: Vec<ReliabilityBin> = (0..BINS)
+        .map(|b| ReliabilityBin { lo: b as f64 / BINS as f64, hi: (b + 1) as f64 / BINS as f64, count: 0, mean_confidence: 0.0, accuracy: 0.0 })
+        .collect();
     let (mut right, mut brier) = (0usize, 0.0);
     for &(c, ok) in points {
         let b = &mut bins[bin_index(c, BINS)];
-        b.0 += 1;
-        b.1 += c;
-        b.2 += usize::from(ok);
+        b.count += 1;
+        b.mean_confidence += c;
+        b.accuracy += f64::from(u8::from(ok));
         right += usize::from(ok);
         brier += (c - f64::from(u8::from(ok))).powi(2);
     }
-    let ece = bins.iter().filter(|b| b.0 > 0).map(|b| b.0 as f64 / n * (b.2 as f64 / b.0 as f64 - b.1 / b.0 as f64).abs()).sum();
-    ConfidenceQuality { accuracy: right as f64 / n, ece, brier: brier / n, auroc: auroc(points) }
+    let mut ece = 0.0;
+    for b in bins.iter_mut().filter(|b| b.count > 0) {
+        b.mean_confidence /= b.count as f64;
+        b.accuracy /= b.count as f64;
+        ece += b.count as f64 / n * (b.accuracy - b.mean_confidence).abs();
+    }
+    ConfidenceQuality { accuracy: right as f64 / n, ece, brier: brier / n, auroc: auroc(points), reliability: bins }
 }
 
 /// AUROC of confidence for correct vs wrong (Mann-Whitney, ties one half).
@@ -409,6 +418,20 @@ mod tests {
         assert_eq!(auroc(&[(0.9, true), (0.1, false)]), Some(1.0));
         assert_eq!(auroc(&[(0.1, true), (0.9, false)]), Some(0.0));
         assert_eq!(auroc(&[(0.9, true), (0.8, true)]), None);
+    }
+
+    #[test]
+    fn quality_agrees_with_the_calibration_metrics_for_temperatures() {
+        let mut rng = SplitMix64::new(4);
+        let logits: Vec<f32> = (0..5000).map(|_| (rng.next_f64() * 6.0) as f32).collect();
+        let labels: Vec<i64> = (0..500).map(|_| rng.below(10) as i64).collect();
+        let e = ExitLogits::new(10, logits, labels).unwrap();
+        for t in [1.0, 0.7, 2.5] {
+            let q = quality(&confidences(&ConfidenceMap::Temperature { temperature: t }, &e));
+            let m = crate::calibration::calibration_metrics(&e, t);
+            assert!((q.ece - m.ece).abs() < 1e-12 && (q.accuracy - m.accuracy).abs() < 1e-12, "T {t}: {} vs {}", q.ece, m.ece);
+            assert_eq!(q.reliability.iter().map(|b| b.count).collect::<Vec<_>>(), m.reliability.iter().map(|b| b.count).collect::<Vec<_>>());
+        }
     }
 
     #[test]

@@ -538,6 +538,18 @@ pub struct EvaluateArgs {
     /// Compute profile JSON (from `branchpoint profile --json`) [default: profile this machine now].
     #[arg(long, value_name = "FILE")]
     pub profile: Option<PathBuf>,
+    /// Target on-device accuracies a to certify thresholds for, comma-separated.
+    #[arg(long, default_value = "0.9,0.95", value_name = "A,A", value_delimiter = ',')]
+    pub certify_accuracy: Vec<f64>,
+    /// Confidence 1 - delta of each certificate: the deltas, comma-separated (the smallest also draws the plot over the p_tar sweep).
+    #[arg(long, default_value = "0.1,0.05", value_name = "D,D", value_delimiter = ',')]
+    pub certify_delta: Vec<f64>,
+    /// Random re-splits of validation + test into calibration and evaluation halves, to count how often each threshold rule breaks its target (0: none).
+    #[arg(long, default_value_t = 200, value_name = "N")]
+    pub resplits: usize,
+    /// Seed of the re-splits and of the calibration methods' cross-validation folds.
+    #[arg(long, default_value_t = 1, value_name = "S")]
+    pub seed: u64,
     #[command(flatten)]
     pub compute: ComputeArgs,
 }

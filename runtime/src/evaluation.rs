@@ -7,7 +7,9 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use branchpoint_models::calibration::{self, calibration_metrics, CalibrationFile, CalibrationMetrics, ExitLogits, Method};
-use branchpoint_models::offload::{sweep, Decisions, LatencyModel, SweepRow};
+use branchpoint_models::offload::{operating_point, sweep, Decisions, LatencyModel, OperatingPoint, SweepRow};
+use branchpoint_models::recalibration::{confidences, quality, select, ConfidenceMap, ConfidenceQuality};
+use branchpoint_models::risk::{certify, default_grid, resplit_study, Certificate, ConfidenceCounts, ResplitRates, Target};
 use branchpoint_models::{Dataset, LoadedModel};
 use serde::{Deserialize, Serialize};
 
@@ -55,6 +57,11 @@ pub struct Report {
     pub deadline_curve_p_tar: f64,
     pub latency: Vec<LatencyModel>,
     pub methods: Vec<MethodReport>,
+    /// Calibration methods beyond temperature scaling, per exit.
+    pub recalibration: Vec<RecalibrationReport>,
+    /// Thresholds for target accuracies: p_tar, temperature-scaled p_tar
+    /// and certified.
+    pub certified: CertifiedReport,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -178,4 +185,126 @@ pub fn dump_logits(dir: &Path, logits: &SplitLogits, names: &[String]) -> Result
         }
     }
     Ok(written)
+}
+
+/// One exit's calibration methods compared (`models::recalibration`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecalibrationReport {
+    pub exit: String,
+    /// The method with the lowest two-fold cross-validated ECE on the
+    /// validation split.
+    pub chosen: String,
+    pub methods: Vec<MethodQuality>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MethodQuality {
+    pub method: String,
+    /// Mean ECE over the two validation folds, each fit on the other.
+    pub cross_validated_ece: f64,
+    /// Fit on the whole validation split, judged on the test set.
+    pub test: ConfidenceQuality,
+    pub fit: ConfidenceMap,
+}
+
+/// Every method of `recalibration::METHODS` fit per exit on the validation
+/// split and judged on the test set, and the method each exit would choose.
+pub fn recalibration_report(logits: &SplitLogits, names: &[String], seed: u64) -> Result<Vec<RecalibrationReport>> {
+    names
+        .iter()
+        .zip(logits.validation.iter().zip(&logits.test))
+        .map(|(name, (validation, test))| {
+            let selection = select(validation, seed)?;
+            let methods = selection
+                .cross_validated_ece
+                .iter()
+                .map(|(method, cv)| {
+                    let fit = ConfidenceMap::fit(method, validation)?;
+                    Ok(MethodQuality { method: method.clone(), cross_validated_ece: *cv, test: quality(&confidences(&fit, test)), fit })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(RecalibrationReport { exit: name.clone(), chosen: selection.chosen.name().to_string(), methods })
+        })
+        .collect()
+}
+
+/// Thresholds for a target on-device accuracy, three ways, per branch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CertifiedReport {
+    pub grid: String,
+    pub calibration_split: String,
+    pub resplits: usize,
+    pub resplit_seed: u64,
+    pub branches: Vec<CertifiedBranch>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CertifiedBranch {
+    pub branch: usize,
+    /// Per-branch temperature fit on the validation split.
+    pub temperature: f64,
+    pub rows: Vec<CertifiedRow>,
+}
+
+/// One target on one branch: on the test set, p_tar = a uncalibrated and
+/// temperature-scaled, and the threshold certified on the validation split;
+/// then how often each broke the target over random re-splits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CertifiedRow {
+    pub target: Target,
+    pub uncalibrated: OperatingPoint,
+    pub temperature: OperatingPoint,
+    pub certificate: Certificate,
+    pub certified: OperatingPoint,
+    /// `None` when the report was made without re-splits.
+    pub resplit: Option<ResplitRates>,
+}
+
+/// The certified-threshold comparison for every branch and target.
+/// `resplit_targets` selects the targets (by index) that also get the
+/// re-split study (it is the slow part).
+pub fn certified_report(logits: &SplitLogits, targets: &[Target], resplit_targets: &[usize], resplits: usize, seed: u64, outage_batch: usize) -> Result<CertifiedReport> {
+    let grid = default_grid();
+    let final_test = logits.test.last().context("a final exit")?;
+    let mut branches = Vec::new();
+    for b in 0..logits.test.len() - 1 {
+        let (validation, test) = (&logits.validation[b], &logits.test[b]);
+        let temperature = calibration::fit_temperature(&[validation])?;
+        let (conf, correct): (Vec<f64>, Vec<bool>) = (0..validation.len())
+            .map(|i| {
+                let (class, c) = validation.predict(i, temperature);
+                (c, class as i64 == validation.labels[i])
+            })
+            .unzip();
+        let counts = ConfidenceCounts::new(&conf, &correct)?;
+        let (raw, scaled) = (Decisions::new(test, final_test, 1.0)?, Decisions::new(test, final_test, temperature)?);
+        let pooled = ExitLogits {
+            classes: test.classes,
+            logits: validation.logits.iter().chain(&test.logits).copied().collect(),
+            labels: validation.labels.iter().chain(&test.labels).copied().collect(),
+        };
+        let chosen: Vec<Target> = resplit_targets.iter().filter_map(|&i| targets.get(i).copied()).collect();
+        let study = if resplits > 0 && !chosen.is_empty() { resplit_study(&pooled, &chosen, resplits, seed.wrapping_add(b as u64), &grid)? } else { Vec::new() };
+        let mut rows = Vec::new();
+        for &target in targets {
+            let certificate = certify(&counts, target, &grid)?;
+            let a = target.accuracy;
+            rows.push(CertifiedRow {
+                target,
+                uncalibrated: operating_point(&raw, a, a, outage_batch),
+                temperature: operating_point(&scaled, a, a, outage_batch),
+                certified: operating_point(&scaled, certificate.threshold.unwrap_or(f64::INFINITY), a, outage_batch),
+                certificate,
+                resplit: study.iter().find(|r| r.target == target).copied(),
+            });
+        }
+        branches.push(CertifiedBranch { branch: b + 1, temperature, rows });
+    }
+    Ok(CertifiedReport {
+        grid: "0.999 down to 0.001 in steps of 0.001, tested from high to low".into(),
+        calibration_split: "validation split (the per-branch temperature is fit on it too)".into(),
+        resplits,
+        resplit_seed: seed,
+        branches,
+    })
 }

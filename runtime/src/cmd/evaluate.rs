@@ -11,7 +11,8 @@ use branchpoint_models::profile::{profile, ComputeProfile};
 use branchpoint_models::LoadedModel;
 
 use crate::cli::EvaluateArgs;
-use crate::evaluation::{dump_logits, method_report, split_logits, MethodReport, NetworkSettings, Report, SweepSettings};
+use crate::evaluation::{certified_report, dump_logits, method_report, recalibration_report, split_logits, MethodReport, NetworkSettings, Report, SweepSettings};
+use branchpoint_models::risk::Target;
 use plotters::prelude::SeriesLabelPosition;
 
 use crate::plots::{line_plot, method_color, prepare_dir, reliability_diagram, Curve, LinePlot};
@@ -29,6 +30,18 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     if args.outage_batch == 0 {
         bail!("--outage-batch must be at least 1");
     }
+    if args.certify_accuracy.is_empty() || args.certify_delta.is_empty() {
+        bail!("--certify-accuracy and --certify-delta: give at least one value each");
+    }
+    let mut targets: Vec<Target> =
+        args.certify_accuracy.iter().flat_map(|&accuracy| args.certify_delta.iter().map(move |&delta| Target { accuracy, delta })).collect();
+    for t in &targets {
+        t.validate().with_context(|| format!("--certify-accuracy {} / --certify-delta {}", t.accuracy, t.delta))?;
+    }
+    let resplit_targets: Vec<usize> = (0..targets.len()).collect();
+    // The plot over the sweep: every p_tar as a target, at the smallest delta.
+    let plot_delta = args.certify_delta.iter().copied().fold(1.0, f64::min);
+    targets.extend(p_tars.iter().map(|&accuracy| Target { accuracy, delta: plot_delta }));
     for (flag, v, positive) in [
         ("--uplink-mbit-s", args.uplink_mbit_s, true),
         ("--rtt-ms", args.rtt_ms, false),
@@ -92,10 +105,14 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         deadline_curve_p_tar: args.deadline_curve_p_tar,
         latency,
         methods,
+        recalibration: recalibration_report(&logits, &names, args.seed)?,
+        certified: certified_report(&logits, &targets, &resplit_targets, args.resplits, args.seed, args.outage_batch)?,
     };
     print_calibration(&report);
     print_sweep(&report, 1);
     print_verdicts(&report);
+    print_recalibration(&report);
+    print_certified(&report, resplit_targets.len());
 
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&report)?;
@@ -235,6 +252,67 @@ fn print_verdicts(report: &Report) {
     }
 }
 
+fn print_recalibration(report: &Report) {
+    println!("\ncalibration methods per exit (fit on the validation split; ECE cross-validated there, the rest on the test set):");
+    println!("  {:<9} {:<13} {:>9} {:>9} {:>9} {:>9} {:>8}", "exit", "method", "CV ECE", "test ECE", "accuracy", "Brier", "AUROC");
+    for r in &report.recalibration {
+        for m in &r.methods {
+            println!(
+                "  {:<9} {:<13} {:>9.4} {:>9.4} {:>8.2} % {:>9.4} {:>8}{}",
+                r.exit,
+                m.method,
+                m.cross_validated_ece,
+                m.test.ece,
+                100.0 * m.test.accuracy,
+                m.test.brier,
+                m.test.auroc.map_or("-".into(), |a| format!("{a:.4}")),
+                if m.method == r.chosen { "  <- chosen" } else { "" }
+            );
+        }
+    }
+}
+
+fn print_certified(report: &Report, with_resplits: usize) {
+    let c = &report.certified;
+    println!(
+        "\nthresholds for a target on-device accuracy a (test set; certified on the validation split by Learn-then-Test, grid {}):",
+        c.grid
+    );
+    println!(
+        "  {:<6} {:>5} {:>5}  {:>17}  {:>17}  {:>25}  {}",
+        "branch", "a", "delta", "p_tar = a, T = 1", "p_tar = a, TS", "certified: threshold", "re-splits broken (uncal / TS / certified), offload"
+    );
+    let point = |p: &branchpoint_models::offload::OperatingPoint| format!("{:>5.1} % off {:>6}", 100.0 * p.offload_prob, pct(p.edge_accuracy));
+    for b in &c.branches {
+        for r in b.rows.iter().take(with_resplits) {
+            let resplit = r.resplit.map_or("-".into(), |s| {
+                format!(
+                    "{:.3} / {:.3} / {:.3} of {}; offload {:.1} / {:.1} / {:.1} %",
+                    s.uncalibrated.violation_rate,
+                    s.temperature.violation_rate,
+                    s.certified.violation_rate,
+                    s.splits,
+                    100.0 * s.uncalibrated.mean_offload_rate,
+                    100.0 * s.temperature.mean_offload_rate,
+                    100.0 * s.certified.mean_offload_rate
+                )
+            });
+            println!(
+                "  {:<6} {:>5.2} {:>5.2}  {}  {}  {:>7} {}  {}",
+                b.branch,
+                r.target.accuracy,
+                r.target.delta,
+                point(&r.uncalibrated),
+                point(&r.temperature),
+                r.certificate.threshold.map_or("none".into(), |t| format!("{t:.3}")),
+                point(&r.certified),
+                resplit
+            );
+        }
+    }
+    println!("  (edge accuracies in %; \"off\" is the offload rate; a re-split is broken when its evaluation half's edge accuracy is below a)");
+}
+
 fn write_plots(dir: &Path, report: &Report) -> Result<usize> {
     prepare_dir(dir)?;
     let mut n = 0;
@@ -323,6 +401,49 @@ fn write_plots(dir: &Path, report: &Report) -> Result<usize> {
         }
         let file = format!("reliability-{}.png", exit.exit.replace(' ', ""));
         reliability_diagram(&dir.join(file), &format!("Reliability diagram, {} (test set)", exit.exit), &panels)?;
+        n += 1;
+    }
+    // The same, for every calibration method compared.
+    for r in &report.recalibration {
+        let panels: Vec<(String, f64, &[branchpoint_models::calibration::ReliabilityBin])> = r
+            .methods
+            .iter()
+            .map(|m| (format!("{}{}", m.method, if m.method == r.chosen { " (chosen)" } else { "" }), m.test.ece, m.test.reliability.as_slice()))
+            .collect();
+        let file = format!("reliability-methods-{}.png", r.exit.replace(' ', ""));
+        reliability_diagram(&dir.join(file), &format!("Reliability diagram per calibration method, {} (test set)", r.exit), &panels)?;
+        n += 1;
+    }
+    // Edge accuracy against the target for the three ways of choosing the
+    // threshold, over the rows certified at the plot's delta.
+    let delta = report.certified.branches.first().and_then(|b| b.rows.last()).map_or(0.05, |r| r.target.delta);
+    for b in &report.certified.branches {
+        let rows: Vec<&crate::evaluation::CertifiedRow> = b.rows.iter().filter(|r| r.target.delta == delta && report.p_tars.contains(&r.target.accuracy)).collect();
+        let curve = |label: &str, color: usize, f: &dyn Fn(&crate::evaluation::CertifiedRow) -> Option<f64>| Curve {
+            label: label.into(),
+            color: method_color(color),
+            points: rows.iter().filter_map(|r| f(r).map(|y| (r.target.accuracy, y))).collect(),
+            dashed: false,
+        };
+        let mut curves = vec![
+            curve("p_tar = a, uncalibrated", 0, &|r| r.uncalibrated.edge_accuracy),
+            curve("p_tar = a, temperature-scaled", 1, &|r| r.temperature.edge_accuracy),
+            curve(&format!("certified (1 - delta = {:.2})", 1.0 - delta), 2, &|r| r.certified.edge_accuracy),
+        ];
+        let lowest = curves.iter().flat_map(|c| c.points.iter().map(|p| p.1)).fold(x_range.0, f64::min);
+        curves.push(Curve { label: "target: edge accuracy = a".into(), color: plotters::style::RGBColor(0, 0, 0), points: vec![(x_range.0, x_range.0), (x_range.1, x_range.1)], dashed: true });
+        line_plot(
+            &dir.join(format!("certified-branch{}.png", b.branch)),
+            &LinePlot {
+                title: &format!("On-device accuracy vs target a, branch {} (test set)", b.branch),
+                x_label: "target on-device accuracy a",
+                y_label: "on-device (edge) accuracy",
+                x_range,
+                y_range: ((lowest - 0.02).max(0.0), 1.0),
+                curves,
+                legend: SeriesLabelPosition::LowerRight,
+            },
+        )?;
         n += 1;
     }
     Ok(n)
