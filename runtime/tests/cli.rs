@@ -126,6 +126,67 @@ fn train_then_evaluate_and_profile_through_the_cli() {
     }
 }
 
+/// The second architecture through the CLI: three side branches, every
+/// calibration method compared per exit, and thresholds for target
+/// accuracies chosen three ways, with a short re-split study.
+#[test]
+fn a_three_branch_network_trains_and_evaluates_with_certified_thresholds() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("vgg.safetensors");
+    let w = weights.to_str().unwrap();
+    let out = branchpoint(&["train", "--architecture", "b-vgg-small", "--no-augment", "--weight-decay", "0", "--subset", "512", "--epochs", "1", "--batch-size", "64", "--out", w]);
+    assert!(out.status.success(), "train failed: {}", stderr(&out));
+    let card: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("vgg.json")).unwrap()).unwrap();
+    assert_eq!((card["architecture"]["name"].as_str(), card["architecture"]["branches"].as_array().unwrap().len()), (Some("b-vgg-small"), 3));
+    assert_eq!(card["training"]["config"]["exit_weights"], serde_json::json!([0.5, 0.5, 0.5, 1.0]), "0.5 per branch, 1 for the final exit");
+    assert_eq!((card["training"]["config"]["weight_decay"].as_f64(), card["training"]["config"]["augment"].as_bool()), (Some(0.0), Some(false)));
+
+    let json = dir.path().join("report.json");
+    let out = branchpoint(&["evaluate", "--model", w, "--json", json.to_str().unwrap(), "--p-tars", "0.6,0.9", "--resplits", "10"]);
+    assert!(out.status.success(), "evaluate failed: {}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("calibration methods per exit") && text.contains("thresholds for a target on-device accuracy"), "{text}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let recal = report["recalibration"].as_array().unwrap();
+    assert_eq!(recal.len(), 4, "branches 1 to 3 and final");
+    for r in recal {
+        let methods: Vec<&str> = r["methods"].as_array().unwrap().iter().map(|m| m["method"].as_str().unwrap()).collect();
+        assert_eq!(methods, ["uncalibrated", "temperature", "vector", "histogram", "isotonic"]);
+        assert!(methods.contains(&r["chosen"].as_str().unwrap()));
+    }
+    let branches = report["certified"]["branches"].as_array().unwrap();
+    assert_eq!(branches.len(), 3);
+    for b in branches {
+        // 2 accuracies x 2 deltas with re-splits, then the plot's p_tars at
+        // the smallest delta that are not among them (0.6 at 0.05).
+        let rows = b["rows"].as_array().unwrap();
+        assert_eq!(rows.len(), 5);
+        for (i, r) in rows.iter().enumerate() {
+            assert_eq!(r["resplit"].is_null(), i >= 4, "row {i}: {r}");
+            let threshold = &r["certificate"]["threshold"];
+            assert!(threshold.is_null() || (0.0..1.0).contains(&threshold.as_f64().unwrap()), "{r}");
+            for rule in ["uncalibrated", "temperature", "certified"] {
+                let off = r[rule]["offload_prob"].as_f64().unwrap();
+                assert!((0.0..=1.0).contains(&off), "{rule}: {r}");
+            }
+        }
+    }
+    for (args, says) in [
+        (vec!["evaluate", "--model", w, "--certify-accuracy", "1.2"], &["--certify-accuracy 1.2", "outside (0, 1)"][..]),
+        (vec!["evaluate", "--model", w, "--certify-delta", "0"], &["--certify-delta 0", "outside (0, 1)"]),
+        (vec!["train", "--architecture", "resnet-9000", "--out", w], &["resnet-9000", "b-vgg-small"]),
+        (vec!["train", "--weight-decay=-1", "--out", w], &["--weight-decay -1"]),
+        (vec!["train", "--architecture", "b-vgg-small", "--exit-weights", "1,1,1", "--out", w], &["--exit-weights", "3 given, the model has 4 exits"]),
+    ] {
+        let out = branchpoint(&args);
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = stderr(&out);
+        for s in says {
+            assert!(err.contains(s), "{args:?}: {err}");
+        }
+    }
+}
+
 #[test]
 fn calibration_files_and_targets_that_do_not_fit_are_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -41,7 +41,12 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     let resplit_targets: Vec<usize> = (0..targets.len()).collect();
     // The plot over the sweep: every p_tar as a target, at the smallest delta.
     let plot_delta = args.certify_delta.iter().copied().fold(1.0, f64::min);
-    targets.extend(p_tars.iter().map(|&accuracy| Target { accuracy, delta: plot_delta }));
+    for &accuracy in &p_tars {
+        let t = Target { accuracy, delta: plot_delta };
+        if !targets.contains(&t) {
+            targets.push(t);
+        }
+    }
     for (flag, v, positive) in [
         ("--uplink-mbit-s", args.uplink_mbit_s, true),
         ("--rtt-ms", args.rtt_ms, false),
