@@ -30,7 +30,14 @@ fn main() {
     // Before any thread exists: libtorch's intra-op threads inherit it.
     branchpoint_models::subnormal::flush_subnormals();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let model = load_model(&root.join("models/balexnet-fmnist.safetensors"), tch::Device::Cpu).expect("shipped model");
+    for name in ["balexnet-fmnist", "bvgg-fmnist"] {
+        println!("model models/{name}.safetensors");
+        bench(&root.join(format!("models/{name}.safetensors")));
+    }
+}
+
+fn bench(weights: &Path) {
+    let model = load_model(weights, tch::Device::Cpu).expect("shipped model");
     let kind = model.card.dataset.name;
     let data = Dataset::load(kind, &kind.default_dir(), model.card.dataset.split.validation, model.card.dataset.split.seed)
         .expect("dataset installed by scripts/setup.sh");

@@ -539,7 +539,7 @@ pub struct EvaluateArgs {
     #[arg(long, value_name = "FILE")]
     pub profile: Option<PathBuf>,
     /// Target on-device accuracies a to certify thresholds for, comma-separated.
-    #[arg(long, default_value = "0.9,0.95", value_name = "A,A", value_delimiter = ',')]
+    #[arg(long, default_value = "0.9,0.95,0.99", value_name = "A,A", value_delimiter = ',')]
     pub certify_accuracy: Vec<f64>,
     /// Confidence 1 - delta of each certificate: the deltas, comma-separated (the smallest also draws the plot over the p_tar sweep).
     #[arg(long, default_value = "0.1,0.05", value_name = "D,D", value_delimiter = ',')]

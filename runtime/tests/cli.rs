@@ -157,12 +157,12 @@ fn a_three_branch_network_trains_and_evaluates_with_certified_thresholds() {
     let branches = report["certified"]["branches"].as_array().unwrap();
     assert_eq!(branches.len(), 3);
     for b in branches {
-        // 2 accuracies x 2 deltas with re-splits, then the plot's p_tars at
+        // 3 accuracies x 2 deltas with re-splits, then the plot's p_tars at
         // the smallest delta that are not among them (0.6 at 0.05).
         let rows = b["rows"].as_array().unwrap();
-        assert_eq!(rows.len(), 5);
+        assert_eq!(rows.len(), 7);
         for (i, r) in rows.iter().enumerate() {
-            assert_eq!(r["resplit"].is_null(), i >= 4, "row {i}: {r}");
+            assert_eq!(r["resplit"].is_null(), i >= 6, "row {i}: {r}");
             let threshold = &r["certificate"]["threshold"];
             assert!(threshold.is_null() || (0.0..1.0).contains(&threshold.as_f64().unwrap()), "{r}");
             for rule in ["uncalibrated", "temperature", "certified"] {
