@@ -122,11 +122,12 @@ impl Handler<DeviceReport> for Planner {
                 ctx.run_later(r.rtt, move |_, _| device.do_send(apply));
             }
             (None, Some(client)) => {
-                use branchpoint_messages::{encode, subjects, PlanTarget, PlanUpdate};
+                use branchpoint_messages::{encode, subjects, CertifiedTarget, PlanTarget, PlanUpdate};
                 let update = PlanUpdate {
                     target: PlanTarget::Device(r.device_id.clone()),
                     partition_branch: apply.partition_branch as u8,
                     p_tar: apply.p_tar,
+                    certified: prediction.certified.map(|t| CertifiedTarget { accuracy: t.accuracy, delta: t.delta }),
                 };
                 let store = match &self.store {
                     Some(s) if self.stored.get(&r.device_id) != Some(&update) => {

@@ -69,10 +69,12 @@ prop_compose! {
 }
 
 prop_compose! {
-    fn plan()(id in id(), group: bool, partition_branch in 1u8.., p_tar in 1e-6f64..0.999)
+    fn plan()(id in id(), group: bool, partition_branch in 1u8.., p_tar in 1e-6f64..0.999,
+              certified in proptest::option::of((0.01f64..0.999, 0.001f64..0.5)))
               -> PlanUpdate {
         let target = if group { PlanTarget::Group(id) } else { PlanTarget::Device(id) };
-        PlanUpdate { target, partition_branch, p_tar }
+        let certified = certified.map(|(accuracy, delta)| CertifiedTarget { accuracy, delta });
+        PlanUpdate { target, partition_branch, p_tar, certified }
     }
 }
 
@@ -361,7 +363,30 @@ fn ranges_are_checked() {
         target: PlanTarget::Group("lab".into()),
         partition_branch,
         p_tar,
+        certified: None,
     };
+    let certified = |accuracy, delta| PlanUpdate { certified: Some(CertifiedTarget { accuracy, delta }), ..plan(1, 0.6) };
+    assert!(certified(0.95, 0.05).validate().is_ok());
+    for (a, d) in [(1.0, 0.05), (0.95, 0.0), (0.0, 0.1), (0.9, f64::NAN)] {
+        assert_refused!(certified(a, d).validate(), E::OutOfRange { .. });
+    }
+    // A plan from a sender that knows nothing of certificates still decodes,
+    // and one without a certificate is encoded as such a sender would.
+    #[derive(Serialize)]
+    struct OlderPlan {
+        target: PlanTarget,
+        partition_branch: u8,
+        p_tar: f64,
+    }
+    #[derive(Serialize)]
+    struct Envelope<B> {
+        wire_version: u16,
+        body: B,
+    }
+    let older = Envelope { wire_version: WIRE_VERSION, body: OlderPlan { target: PlanTarget::Group("lab".into()), partition_branch: 1, p_tar: 0.8 } };
+    let bytes = rmp_serde::to_vec_named(&older).unwrap();
+    assert_eq!(decode::<PlanUpdate>(&bytes), Ok(plan(1, 0.8)));
+    assert_eq!(encode(&plan(1, 0.8)).unwrap(), bytes);
     for p in [0.0, 0.8, 1.0] {
         assert!(plan(1, p).validate().is_ok(), "p_tar {p}: 0 is device only, 1 cloud only");
     }

@@ -322,6 +322,19 @@ pub struct PlanUpdate {
     /// least `p_tar`; offload otherwise. In [0, 1]: 0 answers every input on
     /// the device, 1 offloads every input.
     pub p_tar: f64,
+    /// Set when `p_tar` is the threshold its sender certified for this
+    /// target (on-device accuracy at least `accuracy` with probability at
+    /// least 1 - `delta`), so that devices and reports can say so. Absent
+    /// for a plain p_tar; older senders never set it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certified: Option<CertifiedTarget>,
+}
+
+/// A target on-device accuracy and the confidence a certificate gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CertifiedTarget {
+    pub accuracy: f64,
+    pub delta: f64,
 }
 
 impl Message for PlanUpdate {
@@ -335,6 +348,13 @@ impl Message for PlanUpdate {
         // every input is offloaded (cloud only): the planner's extremes.
         if !(0.0..=1.0).contains(&self.p_tar) {
             return Err(MessageError::PTar(self.p_tar));
+        }
+        if let Some(c) = self.certified {
+            for (field, value) in [("certified accuracy", c.accuracy), ("certified delta", c.delta)] {
+                if !(value > 0.0 && value < 1.0) {
+                    return Err(MessageError::OutOfRange { field, value, expected: "in (0, 1)" });
+                }
+            }
         }
         Ok(())
     }

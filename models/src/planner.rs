@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::calibration::ExitLogits;
 use crate::error::{ModelError, Result};
+use crate::risk::Target;
 
 /// A device's partition branch and threshold.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -48,6 +49,10 @@ pub struct ThresholdStats {
     /// The same four as measured with the validation labels, for reports.
     pub measured_edge_accuracy: f64,
     pub measured_cloud_accuracy: f64,
+    /// Set when `plan.p_tar` is the threshold certified for this target
+    /// (`risk::certify`) rather than a target in itself.
+    #[serde(default)]
+    pub certified: Option<Target>,
 }
 
 /// Predictions for every candidate plan.
@@ -65,19 +70,43 @@ pub fn default_candidate_p_tars() -> Vec<f64> {
     v
 }
 
+/// A candidate threshold of one branch: a p_tar, or the threshold
+/// certified for a target.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Candidate {
+    pub p_tar: f64,
+    pub certified: Option<Target>,
+}
+
 impl ModelStats {
     /// `validation`: one `ExitLogits` per exit (branches, then final);
-    /// `temperatures`: one per exit.
+    /// `temperatures`: one per exit. The same `p_tars` at every branch.
     pub fn from_validation(validation: &[ExitLogits], temperatures: &[f64], p_tars: &[f64]) -> Result<Self> {
+        let per_branch: Vec<Vec<Candidate>> =
+            (0..validation.len().saturating_sub(1)).map(|_| p_tars.iter().map(|&p_tar| Candidate { p_tar, certified: None }).collect()).collect();
+        Self::for_candidates(validation, temperatures, &per_branch)
+    }
+
+    /// Certified candidates: per branch, device only (0), cloud only (1),
+    /// and the threshold `risk::certify` finds on the validation split for
+    /// each target accuracy in `accuracies` at `delta` (cloud only when none
+    /// is certified), on the temperature-scaled confidences.
+    pub fn certified(validation: &[ExitLogits], temperatures: &[f64], accuracies: &[f64], delta: f64) -> Result<Self> {
+        let per_branch = certified_candidates(validation, temperatures, accuracies, delta)?;
+        Self::for_candidates(validation, temperatures, &per_branch)
+    }
+
+    /// Statistics for explicit candidates, `per_branch[k]` for branch k + 1.
+    pub fn for_candidates(validation: &[ExitLogits], temperatures: &[f64], per_branch: &[Vec<Candidate>]) -> Result<Self> {
         let exits = validation.len();
-        if exits < 2 || temperatures.len() != exits {
+        if exits < 2 || temperatures.len() != exits || per_branch.len() != exits - 1 {
             return Err(ModelError::InvalidArgument {
                 what: "planner statistics".into(),
-                reason: format!("{exits} exits of validation logits and {} temperatures", temperatures.len()),
+                reason: format!("{exits} exits of validation logits, {} temperatures and {} branches of candidates", temperatures.len(), per_branch.len()),
             });
         }
-        if let Some(p) = p_tars.iter().find(|p| !(0.0..=1.0).contains(*p)) {
-            return Err(ModelError::InvalidArgument { what: "candidate p_tar".into(), reason: format!("{p} is outside [0, 1]") });
+        if let Some(c) = per_branch.iter().flatten().find(|c| !(0.0..=1.0).contains(&c.p_tar)) {
+            return Err(ModelError::InvalidArgument { what: "candidate p_tar".into(), reason: format!("{} is outside [0, 1]", c.p_tar) });
         }
         let fin = &validation[exits - 1];
         let n = fin.len();
@@ -85,8 +114,8 @@ impl ModelStats {
         let mut candidates = Vec::new();
         for (b, branch) in validation[..exits - 1].iter().enumerate() {
             let preds: Vec<(usize, f64)> = (0..n).map(|i| branch.predict(i, temperatures[b])).collect();
-            for &p_tar in p_tars {
-                let plan = Plan { branch: b + 1, p_tar };
+            for c in &per_branch[b] {
+                let plan = Plan { branch: b + 1, p_tar: c.p_tar };
                 let (mut ne, mut conf_e, mut right_e) = (0usize, 0.0, 0usize);
                 let (mut no, mut conf_c, mut conf_f, mut right_c) = (0usize, 0.0, 0.0, 0usize);
                 for i in 0..n {
@@ -111,11 +140,47 @@ impl ModelStats {
                     fallback_accuracy: mean(conf_f, no),
                     measured_edge_accuracy: mean(right_e as f64, ne),
                     measured_cloud_accuracy: mean(right_c as f64, no),
+                    certified: c.certified,
                 });
             }
         }
         Ok(Self { candidates })
     }
+
+    /// The statistics of `plan`, if it is a candidate.
+    pub fn lookup(&self, plan: Plan) -> Option<&ThresholdStats> {
+        self.candidates.iter().find(|c| c.plan == plan)
+    }
+}
+
+/// Per branch: device only, cloud only, and the thresholds certified for
+/// `accuracies` at `delta` (see `ModelStats::certified`).
+pub fn certified_candidates(validation: &[ExitLogits], temperatures: &[f64], accuracies: &[f64], delta: f64) -> Result<Vec<Vec<Candidate>>> {
+    let grid = crate::risk::default_grid();
+    let exits = validation.len();
+    if exits < 2 || temperatures.len() != exits {
+        return Err(ModelError::InvalidArgument { what: "certified candidates".into(), reason: format!("{exits} exits and {} temperatures", temperatures.len()) });
+    }
+    (0..exits - 1)
+        .map(|b| {
+            let e = &validation[b];
+            let (conf, ok): (Vec<f64>, Vec<bool>) = (0..e.len())
+                .map(|i| {
+                    let (class, c) = e.predict(i, temperatures[b]);
+                    (c, class as i64 == e.labels[i])
+                })
+                .unzip();
+            let counts = crate::risk::ConfidenceCounts::new(&conf, &ok)?;
+            let mut v = vec![Candidate { p_tar: 0.0, certified: None }];
+            for &accuracy in accuracies {
+                let target = Target { accuracy, delta };
+                let c = crate::risk::certify(&counts, target, &grid)?;
+                v.push(Candidate { p_tar: c.threshold.unwrap_or(1.0), certified: Some(target) });
+            }
+            v.push(Candidate { p_tar: 1.0, certified: None });
+            Ok(v)
+        })
+        .collect()
 }
 
 /// What the planner knows of compute and of the deadline.
@@ -150,6 +215,9 @@ pub struct Prediction {
     pub accuracy: f64,
     pub offload_rate: f64,
     pub miss_rate: f64,
+    /// The target the plan's threshold was certified for, if it was.
+    #[serde(default)]
+    pub certified: Option<Target>,
 }
 
 /// Probability that one offloaded input misses its deadline. The device's
@@ -192,7 +260,7 @@ pub fn predict(c: &ThresholdStats, costs: &Costs, seen: &Observed) -> Prediction
     let m = if c.offload_rate > 0.0 { offload_miss_probability(head, bytes, costs, c.offload_rate, seen) } else { 0.0 };
     let miss_rate = if cpu >= 1.0 || head > costs.deadline_us { 1.0 } else { c.offload_rate * m };
     let accuracy = (1.0 - c.offload_rate) * c.edge_accuracy + c.offload_rate * ((1.0 - m) * c.cloud_accuracy + m * c.fallback_accuracy);
-    Prediction { plan: c.plan, accuracy, offload_rate: c.offload_rate, miss_rate }
+    Prediction { plan: c.plan, accuracy, offload_rate: c.offload_rate, miss_rate, certified: c.certified }
 }
 
 /// The plan with the best predicted accuracy whose predicted miss rate is
@@ -405,6 +473,7 @@ mod tests {
             fallback_accuracy: 0.6,
             measured_edge_accuracy: edge,
             measured_cloud_accuracy: 0.95,
+            certified: None,
         };
         ModelStats {
             candidates: vec![
@@ -553,6 +622,35 @@ mod tests {
         }
     }
 
+    #[test]
+    fn certified_candidates_are_the_certified_thresholds_with_their_targets() {
+        let validation = random_validation(3, 3000, 3);
+        let temps = [1.2, 1.1, 1.0];
+        let stats = ModelStats::certified(&validation, &temps, &[0.9, 0.95], 0.05).unwrap();
+        assert_eq!(stats.candidates.len(), 2 * 4, "per branch: device only, two certified, cloud only");
+        for b in 1..=2 {
+            let of_branch: Vec<&ThresholdStats> = stats.candidates.iter().filter(|c| c.plan.branch == b).collect();
+            assert_eq!((of_branch[0].plan.p_tar, of_branch[3].plan.p_tar), (0.0, 1.0));
+            for c in &of_branch[1..3] {
+                let target = c.certified.expect("certified");
+                let (conf, ok): (Vec<f64>, Vec<bool>) = (0..validation[b - 1].len())
+                    .map(|i| {
+                        let (class, p) = validation[b - 1].predict(i, temps[b - 1]);
+                        (p, class as i64 == validation[b - 1].labels[i])
+                    })
+                    .unzip();
+                let counts = crate::risk::ConfidenceCounts::new(&conf, &ok).unwrap();
+                let want = crate::risk::certify(&counts, target, &crate::risk::default_grid()).unwrap().threshold.unwrap_or(1.0);
+                assert_eq!(c.plan.p_tar, want);
+                if c.plan.p_tar < 1.0 {
+                    assert!(c.measured_edge_accuracy >= target.accuracy, "on the data it was certified on: {c:?}");
+                }
+            }
+        }
+        assert_eq!(stats.lookup(Plan { branch: 1, p_tar: 0.0 }).map(|c| c.offload_rate), Some(0.0));
+        assert!(stats.lookup(Plan { branch: 1, p_tar: 0.123 }).is_none());
+    }
+
     fn check_choice(stats: &ModelStats, costs: &Costs, seen: &Observed) -> Result<(), String> {
         let chosen = choose(stats, costs, seen);
         let all: Vec<Prediction> = stats.candidates.iter().map(|c| predict(c, costs, seen)).collect();
@@ -590,6 +688,7 @@ mod tests {
                 fallback_accuracy: fallback,
                 measured_edge_accuracy: edge,
                 measured_cloud_accuracy: cloud,
+                certified: None,
             }
         });
         proptest::collection::vec(one, 1..30).prop_map(|candidates| ModelStats { candidates })

@@ -211,6 +211,9 @@ pub struct PlannerArgs {
     /// Devices' head compute = the profile's time on this project's machine times this.
     #[arg(long, default_value_t = 1.0, value_name = "X")]
     pub device_slowdown: f64,
+    /// Plan with certified thresholds: each candidate p_tar becomes a target on-device accuracy whose threshold is certified (Learn-then-Test, validation split) with confidence 1 - D; plans then say which target they certify.
+    #[arg(long, value_name = "D")]
+    pub certify_delta: Option<f64>,
     /// Compute profile [default: <model>.profile.json].
     #[arg(long, value_name = "FILE")]
     pub profile: Option<PathBuf>,

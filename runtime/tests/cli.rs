@@ -71,6 +71,7 @@ fn bad_input_gives_a_clear_error_and_a_failing_exit() {
         (&["train", "--out", "/tmp/weights.pt"], &["must end in .safetensors"]),
         (&["train", "--dataset", "imagenet", "--out", "/tmp/x.safetensors"], &["unknown dataset", "fashion-mnist"]),
         (&["train", "--exit-weights", "1,1", "--subset", "10", "--out", "/tmp/x.safetensors"], &["exit weights", "3 exits"]),
+        (&["planner", "--nats", "nats://127.0.0.1:1", "--certify-delta", "2"], &["--certify-delta 2", "(0, 1)"]),
     ];
     for (args, words) in cases {
         let out = branchpoint(args);

@@ -385,7 +385,7 @@ fn calibration_refits_and_plans_reach_running_devices() {
         let bad = client.request(subjects::CALIBRATION_REFIT, "nonsense".into()).await.unwrap();
         assert!(decode::<branchpoint_messages::ErrorReply>(&bad.payload).is_ok());
 
-        let plan = PlanUpdate { target: PlanTarget::Group("default".into()), partition_branch: 2, p_tar: 0.75 };
+        let plan = PlanUpdate { target: PlanTarget::Group("default".into()), partition_branch: 2, p_tar: 0.75, certified: None };
         client.publish(plan.target.subject(), encode(&plan).unwrap().into()).await.unwrap();
         client.flush().await.unwrap();
         fitted
@@ -412,6 +412,32 @@ fn calibration_refits_and_plans_reach_running_devices() {
     assert_eq!(last.temperature, fitted.temperatures[1], "branch 2 decides with its fitted temperature");
     let first_fitted = outcomes.iter().position(|o| o.temperature != 1.0).expect("the refit reached the devices");
     assert!(first_fitted >= 50, "the first 50 inputs were decided with T = 1");
+}
+
+/// `branchpoint planner --certify-delta`: its candidates are certified
+/// thresholds, and a plan that offloads says which target it certifies.
+#[test]
+fn a_certifying_planner_says_which_target_its_plans_certify() {
+    use branchpoint_messages::{subjects, PlanUpdate};
+    let _serial = serial();
+    let nats = NatsServer::start();
+    let _planner = start_service(
+        "certifying-planner",
+        &["planner", "--nats", &nats.url, "--device-slowdown", "4", "--certify-delta", "0.05"],
+        "planner serving",
+        Duration::from_secs(90),
+    );
+    let plans: Watch<PlanUpdate> = Watch::new(&nats.url, &subjects::plan_device("phone-8"));
+    runtime().block_on(async {
+        let client = async_nats::connect(&nats.url).await.unwrap();
+        client.publish(subjects::NETWORK_REPORT, encode(&network_report("phone-8", 0.08)).unwrap().into()).await.unwrap();
+        client.flush().await.unwrap();
+    });
+    let plan = plans.wait("a plan for a fast link", Duration::from_secs(30), |seen| seen.first().cloned());
+    assert!(plan.p_tar > 0.0 && plan.p_tar < 1.0, "a fast link is worth offloading to: {plan:?}");
+    let target = plan.certified.expect("the threshold says which target it certifies");
+    assert_eq!(target.delta, 0.05);
+    assert!((0.5..1.0).contains(&target.accuracy), "{plan:?}");
 }
 
 /// `branchpoint planner` over NATS: a report of a fast link gets a plan that

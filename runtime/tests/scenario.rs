@@ -258,6 +258,43 @@ fn adaptive_meets_the_bound_and_tracks_the_oracle_on_every_trace() {
     }
 }
 
+/// `calibration = "certified"`: every p_tar is a target on-device accuracy
+/// whose threshold is certified on the validation split. The report says
+/// so, the static plan runs the certified threshold (far below the target
+/// on a calibrated branch), and every policy's on-device accuracy stands
+/// beside what its plans predicted.
+#[test]
+fn a_certified_scenario_runs_certified_thresholds_and_checks_its_predictions() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(repo_root().join("scenarios/lte-handover.toml"))
+        .unwrap()
+        .replace("duration_s = 120.0", "duration_s = 30.0\ncalibration = \"certified\"\npolicies = [\"static\", \"adaptive\"]");
+    assert!(text.contains("p_tar = 0.9") && text.contains("branch = 1"), "the test reads the static plan");
+    let path = dir.path().join("certified.toml");
+    std::fs::write(&path, &text).unwrap();
+    let r = replay(&path, &[], &dir.path().join("out"));
+    assert!(r.model.threshold_rule.starts_with("certified"), "{}", r.model.threshold_rule);
+    let stat = policy(&r, "static");
+    let p_tar = stat.series.p_tar.iter().flatten().next().copied().unwrap();
+    assert!(p_tar < 0.8, "the threshold certified for 90 % on-device accuracy at branch 1 ({p_tar}) sits well below 0.9");
+    let edge = stat.totals.edge_accuracy.unwrap();
+    assert!(edge >= 0.89, "the static plan's on-device accuracy {edge} is close to its target or above");
+    for name in ["static", "adaptive"] {
+        let checks = &policy(&r, name).edge_by_branch;
+        let used: Vec<_> = checks.iter().filter(|c| c.exits > 0).collect();
+        assert!(!used.is_empty(), "{name}: inputs exited somewhere: {checks:?}");
+        for c in used {
+            let (m, p) = (c.measured_edge_accuracy.unwrap(), c.predicted_edge_accuracy.unwrap());
+            assert!((m - p).abs() < 0.05, "{name}, branch {}: measured {m} vs predicted {p}", c.branch);
+        }
+    }
+    // A delta outside (0, 1) is refused, naming the key.
+    std::fs::write(&path, format!("{text}\n[planner]\ncertify_delta = 1.5\n")).unwrap();
+    let o = output_within(branchpoint().arg("run").arg(&path), Duration::from_secs(30));
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("planner.certify_delta"), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 #[test]
 fn the_trace_command_regenerates_the_shipped_trace() {
     let dir = tempfile::tempdir().unwrap();

@@ -356,7 +356,7 @@ fn a_restarted_planner_resumes_its_plans_and_a_new_fleet_starts_from_stored_plan
     assert_eq!(second.p_tar, 0.0, "0.05 Mbit/s: answer everything on the device");
 
     // A fleet that starts later starts from the stored plan of its group.
-    let plan = PlanUpdate { target: PlanTarget::Group("default".into()), partition_branch: 2, p_tar: 0.6 };
+    let plan = PlanUpdate { target: PlanTarget::Group("default".into()), partition_branch: 2, p_tar: 0.6, certified: None };
     rt.block_on(kv.put_plan(&plan)).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let outcomes = dir.path().join("outcomes.jsonl");

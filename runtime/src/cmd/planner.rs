@@ -27,6 +27,9 @@ pub fn run(args: PlannerArgs) -> Result<()> {
     if !(args.device_slowdown.is_finite() && args.device_slowdown > 0.0) {
         bail!("--device-slowdown {}: give a positive factor", args.device_slowdown);
     }
+    if let Some(delta) = args.certify_delta.filter(|d| !(*d > 0.0 && *d < 1.0)) {
+        bail!("--certify-delta {delta}: give a probability in (0, 1), e.g. 0.05");
+    }
     tch::set_num_threads(std::thread::available_parallelism().map_or(1, |n| n.get() as i32));
     let model = args.source.load_model(tch::Device::Cpu)?;
     let data = args.source.load_data(&model)?;
@@ -40,7 +43,13 @@ pub fn run(args: PlannerArgs) -> Result<()> {
         }
         None => calibration::fit(Method::parse(&args.temperatures.method)?, &validation)?,
     };
-    let stats = ModelStats::from_validation(&validation, &temperatures, &default_candidate_p_tars())?;
+    let stats = match args.certify_delta {
+        Some(delta) => {
+            let targets: Vec<f64> = default_candidate_p_tars().into_iter().filter(|p| *p > 0.0 && *p < 1.0).collect();
+            ModelStats::certified(&validation, &temperatures, &targets, delta)?
+        }
+        None => ModelStats::from_validation(&validation, &temperatures, &default_candidate_p_tars())?,
+    };
     let profile_path = args.profile.clone().unwrap_or_else(|| args.source.model.with_extension("profile.json"));
     let profile = read_profile_at(&profile_path)?;
     let (head_us, _) = compute_costs(&profile, args.device_slowdown, 1.0)?;

@@ -24,7 +24,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     eprintln!("scenario {} ({}): computing the model's answers on {} test inputs", scenario.name, scenario.path.display(), data.test.len());
     let logits = split_logits(&model, &data)?;
     let prepared = scenario::prepare(&scenario, &model, &logits.validation, &logits.test, &profile)?;
-    let cfg = scenario::sim_config(&scenario)?;
+    let cfg = scenario::sim_config(&scenario, &prepared)?;
 
     if let Some(listen) = &args.listen {
         let info = crate::cmd::serve::ModelInfo { sha256: model.card.weights_sha256.clone(), branches: model.net.num_branches() };
@@ -129,5 +129,17 @@ fn print_summary(r: &report::ScenarioReport) {
             t.latency_ms_p95,
             t.latency_ms_p99
         );
+    }
+    println!("  thresholds: {}", r.model.threshold_rule);
+    println!("  on-device accuracy of the inputs that exited by confidence, measured / as the plans predicted, per branch:");
+    let pct = |v: Option<f64>| v.map_or("-".to_string(), |a| format!("{:.2}%", 100.0 * a));
+    for p in r.policies.iter().filter(|p| !p.edge_by_branch.is_empty()) {
+        let per: Vec<String> = p
+            .edge_by_branch
+            .iter()
+            .filter(|e| e.exits > 0)
+            .map(|e| format!("branch {} {} / {} ({} exits)", e.branch, pct(e.measured_edge_accuracy), pct(e.predicted_edge_accuracy), e.exits))
+            .collect();
+        println!("  {:<12} {}", p.policy, if per.is_empty() { "nothing exited by confidence".into() } else { per.join("; ") });
     }
 }

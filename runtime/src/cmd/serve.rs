@@ -417,7 +417,7 @@ async fn put_plan(state: web::Data<ApiState>, req: HttpRequest, body: web::Bytes
             format!("partition_branch {}: this model has branches 1 to {branches}", plan.partition_branch),
         );
     }
-    let update = PlanUpdate { target, partition_branch: plan.partition_branch, p_tar: plan.p_tar };
+    let update = PlanUpdate { target, partition_branch: plan.partition_branch, p_tar: plan.p_tar, certified: None };
     // The wire checks (ids, p_tar in [0, 1]) run here, before anything is stored.
     if let Err(e) = encode(&update) {
         return error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string());

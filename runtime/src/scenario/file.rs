@@ -60,7 +60,10 @@ pub struct Scenario {
     pub time: TimeMode,
     #[serde(default = "Policy::all")]
     pub policies: Vec<Policy>,
-    /// uncalibrated, global or per-branch.
+    /// uncalibrated, global, per-branch, or certified (per-branch
+    /// temperatures, and thresholds certified by Learn-then-Test: every
+    /// p_tar, the groups' and the planner's candidates, is then a target
+    /// on-device accuracy, with confidence 1 - planner.certify_delta).
     #[serde(default = "default_calibration")]
     pub calibration: String,
     #[serde(default)]
@@ -200,11 +203,14 @@ pub struct PlannerSection {
     pub probe_bytes: usize,
     /// Candidate thresholds (0: device only, 1: cloud only).
     pub p_tars: Option<Vec<f64>>,
+    /// With `calibration = "certified"`: each certificate holds with
+    /// probability at least 1 - certify_delta.
+    pub certify_delta: f64,
 }
 
 impl Default for PlannerSection {
     fn default() -> Self {
-        Self { miss_bound: 0.05, report_interval_s: 1.0, ewma_alpha: 0.25, safety: 2.0, probe_bytes: 15_000, p_tars: None }
+        Self { miss_bound: 0.05, report_interval_s: 1.0, ewma_alpha: 0.25, safety: 2.0, probe_bytes: 15_000, p_tars: None, certify_delta: 0.05 }
     }
 }
 
@@ -339,7 +345,16 @@ impl Scenario {
     }
 
     pub fn calibration_method(&self) -> Result<Method> {
-        Method::parse(&self.calibration).map_err(|e| anyhow::anyhow!("scenario {}: calibration: {e}", self.path.display()))
+        if self.certified() {
+            return Ok(Method::PerBranch);
+        }
+        Method::parse(&self.calibration)
+            .map_err(|e| anyhow::anyhow!("scenario {}: calibration: {e}, or certified (thresholds certified for target accuracies)", self.path.display()))
+    }
+
+    /// Whether p_tars are target accuracies whose thresholds are certified.
+    pub fn certified(&self) -> bool {
+        self.calibration == "certified"
     }
 
     fn err(&self, key: &str, reason: impl std::fmt::Display) -> anyhow::Error {
@@ -392,6 +407,9 @@ impl Scenario {
         }
         if p.probe_bytes == 0 {
             return Err(self.err("planner.probe_bytes", "must be at least 1"));
+        }
+        if !(p.certify_delta > 0.0 && p.certify_delta < 1.0) {
+            return Err(self.err("planner.certify_delta", format!("{} must be in (0, 1)", p.certify_delta)));
         }
         if let Some(ps) = &p.p_tars {
             if ps.is_empty() || ps.iter().any(|x| !(0.0..=1.0).contains(x)) {

@@ -59,7 +59,7 @@ pub fn replay_live(setup: &LiveSetup, on_policy: &dyn Fn(Policy)) -> Result<Vec<
     }
     let mut runs = Vec::new();
     for &policy in &setup.scenario.policies {
-        let Some(plans) = policy_plans(policy, setup.scenario) else {
+        let Some(plans) = policy_plans(policy, setup.scenario, setup.prepared) else {
             eprintln!("policy oracle: skipped in real time (it replays every fixed plan in hindsight; use time = \"virtual\")");
             continue;
         };
@@ -270,6 +270,7 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
     let group_of: HashMap<&str, usize> = s.groups.iter().enumerate().map(|(i, g)| (g.name.as_str(), i)).collect();
     let mut bins = vec![vec![Bin::default(); cfg.bins()]; cfg.groups.len()];
     let mut latencies = vec![Vec::new(); cfg.groups.len()];
+    let mut edge = vec![super::sim::EdgeTally::default(); prepared.sim.num_branches()];
     for o in &outcomes {
         if let Some(e) = &o.error {
             bail!("policy {}: device {} could not decide input {}: {e}", policy.name(), o.device_id, o.input_index);
@@ -288,6 +289,10 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                 b.on_device += 1;
                 b.edge_correct += u64::from(correct);
                 b.declined += u64::from(o.declined);
+                if !o.declined {
+                    let plan = branchpoint_models::planner::Plan { branch: o.partition_branch, p_tar: o.p_tar };
+                    edge[o.partition_branch - 1].add(&prepared.sim.predictions, plan, correct);
+                }
             }
             Decided::Cloud => {
                 b.offloaded += 1;
@@ -318,5 +323,6 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
         outcomes: outcomes.len() as u64,
         mean_batch: f64::NAN,
         choices: None,
+        edge: Some(edge),
     })
 }

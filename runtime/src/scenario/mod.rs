@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use anyhow::{bail, Context, Result};
 use branchpoint_messages::{encode, Deadline, OffloadRequest, Tensor as WireTensor};
 use branchpoint_models::calibration::{self, ExitLogits, Method};
-use branchpoint_models::planner::{default_candidate_p_tars, ModelStats, Plan};
+use branchpoint_models::planner::{certified_candidates, default_candidate_p_tars, Candidate, ModelStats, Plan};
 use branchpoint_models::profile::ComputeProfile;
 use branchpoint_models::LoadedModel;
 
@@ -30,6 +30,11 @@ pub struct Prepared {
     pub method: Method,
     pub temperatures: Vec<f64>,
     pub candidate_p_tars: Vec<f64>,
+    /// Each group's own plan: its branch, and its p_tar or (certified) the
+    /// threshold certified for its p_tar as a target accuracy.
+    pub group_plans: Vec<Plan>,
+    /// How thresholds were chosen, in words for reports.
+    pub threshold_rule: String,
 }
 
 /// Reads the compute profile: the scenario's, or the one beside the model.
@@ -79,12 +84,39 @@ pub fn prepare(scenario: &Scenario, model: &LoadedModel, validation: &[ExitLogit
     let final_class = (0..fin.len()).map(|i| fin.predict(i, temperatures[num_exits - 1]).0 as u32).collect();
     let labels = fin.labels.iter().map(|&y| y as u32).collect();
     let candidate_p_tars = scenario.planner.p_tars.clone().unwrap_or_else(default_candidate_p_tars);
-    let stats = ModelStats::from_validation(validation, &temperatures, &candidate_p_tars)?;
+    let delta = scenario.planner.certify_delta;
+    let (stats, group_plans, threshold_rule) = if scenario.certified() {
+        // Every p_tar strictly inside (0, 1) is a target accuracy.
+        let targets: Vec<f64> = candidate_p_tars.iter().copied().filter(|p| *p > 0.0 && *p < 1.0).collect();
+        let stats = ModelStats::certified(validation, &temperatures, &targets, delta)?;
+        let mut plans = Vec::new();
+        for g in &scenario.groups {
+            let own = certified_candidates(validation, &temperatures, &[g.p_tar], delta)?;
+            plans.push(Plan { branch: g.branch, p_tar: own[g.branch - 1][1].p_tar });
+        }
+        (stats, plans, format!("certified: each p_tar is a target on-device accuracy, its threshold certified by Learn-then-Test on the validation split with confidence {:.2}", 1.0 - delta))
+    } else {
+        let stats = ModelStats::from_validation(validation, &temperatures, &candidate_p_tars)?;
+        let plans = scenario.groups.iter().map(|g| Plan { branch: g.branch, p_tar: g.p_tar }).collect();
+        (stats, plans, format!("p_tar: exit when the {} confidence reaches it", method.name()))
+    };
+    // Predictions for every plan a replay can use, so that each report can
+    // set what the planner predicted beside what happened.
+    let mut extra: Vec<Vec<Candidate>> = vec![Vec::new(); branches];
+    for p in &group_plans {
+        if stats.lookup(*p).is_none() {
+            extra[p.branch - 1].push(Candidate { p_tar: p.p_tar, certified: None });
+        }
+    }
+    let mut predictions = stats.clone();
+    predictions.candidates.extend(ModelStats::for_candidates(validation, &temperatures, &extra)?.candidates);
     Ok(Prepared {
-        sim: SimModel { branch_pred, final_class, labels, head_us, upload_bytes, tail_us, stats },
+        sim: SimModel { branch_pred, final_class, labels, head_us, upload_bytes, tail_us, stats, predictions },
         method,
         temperatures,
         candidate_p_tars,
+        group_plans,
+        threshold_rule,
     })
 }
 
@@ -131,11 +163,12 @@ pub fn upload_bytes(points: &[branchpoint_models::net::PartitionPoint]) -> Resul
         .collect()
 }
 
-pub fn sim_config(s: &Scenario) -> Result<SimConfig> {
+pub fn sim_config(s: &Scenario, prepared: &Prepared) -> Result<SimConfig> {
     let groups = s
         .groups
         .iter()
-        .map(|g| {
+        .zip(&prepared.group_plans)
+        .map(|(g, &initial)| {
             let rate_steps: Vec<(u64, f64)> = g.rate_steps().iter().map(|s| ((s.at_s * 1e6).round() as u64, s.rate)).collect();
             Ok(GroupSim {
                 devices: g.devices,
@@ -143,7 +176,7 @@ pub fn sim_config(s: &Scenario) -> Result<SimConfig> {
                 rate_steps,
                 deadline_us: (g.deadline_ms * 1e3).round() as u64,
                 link: s.link(g)?,
-                initial: Plan { branch: g.branch, p_tar: g.p_tar },
+                initial,
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -172,24 +205,25 @@ pub fn sim_config(s: &Scenario) -> Result<SimConfig> {
 }
 
 /// The plans of one policy that is not the oracle.
-pub fn policy_plans(policy: Policy, s: &Scenario) -> Option<Plans> {
-    let fixed = |p: fn(&file::GroupSection) -> f64| Plans::Fixed(s.groups.iter().map(|g| Plan { branch: g.branch, p_tar: p(g) }).collect());
+pub fn policy_plans(policy: Policy, s: &Scenario, prepared: &Prepared) -> Option<Plans> {
+    let fixed = |p_tar: f64| Plans::Fixed(s.groups.iter().map(|g| Plan { branch: g.branch, p_tar }).collect());
     match policy {
-        Policy::Static => Some(fixed(|g| g.p_tar)),
-        Policy::CloudOnly => Some(fixed(|_| 1.0)),
-        Policy::DeviceOnly => Some(fixed(|_| 0.0)),
+        Policy::Static => Some(Plans::Fixed(prepared.group_plans.clone())),
+        Policy::CloudOnly => Some(fixed(1.0)),
+        Policy::DeviceOnly => Some(fixed(0.0)),
         Policy::Adaptive => Some(Plans::Adaptive),
         Policy::Oracle => None,
     }
 }
 
-/// The oracle's candidates: every branch with every candidate threshold,
+/// The oracle's candidates: the planner's, every branch with every
+/// candidate threshold (certified thresholds can coincide: each plan once),
 /// the same for all groups.
 pub fn oracle_candidates(prepared: &Prepared) -> Vec<Plan> {
-    let mut v = Vec::new();
-    for branch in 1..=prepared.sim.num_branches() {
-        for &p_tar in &prepared.candidate_p_tars {
-            v.push(Plan { branch, p_tar });
+    let mut v: Vec<Plan> = Vec::new();
+    for c in &prepared.sim.stats.candidates {
+        if !v.contains(&c.plan) {
+            v.push(c.plan);
         }
     }
     v
@@ -228,6 +262,9 @@ pub struct PolicyRun {
     pub mean_batch: f64,
     /// Oracle only: per group, per window, the plan chosen.
     pub choices: Option<Vec<Vec<Plan>>>,
+    /// Per branch, the inputs that exited there by confidence (not for the
+    /// oracle, which mixes runs).
+    pub edge: Option<Vec<sim::EdgeTally>>,
 }
 
 impl PolicyRun {
@@ -240,6 +277,7 @@ impl PolicyRun {
             outcomes: r.outcomes,
             mean_batch: r.batched_requests as f64 / r.batches.max(1) as f64,
             choices: None,
+            edge: Some(r.edge),
         }
     }
 }
@@ -290,16 +328,16 @@ pub fn assemble_oracle(cfg: &SimConfig, candidates: &[Plan], runs: &[RunResult],
             latencies[g].extend_from_slice(&runs[c].latencies_us[g][w]);
         }
     }
-    PolicyRun { policy: Policy::Oracle, bins, latencies_us: latencies, arrivals, outcomes, mean_batch: f64::NAN, choices: Some(choices) }
+    PolicyRun { policy: Policy::Oracle, bins, latencies_us: latencies, arrivals, outcomes, mean_batch: f64::NAN, choices: Some(choices), edge: None }
 }
 
 /// Replays the scenario under each of its policies in virtual time.
 pub fn replay(scenario: &Scenario, prepared: &Prepared, on_progress: &(dyn Fn(usize, usize) + Sync)) -> Result<Vec<PolicyRun>> {
-    let cfg = sim_config(scenario)?;
+    let cfg = sim_config(scenario, prepared)?;
     let mut jobs: Vec<Plans> = Vec::new();
     let mut owners: Vec<Policy> = Vec::new();
     for &p in &scenario.policies {
-        if let Some(plans) = policy_plans(p, scenario) {
+        if let Some(plans) = policy_plans(p, scenario, prepared) {
             jobs.push(plans);
             owners.push(p);
         }

@@ -36,6 +36,10 @@ pub struct ModelInfo {
     pub weights: String,
     pub sha256: String,
     pub calibration: String,
+    /// How thresholds were chosen: plain p_tars, or certified for them as
+    /// target accuracies.
+    #[serde(default)]
+    pub threshold_rule: String,
     pub temperatures: Vec<f64>,
     pub device_head_ms: Vec<f64>,
     pub upload_bytes: Vec<usize>,
@@ -112,6 +116,22 @@ pub struct PolicyReport {
     /// Oracle only: the plan chosen for each group and window.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub oracle_choices: Option<Vec<OracleChoices>>,
+    /// Per branch, the inputs that exited there by confidence: their
+    /// accuracy beside what the plans in force predicted for them (not for
+    /// the oracle, which mixes runs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub edge_by_branch: Vec<EdgeCheck>,
+}
+
+/// Predicted against measured on-device accuracy at one branch.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EdgeCheck {
+    pub branch: usize,
+    pub exits: u64,
+    pub measured_edge_accuracy: Option<f64>,
+    /// Mean over those inputs of their plan's predicted edge accuracy (the
+    /// mean calibrated confidence of the validation inputs it keeps).
+    pub predicted_edge_accuracy: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -306,6 +326,18 @@ pub fn build(scenario: &Scenario, cfg: &SimConfig, prepared: &Prepared, weights:
                     })
                     .collect()
             });
+            let edge_by_branch = run
+                .edge
+                .iter()
+                .flatten()
+                .enumerate()
+                .map(|(k, e)| EdgeCheck {
+                    branch: k + 1,
+                    exits: e.exits,
+                    measured_edge_accuracy: (e.exits > 0).then(|| e.correct as f64 / e.exits as f64),
+                    predicted_edge_accuracy: (e.exits > 0 && e.predicted_sum.is_finite()).then(|| e.predicted_sum / e.exits as f64),
+                })
+                .collect();
             PolicyReport {
                 policy: run.policy.name().into(),
                 totals: overall,
@@ -314,6 +346,7 @@ pub fn build(scenario: &Scenario, cfg: &SimConfig, prepared: &Prepared, weights:
                 groups: per_group,
                 series,
                 oracle_choices,
+                edge_by_branch,
             }
         })
         .collect();
@@ -331,6 +364,7 @@ pub fn build(scenario: &Scenario, cfg: &SimConfig, prepared: &Prepared, weights:
             weights: weights.into(),
             sha256: sha256.into(),
             calibration: prepared.method.name().into(),
+            threshold_rule: prepared.threshold_rule.clone(),
             temperatures: prepared.temperatures.clone(),
             device_head_ms: prepared.sim.head_us.iter().map(|u| u / 1e3).collect(),
             upload_bytes: prepared.sim.upload_bytes.clone(),

@@ -52,7 +52,11 @@ pub struct SimModel {
     pub upload_bytes: Vec<usize>,
     /// Per branch: (batch size, microseconds) of the cloud's tail, ascending.
     pub tail_us: Vec<Vec<(usize, f64)>>,
+    /// The planner's candidates.
     pub stats: ModelStats,
+    /// Predictions for every plan a run can use (the candidates and the
+    /// groups' own plans), to check them against what happened.
+    pub predictions: ModelStats,
 }
 
 impl SimModel {
@@ -208,6 +212,29 @@ pub struct RunResult {
     pub outcomes: u64,
     pub batches: u64,
     pub batched_requests: u64,
+    /// Per branch: the inputs that exited there by confidence.
+    pub edge: Vec<EdgeTally>,
+}
+
+/// The inputs that exited at one branch because their confidence reached
+/// the plan's threshold: how many were right, and what the plan in force
+/// predicted for them.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EdgeTally {
+    pub exits: u64,
+    pub correct: u64,
+    /// Sum over those inputs of the predicted edge accuracy of their plan.
+    pub predicted_sum: f64,
+}
+
+impl EdgeTally {
+    /// Counts one exit under `plan` (`predictions` holds every plan a run
+    /// can use; one it lacks adds no prediction, which the report shows).
+    pub fn add(&mut self, predictions: &ModelStats, plan: Plan, correct: bool) {
+        self.exits += 1;
+        self.correct += u64::from(correct);
+        self.predicted_sum += predictions.lookup(plan).map_or(f64::NAN, |s| s.edge_accuracy);
+    }
 }
 
 // Event kinds, in the order they are handled within one microsecond.
@@ -360,6 +387,7 @@ pub fn simulate(m: &SimModel, c: &SimConfig, plans: &Plans) -> RunResult {
             outcomes: 0,
             batches: 0,
             batched_requests: 0,
+            edge: vec![EdgeTally::default(); m.num_branches()],
         },
         costs: c
             .groups
@@ -528,6 +556,7 @@ impl<'a> Sim<'a> {
         }
         if plan.exits(conf) {
             let latency = done - t;
+            self.out.edge[k - 1].add(&m.predictions, plan, class == label);
             self.record(group, t, latency, class == label, true, false, latency > deadline, plan);
             return;
         }
@@ -804,7 +833,9 @@ mod tests {
             fallback_accuracy: 0.0,
             measured_edge_accuracy: 1.0,
             measured_cloud_accuracy: 1.0,
+            certified: None,
         };
+        let stats = ModelStats { candidates: vec![stat(2, 0.0, 0.0), stat(2, 0.9, 0.5), stat(2, 1.0, 1.0)] };
         SimModel {
             branch_pred: vec![(0..n).map(pred).collect(), (0..n).map(pred).collect()],
             final_class: labels.clone(),
@@ -812,7 +843,8 @@ mod tests {
             head_us: vec![1_000.0, 2_000.0],
             upload_bytes: vec![25_000, 12_500],
             tail_us: vec![vec![(1, 500.0), (32, 8_000.0)], vec![(1, 400.0), (32, 6_000.0)]],
-            stats: ModelStats { candidates: vec![stat(2, 0.0, 0.0), stat(2, 0.9, 0.5), stat(2, 1.0, 1.0)] },
+            predictions: stats.clone(),
+            stats,
         }
     }
 
