@@ -284,8 +284,8 @@ fn print_certified(report: &Report, with_resplits: usize) {
         c.grid
     );
     println!(
-        "  {:<6} {:>5} {:>5}  {:>17}  {:>17}  {:>25}  {}",
-        "branch", "a", "delta", "p_tar = a, T = 1", "p_tar = a, TS", "certified: threshold", "re-splits broken (uncal / TS / certified), offload"
+        "  {:<6} {:>5} {:>5}  {:>17}  {:>17}  {:>25}  re-splits broken (uncal / TS / certified), offload",
+        "branch", "a", "delta", "p_tar = a, T = 1", "p_tar = a, TS", "certified: threshold"
     );
     let point = |p: &branchpoint_models::offload::OperatingPoint| format!("{:>5.1} % off {:>6}", 100.0 * p.offload_prob, pct(p.edge_accuracy));
     for b in &c.branches {
