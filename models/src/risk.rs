@@ -72,41 +72,25 @@ pub fn beta_inc(a: f64, b: f64, x: f64) -> f64 {
 fn beta_fraction(a: f64, b: f64, x: f64) -> f64 {
     const TINY: f64 = 1e-300;
     const EPS: f64 = 1e-15;
+    // One step of Lentz's method: the new (c, d) for coefficient `aa`.
+    let step = |aa: f64, c: f64, d: f64| -> (f64, f64) {
+        let guard = |v: f64| if v.abs() < TINY { TINY } else { v };
+        (guard(1.0 + aa / c), 1.0 / guard(1.0 + aa * d))
+    };
     let (qab, qap, qam) = (a + b, a + 1.0, a - 1.0);
-    let mut c = 1.0;
-    let mut d = 1.0 - qab * x / qap;
-    if d.abs() < TINY {
-        d = TINY;
-    }
-    d = 1.0 / d;
+    let (mut c, mut d) = step(-qab * x / qap, f64::INFINITY, 1.0);
+    c = 1.0;
     let mut h = d;
     for m in 1..10_000 {
         let m = f64::from(m);
         let m2 = 2.0 * m;
-        let aa = m * (b - m) * x / ((qam + m2) * (a + m2));
-        d = 1.0 + aa * d;
-        if d.abs() < TINY {
-            d = TINY;
-        }
-        c = 1.0 + aa / c;
-        if c.abs() < TINY {
-            c = TINY;
-        }
-        d = 1.0 / d;
+        // The even and the odd term of the continued fraction.
+        (c, d) = step(m * (b - m) * x / ((qam + m2) * (a + m2)), c, d);
         h *= d * c;
-        let aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2));
-        d = 1.0 + aa * d;
-        if d.abs() < TINY {
-            d = TINY;
-        }
-        c = 1.0 + aa / c;
-        if c.abs() < TINY {
-            c = TINY;
-        }
-        d = 1.0 / d;
-        let step = d * c;
-        h *= step;
-        if (step - 1.0).abs() < EPS {
+        (c, d) = step(-(a + m) * (qab + m) * x / ((a + m2) * (qap + m2)), c, d);
+        let delta = d * c;
+        h *= delta;
+        if (delta - 1.0).abs() < EPS {
             break;
         }
     }
