@@ -78,8 +78,7 @@ fn beta_fraction(a: f64, b: f64, x: f64) -> f64 {
         (guard(1.0 + aa / c), 1.0 / guard(1.0 + aa * d))
     };
     let (qab, qap, qam) = (a + b, a + 1.0, a - 1.0);
-    let (mut c, mut d) = step(-qab * x / qap, f64::INFINITY, 1.0);
-    c = 1.0;
+    let (mut c, mut d) = (1.0, step(-qab * x / qap, f64::INFINITY, 1.0).1);
     let mut h = d;
     for m in 1..10_000 {
         let m = f64::from(m);
