@@ -277,16 +277,35 @@ pub fn send_signal(child: &Child, signal: i32) {
 }
 
 /// Sends `signal` and waits for the child to exit: its status and how long
-/// it took. Fails the test if it is still running after `give_up`, so that a
-/// hang says so instead of hanging the test.
+/// it took. The wait is for the exit itself (a pidfd becomes readable when
+/// the process ends), not a polling loop. Fails the test if it is still
+/// running after `give_up`, so that a hang says so instead of hanging the
+/// test.
 pub fn stop_with(child: &mut Child, signal: i32, give_up: Duration) -> (std::process::ExitStatus, Duration) {
+    // Opened before the signal, so the exit cannot be missed.
+    // SAFETY: pidfd_open(2) on our own child's pid; the fd is closed below.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) } as libc::c_int;
+    assert!(fd >= 0, "pidfd_open failed: {}", std::io::Error::last_os_error());
     send_signal(child, signal);
     let sent = Instant::now();
+    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
     loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return (status, sent.elapsed());
+        let left = give_up.saturating_sub(sent.elapsed()).as_millis() as libc::c_int;
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut pfd, 1, left) };
+        if ready > 0 || left == 0 {
+            break;
         }
-        assert!(sent.elapsed() < give_up, "still running {:?} after signal {signal}", sent.elapsed());
-        std::thread::sleep(Duration::from_millis(5));
+        if ready < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            panic!("poll on the child's pidfd: {}", std::io::Error::last_os_error());
+        }
+    }
+    // SAFETY: closing the fd opened above.
+    unsafe { libc::close(fd) };
+    let status = child.try_wait().unwrap();
+    let took = sent.elapsed();
+    match status {
+        Some(status) => (status, took),
+        None => panic!("still running {took:?} after signal {signal}"),
     }
 }
