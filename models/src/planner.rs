@@ -163,14 +163,7 @@ pub fn certified_candidates(validation: &[ExitLogits], temperatures: &[f64], acc
     }
     (0..exits - 1)
         .map(|b| {
-            let e = &validation[b];
-            let (conf, ok): (Vec<f64>, Vec<bool>) = (0..e.len())
-                .map(|i| {
-                    let (class, c) = e.predict(i, temperatures[b]);
-                    (c, class as i64 == e.labels[i])
-                })
-                .unzip();
-            let counts = crate::risk::ConfidenceCounts::new(&conf, &ok)?;
+            let counts = crate::risk::ConfidenceCounts::of_exit(&validation[b], temperatures[b])?;
             let mut v = vec![Candidate { p_tar: 0.0, certified: None }];
             for &accuracy in accuracies {
                 let target = Target { accuracy, delta };
@@ -633,13 +626,7 @@ mod tests {
             assert_eq!((of_branch[0].plan.p_tar, of_branch[3].plan.p_tar), (0.0, 1.0));
             for c in &of_branch[1..3] {
                 let target = c.certified.expect("certified");
-                let (conf, ok): (Vec<f64>, Vec<bool>) = (0..validation[b - 1].len())
-                    .map(|i| {
-                        let (class, p) = validation[b - 1].predict(i, temps[b - 1]);
-                        (p, class as i64 == validation[b - 1].labels[i])
-                    })
-                    .unzip();
-                let counts = crate::risk::ConfidenceCounts::new(&conf, &ok).unwrap();
+                let counts = crate::risk::ConfidenceCounts::of_exit(&validation[b - 1], temps[b - 1]).unwrap();
                 let want = crate::risk::certify(&counts, target, &crate::risk::default_grid()).unwrap().threshold.unwrap_or(1.0);
                 assert_eq!(c.plan.p_tar, want);
                 if c.plan.p_tar < 1.0 {

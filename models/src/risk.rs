@@ -213,6 +213,18 @@ impl ConfidenceCounts {
         Ok(Self { sorted, wrong_before })
     }
 
+    /// The counts of one exit's logits: confidence max softmax(z / T), and
+    /// whether the predicted class is the label.
+    pub fn of_exit(e: &ExitLogits, temperature: f64) -> Result<Self> {
+        let (conf, correct): (Vec<f64>, Vec<bool>) = (0..e.len())
+            .map(|i| {
+                let (class, c) = e.predict(i, temperature);
+                (c, class as i64 == e.labels[i])
+            })
+            .unzip();
+        Self::new(&conf, &correct)
+    }
+
     pub fn len(&self) -> usize {
         self.sorted.len()
     }
@@ -458,13 +470,7 @@ mod tests {
     }
 
     fn counts_of(e: &ExitLogits) -> ConfidenceCounts {
-        let (conf, ok): (Vec<f64>, Vec<bool>) = (0..e.len())
-            .map(|i| {
-                let (c, p) = e.predict(i, 1.0);
-                (p, c as i64 == e.labels[i])
-            })
-            .unzip();
-        ConfidenceCounts::new(&conf, &ok).unwrap()
+        ConfidenceCounts::of_exit(e, 1.0).unwrap()
     }
 
     /// The promise itself: over 200 fresh calibration sets, the certified

@@ -80,13 +80,7 @@ fn bench(weights: &Path) {
     let certify = median_ms(11, || {
         for e in &logits.validation[..logits.validation.len() - 1] {
             let t = branchpoint_models::calibration::fit_temperature(&[e]).unwrap();
-            let (conf, ok): (Vec<f64>, Vec<bool>) = (0..e.len())
-                .map(|i| {
-                    let (c, p) = e.predict(i, t);
-                    (p, c as i64 == e.labels[i])
-                })
-                .unzip();
-            let counts = branchpoint_models::risk::ConfidenceCounts::new(&conf, &ok).unwrap();
+            let counts = branchpoint_models::risk::ConfidenceCounts::of_exit(e, t).unwrap();
             for &a in &p_tars {
                 branchpoint_models::risk::certify(&counts, branchpoint_models::risk::Target { accuracy: a, delta: 0.05 }, &grid).unwrap();
             }

@@ -270,13 +270,7 @@ pub fn certified_report(logits: &SplitLogits, targets: &[Target], resplit_target
     for b in 0..logits.test.len() - 1 {
         let (validation, test) = (&logits.validation[b], &logits.test[b]);
         let temperature = calibration::fit_temperature(&[validation])?;
-        let (conf, correct): (Vec<f64>, Vec<bool>) = (0..validation.len())
-            .map(|i| {
-                let (class, c) = validation.predict(i, temperature);
-                (c, class as i64 == validation.labels[i])
-            })
-            .unzip();
-        let counts = ConfidenceCounts::new(&conf, &correct)?;
+        let counts = ConfidenceCounts::of_exit(validation, temperature)?;
         let (raw, scaled) = (Decisions::new(test, final_test, 1.0)?, Decisions::new(test, final_test, temperature)?);
         let pooled = ExitLogits {
             classes: test.classes,
