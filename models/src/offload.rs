@@ -141,9 +141,19 @@ impl Decisions {
 /// float product 0.55 * 100 is 55.000000000000007. `total` 0 reaches any
 /// target (there is nothing to be wrong about).
 pub fn reaches_target(correct: usize, total: usize, p_tar: f64) -> bool {
-    const PARTS: u128 = 1_000_000;
-    let millionths = (p_tar.clamp(0.0, 1.0) * PARTS as f64).round() as u128;
-    correct as u128 * PARTS >= millionths * total as u128
+    correct as u128 * TARGET_PARTS >= target_millionths(p_tar) * total as u128
+}
+
+/// The fewest right answers out of `total` that reach `p_tar`, by the same
+/// exact rule as `reaches_target`.
+pub fn fewest_correct(total: usize, p_tar: f64) -> usize {
+    (target_millionths(p_tar) * total as u128).div_ceil(TARGET_PARTS) as usize
+}
+
+const TARGET_PARTS: u128 = 1_000_000;
+
+fn target_millionths(p_tar: f64) -> u128 {
+    (p_tar.clamp(0.0, 1.0) * TARGET_PARTS as f64).round() as u128
 }
 
 /// Where one exit threshold puts a branch, judged against an accuracy
@@ -313,7 +323,11 @@ mod tests {
         ];
         for (right, of, p_tar, reaches) in table {
             assert_eq!(reaches_target(right, of, p_tar), reaches, "{right} of {of} at p_tar {p_tar}");
+            // The fewest that reach it reach it, one fewer does not.
+            let fewest = fewest_correct(of, p_tar);
+            assert!(reaches_target(fewest, of, p_tar) && (fewest == 0 || !reaches_target(fewest - 1, of, p_tar)), "{of} at {p_tar}: {fewest}");
         }
+        assert_eq!((fewest_correct(100, 0.55), fewest_correct(10, 0.7), fewest_correct(7, 0.9), fewest_correct(0, 0.9)), (55, 7, 7, 0));
 
         // A batch of 100 decided on the device, 55 right: at 0.55 it is not in
         // outage and meets the target; at 0.56 it is in outage.

@@ -17,6 +17,17 @@
 //! confidence bound on the error rate is at most 1 - a: with k errors among
 //! the n inputs that exit, the p-value is P(Binomial(n, 1 - a) <= k).
 //! Thresholds at which no input exits have no evidence and are not rejected.
+//!
+//! That promise is about the population of inputs that exit. A deployment
+//! judges a finite batch instead (an outage batch, an evaluation half), and a
+//! batch of m exits scatters around the population: a threshold whose
+//! population accuracy sits just above `a` leaves almost half its batches
+//! below it. A *batch* certificate (`certify_batch`) promises the batch
+//! itself: with probability at least `1 - delta`, a fresh batch's exits are
+//! right at least a fraction `a` of the time. It splits delta in two
+//! (union bound): the population error rate is certified at level delta/2
+//! against a stricter rate `alpha*(m)`, the largest at which m exits break
+//! the target with probability at most delta/2 (`batch_error_rate`).
 use serde::{Deserialize, Serialize};
 
 use crate::calibration::ExitLogits;
@@ -177,6 +188,10 @@ pub struct Certificate {
     pub error_upper_bound: f64,
     /// Calibration inputs.
     pub inputs: usize,
+    /// For a batch certificate, the batch (inputs) it promises; `None` for
+    /// the population certificate.
+    #[serde(default)]
+    pub batch_inputs: Option<usize>,
 }
 
 /// Confidences and correctness of one branch on a calibration split, sorted
@@ -241,20 +256,58 @@ impl ConfidenceCounts {
 }
 
 /// Learn-then-Test with fixed-sequence testing over `grid` (descending; see
-/// the module doc) on one branch's calibration counts.
+/// the module doc) on one branch's calibration counts: the population
+/// certificate.
 pub fn certify(counts: &ConfidenceCounts, target: Target, grid: &[f64]) -> Result<Certificate> {
+    let allowed_error = 1.0 - target.accuracy;
+    // Reject "error rate > allowed" when seeing at most k errors would be
+    // unlikely (<= delta) if the rate were exactly the allowed one.
+    let certificate = fixed_sequence(counts, target, grid, |n, k| binomial_cdf(k as u64, n as u64, allowed_error) <= target.delta)?;
+    Ok(Certificate { error_upper_bound: clopper_pearson_upper(certificate.errors as u64, certificate.exits as u64, target.delta), ..certificate })
+}
+
+/// The batch certificate (module doc): with probability at least
+/// `1 - delta`, the inputs that exit among a fresh batch of `batch_inputs`
+/// are right at least a fraction `target.accuracy` of the time.
+///
+/// The exits a batch will have at a threshold are estimated as the
+/// calibration split's exit rate there times `batch_inputs`; the batch's own
+/// count scatters around that, which the promise does not cover exactly
+/// (`resplit_study` measures how well it holds).
+pub fn certify_batch(counts: &ConfidenceCounts, target: Target, batch_inputs: usize, grid: &[f64]) -> Result<Certificate> {
+    if batch_inputs == 0 {
+        return Err(ModelError::InvalidArgument { what: "certified batch".into(), reason: "0 inputs; a batch needs at least 1".into() });
+    }
+    certify_batch_with(&mut BatchErrorRates::new(target), counts, batch_inputs, grid)
+}
+
+fn certify_batch_with(rates: &mut BatchErrorRates, counts: &ConfidenceCounts, batch_inputs: usize, grid: &[f64]) -> Result<Certificate> {
+    let target = rates.certified;
+    let half = rates.target;
+    let scale = batch_inputs as f64 / counts.len().max(1) as f64;
+    let certificate = fixed_sequence(counts, target, grid, |n, k| {
+        let exits = (n as f64 * scale).round() as u64;
+        binomial_cdf(k as u64, n as u64, rates.get(exits)) <= half.delta
+    })?;
+    Ok(Certificate {
+        error_upper_bound: clopper_pearson_upper(certificate.errors as u64, certificate.exits as u64, half.delta),
+        batch_inputs: Some(batch_inputs),
+        ..certificate
+    })
+}
+
+/// Walks `grid` from high to low while `rejected(exits, errors)` holds;
+/// the last threshold rejected is certified. Thresholds where nothing exits
+/// are never rejected (no evidence).
+fn fixed_sequence(counts: &ConfidenceCounts, target: Target, grid: &[f64], mut rejected: impl FnMut(usize, usize) -> bool) -> Result<Certificate> {
     target.validate()?;
     if grid.windows(2).any(|w| w[0] <= w[1]) {
         return Err(ModelError::InvalidArgument { what: "threshold grid".into(), reason: "must be strictly decreasing (tested from high to low)".into() });
     }
-    let allowed_error = 1.0 - target.accuracy;
     let mut certified: Option<(f64, usize, usize)> = None;
     for &threshold in grid {
         let (n, k) = counts.at(threshold);
-        // Reject "error rate > allowed" when seeing at most k errors would be
-        // unlikely (<= delta) if the rate were exactly the allowed one.
-        let rejected = n > 0 && binomial_cdf(k as u64, n as u64, allowed_error) <= target.delta;
-        if !rejected {
+        if n == 0 || !rejected(n, k) {
             break;
         }
         certified = Some((threshold, n, k));
@@ -263,14 +316,67 @@ pub fn certify(counts: &ConfidenceCounts, target: Target, grid: &[f64]) -> Resul
         Some((t, n, k)) => (Some(t), n, k),
         None => (None, 0, 0),
     };
-    Ok(Certificate {
-        target,
-        threshold,
-        exits,
-        errors,
-        error_upper_bound: clopper_pearson_upper(errors as u64, exits as u64, target.delta),
-        inputs: counts.len(),
-    })
+    Ok(Certificate { target, threshold, exits, errors, error_upper_bound: 1.0, inputs: counts.len(), batch_inputs: None })
+}
+
+/// The largest population error rate p at which a batch of `exits` inputs,
+/// each wrong independently with probability p, still reaches
+/// `target.accuracy` with probability at least `1 - target.delta`: the
+/// batch may hold at most e errors, the most `offload::reaches_target`
+/// allows, so p is where P(Binomial(exits, p) <= e) = 1 - delta. 1 for an
+/// empty batch (nothing to break).
+pub fn batch_error_rate(exits: u64, target: Target) -> f64 {
+    let allowed = exits - crate::offload::fewest_correct(exits as usize, target.accuracy) as u64;
+    if exits == 0 || allowed >= exits {
+        return 1.0;
+    }
+    // f(p) = P(Bin(m, p) <= e) - (1 - delta) falls as p grows, and is
+    // negative at p = e / m (the median is about e there): Newton's method,
+    // kept inside the bracket by bisection, with f'(p) = -m P(Bin(m - 1, p) = e).
+    let (m, e) = (exits as f64, allowed as f64);
+    let f = |p: f64| binomial_cdf(allowed, exits, p) - (1.0 - target.delta);
+    let slope = |p: f64| -(m.ln() + ln_gamma(m) - ln_gamma(e + 1.0) - ln_gamma(m - e) + e * p.ln() + (m - 1.0 - e) * (1.0 - p).ln()).exp();
+    let (mut lo, mut hi) = (0.0f64, (e + 1.0) / m);
+    let mut p = 0.5 * hi;
+    for _ in 0..200 {
+        let v = f(p);
+        if v >= 0.0 {
+            lo = p;
+        } else {
+            hi = p;
+        }
+        if hi - lo < 1e-12 {
+            break;
+        }
+        let step = v / slope(p);
+        // Newton closes in from one side; once its step is tiny, cross the
+        // root on purpose so that the bracket collapses.
+        let next = if step.abs() < 1e-13 { p + if v >= 0.0 { 1e-13 } else { -1e-13 } } else { p - step };
+        p = if next > lo && next < hi { next } else { 0.5 * (lo + hi) };
+    }
+    lo
+}
+
+/// `batch_error_rate` for one target, remembered per batch size (a
+/// certificate asks for many sizes, a re-split study for the same ones
+/// again).
+struct BatchErrorRates {
+    /// The batch certificate's target.
+    certified: Target,
+    /// Its batch half: delta / 2.
+    target: Target,
+    known: std::collections::HashMap<u64, f64>,
+}
+
+impl BatchErrorRates {
+    fn new(certified: Target) -> Self {
+        Self { certified, target: Target { delta: certified.delta / 2.0, ..certified }, known: std::collections::HashMap::new() }
+    }
+
+    fn get(&mut self, exits: u64) -> f64 {
+        let target = self.target;
+        *self.known.entry(exits).or_insert_with(|| batch_error_rate(exits, target))
+    }
 }
 
 /// How often each way of choosing a branch's threshold for a target
@@ -285,7 +391,13 @@ pub struct ResplitRates {
     pub splits: usize,
     pub uncalibrated: RuleRates,
     pub temperature: RuleRates,
+    /// The lowest grid threshold (in sequence) whose calibration-half edge
+    /// accuracy reaches `a`, with no bound: tuned on the split, certified by
+    /// nothing.
+    pub empirical: RuleRates,
     pub certified: RuleRates,
+    /// The batch certificate, for a batch the size of the evaluation half.
+    pub certified_batch: RuleRates,
 }
 
 /// One rule over the re-splits.
@@ -301,7 +413,9 @@ pub struct RuleRates {
 /// `branch`'s labelled inputs. Per split, on the calibration half: the
 /// branch's temperature is fit, and the threshold is certified on the
 /// temperature-scaled confidences. Rules compared: uncalibrated p_tar = a,
-/// temperature-scaled p_tar = a, and the certified threshold.
+/// temperature-scaled p_tar = a, the empirical threshold (no bound), the
+/// certified threshold, and the batch certificate for a batch the size of
+/// the evaluation half.
 pub fn resplit_study(branch: &ExitLogits, targets: &[Target], splits: usize, seed: u64, grid: &[f64]) -> Result<Vec<ResplitRates>> {
     for t in targets {
         t.validate()?;
@@ -317,7 +431,8 @@ pub fn resplit_study(branch: &ExitLogits, targets: &[Target], splits: usize, see
         broken: usize,
         offload: f64,
     }
-    let mut tallies = vec![[Tally::default(); 3]; targets.len()];
+    let mut tallies = vec![[Tally::default(); 5]; targets.len()];
+    let mut batch_rates: Vec<BatchErrorRates> = targets.iter().map(|&t| BatchErrorRates::new(t)).collect();
     for s in 0..splits {
         let order = crate::rng::SplitMix64::new(seed.wrapping_add(s as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)).permutation(n);
         let (calib, eval) = order.split_at(n / 2);
@@ -331,7 +446,9 @@ pub fn resplit_study(branch: &ExitLogits, targets: &[Target], splits: usize, see
         let counts = ConfidenceCounts::new(&calib.iter().map(|&i| scaled[i]).collect::<Vec<_>>(), &calib.iter().map(|&i| correct[i]).collect::<Vec<_>>())?;
         for (ti, &target) in targets.iter().enumerate() {
             let certified = certify(&counts, target, grid)?.threshold.unwrap_or(f64::INFINITY);
-            let rules: [(&[f64], f64); 3] = [(&[], target.accuracy), (&scaled, target.accuracy), (&scaled, certified)];
+            let batch = certify_batch_with(&mut batch_rates[ti], &counts, eval.len(), grid)?.threshold.unwrap_or(f64::INFINITY);
+            let empirical = fixed_sequence(&counts, target, grid, |n, k| crate::offload::reaches_target(n - k, n, target.accuracy))?.threshold.unwrap_or(f64::INFINITY);
+            let rules: [(&[f64], f64); 5] = [(&[], target.accuracy), (&scaled, target.accuracy), (&scaled, empirical), (&scaled, certified), (&scaled, batch)];
             for (ri, (conf, threshold)) in rules.iter().enumerate() {
                 let (mut e, mut e_ok) = (0usize, 0usize);
                 for &i in eval {
@@ -351,7 +468,15 @@ pub fn resplit_study(branch: &ExitLogits, targets: &[Target], splits: usize, see
     Ok(targets
         .iter()
         .zip(tallies)
-        .map(|(&target, t)| ResplitRates { target, splits, uncalibrated: rates(t[0]), temperature: rates(t[1]), certified: rates(t[2]) })
+        .map(|(&target, t)| ResplitRates {
+            target,
+            splits,
+            uncalibrated: rates(t[0]),
+            temperature: rates(t[1]),
+            empirical: rates(t[2]),
+            certified: rates(t[3]),
+            certified_batch: rates(t[4]),
+        })
         .collect())
 }
 
@@ -507,7 +632,64 @@ mod tests {
     }
 
     #[test]
-    fn the_re_split_study_is_seeded_and_compares_the_three_rules() {
+    fn batch_error_rates_by_hand() {
+        // 5 exits at a = 0.9 may hold no error (4 of 5 is 0.8): (1 - p)^5 = 1 - delta.
+        let t = Target { accuracy: 0.9, delta: 0.05 };
+        let want = 1.0 - 0.95f64.powf(0.2);
+        assert!((batch_error_rate(5, t) - want).abs() < 1e-11, "{} vs {want}", batch_error_rate(5, t));
+        // 10 exits may hold 1 error: (1 - p)^10 + 10 p (1 - p)^9 = 0.95 at
+        // p = 0.036_771_44 (the closed form solved by bisection, in Python).
+        let p = batch_error_rate(10, t);
+        assert!(((1.0 - p).powi(10) + 10.0 * p * (1.0 - p).powi(9) - 0.95).abs() < 1e-10, "{p}");
+        assert!((p - 0.036_771_44).abs() < 1e-8, "{p}");
+        // Large batches tend to the target's own error rate from below.
+        let big = [100u64, 1000, 10_000].map(|m| batch_error_rate(m, t));
+        assert!(big[0] < big[1] && big[1] < big[2] && big[2] < 0.1 && big[2] > 0.09, "{big:?}");
+        for m in [1u64, 37, 400, 7500] {
+            let p = batch_error_rate(m, t);
+            let allowed = m - crate::offload::fewest_correct(m as usize, 0.9) as u64;
+            assert!(binomial_cdf(allowed, m, p) >= 0.95 - 1e-12 && binomial_cdf(allowed, m, p + 1e-9) < 0.95, "m {m}: {p}");
+        }
+        assert_eq!(batch_error_rate(0, t), 1.0, "an empty batch cannot break the target");
+    }
+
+    /// The batch promise: over 200 fresh calibration sets, the batch
+    /// certificate's threshold judged on a fresh batch of the same size
+    /// breaks the target in at most delta of them, plus the sampling error;
+    /// it is never looser than the population certificate.
+    #[test]
+    fn batch_certificates_hold_on_fresh_batches() {
+        let mut rng = crate::rng::SplitMix64::new(23);
+        let grid = default_grid();
+        // (At a = 0.95 only this branch's easy 3 % qualify, about 120 exits
+        // of a batch: too few to promise the batch anything, and nothing is
+        // certified.)
+        for target in [Target { accuracy: 0.9, delta: 0.1 }, Target { accuracy: 0.9, delta: 0.05 }] {
+            let trials = 200;
+            let (mut broken, mut certified) = (0, 0);
+            for _ in 0..trials {
+                let calibration = counts_of(&overconfident(&mut rng, 4000));
+                let batch = counts_of(&overconfident(&mut rng, 4000));
+                let c = certify_batch(&calibration, target, 4000, &grid).unwrap();
+                let population = certify(&calibration, target, &grid).unwrap();
+                assert!(c.threshold.unwrap_or(f64::INFINITY) >= population.threshold.unwrap_or(f64::INFINITY), "{c:?} vs {population:?}");
+                assert_eq!(c.batch_inputs, Some(4000));
+                if let Some(t) = c.threshold {
+                    certified += 1;
+                    let (n, k) = batch.at(t);
+                    broken += usize::from(n > 0 && !crate::offload::reaches_target(n - k, n, target.accuracy));
+                }
+            }
+            let rate = broken as f64 / trials as f64;
+            let slack = 2.0 * (target.delta * (1.0 - target.delta) / trials as f64).sqrt();
+            assert!(rate <= target.delta + slack, "{target:?}: broken in {broken} of {trials}");
+            assert!(certified > trials / 2, "{target:?}: certified in only {certified} of {trials}");
+        }
+        assert!(certify_batch(&counts_of(&overconfident(&mut rng, 10)), Target { accuracy: 0.9, delta: 0.1 }, 0, &grid).is_err());
+    }
+
+    #[test]
+    fn the_re_split_study_is_seeded_and_compares_the_rules() {
         let e = overconfident(&mut crate::rng::SplitMix64::new(5), 6000);
         let targets = [Target { accuracy: 0.9, delta: 0.1 }, Target { accuracy: 0.95, delta: 0.05 }];
         let rates = resplit_study(&e, &targets, 50, 5, &default_grid()).unwrap();
@@ -515,6 +697,10 @@ mod tests {
             assert!(r.uncalibrated.violation_rate > 0.5, "the overconfident branch misses its target at p_tar = a: {r:?}");
             assert!(r.certified.violation_rate < r.uncalibrated.violation_rate, "{r:?}");
             assert!(r.certified.mean_offload_rate < 1.0, "something is certified: {r:?}");
+            let slack = 2.0 * (r.target.delta * (1.0 - r.target.delta) / 50.0).sqrt();
+            assert!(r.certified_batch.violation_rate <= r.target.delta + slack, "the batch certificate holds on the evaluation halves: {r:?}");
+            assert!(r.certified_batch.mean_offload_rate >= r.certified.mean_offload_rate, "and costs offloading: {r:?}");
+            assert!(r.empirical.violation_rate > r.certified.violation_rate, "a threshold tuned on the split with no bound breaks more often: {r:?}");
             assert_eq!(r.splits, 50);
         }
         assert_eq!(rates, resplit_study(&e, &targets, 50, 5, &default_grid()).unwrap(), "seeded: the same study twice");

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use branchpoint_models::calibration::{self, calibration_metrics, CalibrationFile, CalibrationMetrics, ExitLogits, Method};
 use branchpoint_models::offload::{operating_point, sweep, Decisions, LatencyModel, OperatingPoint, SweepRow};
 use branchpoint_models::recalibration::{confidences, quality, select, ConfidenceMap, ConfidenceQuality};
-use branchpoint_models::risk::{certify, default_grid, resplit_study, Certificate, ConfidenceCounts, ResplitRates, Target};
+use branchpoint_models::risk::{certify, certify_batch, default_grid, resplit_study, Certificate, ConfidenceCounts, ResplitRates, Target};
 use branchpoint_models::{Dataset, LoadedModel};
 use serde::{Deserialize, Serialize};
 
@@ -256,6 +256,10 @@ pub struct CertifiedRow {
     pub temperature: OperatingPoint,
     pub certificate: Certificate,
     pub certified: OperatingPoint,
+    /// The batch certificate for a batch the size of the test set: its
+    /// promise is about the test set's own edge accuracy.
+    pub batch_certificate: Certificate,
+    pub batch_certified: OperatingPoint,
     /// `None` when the report was made without re-splits.
     pub resplit: Option<ResplitRates>,
 }
@@ -282,6 +286,7 @@ pub fn certified_report(logits: &SplitLogits, targets: &[Target], resplit_target
         let mut rows = Vec::new();
         for &target in targets {
             let certificate = certify(&counts, target, &grid)?;
+            let batch_certificate = certify_batch(&counts, target, test.len(), &grid)?;
             let a = target.accuracy;
             rows.push(CertifiedRow {
                 target,
@@ -289,6 +294,8 @@ pub fn certified_report(logits: &SplitLogits, targets: &[Target], resplit_target
                 temperature: operating_point(&scaled, a, a, outage_batch),
                 certified: operating_point(&scaled, certificate.threshold.unwrap_or(f64::INFINITY), a, outage_batch),
                 certificate,
+                batch_certified: operating_point(&scaled, batch_certificate.threshold.unwrap_or(f64::INFINITY), a, outage_batch),
+                batch_certificate,
                 resplit: study.iter().find(|r| r.target == target).copied(),
             });
         }

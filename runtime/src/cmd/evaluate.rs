@@ -284,38 +284,47 @@ fn print_certified(report: &Report, with_resplits: usize) {
         c.grid
     );
     println!(
-        "  {:<6} {:>5} {:>5}  {:>17}  {:>17}  {:>25}  re-splits broken (uncal / TS / certified), offload",
-        "branch", "a", "delta", "p_tar = a, T = 1", "p_tar = a, TS", "certified: threshold"
+        "  {:<6} {:>5} {:>5}  {:>17}  {:>17}  {:>25}  {:>25}  re-splits broken (uncal / TS / empirical / certified / batch-certified), offload",
+        "branch", "a", "delta", "p_tar = a, T = 1", "p_tar = a, TS", "certified: threshold", "batch-certified"
     );
     let point = |p: &branchpoint_models::offload::OperatingPoint| format!("{:>5.1} % off {:>6}", 100.0 * p.offload_prob, pct(p.edge_accuracy));
     for b in &c.branches {
         for r in b.rows.iter().take(with_resplits) {
             let resplit = r.resplit.map_or("-".into(), |s| {
                 format!(
-                    "{:.3} / {:.3} / {:.3} of {}; offload {:.1} / {:.1} / {:.1} %",
+                    "{:.3} / {:.3} / {:.3} / {:.3} / {:.3} of {}; offload {:.1} / {:.1} / {:.1} / {:.1} / {:.1} %",
                     s.uncalibrated.violation_rate,
                     s.temperature.violation_rate,
+                    s.empirical.violation_rate,
                     s.certified.violation_rate,
+                    s.certified_batch.violation_rate,
                     s.splits,
                     100.0 * s.uncalibrated.mean_offload_rate,
                     100.0 * s.temperature.mean_offload_rate,
-                    100.0 * s.certified.mean_offload_rate
+                    100.0 * s.empirical.mean_offload_rate,
+                    100.0 * s.certified.mean_offload_rate,
+                    100.0 * s.certified_batch.mean_offload_rate
                 )
             });
+            let threshold = |c: &branchpoint_models::risk::Certificate| c.threshold.map_or("none".into(), |t| format!("{t:.3}"));
             println!(
-                "  {:<6} {:>5.2} {:>5.2}  {}  {}  {:>7} {}  {}",
+                "  {:<6} {:>5.2} {:>5.2}  {}  {}  {:>7} {}  {:>7} {}  {}",
                 b.branch,
                 r.target.accuracy,
                 r.target.delta,
                 point(&r.uncalibrated),
                 point(&r.temperature),
-                r.certificate.threshold.map_or("none".into(), |t| format!("{t:.3}")),
+                threshold(&r.certificate),
                 point(&r.certified),
+                threshold(&r.batch_certificate),
+                point(&r.batch_certified),
                 resplit
             );
         }
     }
-    println!("  (edge accuracies in %; \"off\" is the offload rate; a re-split is broken when its evaluation half's edge accuracy is below a)");
+    println!("  (edge accuracies in %; \"off\" is the offload rate; a re-split is broken when its evaluation half's edge accuracy is below a;");
+    println!("   \"empirical\" is the lowest threshold whose calibration-half edge accuracy reaches a, with no bound;");
+    println!("   \"certified\" promises the population of inputs that exit, \"batch-certified\" the batch itself: the test set, or the evaluation half)");
 }
 
 fn write_plots(dir: &Path, report: &Report) -> Result<usize> {
@@ -419,11 +428,14 @@ fn write_plots(dir: &Path, report: &Report) -> Result<usize> {
         reliability_diagram(&dir.join(file), &format!("Reliability diagram per calibration method, {} (test set)", r.exit), &panels)?;
         n += 1;
     }
-    // Edge accuracy against the target for the three ways of choosing the
+    // Edge accuracy against the target for the ways of choosing the
     // threshold, over the rows certified at the plot's delta.
     let delta = report.certified.branches.first().and_then(|b| b.rows.last()).map_or(0.05, |r| r.target.delta);
     for b in &report.certified.branches {
-        let rows: Vec<&crate::evaluation::CertifiedRow> = b.rows.iter().filter(|r| r.target.delta == delta && report.p_tars.contains(&r.target.accuracy)).collect();
+        let mut rows: Vec<&crate::evaluation::CertifiedRow> = b.rows.iter().filter(|r| r.target.delta == delta && report.p_tars.contains(&r.target.accuracy)).collect();
+        // The rows hold the --certify-accuracy targets first, then the sweep:
+        // a line is drawn in order of its target.
+        rows.sort_by(|x, y| x.target.accuracy.total_cmp(&y.target.accuracy));
         let curve = |label: &str, color: usize, f: &dyn Fn(&crate::evaluation::CertifiedRow) -> Option<f64>| Curve {
             label: label.into(),
             color: method_color(color),
@@ -434,6 +446,7 @@ fn write_plots(dir: &Path, report: &Report) -> Result<usize> {
             curve("p_tar = a, uncalibrated", 0, &|r| r.uncalibrated.edge_accuracy),
             curve("p_tar = a, temperature-scaled", 1, &|r| r.temperature.edge_accuracy),
             curve(&format!("certified (1 - delta = {:.2})", 1.0 - delta), 2, &|r| r.certified.edge_accuracy),
+            curve(&format!("batch-certified (1 - delta = {:.2})", 1.0 - delta), 3, &|r| r.batch_certified.edge_accuracy),
         ];
         let lowest = curves.iter().flat_map(|c| c.points.iter().map(|p| p.1)).fold(x_range.0, f64::min);
         curves.push(Curve { label: "target: edge accuracy = a".into(), color: plotters::style::RGBColor(0, 0, 0), points: vec![(x_range.0, x_range.0), (x_range.1, x_range.1)], dashed: true });
