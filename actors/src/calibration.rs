@@ -6,7 +6,9 @@
 //! file, all on its own thread (a `TensorPool` of one): a refit runs the
 //! network over 5,000 validation inputs and fits temperatures, work that must
 //! stay off the event loop. Messages in (`CalibratorHandle`): `current`,
-//! `refit`, one at a time in arrival order; at most a few wait. Restart: a
+//! `refit`, `certify`, one at a time in arrival order; at most a few wait.
+//! A certified threshold holds for the temperatures it was found on, so
+//! after a refit the stored certified plans are certified again. Restart: a
 //! refit that panics rebuilds the state from the model and the initial
 //! method, so temperatures fall back to the initial fit until the next
 //! refit (the control store keeps the method an operator asked for).
@@ -14,8 +16,10 @@
 use std::path::PathBuf;
 
 use branchpoint_messages::{
-    decode, encode, subjects, CalibrationMethod, CalibrationRefit, CalibrationUpdate, ErrorKind, ErrorReply,
+    decode, encode, subjects, CalibrationMethod, CalibrationRefit, CalibrationUpdate, CertifiedTarget, CertifyReply, CertifyRequest, ErrorKind,
+    ErrorReply, PlanUpdate,
 };
+use branchpoint_models::risk::{certify, default_grid, ConfidenceCounts, Target};
 use branchpoint_models::calibration::{fit_file, split_exit_logits, CalibrationFile, ExitLogits, Method};
 use branchpoint_models::{load_model, Dataset, LoadedModel};
 use futures::StreamExt;
@@ -96,6 +100,38 @@ impl CalibratorHandle {
             .await?
     }
 
+    /// The threshold certified for side branch `partition_branch` (from 1)
+    /// and `target`, on the validation split and the current temperatures.
+    pub async fn certify(&self, partition_branch: u8, target: CertifiedTarget) -> Result<CertifyReply, ActorError> {
+        self.0
+            .run(move |c: &mut Calibrator| {
+                let branches = c.validation.len().saturating_sub(1);
+                let b = usize::from(partition_branch);
+                if b == 0 || b > branches {
+                    return Err(ActorError::Model(branchpoint_models::ModelError::InvalidArgument {
+                        what: "partition_branch".into(),
+                        reason: format!("{partition_branch}: this model has side branches 1 to {branches}"),
+                    }));
+                }
+                let temperature = c.current.temperatures[b - 1];
+                let counts = ConfidenceCounts::of_exit(&c.validation[b - 1], temperature)?;
+                let cert = certify(&counts, Target { accuracy: target.accuracy, delta: target.delta }, &default_grid())?;
+                let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+                Ok(CertifyReply {
+                    model_sha256: c.current.weights_sha256.clone(),
+                    temperature,
+                    partition_branch,
+                    target,
+                    threshold: cert.threshold,
+                    inputs: count(cert.inputs),
+                    exits: count(cert.exits),
+                    errors: count(cert.errors),
+                    error_upper_bound: cert.error_upper_bound,
+                })
+            })
+            .await?
+    }
+
     /// Stops the thread (a refit in progress finishes first); see
     /// `TensorPool::shutdown`.
     pub fn shutdown(&self, within: std::time::Duration) -> Vec<String> {
@@ -124,11 +160,30 @@ pub fn method_of(m: CalibrationMethod) -> Method {
     }
 }
 
+/// Certifies every stored certified plan again on the calibrator's current
+/// temperatures, and stores those whose threshold moved (devices follow the
+/// store). Returns how many moved.
+pub async fn recertify_stored_plans(calibrator: &CalibratorHandle, store: &crate::control::ControlStore) -> Result<usize, ActorError> {
+    let mut moved = 0;
+    for stored in store.plans().await? {
+        let plan = stored.value;
+        let Some(target) = plan.certified else { continue };
+        let reply = calibrator.certify(plan.partition_branch, target).await?;
+        if reply.p_tar() != plan.p_tar {
+            store.put_plan(&PlanUpdate { p_tar: reply.p_tar(), ..plan }).await?;
+            moved += 1;
+        }
+    }
+    Ok(moved)
+}
+
 /// Serves the calibration actor on NATS: publishes the current temperatures
 /// on `CALIBRATION_UPDATE` (and stores them in the control store, when there
 /// is one) at start and after every refit, answers `CALIBRATION_GET` with
-/// them and `CALIBRATION_REFIT` with the new ones (or an `ErrorReply` when
-/// the request is malformed or the fit fails).
+/// them, `CALIBRATION_REFIT` with the new ones and `CALIBRATION_CERTIFY`
+/// with a `CertifyReply` (or an `ErrorReply` when the request is malformed
+/// or the fit fails). After a refit, stored certified plans are certified
+/// again on the new temperatures.
 pub async fn serve_calibration_nats(
     client: async_nats::Client,
     calibrator: CalibratorHandle,
@@ -138,6 +193,8 @@ pub async fn serve_calibration_nats(
     let nats = |e: String| ActorError::Nats(e);
     let mut get = client.subscribe(subjects::CALIBRATION_GET).await.map_err(|e| nats(e.to_string()))?;
     let mut refit = client.subscribe(subjects::CALIBRATION_REFIT).await.map_err(|e| nats(e.to_string()))?;
+    let mut certify = client.subscribe(subjects::CALIBRATION_CERTIFY).await.map_err(|e| nats(e.to_string()))?;
+    let refused = |e: ActorError| encode(&ErrorReply { seq: None, worker_id: "calibrator".into(), kind: ErrorKind::InvalidRequest, detail: e.to_string() });
     let publish = |file: CalibrationFile| {
         let (client, store) = (client.clone(), store.clone());
         async move {
@@ -170,10 +227,30 @@ pub async fn serve_calibration_nats(
                     },
                     Err(e) => Err(e.into()),
                 };
+                if let (Ok(_), Some(store)) = (&result, &store) {
+                    match recertify_stored_plans(&calibrator, store).await {
+                        Ok(0) => {}
+                        Ok(n) => eprintln!("calibrator: {n} certified plan(s) certified again on the new temperatures"),
+                        Err(e) => eprintln!("calibrator: could not certify the stored plans again: {e}"),
+                    }
+                }
                 if let Some(reply) = msg.reply {
                     let bytes = match result {
                         Ok(bytes) => bytes,
-                        Err(e) => encode(&ErrorReply { seq: None, worker_id: "calibrator".into(), kind: ErrorKind::InvalidRequest, detail: e.to_string() })?,
+                        Err(e) => refused(e)?,
+                    };
+                    let _ = client.publish(reply, bytes.into()).await;
+                }
+            }
+            Some(msg) = certify.next() => {
+                let result = match decode::<CertifyRequest>(&msg.payload) {
+                    Ok(r) => calibrator.certify(r.partition_branch, r.target).await.and_then(|reply| Ok(encode(&reply)?)),
+                    Err(e) => Err(e.into()),
+                };
+                if let Some(reply) = msg.reply {
+                    let bytes = match result {
+                        Ok(bytes) => bytes,
+                        Err(e) => refused(e)?,
                     };
                     let _ = client.publish(reply, bytes.into()).await;
                 }

@@ -27,6 +27,10 @@ pub const CALIBRATION_GET: &str = "branchpoint.calibration.get";
 /// with the new `CalibrationUpdate` once it has been published.
 pub const CALIBRATION_REFIT: &str = "branchpoint.calibration.refit";
 
+/// Request/reply, anyone -> calibration actor: `CertifyRequest`, answered
+/// with a `CertifyReply` (the threshold certified for a target accuracy).
+pub const CALIBRATION_CERTIFY: &str = "branchpoint.calibration.certify";
+
 /// Prefix of the plan subjects, see [`plan_device`] and [`plan_group`].
 pub const PLAN_PREFIX: &str = "branchpoint.plan";
 

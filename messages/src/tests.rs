@@ -135,6 +135,23 @@ fn roundtrip<M: Message + PartialEq + std::fmt::Debug>(msg: &M) -> Result<(), Te
     Ok(())
 }
 
+prop_compose! {
+    fn certify()(partition_branch in 1u8.., accuracy in 0.01f64..0.999, delta in 0.001f64..0.5) -> CertifyRequest {
+        CertifyRequest { partition_branch, target: CertifiedTarget { accuracy, delta } }
+    }
+}
+
+prop_compose! {
+    fn certify_reply()(model_sha256 in "[0-9a-f]{64}", temperature in 1e-3f64..100.0, req in certify(),
+                       threshold in proptest::option::of(0f64..=1.0), inputs in 0u32..100_000,
+                       exits_frac in 0f64..=1.0, errors_frac in 0f64..=1.0, error_upper_bound in 0f64..=1.0)
+                       -> CertifyReply {
+        let exits = (f64::from(inputs) * exits_frac) as u32;
+        let errors = (f64::from(exits) * errors_frac) as u32;
+        CertifyReply { model_sha256, temperature, partition_branch: req.partition_branch, target: req.target, threshold, inputs, exits, errors, error_upper_bound }
+    }
+}
+
 /// Decodes `bytes` as every message type and counts the successes.
 fn decode_all(bytes: &[u8]) -> usize {
     [
@@ -145,6 +162,8 @@ fn decode_all(bytes: &[u8]) -> usize {
         decode::<NetworkReport>(bytes).is_ok(),
         decode::<WorkerStatus>(bytes).is_ok(),
         decode::<FleetStatus>(bytes).is_ok(),
+        decode::<CertifyRequest>(bytes).is_ok(),
+        decode::<CertifyReply>(bytes).is_ok(),
     ]
     .iter()
     .filter(|ok| **ok)
@@ -166,7 +185,10 @@ proptest! {
     fn every_message_round_trips(
         req in request(), rep in prop_oneof![answer(), error_reply()], cal in calibration(),
         pl in plan(), net in network(), ws in worker_status(), fs in fleet_status(),
+        cq in certify(), cr in certify_reply(),
     ) {
+        roundtrip(&cq)?;
+        roundtrip(&cr)?;
         roundtrip(&req)?;
         roundtrip(&rep)?;
         roundtrip(&cal)?;
@@ -367,9 +389,31 @@ fn ranges_are_checked() {
     };
     let certified = |accuracy, delta| PlanUpdate { certified: Some(CertifiedTarget { accuracy, delta }), ..plan(1, 0.6) };
     assert!(certified(0.95, 0.05).validate().is_ok());
+    let request = |partition_branch, accuracy, delta| CertifyRequest { partition_branch, target: CertifiedTarget { accuracy, delta } };
+    assert!(request(2, 0.95, 0.05).validate().is_ok());
+    assert_refused!(request(0, 0.95, 0.05).validate(), E::PartitionBranch(0));
     for (a, d) in [(1.0, 0.05), (0.95, 0.0), (0.0, 0.1), (0.9, f64::NAN)] {
         assert_refused!(certified(a, d).validate(), E::OutOfRange { .. });
+        assert_refused!(request(1, a, d).validate(), E::OutOfRange { .. });
     }
+    let reply = CertifyReply {
+        model_sha256: "ab".repeat(32),
+        temperature: 1.5,
+        partition_branch: 1,
+        target: CertifiedTarget { accuracy: 0.95, delta: 0.05 },
+        threshold: Some(0.7),
+        inputs: 5000,
+        exits: 4000,
+        errors: 150,
+        error_upper_bound: 0.042,
+    };
+    assert!(reply.validate().is_ok());
+    assert_eq!((reply.p_tar(), CertifyReply { threshold: None, ..reply.clone() }.p_tar()), (0.7, 1.0), "nothing certified: offload all");
+    assert_refused!(CertifyReply { threshold: Some(1.5), ..reply.clone() }.validate(), E::PTar(_));
+    assert_refused!(CertifyReply { exits: 5001, ..reply.clone() }.validate(), E::OutOfRange { .. });
+    assert_refused!(CertifyReply { errors: 4001, ..reply.clone() }.validate(), E::OutOfRange { .. });
+    assert_refused!(CertifyReply { temperature: 0.0, ..reply.clone() }.validate(), E::OutOfRange { .. });
+    assert_refused!(CertifyReply { model_sha256: "xyz".into(), ..reply }.validate(), E::BadSha256(_));
     // A plan from a sender that knows nothing of certificates still decodes,
     // and one without a certificate is encoded as such a sender would.
     #[derive(Serialize)]

@@ -262,6 +262,73 @@ impl Message for CalibrationRefit {
     }
 }
 
+/// Anyone -> calibration actor, request/reply on `CALIBRATION_CERTIFY`: the
+/// threshold certified, on the validation split and the temperatures in
+/// force, for side branch `partition_branch` and `target` (Learn-then-Test;
+/// `risk::certify` in the models crate). The reply is a `CertifyReply`, or
+/// an `ErrorReply` when the request does not fit the model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CertifyRequest {
+    /// Side branch, numbered from 1.
+    pub partition_branch: u8,
+    pub target: CertifiedTarget,
+}
+
+impl Message for CertifyRequest {
+    fn validate(&self) -> Result<(), MessageError> {
+        check_branch(self.partition_branch)?;
+        self.target.validate()
+    }
+}
+
+/// Calibration actor -> requester: what was certified.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CertifyReply {
+    /// The weights and temperatures the threshold holds for: after a refit
+    /// the calibrator certifies stored certified plans again.
+    pub model_sha256: String,
+    pub temperature: f64,
+    pub partition_branch: u8,
+    pub target: CertifiedTarget,
+    /// The lowest threshold certified; absent when none is (then the plan's
+    /// p_tar is 1: the branch offloads every input).
+    pub threshold: Option<f64>,
+    /// On the validation split at that threshold: inputs, those that exit,
+    /// and the wrong ones among them; and the Clopper-Pearson upper bound on
+    /// their error rate at confidence 1 - delta.
+    pub inputs: u32,
+    pub exits: u32,
+    pub errors: u32,
+    pub error_upper_bound: f64,
+}
+
+impl CertifyReply {
+    /// The plan threshold this certificate gives.
+    pub fn p_tar(&self) -> f64 {
+        self.threshold.unwrap_or(1.0)
+    }
+}
+
+impl Message for CertifyReply {
+    fn validate(&self) -> Result<(), MessageError> {
+        check_sha256(&self.model_sha256)?;
+        check_branch(self.partition_branch)?;
+        self.target.validate()?;
+        if let Some(t) = self.threshold {
+            if !(0.0..=1.0).contains(&t) {
+                return Err(MessageError::PTar(t));
+            }
+        }
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return Err(MessageError::OutOfRange { field: "temperature", value: self.temperature, expected: "positive" });
+        }
+        if self.exits > self.inputs || self.errors > self.exits {
+            return Err(MessageError::OutOfRange { field: "exits", value: f64::from(self.exits), expected: "errors <= exits <= inputs" });
+        }
+        Ok(())
+    }
+}
+
 /// Calibration actor -> devices: divide each exit's logits by its temperature.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CalibrationUpdate {
@@ -275,10 +342,7 @@ pub struct CalibrationUpdate {
 
 impl Message for CalibrationUpdate {
     fn validate(&self) -> Result<(), MessageError> {
-        let sha = &self.model_sha256;
-        if sha.len() != 64 || !sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-            return Err(MessageError::BadSha256(sha.clone()));
-        }
+        check_sha256(&self.model_sha256)?;
         if self.temperatures.is_empty() {
             return Err(MessageError::NoTemperatures);
         }
@@ -337,6 +401,17 @@ pub struct CertifiedTarget {
     pub delta: f64,
 }
 
+impl CertifiedTarget {
+    fn validate(&self) -> Result<(), MessageError> {
+        for (field, value) in [("certified accuracy", self.accuracy), ("certified delta", self.delta)] {
+            if !(value > 0.0 && value < 1.0) {
+                return Err(MessageError::OutOfRange { field, value, expected: "in (0, 1)" });
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Message for PlanUpdate {
     fn validate(&self) -> Result<(), MessageError> {
         match &self.target {
@@ -350,11 +425,7 @@ impl Message for PlanUpdate {
             return Err(MessageError::PTar(self.p_tar));
         }
         if let Some(c) = self.certified {
-            for (field, value) in [("certified accuracy", c.accuracy), ("certified delta", c.delta)] {
-                if !(value > 0.0 && value < 1.0) {
-                    return Err(MessageError::OutOfRange { field, value, expected: "in (0, 1)" });
-                }
-            }
+            c.validate()?;
         }
         Ok(())
     }
@@ -554,6 +625,13 @@ fn check_id(what: &'static str, id: &str) -> Result<(), MessageError> {
             id: id.to_string(),
         }),
     }
+}
+
+fn check_sha256(sha: &str) -> Result<(), MessageError> {
+    if sha.len() != 64 || !sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return Err(MessageError::BadSha256(sha.to_string()));
+    }
+    Ok(())
 }
 
 fn check_branch(partition_branch: u8) -> Result<(), MessageError> {

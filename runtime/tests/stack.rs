@@ -156,6 +156,40 @@ fn stack_up_serves_metrics_plans_refits_and_the_dashboard() {
     let stored = http("GET", &stack.api, "/api/calibration", None, None);
     assert!(stored.body.contains("\"method\":\"global\""), "{}", stored.body);
 
+    // A certified plan: the calibrator finds the threshold, devices hold it,
+    // and a refit certifies it again on the new temperatures.
+    for (bad, says) in [
+        (r#"{"group": "default", "partition_branch": 1, "p_tar": 0.5, "certified": {"accuracy": 0.95, "delta": 0.05}}"#, "(a threshold) and"),
+        (r#"{"group": "default", "partition_branch": 1}"#, "(a threshold) and"),
+        (r#"{"group": "default", "partition_branch": 1, "certified": {"accuracy": 1.5, "delta": 0.05}}"#, "certified accuracy"),
+        (r#"{"group": "default", "partition_branch": 3, "certified": {"accuracy": 0.9, "delta": 0.05}}"#, "branches 1 to 2"),
+    ] {
+        let r = http("PUT", &stack.api, "/api/plan", Some(TOKEN), Some(bad));
+        assert_eq!(r.status, 422, "{bad}: {}", r.body);
+        assert!(r.body.contains(says), "{bad}: {}", r.body);
+    }
+    let certified_plan = r#"{"group": "default", "partition_branch": 1, "certified": {"accuracy": 0.95, "delta": 0.05}}"#;
+    let r = http("PUT", &stack.api, "/api/plan", Some(TOKEN), Some(certified_plan));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let plan: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!((plan["certified"]["accuracy"].as_f64(), plan["certified"]["delta"].as_f64()), (Some(0.95), Some(0.05)), "{plan}");
+    let certified_p_tar = plan["p_tar"].as_f64().unwrap();
+    assert!(certified_p_tar > 0.0 && certified_p_tar < 1.0, "a threshold is certified at 0.95 on branch 1: {plan}");
+    wait_for("devices to hold the certified threshold", Duration::from_secs(60), || {
+        let m = stack.metrics();
+        let want = format!("p_tar=\"{certified_p_tar}\"");
+        let on_new: f64 = m.lines().filter(|l| l.starts_with(FLEET) && l.contains(&want)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum();
+        (on_new == 50.0).then_some(())
+    });
+    let r = http("POST", &stack.api, "/api/calibration/refit", Some(TOKEN), Some(r#"{"method":"per-branch"}"#));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let plans = http("GET", &stack.api, "/api/plan", None, None);
+    let plans: serde_json::Value = serde_json::from_str(&plans.body).unwrap();
+    let group = plans["plans"].as_array().unwrap().iter().find(|p| p["group"] == "default").cloned().unwrap();
+    assert_eq!(group["certified"]["accuracy"].as_f64(), Some(0.95), "{group}");
+    // The refit's reply is sent after the stored plans are certified again.
+    assert_ne!(group["p_tar"].as_f64(), Some(certified_p_tar), "per-branch temperatures move the certified threshold: {group}");
+
     dashboard_in_chromium(&stack.api, dir.path());
 
     // When the fleet ends, /metrics holds exactly its summary's counts.

@@ -21,8 +21,8 @@ use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use anyhow::{bail, Context, Result};
 use branchpoint_actors::control::ControlStore;
 use branchpoint_messages::{
-    decode, encode, subjects, CalibrationMethod, CalibrationRefit, CalibrationUpdate, ErrorReply, FleetStatus, PlanTarget,
-    PlanUpdate, WorkerStatus,
+    decode, encode, subjects, CalibrationMethod, CalibrationRefit, CalibrationUpdate, CertifiedTarget, CertifyReply, CertifyRequest, ErrorReply,
+    FleetStatus, PlanTarget, PlanUpdate, WorkerStatus,
 };
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -358,7 +358,9 @@ async fn get_fleet(state: web::Data<ApiState>) -> HttpResponse {
     HttpResponse::Ok().json(json!({ "totals": t, "fleets": fleets, "workers": workers }))
 }
 
-/// A plan as the API shows and takes it: exactly one of `group` and `device`.
+/// A plan as the API shows and takes it: exactly one of `group` and
+/// `device`, and exactly one of `p_tar` (a raw threshold) and `certified`
+/// (a target accuracy and delta, whose threshold the calibrator certifies).
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PlanJson {
@@ -367,7 +369,10 @@ struct PlanJson {
     #[serde(skip_serializing_if = "Option::is_none")]
     device: Option<String>,
     partition_branch: u8,
-    p_tar: f64,
+    #[serde(default)]
+    p_tar: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    certified: Option<CertifiedTarget>,
     #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
     revision: Option<u64>,
 }
@@ -378,7 +383,7 @@ impl PlanJson {
             PlanTarget::Group(g) => (Some(g.clone()), None),
             PlanTarget::Device(d) => (None, Some(d.clone())),
         };
-        Self { group, device, partition_branch: p.partition_branch, p_tar: p.p_tar, revision: Some(revision) }
+        Self { group, device, partition_branch: p.partition_branch, p_tar: Some(p.p_tar), certified: p.certified, revision: Some(revision) }
     }
 }
 
@@ -417,7 +422,20 @@ async fn put_plan(state: web::Data<ApiState>, req: HttpRequest, body: web::Bytes
             format!("partition_branch {}: this model has branches 1 to {branches}", plan.partition_branch),
         );
     }
-    let update = PlanUpdate { target, partition_branch: plan.partition_branch, p_tar: plan.p_tar, certified: None };
+    let (p_tar, certified) = match (plan.p_tar, plan.certified) {
+        (Some(p_tar), None) => (p_tar, None),
+        (None, Some(target)) => match certified_threshold(&state, plan.partition_branch, target).await {
+            Ok(p_tar) => (p_tar, Some(target)),
+            Err(refused) => return refused,
+        },
+        _ => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "give exactly one of \"p_tar\" (a threshold) and \"certified\" (like {\"accuracy\": 0.95, \"delta\": 0.05})",
+            )
+        }
+    };
+    let update = PlanUpdate { target, partition_branch: plan.partition_branch, p_tar, certified };
     // The wire checks (ids, p_tar in [0, 1]) run here, before anything is stored.
     if let Err(e) = encode(&update) {
         return error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string());
@@ -425,6 +443,45 @@ async fn put_plan(state: web::Data<ApiState>, req: HttpRequest, body: web::Bytes
     match state.store.put_plan(&update).await {
         Ok(revision) => HttpResponse::Ok().json(PlanJson::from_update(&update, revision)),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("could not store the plan: {e}")),
+    }
+}
+
+/// Asks the calibrator for the threshold certified for `target` on
+/// `partition_branch`; the error is the response to send.
+async fn certified_threshold(state: &ApiState, partition_branch: u8, target: CertifiedTarget) -> Result<f64, HttpResponse> {
+    let bytes = encode(&CertifyRequest { partition_branch, target }).map_err(|e| error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+    let payload = ask_calibrator(state, subjects::CALIBRATION_CERTIFY, bytes).await?;
+    if let Ok(reply) = decode::<CertifyReply>(&payload) {
+        if reply.model_sha256 != state.model.sha256 {
+            return Err(error(
+                StatusCode::CONFLICT,
+                format!("the calibrator runs other weights ({}) than this API ({}): start both with the same --model", reply.model_sha256, state.model.sha256),
+            ));
+        }
+        return Ok(reply.p_tar());
+    }
+    Err(calibrator_refusal(&payload))
+}
+
+/// A request to the calibrator, waiting at most `REFIT_TIMEOUT`; the error
+/// is the response to send.
+async fn ask_calibrator(state: &ApiState, subject: &'static str, bytes: Vec<u8>) -> Result<web::Bytes, HttpResponse> {
+    let request = state.client.request(subject, bytes.into());
+    match tokio::time::timeout(REFIT_TIMEOUT, request).await {
+        Err(_) => Err(error(StatusCode::GATEWAY_TIMEOUT, format!("the calibrator did not answer within {} s", REFIT_TIMEOUT.as_secs()))),
+        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+            Err(error(StatusCode::SERVICE_UNAVAILABLE, "no calibrator is running: start `branchpoint calibrator --nats URL`"))
+        }
+        Ok(Err(e)) => Err(error(StatusCode::BAD_GATEWAY, format!("asking the calibrator: {e}"))),
+        Ok(Ok(m)) => Ok(m.payload),
+    }
+}
+
+/// The response to a calibrator answer that is not what was asked for.
+fn calibrator_refusal(payload: &[u8]) -> HttpResponse {
+    match decode::<ErrorReply>(payload) {
+        Ok(e) => error(StatusCode::UNPROCESSABLE_ENTITY, format!("the calibrator refused: {}", e.detail)),
+        Err(e) => error(StatusCode::BAD_GATEWAY, format!("the calibrator's answer is malformed: {e}")),
     }
 }
 
@@ -477,21 +534,13 @@ async fn post_refit(state: web::Data<ApiState>, req: HttpRequest, body: web::Byt
         Ok(b) => b,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
-    let request = state.client.request(subjects::CALIBRATION_REFIT, bytes.into());
-    let reply = match tokio::time::timeout(REFIT_TIMEOUT, request).await {
-        Err(_) => return error(StatusCode::GATEWAY_TIMEOUT, format!("the calibrator did not answer within {} s", REFIT_TIMEOUT.as_secs())),
-        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
-            return error(StatusCode::SERVICE_UNAVAILABLE, "no calibrator is running: start `branchpoint calibrator --nats URL`")
-        }
-        Ok(Err(e)) => return error(StatusCode::BAD_GATEWAY, format!("asking the calibrator: {e}")),
-        Ok(Ok(m)) => m,
+    let payload = match ask_calibrator(&state, subjects::CALIBRATION_REFIT, bytes).await {
+        Ok(p) => p,
+        Err(refused) => return refused,
     };
-    if let Ok(u) = decode::<CalibrationUpdate>(&reply.payload) {
-        return HttpResponse::Ok().json(calibration_json(&u, None));
-    }
-    match decode::<ErrorReply>(&reply.payload) {
-        Ok(e) => error(StatusCode::UNPROCESSABLE_ENTITY, format!("the calibrator refused: {}", e.detail)),
-        Err(e) => error(StatusCode::BAD_GATEWAY, format!("the calibrator's answer is malformed: {e}")),
+    match decode::<CalibrationUpdate>(&payload) {
+        Ok(u) => HttpResponse::Ok().json(calibration_json(&u, None)),
+        Err(_) => calibrator_refusal(&payload),
     }
 }
 
