@@ -7,6 +7,7 @@
 pub mod autoscale;
 pub mod calibration;
 pub mod card;
+pub mod corrupt;
 pub mod data;
 pub mod error;
 pub mod link;

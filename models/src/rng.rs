@@ -20,8 +20,6 @@ impl SplitMix64 {
         z ^ (z >> 31)
     }
 
-    /// Uniform in `0..n` (n > 0). Lemire's multiply-shift; its bias is below
-    /// 2^-32 for the sizes used here.
     /// Uniform in [0, 1), from the top 53 bits.
     pub fn next_f64(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
@@ -32,6 +30,8 @@ impl SplitMix64 {
         -(1.0 - self.next_f64()).ln() / rate
     }
 
+    /// Uniform in `0..n` (n > 0). Lemire's multiply-shift; its bias is below
+    /// 2^-32 for the sizes used here.
     pub fn below(&mut self, n: u64) -> u64 {
         ((self.next_u64() >> 32) * n) >> 32
     }

@@ -553,6 +553,12 @@ pub struct EvaluateArgs {
     /// Seed of the re-splits and of the calibration methods' cross-validation folds.
     #[arg(long, default_value_t = 1, value_name = "S")]
     pub seed: u64,
+    /// Corrupt the test images (an input shift; calibration still fits on the clean validation split): KIND:SEVERITY, KIND one of gaussian-noise, gaussian-blur, contrast, brightness, SEVERITY 1 to 5.
+    #[arg(long, value_name = "KIND:SEVERITY")]
+    pub corrupt: Option<String>,
+    /// Seed of the corruption's noise.
+    #[arg(long, default_value_t = 1, value_name = "S")]
+    pub corrupt_seed: u64,
     #[command(flatten)]
     pub compute: ComputeArgs,
 }

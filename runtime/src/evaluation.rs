@@ -47,6 +47,9 @@ pub struct Report {
     pub weights_sha256: String,
     pub dataset: String,
     pub test_inputs: usize,
+    /// The corruption applied to the test images, if any (`--corrupt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_corruption: Option<String>,
     pub validation_inputs: usize,
     pub p_tars: Vec<f64>,
     pub outage_batch: usize,

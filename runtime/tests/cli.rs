@@ -72,6 +72,9 @@ fn bad_input_gives_a_clear_error_and_a_failing_exit() {
         (&["train", "--dataset", "imagenet", "--out", "/tmp/x.safetensors"], &["unknown dataset", "fashion-mnist"]),
         (&["train", "--exit-weights", "1,1", "--subset", "10", "--out", "/tmp/x.safetensors"], &["exit weights", "3 exits"]),
         (&["planner", "--nats", "nats://127.0.0.1:1", "--certify-delta", "2"], &["--certify-delta 2", "(0, 1)"]),
+        (&["evaluate", "--corrupt", "fog:2"], &["--corrupt", "\"fog\"", "gaussian-noise"]),
+        (&["evaluate", "--corrupt", "contrast:9"], &["--corrupt", "contrast severity", "1 to 5"]),
+        (&["evaluate", "--corrupt", "contrast"], &["--corrupt", "KIND:SEVERITY"]),
     ];
     for (args, words) in cases {
         let out = branchpoint(args);
@@ -111,6 +114,22 @@ fn train_then_evaluate_and_profile_through_the_cli() {
         assert_eq!(m["exit"], c["exit"]);
         let (a, b) = (m["before"]["accuracy"].as_f64().unwrap(), c["accuracy"].as_f64().unwrap());
         assert!((a - b).abs() < 1e-9, "{a} vs {b}");
+    }
+
+    // An input shift: the test images are corrupted, the validation split
+    // (and so every fitted temperature) is not.
+    let shifted_json = dir.path().join("shifted.json");
+    let out = branchpoint(&["evaluate", "--model", w, "--json", shifted_json.to_str().unwrap(), "--p-tars", "0.6,0.9", "--resplits", "0", "--corrupt", "gaussian-noise:5"]);
+    assert!(out.status.success(), "evaluate --corrupt failed: {}", stderr(&out));
+    assert!(stdout(&out).contains("test images corrupted: gaussian-noise (severity 5)"), "{}", stdout(&out));
+    let shifted: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&shifted_json).unwrap()).unwrap();
+    assert_eq!(shifted["test_corruption"], "gaussian-noise (severity 5)");
+    assert!(report.get("test_corruption").is_none(), "a clean run says nothing of corruption");
+    for (clean, noisy) in report["methods"].as_array().unwrap().iter().zip(shifted["methods"].as_array().unwrap()) {
+        assert_eq!(clean["temperatures"], noisy["temperatures"], "calibration fits on the clean validation split");
+        for (c, n) in clean["exits"].as_array().unwrap().iter().zip(noisy["exits"].as_array().unwrap()) {
+            assert_ne!(c["before"]["nll"], n["before"]["nll"], "the test set is not the same: {c} {n}");
+        }
     }
 
     let pjson = dir.path().join("profile.json");

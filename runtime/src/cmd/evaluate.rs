@@ -30,6 +30,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     if args.outage_batch == 0 {
         bail!("--outage-batch must be at least 1");
     }
+    let corruption = args.corrupt.as_deref().map(branchpoint_models::corrupt::Corruption::parse).transpose().context("--corrupt")?;
     if args.certify_accuracy.is_empty() || args.certify_delta.is_empty() {
         bail!("--certify-accuracy and --certify-delta: give at least one value each");
     }
@@ -72,7 +73,11 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     let latency = latency_models(&model, &args)?;
 
     let kind = model.card.dataset.name;
-    let data = args.source.load_data(&model)?;
+    let mut data = args.source.load_data(&model)?;
+    if let Some(c) = corruption {
+        data.test.images = c.apply(&data.test.images, &kind.normalization(), args.corrupt_seed, 0)?;
+        println!("test images corrupted: {c}, seed {}; calibration fits on the clean validation split", args.corrupt_seed);
+    }
     let logits = split_logits(&model, &data)?;
     let names = model.net.architecture().exit_names();
 
@@ -99,6 +104,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         weights_sha256: model.card.weights_sha256.clone(),
         dataset: kind.name().into(),
         test_inputs: data.test.len(),
+        test_corruption: corruption.map(|c| c.to_string()),
         validation_inputs: data.validation.len(),
         p_tars: p_tars.clone(),
         outage_batch: args.outage_batch,
