@@ -12,6 +12,7 @@ pub mod data;
 pub mod error;
 pub mod link;
 pub mod metrics;
+pub mod monitor;
 pub mod net;
 pub mod offload;
 pub mod planner;

@@ -1,0 +1,535 @@
+//! Calibration watched live: what the calibrator learns of one branch from
+//! the inputs it hears about, and when it should act.
+//!
+//! On-device decisions get no label, so nothing in a running system sees a
+//! branch go overconfident after an input shift. The cloud's final exit is
+//! a better-informed second opinion. A device draws an audit coin for every
+//! input, with probability `audit_rate`; the inputs whose coin came up are a
+//! uniform random sample of everything the device saw (its *sample*). A
+//! sampled input decided on the device is sent to the cloud as well (an
+//! *audit*: it never changes the outcome); a sampled offload is marked so.
+//! Every offload, sampled or not, and every audit reach the monitor with the
+//! branch's logits and the final exit's class.
+//!
+//! - **Estimates** are of the plan in force, from what was decided under it
+//!   (since the last refit, within the window). On-device agreement with the
+//!   final exit comes from the audits alone: they are a uniform sample of
+//!   the on-device inputs, so the plain rate is unbiased, with an exact
+//!   Clopper-Pearson interval. Population quantities (offload rate, ECE, the
+//!   reliability diagram) weight each input by the inverse of its chance to
+//!   be seen (Horvitz-Thompson): 1 / audit_rate for an audit, 1 for an
+//!   offload. Where the simulation knows labels, the label accuracy of the
+//!   same audits is estimated beside the agreement.
+//! - **Drift**: a one-sided CUSUM on the audits' disagreements tests "the
+//!   on-device error rate is 1 - a" against "it is 1 - a + margin"; it
+//!   alarms when the log-likelihood ratio statistic reaches ln(1 / alpha).
+//!   By Wald's bound, an alarm while the branch meets its target has
+//!   probability at most alpha per run of the statistic from 0.
+//! - **Refit**: from the sample in the window (all plans), with final-exit
+//!   answers as labels. Its even-numbered half fits the branch's temperature;
+//!   its odd-numbered half certifies the threshold for the target by
+//!   Learn-then-Test (`risk::certify`), on the new temperature, over the
+//!   default grid from the highest threshold the fit half's own test
+//!   rejects. The halves are disjoint, so the certificate's data chose
+//!   neither the temperature nor where the grid starts.
+//!
+//! Everything is plain data in, decisions out: no clock, no I/O. Time is
+//! the caller's, in microseconds.
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+use crate::calibration::{fit_temperature, predict, ExitLogits};
+use crate::error::{ModelError, Result};
+use crate::risk::{certify, clopper_pearson_upper, default_grid, ConfidenceCounts, Target};
+
+/// How one branch is watched.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct MonitorConfig {
+    /// The probability of each input's audit coin.
+    pub audit_rate: f64,
+    /// The on-device accuracy the branch must keep, and the confidence of
+    /// the thresholds a refit certifies.
+    pub target: Target,
+    /// Estimates and refits use what arrived in the last `window_us`.
+    pub window_us: u64,
+    /// At most this many observations are kept (the oldest go first).
+    pub max_observations: usize,
+    /// The drift test's alternative: error rate 1 - a + margin.
+    pub drift_margin: f64,
+    /// The drift test's false-alarm bound (per run of the statistic).
+    pub alarm_alpha: f64,
+    /// Refit on an alarm; off, the alarm is still raised and counted.
+    pub auto_refit: bool,
+    /// Refits are at least this far apart.
+    pub min_refit_interval_us: u64,
+    /// A refit needs this many sampled inputs in the window (half fit the
+    /// temperature, half certify the threshold).
+    pub min_refit_sample: usize,
+}
+
+impl MonitorConfig {
+    pub fn validate(&self) -> Result<()> {
+        self.target.validate()?;
+        let bad = |what: &str, reason: String| Err(ModelError::InvalidArgument { what: what.into(), reason });
+        if !(self.audit_rate > 0.0 && self.audit_rate <= 1.0) {
+            return bad("audit_rate", format!("{}; give a probability in (0, 1]", self.audit_rate));
+        }
+        if !(self.drift_margin > 0.0 && self.drift_margin < self.target.accuracy) {
+            return bad("drift_margin", format!("{}; give a positive accuracy drop below the target {}", self.drift_margin, self.target.accuracy));
+        }
+        if !(self.alarm_alpha > 0.0 && self.alarm_alpha < 1.0) {
+            return bad("alarm_alpha", format!("{}; give a probability in (0, 1)", self.alarm_alpha));
+        }
+        if self.window_us == 0 || self.max_observations == 0 {
+            return bad("monitor window", "give a positive window and observation limit".into());
+        }
+        if self.min_refit_sample < 4 {
+            return bad("min_refit_sample", format!("{}; a refit needs at least 4 sampled inputs", self.min_refit_sample));
+        }
+        Ok(())
+    }
+}
+
+/// One input the monitor hears about: an audit, or an offload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observation {
+    pub t_us: u64,
+    /// The branch's raw logits (before any temperature).
+    pub logits: Vec<f32>,
+    /// The final exit's class: the label the monitor learns from.
+    pub final_class: u32,
+    /// The true label, where it is known (simulation); never used to decide.
+    pub label: Option<u32>,
+    /// Decided on the device (an audit) rather than offloaded.
+    pub on_device: bool,
+    /// Its audit coin came up: part of the uniform sample. Always true for
+    /// an audit.
+    pub sampled: bool,
+}
+
+/// What the monitor did with an observation.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Event {
+    /// The drift test alarmed and no refit followed (turned off, too soon
+    /// after the last, or too few sampled inputs).
+    Alarm { t_us: u64 },
+    /// The drift test alarmed and the branch was refit.
+    Refit(Refit),
+}
+
+/// A refit: the new temperature and the threshold certified on it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Refit {
+    pub t_us: u64,
+    pub temperature: f64,
+    /// The certified threshold; 1 when none is (offload everything).
+    pub threshold: f64,
+    /// Sampled inputs that fit the temperature, and that certified.
+    pub fit_inputs: usize,
+    pub certify_inputs: usize,
+}
+
+/// An estimate with its interval at confidence 1 - alpha.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Interval {
+    pub estimate: f64,
+    pub low: f64,
+    pub high: f64,
+}
+
+/// The monitor's view of the plan in force.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LiveEstimate {
+    pub audits: usize,
+    pub offloads: usize,
+    /// On-device agreement with the final exit (from the audits).
+    pub edge_agreement: Option<Interval>,
+    /// On-device accuracy against labels, where known (the same audits).
+    pub edge_accuracy: Option<Interval>,
+    /// Weighted share of inputs offloaded.
+    pub offload_rate: Option<f64>,
+    /// Weighted ECE (15 bins) of the branch's confidence against agreement.
+    pub ece: Option<f64>,
+    /// (mean confidence, agreement, weight) per non-empty bin.
+    pub reliability: Vec<(f64, f64, f64)>,
+}
+
+/// One branch, watched.
+#[derive(Debug, Clone)]
+pub struct Monitor {
+    cfg: MonitorConfig,
+    temperature: f64,
+    threshold: f64,
+    /// When the plan in force began (the start, or the last refit).
+    plan_since_us: u64,
+    window: VecDeque<Observation>,
+    /// Observations numbered in arrival order, for the refit's halves.
+    seen: u64,
+    first_number: u64,
+    cusum: f64,
+    last_refit_us: Option<u64>,
+    alarms: u64,
+    refits: Vec<Refit>,
+}
+
+impl Monitor {
+    pub fn new(cfg: MonitorConfig, temperature: f64, threshold: f64) -> Result<Self> {
+        cfg.validate()?;
+        if !(temperature.is_finite() && temperature > 0.0) {
+            return Err(ModelError::InvalidArgument { what: "temperature".into(), reason: format!("{temperature}; give a positive number") });
+        }
+        Ok(Self {
+            cfg,
+            temperature,
+            threshold,
+            plan_since_us: 0,
+            window: VecDeque::new(),
+            seen: 0,
+            first_number: 0,
+            cusum: 0.0,
+            last_refit_us: None,
+            alarms: 0,
+            refits: Vec::new(),
+        })
+    }
+
+    pub fn temperature(&self) -> f64 {
+        self.temperature
+    }
+
+    pub fn threshold(&self) -> f64 {
+        self.threshold
+    }
+
+    /// Drift alarms raised so far (those followed by a refit included).
+    pub fn alarms(&self) -> u64 {
+        self.alarms
+    }
+
+    pub fn refits(&self) -> &[Refit] {
+        &self.refits
+    }
+
+    /// Takes one observation; returns what it set off, if anything.
+    pub fn observe(&mut self, obs: Observation) -> Result<Option<Event>> {
+        if obs.logits.len() < 2 || obs.logits.iter().any(|z| !z.is_finite()) {
+            return Err(ModelError::InvalidArgument { what: "observation".into(), reason: format!("{} logits, or one not finite", obs.logits.len()) });
+        }
+        if obs.final_class as usize >= obs.logits.len() || obs.label.is_some_and(|y| y as usize >= obs.logits.len()) {
+            return Err(ModelError::InvalidArgument { what: "observation".into(), reason: format!("a class outside the {} classes", obs.logits.len()) });
+        }
+        let now = obs.t_us;
+        let audit_under_plan = obs.on_device && obs.t_us >= self.plan_since_us;
+        let disagrees = predict(&obs.logits, self.temperature).0 as u32 != obs.final_class;
+        self.push(obs);
+        if !audit_under_plan {
+            return Ok(None);
+        }
+        let e0 = 1.0 - self.cfg.target.accuracy;
+        let e1 = (e0 + self.cfg.drift_margin).min(1.0 - 1e-9);
+        let llr = if disagrees { (e1 / e0).ln() } else { ((1.0 - e1) / (1.0 - e0)).ln() };
+        self.cusum = (self.cusum + llr).max(0.0);
+        if self.cusum < (1.0 / self.cfg.alarm_alpha).ln() {
+            return Ok(None);
+        }
+        self.alarms += 1;
+        self.cusum = 0.0;
+        let spaced = self.last_refit_us.is_none_or(|t| now >= t + self.cfg.min_refit_interval_us);
+        if self.cfg.auto_refit && spaced {
+            if let Some(refit) = self.refit(now)? {
+                return Ok(Some(Event::Refit(refit)));
+            }
+        }
+        Ok(Some(Event::Alarm { t_us: now }))
+    }
+
+    fn push(&mut self, obs: Observation) {
+        let horizon = obs.t_us.saturating_sub(self.cfg.window_us);
+        self.window.push_back(obs);
+        self.seen += 1;
+        while self.window.len() > self.cfg.max_observations || self.window.front().is_some_and(|o| o.t_us < horizon) {
+            self.window.pop_front();
+            self.first_number += 1;
+        }
+    }
+
+    /// Refits now from the window's sample, if it holds enough; the new
+    /// temperature and threshold become the plan in force.
+    pub fn refit(&mut self, now: u64) -> Result<Option<Refit>> {
+        let numbered = self.window.iter().enumerate().map(|(i, o)| (self.first_number + i as u64, o));
+        let sample: Vec<(u64, &Observation)> = numbered.filter(|(_, o)| o.sampled).collect();
+        if sample.len() < self.cfg.min_refit_sample {
+            return Ok(None);
+        }
+        let classes = sample[0].1.logits.len();
+        let half = |parity: u64| -> Vec<&Observation> { sample.iter().filter(|(n, _)| n % 2 == parity).map(|(_, o)| *o).collect() };
+        let (fit, check) = (half(0), half(1));
+        let as_logits = |obs: &[&Observation]| {
+            ExitLogits::new(classes, obs.iter().flat_map(|o| o.logits.iter().copied()).collect(), obs.iter().map(|o| i64::from(o.final_class)).collect())
+        };
+        let temperature = match fit_temperature(&[&as_logits(&fit)?]) {
+            Ok(t) => t,
+            // Pseudo-labels no better than chance: keep the temperature.
+            Err(_) => self.temperature,
+        };
+        // The grid starts at the highest threshold at which the fit half, at
+        // the new temperature, passes the same test: above it the certifying
+        // half would most likely fail at once, and the first test not
+        // rejected ends the sequence. Chosen on the fit half, the grid is
+        // fixed before the certifying half is looked at.
+        let fit_counts = ConfidenceCounts::of_exit(&as_logits(&fit)?, temperature)?;
+        let Target { accuracy, delta } = self.cfg.target;
+        let full = default_grid();
+        let start = full
+            .iter()
+            .position(|&t| {
+                let (n, k) = fit_counts.at(t);
+                n > 0 && crate::risk::binomial_cdf(k as u64, n as u64, 1.0 - accuracy) <= delta
+            })
+            .unwrap_or(0);
+        let counts = ConfidenceCounts::of_exit(&as_logits(&check)?, temperature)?;
+        let cert = certify(&counts, self.cfg.target, &full[start..])?;
+        let threshold = cert.threshold.unwrap_or(1.0);
+        let refit = Refit { t_us: now, temperature, threshold, fit_inputs: fit.len(), certify_inputs: check.len() };
+        self.temperature = temperature;
+        self.threshold = threshold;
+        self.plan_since_us = now;
+        self.last_refit_us = Some(now);
+        self.cusum = 0.0;
+        self.refits.push(refit);
+        Ok(Some(refit))
+    }
+
+    /// The estimates of the plan in force at `now`, at confidence
+    /// 1 - `alpha` for the intervals.
+    pub fn estimate(&self, now: u64, alpha: f64) -> LiveEstimate {
+        let horizon = now.saturating_sub(self.cfg.window_us).max(self.plan_since_us);
+        let current: Vec<&Observation> = self.window.iter().filter(|o| o.t_us >= horizon && o.t_us <= now).collect();
+        let audits: Vec<&Observation> = current.iter().copied().filter(|o| o.on_device).collect();
+        let offloads = current.len() - audits.len();
+        let agree = |o: &&Observation| predict(&o.logits, self.temperature).0 as u32 == o.final_class;
+        let edge_agreement = proportion(audits.iter().filter(|o| agree(o)).count(), audits.len(), alpha);
+        let labelled: Vec<&&Observation> = audits.iter().filter(|o| o.label.is_some()).collect();
+        let right = labelled.iter().filter(|o| o.label == Some(predict(&o.logits, self.temperature).0 as u32)).count();
+        let edge_accuracy = proportion(right, labelled.len(), alpha);
+        // Horvitz-Thompson weights: an audit stands for 1 / audit_rate
+        // on-device inputs, an offload for itself.
+        let weight = |o: &Observation| if o.on_device { 1.0 / self.cfg.audit_rate } else { 1.0 };
+        let total: f64 = current.iter().map(|o| weight(o)).sum();
+        let offload_rate = (total > 0.0).then(|| offloads as f64 / total);
+        const BINS: usize = 15;
+        let mut bins = [(0.0f64, 0.0f64, 0.0f64); BINS];
+        for o in &current {
+            let (class, conf) = predict(&o.logits, self.temperature);
+            let b = ((conf * BINS as f64).ceil() as usize).clamp(1, BINS) - 1;
+            let w = weight(o);
+            bins[b].0 += w * conf;
+            bins[b].1 += w * f64::from(u8::from(class as u32 == o.final_class));
+            bins[b].2 += w;
+        }
+        let reliability: Vec<(f64, f64, f64)> = bins.iter().filter(|b| b.2 > 0.0).map(|b| (b.0 / b.2, b.1 / b.2, b.2)).collect();
+        let ece = (total > 0.0).then(|| reliability.iter().map(|(c, a, w)| w / total * (c - a).abs()).sum());
+        LiveEstimate { audits: audits.len(), offloads, edge_agreement, edge_accuracy, offload_rate, ece, reliability }
+    }
+}
+
+/// k of n with its two-sided Clopper-Pearson interval at 1 - alpha.
+fn proportion(k: usize, n: usize, alpha: f64) -> Option<Interval> {
+    (n > 0).then(|| {
+        let (k, n) = (k as u64, n as u64);
+        let high = clopper_pearson_upper(k, n, alpha / 2.0);
+        let low = if k == 0 { 0.0 } else { 1.0 - clopper_pearson_upper(n - k, n, alpha / 2.0) };
+        Interval { estimate: k as f64 / n as f64, low, high }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix64;
+
+    fn config() -> MonitorConfig {
+        MonitorConfig {
+            audit_rate: 0.1,
+            target: Target { accuracy: 0.9, delta: 0.05 },
+            window_us: 60_000_000,
+            max_observations: 50_000,
+            drift_margin: 0.05,
+            alarm_alpha: 0.01,
+            auto_refit: true,
+            min_refit_interval_us: 10_000_000,
+            min_refit_sample: 200,
+        }
+    }
+
+    /// Two classes; the branch's logit gap is `gap`, so its confidence at
+    /// T = 1 is sigmoid(gap). The final exit agrees with probability
+    /// `agree(confidence)`.
+    struct Stream {
+        rng: SplitMix64,
+        t: u64,
+    }
+
+    impl Stream {
+        fn next(&mut self, agree: impl Fn(f64) -> f64, threshold: f64, temperature: f64, rate: f64) -> Option<Observation> {
+            self.t += 10_000; // 100 inputs per second
+            let gap = (8.0 * self.rng.next_f64()) as f32;
+            let logits = vec![gap, 0.0];
+            let (_, conf) = predict(&logits, temperature);
+            let agrees = self.rng.next_f64() < agree(predict(&logits, 1.0).1);
+            let sampled = self.rng.next_f64() < rate;
+            let on_device = conf >= threshold;
+            (sampled || !on_device).then(|| Observation {
+                t_us: self.t,
+                logits,
+                final_class: if agrees { 0 } else { 1 },
+                label: Some(if agrees { 0 } else { 1 }),
+                on_device,
+                sampled,
+            })
+        }
+    }
+
+    #[test]
+    fn proportions_have_exact_intervals() {
+        let i = proportion(0, 10, 0.05).unwrap();
+        assert_eq!((i.estimate, i.low), (0.0, 0.0));
+        assert!((i.high - (1.0 - 0.025f64.powf(0.1))).abs() < 1e-10, "{i:?}");
+        let i = proportion(10, 10, 0.05).unwrap();
+        assert!((i.low - 0.025f64.powf(0.1)).abs() < 1e-10 && i.high == 1.0, "{i:?}");
+        assert!(proportion(0, 0, 0.05).is_none());
+    }
+
+    #[test]
+    fn a_calibrated_branch_raises_no_alarm_and_its_estimate_covers_the_truth() {
+        // Agreement equals confidence: calibrated. At threshold 0.8 the
+        // on-device agreement is well above 0.9.
+        let mut m = Monitor::new(config(), 1.0, 0.8).unwrap();
+        let mut s = Stream { rng: SplitMix64::new(3), t: 0 };
+        for _ in 0..60_000 {
+            if let Some(o) = s.next(|c| c, 0.8, 1.0, 0.1) {
+                assert_eq!(m.observe(o).unwrap(), None);
+            }
+        }
+        let e = m.estimate(s.t, 0.05);
+        let a = e.edge_agreement.unwrap();
+        // Truth: mean of c over c = sigmoid(gap) >= 0.8, gap uniform in [0, 8].
+        let truth = {
+            let (lo, n) = ((0.8f64 / 0.2).ln(), 100_000);
+            (0..n).map(|i| lo + (8.0 - lo) * (i as f64 + 0.5) / n as f64).map(|g| 1.0 / (1.0 + (-g).exp())).sum::<f64>() / n as f64
+        };
+        assert!(a.low <= truth && truth <= a.high, "{a:?} vs {truth}");
+        assert!(e.audits > 300 && e.offloads > 1000, "{e:?}");
+        // The weighted offload rate: P(sigmoid(gap) < 0.8) = ln 4 / 8.
+        let want = (4.0f64).ln() / 8.0;
+        assert!((e.offload_rate.unwrap() - want).abs() < 0.03, "{:?} vs {want}", e.offload_rate);
+        assert!(e.ece.unwrap() < 0.03, "{e:?}");
+        assert_eq!(m.alarms(), 0);
+    }
+
+    /// The acceptance's coverage: over 200 windows of 10 s, the live
+    /// interval (95 %) holds the true on-device agreement in at least 90 %.
+    #[test]
+    fn the_interval_covers_the_truth_in_most_windows() {
+        let cfg = MonitorConfig { window_us: 10_000_000, ..config() };
+        let mut m = Monitor::new(cfg, 1.0, 0.8).unwrap();
+        let mut s = Stream { rng: SplitMix64::new(13), t: 0 };
+        let (lo, n) = ((0.8f64 / 0.2).ln(), 100_000);
+        let truth = (0..n).map(|i| lo + (8.0 - lo) * (i as f64 + 0.5) / n as f64).map(|g| 1.0 / (1.0 + (-g).exp())).sum::<f64>() / n as f64;
+        let (mut covered, mut windows) = (0, 0);
+        for w in 1..=200u64 {
+            while s.t < w * 10_000_000 {
+                if let Some(o) = s.next(|c| c, 0.8, 1.0, 0.1) {
+                    m.observe(o).unwrap();
+                }
+            }
+            let a = m.estimate(s.t, 0.05).edge_agreement.unwrap();
+            windows += 1;
+            covered += usize::from(a.low <= truth && truth <= a.high);
+        }
+        assert!(covered * 10 >= windows * 9, "covered in {covered} of {windows} windows");
+    }
+
+    #[test]
+    fn a_shift_is_detected_refit_and_the_target_met_again() {
+        let mut m = Monitor::new(config(), 1.0, 0.8).unwrap();
+        let mut s = Stream { rng: SplitMix64::new(5), t: 0 };
+        // Overconfident after the shift: the final exit agrees as if the
+        // branch's temperature were 2, sigmoid(gap / 2): on the inputs above
+        // 0.8 about 0.86 of the time, below the 0.9 target.
+        let shifted = |c: f64| 1.0 / (1.0 + ((1.0 - c) / c).sqrt());
+        let mut refit = None;
+        for i in 0..200_000 {
+            let (t, th) = (m.temperature(), m.threshold());
+            let Some(o) = s.next(|c| if i < 20_000 { c } else { shifted(c) }, th, t, 0.1) else { continue };
+            if let Some(Event::Refit(r)) = m.observe(o).unwrap() {
+                assert!(i >= 20_000, "no refit before the shift");
+                refit = Some((i, r));
+                break;
+            }
+        }
+        let (at, r) = refit.expect("the shift is detected and refit");
+        assert!(at < 20_000 + 30_000, "within 300 s of inputs: at {at}");
+        assert!((r.temperature - 2.0).abs() < 0.3, "the temperature of the shifted stream is found: {r:?}");
+        assert!(r.threshold > 0.8, "the certified threshold rises: {r:?}");
+        assert!(r.fit_inputs + r.certify_inputs >= 200);
+        // Under the refit plan, the on-device agreement is back above 0.9.
+        for _ in 0..60_000 {
+            let (t, th) = (m.temperature(), m.threshold());
+            if let Some(o) = s.next(shifted, th, t, 0.1) {
+                m.observe(o).unwrap();
+            }
+        }
+        let a = m.estimate(s.t, 0.05).edge_agreement.unwrap_or_else(|| panic!("{r:?} {:?}", m.estimate(s.t, 0.05)));
+        assert!(a.estimate >= 0.9, "{a:?}");
+        assert_eq!(m.refits().len(), 1, "no further refit once the target is met: {:?}", m.refits());
+    }
+
+    #[test]
+    fn with_refits_off_the_alarm_is_still_raised() {
+        let mut m = Monitor::new(MonitorConfig { auto_refit: false, ..config() }, 1.0, 0.8).unwrap();
+        let mut s = Stream { rng: SplitMix64::new(7), t: 0 };
+        let mut alarms = 0;
+        for _ in 0..50_000 {
+            if let Some(o) = s.next(|c| c - 0.2, 0.8, 1.0, 0.1) {
+                match m.observe(o).unwrap() {
+                    Some(Event::Alarm { .. }) => alarms += 1,
+                    Some(Event::Refit(_)) => panic!("refits are off"),
+                    None => {}
+                }
+            }
+        }
+        assert!(alarms > 0 && alarms as u64 == m.alarms());
+        assert_eq!((m.temperature(), m.threshold()), (1.0, 0.8));
+    }
+
+    #[test]
+    fn bad_observations_and_settings_are_refused() {
+        let mut m = Monitor::new(config(), 1.0, 0.8).unwrap();
+        let o = Observation { t_us: 1, logits: vec![1.0, 0.0], final_class: 0, label: None, on_device: true, sampled: true };
+        assert!(m.observe(Observation { logits: vec![f32::NAN, 0.0], ..o.clone() }).is_err());
+        assert!(m.observe(Observation { final_class: 2, ..o.clone() }).is_err());
+        assert!(m.observe(Observation { logits: vec![1.0], ..o.clone() }).is_err());
+        assert!(m.observe(o).is_ok());
+        for bad in [
+            MonitorConfig { audit_rate: 0.0, ..config() },
+            MonitorConfig { drift_margin: 0.0, ..config() },
+            MonitorConfig { alarm_alpha: 1.0, ..config() },
+            MonitorConfig { min_refit_sample: 2, ..config() },
+        ] {
+            assert!(Monitor::new(bad, 1.0, 0.8).is_err(), "{bad:?}");
+        }
+        assert!(Monitor::new(config(), 0.0, 0.8).is_err());
+    }
+
+    #[test]
+    fn the_window_is_bounded() {
+        let mut m = Monitor::new(MonitorConfig { max_observations: 100, ..config() }, 1.0, 0.8).unwrap();
+        for t in 0..1000u64 {
+            m.observe(Observation { t_us: t, logits: vec![0.1, 0.0], final_class: 0, label: None, on_device: false, sampled: false }).unwrap();
+        }
+        assert_eq!(m.window.len(), 100);
+        assert_eq!(m.estimate(999, 0.05).offloads, 100);
+    }
+}
