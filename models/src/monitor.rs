@@ -380,14 +380,8 @@ mod tests {
             let agrees = self.rng.next_f64() < agree(predict(&logits, 1.0).1);
             let sampled = self.rng.next_f64() < rate;
             let on_device = conf >= threshold;
-            (sampled || !on_device).then(|| Observation {
-                t_us: self.t,
-                logits,
-                final_class: if agrees { 0 } else { 1 },
-                label: Some(if agrees { 0 } else { 1 }),
-                on_device,
-                sampled,
-            })
+            let class = u32::from(!agrees);
+            (sampled || !on_device).then_some(Observation { t_us: self.t, logits, final_class: class, label: Some(class), on_device, sampled })
         }
     }
 
