@@ -25,13 +25,15 @@
 //!   alarms when the log-likelihood ratio statistic reaches ln(1 / alpha).
 //!   By Wald's bound, an alarm while the branch meets its target has
 //!   probability at most alpha per run of the statistic from 0.
-//! - **Refit**: from the sample in the window (all plans), with final-exit
-//!   answers as labels. Its even-numbered half fits the branch's temperature;
+//! - **Refit**: after an alarm, from the sampled inputs that arrive after
+//!   it (the run of disagreements that raised the alarm is worse than the
+//!   truth by the way it was picked), once there are `min_refit_sample`,
+//!   with final-exit answers as labels. Its even-numbered half fits the branch's temperature;
 //!   its odd-numbered half certifies the threshold for the target by
 //!   Learn-then-Test (`risk::certify`), on the new temperature, over the
-//!   default grid from the highest threshold the fit half's own test
-//!   rejects. The halves are disjoint, so the certificate's data chose
-//!   neither the temperature nor where the grid starts.
+//!   default grid from the threshold where the fit half's own test has its
+//!   smallest p-value. The halves are disjoint, so the certificate's data
+//!   chose neither the temperature nor where the grid starts.
 //!
 //! Everything is plain data in, decisions out: no clock, no I/O. Time is
 //! the caller's, in microseconds.
@@ -168,6 +170,9 @@ pub struct Monitor {
     seen: u64,
     first_number: u64,
     cusum: f64,
+    /// After an alarm: refit from the inputs since this time as soon as
+    /// there are enough and the last refit is far enough back.
+    pending_since_us: Option<u64>,
     last_refit_us: Option<u64>,
     alarms: u64,
     refits: Vec<Refit>,
@@ -188,6 +193,7 @@ impl Monitor {
             seen: 0,
             first_number: 0,
             cusum: 0.0,
+            pending_since_us: None,
             last_refit_us: None,
             alarms: 0,
             refits: Vec::new(),
@@ -223,6 +229,11 @@ impl Monitor {
         let audit_under_plan = obs.on_device && obs.t_us >= self.plan_since_us;
         let disagrees = predict(&obs.logits, self.temperature).0 as u32 != obs.final_class;
         self.push(obs);
+        if let Some(since) = self.pending_since_us {
+            if let Some(refit) = self.try_refit(now, since)? {
+                return Ok(Some(Event::Refit(refit)));
+            }
+        }
         if !audit_under_plan {
             return Ok(None);
         }
@@ -235,13 +246,31 @@ impl Monitor {
         }
         self.alarms += 1;
         self.cusum = 0.0;
-        let spaced = self.last_refit_us.is_none_or(|t| now >= t + self.cfg.min_refit_interval_us);
-        if self.cfg.auto_refit && spaced {
-            if let Some(refit) = self.refit(now)? {
+        if self.cfg.auto_refit {
+            // A refit learns from inputs that arrive after the alarm: those
+            // before it describe the old inputs, and the run of
+            // disagreements that raised the alarm is worse than the truth
+            // by the way it was picked (a refit on it would overshoot).
+            let since = self.pending_since_us.unwrap_or(now);
+            self.pending_since_us = Some(since);
+            if let Some(refit) = self.try_refit(now, since)? {
                 return Ok(Some(Event::Refit(refit)));
             }
         }
         Ok(Some(Event::Alarm { t_us: now }))
+    }
+
+    /// A refit from the inputs since `since`, if the interval since the last
+    /// refit allows one and there are enough.
+    fn try_refit(&mut self, now: u64, since: u64) -> Result<Option<Refit>> {
+        if self.last_refit_us.is_some_and(|t| now < t + self.cfg.min_refit_interval_us) {
+            return Ok(None);
+        }
+        let refit = self.refit_since(now, since)?;
+        if refit.is_some() {
+            self.pending_since_us = None;
+        }
+        Ok(refit)
     }
 
     fn push(&mut self, obs: Observation) {
@@ -257,8 +286,12 @@ impl Monitor {
     /// Refits now from the window's sample, if it holds enough; the new
     /// temperature and threshold become the plan in force.
     pub fn refit(&mut self, now: u64) -> Result<Option<Refit>> {
+        self.refit_since(now, 0)
+    }
+
+    fn refit_since(&mut self, now: u64, since: u64) -> Result<Option<Refit>> {
         let numbered = self.window.iter().enumerate().map(|(i, o)| (self.first_number + i as u64, o));
-        let sample: Vec<(u64, &Observation)> = numbered.filter(|(_, o)| o.sampled).collect();
+        let sample: Vec<(u64, &Observation)> = numbered.filter(|(_, o)| o.sampled && o.t_us >= since).collect();
         if sample.len() < self.cfg.min_refit_sample {
             return Ok(None);
         }
@@ -273,21 +306,20 @@ impl Monitor {
             // Pseudo-labels no better than chance: keep the temperature.
             Err(_) => self.temperature,
         };
-        // The grid starts at the highest threshold at which the fit half, at
-        // the new temperature, passes the same test: above it the certifying
-        // half would most likely fail at once, and the first test not
-        // rejected ends the sequence. Chosen on the fit half, the grid is
-        // fixed before the certifying half is looked at.
+        // The grid starts where the fit half, at the new temperature, holds
+        // the strongest evidence (the smallest p-value of the same test):
+        // above it the certifying half would likely fail at once, and the
+        // first test not rejected ends the sequence. Chosen on the fit half
+        // alone, the start is fixed before the certifying half is looked at.
         let fit_counts = ConfidenceCounts::of_exit(&as_logits(&fit)?, temperature)?;
-        let Target { accuracy, delta } = self.cfg.target;
+        let Target { accuracy, .. } = self.cfg.target;
         let full = default_grid();
-        let start = full
-            .iter()
-            .position(|&t| {
-                let (n, k) = fit_counts.at(t);
-                n > 0 && crate::risk::binomial_cdf(k as u64, n as u64, 1.0 - accuracy) <= delta
-            })
-            .unwrap_or(0);
+        let p_value = |t: f64| {
+            let (n, k) = fit_counts.at(t);
+            if n == 0 { 1.0 } else { crate::risk::binomial_cdf(k as u64, n as u64, 1.0 - accuracy) }
+        };
+        // The first of equal p-values: the highest such threshold.
+        let start = (0..full.len()).fold(0, |best, i| if p_value(full[i]) < p_value(full[best]) { i } else { best });
         let counts = ConfidenceCounts::of_exit(&as_logits(&check)?, temperature)?;
         let cert = certify(&counts, self.cfg.target, &full[start..])?;
         let threshold = cert.threshold.unwrap_or(1.0);
@@ -447,7 +479,9 @@ mod tests {
 
     #[test]
     fn a_shift_is_detected_refit_and_the_target_met_again() {
-        let mut m = Monitor::new(config(), 1.0, 0.8).unwrap();
+        // A refit waits for 1,000 sampled inputs after the alarm: enough to
+        // fit a temperature on one half and certify on the other.
+        let mut m = Monitor::new(MonitorConfig { min_refit_sample: 1000, window_us: 200_000_000, ..config() }, 1.0, 0.8).unwrap();
         let mut s = Stream { rng: SplitMix64::new(5), t: 0 };
         // Overconfident after the shift: the final exit agrees as if the
         // branch's temperature were 2, sigmoid(gap / 2): on the inputs above
@@ -464,7 +498,7 @@ mod tests {
             }
         }
         let (at, r) = refit.expect("the shift is detected and refit");
-        assert!(at < 20_000 + 30_000, "within 300 s of inputs: at {at}");
+        assert!(at < 20_000 + 60_000, "within 600 s of inputs: at {at}");
         assert!((r.temperature - 2.0).abs() < 0.3, "the temperature of the shifted stream is found: {r:?}");
         assert!(r.threshold > 0.8, "the certified threshold rises: {r:?}");
         assert!(r.fit_inputs + r.certify_inputs >= 200);

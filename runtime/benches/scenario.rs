@@ -33,7 +33,7 @@ fn main() {
     let data = Dataset::load(kind, &kind.default_dir(), model.card.dataset.split.validation, model.card.dataset.split.seed).unwrap();
     let logits = split_logits(&model, &data).unwrap();
     let profile = scenario::read_profile(&s, &weights).unwrap();
-    let prepared = scenario::prepare(&s, &model, &logits.validation, &logits.test, &profile).unwrap();
+    let prepared = scenario::prepare(&s, &model, &logits.validation, &logits.test, &[], &profile).unwrap();
     let prepare_s = t.elapsed().as_secs_f64();
 
     let t = Instant::now();

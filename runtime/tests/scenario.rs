@@ -61,6 +61,16 @@ fn scenario_errors_name_the_key_and_the_file() {
     expect_error(&VALID.replace("p_tar = 0.9", "p_tar = 1.5"), &["groups[0] (g).p_tar", "outside (0, 1)"]);
     expect_error(&VALID.replace("branch = 1", "branch = 0"), &["groups[0] (g).branch"]);
     expect_error(&VALID.replace("devices = 2", "devices = 0"), &["groups[0] (g).devices"]);
+    // Input shifts and the watched policy's settings.
+    let shift = |at: &str, c: &str| format!("{VALID}\n[groups.shift]\nat_s = {at}\ncorruption = \"{c}\"\n");
+    assert!(parse(&shift("5.0", "contrast:2")).is_ok());
+    expect_error(&shift("5.0", "fog:2"), &["groups[0] (g).shift.corruption", "fog", "gaussian-noise"]);
+    expect_error(&shift("5.0", "contrast:7"), &["groups[0] (g).shift.corruption", "1 to 5"]);
+    expect_error(&shift("12.0", "contrast:2"), &["groups[0] (g).shift.at_s", "duration_s"]);
+    expect_error(&shift("5.0", "contrast:2").replace("duration_s = 10.0", "duration_s = 10.0\ntime = \"real\""), &["shift", "virtual time only"]);
+    expect_error(&format!("{VALID}\n[watch]\naudit_rate = 0.0\n"), &["watch.audit_rate"]);
+    expect_error(&format!("{VALID}\n[watch]\naudit = 0.1\n"), &["unknown field", "audit"]);
+    expect_error(&VALID.replace("duration_s = 10.0", "duration_s = 10.0\npolicies = [\"watched\"]\ntime = \"real\""), &["watched policy", "virtual time only"]);
     expect_error(&VALID.replace("duration_s = 10.0", "duration_s = 0.0"), &["duration_s"]);
     expect_error(&VALID.replace("seed = 1", "seed = \"one\""), &["seed"]);
     expect_error(&VALID.replace("rtt_ms = 20.0", ""), &["groups[0] (g).network", "rtt_ms"]);
@@ -293,6 +303,62 @@ fn a_certified_scenario_runs_certified_thresholds_and_checks_its_predictions() {
     std::fs::write(&path, format!("{text}\n[planner]\ncertify_delta = 1.5\n")).unwrap();
     let o = output_within(branchpoint().arg("run").arg(&path), Duration::from_secs(30));
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("planner.certify_delta"), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// The shipped input-shift scenario on the overconfident model: the
+/// fixed plans fall below the target after the shift, the watched one
+/// detects it, refits on inputs from after its alarm, and ends with its
+/// on-device accuracy at or above the target (or nothing left on the
+/// device); audits change no outcome, and the live interval covers the truth.
+#[test]
+fn the_watched_policy_detects_an_input_shift_and_refits() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let model = repo_root().join("models/bvgg-fmnist.safetensors");
+    let r = replay(&repo_root().join("scenarios/input-shift.toml"), &["--model", model.to_str().unwrap()], &dir.path().join("out"));
+    assert!(std::fs::metadata(dir.path().join("out/calibration-watched.png")).map(|m| m.len() > 10_000).unwrap_or(false));
+    let shift_bin = 90;
+    let edge_after = |name: &str| {
+        let p = policy(&r, name);
+        let (mut right, mut n) = (0.0, 0.0);
+        for (i, (a, inputs)) in p.series.edge_accuracy.iter().zip(&p.series.inputs).enumerate().skip(shift_bin) {
+            let on_device = *inputs as f64 * (1.0 - p.series.offload_rate[i].unwrap_or(1.0));
+            if let Some(a) = a {
+                right += a * on_device;
+                n += on_device;
+            }
+        }
+        (n > 0.0).then(|| right / n)
+    };
+    for name in ["static", "uncalibrated"] {
+        let a = edge_after(name).unwrap();
+        assert!(a < 0.9, "{name}: on-device accuracy {a} after the shift is below the 0.9 target");
+    }
+    let watched = policy(&r, "watched");
+    let w = &watched.watch[0];
+    let delay = w.detection_delay_s.expect("the shift is detected");
+    assert!(delay > 0.0 && delay < 120.0, "detected {delay} s after the shift");
+    let refit = w.refits.first().expect("and the branch refit");
+    assert!(refit.t_s > 90.0 + delay - 1e-9, "the refit learns from inputs after the alarm: {refit:?}");
+    assert!(refit.temperature > r.model.temperatures[0], "the shifted branch is more overconfident: {refit:?}");
+    // After the refit, what stays on the device meets the target.
+    let from = refit.t_s.ceil() as usize + 1;
+    let (mut right, mut n) = (0.0, 0.0);
+    for (i, a) in watched.series.edge_accuracy.iter().enumerate().skip(from) {
+        if let Some(a) = a {
+            let on_device = watched.series.inputs[i] as f64 * (1.0 - watched.series.offload_rate[i].unwrap_or(1.0));
+            right += a * on_device;
+            n += on_device;
+        }
+    }
+    assert!(n == 0.0 || right / n >= 0.9, "after the refit: {} on the device, accuracy {}", n, right / n);
+    // Audits never change an outcome: before the shift (no refit yet) the
+    // watched run's bins are the static run's.
+    let stat = policy(&r, "static");
+    assert_eq!(watched.series.accuracy[..shift_bin], stat.series.accuracy[..shift_bin]);
+    assert_eq!(watched.series.offload_rate[..shift_bin], stat.series.offload_rate[..shift_bin]);
+    assert!(w.audits > 0 && w.audit_uplink_share.unwrap() > 0.0 && w.audit_uplink_share.unwrap() < 0.2, "{:?}", w.audit_uplink_share);
+    assert!(w.interval_coverage.unwrap() >= 0.9, "the live interval holds the truth in {:?} of windows", w.interval_coverage);
 }
 
 #[test]

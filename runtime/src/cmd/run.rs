@@ -23,7 +23,15 @@ pub fn run(args: RunArgs) -> Result<()> {
     let profile = scenario::read_profile(&scenario, &args.source.model)?;
     eprintln!("scenario {} ({}): computing the model's answers on {} test inputs", scenario.name, scenario.path.display(), data.test.len());
     let logits = split_logits(&model, &data)?;
-    let prepared = scenario::prepare(&scenario, &model, &logits.validation, &logits.test, &profile)?;
+    // The model's answers on the test inputs as each shift corrupts them.
+    let mut shifted = Vec::new();
+    for (corruption, seed) in scenario.shift_views() {
+        eprintln!("scenario {}: computing the model's answers on the test inputs under {corruption}", scenario.name);
+        let images = corruption.apply(&data.test.images, &model.card.dataset.name.normalization(), seed, 0)?;
+        let split = branchpoint_models::data::Split { images, labels: data.test.labels.shallow_clone() };
+        shifted.push(branchpoint_models::calibration::split_exit_logits(&model.net, &split)?);
+    }
+    let prepared = scenario::prepare(&scenario, &model, &logits.validation, &logits.test, &shifted, &profile)?;
     let cfg = scenario::sim_config(&scenario, &prepared)?;
 
     if let Some(listen) = &args.listen {

@@ -32,6 +32,13 @@ pub enum Policy {
     Adaptive,
     /// In hindsight, the best fixed branch and p_tar in each time window.
     Oracle,
+    /// The group's branch and p_tar, fixed, on uncalibrated confidences
+    /// (T = 1), whatever the scenario's calibration.
+    Uncalibrated,
+    /// The group's branch and p_tar as a target, watched live: devices audit
+    /// a share of their on-device inputs, and the calibrator refits the
+    /// branch when its on-device accuracy drifts below the target (`[watch]`).
+    Watched,
 }
 
 impl Policy {
@@ -42,6 +49,8 @@ impl Policy {
             Policy::DeviceOnly => "device-only",
             Policy::Adaptive => "adaptive",
             Policy::Oracle => "oracle",
+            Policy::Uncalibrated => "uncalibrated",
+            Policy::Watched => "watched",
         }
     }
 
@@ -76,6 +85,8 @@ pub struct Scenario {
     pub oracle: OracleSection,
     #[serde(default)]
     pub report: ReportSection,
+    #[serde(default)]
+    pub watch: WatchSection,
     pub groups: Vec<GroupSection>,
     /// The scenario file's folder: relative trace paths start there.
     #[serde(skip)]
@@ -239,6 +250,61 @@ impl Default for ReportSection {
     }
 }
 
+/// `[watch]`: how the watched policy's calibrator watches each group's
+/// branch (`branchpoint_models::monitor`); the group's p_tar is the target
+/// on-device accuracy.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchSection {
+    /// Share of inputs whose audit coin comes up: the on-device ones among
+    /// them are sent to the cloud too.
+    pub audit_rate: f64,
+    /// Estimates and refits use the last window_s seconds.
+    pub window_s: f64,
+    /// The drift test alarms at on-device accuracy target - drift_margin ...
+    pub drift_margin: f64,
+    /// ... with at most this false-alarm probability per run of the test.
+    pub alarm_alpha: f64,
+    /// Off: the alarm is raised and counted, the branch is not refit.
+    pub auto_refit: bool,
+    pub min_refit_interval_s: f64,
+    /// Sampled inputs a refit needs (half fit, half certify).
+    pub min_refit_sample: usize,
+    /// A refit certifies its threshold with confidence 1 - delta.
+    pub delta: f64,
+}
+
+impl Default for WatchSection {
+    fn default() -> Self {
+        Self {
+            audit_rate: 0.05,
+            window_s: 60.0,
+            drift_margin: 0.03,
+            alarm_alpha: 0.01,
+            auto_refit: true,
+            min_refit_interval_s: 30.0,
+            min_refit_sample: 200,
+            delta: 0.05,
+        }
+    }
+}
+
+/// `[groups.shift]`: from `at_s` on, the group's inputs are corrupted
+/// (`branchpoint_models::corrupt`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShiftSection {
+    pub at_s: f64,
+    /// KIND:SEVERITY, e.g. "gaussian-noise:3".
+    pub corruption: String,
+    #[serde(default = "default_shift_seed")]
+    pub seed: u64,
+}
+
+fn default_shift_seed() -> u64 {
+    1
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GroupSection {
@@ -256,6 +322,9 @@ pub struct GroupSection {
     /// Initial p_tar (and the static policy's).
     pub p_tar: f64,
     pub network: NetworkSection,
+    /// An input shift from some point in time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shift: Option<ShiftSection>,
 }
 
 /// Exactly one of: `uplink_mbit_s` (constant), `schedule`, or `trace`.
@@ -310,6 +379,30 @@ pub struct ScheduleStep {
 }
 
 impl Scenario {
+    /// The distinct input shifts of the groups, in group order: shifted view
+    /// i + 1 of the test inputs is the i-th.
+    pub fn shift_views(&self) -> Vec<(branchpoint_models::corrupt::Corruption, u64)> {
+        let mut views = Vec::new();
+        for g in &self.groups {
+            if let Some(shift) = &g.shift {
+                if let Ok(c) = branchpoint_models::corrupt::Corruption::parse(&shift.corruption) {
+                    if !views.contains(&(c, shift.seed)) {
+                        views.push((c, shift.seed));
+                    }
+                }
+            }
+        }
+        views
+    }
+
+    /// A group's shift: (from µs, its view).
+    pub fn group_shift(&self, g: &GroupSection) -> Option<(u64, usize)> {
+        let shift = g.shift.as_ref()?;
+        let c = branchpoint_models::corrupt::Corruption::parse(&shift.corruption).ok()?;
+        let view = self.shift_views().iter().position(|v| *v == (c, shift.seed))? + 1;
+        Some(((shift.at_s * 1e6).round() as u64, view))
+    }
+
     /// Reads and validates a scenario file; `trace` replaces the trace of
     /// every group whose network is a trace.
     pub fn read(path: &Path, trace: Option<&Path>) -> Result<Self> {
@@ -377,7 +470,7 @@ impl Scenario {
             return Err(self.err("duration_s", format!("{} s is more than a day", self.duration_s)));
         }
         if self.policies.is_empty() {
-            return Err(self.err("policies", "name at least one of static, cloud-only, device-only, adaptive, oracle"));
+            return Err(self.err("policies", "name at least one of static, cloud-only, device-only, adaptive, oracle, uncalibrated, watched"));
         }
         self.calibration_method()?;
         positive("compute.device_slowdown", self.compute.device_slowdown)?;
@@ -458,6 +551,46 @@ impl Scenario {
                 return Err(self.err(&key("p_tar"), format!("{} is outside (0, 1)", g.p_tar)));
             }
             self.link(g).map_err(|e| self.err(&key("network"), format!("{e:#}")))?;
+            if let Some(shift) = &g.shift {
+                branchpoint_models::corrupt::Corruption::parse(&shift.corruption).map_err(|e| self.err(&key("shift.corruption"), e))?;
+                if !(shift.at_s.is_finite() && shift.at_s >= 0.0 && shift.at_s < self.duration_s) {
+                    return Err(self.err(&key("shift.at_s"), format!("{} must be in [0, duration_s = {})", shift.at_s, self.duration_s)));
+                }
+                if self.time == TimeMode::Real {
+                    return Err(self.err(&key("shift"), "input shifts are replayed in virtual time only for now: remove the table or set time = \"virtual\""));
+                }
+            }
+        }
+        self.validate_watch()
+    }
+
+    fn validate_watch(&self) -> Result<()> {
+        let w = &self.watch;
+        if !(w.audit_rate > 0.0 && w.audit_rate <= 1.0) {
+            return Err(self.err("watch.audit_rate", format!("{} must be in (0, 1]", w.audit_rate)));
+        }
+        for (key, v) in [("watch.window_s", w.window_s), ("watch.min_refit_interval_s", w.min_refit_interval_s)] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(self.err(key, format!("{v} must be a positive number of seconds")));
+            }
+        }
+        for (key, v) in [("watch.drift_margin", w.drift_margin), ("watch.alarm_alpha", w.alarm_alpha), ("watch.delta", w.delta)] {
+            if !(v > 0.0 && v < 1.0) {
+                return Err(self.err(key, format!("{v} must be in (0, 1)")));
+            }
+        }
+        if w.min_refit_sample < 4 {
+            return Err(self.err("watch.min_refit_sample", format!("{} must be at least 4", w.min_refit_sample)));
+        }
+        for p in [Policy::Watched, Policy::Uncalibrated] {
+            if self.policies.contains(&p) && self.time == TimeMode::Real {
+                return Err(self.err("policies", format!("the {} policy is replayed in virtual time only for now: remove it or set time = \"virtual\"", p.name())));
+            }
+        }
+        for g in &self.groups {
+            if self.policies.contains(&Policy::Watched) && g.p_tar <= w.drift_margin {
+                return Err(self.err("watch.drift_margin", format!("{} must be below every group's p_tar (the target), {} for {}", w.drift_margin, g.p_tar, g.name)));
+            }
         }
         Ok(())
     }

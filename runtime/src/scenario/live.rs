@@ -153,7 +153,9 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
         let mut places = Vec::new();
         for (gi, (g, sim)) in s.groups.iter().zip(&cfg.groups).enumerate() {
             let plan = match plans {
-                Plans::Fixed(p) => p[gi],
+                // Validation keeps uncalibrated and watched runs in virtual
+                // time; their starting plans are the groups' own.
+                Plans::Fixed(p) | Plans::Uncalibrated(p) | Plans::Watched(p) => p[gi],
                 Plans::Adaptive => sim.initial,
             };
             let cap = sim.deadline_us as f64 / *prepared.sim.upload_bytes.iter().min().expect("a branch") as f64;
@@ -324,5 +326,6 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
         mean_batch: f64::NAN,
         choices: None,
         edge: Some(edge),
+        watch: Vec::new(),
     })
 }

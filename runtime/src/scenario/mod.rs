@@ -18,11 +18,13 @@ use anyhow::{bail, Context, Result};
 use branchpoint_messages::{encode, Deadline, OffloadRequest, Tensor as WireTensor};
 use branchpoint_models::calibration::{self, ExitLogits, Method};
 use branchpoint_models::planner::{certified_candidates, default_candidate_p_tars, Candidate, ModelStats, Plan};
+use branchpoint_models::monitor::MonitorConfig;
 use branchpoint_models::profile::ComputeProfile;
+use branchpoint_models::risk::Target;
 use branchpoint_models::LoadedModel;
 
 pub use file::{Policy, Scenario, TimeMode};
-use sim::{AutoscaleSim, GroupSim, Plans, RunResult, SimConfig, SimModel};
+use sim::{AutoscaleSim, GroupSim, Plans, RunResult, SimConfig, SimModel, View};
 
 /// Everything about the model a replay needs, computed once.
 pub struct Prepared {
@@ -58,7 +60,10 @@ pub fn read_profile_at(path: &Path) -> Result<ComputeProfile> {
 
 /// Computes the model's answers on the test split, its temperatures and
 /// the planner's statistics on the validation split, and the costs.
-pub fn prepare(scenario: &Scenario, model: &LoadedModel, validation: &[ExitLogits], test: &[ExitLogits], profile: &ComputeProfile) -> Result<Prepared> {
+///
+/// `shifted` holds the test logits (every exit) of each of the scenario's
+/// `shift_views`, in order.
+pub fn prepare(scenario: &Scenario, model: &LoadedModel, validation: &[ExitLogits], test: &[ExitLogits], shifted: &[Vec<ExitLogits>], profile: &ComputeProfile) -> Result<Prepared> {
     let method = scenario.calibration_method()?;
     let num_exits = test.len();
     let branches = num_exits - 1;
@@ -82,6 +87,20 @@ pub fn prepare(scenario: &Scenario, model: &LoadedModel, validation: &[ExitLogit
         .collect();
     let fin = &test[num_exits - 1];
     let final_class = (0..fin.len()).map(|i| fin.predict(i, temperatures[num_exits - 1]).0 as u32).collect();
+    if shifted.len() != scenario.shift_views().len() || shifted.iter().any(|v| v.len() != num_exits || v.iter().any(|e| e.len() != fin.len())) {
+        bail!("scenario {}: the shifted test logits do not match its shifts (a bug)", scenario.path.display());
+    }
+    let views: Vec<View> = shifted
+        .iter()
+        .map(|exits| View {
+            branch_pred: (0..branches).map(|k| (0..exits[k].len()).map(|i| {
+                let (c, p) = exits[k].predict(i, temperatures[k]);
+                (c as u32, p)
+            }).collect()).collect(),
+            final_class: (0..fin.len()).map(|i| exits[num_exits - 1].predict(i, temperatures[num_exits - 1]).0 as u32).collect(),
+            branch_logits: exits[..branches].to_vec(),
+        })
+        .collect();
     let labels = fin.labels.iter().map(|&y| y as u32).collect();
     let candidate_p_tars = scenario.planner.p_tars.clone().unwrap_or_else(default_candidate_p_tars);
     let delta = scenario.planner.certify_delta;
@@ -111,7 +130,19 @@ pub fn prepare(scenario: &Scenario, model: &LoadedModel, validation: &[ExitLogit
     let mut predictions = stats.clone();
     predictions.candidates.extend(ModelStats::for_candidates(validation, &temperatures, &extra)?.candidates);
     Ok(Prepared {
-        sim: SimModel { branch_pred, final_class, labels, head_us, upload_bytes, tail_us, stats, predictions },
+        sim: SimModel {
+            branch_pred,
+            final_class,
+            labels,
+            head_us,
+            upload_bytes,
+            tail_us,
+            stats,
+            predictions,
+            branch_logits: test[..branches].to_vec(),
+            temperatures: temperatures.clone(),
+            shifted: views,
+        },
         method,
         temperatures,
         candidate_p_tars,
@@ -177,6 +208,8 @@ pub fn sim_config(s: &Scenario, prepared: &Prepared) -> Result<SimConfig> {
                 deadline_us: (g.deadline_ms * 1e3).round() as u64,
                 link: s.link(g)?,
                 initial,
+                target: g.p_tar,
+                shift: s.group_shift(g),
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -201,7 +234,27 @@ pub fn sim_config(s: &Scenario, prepared: &Prepared) -> Result<SimConfig> {
         }),
         // Autoscaled reports plot latency per bin beside the pool's size.
         bin_latencies: s.workers.autoscale.is_some(),
+        watch: watch_config(s),
     })
+}
+
+/// The watched runs' monitor settings; each group's p_tar replaces the
+/// target accuracy.
+pub fn watch_config(s: &Scenario) -> MonitorConfig {
+    let w = &s.watch;
+    let secs = |v: f64| (v * 1e6).round() as u64;
+    MonitorConfig {
+        audit_rate: w.audit_rate,
+        target: Target { accuracy: s.groups.first().map_or(0.9, |g| g.p_tar), delta: w.delta },
+        window_us: secs(w.window_s).max(1),
+        // A window's worth at the groups' peak rates, and never unbounded.
+        max_observations: 200_000,
+        drift_margin: w.drift_margin,
+        alarm_alpha: w.alarm_alpha,
+        auto_refit: w.auto_refit,
+        min_refit_interval_us: secs(w.min_refit_interval_s),
+        min_refit_sample: w.min_refit_sample,
+    }
 }
 
 /// The plans of one policy that is not the oracle.
@@ -213,6 +266,8 @@ pub fn policy_plans(policy: Policy, s: &Scenario, prepared: &Prepared) -> Option
         Policy::DeviceOnly => Some(fixed(0.0)),
         Policy::Adaptive => Some(Plans::Adaptive),
         Policy::Oracle => None,
+        Policy::Uncalibrated => Some(Plans::Uncalibrated(s.groups.iter().map(|g| Plan { branch: g.branch, p_tar: g.p_tar }).collect())),
+        Policy::Watched => Some(Plans::Watched(prepared.group_plans.clone())),
     }
 }
 
@@ -265,6 +320,8 @@ pub struct PolicyRun {
     /// Per branch, the inputs that exited there by confidence (not for the
     /// oracle, which mixes runs).
     pub edge: Option<Vec<sim::EdgeTally>>,
+    /// Watched runs: per group, what its monitor saw and did.
+    pub watch: Vec<sim::WatchTrace>,
 }
 
 impl PolicyRun {
@@ -278,6 +335,7 @@ impl PolicyRun {
             mean_batch: r.batched_requests as f64 / r.batches.max(1) as f64,
             choices: None,
             edge: Some(r.edge),
+            watch: r.watch,
         }
     }
 }
@@ -328,7 +386,7 @@ pub fn assemble_oracle(cfg: &SimConfig, candidates: &[Plan], runs: &[RunResult],
             latencies[g].extend_from_slice(&runs[c].latencies_us[g][w]);
         }
     }
-    PolicyRun { policy: Policy::Oracle, bins, latencies_us: latencies, arrivals, outcomes, mean_batch: f64::NAN, choices: Some(choices), edge: None }
+    PolicyRun { policy: Policy::Oracle, bins, latencies_us: latencies, arrivals, outcomes, mean_batch: f64::NAN, choices: Some(choices), edge: None, watch: Vec::new() }
 }
 
 /// Replays the scenario under each of its policies in virtual time.

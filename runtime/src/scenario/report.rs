@@ -78,6 +78,9 @@ pub struct GroupInfo {
     pub p_tar: f64,
     pub network: String,
     pub mean_capacity_mbit_s: f64,
+    /// The group's input shift, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shift: Option<super::file::ShiftSection>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -121,6 +124,55 @@ pub struct PolicyReport {
     /// the oracle, which mixes runs).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub edge_by_branch: Vec<EdgeCheck>,
+    /// Watched policy only: per group, the live estimates, the refits and
+    /// what the audits cost.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub watch: Vec<WatchReport>,
+}
+
+/// One group under the watched policy.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WatchReport {
+    pub group: String,
+    /// The target on-device accuracy (the group's p_tar).
+    pub target: f64,
+    pub audit_rate: f64,
+    pub audits: u64,
+    /// Audit bytes as a share of all bytes the group's devices uploaded
+    /// (offloads and audits).
+    pub audit_uplink_share: Option<f64>,
+    /// Worker time the audits took, in seconds (their share of full batches).
+    pub audit_worker_s: f64,
+    /// When the group's inputs shifted, and how long after it the first
+    /// alarm (with or without a refit) came.
+    pub shift_at_s: Option<f64>,
+    pub detection_delay_s: Option<f64>,
+    pub refits: Vec<RefitReport>,
+    /// Alarms with no refit after them (refits off, too soon, too few samples).
+    pub alarms_without_refit_s: Vec<f64>,
+    /// Share of the estimates whose 95 % interval holds the true on-device
+    /// agreement of the same window.
+    pub interval_coverage: Option<f64>,
+    /// At the end of every bin: the live estimate of on-device agreement
+    /// with the final exit and its 95 % interval, and the truth (agreement,
+    /// and accuracy against the labels), over the window of the plan in force.
+    pub t_s: Vec<f64>,
+    pub estimated_edge_agreement: Vec<Option<f64>>,
+    pub estimate_low: Vec<Option<f64>>,
+    pub estimate_high: Vec<Option<f64>>,
+    pub true_edge_agreement: Vec<Option<f64>>,
+    pub true_edge_accuracy: Vec<Option<f64>>,
+    pub temperature: Vec<f64>,
+    pub threshold: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RefitReport {
+    pub t_s: f64,
+    pub temperature: f64,
+    pub threshold: f64,
+    pub fit_inputs: usize,
+    pub certify_inputs: usize,
 }
 
 /// Predicted against measured on-device accuracy at one branch.
@@ -149,6 +201,10 @@ pub struct Series {
     pub accuracy: Vec<Option<f64>>,
     pub deadline_miss_rate: Vec<Option<f64>>,
     pub offload_rate: Vec<Option<f64>>,
+    /// Accuracy of the inputs answered on the device because their
+    /// confidence reached p_tar (or the device declined the offload).
+    #[serde(default)]
+    pub edge_accuracy: Vec<Option<f64>>,
     /// Mean p_tar and branch of the plans the inputs were decided with.
     pub p_tar: Vec<Option<f64>>,
     pub branch: Vec<Option<f64>>,
@@ -255,6 +311,7 @@ pub fn build(scenario: &Scenario, cfg: &SimConfig, prepared: &Prepared, weights:
             p_tar: g.p_tar,
             network: describe_network(scenario, g),
             mean_capacity_mbit_s: sim.link.mean_capacity_mbit_s(0, cfg.duration_us),
+            shift: g.shift.clone(),
         })
         .collect();
     let links = scenario
@@ -298,6 +355,7 @@ pub fn build(scenario: &Scenario, cfg: &SimConfig, prepared: &Prepared, weights:
                 accuracy: merged.iter().map(|b| ratio(b.correct, b.inputs)).collect(),
                 deadline_miss_rate: merged.iter().map(|b| ratio(b.misses, b.inputs)).collect(),
                 offload_rate: merged.iter().map(|b| ratio(b.offloaded, b.inputs)).collect(),
+                edge_accuracy: merged.iter().map(|b| ratio(b.edge_correct, b.on_device)).collect(),
                 p_tar: merged.iter().map(|b| (b.inputs > 0).then(|| b.p_tar_sum / b.inputs as f64)).collect(),
                 branch: merged.iter().map(|b| (b.inputs > 0).then(|| b.branch_sum as f64 / b.inputs as f64)).collect(),
                 estimated_uplink_mbit_s: per_report(|b| b.est_mbit_s_sum),
@@ -338,7 +396,9 @@ pub fn build(scenario: &Scenario, cfg: &SimConfig, prepared: &Prepared, weights:
                     predicted_edge_accuracy: (e.exits > 0 && e.predicted_sum.is_finite()).then(|| e.predicted_sum / e.exits as f64),
                 })
                 .collect();
+            let watch = run.watch.iter().zip(&scenario.groups).map(|(w, g)| watch_report(scenario, g, w)).collect();
             PolicyReport {
+                watch,
                 policy: run.policy.name().into(),
                 totals: overall,
                 mean_batch: run.mean_batch.is_finite().then_some(run.mean_batch),
@@ -389,6 +449,44 @@ pub fn build(scenario: &Scenario, cfg: &SimConfig, prepared: &Prepared, weights:
     }
 }
 
+fn watch_report(scenario: &Scenario, g: &super::file::GroupSection, w: &super::sim::WatchTrace) -> WatchReport {
+    let s = |us: u64| us as f64 / 1e6;
+    let shift_at_s = g.shift.as_ref().map(|sh| sh.at_s);
+    let first_alarm = w.refits.iter().map(|r| r.t_us).chain(w.alarms_only.iter().copied()).filter(|&t| shift_at_s.is_none_or(|at| s(t) >= at)).min();
+    let detection_delay_s = shift_at_s.and_then(|at| first_alarm.map(|t| s(t) - at));
+    let judged: Vec<bool> = w
+        .points
+        .iter()
+        .filter_map(|p| Some(p.estimate.zip(p.true_agreement).map(|(e, t)| e.low <= t && t <= e.high)).flatten())
+        .collect();
+    let bytes = w.audit_bytes + w.offload_bytes;
+    WatchReport {
+        group: g.name.clone(),
+        target: g.p_tar,
+        audit_rate: scenario.watch.audit_rate,
+        audits: w.audits,
+        audit_uplink_share: (bytes > 0).then(|| w.audit_bytes as f64 / bytes as f64),
+        audit_worker_s: w.audit_worker_us / 1e6,
+        shift_at_s,
+        detection_delay_s,
+        refits: w
+            .refits
+            .iter()
+            .map(|r| RefitReport { t_s: s(r.t_us), temperature: r.temperature, threshold: r.threshold, fit_inputs: r.fit_inputs, certify_inputs: r.certify_inputs })
+            .collect(),
+        alarms_without_refit_s: w.alarms_only.iter().map(|&t| s(t)).collect(),
+        interval_coverage: (!judged.is_empty()).then(|| judged.iter().filter(|&&c| c).count() as f64 / judged.len() as f64),
+        t_s: w.points.iter().map(|p| s(p.t_us)).collect(),
+        estimated_edge_agreement: w.points.iter().map(|p| p.estimate.map(|e| e.estimate)).collect(),
+        estimate_low: w.points.iter().map(|p| p.estimate.map(|e| e.low)).collect(),
+        estimate_high: w.points.iter().map(|p| p.estimate.map(|e| e.high)).collect(),
+        true_edge_agreement: w.points.iter().map(|p| p.true_agreement).collect(),
+        true_edge_accuracy: w.points.iter().map(|p| p.true_accuracy).collect(),
+        temperature: w.points.iter().map(|p| p.temperature).collect(),
+        threshold: w.points.iter().map(|p| p.threshold).collect(),
+    }
+}
+
 /// Colours by policy, the same in every plot.
 fn policy_color(name: &str) -> RGBColor {
     match name {
@@ -396,6 +494,8 @@ fn policy_color(name: &str) -> RGBColor {
         "cloud-only" => RGBColor(31, 119, 180),
         "device-only" => RGBColor(127, 127, 127),
         "adaptive" => RGBColor(44, 160, 44),
+        "uncalibrated" => RGBColor(255, 127, 14),
+        "watched" => RGBColor(23, 190, 207),
         _ => RGBColor(148, 103, 189),
     }
 }
@@ -492,7 +592,39 @@ pub fn plot(report: &ScenarioReport, dir: &Path) -> Result<Vec<std::path::PathBu
     )?;
     written.push(path);
 
-    // 4. Autoscaling: the offered load, the pool's size and the latency
+    // 4. Calibration watched: on-device accuracy against the target for the
+    // policies with a fixed branch, and the watched run's live estimate
+    // beside the truth.
+    let shifted = report.groups.iter().any(|g| g.shift.is_some());
+    if shifted || policy("watched").is_some() {
+        let target = report.groups.first().map_or(0.9, |g| g.p_tar);
+        let mut edge: Vec<Curve> = ["static", "uncalibrated", "watched"]
+            .iter()
+            .filter_map(|&n| {
+                policy(n).map(|p| Curve { label: n.into(), color: policy_color(n), points: points(&p.series.t_s, &p.series.edge_accuracy, 100.0), dashed: false })
+            })
+            .collect();
+        edge.push(Curve { label: format!("target {:.0} %", 100.0 * target), color: RGBColor(0, 0, 0), points: vec![(0.0, 100.0 * target), (report.duration_s, 100.0 * target)], dashed: true });
+        let low = edge.iter().flat_map(|c| c.points.iter().map(|p| p.1)).fold(100.0, f64::min);
+        let mut panels = vec![Panel { y_label: "on-device accuracy (%)", y_range: ((low - 2.0).max(0.0).floor(), 100.0), curves: edge }];
+        if let Some(w) = policy("watched").and_then(|p| p.watch.first()) {
+            let pct = |v: &[Option<f64>]| points(&w.t_s, v, 100.0);
+            let curves = vec![
+                Curve { label: "estimated agreement (audits)".into(), color: policy_color("watched"), points: pct(&w.estimated_edge_agreement), dashed: false },
+                Curve { label: "95 % interval".into(), color: RGBColor(158, 218, 229), points: pct(&w.estimate_low), dashed: true },
+                Curve { label: String::new(), color: RGBColor(158, 218, 229), points: pct(&w.estimate_high), dashed: true },
+                Curve { label: "true agreement".into(), color: RGBColor(0, 0, 0), points: pct(&w.true_edge_agreement), dashed: false },
+                Curve { label: "true accuracy (labels)".into(), color: RGBColor(127, 127, 127), points: pct(&w.true_edge_accuracy), dashed: false },
+            ];
+            let low = curves.iter().flat_map(|c| c.points.iter().map(|p| p.1)).fold(100.0, f64::min);
+            panels.push(Panel { y_label: "watched: on-device (%)", y_range: ((low - 2.0).max(0.0).floor(), 100.0), curves });
+        }
+        let path = dir.join("calibration-watched.png");
+        plots::time_panels(&path, &format!("{}: on-device accuracy and its live estimate per {} s", report.scenario, report.settings.bin_s), x_range, &panels)?;
+        written.push(path);
+    }
+
+    // 5. Autoscaling: the offered load, the pool's size and the latency
     // it gave, every policy.
     if let Some(a) = &report.settings.autoscale {
         let path = dir.join("workers.png");

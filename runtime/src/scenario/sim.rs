@@ -36,6 +36,8 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 
 use branchpoint_models::autoscale::{AutoscaleConfig, Autoscaler, Load};
+use branchpoint_models::calibration::ExitLogits;
+use branchpoint_models::monitor::{Event as WatchEvent, Interval, Monitor, MonitorConfig, Observation, Refit};
 use branchpoint_models::link::Link;
 use branchpoint_models::planner::{choose, Costs, DeviceUplink, LinkEstimator, ModelStats, Plan};
 use branchpoint_models::rng::SplitMix64;
@@ -57,6 +59,21 @@ pub struct SimModel {
     /// Predictions for every plan a run can use (the candidates and the
     /// groups' own plans), to check them against what happened.
     pub predictions: ModelStats,
+    /// `[branch - 1]`: the raw logits of every test input, for runs whose
+    /// confidences are not the prepared ones (uncalibrated, watched).
+    pub branch_logits: Vec<ExitLogits>,
+    /// The scenario's temperature per branch (the watched run's start).
+    pub temperatures: Vec<f64>,
+    /// The test inputs as each shift corrupts them (view 1, 2, ...; view 0
+    /// is the clean inputs above).
+    pub shifted: Vec<View>,
+}
+
+/// The model's answers on one version of the test inputs.
+pub struct View {
+    pub branch_logits: Vec<ExitLogits>,
+    pub branch_pred: Vec<Vec<(u32, f64)>>,
+    pub final_class: Vec<u32>,
 }
 
 impl SimModel {
@@ -66,6 +83,28 @@ impl SimModel {
 
     pub fn inputs(&self) -> usize {
         self.labels.len()
+    }
+
+    /// (class, prepared confidence) of input i at a branch, in a view.
+    fn pred(&self, view: usize, branch: usize, input: usize) -> (u32, f64) {
+        match view {
+            0 => self.branch_pred[branch - 1][input],
+            v => self.shifted[v - 1].branch_pred[branch - 1][input],
+        }
+    }
+
+    fn final_of(&self, view: usize, input: usize) -> u32 {
+        match view {
+            0 => self.final_class[input],
+            v => self.shifted[v - 1].final_class[input],
+        }
+    }
+
+    fn logits(&self, view: usize, branch: usize) -> &ExitLogits {
+        match view {
+            0 => &self.branch_logits[branch - 1],
+            v => &self.shifted[v - 1].branch_logits[branch - 1],
+        }
     }
 
     /// Tail time of a batch of n at branch k: linear between the profiled
@@ -93,6 +132,11 @@ pub struct GroupSim {
     pub deadline_us: u64,
     pub link: Link,
     pub initial: Plan,
+    /// The group's p_tar as a target on-device accuracy (the watched run's).
+    pub target: f64,
+    /// From this time (µs) on, the group's inputs are `SimModel::shifted`'s
+    /// view (from 1).
+    pub shift: Option<(u64, usize)>,
 }
 
 #[derive(Debug, Clone)]
@@ -115,6 +159,8 @@ pub struct SimConfig {
     /// Off unless a report plots them, so that the others' runs keep their
     /// memory and report as they were.
     pub bin_latencies: bool,
+    /// The watched runs' monitor settings (the target is each group's).
+    pub watch: MonitorConfig,
 }
 
 /// The worker pool's autoscaling in virtual time.
@@ -129,6 +175,14 @@ impl GroupSim {
     /// Inputs per second at each device at time t.
     pub fn rate_at(&self, t: u64) -> f64 {
         self.rate_steps[self.rate_steps.partition_point(|s| s.0 <= t).max(1) - 1].1
+    }
+
+    /// Which view of the inputs the group sees at time t.
+    pub fn view_at(&self, t: u64) -> usize {
+        match self.shift {
+            Some((at, view)) if t >= at => view,
+            _ => 0,
+        }
     }
 }
 
@@ -149,6 +203,19 @@ pub enum Plans {
     Fixed(Vec<Plan>),
     /// The planner, from the devices' reports.
     Adaptive,
+    /// One fixed plan per group, on uncalibrated confidences (T = 1).
+    Uncalibrated(Vec<Plan>),
+    /// One plan per group to start with, watched: audits feed a monitor per
+    /// group, whose refits set the group's temperature and threshold.
+    Watched(Vec<Plan>),
+}
+
+/// How a run computes a branch's confidence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rule {
+    Prepared,
+    Uncalibrated,
+    Watched,
 }
 
 /// Counts of one group in one time bin, by arrival time.
@@ -178,6 +245,10 @@ pub struct Bin {
     pub worker_us: u64,
     /// With `SimConfig::bin_latencies`: the latency of every input in the bin.
     pub latencies_us: Vec<u32>,
+    /// On-device inputs whose branch answer is the final exit's.
+    pub edge_agree: u64,
+    /// Watched runs: audits sent.
+    pub audits: u64,
 }
 
 impl Bin {
@@ -199,6 +270,8 @@ impl Bin {
         self.predicted_miss_sum += o.predicted_miss_sum;
         self.worker_us += o.worker_us;
         self.latencies_us.extend_from_slice(&o.latencies_us);
+        self.edge_agree += o.edge_agree;
+        self.audits += o.audits;
     }
 }
 
@@ -214,6 +287,38 @@ pub struct RunResult {
     pub batched_requests: u64,
     /// Per branch: the inputs that exited there by confidence.
     pub edge: Vec<EdgeTally>,
+    /// Watched runs: per group, what its monitor saw and did.
+    pub watch: Vec<WatchTrace>,
+}
+
+/// One group's monitor over a watched run.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WatchTrace {
+    /// At the end of every bin: the live estimate beside the truth.
+    pub points: Vec<WatchPoint>,
+    pub refits: Vec<Refit>,
+    /// Alarms not followed by a refit (a refit also alarmed).
+    pub alarms_only: Vec<u64>,
+    pub audits: u64,
+    pub audit_bytes: u64,
+    pub offload_bytes: u64,
+    /// Worker time the audits take (their share of full batches).
+    pub audit_worker_us: f64,
+}
+
+/// The live estimate at one time, and what it estimates.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WatchPoint {
+    pub t_us: u64,
+    pub temperature: f64,
+    pub threshold: f64,
+    pub audits: usize,
+    /// On-device agreement with the final exit, estimated from the audits.
+    pub estimate: Option<Interval>,
+    /// The same over every on-device input of the window (the simulation
+    /// knows them all), and their accuracy against the labels.
+    pub true_agreement: Option<f64>,
+    pub true_accuracy: Option<f64>,
 }
 
 /// The inputs that exited at one branch because their confidence reached
@@ -251,6 +356,8 @@ const ARRIVAL: u8 = 9;
 // Autoscaled runs only, so the others' order of events is as it was.
 const WORKER_READY: u8 = 10;
 const SCALE_TICK: u8 = 11;
+// Watched runs only: the live estimates at the end of each bin.
+const ESTIMATE: u8 = 12;
 
 /// Ordered by time, then kind, then the ids: never by insertion order, so
 /// the order of simultaneous arrivals (and with it which test input each
@@ -272,6 +379,9 @@ struct Device {
     /// Start of the probe in flight.
     probe_start: u64,
     plan: Plan,
+    /// Watched runs: each input's audit coin (its own stream, so arrivals
+    /// and losses are those of every other run).
+    audits: SplitMix64,
 }
 
 struct Request {
@@ -285,6 +395,8 @@ struct Request {
     cloud_arrival: u64,
     /// The device's p_tar when the input arrived.
     p_tar: f64,
+    /// The view of the inputs it came from.
+    view: usize,
 }
 
 struct Sim<'a> {
@@ -304,6 +416,13 @@ struct Sim<'a> {
     next_input: u64,
     out: RunResult,
     costs: Vec<Costs>,
+    rule: Rule,
+    /// Watched runs, per group: its monitor, when its plan began, and its
+    /// on-device decisions since then (time, agrees with the final exit,
+    /// right), for the truth beside each estimate.
+    monitors: Vec<Monitor>,
+    plan_since: Vec<u64>,
+    decided: Vec<VecDeque<(u64, bool, bool)>>,
 }
 
 /// The worker pool's state beyond `idle_workers`, which autoscaling changes.
@@ -388,6 +507,7 @@ pub fn simulate(m: &SimModel, c: &SimConfig, plans: &Plans) -> RunResult {
             batches: 0,
             batched_requests: 0,
             edge: vec![EdgeTally::default(); m.num_branches()],
+            watch: Vec::new(),
         },
         costs: c
             .groups
@@ -400,11 +520,30 @@ pub fn simulate(m: &SimModel, c: &SimConfig, plans: &Plans) -> RunResult {
                 miss_bound: c.miss_bound,
             })
             .collect(),
+        rule: match plans {
+            Plans::Uncalibrated(_) => Rule::Uncalibrated,
+            Plans::Watched(_) => Rule::Watched,
+            _ => Rule::Prepared,
+        },
+        monitors: Vec::new(),
+        plan_since: vec![0; c.groups.len()],
+        decided: vec![VecDeque::new(); c.groups.len()],
     };
+    if let Plans::Watched(p) = plans {
+        for (gi, g) in c.groups.iter().enumerate() {
+            let cfg = MonitorConfig { target: branchpoint_models::risk::Target { accuracy: g.target, ..c.watch.target }, ..c.watch };
+            let monitor = Monitor::new(cfg, m.temperatures[p[gi].branch - 1], p[gi].p_tar).expect("validated with the scenario");
+            sim.monitors.push(monitor);
+        }
+        sim.out.watch = vec![WatchTrace::default(); c.groups.len()];
+        if c.bin_us <= c.duration_us {
+            sim.push(c.bin_us, ESTIMATE, 0, 0);
+        }
+    }
     let mut d = 0u32;
     for (gi, g) in c.groups.iter().enumerate() {
         let plan = match plans {
-            Plans::Fixed(p) => p[gi],
+            Plans::Fixed(p) | Plans::Uncalibrated(p) | Plans::Watched(p) => p[gi],
             Plans::Adaptive => g.initial,
         };
         for k in 0..g.devices {
@@ -415,6 +554,7 @@ pub fn simulate(m: &SimModel, c: &SimConfig, plans: &Plans) -> RunResult {
                 group: gi,
                 arrivals,
                 losses: SplitMix64::new(base ^ 0x5555_5555_5555_5555),
+                audits: SplitMix64::new(base ^ 0xA0D1_7A0D_17A0_D17A),
                 cpu_free: 0,
                 // Slower than the cap, not even the smallest upload could
                 // make the deadline with no response time at all.
@@ -477,6 +617,7 @@ impl<'a> Sim<'a> {
                 }
             }
             SCALE_TICK => self.scale_tick(e.t),
+            ESTIMATE => self.estimate(e.t),
             BATCH_TIMER => {
                 if self.timers[e.a as usize] == Some(e.t) {
                     self.timers[e.a as usize] = None;
@@ -543,24 +684,44 @@ impl<'a> Sim<'a> {
         let next = next_arrival_us(&mut dev.arrivals, t, &g.rate_steps);
         let input = (self.next_input % m.inputs() as u64) as u32;
         self.next_input += 1;
-        let plan = dev.plan;
+        let mut plan = dev.plan;
         let k = plan.branch;
         let start = t.max(dev.cpu_free);
         let done = start + m.head_us[k - 1].round() as u64;
         dev.cpu_free = done;
-        let (class, conf) = m.branch_pred[k - 1][input as usize];
-        let label = m.labels[input as usize];
+        let view = g.view_at(t);
         let (group, deadline) = (dev.group, g.deadline_us);
+        let (class, conf) = match self.rule {
+            Rule::Prepared => m.pred(view, k, input as usize),
+            Rule::Uncalibrated => {
+                let (class, conf) = m.logits(view, k).predict(input as usize, 1.0);
+                (class as u32, conf)
+            }
+            Rule::Watched => {
+                let monitor = &self.monitors[group];
+                plan.p_tar = monitor.threshold();
+                let (class, conf) = m.logits(view, k).predict(input as usize, monitor.temperature());
+                (class as u32, conf)
+            }
+        };
+        let sampled = self.rule == Rule::Watched && dev.audits.next_f64() < c.watch.audit_rate;
+        let label = m.labels[input as usize];
         if next < c.duration_us {
             self.events.push(Reverse(Event { t: next, kind: ARRIVAL, a: d, b: 0 }));
         }
-        if plan.exits(conf) {
+        let on_device = plan.exits(conf);
+        if self.rule == Rule::Watched {
+            self.watch(t, group, view, k, input as usize, on_device, sampled);
+        }
+        if on_device {
             let latency = done - t;
             self.out.edge[k - 1].add(&m.predictions, plan, class == label);
             self.record(group, t, latency, class == label, true, false, latency > deadline, plan);
+            let b = self.bin(group, t);
+            b.edge_agree += u64::from(class == m.final_of(view, input as usize));
             return;
         }
-        if self.admission && dev.uplink.would_miss(t, done, m.upload_bytes[k - 1], deadline, c.safety) {
+        if self.admission && self.devices[d as usize].uplink.would_miss(t, done, m.upload_bytes[k - 1], deadline, c.safety) {
             self.bin(group, t).declined += 1;
             self.record(group, t, done - t, class == label, true, false, false, plan);
             return;
@@ -587,12 +748,81 @@ impl<'a> Sim<'a> {
             upload_done: finish,
             cloud_arrival: 0,
             p_tar: plan.p_tar,
+            view,
         });
         if finish == u64::MAX {
             // The link never delivers it: the device answers at the deadline.
             self.record(group, t, deadline, class == label, false, false, true, plan);
         } else {
             self.push(finish, UPLOAD_DONE, id, 0);
+        }
+    }
+
+    /// A watched run's input: an audit (sampled, decided on the device) or
+    /// an offload reaches the group's monitor, with the final exit's answer
+    /// (at once: virtual time does not model the audit's trip, and audits
+    /// take no uplink or worker time from real requests here; their cost is
+    /// counted instead).
+    #[allow(clippy::too_many_arguments)]
+    fn watch(&mut self, t: u64, group: usize, view: usize, k: usize, input: usize, on_device: bool, sampled: bool) {
+        let m = self.m;
+        let logits = m.logits(view, k);
+        let final_class = m.final_of(view, input);
+        let label = m.labels[input];
+        let trace = &mut self.out.watch[group];
+        if on_device {
+            let class = logits.predict(input, self.monitors[group].temperature()).0 as u32;
+            self.decided[group].push_back((t, class == final_class, class == label));
+            if !sampled {
+                return;
+            }
+            trace.audits += 1;
+            trace.audit_bytes += m.upload_bytes[k - 1] as u64;
+            trace.audit_worker_us += m.tail_time_us(k, self.c.max_batch) / self.c.max_batch as f64;
+            self.bin(group, t).audits += 1;
+        } else {
+            trace.offload_bytes += m.upload_bytes[k - 1] as u64;
+        }
+        let obs = Observation { t_us: t, logits: logits.row(input).to_vec(), final_class, label: Some(label), on_device, sampled };
+        match self.monitors[group].observe(obs) {
+            Ok(Some(WatchEvent::Refit(r))) => {
+                self.out.watch[group].refits.push(r);
+                self.plan_since[group] = t;
+                self.decided[group].clear();
+            }
+            Ok(Some(WatchEvent::Alarm { t_us })) => self.out.watch[group].alarms_only.push(t_us),
+            Ok(None) => {}
+            // The model's own logits are finite and well formed.
+            Err(e) => unreachable!("a test input the monitor refuses: {e}"),
+        }
+    }
+
+    /// The end of a bin in a watched run: every group's live estimate, and
+    /// the truth over the same inputs' population.
+    fn estimate(&mut self, t: u64) {
+        if t + self.c.bin_us <= self.c.duration_us {
+            self.push(t + self.c.bin_us, ESTIMATE, 0, 0);
+        }
+        for g in 0..self.monitors.len() {
+            let from = t.saturating_sub(self.c.watch.window_us).max(self.plan_since[g]);
+            let decided = &mut self.decided[g];
+            while decided.front().is_some_and(|d| d.0 < from) {
+                decided.pop_front();
+            }
+            let n = decided.len();
+            let rate = |f: fn(&(u64, bool, bool)) -> bool| (n > 0).then(|| decided.iter().filter(|d| f(d)).count() as f64 / n as f64);
+            let (true_agreement, true_accuracy) = (rate(|d| d.1), rate(|d| d.2));
+            let monitor = &self.monitors[g];
+            let e = monitor.estimate(t, 0.05);
+            self.out.watch[g].points.push(WatchPoint {
+                t_us: t,
+                temperature: monitor.temperature(),
+                threshold: monitor.threshold(),
+                audits: e.audits,
+                estimate: e.edge_agreement,
+                true_agreement,
+                true_accuracy,
+            });
         }
     }
 
@@ -751,7 +981,7 @@ impl<'a> Sim<'a> {
     fn expired(&mut self, id: u32) {
         let r = &self.requests[id as usize];
         let dev = &self.devices[r.device as usize];
-        let (class, _) = self.m.branch_pred[r.branch - 1][r.input as usize];
+        let (class, _) = self.m.pred(r.view, r.branch, r.input as usize);
         let correct = class == self.m.labels[r.input as usize];
         let (group, arrival, deadline) = (dev.group, r.arrival, self.c.groups[dev.group].deadline_us);
         let plan = Plan { branch: r.branch, p_tar: r.p_tar };
@@ -761,17 +991,17 @@ impl<'a> Sim<'a> {
     fn reply(&mut self, t: u64, id: u32, _: u32) {
         let r = &self.requests[id as usize];
         let d = r.device as usize;
-        let (arrival, deadline_at, branch, input, upload_done, p_tar) = (r.arrival, r.deadline_at, r.branch, r.input as usize, r.upload_done, r.p_tar);
+        let (arrival, deadline_at, branch, input, upload_done, p_tar, view) = (r.arrival, r.deadline_at, r.branch, r.input as usize, r.upload_done, r.p_tar, r.view);
         self.devices[d].uplink.est.observe_response((t - upload_done) as f64);
         let group = self.devices[d].group;
         let deadline = self.c.groups[group].deadline_us;
         let label = self.m.labels[input];
         let plan = Plan { branch, p_tar };
         if t <= deadline_at {
-            let correct = self.m.final_class[input] == label;
+            let correct = self.m.final_of(view, input) == label;
             self.record(group, arrival, t - arrival, correct, false, true, false, plan);
         } else {
-            let correct = self.m.branch_pred[branch - 1][input].0 == label;
+            let correct = self.m.pred(view, branch, input).0 == label;
             self.record(group, arrival, deadline, correct, false, false, true, plan);
         }
     }
@@ -836,16 +1066,35 @@ mod tests {
             certified: None,
         };
         let stats = ModelStats { candidates: vec![stat(2, 0.0, 0.0), stat(2, 0.9, 0.5), stat(2, 1.0, 1.0)] };
+        let branch_logits = vec![logits_of(&(0..n).map(pred).collect::<Vec<_>>(), &labels); 2];
+        // After a shift, every input is confident at the branches, and
+        // the odd ones are still wrong there.
+        let confident: Vec<(u32, f64)> = (0..n).map(|i| (pred(i).0, 0.99)).collect();
+        let shifted = View { branch_logits: vec![logits_of(&confident, &labels); 2], branch_pred: vec![confident.clone(), confident], final_class: labels.clone() };
         SimModel {
             branch_pred: vec![(0..n).map(pred).collect(), (0..n).map(pred).collect()],
             final_class: labels.clone(),
-            labels,
+            labels: labels.clone(),
             head_us: vec![1_000.0, 2_000.0],
             upload_bytes: vec![25_000, 12_500],
             tail_us: vec![vec![(1, 500.0), (32, 8_000.0)], vec![(1, 400.0), (32, 6_000.0)]],
             predictions: stats.clone(),
             stats,
+            branch_logits,
+            temperatures: vec![1.0, 1.0],
+            shifted: vec![shifted],
         }
+    }
+
+    /// Ten-class logits whose softmax puts `conf` on `class`.
+    fn logits_of(pred: &[(u32, f64)], labels: &[u32]) -> ExitLogits {
+        let mut z = Vec::new();
+        for &(class, conf) in pred {
+            let mut row = [0f32; 10];
+            row[class as usize] = (conf * 9.0 / (1.0 - conf)).ln() as f32;
+            z.extend(row);
+        }
+        ExitLogits::new(10, z, labels.iter().map(|&y| i64::from(y)).collect()).unwrap()
     }
 
     fn config(link: Link) -> SimConfig {
@@ -854,7 +1103,16 @@ mod tests {
             duration_us: 20_000_000,
             bin_us: 1_000_000,
             window_us: 5_000_000,
-            groups: vec![GroupSim { devices: 4, rate: 5.0, rate_steps: vec![(0, 5.0)], deadline_us: 100_000, link, initial: Plan { branch: 2, p_tar: 0.9 } }],
+            groups: vec![GroupSim {
+                devices: 4,
+                rate: 5.0,
+                rate_steps: vec![(0, 5.0)],
+                deadline_us: 100_000,
+                link,
+                initial: Plan { branch: 2, p_tar: 0.9 },
+                target: 0.9,
+                shift: None,
+            }],
             workers: 2,
             max_batch: 8,
             max_wait_us: 2_000,
@@ -865,7 +1123,54 @@ mod tests {
             miss_bound: 0.05,
             autoscale: None,
             bin_latencies: false,
+            watch: MonitorConfig {
+                audit_rate: 0.5,
+                target: branchpoint_models::risk::Target { accuracy: 0.9, delta: 0.1 },
+                window_us: 10_000_000,
+                max_observations: 10_000,
+                drift_margin: 0.1,
+                alarm_alpha: 0.01,
+                auto_refit: true,
+                min_refit_interval_us: 5_000_000,
+                min_refit_sample: 40,
+            },
         }
+    }
+
+    /// The watched run sees the shift, refits, and stops keeping the wrong
+    /// inputs; the static and uncalibrated runs keep them on the device.
+    /// Without a shift, nothing is refit and the runs decide alike.
+    #[test]
+    fn a_watched_run_detects_a_shift_and_refits() {
+        let m = model();
+        let mut c = config(Link::constant(100.0, 10_000, 0.0).unwrap());
+        let plans = vec![Plan { branch: 2, p_tar: 0.9 }];
+        let calm = simulate(&m, &c, &Plans::Watched(plans.clone()));
+        assert!(calm.watch[0].refits.is_empty() && calm.watch[0].alarms_only.is_empty(), "{:?}", calm.watch[0].refits);
+        assert_eq!(total(&calm).on_device, total(&simulate(&m, &c, &Plans::Fixed(plans.clone()))).on_device, "audits change no outcome");
+        assert!(calm.watch[0].audits > 0 && calm.watch[0].audit_bytes > 0);
+        c.groups[0].shift = Some((5_000_000, 1));
+        let watched = simulate(&m, &c, &Plans::Watched(plans.clone()));
+        let fixed = simulate(&m, &c, &Plans::Fixed(plans.clone()));
+        let refit = *watched.watch[0].refits.first().expect("the shift is detected and refit");
+        assert!(refit.t_us > 5_000_000 && refit.t_us < 12_000_000, "{refit:?}");
+        // After the refit, the watched devices keep (nearly) nothing wrong;
+        // the fixed plan keeps every input, half of them wrong.
+        let after = |r: &RunResult| {
+            let mut t = Bin::default();
+            r.bins[0][(refit.t_us / c.bin_us) as usize + 1..].iter().for_each(|b| t.add(b));
+            t
+        };
+        let (w, f) = (after(&watched), after(&fixed));
+        assert!(f.on_device > 0 && (f.edge_correct as f64) < 0.6 * f.on_device as f64, "{f:?}");
+        assert!(w.on_device == 0 || w.edge_correct as f64 >= 0.9 * w.on_device as f64, "{w:?}");
+        assert_eq!(watched.arrivals, watched.outcomes);
+        // Estimates at the end of every bin, each beside its truth.
+        assert_eq!(watched.watch[0].points.len(), c.bins());
+        let before: Vec<&WatchPoint> = watched.watch[0].points.iter().filter(|p| p.t_us <= 5_000_000 && p.estimate.is_some()).collect();
+        assert!(before.iter().all(|p| p.true_agreement == Some(0.5) || p.true_agreement == Some(1.0)), "{before:?}");
+        // The uncalibrated run reads the same logits at T = 1: the same decisions here.
+        assert_eq!(total(&simulate(&m, &c, &Plans::Uncalibrated(plans))).on_device, total(&fixed).on_device);
     }
 
     fn total(r: &RunResult) -> Bin {
