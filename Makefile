@@ -6,10 +6,12 @@
 setup:
 	@scripts/setup.sh
 
-# The main job: replay the shipped LTE-handover scenario under every policy
-# (about 6 s here); it prints where report.json and the plots are.
+# The main job: replay the shipped handover-and-shift scenario (a network
+# change, then an input shift) on the overconfident model under every policy
+# (under a minute here); it prints a table and where report.json and the
+# plots are.
 demo: setup
-	./target/release/branchpoint run scenarios/lte-handover.toml
+	./target/release/branchpoint run scenarios/handover-and-shift.toml --model models/bvgg-fmnist.safetensors
 
 # Tests run in release mode: they reuse the release build of libtorch's
 # wrapper from setup and run the real model at full speed.
