@@ -33,6 +33,8 @@ pub struct CalibratorConfig {
     pub data_dir: Option<PathBuf>,
     /// The calibration to start with: a file, or a fit with this method.
     pub initial: Initial,
+    /// How audit results are watched.
+    pub watch: WatchSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -45,6 +47,159 @@ pub struct Calibrator {
     model: LoadedModel,
     validation: Vec<ExitLogits>,
     current: CalibrationFile,
+    watch: LiveWatch,
+}
+
+/// Most (group, branch, threshold) triples watched at once; beyond it the
+/// least recently heard one makes room (audit results come from the
+/// network, and their keys must not grow without bound).
+pub const MAX_WATCHED: usize = 256;
+
+/// How a live calibrator watches: `monitor::MonitorConfig` without the
+/// per-result parts (audit rate, target), which each result carries.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WatchSettings {
+    pub window_us: u64,
+    pub max_observations: usize,
+    pub drift_margin: f64,
+    pub alarm_alpha: f64,
+    pub delta: f64,
+    pub min_refit_sample: usize,
+}
+
+impl Default for WatchSettings {
+    fn default() -> Self {
+        Self { window_us: 120_000_000, max_observations: 50_000, drift_margin: 0.03, alarm_alpha: 0.01, delta: 0.05, min_refit_sample: 800 }
+    }
+}
+
+/// The live calibrator's monitors, one per (group, branch, threshold in
+/// force): audit results in, estimates and alarms out. Over NATS it only
+/// raises alarms for now (no automatic refit): the refit's way to the
+/// devices is the scenario engine's (virtual time) until devices send
+/// audits.
+#[derive(Debug, Clone, Default)]
+pub struct LiveWatch {
+    settings: WatchSettings,
+    monitors: Vec<Watched>,
+    refused: u64,
+    clock: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Watched {
+    group: String,
+    branch: u8,
+    p_tar: f64,
+    monitor: branchpoint_models::monitor::Monitor,
+    last_heard: u64,
+    latest_us: u64,
+}
+
+impl LiveWatch {
+    pub fn new(settings: WatchSettings) -> Self {
+        Self { settings, ..Self::default() }
+    }
+
+    /// Takes one audit result, already decoded; a result that does not fit
+    /// the model (another model's, a branch it lacks, the wrong number of
+    /// classes) is refused and counted. Returns whether it raised an alarm.
+    pub fn observe(&mut self, r: &branchpoint_messages::AuditResult, model_sha256: &str, temperatures: &[f64], classes: usize) -> Result<bool, ActorError> {
+        let refuse = |w: &mut Self, why: String| {
+            w.refused += 1;
+            Err(ActorError::Invalid { what: "audit result".into(), reason: format!("it must be {why}") })
+        };
+        if r.model_sha256 != model_sha256 {
+            return refuse(self, "for this calibrator's model".into());
+        }
+        let b = usize::from(r.partition_branch);
+        if b == 0 || b >= temperatures.len() {
+            return refuse(self, format!("for a side branch of this model (1 to {})", temperatures.len().saturating_sub(1)));
+        }
+        if r.branch_logits.len() != classes {
+            return refuse(self, format!("{classes} logits, one per class of this model"));
+        }
+        self.clock += 1;
+        let found = self.monitors.iter().position(|w| w.group == r.group && w.branch == r.partition_branch && w.p_tar == r.p_tar);
+        let i = match found {
+            Some(i) => i,
+            None => {
+                let s = self.settings;
+                let cfg = branchpoint_models::monitor::MonitorConfig {
+                    audit_rate: r.audit_rate,
+                    target: Target { accuracy: r.target_accuracy, delta: s.delta },
+                    window_us: s.window_us,
+                    max_observations: s.max_observations,
+                    drift_margin: s.drift_margin.min(r.target_accuracy / 2.0),
+                    alarm_alpha: s.alarm_alpha,
+                    auto_refit: false,
+                    min_refit_interval_us: s.window_us,
+                    min_refit_sample: s.min_refit_sample,
+                };
+                let monitor = match branchpoint_models::monitor::Monitor::new(cfg, temperatures[b - 1], r.p_tar) {
+                    Ok(m) => m,
+                    Err(e) => return refuse(self, format!("a watchable plan ({e})")),
+                };
+                if self.monitors.len() >= MAX_WATCHED {
+                    let oldest = (0..self.monitors.len()).min_by_key(|&j| self.monitors[j].last_heard).expect("not empty");
+                    self.monitors.swap_remove(oldest);
+                }
+                self.monitors.push(Watched { group: r.group.clone(), branch: r.partition_branch, p_tar: r.p_tar, monitor, last_heard: 0, latest_us: 0 });
+                self.monitors.len() - 1
+            }
+        };
+        let w = &mut self.monitors[i];
+        w.last_heard = self.clock;
+        w.latest_us = w.latest_us.max(r.decided_at_unix_us);
+        let obs = branchpoint_models::monitor::Observation {
+            t_us: r.decided_at_unix_us,
+            logits: r.branch_logits.clone(),
+            final_class: r.final_class,
+            label: None,
+            on_device: r.on_device,
+            sampled: r.sampled,
+        };
+        match w.monitor.observe(obs) {
+            Ok(event) => Ok(event.is_some()),
+            Err(e) => {
+                self.refused += 1;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Counts a result that could not even be decoded.
+    pub fn refuse_undecodable(&mut self) {
+        self.refused += 1;
+    }
+
+    pub fn status(&self, model_sha256: &str, at_unix_us: u64) -> branchpoint_messages::CalibrationStatus {
+        let watched = self
+            .monitors
+            .iter()
+            .map(|w| {
+                let e = w.monitor.estimate(w.latest_us, 0.05);
+                let a = e.edge_agreement;
+                branchpoint_messages::BranchWatch {
+                    group: w.group.clone(),
+                    partition_branch: w.branch,
+                    target_accuracy: w.monitor.target_accuracy(),
+                    temperature: w.monitor.temperature(),
+                    threshold: w.monitor.threshold(),
+                    audits: u32::try_from(e.audits).unwrap_or(u32::MAX),
+                    offloads: u32::try_from(e.offloads).unwrap_or(u32::MAX),
+                    edge_agreement: a.map(|a| a.estimate),
+                    edge_agreement_low: a.map(|a| a.low),
+                    edge_agreement_high: a.map(|a| a.high),
+                    offload_rate: e.offload_rate,
+                    ece: e.ece,
+                    alarms: w.monitor.alarms(),
+                    refits: w.monitor.refits().len() as u64,
+                }
+            })
+            .collect();
+        branchpoint_messages::CalibrationStatus { model_sha256: model_sha256.to_string(), at_unix_us, refused: self.refused, watched }
+    }
 }
 
 impl Calibrator {
@@ -61,7 +216,7 @@ impl Calibrator {
             }
             Initial::Fit(method) => Self::fit(&model, &validation, *method)?,
         };
-        Ok(Self { model, validation, current })
+        Ok(Self { model, validation, current, watch: LiveWatch::new(cfg.watch) })
     }
 
     fn fit(model: &LoadedModel, validation: &[ExitLogits], method: Method) -> Result<CalibrationFile, ActorError> {
@@ -132,6 +287,29 @@ impl CalibratorHandle {
             .await?
     }
 
+    /// Takes one audit result off the network (`None`: it did not decode);
+    /// returns whether it raised a drift alarm.
+    pub async fn audit(&self, result: Option<branchpoint_messages::AuditResult>) -> Result<bool, ActorError> {
+        self.0
+            .run(move |c: &mut Calibrator| match result {
+                Some(r) => {
+                    let (sha, temps) = (c.current.weights_sha256.clone(), c.current.temperatures.clone());
+                    let classes = c.validation.first().map_or(0, |e| e.classes);
+                    c.watch.observe(&r, &sha, &temps, classes)
+                }
+                None => {
+                    c.watch.refuse_undecodable();
+                    Ok(false)
+                }
+            })
+            .await?
+    }
+
+    /// What the calibrator sees of every watched group and branch.
+    pub async fn watch_status(&self, at_unix_us: u64) -> Result<branchpoint_messages::CalibrationStatus, ActorError> {
+        self.0.run(move |c: &mut Calibrator| c.watch.status(&c.current.weights_sha256, at_unix_us)).await
+    }
+
     /// Stops the thread (a refit in progress finishes first); see
     /// `TensorPool::shutdown`.
     pub fn shutdown(&self, within: std::time::Duration) -> Vec<String> {
@@ -183,7 +361,9 @@ pub async fn recertify_stored_plans(calibrator: &CalibratorHandle, store: &crate
 /// them, `CALIBRATION_REFIT` with the new ones and `CALIBRATION_CERTIFY`
 /// with a `CertifyReply` (or an `ErrorReply` when the request is malformed
 /// or the fit fails). After a refit, stored certified plans are certified
-/// again on the new temperatures.
+/// again on the new temperatures. Audit results on `CALIBRATION_AUDIT` feed
+/// the live monitors (`LiveWatch`), whose estimates and alarms go out every
+/// second on `CALIBRATION_STATUS`.
 pub async fn serve_calibration_nats(
     client: async_nats::Client,
     calibrator: CalibratorHandle,
@@ -194,6 +374,12 @@ pub async fn serve_calibration_nats(
     let mut get = client.subscribe(subjects::CALIBRATION_GET).await.map_err(|e| nats(e.to_string()))?;
     let mut refit = client.subscribe(subjects::CALIBRATION_REFIT).await.map_err(|e| nats(e.to_string()))?;
     let mut certify = client.subscribe(subjects::CALIBRATION_CERTIFY).await.map_err(|e| nats(e.to_string()))?;
+    // Audit results: the client's subscription buffer is bounded; a burst
+    // beyond it is dropped by the client (a slow consumer), never queued
+    // without end.
+    let mut audits = client.subscribe(subjects::CALIBRATION_AUDIT).await.map_err(|e| nats(e.to_string()))?;
+    let mut status_tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let refused = |e: ActorError| encode(&ErrorReply { seq: None, worker_id: "calibrator".into(), kind: ErrorKind::InvalidRequest, detail: e.to_string() });
     let publish = |file: CalibrationFile| {
         let (client, store) = (client.clone(), store.clone());
@@ -240,6 +426,22 @@ pub async fn serve_calibration_nats(
                         Err(e) => refused(e)?,
                     };
                     let _ = client.publish(reply, bytes.into()).await;
+                }
+            }
+            Some(msg) = audits.next() => {
+                let result = decode::<branchpoint_messages::AuditResult>(&msg.payload).ok();
+                match calibrator.audit(result).await {
+                    Ok(true) => eprintln!("calibrator: drift alarm: a watched branch's on-device agreement with the final exit fell below its target"),
+                    Ok(false) => {}
+                    // Refused and counted; the status says how many.
+                    Err(_) => {}
+                }
+            }
+            _ = status_tick.tick() => {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+                let status = calibrator.watch_status(now).await?;
+                if !status.watched.is_empty() || status.refused > 0 {
+                    let _ = client.publish(subjects::CALIBRATION_STATUS, encode(&status)?.into()).await;
                 }
             }
             Some(msg) = certify.next() => {

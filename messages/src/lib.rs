@@ -19,9 +19,9 @@ mod tests;
 pub use error::MessageError;
 pub use tensor::{DType, Tensor, MAX_DIMS, MAX_TENSOR_BYTES};
 pub use wire::{
-    decode, encode, AppliedPlan, CalibrationMethod, CalibrationRefit, CalibrationUpdate, CertifyReply, CertifyRequest, Deadline, ErrorKind, ErrorReply, FleetStatus, FleetSummary, Message,
+    decode, encode, AppliedPlan, AuditResult, BranchWatch, CalibrationStatus, CalibrationMethod, CalibrationRefit, CalibrationUpdate, CertifyReply, CertifyRequest, Deadline, ErrorKind, ErrorReply, FleetStatus, FleetSummary, Message,
     NetworkReport, OffloadAnswer, OffloadReply, OffloadRequest, PlanTarget, PlanUpdate, CertifiedTarget,
-    WorkerStatus, WorkerTimings, MAX_MESSAGE_BYTES,
+    WorkerStatus, WorkerTimings, MAX_AUDIT_CLASSES, MAX_MESSAGE_BYTES,
 };
 
 /// Version of the wire format. Every message carries it, so a peer can refuse

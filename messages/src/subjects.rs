@@ -31,6 +31,14 @@ pub const CALIBRATION_REFIT: &str = "branchpoint.calibration.refit";
 /// with a `CertifyReply` (the threshold certified for a target accuracy).
 pub const CALIBRATION_CERTIFY: &str = "branchpoint.calibration.certify";
 
+/// Workers -> calibration actor: `AuditResult`, the full model's answer to
+/// an audited or offloaded input, beside the branch's logits.
+pub const CALIBRATION_AUDIT: &str = "branchpoint.calibration.audit";
+
+/// Calibration actor -> control plane: `CalibrationStatus`, the live
+/// estimates of each watched group and branch.
+pub const CALIBRATION_STATUS: &str = "branchpoint.status.calibration";
+
 /// Prefix of the plan subjects, see [`plan_device`] and [`plan_group`].
 pub const PLAN_PREFIX: &str = "branchpoint.plan";
 

@@ -152,6 +152,27 @@ prop_compose! {
     }
 }
 
+prop_compose! {
+    fn audit()(model_sha256 in "[0-9a-f]{64}", device_id in id(), group in id(), partition_branch in 1u8.., decided_at_unix_us: u64,
+               branch_logits in prop::collection::vec(-50f32..50.0, 2..12), pick: prop::sample::Index, on_device: bool, coin: bool,
+               audit_rate in 0.001f64..=1.0) -> AuditResult {
+        let final_class = pick.index(branch_logits.len()) as u32;
+        AuditResult { model_sha256, device_id, group, partition_branch, decided_at_unix_us, branch_logits, final_class, on_device, sampled: on_device || coin, audit_rate, p_tar: 0.9, target_accuracy: 0.9 }
+    }
+}
+
+prop_compose! {
+    fn calibration_status()(model_sha256 in "[0-9a-f]{64}", at_unix_us: u64, refused: u64, group in id(), partition_branch in 1u8..,
+                            audits: u32, offloads: u32, est in proptest::option::of(0f64..=1.0), alarms: u64, refits: u64) -> CalibrationStatus {
+        let watch = BranchWatch {
+            group, partition_branch, target_accuracy: 0.9, temperature: 1.5, threshold: 0.8, audits, offloads,
+            edge_agreement: est, edge_agreement_low: est.map(|e| e * 0.9), edge_agreement_high: est.map(|e| (e * 1.1).min(1.0)),
+            offload_rate: est, ece: est, alarms, refits,
+        };
+        CalibrationStatus { model_sha256, at_unix_us, refused, watched: vec![watch] }
+    }
+}
+
 /// Decodes `bytes` as every message type and counts the successes.
 fn decode_all(bytes: &[u8]) -> usize {
     [
@@ -164,6 +185,8 @@ fn decode_all(bytes: &[u8]) -> usize {
         decode::<FleetStatus>(bytes).is_ok(),
         decode::<CertifyRequest>(bytes).is_ok(),
         decode::<CertifyReply>(bytes).is_ok(),
+        decode::<AuditResult>(bytes).is_ok(),
+        decode::<CalibrationStatus>(bytes).is_ok(),
     ]
     .iter()
     .filter(|ok| **ok)
@@ -185,8 +208,10 @@ proptest! {
     fn every_message_round_trips(
         req in request(), rep in prop_oneof![answer(), error_reply()], cal in calibration(),
         pl in plan(), net in network(), ws in worker_status(), fs in fleet_status(),
-        cq in certify(), cr in certify_reply(),
+        cq in certify(), cr in certify_reply(), au in audit(), cs in calibration_status(),
     ) {
+        roundtrip(&au)?;
+        roundtrip(&cs)?;
         roundtrip(&cq)?;
         roundtrip(&cr)?;
         roundtrip(&req)?;
@@ -414,6 +439,32 @@ fn ranges_are_checked() {
     assert_refused!(CertifyReply { errors: 4001, ..reply.clone() }.validate(), E::OutOfRange { .. });
     assert_refused!(CertifyReply { temperature: 0.0, ..reply.clone() }.validate(), E::OutOfRange { .. });
     assert_refused!(CertifyReply { model_sha256: "xyz".into(), ..reply }.validate(), E::BadSha256(_));
+    // Audit results: the logits, the class and the coin must make sense.
+    let audit = AuditResult {
+        model_sha256: "ab".repeat(32),
+        device_id: "cam-1".into(),
+        group: "cameras".into(),
+        partition_branch: 1,
+        decided_at_unix_us: 1,
+        branch_logits: vec![1.0, 0.5, -2.0],
+        final_class: 2,
+        on_device: true,
+        sampled: true,
+        audit_rate: 0.1,
+        p_tar: 0.8,
+        target_accuracy: 0.9,
+    };
+    assert!(audit.validate().is_ok());
+    assert_refused!(AuditResult { final_class: 3, ..audit.clone() }.validate(), E::OutOfRange { field: "final_class", .. });
+    assert_refused!(AuditResult { branch_logits: vec![1.0, f32::NAN], final_class: 0, ..audit.clone() }.validate(), E::OutOfRange { field: "branch_logits", .. });
+    assert_refused!(AuditResult { branch_logits: vec![1.0], final_class: 0, ..audit.clone() }.validate(), E::OutOfRange { field: "branch_logits", .. });
+    assert_refused!(AuditResult { branch_logits: vec![0.0; MAX_AUDIT_CLASSES + 1], final_class: 0, ..audit.clone() }.validate(), E::OutOfRange { .. });
+    assert_refused!(AuditResult { sampled: false, ..audit.clone() }.validate(), E::OutOfRange { field: "sampled", .. });
+    assert_refused!(AuditResult { audit_rate: 0.0, ..audit.clone() }.validate(), E::OutOfRange { field: "audit_rate", .. });
+    assert_refused!(AuditResult { group: "a b".into(), ..audit.clone() }.validate(), E::BadId { .. });
+    assert_refused!(AuditResult { p_tar: 1.5, ..audit.clone() }.validate(), E::PTar(_));
+    assert_refused!(AuditResult { target_accuracy: 1.0, ..audit.clone() }.validate(), E::OutOfRange { field: "target_accuracy", .. });
+    assert_refused!(AuditResult { partition_branch: 0, ..audit }.validate(), E::PartitionBranch(0));
     // A plan from a sender that knows nothing of certificates still decodes,
     // and one without a certificate is encoded as such a sender would.
     #[derive(Serialize)]
@@ -535,6 +586,9 @@ fn subjects_are_dotted_tokens() {
         "branchpoint.plan.group.lab"
     );
     assert!(subjects::is_valid_id("edge_01-a"));
+    for s in [subjects::CALIBRATION_AUDIT, subjects::CALIBRATION_STATUS, subjects::CALIBRATION_CERTIFY] {
+        assert!(s.split('.').all(subjects::is_valid_id), "{s}");
+    }
     for bad in ["", "a.b", "a b", "*", ">", &"x".repeat(65)] {
         assert!(!subjects::is_valid_id(bad), "{bad:?}");
     }

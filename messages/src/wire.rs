@@ -329,6 +329,112 @@ impl Message for CertifyReply {
     }
 }
 
+/// Most classes an audit result may carry logits for.
+pub const MAX_AUDIT_CLASSES: usize = 1000;
+
+/// Worker -> calibration actor, on `CALIBRATION_AUDIT`: what the full model
+/// said of one input a device audited (decided on the device, sent to the
+/// cloud as well) or offloaded, beside the branch's own logits. The
+/// calibrator's monitor (`branchpoint_models::monitor`) learns from these.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditResult {
+    pub model_sha256: String,
+    pub device_id: String,
+    pub group: String,
+    pub partition_branch: u8,
+    /// When the device decided, its clock, µs since the epoch.
+    pub decided_at_unix_us: u64,
+    /// The branch's raw logits (before any temperature).
+    pub branch_logits: Vec<f32>,
+    /// The final exit's class.
+    pub final_class: u32,
+    /// Decided on the device (an audit) rather than offloaded.
+    pub on_device: bool,
+    /// Its audit coin came up (always true for an audit).
+    pub sampled: bool,
+    /// The device's audit rate, for the monitor's weights.
+    pub audit_rate: f64,
+    /// The threshold the device decided with, and the on-device accuracy
+    /// its plan targets (the certified accuracy, or p_tar itself).
+    pub p_tar: f64,
+    pub target_accuracy: f64,
+}
+
+impl Message for AuditResult {
+    fn validate(&self) -> Result<(), MessageError> {
+        check_sha256(&self.model_sha256)?;
+        check_id("device id", &self.device_id)?;
+        check_id("group name", &self.group)?;
+        check_branch(self.partition_branch)?;
+        let n = self.branch_logits.len();
+        if !(2..=MAX_AUDIT_CLASSES).contains(&n) {
+            return Err(MessageError::OutOfRange { field: "branch_logits", value: n as f64, expected: "2 to 1000 classes" });
+        }
+        if let Some(z) = self.branch_logits.iter().find(|z| !z.is_finite()) {
+            return Err(MessageError::OutOfRange { field: "branch_logits", value: f64::from(*z), expected: "finite" });
+        }
+        if self.final_class as usize >= n {
+            return Err(MessageError::OutOfRange { field: "final_class", value: f64::from(self.final_class), expected: "below the number of classes" });
+        }
+        if self.on_device && !self.sampled {
+            return Err(MessageError::OutOfRange { field: "sampled", value: 0.0, expected: "true for an audit (on_device)" });
+        }
+        if !(self.audit_rate > 0.0 && self.audit_rate <= 1.0) {
+            return Err(MessageError::OutOfRange { field: "audit_rate", value: self.audit_rate, expected: "in (0, 1]" });
+        }
+        if !(0.0..=1.0).contains(&self.p_tar) {
+            return Err(MessageError::PTar(self.p_tar));
+        }
+        if !(self.target_accuracy > 0.0 && self.target_accuracy < 1.0) {
+            return Err(MessageError::OutOfRange { field: "target_accuracy", value: self.target_accuracy, expected: "in (0, 1)" });
+        }
+        Ok(())
+    }
+}
+
+/// Calibration actor -> control plane, every status interval on
+/// `CALIBRATION_STATUS`: what it sees of each watched (group, branch).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationStatus {
+    pub model_sha256: String,
+    pub at_unix_us: u64,
+    /// Audit results refused since the calibrator started (malformed, out
+    /// of range, another model's, or beyond the watched limit).
+    pub refused: u64,
+    pub watched: Vec<BranchWatch>,
+}
+
+/// One watched (group, branch): the live estimate of the plan in force.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BranchWatch {
+    pub group: String,
+    pub partition_branch: u8,
+    pub target_accuracy: f64,
+    pub temperature: f64,
+    pub threshold: f64,
+    pub audits: u32,
+    pub offloads: u32,
+    /// On-device agreement with the final exit and its 95 % interval.
+    pub edge_agreement: Option<f64>,
+    pub edge_agreement_low: Option<f64>,
+    pub edge_agreement_high: Option<f64>,
+    pub offload_rate: Option<f64>,
+    pub ece: Option<f64>,
+    pub alarms: u64,
+    pub refits: u64,
+}
+
+impl Message for CalibrationStatus {
+    fn validate(&self) -> Result<(), MessageError> {
+        check_sha256(&self.model_sha256)?;
+        for w in &self.watched {
+            check_id("group name", &w.group)?;
+            check_branch(w.partition_branch)?;
+        }
+        Ok(())
+    }
+}
+
 /// Calibration actor -> devices: divide each exit's logits by its temperature.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CalibrationUpdate {

@@ -208,6 +208,10 @@ impl Monitor {
         self.threshold
     }
 
+    pub fn target_accuracy(&self) -> f64 {
+        self.cfg.target.accuracy
+    }
+
     /// Drift alarms raised so far (those followed by a refit included).
     pub fn alarms(&self) -> u64 {
         self.alarms

@@ -414,6 +414,80 @@ fn calibration_refits_and_plans_reach_running_devices() {
     assert!(first_fitted >= 50, "the first 50 inputs were decided with T = 1");
 }
 
+/// The calibrator watches audit results live: an outside client of the wire
+/// format publishes them (as workers will), the calibrator's status shows
+/// the estimate of the plan in force, a run of disagreements raises a drift
+/// alarm, and malformed, out-of-range or other models' results are refused
+/// and counted without stopping it.
+#[test]
+fn the_calibrator_watches_audit_results_and_alarms_on_drift() {
+    use branchpoint_messages::{AuditResult, CalibrationStatus, CalibrationUpdate};
+    let _serial = serial();
+    let nats = NatsServer::start();
+    let _cal = start_service("calibrator", &["calibrator", "--nats", &nats.url], "calibrator serving", Duration::from_secs(60));
+    let statuses: Watch<CalibrationStatus> = Watch::new(&nats.url, subjects::CALIBRATION_STATUS);
+    let sha = runtime().block_on(async {
+        let client = async_nats::connect(&nats.url).await.unwrap();
+        let current: CalibrationUpdate = decode(&client.request(subjects::CALIBRATION_GET, "".into()).await.unwrap().payload).unwrap();
+        current.model_sha256
+    });
+    let result = |i: u64, agrees: bool| {
+        let mut logits = vec![0f32; 10];
+        logits[3] = 6.0;
+        AuditResult {
+            model_sha256: sha.clone(),
+            device_id: "cam-1".into(),
+            group: "cameras".into(),
+            partition_branch: 1,
+            decided_at_unix_us: 1_000_000 + i * 10_000,
+            branch_logits: logits,
+            final_class: if agrees { 3 } else { 4 },
+            on_device: true,
+            sampled: true,
+            audit_rate: 0.1,
+            p_tar: 0.8,
+            target_accuracy: 0.9,
+        }
+    };
+    runtime().block_on(async {
+        let client = async_nats::connect(&nats.url).await.unwrap();
+        // 200 audits that agree: no alarm.
+        for i in 0..200 {
+            client.publish(subjects::CALIBRATION_AUDIT, encode(&result(i, true)).unwrap().into()).await.unwrap();
+        }
+        // Refused: bytes that are no message, another model's result, a
+        // branch the model lacks, the wrong number of classes.
+        client.publish(subjects::CALIBRATION_AUDIT, "nonsense".into()).await.unwrap();
+        let other = AuditResult { model_sha256: "ab".repeat(32), ..result(200, true) };
+        let branch = AuditResult { partition_branch: 9, ..result(201, true) };
+        let classes = AuditResult { branch_logits: vec![1.0, 0.0, 0.0], final_class: 0, ..result(202, true) };
+        for r in [other, branch, classes] {
+            client.publish(subjects::CALIBRATION_AUDIT, encode(&r).unwrap().into()).await.unwrap();
+        }
+        client.flush().await.unwrap();
+    });
+    let calm = statuses.wait("the status of 200 agreeing audits and 4 refused results", Duration::from_secs(60), |seen| {
+        seen.iter().rev().find(|s| s.refused == 4 && s.watched.first().is_some_and(|w| w.audits == 200)).cloned()
+    });
+    let w = &calm.watched[0];
+    assert_eq!((w.group.as_str(), w.partition_branch, w.alarms, w.threshold, w.target_accuracy), ("cameras", 1, 0, 0.8, 0.9));
+    assert_eq!(w.edge_agreement, Some(1.0));
+    assert!(w.edge_agreement_low.unwrap() > 0.97 && w.edge_agreement_high == Some(1.0), "{w:?}");
+    // A run of disagreements: the drift test alarms.
+    runtime().block_on(async {
+        let client = async_nats::connect(&nats.url).await.unwrap();
+        for i in 203..403 {
+            client.publish(subjects::CALIBRATION_AUDIT, encode(&result(i, i % 3 == 0)).unwrap().into()).await.unwrap();
+        }
+        client.flush().await.unwrap();
+    });
+    let drifted = statuses.wait("a drift alarm", Duration::from_secs(60), |seen| seen.iter().rev().find(|s| s.watched.first().is_some_and(|w| w.alarms > 0)).cloned());
+    let w = &drifted.watched[0];
+    assert!(w.edge_agreement.unwrap() < 0.9, "{w:?}");
+    assert_eq!(w.refits, 0, "over NATS the calibrator alarms; it does not refit yet");
+    assert!(service_log("calibrator").contains("drift alarm"), "{}", service_log("calibrator"));
+}
+
 /// `branchpoint planner --certify-delta`: its candidates are certified
 /// thresholds, and a plan that offloads says which target it certifies.
 #[test]

@@ -17,7 +17,7 @@ pub fn run(args: CalibratorArgs) -> Result<()> {
         Some(path) => Initial::File(CalibrationFile::read(path)?),
         None => Initial::Fit(Method::parse(&args.temperatures.method)?),
     };
-    let cfg = CalibratorConfig { weights: args.source.model.clone(), data_dir: args.source.data_dir.clone(), initial };
+    let cfg = CalibratorConfig { weights: args.source.model.clone(), data_dir: args.source.data_dir.clone(), initial, watch: Default::default() };
     let system = actix::System::new();
     system.block_on(async move {
         let client = crate::nats::connect(&args.nats, "branchpoint-calibrator").await?;
