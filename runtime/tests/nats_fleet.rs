@@ -423,8 +423,11 @@ fn calibration_refits_and_plans_reach_running_devices() {
 fn the_calibrator_watches_audit_results_and_alarms_on_drift() {
     use branchpoint_messages::{AuditResult, CalibrationStatus, CalibrationUpdate};
     let _serial = serial();
-    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start_with(&["-js", "-sd", store.path().to_str().unwrap()]);
     let _cal = start_service("calibrator", &["calibrator", "--nats", &nats.url], "calibrator serving", Duration::from_secs(60));
+    let api = format!("127.0.0.1:{}", port());
+    let _api = start_service("watch-api", &["serve", "--nats", &nats.url, "--listen", &api], "api listening", Duration::from_secs(60));
     let statuses: Watch<CalibrationStatus> = Watch::new(&nats.url, subjects::CALIBRATION_STATUS);
     let sha = runtime().block_on(async {
         let client = async_nats::connect(&nats.url).await.unwrap();
@@ -486,6 +489,18 @@ fn the_calibrator_watches_audit_results_and_alarms_on_drift() {
     assert!(w.edge_agreement.unwrap() < 0.9, "{w:?}");
     assert_eq!(w.refits, 0, "over NATS the calibrator alarms; it does not refit yet");
     assert!(service_log("calibrator").contains("drift alarm"), "{}", service_log("calibrator"));
+    // The control plane shows the same: /api/calibration and /metrics.
+    let body = wait_for("the API to show the alarm", Duration::from_secs(60), || {
+        let r = http("GET", &api, "/api/calibration", None, None);
+        let v: serde_json::Value = serde_json::from_str(&r.body).ok()?;
+        (v["watch"]["branches"][0]["alarms"].as_u64()? > 0).then_some(v)
+    });
+    assert_eq!(body["watch"]["refused"], 4, "{body}");
+    assert_eq!(body["watch"]["branches"][0]["group"], "cameras");
+    let m = http("GET", &api, "/metrics", None, None).body;
+    assert!(metric(&m, "branchpoint_watch_alarms_total{group=\"cameras\",branch=\"1\"").is_some_and(|a| a > 0.0), "{m}");
+    assert_eq!(metric(&m, "branchpoint_watch_refused_total"), Some(4.0));
+    assert!(metric(&m, "branchpoint_watch_edge_agreement{group=\"cameras\"").is_some_and(|a| a < 0.9), "{m}");
 }
 
 /// `branchpoint planner --certify-delta`: its candidates are certified

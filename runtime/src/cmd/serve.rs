@@ -21,7 +21,7 @@ use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use anyhow::{bail, Context, Result};
 use branchpoint_actors::control::ControlStore;
 use branchpoint_messages::{
-    decode, encode, subjects, CalibrationMethod, CalibrationRefit, CalibrationUpdate, CertifiedTarget, CertifyReply, CertifyRequest, ErrorReply,
+    decode, encode, subjects, CalibrationMethod, CalibrationRefit, CalibrationStatus, CalibrationUpdate, CertifiedTarget, CertifyReply, CertifyRequest, ErrorReply,
     FleetStatus, PlanTarget, PlanUpdate, WorkerStatus,
 };
 use futures::StreamExt;
@@ -61,7 +61,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let client = crate::nats::connect(&args.nats, "branchpoint-api").await?;
         let store = ControlStore::open(&client).await?;
         let state = ApiState::new(client, store, token, info, Duration::from_secs_f64(args.stale_after_s));
-        let (fleets, workers) = state.follow().await?;
+        let followers = state.follow().await?;
         let server = http_server(state, &args.http.listen)?;
         args.service.mark_ready();
         eprintln!("api listening on http://{} (dashboard at /, metrics at /metrics)", args.http.listen);
@@ -71,8 +71,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let sig = crate::shutdown::signal().await;
         eprintln!("api: {}: shutting down", sig.name());
         let stopping = Stopping::new("api", GRACE);
-        fleets.abort();
-        workers.abort();
+        for task in &followers {
+            task.abort();
+        }
         // Requests in progress get a second to finish (the server's own
         // shutdown timeout), then their connections are closed.
         stopping.step("finishing HTTP requests in progress", Duration::from_secs(2), async {
@@ -172,6 +173,8 @@ struct WorkerView {
 struct View {
     fleets: BTreeMap<String, FleetView>,
     workers: BTreeMap<String, WorkerView>,
+    /// The calibrator's latest live estimates, for this API's model.
+    calibration: Option<(CalibrationStatus, Instant)>,
 }
 
 #[derive(Clone)]
@@ -191,9 +194,10 @@ impl ApiState {
 
     /// Subscribes to fleet and worker statuses and keeps the view current;
     /// returns the two tasks. Malformed statuses are reported and skipped.
-    pub async fn follow(&self) -> Result<(tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>)> {
+    pub async fn follow(&self) -> Result<Vec<tokio::task::JoinHandle<()>>> {
         let mut fleets = self.client.subscribe(subjects::FLEET_STATUS_ALL).await.context("subscribing to fleet statuses")?;
         let mut workers = self.client.subscribe(subjects::WORKER_STATUS).await.context("subscribing to worker statuses")?;
+        let mut calibration = self.client.subscribe(subjects::CALIBRATION_STATUS).await.context("subscribing to calibration statuses")?;
         self.client.flush().await.context("subscribing to statuses")?;
         let view = self.view.clone();
         let f = actix::spawn(async move {
@@ -229,7 +233,23 @@ impl ApiState {
                 }
             }
         });
-        Ok((f, w))
+        let (view, sha) = (self.view.clone(), self.model.sha256.clone());
+        let c = actix::spawn(async move {
+            while let Some(msg) = calibration.next().await {
+                match decode::<CalibrationStatus>(&msg.payload) {
+                    Ok(s) if s.model_sha256 == sha => view.lock().unwrap_or_else(|e| e.into_inner()).calibration = Some((s, Instant::now())),
+                    Ok(_) => {}
+                    Err(e) => eprintln!("api: ignored a malformed calibration status: {e}"),
+                }
+            }
+        });
+        Ok(vec![f, w, c])
+    }
+
+    /// The calibrator's live estimates, if it spoke recently.
+    fn calibration_status(&self) -> Option<CalibrationStatus> {
+        let v = self.view.lock().unwrap_or_else(|e| e.into_inner());
+        v.calibration.as_ref().filter(|(_, seen)| seen.elapsed() < self.stale_after).map(|(s, _)| s.clone())
     }
 
     /// Fleets and workers heard from recently enough; forgets the others. A
@@ -504,7 +524,15 @@ fn calibration_json(u: &CalibrationUpdate, revision: Option<u64>) -> serde_json:
 
 async fn get_calibration(state: web::Data<ApiState>) -> HttpResponse {
     match state.store.calibration(&state.model.sha256).await {
-        Ok(Some(c)) => HttpResponse::Ok().json(calibration_json(&c.value, Some(c.revision))),
+        Ok(Some(c)) => {
+            let mut body = calibration_json(&c.value, Some(c.revision));
+            // The live view: what the calibrator's monitors estimate of each
+            // watched group and branch (absent until it hears audit results).
+            if let Some(status) = state.calibration_status() {
+                body["watch"] = json!({ "refused": status.refused, "at_unix_us": status.at_unix_us, "branches": status.watched });
+            }
+            HttpResponse::Ok().json(body)
+        }
         Ok(None) => error(StatusCode::NOT_FOUND, "no temperatures stored for this model yet: is `branchpoint calibrator` running?"),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("could not read the temperatures: {e}")),
     }
@@ -681,6 +709,30 @@ async fn metrics(state: web::Data<ApiState>) -> HttpResponse {
         m.family(name, kind, help);
         for w in &workers {
             m.sample(name, &format!("worker=\"{}\"", label(&w.worker_id)), get(w));
+        }
+    }
+    if let Some(status) = state.calibration_status() {
+        m.family("branchpoint_watch_refused_total", "counter", "Audit results the calibrator refused (malformed, out of range, another model's).");
+        m.sample("branchpoint_watch_refused_total", "", status.refused as f64);
+        type WatchGauge = (&'static str, &'static str, &'static str, fn(&branchpoint_messages::BranchWatch) -> Option<f64>);
+        let watch_metrics: [WatchGauge; 9] = [
+            ("branchpoint_watch_edge_agreement", "gauge", "Live estimate of on-device agreement with the final exit (audits in the window).", |w| w.edge_agreement),
+            ("branchpoint_watch_edge_agreement_low", "gauge", "Its 95 % interval, low end.", |w| w.edge_agreement_low),
+            ("branchpoint_watch_edge_agreement_high", "gauge", "Its 95 % interval, high end.", |w| w.edge_agreement_high),
+            ("branchpoint_watch_target_accuracy", "gauge", "The on-device accuracy the plan targets.", |w| Some(w.target_accuracy)),
+            ("branchpoint_watch_offload_rate", "gauge", "Live weighted estimate of the share of inputs offloaded.", |w| w.offload_rate),
+            ("branchpoint_watch_ece", "gauge", "Live weighted ECE of the branch's confidence against agreement.", |w| w.ece),
+            ("branchpoint_watch_audits", "gauge", "Audits in the window of the plan in force.", |w| Some(f64::from(w.audits))),
+            ("branchpoint_watch_alarms_total", "counter", "Drift alarms raised.", |w| Some(w.alarms as f64)),
+            ("branchpoint_watch_refits_total", "counter", "Refits made.", |w| Some(w.refits as f64)),
+        ];
+        for (name, kind, help, get) in watch_metrics {
+            m.family(name, kind, help);
+            for w in &status.watched {
+                if let Some(v) = get(w) {
+                    m.sample(name, &format!("group=\"{}\",branch=\"{}\",p_tar=\"{}\"", label(&w.group), w.partition_branch, w.threshold), v);
+                }
+            }
         }
     }
     HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(m.0)
