@@ -264,6 +264,7 @@ fn offload_request(seq: u64, cfg: &DeviceConfig, head: &HeadOutput, arrived: Ins
         partition_branch: cfg.partition_branch as u8,
         activation: head.wire_activation()?,
         deadline: Deadline { sent_at_unix_us: unix_us(), budget_us: remaining.as_micros().max(1) as u64 },
+        audit: None,
     })
 }
 

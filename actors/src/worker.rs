@@ -98,10 +98,25 @@ pub struct WorkerStats {
     /// a compute thread, µs: divided by `answered` it is the congestion
     /// delay, without the batching window.
     pub compute_wait_us_total: f64,
+    /// Audits shed because the worker was busy.
+    pub audits_shed: u64,
+}
+
+/// Where in a branch's queue a new request goes, or `None` to shed it:
+/// real requests go ahead of every queued audit (an audit never delays an
+/// offload), and an audit is shed while the worker holds `shed_at` requests
+/// or more (`backlog`: queued and computing). `audits` flags the queue.
+pub fn admit(audits: &[bool], is_audit: bool, backlog: usize, shed_at: usize) -> Option<usize> {
+    if is_audit {
+        return (backlog < shed_at).then_some(audits.len());
+    }
+    Some(audits.iter().position(|&a| a).unwrap_or(audits.len()))
 }
 
 pub struct Batcher {
     cfg: WorkerConfig,
+    /// Over NATS: where audit results go (`branchpoint.calibration.audit`).
+    audit_sink: Option<async_nats::Client>,
     executor: TensorPool<Executor>,
     partition_points: Vec<PartitionPoint>,
     pending: HashMap<u8, Vec<Job>>,
@@ -125,7 +140,31 @@ pub struct Batcher {
 
 impl Batcher {
     pub fn new(cfg: WorkerConfig, executor: TensorPool<Executor>, partition_points: Vec<PartitionPoint>) -> Self {
-        Self { cfg, executor, partition_points, pending: HashMap::new(), generation: HashMap::new(), stats: WorkerStats::default(), in_flight: 0, batches_in_flight: 0, max_batches_in_flight: usize::MAX, deferred: Default::default(), ready_since: HashMap::new() }
+        Self {
+            cfg,
+            audit_sink: None,
+            executor,
+            partition_points,
+            pending: HashMap::new(),
+            generation: HashMap::new(),
+            stats: WorkerStats::default(),
+            in_flight: 0,
+            batches_in_flight: 0,
+            max_batches_in_flight: usize::MAX,
+            deferred: Default::default(),
+            ready_since: HashMap::new(),
+        }
+    }
+
+    /// Sends the final exit's answer to every tagged request (audits and
+    /// watched offloads) to the calibrator over `client`.
+    pub fn with_audit_sink(mut self, client: async_nats::Client) -> Self {
+        self.audit_sink = Some(client);
+        self
+    }
+
+    fn backlog(&self) -> usize {
+        self.pending.values().map(Vec::len).sum::<usize>() + self.in_flight
     }
 
     /// Hands the compute pool (of `threads` threads) at most one batch per
@@ -245,6 +284,17 @@ impl Batcher {
                                 compute_us: out.compute.as_micros() as u64,
                                 batch_size: n as u32,
                             };
+                            if let (Some(tag), Some(client)) = (&job.request.audit, &act.audit_sink) {
+                                let result = tag.result(&job.request.device_id, job.request.partition_branch, class);
+                                if let Ok(bytes) = encode(&result) {
+                                    let client = client.clone();
+                                    // Best effort: a lost audit result costs the
+                                    // calibrator one sample, nothing else.
+                                    actix::spawn(async move {
+                                        let _ = client.publish(subjects::CALIBRATION_AUDIT, bytes.into()).await;
+                                    });
+                                }
+                            }
                             let answer = OffloadAnswer { seq: job.request.seq, worker_id: act.cfg.worker_id.clone(), class, confidence, timings };
                             job.reply.send(OffloadReply::Answer(answer));
                         }
@@ -276,8 +326,17 @@ impl Handler<Job> for Batcher {
             return;
         }
         let branch = job.request.partition_branch;
+        let is_audit = job.request.audit.as_ref().is_some_and(|t| t.on_device);
+        let backlog = self.backlog();
+        let flags: Vec<bool> = self.pending.get(&branch).map_or(Vec::new(), |q| q.iter().map(|j| j.request.audit.as_ref().is_some_and(|t| t.on_device)).collect());
+        let Some(at) = admit(&flags, is_audit, backlog, self.cfg.max_batch) else {
+            self.stats.audits_shed += 1;
+            let reply = self.error(Some(job.request.seq), ErrorKind::Overloaded, "an audit, shed: the worker is busy with offloads".into());
+            job.reply.send(reply);
+            return;
+        };
         let queue = self.pending.entry(branch).or_default();
-        queue.push(job);
+        queue.insert(at, job);
         let len = queue.len();
         if len >= self.cfg.max_batch {
             self.flush(branch, ctx);
@@ -301,7 +360,7 @@ impl Handler<GetWorkerStats> for Batcher {
 
     fn handle(&mut self, _: GetWorkerStats, _: &mut Context<Self>) -> Self::Result {
         let mut s = self.stats;
-        s.queue_depth = self.pending.values().map(Vec::len).sum::<usize>() + self.in_flight;
+        s.queue_depth = self.backlog();
         MessageResult(s)
     }
 }
@@ -393,4 +452,21 @@ pub async fn serve_nats(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::admit;
+
+    #[test]
+    fn audits_wait_behind_offloads_and_are_shed_first() {
+        // An offload goes ahead of every queued audit, however many.
+        assert_eq!(admit(&[false, false, true, true], false, 4, 32), Some(2));
+        assert_eq!(admit(&[true; 100], false, 1000, 32), Some(0), "a burst of audits cannot delay an offload, let alone refuse it");
+        assert_eq!(admit(&[false, false], false, 1000, 32), Some(2), "offloads are never shed here");
+        // An audit goes last, while the worker has room.
+        assert_eq!(admit(&[false, true], true, 2, 32), Some(2));
+        assert_eq!(admit(&[], true, 31, 32), Some(0));
+        assert_eq!(admit(&[], true, 32, 32), None, "shed at the limit");
+    }
 }

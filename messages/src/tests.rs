@@ -27,7 +27,7 @@ prop_compose! {
     fn request()(device_id in id(), seq: u64, partition_branch in 1u8.., activation in tensor(),
                  sent_at_unix_us: u64, budget_us in 1u64..) -> OffloadRequest {
         let deadline = Deadline { sent_at_unix_us, budget_us };
-        OffloadRequest { device_id, seq, partition_branch, activation, deadline }
+        OffloadRequest { device_id, seq, partition_branch, activation, deadline, audit: None }
     }
 }
 
@@ -267,6 +267,7 @@ fn sample_request() -> OffloadRequest {
         partition_branch: 2,
         activation,
         deadline,
+        audit: None,
     }
 }
 

@@ -135,6 +135,45 @@ pub struct OffloadRequest {
     /// refuses as `MissingDeadline` (clearer than a generic decode error).
     #[serde(default)]
     pub deadline: Deadline,
+    /// Set by a watched device: the worker also sends the final exit's
+    /// answer, with this, to the calibrator (`AuditResult`). An audit
+    /// (`on_device`) changes no outcome and is shed first under load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<AuditTag>,
+}
+
+/// What a watched device adds to an offload or an audit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditTag {
+    pub model_sha256: String,
+    pub group: String,
+    pub branch_logits: Vec<f32>,
+    pub on_device: bool,
+    pub sampled: bool,
+    pub audit_rate: f64,
+    pub p_tar: f64,
+    pub target_accuracy: f64,
+    pub decided_at_unix_us: u64,
+}
+
+impl AuditTag {
+    /// The result the worker sends once the final exit answered `final_class`.
+    pub fn result(&self, device_id: &str, partition_branch: u8, final_class: u32) -> AuditResult {
+        AuditResult {
+            model_sha256: self.model_sha256.clone(),
+            device_id: device_id.to_string(),
+            group: self.group.clone(),
+            partition_branch,
+            decided_at_unix_us: self.decided_at_unix_us,
+            branch_logits: self.branch_logits.clone(),
+            final_class,
+            on_device: self.on_device,
+            sampled: self.sampled,
+            audit_rate: self.audit_rate,
+            p_tar: self.p_tar,
+            target_accuracy: self.target_accuracy,
+        }
+    }
 }
 
 impl Message for OffloadRequest {
@@ -143,6 +182,10 @@ impl Message for OffloadRequest {
         check_branch(self.partition_branch)?;
         if self.deadline.budget_us == 0 {
             return Err(MessageError::MissingDeadline);
+        }
+        if let Some(tag) = &self.audit {
+            // The same checks as the result it becomes (class 0 exists).
+            tag.result(&self.device_id, self.partition_branch, 0).validate()?;
         }
         self.activation.validate()
     }

@@ -45,6 +45,7 @@ fn branch2_request(seq: usize, activation: &WireTensor, budget_us: u64) -> Offlo
         partition_branch: 2,
         activation: activation.clone(),
         deadline: Deadline { sent_at_unix_us: 0, budget_us },
+        audit: None,
     }
 }
 

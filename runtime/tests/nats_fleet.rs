@@ -270,6 +270,7 @@ fn malformed_requests_get_typed_error_replies_and_the_worker_keeps_serving() {
         partition_branch: branch,
         activation: Tensor::from_f32(shape, &vec![0.5; n]).unwrap(),
         deadline: Deadline { sent_at_unix_us: 0, budget_us: 5_000_000 },
+        audit: None,
     };
 
     runtime().block_on(async {
@@ -316,6 +317,41 @@ fn malformed_requests_get_typed_error_replies_and_the_worker_keeps_serving() {
             OffloadReply::Error(e) => panic!("valid request refused: {e:?}"),
         }
 
+        // An audit: answered like any offload, and the final exit's answer
+        // goes to the calibrator with the device's tag. A tag out of range
+        // is refused like any bad request.
+        let mut audits = client.subscribe(subjects::CALIBRATION_AUDIT).await.unwrap();
+        client.flush().await.unwrap();
+        let tag = branchpoint_messages::AuditTag {
+            model_sha256: "ab".repeat(32),
+            group: "cameras".into(),
+            branch_logits: vec![0.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+            on_device: true,
+            sampled: true,
+            audit_rate: 0.1,
+            p_tar: 0.8,
+            target_accuracy: 0.9,
+            decided_at_unix_us: 42,
+        };
+        let audited = OffloadRequest { audit: Some(tag.clone()), ..request(1, &shape, elems as usize) };
+        let class = match ask(subjects::offload(1), encode(&audited).unwrap()).await {
+            OffloadReply::Answer(a) => a.class,
+            OffloadReply::Error(e) => panic!("audit refused: {e:?}"),
+        };
+        let msg = tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut audits)).await.expect("an audit result within 5 s").unwrap();
+        let result: branchpoint_messages::AuditResult = decode(&msg.payload).unwrap();
+        assert_eq!(result, tag.result("tester", 1, class));
+        let bad_tag = OffloadRequest { audit: Some(branchpoint_messages::AuditTag { audit_rate: 0.0, ..tag }), ..request(1, &shape, elems as usize) };
+        // Encoded by hand: `encode` itself refuses to send it.
+        #[derive(serde::Serialize)]
+        struct Envelope<'a> {
+            wire_version: u16,
+            body: &'a OffloadRequest,
+        }
+        assert!(encode(&bad_tag).is_err());
+        let bad = rmp_serde::to_vec_named(&Envelope { wire_version: branchpoint_messages::WIRE_VERSION, body: &bad_tag }).unwrap();
+        assert_eq!(error_kind(ask(subjects::offload(1), bad).await), ErrorKind::InvalidRequest);
+
         // Discoverable through the NATS service API.
         let ping = client.request("$SRV.PING.branchpoint-worker", "".into()).await.unwrap();
         let ping: serde_json::Value = serde_json::from_slice(&ping.payload).unwrap();
@@ -326,7 +362,7 @@ fn malformed_requests_get_typed_error_replies_and_the_worker_keeps_serving() {
         assert_eq!(info["metadata"]["worker_id"], "sturdy");
         let stats = client.request("$SRV.STATS.branchpoint-worker", "".into()).await.unwrap();
         let stats: serde_json::Value = serde_json::from_slice(&stats.payload).unwrap();
-        assert!(stats["endpoints"][0]["num_requests"].as_u64().unwrap() >= 6, "{stats}");
+        assert!(stats["endpoints"][0]["num_requests"].as_u64().unwrap() >= 8, "{stats}");
     });
 }
 

@@ -41,7 +41,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             max_wait: Duration::from_micros(args.max_wait_us),
         };
         let executor_pool = executor.clone();
-        let batcher = Batcher::new(cfg, executor, partition_points).with_compute_threads(args.threads).start();
+        let batcher = Batcher::new(cfg, executor, partition_points).with_compute_threads(args.threads).with_audit_sink(client.clone()).start();
         let ready = {
             let (id, url) = (worker_id.clone(), args.nats.nats.clone().unwrap_or_default());
             let (max_batch, max_wait_us, threads, device) = (args.max_batch, args.max_wait_us, args.threads, args.device.clone());

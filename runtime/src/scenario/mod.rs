@@ -188,6 +188,7 @@ pub fn upload_bytes(points: &[branchpoint_models::net::PartitionPoint]) -> Resul
                 partition_branch: (k + 1) as u8,
                 activation: WireTensor::from_f32(&shape, &zeros)?,
                 deadline: Deadline { sent_at_unix_us: u64::MAX, budget_us: u64::MAX },
+                audit: None,
             };
             Ok(encode(&request)?.len())
         })
