@@ -153,7 +153,13 @@ impl Stack {
         let services = self.services.iter().map(|s| (s.name.clone(), s.child.id())).collect();
         let file = StackFile { nats_url, api_url: format!("http://{listen}"), logs: self.logs.clone(), services };
         if let Ok(text) = serde_json::to_string_pretty(&file) {
-            let _ = std::fs::write(dir.join("stack.json"), text + "\n");
+            // Written beside and renamed over: a tool reading stack.json
+            // while the pool changes sees the old file or the new, never a
+            // half-written one.
+            let tmp = dir.join(".stack.json.tmp");
+            if std::fs::write(&tmp, text + "\n").is_ok() {
+                let _ = std::fs::rename(&tmp, dir.join("stack.json"));
+            }
         }
     }
 }
