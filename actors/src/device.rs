@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
-use branchpoint_messages::{Deadline, OffloadRequest};
+use branchpoint_messages::{AuditTag, Deadline, OffloadRequest};
 use branchpoint_models::calibration::predict;
 
 use branchpoint_models::planner::Plan;
@@ -42,6 +42,24 @@ pub struct DeviceConfig {
     pub emulation: Option<EmulationSpec>,
     /// Shared by a fleet's devices; see `Interrupt`.
     pub interrupt: Interrupt,
+    /// Watched devices: audit a share of the inputs they answer themselves
+    /// and tag their offloads, for the calibrator (`AuditSettings`).
+    pub audit: Option<AuditSettings>,
+}
+
+/// How a watched device audits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditSettings {
+    /// Each input's audit coin comes up with this probability.
+    pub rate: f64,
+    pub group: String,
+    pub model_sha256: String,
+    /// The on-device accuracy the plan targets [default: its p_tar].
+    pub target_accuracy: Option<f64>,
+    /// Most audits a device has in flight; beyond it an audit is skipped.
+    pub max_in_flight: usize,
+    /// Seeds the coins (with the device's id), so that a run repeats.
+    pub seed: u64,
 }
 
 /// A fleet's stop switch, shared by its devices. Once set, an input that
@@ -80,12 +98,41 @@ pub struct Device {
     collector: Addr<Collector>,
     seq: u64,
     em: Option<Rc<Emulation>>,
+    /// Audit coins, and the audits still waiting for their answer.
+    coins: branchpoint_models::rng::SplitMix64,
+    audits_in_flight: Rc<std::cell::Cell<usize>>,
 }
 
 impl Device {
     pub fn new(mut cfg: DeviceConfig, net: Rc<LoadedNet>, link: OffloadLink, collector: Addr<Collector>) -> Self {
         let em = cfg.emulation.take().map(|spec| Rc::new(Emulation::new(spec)));
-        Self { cfg, net, link, collector, seq: 0, em }
+        // The device's coins: its id mixed into the fleet's seed (FNV-1a).
+        let id_hash = cfg.id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        let seed = cfg.audit.as_ref().map_or(0, |a| a.seed) ^ id_hash;
+        Self { cfg, net, link, collector, seq: 0, em, coins: branchpoint_models::rng::SplitMix64::new(seed), audits_in_flight: Rc::default() }
+    }
+
+    /// The tag of an input the device decided (on the device or not), if it
+    /// is watched and its plan has a target to watch.
+    fn audit_tag(&mut self, branch_logits: &[f32], on_device: bool) -> Option<(AuditTag, bool)> {
+        let a = self.cfg.audit.as_ref()?;
+        let sampled = self.coins.next_f64() < a.rate;
+        let target = a.target_accuracy.unwrap_or(self.cfg.p_tar);
+        if !(target > 0.0 && target < 1.0) {
+            return None;
+        }
+        let tag = AuditTag {
+            model_sha256: a.model_sha256.clone(),
+            group: a.group.clone(),
+            branch_logits: branch_logits.to_vec(),
+            on_device,
+            sampled,
+            audit_rate: a.rate,
+            p_tar: self.cfg.p_tar,
+            target_accuracy: target,
+            decided_at_unix_us: unix_us(),
+        };
+        Some((tag, sampled))
     }
 }
 
@@ -237,9 +284,16 @@ impl Handler<Infer> for Device {
         if (Plan { branch, p_tar: cfg.p_tar }).exits(confidence) {
             outcome.latency.total_us = arrived.elapsed().as_micros() as u64;
             self.collector.do_send(outcome);
+            // An audit: the cloud sees the input too, and nobody waits for
+            // it (the outcome above stands whatever it says).
+            if let Some((tag, true)) = self.audit_tag(&head.branch_logits, true) {
+                self.audit(&head, tag, arrived);
+            }
             return Box::pin(std::future::ready(()));
         }
-        let request = offload_request(self.seq, cfg, &head, arrived);
+        let tag = self.audit_tag(&head.branch_logits, false).map(|t| t.0);
+        let cfg = &self.cfg;
+        let request = offload_request(self.seq, cfg, &head, arrived).map(|r| OffloadRequest { audit: tag, ..r });
         let (link, collector, deadline) = (self.link.clone(), self.collector.clone(), cfg.deadline);
         if let (Some(em), Ok(request)) = (self.em.clone(), &request) {
             return self.offload_emulated(em, outcome, request.clone(), arrived);
@@ -251,6 +305,26 @@ impl Handler<Infer> for Device {
             };
             collector.do_send(outcome);
         })
+    }
+}
+
+impl Device {
+    /// Sends one audit, unless the device has `max_in_flight` already.
+    fn audit(&mut self, head: &HeadOutput, tag: AuditTag, arrived: Instant) {
+        let max = self.cfg.audit.as_ref().map_or(0, |a| a.max_in_flight);
+        if self.audits_in_flight.get() >= max {
+            return;
+        }
+        let Ok(request) = offload_request(self.seq, &self.cfg, head, arrived) else { return };
+        let request = OffloadRequest { audit: Some(tag), ..request };
+        let (link, in_flight, deadline) = (self.link.clone(), self.audits_in_flight.clone(), self.cfg.deadline);
+        in_flight.set(in_flight.get() + 1);
+        actix::spawn(async move {
+            // The worker answers it like an offload and tells the
+            // calibrator; the answer itself is not needed here.
+            let _ = link.offload(request, deadline).await;
+            in_flight.set(in_flight.get() - 1);
+        });
     }
 }
 

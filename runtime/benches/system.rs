@@ -101,7 +101,7 @@ fn main() {
             let wexec = Executor::start(spec.clone(), 1).unwrap();
             let wcfg = WorkerConfig { worker_id: "unused".into(), max_batch: 1, max_wait: Duration::from_millis(1) };
             let link = OffloadLink::InProcess(Batcher::new(wcfg, wexec, points).with_compute_threads(1).start());
-            let cfg = DeviceConfig { id: "bench".into(), partition_branch: 1, p_tar: 0.1, temperatures: vec![1.3; 3], deadline: Duration::from_secs(1), emulation: None, interrupt: Default::default() };
+            let cfg = DeviceConfig { id: "bench".into(), partition_branch: 1, p_tar: 0.1, temperatures: vec![1.3; 3], deadline: Duration::from_secs(1), emulation: None, interrupt: Default::default(), audit: None };
             let device = Device::new(cfg, net.clone(), link, collector.clone()).start();
             let (mut bare, mut actor) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
             for i in 0..runs {
@@ -262,7 +262,7 @@ fn main() {
                 duration: Duration::from_secs(10),
                 max_inputs: None,
                 seed: 1,
-                device: DeviceConfig { id: "d".into(), partition_branch: 1, p_tar: 0.9, temperatures: vec![1.0; 3], deadline: Duration::from_secs(1), emulation: None, interrupt: Default::default() },
+                device: DeviceConfig { id: "d".into(), partition_branch: 1, p_tar: 0.9, temperatures: vec![1.0; 3], deadline: Duration::from_secs(1), emulation: None, interrupt: Default::default(), audit: None },
                 drain: Duration::from_secs(3),
                 group: "default".into(),
                 model_sha256: String::new(),

@@ -159,6 +159,51 @@ fn two_workers_and_twenty_devices_over_nats_make_the_offline_decisions() {
     }
 }
 
+/// A watched fleet: devices audit a share of their on-device inputs and tag
+/// their offloads; the worker sends the final exit's answers to the
+/// calibrator, whose status then estimates the branch's on-device
+/// agreement. Audits change no outcome: every input is decided as offline.
+#[test]
+fn a_watched_fleet_audits_without_changing_an_outcome() {
+    use branchpoint_messages::CalibrationStatus;
+    let _serial = serial();
+    let nats = NatsServer::start();
+    let _w = start_worker(&nats.url, "auditor", &[]);
+    let _cal = start_service("calibrator", &["calibrator", "--nats", &nats.url, "--method", "uncalibrated"], "calibrator serving", Duration::from_secs(60));
+    let statuses: Watch<CalibrationStatus> = Watch::new(&nats.url, subjects::CALIBRATION_STATUS);
+    let dir = tempfile::tempdir().unwrap();
+    let n = 2000;
+    let expected = offline_decisions(n);
+    let (summary, outcomes) = (dir.path().join("summary.json"), dir.path().join("outcomes.jsonl"));
+    let out = branchpoint()
+        .args(["fleet", "--nats", &nats.url, "--devices", "20", "--rate", "50", "--duration", "60", "--inputs", &n.to_string()])
+        .args(["--p-tar", &P_TAR.to_string(), "--branch", "1", "--deadline-ms", "5000", "--audit-rate", "0.2"])
+        .args(["--json", summary.to_str().unwrap(), "--outcomes", outcomes.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "fleet failed: {}", String::from_utf8_lossy(&out.stderr));
+    let s: Summary = serde_json::from_str(&std::fs::read_to_string(summary).unwrap()).unwrap();
+    assert_eq!((s.inputs, s.outcomes, s.duplicates, s.errors, s.fallbacks), (n, n, 0, 0, 0));
+    let outcomes = read_outcomes(&outcomes);
+    let by_input = exactly_one_each(&outcomes, n);
+    for (i, &(on_device, class)) in expected.iter().enumerate() {
+        let o = by_input[&i];
+        assert_eq!((o.decided == Decided::Device, o.class), (on_device, class), "input {i}: {o:?}");
+    }
+    // About 20 % of the on-device inputs were audited; offloads all tagged.
+    let on_device = expected.iter().filter(|e| e.0).count();
+    let w = statuses.wait("the calibrator's estimate from the audits", Duration::from_secs(60), |seen| {
+        seen.iter().rev().find_map(|st| st.watched.iter().find(|w| w.group == "default" && w.audits as usize > on_device / 10).cloned())
+    });
+    assert_eq!((w.partition_branch, w.threshold, w.target_accuracy), (1, P_TAR, P_TAR));
+    assert!((w.audits as usize) < on_device / 2 && w.offloads > 0, "{w:?}");
+    let a = w.edge_agreement.unwrap();
+    assert!(a > 0.5 && w.edge_agreement_low.unwrap() <= a && a <= w.edge_agreement_high.unwrap(), "{w:?}");
+    // --audit-rate is checked.
+    let bad = branchpoint().args(["fleet", "--audit-rate", "1.5"]).output().unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--audit-rate 1.5"), "{}", String::from_utf8_lossy(&bad.stderr));
+}
+
 #[test]
 fn killing_a_worker_mid_run_loses_no_input() {
     use branchpoint_messages::WorkerStatus;

@@ -8,7 +8,7 @@ use actix::Actor;
 use anyhow::{bail, Context, Result};
 use branchpoint_actors::collector::{Collector, Summary, TakeOutcomes};
 use branchpoint_actors::compute::{Executor, ModelSpec};
-use branchpoint_actors::device::DeviceConfig;
+use branchpoint_actors::device::{AuditSettings, DeviceConfig};
 use branchpoint_actors::fleet::{run_fleet, DeviceThreads, FleetConfig, TestInputs};
 use branchpoint_actors::transport::OffloadLink;
 use branchpoint_actors::worker::{Batcher, WorkerConfig};
@@ -46,6 +46,9 @@ pub fn run(args: FleetArgs) -> Result<()> {
     let num_branches = model.net.num_branches();
     let model_sha256 = model.card.weights_sha256.clone();
     drop(model);
+    if !(0.0..=1.0).contains(&args.audit_rate) {
+        bail!("--audit-rate {}: give a probability in [0, 1] (0 turns audits off)", args.audit_rate);
+    }
     if !branchpoint_messages::subjects::is_valid_id(&args.group) {
         bail!("--group {:?}: use 1 to 64 letters, digits, '-' or '_'", args.group);
     }
@@ -68,6 +71,16 @@ pub fn run(args: FleetArgs) -> Result<()> {
             deadline: Duration::from_secs_f64(args.deadline_ms / 1e3),
             emulation: None,
             interrupt: Default::default(),
+            audit: (args.audit_rate > 0.0).then(|| AuditSettings {
+                rate: args.audit_rate,
+                group: args.group.clone(),
+                model_sha256: model_sha256.clone(),
+                target_accuracy: None,
+                // Audits are fire-and-forget, but a slow cloud must not
+                // pile them up: a few per device at most.
+                max_in_flight: 4,
+                seed: args.seed,
+            }),
         },
         // No outcome for this long means none is coming: an offload ends by
         // its deadline at the latest.

@@ -186,6 +186,9 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                         arrival_rate: sim.rate,
                     }),
                     interrupt: Default::default(),
+                    // Real-time replays do not watch yet (validation keeps
+                    // the watched policy in virtual time).
+                    audit: None,
                 });
                 places.push((gi, k, sim.rate));
             }
