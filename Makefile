@@ -8,7 +8,7 @@ setup:
 
 # The main job: replay the shipped handover-and-shift scenario (a network
 # change, then an input shift) on the overconfident model under every policy
-# (under a minute here); it prints a table and where report.json and the
+# (about 20 s here); it prints a table and where report.json and the
 # plots are.
 demo: setup
 	./target/release/branchpoint run scenarios/handover-and-shift.toml --model models/bvgg-fmnist.safetensors
