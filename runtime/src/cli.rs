@@ -393,6 +393,9 @@ pub struct FleetArgs {
     /// Watch calibration live: each input's audit coin comes up with this probability; the on-device ones among them are sent to the cloud as well (audits, which change no outcome), and offloads are tagged, so the calibrator sees both [default: 0, off].
     #[arg(long, default_value_t = 0.0, value_name = "R")]
     pub audit_rate: f64,
+    /// The devices see corrupted test images (an input shift, as in `evaluate --corrupt`): KIND:SEVERITY.
+    #[arg(long, value_name = "KIND:SEVERITY")]
+    pub corrupt: Option<String>,
     /// Calibration file (from `branchpoint calibrate`) with the temperatures [default: uncalibrated].
     #[arg(long, value_name = "FILE")]
     pub calibration: Option<PathBuf>,

@@ -75,6 +75,7 @@ fn bad_input_gives_a_clear_error_and_a_failing_exit() {
         (&["evaluate", "--corrupt", "fog:2"], &["--corrupt", "\"fog\"", "gaussian-noise"]),
         (&["evaluate", "--corrupt", "contrast:9"], &["--corrupt", "contrast severity", "1 to 5"]),
         (&["evaluate", "--corrupt", "contrast"], &["--corrupt", "KIND:SEVERITY"]),
+        (&["fleet", "--corrupt", "fog:2"], &["--corrupt", "\"fog\"", "gaussian-noise"]),
     ];
     for (args, words) in cases {
         let out = branchpoint(args);

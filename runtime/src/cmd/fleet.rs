@@ -40,7 +40,12 @@ pub fn run(args: FleetArgs) -> Result<()> {
         }
         None => vec![1.0; num_exits],
     };
-    let data = args.source.load_data(&model)?;
+    let corruption = args.corrupt.as_deref().map(branchpoint_models::corrupt::Corruption::parse).transpose().context("--corrupt")?;
+    let mut data = args.source.load_data(&model)?;
+    if let Some(c) = corruption {
+        data.test.images = c.apply(&data.test.images, &model.card.dataset.name.normalization(), 1, 0)?;
+        eprintln!("fleet: the devices see the test images under {c}");
+    }
     let inputs = Arc::new(TestInputs::from_split(&data.test)?);
     let partition_points = model.net.architecture().partition_points.clone();
     let num_branches = model.net.num_branches();
