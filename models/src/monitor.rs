@@ -322,8 +322,9 @@ impl Monitor {
             let (n, k) = fit_counts.at(t);
             if n == 0 { 1.0 } else { crate::risk::binomial_cdf(k as u64, n as u64, 1.0 - accuracy) }
         };
-        // The first of equal p-values: the highest such threshold.
-        let start = (0..full.len()).fold(0, |best, i| if p_value(full[i]) < p_value(full[best]) { i } else { best });
+        // Each p-value once; the first of equal ones: the highest such threshold.
+        let p_values: Vec<f64> = full.iter().map(|&t| p_value(t)).collect();
+        let start = (0..p_values.len()).fold(0, |best, i| if p_values[i] < p_values[best] { i } else { best });
         let counts = ConfidenceCounts::of_exit(&as_logits(&check)?, temperature)?;
         let cert = certify(&counts, self.cfg.target, &full[start..])?;
         let threshold = cert.threshold.unwrap_or(1.0);
