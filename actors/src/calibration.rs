@@ -17,7 +17,7 @@ use std::path::PathBuf;
 
 use branchpoint_messages::{
     decode, encode, subjects, CalibrationMethod, CalibrationRefit, CalibrationUpdate, CertifiedTarget, CertifyReply, CertifyRequest, ErrorKind,
-    ErrorReply, PlanUpdate,
+    ErrorReply, PlanTarget, PlanUpdate,
 };
 use branchpoint_models::risk::{certify, default_grid, ConfidenceCounts, Target};
 use branchpoint_models::calibration::{fit_file, split_exit_logits, CalibrationFile, ExitLogits, Method};
@@ -50,9 +50,10 @@ pub struct Calibrator {
     watch: LiveWatch,
 }
 
-/// Most (group, branch, threshold) triples watched at once; beyond it the
-/// least recently heard one makes room (audit results come from the
-/// network, and their keys must not grow without bound).
+/// Most (group, branch, plan) monitors kept at once; beyond it the least
+/// recently heard one makes room (audit results come from the network, and
+/// their keys must not grow without bound). Also the most groups whose
+/// refit temperatures are kept.
 pub const MAX_WATCHED: usize = 256;
 
 /// How a live calibrator watches: `monitor::MonitorConfig` without the
@@ -63,26 +64,91 @@ pub struct WatchSettings {
     pub max_observations: usize,
     pub drift_margin: f64,
     pub alarm_alpha: f64,
+    /// Refit thresholds are certified with confidence 1 - delta.
     pub delta: f64,
     pub min_refit_sample: usize,
+    /// Refit a branch on a drift alarm; off, alarms are raised and counted.
+    pub auto_refit: bool,
+    /// Refits of one monitor are at least this far apart.
+    pub min_refit_interval_us: u64,
 }
 
 impl Default for WatchSettings {
     fn default() -> Self {
-        Self { window_us: 120_000_000, max_observations: 50_000, drift_margin: 0.03, alarm_alpha: 0.01, delta: 0.05, min_refit_sample: 800 }
+        Self {
+            window_us: 120_000_000,
+            max_observations: 50_000,
+            drift_margin: 0.03,
+            alarm_alpha: 0.01,
+            delta: 0.05,
+            min_refit_sample: 800,
+            auto_refit: true,
+            min_refit_interval_us: 60_000_000,
+        }
     }
 }
 
-/// The live calibrator's monitors, one per (group, branch, threshold in
-/// force): audit results in, estimates and alarms out. Over NATS it only
-/// raises alarms for now (no automatic refit): the refit's way to the
-/// devices is the scenario engine's (virtual time) until devices send
-/// audits.
+impl WatchSettings {
+    pub fn validate(&self) -> Result<(), ActorError> {
+        let bad = |what: &str, reason: String| Err(ActorError::Invalid { what: what.into(), reason });
+        if self.window_us == 0 || self.max_observations == 0 {
+            return bad("watch window", "give a positive window and observation limit".into());
+        }
+        for (what, v) in [("drift margin", self.drift_margin), ("alarm alpha", self.alarm_alpha), ("certificate delta", self.delta)] {
+            if !(v > 0.0 && v < 1.0) {
+                return bad(what, format!("{v}; give a number in (0, 1)"));
+            }
+        }
+        if self.min_refit_sample < 4 {
+            return bad("minimum refit sample", format!("{}; a refit needs at least 4 sampled inputs", self.min_refit_sample));
+        }
+        Ok(())
+    }
+}
+
+/// What one audit result set off in the live watch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WatchOutcome {
+    /// Counted in its monitor; nothing to do.
+    Quiet,
+    /// Decided under a plan that a refit of its group and branch had already
+    /// replaced (the device had not applied the refit yet): not counted.
+    Stale,
+    /// The drift test alarmed and the branch was not refit (refits off,
+    /// too soon after the last, or too few sampled inputs yet).
+    Alarm { group: String, partition_branch: u8 },
+    /// The drift test alarmed and the branch was refit for the group: store
+    /// this so that the group's devices apply it.
+    Refit(GroupRefit),
+}
+
+/// A branch refit for one group: the group's temperatures (the model's,
+/// with the refit branch's replaced) and its certified plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupRefit {
+    pub group: String,
+    pub partition_branch: u8,
+    pub temperatures: Vec<f64>,
+    pub plan: PlanUpdate,
+    pub refit: branchpoint_models::monitor::Refit,
+}
+
+/// The live calibrator's monitors, one per (group, branch, plan in force):
+/// audit results in, estimates, alarms and refits out. A refit changes the
+/// group's temperature for that branch and its threshold; the caller stores
+/// both (`serve_calibration_nats`), the group's devices apply them, and the
+/// same monitor goes on watching the new plan. Results that devices decided
+/// under the replaced plan are stale and skipped.
 #[derive(Debug, Clone, Default)]
 pub struct LiveWatch {
     settings: WatchSettings,
     monitors: Vec<Watched>,
+    /// Groups whose temperatures a refit changed: the model's with one
+    /// branch replaced (at most `MAX_WATCHED`).
+    group_temperatures: std::collections::BTreeMap<String, Vec<f64>>,
     refused: u64,
+    alarms_total: u64,
+    refits_total: u64,
     clock: u64,
 }
 
@@ -90,10 +156,13 @@ pub struct LiveWatch {
 struct Watched {
     group: String,
     branch: u8,
-    p_tar: f64,
     monitor: branchpoint_models::monitor::Monitor,
+    /// Thresholds this monitor's refits replaced (the latest few).
+    superseded: Vec<f64>,
     last_heard: u64,
     latest_us: u64,
+    stale: u64,
+    last_refit: Option<branchpoint_messages::RefitSummary>,
 }
 
 impl LiveWatch {
@@ -101,10 +170,44 @@ impl LiveWatch {
         Self { settings, ..Self::default() }
     }
 
+    pub fn settings(&self) -> WatchSettings {
+        self.settings
+    }
+
+    /// Starts from the groups' stored temperatures (a restarted calibrator
+    /// keeps watching the refit plans with the temperatures they were
+    /// refit with).
+    pub fn resume_groups(&mut self, groups: impl IntoIterator<Item = (String, Vec<f64>)>) {
+        for (g, t) in groups {
+            self.remember_group(g, t);
+        }
+    }
+
+    fn remember_group(&mut self, group: String, temperatures: Vec<f64>) {
+        if !self.group_temperatures.contains_key(&group) && self.group_temperatures.len() >= MAX_WATCHED {
+            let first = self.group_temperatures.keys().next().cloned().expect("not empty");
+            self.group_temperatures.remove(&first);
+        }
+        self.group_temperatures.insert(group, temperatures);
+    }
+
+    /// Forgets every group's refit and every monitor: the model's
+    /// temperatures were refit as a whole, so every plan starts afresh.
+    pub fn reset(&mut self) {
+        self.group_temperatures.clear();
+        self.monitors.clear();
+    }
+
+    /// The temperatures a group's devices hold: its refit ones, or the model's.
+    pub fn temperatures_of<'a>(&'a self, group: &str, model: &'a [f64]) -> &'a [f64] {
+        self.group_temperatures.get(group).map_or(model, Vec::as_slice)
+    }
+
     /// Takes one audit result, already decoded; a result that does not fit
     /// the model (another model's, a branch it lacks, the wrong number of
-    /// classes) is refused and counted. Returns whether it raised an alarm.
-    pub fn observe(&mut self, r: &branchpoint_messages::AuditResult, model_sha256: &str, temperatures: &[f64], classes: usize) -> Result<bool, ActorError> {
+    /// classes) is refused and counted. `now_unix_us` is the calibrator's
+    /// clock, for the status.
+    pub fn observe(&mut self, r: &branchpoint_messages::AuditResult, model_sha256: &str, temperatures: &[f64], classes: usize, now_unix_us: u64) -> Result<WatchOutcome, ActorError> {
         let refuse = |w: &mut Self, why: String| {
             w.refused += 1;
             Err(ActorError::Invalid { what: "audit result".into(), reason: format!("it must be {why}") })
@@ -120,10 +223,15 @@ impl LiveWatch {
             return refuse(self, format!("{classes} logits, one per class of this model"));
         }
         self.clock += 1;
-        let found = self.monitors.iter().position(|w| w.group == r.group && w.branch == r.partition_branch && w.p_tar == r.p_tar);
+        let same = |w: &Watched| w.group == r.group && w.branch == r.partition_branch;
+        let found = self.monitors.iter().position(|w| same(w) && w.monitor.threshold() == r.p_tar && w.monitor.target_accuracy() == r.target_accuracy);
         let i = match found {
             Some(i) => i,
             None => {
+                if let Some(w) = self.monitors.iter_mut().find(|w| same(w) && w.superseded.contains(&r.p_tar)) {
+                    w.stale += 1;
+                    return Ok(WatchOutcome::Stale);
+                }
                 let s = self.settings;
                 let cfg = branchpoint_models::monitor::MonitorConfig {
                     audit_rate: r.audit_rate,
@@ -132,19 +240,32 @@ impl LiveWatch {
                     max_observations: s.max_observations,
                     drift_margin: s.drift_margin.min(r.target_accuracy / 2.0),
                     alarm_alpha: s.alarm_alpha,
-                    auto_refit: false,
-                    min_refit_interval_us: s.window_us,
+                    auto_refit: s.auto_refit,
+                    min_refit_interval_us: s.min_refit_interval_us,
                     min_refit_sample: s.min_refit_sample,
                 };
-                let monitor = match branchpoint_models::monitor::Monitor::new(cfg, temperatures[b - 1], r.p_tar) {
+                let temperature = self.temperatures_of(&r.group, temperatures)[b - 1];
+                let monitor = match branchpoint_models::monitor::Monitor::new(cfg, temperature, r.p_tar) {
                     Ok(m) => m,
                     Err(e) => return refuse(self, format!("a watchable plan ({e})")),
                 };
+                // A plan from elsewhere (the planner, an operator) replaces
+                // the one this (group, branch) was watched under.
+                self.monitors.retain(|w| !same(w));
                 if self.monitors.len() >= MAX_WATCHED {
                     let oldest = (0..self.monitors.len()).min_by_key(|&j| self.monitors[j].last_heard).expect("not empty");
                     self.monitors.swap_remove(oldest);
                 }
-                self.monitors.push(Watched { group: r.group.clone(), branch: r.partition_branch, p_tar: r.p_tar, monitor, last_heard: 0, latest_us: 0 });
+                self.monitors.push(Watched {
+                    group: r.group.clone(),
+                    branch: r.partition_branch,
+                    monitor,
+                    superseded: Vec::new(),
+                    last_heard: 0,
+                    latest_us: 0,
+                    stale: 0,
+                    last_refit: None,
+                });
                 self.monitors.len() - 1
             }
         };
@@ -155,15 +276,50 @@ impl LiveWatch {
             t_us: r.decided_at_unix_us,
             logits: r.branch_logits.clone(),
             final_class: r.final_class,
-            label: None,
+            label: r.label,
             on_device: r.on_device,
             sampled: r.sampled,
         };
-        match w.monitor.observe(obs) {
-            Ok(event) => Ok(event.is_some()),
+        let before = w.monitor.threshold();
+        let event = match w.monitor.observe(obs) {
+            Ok(event) => event,
             Err(e) => {
                 self.refused += 1;
-                Err(e.into())
+                return Err(e.into());
+            }
+        };
+        use branchpoint_models::monitor::Event;
+        match event {
+            None => Ok(WatchOutcome::Quiet),
+            Some(Event::Alarm { .. }) => {
+                self.alarms_total += 1;
+                Ok(WatchOutcome::Alarm { group: r.group.clone(), partition_branch: r.partition_branch })
+            }
+            Some(Event::Refit(refit)) => {
+                self.alarms_total += 1;
+                self.refits_total += 1;
+                if refit.threshold != before {
+                    w.superseded.push(before);
+                    if w.superseded.len() > 8 {
+                        w.superseded.remove(0);
+                    }
+                }
+                let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+                w.last_refit = Some(branchpoint_messages::RefitSummary {
+                    at_unix_us: now_unix_us,
+                    decided_at_unix_us: refit.t_us,
+                    temperature: refit.temperature,
+                    threshold: refit.threshold,
+                    fit_inputs: count(refit.fit_inputs),
+                    certify_inputs: count(refit.certify_inputs),
+                });
+                let target = CertifiedTarget { accuracy: w.monitor.target_accuracy(), delta: self.settings.delta };
+                let (group, branch) = (w.group.clone(), w.branch);
+                let mut temps = self.temperatures_of(&group, temperatures).to_vec();
+                temps[b - 1] = refit.temperature;
+                self.remember_group(group.clone(), temps.clone());
+                let plan = PlanUpdate { target: PlanTarget::Group(group.clone()), partition_branch: branch, p_tar: refit.threshold, certified: Some(target) };
+                Ok(WatchOutcome::Refit(GroupRefit { group, partition_branch: branch, temperatures: temps, plan, refit }))
             }
         }
     }
@@ -179,7 +335,7 @@ impl LiveWatch {
             .iter()
             .map(|w| {
                 let e = w.monitor.estimate(w.latest_us, 0.05);
-                let a = e.edge_agreement;
+                let (a, l) = (e.edge_agreement, e.edge_accuracy);
                 branchpoint_messages::BranchWatch {
                     group: w.group.clone(),
                     partition_branch: w.branch,
@@ -195,10 +351,28 @@ impl LiveWatch {
                     ece: e.ece,
                     alarms: w.monitor.alarms(),
                     refits: w.monitor.refits().len() as u64,
+                    edge_accuracy: l.map(|a| a.estimate),
+                    edge_accuracy_low: l.map(|a| a.low),
+                    edge_accuracy_high: l.map(|a| a.high),
+                    reliability: e
+                        .reliability
+                        .iter()
+                        .map(|&(confidence, agreement, weight)| branchpoint_messages::ReliabilityBin { confidence, agreement, weight })
+                        .collect(),
+                    auto_refit: self.settings.auto_refit,
+                    last_refit: w.last_refit,
+                    stale: w.stale,
                 }
             })
             .collect();
-        branchpoint_messages::CalibrationStatus { model_sha256: model_sha256.to_string(), at_unix_us, refused: self.refused, watched }
+        branchpoint_messages::CalibrationStatus {
+            model_sha256: model_sha256.to_string(),
+            at_unix_us,
+            refused: self.refused,
+            watched,
+            alarms_total: self.alarms_total,
+            refits_total: self.refits_total,
+        }
     }
 }
 
@@ -245,14 +419,32 @@ impl CalibratorHandle {
         self.0.run(|c: &mut Calibrator| c.current.clone()).await
     }
 
-    /// Fits again with `method`; the result becomes current.
+    /// Fits again with `method`; the result becomes current, for every
+    /// group (groups' drift refits are forgotten, their monitors restart).
     pub async fn refit(&self, method: Method) -> Result<CalibrationFile, ActorError> {
         self.0
             .run(move |c: &mut Calibrator| {
                 c.current = Calibrator::fit(&c.model, &c.validation, method)?;
+                c.watch.reset();
                 Ok(c.current.clone())
             })
             .await?
+    }
+
+    /// Resumes the groups' stored refit temperatures (see `LiveWatch::resume_groups`).
+    pub async fn resume_groups(&self, groups: Vec<(String, Vec<f64>)>) -> Result<(), ActorError> {
+        self.0.run(move |c: &mut Calibrator| c.watch.resume_groups(groups)).await
+    }
+
+    /// The live watch's settings.
+    pub async fn watch_settings(&self) -> Result<WatchSettings, ActorError> {
+        self.0.run(|c: &mut Calibrator| c.watch.settings()).await
+    }
+
+    /// Turns automatic refits off (alarms only), e.g. when there is no
+    /// control store to deliver them.
+    pub async fn alarms_only(&self) -> Result<(), ActorError> {
+        self.0.run(|c: &mut Calibrator| c.watch.settings.auto_refit = false).await
     }
 
     /// The threshold certified for side branch `partition_branch` (from 1)
@@ -288,18 +480,18 @@ impl CalibratorHandle {
     }
 
     /// Takes one audit result off the network (`None`: it did not decode);
-    /// returns whether it raised a drift alarm.
-    pub async fn audit(&self, result: Option<branchpoint_messages::AuditResult>) -> Result<bool, ActorError> {
+    /// returns what it set off.
+    pub async fn audit(&self, result: Option<branchpoint_messages::AuditResult>) -> Result<WatchOutcome, ActorError> {
+        let now = unix_us();
         self.0
             .run(move |c: &mut Calibrator| match result {
                 Some(r) => {
-                    let (sha, temps) = (c.current.weights_sha256.clone(), c.current.temperatures.clone());
                     let classes = c.validation.first().map_or(0, |e| e.classes);
-                    c.watch.observe(&r, &sha, &temps, classes)
+                    c.watch.observe(&r, &c.current.weights_sha256, &c.current.temperatures, classes, now)
                 }
                 None => {
                     c.watch.refuse_undecodable();
-                    Ok(false)
+                    Ok(WatchOutcome::Quiet)
                 }
             })
             .await?
@@ -317,6 +509,10 @@ impl CalibratorHandle {
     }
 }
 
+fn unix_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
 /// The wire form of a calibration file.
 pub fn to_update(file: &CalibrationFile) -> CalibrationUpdate {
     CalibrationUpdate {
@@ -327,6 +523,7 @@ pub fn to_update(file: &CalibrationFile) -> CalibrationUpdate {
             Method::PerBranch => CalibrationMethod::PerBranch,
         },
         temperatures: file.temperatures.clone(),
+        group: None,
     }
 }
 
@@ -355,6 +552,35 @@ pub async fn recertify_stored_plans(calibrator: &CalibratorHandle, store: &crate
     Ok(moved)
 }
 
+/// Stores a group's refit: its temperatures first, then its certified plan
+/// (a device that has applied the first but not yet the second offloads
+/// more, not less). The group's devices follow the store.
+async fn store_refit(store: &crate::control::ControlStore, calibrator: &CalibratorHandle, r: &GroupRefit) {
+    let current = match calibrator.current().await {
+        Ok(c) => c,
+        Err(e) => return eprintln!("calibrator: could not store the refit for group {}: {e}", r.group),
+    };
+    let update = CalibrationUpdate { temperatures: r.temperatures.clone(), group: Some(r.group.clone()), ..to_update(&current) };
+    let stored = async {
+        store.put_calibration(&update).await?;
+        store.put_plan(&r.plan).await
+    };
+    match stored.await {
+        Ok(_) => eprintln!(
+            "calibrator: drift refit for group {}, branch {}: temperature {:.3}, threshold {:.3} certified for on-device accuracy {} (delta {}), from {} + {} sampled inputs; stored for the group's devices",
+            r.group,
+            r.partition_branch,
+            r.refit.temperature,
+            r.refit.threshold,
+            r.plan.certified.map_or(f64::NAN, |c| c.accuracy),
+            r.plan.certified.map_or(f64::NAN, |c| c.delta),
+            r.refit.fit_inputs,
+            r.refit.certify_inputs,
+        ),
+        Err(e) => eprintln!("calibrator: could not store the refit for group {}: {e}", r.group),
+    }
+}
+
 /// Serves the calibration actor on NATS: publishes the current temperatures
 /// on `CALIBRATION_UPDATE` (and stores them in the control store, when there
 /// is one) at start and after every refit, answers `CALIBRATION_GET` with
@@ -363,7 +589,9 @@ pub async fn recertify_stored_plans(calibrator: &CalibratorHandle, store: &crate
 /// or the fit fails). After a refit, stored certified plans are certified
 /// again on the new temperatures. Audit results on `CALIBRATION_AUDIT` feed
 /// the live monitors (`LiveWatch`), whose estimates and alarms go out every
-/// second on `CALIBRATION_STATUS`.
+/// second on `CALIBRATION_STATUS`; a drift refit is stored for the group's
+/// devices (its temperatures and certified plan), and an operator's refit
+/// of the whole model removes the groups' refit temperatures.
 pub async fn serve_calibration_nats(
     client: async_nats::Client,
     calibrator: CalibratorHandle,
@@ -394,7 +622,24 @@ pub async fn serve_calibration_nats(
             Ok::<_, ActorError>(bytes)
         }
     };
-    publish(calibrator.current().await?).await?;
+    let initial = calibrator.current().await?;
+    match &store {
+        Some(store) => {
+            let groups = store.calibrations(&initial.weights_sha256).await?;
+            let groups: Vec<(String, Vec<f64>)> = groups.into_iter().filter_map(|s| Some((s.value.group?, s.value.temperatures))).collect();
+            if !groups.is_empty() {
+                eprintln!("calibrator: resuming the drift refits of {} group(s)", groups.len());
+            }
+            calibrator.resume_groups(groups).await?;
+        }
+        None => {
+            if calibrator.watch_settings().await?.auto_refit {
+                eprintln!("calibrator: drift alarms will not refit: refits reach devices through the control store, which needs JetStream");
+                calibrator.alarms_only().await?;
+            }
+        }
+    }
+    publish(initial).await?;
     client.flush().await.map_err(|e| nats(e.to_string()))?;
     on_ready();
     loop {
@@ -414,6 +659,12 @@ pub async fn serve_calibration_nats(
                     Err(e) => Err(e.into()),
                 };
                 if let (Ok(_), Some(store)) = (&result, &store) {
+                    // The model's new temperatures replace every group's.
+                    match store.delete_group_calibrations(&calibrator.current().await?.weights_sha256).await {
+                        Ok(0) => {}
+                        Ok(n) => eprintln!("calibrator: the refit replaces the drift refits of {n} group(s)"),
+                        Err(e) => eprintln!("calibrator: could not remove the groups' refit temperatures: {e}"),
+                    }
                     match recertify_stored_plans(&calibrator, store).await {
                         Ok(0) => {}
                         Ok(n) => eprintln!("calibrator: {n} certified plan(s) certified again on the new temperatures"),
@@ -431,8 +682,15 @@ pub async fn serve_calibration_nats(
             Some(msg) = audits.next() => {
                 let result = decode::<branchpoint_messages::AuditResult>(&msg.payload).ok();
                 match calibrator.audit(result).await {
-                    Ok(true) => eprintln!("calibrator: drift alarm: a watched branch's on-device agreement with the final exit fell below its target"),
-                    Ok(false) => {}
+                    Ok(WatchOutcome::Refit(refit)) => match &store {
+                        Some(store) => store_refit(store, &calibrator, &refit).await,
+                        None => eprintln!("calibrator: a refit for group {} was computed but cannot be stored (no control store)", refit.group),
+                    },
+                    Ok(WatchOutcome::Alarm { group, partition_branch }) => eprintln!(
+                        "calibrator: drift alarm: group {group}, branch {partition_branch}: on-device agreement with the final exit fell below its target{}",
+                        if calibrator.watch_settings().await?.auto_refit { "; refitting once enough sampled inputs have arrived" } else { " (automatic refits are off)" }
+                    ),
+                    Ok(WatchOutcome::Quiet | WatchOutcome::Stale) => {}
                     // Refused and counted; the status says how many.
                     Err(_) => {}
                 }

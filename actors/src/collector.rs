@@ -1,7 +1,8 @@
 //! Collector: one outcome per input, and the fleet summary.
 //!
-//! Owns: every `Outcome` the devices report. Messages in: `Outcome`,
-//! `GetSummary`, `TakeOutcomes`. Mailbox: unbounded in practice (devices use
+//! Owns: every `Outcome` the devices report, and the count of their audits.
+//! Messages in: `Outcome`, `InputAccepted`, `Audited`, `GetSummary`,
+//! `GetSnapshot`, `GetAuditCounts`, `TakeOutcomes`. Mailbox: unbounded in practice (devices use
 //! `do_send`: an outcome must never be dropped because the collector is
 //! briefly busy, and it does O(1) work per message). Restart: none; it lives
 //! as long as the fleet. Shutdown: holds its data until the system stops.
@@ -125,11 +126,71 @@ pub struct Collector {
     seen: HashSet<u64>,
     duplicates: usize,
     latency: LatencyHistogram,
+    audits: std::collections::BTreeMap<String, AuditCounts>,
 }
 
 impl Collector {
     pub fn new(num_branches: usize) -> Self {
-        Self { num_branches, inputs: 0, outcomes: Vec::new(), seen: HashSet::new(), duplicates: 0, latency: LatencyHistogram::default() }
+        Self {
+            num_branches,
+            inputs: 0,
+            outcomes: Vec::new(),
+            seen: HashSet::new(),
+            duplicates: 0,
+            latency: LatencyHistogram::default(),
+            audits: Default::default(),
+        }
+    }
+}
+
+/// Audits of watched devices: sent, and skipped because the device had its
+/// most in flight already. Audits have no outcome of their own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditCounts {
+    pub sent: u64,
+    pub skipped: u64,
+    /// Bytes of the activations the sent audits carried.
+    pub bytes: u64,
+}
+
+/// A device of `group` drew an audit coin that came up for an input it
+/// decided itself.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Audited {
+    pub group: String,
+    pub sent: bool,
+    pub bytes: u64,
+}
+
+/// Most groups whose audits are counted apart (the rest under "other").
+const MAX_AUDIT_GROUPS: usize = 1024;
+
+impl Handler<Audited> for Collector {
+    type Result = ();
+
+    fn handle(&mut self, msg: Audited, _: &mut Context<Self>) {
+        let key = if self.audits.len() < MAX_AUDIT_GROUPS || self.audits.contains_key(&msg.group) { msg.group } else { "other".into() };
+        let c = self.audits.entry(key).or_default();
+        if msg.sent {
+            c.sent += 1;
+            c.bytes += msg.bytes;
+        } else {
+            c.skipped += 1;
+        }
+    }
+}
+
+/// The audit counts per group.
+#[derive(Message)]
+#[rtype(result = "std::collections::BTreeMap<String, AuditCounts>")]
+pub struct GetAuditCounts;
+
+impl Handler<GetAuditCounts> for Collector {
+    type Result = MessageResult<GetAuditCounts>;
+
+    fn handle(&mut self, _: GetAuditCounts, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.audits.clone())
     }
 }
 

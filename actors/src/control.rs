@@ -8,11 +8,18 @@
 //!   device) and the HTTP API (per group or device); watched by fleets.
 //!   The latest write a device sees wins, whichever key it came under.
 //! - `branchpoint-calibration`: key `model.<sha256 of the weights>`, value a
-//!   `CalibrationUpdate`. Written by the calibrator; read by fleets at start
-//!   and watched while they run, read by the HTTP API.
+//!   `CalibrationUpdate`: the model's temperatures. Key
+//!   `model.<sha256>.group.<group>`: the temperatures of one device group
+//!   after the calibrator refit a branch for that group's inputs (a drift
+//!   alarm, see `calibration::LiveWatch`). Written by the calibrator; read
+//!   by fleets at start and watched while they run, read by the HTTP API.
+//!   A device applies the latest write it sees of its model's key and its
+//!   group's key, as for plans.
 //!
-//! Values are validated when read like any message off the network: a bad
-//! entry is reported and skipped, never applied.
+//! Values are validated when read like any message off the network, and
+//! must match their key (a plan under `group.a` is for group a; temperatures
+//! under `model.<x>` are for weights x): a bad entry is reported and
+//! skipped, never applied.
 use async_nats::jetstream::{self, kv};
 use branchpoint_messages::{decode, encode, CalibrationUpdate, Message, PlanTarget, PlanUpdate};
 use futures::StreamExt;
@@ -33,6 +40,19 @@ pub fn plan_key(target: &PlanTarget) -> String {
 /// Key of a model's temperatures in `branchpoint-calibration`.
 pub fn calibration_key(model_sha256: &str) -> String {
     format!("model.{model_sha256}")
+}
+
+/// Key of one group's temperatures (a drift refit) in `branchpoint-calibration`.
+pub fn group_calibration_key(model_sha256: &str, group: &str) -> String {
+    format!("model.{model_sha256}.group.{group}")
+}
+
+/// The key a calibration update is stored under.
+pub fn key_of_calibration(update: &CalibrationUpdate) -> String {
+    match &update.group {
+        None => calibration_key(&update.model_sha256),
+        Some(g) => group_calibration_key(&update.model_sha256, g),
+    }
 }
 
 /// A stored value and its revision (the bucket's sequence number: it grows
@@ -108,7 +128,7 @@ impl ControlStore {
             if entry.operation != kv::Operation::Put {
                 continue;
             }
-            match decode_checked::<PlanUpdate>(&entry.value, &key) {
+            match decode_plan(&entry.value, &key) {
                 Some(value) => out.push(Stored { value, revision: entry.revision }),
                 None => continue,
             }
@@ -116,12 +136,53 @@ impl ControlStore {
         Ok(out)
     }
 
+    /// Stores a model's temperatures, or one group's (`update.group`).
     pub async fn put_calibration(&self, update: &CalibrationUpdate) -> Result<u64, ActorError> {
         let bytes = encode(update)?;
-        self.calibration
-            .put(calibration_key(&update.model_sha256), bytes.into())
-            .await
-            .map_err(|e| kv_error("storing temperatures", e))
+        self.calibration.put(key_of_calibration(update), bytes.into()).await.map_err(|e| kv_error("storing temperatures", e))
+    }
+
+    /// The model's temperatures and every group's, in the order they were
+    /// written (applying them in turn leaves each device with the latest).
+    pub async fn calibrations(&self, model_sha256: &str) -> Result<Vec<Stored<CalibrationUpdate>>, ActorError> {
+        let base = calibration_key(model_sha256);
+        let groups = format!("{base}.group.");
+        let mut keys: Vec<String> = Vec::new();
+        let mut stream = self.calibration.keys().await.map_err(|e| kv_error("listing temperatures", e))?;
+        while let Some(k) = stream.next().await {
+            let k = k.map_err(|e| kv_error("listing temperatures", e))?;
+            if k == base || k.starts_with(&groups) {
+                keys.push(k);
+            }
+        }
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            let Some(entry) = self.calibration.entry(key.clone()).await.map_err(|e| kv_error("reading temperatures", e))? else { continue };
+            if entry.operation != kv::Operation::Put {
+                continue;
+            }
+            if let Some(value) = decode_calibration(&entry.value, &key) {
+                out.push(Stored { value, revision: entry.revision });
+            }
+        }
+        out.sort_by_key(|s| s.revision);
+        Ok(out)
+    }
+
+    /// Removes every group's temperatures for a model (an operator refit
+    /// of the whole model replaces them). Returns how many there were.
+    pub async fn delete_group_calibrations(&self, model_sha256: &str) -> Result<usize, ActorError> {
+        let groups: Vec<String> = self.calibrations(model_sha256).await?.into_iter().filter_map(|s| s.value.group).collect();
+        for g in &groups {
+            self.delete_group_calibration(model_sha256, g).await?;
+        }
+        Ok(groups.len())
+    }
+
+    /// Removes one group's temperatures, so that its devices follow the
+    /// model's again from their next write.
+    pub async fn delete_group_calibration(&self, model_sha256: &str, group: &str) -> Result<(), ActorError> {
+        self.calibration.delete(group_calibration_key(model_sha256, group)).await.map_err(|e| kv_error("removing a group's temperatures", e))
     }
 
     pub async fn calibration(&self, model_sha256: &str) -> Result<Option<Stored<CalibrationUpdate>>, ActorError> {
@@ -132,31 +193,54 @@ impl ControlStore {
         if entry.operation != kv::Operation::Put {
             return Ok(None);
         }
-        Ok(decode_checked::<CalibrationUpdate>(&entry.value, &key).map(|value| Stored { value, revision: entry.revision }))
+        Ok(decode_calibration(&entry.value, &key).map(|value| Stored { value, revision: entry.revision }))
     }
 
-    /// Every plan and this model's temperatures: first the stored ones (so a
-    /// device that starts late resumes from them), then each change as it is
-    /// written. Bad entries are reported on stderr and skipped.
+    /// Every plan, this model's temperatures and its groups': first the
+    /// stored ones (so a device that starts late resumes from them), then
+    /// each change as it is written. Bad entries are reported on stderr and
+    /// skipped.
     pub async fn watch(&self, model_sha256: &str) -> Result<impl futures::Stream<Item = ControlChange> + Unpin, ActorError> {
         let plans = self.plans.watch_with_history(">").await.map_err(|e| kv_error("watching plans", e))?;
-        let cal = self
-            .calibration
-            .watch_with_history(calibration_key(model_sha256))
-            .await
-            .map_err(|e| kv_error("watching temperatures", e))?;
+        let cal = |key: String| {
+            let bucket = self.calibration.clone();
+            async move { bucket.watch_with_history(key).await.map_err(|e| kv_error("watching temperatures", e)) }
+        };
+        let model = cal(calibration_key(model_sha256)).await?;
+        let groups = cal(group_calibration_key(model_sha256, "*")).await?;
         let plans = plans.filter_map(|entry| async move {
             let entry = entry.map_err(|e| eprintln!("control: watching plans: {e}")).ok()?;
             (entry.operation == kv::Operation::Put).then_some(())?;
-            decode_checked::<PlanUpdate>(&entry.value, &entry.key).map(ControlChange::Plan)
+            decode_plan(&entry.value, &entry.key).map(ControlChange::Plan)
         });
-        let cal = cal.filter_map(|entry| async move {
+        let cal = futures::stream::select(model, groups).filter_map(|entry| async move {
             let entry = entry.map_err(|e| eprintln!("control: watching temperatures: {e}")).ok()?;
             (entry.operation == kv::Operation::Put).then_some(())?;
-            decode_checked::<CalibrationUpdate>(&entry.value, &entry.key).map(ControlChange::Calibration)
+            decode_calibration(&entry.value, &entry.key).map(ControlChange::Calibration)
         });
         Ok(Box::pin(futures::stream::select(plans, cal)))
     }
+}
+
+/// A stored plan, if it decodes, validates and is for the target its key names.
+fn decode_plan(bytes: &[u8], key: &str) -> Option<PlanUpdate> {
+    let plan = decode_checked::<PlanUpdate>(bytes, key)?;
+    if plan_key(&plan.target) != key {
+        eprintln!("control: skipped the stored plan under {key}: it is for {:?}, whose key is {}", plan.target, plan_key(&plan.target));
+        return None;
+    }
+    Some(plan)
+}
+
+/// Stored temperatures, if they decode, validate and are for the weights
+/// and group their key names.
+fn decode_calibration(bytes: &[u8], key: &str) -> Option<CalibrationUpdate> {
+    let update = decode_checked::<CalibrationUpdate>(bytes, key)?;
+    if key_of_calibration(&update) != key {
+        eprintln!("control: skipped the stored temperatures under {key}: they belong under {}", key_of_calibration(&update));
+        return None;
+    }
+    Some(update)
 }
 
 fn decode_checked<M: Message>(bytes: &[u8], key: &str) -> Option<M> {

@@ -101,6 +101,9 @@ pub struct Device {
     /// Audit coins, and the audits still waiting for their answer.
     coins: branchpoint_models::rng::SplitMix64,
     audits_in_flight: Rc<std::cell::Cell<usize>>,
+    /// The on-device accuracy the plan in force was certified for, if it
+    /// was (`ApplyPlan::target_accuracy`): what audits say it targets.
+    plan_target: Option<f64>,
 }
 
 impl Device {
@@ -109,15 +112,25 @@ impl Device {
         // The device's coins: its id mixed into the fleet's seed (FNV-1a).
         let id_hash = cfg.id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
         let seed = cfg.audit.as_ref().map_or(0, |a| a.seed) ^ id_hash;
-        Self { cfg, net, link, collector, seq: 0, em, coins: branchpoint_models::rng::SplitMix64::new(seed), audits_in_flight: Rc::default() }
+        Self {
+            cfg,
+            net,
+            link,
+            collector,
+            seq: 0,
+            em,
+            coins: branchpoint_models::rng::SplitMix64::new(seed),
+            audits_in_flight: Rc::default(),
+            plan_target: None,
+        }
     }
 
     /// The tag of an input the device decided (on the device or not), if it
     /// is watched and its plan has a target to watch.
-    fn audit_tag(&mut self, branch_logits: &[f32], on_device: bool) -> Option<(AuditTag, bool)> {
+    fn audit_tag(&mut self, branch_logits: &[f32], on_device: bool, label: i64) -> Option<(AuditTag, bool)> {
         let a = self.cfg.audit.as_ref()?;
         let sampled = self.coins.next_f64() < a.rate;
-        let target = a.target_accuracy.unwrap_or(self.cfg.p_tar);
+        let target = self.plan_target.or(a.target_accuracy).unwrap_or(self.cfg.p_tar);
         if !(target > 0.0 && target < 1.0) {
             return None;
         }
@@ -131,6 +144,7 @@ impl Device {
             p_tar: self.cfg.p_tar,
             target_accuracy: target,
             decided_at_unix_us: unix_us(),
+            label: u32::try_from(label).ok().filter(|&y| (y as usize) < branch_logits.len()),
         };
         Some((tag, sampled))
     }
@@ -286,12 +300,12 @@ impl Handler<Infer> for Device {
             self.collector.do_send(outcome);
             // An audit: the cloud sees the input too, and nobody waits for
             // it (the outcome above stands whatever it says).
-            if let Some((tag, true)) = self.audit_tag(&head.branch_logits, true) {
+            if let Some((tag, true)) = self.audit_tag(&head.branch_logits, true, msg.label) {
                 self.audit(&head, tag, arrived);
             }
             return Box::pin(std::future::ready(()));
         }
-        let tag = self.audit_tag(&head.branch_logits, false).map(|t| t.0);
+        let tag = self.audit_tag(&head.branch_logits, false, msg.label).map(|t| t.0);
         let cfg = &self.cfg;
         let request = offload_request(self.seq, cfg, &head, arrived).map(|r| OffloadRequest { audit: tag, ..r });
         let (link, collector, deadline) = (self.link.clone(), self.collector.clone(), cfg.deadline);
@@ -311,12 +325,14 @@ impl Handler<Infer> for Device {
 impl Device {
     /// Sends one audit, unless the device has `max_in_flight` already.
     fn audit(&mut self, head: &HeadOutput, tag: AuditTag, arrived: Instant) {
-        let max = self.cfg.audit.as_ref().map_or(0, |a| a.max_in_flight);
+        let (max, group) = self.cfg.audit.as_ref().map_or((0, String::new()), |a| (a.max_in_flight, a.group.clone()));
         if self.audits_in_flight.get() >= max {
+            self.collector.do_send(crate::collector::Audited { group, sent: false, bytes: 0 });
             return;
         }
         let Ok(request) = offload_request(self.seq, &self.cfg, head, arrived) else { return };
         let request = OffloadRequest { audit: Some(tag), ..request };
+        self.collector.do_send(crate::collector::Audited { group, sent: true, bytes: request.activation.data.len() as u64 });
         let (link, in_flight, deadline) = (self.link.clone(), self.audits_in_flight.clone(), self.cfg.deadline);
         in_flight.set(in_flight.get() + 1);
         actix::spawn(async move {
@@ -471,6 +487,9 @@ impl Outcome {
 pub struct ApplyPlan {
     pub partition_branch: usize,
     pub p_tar: f64,
+    /// Set when p_tar is a threshold certified for this on-device accuracy
+    /// (`PlanUpdate::certified`): the target a watched device's audits name.
+    pub target_accuracy: Option<f64>,
 }
 
 impl Handler<ApplyPlan> for Device {
@@ -485,6 +504,7 @@ impl Handler<ApplyPlan> for Device {
         }
         self.cfg.partition_branch = msg.partition_branch;
         self.cfg.p_tar = msg.p_tar;
+        self.plan_target = msg.target_accuracy.filter(|a| *a > 0.0 && *a < 1.0);
     }
 }
 

@@ -272,8 +272,8 @@ pub async fn run_fleet(
     let listener = match &updates {
         Some(client) => {
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-            let task =
-                actix::spawn(forward_updates(client.clone(), devices.clone(), cfg.group.clone(), cfg.model_sha256.clone(), ready_tx));
+            let addressed = devices.iter().map(|(id, addr)| FleetDevice { id: id.clone(), group: cfg.group.clone(), addr: addr.clone() }).collect();
+            let task = actix::spawn(forward_updates(client.clone(), addressed, cfg.model_sha256.clone(), ready_tx));
             // If subscribing failed the task has said so and ended; run anyway.
             let _ = ready_rx.await;
             Some(task)
@@ -467,17 +467,12 @@ pub async fn publish_status(
 /// - the update subjects (`branchpoint.calibration.update`,
 ///   `branchpoint.plan.>`), for publishers that do not store.
 ///
-/// Only temperatures for these weights and plans for this group or one of
-/// these devices are applied. Malformed updates are dropped with a message on
-/// stderr: a bad publisher must not stop the fleet. Without JetStream the
-/// fleet says so once and lives on the subjects alone.
-pub async fn forward_updates(
-    client: async_nats::Client,
-    devices: Vec<(String, Addr<Device>)>,
-    group: String,
-    sha256: String,
-    ready: tokio::sync::oneshot::Sender<()>,
-) {
+/// Only temperatures for these weights (the model's, or a device's group's)
+/// and plans for a device's group or the device itself are applied.
+/// Malformed updates are dropped with a message on stderr: a bad publisher
+/// must not stop the fleet. Without JetStream the fleet says so once and
+/// lives on the subjects alone.
+pub async fn forward_updates(client: async_nats::Client, devices: Vec<FleetDevice>, sha256: String, ready: tokio::sync::oneshot::Sender<()>) {
     use branchpoint_messages::{decode, subjects, CalibrationUpdate, PlanUpdate};
     use futures::StreamExt;
     let (Ok(mut cal), Ok(mut plans)) =
@@ -486,7 +481,7 @@ pub async fn forward_updates(
         eprintln!("fleet: could not subscribe to calibration and plan updates");
         return;
     };
-    let apply = Forward { devices, group, sha256 };
+    let apply = Forward { devices, sha256 };
     let mut stored: std::pin::Pin<Box<dyn futures::Stream<Item = ControlChange>>> = match resume(&client, &apply).await {
         Ok(watch) => Box::pin(watch),
         Err(e) => {
@@ -499,6 +494,8 @@ pub async fn forward_updates(
     loop {
         tokio::select! {
             Some(msg) = cal.next() => match decode::<CalibrationUpdate>(&msg.payload) {
+                // A group's temperatures travel only through the store.
+                Ok(u) if u.group.is_some() => eprintln!("fleet: ignored a group's temperatures on the update subject (they travel through the control store)"),
                 Ok(u) => apply.calibration(&u),
                 Err(e) => eprintln!("fleet: ignored a malformed calibration update: {e}"),
             },
@@ -515,10 +512,10 @@ pub async fn forward_updates(
     }
 }
 
-/// Applies the stored state (plans in the order they were written, so the
-/// latest wins as it would have live), then returns the watch of the store,
-/// which repeats the stored state (harmless: applying is idempotent) and
-/// then follows every write.
+/// Applies the stored state (plans and temperatures each in the order they
+/// were written, so the latest wins as it would have live), then returns
+/// the watch of the store, which repeats the stored state (harmless:
+/// applying is idempotent) and then follows every write.
 async fn resume(client: &async_nats::Client, apply: &Forward) -> Result<impl futures::Stream<Item = ControlChange>, ActorError> {
     let store = ControlStore::open(client).await?;
     let mut plans = store.plans().await?;
@@ -526,16 +523,23 @@ async fn resume(client: &async_nats::Client, apply: &Forward) -> Result<impl fut
     for p in &plans {
         apply.plan(&p.value);
     }
-    if let Some(c) = store.calibration(&apply.sha256).await? {
+    for c in store.calibrations(&apply.sha256).await? {
         apply.calibration(&c.value);
     }
     store.watch(&apply.sha256).await
 }
 
+/// One device of a fleet, as updates address it: by its id or its group.
+#[derive(Clone)]
+pub struct FleetDevice {
+    pub id: String,
+    pub group: String,
+    pub addr: Addr<Device>,
+}
+
 /// Who gets which update.
 struct Forward {
-    devices: Vec<(String, Addr<Device>)>,
-    group: String,
+    devices: Vec<FleetDevice>,
     sha256: String,
 }
 
@@ -545,21 +549,23 @@ impl Forward {
             eprintln!("fleet: ignored a calibration update for other weights");
             return;
         }
-        for (_, d) in &self.devices {
-            d.do_send(ApplyCalibration { temperatures: u.temperatures.clone() });
+        for d in &self.devices {
+            if u.group.as_ref().is_none_or(|g| *g == d.group) {
+                d.addr.do_send(ApplyCalibration { temperatures: u.temperatures.clone() });
+            }
         }
     }
 
     fn plan(&self, p: &branchpoint_messages::PlanUpdate) {
         use branchpoint_messages::PlanTarget;
-        let apply = ApplyPlan { partition_branch: p.partition_branch as usize, p_tar: p.p_tar };
-        for (id, d) in &self.devices {
+        let apply = ApplyPlan { partition_branch: p.partition_branch as usize, p_tar: p.p_tar, target_accuracy: p.certified.map(|c| c.accuracy) };
+        for d in &self.devices {
             let for_me = match &p.target {
-                PlanTarget::Device(t) => t == id,
-                PlanTarget::Group(g) => *g == self.group,
+                PlanTarget::Device(t) => *t == d.id,
+                PlanTarget::Group(g) => *g == d.group,
             };
             if for_me {
-                d.do_send(apply.clone());
+                d.addr.do_send(apply.clone());
             }
         }
     }

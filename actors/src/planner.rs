@@ -116,7 +116,7 @@ impl Handler<DeviceReport> for Planner {
             estimated_mbit_s: r.estimated_mbit_s,
             prediction,
         });
-        let apply = ApplyPlan { partition_branch: prediction.plan.branch, p_tar: prediction.plan.p_tar };
+        let apply = ApplyPlan { partition_branch: prediction.plan.branch, p_tar: prediction.plan.p_tar, target_accuracy: prediction.certified.map(|t| t.accuracy) };
         match (r.reply_to, &self.nats) {
             (Some(device), _) => {
                 ctx.run_later(r.rtt, move |_, _| device.do_send(apply));

@@ -20,7 +20,7 @@ pub use error::MessageError;
 pub use tensor::{DType, Tensor, MAX_DIMS, MAX_TENSOR_BYTES};
 pub use wire::{
     decode, encode, AppliedPlan, AuditResult, AuditTag, BranchWatch, CalibrationStatus, CalibrationMethod, CalibrationRefit, CalibrationUpdate, CertifyReply, CertifyRequest, Deadline, ErrorKind, ErrorReply, FleetStatus, FleetSummary, Message,
-    NetworkReport, OffloadAnswer, OffloadReply, OffloadRequest, PlanTarget, PlanUpdate, CertifiedTarget,
+    NetworkReport, RefitSummary, ReliabilityBin, OffloadAnswer, OffloadReply, OffloadRequest, PlanTarget, PlanUpdate, CertifiedTarget,
     WorkerStatus, WorkerTimings, MAX_AUDIT_CLASSES, MAX_MESSAGE_BYTES,
 };
 

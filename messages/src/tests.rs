@@ -60,11 +60,12 @@ prop_compose! {
 
 prop_compose! {
     fn calibration()(model_sha256 in "[0-9a-f]{64}", which in 0u8..3,
-                     temperatures in prop::collection::vec(1e-3f64..100.0, 1..6))
+                     temperatures in prop::collection::vec(1e-3f64..100.0, 1..6),
+                     group in proptest::option::of(id()))
                      -> CalibrationUpdate {
         use CalibrationMethod::*;
         let method = [Uncalibrated, Global, PerBranch][which as usize];
-        CalibrationUpdate { model_sha256, method, temperatures }
+        CalibrationUpdate { model_sha256, method, temperatures, group }
     }
 }
 
@@ -155,21 +156,28 @@ prop_compose! {
 prop_compose! {
     fn audit()(model_sha256 in "[0-9a-f]{64}", device_id in id(), group in id(), partition_branch in 1u8.., decided_at_unix_us: u64,
                branch_logits in prop::collection::vec(-50f32..50.0, 2..12), pick: prop::sample::Index, on_device: bool, coin: bool,
-               audit_rate in 0.001f64..=1.0) -> AuditResult {
+               audit_rate in 0.001f64..=1.0, labelled: bool, y: prop::sample::Index) -> AuditResult {
         let final_class = pick.index(branch_logits.len()) as u32;
-        AuditResult { model_sha256, device_id, group, partition_branch, decided_at_unix_us, branch_logits, final_class, on_device, sampled: on_device || coin, audit_rate, p_tar: 0.9, target_accuracy: 0.9 }
+        let label = labelled.then(|| y.index(branch_logits.len()) as u32);
+        AuditResult { model_sha256, device_id, group, partition_branch, decided_at_unix_us, branch_logits, final_class, on_device, sampled: on_device || coin, audit_rate, p_tar: 0.9, target_accuracy: 0.9, label }
     }
 }
 
 prop_compose! {
     fn calibration_status()(model_sha256 in "[0-9a-f]{64}", at_unix_us: u64, refused: u64, group in id(), partition_branch in 1u8..,
-                            audits: u32, offloads: u32, est in proptest::option::of(0f64..=1.0), alarms: u64, refits: u64) -> CalibrationStatus {
+                            audits: u32, offloads: u32, est in proptest::option::of(0f64..=1.0), alarms: u64, refits: u64,
+                            bins in prop::collection::vec((0f64..=1.0, 0f64..=1.0, 0f64..1e6), 0..15), auto_refit: bool,
+                            refit_at in proptest::option::of(any::<u64>()), stale: u64) -> CalibrationStatus {
         let watch = BranchWatch {
             group, partition_branch, target_accuracy: 0.9, temperature: 1.5, threshold: 0.8, audits, offloads,
             edge_agreement: est, edge_agreement_low: est.map(|e| e * 0.9), edge_agreement_high: est.map(|e| (e * 1.1).min(1.0)),
             offload_rate: est, ece: est, alarms, refits,
+            edge_accuracy: est, edge_accuracy_low: est.map(|e| e * 0.8), edge_accuracy_high: est,
+            reliability: bins.into_iter().map(|(confidence, agreement, weight)| ReliabilityBin { confidence, agreement, weight }).collect(),
+            auto_refit, stale,
+            last_refit: refit_at.map(|at| RefitSummary { at_unix_us: at, decided_at_unix_us: at / 2, temperature: 1.7, threshold: 0.85, fit_inputs: 400, certify_inputs: 400 }),
         };
-        CalibrationStatus { model_sha256, at_unix_us, refused, watched: vec![watch] }
+        CalibrationStatus { model_sha256, at_unix_us, refused, watched: vec![watch], alarms_total: alarms, refits_total: refits }
     }
 }
 
@@ -454,8 +462,11 @@ fn ranges_are_checked() {
         audit_rate: 0.1,
         p_tar: 0.8,
         target_accuracy: 0.9,
+        label: Some(1),
     };
     assert!(audit.validate().is_ok());
+    assert!(AuditResult { label: None, ..audit.clone() }.validate().is_ok());
+    assert_refused!(AuditResult { label: Some(3), ..audit.clone() }.validate(), E::OutOfRange { field: "label", .. });
     assert_refused!(AuditResult { final_class: 3, ..audit.clone() }.validate(), E::OutOfRange { field: "final_class", .. });
     assert_refused!(AuditResult { branch_logits: vec![1.0, f32::NAN], final_class: 0, ..audit.clone() }.validate(), E::OutOfRange { field: "branch_logits", .. });
     assert_refused!(AuditResult { branch_logits: vec![1.0], final_class: 0, ..audit.clone() }.validate(), E::OutOfRange { field: "branch_logits", .. });
@@ -494,7 +505,10 @@ fn ranges_are_checked() {
         model_sha256: "ab".repeat(32),
         method: CalibrationMethod::PerBranch,
         temperatures,
+        group: None,
     };
+    assert!(CalibrationUpdate { group: Some("cameras".into()), ..cal(vec![1.0, 1.0]) }.validate().is_ok());
+    assert_refused!(CalibrationUpdate { group: Some("a.b".into()), ..cal(vec![1.0, 1.0]) }.validate(), E::BadId { .. });
     assert!(cal(vec![1.2, 0.9, 1.0]).validate().is_ok());
     assert_eq!(cal(vec![]).validate(), Err(E::NoTemperatures));
     assert_eq!(

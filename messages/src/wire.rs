@@ -154,6 +154,11 @@ pub struct AuditTag {
     pub p_tar: f64,
     pub target_accuracy: f64,
     pub decided_at_unix_us: u64,
+    /// The input's true label, where the sender knows it (a simulated
+    /// fleet replaying a labelled test set); never used to decide, only
+    /// reported beside the agreement with the final exit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<u32>,
 }
 
 impl AuditTag {
@@ -172,6 +177,7 @@ impl AuditTag {
             audit_rate: self.audit_rate,
             p_tar: self.p_tar,
             target_accuracy: self.target_accuracy,
+            label: self.label,
         }
     }
 }
@@ -401,6 +407,9 @@ pub struct AuditResult {
     /// its plan targets (the certified accuracy, or p_tar itself).
     pub p_tar: f64,
     pub target_accuracy: f64,
+    /// The true label, where the device knows it (simulation only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<u32>,
 }
 
 impl Message for AuditResult {
@@ -418,6 +427,9 @@ impl Message for AuditResult {
         }
         if self.final_class as usize >= n {
             return Err(MessageError::OutOfRange { field: "final_class", value: f64::from(self.final_class), expected: "below the number of classes" });
+        }
+        if let Some(y) = self.label.filter(|&y| y as usize >= n) {
+            return Err(MessageError::OutOfRange { field: "label", value: f64::from(y), expected: "below the number of classes" });
         }
         if self.on_device && !self.sampled {
             return Err(MessageError::OutOfRange { field: "sampled", value: 0.0, expected: "true for an audit (on_device)" });
@@ -445,6 +457,12 @@ pub struct CalibrationStatus {
     /// of range, another model's, or beyond the watched limit).
     pub refused: u64,
     pub watched: Vec<BranchWatch>,
+    /// Drift alarms and refits since the calibrator started (refits
+    /// alarmed too), over every monitor, past ones included.
+    #[serde(default)]
+    pub alarms_total: u64,
+    #[serde(default)]
+    pub refits_total: u64,
 }
 
 /// One watched (group, branch): the live estimate of the plan in force.
@@ -465,14 +483,82 @@ pub struct BranchWatch {
     pub ece: Option<f64>,
     pub alarms: u64,
     pub refits: u64,
+    /// On-device accuracy against the true labels and its 95 % interval,
+    /// from the audits that carried one (simulated fleets only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edge_accuracy: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edge_accuracy_low: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edge_accuracy_high: Option<f64>,
+    /// The live reliability diagram: the non-empty ones of 15 equal-width
+    /// confidence bins, weighted to stand for every input.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reliability: Vec<ReliabilityBin>,
+    /// Whether a drift alarm refits the branch (off: alarms only).
+    #[serde(default)]
+    pub auto_refit: bool,
+    /// The latest refit of this branch for the group, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_refit: Option<RefitSummary>,
+    /// Results decided under a plan a refit had already replaced (devices
+    /// that had not applied it yet): not counted in the estimates.
+    #[serde(default)]
+    pub stale: u64,
 }
+
+/// A drift refit, as a watched branch's status reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RefitSummary {
+    /// When the calibrator refit (its clock, µs since the epoch).
+    pub at_unix_us: u64,
+    /// The device's clock of the input that completed the refit's sample.
+    pub decided_at_unix_us: u64,
+    pub temperature: f64,
+    pub threshold: f64,
+    /// Sampled inputs that fit the temperature, and that certified the threshold.
+    pub fit_inputs: u32,
+    pub certify_inputs: u32,
+}
+
+/// One bin of a live reliability diagram.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ReliabilityBin {
+    /// Mean calibrated confidence of the bin's inputs.
+    pub confidence: f64,
+    /// Their agreement with the final exit.
+    pub agreement: f64,
+    /// Their weight: how many inputs they stand for.
+    pub weight: f64,
+}
+
+/// Most watched (group, branch) rows a status may carry.
+pub const MAX_WATCHED_ROWS: usize = 1024;
 
 impl Message for CalibrationStatus {
     fn validate(&self) -> Result<(), MessageError> {
         check_sha256(&self.model_sha256)?;
+        if self.watched.len() > MAX_WATCHED_ROWS {
+            return Err(MessageError::OutOfRange { field: "watched", value: self.watched.len() as f64, expected: "at most 1024 rows" });
+        }
         for w in &self.watched {
             check_id("group name", &w.group)?;
             check_branch(w.partition_branch)?;
+            if w.reliability.len() > 15 {
+                return Err(MessageError::OutOfRange { field: "reliability", value: w.reliability.len() as f64, expected: "at most 15 bins" });
+            }
+            let probability = |v: f64| (0.0..=1.0).contains(&v);
+            if let Some(b) = w.reliability.iter().find(|b| !(probability(b.confidence) && probability(b.agreement) && b.weight.is_finite() && b.weight >= 0.0)) {
+                return Err(MessageError::OutOfRange { field: "reliability", value: b.confidence, expected: "confidence and agreement in [0, 1], a finite weight" });
+            }
+            if let Some(r) = &w.last_refit {
+                if !(r.temperature.is_finite() && r.temperature > 0.0) {
+                    return Err(MessageError::OutOfRange { field: "last_refit.temperature", value: r.temperature, expected: "a positive number" });
+                }
+                if !probability(r.threshold) {
+                    return Err(MessageError::PTar(r.threshold));
+                }
+            }
         }
         Ok(())
     }
@@ -487,11 +573,21 @@ pub struct CalibrationUpdate {
     pub method: CalibrationMethod,
     /// One per exit, ordered branch 1, branch 2, ..., final.
     pub temperatures: Vec<f64>,
+    /// Set when these temperatures are for one device group only: the
+    /// calibrator refit a branch for that group's inputs after a drift
+    /// alarm. Such updates travel only through the control store (key
+    /// `model.<sha256>.group.<group>`), never on the update subject, so a
+    /// peer that does not know this field never applies them to everyone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 impl Message for CalibrationUpdate {
     fn validate(&self) -> Result<(), MessageError> {
         check_sha256(&self.model_sha256)?;
+        if let Some(g) = &self.group {
+            check_id("group name", g)?;
+        }
         if self.temperatures.is_empty() {
             return Err(MessageError::NoTemperatures);
         }

@@ -252,6 +252,24 @@ pub struct CalibratorArgs {
     pub source: ModelArgs,
     #[command(flatten)]
     pub temperatures: TemperatureArgs,
+    /// Watch calibration live but never refit: drift alarms are still raised, logged and counted, and the dashboard shows them.
+    #[arg(long)]
+    pub alarm_only: bool,
+    /// Live estimates and refits use the audits of the last this many seconds.
+    #[arg(long, default_value_t = 120.0, value_name = "SECONDS")]
+    pub watch_window_s: f64,
+    /// A refit waits for this many sampled inputs after the alarm (half fit the branch's temperature, half certify its threshold).
+    #[arg(long, default_value_t = 800, value_name = "N")]
+    pub min_refit_sample: usize,
+    /// Refits of one group and branch are at least this many seconds apart.
+    #[arg(long, default_value_t = 60.0, value_name = "SECONDS")]
+    pub min_refit_interval_s: f64,
+    /// The drift test alarms when on-device agreement with the final exit looks this far below the target.
+    #[arg(long, default_value_t = 0.03, value_name = "ACCURACY")]
+    pub drift_margin: f64,
+    /// A refit certifies its threshold with confidence 1 - this.
+    #[arg(long, default_value_t = 0.05, value_name = "DELTA")]
+    pub refit_delta: f64,
 }
 
 /// Where a NATS service's temperatures come from: a fit on the validation

@@ -377,6 +377,7 @@ fn malformed_requests_get_typed_error_replies_and_the_worker_keeps_serving() {
             p_tar: 0.8,
             target_accuracy: 0.9,
             decided_at_unix_us: 42,
+            label: Some(1),
         };
         let audited = OffloadRequest { audit: Some(tag.clone()), ..request(1, &shape, elems as usize) };
         let class = match ask(subjects::offload(1), encode(&audited).unwrap()).await {
@@ -495,81 +496,95 @@ fn calibration_refits_and_plans_reach_running_devices() {
     assert!(first_fitted >= 50, "the first 50 inputs were decided with T = 1");
 }
 
+/// An audit result as a worker sends it: branch logits confident in class
+/// 3, the final exit agreeing or not.
+fn audit_result(sha: &str, group: &str, i: u64, agrees: bool) -> branchpoint_messages::AuditResult {
+    let mut logits = vec![0f32; 10];
+    logits[3] = 6.0;
+    branchpoint_messages::AuditResult {
+        model_sha256: sha.to_string(),
+        device_id: "cam-1".into(),
+        group: group.into(),
+        partition_branch: 1,
+        decided_at_unix_us: 1_000_000 + i * 10_000,
+        branch_logits: logits,
+        final_class: if agrees { 3 } else { 4 },
+        on_device: true,
+        sampled: true,
+        audit_rate: 0.1,
+        p_tar: 0.8,
+        target_accuracy: 0.9,
+        label: Some(3),
+    }
+}
+
+fn model_sha(url: &str) -> String {
+    runtime().block_on(async {
+        let client = async_nats::connect(url).await.unwrap();
+        let current: branchpoint_messages::CalibrationUpdate = decode(&client.request(subjects::CALIBRATION_GET, "".into()).await.unwrap().payload).unwrap();
+        current.model_sha256
+    })
+}
+
+fn publish_all(url: &str, payloads: Vec<Vec<u8>>) {
+    runtime().block_on(async {
+        let client = async_nats::connect(url).await.unwrap();
+        for p in payloads {
+            client.publish(subjects::CALIBRATION_AUDIT, p.into()).await.unwrap();
+        }
+        client.flush().await.unwrap();
+    });
+}
+
 /// The calibrator watches audit results live: an outside client of the wire
 /// format publishes them (as workers will), the calibrator's status shows
 /// the estimate of the plan in force, a run of disagreements raises a drift
 /// alarm, and malformed, out-of-range or other models' results are refused
-/// and counted without stopping it.
+/// and counted without stopping it. With `--alarm-only` an operator sees
+/// the alarm and nothing is refit.
 #[test]
 fn the_calibrator_watches_audit_results_and_alarms_on_drift() {
-    use branchpoint_messages::{AuditResult, CalibrationStatus, CalibrationUpdate};
+    use branchpoint_messages::{AuditResult, CalibrationStatus};
     let _serial = serial();
     let store = tempfile::tempdir().unwrap();
     let nats = NatsServer::start_with(&["-js", "-sd", store.path().to_str().unwrap()]);
-    let _cal = start_service("calibrator", &["calibrator", "--nats", &nats.url], "calibrator serving", Duration::from_secs(60));
+    let _cal = start_service("calibrator", &["calibrator", "--nats", &nats.url, "--alarm-only", "--min-refit-sample", "50"], "calibrator serving", Duration::from_secs(60));
     let api = format!("127.0.0.1:{}", port());
     let _api = start_service("watch-api", &["serve", "--nats", &nats.url, "--listen", &api], "api listening", Duration::from_secs(60));
     let statuses: Watch<CalibrationStatus> = Watch::new(&nats.url, subjects::CALIBRATION_STATUS);
-    let sha = runtime().block_on(async {
-        let client = async_nats::connect(&nats.url).await.unwrap();
-        let current: CalibrationUpdate = decode(&client.request(subjects::CALIBRATION_GET, "".into()).await.unwrap().payload).unwrap();
-        current.model_sha256
-    });
-    let result = |i: u64, agrees: bool| {
-        let mut logits = vec![0f32; 10];
-        logits[3] = 6.0;
-        AuditResult {
-            model_sha256: sha.clone(),
-            device_id: "cam-1".into(),
-            group: "cameras".into(),
-            partition_branch: 1,
-            decided_at_unix_us: 1_000_000 + i * 10_000,
-            branch_logits: logits,
-            final_class: if agrees { 3 } else { 4 },
-            on_device: true,
-            sampled: true,
-            audit_rate: 0.1,
-            p_tar: 0.8,
-            target_accuracy: 0.9,
-        }
-    };
-    runtime().block_on(async {
-        let client = async_nats::connect(&nats.url).await.unwrap();
-        // 200 audits that agree: no alarm.
-        for i in 0..200 {
-            client.publish(subjects::CALIBRATION_AUDIT, encode(&result(i, true)).unwrap().into()).await.unwrap();
-        }
-        // Refused: bytes that are no message, another model's result, a
-        // branch the model lacks, the wrong number of classes.
-        client.publish(subjects::CALIBRATION_AUDIT, "nonsense".into()).await.unwrap();
-        let other = AuditResult { model_sha256: "ab".repeat(32), ..result(200, true) };
-        let branch = AuditResult { partition_branch: 9, ..result(201, true) };
-        let classes = AuditResult { branch_logits: vec![1.0, 0.0, 0.0], final_class: 0, ..result(202, true) };
-        for r in [other, branch, classes] {
-            client.publish(subjects::CALIBRATION_AUDIT, encode(&r).unwrap().into()).await.unwrap();
-        }
-        client.flush().await.unwrap();
-    });
+    let sha = model_sha(&nats.url);
+    let result = |i: u64, agrees: bool| audit_result(&sha, "cameras", i, agrees);
+    // 200 audits that agree: no alarm. Refused: bytes that are no message,
+    // another model's result, a branch the model lacks, the wrong number of
+    // classes.
+    let mut payloads: Vec<Vec<u8>> = (0..200).map(|i| encode(&result(i, true)).unwrap()).collect();
+    payloads.push(b"nonsense".to_vec());
+    let other = AuditResult { model_sha256: "ab".repeat(32), ..result(200, true) };
+    let branch = AuditResult { partition_branch: 9, ..result(201, true) };
+    let classes = AuditResult { branch_logits: vec![1.0, 0.0, 0.0], final_class: 0, label: None, ..result(202, true) };
+    payloads.extend([other, branch, classes].iter().map(|r| encode(r).unwrap()));
+    publish_all(&nats.url, payloads);
     let calm = statuses.wait("the status of 200 agreeing audits and 4 refused results", Duration::from_secs(60), |seen| {
         seen.iter().rev().find(|s| s.refused == 4 && s.watched.first().is_some_and(|w| w.audits == 200)).cloned()
     });
     let w = &calm.watched[0];
     assert_eq!((w.group.as_str(), w.partition_branch, w.alarms, w.threshold, w.target_accuracy), ("cameras", 1, 0, 0.8, 0.9));
     assert_eq!(w.edge_agreement, Some(1.0));
+    assert_eq!(w.edge_accuracy, Some(1.0), "the results carry labels: the accuracy is estimated beside the agreement");
     assert!(w.edge_agreement_low.unwrap() > 0.97 && w.edge_agreement_high == Some(1.0), "{w:?}");
-    // A run of disagreements: the drift test alarms.
-    runtime().block_on(async {
-        let client = async_nats::connect(&nats.url).await.unwrap();
-        for i in 203..403 {
-            client.publish(subjects::CALIBRATION_AUDIT, encode(&result(i, i % 3 == 0)).unwrap().into()).await.unwrap();
-        }
-        client.flush().await.unwrap();
+    assert!(!w.auto_refit, "--alarm-only");
+    assert!(!w.reliability.is_empty() && w.reliability.iter().all(|b| b.agreement == 1.0), "a live reliability diagram: {:?}", w.reliability);
+    // A run of disagreements, then more than enough for a refit: the drift
+    // test alarms, and with --alarm-only nothing is refit.
+    publish_all(&nats.url, (203..603).map(|i| encode(&result(i, i % 3 == 0)).unwrap()).collect());
+    let drifted = statuses.wait("a drift alarm", Duration::from_secs(60), |seen| {
+        seen.iter().rev().find(|s| s.watched.first().is_some_and(|w| w.alarms > 0 && w.audits == 600)).cloned()
     });
-    let drifted = statuses.wait("a drift alarm", Duration::from_secs(60), |seen| seen.iter().rev().find(|s| s.watched.first().is_some_and(|w| w.alarms > 0)).cloned());
     let w = &drifted.watched[0];
     assert!(w.edge_agreement.unwrap() < 0.9, "{w:?}");
-    assert_eq!(w.refits, 0, "over NATS the calibrator alarms; it does not refit yet");
-    assert!(service_log("calibrator").contains("drift alarm"), "{}", service_log("calibrator"));
+    assert_eq!((w.refits, drifted.refits_total, w.threshold), (0, 0, 0.8), "alarms only: no refit, the plan stands");
+    assert!(drifted.alarms_total >= w.alarms);
+    assert!(service_log("calibrator").contains("drift alarm") && service_log("calibrator").contains("automatic refits are off"), "{}", service_log("calibrator"));
     // The control plane shows the same: /api/calibration and /metrics.
     let body = wait_for("the API to show the alarm", Duration::from_secs(60), || {
         let r = http("GET", &api, "/api/calibration", None, None);
@@ -578,10 +593,88 @@ fn the_calibrator_watches_audit_results_and_alarms_on_drift() {
     });
     assert_eq!(body["watch"]["refused"], 4, "{body}");
     assert_eq!(body["watch"]["branches"][0]["group"], "cameras");
+    assert!(body["watch"]["branches"][0]["reliability"].as_array().is_some_and(|b| !b.is_empty()), "{body}");
     let m = http("GET", &api, "/metrics", None, None).body;
     assert!(metric(&m, "branchpoint_watch_alarms_total{group=\"cameras\",branch=\"1\"").is_some_and(|a| a > 0.0), "{m}");
     assert_eq!(metric(&m, "branchpoint_watch_refused_total"), Some(4.0));
     assert!(metric(&m, "branchpoint_watch_edge_agreement{group=\"cameras\"").is_some_and(|a| a < 0.9), "{m}");
+    assert_eq!(metric(&m, "branchpoint_calibrator_drift_refits_total"), Some(0.0));
+}
+
+/// A drift alarm refits the group's branch from the sampled inputs that
+/// arrive after it, and stores the group's temperatures and certified plan
+/// in the control store (where running devices pick them up); results
+/// decided under the replaced plan are stale and skipped; another group
+/// keeps the model's temperatures.
+#[test]
+fn a_drift_refit_is_stored_for_the_group() {
+    use branchpoint_actors::control::{group_calibration_key, ControlStore};
+    use branchpoint_messages::{AuditResult, CalibrationStatus, PlanTarget};
+    let _serial = serial();
+    let store = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start_with(&["-js", "-sd", store.path().to_str().unwrap()]);
+    let _cal = start_service(
+        "refitting-calibrator",
+        &["calibrator", "--nats", &nats.url, "--min-refit-sample", "200", "--min-refit-interval-s", "1"],
+        "calibrator serving",
+        Duration::from_secs(60),
+    );
+    let statuses: Watch<CalibrationStatus> = Watch::new(&nats.url, subjects::CALIBRATION_STATUS);
+    let sha = model_sha(&nats.url);
+    // Group "night": agreeing, then only one in three agrees. Group "day"
+    // agrees throughout.
+    let mut payloads = Vec::new();
+    for i in 0..800u64 {
+        payloads.push(encode(&audit_result(&sha, "night", i, i < 100 || i % 3 == 0)).unwrap());
+        payloads.push(encode(&audit_result(&sha, "day", i, true)).unwrap());
+    }
+    publish_all(&nats.url, payloads);
+    // Every result taken (they arrive in order, day's last).
+    let refit = statuses.wait("a refit of group night, and every result taken", Duration::from_secs(60), |seen| {
+        seen.iter().rev().find(|s| s.watched.iter().any(|w| w.group == "night" && w.refits == 1) && s.watched.iter().any(|w| w.group == "day" && w.audits == 800)).cloned()
+    });
+    let night = refit.watched.iter().find(|w| w.group == "night").unwrap();
+    let last = night.last_refit.expect("the refit is reported");
+    assert!(last.fit_inputs + last.certify_inputs >= 200, "{last:?}");
+    assert!(night.temperature > 1.0 && night.temperature == last.temperature, "agreement far below confidence: a higher temperature: {night:?}");
+    assert_eq!(refit.refits_total, 1);
+    let day = refit.watched.iter().find(|w| w.group == "day").unwrap();
+    assert_eq!((day.alarms, day.refits), (0, 0), "{day:?}");
+    // The store holds the group's temperatures and its certified plan.
+    let (plans, temps, model) = runtime().block_on(async {
+        let client = async_nats::connect(&nats.url).await.unwrap();
+        let store = ControlStore::open(&client).await.unwrap();
+        let model = store.calibration(&sha).await.unwrap().unwrap().value;
+        (store.plans().await.unwrap(), store.calibrations(&sha).await.unwrap(), model)
+    });
+    let plan = plans.iter().find(|p| p.value.target == PlanTarget::Group("night".into())).expect("the group's plan is stored").value.clone();
+    assert_eq!((plan.partition_branch, plan.p_tar), (1, last.threshold));
+    let target = plan.certified.expect("a certified plan");
+    assert_eq!((target.accuracy, target.delta), (0.9, 0.05));
+    let group = temps.iter().find(|t| t.value.group.as_deref() == Some("night")).expect("the group's temperatures are stored").value.clone();
+    assert_eq!(group.temperatures[0], last.temperature);
+    assert_eq!(group.temperatures[1..], model.temperatures[1..], "only the refit branch changes");
+    assert!(!plans.iter().any(|p| p.value.target == PlanTarget::Group("day".into())) && temps.iter().all(|t| t.value.group.as_deref() != Some("day")));
+    assert!(group_calibration_key(&sha, "night").ends_with(".group.night"));
+    let log = service_log("refitting-calibrator");
+    assert!(log.contains("drift refit for group night, branch 1") && log.contains("stored for the group's devices"), "{log}");
+    // Results still decided under the old plan (p_tar 0.8) are stale: they
+    // neither count nor start another monitor.
+    let stale = night.stale;
+    assert!(stale > 0, "the night results after the refit were decided under the replaced plan: {night:?}");
+    publish_all(&nats.url, (800..850).map(|i| encode(&audit_result(&sha, "night", i, false)).unwrap()).collect());
+    let after = statuses.wait("the stale results counted", Duration::from_secs(60), |seen| {
+        seen.iter().rev().find(|s| s.watched.iter().any(|w| w.group == "night" && w.stale == stale + 50)).cloned()
+    });
+    let night_after = after.watched.iter().filter(|w| w.group == "night").collect::<Vec<_>>();
+    assert_eq!(night_after.len(), 1, "one monitor per group and branch: {night_after:?}");
+    assert_eq!(night_after[0].refits, 1);
+    // The refit plan's own results count.
+    let under_refit = |i: u64| AuditResult { p_tar: last.threshold, ..audit_result(&sha, "night", i, true) };
+    publish_all(&nats.url, (850..860).map(|i| encode(&under_refit(i)).unwrap()).collect());
+    statuses.wait("results under the refit plan", Duration::from_secs(60), |seen| {
+        seen.iter().rev().find(|s| s.watched.iter().any(|w| w.group == "night" && w.threshold == last.threshold && w.audits > 0 && w.stale == stale + 50)).cloned()
+    });
 }
 
 /// `branchpoint planner --certify-delta`: its candidates are certified

@@ -67,10 +67,10 @@ fn scenario_errors_name_the_key_and_the_file() {
     expect_error(&shift("5.0", "fog:2"), &["groups[0] (g).shift.corruption", "fog", "gaussian-noise"]);
     expect_error(&shift("5.0", "contrast:7"), &["groups[0] (g).shift.corruption", "1 to 5"]);
     expect_error(&shift("12.0", "contrast:2"), &["groups[0] (g).shift.at_s", "duration_s"]);
-    expect_error(&shift("5.0", "contrast:2").replace("duration_s = 10.0", "duration_s = 10.0\ntime = \"real\""), &["shift", "virtual time only"]);
+    assert!(parse(&shift("5.0", "contrast:2").replace("duration_s = 10.0", "duration_s = 10.0\ntime = \"real\"")).is_ok(), "shifts replay in real time too");
     expect_error(&format!("{VALID}\n[watch]\naudit_rate = 0.0\n"), &["watch.audit_rate"]);
     expect_error(&format!("{VALID}\n[watch]\naudit = 0.1\n"), &["unknown field", "audit"]);
-    expect_error(&VALID.replace("duration_s = 10.0", "duration_s = 10.0\npolicies = [\"watched\"]\ntime = \"real\""), &["watched policy", "virtual time only"]);
+    assert!(parse(&VALID.replace("duration_s = 10.0", "duration_s = 10.0\npolicies = [\"watched\", \"uncalibrated\"]\ntime = \"real\"")).is_ok(), "with --nats, run says otherwise");
     expect_error(&VALID.replace("duration_s = 10.0", "duration_s = 0.0"), &["duration_s"]);
     expect_error(&VALID.replace("seed = 1", "seed = \"one\""), &["seed"]);
     expect_error(&VALID.replace("rtt_ms = 20.0", ""), &["groups[0] (g).network", "rtt_ms"]);
@@ -369,6 +369,71 @@ fn the_trace_command_regenerates_the_shipped_trace() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let shipped = std::fs::read(repo_root().join("scenarios/traces/synthetic-cellular.up")).unwrap();
     assert!(std::fs::read(&out).unwrap() == shipped, "scenarios/traces/synthetic-cellular.up is `branchpoint trace` with its defaults");
+}
+
+/// The input shift in real time across a real NATS server (the shipped
+/// input-shift-live scenario): the watched devices audit, the workers send
+/// the final exit's answers to the run's calibrator, its drift test alarms
+/// after the shift, and its refit reaches the running devices through the
+/// control store: they decide with the refit threshold from then on. The
+/// live estimate's interval holds the truth, and the calibrated-once
+/// devices stay below the target. Without --nats the run refuses at once.
+#[test]
+fn a_live_shift_is_detected_and_the_refit_reaches_the_devices_through_the_store() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let shipped = repo_root().join("scenarios/input-shift-live.toml");
+    let model = repo_root().join("models/bvgg-fmnist.safetensors");
+    let model = model.to_str().unwrap();
+    let o = output_within(branchpoint().arg("run").arg(&shipped).args(["--model", model]), Duration::from_secs(30));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("needs --nats") && err.contains("input-shift-live.toml"), "{err}");
+
+    let store = tempfile::tempdir().unwrap();
+    let nats = common::NatsServer::start_with(&["-js", "-sd", store.path().to_str().unwrap()]);
+    let dir = tempfile::tempdir().unwrap();
+    let r = replay(&shipped, &["--nats", &nats.url, "--model", model], &dir.path().join("out"));
+    assert_eq!(r.time, "real");
+    let (stat, watched) = (policy(&r, "static"), policy(&r, "watched"));
+    assert_eq!(stat.totals.inputs, watched.totals.inputs, "the same arrivals");
+    let shift_s = 8.0;
+    // Per-second on-device accuracy, weighted by on-device inputs, from `from` s on.
+    let edge_from = |p: &branchpoint::scenario::report::PolicyReport, from: usize| {
+        let (mut right, mut n) = (0.0, 0.0);
+        for (i, a) in p.series.edge_accuracy.iter().enumerate().skip(from) {
+            if let Some(a) = a {
+                let on_device = p.series.inputs[i] as f64 * (1.0 - p.series.offload_rate[i].unwrap_or(1.0));
+                right += a * on_device;
+                n += on_device;
+            }
+        }
+        right / n
+    };
+    let before = edge_from(stat, 0).min(1.0);
+    let after_static = edge_from(stat, shift_s as usize + 1);
+    assert!(after_static < 0.9, "calibrated once, the on-device accuracy falls below the 0.9 target after the shift: {after_static} (before: {before})");
+    let w = &watched.watch[0];
+    let delay = w.detection_delay_s.expect("the shift is detected live");
+    assert!(delay > 0.0, "{delay}");
+    let refit = w.refits.first().expect("and the branch refit");
+    assert!(refit.t_s > shift_s + delay - 1e-6 && refit.temperature > r.model.temperatures[0], "{refit:?}");
+    // The refit reached the running devices through the control store: the
+    // bins after it hold the refit threshold (the only way it gets to them).
+    let from = refit.t_s.ceil() as usize + 1;
+    assert!(from + 2 < watched.series.p_tar.len(), "the refit at {} s leaves time to see it applied", refit.t_s);
+    let p_tars: Vec<f64> = watched.series.p_tar[from + 1..].iter().flatten().copied().collect();
+    assert!(!p_tars.is_empty() && p_tars.iter().all(|p| (p - refit.threshold).abs() < 1e-9), "the devices decide with the refit threshold {}: {p_tars:?}", refit.threshold);
+    // What it certified holds: the on-device agreement with the final exit
+    // under the refit plan meets the target (within the drift margin), and
+    // the accuracy against the labels rises above the calibrated-once one.
+    let agreement: Vec<f64> = w.true_edge_agreement[from..].iter().flatten().copied().collect();
+    assert!(agreement.iter().all(|&a| a > 0.87), "{agreement:?}");
+    let after_watched = edge_from(watched, from);
+    assert!(after_watched > after_static, "watched {after_watched} vs calibrated once {after_static} after the shift");
+    assert!(w.interval_coverage.unwrap() >= 0.9, "the live interval holds the truth in {:?} of windows", w.interval_coverage);
+    assert!(w.audits > 0 && w.audit_uplink_share.is_some_and(|s| s > 0.0 && s < 0.5), "{:?}", w.audit_uplink_share);
+    let shift_bin = shift_s as usize;
+    let calm: Vec<f64> = w.true_edge_agreement[..shift_bin].iter().flatten().copied().collect();
+    assert!(calm.iter().all(|&a| a > 0.95), "before the shift the branch keeps its target: {calm:?}");
 }
 
 /// Real time, across a real NATS server: the live devices, workers and

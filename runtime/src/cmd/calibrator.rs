@@ -1,6 +1,6 @@
 //! `branchpoint calibrator`: the calibration actor on NATS.
 use anyhow::{bail, Context, Result};
-use branchpoint_actors::calibration::{method_of, serve_calibration_nats, Calibrator, CalibratorConfig, Initial};
+use branchpoint_actors::calibration::{method_of, serve_calibration_nats, Calibrator, CalibratorConfig, Initial, WatchSettings};
 use branchpoint_actors::control::ControlStore;
 use branchpoint_models::calibration::{CalibrationFile, Method};
 
@@ -17,7 +17,23 @@ pub fn run(args: CalibratorArgs) -> Result<()> {
         Some(path) => Initial::File(CalibrationFile::read(path)?),
         None => Initial::Fit(Method::parse(&args.temperatures.method)?),
     };
-    let cfg = CalibratorConfig { weights: args.source.model.clone(), data_dir: args.source.data_dir.clone(), initial, watch: Default::default() };
+    let seconds = |flag: &str, v: f64| -> Result<u64> {
+        if !(v.is_finite() && v > 0.0) {
+            bail!("--{flag} {v}: give a positive number of seconds");
+        }
+        Ok((v * 1e6).round() as u64)
+    };
+    let watch = WatchSettings {
+        window_us: seconds("watch-window-s", args.watch_window_s)?,
+        min_refit_interval_us: seconds("min-refit-interval-s", args.min_refit_interval_s)?,
+        min_refit_sample: args.min_refit_sample,
+        drift_margin: args.drift_margin,
+        delta: args.refit_delta,
+        auto_refit: !args.alarm_only,
+        ..WatchSettings::default()
+    };
+    watch.validate().context("the calibrator's live watch (--drift-margin, --refit-delta, --min-refit-sample)")?;
+    let cfg = CalibratorConfig { weights: args.source.model.clone(), data_dir: args.source.data_dir.clone(), initial, watch };
     let system = actix::System::new();
     system.block_on(async move {
         let client = crate::nats::connect(&args.nats, "branchpoint-calibrator").await?;
@@ -44,12 +60,14 @@ pub fn run(args: CalibratorArgs) -> Result<()> {
         let ready = move || {
             service.mark_ready();
             eprintln!(
-                "calibrator serving {} and {}; {} temperatures {:?} published on {}",
+                "calibrator serving {} and {}; {} temperatures {:?} published on {}; watching audits on {} ({})",
                 branchpoint_messages::subjects::CALIBRATION_GET,
                 branchpoint_messages::subjects::CALIBRATION_REFIT,
                 file.method.name(),
                 file.temperatures,
-                branchpoint_messages::subjects::CALIBRATION_UPDATE
+                branchpoint_messages::subjects::CALIBRATION_UPDATE,
+                branchpoint_messages::subjects::CALIBRATION_AUDIT,
+                if watch.auto_refit { "drift alarms refit the group's branch" } else { "alarms only" },
             )
         };
         crate::shutdown::serving();

@@ -17,6 +17,12 @@ pub fn run(args: RunArgs) -> Result<()> {
     let scenario = Scenario::read(&args.scenario, args.trace.as_deref())?;
     // A broker means live actors: virtual time runs in one process.
     let time = if args.nats.nats.is_some() { TimeMode::Real } else { scenario.time };
+    if time == TimeMode::Real && args.nats.nats.is_none() && scenario.policies.contains(&scenario::Policy::Watched) {
+        bail!(
+            "scenario {}: the watched policy in real time needs --nats URL (a NATS server with JetStream): its refits reach the devices through the control store",
+            scenario.path.display()
+        );
+    }
     tch::set_num_threads(std::thread::available_parallelism().map_or(1, |n| n.get() as i32));
     let model = args.source.load_model(tch::Device::Cpu)?;
     let data = args.source.load_data(&model)?;
@@ -24,12 +30,13 @@ pub fn run(args: RunArgs) -> Result<()> {
     eprintln!("scenario {} ({}): computing the model's answers on {} test inputs", scenario.name, scenario.path.display(), data.test.len());
     let logits = split_logits(&model, &data)?;
     // The model's answers on the test inputs as each shift corrupts them.
-    let mut shifted = Vec::new();
+    let (mut shifted, mut shifted_splits) = (Vec::new(), Vec::new());
     for (corruption, seed) in scenario.shift_views() {
         eprintln!("scenario {}: computing the model's answers on the test inputs under {corruption}", scenario.name);
         let images = corruption.apply(&data.test.images, &model.card.dataset.name.normalization(), seed, 0)?;
         let split = branchpoint_models::data::Split { images, labels: data.test.labels.shallow_clone() };
         shifted.push(branchpoint_models::calibration::split_exit_logits(&model.net, &split)?);
+        shifted_splits.push(split);
     }
     let prepared = scenario::prepare(&scenario, &model, &logits.validation, &logits.test, &shifted, &profile)?;
     let cfg = scenario::sim_config(&scenario, &prepared)?;
@@ -54,6 +61,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
         TimeMode::Real => {
             let inputs = std::sync::Arc::new(TestInputs::from_split(&data.test)?);
+            let shifted = shifted_splits.iter().map(|s| TestInputs::from_split(s).map(std::sync::Arc::new)).collect::<Result<Vec<_>, _>>()?;
             let setup = scenario::live::LiveSetup {
                 scenario: &scenario,
                 cfg: &cfg,
@@ -61,8 +69,10 @@ pub fn run(args: RunArgs) -> Result<()> {
                 spec: ModelSpec { weights: args.source.model.clone(), device: tch::Device::Cpu },
                 points: model.net.architecture().partition_points.clone(),
                 inputs,
+                shifted,
                 nats: &args.nats,
                 model_sha256: model.card.weights_sha256.clone(),
+                data_dir: args.source.data_dir.clone(),
             };
             let n = scenario.policies.iter().filter(|p| **p != scenario::Policy::Oracle).count();
             tch::set_num_threads(1);

@@ -714,8 +714,12 @@ async fn metrics(state: web::Data<ApiState>) -> HttpResponse {
     if let Some(status) = state.calibration_status() {
         m.family("branchpoint_watch_refused_total", "counter", "Audit results the calibrator refused (malformed, out of range, another model's).");
         m.sample("branchpoint_watch_refused_total", "", status.refused as f64);
+        m.family("branchpoint_calibrator_drift_alarms_total", "counter", "Drift alarms the calibrator raised since it started (refits included).");
+        m.sample("branchpoint_calibrator_drift_alarms_total", "", status.alarms_total as f64);
+        m.family("branchpoint_calibrator_drift_refits_total", "counter", "Drift refits the calibrator made and stored since it started.");
+        m.sample("branchpoint_calibrator_drift_refits_total", "", status.refits_total as f64);
         type WatchGauge = (&'static str, &'static str, &'static str, fn(&branchpoint_messages::BranchWatch) -> Option<f64>);
-        let watch_metrics: [WatchGauge; 9] = [
+        let watch_metrics: [WatchGauge; 15] = [
             ("branchpoint_watch_edge_agreement", "gauge", "Live estimate of on-device agreement with the final exit (audits in the window).", |w| w.edge_agreement),
             ("branchpoint_watch_edge_agreement_low", "gauge", "Its 95 % interval, low end.", |w| w.edge_agreement_low),
             ("branchpoint_watch_edge_agreement_high", "gauge", "Its 95 % interval, high end.", |w| w.edge_agreement_high),
@@ -725,12 +729,18 @@ async fn metrics(state: web::Data<ApiState>) -> HttpResponse {
             ("branchpoint_watch_audits", "gauge", "Audits in the window of the plan in force.", |w| Some(f64::from(w.audits))),
             ("branchpoint_watch_alarms_total", "counter", "Drift alarms raised.", |w| Some(w.alarms as f64)),
             ("branchpoint_watch_refits_total", "counter", "Refits made.", |w| Some(w.refits as f64)),
+            ("branchpoint_watch_edge_accuracy", "gauge", "Live estimate of on-device accuracy against true labels (audits that carry one: simulated fleets).", |w| w.edge_accuracy),
+            ("branchpoint_watch_edge_accuracy_low", "gauge", "Its 95 % interval, low end.", |w| w.edge_accuracy_low),
+            ("branchpoint_watch_edge_accuracy_high", "gauge", "Its 95 % interval, high end.", |w| w.edge_accuracy_high),
+            ("branchpoint_watch_temperature", "gauge", "The branch's temperature for the group (a refit changes it).", |w| Some(w.temperature)),
+            ("branchpoint_watch_threshold", "gauge", "The threshold the group's plan holds (a refit certifies a new one).", |w| Some(w.threshold)),
+            ("branchpoint_watch_stale_results_total", "counter", "Results decided under a plan a refit had replaced (not counted in the estimates).", |w| Some(w.stale as f64)),
         ];
         for (name, kind, help, get) in watch_metrics {
             m.family(name, kind, help);
             for w in &status.watched {
                 if let Some(v) = get(w) {
-                    m.sample(name, &format!("group=\"{}\",branch=\"{}\",p_tar=\"{}\"", label(&w.group), w.partition_branch, w.threshold), v);
+                    m.sample(name, &format!("group=\"{}\",branch=\"{}\"", label(&w.group), w.partition_branch), v);
                 }
             }
         }

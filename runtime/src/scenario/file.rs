@@ -556,9 +556,6 @@ impl Scenario {
                 if !(shift.at_s.is_finite() && shift.at_s >= 0.0 && shift.at_s < self.duration_s) {
                     return Err(self.err(&key("shift.at_s"), format!("{} must be in [0, duration_s = {})", shift.at_s, self.duration_s)));
                 }
-                if self.time == TimeMode::Real {
-                    return Err(self.err(&key("shift"), "input shifts are replayed in virtual time only for now: remove the table or set time = \"virtual\""));
-                }
             }
         }
         self.validate_watch()
@@ -581,11 +578,6 @@ impl Scenario {
         }
         if w.min_refit_sample < 4 {
             return Err(self.err("watch.min_refit_sample", format!("{} must be at least 4", w.min_refit_sample)));
-        }
-        for p in [Policy::Watched, Policy::Uncalibrated] {
-            if self.policies.contains(&p) && self.time == TimeMode::Real {
-                return Err(self.err("policies", format!("the {} policy is replayed in virtual time only for now: remove it or set time = \"virtual\"", p.name())));
-            }
         }
         for g in &self.groups {
             if self.policies.contains(&Policy::Watched) && g.p_tar <= w.drift_margin {

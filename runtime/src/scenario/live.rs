@@ -8,6 +8,16 @@
 //! Device compute is this machine's real head forward, not the profile
 //! times `compute.device_slowdown`. The oracle needs every fixed plan
 //! replayed in hindsight, so it exists only in virtual time.
+//!
+//! A group's `[groups.shift]` switches its devices to the corrupted test
+//! images from its time on. The watched policy runs the whole live loop
+//! over NATS: devices audit, workers send the final exit's answers to a
+//! calibrator (`serve_calibration_nats`), whose drift refits reach the
+//! devices through the control store; its report's estimates are the
+//! calibrator's statuses, its truth the devices' outcomes. Audits bypass
+//! the emulated uplink (they would queue ahead of real offloads on a FIFO
+//! link); their bytes and worker time are counted instead, as in virtual
+//! time.
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
@@ -16,11 +26,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::Actor;
 use anyhow::{bail, Context, Result};
-use branchpoint_actors::collector::{Collector, Decided, TakeOutcomes};
+use branchpoint_actors::calibration::{serve_calibration_nats, Calibrator, CalibratorConfig, Initial, WatchSettings};
+use branchpoint_actors::collector::{AuditCounts, Collector, Decided, GetAuditCounts, Outcome, TakeOutcomes};
+use branchpoint_actors::control::ControlStore;
 use branchpoint_actors::compute::{Executor, ModelSpec};
-use branchpoint_actors::device::{DeviceConfig, Infer};
+use branchpoint_actors::device::{AuditSettings, DeviceConfig, Infer};
 use branchpoint_actors::emulation::{EmulationSpec, ReportTo};
-use branchpoint_actors::fleet::{drain, forward_updates, publish_status, DeviceThreads, TestInputs};
+use branchpoint_actors::fleet::{drain, forward_updates, publish_status, DeviceThreads, FleetDevice, TestInputs};
 use branchpoint_actors::planner::{serve_planner_nats, Planner, TakePlanLog};
 use branchpoint_actors::transport::OffloadLink;
 use branchpoint_actors::worker::{publish_status as publish_worker_status, serve_nats, Batcher, WorkerConfig};
@@ -28,7 +40,7 @@ use branchpoint_models::net::PartitionPoint;
 use branchpoint_models::planner::{Costs, LinkEstimator};
 use branchpoint_models::rng::SplitMix64;
 
-use super::sim::{device_seed, interarrival_us, Bin, Plans, SimConfig};
+use super::sim::{device_seed, interarrival_us, Bin, Plans, SimConfig, WatchPoint, WatchTrace};
 use super::{policy_plans, Policy, PolicyRun, Prepared, Scenario};
 use crate::cli::NatsArgs;
 
@@ -43,8 +55,13 @@ pub struct LiveSetup<'a> {
     pub spec: ModelSpec,
     pub points: Vec<PartitionPoint>,
     pub inputs: Arc<TestInputs>,
+    /// The test inputs as each of the scenario's shifts corrupts them
+    /// (`Scenario::shift_views`, in order).
+    pub shifted: Vec<Arc<TestInputs>>,
     pub nats: &'a NatsArgs,
     pub model_sha256: String,
+    /// Where the watched policy's calibrator finds the validation split.
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 /// Runs every policy but the oracle live, one after the other.
@@ -56,6 +73,12 @@ pub fn replay_live(setup: &LiveSetup, on_policy: &dyn Fn(Policy)) -> Result<Vec<
     }
     if let Some(g) = setup.scenario.groups.iter().find(|g| g.rate_schedule.is_some()) {
         bail!("scenario {}: group {} has a rate_schedule, which is replayed in virtual time only; run it without --nats", setup.scenario.path.display(), g.name);
+    }
+    if setup.scenario.policies.contains(&Policy::Watched) && setup.nats.nats.is_none() {
+        bail!(
+            "scenario {}: the watched policy in real time needs --nats URL (a NATS server with JetStream): its refits reach the devices through the control store",
+            setup.scenario.path.display()
+        );
     }
     let mut runs = Vec::new();
     for &policy in &setup.scenario.policies {
@@ -72,8 +95,9 @@ pub fn replay_live(setup: &LiveSetup, on_policy: &dyn Fn(Policy)) -> Result<Vec<
 fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<PolicyRun> {
     let (s, cfg, prepared) = (setup.scenario, setup.cfg, setup.prepared);
     let adaptive = matches!(plans, Plans::Adaptive);
+    let watched = matches!(plans, Plans::Watched(_));
     let system = actix::System::new();
-    let (outcomes, log, claimed, epoch_unix) = system.block_on(async {
+    let (outcomes, log, claimed, epoch_unix, statuses, audits) = system.block_on(async {
         let client = match &setup.nats.nats {
             Some(_) => Some(crate::nats::connect(setup.nats, "branchpoint-run").await?),
             None => None,
@@ -91,7 +115,9 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
             Some(c) => {
                 for w in 0..cfg.workers {
                     let wc = crate::nats::connect(setup.nats, &format!("branchpoint-run-worker-{w}")).await?;
-                    let batcher = Batcher::new(wcfg(w), Executor::start(setup.spec.clone(), 1)?, setup.points.clone()).with_compute_threads(1).start();
+                    let batcher = Batcher::new(wcfg(w), Executor::start(setup.spec.clone(), 1)?, setup.points.clone()).with_compute_threads(1);
+                    // Watched runs: the final exit's answers go to the calibrator.
+                    let batcher = if watched { batcher.with_audit_sink(wc.clone()) } else { batcher }.start();
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     let id = wcfg(w).worker_id;
                     // Their load, for a control plane watching the run (`--listen`).
@@ -144,6 +170,18 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
             rx.await.context("the planner could not subscribe to NATS")?;
         }
 
+        // Watched runs: the groups' starting plans in the control store (so
+        // a refit left there by an earlier run does not apply), then a
+        // calibrator that watches the audits and stores its refits.
+        let calibrator = match (&client, plans) {
+            (Some(c), Plans::Watched(start)) => Some(start_calibrator(setup, c, start).await?),
+            _ => None,
+        };
+        let watch_statuses = match (&client, watched) {
+            (Some(c), true) => Some(collect_statuses(c, &setup.model_sha256).await?),
+            _ => None,
+        };
+
         let threads = DeviceThreads::start(setup.spec.clone(), std::thread::available_parallelism().map_or(1, |n| n.get()))?;
         // Time 0 of every link: when the first arrivals may come.
         let epoch = Instant::now() + Duration::from_millis(500);
@@ -169,7 +207,10 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                     id: format!("{}-{k}", g.name),
                     partition_branch: plan.branch,
                     p_tar: plan.p_tar,
-                    temperatures: prepared.temperatures.clone(),
+                    temperatures: match plans {
+                        Plans::Uncalibrated(_) => vec![1.0; prepared.temperatures.len()],
+                        _ => prepared.temperatures.clone(),
+                    },
                     deadline: Duration::from_micros(sim.deadline_us),
                     emulation: Some(EmulationSpec {
                         link: Arc::new(sim.link.clone()),
@@ -186,9 +227,16 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                         arrival_rate: sim.rate,
                     }),
                     interrupt: Default::default(),
-                    // Real-time replays do not watch yet (validation keeps
-                    // the watched policy in virtual time).
-                    audit: None,
+                    audit: watched.then(|| AuditSettings {
+                        rate: s.watch.audit_rate,
+                        group: g.name.clone(),
+                        model_sha256: setup.model_sha256.clone(),
+                        target_accuracy: Some(sim.target),
+                        max_in_flight: 4,
+                        // The virtual-time replay's audit coins are another
+                        // stream; these only need to repeat.
+                        seed: device_seed(cfg.seed, gi, k) ^ 0xa0d1_7a0d_17a0_d17a,
+                    }),
                 });
                 places.push((gi, k, sim.rate));
             }
@@ -202,9 +250,20 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
         let status_started = unix_us();
         let status = match &client {
             Some(c) => {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                actix::spawn(forward_updates(c.clone(), named.clone(), String::new(), setup.model_sha256.clone(), tx));
-                let _ = rx.await;
+                // Plans and temperatures from NATS reach only the runs that
+                // take them: the planner's per-device plans, and the watched
+                // groups' refits. The fixed policies keep their own plans
+                // whatever an earlier run left in the store.
+                if adaptive || watched {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    let addressed = configs_groups(s, &ids, watched)
+                        .into_iter()
+                        .zip(devices.iter().cloned())
+                        .map(|((id, group), addr)| FleetDevice { id, group, addr })
+                        .collect();
+                    actix::spawn(forward_updates(c.clone(), addressed, setup.model_sha256.clone(), tx));
+                    let _ = rx.await;
+                }
                 let (c, named, collector, id) = (c.clone(), named.clone(), collector.clone(), fleet_id.clone());
                 let started = status_started;
                 Some(actix::spawn(async move {
@@ -223,7 +282,8 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
         let duration_us = cfg.duration_us;
         let mut tasks = Vec::new();
         for ((gi, k, rate), device) in places.into_iter().zip(devices) {
-            let (claimed, inputs) = (claimed.clone(), setup.inputs.clone());
+            let (claimed, clean, shifted) = (claimed.clone(), setup.inputs.clone(), setup.shifted.clone());
+            let group = cfg.groups[gi].clone();
             let mut rng = SplitMix64::new(device_seed(cfg.seed, gi, k));
             tasks.push(actix::spawn(async move {
                 let mut at = 0u64;
@@ -235,6 +295,12 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                     tokio::time::sleep_until(tokio::time::Instant::from_std(epoch + Duration::from_micros(at))).await;
                     let i = claimed.get();
                     claimed.set(i + 1);
+                    // What the group's camera sees now: the clean test
+                    // image, or after its shift the corrupted one.
+                    let inputs = match group.view_at(at) {
+                        0 => &clean,
+                        v => &shifted[v - 1],
+                    };
                     let x = i % inputs.len();
                     let arrived = Instant::now();
                     device.do_send(Infer { arrival: i as u64, arrived, input_index: x, input: inputs.images[x].clone(), label: inputs.labels[x] });
@@ -261,14 +327,36 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
             }
         }
         let outcomes = collector.send(TakeOutcomes).await?;
+        let audits = collector.send(GetAuditCounts).await?;
         let log = match &planner {
             Some(p) => p.send(TakePlanLog).await?,
             None => Vec::new(),
         };
+        let statuses = match watch_statuses {
+            // The calibrator's last status covers the last audits.
+            Some((task, seen)) => {
+                // One more status (the calibrator publishes every second)
+                // covers the last audits; a gone calibrator ends the wait.
+                let (ended, until) = (unix_us(), Instant::now() + Duration::from_secs(3));
+                while Instant::now() < until && seen.borrow().last().is_none_or(|s| s.at_unix_us < ended) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                task.abort();
+                let v = seen.borrow().clone();
+                v
+            }
+            None => Vec::new(),
+        };
+        if let Some(c) = calibrator {
+            let still = c.shutdown(Duration::from_secs(5));
+            if !still.is_empty() {
+                eprintln!("run: the watched policy's calibrator is still refitting on {still:?}");
+            }
+        }
         // Joined before the next policy starts and before the process exits.
         let mut threads = threads;
         threads.shutdown();
-        Ok::<_, anyhow::Error>((outcomes, log, claimed.get(), epoch_unix))
+        Ok::<_, anyhow::Error>((outcomes, log, claimed.get(), epoch_unix, statuses, audits))
     })?;
 
     // Outcomes into the report's bins, by arrival time.
@@ -320,6 +408,7 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
         b.predicted_accuracy_sum += r.prediction.accuracy;
         b.predicted_miss_sum += r.prediction.miss_rate;
     }
+    let watch = if watched { watch_traces(setup, &outcomes, &statuses, &audits, epoch_unix) } else { Vec::new() };
     Ok(PolicyRun {
         policy,
         bins,
@@ -329,6 +418,189 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
         mean_batch: f64::NAN,
         choices: None,
         edge: Some(edge),
-        watch: Vec::new(),
+        watch,
     })
 }
+
+/// Each device's id and the group plans address it by: its group's name in
+/// watched runs, none otherwise (the planner plans devices one by one).
+fn configs_groups(s: &Scenario, ids: &[String], watched: bool) -> Vec<(String, String)> {
+    let mut out = Vec::with_capacity(ids.len());
+    let mut i = 0;
+    for g in &s.groups {
+        for _ in 0..g.devices {
+            out.push((ids[i].clone(), if watched { g.name.clone() } else { String::new() }));
+            i += 1;
+        }
+    }
+    out
+}
+
+/// The watched run's calibrator: the groups' starting plans go into the
+/// control store, stale group refits out of it, then the calibrator starts
+/// (fitting the scenario's method on the validation split) and serves.
+async fn start_calibrator(setup: &LiveSetup<'_>, client: &async_nats::Client, start: &[branchpoint_models::planner::Plan]) -> Result<branchpoint_actors::calibration::CalibratorHandle> {
+    let s = setup.scenario;
+    let store = ControlStore::open(client).await.context("the watched policy keeps its plans and refits in the control store")?;
+    for (g, plan) in s.groups.iter().zip(start) {
+        store.delete_group_calibration(&setup.model_sha256, &g.name).await?;
+        let update = branchpoint_messages::PlanUpdate {
+            target: branchpoint_messages::PlanTarget::Group(g.name.clone()),
+            partition_branch: u8::try_from(plan.branch).context("a branch number above 255")?,
+            p_tar: plan.p_tar,
+            certified: None,
+        };
+        store.put_plan(&update).await?;
+    }
+    let w = &s.watch;
+    let secs = |v: f64| (v * 1e6).round() as u64;
+    let watch = WatchSettings {
+        window_us: secs(w.window_s).max(1),
+        max_observations: 200_000,
+        drift_margin: w.drift_margin,
+        alarm_alpha: w.alarm_alpha,
+        delta: w.delta,
+        min_refit_sample: w.min_refit_sample,
+        auto_refit: w.auto_refit,
+        min_refit_interval_us: secs(w.min_refit_interval_s),
+    };
+    let cfg = CalibratorConfig { weights: setup.spec.weights.clone(), data_dir: setup.data_dir.clone(), initial: Initial::Fit(setup.prepared.method), watch };
+    let (handle, _) = Calibrator::start(cfg).await.context("starting the watched policy's calibrator")?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (c, h) = (client.clone(), handle.clone());
+    actix::spawn(async move {
+        if let Err(e) = serve_calibration_nats(c, h, Some(store), move || {
+            let _ = tx.send(());
+        })
+        .await
+        {
+            eprintln!("calibrator: {e}");
+        }
+    });
+    rx.await.context("the watched policy's calibrator could not serve on NATS")?;
+    Ok(handle)
+}
+
+type Statuses = Rc<std::cell::RefCell<Vec<branchpoint_messages::CalibrationStatus>>>;
+
+/// Records the statuses of the calibrator of `model_sha256` while a
+/// watched run lasts (one a second).
+async fn collect_statuses(client: &async_nats::Client, model_sha256: &str) -> Result<(tokio::task::JoinHandle<()>, Statuses)> {
+    use futures::StreamExt;
+    let mut sub = client
+        .subscribe(branchpoint_messages::subjects::CALIBRATION_STATUS)
+        .await
+        .map_err(|e| anyhow::anyhow!("subscribing to the calibrator's statuses: {e}"))?;
+    let seen: Statuses = Default::default();
+    let (into, sha) = (seen.clone(), model_sha256.to_string());
+    let task = actix::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            if let Ok(status) = branchpoint_messages::decode::<branchpoint_messages::CalibrationStatus>(&msg.payload) {
+                if status.model_sha256 == sha {
+                    into.borrow_mut().push(status);
+                }
+            }
+        }
+    });
+    Ok((task, seen))
+}
+
+/// Per group of a watched run: the calibrator's estimates at the end of
+/// each bin beside the truth over the same inputs, its refits and alarms,
+/// and what the audits cost.
+fn watch_traces(
+    setup: &LiveSetup,
+    outcomes: &[Outcome],
+    statuses: &[branchpoint_messages::CalibrationStatus],
+    audits: &std::collections::BTreeMap<String, AuditCounts>,
+    epoch_unix: u64,
+) -> Vec<WatchTrace> {
+    let (s, cfg, m) = (setup.scenario, setup.cfg, &setup.prepared.sim);
+    let rel = |unix: u64| unix.saturating_sub(epoch_unix);
+    let mut traces = Vec::with_capacity(s.groups.len());
+    for (gi, g) in s.groups.iter().enumerate() {
+        let sim = &cfg.groups[gi];
+        let branch = sim.initial.branch;
+        let rows: Vec<(u64, &branchpoint_messages::BranchWatch)> = statuses
+            .iter()
+            .flat_map(|st| st.watched.iter().filter(|w| w.group == g.name && usize::from(w.partition_branch) == branch).map(move |w| (rel(st.at_unix_us), w)))
+            .collect();
+        let mut trace = WatchTrace::default();
+        // Refits, each once (a row repeats the latest until the next), and
+        // alarms that no refit followed, at the status that first showed them.
+        let (mut alarms, mut refits) = (0u64, 0u64);
+        for (t, w) in &rows {
+            if let Some(r) = w.last_refit {
+                let t_us = rel(r.decided_at_unix_us);
+                if trace.refits.last().is_none_or(|last| last.t_us != t_us) {
+                    let refit = branchpoint_models::monitor::Refit {
+                        t_us,
+                        temperature: r.temperature,
+                        threshold: r.threshold,
+                        fit_inputs: r.fit_inputs as usize,
+                        certify_inputs: r.certify_inputs as usize,
+                    };
+                    trace.refits.push(refit);
+                }
+            }
+            if w.alarms < alarms || w.refits < refits {
+                // A new monitor (another plan): its counts start again.
+                (alarms, refits) = (0, 0);
+            }
+            let new_alarms = (w.alarms - alarms).saturating_sub(w.refits - refits);
+            trace.alarms_only.extend(std::iter::repeat_n(*t, new_alarms as usize));
+            (alarms, refits) = (w.alarms, w.refits);
+        }
+        // The truth: the group's inputs that exited by confidence under the
+        // plan in force, in the calibrator's window.
+        let decided: Vec<(u64, f64, bool, bool)> = outcomes
+            .iter()
+            .filter(|o| o.device_id.rsplit_once('-').is_some_and(|(name, _)| name == g.name) && o.decided == Decided::Device && !o.declined)
+            .map(|o| {
+                let t = rel(o.arrived_unix_us);
+                let view = sim.view_at(t);
+                let agrees = o.class == m.final_of(view, o.input_index % m.inputs());
+                (t, o.p_tar, agrees, o.correct())
+            })
+            .collect();
+        let window = (s.watch.window_s * 1e6).round() as u64;
+        for b in 0..cfg.bins() {
+            let t = ((b as u64 + 1) * cfg.bin_us).min(cfg.duration_us);
+            let Some((_, w)) = rows.iter().rev().find(|(at, _)| *at <= t) else {
+                // No status yet: the starting plan, nothing estimated.
+                let temperature = setup.prepared.temperatures[branch - 1];
+                trace.points.push(WatchPoint { t_us: t, temperature, threshold: sim.initial.p_tar, audits: 0, estimate: None, estimate_accuracy: None, true_agreement: None, true_accuracy: None });
+                continue;
+            };
+            let since = w.last_refit.map_or(0, |r| rel(r.decided_at_unix_us));
+            let from = t.saturating_sub(window).max(since);
+            let under: Vec<&(u64, f64, bool, bool)> = decided.iter().filter(|d| d.0 >= from && d.0 <= t && d.1 == w.threshold).collect();
+            let n = under.len();
+            let rate = |f: fn(&(u64, f64, bool, bool)) -> bool| (n > 0).then(|| under.iter().filter(|d| f(d)).count() as f64 / n as f64);
+            let interval = |e: Option<f64>, lo: Option<f64>, hi: Option<f64>| Some(branchpoint_models::monitor::Interval { estimate: e?, low: lo?, high: hi? });
+            trace.points.push(WatchPoint {
+                t_us: t,
+                temperature: w.temperature,
+                threshold: w.threshold,
+                audits: w.audits as usize,
+                estimate: interval(w.edge_agreement, w.edge_agreement_low, w.edge_agreement_high),
+                estimate_accuracy: interval(w.edge_accuracy, w.edge_accuracy_low, w.edge_accuracy_high),
+                true_agreement: rate(|d| d.2),
+                true_accuracy: rate(|d| d.3),
+            });
+        }
+        let counts = audits.get(&g.name).copied().unwrap_or_default();
+        let bytes = m.upload_bytes[branch - 1] as u64;
+        trace.audits = counts.sent;
+        trace.audit_bytes = counts.bytes;
+        let offloaded = outcomes
+            .iter()
+            .filter(|o| o.device_id.rsplit_once('-').is_some_and(|(name, _)| name == g.name) && o.decided != Decided::Device)
+            .count() as u64;
+        trace.offload_bytes = offloaded * bytes;
+        trace.audit_worker_us = counts.sent as f64 * m.tail_time_us(branch, cfg.max_batch) / cfg.max_batch as f64;
+        traces.push(trace);
+    }
+    traces
+}
+

@@ -160,6 +160,8 @@ pub struct WatchReport {
     pub estimated_edge_agreement: Vec<Option<f64>>,
     pub estimate_low: Vec<Option<f64>>,
     pub estimate_high: Vec<Option<f64>>,
+    /// The same audits' accuracy against the labels (simulation only).
+    pub estimated_edge_accuracy: Vec<Option<f64>>,
     pub true_edge_agreement: Vec<Option<f64>>,
     pub true_edge_accuracy: Vec<Option<f64>>,
     pub temperature: Vec<f64>,
@@ -480,6 +482,7 @@ fn watch_report(scenario: &Scenario, g: &super::file::GroupSection, w: &super::s
         estimated_edge_agreement: w.points.iter().map(|p| p.estimate.map(|e| e.estimate)).collect(),
         estimate_low: w.points.iter().map(|p| p.estimate.map(|e| e.low)).collect(),
         estimate_high: w.points.iter().map(|p| p.estimate.map(|e| e.high)).collect(),
+        estimated_edge_accuracy: w.points.iter().map(|p| p.estimate_accuracy.map(|e| e.estimate)).collect(),
         true_edge_agreement: w.points.iter().map(|p| p.true_agreement).collect(),
         true_edge_accuracy: w.points.iter().map(|p| p.true_accuracy).collect(),
         temperature: w.points.iter().map(|p| p.temperature).collect(),

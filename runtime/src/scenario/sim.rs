@@ -93,7 +93,8 @@ impl SimModel {
         }
     }
 
-    fn final_of(&self, view: usize, input: usize) -> u32 {
+    /// The final exit's class of input i in a view.
+    pub fn final_of(&self, view: usize, input: usize) -> u32 {
         match view {
             0 => self.final_class[input],
             v => self.shifted[v - 1].final_class[input],
@@ -315,6 +316,9 @@ pub struct WatchPoint {
     pub audits: usize,
     /// On-device agreement with the final exit, estimated from the audits.
     pub estimate: Option<Interval>,
+    /// On-device accuracy against the labels, estimated from the same
+    /// audits (a simulation knows the labels; a real deployment would not).
+    pub estimate_accuracy: Option<Interval>,
     /// The same over every on-device input of the window (the simulation
     /// knows them all), and their accuracy against the labels.
     pub true_agreement: Option<f64>,
@@ -820,6 +824,7 @@ impl<'a> Sim<'a> {
                 threshold: monitor.threshold(),
                 audits: e.audits,
                 estimate: e.edge_agreement,
+                estimate_accuracy: e.edge_accuracy,
                 true_agreement,
                 true_accuracy,
             });
