@@ -719,3 +719,124 @@ pub async fn serve_calibration_nats(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use branchpoint_messages::AuditResult;
+
+    const SHA: &str = "abababababababababababababababababababababababababababababababab";
+
+    fn settings() -> WatchSettings {
+        WatchSettings { min_refit_sample: 100, min_refit_interval_us: 1_000_000, window_us: 600_000_000, ..WatchSettings::default() }
+    }
+
+    /// An audit of group `group` at input i: the branch is confident in
+    /// class 3; the final exit agrees or not.
+    fn audit(group: &str, i: u64, agrees: bool, p_tar: f64) -> AuditResult {
+        let mut logits = vec![0f32; 4];
+        logits[3] = 4.0;
+        AuditResult {
+            model_sha256: SHA.into(),
+            device_id: "cam-1".into(),
+            group: group.into(),
+            partition_branch: 1,
+            decided_at_unix_us: i * 10_000,
+            branch_logits: logits,
+            final_class: if agrees { 3 } else { 2 },
+            on_device: true,
+            sampled: true,
+            audit_rate: 0.2,
+            p_tar,
+            target_accuracy: 0.9,
+            label: None,
+        }
+    }
+
+    fn feed(w: &mut LiveWatch, r: &AuditResult) -> WatchOutcome {
+        w.observe(r, SHA, &[1.0, 1.5, 1.2], 4, 7).unwrap()
+    }
+
+    #[test]
+    fn a_drift_refits_the_group_and_later_results_of_the_old_plan_are_stale() {
+        let mut w = LiveWatch::new(settings());
+        for i in 0..200 {
+            assert_eq!(feed(&mut w, &audit("night", i, true, 0.8)), WatchOutcome::Quiet);
+        }
+        // One in three agrees: an alarm, then a refit once 100 sampled
+        // inputs have arrived after it.
+        let mut outcomes = Vec::new();
+        for i in 200..600 {
+            match feed(&mut w, &audit("night", i, i % 3 == 0, 0.8)) {
+                WatchOutcome::Refit(r) => {
+                    outcomes.push(i);
+                    assert_eq!((r.group.as_str(), r.partition_branch), ("night", 1));
+                    assert_eq!(r.temperatures[1..], [1.5, 1.2], "only the refit branch changes");
+                    assert!(r.temperatures[0] > 1.0 && r.temperatures[0] == r.refit.temperature, "{r:?}");
+                    assert_eq!(r.plan.target, PlanTarget::Group("night".into()));
+                    assert_eq!((r.plan.partition_branch, r.plan.p_tar), (1, r.refit.threshold));
+                    assert_eq!(r.plan.certified, Some(CertifiedTarget { accuracy: 0.9, delta: 0.05 }));
+                    assert!(r.refit.fit_inputs + r.refit.certify_inputs >= 100);
+                    break;
+                }
+                WatchOutcome::Alarm { group, partition_branch } => assert_eq!((group.as_str(), partition_branch), ("night", 1)),
+                o => assert_eq!(o, WatchOutcome::Quiet),
+            }
+        }
+        assert_eq!(outcomes.len(), 1, "a refit");
+        let threshold = w.status(SHA, 0).watched[0].threshold;
+        assert_ne!(threshold, 0.8);
+        // Devices that have not applied the refit yet: stale, not counted.
+        assert_eq!(feed(&mut w, &audit("night", 700, false, 0.8)), WatchOutcome::Stale);
+        // Under the refit plan: counted by the same monitor.
+        assert_eq!(feed(&mut w, &audit("night", 701, true, threshold)), WatchOutcome::Quiet);
+        let s = w.status(SHA, 0);
+        assert_eq!(s.watched.len(), 1);
+        let night = &s.watched[0];
+        assert_eq!((night.stale, night.refits, s.refits_total), (1, 1, 1));
+        assert!(s.alarms_total >= 1 && night.last_refit.is_some_and(|r| r.at_unix_us == 7));
+        // Another group starts with the model's temperatures; this one with
+        // its refit temperature; an operator's refit of the model resets both.
+        assert_eq!(w.temperatures_of("day", &[1.0, 1.5, 1.2]), &[1.0, 1.5, 1.2]);
+        assert!(w.temperatures_of("night", &[1.0, 1.5, 1.2])[0] > 1.0);
+        w.reset();
+        assert_eq!(w.temperatures_of("night", &[1.0, 1.5, 1.2]), &[1.0, 1.5, 1.2]);
+        assert!(w.status(SHA, 0).watched.is_empty());
+    }
+
+    #[test]
+    fn alarms_only_never_refits_and_a_new_plan_replaces_the_monitor() {
+        let mut w = LiveWatch::new(WatchSettings { auto_refit: false, ..settings() });
+        let mut alarms = 0;
+        for i in 0..1000 {
+            match feed(&mut w, &audit("night", i, i % 3 == 0, 0.8)) {
+                WatchOutcome::Alarm { .. } => alarms += 1,
+                WatchOutcome::Refit(r) => panic!("refits are off: {r:?}"),
+                _ => {}
+            }
+        }
+        assert!(alarms > 0);
+        let s = w.status(SHA, 0);
+        assert_eq!((s.watched[0].threshold, s.watched[0].refits, s.watched[0].auto_refit, s.refits_total), (0.8, 0, false, 0));
+        // The planner or an operator sets another threshold: a fresh monitor.
+        assert_eq!(feed(&mut w, &audit("night", 2000, true, 0.7)), WatchOutcome::Quiet);
+        let s = w.status(SHA, 0);
+        assert_eq!((s.watched.len(), s.watched[0].threshold, s.watched[0].alarms, s.watched[0].audits), (1, 0.7, 0, 1));
+    }
+
+    #[test]
+    fn results_that_do_not_fit_the_model_are_refused_and_the_monitors_are_bounded() {
+        let mut w = LiveWatch::new(settings());
+        let good = audit("night", 1, true, 0.8);
+        let temps = [1.0, 1.5, 1.2];
+        assert!(w.observe(&AuditResult { model_sha256: "cd".repeat(32), ..good.clone() }, SHA, &temps, 4, 0).is_err());
+        assert!(w.observe(&AuditResult { partition_branch: 3, ..good.clone() }, SHA, &temps, 4, 0).is_err(), "branch 3 is the final exit here");
+        assert!(w.observe(&good, SHA, &temps, 5, 0).is_err(), "4 logits for a 5-class model");
+        w.refuse_undecodable();
+        assert_eq!(w.status(SHA, 0).refused, 4);
+        for g in 0..(MAX_WATCHED + 10) {
+            w.observe(&audit(&format!("g{g}"), g as u64, true, 0.8), SHA, &temps, 4, 0).unwrap();
+        }
+        assert_eq!(w.status(SHA, 0).watched.len(), MAX_WATCHED);
+    }
+}
