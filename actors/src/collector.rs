@@ -29,6 +29,8 @@ pub enum Decided {
 #[serde(rename_all = "kebab-case")]
 pub enum FallbackReason {
     Deadline,
+    /// The device's NATS client was disconnected: nothing was sent.
+    Disconnected,
     NoResponders,
     ErrorReply,
     Transport,
@@ -296,6 +298,7 @@ pub fn summarize(inputs: usize, duplicates: usize, num_branches: usize, outcomes
                 s.fallbacks += 1;
                 match o.fallback {
                     Some(FallbackReason::Deadline) => s.fallbacks_deadline += 1,
+                    Some(FallbackReason::Disconnected) => s.fallbacks_disconnected += 1,
                     Some(FallbackReason::NoResponders) => s.fallbacks_no_responders += 1,
                     Some(FallbackReason::ErrorReply) => s.fallbacks_error_reply += 1,
                     Some(FallbackReason::Transport) | None => s.fallbacks_transport += 1,

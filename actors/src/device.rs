@@ -27,7 +27,7 @@ use branchpoint_models::planner::Plan;
 use crate::collector::{Collector, Decided, FallbackReason, InputAccepted, Latency, Outcome};
 use crate::compute::{HeadOutput, LoadedNet};
 use crate::emulation::{Emulation, EmulationSpec, ReportTo};
-use crate::transport::{OffloadFailure, OffloadLink};
+use crate::transport::{Answered, OffloadFailure, OffloadLink};
 
 #[derive(Debug, Clone)]
 pub struct DeviceConfig {
@@ -358,13 +358,25 @@ fn offload_request(seq: u64, cfg: &DeviceConfig, head: &HeadOutput, arrived: Ins
     })
 }
 
-async fn offload(mut outcome: Outcome, request: OffloadRequest, link: &OffloadLink, deadline: Duration, arrived: Instant) -> Outcome {
-    let remaining = deadline.saturating_sub(arrived.elapsed());
+/// Offloads one input with what is left of `deadline` (from `arrived`) and
+/// returns its outcome: the cloud's answer if it arrived in time, else the
+/// branch's own answer as a counted fallback. The request carries the budget
+/// left at the moment it is sent. An answer that arrived after the deadline
+/// is a miss, whatever the device thread was doing meanwhile; the outcome's
+/// latency is when the answer, or the deadline, came.
+async fn offload(mut outcome: Outcome, mut request: OffloadRequest, link: &OffloadLink, deadline: Duration, arrived: Instant) -> Outcome {
+    let due = arrived + deadline;
+    let remaining = due.saturating_duration_since(Instant::now());
+    request.deadline = Deadline { sent_at_unix_us: unix_us(), budget_us: remaining.as_micros().max(1) as u64 };
     let sent = Instant::now();
     let result = if remaining.is_zero() { Err(OffloadFailure::Deadline) } else { link.offload(request, remaining).await };
-    let round_trip = sent.elapsed().as_micros() as u64;
+    let result = match result {
+        Ok(a) if a.at > due => Err(OffloadFailure::Deadline),
+        other => other,
+    };
     match result {
-        Ok(answer) => {
+        Ok(Answered { answer, at }) => {
+            let round_trip = at.duration_since(sent).as_micros() as u64;
             outcome.decided = Decided::Cloud;
             outcome.exit = 0;
             outcome.class = answer.class;
@@ -372,20 +384,25 @@ async fn offload(mut outcome: Outcome, request: OffloadRequest, link: &OffloadLi
             outcome.latency.queueing_us = answer.timings.queue_us;
             outcome.latency.cloud_compute_us = answer.timings.compute_us;
             outcome.latency.network_us = round_trip.saturating_sub(answer.timings.queue_us + answer.timings.compute_us);
+            outcome.latency.total_us = at.duration_since(arrived).as_micros() as u64;
         }
         Err(failure) => {
             // The branch's own answer stands: no input is lost.
             outcome.decided = Decided::Fallback;
             outcome.fallback = Some(match failure {
                 OffloadFailure::Deadline => FallbackReason::Deadline,
+                OffloadFailure::Disconnected => FallbackReason::Disconnected,
                 OffloadFailure::NoResponders => FallbackReason::NoResponders,
                 OffloadFailure::ErrorReply(_) => FallbackReason::ErrorReply,
                 OffloadFailure::Transport(_) => FallbackReason::Transport,
             });
-            outcome.latency.network_us = round_trip;
+            // A deadline fallback is answered at the deadline; the others
+            // as soon as the failure was known.
+            let answered = if outcome.fallback == Some(FallbackReason::Deadline) { due.min(Instant::now()) } else { Instant::now() };
+            outcome.latency.network_us = answered.saturating_duration_since(sent).as_micros() as u64;
+            outcome.latency.total_us = answered.saturating_duration_since(arrived).as_micros() as u64;
         }
     }
-    outcome.latency.total_us = arrived.elapsed().as_micros() as u64;
     outcome
 }
 
@@ -445,6 +462,14 @@ impl Device {
             // The device answers by the deadline, with its branch if the
             // cloud's reply has not come back.
             let mut out = match tokio::time::timeout_at(tokio::time::Instant::from_std(arrived + deadline), exchange).await {
+                // The reply's trip back counts: after the deadline it is a
+                // miss, answered with the branch.
+                Ok(out) if out.decided == Decided::Cloud && arrived.elapsed() > deadline => {
+                    let mut late = fallback(fallback_outcome, FallbackReason::Deadline, arrived);
+                    late.class = branch_class;
+                    late.latency.total_us = late.latency.total_us.min(deadline.as_micros() as u64);
+                    late
+                }
                 Ok(out) if out.decided == Decided::Cloud => {
                     let mut out = out;
                     out.latency.total_us = arrived.elapsed().as_micros() as u64;

@@ -5,6 +5,17 @@
 //! worker's batcher, without encoding. Over NATS it is encoded with the wire
 //! codec and sent as a request to `branchpoint.offload.<branch>`, where the
 //! workers' queue group picks one worker.
+//!
+//! The deadline covers the whole exchange, sending included: a client whose
+//! outgoing buffer is full (a long broker outage) makes sending wait, and
+//! that wait counts. The exchange runs on its own thread
+//! (`exchange_runtime`), not the device's: a device thread busy with head
+//! forwards must neither delay a deadline nor make a late answer look
+//! timely, so the moment an answer arrived is taken there, and an answer
+//! after the deadline is a miss. A client that knows it is disconnected
+//! fails at once: nothing is buffered to reach the workers, stale, after the
+//! reconnect.
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use actix::Addr;
@@ -21,8 +32,10 @@ pub enum OffloadLink {
 /// Why an offload did not produce an answer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum OffloadFailure {
-    /// No answer before the deadline.
+    /// No answer before the deadline (sending included).
     Deadline,
+    /// The client is not connected to NATS: nothing was sent.
+    Disconnected,
     /// No worker is subscribed (NATS said so at once).
     NoResponders,
     /// A worker answered with a typed error.
@@ -31,43 +44,85 @@ pub enum OffloadFailure {
     Transport(String),
 }
 
+/// An answer and the moment it arrived (on the exchange thread).
+#[derive(Debug, Clone)]
+pub struct Answered {
+    pub answer: OffloadAnswer,
+    pub at: Instant,
+}
+
+/// The thread that runs every offload exchange and its deadline timer.
+/// Built once; `None` if the OS would not give a thread, and then the
+/// exchanges run on the caller's thread as before.
+fn exchange_runtime() -> Option<&'static tokio::runtime::Runtime> {
+    static RUNTIME: OnceLock<Option<tokio::runtime::Runtime>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("offload-exchange")
+                .enable_all()
+                .build()
+                .map_err(|e| eprintln!("offload: no thread of its own for deadlines ({e}); they run on the device threads"))
+                .ok()
+        })
+        .as_ref()
+}
+
 impl OffloadLink {
-    /// Offloads `request` and waits at most `timeout` for the answer.
-    pub async fn offload(&self, request: OffloadRequest, timeout: Duration) -> Result<OffloadAnswer, OffloadFailure> {
-        let reply = match self {
-            OffloadLink::InProcess(batcher) => {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                let job = Job { request, received: Instant::now(), reply: ReplyTo::Local(tx) };
-                let exchange = async move {
-                    batcher.send(job).await.map_err(|e| OffloadFailure::Transport(e.to_string()))?;
-                    rx.await.map_err(|_| OffloadFailure::Transport("the worker dropped the request".into()))
-                };
-                match tokio::time::timeout(timeout, exchange).await {
-                    Ok(r) => r?,
-                    Err(_) => return Err(OffloadFailure::Deadline),
-                }
-            }
-            OffloadLink::Nats(client) => {
-                let subject = subjects::offload(request.partition_branch);
-                let payload = encode(&request).map_err(|e| OffloadFailure::Transport(e.to_string()))?;
-                let req = async_nats::Request::new().payload(payload.into()).timeout(Some(timeout));
-                match client.send_request(subject, req).await {
-                    Ok(msg) => decode::<OffloadReply>(&msg.payload)
-                        .map_err(|e| OffloadFailure::Transport(format!("unreadable reply: {e}")))?,
-                    Err(e) => {
-                        use async_nats::RequestErrorKind as K;
-                        return Err(match e.kind() {
-                            K::TimedOut => OffloadFailure::Deadline,
-                            K::NoResponders => OffloadFailure::NoResponders,
-                            _ => OffloadFailure::Transport(e.to_string()),
-                        });
-                    }
-                }
-            }
-        };
-        match reply {
-            OffloadReply::Answer(a) => Ok(a),
-            OffloadReply::Error(e) => Err(OffloadFailure::ErrorReply(e)),
+    /// Offloads `request` and waits at most `timeout` for the answer, from
+    /// now: sending, the worker's queue and the reply all count.
+    pub async fn offload(&self, request: OffloadRequest, timeout: Duration) -> Result<Answered, OffloadFailure> {
+        let until = tokio::time::Instant::now() + timeout;
+        let exchange = exchange(self.clone(), request, until);
+        match exchange_runtime() {
+            Some(rt) => rt.spawn(exchange).await.unwrap_or_else(|e| Err(OffloadFailure::Transport(format!("the exchange failed: {e}")))),
+            None => exchange.await,
         }
+    }
+}
+
+async fn exchange(link: OffloadLink, request: OffloadRequest, until: tokio::time::Instant) -> Result<Answered, OffloadFailure> {
+    let reply = match link {
+        OffloadLink::InProcess(batcher) => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let job = Job { request, received: Instant::now(), reply: ReplyTo::Local(tx) };
+            let exchange = async move {
+                batcher.send(job).await.map_err(|e| OffloadFailure::Transport(e.to_string()))?;
+                rx.await.map_err(|_| OffloadFailure::Transport("the worker dropped the request".into()))
+            };
+            match tokio::time::timeout_at(until, exchange).await {
+                Ok(r) => r?,
+                Err(_) => return Err(OffloadFailure::Deadline),
+            }
+        }
+        OffloadLink::Nats(client) => {
+            if client.connection_state() != async_nats::connection::State::Connected {
+                return Err(OffloadFailure::Disconnected);
+            }
+            let subject = subjects::offload(request.partition_branch);
+            let payload = encode(&request).map_err(|e| OffloadFailure::Transport(e.to_string()))?;
+            let remaining = until.saturating_duration_since(tokio::time::Instant::now());
+            let req = async_nats::Request::new().payload(payload.into()).timeout(Some(remaining));
+            // The client's own timeout starts after the request is queued
+            // for sending; this one covers the queueing too.
+            match tokio::time::timeout_at(until, client.send_request(subject, req)).await {
+                Err(_) => return Err(OffloadFailure::Deadline),
+                Ok(Ok(msg)) => decode::<OffloadReply>(&msg.payload).map_err(|e| OffloadFailure::Transport(format!("unreadable reply: {e}")))?,
+                Ok(Err(e)) => {
+                    use async_nats::RequestErrorKind as K;
+                    return Err(match e.kind() {
+                        K::TimedOut => OffloadFailure::Deadline,
+                        K::NoResponders => OffloadFailure::NoResponders,
+                        _ => OffloadFailure::Transport(e.to_string()),
+                    });
+                }
+            }
+        }
+    };
+    let at = Instant::now();
+    match reply {
+        OffloadReply::Answer(answer) => Ok(Answered { answer, at }),
+        OffloadReply::Error(e) => Err(OffloadFailure::ErrorReply(e)),
     }
 }

@@ -29,6 +29,11 @@ use futures::StreamExt;
 use crate::compute::{Executor, RunTail, TensorPool};
 use crate::error::ActorError;
 
+/// How far a device's clock may be behind a worker's before the worker
+/// takes the device's requests for stale (`Deadline::sent_at_unix_us`; 0
+/// means the sender did not say, and is never taken for stale).
+pub const CLOCK_SKEW: Duration = Duration::from_secs(2);
+
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     pub worker_id: String,
@@ -192,8 +197,17 @@ impl Batcher {
     }
 
     /// Checks what the message crate cannot: that the branch exists here and
-    /// the activation has its shape, one input per request.
-    fn check(&self, r: &OffloadRequest) -> Result<(), (ErrorKind, String)> {
+    /// the activation has its shape, one input per request; and that it is
+    /// not stale: a request whose budget ended more than `CLOCK_SKEW` ago by
+    /// this worker's clock was held up on the way (a client buffering
+    /// through a broker outage) and nobody waits for its answer.
+    fn check(&self, r: &OffloadRequest, now_unix_us: u64) -> Result<(), (ErrorKind, String)> {
+        let d = r.deadline;
+        let ended = d.sent_at_unix_us.saturating_add(d.budget_us);
+        if d.sent_at_unix_us != 0 && now_unix_us > ended.saturating_add(CLOCK_SKEW.as_micros() as u64) {
+            let late = Duration::from_micros(now_unix_us - ended);
+            return Err((ErrorKind::DeadlineExpired, format!("stale: its budget ended {late:?} before it arrived here (by this worker's clock)")));
+        }
         let k = r.partition_branch as usize;
         let Some(pp) = self.partition_points.get(k.wrapping_sub(1)) else {
             return Err((ErrorKind::UnknownBranch, format!("branch {k} does not exist; this model has branches 1..={}", self.partition_points.len())));
@@ -320,7 +334,8 @@ impl Handler<Job> for Batcher {
 
     fn handle(&mut self, job: Job, ctx: &mut Context<Self>) {
         self.stats.requests += 1;
-        if let Err((kind, detail)) = self.check(&job.request) {
+        let now_unix_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+        if let Err((kind, detail)) = self.check(&job.request, now_unix_us) {
             let reply = self.error(Some(job.request.seq), kind, detail);
             job.reply.send(reply);
             return;

@@ -113,8 +113,11 @@ fn from_slice<'de, T: Deserialize<'de>>(bytes: &'de [u8]) -> Result<T, MessageEr
 /// on its local answer when it fires, so a late reply is merely discarded.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Deadline {
-    /// Device clock at send, microseconds since the Unix epoch. For traces
-    /// and latency reports only; never compared with another machine's clock.
+    /// Device clock at send, microseconds since the Unix epoch (0: not
+    /// given). A worker compares it with its own clock only to refuse a
+    /// request whose budget ended more than 2 s before it arrived (held up
+    /// in a client's buffer through a broker outage), so clocks that agree
+    /// within a second or so (NTP) are enough.
     pub sent_at_unix_us: u64,
     /// How long after sending the device still waits for the answer, in µs.
     pub budget_us: u64,
@@ -795,6 +798,10 @@ pub struct FleetSummary {
     pub fallbacks_no_responders: usize,
     pub fallbacks_error_reply: usize,
     pub fallbacks_transport: usize,
+    /// Offloads not sent because the device's NATS client was disconnected
+    /// (absent from older fleets).
+    #[serde(default)]
+    pub fallbacks_disconnected: usize,
     /// Inputs the device could not decide at all.
     pub errors: usize,
     /// Outcomes per exit: branches in order, then final.

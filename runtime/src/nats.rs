@@ -6,10 +6,25 @@ use anyhow::{Context, Result};
 
 use crate::cli::NatsArgs;
 
+/// The servers of `--nats`: one URL, or several separated by commas (the
+/// members of a cluster; the client connects to one, fails over to the
+/// others, and learns the rest from the cluster).
+pub fn server_addrs(urls: &str) -> Result<Vec<async_nats::ServerAddr>> {
+    let addrs: Vec<async_nats::ServerAddr> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| u.parse::<async_nats::ServerAddr>().with_context(|| format!("--nats: {u:?} is not a NATS URL (nats://HOST:PORT)")))
+        .collect::<Result<_>>()?;
+    anyhow::ensure!(!addrs.is_empty(), "--nats {urls:?}: give at least one URL, e.g. nats://127.0.0.1:4222");
+    Ok(addrs)
+}
+
 /// Connects to `args.nats` (which must be set), with the authentication and
 /// TLS options given. Fails within a few seconds if no server answers.
 pub async fn connect(args: &NatsArgs, client_name: &str) -> Result<async_nats::Client> {
     let url = args.nats.as_deref().context("no --nats URL given")?;
+    let addrs = server_addrs(url)?;
     let mut opts = async_nats::ConnectOptions::new()
         .name(client_name)
         .connection_timeout(Duration::from_secs(3))
@@ -36,10 +51,25 @@ pub async fn connect(args: &NatsArgs, client_name: &str) -> Result<async_nats::C
         }
         opts = opts.add_client_certificate(cert.clone(), key.clone());
     }
-    opts.connect(url).await.with_context(|| {
+    opts.connect(addrs).await.with_context(|| {
         format!(
             "could not connect to NATS at {url}; start a server (scripts/setup.sh installs one as \
              .venv/bin/nats-server) or check --nats and the credentials"
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_addrs;
+
+    #[test]
+    fn several_urls_separated_by_commas() {
+        assert_eq!(server_addrs("nats://127.0.0.1:4222").unwrap().len(), 1);
+        let v = server_addrs("nats://a:4222, nats://b:4223,nats://c:4224").unwrap();
+        assert_eq!(v.iter().map(|a| a.port()).collect::<Vec<_>>(), [4222, 4223, 4224]);
+        assert!(server_addrs("").is_err());
+        let e = format!("{:#}", server_addrs("nats://a:4222,nats://b:notaport").unwrap_err());
+        assert!(e.contains("nats://b:notaport"), "{e}");
+    }
 }

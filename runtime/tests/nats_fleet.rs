@@ -244,7 +244,7 @@ fn killing_a_worker_mid_run_loses_no_input() {
     assert_eq!(s.decided_on_device + s.offloaded, s.inputs);
     assert_eq!(
         s.fallbacks,
-        s.fallbacks_deadline + s.fallbacks_no_responders + s.fallbacks_error_reply + s.fallbacks_transport
+        s.fallbacks_deadline + s.fallbacks_no_responders + s.fallbacks_error_reply + s.fallbacks_transport + s.fallbacks_disconnected
     );
     let late_survivor_answers = outcomes
         .iter()
@@ -494,6 +494,94 @@ fn calibration_refits_and_plans_reach_running_devices() {
     assert_eq!(last.temperature, fitted.temperatures[1], "branch 2 decides with its fitted temperature");
     let first_fitted = outcomes.iter().position(|o| o.temperature != 1.0).expect("the refit reached the devices");
     assert!(first_fitted >= 50, "the first 50 inputs were decided with T = 1");
+}
+
+/// The checks of a fleet that lived through a fault: every input exactly
+/// one outcome, every offload a cloud answer or a counted fallback, and no
+/// outcome later than its deadline plus 50 ms.
+fn every_input_answered_in_time(summary: &Path, outcomes: &Path, deadline_ms: u64) -> (Summary, Vec<Outcome>) {
+    let s: Summary = serde_json::from_str(&std::fs::read_to_string(summary).unwrap()).unwrap();
+    let outcomes = read_outcomes(outcomes);
+    assert_eq!((s.outcomes, s.duplicates, s.errors), (s.inputs, 0, 0), "{s:?}");
+    exactly_one_per_arrival(&outcomes, s.inputs);
+    assert_eq!(s.answered_by_cloud + s.fallbacks, s.offloaded);
+    assert_eq!(
+        s.fallbacks,
+        s.fallbacks_deadline + s.fallbacks_no_responders + s.fallbacks_error_reply + s.fallbacks_transport + s.fallbacks_disconnected
+    );
+    let bound = (deadline_ms + 50) * 1000;
+    let late: Vec<&Outcome> = outcomes.iter().filter(|o| o.latency.total_us > bound).collect();
+    assert!(late.is_empty(), "{} outcomes later than the deadline plus 50 ms, e.g. {:?}", late.len(), late.first());
+    (s, outcomes)
+}
+
+/// A broker outage longer than a client's outgoing buffer lasts (15 s of
+/// 200 offloads/s), then the server comes back: while disconnected the
+/// devices fall back at once (nothing is buffered to reach the workers,
+/// stale, later), after the reconnect the cloud answers again, and every
+/// input has exactly one outcome by its deadline. Then an outage that
+/// outlasts the fleet: it ends on time, exit 0, nothing lost. (The outage's
+/// length is the fault injected; everything else waits for evidence.)
+#[test]
+fn broker_outages_lose_no_input_and_answer_every_input_by_its_deadline() {
+    use branchpoint_messages::WorkerStatus;
+    let _serial = serial();
+    let mut nats = NatsServer::start();
+    let statuses: Watch<WorkerStatus> = Watch::new(&nats.url, subjects::WORKER_STATUS);
+    let _w = start_worker(&nats.url, "outlasting", &["--status-interval-ms", "100"]);
+    let dir = tempfile::tempdir().unwrap();
+    let answered = |seen: &[WorkerStatus]| seen.iter().map(|s| s.requests).max();
+    let (summary, outcomes) = (dir.path().join("summary.json"), dir.path().join("outcomes.jsonl"));
+    let fleet = RunningFleet::start(&[
+        "--nats", &nats.url, "--devices", "10", "--rate", "20", "--duration", "600", "--p-tar", &P_TAR.to_string(), "--deadline-ms", "1000",
+        "--json", summary.to_str().unwrap(), "--outcomes", outcomes.to_str().unwrap(),
+    ]);
+    let before = statuses.wait("200 offloads answered", Duration::from_secs(60), |seen| answered(seen).filter(|&n| n >= 200));
+    nats.stop();
+    let down_unix_us = branchpoint_actors::fleet::unix_us();
+    std::thread::sleep(Duration::from_secs(15));
+    nats.restart();
+    let up_unix_us = branchpoint_actors::fleet::unix_us();
+    // The worker and the fleet reconnect and the cloud answers again.
+    statuses.wait("the worker to answer 200 more after the outage", Duration::from_secs(90), |seen| {
+        answered(seen).filter(|&n| n >= before + 200)
+    });
+    let said = fleet.interrupt();
+    let (s, outs) = every_input_answered_in_time(&summary, &outcomes, 1000);
+    assert!(s.fallbacks_disconnected > 0, "inputs offloaded during the outage fell back at once: {s:?}\n{said}");
+    let during = outs.iter().filter(|o| o.arrived_unix_us > down_unix_us + 1_000_000 && o.arrived_unix_us + 1_000_000 < up_unix_us);
+    for o in during {
+        assert!(o.decided != Decided::Cloud, "no cloud answers while the server is down: {o:?}");
+        if o.decided == Decided::Fallback {
+            assert!(o.latency.total_us < 100_000, "a disconnected device does not wait for its deadline: {o:?}");
+        }
+    }
+    assert!(outs.iter().any(|o| o.decided == Decided::Cloud && o.arrived_unix_us > up_unix_us), "cloud answers after the reconnect");
+
+    // An outage that outlasts the fleet: 3,000 inputs at 200/s, the server
+    // gone after the first 300 answers and not back before the fleet ends.
+    let (summary, outcomes) = (dir.path().join("summary2.json"), dir.path().join("outcomes2.jsonl"));
+    let fleet = RunningFleet::start(&[
+        "--nats", &nats.url, "--devices", "10", "--rate", "20", "--duration", "600", "--inputs", "3000", "--p-tar", &P_TAR.to_string(),
+        "--deadline-ms", "1000", "--json", summary.to_str().unwrap(), "--outcomes", outcomes.to_str().unwrap(),
+    ]);
+    let before = statuses.wait("300 more offloads answered", Duration::from_secs(60), |seen| answered(seen).filter(|&n| n >= 300));
+    let _ = before;
+    nats.stop();
+    let stopped = std::time::Instant::now();
+    let mut child = fleet.child;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(stopped.elapsed() < Duration::from_secs(60), "the fleet did not end within 60 s of the outage");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let said = fleet.stderr.join().unwrap();
+    assert!(status.success(), "exit 0 with the server gone: {said}");
+    let (s, _) = every_input_answered_in_time(&summary, &outcomes, 1000);
+    assert_eq!(s.inputs, 3000, "{said}");
+    assert!(s.fallbacks_disconnected > 0, "{s:?}");
 }
 
 /// An audit result as a worker sends it: branch logits confident in class

@@ -197,7 +197,7 @@ fn print_summary(s: &Summary) {
         .collect();
     println!("per exit: {}", exits.join(", "));
     println!(
-        "decided on device {} ({:.1} %), offloaded {} ({:.1} %): answered by cloud {}, fallbacks {} (deadline {}, no responders {}, error reply {}, transport {}); errors {}",
+        "decided on device {} ({:.1} %), offloaded {} ({:.1} %): answered by cloud {}, fallbacks {} (deadline {}, disconnected {}, no responders {}, error reply {}, transport {}); errors {}",
         s.decided_on_device,
         pct(s.decided_on_device),
         s.offloaded,
@@ -205,6 +205,7 @@ fn print_summary(s: &Summary) {
         s.answered_by_cloud,
         s.fallbacks,
         s.fallbacks_deadline,
+        s.fallbacks_disconnected,
         s.fallbacks_no_responders,
         s.fallbacks_error_reply,
         s.fallbacks_transport,

@@ -650,6 +650,7 @@ async fn metrics(state: web::Data<ApiState>) -> HttpResponse {
             ("no-responders", s.fallbacks_no_responders),
             ("error-reply", s.fallbacks_error_reply),
             ("transport", s.fallbacks_transport),
+            ("disconnected", s.fallbacks_disconnected),
         ] {
             m.sample("branchpoint_fallbacks_total", &format!("{},reason=\"{reason}\"", fl(f)), n as f64);
         }

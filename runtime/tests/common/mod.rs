@@ -44,7 +44,9 @@ impl Drop for Proc {
 
 pub struct NatsServer {
     pub url: String,
-    _proc: Proc,
+    port: u16,
+    extra: Vec<String>,
+    proc: Option<Proc>,
 }
 
 impl NatsServer {
@@ -55,19 +57,31 @@ impl NatsServer {
     /// A nats-server with extra command-line options, e.g. `--user U --pass P`,
     /// `--auth TOKEN`, `--tls --tlscert F --tlskey F` or `-c CONFIG`.
     pub fn start_with(extra: &[&str]) -> NatsServer {
+        let mut s = NatsServer { url: String::new(), port: free_port(), extra: extra.iter().map(|e| e.to_string()).collect(), proc: None };
+        s.url = format!("nats://127.0.0.1:{}", s.port);
+        s.restart();
+        s
+    }
+
+    /// Kills the server (a broker outage); `restart` brings it back on the
+    /// same port with the same options.
+    pub fn stop(&mut self) {
+        self.proc = None;
+    }
+
+    pub fn restart(&mut self) {
         let bin = repo_root().join(".venv/bin/nats-server");
         assert!(bin.is_file(), "{} is missing: run scripts/setup.sh", bin.display());
-        let port = free_port();
         let child = Command::new(&bin)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .args(extra)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("nats-server starts");
         let proc = Proc(child);
-        assert!(wait_for_port(port, Duration::from_secs(10)), "nats-server {extra:?} did not listen on {port}");
-        NatsServer { url: format!("nats://127.0.0.1:{port}"), _proc: proc }
+        assert!(wait_for_port(self.port, Duration::from_secs(10)), "nats-server {:?} did not listen on {}", self.extra, self.port);
+        self.proc = Some(proc);
     }
 }
 
