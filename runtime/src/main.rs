@@ -6,6 +6,7 @@ fn main() -> ExitCode {
     // Before any other thread exists, so that every thread this process
     // starts (libtorch's intra-op threads included) inherits it.
     branchpoint_models::subnormal::flush_subnormals();
+    raise_open_file_limit();
     let cli = match branchpoint::parse_with_config(std::env::args_os().collect()) {
         Ok(cli) => cli,
         Err(ParseFailure::Clap(e)) => e.exit(),
@@ -33,4 +34,19 @@ fn main() -> ExitCode {
         unsafe { libc::_exit(code) }
     }
     ExitCode::from(code as u8)
+}
+
+/// Raises the soft limit on open files to the hard one: a service holding
+/// many NATS and HTTP connections must not be refused new ones (an accept
+/// that fails for want of a descriptor stalls every client, /healthz's
+/// too) while the system would allow them.
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write `lim`.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }

@@ -445,3 +445,56 @@ fn bad_setups_fail_with_what_to_do() {
     assert_eq!(http("PUT", &api, "/api/plan", Some(TOKEN), Some(&huge)).status, 413, "bodies are bounded");
     assert_eq!(http("GET", &api, "/api/plan", None, None).body, r#"{"plans":[]}"#, "nothing was stored");
 }
+
+/// A flood of slow clients: 1,000 connections that each send a mutating
+/// request's head and then hold back its body, half without a token and half
+/// with one. The API answers the unauthenticated ones 401 before reading any
+/// body, cuts the others off after its body timeout (408), and /healthz
+/// answers throughout.
+#[test]
+fn healthz_answers_through_a_flood_of_slow_bodies() {
+    use std::io::{Read, Write};
+    let _serial = serial();
+    // The test holds 1,000 sockets itself.
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write `lim`.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+    let nats = NatsServer::start_with(&["-js"]);
+    let api = format!("127.0.0.1:{}", port());
+    let _api = start_service("flooded-api", &["serve", "--nats", &nats.url, "--listen", &api, "--token", "t0ken"], "api listening", Duration::from_secs(60));
+    let mut flood = Vec::new();
+    for i in 0..1000 {
+        let mut s = std::net::TcpStream::connect(&api).unwrap();
+        let auth = if i % 2 == 0 { "" } else { "Authorization: Bearer t0ken\r\n" };
+        write!(s, "PUT /api/plan HTTP/1.1\r\nHost: {api}\r\n{auth}Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"gro").unwrap();
+        flood.push((i % 2 == 1, s));
+    }
+    let opened = Instant::now();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..20 {
+        let t = Instant::now();
+        let r = http("GET", &api, "/healthz", None, None);
+        slowest = slowest.max(t.elapsed());
+        assert_eq!(r.status, 200);
+    }
+    eprintln!("/healthz during the flood: slowest of 20 in {slowest:?}");
+    assert!(slowest < Duration::from_secs(1), "/healthz took {slowest:?} during the flood");
+    let (mut denied, mut timed_out) = (0, 0);
+    for (authenticated, mut s) in flood {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).unwrap();
+        let status = String::from_utf8_lossy(&head[9..12]).to_string();
+        match (authenticated, status.as_str()) {
+            (false, "401") => denied += 1,
+            (true, "408") => timed_out += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert_eq!((denied, timed_out), (500, 500));
+    assert!(opened.elapsed() < Duration::from_secs(30), "every slow body was cut off by the body timeout");
+}

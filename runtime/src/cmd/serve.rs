@@ -116,14 +116,18 @@ pub fn spawn_embedded(nats: crate::cli::NatsArgs, listen: String, token: Option<
     rx.recv().context("the embedded API's thread ended before it started")?
 }
 
+/// Most connections each of the API's two threads holds open.
+pub const MAX_CONNECTIONS: usize = 4096;
+
 /// Binds the API's HTTP server to `listen` (it runs once awaited).
 pub fn http_server(state: ApiState, listen: &str) -> Result<actix_web::dev::Server> {
     let data = web::Data::new(state);
     let server = HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
-            // Plans and refit requests are a few hundred bytes.
-            .app_data(web::PayloadConfig::new(64 * 1024))
+            // Plans and refit requests are a few hundred bytes (bodies are
+            // read by `read_body`, after the token check).
+            .app_data(web::PayloadConfig::new(MAX_BODY_BYTES))
             .route("/", web::get().to(dashboard))
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
@@ -137,6 +141,15 @@ pub fn http_server(state: ApiState, listen: &str) -> Result<actix_web::dev::Serv
     })
     // The API is light; two threads keep a slow scrape from blocking a PUT.
     .workers(2)
+    // Slow or idle clients do not hold connections: the request head must
+    // arrive within 5 s, an idle keep-alive connection closes after 5 s, and
+    // each thread holds at most MAX_CONNECTIONS (the process's open-file
+    // limit is raised at start, see `main`), so /healthz still gets through
+    // a flood of slow clients.
+    .client_request_timeout(Duration::from_secs(5))
+    .client_disconnect_timeout(Duration::from_secs(1))
+    .keep_alive(Duration::from_secs(5))
+    .max_connections(MAX_CONNECTIONS)
     // Stopping waits this long for requests in progress (see `run`).
     .shutdown_timeout(1)
     .disable_signals()
@@ -279,6 +292,35 @@ impl ApiState {
     }
 }
 
+/// Largest body a mutating endpoint reads: plans and refit requests are a
+/// few hundred bytes.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// How long a client may take to send a body, once its token was accepted.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Reads a request body, after the token check (so an unauthenticated
+/// client never makes the API read anything), at most `MAX_BODY_BYTES` and
+/// within `BODY_TIMEOUT`.
+async fn read_body(mut payload: web::Payload) -> Result<web::Bytes, HttpResponse> {
+    use futures::StreamExt;
+    let read = async {
+        let mut body = web::BytesMut::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|e| error(StatusCode::BAD_REQUEST, format!("could not read the body: {e}")))?;
+            if body.len() + chunk.len() > MAX_BODY_BYTES {
+                return Err(error(StatusCode::PAYLOAD_TOO_LARGE, format!("the body is over {MAX_BODY_BYTES} bytes; a plan or refit request is a few hundred")));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body.freeze())
+    };
+    match tokio::time::timeout(BODY_TIMEOUT, read).await {
+        Ok(r) => r,
+        Err(_) => Err(error(StatusCode::REQUEST_TIMEOUT, format!("the body did not arrive within {BODY_TIMEOUT:?}"))),
+    }
+}
+
 /// Compares without an early exit, so timing does not leak how much matched.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -417,10 +459,14 @@ async fn get_plan(state: web::Data<ApiState>) -> HttpResponse {
     }
 }
 
-async fn put_plan(state: web::Data<ApiState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+async fn put_plan(state: web::Data<ApiState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {
     if let Some(denied) = state.denied(&req) {
         return denied;
     }
+    let body = match read_body(payload).await {
+        Ok(b) => b,
+        Err(refused) => return refused,
+    };
     let plan: PlanJson = match serde_json::from_slice(&body) {
         Ok(p) => p,
         Err(e) => {
@@ -544,10 +590,14 @@ struct RefitJson {
     method: String,
 }
 
-async fn post_refit(state: web::Data<ApiState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+async fn post_refit(state: web::Data<ApiState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {
     if let Some(denied) = state.denied(&req) {
         return denied;
     }
+    let body = match read_body(payload).await {
+        Ok(b) => b,
+        Err(refused) => return refused,
+    };
     let refit: RefitJson = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("the body is not a refit request ({e}); send JSON like {{\"method\": \"per-branch\"}}")),
