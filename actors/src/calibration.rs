@@ -106,6 +106,13 @@ impl WatchSettings {
     }
 }
 
+/// A fitted temperature as the wire carries it: a fit on degenerate
+/// pseudo-labels can leave the accepted range, beyond which confidences do
+/// not change anyway.
+fn wire_temperature(t: f64) -> f64 {
+    t.clamp(branchpoint_messages::MIN_TEMPERATURE, branchpoint_messages::MAX_TEMPERATURE)
+}
+
 /// What one audit result set off in the live watch.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WatchOutcome {
@@ -308,7 +315,7 @@ impl LiveWatch {
                 w.last_refit = Some(branchpoint_messages::RefitSummary {
                     at_unix_us: now_unix_us,
                     decided_at_unix_us: refit.t_us,
-                    temperature: refit.temperature,
+                    temperature: wire_temperature(refit.temperature),
                     threshold: refit.threshold,
                     fit_inputs: count(refit.fit_inputs),
                     certify_inputs: count(refit.certify_inputs),
@@ -316,7 +323,9 @@ impl LiveWatch {
                 let target = CertifiedTarget { accuracy: w.monitor.target_accuracy(), delta: self.settings.delta };
                 let (group, branch) = (w.group.clone(), w.branch);
                 let mut temps = self.temperatures_of(&group, temperatures).to_vec();
-                temps[b - 1] = refit.temperature;
+                // A fit on degenerate pseudo-labels can leave the range the
+                // wire accepts; beyond it confidences do not change anyway.
+                temps[b - 1] = wire_temperature(refit.temperature);
                 self.remember_group(group.clone(), temps.clone());
                 let plan = PlanUpdate { target: PlanTarget::Group(group.clone()), partition_branch: branch, p_tar: refit.threshold, certified: Some(target) };
                 Ok(WatchOutcome::Refit(GroupRefit { group, partition_branch: branch, temperatures: temps, plan, refit }))
@@ -340,7 +349,7 @@ impl LiveWatch {
                     group: w.group.clone(),
                     partition_branch: w.branch,
                     target_accuracy: w.monitor.target_accuracy(),
-                    temperature: w.monitor.temperature(),
+                    temperature: wire_temperature(w.monitor.temperature()),
                     threshold: w.monitor.threshold(),
                     audits: u32::try_from(e.audits).unwrap_or(u32::MAX),
                     offloads: u32::try_from(e.offloads).unwrap_or(u32::MAX),

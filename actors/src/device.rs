@@ -309,12 +309,13 @@ impl Handler<Infer> for Device {
         let cfg = &self.cfg;
         let request = offload_request(self.seq, cfg, &head, arrived).map(|r| OffloadRequest { audit: tag, ..r });
         let (link, collector, deadline) = (self.link.clone(), self.collector.clone(), cfg.deadline);
+        let classes = head.branch_logits.len();
         if let (Some(em), Ok(request)) = (self.em.clone(), &request) {
-            return self.offload_emulated(em, outcome, request.clone(), arrived);
+            return self.offload_emulated(em, outcome, request.clone(), classes, arrived);
         }
         Box::pin(async move {
             let outcome = match request {
-                Ok(request) => offload(outcome, request, &link, deadline, arrived).await,
+                Ok(request) => offload(outcome, request, classes, &link, deadline, arrived).await,
                 Err(e) => outcome.failed(format!("activation: {e}"), arrived),
             };
             collector.do_send(outcome);
@@ -364,14 +365,21 @@ fn offload_request(seq: u64, cfg: &DeviceConfig, head: &HeadOutput, arrived: Ins
 /// left at the moment it is sent. An answer that arrived after the deadline
 /// is a miss, whatever the device thread was doing meanwhile; the outcome's
 /// latency is when the answer, or the deadline, came.
-async fn offload(mut outcome: Outcome, mut request: OffloadRequest, link: &OffloadLink, deadline: Duration, arrived: Instant) -> Outcome {
+#[allow(clippy::too_many_arguments)]
+async fn offload(mut outcome: Outcome, mut request: OffloadRequest, classes: usize, link: &OffloadLink, deadline: Duration, arrived: Instant) -> Outcome {
     let due = arrived + deadline;
+    let seq = request.seq;
     let remaining = due.saturating_duration_since(Instant::now());
     request.deadline = Deadline { sent_at_unix_us: unix_us(), budget_us: remaining.as_micros().max(1) as u64 };
     let sent = Instant::now();
     let result = if remaining.is_zero() { Err(OffloadFailure::Deadline) } else { link.offload(request, remaining).await };
+    // An answer is checked against what it can mean before it is taken: the
+    // request it answers, a class this model has (a rogue member of the
+    // workers' queue group must not make devices answer class 999).
     let result = match result {
         Ok(a) if a.at > due => Err(OffloadFailure::Deadline),
+        Ok(a) if a.answer.seq != seq => Err(OffloadFailure::Transport(format!("an answer to request {} for request {seq}", a.answer.seq))),
+        Ok(a) if a.answer.class as usize >= classes => Err(OffloadFailure::Transport(format!("an answer of class {} from a {classes}-class model", a.answer.class))),
         other => other,
     };
     match result {
@@ -411,7 +419,7 @@ impl Device {
     /// predicts a miss (adaptive devices), drop it if it cannot start before
     /// the deadline, otherwise wait for the upload and half the RTT, offload,
     /// and wait half the RTT for the reply.
-    fn offload_emulated(&mut self, em: Rc<Emulation>, mut outcome: Outcome, request: OffloadRequest, arrived: Instant) -> ResponseFuture<()> {
+    fn offload_emulated(&mut self, em: Rc<Emulation>, mut outcome: Outcome, request: OffloadRequest, classes: usize, arrived: Instant) -> ResponseFuture<()> {
         let collector = self.collector.clone();
         let deadline = self.cfg.deadline;
         let deadline_us = deadline.as_micros() as u64;
@@ -451,7 +459,7 @@ impl Device {
             let fallback_outcome = outcome.clone();
             let exchange = async {
                 tokio::time::sleep_until(tokio::time::Instant::from_std(em.instant(finish) + half)).await;
-                let out = offload(outcome, request, &link, deadline.saturating_sub(half), arrived).await;
+                let out = offload(outcome, request, classes, &link, deadline.saturating_sub(half), arrived).await;
                 if out.decided == Decided::Cloud {
                     tokio::time::sleep(half).await;
                     let replied = em.us(Instant::now());
@@ -545,8 +553,8 @@ impl Handler<ApplyCalibration> for Device {
 
     fn handle(&mut self, msg: ApplyCalibration, _: &mut Context<Self>) {
         let n = self.cfg.temperatures.len();
-        if msg.temperatures.len() != n || msg.temperatures.iter().any(|t| !(t.is_finite() && *t > 0.0)) {
-            eprintln!("device {}: ignored calibration {:?}: need {n} positive temperatures", self.cfg.id, msg.temperatures);
+        if msg.temperatures.len() != n || !msg.temperatures.iter().all(|t| branchpoint_messages::is_valid_temperature(*t)) {
+            eprintln!("device {}: ignored calibration {:?}: need {n} temperatures in [1e-3, 1e3]", self.cfg.id, msg.temperatures);
             return;
         }
         self.cfg.temperatures = msg.temperatures;

@@ -48,7 +48,27 @@ pub enum ReplyTo {
     /// In-process: straight back to the waiting device.
     Local(tokio::sync::oneshot::Sender<OffloadReply>),
     /// Over NATS: to the request's reply inbox.
-    Nats(async_nats::service::Request),
+    Nats(NatsReply),
+}
+
+/// A NATS request to answer, and the worker's client and id: an error reply
+/// is also counted in the service's `$SRV.STATS` (`num_errors`,
+/// `last_error`).
+pub struct NatsReply {
+    pub request: async_nats::service::Request,
+    pub client: async_nats::Client,
+    pub worker_id: String,
+}
+
+/// The code an error reply is counted under in `$SRV.STATS`: 4xx for what
+/// the request got wrong, 5xx for the worker's state.
+fn service_code(kind: ErrorKind) -> usize {
+    match kind {
+        ErrorKind::InvalidRequest | ErrorKind::UnsupportedVersion | ErrorKind::UnknownBranch => 400,
+        ErrorKind::DeadlineExpired => 408,
+        ErrorKind::Overloaded => 503,
+        ErrorKind::Internal | ErrorKind::Unknown => 500,
+    }
 }
 
 impl ReplyTo {
@@ -56,13 +76,13 @@ impl ReplyTo {
         match self {
             // The device may have given up (deadline): nobody to tell.
             ReplyTo::Local(tx) => drop(tx.send(reply)),
-            ReplyTo::Nats(request) => {
+            ReplyTo::Nats(NatsReply { mut request, client, worker_id }) => {
                 let bytes = match encode(&reply) {
                     Ok(b) => b,
                     Err(e) => {
                         let err = OffloadReply::Error(ErrorReply {
                             seq: None,
-                            worker_id: "unknown".into(),
+                            worker_id: worker_id.clone(),
                             kind: ErrorKind::Internal,
                             detail: format!("could not encode the reply: {e}"),
                         });
@@ -71,7 +91,22 @@ impl ReplyTo {
                 };
                 actix::spawn(async move {
                     // A lost reply is the device's timeout to handle.
-                    let _ = request.respond(Ok(bytes.into())).await;
+                    match reply {
+                        OffloadReply::Answer(_) => drop(request.respond(Ok(bytes.into())).await),
+                        OffloadReply::Error(e) => {
+                            // The typed reply goes to the device as it is;
+                            // the service API's own error response (headers,
+                            // no body) goes to the worker's error subject,
+                            // where it counts the error in $SRV.STATS and
+                            // leaves the device's inbox alone.
+                            if let Some(inbox) = request.message.reply.take() {
+                                let _ = client.publish(inbox, bytes.into()).await;
+                            }
+                            request.message.reply = Some(subjects::worker_errors(&worker_id).into());
+                            let status = format!("{:?}: {}", e.kind, e.detail);
+                            let _ = request.respond(Err(async_nats::service::error::Error { status, code: service_code(e.kind) })).await;
+                        }
+                    }
                 });
             }
         }
@@ -450,9 +485,19 @@ pub async fn serve_nats(
     on_ready();
     while let Some(request) = endpoint.next().await {
         let received = Instant::now();
+        let reply_to = |request| ReplyTo::Nats(NatsReply { request, client: client.clone(), worker_id: worker_id.clone() });
+        let refuse = |request, seq, kind, detail: String| reply_to(request).send(OffloadReply::Error(ErrorReply { seq, worker_id: worker_id.clone(), kind, detail }));
         match decode::<OffloadRequest>(&request.message.payload) {
             Ok(offload) => {
-                if batcher.send(Job { request: offload, received, reply: ReplyTo::Nats(request) }).await.is_err() {
+                // The subject names the branch, and so must the body: a
+                // request for one branch is never run as another's.
+                let on = request.message.subject.as_str().rsplit('.').next().unwrap_or("");
+                if on != offload.partition_branch.to_string() {
+                    let detail = format!("sent on {} but for branch {}; send it on {}", request.message.subject, offload.partition_branch, subjects::offload(offload.partition_branch));
+                    refuse(request, Some(offload.seq), ErrorKind::InvalidRequest, detail);
+                    continue;
+                }
+                if batcher.send(Job { request: offload, received, reply: reply_to(request) }).await.is_err() {
                     break; // the batcher stopped: so does this worker
                 }
             }
@@ -461,8 +506,10 @@ pub async fn serve_nats(
                     MessageError::VersionMismatch { .. } => ErrorKind::UnsupportedVersion,
                     _ => ErrorKind::InvalidRequest,
                 };
-                let reply = OffloadReply::Error(ErrorReply { seq: None, worker_id: worker_id.clone(), kind, detail: e.to_string() });
-                ReplyTo::Nats(request).send(reply);
+                // The seq, if the body got that far: the device can tell
+                // which request was refused.
+                let seq = branchpoint_messages::decode_seq(&request.message.payload);
+                refuse(request, seq, kind, e.to_string());
             }
         }
     }

@@ -52,6 +52,14 @@ pub const NETWORK_REPORT: &str = "branchpoint.report.network";
 /// batching (`WorkerStatus`).
 pub const WORKER_STATUS: &str = "branchpoint.worker.status";
 
+/// Worker -> monitoring: the service API's error response for each typed
+/// error reply a worker sent (headers `Nats-Service-Error` and
+/// `Nats-Service-Error-Code`, no body); sending it there is what counts the
+/// error in `$SRV.STATS`. The device gets the typed `ErrorReply` itself.
+pub fn worker_errors(worker_id: &str) -> String {
+    format!("branchpoint.worker.errors.{worker_id}")
+}
+
 /// Prefix of the fleets' status subjects, see [`fleet_status`].
 pub const FLEET_STATUS_PREFIX: &str = "branchpoint.status.fleet";
 

@@ -55,9 +55,32 @@ impl fmt::Display for DType {
 pub struct Tensor {
     pub dtype: DType,
     pub shape: Vec<u32>,
-    /// `product(shape) * dtype.size()` little-endian bytes.
-    #[serde(with = "serde_bytes")]
+    /// `product(shape) * dtype.size()` little-endian bytes, as MessagePack
+    /// `bin`: an array of numbers or a string is refused, not converted.
+    #[serde(serialize_with = "serde_bytes::serialize", deserialize_with = "bin_only")]
     pub data: Vec<u8>,
+}
+
+/// Accepts MessagePack `bin` (bytes) and nothing else: the wire format says
+/// bytes, and a peer that sends numbers or text has it wrong.
+fn bin_only<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+    struct Bin;
+    impl<'de> serde::de::Visitor<'de> for Bin {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("tensor data as MessagePack bin (bytes)")
+        }
+
+        fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+
+        fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(v)
+        }
+    }
+    d.deserialize_byte_buf(Bin)
 }
 
 impl Tensor {

@@ -96,12 +96,13 @@ prop_compose! {
 }
 
 prop_compose! {
-    fn worker_status()(worker_id in id(), queue_depth: u32, batches_served: u64,
+    fn worker_status()(worker_id in id(), queue_depth: u32, batches in 0u64..1_000_000,
                        mean_batch_size in 0f64..256.0, queue_delay_us_ewma in 0f64..1e7,
-                       at_unix_us: u64, requests: u64,
+                       at_unix_us: u64, extra in 0u64..1_000_000,
                        queue_delay_us_interval in 0f64..1e7) -> WorkerStatus {
+        let requests = batches + extra;
         WorkerStatus {
-            worker_id, queue_depth, batches_served,
+            worker_id, queue_depth, batches_served: batches,
             mean_batch_size, queue_delay_us_ewma, at_unix_us,
             requests, errors: requests / 7, queue_delay_us_interval,
             batch_size_interval: mean_batch_size / 2.0,
@@ -110,15 +111,20 @@ prop_compose! {
 }
 
 prop_compose! {
-    fn fleet_status()(fleet_id in id(), group in id(), devices: u32, running: bool,
+    fn fleet_status()(fleet_id in id(), group in id(), devices in 1u32..=100_000, running: bool,
                       inputs in 0usize..1_000_000, p_tar in 0f64..=1.0,
                       counts in proptest::collection::vec(0u64..1000, 0..12)) -> FleetStatus {
         let summary = FleetSummary {
-            inputs, outcomes: inputs, per_exit: vec![inputs / 2, inputs - inputs / 2],
+            inputs, outcomes: inputs, decided_on_device: inputs / 2, offloaded: inputs - inputs / 2,
+            answered_by_cloud: inputs - inputs / 2, per_exit: vec![inputs / 2, inputs - inputs / 2],
             accuracy: 0.5, edge_accuracy: (inputs % 2 == 0).then_some(0.25), ..FleetSummary::default()
         };
+        // Cumulative, and no more than the outcomes.
+        let mut counts = counts;
+        counts.sort_unstable();
+        let counts: Vec<u64> = counts.into_iter().map(|c| c.min(inputs as u64)).collect();
         FleetStatus {
-            fleet_id, group, devices, running, at_unix_us: 7, started_unix_us: 3, summary,
+            fleet_id, group, devices, running, at_unix_us: 100_000_007, started_unix_us: 3, summary,
             latency_le_ms: counts.iter().map(|&c| c as f64 + 0.5).collect(),
             latency_le_counts: counts, latency_sum_ms: 12.5,
             applied: vec![AppliedPlan { partition_branch: 1, p_tar, temperature: 1.5, devices }],
@@ -382,6 +388,45 @@ fn tensor_travels_as_bytes_not_numbers() {
     assert!(encode(&req).unwrap().len() < 4000 + 200);
 }
 
+/// Tensor data is MessagePack bin: the same bytes as an array of integers
+/// or as a string are refused, not converted; and a request refused for
+/// its content still says its seq.
+#[test]
+fn tensor_data_is_bin_only_and_a_refused_request_keeps_its_seq() {
+    #[derive(Serialize)]
+    struct Loose<D: Serialize> {
+        dtype: DType,
+        shape: Vec<u32>,
+        data: D,
+    }
+    #[derive(Serialize)]
+    struct Req<D: Serialize> {
+        device_id: String,
+        seq: u64,
+        partition_branch: u8,
+        activation: Loose<D>,
+        deadline: Deadline,
+    }
+    #[derive(Serialize)]
+    struct Env<B> {
+        wire_version: u16,
+        body: B,
+    }
+    let deadline = Deadline { sent_at_unix_us: 1, budget_us: 1000 };
+    let req = |data| Env { wire_version: WIRE_VERSION, body: Req { device_id: "d".into(), seq: 42, partition_branch: 1, activation: Loose { dtype: DType::F32, shape: vec![1], data }, deadline } };
+    let as_ints = rmp_serde::to_vec_named(&req(vec![0u8, 0, 128, 63])).unwrap();
+    assert!(matches!(decode::<OffloadRequest>(&as_ints), Err(E::Decode(_))), "an array of integers is not bytes");
+    let text = Env { wire_version: WIRE_VERSION, body: Req { device_id: "d".into(), seq: 42, partition_branch: 1, activation: Loose { dtype: DType::F32, shape: vec![1], data: "abcd" }, deadline } };
+    assert!(matches!(decode::<OffloadRequest>(&rmp_serde::to_vec_named(&text).unwrap()), Err(E::Decode(_))), "a string is not bytes");
+    // The bin form decodes.
+    let bin = Env { wire_version: WIRE_VERSION, body: Req { device_id: "d".into(), seq: 42, partition_branch: 1, activation: Loose { dtype: DType::F32, shape: vec![1], data: serde_bytes::ByteBuf::from(vec![0u8, 0, 128, 63]) }, deadline } };
+    let ok = decode::<OffloadRequest>(&rmp_serde::to_vec_named(&bin).unwrap()).unwrap();
+    assert_eq!(ok.activation.to_f32_vec().unwrap(), vec![1.0]);
+    // Refused, but the seq is readable.
+    assert_eq!(decode_seq(&as_ints), Some(42));
+    assert_eq!(decode_seq(b"not msgpack"), None);
+}
+
 #[test]
 fn missing_deadline_is_refused() {
     let mut req = sample_request();
@@ -511,6 +556,53 @@ fn ranges_are_checked() {
     assert_refused!(CalibrationUpdate { group: Some("a.b".into()), ..cal(vec![1.0, 1.0]) }.validate(), E::BadId { .. });
     assert!(cal(vec![1.2, 0.9, 1.0]).validate().is_ok());
     assert_eq!(cal(vec![]).validate(), Err(E::NoTemperatures));
+    // Forged temperatures that once got through: far outside what calibrates.
+    for t in [1e-30, 1e300, 5e-324, 1e-4, 2e3] {
+        assert_refused!(cal(vec![1.0, t]).validate(), E::Temperature { exit: 2, .. });
+    }
+    assert!(cal(vec![MIN_TEMPERATURE, MAX_TEMPERATURE]).validate().is_ok());
+    assert_refused!(cal(vec![1.0; MAX_EXITS + 1]).validate(), E::OutOfRange { field: "temperatures", .. });
+    // Statuses whose figures cannot be: 100,010 devices, 1e12 inputs after
+    // ten seconds, more errors than requests.
+    let fleet = FleetStatus {
+        fleet_id: "f".into(),
+        group: "g".into(),
+        devices: 10,
+        running: true,
+        at_unix_us: 11_000_000,
+        started_unix_us: 1_000_000,
+        summary: FleetSummary { inputs: 100, outcomes: 100, decided_on_device: 100, per_exit: vec![100, 0], accuracy: 0.9, ..FleetSummary::default() },
+        latency_le_ms: vec![1.0, 2.0],
+        latency_le_counts: vec![50, 100],
+        latency_sum_ms: 100.0,
+        applied: vec![AppliedPlan { partition_branch: 1, p_tar: 0.9, temperature: 1.0, devices: 10 }],
+    };
+    assert!(fleet.validate().is_ok());
+    assert_refused!(FleetStatus { devices: 100_010, ..fleet.clone() }.validate(), E::OutOfRange { field: "devices", .. });
+    let huge = FleetSummary { inputs: 1_000_000_000_000, outcomes: 1_000_000_000_000, ..fleet.summary.clone() };
+    assert_refused!(FleetStatus { summary: huge, ..fleet.clone() }.validate(), E::OutOfRange { field: "inputs", .. });
+    let more_outcomes = FleetSummary { outcomes: 200, ..fleet.summary.clone() };
+    assert_refused!(FleetStatus { summary: more_outcomes, ..fleet.clone() }.validate(), E::OutOfRange { field: "outcomes", .. });
+    assert_refused!(FleetStatus { latency_le_counts: vec![100, 50], ..fleet.clone() }.validate(), E::OutOfRange { field: "latency_le_counts", .. });
+    assert_refused!(FleetStatus { started_unix_us: 12_000_000, ..fleet.clone() }.validate(), E::OutOfRange { field: "at_unix_us", .. });
+    let forged_plan = AppliedPlan { partition_branch: 1, p_tar: 0.9, temperature: 1.0, devices: 11 };
+    assert_refused!(FleetStatus { applied: vec![forged_plan], ..fleet }.validate(), E::OutOfRange { field: "applied", .. });
+    let worker = WorkerStatus {
+        worker_id: "w".into(),
+        queue_depth: 3,
+        batches_served: 10,
+        mean_batch_size: 4.0,
+        queue_delay_us_ewma: 100.0,
+        at_unix_us: 1,
+        requests: 40,
+        errors: 2,
+        queue_delay_us_interval: 50.0,
+        batch_size_interval: 4.0,
+    };
+    assert!(worker.validate().is_ok());
+    assert_refused!(WorkerStatus { errors: 41, ..worker.clone() }.validate(), E::OutOfRange { field: "errors", .. });
+    assert_refused!(WorkerStatus { mean_batch_size: 1e9, ..worker.clone() }.validate(), E::OutOfRange { field: "mean_batch_size", .. });
+    assert_refused!(WorkerStatus { batches_served: 41, ..worker }.validate(), E::OutOfRange { field: "batches_served", .. });
     assert_eq!(
         cal(vec![1.0, 0.0]).validate(),
         Err(E::Temperature {

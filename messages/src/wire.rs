@@ -101,6 +101,24 @@ fn from_slice<'de, T: Deserialize<'de>>(bytes: &'de [u8]) -> Result<T, MessageEr
     T::deserialize(&mut de).map_err(|e| MessageError::Decode(e.to_string()))
 }
 
+/// The `seq` of a request that did not decode as a whole (a field out of
+/// range, a bad tensor), if its envelope and seq are readable: so that an
+/// error reply can still say which request it refuses.
+pub fn decode_seq(bytes: &[u8]) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct Seq {
+        seq: u64,
+    }
+    #[derive(Deserialize)]
+    struct Env {
+        body: Seq,
+    }
+    if bytes.len() as u64 > MAX_MESSAGE_BYTES {
+        return None;
+    }
+    from_slice::<Env>(bytes).ok().map(|e| e.body.seq)
+}
+
 /// When an offload answer stops being useful.
 ///
 /// A relative budget, not an absolute time: devices and workers run on
@@ -371,8 +389,8 @@ impl Message for CertifyReply {
                 return Err(MessageError::PTar(t));
             }
         }
-        if !(self.temperature.is_finite() && self.temperature > 0.0) {
-            return Err(MessageError::OutOfRange { field: "temperature", value: self.temperature, expected: "positive" });
+        if !is_valid_temperature(self.temperature) {
+            return Err(MessageError::OutOfRange { field: "temperature", value: self.temperature, expected: "in [1e-3, 1e3]" });
         }
         if self.exits > self.inputs || self.errors > self.exits {
             return Err(MessageError::OutOfRange { field: "exits", value: f64::from(self.exits), expected: "errors <= exits <= inputs" });
@@ -555,8 +573,8 @@ impl Message for CalibrationStatus {
                 return Err(MessageError::OutOfRange { field: "reliability", value: b.confidence, expected: "confidence and agreement in [0, 1], a finite weight" });
             }
             if let Some(r) = &w.last_refit {
-                if !(r.temperature.is_finite() && r.temperature > 0.0) {
-                    return Err(MessageError::OutOfRange { field: "last_refit.temperature", value: r.temperature, expected: "a positive number" });
+                if !is_valid_temperature(r.temperature) {
+                    return Err(MessageError::OutOfRange { field: "last_refit.temperature", value: r.temperature, expected: "in [1e-3, 1e3]" });
                 }
                 if !probability(r.threshold) {
                     return Err(MessageError::PTar(r.threshold));
@@ -585,6 +603,21 @@ pub struct CalibrationUpdate {
     pub group: Option<String>,
 }
 
+/// The range of temperatures on the wire. A temperature divides logits:
+/// below 1e-3 every confidence is 1, above 1e3 every one is 1/classes, so
+/// nothing outside it calibrates anything, and a value like 1e-30 or 1e300
+/// is a mistake or a forgery.
+pub const MIN_TEMPERATURE: f64 = 1e-3;
+pub const MAX_TEMPERATURE: f64 = 1e3;
+
+/// Whether `t` is a temperature the wire accepts.
+pub fn is_valid_temperature(t: f64) -> bool {
+    (MIN_TEMPERATURE..=MAX_TEMPERATURE).contains(&t)
+}
+
+/// Most exits a model may have on the wire (temperatures, counts per exit).
+pub const MAX_EXITS: usize = 64;
+
 impl Message for CalibrationUpdate {
     fn validate(&self) -> Result<(), MessageError> {
         check_sha256(&self.model_sha256)?;
@@ -594,12 +627,10 @@ impl Message for CalibrationUpdate {
         if self.temperatures.is_empty() {
             return Err(MessageError::NoTemperatures);
         }
-        match self
-            .temperatures
-            .iter()
-            .enumerate()
-            .find(|(_, t)| !(t.is_finite() && **t > 0.0))
-        {
+        if self.temperatures.len() > MAX_EXITS {
+            return Err(MessageError::OutOfRange { field: "temperatures", value: self.temperatures.len() as f64, expected: "at most 64 exits" });
+        }
+        match self.temperatures.iter().enumerate().find(|(_, t)| !is_valid_temperature(**t)) {
             Some((i, &value)) => Err(MessageError::Temperature { exit: i + 1, value }),
             None => Ok(()),
         }
@@ -769,13 +800,25 @@ pub struct WorkerStatus {
     pub batch_size_interval: f64,
 }
 
+/// Largest batch a status may report: far above any worker's `max_batch`.
+pub const MAX_BATCH_ON_WIRE: f64 = 65_536.0;
+/// Longest queue delay a status may report: an hour, in µs.
+const MAX_DELAY_US: f64 = 3.6e9;
+
 impl Message for WorkerStatus {
     fn validate(&self) -> Result<(), MessageError> {
         check_id("worker id", &self.worker_id)?;
-        check_non_negative("mean_batch_size", self.mean_batch_size)?;
-        check_non_negative("queue_delay_us_ewma", self.queue_delay_us_ewma)?;
-        check_non_negative("queue_delay_us_interval", self.queue_delay_us_interval)?;
-        check_non_negative("batch_size_interval", self.batch_size_interval)
+        check_range("mean_batch_size", self.mean_batch_size, MAX_BATCH_ON_WIRE, "within [0, 65536]")?;
+        check_range("batch_size_interval", self.batch_size_interval, MAX_BATCH_ON_WIRE, "within [0, 65536]")?;
+        check_range("queue_delay_us_ewma", self.queue_delay_us_ewma, MAX_DELAY_US, "within an hour")?;
+        check_range("queue_delay_us_interval", self.queue_delay_us_interval, MAX_DELAY_US, "within an hour")?;
+        if self.errors > self.requests {
+            return Err(MessageError::OutOfRange { field: "errors", value: self.errors as f64, expected: "at most the requests received" });
+        }
+        if self.batches_served > self.requests {
+            return Err(MessageError::OutOfRange { field: "batches_served", value: self.batches_served as f64, expected: "at most the requests received (a batch holds one at least)" });
+        }
+        Ok(())
     }
 }
 
@@ -846,10 +889,67 @@ pub struct FleetStatus {
     pub applied: Vec<AppliedPlan>,
 }
 
+/// Most devices one fleet status may speak for.
+pub const MAX_FLEET_DEVICES: u32 = 100_000;
+/// Most inputs one device can be fed per second (a simulated camera at
+/// 10,000 frames/s is far beyond any device this runs on).
+const MAX_INPUTS_PER_DEVICE_PER_S: f64 = 10_000.0;
+
+impl FleetSummary {
+    /// The totals must add up: outcomes of inputs, decided in one place each.
+    fn validate(&self, devices: u32, running_s: f64) -> Result<(), MessageError> {
+        let bad = |field: &'static str, value: usize, expected: &'static str| Err(MessageError::OutOfRange { field, value: value as f64, expected });
+        let cap = (f64::from(devices.max(1)) * MAX_INPUTS_PER_DEVICE_PER_S * (running_s + 1.0)).min(u64::MAX as f64);
+        if self.inputs as f64 > cap {
+            return bad("inputs", self.inputs, "at most 10,000 per device per second the fleet has run");
+        }
+        if self.outcomes > self.inputs + self.duplicates {
+            return bad("outcomes", self.outcomes, "at most one per input (plus duplicates)");
+        }
+        if self.decided_on_device + self.offloaded + self.errors > self.outcomes {
+            return bad("decided_on_device", self.decided_on_device, "on the device, offloaded and errors add up to the outcomes");
+        }
+        if self.answered_by_cloud + self.fallbacks > self.offloaded {
+            return bad("fallbacks", self.fallbacks, "cloud answers and fallbacks add up to the offloads");
+        }
+        let reasons = self.fallbacks_deadline + self.fallbacks_no_responders + self.fallbacks_error_reply + self.fallbacks_transport + self.fallbacks_disconnected;
+        if reasons > self.fallbacks {
+            return bad("fallbacks_deadline", reasons, "the reasons add up to the fallbacks");
+        }
+        if self.per_exit.len() > MAX_EXITS || self.per_exit.iter().sum::<usize>() > self.outcomes {
+            return bad("per_exit", self.per_exit.len(), "at most 64 exits, adding up to at most the outcomes");
+        }
+        check_range("accuracy", self.accuracy, 1.0, "within [0, 1]")?;
+        if let Some(a) = self.edge_accuracy {
+            check_range("edge_accuracy", a, 1.0, "within [0, 1]")?;
+        }
+        for (field, v) in [("latency_ms_p50", self.latency_ms_p50), ("latency_ms_p95", self.latency_ms_p95), ("latency_ms_p99", self.latency_ms_p99)] {
+            check_non_negative(field, v)?;
+        }
+        Ok(())
+    }
+}
+
 impl Message for FleetStatus {
     fn validate(&self) -> Result<(), MessageError> {
         check_id("fleet id", &self.fleet_id)?;
         check_id("group name", &self.group)?;
+        if self.devices > MAX_FLEET_DEVICES {
+            return Err(MessageError::OutOfRange { field: "devices", value: f64::from(self.devices), expected: "at most 100,000 per fleet" });
+        }
+        if self.at_unix_us < self.started_unix_us {
+            return Err(MessageError::OutOfRange { field: "at_unix_us", value: self.at_unix_us as f64, expected: "not before started_unix_us" });
+        }
+        self.summary.validate(self.devices, (self.at_unix_us - self.started_unix_us) as f64 / 1e6)?;
+        if self.latency_le_ms.len() > 256 {
+            return Err(MessageError::OutOfRange { field: "latency_le_ms", value: self.latency_le_ms.len() as f64, expected: "at most 256 bounds" });
+        }
+        if self.latency_le_counts.windows(2).any(|w| w[0] > w[1]) || self.latency_le_counts.iter().any(|&c| c as usize > self.summary.outcomes) {
+            return Err(MessageError::OutOfRange { field: "latency_le_counts", value: 0.0, expected: "cumulative counts, at most the outcomes" });
+        }
+        if self.applied.len() > 1024 || self.applied.iter().map(|a| u64::from(a.devices)).sum::<u64>() > u64::from(self.devices) {
+            return Err(MessageError::OutOfRange { field: "applied", value: self.applied.len() as f64, expected: "plans held by at most the fleet's devices" });
+        }
         if self.latency_le_ms.len() != self.latency_le_counts.len() {
             return Err(MessageError::OutOfRange {
                 field: "latency_le_counts",
@@ -863,7 +963,9 @@ impl Message for FleetStatus {
             if !(0.0..=1.0).contains(&a.p_tar) {
                 return Err(MessageError::PTar(a.p_tar));
             }
-            check_non_negative("temperature", a.temperature)?;
+            if !is_valid_temperature(a.temperature) {
+                return Err(MessageError::OutOfRange { field: "applied.temperature", value: a.temperature, expected: "in [1e-3, 1e3]" });
+            }
         }
         Ok(())
     }

@@ -352,6 +352,39 @@ fn malformed_requests_get_typed_error_replies_and_the_worker_keeps_serving() {
         for (subject, payload, kind) in cases {
             assert_eq!(error_kind(ask(subject, payload).await), kind);
         }
+        // Once its seq could be read, an error reply says which request it
+        // refuses: a wrong shape, a body whose branch is not its subject's,
+        // tensor data sent as numbers instead of bytes.
+        let seq_of = |r: OffloadReply| match r {
+            OffloadReply::Error(e) => (e.kind, e.seq),
+            OffloadReply::Answer(a) => panic!("expected an error reply, got {a:?}"),
+        };
+        let wrong_shape = encode(&request(1, &[1, 3, 8, 8], 192)).unwrap();
+        assert_eq!(seq_of(ask(subjects::offload(1), wrong_shape).await), (ErrorKind::InvalidRequest, Some(7)));
+        let branch_one = encode(&request(1, &shape, elems as usize)).unwrap();
+        for elsewhere in [2u8, 9] {
+            assert_eq!(seq_of(ask(subjects::offload(elsewhere), branch_one.clone()).await), (ErrorKind::InvalidRequest, Some(7)), "a branch-1 body on {}", subjects::offload(elsewhere));
+        }
+        #[derive(serde::Serialize)]
+        struct Loose {
+            dtype: branchpoint_messages::DType,
+            shape: Vec<u32>,
+            data: Vec<u8>,
+        }
+        #[derive(serde::Serialize)]
+        struct LooseRequest {
+            device_id: String,
+            seq: u64,
+            partition_branch: u8,
+            activation: Loose,
+            deadline: Deadline,
+        }
+        let numbers = rmp_serde::to_vec_named(&serde_json::json!({
+            "wire_version": branchpoint_messages::WIRE_VERSION,
+            "body": LooseRequest { device_id: "tester".into(), seq: 8, partition_branch: 1, activation: Loose { dtype: branchpoint_messages::DType::F32, shape: shape.clone(), data: vec![0; elems as usize * 4] }, deadline: Deadline { sent_at_unix_us: 0, budget_us: 5_000_000 } },
+        }))
+        .unwrap();
+        assert_eq!(seq_of(ask(subjects::offload(1), numbers).await), (ErrorKind::InvalidRequest, Some(8)), "tensor data as an array of numbers");
 
         // Still serving: a valid request gets an answer.
         match ask(subjects::offload(1), encode(&request(1, &shape, elems as usize)).unwrap()).await {
@@ -409,6 +442,9 @@ fn malformed_requests_get_typed_error_replies_and_the_worker_keeps_serving() {
         let stats = client.request("$SRV.STATS.branchpoint-worker", "".into()).await.unwrap();
         let stats: serde_json::Value = serde_json::from_slice(&stats.payload).unwrap();
         assert!(stats["endpoints"][0]["num_requests"].as_u64().unwrap() >= 8, "{stats}");
+        // Every typed error reply is counted as the service API's error too.
+        assert!(stats["endpoints"][0]["num_errors"].as_u64().unwrap() >= 10, "{stats}");
+        assert!(stats["endpoints"][0]["last_error"].as_str().is_some_and(|e| !e.is_empty()) || stats["endpoints"][0]["last_error"].is_object(), "{stats}");
     });
 }
 
@@ -422,6 +458,46 @@ fn without_workers_offloads_fall_back_and_every_input_is_answered() {
     assert_eq!(s.fallbacks, s.offloaded);
     assert_eq!(s.fallbacks_no_responders, s.fallbacks, "NATS says at once that nobody listens: {s:?}");
     exactly_one_each(&outcomes, 300);
+}
+
+/// A rogue member of the workers' queue group answers every offload with
+/// class 999, or with another request's seq: the devices take none of it,
+/// and fall back on their own branch instead, counted.
+#[test]
+fn impossible_answers_from_a_rogue_worker_are_not_taken() {
+    use branchpoint_messages::{OffloadAnswer, WorkerTimings};
+    use futures::StreamExt;
+    let _serial = serial();
+    let nats = NatsServer::start();
+    let url = nats.url.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let rogue = std::thread::spawn(move || {
+        runtime().block_on(async move {
+            let client = async_nats::connect(&url).await.unwrap();
+            let mut sub = client.queue_subscribe(subjects::OFFLOAD_ALL, subjects::WORKER_QUEUE_GROUP.into()).await.unwrap();
+            client.flush().await.unwrap();
+            ready_tx.send(()).unwrap();
+            let mut answered = 0u64;
+            while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(3), sub.next()).await {
+                let Ok(req) = decode::<OffloadRequest>(&msg.payload) else { continue };
+                let (class, seq) = if answered % 2 == 0 { (999, req.seq) } else { (1, req.seq + 1_000_000) };
+                let timings = WorkerTimings { queue_us: 1, compute_us: 1, batch_size: 1 };
+                let answer = OffloadReply::Answer(OffloadAnswer { seq, worker_id: "rogue".into(), class, confidence: 0.99, timings });
+                if let Some(reply) = msg.reply {
+                    client.publish(reply, encode(&answer).unwrap().into()).await.unwrap();
+                }
+                answered += 1;
+            }
+            answered
+        })
+    });
+    ready_rx.recv().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (s, outcomes) = run_fleet(dir.path(), "rogue", Some(&nats.url), 300, 1000);
+    assert!(rogue.join().unwrap() > 0, "the rogue answered");
+    assert_eq!((s.inputs, s.outcomes, s.answered_by_cloud), (300, 300, 0), "{s:?}");
+    assert_eq!((s.fallbacks, s.fallbacks_transport), (s.offloaded, s.offloaded), "{s:?}");
+    assert!(s.offloaded > 0 && outcomes.iter().all(|o| o.class < 10 && o.worker_id.is_none()));
 }
 
 #[test]
