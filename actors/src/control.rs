@@ -70,10 +70,38 @@ pub enum ControlChange {
     Calibration(CalibrationUpdate),
 }
 
+/// How the buckets are created when they do not exist yet, and how long a
+/// plan for one device lives.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StoreSettings {
+    /// Replicas of each bucket in a JetStream cluster (1 on a single server).
+    pub replicas: usize,
+    /// A plan stored for one device expires this long after it was last
+    /// written: devices come and go, and a gone device's key must not stay
+    /// forever. The planner writes a reporting device's plan again before
+    /// then (`Planner`), so a live device keeps its plan.
+    pub device_plan_ttl: std::time::Duration,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self { replicas: 1, device_plan_ttl: std::time::Duration::from_secs(3600) }
+    }
+}
+
+/// Largest value a bucket takes: a plan or temperatures are a few hundred
+/// bytes; a forged megabyte is refused by the server.
+pub const MAX_VALUE_BYTES: i32 = 64 * 1024;
+
 #[derive(Clone)]
 pub struct ControlStore {
+    js: jetstream::Context,
     plans: kv::Store,
     calibration: kv::Store,
+    settings: StoreSettings,
+    /// Whether the plans bucket takes a TTL per value (created by this
+    /// version); older buckets get plain puts.
+    device_ttl: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn kv_error(what: &str, e: impl std::fmt::Display) -> ActorError {
@@ -81,37 +109,104 @@ fn kv_error(what: &str, e: impl std::fmt::Display) -> ActorError {
 }
 
 impl ControlStore {
-    /// Opens (creating if needed) both buckets. Fails with a hint when the
-    /// server has no JetStream.
+    /// Opens both buckets, creating those that do not exist yet with the
+    /// default settings (one replica). Fails with a hint when the server has
+    /// no JetStream.
     pub async fn open(client: &async_nats::Client) -> Result<Self, ActorError> {
+        Self::open_with(client, StoreSettings::default()).await
+    }
+
+    /// Opens both buckets. A bucket that exists is used as it is: its
+    /// replicas and limits are never changed (an operator may have raised
+    /// them), and a request for more replicas than it has is reported. One
+    /// that does not exist is created with `settings.replicas`, one value
+    /// per key, values of at most `MAX_VALUE_BYTES`, and (plans) a TTL per
+    /// value allowed.
+    pub async fn open_with(client: &async_nats::Client, settings: StoreSettings) -> Result<Self, ActorError> {
         let js = jetstream::new(client.clone());
         let bucket = |name: &str, description: &str| kv::Config {
             bucket: name.into(),
             description: description.into(),
             // One value per key is the state; history would only be replayed.
             history: 1,
+            max_value_size: MAX_VALUE_BYTES,
+            num_replicas: settings.replicas.max(1),
+            // Per-value TTLs (device plans), and how long the marker of an
+            // expired value stays for watchers to see.
+            limit_markers: Some(std::time::Duration::from_secs(60)),
             ..Default::default()
         };
         let open = |cfg: kv::Config| {
             let js = js.clone();
             async move {
                 let name = cfg.bucket.clone();
-                js.create_or_update_key_value(cfg).await.map_err(|e| {
-                    ActorError::Nats(format!(
-                        "could not open the key-value bucket {name}: {e}; the control state needs a NATS server with JetStream \
-                         (start nats-server with -js, or use `branchpoint stack up`, which does)"
-                    ))
-                })
+                let hint = "the control state needs a NATS server with JetStream (start nats-server with -js, or use `branchpoint stack up`, which does)";
+                let store = match js.get_key_value(name.clone()).await {
+                    Ok(store) => store,
+                    Err(_) => match js.create_key_value(cfg.clone()).await {
+                        Ok(store) => store,
+                        // Created meanwhile by another service: use that one.
+                        Err(create) => js
+                            .get_key_value(name.clone())
+                            .await
+                            .map_err(|_| ActorError::Nats(format!("could not open or create the key-value bucket {name}: {create}; {hint}")))?,
+                    },
+                };
+                let replicas = store.stream.cached_info().config.num_replicas;
+                if replicas < cfg.num_replicas {
+                    eprintln!(
+                        "control: the bucket {name} has {replicas} replica(s), fewer than the {} asked for; it is left as it is (raise it with `nats kv edit {name} --replicas {}`)",
+                        cfg.num_replicas, cfg.num_replicas
+                    );
+                }
+                Ok::<_, ActorError>(store)
             }
         };
         let plans = open(bucket(PLANS_BUCKET, "branchpoint: the plan each device group or device should hold")).await?;
         let calibration = open(bucket(CALIBRATION_BUCKET, "branchpoint: the temperatures of each model")).await?;
-        Ok(Self { plans, calibration })
+        let ttl = plans.stream.cached_info().config.allow_message_ttl;
+        Ok(Self { js, plans, calibration, settings, device_ttl: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(ttl)) })
     }
 
+    pub fn settings(&self) -> StoreSettings {
+        self.settings
+    }
+
+    /// Whether the store answers now: a read from each bucket within
+    /// `within` (a cluster that lost the buckets' leader does not).
+    pub async fn check(&self, within: std::time::Duration) -> Result<(), ActorError> {
+        let probe = async {
+            self.plans.get("readyz").await.map_err(|e| kv_error("reading the plans bucket", e))?;
+            self.calibration.get("readyz").await.map_err(|e| kv_error("reading the calibration bucket", e))?;
+            Ok(())
+        };
+        tokio::time::timeout(within, probe).await.map_err(|_| ActorError::Nats(format!("the control store did not answer within {within:?}")))?
+    }
+
+    /// Stores a plan. A device's plan expires `device_plan_ttl` after this
+    /// write (see `StoreSettings`); a group's stays.
     pub async fn put_plan(&self, plan: &PlanUpdate) -> Result<u64, ActorError> {
+        use std::sync::atomic::Ordering;
         let bytes = encode(plan)?;
-        self.plans.put(plan_key(&plan.target), bytes.into()).await.map_err(|e| kv_error("storing a plan", e))
+        let key = plan_key(&plan.target);
+        if matches!(plan.target, PlanTarget::Device(_)) && self.device_ttl.load(Ordering::Relaxed) {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-TTL", self.settings.device_plan_ttl.as_secs().max(1).to_string().as_str());
+            let put = async {
+                let ack = self.js.publish_with_headers(format!("$KV.{PLANS_BUCKET}.{key}"), headers, bytes.clone().into()).await.map_err(|e| e.to_string())?;
+                ack.await.map(|a| a.sequence).map_err(|e| e.to_string())
+            };
+            match put.await {
+                Ok(revision) => return Ok(revision),
+                // A bucket made before TTLs were asked for: plain puts.
+                Err(e) if e.contains("TTL") || e.contains("ttl") => {
+                    eprintln!("control: the plans bucket takes no TTL per value ({e}); device plans stay until replaced");
+                    self.device_ttl.store(false, Ordering::Relaxed);
+                }
+                Err(e) => return Err(kv_error("storing a plan", e)),
+            }
+        }
+        self.plans.put(key, bytes.into()).await.map_err(|e| kv_error("storing a plan", e))
     }
 
     /// Every stored plan, groups and devices, in key order.

@@ -44,15 +44,18 @@ pub struct Planner {
     log: Vec<PlanRecord>,
     nats: Option<async_nats::Client>,
     /// Where plans are stored durably (over NATS with JetStream), and the
-    /// plan stored for each device: a plan is stored only when it changes,
-    /// and a restarted planner starts from what is stored.
+    /// plan stored for each device and when: a plan is stored when it
+    /// changes, and again before its TTL runs out while the device keeps
+    /// reporting; a restarted planner starts from what is stored. Devices
+    /// not heard of for a TTL are forgotten here too.
     store: Option<crate::control::ControlStore>,
-    stored: std::collections::HashMap<String, branchpoint_messages::PlanUpdate>,
+    stored: std::collections::HashMap<String, (branchpoint_messages::PlanUpdate, std::time::Instant)>,
+    pruned_at: usize,
 }
 
 impl Planner {
     pub fn new(stats: Arc<ModelStats>, costs: BTreeMap<String, Costs>, template: Option<Costs>, nats: Option<async_nats::Client>) -> Self {
-        Self { stats, costs, template, log: Vec::new(), nats, store: None, stored: Default::default() }
+        Self { stats, costs, template, log: Vec::new(), nats, store: None, stored: Default::default(), pruned_at: 1024 }
     }
 
     /// Stores plans in `store`, starting from the device plans in `stored`.
@@ -60,7 +63,7 @@ impl Planner {
         use branchpoint_messages::PlanTarget;
         for p in stored {
             if let PlanTarget::Device(id) = &p.target {
-                self.stored.insert(id.clone(), p.clone());
+                self.stored.insert(id.clone(), (p.clone(), std::time::Instant::now()));
             }
         }
         self.store = Some(store);
@@ -130,11 +133,21 @@ impl Handler<DeviceReport> for Planner {
                     certified: prediction.certified.map(|t| CertifiedTarget { accuracy: t.accuracy, delta: t.delta }),
                 };
                 let store = match &self.store {
-                    Some(s) if self.stored.get(&r.device_id) != Some(&update) => {
-                        self.stored.insert(r.device_id.clone(), update.clone());
-                        Some(s.clone())
+                    Some(s) => {
+                        let ttl = s.settings().device_plan_ttl;
+                        let fresh = self.stored.get(&r.device_id).is_some_and(|(p, at)| *p == update && at.elapsed() < ttl / 2);
+                        if fresh {
+                            None
+                        } else {
+                            self.stored.insert(r.device_id.clone(), (update.clone(), std::time::Instant::now()));
+                            if self.stored.len() >= 2 * self.pruned_at {
+                                self.stored.retain(|_, (_, at)| at.elapsed() < ttl);
+                                self.pruned_at = self.stored.len().max(1024);
+                            }
+                            Some(s.clone())
+                        }
                     }
-                    _ => None,
+                    None => None,
                 };
                 match encode(&update) {
                     Ok(bytes) => {

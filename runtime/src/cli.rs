@@ -348,6 +348,22 @@ pub struct NatsArgs {
     /// Client private key (PEM) for mutual TLS; needs --nats-cert.
     #[arg(long, value_name = "FILE", requires = "nats_cert")]
     pub nats_key: Option<PathBuf>,
+    /// Replicas of the control store's key-value buckets when this command creates them (a JetStream cluster: 3); existing buckets are never changed.
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=5))]
+    pub kv_replicas: u16,
+    /// A plan stored for one device expires this many seconds after it was last written (the planner writes it again while the device reports).
+    #[arg(long, default_value_t = 3600, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub device_plan_ttl_s: u64,
+}
+
+impl NatsArgs {
+    /// How the control store's buckets are made and device plans expire.
+    pub fn store_settings(&self) -> branchpoint_actors::control::StoreSettings {
+        branchpoint_actors::control::StoreSettings {
+            replicas: usize::from(self.kv_replicas),
+            device_plan_ttl: std::time::Duration::from_secs(self.device_plan_ttl_s),
+        }
+    }
 }
 
 #[derive(Debug, Args)]

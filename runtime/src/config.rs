@@ -32,6 +32,8 @@ const NATS_KEYS: &[(&str, &str)] = &[
     ("ca", "nats_ca"),
     ("cert", "nats_cert"),
     ("key", "nats_key"),
+    ("kv_replicas", "kv_replicas"),
+    ("device_plan_ttl_s", "device_plan_ttl_s"),
 ];
 
 /// One configured value and where it came from, for error messages.

@@ -498,3 +498,83 @@ fn healthz_answers_through_a_flood_of_slow_bodies() {
     assert_eq!((denied, timed_out), (500, 500));
     assert!(opened.elapsed() < Duration::from_secs(30), "every slow body was cut off by the body timeout");
 }
+
+/// A three-node JetStream cluster, the control store at three replicas: a
+/// worker, the API and a fleet connect with every node's URL, and one node
+/// is killed mid-run. No input is lost or late, the buckets keep their
+/// replicas (no service lowers them), and plans are still written and read.
+#[test]
+fn a_cluster_loses_a_node_and_nothing_is_lost() {
+    use branchpoint_actors::control::{ControlStore, StoreSettings, PLANS_BUCKET};
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = NatsCluster::start(3, dir.path());
+    let urls = cluster.urls();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let replicas_of_plans = |rt: &tokio::runtime::Runtime, url: &str| {
+        rt.block_on(async {
+            let client = async_nats::connect(url.split(',').collect::<Vec<_>>()).await.ok()?;
+            let js = async_nats::jetstream::new(client);
+            let mut kv = js.get_key_value(PLANS_BUCKET).await.ok()?;
+            Some(kv.stream.info().await.ok()?.config.num_replicas)
+        })
+    };
+    // The buckets, created at three replicas once the cluster has formed.
+    wait_for("the cluster to create the buckets at 3 replicas", Duration::from_secs(60), || {
+        rt.block_on(async {
+            let client = async_nats::connect(urls.split(',').collect::<Vec<_>>()).await.ok()?;
+            ControlStore::open_with(&client, StoreSettings { replicas: 3, ..StoreSettings::default() }).await.ok()
+        })
+    });
+    let _worker = start_worker(&urls, "clustered", &["--status-interval-ms", "100"]);
+    let api = format!("127.0.0.1:{}", port());
+    let _api = start_service("cluster-api", &["serve", "--nats", &urls, "--listen", &api, "--token", "t"], "api listening", Duration::from_secs(60));
+    let plan = |p: f64| format!(r#"{{"group": "night", "partition_branch": 1, "p_tar": {p}}}"#);
+    assert_eq!(http("PUT", &api, "/api/plan", Some("t"), Some(&plan(0.8))).status, 200);
+    let summary = dir.path().join("summary.json");
+    let outcomes = dir.path().join("outcomes.jsonl");
+    let mut fleet = branchpoint()
+        .args(["fleet", "--nats", &urls, "--devices", "10", "--rate", "20", "--duration", "600", "--deadline-ms", "1000", "--status-interval-ms", "200"])
+        .args(["--json", summary.to_str().unwrap(), "--outcomes", outcomes.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("fleet.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let fleet_inputs = || -> Option<u64> {
+        let r = try_http("GET", &api, "/api/fleet", None, None).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&r.body).ok()?;
+        v["totals"]["inputs"].as_u64()
+    };
+    let before = wait_for("the fleet to decide 500 inputs", Duration::from_secs(60), || fleet_inputs().filter(|&n| n >= 500));
+    assert_eq!(replicas_of_plans(&rt, &urls), Some(3), "a fleet opening the store does not lower its replicas");
+    cluster.nodes[0].stop();
+    // The others keep serving: more inputs decided, plans written and read.
+    wait_for("the fleet to decide 1,000 more inputs after the node died", Duration::from_secs(90), || fleet_inputs().filter(|&n| n >= before + 1000));
+    let put = wait_for("a plan written after the node died", Duration::from_secs(60), || {
+        let r = try_http("PUT", &api, "/api/plan", Some("t"), Some(&plan(0.85))).ok()?;
+        (r.status == 200).then_some(r)
+    });
+    assert!(put.body.contains("0.85"), "{}", put.body);
+    let t = Instant::now();
+    let plans = wait_for("the plans read after the node died", Duration::from_secs(60), || {
+        let r = try_http("GET", &api, "/api/plan", None, None).ok()?;
+        eprintln!("GET /api/plan after {:?}: {} {}", t.elapsed(), r.status, r.body);
+        (r.status == 200).then_some(r)
+    });
+    assert!(plans.body.contains("\"p_tar\":0.85"), "{}", plans.body);
+    assert_eq!(http("GET", &api, "/readyz", None, None).status, 200);
+    let alive = cluster.nodes[1..].iter().map(|n| n.url.clone()).collect::<Vec<_>>().join(",");
+    assert_eq!(replicas_of_plans(&rt, &alive), Some(3));
+    send_signal(&fleet, libc::SIGINT);
+    assert!(fleet.wait().unwrap().success(), "{}", std::fs::read_to_string(dir.path().join("fleet.log")).unwrap());
+    let s: Summary = serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    assert_eq!((s.outcomes, s.duplicates, s.errors), (s.inputs, 0, 0), "{s:?}");
+    let late = std::fs::read_to_string(&outcomes)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<branchpoint_actors::collector::Outcome>(l).unwrap())
+        .filter(|o| o.latency.total_us > 1_050_000)
+        .count();
+    assert_eq!(late, 0, "no outcome later than its deadline plus 50 ms");
+    assert!(s.answered_by_cloud > 0);
+}

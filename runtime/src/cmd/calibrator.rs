@@ -40,7 +40,7 @@ pub fn run(args: CalibratorArgs) -> Result<()> {
         let (calibrator, mut file) = Calibrator::start(cfg).await?;
         // The stored method beats the command line's: it is what an operator
         // last asked for (a refit), and a restart must not undo it.
-        let store = match ControlStore::open(&client).await {
+        let store = match ControlStore::open_with(&client, args.nats.store_settings()).await {
             Ok(store) => Some(store),
             Err(e) => {
                 eprintln!("calibrator: temperatures will not be stored: {e:#}");

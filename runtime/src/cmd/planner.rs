@@ -65,7 +65,7 @@ pub fn run(args: PlannerArgs) -> Result<()> {
     system.block_on(async move {
         let client = crate::nats::connect(&args.nats, "branchpoint-planner").await?;
         let mut planner = Planner::new(Arc::new(stats), BTreeMap::new(), Some(template), Some(client.clone()));
-        match ControlStore::open(&client).await {
+        match ControlStore::open_with(&client, args.nats.store_settings()).await {
             Ok(store) => {
                 let stored: Vec<_> = store.plans().await?.into_iter().map(|p| p.value).collect();
                 let devices = stored.iter().filter(|p| matches!(p.target, branchpoint_messages::PlanTarget::Device(_))).count();

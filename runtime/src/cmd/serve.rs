@@ -59,7 +59,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let system = actix::System::new();
     system.block_on(async move {
         let client = crate::nats::connect(&args.nats, "branchpoint-api").await?;
-        let store = ControlStore::open(&client).await?;
+        let store = ControlStore::open_with(&client, args.nats.store_settings()).await?;
         let state = ApiState::new(client, store, token, info, Duration::from_secs_f64(args.stale_after_s));
         let followers = state.follow().await?;
         let server = http_server(state, &args.http.listen)?;
@@ -97,7 +97,7 @@ pub fn spawn_embedded(nats: crate::cli::NatsArgs, listen: String, token: Option<
         system.block_on(async move {
             let started = async {
                 let client = crate::nats::connect(&nats, "branchpoint-api").await?;
-                let store = ControlStore::open(&client).await?;
+                let store = ControlStore::open_with(&client, nats.store_settings()).await?;
                 let state = ApiState::new(client, store, token.filter(|t| !t.is_empty()), model, Duration::from_secs(5));
                 let tasks = state.follow().await?;
                 Ok::<_, anyhow::Error>((http_server(state, &listen)?, tasks))
@@ -353,18 +353,23 @@ async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "status": "ok" }))
 }
 
-/// Ready when NATS is connected (the model was loaded and the control store
-/// opened before the server started).
+/// Ready when NATS is connected and the control store answers a read (a
+/// cluster that lost the buckets' leader does not), within 2 s.
 async fn readyz(state: web::Data<ApiState>) -> HttpResponse {
     let nats = state.client.connection_state();
     let connected = matches!(nats, async_nats::connection::State::Connected);
+    let store = match connected {
+        true => state.store.check(Duration::from_secs(2)).await.map_err(|e| e.to_string()),
+        false => Err("NATS is not connected".to_string()),
+    };
+    let ready = connected && store.is_ok();
     let body = json!({
-        "ready": connected,
+        "ready": ready,
         "nats": format!("{nats:?}").to_lowercase(),
         "model_sha256": state.model.sha256,
-        "control_store": true,
+        "control_store": store.as_ref().map_or_else(|e| e.clone(), |_| "ok".to_string()),
     });
-    match connected {
+    match ready {
         true => HttpResponse::Ok().json(body),
         false => HttpResponse::ServiceUnavailable().json(body),
     }
@@ -449,8 +454,19 @@ impl PlanJson {
     }
 }
 
+/// Longest the API waits for the control store before it answers 503 (a
+/// cluster electing a new leader for the buckets answers within it).
+const STORE_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn within_store_timeout<T>(f: impl std::future::Future<Output = Result<T, branchpoint_actors::ActorError>>) -> Result<T, String> {
+    match tokio::time::timeout(STORE_TIMEOUT, f).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("the control store did not answer within {STORE_TIMEOUT:?}")),
+    }
+}
+
 async fn get_plan(state: web::Data<ApiState>) -> HttpResponse {
-    match state.store.plans().await {
+    match within_store_timeout(state.store.plans()).await {
         Ok(plans) => {
             let plans: Vec<PlanJson> = plans.iter().map(|p| PlanJson::from_update(&p.value, p.revision)).collect();
             HttpResponse::Ok().json(json!({ "plans": plans }))
@@ -506,7 +522,7 @@ async fn put_plan(state: web::Data<ApiState>, req: HttpRequest, payload: web::Pa
     if let Err(e) = encode(&update) {
         return error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string());
     }
-    match state.store.put_plan(&update).await {
+    match within_store_timeout(state.store.put_plan(&update)).await {
         Ok(revision) => HttpResponse::Ok().json(PlanJson::from_update(&update, revision)),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("could not store the plan: {e}")),
     }
@@ -569,7 +585,7 @@ fn calibration_json(u: &CalibrationUpdate, revision: Option<u64>) -> serde_json:
 }
 
 async fn get_calibration(state: web::Data<ApiState>) -> HttpResponse {
-    match state.store.calibration(&state.model.sha256).await {
+    match within_store_timeout(state.store.calibration(&state.model.sha256)).await {
         Ok(Some(c)) => {
             let mut body = calibration_json(&c.value, Some(c.revision));
             // The live view: what the calibrator's monitors estimate of each

@@ -441,7 +441,7 @@ fn configs_groups(s: &Scenario, ids: &[String], watched: bool) -> Vec<(String, S
 /// (fitting the scenario's method on the validation split) and serves.
 async fn start_calibrator(setup: &LiveSetup<'_>, client: &async_nats::Client, start: &[branchpoint_models::planner::Plan]) -> Result<branchpoint_actors::calibration::CalibratorHandle> {
     let s = setup.scenario;
-    let store = ControlStore::open(client).await.context("the watched policy keeps its plans and refits in the control store")?;
+    let store = ControlStore::open_with(client, setup.nats.store_settings()).await.context("the watched policy keeps its plans and refits in the control store")?;
     for (g, plan) in s.groups.iter().zip(start) {
         store.delete_group_calibration(&setup.model_sha256, &g.name).await?;
         let update = branchpoint_messages::PlanUpdate {
