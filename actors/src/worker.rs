@@ -29,6 +29,10 @@ use futures::StreamExt;
 use crate::compute::{Executor, RunTail, TensorPool};
 use crate::error::ActorError;
 
+fn cfg_queue_default() -> usize {
+    512
+}
+
 /// How far a device's clock may be behind a worker's before the worker
 /// takes the device's requests for stale (`Deadline::sent_at_unix_us`; 0
 /// means the sender did not say, and is never taken for stale).
@@ -122,6 +126,60 @@ pub struct Job {
     pub reply: ReplyTo,
 }
 
+impl Job {
+    /// When its answer stops being useful, by this worker's clock.
+    fn due(&self) -> Instant {
+        self.received + Duration::from_micros(self.request.deadline.budget_us)
+    }
+
+    fn is_audit(&self) -> bool {
+        self.request.audit.as_ref().is_some_and(|t| t.on_device)
+    }
+}
+
+/// How long a batch of n takes to run at one branch: a least-squares line
+/// `a + b n` through the latest batches' compute times (a and b at least 0),
+/// or, with one batch size seen so far, proportional to n. Unknown (0)
+/// before the first batch, so nothing is refused on a guess.
+#[derive(Debug, Clone, Default)]
+pub struct BatchTime {
+    samples: std::collections::VecDeque<(f64, f64)>,
+    a: f64,
+    b: f64,
+}
+
+impl BatchTime {
+    const KEEP: usize = 64;
+
+    pub fn observe(&mut self, n: usize, took: Duration) {
+        self.samples.push_back((n as f64, took.as_secs_f64()));
+        if self.samples.len() > Self::KEEP {
+            self.samples.pop_front();
+        }
+        let k = self.samples.len() as f64;
+        let (sx, sy) = self.samples.iter().fold((0.0, 0.0), |(x, y), s| (x + s.0, y + s.1));
+        let (mx, my) = (sx / k, sy / k);
+        let (sxx, sxy) = self.samples.iter().fold((0.0, 0.0), |(xx, xy), s| (xx + (s.0 - mx).powi(2), xy + (s.0 - mx) * (s.1 - my)));
+        if sxx > 0.0 {
+            self.b = (sxy / sxx).max(0.0);
+            self.a = (my - self.b * mx).max(0.0);
+        } else {
+            // One batch size so far: all of it per input.
+            (self.a, self.b) = (0.0, my / mx.max(1.0));
+        }
+    }
+
+    pub fn estimate(&self, n: usize) -> Duration {
+        let line = (self.a + self.b * n as f64).max(0.0);
+        // Beyond the largest batch seen, a line through small ones can
+        // climb too steeply (noise in their times); proportional to the
+        // largest seen is an upper bound there (batching only amortises).
+        let Some(&(largest, t)) = self.samples.iter().max_by(|x, y| x.0.total_cmp(&y.0)) else { return Duration::ZERO };
+        let secs = if n as f64 > largest { line.min(t * n as f64 / largest) } else { line };
+        Duration::from_secs_f64(secs)
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct WorkerStats {
     pub requests: u64,
@@ -140,6 +198,27 @@ pub struct WorkerStats {
     pub compute_wait_us_total: f64,
     /// Audits shed because the worker was busy.
     pub audits_shed: u64,
+}
+
+/// How many of a branch's waiting requests (their deadlines `dues`, in
+/// earliest-first order, audits after) to run as the next batch: the n up to
+/// `max_batch` that answers the most of them in time per second of compute,
+/// with `batch_time(n)` the estimated time of a batch of n started `now`;
+/// the batch is then the earliest n whose deadlines a batch of n still
+/// meets. At least one when any request waits.
+pub fn batch_to_run(dues: &[Instant], max_batch: usize, now: Instant, batch_time: impl Fn(usize) -> Duration) -> usize {
+    let upto = dues.len().min(max_batch.max(1));
+    let mut best = (0.0f64, upto.min(1));
+    for n in 1..=upto {
+        let t = batch_time(n);
+        let in_time = dues.iter().filter(|&&d| d >= now + t).count().min(n);
+        // Answers per second of compute; ties go to the larger batch.
+        let rate = in_time as f64 / t.as_secs_f64().max(1e-9);
+        if in_time > 0 && rate >= best.0 {
+            best = (rate, n);
+        }
+    }
+    best.1
 }
 
 /// Where in a branch's queue a new request goes, or `None` to shed it:
@@ -176,6 +255,17 @@ pub struct Batcher {
     /// the batching window before it is chosen, not congestion.
     deferred: std::collections::BTreeSet<u8>,
     ready_since: HashMap<u8, Instant>,
+    /// Each branch's batch time, for deadline decisions.
+    batch_time: HashMap<u8, BatchTime>,
+    /// Most requests held (waiting and computing); beyond it an offload is
+    /// refused at once as Overloaded.
+    max_queue: usize,
+    compute_threads: usize,
+    /// When each compute thread is expected to be free (a batch handed to
+    /// the pool may wait for one: its deadline counts from then), and the
+    /// estimated times of the batches handed to it and not yet done.
+    free_at: Vec<Instant>,
+    slot_work: Vec<std::collections::VecDeque<Duration>>,
 }
 
 impl Batcher {
@@ -193,7 +283,25 @@ impl Batcher {
             max_batches_in_flight: usize::MAX,
             deferred: Default::default(),
             ready_since: HashMap::new(),
+            batch_time: HashMap::new(),
+            max_queue: cfg_queue_default(),
+            compute_threads: 1,
+            free_at: vec![Instant::now()],
+            slot_work: vec![Default::default()],
         }
+        .with_default_queue()
+    }
+
+    fn with_default_queue(mut self) -> Self {
+        self.max_queue = self.cfg.max_batch.max(1) * 16;
+        self
+    }
+
+    /// Holds at most `n` requests (waiting and computing) [default: 16
+    /// batches].
+    pub fn with_max_queue(mut self, n: usize) -> Self {
+        self.max_queue = n.max(1);
+        self
     }
 
     /// Sends the final exit's answer to every tagged request (audits and
@@ -215,13 +323,26 @@ impl Batcher {
     /// expired requests are computed anyway.
     pub fn with_compute_threads(mut self, threads: usize) -> Self {
         self.max_batches_in_flight = threads.max(1) + 1;
+        self.compute_threads = threads.max(1);
+        self.free_at = vec![Instant::now(); self.compute_threads];
+        self.slot_work = vec![Default::default(); self.compute_threads];
         self
     }
 
-    /// Flushes deferred branches while compute threads are free.
+    /// The compute thread expected free first, and when a batch handed to
+    /// the pool now would start.
+    fn next_start(&self, now: Instant) -> (usize, Instant) {
+        let (slot, at) = self.free_at.iter().enumerate().min_by_key(|(_, t)| **t).map(|(i, t)| (i, *t)).unwrap_or((0, now));
+        (slot, at.max(now))
+    }
+
+    /// Flushes deferred branches while compute threads are free, the branch
+    /// whose most urgent offload is due first first.
     fn resume(&mut self, ctx: &mut Context<Self>) {
         while self.batches_in_flight < self.max_batches_in_flight {
-            let Some(branch) = self.deferred.pop_first() else { return };
+            let urgent = |b: &u8| self.pending.get(b).and_then(|q| q.iter().filter(|j| !j.is_audit()).map(Job::due).min());
+            let Some(branch) = self.deferred.iter().copied().min_by_key(|b| (urgent(b).is_none(), urgent(b), *b)) else { return };
+            self.deferred.remove(&branch);
             self.flush(branch, ctx);
         }
     }
@@ -267,9 +388,40 @@ impl Batcher {
             return;
         }
         let ready = self.ready_since.remove(&branch);
+        // Deadlines count from when the batch will start: now, or when the
+        // batch ahead of it at the pool is expected to finish.
+        let (slot, now) = self.next_start(Instant::now());
+        let estimate = self.batch_time.get(&branch).cloned().unwrap_or_default();
         let queue = self.pending.get_mut(&branch).expect("checked above");
-        let take = queue.len().min(self.cfg.max_batch);
-        let jobs: Vec<Job> = queue.drain(..take).collect();
+        // Earliest deadline first, offloads ahead of audits; an offload that
+        // cannot finish even alone is answered now, not computed late.
+        queue.sort_by_key(|j| (j.is_audit(), j.due()));
+        let (hopeless, rest): (Vec<Job>, Vec<Job>) = std::mem::take(queue).into_iter().partition(|j| now + estimate.estimate(1) > j.due());
+        *queue = rest;
+        // The batch that answers the most requests in time per second of
+        // compute: under overload a full batch of those that can still make
+        // it, rather than a small one shrunk to fit the most urgent.
+        let dues: Vec<Instant> = queue.iter().map(Job::due).collect();
+        let take = batch_to_run(&dues, self.cfg.max_batch, now, |n| estimate.estimate(n));
+        let jobs: Vec<Job> = {
+            let fits = |j: &Job| j.due() >= now + estimate.estimate(take.max(1));
+            let mut chosen = Vec::with_capacity(take);
+            let mut kept = Vec::with_capacity(queue.len());
+            for j in std::mem::take(queue) {
+                if chosen.len() < take && fits(&j) {
+                    chosen.push(j);
+                } else {
+                    kept.push(j);
+                }
+            }
+            *queue = kept;
+            chosen
+        };
+        for job in hopeless {
+            let reply = self.error(Some(job.request.seq), ErrorKind::DeadlineExpired, format!("it cannot finish before its deadline (a batch takes about {:?})", estimate.estimate(1)));
+            job.reply.send(reply);
+        }
+        let queue = self.pending.get_mut(&branch).expect("still there");
         if !queue.is_empty() {
             // More arrived while the branch waited for a thread; they have
             // waited too, so they go next.
@@ -313,16 +465,28 @@ impl Batcher {
         let run = RunTail { partition_branch: branch as usize, batch: n, activations };
         self.in_flight += n;
         self.batches_in_flight += 1;
+        let took = estimate.estimate(n);
+        if let (Some(t), Some(w)) = (self.free_at.get_mut(slot), self.slot_work.get_mut(slot)) {
+            *t = now + took;
+            w.push_back(took);
+        }
         self.executor
             .run(move |e| e.run_tail(run))
             .into_actor(self)
             .map(move |result, act, ctx| {
                 act.in_flight -= n;
                 act.batches_in_flight -= 1;
+                // Done: that thread is free now, but for what was handed
+                // to it after this batch.
+                if let (Some(t), Some(w)) = (act.free_at.get_mut(slot), act.slot_work.get_mut(slot)) {
+                    w.pop_front();
+                    *t = Instant::now() + w.iter().sum::<Duration>();
+                }
                 act.resume(ctx);
                 let result = result.and_then(|r| r);
                 match result {
                     Ok(out) => {
+                        act.batch_time.entry(branch).or_default().observe(n, out.compute);
                         // Waiting for a thread: deferred here, then queued at the pool.
                         let waited = (started.elapsed().saturating_sub(out.compute) + started.duration_since(ready)).as_micros() as f64;
                         act.stats.answered += n as u64;
@@ -360,6 +524,29 @@ impl Batcher {
     }
 }
 
+impl Batcher {
+    /// Why an offload is refused at once, if it is: the worker holds
+    /// `max_queue` requests already, or the offloads due before it make a
+    /// queue it cannot get through before its own deadline (a device told
+    /// now falls back at once, instead of at its deadline).
+    fn refuse_offload(&self, job: &Job, backlog: usize) -> Option<String> {
+        if backlog >= self.max_queue {
+            return Some(format!("the worker holds {backlog} requests already (at most {})", self.max_queue));
+        }
+        let estimate = self.batch_time.get(&job.request.partition_branch)?;
+        let due = job.due();
+        // Waiting here, due before it: full batches ahead of its own, after
+        // what the pool holds already.
+        let ahead: usize = self.pending.values().flatten().filter(|j| !j.is_audit() && j.due() <= due).count();
+        let batches = (ahead / self.cfg.max_batch.max(1) + 1).div_ceil(self.compute_threads);
+        let now = Instant::now();
+        // `next_start` counts the batches handed to the pool already.
+        let (_, start) = self.next_start(now);
+        let finish = start + estimate.estimate(self.cfg.max_batch) * batches as u32;
+        (finish > due).then(|| format!("{ahead} requests are due before it: it would finish about {:?} from now, after its deadline", finish - now))
+    }
+}
+
 impl Actor for Batcher {
     type Context = Context<Self>;
 }
@@ -376,8 +563,15 @@ impl Handler<Job> for Batcher {
             return;
         }
         let branch = job.request.partition_branch;
-        let is_audit = job.request.audit.as_ref().is_some_and(|t| t.on_device);
+        let is_audit = job.is_audit();
         let backlog = self.backlog();
+        if !is_audit {
+            if let Some(why) = self.refuse_offload(&job, backlog) {
+                let reply = self.error(Some(job.request.seq), ErrorKind::Overloaded, why);
+                job.reply.send(reply);
+                return;
+            }
+        }
         let flags: Vec<bool> = self.pending.get(&branch).map_or(Vec::new(), |q| q.iter().map(|j| j.request.audit.as_ref().is_some_and(|t| t.on_device)).collect());
         let Some(at) = admit(&flags, is_audit, backlog, self.cfg.max_batch) else {
             self.stats.audits_shed += 1;
@@ -518,7 +712,47 @@ pub async fn serve_nats(
 
 #[cfg(test)]
 mod tests {
-    use super::admit;
+    use super::{admit, batch_to_run, BatchTime};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn batch_times_follow_the_batches_seen() {
+        let mut t = BatchTime::default();
+        assert_eq!(t.estimate(32), Duration::ZERO, "nothing refused on a guess");
+        // 2 ms + 0.5 ms per input.
+        for n in [1, 4, 8, 16, 32, 8, 1] {
+            t.observe(n, Duration::from_micros(2000 + 500 * n as u64));
+        }
+        for n in [1, 10, 32] {
+            let want = 2000.0 + 500.0 * n as f64;
+            assert!((t.estimate(n).as_micros() as f64 - want).abs() < 2.0, "{n}: {:?}", t.estimate(n));
+        }
+        // Only small batches seen: beyond them, no steeper than proportional.
+        let mut small = BatchTime::default();
+        small.observe(1, Duration::from_millis(30));
+        small.observe(2, Duration::from_millis(70));
+        assert!(small.estimate(32) <= Duration::from_millis(70 * 16), "{:?}", small.estimate(32));
+    }
+
+    #[test]
+    fn under_overload_a_full_batch_of_what_can_still_make_it() {
+        let now = Instant::now();
+        let ms = |m: u64| now + Duration::from_millis(m);
+        // A batch of n takes 10 + n ms.
+        let time = |n: usize| Duration::from_millis(10 + n as u64);
+        // Plenty of slack: everything, up to max_batch.
+        let relaxed: Vec<Instant> = (0..50).map(|i| ms(1000 + i)).collect();
+        assert_eq!(batch_to_run(&relaxed, 32, now, time), 32);
+        // Two urgent ones (due in 15 ms) and 40 with room: a full batch of
+        // those that make it beats a batch of 2 shrunk to fit the urgent.
+        let mut mixed = vec![ms(15), ms(15)];
+        mixed.extend((0..40).map(|i| ms(500 + i)));
+        assert_eq!(batch_to_run(&mixed, 32, now, time), 32);
+        // Only the urgent ones: a small batch that saves them.
+        assert_eq!(batch_to_run(&[ms(15), ms(15)], 32, now, time), 2);
+        assert_eq!(batch_to_run(&[ms(11)], 32, now, time), 1);
+        assert_eq!(batch_to_run(&[], 32, now, time), 0);
+    }
 
     #[test]
     fn audits_wait_behind_offloads_and_are_shed_first() {
