@@ -50,6 +50,18 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run the whole stack as local processes: nats-server (JetStream), workers (autoscaled), calibrator, planner, API, fleet.
     Stack(StackArgs),
+    /// Write the nats-server configuration of a deployment (one user per role, least privilege) and, with --env, fresh passwords for it.
+    NatsConfig(NatsConfigArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct NatsConfigArgs {
+    /// Where to write the nats-server configuration (it holds no secret: passwords come from the environment).
+    #[arg(long, default_value = "deploy/nats.conf", value_name = "FILE")]
+    pub conf: PathBuf,
+    /// Also write fresh passwords, one per role, as KEY=VALUE lines (e.g. .env, which docker compose reads); an existing file is kept.
+    #[arg(long, value_name = "FILE")]
+    pub env: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -99,6 +111,12 @@ pub struct StackArgs {
     /// Port of the stack's nats-server on 127.0.0.1.
     #[arg(long, default_value_t = 4222, value_name = "PORT")]
     pub nats_port: u16,
+    /// Run NATS without users: any client may do anything (by default each service connects as its role's user, with permissions to match, and the passwords are in DIR/credentials.env).
+    #[arg(long)]
+    pub no_auth: bool,
+    /// Control-store options (--kv-replicas, --device-plan-ttl-s) for the buckets the stack creates.
+    #[command(flatten)]
+    pub nats: StackStoreArgs,
     #[command(flatten)]
     pub http: HttpArgs,
     /// Weights file (.safetensors) with its model card NAME.json beside it.
@@ -354,6 +372,27 @@ pub struct NatsArgs {
     /// A plan stored for one device expires this many seconds after it was last written (the planner writes it again while the device reports).
     #[arg(long, default_value_t = 3600, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
     pub device_plan_ttl_s: u64,
+}
+
+/// The control-store options of `stack up` (its services connect to the
+/// stack's own server).
+#[derive(Debug, Args, Clone)]
+pub struct StackStoreArgs {
+    /// Replicas of the control store's key-value buckets.
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=5))]
+    pub kv_replicas: u16,
+    /// A plan stored for one device expires this many seconds after it was last written.
+    #[arg(long, default_value_t = 3600, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub device_plan_ttl_s: u64,
+}
+
+impl StackStoreArgs {
+    pub fn store_settings(&self) -> branchpoint_actors::control::StoreSettings {
+        branchpoint_actors::control::StoreSettings {
+            replicas: usize::from(self.kv_replicas),
+            device_plan_ttl: std::time::Duration::from_secs(self.device_plan_ttl_s),
+        }
+    }
 }
 
 impl NatsArgs {

@@ -6,6 +6,7 @@ pub mod config;
 pub mod evaluation;
 pub mod nats;
 pub mod plots;
+pub mod roles;
 pub mod scenario;
 pub mod shutdown;
 
@@ -55,6 +56,7 @@ pub fn run(cli: cli::Cli) -> Result<()> {
         cli::Command::Trace(args) => cmd::trace::run(args),
         cli::Command::Serve(args) => cmd::serve::run(args),
         cli::Command::Stack(args) => cmd::stack::run(args),
+        cli::Command::NatsConfig(args) => cmd::nats_config::run(args),
     }
 }
 

@@ -25,11 +25,32 @@ pub fn server_addrs(urls: &str) -> Result<Vec<async_nats::ServerAddr>> {
 pub async fn connect(args: &NatsArgs, client_name: &str) -> Result<async_nats::Client> {
     let url = args.nats.as_deref().context("no --nats URL given")?;
     let addrs = server_addrs(url)?;
+    let who = match &args.nats_user {
+        Some(u) => format!("{client_name} (NATS user {u})"),
+        None => client_name.to_string(),
+    };
     let mut opts = async_nats::ConnectOptions::new()
         .name(client_name)
         .connection_timeout(Duration::from_secs(3))
         // Each offload sets its own timeout from its deadline.
-        .request_timeout(None);
+        .request_timeout(None)
+        // A permission the server denies is said out loud, with who was
+        // denied: the operation itself only times out or goes unanswered.
+        .event_callback(move |event| {
+            let who = who.clone();
+            async move {
+                match event {
+                    async_nats::Event::ServerError(async_nats::ServerError::AuthorizationViolation) => {
+                        eprintln!("{who}: NATS refused the credentials; check --nats-user/--nats-password (or [nats] user and password)")
+                    }
+                    async_nats::Event::ServerError(async_nats::ServerError::Other(e)) if e.to_lowercase().contains("permission") => {
+                        eprintln!("{who}: NATS denied an operation: {e}; this role may not do that (see README, \"Roles and TLS\")")
+                    }
+                    async_nats::Event::SlowConsumer(sid) => eprintln!("{who}: NATS dropped messages of subscription {sid}: it fell behind"),
+                    _ => {}
+                }
+            }
+        });
     if let (Some(user), Some(password)) = (&args.nats_user, &args.nats_password) {
         opts = opts.user_and_password(user.clone(), password.clone());
     }

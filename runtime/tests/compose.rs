@@ -50,10 +50,20 @@ fn every_compose_service_runs_a_real_subcommand_with_valid_flags() {
         assert!(names.contains(&want), "compose.yaml has no {want} service: {names:?}");
     }
 
-    // NATS: the official image, with JetStream (the control store needs it).
+    // NATS: the official image, configured by deploy/nats.conf (JetStream,
+    // which the control store needs, and one user per role), which must be
+    // what `branchpoint nats-config` writes today.
     let nats = &services["nats"];
     assert!(nats["image"].as_str().unwrap().starts_with("nats:"), "the official nats image");
-    assert!(strings(&nats["command"]).contains(&"-js".to_string()), "JetStream on");
+    assert_eq!(strings(&nats["command"]), ["-c", "/etc/nats/nats.conf"]);
+    assert!(strings(&nats["volumes"]).contains(&"./deploy/nats.conf:/etc/nats/nats.conf:ro".to_string()));
+    let conf = std::fs::read_to_string(repo().join("deploy/nats.conf")).expect("deploy/nats.conf");
+    assert_eq!(conf, branchpoint::roles::deployment_config(), "deploy/nats.conf is stale: run `branchpoint nats-config`");
+    assert!(conf.contains("jetstream"), "JetStream on");
+    for role in branchpoint::roles::Role::ALL {
+        let var = branchpoint::roles::password_variable(role);
+        assert!(conf.contains(&format!("${var}")) && !nats["environment"][var.as_str()].is_badvalue(), "nats gets {var}");
+    }
     assert!(!nats["healthcheck"].is_badvalue());
 
     for name in ["worker", "calibrator", "planner", "api", "fleet"] {
@@ -83,6 +93,14 @@ fn every_compose_service_runs_a_real_subcommand_with_valid_flags() {
             _ => false,
         };
         assert!(matches, "service {name} runs {:?}, not its own subcommand over NATS", cli.command);
+        // Each connects as its role's user.
+        let role = match name {
+            "fleet" => "device",
+            "api" => "api",
+            other => other,
+        };
+        assert!(env.iter().any(|(k, v)| k == "BRANCHPOINT_NATS__USER" && v == role), "service {name} connects as {role}: {env:?}");
+        assert!(env.iter().any(|(k, _)| k == "BRANCHPOINT_NATS__PASSWORD"), "service {name} has its role's password");
         for (k, _) in &env {
             assert!(k.starts_with("BRANCHPOINT_"), "service {name}: environment {k} is not a branchpoint setting");
         }

@@ -72,6 +72,15 @@ impl Stack {
         std::fs::read_to_string(self.dir.join("stack.log")).unwrap_or_default()
     }
 
+    /// The environment a client of `role` needs: the user and password
+    /// from DIR/credentials.env (the stack made them).
+    fn role_env(&self, role: &str) -> Vec<(String, String)> {
+        let text = std::fs::read_to_string(self.dir.join("credentials.env")).expect("the stack wrote its credentials");
+        let key = format!("BRANCHPOINT_NATS_{}_PASSWORD=", role.to_uppercase());
+        let password = text.lines().find_map(|l| l.strip_prefix(&key)).unwrap_or_else(|| panic!("no password for {role}")).to_string();
+        vec![("BRANCHPOINT_NATS__USER".into(), role.into()), ("BRANCHPOINT_NATS__PASSWORD".into(), password)]
+    }
+
     /// Workers the stack runs now, from DIR/stack.json.
     fn workers(&self) -> usize {
         let text = std::fs::read_to_string(self.dir.join("stack.json")).unwrap_or_default();
@@ -299,6 +308,7 @@ fn autoscaler_adds_workers_under_a_load_step_and_removes_them_after() {
     // (about 230/s at batch 32).
     let load_log = dir.path().join("load-step.log");
     let mut load = branchpoint()
+        .envs(stack.role_env("device"))
         .args(["fleet", "--nats", &stack.nats, "--fleet-id", "load-step", "--devices", "20", "--rate", "20", "--duration", "10"])
         .args(["--p-tar", "0.999", "--branch", "1", "--threads", "1", "--deadline-ms", "2000"])
         .stdout(Stdio::null())
@@ -577,4 +587,71 @@ fn a_cluster_loses_a_node_and_nothing_is_lost() {
         .count();
     assert_eq!(late, 0, "no outcome later than its deadline plus 50 ms");
     assert!(s.answered_by_cloud > 0);
+}
+
+/// Under the default `stack up` every service connects as its role's user.
+/// A client with no credentials is refused at once; one with a device's
+/// may read the control store, but the server refuses each attempt to
+/// change a plan or temperatures (on their subjects, or by writing a
+/// key-value key) and to join the workers' queue group, and says so; the
+/// stored plans stay as they were.
+#[test]
+fn a_device_cannot_change_plans_or_temperatures_or_join_the_workers() {
+    use branchpoint_actors::control::ControlStore;
+    use branchpoint_messages::{encode, subjects, CalibrationMethod, CalibrationUpdate, PlanTarget, PlanUpdate};
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let stack = stack_up(dir.path(), &["--workers", "1", "--devices", "2", "--rate", "2", "--token", TOKEN]);
+    let mode = std::fs::metadata(dir.path().join("credentials.env")).unwrap().permissions();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o077, 0, "the credentials are private to their owner");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    // No credentials: refused at connect.
+    let anonymous = rt.block_on(async_nats::ConnectOptions::new().connect(stack.nats.as_str()));
+    assert!(anonymous.is_err(), "a client without credentials connects");
+    let env = stack.role_env("device");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let refused = rt.block_on(async {
+        let tx = std::sync::Mutex::new(tx);
+        let client = async_nats::ConnectOptions::new()
+            .user_and_password(env[0].1.clone(), env[1].1.clone())
+            .event_callback(move |e| {
+                let _ = tx.lock().unwrap().send(e.to_string());
+                async {}
+            })
+            .connect(stack.nats.as_str())
+            .await
+            .expect("a device connects");
+        // Reading the control store is allowed.
+        let store = ControlStore::open(&client).await.expect("a device reads the control store");
+        let before = store.plans().await.unwrap().len();
+        let forged = PlanUpdate { target: PlanTarget::Group("default".into()), partition_branch: 1, p_tar: 0.0, certified: None };
+        client.publish(forged.target.subject(), encode(&forged).unwrap().into()).await.unwrap();
+        let temps = CalibrationUpdate { model_sha256: "ab".repeat(32), method: CalibrationMethod::Global, temperatures: vec![1e-2; 3], group: None };
+        client.publish(subjects::CALIBRATION_UPDATE, encode(&temps).unwrap().into()).await.unwrap();
+        client.publish(subjects::CALIBRATION_REFIT, "{}".into()).await.unwrap();
+        let _sub = client.queue_subscribe(subjects::OFFLOAD_ALL, subjects::WORKER_QUEUE_GROUP.into()).await.unwrap();
+        let _all = client.subscribe(subjects::OFFLOAD_ALL).await.unwrap();
+        let put = tokio::time::timeout(Duration::from_secs(10), store.put_plan(&forged)).await;
+        assert!(!matches!(put, Ok(Ok(_))), "a device wrote a key: {put:?}");
+        client.flush().await.unwrap();
+        (before, store)
+    });
+    let (before, store) = refused;
+    let mut said = Vec::new();
+    let wanted = [
+        "Publish to \"branchpoint.plan.group.default\"",
+        "Publish to \"branchpoint.calibration.update\"",
+        "Publish to \"branchpoint.calibration.refit\"",
+        "Subscription to \"branchpoint.offload.*\"",
+        "Publish to \"$KV.branchpoint-plans.group.default\"",
+    ];
+    wait_for("the server to refuse each attempt", Duration::from_secs(30), || {
+        while let Ok(e) = rx.try_recv() {
+            said.push(e);
+        }
+        wanted.iter().all(|w| said.iter().any(|e| e.contains(w) && e.to_lowercase().contains("permission"))).then_some(())
+    });
+    let after = rt.block_on(store.plans()).unwrap();
+    assert_eq!(after.len(), before, "no plan stored: {after:?}");
+    assert!(!after.iter().any(|p| p.value.p_tar == 0.0), "{after:?}");
 }

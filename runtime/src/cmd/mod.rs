@@ -3,6 +3,7 @@ pub mod calibrate;
 pub mod calibrator;
 pub mod evaluate;
 pub mod fleet;
+pub mod nats_config;
 pub mod planner;
 pub mod profile;
 pub mod run;

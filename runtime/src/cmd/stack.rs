@@ -27,6 +27,7 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use crate::cli::{AutoscaleArgs, StackArgs};
+use crate::roles::{Credentials, Role};
 
 /// The autoscaling settings from the command line.
 pub fn autoscale_config(a: &AutoscaleArgs, workers: usize) -> Result<AutoscaleConfig> {
@@ -72,6 +73,19 @@ struct Stack {
     logs: PathBuf,
     services: Vec<Service>,
     next_worker: usize,
+    /// The NATS users, one per role (absent with --no-auth).
+    creds: Option<Credentials>,
+}
+
+/// The role a service of the stack connects to NATS as.
+fn role_of(name: &str) -> Role {
+    match name {
+        "calibrator" => Role::Calibrator,
+        "planner" => Role::Planner,
+        "api" => Role::Api,
+        "fleet" => Role::Device,
+        _ => Role::Worker,
+    }
 }
 
 impl Stack {
@@ -83,6 +97,11 @@ impl Stack {
             .with_context(|| format!("creating the log of {name} in {}", self.logs.display()))?;
         let mut cmd = Command::new(&self.exe);
         cmd.args(args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        // The service's NATS user and password, through the environment
+        // (read as [nats] user and password), never its command line.
+        if let Some(creds) = &self.creds {
+            cmd.envs(creds.env(role_of(name)));
+        }
         die_with_parent(&mut cmd);
         cmd.spawn().with_context(|| format!("starting {name} ({} {})", self.exe.display(), args.join(" ")))
     }
@@ -248,17 +267,28 @@ pub fn run(args: StackArgs) -> Result<()> {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     let exe = std::env::current_exe().context("finding the branchpoint binary")?;
-    let mut stack = Stack { exe, logs: logs.clone(), services: Vec::new(), next_worker: 0 };
+    // One NATS user per role, with fresh passwords for this stack, in files
+    // only their owner reads (DIR/nats.conf, DIR/credentials.env).
+    let creds = match args.no_auth {
+        true => None,
+        false => {
+            let creds = Credentials::generate()?;
+            let store_abs = std::fs::canonicalize(&store).with_context(|| format!("finding {}", store.display()))?;
+            crate::roles::write_private(&args.dir.join("nats.conf"), &crate::roles::server_config(args.nats_port, &store_abs, &creds))?;
+            crate::roles::write_private(&args.dir.join("credentials.env"), &creds.env_file())?;
+            Some(creds)
+        }
+    };
+    let mut stack = Stack { exe, logs: logs.clone(), services: Vec::new(), next_worker: 0, creds };
 
     // nats-server first: everything else connects to it.
     let nats_log = File::options().create(true).append(true).open(logs.join("nats.log"))?;
     let mut nats_cmd = Command::new(&nats_bin);
-    nats_cmd
-        .args(["-a", "127.0.0.1", "-p", &args.nats_port.to_string(), "-js", "-sd"])
-        .arg(&store)
-        .stdin(Stdio::null())
-        .stdout(nats_log.try_clone()?)
-        .stderr(nats_log);
+    match &stack.creds {
+        Some(_) => nats_cmd.arg("-c").arg(args.dir.join("nats.conf")),
+        None => nats_cmd.args(["-a", "127.0.0.1", "-p", &args.nats_port.to_string(), "-js", "-sd"]).arg(&store),
+    };
+    nats_cmd.stdin(Stdio::null()).stdout(nats_log.try_clone()?).stderr(nats_log);
     die_with_parent(&mut nats_cmd);
     let nats = nats_cmd.spawn().with_context(|| format!("starting {}", nats_bin.display()))?;
     stack.services.push(Service { name: "nats".into(), args: Vec::new(), child: nats, keep_up: false });
@@ -278,6 +308,9 @@ pub fn run(args: StackArgs) -> Result<()> {
         v
     };
     let started = (|| -> Result<Vec<String>> {
+        // The buckets, made by the operator: the services may read and
+        // write their keys but not create or change buckets.
+        create_buckets(&url, stack.creds.as_ref(), &args.nats)?;
         stack.start("calibrator", with_nats("calibrator", &["--method", &args.method]), true)?;
         stack.start("planner", with_nats("planner", &[]), true)?;
         let mut api = with_nats("serve", &["--listen", &args.http.listen]);
@@ -340,12 +373,28 @@ pub fn run(args: StackArgs) -> Result<()> {
 
 /// The supervisor's loop: every tick, restart what must stay up, replace lost
 /// workers, and let the autoscaler size the pool from the workers' load.
+/// The stack's own client: the operator, when the stack has users.
+async fn operator_client(url: &str, creds: Option<&Credentials>) -> Result<async_nats::Client> {
+    let mut opts = async_nats::ConnectOptions::new().name("branchpoint-stack");
+    if let Some(c) = creds {
+        opts = opts.user_and_password(Role::Operator.name().into(), c.password(Role::Operator).into());
+    }
+    opts.connect(url).await.with_context(|| format!("the stack could not connect to its own nats-server at {url}"))
+}
+
+/// Creates the control store's buckets as the operator (`--kv-replicas`).
+fn create_buckets(url: &str, creds: Option<&Credentials>, nats: &crate::cli::StackStoreArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let client = operator_client(url, creds).await?;
+        branchpoint_actors::control::ControlStore::open_with(&client, nats.store_settings()).await?;
+        client.flush().await.context("flushing")?;
+        Ok(())
+    })
+}
+
 async fn supervise(stack: &mut Stack, worker_base: &[String], scale: AutoscaleConfig, tick: Duration, url: &str, args: &StackArgs) -> Result<()> {
-    let client = async_nats::ConnectOptions::new()
-        .name("branchpoint-stack")
-        .connect(url)
-        .await
-        .with_context(|| format!("the stack could not connect to its own nats-server at {url}"))?;
+    let client = operator_client(url, stack.creds.as_ref()).await?;
     let mut statuses = client.subscribe(subjects::WORKER_STATUS).await.context("subscribing to worker statuses")?;
     let mut latest: BTreeMap<String, (WorkerStatus, Instant)> = BTreeMap::new();
     let mut autoscaler = Autoscaler::new(scale.clone());
