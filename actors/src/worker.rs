@@ -138,28 +138,37 @@ impl Job {
 }
 
 /// How long a batch of n takes to run at one branch: a least-squares line
-/// `a + b n` through the latest batches' compute times (a and b at least 0),
-/// or, with one batch size seen so far, proportional to n. Unknown (0)
+/// `a + b n` (a and b at least 0) through the smoothed time of each batch
+/// size seen (one point per size, so a run of small batches under light
+/// load does not make the worker forget what full ones take), and beyond
+/// the largest size seen no steeper than proportional to it. Unknown (0)
 /// before the first batch, so nothing is refused on a guess.
 #[derive(Debug, Clone, Default)]
 pub struct BatchTime {
-    samples: std::collections::VecDeque<(f64, f64)>,
+    /// Smoothed seconds per batch, by batch size (index n).
+    by_size: Vec<Option<f64>>,
     a: f64,
     b: f64,
 }
 
 impl BatchTime {
-    const KEEP: usize = 64;
+    /// Weight of a new batch in its size's smoothed time.
+    const ALPHA: f64 = 0.2;
+    /// Batch sizes tracked (a worker's max_batch is far below).
+    const MAX_SIZE: usize = 4096;
 
     pub fn observe(&mut self, n: usize, took: Duration) {
-        self.samples.push_back((n as f64, took.as_secs_f64()));
-        if self.samples.len() > Self::KEEP {
-            self.samples.pop_front();
+        let n = n.clamp(1, Self::MAX_SIZE);
+        if self.by_size.len() <= n {
+            self.by_size.resize(n + 1, None);
         }
-        let k = self.samples.len() as f64;
-        let (sx, sy) = self.samples.iter().fold((0.0, 0.0), |(x, y), s| (x + s.0, y + s.1));
-        let (mx, my) = (sx / k, sy / k);
-        let (sxx, sxy) = self.samples.iter().fold((0.0, 0.0), |(xx, xy), s| (xx + (s.0 - mx).powi(2), xy + (s.0 - mx) * (s.1 - my)));
+        let t = took.as_secs_f64();
+        let slot = &mut self.by_size[n];
+        *slot = Some(slot.map_or(t, |old| old + Self::ALPHA * (t - old)));
+        let points: Vec<(f64, f64)> = self.by_size.iter().enumerate().filter_map(|(n, t)| t.map(|t| (n as f64, t))).collect();
+        let k = points.len() as f64;
+        let (mx, my) = points.iter().fold((0.0, 0.0), |(x, y), p| (x + p.0 / k, y + p.1 / k));
+        let (sxx, sxy) = points.iter().fold((0.0, 0.0), |(xx, xy), p| (xx + (p.0 - mx).powi(2), xy + (p.0 - mx) * (p.1 - my)));
         if sxx > 0.0 {
             self.b = (sxy / sxx).max(0.0);
             self.a = (my - self.b * mx).max(0.0);
@@ -174,7 +183,7 @@ impl BatchTime {
         // Beyond the largest batch seen, a line through small ones can
         // climb too steeply (noise in their times); proportional to the
         // largest seen is an upper bound there (batching only amortises).
-        let Some(&(largest, t)) = self.samples.iter().max_by(|x, y| x.0.total_cmp(&y.0)) else { return Duration::ZERO };
+        let Some((largest, t)) = self.by_size.iter().enumerate().rev().find_map(|(n, t)| t.map(|t| (n as f64, t))) else { return Duration::ZERO };
         let secs = if n as f64 > largest { line.min(t * n as f64 / largest) } else { line };
         Duration::from_secs_f64(secs)
     }
@@ -538,11 +547,14 @@ impl Batcher {
         // Waiting here, due before it: full batches ahead of its own, after
         // what the pool holds already.
         let ahead: usize = self.pending.values().flatten().filter(|j| !j.is_audit() && j.due() <= due).count();
-        let batches = (ahead / self.cfg.max_batch.max(1) + 1).div_ceil(self.compute_threads);
+        // Full batches of those ahead, then its own with the rest, shared
+        // by the compute threads.
+        let max_batch = self.cfg.max_batch.max(1);
+        let work = estimate.estimate(max_batch) * (ahead / max_batch) as u32 + estimate.estimate(ahead % max_batch + 1);
         let now = Instant::now();
         // `next_start` counts the batches handed to the pool already.
         let (_, start) = self.next_start(now);
-        let finish = start + estimate.estimate(self.cfg.max_batch) * batches as u32;
+        let finish = start + work / self.compute_threads as u32;
         (finish > due).then(|| format!("{ahead} requests are due before it: it would finish about {:?} from now, after its deadline", finish - now))
     }
 }
@@ -727,6 +739,12 @@ mod tests {
             let want = 2000.0 + 500.0 * n as f64;
             assert!((t.estimate(n).as_micros() as f64 - want).abs() < 2.0, "{n}: {:?}", t.estimate(n));
         }
+        // A long run of small batches (light load) does not make it forget
+        // what a full one takes.
+        for _ in 0..500 {
+            t.observe(2, Duration::from_micros(3000));
+        }
+        assert!((t.estimate(32).as_micros() as f64 - 18_000.0).abs() < 1_000.0, "{:?}", t.estimate(32));
         // Only small batches seen: beyond them, no steeper than proportional.
         let mut small = BatchTime::default();
         small.observe(1, Duration::from_millis(30));

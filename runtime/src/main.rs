@@ -22,6 +22,14 @@ fn main() -> ExitCode {
             1
         }
     };
+    // A command stopped because something it needs was refused.
+    let code = match branchpoint::shutdown::failure() {
+        Some(reason) if code == 0 => {
+            eprintln!("error: {reason}");
+            1
+        }
+        _ => code,
+    };
     // Every command joins its tensor threads; one that could not (a forward
     // outlasting its shutdown bound) must not meet libtorch's teardown.
     let running = branchpoint_actors::compute::tensor_threads_running();

@@ -95,6 +95,30 @@ pub fn serving() {
     let _ = STATE.compare_exchange(STARTING, SERVING, Ordering::AcqRel, Ordering::Acquire);
 }
 
+/// Why the process stops on its own with a failure (a NATS permission its
+/// role lacks), if it does.
+static FAILURE: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// Stops the command as SIGTERM would (cooperatively, within `BOUND`), and
+/// makes it exit with status 1 and `reason`: something it needs to serve
+/// was refused, and running on without it would look healthy and do
+/// nothing.
+pub fn fail(reason: String) {
+    let mut f = FAILURE.lock().unwrap_or_else(|e| e.into_inner());
+    if f.is_none() {
+        *f = Some(reason);
+    }
+    drop(f);
+    SIGNAL.store(libc::SIGTERM, Ordering::Release);
+    let _ = STATE.compare_exchange(SERVING, STOPPING, Ordering::AcqRel, Ordering::Acquire);
+    let _ = STATE.compare_exchange(STARTING, STOPPING, Ordering::AcqRel, Ordering::Acquire);
+}
+
+/// The reason given to `fail`, if it was called.
+pub fn failure() -> Option<String> {
+    FAILURE.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
 /// Whether a signal has asked the process to stop.
 pub fn requested() -> Option<Signal> {
     if STATE.load(Ordering::Acquire) != STOPPING {

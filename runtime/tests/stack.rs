@@ -37,9 +37,12 @@ fn stack_up(dir: &Path, extra: &[&str]) -> Stack {
         .stderr(log)
         .spawn()
         .expect("stack up starts");
-    let stack = Stack { _proc: Proc(child), api, nats: format!("nats://127.0.0.1:{nats_port}"), dir: dir.to_path_buf() };
+    let mut stack = Stack { _proc: Proc(child), api, nats: format!("nats://127.0.0.1:{nats_port}"), dir: dir.to_path_buf() };
     // The stack says "stack up" once every service has started.
     wait_for("the stack to start", Duration::from_secs(180), || stack.log().contains("stack up:").then_some(()));
+    // Its NATS URLs (every node's, in a cluster), from DIR/stack.json.
+    let file: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("stack.json")).unwrap()).unwrap();
+    stack.nats = file["nats_url"].as_str().expect("stack.json names its NATS URL").to_string();
     wait_for("/readyz to answer 200", Duration::from_secs(60), || {
         std::net::TcpStream::connect(&stack.api).ok()?;
         (http("GET", &stack.api, "/readyz", None, None).status == 200).then_some(())
@@ -509,41 +512,40 @@ fn healthz_answers_through_a_flood_of_slow_bodies() {
     assert!(opened.elapsed() < Duration::from_secs(30), "every slow body was cut off by the body timeout");
 }
 
-/// A three-node JetStream cluster, the control store at three replicas: a
-/// worker, the API and a fleet connect with every node's URL, and one node
-/// is killed mid-run. No input is lost or late, the buckets keep their
-/// replicas (no service lowers them), and plans are still written and read.
+/// `stack up --cluster 3`: a three-node JetStream cluster with the control
+/// store at three replicas and every service given every node's URL; a
+/// fleet runs against it and one node is killed mid-run. No input is lost
+/// or late, the buckets keep their replicas (no service lowers them), and
+/// plans are still written and read.
 #[test]
-fn a_cluster_loses_a_node_and_nothing_is_lost() {
-    use branchpoint_actors::control::{ControlStore, StoreSettings, PLANS_BUCKET};
+fn a_stack_cluster_loses_a_node_and_nothing_is_lost() {
+    use branchpoint_actors::control::PLANS_BUCKET;
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let mut cluster = NatsCluster::start(3, dir.path());
-    let urls = cluster.urls();
+    let stack = stack_up(dir.path(), &["--cluster", "3", "--workers", "1", "--devices", "0", "--token", TOKEN]);
+    let urls = stack.nats.clone();
+    assert_eq!(urls.split(',').count(), 3, "{urls}");
+    let operator = stack.role_env("operator");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let replicas_of_plans = |rt: &tokio::runtime::Runtime, url: &str| {
+    let replicas_of_plans = |rt: &tokio::runtime::Runtime, urls: &str| {
         rt.block_on(async {
-            let client = async_nats::connect(url.split(',').collect::<Vec<_>>()).await.ok()?;
+            let client = async_nats::ConnectOptions::new()
+                .user_and_password(operator[0].1.clone(), operator[1].1.clone())
+                .connect(urls.split(',').collect::<Vec<_>>())
+                .await
+                .ok()?;
             let js = async_nats::jetstream::new(client);
             let mut kv = js.get_key_value(PLANS_BUCKET).await.ok()?;
             Some(kv.stream.info().await.ok()?.config.num_replicas)
         })
     };
-    // The buckets, created at three replicas once the cluster has formed.
-    wait_for("the cluster to create the buckets at 3 replicas", Duration::from_secs(60), || {
-        rt.block_on(async {
-            let client = async_nats::connect(urls.split(',').collect::<Vec<_>>()).await.ok()?;
-            ControlStore::open_with(&client, StoreSettings { replicas: 3, ..StoreSettings::default() }).await.ok()
-        })
-    });
-    let _worker = start_worker(&urls, "clustered", &["--status-interval-ms", "100"]);
-    let api = format!("127.0.0.1:{}", port());
-    let _api = start_service("cluster-api", &["serve", "--nats", &urls, "--listen", &api, "--token", "t"], "api listening", Duration::from_secs(60));
+    assert_eq!(replicas_of_plans(&rt, &urls), Some(3), "the stack made the buckets at three replicas");
     let plan = |p: f64| format!(r#"{{"group": "night", "partition_branch": 1, "p_tar": {p}}}"#);
-    assert_eq!(http("PUT", &api, "/api/plan", Some("t"), Some(&plan(0.8))).status, 200);
+    assert_eq!(http("PUT", &stack.api, "/api/plan", Some(TOKEN), Some(&plan(0.8))).status, 200);
     let summary = dir.path().join("summary.json");
     let outcomes = dir.path().join("outcomes.jsonl");
     let mut fleet = branchpoint()
+        .envs(stack.role_env("device"))
         .args(["fleet", "--nats", &urls, "--devices", "10", "--rate", "20", "--duration", "600", "--deadline-ms", "1000", "--status-interval-ms", "200"])
         .args(["--json", summary.to_str().unwrap(), "--outcomes", outcomes.to_str().unwrap()])
         .stdout(Stdio::null())
@@ -551,30 +553,33 @@ fn a_cluster_loses_a_node_and_nothing_is_lost() {
         .spawn()
         .unwrap();
     let fleet_inputs = || -> Option<u64> {
-        let r = try_http("GET", &api, "/api/fleet", None, None).ok()?;
+        let r = try_http("GET", &stack.api, "/api/fleet", None, None).ok()?;
         let v: serde_json::Value = serde_json::from_str(&r.body).ok()?;
         v["totals"]["inputs"].as_u64()
     };
     let before = wait_for("the fleet to decide 500 inputs", Duration::from_secs(60), || fleet_inputs().filter(|&n| n >= 500));
     assert_eq!(replicas_of_plans(&rt, &urls), Some(3), "a fleet opening the store does not lower its replicas");
-    cluster.nodes[0].stop();
+    // Kill the first node, as an outage would.
+    let text = std::fs::read_to_string(dir.path().join("stack.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let pid = v["services"]["nats-1"].as_u64().expect("the stack lists its nodes") as i32;
+    // SAFETY: kill only sends a signal to the stack's own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     // The others keep serving: more inputs decided, plans written and read.
     wait_for("the fleet to decide 1,000 more inputs after the node died", Duration::from_secs(90), || fleet_inputs().filter(|&n| n >= before + 1000));
     let put = wait_for("a plan written after the node died", Duration::from_secs(60), || {
-        let r = try_http("PUT", &api, "/api/plan", Some("t"), Some(&plan(0.85))).ok()?;
+        let r = try_http("PUT", &stack.api, "/api/plan", Some(TOKEN), Some(&plan(0.85))).ok()?;
         (r.status == 200).then_some(r)
     });
     assert!(put.body.contains("0.85"), "{}", put.body);
-    let t = Instant::now();
-    let plans = wait_for("the plans read after the node died", Duration::from_secs(60), || {
-        let r = try_http("GET", &api, "/api/plan", None, None).ok()?;
-        eprintln!("GET /api/plan after {:?}: {} {}", t.elapsed(), r.status, r.body);
-        (r.status == 200).then_some(r)
+    wait_for("the plans read after the node died", Duration::from_secs(60), || {
+        let r = try_http("GET", &stack.api, "/api/plan", None, None).ok()?;
+        (r.status == 200 && r.body.contains("\"p_tar\":0.85")).then_some(())
     });
-    assert!(plans.body.contains("\"p_tar\":0.85"), "{}", plans.body);
-    assert_eq!(http("GET", &api, "/readyz", None, None).status, 200);
-    let alive = cluster.nodes[1..].iter().map(|n| n.url.clone()).collect::<Vec<_>>().join(",");
+    wait_for("/readyz after the node died", Duration::from_secs(60), || (try_http("GET", &stack.api, "/readyz", None, None).ok()?.status == 200).then_some(()));
+    let alive = urls.split(',').skip(1).collect::<Vec<_>>().join(",");
     assert_eq!(replicas_of_plans(&rt, &alive), Some(3));
+    assert!(stack.log().contains("nats-1 exited") && stack.log().contains("goes on without it"), "{}", stack.log());
     send_signal(&fleet, libc::SIGINT);
     assert!(fleet.wait().unwrap().success(), "{}", std::fs::read_to_string(dir.path().join("fleet.log")).unwrap());
     let s: Summary = serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
@@ -654,4 +659,10 @@ fn a_device_cannot_change_plans_or_temperatures_or_join_the_workers() {
     let after = rt.block_on(store.plans()).unwrap();
     assert_eq!(after.len(), before, "no plan stored: {after:?}");
     assert!(!after.iter().any(|p| p.value.p_tar == 0.0), "{after:?}");
+    // A worker started with a device's credentials may not join the
+    // workers' queue group: it says so and exits 1, rather than run on
+    // looking healthy and serving nothing.
+    let o = output_within(branchpoint().envs(stack.role_env("device")).args(["worker", "--nats", &stack.nats, "--worker-id", "impostor"]), Duration::from_secs(90));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("denied a subscription"), "{:?}: {err}", o.status);
 }

@@ -160,7 +160,7 @@ impl Stack {
     /// running after the grace, then nats-server last, so the others can
     /// still reach it while they stop.
     fn stop_all(&mut self) {
-        let (mut nats, mut rest): (Vec<Service>, Vec<Service>) = std::mem::take(&mut self.services).into_iter().partition(|s| s.name == "nats");
+        let (mut nats, mut rest): (Vec<Service>, Vec<Service>) = std::mem::take(&mut self.services).into_iter().partition(|s| s.name.starts_with("nats"));
         let grace = crate::shutdown::GRACE + Duration::from_millis(500);
         for s in terminate_all(&mut rest, grace) {
             eprintln!("stack: {s} did not stop within {} ms of SIGTERM; killed", grace.as_millis());
@@ -257,8 +257,15 @@ pub fn run(args: StackArgs) -> Result<()> {
     if !args.model.is_file() {
         bail!("--model {}: no such file (run from the repository root, or give the path)", args.model.display());
     }
-    if TcpStream::connect(("127.0.0.1", args.nats_port)).is_ok() {
-        bail!("port {} is taken: another nats-server (or stack) runs there; stop it or give --nats-port", args.nats_port);
+    let nodes = usize::from(args.cluster.max(1));
+    // Node i listens for clients on nats_port + i and for its peers on
+    // nats_port + 100 + i.
+    let client_port = |i: usize| args.nats_port + i as u16;
+    let route_port = |i: usize| args.nats_port + 100 + i as u16;
+    for i in 0..nodes {
+        if TcpStream::connect(("127.0.0.1", client_port(i))).is_ok() {
+            bail!("port {} is taken: another nats-server (or stack) runs there; stop it or give --nats-port", client_port(i));
+        }
     }
     let nats_bin = nats_server_binary(args.nats_server.as_deref())?;
     let logs = args.dir.join("logs");
@@ -268,39 +275,56 @@ pub fn run(args: StackArgs) -> Result<()> {
     }
     let exe = std::env::current_exe().context("finding the branchpoint binary")?;
     // One NATS user per role, with fresh passwords for this stack, in files
-    // only their owner reads (DIR/nats.conf, DIR/credentials.env).
+    // only their owner reads (DIR/nats*.conf, DIR/credentials.env).
     let creds = match args.no_auth {
         true => None,
         false => {
             let creds = Credentials::generate()?;
-            let store_abs = std::fs::canonicalize(&store).with_context(|| format!("finding {}", store.display()))?;
-            crate::roles::write_private(&args.dir.join("nats.conf"), &crate::roles::server_config(args.nats_port, &store_abs, &creds))?;
             crate::roles::write_private(&args.dir.join("credentials.env"), &creds.env_file())?;
             Some(creds)
         }
     };
     let mut stack = Stack { exe, logs: logs.clone(), services: Vec::new(), next_worker: 0, creds };
 
-    // nats-server first: everything else connects to it.
-    let nats_log = File::options().create(true).append(true).open(logs.join("nats.log"))?;
-    let mut nats_cmd = Command::new(&nats_bin);
-    match &stack.creds {
-        Some(_) => nats_cmd.arg("-c").arg(args.dir.join("nats.conf")),
-        None => nats_cmd.args(["-a", "127.0.0.1", "-p", &args.nats_port.to_string(), "-js", "-sd"]).arg(&store),
-    };
-    nats_cmd.stdin(Stdio::null()).stdout(nats_log.try_clone()?).stderr(nats_log);
-    die_with_parent(&mut nats_cmd);
-    let nats = nats_cmd.spawn().with_context(|| format!("starting {}", nats_bin.display()))?;
-    stack.services.push(Service { name: "nats".into(), args: Vec::new(), child: nats, keep_up: false });
-    let until = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", args.nats_port)).is_err() {
-        if Instant::now() > until {
-            stack.stop_all();
-            bail!("nats-server did not listen on port {} within 10 s; see {}", args.nats_port, logs.join("nats.log").display());
+    // nats-server first (a node, or a cluster of them): everything else
+    // connects to it.
+    let store_abs = std::fs::canonicalize(&store).with_context(|| format!("finding {}", store.display()))?;
+    let routes: Vec<String> = (0..nodes).map(|i| format!("nats://127.0.0.1:{}", route_port(i))).collect();
+    for i in 0..nodes {
+        let name = if nodes == 1 { "nats".to_string() } else { format!("nats-{}", i + 1) };
+        let mut conf = format!("listen: \"127.0.0.1:{}\"\nserver_name: {name:?}\n", client_port(i));
+        let node_store = if nodes == 1 { store_abs.clone() } else { store_abs.join(&name) };
+        let _ = std::fmt::Write::write_fmt(&mut conf, format_args!("jetstream {{ store_dir: {:?} }}\n", node_store.display().to_string()));
+        if nodes > 1 {
+            let _ = std::fmt::Write::write_fmt(
+                &mut conf,
+                format_args!("cluster {{ name: \"branchpoint\", listen: \"127.0.0.1:{}\", routes: [{}] }}\n", route_port(i), routes.iter().map(|r| format!("{r:?}")).collect::<Vec<_>>().join(", ")),
+            );
         }
-        std::thread::sleep(Duration::from_millis(50));
+        if let Some(c) = &stack.creds {
+            conf.push_str(&crate::roles::authorization(|role| format!("{:?}", c.password(role))));
+        }
+        let conf_path = args.dir.join(format!("{name}.conf"));
+        crate::roles::write_private(&conf_path, &format!("# Written by `branchpoint stack up`; it may hold passwords: keep it private.\n{conf}"))?;
+        let nats_log = File::options().create(true).append(true).open(logs.join(format!("{name}.log")))?;
+        let mut nats_cmd = Command::new(&nats_bin);
+        nats_cmd.arg("-c").arg(&conf_path).stdin(Stdio::null()).stdout(nats_log.try_clone()?).stderr(nats_log);
+        die_with_parent(&mut nats_cmd);
+        let child = nats_cmd.spawn().with_context(|| format!("starting {}", nats_bin.display()))?;
+        stack.services.push(Service { name, args: Vec::new(), child, keep_up: false });
     }
-    let url = format!("nats://127.0.0.1:{}", args.nats_port);
+    for i in 0..nodes {
+        let until = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", client_port(i))).is_err() {
+            if Instant::now() > until {
+                stack.stop_all();
+                bail!("nats-server did not listen on port {} within 10 s; see {}", client_port(i), logs.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // Every node's URL: clients fail over between them.
+    let url = (0..nodes).map(|i| format!("nats://127.0.0.1:{}", client_port(i))).collect::<Vec<_>>().join(",");
     let model = args.model.display().to_string();
     let with_nats = |sub: &str, rest: &[&str]| -> Vec<String> {
         let mut v: Vec<String> = vec![sub.into(), "--nats".into(), url.clone(), "--model".into(), model.clone()];
@@ -310,7 +334,7 @@ pub fn run(args: StackArgs) -> Result<()> {
     let started = (|| -> Result<Vec<String>> {
         // The buckets, made by the operator: the services may read and
         // write their keys but not create or change buckets.
-        create_buckets(&url, stack.creds.as_ref(), &args.nats)?;
+        create_buckets(&url, stack.creds.as_ref(), &args.nats, nodes)?;
         stack.start("calibrator", with_nats("calibrator", &["--method", &args.method]), true)?;
         stack.start("planner", with_nats("planner", &[]), true)?;
         let mut api = with_nats("serve", &["--listen", &args.http.listen]);
@@ -379,15 +403,31 @@ async fn operator_client(url: &str, creds: Option<&Credentials>) -> Result<async
     if let Some(c) = creds {
         opts = opts.user_and_password(Role::Operator.name().into(), c.password(Role::Operator).into());
     }
-    opts.connect(url).await.with_context(|| format!("the stack could not connect to its own nats-server at {url}"))
+    opts.connect(crate::nats::server_addrs(url)?).await.with_context(|| format!("the stack could not connect to its own nats-server at {url}"))
 }
 
-/// Creates the control store's buckets as the operator (`--kv-replicas`).
-fn create_buckets(url: &str, creds: Option<&Credentials>, nats: &crate::cli::StackStoreArgs) -> Result<()> {
+/// Creates the control store's buckets as the operator: `--kv-replicas`,
+/// and in a cluster at least min(3, nodes) replicas. A cluster elects its
+/// JetStream leader in its first seconds: tried again for up to 30 s.
+fn create_buckets(url: &str, creds: Option<&Credentials>, nats: &crate::cli::StackStoreArgs, nodes: usize) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let mut settings = nats.store_settings();
+    if nodes > 1 {
+        settings.replicas = settings.replicas.max(nodes.min(3));
+    }
     rt.block_on(async {
         let client = operator_client(url, creds).await?;
-        branchpoint_actors::control::ControlStore::open_with(&client, nats.store_settings()).await?;
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            match branchpoint_actors::control::ControlStore::open_with(&client, settings).await {
+                Ok(_) => break,
+                Err(e) if Instant::now() < until => {
+                    eprintln!("stack: the control store is not ready yet ({e}); trying again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         client.flush().await.context("flushing")?;
         Ok(())
     })
@@ -423,6 +463,13 @@ async fn supervise(stack: &mut Stack, worker_base: &[String], scale: AutoscaleCo
                     let s = stack.services.remove(i);
                     match s.name.as_str() {
                         "nats" => bail!("nats-server exited ({status}); see {}", stack.logs.join("nats.log").display()),
+                        // A cluster goes on without one node; without all, nothing works.
+                        name if name.starts_with("nats-") => {
+                            eprintln!("stack: {name} exited ({status}); the cluster goes on without it, see {}", stack.logs.join(format!("{name}.log")).display());
+                            if !stack.services.iter().any(|s| s.name.starts_with("nats-")) {
+                                bail!("every nats-server of the cluster exited");
+                            }
+                        }
                         "fleet" => eprintln!("stack: the fleet ended ({status}); its summary is in {}", args.dir.join("fleet-summary.json").display()),
                         name if s.keep_up => {
                             eprintln!("stack: {name} exited ({status}); starting it again, see {}", stack.logs.join(format!("{name}.log")).display());

@@ -63,13 +63,6 @@ impl NatsServer {
         s
     }
 
-    /// A server on a port chosen beforehand (a cluster's routes name them).
-    pub fn start_on(port: u16, extra: &[&str]) -> NatsServer {
-        let mut s = NatsServer { url: format!("nats://127.0.0.1:{port}"), port, extra: extra.iter().map(|e| e.to_string()).collect(), proc: None };
-        s.restart();
-        s
-    }
-
     /// Kills the server (a broker outage); `restart` brings it back on the
     /// same port with the same options.
     pub fn stop(&mut self) {
@@ -89,34 +82,6 @@ impl NatsServer {
         let proc = Proc(child);
         assert!(wait_for_port(self.port, Duration::from_secs(10)), "nats-server {:?} did not listen on {}", self.extra, self.port);
         self.proc = Some(proc);
-    }
-}
-
-/// A JetStream cluster of `n` nats-servers on loopback, each with its own
-/// store under `dir`, routed to one another.
-pub struct NatsCluster {
-    pub nodes: Vec<NatsServer>,
-}
-
-impl NatsCluster {
-    pub fn start(n: usize, dir: &Path) -> NatsCluster {
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
-        let routes: Vec<String> = ports.iter().map(|(_, c)| format!("nats://127.0.0.1:{c}")).collect();
-        let nodes = ports
-            .iter()
-            .enumerate()
-            .map(|(i, (port, cluster))| {
-                let store = dir.join(format!("node{i}"));
-                let (name, listen, routes) = (format!("node{i}"), format!("nats://127.0.0.1:{cluster}"), routes.join(","));
-                NatsServer::start_on(*port, &["-js", "-sd", store.to_str().unwrap(), "--server_name", &name, "--cluster_name", "branchpoint", "--cluster", &listen, "--routes", &routes])
-            })
-            .collect();
-        NatsCluster { nodes }
-    }
-
-    /// Every node's URL, comma-separated (what `--nats` takes).
-    pub fn urls(&self) -> String {
-        self.nodes.iter().map(|n| n.url.clone()).collect::<Vec<_>>().join(",")
     }
 }
 
