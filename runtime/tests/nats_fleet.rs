@@ -806,6 +806,41 @@ fn the_calibrator_watches_audit_results_and_alarms_on_drift() {
     assert_eq!(metric(&m, "branchpoint_watch_refused_total"), Some(4.0));
     assert!(metric(&m, "branchpoint_watch_edge_agreement{group=\"cameras\"").is_some_and(|a| a < 0.9), "{m}");
     assert_eq!(metric(&m, "branchpoint_calibrator_drift_refits_total"), Some(0.0));
+    // A forged fleet status whose figures cannot be (100,010 devices, more
+    // outcomes than inputs) is refused and counted, never shown.
+    #[derive(serde::Serialize)]
+    struct Envelope<B> {
+        wire_version: u16,
+        body: B,
+    }
+    let summary = branchpoint_messages::FleetSummary { inputs: 10, outcomes: 1_000_000_000_000, ..Default::default() };
+    let forged = branchpoint_messages::FleetStatus {
+        fleet_id: "forged".into(),
+        group: "g".into(),
+        devices: 100_010,
+        running: true,
+        at_unix_us: 2,
+        started_unix_us: 1,
+        summary,
+        latency_le_ms: vec![],
+        latency_le_counts: vec![],
+        latency_sum_ms: 0.0,
+        applied: vec![],
+    };
+    let bytes = rmp_serde::to_vec_named(&Envelope { wire_version: branchpoint_messages::WIRE_VERSION, body: forged }).unwrap();
+    publish_to(&nats.url, &subjects::fleet_status("forged"), bytes);
+    wait_for("the forged status to be refused and counted", Duration::from_secs(30), || {
+        metric(&http("GET", &api, "/metrics", None, None).body, "branchpoint_api_refused_statuses_total").filter(|&n| n >= 1.0)
+    });
+    assert!(!http("GET", &api, "/api/fleet", None, None).body.contains("forged"));
+}
+
+fn publish_to(url: &str, subject: &str, payload: Vec<u8>) {
+    runtime().block_on(async {
+        let client = async_nats::connect(url).await.unwrap();
+        client.publish(subject.to_string(), payload.into()).await.unwrap();
+        client.flush().await.unwrap();
+    });
 }
 
 /// A drift alarm refits the group's branch from the sampled inputs that

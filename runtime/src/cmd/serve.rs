@@ -188,6 +188,22 @@ struct View {
     workers: BTreeMap<String, WorkerView>,
     /// The calibrator's latest live estimates, for this API's model.
     calibration: Option<(CalibrationStatus, Instant)>,
+    /// Statuses refused (malformed, or figures that cannot be) since start.
+    refused: u64,
+}
+
+/// Most fleets and workers the view holds: statuses come from the network,
+/// and forged ids must not grow it without bound (the least recently heard
+/// makes room).
+const MAX_TRACKED: usize = 1024;
+
+/// Makes room in `map` for one more entry, dropping the least recently seen.
+fn make_room<V>(map: &mut BTreeMap<String, V>, seen: impl Fn(&V) -> Instant) {
+    if map.len() >= MAX_TRACKED {
+        if let Some(oldest) = map.iter().min_by_key(|(_, v)| seen(v)).map(|(k, _)| k.clone()) {
+            map.remove(&oldest);
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -228,9 +244,15 @@ impl ApiState {
                         let (t0, n0) = recent[0];
                         let dt = s.at_unix_us.saturating_sub(t0) as f64 / 1e6;
                         let inputs_per_s = if s.running && dt > 0.0 { s.summary.inputs.saturating_sub(n0) as f64 / dt } else { 0.0 };
+                        if !v.fleets.contains_key(&s.fleet_id) {
+                            make_room(&mut v.fleets, |f| f.seen);
+                        }
                         v.fleets.insert(s.fleet_id.clone(), FleetView { status: s, seen: Instant::now(), inputs_per_s, recent });
                     }
-                    Err(e) => eprintln!("api: ignored a malformed fleet status: {e}"),
+                    Err(e) => {
+                        view.lock().unwrap_or_else(|e| e.into_inner()).refused += 1;
+                        eprintln!("api: ignored a malformed fleet status: {e}")
+                    }
                 }
             }
         });
@@ -240,9 +262,15 @@ impl ApiState {
                 match decode::<WorkerStatus>(&msg.payload) {
                     Ok(s) => {
                         let mut v = view.lock().unwrap_or_else(|e| e.into_inner());
+                        if !v.workers.contains_key(&s.worker_id) {
+                            make_room(&mut v.workers, |w| w.seen);
+                        }
                         v.workers.insert(s.worker_id.clone(), WorkerView { status: s, seen: Instant::now() });
                     }
-                    Err(e) => eprintln!("api: ignored a malformed worker status: {e}"),
+                    Err(e) => {
+                        view.lock().unwrap_or_else(|e| e.into_inner()).refused += 1;
+                        eprintln!("api: ignored a malformed worker status: {e}")
+                    }
                 }
             }
         });
@@ -252,7 +280,10 @@ impl ApiState {
                 match decode::<CalibrationStatus>(&msg.payload) {
                     Ok(s) if s.model_sha256 == sha => view.lock().unwrap_or_else(|e| e.into_inner()).calibration = Some((s, Instant::now())),
                     Ok(_) => {}
-                    Err(e) => eprintln!("api: ignored a malformed calibration status: {e}"),
+                    Err(e) => {
+                        view.lock().unwrap_or_else(|e| e.into_inner()).refused += 1;
+                        eprintln!("api: ignored a malformed calibration status: {e}")
+                    }
                 }
             }
         });
@@ -760,6 +791,8 @@ async fn metrics(state: web::Data<ApiState>) -> HttpResponse {
     for p in &plans {
         m.sample("branchpoint_plan_partition_branch", &target(&p.value), f64::from(p.value.partition_branch));
     }
+    m.family("branchpoint_api_refused_statuses_total", "counter", "Statuses the API refused (malformed, or figures that cannot be) since it started.");
+    m.sample("branchpoint_api_refused_statuses_total", "", state.view.lock().unwrap_or_else(|e| e.into_inner()).refused as f64);
     m.family("branchpoint_workers", "gauge", "Workers that reported their status recently.");
     m.sample("branchpoint_workers", "", workers.len() as f64);
     type WorkerGauge = (&'static str, &'static str, &'static str, fn(&WorkerStatus) -> f64);
