@@ -977,3 +977,27 @@ fn the_planner_answers_network_reports_with_plans() {
     assert_eq!(plans[1].p_tar, 0.0, "nothing can cross a 0.05 Mbit/s link in 100 ms: {:?}", plans[1]);
     assert!(service_log("planner").contains("malformed network report"));
 }
+
+/// A plan stored for one device expires its TTL after it was last written
+/// (a gone device leaves no key behind); a group's plan stays.
+#[test]
+fn a_device_plan_expires_and_a_group_plan_stays() {
+    use branchpoint_actors::control::{ControlStore, StoreSettings};
+    use branchpoint_messages::{PlanTarget, PlanUpdate};
+    let _serial = serial();
+    let store_dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start_with(&["-js", "-sd", store_dir.path().to_str().unwrap()]);
+    let settings = StoreSettings { device_plan_ttl: Duration::from_secs(1), ..StoreSettings::default() };
+    let rt = runtime();
+    let store = rt.block_on(async {
+        let client = async_nats::connect(&nats.url).await.unwrap();
+        let store = ControlStore::open_with(&client, settings).await.unwrap();
+        for target in [PlanTarget::Device("gone-1".into()), PlanTarget::Group("stays".into())] {
+            store.put_plan(&PlanUpdate { target, partition_branch: 1, p_tar: 0.8, certified: None }).await.unwrap();
+        }
+        store
+    });
+    let listed = |rt: &tokio::runtime::Runtime| rt.block_on(store.plans()).unwrap().into_iter().map(|p| p.value.target).collect::<Vec<_>>();
+    assert_eq!(listed(&rt).len(), 2);
+    wait_for("the device's plan to expire", Duration::from_secs(30), || (listed(&rt) == [PlanTarget::Group("stays".into())]).then_some(()));
+}
