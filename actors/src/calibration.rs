@@ -16,11 +16,10 @@
 use std::path::PathBuf;
 
 use branchpoint_messages::{
-    decode, encode, subjects, CalibrationMethod, CalibrationRefit, CalibrationUpdate, CertifiedTarget, CertifyReply, CertifyRequest, ErrorKind,
-    ErrorReply, PlanTarget, PlanUpdate,
+    decode, encode, subjects, CalibrationMethod, CalibrationRefit, CalibrationUpdate, CertifiedTarget, CertifyReply, CertifyRequest, ErrorKind, ErrorReply, PlanTarget, PlanUpdate,
 };
-use branchpoint_models::risk::{certify, default_grid, ConfidenceCounts, Target};
 use branchpoint_models::calibration::{fit_file, split_exit_logits, CalibrationFile, ExitLogits, Method};
+use branchpoint_models::risk::{certify, default_grid, ConfidenceCounts, Target};
 use branchpoint_models::{load_model, Dataset, LoadedModel};
 use futures::StreamExt;
 
@@ -214,7 +213,14 @@ impl LiveWatch {
     /// the model (another model's, a branch it lacks, the wrong number of
     /// classes) is refused and counted. `now_unix_us` is the calibrator's
     /// clock, for the status.
-    pub fn observe(&mut self, r: &branchpoint_messages::AuditResult, model_sha256: &str, temperatures: &[f64], classes: usize, now_unix_us: u64) -> Result<WatchOutcome, ActorError> {
+    pub fn observe(
+        &mut self,
+        r: &branchpoint_messages::AuditResult,
+        model_sha256: &str,
+        temperatures: &[f64],
+        classes: usize,
+        now_unix_us: u64,
+    ) -> Result<WatchOutcome, ActorError> {
         let refuse = |w: &mut Self, why: String| {
             w.refused += 1;
             Err(ActorError::Invalid { what: "audit result".into(), reason: format!("it must be {why}") })
@@ -363,11 +369,7 @@ impl LiveWatch {
                     edge_accuracy: l.map(|a| a.estimate),
                     edge_accuracy_low: l.map(|a| a.low),
                     edge_accuracy_high: l.map(|a| a.high),
-                    reliability: e
-                        .reliability
-                        .iter()
-                        .map(|&(confidence, agreement, weight)| branchpoint_messages::ReliabilityBin { confidence, agreement, weight })
-                        .collect(),
+                    reliability: e.reliability.iter().map(|&(confidence, agreement, weight)| branchpoint_messages::ReliabilityBin { confidence, agreement, weight }).collect(),
                     auto_refit: self.settings.auto_refit,
                     last_refit: w.last_refit,
                     stale: w.stale,

@@ -133,15 +133,7 @@ pub struct Collector {
 
 impl Collector {
     pub fn new(num_branches: usize) -> Self {
-        Self {
-            num_branches,
-            inputs: 0,
-            outcomes: Vec::new(),
-            seen: HashSet::new(),
-            duplicates: 0,
-            latency: LatencyHistogram::default(),
-            audits: Default::default(),
-        }
+        Self { num_branches, inputs: 0, outcomes: Vec::new(), seen: HashSet::new(), duplicates: 0, latency: LatencyHistogram::default(), audits: Default::default() }
     }
 }
 

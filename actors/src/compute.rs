@@ -69,10 +69,7 @@ impl LoadedNet {
         let dims = self.net.architecture().input.dims();
         let want = (dims[0] * dims[1] * dims[2]) as usize;
         if input.len() != want {
-            return Err(ActorError::Invalid {
-                what: "input".into(),
-                reason: format!("{} values, the model takes {dims:?} = {want}", input.len()),
-            });
+            return Err(ActorError::Invalid { what: "input".into(), reason: format!("{} values, the model takes {dims:?} = {want}", input.len()) });
         }
         let x = Tensor::from_slice(input).view([1, dims[0], dims[1], dims[2]]).to_device(self.net.device());
         let (logits, activation) = self.net.head(partition_branch, &x)?;
@@ -139,12 +136,7 @@ impl<S: 'static> TensorPool<S> {
     /// `build` on itself. Returns once every thread has built it, or with the
     /// first thread's error (a bad model or dataset is a clear error at
     /// start, not a dead thread later). At most `queue` jobs wait.
-    pub fn start(
-        name: &str,
-        threads: usize,
-        queue: usize,
-        build: impl Fn() -> Result<S, ActorError> + Send + Sync + 'static,
-    ) -> Result<Self, ActorError> {
+    pub fn start(name: &str, threads: usize, queue: usize, build: impl Fn() -> Result<S, ActorError> + Send + Sync + 'static) -> Result<Self, ActorError> {
         let threads = threads.max(1);
         let (tx, rx) = crossbeam_channel::bounded::<Job<S>>(queue.max(1));
         let (built_tx, built_rx) = std::sync::mpsc::channel::<Result<(), ActorError>>();
@@ -190,9 +182,7 @@ impl<S: 'static> TensorPool<S> {
             }
         }
         drop(built_tx);
-        let pool = Self {
-            inner: Arc::new(PoolInner { name: name.into(), queue: Mutex::new(Some(tx)), closing, threads: Mutex::new(handles), size: threads }),
-        };
+        let pool = Self { inner: Arc::new(PoolInner { name: name.into(), queue: Mutex::new(Some(tx)), closing, threads: Mutex::new(handles), size: threads }) };
         for _ in 0..threads {
             match built_rx.recv() {
                 Ok(Ok(())) => {}
@@ -212,10 +202,7 @@ impl<S: 'static> TensorPool<S> {
     /// Runs `f` on a free thread with its state; resolves to its result, or
     /// to an error when the queue is full, the pool shut down, or `f`
     /// panicked.
-    pub fn run<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut S) -> R + Send + 'static,
-    ) -> impl std::future::Future<Output = Result<R, ActorError>> + 'static {
+    pub fn run<R: Send + 'static>(&self, f: impl FnOnce(&mut S) -> R + Send + 'static) -> impl std::future::Future<Output = Result<R, ActorError>> + 'static {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job: Job<S> = Box::new(move |state| {
             let _ = tx.send(f(state));
@@ -315,10 +302,7 @@ impl Executor {
         let shape = self.activation_shape(msg.partition_branch)?;
         let per_input: i64 = shape.iter().product();
         if msg.activations.len() as i64 != per_input * msg.batch as i64 {
-            return Err(ActorError::Invalid {
-                what: "activation batch".into(),
-                reason: format!("{} values for {} inputs of shape {shape:?}", msg.activations.len(), msg.batch),
-            });
+            return Err(ActorError::Invalid { what: "activation batch".into(), reason: format!("{} values for {} inputs of shape {shape:?}", msg.activations.len(), msg.batch) });
         }
         let mut dims = vec![msg.batch as i64];
         dims.extend(&shape);
@@ -331,10 +315,7 @@ impl Executor {
         if self.slowdown > 1.0 {
             std::thread::sleep(started.elapsed().mul_f64(self.slowdown - 1.0));
         }
-        Ok(TailOutput {
-            answers: class.into_iter().map(|c| c as u32).zip(conf).collect(),
-            compute: started.elapsed(),
-        })
+        Ok(TailOutput { answers: class.into_iter().map(|c| c as u32).zip(conf).collect(), compute: started.elapsed() })
     }
 
     fn activation_shape(&self, branch: usize) -> Result<Vec<i64>, ActorError> {

@@ -146,10 +146,9 @@ impl ControlStore {
                     Err(_) => match js.create_key_value(cfg.clone()).await {
                         Ok(store) => store,
                         // Created meanwhile by another service: use that one.
-                        Err(create) => js
-                            .get_key_value(name.clone())
-                            .await
-                            .map_err(|_| ActorError::Nats(format!("could not open or create the key-value bucket {name}: {create}; {hint}")))?,
+                        Err(create) => {
+                            js.get_key_value(name.clone()).await.map_err(|_| ActorError::Nats(format!("could not open or create the key-value bucket {name}: {create}; {hint}")))?
+                        }
                     },
                 };
                 let replicas = store.stream.cached_info().config.num_replicas;

@@ -112,17 +112,7 @@ impl Device {
         // The device's coins: its id mixed into the fleet's seed (FNV-1a).
         let id_hash = cfg.id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
         let seed = cfg.audit.as_ref().map_or(0, |a| a.seed) ^ id_hash;
-        Self {
-            cfg,
-            net,
-            link,
-            collector,
-            seq: 0,
-            em,
-            coins: branchpoint_models::rng::SplitMix64::new(seed),
-            audits_in_flight: Rc::default(),
-            plan_target: None,
-        }
+        Self { cfg, net, link, collector, seq: 0, em, coins: branchpoint_models::rng::SplitMix64::new(seed), audits_in_flight: Rc::default(), plan_target: None }
     }
 
     /// The tag of an input the device decided (on the device or not), if it

@@ -64,11 +64,7 @@ pub struct Emulation {
 
 impl Emulation {
     pub fn new(spec: EmulationSpec) -> Self {
-        Self {
-            uplink: Rc::new(RefCell::new(DeviceUplink::new(spec.estimator))),
-            rng: Rc::new(RefCell::new(SplitMix64::new(spec.seed))),
-            spec,
-        }
+        Self { uplink: Rc::new(RefCell::new(DeviceUplink::new(spec.estimator))), rng: Rc::new(RefCell::new(SplitMix64::new(spec.seed))), spec }
     }
 
     /// Microseconds of link time at `at`.

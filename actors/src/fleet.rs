@@ -134,10 +134,7 @@ impl Handler<SpawnDevices> for Host {
     type Result = Vec<Addr<Device>>;
 
     fn handle(&mut self, msg: SpawnDevices, _: &mut Context<Self>) -> Self::Result {
-        msg.configs
-            .into_iter()
-            .map(|c| Device::new(c, self.net.clone(), msg.link.clone(), msg.collector.clone()).start())
-            .collect()
+        msg.configs.into_iter().map(|c| Device::new(c, self.net.clone(), msg.link.clone(), msg.collector.clone()).start()).collect()
     }
 }
 
@@ -264,9 +261,7 @@ pub async fn run_fleet(
     let claimed = Rc::new(Cell::new(0usize));
     let budget = cfg.max_inputs.unwrap_or(usize::MAX);
     let interrupt = cfg.device.interrupt.clone();
-    let configs: Vec<DeviceConfig> = (0..cfg.devices)
-        .map(|d| DeviceConfig { id: format!("{}-{d}", cfg.device.id), ..cfg.device.clone() })
-        .collect();
+    let configs: Vec<DeviceConfig> = (0..cfg.devices).map(|d| DeviceConfig { id: format!("{}-{d}", cfg.device.id), ..cfg.device.clone() }).collect();
     let ids: Vec<String> = configs.iter().map(|c| c.id.clone()).collect();
     let devices: Vec<(String, Addr<Device>)> = ids.into_iter().zip(threads.spawn(configs, link, collector.clone()).await?).collect();
     let listener = match &updates {
@@ -475,9 +470,7 @@ pub async fn publish_status(
 pub async fn forward_updates(client: async_nats::Client, devices: Vec<FleetDevice>, sha256: String, ready: tokio::sync::oneshot::Sender<()>) {
     use branchpoint_messages::{decode, subjects, CalibrationUpdate, PlanUpdate};
     use futures::StreamExt;
-    let (Ok(mut cal), Ok(mut plans)) =
-        (client.subscribe(subjects::CALIBRATION_UPDATE).await, client.subscribe(subjects::PLAN_ALL).await)
-    else {
+    let (Ok(mut cal), Ok(mut plans)) = (client.subscribe(subjects::CALIBRATION_UPDATE).await, client.subscribe(subjects::PLAN_ALL).await) else {
         eprintln!("fleet: could not subscribe to calibration and plan updates");
         return;
     };

@@ -108,17 +108,14 @@ impl Handler<DeviceReport> for Planner {
 
     fn handle(&mut self, r: DeviceReport, ctx: &mut Context<Self>) {
         let Some(costs) = self.costs_for(&r) else {
-            eprintln!("planner: ignored a report from device {} of group {:?}: no settings for the group, and the report carries no deadline and arrival rate", r.device_id, r.group);
+            eprintln!(
+                "planner: ignored a report from device {} of group {:?}: no settings for the group, and the report carries no deadline and arrival rate",
+                r.device_id, r.group
+            );
             return;
         };
         let prediction = choose(&self.stats, &costs, &r.observed);
-        self.log.push(PlanRecord {
-            at_us: r.at_us,
-            group: r.group.clone(),
-            device_id: r.device_id.clone(),
-            estimated_mbit_s: r.estimated_mbit_s,
-            prediction,
-        });
+        self.log.push(PlanRecord { at_us: r.at_us, group: r.group.clone(), device_id: r.device_id.clone(), estimated_mbit_s: r.estimated_mbit_s, prediction });
         let apply = ApplyPlan { partition_branch: prediction.plan.branch, p_tar: prediction.plan.p_tar, target_accuracy: prediction.certified.map(|t| t.accuracy) };
         match (r.reply_to, &self.nats) {
             (Some(device), _) => {
@@ -202,8 +199,7 @@ pub async fn serve_planner_nats(client: async_nats::Client, planner: Addr<Planne
                 continue;
             }
         };
-        let (Some(group), Some(us_per_byte), Some(response_us)) = (report.group.clone(), report.us_per_byte_conservative, report.response_us_conservative)
-        else {
+        let (Some(group), Some(us_per_byte), Some(response_us)) = (report.group.clone(), report.us_per_byte_conservative, report.response_us_conservative) else {
             eprintln!("planner: ignored a report from {} without group and conservative estimates", report.device_id);
             continue;
         };

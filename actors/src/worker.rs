@@ -20,9 +20,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use branchpoint_messages::{
-    decode, encode, subjects, ErrorKind, ErrorReply, MessageError, OffloadAnswer, OffloadReply, OffloadRequest, WorkerTimings,
-};
+use branchpoint_messages::{decode, encode, subjects, ErrorKind, ErrorReply, MessageError, OffloadAnswer, OffloadReply, OffloadRequest, WorkerTimings};
 use branchpoint_models::net::PartitionPoint;
 use futures::StreamExt;
 
@@ -51,8 +49,9 @@ pub struct WorkerConfig {
 pub enum ReplyTo {
     /// In-process: straight back to the waiting device.
     Local(tokio::sync::oneshot::Sender<OffloadReply>),
-    /// Over NATS: to the request's reply inbox.
-    Nats(NatsReply),
+    /// Over NATS: to the request's reply inbox (boxed: it is much larger
+    /// than the in-process sender, and jobs queue by the hundred).
+    Nats(Box<NatsReply>),
 }
 
 /// A NATS request to answer, and the worker's client and id: an error reply
@@ -80,7 +79,8 @@ impl ReplyTo {
         match self {
             // The device may have given up (deadline): nobody to tell.
             ReplyTo::Local(tx) => drop(tx.send(reply)),
-            ReplyTo::Nats(NatsReply { mut request, client, worker_id }) => {
+            ReplyTo::Nats(to) => {
+                let NatsReply { mut request, client, worker_id } = *to;
                 let bytes = match encode(&reply) {
                     Ok(b) => b,
                     Err(e) => {
@@ -427,7 +427,8 @@ impl Batcher {
             chosen
         };
         for job in hopeless {
-            let reply = self.error(Some(job.request.seq), ErrorKind::DeadlineExpired, format!("it cannot finish before its deadline (a batch takes about {:?})", estimate.estimate(1)));
+            let reply =
+                self.error(Some(job.request.seq), ErrorKind::DeadlineExpired, format!("it cannot finish before its deadline (a batch takes about {:?})", estimate.estimate(1)));
             job.reply.send(reply);
         }
         let queue = self.pending.get_mut(&branch).expect("still there");
@@ -669,12 +670,7 @@ pub const SERVICE_NAME: &str = "branchpoint-worker";
 /// workers' queue group, so each request goes to one worker of the pool.
 /// `on_ready` runs once the endpoint is subscribed, i.e. once requests can
 /// reach this worker.
-pub async fn serve_nats(
-    client: async_nats::Client,
-    batcher: Addr<Batcher>,
-    worker_id: String,
-    on_ready: impl FnOnce(),
-) -> Result<(), ActorError> {
+pub async fn serve_nats(client: async_nats::Client, batcher: Addr<Batcher>, worker_id: String, on_ready: impl FnOnce()) -> Result<(), ActorError> {
     use async_nats::service::ServiceExt;
     let nats = |e: async_nats::Error| ActorError::Nats(e.to_string());
     let service = client
@@ -691,7 +687,7 @@ pub async fn serve_nats(
     on_ready();
     while let Some(request) = endpoint.next().await {
         let received = Instant::now();
-        let reply_to = |request| ReplyTo::Nats(NatsReply { request, client: client.clone(), worker_id: worker_id.clone() });
+        let reply_to = |request| ReplyTo::Nats(Box::new(NatsReply { request, client: client.clone(), worker_id: worker_id.clone() }));
         let refuse = |request, seq, kind, detail: String| reply_to(request).send(OffloadReply::Error(ErrorReply { seq, worker_id: worker_id.clone(), kind, detail }));
         match decode::<OffloadRequest>(&request.message.payload) {
             Ok(offload) => {
@@ -699,7 +695,8 @@ pub async fn serve_nats(
                 // request for one branch is never run as another's.
                 let on = request.message.subject.as_str().rsplit('.').next().unwrap_or("");
                 if on != offload.partition_branch.to_string() {
-                    let detail = format!("sent on {} but for branch {}; send it on {}", request.message.subject, offload.partition_branch, subjects::offload(offload.partition_branch));
+                    let detail =
+                        format!("sent on {} but for branch {}; send it on {}", request.message.subject, offload.partition_branch, subjects::offload(offload.partition_branch));
                     refuse(request, Some(offload.seq), ErrorKind::InvalidRequest, detail);
                     continue;
                 }

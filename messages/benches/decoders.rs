@@ -45,14 +45,8 @@ fn samples() -> Vec<Vec<u8>> {
         decided_at_unix_us: 5,
         label: Some(1),
     };
-    let request = OffloadRequest {
-        device_id: "d-1".into(),
-        seq: 7,
-        partition_branch: 1,
-        activation,
-        deadline: Deadline { sent_at_unix_us: 1, budget_us: 1000 },
-        audit: Some(tag.clone()),
-    };
+    let request =
+        OffloadRequest { device_id: "d-1".into(), seq: 7, partition_branch: 1, activation, deadline: Deadline { sent_at_unix_us: 1, budget_us: 1000 }, audit: Some(tag.clone()) };
     let timings = WorkerTimings { queue_us: 1, compute_us: 2, batch_size: 3 };
     let watch = BranchWatch {
         group: "g".into(),
@@ -77,7 +71,8 @@ fn samples() -> Vec<Vec<u8>> {
         last_refit: Some(RefitSummary { at_unix_us: 9, decided_at_unix_us: 8, temperature: 1.5, threshold: 0.85, fit_inputs: 100, certify_inputs: 100 }),
         stale: 2,
     };
-    let summary = FleetSummary { inputs: 10, outcomes: 10, decided_on_device: 5, offloaded: 5, answered_by_cloud: 5, per_exit: vec![5, 5], accuracy: 0.9, ..FleetSummary::default() };
+    let summary =
+        FleetSummary { inputs: 10, outcomes: 10, decided_on_device: 5, offloaded: 5, answered_by_cloud: 5, per_exit: vec![5, 5], accuracy: 0.9, ..FleetSummary::default() };
     vec![
         encode(&request).unwrap(),
         encode(&OffloadReply::Answer(OffloadAnswer { seq: 7, worker_id: "w".into(), class: 3, confidence: 0.9, timings })).unwrap(),
@@ -207,9 +202,5 @@ fn main() {
         }
     }
     let s = started.elapsed().as_secs_f64();
-    println!(
-        "decoders: {cases} hostile inputs x 13 decoders, no panic; {decoded} decodes succeeded; {:.1} s ({:.0} inputs/s)",
-        s,
-        cases as f64 / s
-    );
+    println!("decoders: {cases} hostile inputs x 13 decoders, no panic; {decoded} decodes succeeded; {:.1} s ({:.0} inputs/s)", s, cases as f64 / s);
 }

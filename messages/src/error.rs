@@ -23,25 +23,13 @@ pub enum MessageError {
     VersionMismatch { got: u16, expected: u16 },
     /// The message or tensor is larger than this crate accepts.
     #[error("{what} is too large: {size} bytes, the limit is {limit}")]
-    TooLarge {
-        what: &'static str,
-        size: u64,
-        limit: u64,
-    },
+    TooLarge { what: &'static str, size: u64, limit: u64 },
     /// The shape itself is unusable (too many dimensions, a zero dimension).
     #[error("bad tensor shape {shape:?}: {reason}")]
-    BadShape {
-        shape: Vec<u32>,
-        reason: &'static str,
-    },
+    BadShape { shape: Vec<u32>, reason: &'static str },
     /// The byte buffer does not hold exactly shape x dtype size bytes.
     #[error("tensor of shape {shape:?} and dtype {dtype} needs {expected} bytes, got {actual}")]
-    SizeMismatch {
-        shape: Vec<u32>,
-        dtype: DType,
-        expected: u64,
-        actual: u64,
-    },
+    SizeMismatch { shape: Vec<u32>, dtype: DType, expected: u64, actual: u64 },
     /// An activation holds NaN or an infinity (f16 overflows end up here too).
     #[error("tensor value at flat index {index} is not finite ({value})")]
     NonFinite { index: usize, value: f32 },
@@ -55,9 +43,7 @@ pub enum MessageError {
     #[error("temperature of exit {exit} must be positive and finite, got {value}")]
     Temperature { exit: usize, value: f64 },
     /// A calibration update without any temperature calibrates nothing.
-    #[error(
-        "calibration update holds no temperatures; send one per exit, branch 1 first, final last"
-    )]
+    #[error("calibration update holds no temperatures; send one per exit, branch 1 first, final last")]
     NoTemperatures,
     /// The model hash must be 64 lowercase hex digits (SHA-256, as in the model card).
     #[error("model sha256 must be 64 lowercase hex digits, got {0:?}")]
@@ -73,9 +59,5 @@ pub enum MessageError {
     BadId { what: &'static str, id: String },
     /// A statistic outside its range, e.g. a negative or NaN throughput.
     #[error("{field} must be {expected}, got {value}")]
-    OutOfRange {
-        field: &'static str,
-        value: f64,
-        expected: &'static str,
-    },
+    OutOfRange { field: &'static str, value: f64, expected: &'static str },
 }

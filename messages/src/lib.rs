@@ -19,9 +19,10 @@ mod tests;
 pub use error::MessageError;
 pub use tensor::{DType, Tensor, MAX_DIMS, MAX_TENSOR_BYTES};
 pub use wire::{
-    decode, decode_seq, encode, AppliedPlan, AuditResult, AuditTag, BranchWatch, CalibrationStatus, CalibrationMethod, CalibrationRefit, CalibrationUpdate, CertifyReply, CertifyRequest, Deadline, ErrorKind, ErrorReply, FleetStatus, FleetSummary, Message,
-    NetworkReport, RefitSummary, ReliabilityBin, OffloadAnswer, OffloadReply, OffloadRequest, PlanTarget, PlanUpdate, CertifiedTarget,
-    WorkerStatus, WorkerTimings, MAX_AUDIT_CLASSES, MAX_MESSAGE_BYTES, MAX_EXITS, MAX_FLEET_DEVICES, MAX_TEMPERATURE, MIN_TEMPERATURE, is_valid_temperature,
+    decode, decode_seq, encode, is_valid_temperature, AppliedPlan, AuditResult, AuditTag, BranchWatch, CalibrationMethod, CalibrationRefit, CalibrationStatus, CalibrationUpdate,
+    CertifiedTarget, CertifyReply, CertifyRequest, Deadline, ErrorKind, ErrorReply, FleetStatus, FleetSummary, Message, NetworkReport, OffloadAnswer, OffloadReply, OffloadRequest,
+    PlanTarget, PlanUpdate, RefitSummary, ReliabilityBin, WorkerStatus, WorkerTimings, MAX_AUDIT_CLASSES, MAX_EXITS, MAX_FLEET_DEVICES, MAX_MESSAGE_BYTES, MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
 };
 
 /// Version of the wire format. Every message carries it, so a peer can refuse

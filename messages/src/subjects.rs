@@ -97,8 +97,5 @@ pub fn plan_group(group: &str) -> String {
 /// characters of `[A-Za-z0-9_-]`. No dots, spaces or `*`/`>`, because these
 /// would split the subject or turn it into a wildcard.
 pub fn is_valid_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }

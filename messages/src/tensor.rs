@@ -93,28 +93,19 @@ impl Tensor {
     /// A f16 tensor holding `values` rounded to the nearest f16. Values beyond
     /// f16's range (|x| > 65504) become infinite and are refused.
     pub fn from_f32_as_f16(shape: &[u32], values: &[f32]) -> Result<Self, MessageError> {
-        let data = values
-            .iter()
-            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
-            .collect();
+        let data = values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect();
         Self::checked(DType::F16, shape, data)
     }
 
     fn checked(dtype: DType, shape: &[u32], data: Vec<u8>) -> Result<Self, MessageError> {
-        let tensor = Tensor {
-            dtype,
-            shape: shape.to_vec(),
-            data,
-        };
+        let tensor = Tensor { dtype, shape: shape.to_vec(), data };
         tensor.validate()?;
         Ok(tensor)
     }
 
     /// Number of elements, `product(shape)`, or `None` if it overflows u64.
     pub fn num_elements(&self) -> Option<u64> {
-        self.shape
-            .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(u64::from(d)))
+        self.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(u64::from(d)))
     }
 
     /// The values as f32, widening f16. Validates the size first, so a
@@ -137,37 +128,22 @@ impl Tensor {
 
     /// Checks dims, limits and that the byte length equals shape x dtype size.
     fn check_size(&self) -> Result<(), MessageError> {
-        let bad = |reason| MessageError::BadShape {
-            shape: self.shape.clone(),
-            reason,
-        };
+        let bad = |reason| MessageError::BadShape { shape: self.shape.clone(), reason };
         if self.shape.is_empty() || self.shape.len() > MAX_DIMS {
             return Err(bad("a tensor needs 1 to 8 dimensions"));
         }
         if self.shape.contains(&0) {
             return Err(bad("a zero dimension leaves nothing to compute on"));
         }
-        let expected = self
-            .num_elements()
-            .and_then(|n| n.checked_mul(self.dtype.size()))
-            .unwrap_or(u64::MAX);
+        let expected = self.num_elements().and_then(|n| n.checked_mul(self.dtype.size())).unwrap_or(u64::MAX);
         if expected > MAX_TENSOR_BYTES {
             let limit = MAX_TENSOR_BYTES;
-            return Err(MessageError::TooLarge {
-                what: "tensor",
-                size: expected,
-                limit,
-            });
+            return Err(MessageError::TooLarge { what: "tensor", size: expected, limit });
         }
         let actual = self.data.len() as u64;
         if actual != expected {
             let (shape, dtype) = (self.shape.clone(), self.dtype);
-            return Err(MessageError::SizeMismatch {
-                shape,
-                dtype,
-                expected,
-                actual,
-            });
+            return Err(MessageError::SizeMismatch { shape, dtype, expected, actual });
         }
         Ok(())
     }
@@ -175,16 +151,8 @@ impl Tensor {
     /// Values as f32; assumes `check_size` passed (a ragged tail is dropped).
     fn values(&self) -> Box<dyn Iterator<Item = f32> + '_> {
         match self.dtype {
-            DType::F32 => Box::new(
-                self.data
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            ),
-            DType::F16 => Box::new(
-                self.data
-                    .chunks_exact(2)
-                    .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()),
-            ),
+            DType::F32 => Box::new(self.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+            DType::F16 => Box::new(self.data.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())),
         }
     }
 }

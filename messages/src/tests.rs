@@ -41,14 +41,7 @@ prop_compose! {
 
 const ERROR_KINDS: [ErrorKind; 6] = {
     use ErrorKind::*;
-    [
-        DeadlineExpired,
-        Overloaded,
-        InvalidRequest,
-        UnsupportedVersion,
-        UnknownBranch,
-        Internal,
-    ]
+    [DeadlineExpired, Overloaded, InvalidRequest, UnsupportedVersion, UnknownBranch, Internal]
 };
 
 prop_compose! {
@@ -271,18 +264,8 @@ proptest! {
 
 fn sample_request() -> OffloadRequest {
     let activation = Tensor::from_f32(&[1, 2, 2], &[0.5, -1.0, 2.0, 3.25]).unwrap();
-    let deadline = Deadline {
-        sent_at_unix_us: 1_700_000_000_000_000,
-        budget_us: 50_000,
-    };
-    OffloadRequest {
-        device_id: "dev-1".into(),
-        seq: 7,
-        partition_branch: 2,
-        activation,
-        deadline,
-        audit: None,
-    }
+    let deadline = Deadline { sent_at_unix_us: 1_700_000_000_000_000, budget_us: 50_000 };
+    OffloadRequest { device_id: "dev-1".into(), seq: 7, partition_branch: 2, activation, deadline, audit: None }
 }
 
 #[test]
@@ -314,16 +297,8 @@ fn unknown_fields_are_ignored() {
         deadline_us: None,
         arrival_rate: None,
     };
-    let body = FutureReport {
-        known: known.clone(),
-        radio: "lte",
-        signal_dbm: vec![-80, -90],
-    };
-    let envelope = FutureEnvelope {
-        trace_id: 9,
-        wire_version: WIRE_VERSION,
-        body,
-    };
+    let body = FutureReport { known: known.clone(), radio: "lte", signal_dbm: vec![-80, -90] };
+    let envelope = FutureEnvelope { trace_id: 9, wire_version: WIRE_VERSION, body };
     let bytes = rmp_serde::to_vec_named(&envelope).unwrap();
     assert_eq!(decode::<NetworkReport>(&bytes), Ok(known));
 }
@@ -332,39 +307,21 @@ fn unknown_fields_are_ignored() {
 fn wrong_version_is_refused_naming_both() {
     let bytes = encode_unvalidated(&sample_request(), WIRE_VERSION + 1).unwrap();
     let err = decode::<OffloadRequest>(&bytes).unwrap_err();
-    assert_eq!(
-        err,
-        E::VersionMismatch {
-            got: WIRE_VERSION + 1,
-            expected: WIRE_VERSION
-        }
-    );
+    assert_eq!(err, E::VersionMismatch { got: WIRE_VERSION + 1, expected: WIRE_VERSION });
     let text = err.to_string();
-    assert!(
-        text.contains("version 2") && text.contains("version 1"),
-        "{text}"
-    );
+    assert!(text.contains("version 2") && text.contains("version 1"), "{text}");
 }
 
 #[test]
 fn non_finite_activation_is_refused() {
-    assert_refused!(
-        Tensor::from_f32(&[2], &[1.0, f32::NAN]),
-        E::NonFinite { index: 1, .. }
-    );
+    assert_refused!(Tensor::from_f32(&[2], &[1.0, f32::NAN]), E::NonFinite { index: 1, .. });
     // Beyond f16's range a value becomes infinite, which is refused too.
-    assert_refused!(
-        Tensor::from_f32_as_f16(&[1], &[1e6]),
-        E::NonFinite { index: 0, .. }
-    );
+    assert_refused!(Tensor::from_f32_as_f16(&[1], &[1e6]), E::NonFinite { index: 0, .. });
     let mut req = sample_request();
     req.activation.data[4..8].copy_from_slice(&f32::INFINITY.to_le_bytes());
     assert_refused!(encode(&req), E::NonFinite { index: 1, .. });
     let bytes = encode_unvalidated(&req, WIRE_VERSION).unwrap();
-    assert_refused!(
-        decode::<OffloadRequest>(&bytes),
-        E::NonFinite { index: 1, .. }
-    );
+    assert_refused!(decode::<OffloadRequest>(&bytes), E::NonFinite { index: 1, .. });
 }
 
 #[test]
@@ -413,13 +370,28 @@ fn tensor_data_is_bin_only_and_a_refused_request_keeps_its_seq() {
         body: B,
     }
     let deadline = Deadline { sent_at_unix_us: 1, budget_us: 1000 };
-    let req = |data| Env { wire_version: WIRE_VERSION, body: Req { device_id: "d".into(), seq: 42, partition_branch: 1, activation: Loose { dtype: DType::F32, shape: vec![1], data }, deadline } };
+    let req = |data| Env {
+        wire_version: WIRE_VERSION,
+        body: Req { device_id: "d".into(), seq: 42, partition_branch: 1, activation: Loose { dtype: DType::F32, shape: vec![1], data }, deadline },
+    };
     let as_ints = rmp_serde::to_vec_named(&req(vec![0u8, 0, 128, 63])).unwrap();
     assert!(matches!(decode::<OffloadRequest>(&as_ints), Err(E::Decode(_))), "an array of integers is not bytes");
-    let text = Env { wire_version: WIRE_VERSION, body: Req { device_id: "d".into(), seq: 42, partition_branch: 1, activation: Loose { dtype: DType::F32, shape: vec![1], data: "abcd" }, deadline } };
+    let text = Env {
+        wire_version: WIRE_VERSION,
+        body: Req { device_id: "d".into(), seq: 42, partition_branch: 1, activation: Loose { dtype: DType::F32, shape: vec![1], data: "abcd" }, deadline },
+    };
     assert!(matches!(decode::<OffloadRequest>(&rmp_serde::to_vec_named(&text).unwrap()), Err(E::Decode(_))), "a string is not bytes");
     // The bin form decodes.
-    let bin = Env { wire_version: WIRE_VERSION, body: Req { device_id: "d".into(), seq: 42, partition_branch: 1, activation: Loose { dtype: DType::F32, shape: vec![1], data: serde_bytes::ByteBuf::from(vec![0u8, 0, 128, 63]) }, deadline } };
+    let bin = Env {
+        wire_version: WIRE_VERSION,
+        body: Req {
+            device_id: "d".into(),
+            seq: 42,
+            partition_branch: 1,
+            activation: Loose { dtype: DType::F32, shape: vec![1], data: serde_bytes::ByteBuf::from(vec![0u8, 0, 128, 63]) },
+            deadline,
+        },
+    };
     let ok = decode::<OffloadRequest>(&rmp_serde::to_vec_named(&bin).unwrap()).unwrap();
     assert_eq!(ok.activation.to_f32_vec().unwrap(), vec![1.0]);
     // Refused, but the seq is readable.
@@ -441,31 +413,15 @@ fn missing_deadline_is_refused() {
         partition_branch: u8,
         activation: Tensor,
     }
-    let OffloadRequest {
-        device_id,
-        seq,
-        partition_branch,
-        activation,
-        ..
-    } = req;
-    let old = NoDeadline {
-        device_id,
-        seq,
-        partition_branch,
-        activation,
-    };
+    let OffloadRequest { device_id, seq, partition_branch, activation, .. } = req;
+    let old = NoDeadline { device_id, seq, partition_branch, activation };
     let bytes = encode_unvalidated(&old, WIRE_VERSION).unwrap();
     assert_eq!(decode::<OffloadRequest>(&bytes), Err(E::MissingDeadline));
 }
 
 #[test]
 fn ranges_are_checked() {
-    let plan = |partition_branch, p_tar| PlanUpdate {
-        target: PlanTarget::Group("lab".into()),
-        partition_branch,
-        p_tar,
-        certified: None,
-    };
+    let plan = |partition_branch, p_tar| PlanUpdate { target: PlanTarget::Group("lab".into()), partition_branch, p_tar, certified: None };
     let certified = |accuracy, delta| PlanUpdate { certified: Some(CertifiedTarget { accuracy, delta }), ..plan(1, 0.6) };
     assert!(certified(0.95, 0.05).validate().is_ok());
     let request = |partition_branch, accuracy, delta| CertifyRequest { partition_branch, target: CertifiedTarget { accuracy, delta } };
@@ -546,12 +502,7 @@ fn ranges_are_checked() {
     for p in [1.5, -0.5, f64::NAN] {
         assert_refused!(plan(1, p).validate(), E::PTar(_));
     }
-    let cal = |temperatures: Vec<f64>| CalibrationUpdate {
-        model_sha256: "ab".repeat(32),
-        method: CalibrationMethod::PerBranch,
-        temperatures,
-        group: None,
-    };
+    let cal = |temperatures: Vec<f64>| CalibrationUpdate { model_sha256: "ab".repeat(32), method: CalibrationMethod::PerBranch, temperatures, group: None };
     assert!(CalibrationUpdate { group: Some("cameras".into()), ..cal(vec![1.0, 1.0]) }.validate().is_ok());
     assert_refused!(CalibrationUpdate { group: Some("a.b".into()), ..cal(vec![1.0, 1.0]) }.validate(), E::BadId { .. });
     assert!(cal(vec![1.2, 0.9, 1.0]).validate().is_ok());
@@ -603,55 +554,27 @@ fn ranges_are_checked() {
     assert_refused!(WorkerStatus { errors: 41, ..worker.clone() }.validate(), E::OutOfRange { field: "errors", .. });
     assert_refused!(WorkerStatus { mean_batch_size: 1e9, ..worker.clone() }.validate(), E::OutOfRange { field: "mean_batch_size", .. });
     assert_refused!(WorkerStatus { batches_served: 41, ..worker }.validate(), E::OutOfRange { field: "batches_served", .. });
-    assert_eq!(
-        cal(vec![1.0, 0.0]).validate(),
-        Err(E::Temperature {
-            exit: 2,
-            value: 0.0
-        })
-    );
-    assert_refused!(
-        cal(vec![f64::INFINITY]).validate(),
-        E::Temperature { exit: 1, .. }
-    );
+    assert_eq!(cal(vec![1.0, 0.0]).validate(), Err(E::Temperature { exit: 2, value: 0.0 }));
+    assert_refused!(cal(vec![f64::INFINITY]).validate(), E::Temperature { exit: 1, .. });
     let mut bad_sha = cal(vec![1.0]);
     bad_sha.model_sha256 = "AB".repeat(32);
     assert_refused!(bad_sha.validate(), E::BadSha256(_));
     let mut req = sample_request();
     req.device_id = "dev.1".into();
-    assert_refused!(
-        encode(&req),
-        E::BadId {
-            what: "device id",
-            ..
-        }
-    );
+    assert_refused!(encode(&req), E::BadId { what: "device id", .. });
 }
 
 #[test]
 fn hostile_shapes_and_sizes_are_refused() {
-    let t = |shape: Vec<u32>| Tensor {
-        dtype: DType::F32,
-        shape,
-        data: vec![],
-    };
+    let t = |shape: Vec<u32>| Tensor { dtype: DType::F32, shape, data: vec![] };
     assert_refused!(t(vec![]).validate(), E::BadShape { .. });
     assert_refused!(t(vec![1; MAX_DIMS + 1]).validate(), E::BadShape { .. });
     assert_refused!(t(vec![4, 0]).validate(), E::BadShape { .. });
-    assert_refused!(
-        t(vec![u32::MAX; 4]).validate(),
-        E::TooLarge { what: "tensor", .. }
-    );
+    assert_refused!(t(vec![u32::MAX; 4]).validate(), E::TooLarge { what: "tensor", .. });
     // Deep nesting must end in an error, not a stack overflow.
     assert_eq!(decode_all(&[0x91; 100_000]), 0);
     let huge = vec![0u8; MAX_MESSAGE_BYTES as usize + 1];
-    assert_refused!(
-        decode::<WorkerStatus>(&huge),
-        E::TooLarge {
-            what: "message",
-            ..
-        }
-    );
+    assert_refused!(decode::<WorkerStatus>(&huge), E::TooLarge { what: "message", .. });
 }
 
 #[test]
@@ -660,27 +583,11 @@ fn unknown_error_kind_decodes_as_unknown() {
     #[derive(Serialize)]
     #[serde(rename_all = "snake_case")]
     enum FutureReply {
-        Error {
-            seq: Option<u64>,
-            worker_id: &'static str,
-            kind: &'static str,
-            detail: String,
-        },
+        Error { seq: Option<u64>, worker_id: &'static str, kind: &'static str, detail: String },
     }
-    let reply = FutureReply::Error {
-        seq: None,
-        worker_id: "w1",
-        kind: "gpu_on_fire",
-        detail: "".into(),
-    };
+    let reply = FutureReply::Error { seq: None, worker_id: "w1", kind: "gpu_on_fire", detail: "".into() };
     let decoded = decode::<OffloadReply>(&encode_unvalidated(&reply, WIRE_VERSION).unwrap());
-    assert!(matches!(
-        decoded,
-        Ok(OffloadReply::Error(ErrorReply {
-            kind: ErrorKind::Unknown,
-            ..
-        }))
-    ));
+    assert!(matches!(decoded, Ok(OffloadReply::Error(ErrorReply { kind: ErrorKind::Unknown, .. }))));
 }
 
 #[test]
@@ -688,10 +595,7 @@ fn subjects_are_dotted_tokens() {
     assert_eq!(subjects::offload(2), "branchpoint.offload.2");
     let device = PlanTarget::Device("dev-1".into());
     assert_eq!(device.subject(), "branchpoint.plan.device.dev-1");
-    assert_eq!(
-        PlanTarget::Group("lab".into()).subject(),
-        "branchpoint.plan.group.lab"
-    );
+    assert_eq!(PlanTarget::Group("lab".into()).subject(), "branchpoint.plan.group.lab");
     assert!(subjects::is_valid_id("edge_01-a"));
     for s in [subjects::CALIBRATION_AUDIT, subjects::CALIBRATION_STATUS, subjects::CALIBRATION_CERTIFY] {
         assert!(s.split('.').all(subjects::is_valid_id), "{s}");

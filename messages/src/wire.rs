@@ -61,14 +61,8 @@ pub fn encode<M: Message>(msg: &M) -> Result<Vec<u8>, MessageError> {
 }
 
 /// Encodes without validating and with any version; for tests of the decoder.
-pub(crate) fn encode_unvalidated<M: Serialize>(
-    msg: &M,
-    version: u16,
-) -> Result<Vec<u8>, MessageError> {
-    let envelope = EnvelopeOut {
-        wire_version: version,
-        body: msg,
-    };
+pub(crate) fn encode_unvalidated<M: Serialize>(msg: &M, version: u16) -> Result<Vec<u8>, MessageError> {
+    let envelope = EnvelopeOut { wire_version: version, body: msg };
     rmp_serde::to_vec_named(&envelope).map_err(|e| MessageError::Encode(e.to_string()))
 }
 
@@ -77,18 +71,11 @@ pub(crate) fn encode_unvalidated<M: Serialize>(
 pub fn decode<M: Message>(bytes: &[u8]) -> Result<M, MessageError> {
     let size = bytes.len() as u64;
     if size > MAX_MESSAGE_BYTES {
-        return Err(MessageError::TooLarge {
-            what: "message",
-            size,
-            limit: MAX_MESSAGE_BYTES,
-        });
+        return Err(MessageError::TooLarge { what: "message", size, limit: MAX_MESSAGE_BYTES });
     }
     let probe: VersionProbe = from_slice(bytes)?;
     if probe.wire_version != WIRE_VERSION {
-        return Err(MessageError::VersionMismatch {
-            got: probe.wire_version,
-            expected: WIRE_VERSION,
-        });
+        return Err(MessageError::VersionMismatch { got: probe.wire_version, expected: WIRE_VERSION });
     }
     let envelope: EnvelopeIn<M> = from_slice(bytes)?;
     envelope.body.validate()?;
@@ -748,21 +735,15 @@ impl Message for NetworkReport {
         if let Some(g) = &self.group {
             check_id("group name", g)?;
         }
-        for (field, v) in [
-            ("us_per_byte_conservative", self.us_per_byte_conservative),
-            ("response_us_conservative", self.response_us_conservative),
-            ("arrival_rate", self.arrival_rate),
-        ] {
+        for (field, v) in
+            [("us_per_byte_conservative", self.us_per_byte_conservative), ("response_us_conservative", self.response_us_conservative), ("arrival_rate", self.arrival_rate)]
+        {
             if let Some(v) = v {
                 check_non_negative(field, v)?;
             }
         }
         if self.window_end_unix_us < self.window_start_unix_us {
-            return Err(MessageError::OutOfRange {
-                field: "window_end_unix_us",
-                value: self.window_end_unix_us as f64,
-                expected: "at least window_start_unix_us",
-            });
+            return Err(MessageError::OutOfRange { field: "window_end_unix_us", value: self.window_end_unix_us as f64, expected: "at least window_start_unix_us" });
         }
         Ok(())
     }
@@ -816,7 +797,11 @@ impl Message for WorkerStatus {
             return Err(MessageError::OutOfRange { field: "errors", value: self.errors as f64, expected: "at most the requests received" });
         }
         if self.batches_served > self.requests {
-            return Err(MessageError::OutOfRange { field: "batches_served", value: self.batches_served as f64, expected: "at most the requests received (a batch holds one at least)" });
+            return Err(MessageError::OutOfRange {
+                field: "batches_served",
+                value: self.batches_served as f64,
+                expected: "at most the requests received (a batch holds one at least)",
+            });
         }
         Ok(())
     }
@@ -951,11 +936,7 @@ impl Message for FleetStatus {
             return Err(MessageError::OutOfRange { field: "applied", value: self.applied.len() as f64, expected: "plans held by at most the fleet's devices" });
         }
         if self.latency_le_ms.len() != self.latency_le_counts.len() {
-            return Err(MessageError::OutOfRange {
-                field: "latency_le_counts",
-                value: self.latency_le_counts.len() as f64,
-                expected: "one count per latency bound",
-            });
+            return Err(MessageError::OutOfRange { field: "latency_le_counts", value: self.latency_le_counts.len() as f64, expected: "one count per latency bound" });
         }
         check_non_negative("latency_sum_ms", self.latency_sum_ms)?;
         for a in &self.applied {
@@ -974,10 +955,7 @@ impl Message for FleetStatus {
 fn check_id(what: &'static str, id: &str) -> Result<(), MessageError> {
     match is_valid_id(id) {
         true => Ok(()),
-        false => Err(MessageError::BadId {
-            what,
-            id: id.to_string(),
-        }),
+        false => Err(MessageError::BadId { what, id: id.to_string() }),
     }
 }
 
@@ -996,19 +974,10 @@ fn check_branch(partition_branch: u8) -> Result<(), MessageError> {
 }
 
 /// `value` must be finite and within `[0, max]`; `expected` says so in words.
-fn check_range(
-    field: &'static str,
-    value: f64,
-    max: f64,
-    expected: &'static str,
-) -> Result<(), MessageError> {
+fn check_range(field: &'static str, value: f64, max: f64, expected: &'static str) -> Result<(), MessageError> {
     match value.is_finite() && (0.0..=max).contains(&value) {
         true => Ok(()),
-        false => Err(MessageError::OutOfRange {
-            field,
-            value,
-            expected,
-        }),
+        false => Err(MessageError::OutOfRange { field, value, expected }),
     }
 }
 

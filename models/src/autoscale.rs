@@ -73,10 +73,7 @@ impl AutoscaleConfig {
             ));
         }
         if self.down_backlog_per_worker >= self.up_backlog_per_worker {
-            return Err(format!(
-                "down_backlog_per_worker {} must be below up_backlog_per_worker {}",
-                self.down_backlog_per_worker, self.up_backlog_per_worker
-            ));
+            return Err(format!("down_backlog_per_worker {} must be below up_backlog_per_worker {}", self.down_backlog_per_worker, self.up_backlog_per_worker));
         }
         if self.up_after_ticks == 0 || self.down_after_ticks == 0 {
             return Err("up_after_ticks and down_after_ticks must be at least 1".into());

@@ -29,10 +29,7 @@ pub struct ExitLogits {
 impl ExitLogits {
     pub fn new(classes: usize, logits: Vec<f32>, labels: Vec<i64>) -> Result<Self> {
         if classes < 2 || logits.len() != classes * labels.len() {
-            return Err(ModelError::InvalidArgument {
-                what: "logits".into(),
-                reason: format!("{} values for {} labels of {classes} classes", logits.len(), labels.len()),
-            });
+            return Err(ModelError::InvalidArgument { what: "logits".into(), reason: format!("{} values for {} labels of {classes} classes", logits.len(), labels.len()) });
         }
         if let Some(bad) = labels.iter().find(|&&y| y < 0 || y as usize >= classes) {
             return Err(ModelError::InvalidArgument { what: "labels".into(), reason: format!("label {bad} outside 0..{classes}") });
@@ -139,7 +136,11 @@ pub fn fit_temperature(exits: &[&ExitLogits]) -> Result<f64> {
     let mut beta = 1.0f64.clamp(lo, hi);
     for _ in 0..200 {
         let (_, d1, d2) = nll_and_derivatives(exits, beta);
-        if d1 < 0.0 { lo = beta } else { hi = beta }
+        if d1 < 0.0 {
+            lo = beta
+        } else {
+            hi = beta
+        }
         let newton = if d2 > 0.0 { beta - d1 / d2 } else { f64::NAN };
         let next = if newton.is_finite() && newton > lo && newton < hi { newton } else { 0.5 * (lo + hi) };
         let step = (next - beta).abs();
@@ -185,15 +186,8 @@ pub fn bin_index(c: f64, bins: usize) -> usize {
 
 pub fn calibration_metrics(e: &ExitLogits, temperature: f64) -> CalibrationMetrics {
     let n = e.len();
-    let mut bins: Vec<ReliabilityBin> = (0..BINS)
-        .map(|b| ReliabilityBin {
-            lo: b as f64 / BINS as f64,
-            hi: (b + 1) as f64 / BINS as f64,
-            count: 0,
-            mean_confidence: 0.0,
-            accuracy: 0.0,
-        })
-        .collect();
+    let mut bins: Vec<ReliabilityBin> =
+        (0..BINS).map(|b| ReliabilityBin { lo: b as f64 / BINS as f64, hi: (b + 1) as f64 / BINS as f64, count: 0, mean_confidence: 0.0, accuracy: 0.0 }).collect();
     let (mut correct, mut brier) = (0usize, 0.0);
     let mut probs = vec![0.0; e.classes];
     for i in 0..n {
@@ -230,15 +224,7 @@ pub fn calibration_metrics(e: &ExitLogits, temperature: f64) -> CalibrationMetri
         ece += b.count as f64 / n.max(1) as f64 * gap;
         mce = mce.max(gap);
     }
-    CalibrationMetrics {
-        temperature,
-        accuracy: correct as f64 / n.max(1) as f64,
-        nll: nll(&[e], temperature),
-        ece,
-        mce,
-        brier: brier / n.max(1) as f64,
-        reliability: bins,
-    }
+    CalibrationMetrics { temperature, accuracy: correct as f64 / n.max(1) as f64, nll: nll(&[e], temperature), ece, mce, brier: brier / n.max(1) as f64, reliability: bins }
 }
 
 /// How temperatures are chosen.
@@ -260,10 +246,7 @@ impl Method {
             "uncalibrated" | "none" => Ok(Self::Uncalibrated),
             "global" => Ok(Self::Global),
             "per-branch" => Ok(Self::PerBranch),
-            other => Err(ModelError::InvalidArgument {
-                what: "calibration method".into(),
-                reason: format!("{other:?}; use global or per-branch"),
-            }),
+            other => Err(ModelError::InvalidArgument { what: "calibration method".into(), reason: format!("{other:?}; use global or per-branch") }),
         }
     }
 
@@ -298,10 +281,7 @@ pub fn check_temperatures(temperatures: &[f64], num_exits: usize) -> Result<()> 
         });
     }
     if let Some(t) = temperatures.iter().find(|t| !(t.is_finite() && **t > 0.0)) {
-        return Err(ModelError::InvalidArgument {
-            what: "temperature".into(),
-            reason: format!("{t} is not a positive finite number; temperatures must be > 0"),
-        });
+        return Err(ModelError::InvalidArgument { what: "temperature".into(), reason: format!("{t} is not a positive finite number; temperatures must be > 0") });
     }
     Ok(())
 }
@@ -314,14 +294,7 @@ pub fn split_exit_logits(net: &crate::net::EarlyExitNet, split: &crate::data::Sp
 
 /// Fits `method` on validation logits and describes the fit: the
 /// calibration file for weights `model` (file name) with digest `sha256`.
-pub fn fit_file(
-    method: Method,
-    validation: &[ExitLogits],
-    exit_names: &[String],
-    model: &str,
-    sha256: &str,
-    split_seed: u64,
-) -> Result<CalibrationFile> {
+pub fn fit_file(method: Method, validation: &[ExitLogits], exit_names: &[String], model: &str, sha256: &str, split_seed: u64) -> Result<CalibrationFile> {
     let temperatures = fit(method, validation)?;
     let exits = exit_names
         .iter()
@@ -329,14 +302,7 @@ pub fn fit_file(
         .zip(&temperatures)
         .map(|((name, e), &t)| {
             let (before, after) = (calibration_metrics(e, 1.0), calibration_metrics(e, t));
-            ExitCalibration {
-                exit: name.clone(),
-                temperature: t,
-                nll_before: before.nll,
-                nll_after: after.nll,
-                ece_before: before.ece,
-                ece_after: after.ece,
-            }
+            ExitCalibration { exit: name.clone(), temperature: t, nll_before: before.nll, nll_after: after.nll, ece_before: before.ece, ece_after: after.ece }
         })
         .collect();
     Ok(CalibrationFile {
@@ -419,10 +385,7 @@ impl CalibrationFile {
         if self.weights_sha256 != sha256 {
             return Err(ModelError::InvalidArgument {
                 what: "calibration file".into(),
-                reason: format!(
-                    "it was fit for weights {} with SHA-256 {}, not this model's {sha256}; refit with `branchpoint calibrate`",
-                    self.model, self.weights_sha256
-                ),
+                reason: format!("it was fit for weights {} with SHA-256 {}, not this model's {sha256}; refit with `branchpoint calibrate`", self.model, self.weights_sha256),
             });
         }
         Ok(())

@@ -67,10 +67,8 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 
 impl ModelCard {
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ModelError::BadModelCard { path: path.to_path_buf(), reason: e.to_string() })?;
-        let card: ModelCard = serde_json::from_str(&text)
-            .map_err(|e| ModelError::BadModelCard { path: path.to_path_buf(), reason: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::BadModelCard { path: path.to_path_buf(), reason: e.to_string() })?;
+        let card: ModelCard = serde_json::from_str(&text).map_err(|e| ModelError::BadModelCard { path: path.to_path_buf(), reason: e.to_string() })?;
         if !ARCHITECTURES.contains(&card.architecture.name.as_str()) {
             return Err(ModelError::BadModelCard {
                 path: path.to_path_buf(),
@@ -129,10 +127,7 @@ pub fn load_model(weights: &Path, device: Device) -> Result<LoadedModel> {
     let mut vs = nn::VarStore::new(device);
     let net = EarlyExitNet::build(&vs.root(), &card.architecture.name, card.architecture.input, card.architecture.num_classes)?;
     if net.architecture() != &card.architecture {
-        return Err(ModelError::BadModelCard {
-            path: card_file,
-            reason: "its architecture summary differs from the network this build constructs".into(),
-        });
+        return Err(ModelError::BadModelCard { path: card_file, reason: "its architecture summary differs from the network this build constructs".into() });
     }
     load_weights(&mut vs, weights)?;
     Ok(LoadedModel { net, vs, card, weights_path: weights.to_path_buf() })
@@ -143,10 +138,7 @@ pub fn load_model(weights: &Path, device: Device) -> Result<LoadedModel> {
 /// broadcastable shape through).
 pub fn load_weights(vs: &mut nn::VarStore, path: &Path) -> Result<()> {
     let mismatch = |reason: String| ModelError::WeightsMismatch { path: path.to_path_buf(), reason };
-    let stored: HashMap<String, Tensor> = Tensor::read_safetensors(path)
-        .map_err(|e| mismatch(format!("not a readable safetensors file ({e})")))?
-        .into_iter()
-        .collect();
+    let stored: HashMap<String, Tensor> = Tensor::read_safetensors(path).map_err(|e| mismatch(format!("not a readable safetensors file ({e})")))?.into_iter().collect();
     let mut vars = vs.variables();
     for (name, var) in vars.iter_mut() {
         let src = stored.get(name).ok_or_else(|| mismatch(format!("tensor {name} is missing")))?;

@@ -42,10 +42,10 @@ impl CorruptionKind {
     }
 
     pub fn parse(name: &str) -> Result<Self> {
-        KINDS.into_iter().find(|k| k.name() == name).ok_or_else(|| ModelError::InvalidArgument {
-            what: "corruption".into(),
-            reason: format!("{name:?}; use one of {}", KINDS.map(|k| k.name()).join(", ")),
-        })
+        KINDS
+            .into_iter()
+            .find(|k| k.name() == name)
+            .ok_or_else(|| ModelError::InvalidArgument { what: "corruption".into(), reason: format!("{name:?}; use one of {}", KINDS.map(|k| k.name()).join(", ")) })
     }
 
     /// The parameter at `severity` (1 to 5).
@@ -77,14 +77,11 @@ impl Corruption {
 
     /// Parses `KIND:SEVERITY`, e.g. `gaussian-noise:3`.
     pub fn parse(text: &str) -> Result<Self> {
-        let (kind, severity) = text.split_once(':').ok_or_else(|| ModelError::InvalidArgument {
-            what: "corruption".into(),
-            reason: format!("{text:?}; write KIND:SEVERITY, e.g. gaussian-noise:3"),
-        })?;
-        let severity = severity.parse::<u8>().map_err(|_| ModelError::InvalidArgument {
-            what: "corruption severity".into(),
-            reason: format!("{severity:?} in {text:?}; use 1 to 5"),
-        })?;
+        let (kind, severity) = text
+            .split_once(':')
+            .ok_or_else(|| ModelError::InvalidArgument { what: "corruption".into(), reason: format!("{text:?}; write KIND:SEVERITY, e.g. gaussian-noise:3") })?;
+        let severity =
+            severity.parse::<u8>().map_err(|_| ModelError::InvalidArgument { what: "corruption severity".into(), reason: format!("{severity:?} in {text:?}; use 1 to 5") })?;
         Self::new(CorruptionKind::parse(kind)?, severity)
     }
 
@@ -131,15 +128,10 @@ impl Corruption {
     /// `seed` and its index only.
     pub fn apply(&self, images: &Tensor, norm: &Normalization, seed: u64, first_index: u64) -> Result<Tensor> {
         let size = images.size();
-        let [n, c, h, w] = <[i64; 4]>::try_from(size.as_slice()).map_err(|_| ModelError::InvalidArgument {
-            what: "images to corrupt".into(),
-            reason: format!("shape {size:?}; expected [N, C, H, W]"),
-        })?;
+        let [n, c, h, w] = <[i64; 4]>::try_from(size.as_slice())
+            .map_err(|_| ModelError::InvalidArgument { what: "images to corrupt".into(), reason: format!("shape {size:?}; expected [N, C, H, W]") })?;
         if c as usize != norm.mean.len() || norm.std.len() != norm.mean.len() {
-            return Err(ModelError::InvalidArgument {
-                what: "images to corrupt".into(),
-                reason: format!("{c} channels but the normalisation has {}", norm.mean.len()),
-            });
+            return Err(ModelError::InvalidArgument { what: "images to corrupt".into(), reason: format!("{c} channels but the normalisation has {}", norm.mean.len()) });
         }
         let flat = images.to_kind(Kind::Float).contiguous().view([-1]);
         let mut data = Vec::<f32>::try_from(&flat).map_err(|e| ModelError::InvalidArgument { what: "images to corrupt".into(), reason: e.to_string() })?;

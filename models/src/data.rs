@@ -36,10 +36,7 @@ impl DatasetKind {
         match name {
             "fashion-mnist" => Ok(Self::FashionMnist),
             "cifar-10" | "cifar10" => Ok(Self::Cifar10),
-            other => Err(ModelError::InvalidArgument {
-                what: "dataset".into(),
-                reason: format!("unknown dataset {other:?}; expected fashion-mnist or cifar-10"),
-            }),
+            other => Err(ModelError::InvalidArgument { what: "dataset".into(), reason: format!("unknown dataset {other:?}; expected fashion-mnist or cifar-10") }),
         }
     }
 
@@ -68,10 +65,7 @@ impl DatasetKind {
     pub fn normalization(self) -> Normalization {
         match self {
             Self::FashionMnist => Normalization { mean: vec![0.2860], std: vec![0.3530] },
-            Self::Cifar10 => Normalization {
-                mean: vec![0.4914, 0.4822, 0.4465],
-                std: vec![0.2470, 0.2435, 0.2616],
-            },
+            Self::Cifar10 => Normalization { mean: vec![0.4914, 0.4822, 0.4465], std: vec![0.2470, 0.2435, 0.2616] },
         }
     }
 
@@ -147,10 +141,7 @@ impl Split {
     pub fn select(&self, indices: &[usize]) -> Split {
         let idx: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
         let idx = Tensor::from_slice(&idx);
-        Split {
-            images: self.images.index_select(0, &idx),
-            labels: self.labels.index_select(0, &idx),
-        }
+        Split { images: self.images.index_select(0, &idx), labels: self.labels.index_select(0, &idx) }
     }
 
     /// The first `n` rows (all of them if there are fewer).
@@ -215,35 +206,17 @@ impl Dataset {
         let full_train = to_split(train_raw, train_labels);
         let test = to_split(test_raw, test_labels);
         let (train_idx, val_idx) = train_validation_indices(full_train.len(), validation_size, seed)?;
-        let split = SplitInfo {
-            seed,
-            train: train_idx.len(),
-            validation: val_idx.len(),
-            test: test.len(),
-        };
-        Ok(Dataset {
-            kind,
-            train: full_train.select(&train_idx),
-            validation: full_train.select(&val_idx),
-            test,
-            split,
-        })
+        let split = SplitInfo { seed, train: train_idx.len(), validation: val_idx.len(), test: test.len() };
+        Ok(Dataset { kind, train: full_train.select(&train_idx), validation: full_train.select(&val_idx), test, split })
     }
 }
 
 /// Deterministic split of `0..n` into (train, validation) index lists, each
 /// sorted ascending. The same (n, validation_size, seed) always gives the
 /// same split.
-pub fn train_validation_indices(
-    n: usize,
-    validation_size: usize,
-    seed: u64,
-) -> Result<(Vec<usize>, Vec<usize>)> {
+pub fn train_validation_indices(n: usize, validation_size: usize, seed: u64) -> Result<(Vec<usize>, Vec<usize>)> {
     if validation_size >= n {
-        return Err(ModelError::InvalidArgument {
-            what: "validation size".into(),
-            reason: format!("{validation_size} leaves no training inputs out of {n}"),
-        });
+        return Err(ModelError::InvalidArgument { what: "validation size".into(), reason: format!("{validation_size} leaves no training inputs out of {n}") });
     }
     let perm = SplitMix64::new(seed).permutation(n);
     let mut val = perm[..validation_size].to_vec();
@@ -266,13 +239,11 @@ fn read_maybe_gz(kind: DatasetKind, path: &Path) -> Result<(PathBuf, Vec<u8>)> {
     } else if gz.is_file() {
         let file = std::fs::File::open(&gz).map_err(io_err(&gz))?;
         let mut bytes = Vec::new();
-        flate2::read::GzDecoder::new(file).read_to_end(&mut bytes).map_err(|e| {
-            ModelError::CorruptDataFile {
-                path: gz.clone(),
-                what: "gzip file".into(),
-                reason: format!("decompression failed ({e})"),
-                hint: format!("the file is damaged; reinstall the data ({})", kind.how_to_get()),
-            }
+        flate2::read::GzDecoder::new(file).read_to_end(&mut bytes).map_err(|e| ModelError::CorruptDataFile {
+            path: gz.clone(),
+            what: "gzip file".into(),
+            reason: format!("decompression failed ({e})"),
+            hint: format!("the file is damaged; reinstall the data ({})", kind.how_to_get()),
         })?;
         Ok((gz, bytes))
     } else {
@@ -308,9 +279,12 @@ pub fn read_idx_images(kind: DatasetKind, path: &Path) -> Result<(Vec<u8>, usize
     let expected = n * rows * cols;
     let got = bytes.len() - 16;
     if got != expected {
-        return Err(corrupt(kind, &path, what, format!(
-            "it is truncated or padded: the header promises {n} images of {rows}x{cols} ({expected} bytes of pixels), the file holds {got}"
-        )));
+        return Err(corrupt(
+            kind,
+            &path,
+            what,
+            format!("it is truncated or padded: the header promises {n} images of {rows}x{cols} ({expected} bytes of pixels), the file holds {got}"),
+        ));
     }
     Ok((bytes[16..].to_vec(), n, rows, cols))
 }
@@ -343,15 +317,11 @@ fn read_idx_pair(kind: DatasetKind, dir: &Path, prefix: &str) -> Result<(Vec<u8>
     let (pixels, n, rows, cols) = read_idx_images(kind, &images_path)?;
     let shape = kind.input_shape();
     if (rows as i64, cols as i64) != (shape.height, shape.width) {
-        return Err(corrupt(kind, &images_path, "IDX images file", format!(
-            "images are {rows}x{cols}, expected {}x{}", shape.height, shape.width
-        )));
+        return Err(corrupt(kind, &images_path, "IDX images file", format!("images are {rows}x{cols}, expected {}x{}", shape.height, shape.width)));
     }
     let labels = read_idx_labels(kind, &dir.join(format!("{prefix}-labels-idx1-ubyte")))?;
     if labels.len() != n {
-        return Err(corrupt(kind, &images_path, "IDX images file", format!(
-            "it holds {n} images but its labels file holds {} labels", labels.len()
-        )));
+        return Err(corrupt(kind, &images_path, "IDX images file", format!("it holds {n} images but its labels file holds {} labels", labels.len())));
     }
     Ok((pixels, labels))
 }
@@ -366,9 +336,7 @@ pub fn read_cifar_batch(path: &Path) -> Result<(Vec<u8>, Vec<u8>)> {
     let bytes = std::fs::read(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
     let what = "CIFAR-10 binary batch";
     if bytes.is_empty() || bytes.len() % CIFAR_RECORD != 0 {
-        return Err(corrupt(kind, path, what, format!(
-            "its size {} is not a positive multiple of the {CIFAR_RECORD}-byte record (truncated?)", bytes.len()
-        )));
+        return Err(corrupt(kind, path, what, format!("its size {} is not a positive multiple of the {CIFAR_RECORD}-byte record (truncated?)", bytes.len())));
     }
     let n = bytes.len() / CIFAR_RECORD;
     let mut labels = Vec::with_capacity(n);

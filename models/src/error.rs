@@ -11,12 +11,7 @@ pub enum ModelError {
     MissingDataFile { path: PathBuf, hint: String },
 
     #[error("{path} is not a valid {what}: {reason}; {hint}")]
-    CorruptDataFile {
-        path: PathBuf,
-        what: String,
-        reason: String,
-        hint: String,
-    },
+    CorruptDataFile { path: PathBuf, what: String, reason: String, hint: String },
 
     #[error("could not read {path}: {source}")]
     Io {

@@ -41,7 +41,13 @@ pub struct Segment {
 enum Capacity {
     /// Ordered by `at_us`, the first at 0; the last lasts forever.
     Segments(Vec<Segment>),
-    Trace { opportunities_ms: Vec<u64>, period_ms: u64, rtt_us: u64, loss: f64, path: PathBuf },
+    Trace {
+        opportunities_ms: Vec<u64>,
+        period_ms: u64,
+        rtt_us: u64,
+        loss: f64,
+        path: PathBuf,
+    },
 }
 
 /// A device's uplink.
@@ -229,7 +235,13 @@ impl SyntheticTrace {
         while t_ms < end_ms as f64 {
             let hold = rng.exponential(1.0 / if good { self.mean_good_s } else { self.mean_bad_s }) * 1e3;
             let until = (t_ms + hold).min(end_ms as f64);
-            let rate = if good { per_ms(self.good_mbit_s) } else if rng.next_f64() < self.outage { 0.0 } else { per_ms(self.bad_mbit_s) };
+            let rate = if good {
+                per_ms(self.good_mbit_s)
+            } else if rng.next_f64() < self.outage {
+                0.0
+            } else {
+                per_ms(self.bad_mbit_s)
+            };
             if rate > 0.0 {
                 let mut at = t_ms + rng.exponential(rate);
                 while at < until {
@@ -279,10 +291,7 @@ fn fluid_transfer(segs: &[Segment], start_us: u64, bits: f64) -> Option<u64> {
 
 fn check_rate(r: f64, zero_ok: bool) -> Result<()> {
     if !(r.is_finite() && (r > 0.0 || (zero_ok && r == 0.0))) {
-        return Err(ModelError::InvalidArgument {
-            what: "uplink_mbit_s".into(),
-            reason: format!("{r} must be a finite rate in Mbit/s, at least 0"),
-        });
+        return Err(ModelError::InvalidArgument { what: "uplink_mbit_s".into(), reason: format!("{r} must be a finite rate in Mbit/s, at least 0") });
     }
     Ok(())
 }

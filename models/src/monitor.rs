@@ -302,9 +302,8 @@ impl Monitor {
         let classes = sample[0].1.logits.len();
         let half = |parity: u64| -> Vec<&Observation> { sample.iter().filter(|(n, _)| n % 2 == parity).map(|(_, o)| *o).collect() };
         let (fit, check) = (half(0), half(1));
-        let as_logits = |obs: &[&Observation]| {
-            ExitLogits::new(classes, obs.iter().flat_map(|o| o.logits.iter().copied()).collect(), obs.iter().map(|o| i64::from(o.final_class)).collect())
-        };
+        let as_logits =
+            |obs: &[&Observation]| ExitLogits::new(classes, obs.iter().flat_map(|o| o.logits.iter().copied()).collect(), obs.iter().map(|o| i64::from(o.final_class)).collect());
         let temperature = match fit_temperature(&[&as_logits(&fit)?]) {
             Ok(t) => t,
             // Pseudo-labels no better than chance: keep the temperature.
@@ -320,7 +319,11 @@ impl Monitor {
         let full = default_grid();
         let p_value = |t: f64| {
             let (n, k) = fit_counts.at(t);
-            if n == 0 { 1.0 } else { crate::risk::binomial_cdf(k as u64, n as u64, 1.0 - accuracy) }
+            if n == 0 {
+                1.0
+            } else {
+                crate::risk::binomial_cdf(k as u64, n as u64, 1.0 - accuracy)
+            }
         };
         // Each p-value once; the first of equal ones: the highest such threshold.
         let p_values: Vec<f64> = full.iter().map(|&t| p_value(t)).collect();

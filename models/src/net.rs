@@ -220,21 +220,10 @@ impl EarlyExitNet {
                 let b3 = Builder::new(root / "branch3", &s3.shape).flatten().linear("fc", num_classes);
                 let s4 = Builder::new(root / "stage4", &s3.shape).conv_bn_relu(256, 3);
                 let fin = Builder::new(root / "final", &s4.shape).flatten().linear("fc1", 512).relu().linear("fc2", num_classes);
-                Self::assemble(
-                    root,
-                    name,
-                    input,
-                    num_classes,
-                    vec![("stage1", s1), ("stage2", s2), ("stage3", s3), ("stage4", s4)],
-                    vec![(0, b1), (1, b2), (2, b3)],
-                    fin,
-                )
+                Self::assemble(root, name, input, num_classes, vec![("stage1", s1), ("stage2", s2), ("stage3", s3), ("stage4", s4)], vec![(0, b1), (1, b2), (2, b3)], fin)
             }
             other => {
-                return Err(ModelError::InvalidArgument {
-                    what: "architecture".into(),
-                    reason: format!("{other:?} is not one this build knows; use one of {ARCHITECTURES:?}"),
-                })
+                return Err(ModelError::InvalidArgument { what: "architecture".into(), reason: format!("{other:?} is not one this build knows; use one of {ARCHITECTURES:?}") })
             }
         };
         Ok(net)
@@ -242,23 +231,11 @@ impl EarlyExitNet {
 
     /// The network from its built parts; `branches` are (0-based index of the
     /// stage the branch follows, the branch), in order.
-    fn assemble(
-        root: &nn::Path,
-        name: &str,
-        input: InputShape,
-        num_classes: i64,
-        stages: Vec<(&str, Builder)>,
-        branches: Vec<(usize, Builder)>,
-        fin: Builder,
-    ) -> Self {
-        let stage_specs: Vec<StageSpec> =
-            stages.iter().map(|(name, b)| StageSpec { name: name.to_string(), layers: b.layers.clone(), output_shape: b.shape.clone() }).collect();
+    fn assemble(root: &nn::Path, name: &str, input: InputShape, num_classes: i64, stages: Vec<(&str, Builder)>, branches: Vec<(usize, Builder)>, fin: Builder) -> Self {
+        let stage_specs: Vec<StageSpec> = stages.iter().map(|(name, b)| StageSpec { name: name.to_string(), layers: b.layers.clone(), output_shape: b.shape.clone() }).collect();
         let branch_after: Vec<usize> = branches.iter().map(|(after, _)| *after).collect();
-        let branch_specs: Vec<BranchSpec> = branches
-            .iter()
-            .enumerate()
-            .map(|(i, (after, b))| BranchSpec { branch: i + 1, after_stage: after + 1, layers: b.layers.clone() })
-            .collect();
+        let branch_specs: Vec<BranchSpec> =
+            branches.iter().enumerate().map(|(i, (after, b))| BranchSpec { branch: i + 1, after_stage: after + 1, layers: b.layers.clone() }).collect();
         let partition_points = branch_specs
             .iter()
             .map(|b| {
@@ -267,15 +244,7 @@ impl EarlyExitNet {
                 PartitionPoint { branch: b.branch, activation_shape: shape, activation_bytes: elems as usize * 4 }
             })
             .collect();
-        let arch = Architecture {
-            name: name.to_string(),
-            input,
-            num_classes,
-            stages: stage_specs,
-            branches: branch_specs,
-            final_exit: fin.layers.clone(),
-            partition_points,
-        };
+        let arch = Architecture { name: name.to_string(), input, num_classes, stages: stage_specs, branches: branch_specs, final_exit: fin.layers.clone(), partition_points };
         Self {
             arch,
             stages: stages.into_iter().map(|(_, b)| b.seq).collect(),
@@ -314,10 +283,7 @@ impl EarlyExitNet {
         let want = self.arch.input.dims();
         let size = xs.size();
         if size.len() != 4 || size[1..] != want {
-            return Err(ModelError::InvalidArgument {
-                what: "input batch".into(),
-                reason: format!("shape {size:?}, expected [N, {}, {}, {}]", want[0], want[1], want[2]),
-            });
+            return Err(ModelError::InvalidArgument { what: "input batch".into(), reason: format!("shape {size:?}, expected [N, {}, {}, {}]", want[0], want[1], want[2]) });
         }
         Ok(())
     }

@@ -36,10 +36,7 @@ pub const DEFAULT_OUTAGE_BATCH: usize = 100;
 
 pub fn check_p_tar(p: f64) -> Result<()> {
     if !(p > 0.0 && p < 1.0) {
-        return Err(ModelError::InvalidArgument {
-            what: "p_tar".into(),
-            reason: format!("{p} is outside (0, 1); it is a target probability, e.g. 0.8"),
-        });
+        return Err(ModelError::InvalidArgument { what: "p_tar".into(), reason: format!("{p} is outside (0, 1); it is a target probability, e.g. 0.8") });
     }
     Ok(())
 }
@@ -59,9 +56,7 @@ pub struct LatencyModel {
 
 impl LatencyModel {
     pub fn validate(&self) -> Result<()> {
-        let bad = |what: &str, v: f64| {
-            Err(ModelError::InvalidArgument { what: what.into(), reason: format!("{v} must be a positive finite number") })
-        };
+        let bad = |what: &str, v: f64| Err(ModelError::InvalidArgument { what: what.into(), reason: format!("{v} must be a positive finite number") });
         if !(self.uplink_mbit_s.is_finite() && self.uplink_mbit_s > 0.0) {
             return bad("uplink rate (Mbit/s)", self.uplink_mbit_s);
         }
@@ -112,10 +107,7 @@ pub struct Decisions {
 impl Decisions {
     pub fn new(branch: &ExitLogits, final_exit: &ExitLogits, temperature: f64) -> Result<Self> {
         if branch.labels != final_exit.labels {
-            return Err(ModelError::InvalidArgument {
-                what: "logits".into(),
-                reason: "branch and final logits are not over the same labelled inputs".into(),
-            });
+            return Err(ModelError::InvalidArgument { what: "logits".into(), reason: "branch and final logits are not over the same labelled inputs".into() });
         }
         let mut d = Decisions { confidence: Vec::new(), branch_correct: Vec::new(), final_correct: Vec::new() };
         for i in 0..branch.len() {
@@ -239,13 +231,7 @@ pub fn sweep_row(d: &Decisions, p_tar: f64, outage_batch: usize, latency: &Laten
 }
 
 /// The sweep over `p_tars` for one branch and temperature.
-pub fn sweep(
-    d: &Decisions,
-    p_tars: &[f64],
-    outage_batch: usize,
-    latency: &LatencyModel,
-    deadline_ms: f64,
-) -> Result<Vec<SweepRow>> {
+pub fn sweep(d: &Decisions, p_tars: &[f64], outage_batch: usize, latency: &LatencyModel, deadline_ms: f64) -> Result<Vec<SweepRow>> {
     for &p in p_tars {
         check_p_tar(p)?;
     }

@@ -82,8 +82,7 @@ impl ModelStats {
     /// `validation`: one `ExitLogits` per exit (branches, then final);
     /// `temperatures`: one per exit. The same `p_tars` at every branch.
     pub fn from_validation(validation: &[ExitLogits], temperatures: &[f64], p_tars: &[f64]) -> Result<Self> {
-        let per_branch: Vec<Vec<Candidate>> =
-            (0..validation.len().saturating_sub(1)).map(|_| p_tars.iter().map(|&p_tar| Candidate { p_tar, certified: None }).collect()).collect();
+        let per_branch: Vec<Vec<Candidate>> = (0..validation.len().saturating_sub(1)).map(|_| p_tars.iter().map(|&p_tar| Candidate { p_tar, certified: None }).collect()).collect();
         Self::for_candidates(validation, temperatures, &per_branch)
     }
 
@@ -282,11 +281,7 @@ pub fn choose(stats: &ModelStats, costs: &Costs, seen: &Observed) -> Prediction 
     // min_by keeps the first of equals: ties beyond these keys go to the
     // candidate listed first.
     let mut best = *feasible.iter().min_by(|a, b| b.accuracy.total_cmp(&a.accuracy).then(cheaper(a, b))).expect("not empty");
-    while let Some(next) = feasible
-        .iter()
-        .filter(|p| p.accuracy >= best.accuracy - ACCURACY_TOLERANCE && cheaper_ignoring_accuracy(p, best))
-        .min_by(|a, b| cheaper(a, b))
-    {
+    while let Some(next) = feasible.iter().filter(|p| p.accuracy >= best.accuracy - ACCURACY_TOLERANCE && cheaper_ignoring_accuracy(p, best)).min_by(|a, b| cheaper(a, b)) {
         best = *next;
     }
     *best
@@ -468,16 +463,7 @@ mod tests {
             measured_cloud_accuracy: 0.95,
             certified: None,
         };
-        ModelStats {
-            candidates: vec![
-                mk(1, 0.0, 0.0, 0.85),
-                mk(1, 0.9, 0.4, 0.97),
-                mk(1, 1.0, 1.0, 0.0),
-                mk(2, 0.0, 0.0, 0.90),
-                mk(2, 0.9, 0.2, 0.97),
-                mk(2, 1.0, 1.0, 0.0),
-            ],
-        }
+        ModelStats { candidates: vec![mk(1, 0.0, 0.0, 0.85), mk(1, 0.9, 0.4, 0.97), mk(1, 1.0, 1.0, 0.0), mk(2, 0.0, 0.0, 0.90), mk(2, 0.9, 0.2, 0.97), mk(2, 1.0, 1.0, 0.0)] }
     }
 
     fn costs() -> Costs {
@@ -586,11 +572,7 @@ mod tests {
 
     fn costs_for(exits: usize) -> Costs {
         let branches = exits - 1;
-        Costs {
-            head_us: (0..branches).map(|b| 1_000.0 * (b + 1) as f64).collect(),
-            upload_bytes: (0..branches).map(|b| 25_000.0 / (b + 1) as f64).collect(),
-            ..costs()
-        }
+        Costs { head_us: (0..branches).map(|b| 1_000.0 * (b + 1) as f64).collect(), upload_bytes: (0..branches).map(|b| 25_000.0 / (b + 1) as f64).collect(), ..costs() }
     }
 
     /// The failure the issue saw: on a link where every offload misses, an
@@ -605,12 +587,7 @@ mod tests {
             let dead = Observed { us_per_byte: 160.0, response_us: 20_000.0 };
             let p = choose(&stats, &costs_for(3), &dead);
             assert_eq!((p.plan.p_tar, p.miss_rate, p.offload_rate), (0.0, 0.0, 0.0), "seed {seed}: {p:?}");
-            let best_device_only = stats
-                .candidates
-                .iter()
-                .filter(|c| c.offload_rate == 0.0)
-                .map(|c| predict(c, &costs_for(3), &dead).accuracy)
-                .fold(f64::MIN, f64::max);
+            let best_device_only = stats.candidates.iter().filter(|c| c.offload_rate == 0.0).map(|c| predict(c, &costs_for(3), &dead).accuracy).fold(f64::MIN, f64::max);
             assert!(p.accuracy >= best_device_only - ACCURACY_TOLERANCE, "seed {seed}: {p:?}");
         }
     }
@@ -666,17 +643,15 @@ mod tests {
         // Accuracies on a coarse grid, so exact ties (and sums that tie only
         // on paper) are common, as with real statistics.
         let level = (0u32..=20).prop_map(|k| f64::from(k) / 20.0);
-        let one = (1usize..=3, 0usize..14, level.clone(), level.clone(), level.clone(), level).prop_map(|(branch, p, offload, edge, cloud, fallback)| {
-            ThresholdStats {
-                plan: Plan { branch, p_tar: default_candidate_p_tars()[p] },
-                offload_rate: offload,
-                edge_accuracy: edge,
-                cloud_accuracy: cloud,
-                fallback_accuracy: fallback,
-                measured_edge_accuracy: edge,
-                measured_cloud_accuracy: cloud,
-                certified: None,
-            }
+        let one = (1usize..=3, 0usize..14, level.clone(), level.clone(), level.clone(), level).prop_map(|(branch, p, offload, edge, cloud, fallback)| ThresholdStats {
+            plan: Plan { branch, p_tar: default_candidate_p_tars()[p] },
+            offload_rate: offload,
+            edge_accuracy: edge,
+            cloud_accuracy: cloud,
+            fallback_accuracy: fallback,
+            measured_edge_accuracy: edge,
+            measured_cloud_accuracy: cloud,
+            certified: None,
         });
         proptest::collection::vec(one, 1..30).prop_map(|candidates| ModelStats { candidates })
     }

@@ -67,12 +67,7 @@ pub fn profile(net: &EarlyExitNet, batch_sizes: &[i64], repeats: usize) -> Compu
     let mut partitions: Vec<PartitionLatency> = arch
         .partition_points
         .iter()
-        .map(|p| PartitionLatency {
-            branch: p.branch,
-            activation_bytes: p.activation_bytes,
-            head_median_ms: Vec::new(),
-            tail_median_ms: Vec::new(),
-        })
+        .map(|p| PartitionLatency { branch: p.branch, activation_bytes: p.activation_bytes, head_median_ms: Vec::new(), tail_median_ms: Vec::new() })
         .collect();
     for spec in &arch.stages {
         stages.push(PartLatency { name: spec.name.clone(), median_ms: Vec::new() });

@@ -320,9 +320,8 @@ pub fn confidences(map: &ConfidenceMap, e: &ExitLogits) -> Vec<(f64, bool)> {
 
 pub fn quality(points: &[(f64, bool)]) -> ConfidenceQuality {
     let n = points.len().max(1) as f64;
-    let mut bins: Vec<ReliabilityBin> = (0..BINS)
-        .map(|b| ReliabilityBin { lo: b as f64 / BINS as f64, hi: (b + 1) as f64 / BINS as f64, count: 0, mean_confidence: 0.0, accuracy: 0.0 })
-        .collect();
+    let mut bins: Vec<ReliabilityBin> =
+        (0..BINS).map(|b| ReliabilityBin { lo: b as f64 / BINS as f64, hi: (b + 1) as f64 / BINS as f64, count: 0, mean_confidence: 0.0, accuracy: 0.0 }).collect();
     let (mut right, mut brier) = (0usize, 0.0);
     for &(c, ok) in points {
         let b = &mut bins[bin_index(c, BINS)];

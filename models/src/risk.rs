@@ -289,11 +289,7 @@ fn certify_batch_with(rates: &mut BatchErrorRates, counts: &ConfidenceCounts, ba
         let exits = (n as f64 * scale).round() as u64;
         binomial_cdf(k as u64, n as u64, rates.get(exits)) <= half.delta
     })?;
-    Ok(Certificate {
-        error_upper_bound: clopper_pearson_upper(certificate.errors as u64, certificate.exits as u64, half.delta),
-        batch_inputs: Some(batch_inputs),
-        ..certificate
-    })
+    Ok(Certificate { error_upper_bound: clopper_pearson_upper(certificate.errors as u64, certificate.exits as u64, half.delta), batch_inputs: Some(batch_inputs), ..certificate })
 }
 
 /// Walks `grid` from high to low while `rejected(exits, errors)` holds;

@@ -154,10 +154,7 @@ pub fn zero_subnormal_weights(vs: &nn::VarStore) -> usize {
 /// The subnormal values of each tensor of a safetensors file, by tensor
 /// name (only tensors that have some).
 pub fn count_in_safetensors(path: &Path) -> Result<Vec<(String, usize)>> {
-    let tensors = Tensor::read_safetensors(path).map_err(|e| ModelError::WeightsMismatch {
-        path: path.to_path_buf(),
-        reason: format!("not a readable safetensors file ({e})"),
-    })?;
+    let tensors = Tensor::read_safetensors(path).map_err(|e| ModelError::WeightsMismatch { path: path.to_path_buf(), reason: format!("not a readable safetensors file ({e})") })?;
     let mut found: Vec<(String, usize)> = tensors.iter().map(|(name, t)| (name.clone(), count(t))).filter(|(_, n)| *n > 0).collect();
     found.sort();
     Ok(found)

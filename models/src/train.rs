@@ -30,15 +30,7 @@ pub struct TrainConfig {
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        Self {
-            epochs: 20,
-            batch_size: 128,
-            learning_rate: 2e-3,
-            weight_decay: 1e-4,
-            exit_weights: vec![0.5, 0.5, 1.0],
-            seed: 1,
-            augment: true,
-        }
+        Self { epochs: 20, batch_size: 128, learning_rate: 2e-3, weight_decay: 1e-4, exit_weights: vec![0.5, 0.5, 1.0], seed: 1, augment: true }
     }
 }
 
@@ -90,6 +82,9 @@ pub struct EpochSummary {
 /// Trains `net` (whose variables live in `vs`) on `train`, reporting progress
 /// after each batch and a summary after each epoch (evaluated on
 /// `validation`).
+// The data, the settings and two progress callbacks: a struct for them would
+// only be unpacked again here.
+#[allow(clippy::too_many_arguments)]
 pub fn train(
     net: &EarlyExitNet,
     vs: &nn::VarStore,
@@ -113,7 +108,7 @@ pub fn train(
     // Padding value for random crops: a black (0) pixel after standardisation
     // (channel 0's value; for colour images the other channels are close).
     let pad_value = -norm.mean[0] / norm.std[0];
-    let mut rng = SplitMix64::new(cfg.seed ^ 0x5EED_0F_DA7A);
+    let mut rng = SplitMix64::new(cfg.seed ^ 0x005E_ED0F_DA7A);
     let mut history = Vec::new();
     let mut step = 0usize;
 
@@ -134,12 +129,7 @@ pub fn train(
             let xs = xs.to_device(device);
             let ys = batch.labels.to_device(device);
             let logits = net.forward_exits_t(&xs, true);
-            let loss = logits
-                .iter()
-                .zip(&weights)
-                .map(|(z, &w)| z.cross_entropy_for_logits(&ys) * w)
-                .reduce(|a, b| a + b)
-                .expect("at least one exit");
+            let loss = logits.iter().zip(&weights).map(|(z, &w)| z.cross_entropy_for_logits(&ys) * w).reduce(|a, b| a + b).expect("at least one exit");
             opt.backward_step(&loss);
             step += 1;
 
@@ -147,14 +137,7 @@ pub fn train(
             loss_sum += loss.double_value(&[]) * chunk.len() as f64;
             correct += final_logits.argmax(-1, false).eq_tensor(&ys).sum(Kind::Int64).int64_value(&[]);
             seen += chunk.len();
-            on_batch(&Progress {
-                epoch,
-                epochs: cfg.epochs,
-                batch: b + 1,
-                batches,
-                loss: loss_sum / seen as f64,
-                accuracy: correct as f64 / seen as f64,
-            });
+            on_batch(&Progress { epoch, epochs: cfg.epochs, batch: b + 1, batches, loss: loss_sum / seen as f64, accuracy: correct as f64 / seen as f64 });
         }
         let validation_metrics = if validation.is_empty() {
             Vec::new()
@@ -162,12 +145,7 @@ pub fn train(
             let logits = net.logits_for(&validation.images, 500);
             logits.iter().map(|z| exit_metrics(z, &validation.labels)).collect()
         };
-        let summary = EpochSummary {
-            epoch,
-            loss: loss_sum / seen as f64,
-            train_accuracy: correct as f64 / seen as f64,
-            validation: validation_metrics,
-        };
+        let summary = EpochSummary { epoch, loss: loss_sum / seen as f64, train_accuracy: correct as f64 / seen as f64, validation: validation_metrics };
         on_epoch(&summary);
         history.push(summary);
     }
@@ -186,7 +164,11 @@ fn augment(xs: &Tensor, pad_value: f64, rng: &mut SplitMix64) -> Tensor {
             let dy = rng.below(2 * PAD as u64 + 1) as i64;
             let dx = rng.below(2 * PAD as u64 + 1) as i64;
             let img = padded.get(i).narrow(1, dy, h).narrow(2, dx, w);
-            if rng.below(2) == 1 { img.flip([2]) } else { img }
+            if rng.below(2) == 1 {
+                img.flip([2])
+            } else {
+                img
+            }
         })
         .collect();
     Tensor::stack(&crops, 0).to_device(Device::Cpu)

@@ -88,17 +88,9 @@ fn a_missing_file_is_named() {
 fn damaged_files_are_named_with_what_was_expected() {
     // (file to damage, its damaged content, words the error must contain)
     let cases: Vec<(&str, Vec<u8>, Vec<&str>)> = vec![
-        (
-            "train-images-idx3-ubyte",
-            idx_images(10, 28, 28, 10 * 784 - 100),
-            vec!["truncated", "10 images of 28x28", "7840 bytes"],
-        ),
+        ("train-images-idx3-ubyte", idx_images(10, 28, 28, 10 * 784 - 100), vec!["truncated", "10 images of 28x28", "7840 bytes"]),
         ("train-images-idx3-ubyte", vec![0, 0, 8, 3, 0], vec!["truncated", "16-byte header"]),
-        (
-            "train-labels-idx1-ubyte",
-            idx_labels(0x0803, &[0; 10]),
-            vec!["wrong magic number 0x00000803", "expected 0x00000801"],
-        ),
+        ("train-labels-idx1-ubyte", idx_labels(0x0803, &[0; 10]), vec!["wrong magic number 0x00000803", "expected 0x00000801"]),
         (
             "t10k-images-idx3-ubyte",
             {
@@ -134,9 +126,7 @@ fn a_damaged_gzip_stream_is_reported() {
     let path = dir.path().join("train-images-idx3-ubyte.gz");
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-    let msg = read_idx_images(DatasetKind::FashionMnist, &dir.path().join("train-images-idx3-ubyte"))
-        .unwrap_err()
-        .to_string();
+    let msg = read_idx_images(DatasetKind::FashionMnist, &dir.path().join("train-images-idx3-ubyte")).unwrap_err().to_string();
     assert!(msg.contains("train-images-idx3-ubyte.gz") && msg.contains("decompression failed"), "{msg}");
 }
 

@@ -19,8 +19,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 #[test]
 fn head_then_tail_equals_the_unpartitioned_forward_at_every_branch() {
     let model = load_model(&shipped_model(), Device::Cpu).expect("shipped model loads");
-    let data = Dataset::load(DatasetKind::FashionMnist, Path::new(FASHION_MNIST_DEFAULT_DIR), 5000, 2021)
-        .expect("Fashion-MNIST is installed by scripts/setup.sh");
+    let data = Dataset::load(DatasetKind::FashionMnist, Path::new(FASHION_MNIST_DEFAULT_DIR), 5000, 2021).expect("Fashion-MNIST is installed by scripts/setup.sh");
     let xs = data.test.images.narrow(0, 0, 1000);
     let reference = model.net.forward_exits(&xs);
     let final_logits = reference.last().unwrap();

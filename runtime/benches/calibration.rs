@@ -39,8 +39,7 @@ fn main() {
 fn bench(weights: &Path) {
     let model = load_model(weights, tch::Device::Cpu).expect("shipped model");
     let kind = model.card.dataset.name;
-    let data = Dataset::load(kind, &kind.default_dir(), model.card.dataset.split.validation, model.card.dataset.split.seed)
-        .expect("dataset installed by scripts/setup.sh");
+    let data = Dataset::load(kind, &kind.default_dir(), model.card.dataset.split.validation, model.card.dataset.split.seed).expect("dataset installed by scripts/setup.sh");
     let logits = split_logits(&model, &data).expect("logits");
     let names = model.net.architecture().exit_names();
     let n_val = logits.validation[0].len();
@@ -101,15 +100,8 @@ fn bench(weights: &Path) {
     println!("validation inputs: {n_val}, test inputs: {}, exits: {}", logits.test[0].len(), names.len());
     println!("fit per-branch TS (one T per exit, {} fits):      median {per_branch:8.2} ms", names.len());
     println!("fit global TS (one T, all exits' logits pooled):    median {global:8.2} ms");
-    println!(
-        "full evaluation (3 methods x {} branches x {} p_tar, per-exit metrics, deadline curves): median {sweep:8.2} ms",
-        latency.len(),
-        p_tars.len()
-    );
-    println!(
-        "every calibration method ({}) fit on every exit, plus the cross-validated choice: median {methods:8.2} ms",
-        branchpoint_models::recalibration::METHODS.join(", ")
-    );
+    println!("full evaluation (3 methods x {} branches x {} p_tar, per-exit metrics, deadline curves): median {sweep:8.2} ms", latency.len(), p_tars.len());
+    println!("every calibration method ({}) fit on every exit, plus the cross-validated choice: median {methods:8.2} ms", branchpoint_models::recalibration::METHODS.join(", "));
     println!(
         "certified thresholds for {} targets on each of {} branches (temperature fit included): median {certify:8.2} ms; together {:.2} ms (target: under 1 s)",
         p_tars.len(),

@@ -61,15 +61,7 @@ fn pct(mut v: Vec<f64>, q: f64) -> f64 {
 
 fn rss_mib() -> (f64, f64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-            / 1024.0
-    };
+    let field = |name: &str| status.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / 1024.0;
     (field("VmRSS:"), field("VmHWM:"))
 }
 
@@ -101,7 +93,16 @@ fn main() {
             let wexec = Executor::start(spec.clone(), 1).unwrap();
             let wcfg = WorkerConfig { worker_id: "unused".into(), max_batch: 1, max_wait: Duration::from_millis(1) };
             let link = OffloadLink::InProcess(Batcher::new(wcfg, wexec, points).with_compute_threads(1).start());
-            let cfg = DeviceConfig { id: "bench".into(), partition_branch: 1, p_tar: 0.1, temperatures: vec![1.3; 3], deadline: Duration::from_secs(1), emulation: None, interrupt: Default::default(), audit: None };
+            let cfg = DeviceConfig {
+                id: "bench".into(),
+                partition_branch: 1,
+                p_tar: 0.1,
+                temperatures: vec![1.3; 3],
+                deadline: Duration::from_secs(1),
+                emulation: None,
+                interrupt: Default::default(),
+                audit: None,
+            };
             let device = Device::new(cfg, net.clone(), link, collector.clone()).start();
             let (mut bare, mut actor) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
             for i in 0..runs {
@@ -204,7 +205,8 @@ fn main() {
             actix::spawn(async move {
                 let _ = serve_nats(wclient, batcher, "bench".into(), move || {
                     let _ = ready_tx.send(());
-                }).await;
+                })
+                .await;
             });
             ready_rx.await.unwrap();
             let client = async_nats::connect(&url).await.unwrap();
@@ -223,7 +225,7 @@ fn main() {
                     let t = Instant::now();
                     let a = link.offload(request, Duration::from_secs(5)).await.expect("answer");
                     let rtt = t.elapsed().as_secs_f64() * 1e6;
-                    (rtt, rtt - (a.timings.queue_us + a.timings.compute_us) as f64)
+                    (rtt, rtt - (a.answer.timings.queue_us + a.answer.timings.compute_us) as f64)
                 }));
             }
             let mut rtts = Vec::new();
@@ -262,7 +264,16 @@ fn main() {
                 duration: Duration::from_secs(10),
                 max_inputs: None,
                 seed: 1,
-                device: DeviceConfig { id: "d".into(), partition_branch: 1, p_tar: 0.9, temperatures: vec![1.0; 3], deadline: Duration::from_secs(1), emulation: None, interrupt: Default::default(), audit: None },
+                device: DeviceConfig {
+                    id: "d".into(),
+                    partition_branch: 1,
+                    p_tar: 0.9,
+                    temperatures: vec![1.0; 3],
+                    deadline: Duration::from_secs(1),
+                    emulation: None,
+                    interrupt: Default::default(),
+                    audit: None,
+                },
                 drain: Duration::from_secs(3),
                 group: "default".into(),
                 model_sha256: String::new(),

@@ -391,20 +391,14 @@ pub struct StackStoreArgs {
 
 impl StackStoreArgs {
     pub fn store_settings(&self) -> branchpoint_actors::control::StoreSettings {
-        branchpoint_actors::control::StoreSettings {
-            replicas: usize::from(self.kv_replicas),
-            device_plan_ttl: std::time::Duration::from_secs(self.device_plan_ttl_s),
-        }
+        branchpoint_actors::control::StoreSettings { replicas: usize::from(self.kv_replicas), device_plan_ttl: std::time::Duration::from_secs(self.device_plan_ttl_s) }
     }
 }
 
 impl NatsArgs {
     /// How the control store's buckets are made and device plans expire.
     pub fn store_settings(&self) -> branchpoint_actors::control::StoreSettings {
-        branchpoint_actors::control::StoreSettings {
-            replicas: usize::from(self.kv_replicas),
-            device_plan_ttl: std::time::Duration::from_secs(self.device_plan_ttl_s),
-        }
+        branchpoint_actors::control::StoreSettings { replicas: usize::from(self.kv_replicas), device_plan_ttl: std::time::Duration::from_secs(self.device_plan_ttl_s) }
     }
 }
 

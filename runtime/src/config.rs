@@ -111,16 +111,11 @@ fn flag_for<'a>(cli: &'a Command, sub: &'a Command, section: &str, key: &str, or
         }
     } else {
         let Some(target) = cli.find_subcommand(section) else {
-            bail!(
-                "{origin}: unknown section [{section}]; sections are [nats] and the subcommands: {}",
-                cli.get_subcommands().map(|c| c.get_name()).collect::<Vec<_>>().join(", ")
-            );
+            bail!("{origin}: unknown section [{section}]; sections are [nats] and the subcommands: {}", cli.get_subcommands().map(|c| c.get_name()).collect::<Vec<_>>().join(", "));
         };
         let known = target.get_arguments().any(|a| a.get_id().as_str() == key && a.get_long().is_some());
         if !known {
-            bail!(
-                "{origin}: unknown key {section}.{key}; `branchpoint {section} --help` lists the flags (a key is a flag's name with _ for -)"
-            );
+            bail!("{origin}: unknown key {section}.{key}; `branchpoint {section} --help` lists the flags (a key is a flag's name with _ for -)");
         }
         if target.get_name() != sub.get_name() {
             return Ok(None);

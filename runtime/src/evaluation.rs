@@ -20,10 +20,7 @@ pub struct SplitLogits {
 }
 
 pub fn split_logits(model: &LoadedModel, data: &Dataset) -> Result<SplitLogits> {
-    Ok(SplitLogits {
-        validation: calibration::split_exit_logits(&model.net, &data.validation)?,
-        test: calibration::split_exit_logits(&model.net, &data.test)?,
-    })
+    Ok(SplitLogits { validation: calibration::split_exit_logits(&model.net, &data.validation)?, test: calibration::split_exit_logits(&model.net, &data.test)? })
 }
 
 /// Fits `method` on the validation logits and describes the fit.
@@ -117,14 +114,7 @@ pub fn deadline_grid(latency: &[LatencyModel]) -> Vec<f64> {
     (0..=150).map(|i| max * f64::from(i) / 150.0).collect()
 }
 
-pub fn method_report(
-    method: Method,
-    source: String,
-    temperatures: &[f64],
-    logits: &SplitLogits,
-    names: &[String],
-    s: &SweepSettings,
-) -> Result<MethodReport> {
+pub fn method_report(method: Method, source: String, temperatures: &[f64], logits: &SplitLogits, names: &[String], s: &SweepSettings) -> Result<MethodReport> {
     let exits = names
         .iter()
         .zip(&logits.test)
@@ -132,16 +122,7 @@ pub fn method_report(
         .map(|((name, e), &t)| {
             let before = calibration_metrics(e, 1.0);
             let after = calibration_metrics(e, t);
-            ExitReport {
-                exit: name.clone(),
-                temperature: t,
-                ece_before: before.ece,
-                ece_after: after.ece,
-                nll_before: before.nll,
-                nll_after: after.nll,
-                before,
-                after,
-            }
+            ExitReport { exit: name.clone(), temperature: t, ece_before: before.ece, ece_after: after.ece, nll_before: before.nll, nll_after: after.nll, before, after }
         })
         .collect();
     let final_exit = logits.test.last().expect("a final exit");
@@ -151,17 +132,8 @@ pub fn method_report(
         let rows = sweep(&d, s.p_tars, s.outage_batch, latency, s.deadline_ms)?;
         let p_tars_missed: Vec<f64> = rows.iter().filter(|r| r.meets_p_tar == Some(false)).map(|r| r.p_tar).collect();
         let grid = deadline_grid(s.latency);
-        let curve = grid
-            .iter()
-            .map(|&dl| (dl, branchpoint_models::offload::sweep_row(&d, s.deadline_curve_p_tar, s.outage_batch, latency, dl).missed_deadline_prob))
-            .collect();
-        branches.push(BranchReport {
-            branch: bi + 1,
-            edge_accuracy_meets_p_tar: p_tars_missed.is_empty(),
-            p_tars_missed,
-            rows,
-            missed_deadline_curve: curve,
-        });
+        let curve = grid.iter().map(|&dl| (dl, branchpoint_models::offload::sweep_row(&d, s.deadline_curve_p_tar, s.outage_batch, latency, dl).missed_deadline_prob)).collect();
+        branches.push(BranchReport { branch: bi + 1, edge_accuracy_meets_p_tar: p_tars_missed.is_empty(), p_tars_missed, rows, missed_deadline_curve: curve });
     }
     Ok(MethodReport { method: method.name().into(), source, temperatures: temperatures.to_vec(), exits, branches })
 }

@@ -20,9 +20,7 @@ pub fn parse_with_config(args: Vec<std::ffi::OsString>) -> Result<cli::Cli, Pars
     let command = cli::Cli::command();
     let matches = command.clone().try_get_matches_from(args.clone()).map_err(ParseFailure::Clap)?;
     let explicit = matches.get_one::<std::path::PathBuf>("config").cloned();
-    let settings = config::config_file(explicit)
-        .and_then(|file| config::load(file.as_deref(), std::env::vars()))
-        .map_err(ParseFailure::Config)?;
+    let settings = config::config_file(explicit).and_then(|file| config::load(file.as_deref(), std::env::vars())).map_err(ParseFailure::Config)?;
     let args = config::merged_args(&command, &matches, args, &settings).map_err(ParseFailure::Config)?;
     let matches = command.try_get_matches_from(args).map_err(|e| {
         if settings.is_empty() {

@@ -13,11 +13,7 @@ use plotters::style::FontStyle;
 
 const WIDTH: u32 = 900;
 const HEIGHT: u32 = 600;
-const FONT_CANDIDATES: &[&str] = &[
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/TTF/DejaVuSans.ttf",
-];
+const FONT_CANDIDATES: &[&str] = &["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/dejavu/DejaVuSans.ttf", "/usr/share/fonts/TTF/DejaVuSans.ttf"];
 
 /// Colours by method, the same in every plot.
 pub fn method_color(i: usize) -> RGBColor {
@@ -28,11 +24,7 @@ pub fn method_color(i: usize) -> RGBColor {
 pub fn ensure_font() -> Result<()> {
     static FONT: OnceLock<Result<(), String>> = OnceLock::new();
     FONT.get_or_init(|| {
-        let path: Option<PathBuf> = std::env::var_os("BRANCHPOINT_FONT")
-            .map(PathBuf::from)
-            .into_iter()
-            .chain(FONT_CANDIDATES.iter().map(PathBuf::from))
-            .find(|p| p.is_file());
+        let path: Option<PathBuf> = std::env::var_os("BRANCHPOINT_FONT").map(PathBuf::from).into_iter().chain(FONT_CANDIDATES.iter().map(PathBuf::from)).find(|p| p.is_file());
         let Some(path) = path else {
             return Err(format!(
                 "no TrueType font for plot text: looked for {}; install Debian's fonts-dejavu-core \
@@ -43,8 +35,7 @@ pub fn ensure_font() -> Result<()> {
         let bytes = std::fs::read(&path).map_err(|e| format!("reading font {}: {e}", path.display()))?;
         // plotters keeps fonts for the life of the process.
         let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
-            .map_err(|_| format!("{} is not a usable TrueType font", path.display()))
+        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).map_err(|_| format!("{} is not a usable TrueType font", path.display()))
     })
     .clone()
     .map_err(|e| anyhow!(e))
@@ -121,14 +112,7 @@ type Chart2d<'a, 'b> = ChartContext<'a, BitMapBackend<'b>, Cartesian2d<plotters:
 
 /// The series labels, in a white box with a black border.
 fn draw_legend<'a, 'b: 'a>(chart: &mut Chart2d<'a, 'b>, position: SeriesLabelPosition, font: u32, path: &Path) -> Result<()> {
-    chart
-        .configure_series_labels()
-        .position(position)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", font))
-        .draw()
-        .map_err(draw_err(path))
+    chart.configure_series_labels().position(position).background_style(WHITE.mix(0.85)).border_style(BLACK).label_font(("sans-serif", font)).draw().map_err(draw_err(path))
 }
 
 /// A reliability diagram: one panel per (label, bins), accuracy bars per
@@ -161,17 +145,13 @@ pub fn reliability_diagram(path: &Path, title: &str, panels: &[(String, f64, &[R
             .map_err(draw_err(path))?;
         let bar = RGBColor(31, 119, 180);
         chart
-            .draw_series(bins.iter().filter(|b| b.count > 0).map(|b| {
-                Rectangle::new([(b.lo + 0.004, 0.0), (b.hi - 0.004, b.accuracy)], bar.mix(0.75).filled())
-            }))
+            .draw_series(bins.iter().filter(|b| b.count > 0).map(|b| Rectangle::new([(b.lo + 0.004, 0.0), (b.hi - 0.004, b.accuracy)], bar.mix(0.75).filled())))
             .map_err(draw_err(path))?
             .label("accuracy in bin")
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], bar.mix(0.75).filled()));
         let gap = RGBColor(214, 39, 40);
         chart
-            .draw_series(bins.iter().filter(|b| b.count > 0).map(|b| {
-                Circle::new((0.5 * (b.lo + b.hi), b.mean_confidence), 3, gap.filled())
-            }))
+            .draw_series(bins.iter().filter(|b| b.count > 0).map(|b| Circle::new((0.5 * (b.lo + b.hi), b.mean_confidence), 3, gap.filled())))
             .map_err(draw_err(path))?
             .label("mean confidence in bin")
             .legend(move |(x, y)| Circle::new((x + 7, y), 3, gap.filled()));
@@ -217,12 +197,7 @@ pub fn time_panels(path: &Path, title: &str, x_range: (f64, f64), panels: &[Pane
     for (area, panel) in areas.iter().zip(panels) {
         let (lo, hi) = panel.y_range;
         let hi = if hi > lo { hi } else { lo + 1.0 };
-        let mut chart = ChartBuilder::on(area)
-            .margin(10)
-            .x_label_area_size(35)
-            .y_label_area_size(65)
-            .build_cartesian_2d(x_range.0..x_range.1, lo..hi)
-            .map_err(draw_err(path))?;
+        let mut chart = ChartBuilder::on(area).margin(10).x_label_area_size(35).y_label_area_size(65).build_cartesian_2d(x_range.0..x_range.1, lo..hi).map_err(draw_err(path))?;
         chart
             .configure_mesh()
             .x_desc("time (s)")
@@ -283,12 +258,8 @@ pub fn grouped_bars(path: &Path, title: &str, categories: &[String], colors: &[R
             .map_err(draw_err(path))?;
         for (i, &v) in values.iter().enumerate() {
             let color = colors[i % colors.len()];
-            chart
-                .draw_series(Histogram::vertical(&chart).style(color.filled()).margin(8).data(std::iter::once((i as i32, v))))
-                .map_err(draw_err(path))?;
-            chart
-                .draw_series(std::iter::once(Text::new(format!("{v:.1}"), (SegmentValue::CenterOf(i as i32), v + top * 0.03), ("sans-serif", 14))))
-                .map_err(draw_err(path))?;
+            chart.draw_series(Histogram::vertical(&chart).style(color.filled()).margin(8).data(std::iter::once((i as i32, v)))).map_err(draw_err(path))?;
+            chart.draw_series(std::iter::once(Text::new(format!("{v:.1}"), (SegmentValue::CenterOf(i as i32), v + top * 0.03), ("sans-serif", 14)))).map_err(draw_err(path))?;
         }
     }
     root.present().map_err(draw_err(path))?;

@@ -142,10 +142,13 @@ impl Credentials {
             let mut bytes = [0u8; 24];
             let mut f = std::fs::File::open("/dev/urandom").context("reading /dev/urandom for the stack's NATS passwords")?;
             std::io::Read::read_exact(&mut f, &mut bytes).context("reading /dev/urandom")?;
-            passwords.push((role, bytes.iter().fold(String::new(), |mut s, b| {
-                let _ = write!(s, "{b:02x}");
-                s
-            })));
+            passwords.push((
+                role,
+                bytes.iter().fold(String::new(), |mut s, b| {
+                    let _ = write!(s, "{b:02x}");
+                    s
+                }),
+            ));
         }
         Ok(Self { passwords })
     }
@@ -232,13 +235,7 @@ pub fn server_config(port: u16, store: &Path, creds: &Credentials) -> String {
 /// Writes `text` to `path` readable by its owner only.
 pub fn write_private(path: &Path, text: &str) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).with_context(|| format!("writing {}", path.display()))?;
     std::io::Write::write_all(&mut f, text.as_bytes()).with_context(|| format!("writing {}", path.display()))
 }
 

@@ -211,9 +211,7 @@ fn a_three_branch_network_trains_and_evaluates_with_certified_thresholds() {
 #[test]
 fn calibration_files_and_targets_that_do_not_fit_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let card: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/balexnet-fmnist.json")).unwrap())
-            .unwrap();
+    let card: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/balexnet-fmnist.json")).unwrap()).unwrap();
     let sha = card["weights_sha256"].as_str().unwrap();
     let calibration = |name: &str, temps: &str, sha: &str| {
         let path = dir.path().join(name);

@@ -137,12 +137,7 @@ fn new_ca(name: &str) -> (rcgen::Certificate, rcgen::Issuer<'static, rcgen::KeyP
 }
 
 /// A leaf certificate signed by `issuer`: (certificate PEM, private key PEM).
-fn new_leaf(
-    issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
-    name: &str,
-    sans: &[&str],
-    usage: rcgen::ExtendedKeyUsagePurpose,
-) -> (String, String) {
+fn new_leaf(issuer: &rcgen::Issuer<'static, rcgen::KeyPair>, name: &str, sans: &[&str], usage: rcgen::ExtendedKeyUsagePurpose) -> (String, String) {
     use rcgen::{CertificateParams, DnType, KeyPair, KeyUsagePurpose};
     let mut params = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
     params.distinguished_name.push(DnType::CommonName, name);
@@ -213,15 +208,7 @@ fn tls_connects_with_the_servers_ca_and_fails_without_it() {
 fn mutual_tls_needs_a_client_certificate_from_the_servers_ca() {
     let _serial = serial();
     let pki = make_pki();
-    let nats = NatsServer::start_with(&[
-        "--tlsverify",
-        "--tlscert",
-        s(&pki.server_cert),
-        "--tlskey",
-        s(&pki.server_key),
-        "--tlscacert",
-        s(&pki.ca),
-    ]);
+    let nats = NatsServer::start_with(&["--tlsverify", "--tlscert", s(&pki.server_cert), "--tlskey", s(&pki.server_key), "--tlscacert", s(&pki.ca)]);
     let url = nats.url.as_str();
     let dir = tempfile::tempdir().unwrap();
     let mtls = ["--nats-tls", "--nats-ca", s(&pki.ca), "--nats-cert", s(&pki.client_cert), "--nats-key", s(&pki.client_key)];

@@ -219,8 +219,22 @@ fn killing_a_worker_mid_run_loses_no_input() {
     // 20 devices x 50/s until interrupted: the kill lands mid-run by
     // construction, not by timing.
     let fleet = RunningFleet::start(&[
-        "--nats", &nats.url, "--devices", "20", "--rate", "50", "--duration", "600", "--p-tar", &P_TAR.to_string(), "--deadline-ms", "1000",
-        "--json", summary.to_str().unwrap(), "--outcomes", outcomes.to_str().unwrap(),
+        "--nats",
+        &nats.url,
+        "--devices",
+        "20",
+        "--rate",
+        "50",
+        "--duration",
+        "600",
+        "--p-tar",
+        &P_TAR.to_string(),
+        "--deadline-ms",
+        "1000",
+        "--json",
+        summary.to_str().unwrap(),
+        "--outcomes",
+        outcomes.to_str().unwrap(),
     ]);
     let answered = |id: &'static str| move |seen: &[WorkerStatus]| seen.iter().filter(|s| s.worker_id == id).map(|s| s.requests).max();
     statuses.wait("the victim to answer requests", Duration::from_secs(60), |seen| answered("victim")(seen).filter(|&n| n > 0));
@@ -229,9 +243,7 @@ fn killing_a_worker_mid_run_loses_no_input() {
     let killed_unix_us = branchpoint_actors::fleet::unix_us();
     // At least what it had answered when the victim died.
     let before = statuses.wait("a status of the survivor", Duration::from_secs(10), answered("survivor"));
-    statuses.wait("the survivor to serve 300 more requests after the kill", Duration::from_secs(60), |seen| {
-        answered("survivor")(seen).filter(|&n| n >= before + 300)
-    });
+    statuses.wait("the survivor to serve 300 more requests after the kill", Duration::from_secs(60), |seen| answered("survivor")(seen).filter(|&n| n >= before + 300));
     let said = fleet.interrupt();
     assert!(said.contains("no more arrivals"), "{said}");
 
@@ -242,14 +254,8 @@ fn killing_a_worker_mid_run_loses_no_input() {
     // Every offload ended as a cloud answer or a counted fallback.
     assert_eq!(s.answered_by_cloud + s.fallbacks, s.offloaded);
     assert_eq!(s.decided_on_device + s.offloaded, s.inputs);
-    assert_eq!(
-        s.fallbacks,
-        s.fallbacks_deadline + s.fallbacks_no_responders + s.fallbacks_error_reply + s.fallbacks_transport + s.fallbacks_disconnected
-    );
-    let late_survivor_answers = outcomes
-        .iter()
-        .filter(|o| o.worker_id.as_deref() == Some("survivor") && o.arrived_unix_us > killed_unix_us)
-        .count();
+    assert_eq!(s.fallbacks, s.fallbacks_deadline + s.fallbacks_no_responders + s.fallbacks_error_reply + s.fallbacks_transport + s.fallbacks_disconnected);
+    let late_survivor_answers = outcomes.iter().filter(|o| o.worker_id.as_deref() == Some("survivor") && o.arrived_unix_us > killed_unix_us).count();
     assert!(late_survivor_answers > 0, "the surviving worker answered inputs that arrived after the kill");
     let expected = offline_decisions(s.inputs.min(10_000));
     for o in &outcomes {
@@ -280,9 +286,16 @@ fn an_overloaded_fleet_answers_every_input_once_and_exits_cleanly() {
     // 20 devices x 1,000/s = 20,000 inputs/s offered to one thread that
     // runs a few hundred: the last inputs wait seconds for their heads.
     let out = output_within(
-        branchpoint()
-            .args(["fleet", "--nats", &nats.url, "--threads", "1", "--device-slowdown", "20", "--devices", "20", "--rate", "1000", "--duration", "600"])
-            .args(["--inputs", &n.to_string(), "--deadline-ms", "1000", "--json", summary.to_str().unwrap(), "--outcomes", outcomes.to_str().unwrap()]),
+        branchpoint().args(["fleet", "--nats", &nats.url, "--threads", "1", "--device-slowdown", "20", "--devices", "20", "--rate", "1000", "--duration", "600"]).args([
+            "--inputs",
+            &n.to_string(),
+            "--deadline-ms",
+            "1000",
+            "--json",
+            summary.to_str().unwrap(),
+            "--outcomes",
+            outcomes.to_str().unwrap(),
+        ]),
         Duration::from_secs(300),
     );
     let err = String::from_utf8_lossy(&out.stderr);
@@ -303,11 +316,9 @@ fn malformed_requests_get_typed_error_replies_and_the_worker_keeps_serving() {
     let _serial = serial();
     let nats = NatsServer::start();
     let _w = start_worker(&nats.url, "sturdy", &[]);
-    let card: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(shipped_model().with_extension("json")).unwrap()).unwrap();
-    let shape: Vec<u32> = std::iter::once(1)
-        .chain(card["architecture"]["partition_points"][0]["activation_shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32))
-        .collect();
+    let card: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(shipped_model().with_extension("json")).unwrap()).unwrap();
+    let shape: Vec<u32> =
+        std::iter::once(1).chain(card["architecture"]["partition_points"][0]["activation_shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32)).collect();
     let elems: u32 = shape.iter().product();
     let request = |branch: u8, shape: &[u32], n: usize| OffloadRequest {
         device_id: "tester".into(),
@@ -480,7 +491,7 @@ fn impossible_answers_from_a_rogue_worker_are_not_taken() {
             let mut answered = 0u64;
             while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(3), sub.next()).await {
                 let Ok(req) = decode::<OffloadRequest>(&msg.payload) else { continue };
-                let (class, seq) = if answered % 2 == 0 { (999, req.seq) } else { (1, req.seq + 1_000_000) };
+                let (class, seq) = if answered.is_multiple_of(2) { (999, req.seq) } else { (1, req.seq + 1_000_000) };
                 let timings = WorkerTimings { queue_us: 1, compute_us: 1, batch_size: 1 };
                 let answer = OffloadReply::Answer(OffloadAnswer { seq, worker_id: "rogue".into(), class, confidence: 0.99, timings });
                 if let Some(reply) = msg.reply {
@@ -515,8 +526,24 @@ fn calibration_refits_and_plans_reach_running_devices() {
     let statuses: Watch<FleetStatus> = Watch::new(&nats.url, &subjects::fleet_status("refits"));
     // 10 devices x 40/s until interrupted; updates land while it runs.
     let fleet = RunningFleet::start(&[
-        "--nats", &nats.url, "--fleet-id", "refits", "--status-interval-ms", "100", "--devices", "10", "--rate", "40", "--duration", "600",
-        "--p-tar", "0.9", "--json", summary.to_str().unwrap(), "--outcomes", outcomes.to_str().unwrap(),
+        "--nats",
+        &nats.url,
+        "--fleet-id",
+        "refits",
+        "--status-interval-ms",
+        "100",
+        "--devices",
+        "10",
+        "--rate",
+        "40",
+        "--duration",
+        "600",
+        "--p-tar",
+        "0.9",
+        "--json",
+        summary.to_str().unwrap(),
+        "--outcomes",
+        outcomes.to_str().unwrap(),
     ]);
     let decided = |seen: &[FleetStatus]| seen.iter().map(|s| s.summary.outcomes).max();
     // Updates are not stored (that is the control plane's key-value store):
@@ -531,10 +558,7 @@ fn calibration_refits_and_plans_reach_running_devices() {
         assert!(current.temperatures.iter().all(|&t| t == 1.0));
 
         let refit = encode(&CalibrationRefit { method: CalibrationMethod::PerBranch }).unwrap();
-        let reply = tokio::time::timeout(Duration::from_secs(120), client.request(subjects::CALIBRATION_REFIT, refit.into()))
-            .await
-            .unwrap()
-            .unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(120), client.request(subjects::CALIBRATION_REFIT, refit.into())).await.unwrap().unwrap();
         let fitted: CalibrationUpdate = decode(&reply.payload).unwrap();
         assert_eq!(fitted.method, CalibrationMethod::PerBranch);
         assert!(fitted.temperatures.iter().all(|&t| t > 0.0 && t != 1.0), "{fitted:?}");
@@ -551,9 +575,7 @@ fn calibration_refits_and_plans_reach_running_devices() {
     // Evidence that both reached every device, then more inputs decided so.
     let t2 = fitted.temperatures[1];
     let applied_at = statuses.wait("all 10 devices to hold branch 2, p_tar 0.75 and the fitted temperature", Duration::from_secs(60), |seen| {
-        seen.iter()
-            .find(|s| s.applied.iter().any(|a| (a.partition_branch, a.p_tar, a.temperature, a.devices) == (2, 0.75, t2, 10)))
-            .map(|s| s.summary.outcomes)
+        seen.iter().find(|s| s.applied.iter().any(|a| (a.partition_branch, a.p_tar, a.temperature, a.devices) == (2, 0.75, t2, 10))).map(|s| s.summary.outcomes)
     });
     statuses.wait("50 more inputs decided after that", Duration::from_secs(60), |seen| decided(seen).filter(|&n| n >= applied_at + 50));
     fleet.interrupt();
@@ -581,10 +603,7 @@ fn every_input_answered_in_time(summary: &Path, outcomes: &Path, deadline_ms: u6
     assert_eq!((s.outcomes, s.duplicates, s.errors), (s.inputs, 0, 0), "{s:?}");
     exactly_one_per_arrival(&outcomes, s.inputs);
     assert_eq!(s.answered_by_cloud + s.fallbacks, s.offloaded);
-    assert_eq!(
-        s.fallbacks,
-        s.fallbacks_deadline + s.fallbacks_no_responders + s.fallbacks_error_reply + s.fallbacks_transport + s.fallbacks_disconnected
-    );
+    assert_eq!(s.fallbacks, s.fallbacks_deadline + s.fallbacks_no_responders + s.fallbacks_error_reply + s.fallbacks_transport + s.fallbacks_disconnected);
     let bound = (deadline_ms + 50) * 1000;
     let late: Vec<&Outcome> = outcomes.iter().filter(|o| o.latency.total_us > bound).collect();
     assert!(late.is_empty(), "{} outcomes later than the deadline plus 50 ms, e.g. {:?}", late.len(), late.first());
@@ -609,8 +628,22 @@ fn broker_outages_lose_no_input_and_answer_every_input_by_its_deadline() {
     let answered = |seen: &[WorkerStatus]| seen.iter().map(|s| s.requests).max();
     let (summary, outcomes) = (dir.path().join("summary.json"), dir.path().join("outcomes.jsonl"));
     let fleet = RunningFleet::start(&[
-        "--nats", &nats.url, "--devices", "10", "--rate", "20", "--duration", "600", "--p-tar", &P_TAR.to_string(), "--deadline-ms", "1000",
-        "--json", summary.to_str().unwrap(), "--outcomes", outcomes.to_str().unwrap(),
+        "--nats",
+        &nats.url,
+        "--devices",
+        "10",
+        "--rate",
+        "20",
+        "--duration",
+        "600",
+        "--p-tar",
+        &P_TAR.to_string(),
+        "--deadline-ms",
+        "1000",
+        "--json",
+        summary.to_str().unwrap(),
+        "--outcomes",
+        outcomes.to_str().unwrap(),
     ]);
     let before = statuses.wait("200 offloads answered", Duration::from_secs(60), |seen| answered(seen).filter(|&n| n >= 200));
     nats.stop();
@@ -619,9 +652,7 @@ fn broker_outages_lose_no_input_and_answer_every_input_by_its_deadline() {
     nats.restart();
     let up_unix_us = branchpoint_actors::fleet::unix_us();
     // The worker and the fleet reconnect and the cloud answers again.
-    statuses.wait("the worker to answer 200 more after the outage", Duration::from_secs(90), |seen| {
-        answered(seen).filter(|&n| n >= before + 200)
-    });
+    statuses.wait("the worker to answer 200 more after the outage", Duration::from_secs(90), |seen| answered(seen).filter(|&n| n >= before + 200));
     let said = fleet.interrupt();
     let (s, outs) = every_input_answered_in_time(&summary, &outcomes, 1000);
     assert!(s.fallbacks_disconnected > 0, "inputs offloaded during the outage fell back at once: {s:?}\n{said}");
@@ -638,8 +669,24 @@ fn broker_outages_lose_no_input_and_answer_every_input_by_its_deadline() {
     // gone after the first 300 answers and not back before the fleet ends.
     let (summary, outcomes) = (dir.path().join("summary2.json"), dir.path().join("outcomes2.jsonl"));
     let fleet = RunningFleet::start(&[
-        "--nats", &nats.url, "--devices", "10", "--rate", "20", "--duration", "600", "--inputs", "3000", "--p-tar", &P_TAR.to_string(),
-        "--deadline-ms", "1000", "--json", summary.to_str().unwrap(), "--outcomes", outcomes.to_str().unwrap(),
+        "--nats",
+        &nats.url,
+        "--devices",
+        "10",
+        "--rate",
+        "20",
+        "--duration",
+        "600",
+        "--inputs",
+        "3000",
+        "--p-tar",
+        &P_TAR.to_string(),
+        "--deadline-ms",
+        "1000",
+        "--json",
+        summary.to_str().unwrap(),
+        "--outcomes",
+        outcomes.to_str().unwrap(),
     ]);
     let before = statuses.wait("300 more offloads answered", Duration::from_secs(60), |seen| answered(seen).filter(|&n| n >= 300));
     let _ = before;
@@ -784,9 +831,8 @@ fn the_calibrator_watches_audit_results_and_alarms_on_drift() {
     // A run of disagreements, then more than enough for a refit: the drift
     // test alarms, and with --alarm-only nothing is refit.
     publish_all(&nats.url, (203..603).map(|i| encode(&result(i, i % 3 == 0)).unwrap()).collect());
-    let drifted = statuses.wait("a drift alarm", Duration::from_secs(60), |seen| {
-        seen.iter().rev().find(|s| s.watched.first().is_some_and(|w| w.alarms > 0 && w.audits == 600)).cloned()
-    });
+    let drifted =
+        statuses.wait("a drift alarm", Duration::from_secs(60), |seen| seen.iter().rev().find(|s| s.watched.first().is_some_and(|w| w.alarms > 0 && w.audits == 600)).cloned());
     let w = &drifted.watched[0];
     assert!(w.edge_agreement.unwrap() < 0.9, "{w:?}");
     assert_eq!((w.refits, drifted.refits_total, w.threshold), (0, 0, 0.8), "alarms only: no refit, the plan stands");
@@ -926,12 +972,8 @@ fn a_certifying_planner_says_which_target_its_plans_certify() {
     use branchpoint_messages::{subjects, PlanUpdate};
     let _serial = serial();
     let nats = NatsServer::start();
-    let _planner = start_service(
-        "certifying-planner",
-        &["planner", "--nats", &nats.url, "--device-slowdown", "4", "--certify-delta", "0.05"],
-        "planner serving",
-        Duration::from_secs(90),
-    );
+    let _planner =
+        start_service("certifying-planner", &["planner", "--nats", &nats.url, "--device-slowdown", "4", "--certify-delta", "0.05"], "planner serving", Duration::from_secs(90));
     let plans: Watch<PlanUpdate> = Watch::new(&nats.url, &subjects::plan_device("phone-8"));
     runtime().block_on(async {
         let client = async_nats::connect(&nats.url).await.unwrap();

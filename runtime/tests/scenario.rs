@@ -70,15 +70,15 @@ fn scenario_errors_name_the_key_and_the_file() {
     assert!(parse(&shift("5.0", "contrast:2").replace("duration_s = 10.0", "duration_s = 10.0\ntime = \"real\"")).is_ok(), "shifts replay in real time too");
     expect_error(&format!("{VALID}\n[watch]\naudit_rate = 0.0\n"), &["watch.audit_rate"]);
     expect_error(&format!("{VALID}\n[watch]\naudit = 0.1\n"), &["unknown field", "audit"]);
-    assert!(parse(&VALID.replace("duration_s = 10.0", "duration_s = 10.0\npolicies = [\"watched\", \"uncalibrated\"]\ntime = \"real\"")).is_ok(), "with --nats, run says otherwise");
+    assert!(
+        parse(&VALID.replace("duration_s = 10.0", "duration_s = 10.0\npolicies = [\"watched\", \"uncalibrated\"]\ntime = \"real\"")).is_ok(),
+        "with --nats, run says otherwise"
+    );
     expect_error(&VALID.replace("duration_s = 10.0", "duration_s = 0.0"), &["duration_s"]);
     expect_error(&VALID.replace("seed = 1", "seed = \"one\""), &["seed"]);
     expect_error(&VALID.replace("rtt_ms = 20.0", ""), &["groups[0] (g).network", "rtt_ms"]);
     expect_error(&VALID.replace("rtt_ms = 20.0", "rtt_ms = 20.0\ntrace = \"x.up\""), &["network", "exactly one of"]);
-    expect_error(
-        &VALID.replace("uplink_mbit_s = 10.0\nrtt_ms = 20.0", "trace = \"no-such-trace.up\"\nrtt_ms = 20.0"),
-        &["network", "no-such-trace.up"],
-    );
+    expect_error(&VALID.replace("uplink_mbit_s = 10.0\nrtt_ms = 20.0", "trace = \"no-such-trace.up\"\nrtt_ms = 20.0"), &["network", "no-such-trace.up"]);
     expect_error(
         &VALID.replace("uplink_mbit_s = 10.0\nrtt_ms = 20.0", "schedule = [{ at_s = 5.0, uplink_mbit_s = 1.0, rtt_ms = 10.0 }]"),
         &["network", "first segment must start at 0"],
@@ -114,7 +114,10 @@ fn rate_schedules_and_autoscaling_are_checked_key_by_key() {
 
     expect_error(&scaled.replace("min_workers = 1", "min_workers = 0"), &["workers.autoscale", "min_workers must be at least 1"]);
     expect_error(&scaled.replace("count = 1", "count = 5"), &["workers.count", "5 is outside", "1..=4"]);
-    expect_error(&scaled.replace("down_queue_delay_us = 3000.0", "down_queue_delay_us = 20000.0"), &["workers.autoscale", "down_queue_delay_us 20000 must be below up_queue_delay_us"]);
+    expect_error(
+        &scaled.replace("down_queue_delay_us = 3000.0", "down_queue_delay_us = 20000.0"),
+        &["workers.autoscale", "down_queue_delay_us 20000 must be below up_queue_delay_us"],
+    );
     expect_error(&format!("{scaled}tick = 2.0\n"), &["unknown field", "tick"]);
     expect_error(&format!("{scaled}tick_s = 0.0\n"), &["workers.autoscale.tick_s"]);
     expect_error(&format!("{scaled}start_delay_s = -1.0\n"), &["workers.autoscale.start_delay_s"]);
@@ -220,15 +223,11 @@ fn same_seed_same_report_and_every_input_answered_once() {
 /// BRANCHPOINT_TRACE_DIR.
 fn recorded_traces() -> Vec<PathBuf> {
     let dir = std::env::var_os("BRANCHPOINT_TRACE_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("../shared/traces"));
-    let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "up")).collect())
-        .unwrap_or_default();
+    let mut v: Vec<PathBuf> =
+        std::fs::read_dir(&dir).map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "up")).collect()).unwrap_or_default();
     v.sort();
     if v.is_empty() {
-        eprintln!(
-            "NOTE: no recorded traces in {} (set BRANCHPOINT_TRACE_DIR); checking the shipped synthetic trace only",
-            dir.display()
-        );
+        eprintln!("NOTE: no recorded traces in {} (set BRANCHPOINT_TRACE_DIR); checking the shipped synthetic trace only", dir.display());
     }
     v
 }

@@ -105,12 +105,7 @@ fn a_signal_while_starting_ends_the_command_at_once() {
     let _serial = serial();
     let server = NatsServer::start();
     let log = Path::new(&std::env::temp_dir()).join(format!("branchpoint-test-{}-early.log", std::process::id()));
-    let child = branchpoint()
-        .args(["calibrator", "--nats", &server.url])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let child = branchpoint().args(["calibrator", "--nats", &server.url]).stdout(std::process::Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
     let mut service = Proc(child);
     let (status, took) = stop(&mut service, libc::SIGTERM);
     let said = std::fs::read_to_string(&log).unwrap_or_default();

@@ -319,9 +319,7 @@ fn autoscaler_adds_workers_under_a_load_step_and_removes_them_after() {
         .spawn()
         .unwrap();
     // The step starts when the fleet has loaded its model and data.
-    wait_for("the load fleet to start", Duration::from_secs(60), || {
-        std::fs::read_to_string(&load_log).unwrap_or_default().contains("fleet running").then_some(())
-    });
+    wait_for("the load fleet to start", Duration::from_secs(60), || std::fs::read_to_string(&load_log).unwrap_or_default().contains("fleet running").then_some(()));
     let step = Instant::now();
     let up = wait_for("a second worker", Duration::from_secs(60), || (stack.workers() >= 2).then(|| step.elapsed()));
     let load_status = load.wait().unwrap();
@@ -407,10 +405,8 @@ fn a_restarted_planner_resumes_its_plans_and_a_new_fleet_starts_from_stored_plan
     rt.block_on(kv.put_plan(&plan)).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let outcomes = dir.path().join("outcomes.jsonl");
-    let out = output_within(
-        branchpoint().args(["fleet", "--nats", &nats.url, "--devices", "4", "--inputs", "40", "--rate", "40", "--outcomes"]).arg(&outcomes),
-        Duration::from_secs(60),
-    );
+    let out =
+        output_within(branchpoint().args(["fleet", "--nats", &nats.url, "--devices", "4", "--inputs", "40", "--rate", "40", "--outcomes"]).arg(&outcomes), Duration::from_secs(60));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&outcomes).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 40);
@@ -529,11 +525,8 @@ fn a_stack_cluster_loses_a_node_and_nothing_is_lost() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let replicas_of_plans = |rt: &tokio::runtime::Runtime, urls: &str| {
         rt.block_on(async {
-            let client = async_nats::ConnectOptions::new()
-                .user_and_password(operator[0].1.clone(), operator[1].1.clone())
-                .connect(urls.split(',').collect::<Vec<_>>())
-                .await
-                .ok()?;
+            let client =
+                async_nats::ConnectOptions::new().user_and_password(operator[0].1.clone(), operator[1].1.clone()).connect(urls.split(',').collect::<Vec<_>>()).await.ok()?;
             let js = async_nats::jetstream::new(client);
             let mut kv = js.get_key_value(PLANS_BUCKET).await.ok()?;
             Some(kv.stream.info().await.ok()?.config.num_replicas)

@@ -19,20 +19,11 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     let file = calibrate(&model, method, &logits.validation)?;
     file.write(&args.out)?;
 
-    println!(
-        "{} temperature scaling of {} on the validation split ({} inputs, split seed {}):",
-        method.name(),
-        args.source.model.display(),
-        file.fit.inputs,
-        file.fit.split_seed
-    );
+    println!("{} temperature scaling of {} on the validation split ({} inputs, split seed {}):", method.name(), args.source.model.display(), file.fit.inputs, file.fit.split_seed);
     println!("  fit: {}", file.fit.objective);
     println!("  {:<9} {:>12} {:>11} {:>10} {:>11} {:>10}", "exit", "temperature", "NLL before", "NLL after", "ECE before", "ECE after");
     for e in &file.exits {
-        println!(
-            "  {:<9} {:>12.4} {:>11.4} {:>10.4} {:>11.4} {:>10.4}",
-            e.exit, e.temperature, e.nll_before, e.nll_after, e.ece_before, e.ece_after
-        );
+        println!("  {:<9} {:>12.4} {:>11.4} {:>10.4} {:>11.4} {:>10.4}", e.exit, e.temperature, e.nll_before, e.nll_after, e.ece_before, e.ece_after);
     }
     println!("written to {}", args.out.display());
     Ok(())

@@ -34,8 +34,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     if args.certify_accuracy.is_empty() || args.certify_delta.is_empty() {
         bail!("--certify-accuracy and --certify-delta: give at least one value each");
     }
-    let mut targets: Vec<Target> =
-        args.certify_accuracy.iter().flat_map(|&accuracy| args.certify_delta.iter().map(move |&delta| Target { accuracy, delta })).collect();
+    let mut targets: Vec<Target> = args.certify_accuracy.iter().flat_map(|&accuracy| args.certify_delta.iter().map(move |&delta| Target { accuracy, delta })).collect();
     for t in &targets {
         t.validate().with_context(|| format!("--certify-accuracy {} / --certify-delta {}", t.accuracy, t.delta))?;
     }
@@ -48,11 +47,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
             targets.push(t);
         }
     }
-    for (flag, v, positive) in [
-        ("--uplink-mbit-s", args.uplink_mbit_s, true),
-        ("--rtt-ms", args.rtt_ms, false),
-        ("--deadline-ms", args.deadline_ms, false),
-    ] {
+    for (flag, v, positive) in [("--uplink-mbit-s", args.uplink_mbit_s, true), ("--rtt-ms", args.rtt_ms, false), ("--deadline-ms", args.deadline_ms, false)] {
         if !v.is_finite() || v < 0.0 || (positive && v == 0.0) {
             bail!("{flag} {v}: give a {} number", if positive { "positive" } else { "non-negative" });
         }
@@ -64,8 +59,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     let calibration_file = match &args.calibration {
         Some(path) => {
             let file = CalibrationFile::read(path)?;
-            file.check_fits(num_exits, &model.card.weights_sha256)
-                .with_context(|| format!("calibration file {}", path.display()))?;
+            file.check_fits(num_exits, &model.card.weights_sha256).with_context(|| format!("calibration file {}", path.display()))?;
             Some((path.clone(), file))
         }
         None => None,
@@ -83,13 +77,8 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
 
     print_exit_table(&args.source.model, &model, &logits.test, &names);
 
-    let settings = SweepSettings {
-        p_tars: &p_tars,
-        outage_batch: args.outage_batch,
-        latency: &latency,
-        deadline_ms: args.deadline_ms,
-        deadline_curve_p_tar: args.deadline_curve_p_tar,
-    };
+    let settings =
+        SweepSettings { p_tars: &p_tars, outage_batch: args.outage_batch, latency: &latency, deadline_ms: args.deadline_ms, deadline_curve_p_tar: args.deadline_curve_p_tar };
     let mut methods = Vec::new();
     for method in [Method::Uncalibrated, Method::Global, Method::PerBranch] {
         let (temps, source) = match &calibration_file {
@@ -147,8 +136,7 @@ fn latency_models(model: &LoadedModel, args: &EvaluateArgs) -> Result<Vec<Latenc
     let profile: ComputeProfile = match &args.profile {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading profile {}", path.display()))?;
-            serde_json::from_str(&text)
-                .with_context(|| format!("{} is not a profile written by `branchpoint profile --json`", path.display()))?
+            serde_json::from_str(&text).with_context(|| format!("{} is not a profile written by `branchpoint profile --json`", path.display()))?
         }
         None => profile(&model.net, &[1], 30),
     };
@@ -182,15 +170,7 @@ fn print_exit_table(path: &Path, model: &LoadedModel, test: &[calibration::ExitL
         // Accuracies are counts over the same inputs: compare them as counts.
         let same = (m.accuracy * n as f64).round() == (card.metrics.accuracy * n as f64).round();
         differing += usize::from(!same);
-        println!(
-            "  {:<9} {:>8.2} % {:>8.4} {:>8.4} {:>13.2} %{}",
-            name,
-            100.0 * m.accuracy,
-            m.nll,
-            m.ece,
-            100.0 * card.metrics.accuracy,
-            if same { "" } else { "  (differs)" }
-        );
+        println!("  {:<9} {:>8.2} % {:>8.4} {:>8.4} {:>13.2} %{}", name, 100.0 * m.accuracy, m.nll, m.ece, 100.0 * card.metrics.accuracy, if same { "" } else { "  (differs)" });
     }
     if differing == 0 {
         println!("every exit's accuracy equals the model card's");
@@ -204,10 +184,7 @@ fn print_calibration(report: &Report) {
     println!("  {:<13} {:<9} {:>12} {:>11} {:>10} {:>11} {:>10}", "method", "exit", "temperature", "ECE before", "ECE after", "NLL before", "NLL after");
     for m in &report.methods {
         for e in &m.exits {
-            println!(
-                "  {:<13} {:<9} {:>12.4} {:>11.4} {:>10.4} {:>11.4} {:>10.4}",
-                m.method, e.exit, e.temperature, e.ece_before, e.ece_after, e.nll_before, e.nll_after
-            );
+            println!("  {:<13} {:<9} {:>12.4} {:>11.4} {:>10.4} {:>11.4} {:>10.4}", m.method, e.exit, e.temperature, e.ece_before, e.ece_after, e.nll_before, e.nll_after);
         }
     }
 }
@@ -227,7 +204,7 @@ fn print_sweep(report: &Report, branch: usize) {
         lat.tail_ms,
         report.network.deadline_ms
     );
-    println!("  {:<13} {:>5} {:>9} {:>9} {:>9} {:>8} {:>8}  {}", "method", "p_tar", "offload", "edge acc", "overall", "outage", "missed", "edge acc >= p_tar");
+    println!("  {:<13} {:>5} {:>9} {:>9} {:>9} {:>8} {:>8}  edge acc >= p_tar", "method", "p_tar", "offload", "edge acc", "overall", "outage", "missed");
     for m in &report.methods {
         for r in &m.branches[branch - 1].rows {
             println!(
@@ -285,10 +262,7 @@ fn print_recalibration(report: &Report) {
 
 fn print_certified(report: &Report, with_resplits: usize) {
     let c = &report.certified;
-    println!(
-        "\nthresholds for a target on-device accuracy a (test set; certified on the validation split by Learn-then-Test, grid {}):",
-        c.grid
-    );
+    println!("\nthresholds for a target on-device accuracy a (test set; certified on the validation split by Learn-then-Test, grid {}):", c.grid);
     println!(
         "  {:<6} {:>5} {:>5}  {:>17}  {:>17}  {:>25}  {:>25}  re-splits broken (uncal / TS / empirical / certified / batch-certified), offload",
         "branch", "a", "delta", "p_tar = a, T = 1", "p_tar = a, TS", "certified: threshold", "batch-certified"
@@ -333,25 +307,20 @@ fn print_certified(report: &Report, with_resplits: usize) {
     println!("   \"certified\" promises the population of inputs that exit, \"batch-certified\" the batch itself: the test set, or the evaluation half)");
 }
 
+/// The points of one method's curve at one branch.
+type CurveOf<'a> = &'a dyn Fn(&MethodReport, usize) -> Vec<(f64, f64)>;
+
 fn write_plots(dir: &Path, report: &Report) -> Result<usize> {
     prepare_dir(dir)?;
     let mut n = 0;
-    let method_curves = |f: &dyn Fn(&MethodReport, usize) -> Vec<(f64, f64)>, branch: usize| -> Vec<Curve> {
-        report
-            .methods
-            .iter()
-            .enumerate()
-            .map(|(i, m)| Curve { label: m.method.clone(), color: method_color(i), points: f(m, branch), dashed: false })
-            .collect()
+    let method_curves = |f: CurveOf, branch: usize| -> Vec<Curve> {
+        report.methods.iter().enumerate().map(|(i, m)| Curve { label: m.method.clone(), color: method_color(i), points: f(m, branch), dashed: false }).collect()
     };
     let (pmin, pmax) = (report.p_tars.iter().cloned().fold(1.0, f64::min), report.p_tars.iter().cloned().fold(0.0, f64::max));
     let x_range = (pmin - 0.01, pmax + 0.01);
     for b in 1..=report.latency.len() {
         // Edge accuracy vs p_tar, with the line y = p_tar.
-        let mut curves = method_curves(
-            &|m, b| m.branches[b - 1].rows.iter().filter_map(|r| r.edge_accuracy.map(|a| (r.p_tar, a))).collect(),
-            b,
-        );
+        let mut curves = method_curves(&|m, b| m.branches[b - 1].rows.iter().filter_map(|r| r.edge_accuracy.map(|a| (r.p_tar, a))).collect(), b);
         let lowest = curves.iter().flat_map(|c| c.points.iter().map(|p| p.1)).fold(pmin, f64::min);
         curves.push(Curve {
             label: "target: edge accuracy = p_tar".into(),
@@ -425,11 +394,8 @@ fn write_plots(dir: &Path, report: &Report) -> Result<usize> {
     }
     // The same, for every calibration method compared.
     for r in &report.recalibration {
-        let panels: Vec<(String, f64, &[branchpoint_models::calibration::ReliabilityBin])> = r
-            .methods
-            .iter()
-            .map(|m| (format!("{}{}", m.method, if m.method == r.chosen { " (chosen)" } else { "" }), m.test.ece, m.test.reliability.as_slice()))
-            .collect();
+        let panels: Vec<(String, f64, &[branchpoint_models::calibration::ReliabilityBin])> =
+            r.methods.iter().map(|m| (format!("{}{}", m.method, if m.method == r.chosen { " (chosen)" } else { "" }), m.test.ece, m.test.reliability.as_slice())).collect();
         let file = format!("reliability-methods-{}.png", r.exit.replace(' ', ""));
         reliability_diagram(&dir.join(file), &format!("Reliability diagram per calibration method, {} (test set)", r.exit), &panels)?;
         n += 1;
@@ -455,7 +421,12 @@ fn write_plots(dir: &Path, report: &Report) -> Result<usize> {
             curve(&format!("batch-certified (1 - delta = {:.2})", 1.0 - delta), 3, &|r| r.batch_certified.edge_accuracy),
         ];
         let lowest = curves.iter().flat_map(|c| c.points.iter().map(|p| p.1)).fold(x_range.0, f64::min);
-        curves.push(Curve { label: "target: edge accuracy = a".into(), color: plotters::style::RGBColor(0, 0, 0), points: vec![(x_range.0, x_range.0), (x_range.1, x_range.1)], dashed: true });
+        curves.push(Curve {
+            label: "target: edge accuracy = a".into(),
+            color: plotters::style::RGBColor(0, 0, 0),
+            points: vec![(x_range.0, x_range.0), (x_range.1, x_range.1)],
+            dashed: true,
+        });
         line_plot(
             &dir.join(format!("certified-branch{}.png", b.branch)),
             &LinePlot {

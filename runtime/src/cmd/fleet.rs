@@ -34,8 +34,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
     let temperatures = match &args.calibration {
         Some(path) => {
             let file = CalibrationFile::read(path)?;
-            file.check_fits(num_exits, &model.card.weights_sha256)
-                .with_context(|| format!("calibration file {}", path.display()))?;
+            file.check_fits(num_exits, &model.card.weights_sha256).with_context(|| format!("calibration file {}", path.display()))?;
             file.temperatures
         }
         None => vec![1.0; num_exits],
@@ -114,11 +113,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
             None => {
                 let worker_exec = Executor::start(spec, args.worker_threads)?;
                 embedded_pool = Some(worker_exec.clone());
-                let wcfg = WorkerConfig {
-                    worker_id: "embedded".into(),
-                    max_batch: args.max_batch,
-                    max_wait: Duration::from_micros(args.max_wait_us),
-                };
+                let wcfg = WorkerConfig { worker_id: "embedded".into(), max_batch: args.max_batch, max_wait: Duration::from_micros(args.max_wait_us) };
                 OffloadLink::InProcess(Batcher::new(wcfg, worker_exec, partition_points).with_compute_threads(args.worker_threads).start())
             }
         };
@@ -168,10 +163,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
         println!("{} outcomes written to {}", outcomes.len(), path.display());
     }
     if run.interrupted {
-        println!(
-            "interrupted after {} arrivals: {} decided, {} still queued at the devices were not run",
-            run.arrived, summary.inputs, run.not_run
-        );
+        println!("interrupted after {} arrivals: {} decided, {} still queued at the devices were not run", run.arrived, summary.inputs, run.not_run);
     }
     if run.missing() > 0 || summary.duplicates > 0 {
         bail!(
@@ -189,12 +181,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
 fn print_summary(s: &Summary) {
     let pct = |n: usize| 100.0 * n as f64 / s.outcomes.max(1) as f64;
     println!("inputs {}, outcomes {}, duplicates {}", s.inputs, s.outcomes, s.duplicates);
-    let exits: Vec<String> = s
-        .per_exit
-        .iter()
-        .enumerate()
-        .map(|(i, n)| if i + 1 == s.per_exit.len() { format!("final {n}") } else { format!("branch {} {n}", i + 1) })
-        .collect();
+    let exits: Vec<String> = s.per_exit.iter().enumerate().map(|(i, n)| if i + 1 == s.per_exit.len() { format!("final {n}") } else { format!("branch {} {n}", i + 1) }).collect();
     println!("per exit: {}", exits.join(", "));
     println!(
         "decided on device {} ({:.1} %), offloaded {} ({:.1} %): answered by cloud {}, fallbacks {} (deadline {}, disconnected {}, no responders {}, error reply {}, transport {}); errors {}",
@@ -211,10 +198,6 @@ fn print_summary(s: &Summary) {
         s.fallbacks_transport,
         s.errors
     );
-    println!(
-        "accuracy {:.2} %, edge accuracy {}",
-        100.0 * s.accuracy,
-        s.edge_accuracy.map_or("- (nothing decided on the device)".into(), |a| format!("{:.2} %", 100.0 * a))
-    );
+    println!("accuracy {:.2} %, edge accuracy {}", 100.0 * s.accuracy, s.edge_accuracy.map_or("- (nothing decided on the device)".into(), |a| format!("{:.2} %", 100.0 * a)));
     println!("latency p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms", s.latency_ms_p50, s.latency_ms_p95, s.latency_ms_p99);
 }

@@ -13,8 +13,8 @@ use branchpoint_models::calibration::{self, CalibrationFile, Method};
 use branchpoint_models::planner::{default_candidate_p_tars, Costs, ModelStats};
 
 use crate::cli::PlannerArgs;
-use crate::shutdown::{Stopping, GRACE};
 use crate::scenario::{compute_costs, read_profile_at, upload_bytes};
+use crate::shutdown::{Stopping, GRACE};
 
 pub fn run(args: PlannerArgs) -> Result<()> {
     crate::shutdown::install("planner");

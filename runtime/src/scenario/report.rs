@@ -348,9 +348,8 @@ pub fn build(scenario: &Scenario, cfg: &SimConfig, prepared: &Prepared, weights:
             // Live runs cannot autoscale: their bins hold no pool.
             let autoscaled = scenario.workers.autoscale.is_some() && time == super::TimeMode::Virtual;
             let bin_width_s = |i: usize| ((((i as u64 + 1) * cfg.bin_us).min(cfg.duration_us) - i as u64 * cfg.bin_us) as f64 / 1e6).max(1e-9);
-            let per_report = |f: fn(&Bin) -> f64| -> Option<Vec<Option<f64>>> {
-                adaptive.then(|| merged.iter().map(|b| (b.reports > 0).then(|| f(b) / b.reports as f64)).collect())
-            };
+            let per_report =
+                |f: fn(&Bin) -> f64| -> Option<Vec<Option<f64>>> { adaptive.then(|| merged.iter().map(|b| (b.reports > 0).then(|| f(b) / b.reports as f64)).collect()) };
             let series = Series {
                 t_s: t_s.clone(),
                 inputs: merged.iter().map(|b| b.inputs).collect(),
@@ -379,11 +378,7 @@ pub fn build(scenario: &Scenario, cfg: &SimConfig, prepared: &Prepared, weights:
                 choices
                     .into_iter()
                     .zip(&scenario.groups)
-                    .map(|(plans, g)| OracleChoices {
-                        group: g.name.clone(),
-                        window_start_s: (0..plans.len()).map(|w| w as f64 * window_s).collect(),
-                        plans,
-                    })
+                    .map(|(plans, g)| OracleChoices { group: g.name.clone(), window_start_s: (0..plans.len()).map(|w| w as f64 * window_s).collect(), plans })
                     .collect()
             });
             let edge_by_branch = run
@@ -456,11 +451,7 @@ fn watch_report(scenario: &Scenario, g: &super::file::GroupSection, w: &super::s
     let shift_at_s = g.shift.as_ref().map(|sh| sh.at_s);
     let first_alarm = w.refits.iter().map(|r| r.t_us).chain(w.alarms_only.iter().copied()).filter(|&t| shift_at_s.is_none_or(|at| s(t) >= at)).min();
     let detection_delay_s = shift_at_s.and_then(|at| first_alarm.map(|t| s(t) - at));
-    let judged: Vec<bool> = w
-        .points
-        .iter()
-        .filter_map(|p| Some(p.estimate.zip(p.true_agreement).map(|(e, t)| e.low <= t && t <= e.high)).flatten())
-        .collect();
+    let judged: Vec<bool> = w.points.iter().filter_map(|p| Some(p.estimate.zip(p.true_agreement).map(|(e, t)| e.low <= t && t <= e.high)).flatten()).collect();
     let bytes = w.audit_bytes + w.offload_bytes;
     WatchReport {
         group: g.name.clone(),
@@ -603,11 +594,14 @@ pub fn plot(report: &ScenarioReport, dir: &Path) -> Result<Vec<std::path::PathBu
         let target = report.groups.first().map_or(0.9, |g| g.p_tar);
         let mut edge: Vec<Curve> = ["static", "uncalibrated", "watched"]
             .iter()
-            .filter_map(|&n| {
-                policy(n).map(|p| Curve { label: n.into(), color: policy_color(n), points: points(&p.series.t_s, &p.series.edge_accuracy, 100.0), dashed: false })
-            })
+            .filter_map(|&n| policy(n).map(|p| Curve { label: n.into(), color: policy_color(n), points: points(&p.series.t_s, &p.series.edge_accuracy, 100.0), dashed: false }))
             .collect();
-        edge.push(Curve { label: format!("target {:.0} %", 100.0 * target), color: RGBColor(0, 0, 0), points: vec![(0.0, 100.0 * target), (report.duration_s, 100.0 * target)], dashed: true });
+        edge.push(Curve {
+            label: format!("target {:.0} %", 100.0 * target),
+            color: RGBColor(0, 0, 0),
+            points: vec![(0.0, 100.0 * target), (report.duration_s, 100.0 * target)],
+            dashed: true,
+        });
         let low = edge.iter().flat_map(|c| c.points.iter().map(|p| p.1)).fold(100.0, f64::min);
         let mut panels = vec![Panel { y_label: "on-device accuracy (%)", y_range: ((low - 2.0).max(0.0).floor(), 100.0), curves: edge }];
         if let Some(w) = policy("watched").and_then(|p| p.watch.first()) {

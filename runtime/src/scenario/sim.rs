@@ -37,8 +37,8 @@ use std::collections::{BinaryHeap, VecDeque};
 
 use branchpoint_models::autoscale::{AutoscaleConfig, Autoscaler, Load};
 use branchpoint_models::calibration::ExitLogits;
-use branchpoint_models::monitor::{Event as WatchEvent, Interval, Monitor, MonitorConfig, Observation, Refit};
 use branchpoint_models::link::Link;
+use branchpoint_models::monitor::{Event as WatchEvent, Interval, Monitor, MonitorConfig, Observation, Refit};
 use branchpoint_models::planner::{choose, Costs, DeviceUplink, LinkEstimator, ModelStats, Plan};
 use branchpoint_models::rng::SplitMix64;
 
@@ -870,9 +870,7 @@ impl<'a> Sim<'a> {
                 let Some(&oldest) = q.front() else { continue };
                 let due = self.requests[oldest as usize].cloud_arrival + self.c.max_wait_us;
                 if q.len() >= self.c.max_batch || t >= due {
-                    let older = ready.is_none_or(|r| {
-                        self.requests[oldest as usize].cloud_arrival < self.requests[*self.queues[r].front().unwrap() as usize].cloud_arrival
-                    });
+                    let older = ready.is_none_or(|r| self.requests[oldest as usize].cloud_arrival < self.requests[*self.queues[r].front().unwrap() as usize].cloud_arrival);
                     if older {
                         ready = Some(k);
                     }
@@ -1266,14 +1264,7 @@ mod tests {
         c.groups[0].rate = 2.0;
         c.bin_latencies = true;
         c.autoscale = Some(AutoscaleSim {
-            policy: AutoscaleConfig {
-                min_workers: 1,
-                max_workers,
-                up_queue_delay_us: 10_000.0,
-                down_queue_delay_us: 3_000.0,
-                down_after_ticks: 3,
-                ..AutoscaleConfig::default()
-            },
+            policy: AutoscaleConfig { min_workers: 1, max_workers, up_queue_delay_us: 10_000.0, down_queue_delay_us: 3_000.0, down_after_ticks: 3, ..AutoscaleConfig::default() },
             tick_us: 1_000_000,
             start_delay_us: 1_000_000,
         });

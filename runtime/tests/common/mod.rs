@@ -94,12 +94,7 @@ pub fn branchpoint() -> Command {
 /// Starts `branchpoint ARGS` and waits until its stderr says `ready`.
 pub fn start_service(name: &str, args: &[&str], ready: &str, within: Duration) -> Proc {
     let log = std::env::temp_dir().join(format!("branchpoint-test-{}-{name}.log", std::process::id()));
-    let child = branchpoint()
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("the service starts");
+    let child = branchpoint().args(args).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().expect("the service starts");
     let proc = Proc(child);
     let until = Instant::now() + within;
     while Instant::now() < until {
@@ -177,19 +172,11 @@ pub fn try_http(method: &str, addr: &str, path: &str, token: Option<&str>, body:
     s.set_read_timeout(Some(Duration::from_secs(90)))?;
     let body = body.unwrap_or("");
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())?;
     let mut raw = String::new();
     s.read_to_string(&mut raw)?;
     let (head, rest) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("no status line in {head:?}")))?;
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| std::io::Error::other(format!("no status line in {head:?}")))?;
     // actix answers small bodies with Content-Length; chunked only when streaming.
     let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.to_string() };
     Ok(Http { status, body })
