@@ -26,8 +26,9 @@ as_root() {
 }
 
 # 1. Debian packages: the Fashion-MNIST dataset, DejaVu Sans for the text of
-# the plots (drawn with ab_glyph, so no fontconfig is needed), and Chromium,
-# in which the tests load the dashboard headless.
+# the plots (drawn with ab_glyph, so no fontconfig is needed), Chromium, in
+# which the tests load the dashboard headless, and promtool, with which they
+# lint the metrics.
 missing=()
 if [ ! -f "$FMNIST_DIR/t10k-labels-idx1-ubyte.gz" ] && [ ! -f "$FMNIST_DIR/t10k-labels-idx1-ubyte" ]; then
   missing+=(dataset-fashion-mnist)
@@ -38,12 +39,16 @@ fi
 if [ ! -x /usr/bin/chromium ]; then
   missing+=(chromium)
 fi
+# promtool (Debian's prometheus package): the tests lint a live /metrics.
+if ! command -v promtool >/dev/null 2>&1; then
+  missing+=(prometheus)
+fi
 if [ "${#missing[@]}" -gt 0 ]; then
   log "installing Debian packages: ${missing[*]}"
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 else
-  log "Fashion-MNIST present in $FMNIST_DIR; DejaVu Sans and Chromium present"
+  log "Fashion-MNIST present in $FMNIST_DIR; DejaVu Sans, Chromium and promtool present"
 fi
 
 # 2. Project-local virtual environment with libtorch and nats-server.

@@ -852,6 +852,7 @@ fn the_calibrator_watches_audit_results_and_alarms_on_drift() {
     assert_eq!(metric(&m, "branchpoint_watch_refused_total"), Some(4.0));
     assert!(metric(&m, "branchpoint_watch_edge_agreement{group=\"cameras\"").is_some_and(|a| a < 0.9), "{m}");
     assert_eq!(metric(&m, "branchpoint_calibrator_drift_refits_total"), Some(0.0));
+    promtool_check(&m).unwrap_or_else(|e| panic!("promtool check metrics: {e}"));
     // A forged fleet status whose figures cannot be (100,010 devices, more
     // outcomes than inputs) is refused and counted, never shown.
     #[derive(serde::Serialize)]

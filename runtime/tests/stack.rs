@@ -108,6 +108,8 @@ fn stack_up_serves_metrics_plans_refits_and_the_dashboard() {
         (metric(&m, "branchpoint_fleet_devices{fleet=\"stack-fleet\"") == Some(50.0)).then_some(())
     });
     assert_eq!(metric(&stack.metrics(), "branchpoint_workers "), Some(2.0), "both workers report their load");
+    // Prometheus's own linter accepts the exposition (names, base units, types).
+    promtool_check(&stack.metrics()).unwrap_or_else(|e| panic!("promtool check metrics: {e}"));
 
     // Mutations need the token.
     let plan = r#"{"group": "default", "partition_branch": 1, "p_tar": 0.75}"#;

@@ -748,15 +748,16 @@ async fn metrics(state: web::Data<ApiState>) -> HttpResponse {
             m.sample("branchpoint_edge_accuracy", &fl(f), a);
         }
     }
-    m.family("branchpoint_latency_ms", "histogram", "Time from an input's arrival to its answer, ms.");
+    // Base units, as Prometheus's conventions ask: the fleets count in ms.
+    m.family("branchpoint_latency_seconds", "histogram", "Time from an input's arrival to its answer.");
     for (f, _) in &fleets {
         for (le, c) in f.latency_le_ms.iter().zip(&f.latency_le_counts) {
-            m.sample("branchpoint_latency_ms_bucket", &format!("{},le=\"{le}\"", fl(f)), *c as f64);
+            m.sample("branchpoint_latency_seconds_bucket", &format!("{},le=\"{}\"", fl(f), le / 1e3), *c as f64);
         }
         let answered = (f.summary.outcomes - f.summary.errors) as f64;
-        m.sample("branchpoint_latency_ms_bucket", &format!("{},le=\"+Inf\"", fl(f)), answered);
-        m.sample("branchpoint_latency_ms_sum", &fl(f), f.latency_sum_ms);
-        m.sample("branchpoint_latency_ms_count", &fl(f), answered);
+        m.sample("branchpoint_latency_seconds_bucket", &format!("{},le=\"+Inf\"", fl(f)), answered);
+        m.sample("branchpoint_latency_seconds_sum", &fl(f), f.latency_sum_ms / 1e3);
+        m.sample("branchpoint_latency_seconds_count", &fl(f), answered);
     }
     m.family("branchpoint_devices_on_plan", "gauge", "Devices holding this plan now, as they report it.");
     for (f, _) in &fleets {
@@ -784,7 +785,7 @@ async fn metrics(state: web::Data<ApiState>) -> HttpResponse {
     type WorkerGauge = (&'static str, &'static str, &'static str, fn(&WorkerStatus) -> f64);
     let worker_metrics: [WorkerGauge; 7] = [
         ("branchpoint_worker_queue_depth", "gauge", "Requests waiting at the worker: for a batch or for compute.", |w| f64::from(w.queue_depth)),
-        ("branchpoint_worker_queue_delay_us", "gauge", "Mean wait for compute after batching over the last status interval, µs.", |w| w.queue_delay_us_interval),
+        ("branchpoint_worker_queue_delay_seconds", "gauge", "Mean wait for compute after batching over the last status interval.", |w| w.queue_delay_us_interval / 1e6),
         ("branchpoint_worker_batch_size", "gauge", "Mean batch size over the last status interval.", |w| w.batch_size_interval),
         ("branchpoint_worker_mean_batch_size", "gauge", "Mean batch size since the worker started.", |w| w.mean_batch_size),
         ("branchpoint_worker_requests_total", "counter", "Offload requests the worker received.", |w| w.requests as f64),

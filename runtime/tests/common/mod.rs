@@ -310,3 +310,20 @@ pub fn stop_with(child: &mut Child, signal: i32, give_up: Duration) -> (std::pro
         None => panic!("still running {took:?} after signal {signal}"),
     }
 }
+
+/// Lints a Prometheus exposition with promtool (Debian's prometheus
+/// package, which scripts/setup.sh installs): its complaints, if any.
+pub fn promtool_check(exposition: &str) -> Result<(), String> {
+    use std::io::Write;
+    let promtool = Path::new("/usr/bin/promtool");
+    assert!(promtool.is_file(), "{} is missing: run scripts/setup.sh (it installs Debian's prometheus)", promtool.display());
+    let mut child = Command::new(promtool).args(["check", "metrics"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(exposition.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if out.status.success() && said.trim().is_empty() {
+        Ok(())
+    } else {
+        Err(said)
+    }
+}
