@@ -79,8 +79,17 @@ impl Planner {
     }
 }
 
+/// The planner's mailbox: reports from the network wait here; beyond it a
+/// report is dropped and counted (each device reports again within a
+/// second, and only its latest report matters).
+pub const MAILBOX: usize = 4096;
+
 impl Actor for Planner {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(MAILBOX);
+    }
 }
 
 /// What a device saw of its network, and where to send its plan.
@@ -191,6 +200,7 @@ pub async fn serve_planner_nats(client: async_nats::Client, planner: Addr<Planne
     let mut sub = client.subscribe(subjects::NETWORK_REPORT).await.map_err(|e| crate::ActorError::Nats(e.to_string()))?;
     client.flush().await.map_err(|e| crate::ActorError::Nats(e.to_string()))?;
     on_ready();
+    let mut dropped = 0u64;
     while let Some(msg) = sub.next().await {
         let report = match decode::<NetworkReport>(&msg.payload) {
             Ok(r) => r,
@@ -203,7 +213,7 @@ pub async fn serve_planner_nats(client: async_nats::Client, planner: Addr<Planne
             eprintln!("planner: ignored a report from {} without group and conservative estimates", report.device_id);
             continue;
         };
-        planner.do_send(DeviceReport {
+        let sent = planner.try_send(DeviceReport {
             device_id: report.device_id.clone(),
             group,
             at_us: report.window_end_unix_us,
@@ -214,6 +224,17 @@ pub async fn serve_planner_nats(client: async_nats::Client, planner: Addr<Planne
             deadline_us: report.deadline_us.map(|d| d as f64),
             arrival_rate: report.arrival_rate,
         });
+        match sent {
+            Ok(()) => {}
+            Err(SendError::Full(_)) => {
+                dropped += 1;
+                // Said at the first and then every 1,000th, not per report.
+                if dropped % 1000 == 1 {
+                    eprintln!("planner: {dropped} network report(s) dropped so far: more arrive than it plans (mailbox of {MAILBOX})");
+                }
+            }
+            Err(SendError::Closed(_)) => break,
+        }
     }
     Ok(())
 }
