@@ -1,12 +1,13 @@
 //! Collector: one outcome per input, and the fleet summary.
 //!
-//! Owns: every `Outcome` the devices report, and the count of their audits.
+//! Owns: the running totals of the `Outcome`s the devices report (and every
+//! outcome, only when asked: `keeping_outcomes`), and the count of their
+//! audits.
 //! Messages in: `Outcome`, `InputAccepted`, `Audited`, `GetSummary`,
 //! `GetSnapshot`, `GetAuditCounts`, `TakeOutcomes`. Mailbox: unbounded in practice (devices use
 //! `do_send`: an outcome must never be dropped because the collector is
 //! briefly busy, and it does O(1) work per message). Restart: none; it lives
 //! as long as the fleet. Shutdown: holds its data until the system stops.
-use std::collections::HashSet;
 
 use actix::{Actor, Context, Handler, Message, MessageResult};
 use serde::{Deserialize, Serialize};
@@ -121,19 +122,176 @@ impl LatencyHistogram {
     }
 }
 
+/// Latencies in buckets 1 % wide (1 µs to about 1,000 s), for the
+/// percentiles of a summary without keeping every latency: a percentile is
+/// its bucket's upper bound, at most 1 % above the true value (and never
+/// above the largest latency seen).
+#[derive(Debug, Clone, Default)]
+struct FineHistogram {
+    counts: Vec<u64>,
+    n: u64,
+    max_ms: f64,
+}
+
+impl FineHistogram {
+    const LOWEST_MS: f64 = 0.001;
+    const RATIO: f64 = 1.01;
+    const BUCKETS: usize = 2100;
+
+    fn bucket(ms: f64) -> usize {
+        if ms <= Self::LOWEST_MS {
+            return 0;
+        }
+        ((ms / Self::LOWEST_MS).ln() / Self::RATIO.ln()).ceil().clamp(0.0, (Self::BUCKETS - 1) as f64) as usize
+    }
+
+    fn add(&mut self, ms: f64) {
+        if self.counts.is_empty() {
+            self.counts = vec![0; Self::BUCKETS];
+        }
+        self.counts[Self::bucket(ms)] += 1;
+        self.n += 1;
+        self.max_ms = self.max_ms.max(ms);
+    }
+
+    /// The latency at rank ceil(q n), as a sorted list would give it.
+    fn percentile(&self, q: f64) -> f64 {
+        if self.n == 0 {
+            return 0.0;
+        }
+        let rank = ((q * self.n as f64).ceil() as u64).clamp(1, self.n);
+        let mut seen = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return (Self::LOWEST_MS * Self::RATIO.powi(i as i32)).min(self.max_ms);
+            }
+        }
+        self.max_ms
+    }
+}
+
+/// The running totals a summary is made of, one outcome at a time.
+#[derive(Debug, Clone, Default)]
+struct Tally {
+    outcomes: usize,
+    errors: usize,
+    right: usize,
+    decided_on_device: usize,
+    edge_right: usize,
+    offloaded: usize,
+    answered_by_cloud: usize,
+    fallbacks: usize,
+    fallbacks_deadline: usize,
+    fallbacks_disconnected: usize,
+    fallbacks_no_responders: usize,
+    fallbacks_error_reply: usize,
+    fallbacks_transport: usize,
+    per_exit: Vec<usize>,
+    latency: FineHistogram,
+}
+
+impl Tally {
+    fn new(num_branches: usize) -> Self {
+        Self { per_exit: vec![0; num_branches + 1], ..Self::default() }
+    }
+
+    fn add(&mut self, o: &Outcome) {
+        self.outcomes += 1;
+        if o.error.is_some() {
+            self.errors += 1;
+            return;
+        }
+        self.right += usize::from(o.correct());
+        match o.decided {
+            Decided::Device => {
+                self.decided_on_device += 1;
+                self.edge_right += usize::from(o.correct());
+            }
+            Decided::Cloud => {
+                self.offloaded += 1;
+                self.answered_by_cloud += 1;
+            }
+            Decided::Fallback => {
+                self.offloaded += 1;
+                self.fallbacks += 1;
+                match o.fallback {
+                    Some(FallbackReason::Deadline) => self.fallbacks_deadline += 1,
+                    Some(FallbackReason::Disconnected) => self.fallbacks_disconnected += 1,
+                    Some(FallbackReason::NoResponders) => self.fallbacks_no_responders += 1,
+                    Some(FallbackReason::ErrorReply) => self.fallbacks_error_reply += 1,
+                    Some(FallbackReason::Transport) | None => self.fallbacks_transport += 1,
+                }
+            }
+        }
+        let last = self.per_exit.len() - 1;
+        let slot = if o.exit == 0 { last } else { (o.exit - 1).min(last) };
+        self.per_exit[slot] += 1;
+        self.latency.add(o.latency.total_us as f64 / 1e3);
+    }
+
+    fn summary(&self, inputs: usize, duplicates: usize) -> Summary {
+        let n = self.outcomes.max(1) as f64;
+        Summary {
+            inputs,
+            outcomes: self.outcomes,
+            duplicates,
+            decided_on_device: self.decided_on_device,
+            offloaded: self.offloaded,
+            answered_by_cloud: self.answered_by_cloud,
+            fallbacks: self.fallbacks,
+            fallbacks_deadline: self.fallbacks_deadline,
+            fallbacks_no_responders: self.fallbacks_no_responders,
+            fallbacks_error_reply: self.fallbacks_error_reply,
+            fallbacks_transport: self.fallbacks_transport,
+            fallbacks_disconnected: self.fallbacks_disconnected,
+            errors: self.errors,
+            per_exit: self.per_exit.clone(),
+            accuracy: self.right as f64 / n,
+            edge_accuracy: (self.decided_on_device > 0).then(|| self.edge_right as f64 / self.decided_on_device as f64),
+            latency_ms_p50: self.latency.percentile(0.50),
+            latency_ms_p95: self.latency.percentile(0.95),
+            latency_ms_p99: self.latency.percentile(0.99),
+        }
+    }
+}
+
 pub struct Collector {
-    num_branches: usize,
     inputs: usize,
-    outcomes: Vec<Outcome>,
-    seen: HashSet<u64>,
+    /// Running totals: a summary costs the same after an hour as after a
+    /// second, and memory does not grow with the outcomes.
+    tally: Tally,
+    /// Arrival numbers seen, one bit each (duplicates are counted).
+    seen: Vec<u64>,
     duplicates: usize,
     latency: LatencyHistogram,
+    /// Every outcome, only when asked (`keeping_outcomes`: an `--outcomes`
+    /// file, a replay's report).
+    kept: Option<Vec<Outcome>>,
     audits: std::collections::BTreeMap<String, AuditCounts>,
 }
 
 impl Collector {
     pub fn new(num_branches: usize) -> Self {
-        Self { num_branches, inputs: 0, outcomes: Vec::new(), seen: HashSet::new(), duplicates: 0, latency: LatencyHistogram::default(), audits: Default::default() }
+        Self { inputs: 0, tally: Tally::new(num_branches), seen: Vec::new(), duplicates: 0, latency: LatencyHistogram::default(), kept: None, audits: Default::default() }
+    }
+
+    /// Also keeps every outcome, for `TakeOutcomes`.
+    pub fn keeping_outcomes(mut self) -> Self {
+        self.kept = Some(Vec::new());
+        self
+    }
+
+    /// Marks arrival `a` seen; whether it was already.
+    fn seen_before(&mut self, a: u64) -> bool {
+        let (word, bit) = ((a / 64) as usize, 1u64 << (a % 64));
+        if word >= self.seen.len() {
+            // Arrival numbers count up from 0: grow in doublings.
+            self.seen.resize((word + 1).next_power_of_two(), 0);
+        }
+        let before = self.seen[word] & bit != 0;
+        self.seen[word] |= bit;
+        before
     }
 }
 
@@ -196,13 +354,16 @@ impl Handler<Outcome> for Collector {
     type Result = ();
 
     fn handle(&mut self, msg: Outcome, _: &mut Context<Self>) {
-        if !self.seen.insert(msg.arrival) {
+        if self.seen_before(msg.arrival) {
             self.duplicates += 1;
         }
         if msg.error.is_none() {
             self.latency.add(msg.latency.total_us as f64 / 1e3);
         }
-        self.outcomes.push(msg);
+        self.tally.add(&msg);
+        if let Some(kept) = &mut self.kept {
+            kept.push(msg);
+        }
     }
 }
 
@@ -228,7 +389,7 @@ impl Handler<GetSummary> for Collector {
     type Result = MessageResult<GetSummary>;
 
     fn handle(&mut self, _: GetSummary, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(summarize(self.inputs, self.duplicates, self.num_branches, &self.outcomes))
+        MessageResult(self.tally.summary(self.inputs, self.duplicates))
     }
 }
 
@@ -241,7 +402,7 @@ impl Handler<GetSnapshot> for Collector {
     type Result = MessageResult<GetSnapshot>;
 
     fn handle(&mut self, _: GetSnapshot, _: &mut Context<Self>) -> Self::Result {
-        MessageResult((summarize(self.inputs, self.duplicates, self.num_branches, &self.outcomes), self.latency.clone()))
+        MessageResult((self.tally.summary(self.inputs, self.duplicates), self.latency.clone()))
     }
 }
 
@@ -253,60 +414,76 @@ impl Handler<TakeOutcomes> for Collector {
     type Result = MessageResult<TakeOutcomes>;
 
     fn handle(&mut self, _: TakeOutcomes, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.outcomes.clone())
+        MessageResult(self.kept.clone().unwrap_or_default())
     }
 }
 
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i]
-}
-
+/// The summary of `outcomes` (for outcomes kept elsewhere), as a collector
+/// that took them one by one would give it.
 pub fn summarize(inputs: usize, duplicates: usize, num_branches: usize, outcomes: &[Outcome]) -> Summary {
-    let mut s = Summary { inputs, outcomes: outcomes.len(), duplicates, per_exit: vec![0; num_branches + 1], ..Default::default() };
-    let (mut right, mut edge, mut edge_right) = (0usize, 0usize, 0usize);
-    let mut lat: Vec<f64> = Vec::with_capacity(outcomes.len());
+    let mut t = Tally::new(num_branches);
     for o in outcomes {
-        if o.error.is_some() {
-            s.errors += 1;
-            continue;
-        }
-        right += usize::from(o.correct());
-        match o.decided {
-            Decided::Device => {
-                s.decided_on_device += 1;
-                edge += 1;
-                edge_right += usize::from(o.correct());
-            }
-            Decided::Cloud => {
-                s.offloaded += 1;
-                s.answered_by_cloud += 1;
-            }
-            Decided::Fallback => {
-                s.offloaded += 1;
-                s.fallbacks += 1;
-                match o.fallback {
-                    Some(FallbackReason::Deadline) => s.fallbacks_deadline += 1,
-                    Some(FallbackReason::Disconnected) => s.fallbacks_disconnected += 1,
-                    Some(FallbackReason::NoResponders) => s.fallbacks_no_responders += 1,
-                    Some(FallbackReason::ErrorReply) => s.fallbacks_error_reply += 1,
-                    Some(FallbackReason::Transport) | None => s.fallbacks_transport += 1,
-                }
-            }
-        }
-        let slot = if o.exit == 0 { num_branches } else { (o.exit - 1).min(num_branches) };
-        s.per_exit[slot] += 1;
-        lat.push(o.latency.total_us as f64 / 1e3);
+        t.add(o);
     }
-    lat.sort_by(f64::total_cmp);
-    let n = outcomes.len().max(1) as f64;
-    s.accuracy = right as f64 / n;
-    s.edge_accuracy = (edge > 0).then(|| edge_right as f64 / edge as f64);
-    s.latency_ms_p50 = percentile(&lat, 0.50);
-    s.latency_ms_p95 = percentile(&lat, 0.95);
-    s.latency_ms_p99 = percentile(&lat, 0.99);
-    s
+    t.summary(inputs, duplicates)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(arrival: u64, decided: Decided, total_us: u64, right: bool) -> Outcome {
+        Outcome {
+            device_id: "d-0".into(),
+            arrival,
+            input_index: arrival as usize,
+            label: 1,
+            class: if right { 1 } else { 2 },
+            decided,
+            exit: if decided == Decided::Cloud { 0 } else { 1 },
+            partition_branch: 1,
+            p_tar: 0.9,
+            temperature: 1.0,
+            fallback: (decided == Decided::Fallback).then_some(FallbackReason::Deadline),
+            worker_id: None,
+            latency: Latency { total_us, ..Latency::default() },
+            error: None,
+            arrived_unix_us: 0,
+            declined: false,
+        }
+    }
+
+    #[test]
+    fn running_totals_match_the_outcomes_and_percentiles_are_within_one_percent() {
+        let kinds = [Decided::Device, Decided::Cloud, Decided::Fallback];
+        let outcomes: Vec<Outcome> = (0..10_000u64).map(|i| outcome(i, kinds[(i % 3) as usize], 50 + (i * 7919) % 200_000, i % 5 != 0)).collect();
+        let mut t = Tally::new(2);
+        for o in &outcomes {
+            t.add(o);
+        }
+        let s = t.summary(10_000, 0);
+        assert_eq!((s.outcomes, s.decided_on_device, s.answered_by_cloud, s.fallbacks, s.fallbacks_deadline), (10_000, 3334, 3333, 3333, 3333));
+        assert_eq!(s.per_exit, vec![6667, 0, 3333]);
+        assert!((s.accuracy - 0.8).abs() < 1e-12);
+        // Exact percentiles, from the sorted latencies.
+        let mut ms: Vec<f64> = outcomes.iter().map(|o| o.latency.total_us as f64 / 1e3).collect();
+        ms.sort_by(f64::total_cmp);
+        for (q, got) in [(0.5, s.latency_ms_p50), (0.95, s.latency_ms_p95), (0.99, s.latency_ms_p99)] {
+            let exact = ms[((q * ms.len() as f64).ceil() as usize).clamp(1, ms.len()) - 1];
+            assert!(got >= exact - 1e-9 && got <= exact * 1.0101, "p{q}: {got} vs {exact}");
+        }
+    }
+
+    #[test]
+    fn duplicates_are_counted_with_one_bit_per_arrival() {
+        let mut c = Collector::new(1);
+        for a in [0u64, 5, 64, 5, 1_000_000, 0] {
+            if c.seen_before(a) {
+                c.duplicates += 1;
+            }
+        }
+        assert_eq!(c.duplicates, 2);
+        assert!(c.seen.len() * 64 >= 1_000_001 && c.seen.len() <= 2 * 1_000_001 / 64 + 2, "{}", c.seen.len());
+        assert!(c.kept.is_none(), "outcomes are kept only when asked");
+    }
 }

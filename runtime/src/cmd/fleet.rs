@@ -101,6 +101,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
 
     let ready_service = args.service.clone();
     let system = actix::System::new();
+    let keep_outcomes = args.outcomes.is_some();
     let (run, outcomes) = system.block_on(async move {
         let mut device_threads = DeviceThreads::start_with_slowdown(spec.clone(), args.threads, args.device_slowdown).context("--device-slowdown")?;
         let client = match &args.nats.nats {
@@ -117,7 +118,10 @@ pub fn run(args: FleetArgs) -> Result<()> {
                 OffloadLink::InProcess(Batcher::new(wcfg, worker_exec, partition_points).with_compute_threads(args.worker_threads).start())
             }
         };
-        let collector = Collector::new(num_branches).start();
+        // Every outcome is kept only for an --outcomes file; otherwise the
+        // collector's memory stays flat however long the fleet runs.
+        let collector = Collector::new(num_branches);
+        let collector = if keep_outcomes { collector.keeping_outcomes() } else { collector }.start();
         let (devices, rate) = (cfg.devices, cfg.rate_per_device);
         let service = ready_service;
         let started = move || {

@@ -135,7 +135,8 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                 OffloadLink::Nats(c.clone())
             }
         };
-        let collector = Collector::new(prepared.sim.num_branches()).start();
+        // The report is made from every outcome.
+        let collector = Collector::new(prepared.sim.num_branches()).keeping_outcomes().start();
         let planner = adaptive.then(|| {
             let costs: BTreeMap<String, Costs> = s
                 .groups
