@@ -691,15 +691,8 @@ fn broker_outages_lose_no_input_and_answer_every_input_by_its_deadline() {
     let before = statuses.wait("300 more offloads answered", Duration::from_secs(60), |seen| answered(seen).filter(|&n| n >= 300));
     let _ = before;
     nats.stop();
-    let stopped = std::time::Instant::now();
     let mut child = fleet.child;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(stopped.elapsed() < Duration::from_secs(60), "the fleet did not end within 60 s of the outage");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_for("the fleet to end with its server gone", Duration::from_secs(60), || child.try_wait().unwrap());
     let said = fleet.stderr.join().unwrap();
     assert!(status.success(), "exit 0 with the server gone: {said}");
     let (s, _) = every_input_answered_in_time(&summary, &outcomes, 1000);
@@ -780,11 +773,12 @@ fn model_sha(url: &str) -> String {
     })
 }
 
-fn publish_all(url: &str, payloads: Vec<Vec<u8>>) {
+/// Publishes each payload on `subject`, in order, and flushes.
+fn publish_all(url: &str, subject: &str, payloads: Vec<Vec<u8>>) {
     runtime().block_on(async {
         let client = async_nats::connect(url).await.unwrap();
         for p in payloads {
-            client.publish(subjects::CALIBRATION_AUDIT, p.into()).await.unwrap();
+            client.publish(subject.to_string(), p.into()).await.unwrap();
         }
         client.flush().await.unwrap();
     });
@@ -817,7 +811,7 @@ fn the_calibrator_watches_audit_results_and_alarms_on_drift() {
     let branch = AuditResult { partition_branch: 9, ..result(201, true) };
     let classes = AuditResult { branch_logits: vec![1.0, 0.0, 0.0], final_class: 0, label: None, ..result(202, true) };
     payloads.extend([other, branch, classes].iter().map(|r| encode(r).unwrap()));
-    publish_all(&nats.url, payloads);
+    publish_all(&nats.url, subjects::CALIBRATION_AUDIT, payloads);
     let calm = statuses.wait("the status of 200 agreeing audits and 4 refused results", Duration::from_secs(60), |seen| {
         seen.iter().rev().find(|s| s.refused == 4 && s.watched.first().is_some_and(|w| w.audits == 200)).cloned()
     });
@@ -830,7 +824,7 @@ fn the_calibrator_watches_audit_results_and_alarms_on_drift() {
     assert!(!w.reliability.is_empty() && w.reliability.iter().all(|b| b.agreement == 1.0), "a live reliability diagram: {:?}", w.reliability);
     // A run of disagreements, then more than enough for a refit: the drift
     // test alarms, and with --alarm-only nothing is refit.
-    publish_all(&nats.url, (203..603).map(|i| encode(&result(i, i % 3 == 0)).unwrap()).collect());
+    publish_all(&nats.url, subjects::CALIBRATION_AUDIT, (203..603).map(|i| encode(&result(i, i % 3 == 0)).unwrap()).collect());
     let drifted =
         statuses.wait("a drift alarm", Duration::from_secs(60), |seen| seen.iter().rev().find(|s| s.watched.first().is_some_and(|w| w.alarms > 0 && w.audits == 600)).cloned());
     let w = &drifted.watched[0];
@@ -875,19 +869,11 @@ fn the_calibrator_watches_audit_results_and_alarms_on_drift() {
         applied: vec![],
     };
     let bytes = rmp_serde::to_vec_named(&Envelope { wire_version: branchpoint_messages::WIRE_VERSION, body: forged }).unwrap();
-    publish_to(&nats.url, &subjects::fleet_status("forged"), bytes);
+    publish_all(&nats.url, &subjects::fleet_status("forged"), vec![bytes]);
     wait_for("the forged status to be refused and counted", Duration::from_secs(30), || {
         metric(&http("GET", &api, "/metrics", None, None).body, "branchpoint_api_refused_statuses_total").filter(|&n| n >= 1.0)
     });
     assert!(!http("GET", &api, "/api/fleet", None, None).body.contains("forged"));
-}
-
-fn publish_to(url: &str, subject: &str, payload: Vec<u8>) {
-    runtime().block_on(async {
-        let client = async_nats::connect(url).await.unwrap();
-        client.publish(subject.to_string(), payload.into()).await.unwrap();
-        client.flush().await.unwrap();
-    });
 }
 
 /// A drift alarm refits the group's branch from the sampled inputs that
@@ -917,7 +903,7 @@ fn a_drift_refit_is_stored_for_the_group() {
         payloads.push(encode(&audit_result(&sha, "night", i, i < 100 || i % 3 == 0)).unwrap());
         payloads.push(encode(&audit_result(&sha, "day", i, true)).unwrap());
     }
-    publish_all(&nats.url, payloads);
+    publish_all(&nats.url, subjects::CALIBRATION_AUDIT, payloads);
     // Every result taken (they arrive in order, day's last).
     let refit = statuses.wait("a refit of group night, and every result taken", Duration::from_secs(60), |seen| {
         seen.iter().rev().find(|s| s.watched.iter().any(|w| w.group == "night" && w.refits == 1) && s.watched.iter().any(|w| w.group == "day" && w.audits == 800)).cloned()
@@ -951,7 +937,7 @@ fn a_drift_refit_is_stored_for_the_group() {
     // neither count nor start another monitor.
     let stale = night.stale;
     assert!(stale > 0, "the night results after the refit were decided under the replaced plan: {night:?}");
-    publish_all(&nats.url, (800..850).map(|i| encode(&audit_result(&sha, "night", i, false)).unwrap()).collect());
+    publish_all(&nats.url, subjects::CALIBRATION_AUDIT, (800..850).map(|i| encode(&audit_result(&sha, "night", i, false)).unwrap()).collect());
     let after = statuses.wait("the stale results counted", Duration::from_secs(60), |seen| {
         seen.iter().rev().find(|s| s.watched.iter().any(|w| w.group == "night" && w.stale == stale + 50)).cloned()
     });
@@ -960,7 +946,7 @@ fn a_drift_refit_is_stored_for_the_group() {
     assert_eq!(night_after[0].refits, 1);
     // The refit plan's own results count.
     let under_refit = |i: u64| AuditResult { p_tar: last.threshold, ..audit_result(&sha, "night", i, true) };
-    publish_all(&nats.url, (850..860).map(|i| encode(&under_refit(i)).unwrap()).collect());
+    publish_all(&nats.url, subjects::CALIBRATION_AUDIT, (850..860).map(|i| encode(&under_refit(i)).unwrap()).collect());
     statuses.wait("results under the refit plan", Duration::from_secs(60), |seen| {
         seen.iter().rev().find(|s| s.watched.iter().any(|w| w.group == "night" && w.threshold == last.threshold && w.audits > 0 && w.stale == stale + 50)).cloned()
     });
