@@ -18,8 +18,9 @@ use std::path::PathBuf;
 use branchpoint_messages::{
     decode, encode, subjects, CalibrationMethod, CalibrationRefit, CalibrationUpdate, CertifiedTarget, CertifyReply, CertifyRequest, ErrorKind, ErrorReply, PlanTarget, PlanUpdate,
 };
-use branchpoint_models::calibration::{fit_file, split_exit_logits, CalibrationFile, ExitLogits, Method};
-use branchpoint_models::risk::{certify, default_grid, ConfidenceCounts, Target};
+use branchpoint_core::calibration::{fit_file, CalibrationFile, ExitLogits, Method};
+use branchpoint_models::exits::split_exit_logits;
+use branchpoint_core::risk::{certify, default_grid, ConfidenceCounts, Target};
 use branchpoint_models::{load_model, Dataset, LoadedModel};
 use futures::StreamExt;
 
@@ -136,7 +137,7 @@ pub struct GroupRefit {
     pub partition_branch: u8,
     pub temperatures: Vec<f64>,
     pub plan: PlanUpdate,
-    pub refit: branchpoint_models::monitor::Refit,
+    pub refit: branchpoint_core::monitor::Refit,
 }
 
 /// The live calibrator's monitors, one per (group, branch, plan in force):
@@ -162,7 +163,7 @@ pub struct LiveWatch {
 struct Watched {
     group: String,
     branch: u8,
-    monitor: branchpoint_models::monitor::Monitor,
+    monitor: branchpoint_core::monitor::Monitor,
     /// Thresholds this monitor's refits replaced (the latest few).
     superseded: Vec<f64>,
     last_heard: u64,
@@ -246,7 +247,7 @@ impl LiveWatch {
                     return Ok(WatchOutcome::Stale);
                 }
                 let s = self.settings;
-                let cfg = branchpoint_models::monitor::MonitorConfig {
+                let cfg = branchpoint_core::monitor::MonitorConfig {
                     audit_rate: r.audit_rate,
                     target: Target { accuracy: r.target_accuracy, delta: s.delta },
                     window_us: s.window_us,
@@ -258,7 +259,7 @@ impl LiveWatch {
                     min_refit_sample: s.min_refit_sample,
                 };
                 let temperature = self.temperatures_of(&r.group, temperatures)[b - 1];
-                let monitor = match branchpoint_models::monitor::Monitor::new(cfg, temperature, r.p_tar) {
+                let monitor = match branchpoint_core::monitor::Monitor::new(cfg, temperature, r.p_tar) {
                     Ok(m) => m,
                     Err(e) => return refuse(self, format!("a watchable plan ({e})")),
                 };
@@ -285,7 +286,7 @@ impl LiveWatch {
         let w = &mut self.monitors[i];
         w.last_heard = self.clock;
         w.latest_us = w.latest_us.max(r.decided_at_unix_us);
-        let obs = branchpoint_models::monitor::Observation {
+        let obs = branchpoint_core::monitor::Observation {
             t_us: r.decided_at_unix_us,
             logits: r.branch_logits.clone(),
             final_class: r.final_class,
@@ -301,7 +302,7 @@ impl LiveWatch {
                 return Err(e.into());
             }
         };
-        use branchpoint_models::monitor::Event;
+        use branchpoint_core::monitor::Event;
         match event {
             None => Ok(WatchOutcome::Quiet),
             Some(Event::Alarm { .. }) => {
@@ -466,10 +467,7 @@ impl CalibratorHandle {
                 let branches = c.validation.len().saturating_sub(1);
                 let b = usize::from(partition_branch);
                 if b == 0 || b > branches {
-                    return Err(ActorError::Model(branchpoint_models::ModelError::InvalidArgument {
-                        what: "partition_branch".into(),
-                        reason: format!("{partition_branch}: this model has side branches 1 to {branches}"),
-                    }));
+                    return Err(ActorError::Invalid { what: "partition_branch".into(), reason: format!("{partition_branch}: this model has side branches 1 to {branches}") });
                 }
                 let temperature = c.current.temperatures[b - 1];
                 let counts = ConfidenceCounts::of_exit(&c.validation[b - 1], temperature)?;

@@ -20,9 +20,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
 use branchpoint_messages::{AuditTag, Deadline, OffloadRequest};
-use branchpoint_models::calibration::predict;
+use branchpoint_core::calibration::predict;
 
-use branchpoint_models::planner::Plan;
+use branchpoint_core::planner::Plan;
 
 use crate::collector::{Collector, Decided, FallbackReason, InputAccepted, Latency, Outcome};
 use crate::compute::{HeadOutput, LoadedNet};
@@ -99,7 +99,7 @@ pub struct Device {
     seq: u64,
     em: Option<Rc<Emulation>>,
     /// Audit coins, and the audits still waiting for their answer.
-    coins: branchpoint_models::rng::SplitMix64,
+    coins: branchpoint_core::rng::SplitMix64,
     audits_in_flight: Rc<std::cell::Cell<usize>>,
     /// The on-device accuracy the plan in force was certified for, if it
     /// was (`ApplyPlan::target_accuracy`): what audits say it targets.
@@ -112,7 +112,7 @@ impl Device {
         // The device's coins: its id mixed into the fleet's seed (FNV-1a).
         let id_hash = cfg.id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
         let seed = cfg.audit.as_ref().map_or(0, |a| a.seed) ^ id_hash;
-        Self { cfg, net, link, collector, seq: 0, em, coins: branchpoint_models::rng::SplitMix64::new(seed), audits_in_flight: Rc::default(), plan_target: None }
+        Self { cfg, net, link, collector, seq: 0, em, coins: branchpoint_core::rng::SplitMix64::new(seed), audits_in_flight: Rc::default(), plan_target: None }
     }
 
     /// The tag of an input the device decided (on the device or not), if it

@@ -1,5 +1,5 @@
 //! Live link emulation at a device, for real-time scenario replay: the
-//! device's uploads queue on an emulated uplink (`branchpoint_models::link`)
+//! device's uploads queue on an emulated uplink (`branchpoint_core::link`)
 //! and take the time the link says, on the wall clock; half the link's RTT
 //! is added each way. The device keeps the same `DeviceUplink` the
 //! virtual-time replay uses, so it estimates, probes, declines and reports
@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::Addr;
-use branchpoint_models::link::Link;
-use branchpoint_models::planner::{DeviceUplink, LinkEstimator};
-use branchpoint_models::rng::SplitMix64;
+use branchpoint_core::link::Link;
+use branchpoint_core::planner::{DeviceUplink, LinkEstimator};
+use branchpoint_core::rng::SplitMix64;
 
 use crate::planner::Planner;
 

@@ -7,6 +7,9 @@ pub enum ActorError {
     Model(#[from] branchpoint_models::ModelError),
 
     #[error(transparent)]
+    Core(#[from] branchpoint_core::CoreError),
+
+    #[error(transparent)]
     Message(#[from] branchpoint_messages::MessageError),
 
     #[error("could not load model {path}: {reason}")]

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use branchpoint_models::rng::SplitMix64;
+use branchpoint_core::rng::SplitMix64;
 use branchpoint_models::Split;
 
 use crate::collector::{Collector, GetSnapshot, GetSummary, Summary};

@@ -1,6 +1,6 @@
 //! Partition planner: answers each device's network report with the plan
 //! (partition branch and p_tar) that maximises predicted accuracy within the
-//! deadline-miss bound (`branchpoint_models::planner::choose`).
+//! deadline-miss bound (`branchpoint_core::planner::choose`).
 //!
 //! Owns: the model's statistics (from the calibrated validation split), the
 //! costs of each device group, and a log of what it decided (for reports).
@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use branchpoint_models::planner::{choose, Costs, ModelStats, Observed, Prediction};
+use branchpoint_core::planner::{choose, Costs, ModelStats, Observed, Prediction};
 use serde::{Deserialize, Serialize};
 
 use crate::device::{ApplyPlan, Device};

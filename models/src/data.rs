@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::error::{ModelError, Result};
-use crate::rng::SplitMix64;
+use branchpoint_core::rng::SplitMix64;
 
 /// Where Debian's `dataset-fashion-mnist` puts the files.
 pub const FASHION_MNIST_DEFAULT_DIR: &str = "/usr/share/datasets/fashion-mnist";

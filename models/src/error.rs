@@ -33,6 +33,9 @@ pub enum ModelError {
     InvalidArgument { what: String, reason: String },
 
     #[error(transparent)]
+    Core(#[from] branchpoint_core::CoreError),
+
+    #[error(transparent)]
     Torch(#[from] tch::TchError),
 }
 

@@ -5,7 +5,9 @@
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use crate::calibration::{calibration_metrics, ExitLogits};
+use branchpoint_core::calibration::calibration_metrics;
+
+use crate::exits::exit_logits;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ExitMetrics {
@@ -20,7 +22,7 @@ pub struct ExitMetrics {
 /// Accuracy, NLL and ECE of `logits` [N, C] against `labels` [N], at
 /// temperature 1.
 pub fn exit_metrics(logits: &Tensor, labels: &Tensor) -> ExitMetrics {
-    let e = ExitLogits::from_tensors(logits, labels).expect("logits [N, C] with labels [N] in 0..C");
+    let e = exit_logits(logits, labels).expect("logits [N, C] with labels [N] in 0..C");
     let m = calibration_metrics(&e, 1.0);
     ExitMetrics { accuracy: m.accuracy, nll: m.nll, ece: m.ece }
 }

@@ -3,40 +3,10 @@
 //! planner's and the latency model's input.
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
+use branchpoint_core::costs::{ComputeProfile, PartLatency, PartitionLatency};
 use tch::{Kind, Tensor};
 
 use crate::net::EarlyExitNet;
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ComputeProfile {
-    pub device: String,
-    pub torch_threads: i32,
-    pub repeats: usize,
-    pub batch_sizes: Vec<i64>,
-    pub stages: Vec<PartLatency>,
-    pub branches: Vec<PartLatency>,
-    pub final_exit: PartLatency,
-    pub partitions: Vec<PartitionLatency>,
-}
-
-/// Median latency of one part at each batch size (same order as
-/// `ComputeProfile::batch_sizes`), in milliseconds.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PartLatency {
-    pub name: String,
-    pub median_ms: Vec<f64>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PartitionLatency {
-    pub branch: usize,
-    pub activation_bytes: usize,
-    /// Device side: stages up to the branch, plus the branch.
-    pub head_median_ms: Vec<f64>,
-    /// Cloud side: remaining stages plus the final exit.
-    pub tail_median_ms: Vec<f64>,
-}
 
 /// Median wall time of `f` over `repeats` runs after `repeats / 5 + 1`
 /// warm-up runs, in milliseconds.

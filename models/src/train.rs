@@ -12,7 +12,7 @@ use crate::data::{Normalization, Split};
 use crate::error::{ModelError, Result};
 use crate::metrics::{exit_metrics, ExitMetrics};
 use crate::net::EarlyExitNet;
-use crate::rng::SplitMix64;
+use branchpoint_core::rng::SplitMix64;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {

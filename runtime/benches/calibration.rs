@@ -9,8 +9,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use branchpoint::evaluation::{method_report, split_logits, SweepSettings};
-use branchpoint_models::calibration::{fit, Method};
-use branchpoint_models::offload::{default_p_tars, LatencyModel};
+use branchpoint_core::calibration::{fit, Method};
+use branchpoint_core::offload::{default_p_tars, LatencyModel};
 use branchpoint_models::{load_model, Dataset};
 
 fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
@@ -69,19 +69,19 @@ fn bench(weights: &Path) {
     // each twice more), then certified thresholds for 14 targets per branch.
     let methods = median_ms(5, || {
         for e in &logits.validation {
-            for m in branchpoint_models::recalibration::METHODS {
-                branchpoint_models::recalibration::ConfidenceMap::fit(m, e).unwrap();
+            for m in branchpoint_core::recalibration::METHODS {
+                branchpoint_core::recalibration::ConfidenceMap::fit(m, e).unwrap();
             }
-            branchpoint_models::recalibration::select(e, 1).unwrap();
+            branchpoint_core::recalibration::select(e, 1).unwrap();
         }
     });
-    let grid = branchpoint_models::risk::default_grid();
+    let grid = branchpoint_core::risk::default_grid();
     let certify = median_ms(11, || {
         for e in &logits.validation[..logits.validation.len() - 1] {
-            let t = branchpoint_models::calibration::fit_temperature(&[e]).unwrap();
-            let counts = branchpoint_models::risk::ConfidenceCounts::of_exit(e, t).unwrap();
+            let t = branchpoint_core::calibration::fit_temperature(&[e]).unwrap();
+            let counts = branchpoint_core::risk::ConfidenceCounts::of_exit(e, t).unwrap();
             for &a in &p_tars {
-                branchpoint_models::risk::certify(&counts, branchpoint_models::risk::Target { accuracy: a, delta: 0.05 }, &grid).unwrap();
+                branchpoint_core::risk::certify(&counts, branchpoint_core::risk::Target { accuracy: a, delta: 0.05 }, &grid).unwrap();
             }
         }
     });
@@ -90,10 +90,10 @@ fn bench(weights: &Path) {
     let batch = logits.test[0].len();
     let certify_batch = median_ms(11, || {
         for e in &logits.validation[..logits.validation.len() - 1] {
-            let t = branchpoint_models::calibration::fit_temperature(&[e]).unwrap();
-            let counts = branchpoint_models::risk::ConfidenceCounts::of_exit(e, t).unwrap();
+            let t = branchpoint_core::calibration::fit_temperature(&[e]).unwrap();
+            let counts = branchpoint_core::risk::ConfidenceCounts::of_exit(e, t).unwrap();
             for &a in &p_tars {
-                branchpoint_models::risk::certify_batch(&counts, branchpoint_models::risk::Target { accuracy: a, delta: 0.05 }, batch, &grid).unwrap();
+                branchpoint_core::risk::certify_batch(&counts, branchpoint_core::risk::Target { accuracy: a, delta: 0.05 }, batch, &grid).unwrap();
             }
         }
     });
@@ -101,7 +101,7 @@ fn bench(weights: &Path) {
     println!("fit per-branch TS (one T per exit, {} fits):      median {per_branch:8.2} ms", names.len());
     println!("fit global TS (one T, all exits' logits pooled):    median {global:8.2} ms");
     println!("full evaluation (3 methods x {} branches x {} p_tar, per-exit metrics, deadline curves): median {sweep:8.2} ms", latency.len(), p_tars.len());
-    println!("every calibration method ({}) fit on every exit, plus the cross-validated choice: median {methods:8.2} ms", branchpoint_models::recalibration::METHODS.join(", "));
+    println!("every calibration method ({}) fit on every exit, plus the cross-validated choice: median {methods:8.2} ms", branchpoint_core::recalibration::METHODS.join(", "));
     println!(
         "certified thresholds for {} targets on each of {} branches (temperature fit included): median {certify:8.2} ms; together {:.2} ms (target: under 1 s)",
         p_tars.len(),

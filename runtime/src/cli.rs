@@ -156,7 +156,7 @@ pub struct StackArgs {
     pub method: String,
 }
 
-/// The autoscaler's bounds and thresholds (`branchpoint_models::autoscale`).
+/// The autoscaler's bounds and thresholds (`branchpoint_core::autoscale`).
 #[derive(Debug, Args)]
 pub struct AutoscaleArgs {
     /// Fewest workers [default: --workers].

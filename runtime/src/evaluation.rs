@@ -6,10 +6,10 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use branchpoint_models::calibration::{self, calibration_metrics, CalibrationFile, CalibrationMetrics, ExitLogits, Method};
-use branchpoint_models::offload::{operating_point, sweep, Decisions, LatencyModel, OperatingPoint, SweepRow};
-use branchpoint_models::recalibration::{confidences, quality, select, ConfidenceMap, ConfidenceQuality};
-use branchpoint_models::risk::{certify, certify_batch, default_grid, resplit_study, Certificate, ConfidenceCounts, ResplitRates, Target};
+use branchpoint_core::calibration::{self, calibration_metrics, CalibrationFile, CalibrationMetrics, ExitLogits, Method};
+use branchpoint_core::offload::{operating_point, sweep, Decisions, LatencyModel, OperatingPoint, SweepRow};
+use branchpoint_core::recalibration::{confidences, quality, select, ConfidenceMap, ConfidenceQuality};
+use branchpoint_core::risk::{certify, certify_batch, default_grid, resplit_study, Certificate, ConfidenceCounts, ResplitRates, Target};
 use branchpoint_models::{Dataset, LoadedModel};
 use serde::{Deserialize, Serialize};
 
@@ -20,7 +20,7 @@ pub struct SplitLogits {
 }
 
 pub fn split_logits(model: &LoadedModel, data: &Dataset) -> Result<SplitLogits> {
-    Ok(SplitLogits { validation: calibration::split_exit_logits(&model.net, &data.validation)?, test: calibration::split_exit_logits(&model.net, &data.test)? })
+    Ok(SplitLogits { validation: branchpoint_models::exits::split_exit_logits(&model.net, &data.validation)?, test: branchpoint_models::exits::split_exit_logits(&model.net, &data.test)? })
 }
 
 /// Fits `method` on the validation logits and describes the fit.
@@ -132,7 +132,7 @@ pub fn method_report(method: Method, source: String, temperatures: &[f64], logit
         let rows = sweep(&d, s.p_tars, s.outage_batch, latency, s.deadline_ms)?;
         let p_tars_missed: Vec<f64> = rows.iter().filter(|r| r.meets_p_tar == Some(false)).map(|r| r.p_tar).collect();
         let grid = deadline_grid(s.latency);
-        let curve = grid.iter().map(|&dl| (dl, branchpoint_models::offload::sweep_row(&d, s.deadline_curve_p_tar, s.outage_batch, latency, dl).missed_deadline_prob)).collect();
+        let curve = grid.iter().map(|&dl| (dl, branchpoint_core::offload::sweep_row(&d, s.deadline_curve_p_tar, s.outage_batch, latency, dl).missed_deadline_prob)).collect();
         branches.push(BranchReport { branch: bi + 1, edge_accuracy_meets_p_tar: p_tars_missed.is_empty(), p_tars_missed, rows, missed_deadline_curve: curve });
     }
     Ok(MethodReport { method: method.name().into(), source, temperatures: temperatures.to_vec(), exits, branches })

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use anyhow::{anyhow, bail, Context, Result};
-use branchpoint_models::calibration::ReliabilityBin;
+use branchpoint_core::calibration::ReliabilityBin;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use branchpoint_actors::collector::{Decided, Outcome, Summary};
 use branchpoint_messages::{decode, encode, subjects, Deadline, ErrorKind, OffloadReply, OffloadRequest, Tensor};
-use branchpoint_models::calibration::predict;
+use branchpoint_core::calibration::predict;
 use branchpoint_models::{load_model, Dataset};
 use common::*;
 

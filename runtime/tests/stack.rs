@@ -282,13 +282,13 @@ fn dashboard_in_chromium(api: &str, dir: &Path) {
 
 /// DIR/workers.csv: per autoscaler tick, the load it saw (workers, queue
 /// delay, backlog).
-fn timeline(dir: &Path) -> Vec<branchpoint_models::autoscale::Load> {
+fn timeline(dir: &Path) -> Vec<branchpoint_core::autoscale::Load> {
     let text = std::fs::read_to_string(dir.join("workers.csv")).unwrap_or_default();
     text.lines()
         .skip(1)
         .filter_map(|l| {
             let f: Vec<&str> = l.split(',').collect();
-            Some(branchpoint_models::autoscale::Load { workers: f.get(1)?.parse().ok()?, queue_delay_us: f.get(2)?.parse().ok()?, backlog: f.get(3)?.parse().ok()? })
+            Some(branchpoint_core::autoscale::Load { workers: f.get(1)?.parse().ok()?, queue_delay_us: f.get(2)?.parse().ok()?, backlog: f.get(3)?.parse().ok()? })
         })
         .collect()
 }
@@ -342,7 +342,7 @@ fn autoscaler_adds_workers_under_a_load_step_and_removes_them_after() {
         Err(_) => panic!("the test's stack arguments parse"),
     };
     let branchpoint::cli::Command::Stack(up_args) = cli.command else { panic!("stack up") };
-    let mut policy = branchpoint_models::autoscale::Autoscaler::new(branchpoint::cmd::stack::autoscale_config(&up_args.autoscale, up_args.workers).unwrap());
+    let mut policy = branchpoint_core::autoscale::Autoscaler::new(branchpoint::cmd::stack::autoscale_config(&up_args.autoscale, up_args.workers).unwrap());
     let rows = timeline(dir.path());
     for (k, pair) in rows.windows(2).enumerate() {
         let target = policy.tick(pair[0]);

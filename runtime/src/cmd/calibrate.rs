@@ -1,6 +1,6 @@
 //! `branchpoint calibrate`: temperature scaling on the validation split.
 use anyhow::{bail, Result};
-use branchpoint_models::calibration::Method;
+use branchpoint_core::calibration::Method;
 
 use crate::cli::CalibrateArgs;
 use crate::evaluation::{calibrate, split_logits};

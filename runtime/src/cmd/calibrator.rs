@@ -2,7 +2,7 @@
 use anyhow::{bail, Context, Result};
 use branchpoint_actors::calibration::{method_of, serve_calibration_nats, Calibrator, CalibratorConfig, Initial, WatchSettings};
 use branchpoint_actors::control::ControlStore;
-use branchpoint_models::calibration::{CalibrationFile, Method};
+use branchpoint_core::calibration::{CalibrationFile, Method};
 
 use crate::cli::CalibratorArgs;
 use crate::shutdown::{Stopping, GRACE};

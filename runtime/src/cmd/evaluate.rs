@@ -5,14 +5,15 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use branchpoint_models::calibration::{self, CalibrationFile, Method};
-use branchpoint_models::offload::{check_p_tar, default_p_tars, LatencyModel};
-use branchpoint_models::profile::{profile, ComputeProfile};
+use branchpoint_core::calibration::{self, CalibrationFile, Method};
+use branchpoint_core::offload::{check_p_tar, default_p_tars, LatencyModel};
+use branchpoint_core::costs::ComputeProfile;
+use branchpoint_models::profile::profile;
 use branchpoint_models::LoadedModel;
 
 use crate::cli::EvaluateArgs;
 use crate::evaluation::{certified_report, dump_logits, method_report, recalibration_report, split_logits, MethodReport, NetworkSettings, Report, SweepSettings};
-use branchpoint_models::risk::Target;
+use branchpoint_core::risk::Target;
 use plotters::prelude::SeriesLabelPosition;
 
 use crate::plots::{line_plot, method_color, prepare_dir, reliability_diagram, Curve, LinePlot};
@@ -30,7 +31,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     if args.outage_batch == 0 {
         bail!("--outage-batch must be at least 1");
     }
-    let corruption = args.corrupt.as_deref().map(branchpoint_models::corrupt::Corruption::parse).transpose().context("--corrupt")?;
+    let corruption = args.corrupt.as_deref().map(branchpoint_core::corrupt::Corruption::parse).transpose().context("--corrupt")?;
     if args.certify_accuracy.is_empty() || args.certify_delta.is_empty() {
         bail!("--certify-accuracy and --certify-delta: give at least one value each");
     }
@@ -69,7 +70,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     let kind = model.card.dataset.name;
     let mut data = args.source.load_data(&model)?;
     if let Some(c) = corruption {
-        data.test.images = c.apply(&data.test.images, &kind.normalization(), args.corrupt_seed, 0)?;
+        data.test.images = branchpoint_models::corrupt::apply(&c, &data.test.images, &kind.normalization(), args.corrupt_seed, 0)?;
         println!("test images corrupted: {c}, seed {}; calibration fits on the clean validation split", args.corrupt_seed);
     }
     let logits = split_logits(&model, &data)?;
@@ -267,7 +268,7 @@ fn print_certified(report: &Report, with_resplits: usize) {
         "  {:<6} {:>5} {:>5}  {:>17}  {:>17}  {:>25}  {:>25}  re-splits broken (uncal / TS / empirical / certified / batch-certified), offload",
         "branch", "a", "delta", "p_tar = a, T = 1", "p_tar = a, TS", "certified: threshold", "batch-certified"
     );
-    let point = |p: &branchpoint_models::offload::OperatingPoint| format!("{:>5.1} % off {:>6}", 100.0 * p.offload_prob, pct(p.edge_accuracy));
+    let point = |p: &branchpoint_core::offload::OperatingPoint| format!("{:>5.1} % off {:>6}", 100.0 * p.offload_prob, pct(p.edge_accuracy));
     for b in &c.branches {
         for r in b.rows.iter().take(with_resplits) {
             let resplit = r.resplit.map_or("-".into(), |s| {
@@ -286,7 +287,7 @@ fn print_certified(report: &Report, with_resplits: usize) {
                     100.0 * s.certified_batch.mean_offload_rate
                 )
             });
-            let threshold = |c: &branchpoint_models::risk::Certificate| c.threshold.map_or("none".into(), |t| format!("{t:.3}"));
+            let threshold = |c: &branchpoint_core::risk::Certificate| c.threshold.map_or("none".into(), |t| format!("{t:.3}"));
             println!(
                 "  {:<6} {:>5.2} {:>5.2}  {}  {}  {:>7} {}  {:>7} {}  {}",
                 b.branch,
@@ -394,7 +395,7 @@ fn write_plots(dir: &Path, report: &Report) -> Result<usize> {
     }
     // The same, for every calibration method compared.
     for r in &report.recalibration {
-        let panels: Vec<(String, f64, &[branchpoint_models::calibration::ReliabilityBin])> =
+        let panels: Vec<(String, f64, &[branchpoint_core::calibration::ReliabilityBin])> =
             r.methods.iter().map(|m| (format!("{}{}", m.method, if m.method == r.chosen { " (chosen)" } else { "" }), m.test.ece, m.test.reliability.as_slice())).collect();
         let file = format!("reliability-methods-{}.png", r.exit.replace(' ', ""));
         reliability_diagram(&dir.join(file), &format!("Reliability diagram per calibration method, {} (test set)", r.exit), &panels)?;

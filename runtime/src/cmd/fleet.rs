@@ -12,7 +12,7 @@ use branchpoint_actors::device::{AuditSettings, DeviceConfig};
 use branchpoint_actors::fleet::{run_fleet, DeviceThreads, FleetConfig, TestInputs};
 use branchpoint_actors::transport::OffloadLink;
 use branchpoint_actors::worker::{Batcher, WorkerConfig};
-use branchpoint_models::calibration::CalibrationFile;
+use branchpoint_core::calibration::CalibrationFile;
 
 use crate::cli::FleetArgs;
 
@@ -39,10 +39,10 @@ pub fn run(args: FleetArgs) -> Result<()> {
         }
         None => vec![1.0; num_exits],
     };
-    let corruption = args.corrupt.as_deref().map(branchpoint_models::corrupt::Corruption::parse).transpose().context("--corrupt")?;
+    let corruption = args.corrupt.as_deref().map(branchpoint_core::corrupt::Corruption::parse).transpose().context("--corrupt")?;
     let mut data = args.source.load_data(&model)?;
     if let Some(c) = corruption {
-        data.test.images = c.apply(&data.test.images, &model.card.dataset.name.normalization(), 1, 0)?;
+        data.test.images = branchpoint_models::corrupt::apply(&c, &data.test.images, &model.card.dataset.name.normalization(), 1, 0)?;
         eprintln!("fleet: the devices see the test images under {c}");
     }
     let inputs = Arc::new(TestInputs::from_split(&data.test)?);

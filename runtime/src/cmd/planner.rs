@@ -9,8 +9,8 @@ use actix::Actor;
 use anyhow::{bail, Context, Result};
 use branchpoint_actors::control::ControlStore;
 use branchpoint_actors::planner::{serve_planner_nats, Planner};
-use branchpoint_models::calibration::{self, CalibrationFile, Method};
-use branchpoint_models::planner::{default_candidate_p_tars, Costs, ModelStats};
+use branchpoint_core::calibration::{self, CalibrationFile, Method};
+use branchpoint_core::planner::{default_candidate_p_tars, Costs, ModelStats};
 
 use crate::cli::PlannerArgs;
 use crate::scenario::{compute_costs, read_profile_at, upload_bytes};
@@ -33,7 +33,7 @@ pub fn run(args: PlannerArgs) -> Result<()> {
     tch::set_num_threads(std::thread::available_parallelism().map_or(1, |n| n.get() as i32));
     let model = args.source.load_model(tch::Device::Cpu)?;
     let data = args.source.load_data(&model)?;
-    let validation = calibration::split_exit_logits(&model.net, &data.validation)?;
+    let validation = branchpoint_models::exits::split_exit_logits(&model.net, &data.validation)?;
     let num_exits = validation.len();
     let temperatures = match &args.temperatures.calibration {
         Some(path) => {

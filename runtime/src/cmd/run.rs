@@ -33,9 +33,9 @@ pub fn run(args: RunArgs) -> Result<()> {
     let (mut shifted, mut shifted_splits) = (Vec::new(), Vec::new());
     for (corruption, seed) in scenario.shift_views() {
         eprintln!("scenario {}: computing the model's answers on the test inputs under {corruption}", scenario.name);
-        let images = corruption.apply(&data.test.images, &model.card.dataset.name.normalization(), seed, 0)?;
+        let images = branchpoint_models::corrupt::apply(&corruption, &data.test.images, &model.card.dataset.name.normalization(), seed, 0)?;
         let split = branchpoint_models::data::Split { images, labels: data.test.labels.shallow_clone() };
-        shifted.push(branchpoint_models::calibration::split_exit_logits(&model.net, &split)?);
+        shifted.push(branchpoint_models::exits::split_exit_logits(&model.net, &split)?);
         shifted_splits.push(split);
     }
     let prepared = scenario::prepare(&scenario, &model, &logits.validation, &logits.test, &shifted, &profile)?;

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use branchpoint_messages::{decode, subjects, WorkerStatus};
-use branchpoint_models::autoscale::{AutoscaleConfig, Autoscaler, Load};
+use branchpoint_core::autoscale::{AutoscaleConfig, Autoscaler, Load};
 use futures::StreamExt;
 use serde::Serialize;
 

@@ -1,7 +1,7 @@
 //! `branchpoint trace`: writes a synthetic cellular uplink trace, so that a
 //! trace scenario runs on a machine without recorded traces.
 use anyhow::{Context, Result};
-use branchpoint_models::link::SyntheticTrace;
+use branchpoint_core::link::SyntheticTrace;
 
 use crate::cli::TraceArgs;
 

@@ -37,8 +37,8 @@ use branchpoint_actors::planner::{serve_planner_nats, Planner, TakePlanLog};
 use branchpoint_actors::transport::OffloadLink;
 use branchpoint_actors::worker::{publish_status as publish_worker_status, serve_nats, Batcher, WorkerConfig};
 use branchpoint_models::net::PartitionPoint;
-use branchpoint_models::planner::{Costs, LinkEstimator};
-use branchpoint_models::rng::SplitMix64;
+use branchpoint_core::planner::{Costs, LinkEstimator};
+use branchpoint_core::rng::SplitMix64;
 
 use super::sim::{device_seed, interarrival_us, Bin, Plans, SimConfig, WatchPoint, WatchTrace};
 use super::{policy_plans, Policy, PolicyRun, Prepared, Scenario};
@@ -379,7 +379,7 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                 b.edge_correct += u64::from(correct);
                 b.declined += u64::from(o.declined);
                 if !o.declined {
-                    let plan = branchpoint_models::planner::Plan { branch: o.partition_branch, p_tar: o.p_tar };
+                    let plan = branchpoint_core::planner::Plan { branch: o.partition_branch, p_tar: o.p_tar };
                     edge[o.partition_branch - 1].add(&prepared.sim.predictions, plan, correct);
                 }
             }
@@ -428,7 +428,7 @@ fn configs_groups(s: &Scenario, ids: &[String], watched: bool) -> Vec<(String, S
 async fn start_calibrator(
     setup: &LiveSetup<'_>,
     client: &async_nats::Client,
-    start: &[branchpoint_models::planner::Plan],
+    start: &[branchpoint_core::planner::Plan],
 ) -> Result<branchpoint_actors::calibration::CalibratorHandle> {
     let s = setup.scenario;
     let store = ControlStore::open_with(client, setup.nats.store_settings()).await.context("the watched policy keeps its plans and refits in the control store")?;
@@ -520,7 +520,7 @@ fn watch_traces(
             if let Some(r) = w.last_refit {
                 let t_us = rel(r.decided_at_unix_us);
                 if trace.refits.last().is_none_or(|last| last.t_us != t_us) {
-                    let refit = branchpoint_models::monitor::Refit {
+                    let refit = branchpoint_core::monitor::Refit {
                         t_us,
                         temperature: r.temperature,
                         threshold: r.threshold,
@@ -573,7 +573,7 @@ fn watch_traces(
             let under: Vec<&(u64, f64, bool, bool)> = decided.iter().filter(|d| d.0 >= from && d.0 <= t && d.1 == w.threshold).collect();
             let n = under.len();
             let rate = |f: fn(&(u64, f64, bool, bool)) -> bool| (n > 0).then(|| under.iter().filter(|d| f(d)).count() as f64 / n as f64);
-            let interval = |e: Option<f64>, lo: Option<f64>, hi: Option<f64>| Some(branchpoint_models::monitor::Interval { estimate: e?, low: lo?, high: hi? });
+            let interval = |e: Option<f64>, lo: Option<f64>, hi: Option<f64>| Some(branchpoint_core::monitor::Interval { estimate: e?, low: lo?, high: hi? });
             trace.points.push(WatchPoint {
                 t_us: t,
                 temperature: w.temperature,

@@ -1,14 +1,16 @@
 //! Scenario replay: read a scenario, replay it under each policy, and write
 //! the report and plots.
 //!
-//! `file` reads and validates scenario files; `sim` is the virtual-time
-//! engine; `report` turns runs into report.json and PNG plots. Every policy
+//! `file` (reads and validates scenario files) and `sim` (the virtual-time
+//! engine) are the pure core's (`branchpoint_core::scenario`); here a model
+//! is prepared for them, `live` replays in real time with actors, and
+//! `report` turns runs into report.json and PNG plots. Every policy
 //! replays the same arrivals on the same links (same seed); the oracle is
 //! assembled afterwards from runs with every fixed candidate plan.
-pub mod file;
 pub mod live;
 pub mod report;
-pub mod sim;
+
+pub use branchpoint_core::scenario::{file, sim};
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,11 +18,11 @@ use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
 use branchpoint_messages::{encode, Deadline, OffloadRequest, Tensor as WireTensor};
-use branchpoint_models::calibration::{self, ExitLogits, Method};
-use branchpoint_models::monitor::MonitorConfig;
-use branchpoint_models::planner::{certified_candidates, default_candidate_p_tars, Candidate, ModelStats, Plan};
-use branchpoint_models::profile::ComputeProfile;
-use branchpoint_models::risk::Target;
+use branchpoint_core::calibration::{self, ExitLogits, Method};
+use branchpoint_core::monitor::MonitorConfig;
+use branchpoint_core::planner::{certified_candidates, default_candidate_p_tars, Candidate, ModelStats, Plan};
+use branchpoint_core::costs::ComputeProfile;
+use branchpoint_core::risk::Target;
 use branchpoint_models::LoadedModel;
 
 pub use file::{Policy, Scenario, TimeMode};

@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use branchpoint_models::planner::Plan;
+use branchpoint_core::planner::Plan;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 

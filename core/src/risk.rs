@@ -31,7 +31,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::calibration::ExitLogits;
-use crate::error::{ModelError, Result};
+use crate::error::{CoreError, Result};
 
 /// ln Gamma(x) for x > 0 (Lanczos approximation, g = 7, 9 coefficients;
 /// relative error below 1e-14 over the range used here).
@@ -164,10 +164,10 @@ pub struct Target {
 impl Target {
     pub fn validate(&self) -> Result<()> {
         if !(self.accuracy > 0.0 && self.accuracy < 1.0) {
-            return Err(ModelError::InvalidArgument { what: "certified accuracy".into(), reason: format!("{} is outside (0, 1)", self.accuracy) });
+            return Err(CoreError::InvalidArgument { what: "certified accuracy".into(), reason: format!("{} is outside (0, 1)", self.accuracy) });
         }
         if !(self.delta > 0.0 && self.delta < 1.0) {
-            return Err(ModelError::InvalidArgument { what: "certificate delta".into(), reason: format!("{} is outside (0, 1)", self.delta) });
+            return Err(CoreError::InvalidArgument { what: "certificate delta".into(), reason: format!("{} is outside (0, 1)", self.delta) });
         }
         Ok(())
     }
@@ -208,13 +208,13 @@ pub struct ConfidenceCounts {
 impl ConfidenceCounts {
     pub fn new(confidences: &[f64], correct: &[bool]) -> Result<Self> {
         if confidences.len() != correct.len() {
-            return Err(ModelError::InvalidArgument {
+            return Err(CoreError::InvalidArgument {
                 what: "calibration split".into(),
                 reason: format!("{} confidences but {} correctness flags", confidences.len(), correct.len()),
             });
         }
         if let Some(c) = confidences.iter().find(|c| !c.is_finite()) {
-            return Err(ModelError::InvalidArgument { what: "confidence".into(), reason: format!("{c} is not a number") });
+            return Err(CoreError::InvalidArgument { what: "confidence".into(), reason: format!("{c} is not a number") });
         }
         let mut order: Vec<usize> = (0..confidences.len()).collect();
         // Descending; ties keep input order (the counts do not depend on it).
@@ -276,7 +276,7 @@ pub fn certify(counts: &ConfidenceCounts, target: Target, grid: &[f64]) -> Resul
 /// (`resplit_study` measures how well it holds).
 pub fn certify_batch(counts: &ConfidenceCounts, target: Target, batch_inputs: usize, grid: &[f64]) -> Result<Certificate> {
     if batch_inputs == 0 {
-        return Err(ModelError::InvalidArgument { what: "certified batch".into(), reason: "0 inputs; a batch needs at least 1".into() });
+        return Err(CoreError::InvalidArgument { what: "certified batch".into(), reason: "0 inputs; a batch needs at least 1".into() });
     }
     certify_batch_with(&mut BatchErrorRates::new(target), counts, batch_inputs, grid)
 }
@@ -298,7 +298,7 @@ fn certify_batch_with(rates: &mut BatchErrorRates, counts: &ConfidenceCounts, ba
 fn fixed_sequence(counts: &ConfidenceCounts, target: Target, grid: &[f64], mut rejected: impl FnMut(usize, usize) -> bool) -> Result<Certificate> {
     target.validate()?;
     if grid.windows(2).any(|w| w[0] <= w[1]) {
-        return Err(ModelError::InvalidArgument { what: "threshold grid".into(), reason: "must be strictly decreasing (tested from high to low)".into() });
+        return Err(CoreError::InvalidArgument { what: "threshold grid".into(), reason: "must be strictly decreasing (tested from high to low)".into() });
     }
     let mut certified: Option<(f64, usize, usize)> = None;
     for &threshold in grid {
@@ -418,7 +418,7 @@ pub fn resplit_study(branch: &ExitLogits, targets: &[Target], splits: usize, see
     }
     let n = branch.len();
     if n < 4 || splits == 0 {
-        return Err(ModelError::InvalidArgument { what: "re-split study".into(), reason: format!("{n} inputs and {splits} splits; need at least 4 and 1") });
+        return Err(CoreError::InvalidArgument { what: "re-split study".into(), reason: format!("{n} inputs and {splits} splits; need at least 4 and 1") });
     }
     let raw: Vec<(usize, f64)> = (0..n).map(|i| branch.predict(i, 1.0)).collect();
     let correct: Vec<bool> = raw.iter().zip(&branch.labels).map(|(p, &y)| p.0 as i64 == y).collect();

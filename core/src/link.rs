@@ -22,7 +22,7 @@
 //! within 1 ms of the truth.
 use std::path::{Path, PathBuf};
 
-use crate::error::{ModelError, Result};
+use crate::error::{CoreError, Result};
 use crate::rng::SplitMix64;
 
 pub const PACKET_BYTES: usize = 1500;
@@ -63,7 +63,7 @@ impl Link {
 
     /// A schedule of constant links. The first segment must start at 0.
     pub fn schedule(segments: Vec<Segment>) -> Result<Self> {
-        let bad = |reason: String| Err(ModelError::InvalidArgument { what: "link schedule".into(), reason });
+        let bad = |reason: String| Err(CoreError::InvalidArgument { what: "link schedule".into(), reason });
         if segments.first().map(|s| s.at_us) != Some(0) {
             return bad("the first segment must start at 0 s".into());
         }
@@ -82,8 +82,8 @@ impl Link {
     /// Reads a Mahimahi trace. Errors name the file and the line.
     pub fn trace(path: &Path, rtt_us: u64, loss: f64) -> Result<Self> {
         check_loss(loss)?;
-        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
-        let corrupt = |reason: String| ModelError::CorruptDataFile {
+        let text = std::fs::read_to_string(path).map_err(|source| CoreError::Io { path: path.to_path_buf(), source })?;
+        let corrupt = |reason: String| CoreError::CorruptFile {
             path: path.to_path_buf(),
             what: "Mahimahi trace".into(),
             reason,
@@ -219,12 +219,12 @@ impl SyntheticTrace {
     pub fn generate(&self) -> Result<String> {
         for (what, v) in [("duration_s", self.duration_s), ("mean_good_s", self.mean_good_s), ("mean_bad_s", self.mean_bad_s), ("good_mbit_s", self.good_mbit_s)] {
             if !(v.is_finite() && v > 0.0) {
-                return Err(ModelError::InvalidArgument { what: what.into(), reason: format!("{v} must be positive") });
+                return Err(CoreError::InvalidArgument { what: what.into(), reason: format!("{v} must be positive") });
             }
         }
         check_rate(self.bad_mbit_s, true)?;
         if !(0.0..=1.0).contains(&self.outage) {
-            return Err(ModelError::InvalidArgument { what: "outage".into(), reason: format!("{} must be a probability in [0, 1]", self.outage) });
+            return Err(CoreError::InvalidArgument { what: "outage".into(), reason: format!("{} must be a probability in [0, 1]", self.outage) });
         }
         let mut rng = SplitMix64::new(self.seed);
         let end_ms = (self.duration_s * 1e3).round() as u64;
@@ -291,14 +291,14 @@ fn fluid_transfer(segs: &[Segment], start_us: u64, bits: f64) -> Option<u64> {
 
 fn check_rate(r: f64, zero_ok: bool) -> Result<()> {
     if !(r.is_finite() && (r > 0.0 || (zero_ok && r == 0.0))) {
-        return Err(ModelError::InvalidArgument { what: "uplink_mbit_s".into(), reason: format!("{r} must be a finite rate in Mbit/s, at least 0") });
+        return Err(CoreError::InvalidArgument { what: "uplink_mbit_s".into(), reason: format!("{r} must be a finite rate in Mbit/s, at least 0") });
     }
     Ok(())
 }
 
 fn check_loss(loss: f64) -> Result<()> {
     if !(0.0..1.0).contains(&loss) {
-        return Err(ModelError::InvalidArgument { what: "loss".into(), reason: format!("{loss} must be a probability in [0, 1)") });
+        return Err(CoreError::InvalidArgument { what: "loss".into(), reason: format!("{loss} must be a probability in [0, 1)") });
     }
     Ok(())
 }

@@ -42,7 +42,7 @@ use std::collections::VecDeque;
 use serde::{Deserialize, Serialize};
 
 use crate::calibration::{fit_temperature, predict, ExitLogits};
-use crate::error::{ModelError, Result};
+use crate::error::{CoreError, Result};
 use crate::risk::{certify, clopper_pearson_upper, default_grid, ConfidenceCounts, Target};
 
 /// How one branch is watched.
@@ -73,7 +73,7 @@ pub struct MonitorConfig {
 impl MonitorConfig {
     pub fn validate(&self) -> Result<()> {
         self.target.validate()?;
-        let bad = |what: &str, reason: String| Err(ModelError::InvalidArgument { what: what.into(), reason });
+        let bad = |what: &str, reason: String| Err(CoreError::InvalidArgument { what: what.into(), reason });
         if !(self.audit_rate > 0.0 && self.audit_rate <= 1.0) {
             return bad("audit_rate", format!("{}; give a probability in (0, 1]", self.audit_rate));
         }
@@ -182,7 +182,7 @@ impl Monitor {
     pub fn new(cfg: MonitorConfig, temperature: f64, threshold: f64) -> Result<Self> {
         cfg.validate()?;
         if !(temperature.is_finite() && temperature > 0.0) {
-            return Err(ModelError::InvalidArgument { what: "temperature".into(), reason: format!("{temperature}; give a positive number") });
+            return Err(CoreError::InvalidArgument { what: "temperature".into(), reason: format!("{temperature}; give a positive number") });
         }
         Ok(Self {
             cfg,
@@ -224,10 +224,10 @@ impl Monitor {
     /// Takes one observation; returns what it set off, if anything.
     pub fn observe(&mut self, obs: Observation) -> Result<Option<Event>> {
         if obs.logits.len() < 2 || obs.logits.iter().any(|z| !z.is_finite()) {
-            return Err(ModelError::InvalidArgument { what: "observation".into(), reason: format!("{} logits, or one not finite", obs.logits.len()) });
+            return Err(CoreError::InvalidArgument { what: "observation".into(), reason: format!("{} logits, or one not finite", obs.logits.len()) });
         }
         if obs.final_class as usize >= obs.logits.len() || obs.label.is_some_and(|y| y as usize >= obs.logits.len()) {
-            return Err(ModelError::InvalidArgument { what: "observation".into(), reason: format!("a class outside the {} classes", obs.logits.len()) });
+            return Err(CoreError::InvalidArgument { what: "observation".into(), reason: format!("a class outside the {} classes", obs.logits.len()) });
         }
         let now = obs.t_us;
         let audit_under_plan = obs.on_device && obs.t_us >= self.plan_since_us;

@@ -4,8 +4,8 @@
 //!
 //! What is real: every input's branch and final-exit answers and calibrated
 //! confidences (computed once by the model on the test split), the
-//! planner's code (`branchpoint_models::planner`), the link emulation
-//! (`branchpoint_models::link`), and compute times (the model's measured
+//! planner's code (`crate::planner`), the link emulation
+//! (`crate::link`), and compute times (the model's measured
 //! profile). What is simulated: the passage of time. So a 10-minute,
 //! 100-device scenario replays in seconds, and the same seed gives the same
 //! report.
@@ -26,7 +26,7 @@
 //! with a plan that reaches the device one RTT after the report was sent. A
 //! device whose uplink was idle for a whole interval first sends a probe.
 //!
-//! With autoscaling, the pool's size follows `branchpoint_models::autoscale`:
+//! With autoscaling, the pool's size follows `crate::autoscale`:
 //! every tick the policy sees the pool (serving and starting workers), the
 //! mean queue delay of the batches started since the last tick and the
 //! requests waiting now. A worker it adds serves after the start delay; one
@@ -35,12 +35,12 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 
-use branchpoint_models::autoscale::{AutoscaleConfig, Autoscaler, Load};
-use branchpoint_models::calibration::ExitLogits;
-use branchpoint_models::link::Link;
-use branchpoint_models::monitor::{Event as WatchEvent, Interval, Monitor, MonitorConfig, Observation, Refit};
-use branchpoint_models::planner::{choose, Costs, DeviceUplink, LinkEstimator, ModelStats, Plan};
-use branchpoint_models::rng::SplitMix64;
+use crate::autoscale::{AutoscaleConfig, Autoscaler, Load};
+use crate::calibration::ExitLogits;
+use crate::link::Link;
+use crate::monitor::{Event as WatchEvent, Interval, Monitor, MonitorConfig, Observation, Refit};
+use crate::planner::{choose, Costs, DeviceUplink, LinkEstimator, ModelStats, Plan};
+use crate::rng::SplitMix64;
 
 /// The model's answers for every test input, and its costs.
 pub struct SimModel {
@@ -535,7 +535,7 @@ pub fn simulate(m: &SimModel, c: &SimConfig, plans: &Plans) -> RunResult {
     };
     if let Plans::Watched(p) = plans {
         for (gi, g) in c.groups.iter().enumerate() {
-            let cfg = MonitorConfig { target: branchpoint_models::risk::Target { accuracy: g.target, ..c.watch.target }, ..c.watch };
+            let cfg = MonitorConfig { target: crate::risk::Target { accuracy: g.target, ..c.watch.target }, ..c.watch };
             let monitor = Monitor::new(cfg, m.temperatures[p[gi].branch - 1], p[gi].p_tar).expect("validated with the scenario");
             sim.monitors.push(monitor);
         }
@@ -1048,8 +1048,8 @@ impl<'a> Sim<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use branchpoint_models::link::Segment;
-    use branchpoint_models::planner::ThresholdStats;
+    use crate::link::Segment;
+    use crate::planner::ThresholdStats;
 
     /// 100 inputs: even ones confident at both branches and right
     /// everywhere; odd ones unsure at the branches, wrong there, right at
@@ -1128,7 +1128,7 @@ mod tests {
             bin_latencies: false,
             watch: MonitorConfig {
                 audit_rate: 0.5,
-                target: branchpoint_models::risk::Target { accuracy: 0.9, delta: 0.1 },
+                target: crate::risk::Target { accuracy: 0.9, delta: 0.1 },
                 window_us: 10_000_000,
                 max_observations: 10_000,
                 drift_margin: 0.1,

@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use branchpoint_models::autoscale::AutoscaleConfig;
-use branchpoint_models::calibration::Method;
-use branchpoint_models::link::{Link, Segment};
+use crate::autoscale::AutoscaleConfig;
+use crate::calibration::Method;
+use crate::link::{Link, Segment};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,7 +127,7 @@ pub struct WorkersSection {
     pub count: usize,
     pub max_batch: usize,
     pub max_wait_ms: f64,
-    /// Virtual time only: `branchpoint_models::autoscale` resizes the pool
+    /// Virtual time only: `crate::autoscale` resizes the pool
     /// from the load it sees.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub autoscale: Option<AutoscaleSection>,
@@ -251,7 +251,7 @@ impl Default for ReportSection {
 }
 
 /// `[watch]`: how the watched policy's calibrator watches each group's
-/// branch (`branchpoint_models::monitor`); the group's p_tar is the target
+/// branch (`crate::monitor`); the group's p_tar is the target
 /// on-device accuracy.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -281,7 +281,7 @@ impl Default for WatchSection {
 }
 
 /// `[groups.shift]`: from `at_s` on, the group's inputs are corrupted
-/// (`branchpoint_models::corrupt`).
+/// (`crate::corrupt`).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShiftSection {
@@ -372,11 +372,11 @@ pub struct ScheduleStep {
 impl Scenario {
     /// The distinct input shifts of the groups, in group order: shifted view
     /// i + 1 of the test inputs is the i-th.
-    pub fn shift_views(&self) -> Vec<(branchpoint_models::corrupt::Corruption, u64)> {
+    pub fn shift_views(&self) -> Vec<(crate::corrupt::Corruption, u64)> {
         let mut views = Vec::new();
         for g in &self.groups {
             if let Some(shift) = &g.shift {
-                if let Ok(c) = branchpoint_models::corrupt::Corruption::parse(&shift.corruption) {
+                if let Ok(c) = crate::corrupt::Corruption::parse(&shift.corruption) {
                     if !views.contains(&(c, shift.seed)) {
                         views.push((c, shift.seed));
                     }
@@ -389,7 +389,7 @@ impl Scenario {
     /// A group's shift: (from µs, its view).
     pub fn group_shift(&self, g: &GroupSection) -> Option<(u64, usize)> {
         let shift = g.shift.as_ref()?;
-        let c = branchpoint_models::corrupt::Corruption::parse(&shift.corruption).ok()?;
+        let c = crate::corrupt::Corruption::parse(&shift.corruption).ok()?;
         let view = self.shift_views().iter().position(|v| *v == (c, shift.seed))? + 1;
         Some(((shift.at_s * 1e6).round() as u64, view))
     }
@@ -542,7 +542,7 @@ impl Scenario {
             }
             self.link(g).map_err(|e| self.err(&key("network"), format!("{e:#}")))?;
             if let Some(shift) = &g.shift {
-                branchpoint_models::corrupt::Corruption::parse(&shift.corruption).map_err(|e| self.err(&key("shift.corruption"), e))?;
+                crate::corrupt::Corruption::parse(&shift.corruption).map_err(|e| self.err(&key("shift.corruption"), e))?;
                 if !(shift.at_s.is_finite() && shift.at_s >= 0.0 && shift.at_s < self.duration_s) {
                     return Err(self.err(&key("shift.at_s"), format!("{} must be in [0, duration_s = {})", shift.at_s, self.duration_s)));
                 }

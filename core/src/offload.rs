@@ -21,7 +21,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::calibration::ExitLogits;
-use crate::error::{ModelError, Result};
+use crate::error::{CoreError, Result};
 
 /// The default p_tar sweep: 0.50 to 0.95 in steps of 0.05, then 0.96 to 0.99.
 /// On an easy dataset the effect of miscalibration shows mostly at high targets.
@@ -36,7 +36,7 @@ pub const DEFAULT_OUTAGE_BATCH: usize = 100;
 
 pub fn check_p_tar(p: f64) -> Result<()> {
     if !(p > 0.0 && p < 1.0) {
-        return Err(ModelError::InvalidArgument { what: "p_tar".into(), reason: format!("{p} is outside (0, 1); it is a target probability, e.g. 0.8") });
+        return Err(CoreError::InvalidArgument { what: "p_tar".into(), reason: format!("{p} is outside (0, 1); it is a target probability, e.g. 0.8") });
     }
     Ok(())
 }
@@ -56,7 +56,7 @@ pub struct LatencyModel {
 
 impl LatencyModel {
     pub fn validate(&self) -> Result<()> {
-        let bad = |what: &str, v: f64| Err(ModelError::InvalidArgument { what: what.into(), reason: format!("{v} must be a positive finite number") });
+        let bad = |what: &str, v: f64| Err(CoreError::InvalidArgument { what: what.into(), reason: format!("{v} must be a positive finite number") });
         if !(self.uplink_mbit_s.is_finite() && self.uplink_mbit_s > 0.0) {
             return bad("uplink rate (Mbit/s)", self.uplink_mbit_s);
         }
@@ -107,7 +107,7 @@ pub struct Decisions {
 impl Decisions {
     pub fn new(branch: &ExitLogits, final_exit: &ExitLogits, temperature: f64) -> Result<Self> {
         if branch.labels != final_exit.labels {
-            return Err(ModelError::InvalidArgument { what: "logits".into(), reason: "branch and final logits are not over the same labelled inputs".into() });
+            return Err(CoreError::InvalidArgument { what: "logits".into(), reason: "branch and final logits are not over the same labelled inputs".into() });
         }
         let mut d = Decisions { confidence: Vec::new(), branch_correct: Vec::new(), final_correct: Vec::new() };
         for i in 0..branch.len() {
@@ -236,7 +236,7 @@ pub fn sweep(d: &Decisions, p_tars: &[f64], outage_batch: usize, latency: &Laten
         check_p_tar(p)?;
     }
     if outage_batch == 0 {
-        return Err(ModelError::InvalidArgument { what: "outage batch size".into(), reason: "must be at least 1".into() });
+        return Err(CoreError::InvalidArgument { what: "outage batch size".into(), reason: "must be at least 1".into() });
     }
     latency.validate()?;
     Ok(p_tars.iter().map(|&p| sweep_row(d, p, outage_batch, latency, deadline_ms)).collect())

@@ -17,7 +17,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::calibration::ExitLogits;
-use crate::error::{ModelError, Result};
+use crate::error::{CoreError, Result};
 use crate::risk::Target;
 
 /// A device's partition branch and threshold.
@@ -99,13 +99,13 @@ impl ModelStats {
     pub fn for_candidates(validation: &[ExitLogits], temperatures: &[f64], per_branch: &[Vec<Candidate>]) -> Result<Self> {
         let exits = validation.len();
         if exits < 2 || temperatures.len() != exits || per_branch.len() != exits - 1 {
-            return Err(ModelError::InvalidArgument {
+            return Err(CoreError::InvalidArgument {
                 what: "planner statistics".into(),
                 reason: format!("{exits} exits of validation logits, {} temperatures and {} branches of candidates", temperatures.len(), per_branch.len()),
             });
         }
         if let Some(c) = per_branch.iter().flatten().find(|c| !(0.0..=1.0).contains(&c.p_tar)) {
-            return Err(ModelError::InvalidArgument { what: "candidate p_tar".into(), reason: format!("{} is outside [0, 1]", c.p_tar) });
+            return Err(CoreError::InvalidArgument { what: "candidate p_tar".into(), reason: format!("{} is outside [0, 1]", c.p_tar) });
         }
         let fin = &validation[exits - 1];
         let n = fin.len();
@@ -158,7 +158,7 @@ pub fn certified_candidates(validation: &[ExitLogits], temperatures: &[f64], acc
     let grid = crate::risk::default_grid();
     let exits = validation.len();
     if exits < 2 || temperatures.len() != exits {
-        return Err(ModelError::InvalidArgument { what: "certified candidates".into(), reason: format!("{exits} exits and {} temperatures", temperatures.len()) });
+        return Err(CoreError::InvalidArgument { what: "certified candidates".into(), reason: format!("{exits} exits and {} temperatures", temperatures.len()) });
     }
     (0..exits - 1)
         .map(|b| {

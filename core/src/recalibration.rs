@@ -21,7 +21,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::calibration::{bin_index, fit_temperature, predict, ExitLogits, ReliabilityBin, BINS};
-use crate::error::{ModelError, Result};
+use crate::error::{CoreError, Result};
 use crate::rng::SplitMix64;
 
 /// A fitted way of turning one exit's logits into (class, confidence).
@@ -59,7 +59,7 @@ impl ConfidenceMap {
     /// Fits method `name` (one of `METHODS`) on validation logits.
     pub fn fit(name: &str, validation: &ExitLogits) -> Result<Self> {
         if validation.is_empty() {
-            return Err(ModelError::InvalidArgument { what: "validation logits".into(), reason: "none given".into() });
+            return Err(CoreError::InvalidArgument { what: "validation logits".into(), reason: "none given".into() });
         }
         match name {
             "uncalibrated" => Ok(Self::Uncalibrated),
@@ -67,7 +67,7 @@ impl ConfidenceMap {
             "vector" => fit_vector(validation),
             "histogram" => Ok(fit_histogram(&raw_confidences(validation))),
             "isotonic" => Ok(fit_isotonic(&raw_confidences(validation))),
-            other => Err(ModelError::InvalidArgument { what: "calibration method".into(), reason: format!("{other:?}; use one of {METHODS:?}") }),
+            other => Err(CoreError::InvalidArgument { what: "calibration method".into(), reason: format!("{other:?}; use one of {METHODS:?}") }),
         }
     }
 
@@ -254,7 +254,7 @@ fn fit_vector(e: &ExitLogits) -> Result<ConfidenceMap> {
         }
     }
     if theta.iter().any(|v| !v.is_finite()) {
-        return Err(ModelError::InvalidArgument { what: "vector scaling".into(), reason: "the fit diverged".into() });
+        return Err(CoreError::InvalidArgument { what: "vector scaling".into(), reason: "the fit diverged".into() });
     }
     Ok(ConfidenceMap::Vector { weights: theta[..c].to_vec(), biases: theta[c..].to_vec() })
 }
@@ -381,7 +381,7 @@ pub struct Selection {
 pub fn select(validation: &ExitLogits, seed: u64) -> Result<Selection> {
     let n = validation.len();
     if n < 4 {
-        return Err(ModelError::InvalidArgument { what: "validation logits".into(), reason: format!("{n} inputs; need at least 4 to cross-validate") });
+        return Err(CoreError::InvalidArgument { what: "validation logits".into(), reason: format!("{n} inputs; need at least 4 to cross-validate") });
     }
     let order = SplitMix64::new(seed).permutation(n);
     let subset = |idx: &[usize]| -> ExitLogits {

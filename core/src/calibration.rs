@@ -11,7 +11,7 @@
 //! step) is below `TOLERANCE` relative to beta.
 use serde::{Deserialize, Serialize};
 
-use crate::error::{ModelError, Result};
+use crate::error::{CoreError, Result};
 
 /// Relative tolerance on beta = 1/T at which the fit stops.
 pub const TOLERANCE: f64 = 1e-10;
@@ -29,21 +29,12 @@ pub struct ExitLogits {
 impl ExitLogits {
     pub fn new(classes: usize, logits: Vec<f32>, labels: Vec<i64>) -> Result<Self> {
         if classes < 2 || logits.len() != classes * labels.len() {
-            return Err(ModelError::InvalidArgument { what: "logits".into(), reason: format!("{} values for {} labels of {classes} classes", logits.len(), labels.len()) });
+            return Err(CoreError::InvalidArgument { what: "logits".into(), reason: format!("{} values for {} labels of {classes} classes", logits.len(), labels.len()) });
         }
         if let Some(bad) = labels.iter().find(|&&y| y < 0 || y as usize >= classes) {
-            return Err(ModelError::InvalidArgument { what: "labels".into(), reason: format!("label {bad} outside 0..{classes}") });
+            return Err(CoreError::InvalidArgument { what: "labels".into(), reason: format!("label {bad} outside 0..{classes}") });
         }
         Ok(Self { classes, logits, labels })
-    }
-
-    /// From a [n, classes] float tensor and [n] label tensor.
-    pub fn from_tensors(logits: &tch::Tensor, labels: &tch::Tensor) -> Result<Self> {
-        let size = logits.size();
-        let classes = *size.last().unwrap_or(&0) as usize;
-        let flat: Vec<f32> = Vec::try_from(logits.to_kind(tch::Kind::Float).flatten(0, -1))?;
-        let labels: Vec<i64> = Vec::try_from(labels.to_kind(tch::Kind::Int64))?;
-        Self::new(classes, flat, labels)
     }
 
     pub fn len(&self) -> usize {
@@ -113,13 +104,13 @@ pub fn nll(exits: &[&ExitLogits], temperature: f64) -> f64 {
 pub fn fit_temperature(exits: &[&ExitLogits]) -> Result<f64> {
     let n: usize = exits.iter().map(|e| e.len()).sum();
     if n == 0 {
-        return Err(ModelError::InvalidArgument { what: "validation logits".into(), reason: "none given".into() });
+        return Err(CoreError::InvalidArgument { what: "validation logits".into(), reason: "none given".into() });
     }
     let grad = |b: f64| nll_and_derivatives(exits, b).1;
     // Bracket the root of the increasing f' in (lo, hi).
     let (mut lo, mut hi) = (1e-3, 1.0);
     if grad(lo) >= 0.0 {
-        return Err(ModelError::InvalidArgument {
+        return Err(CoreError::InvalidArgument {
             what: "validation logits".into(),
             reason: "the NLL keeps falling as T grows without bound (the predictions are no better than chance); no finite temperature fits".into(),
         });
@@ -246,7 +237,7 @@ impl Method {
             "uncalibrated" | "none" => Ok(Self::Uncalibrated),
             "global" => Ok(Self::Global),
             "per-branch" => Ok(Self::PerBranch),
-            other => Err(ModelError::InvalidArgument { what: "calibration method".into(), reason: format!("{other:?}; use global or per-branch") }),
+            other => Err(CoreError::InvalidArgument { what: "calibration method".into(), reason: format!("{other:?}; use global or per-branch") }),
         }
     }
 
@@ -275,21 +266,15 @@ pub fn fit(method: Method, validation: &[ExitLogits]) -> Result<Vec<f64>> {
 /// Checks temperatures supplied from outside (a file, a message).
 pub fn check_temperatures(temperatures: &[f64], num_exits: usize) -> Result<()> {
     if temperatures.len() != num_exits {
-        return Err(ModelError::InvalidArgument {
+        return Err(CoreError::InvalidArgument {
             what: "temperatures".into(),
             reason: format!("{} given, the model has {num_exits} exits (branches, then final)", temperatures.len()),
         });
     }
     if let Some(t) = temperatures.iter().find(|t| !(t.is_finite() && **t > 0.0)) {
-        return Err(ModelError::InvalidArgument { what: "temperature".into(), reason: format!("{t} is not a positive finite number; temperatures must be > 0") });
+        return Err(CoreError::InvalidArgument { what: "temperature".into(), reason: format!("{t} is not a positive finite number; temperatures must be > 0") });
     }
     Ok(())
-}
-
-/// Logits of every exit over a split, as plain `ExitLogits` (branches in
-/// order, then final).
-pub fn split_exit_logits(net: &crate::net::EarlyExitNet, split: &crate::data::Split) -> Result<Vec<ExitLogits>> {
-    net.logits_for(&split.images, 500).iter().map(|z| ExitLogits::from_tensors(z, &split.labels)).collect()
 }
 
 /// Fits `method` on validation logits and describes the fit: the
@@ -371,7 +356,7 @@ impl Method {
 
 impl CalibrationFile {
     pub fn read(path: &std::path::Path) -> Result<Self> {
-        let bad = |reason: String| ModelError::InvalidArgument { what: format!("calibration file {}", path.display()), reason };
+        let bad = |reason: String| CoreError::InvalidArgument { what: format!("calibration file {}", path.display()), reason };
         let text = std::fs::read_to_string(path).map_err(|e| bad(format!("{e}; write one with `branchpoint calibrate`")))?;
         let file: CalibrationFile = serde_json::from_str(&text).map_err(|e| bad(format!("not a calibration file ({e})")))?;
         check_temperatures(&file.temperatures, file.temperatures.len().max(1)).map_err(|e| bad(e.to_string()))?;
@@ -383,7 +368,7 @@ impl CalibrationFile {
     pub fn check_fits(&self, num_exits: usize, sha256: &str) -> Result<()> {
         check_temperatures(&self.temperatures, num_exits)?;
         if self.weights_sha256 != sha256 {
-            return Err(ModelError::InvalidArgument {
+            return Err(CoreError::InvalidArgument {
                 what: "calibration file".into(),
                 reason: format!("it was fit for weights {} with SHA-256 {}, not this model's {sha256}; refit with `branchpoint calibrate`", self.model, self.weights_sha256),
             });
@@ -393,7 +378,7 @@ impl CalibrationFile {
 
     pub fn write(&self, path: &std::path::Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self).expect("calibration file serialises");
-        std::fs::write(path, text + "\n").map_err(|source| ModelError::Io { path: path.to_path_buf(), source })
+        std::fs::write(path, text + "\n").map_err(|source| CoreError::Io { path: path.to_path_buf(), source })
     }
 }
 
