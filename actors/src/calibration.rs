@@ -19,7 +19,7 @@ use branchpoint_messages::{
     decode, encode, subjects, CalibrationMethod, CalibrationRefit, CalibrationUpdate, CertifiedTarget, CertifyReply, CertifyRequest, ErrorKind, ErrorReply, PlanTarget, PlanUpdate,
 };
 use branchpoint_core::calibration::{fit_file, CalibrationFile, ExitLogits, Method};
-use branchpoint_models::exits::split_exit_logits;
+use branchpoint_models::exits::recorded_split_exit_logits;
 use branchpoint_core::risk::{certify, default_grid, ConfidenceCounts, Target};
 use branchpoint_models::{load_model, Dataset, LoadedModel};
 use futures::StreamExt;
@@ -394,7 +394,7 @@ impl Calibrator {
         let c = &model.card;
         let dir = cfg.data_dir.clone().unwrap_or_else(|| c.dataset.name.default_dir());
         let data = Dataset::load(c.dataset.name, &dir, c.dataset.split.validation, c.dataset.split.seed)?;
-        let validation = split_exit_logits(&model.net, &data.validation)?;
+        let validation = recorded_split_exit_logits(&model.net, &c.weights_sha256, &data.validation)?;
         let current = match &cfg.initial {
             Initial::File(f) => {
                 f.check_fits(model.net.architecture().num_exits(), &c.weights_sha256)?;

@@ -1,6 +1,9 @@
 //! A network's answers as plain numbers: the bridge from tensors to the pure
 //! core, which takes a model as its recorded logits (`ExitLogits`).
+use std::path::PathBuf;
+
 use branchpoint_core::calibration::ExitLogits;
+use sha2::{Digest, Sha256};
 use tch::{Kind, Tensor};
 
 use crate::data::Split;
@@ -20,4 +23,129 @@ pub fn exit_logits(logits: &Tensor, labels: &Tensor) -> Result<ExitLogits> {
 /// order, then final).
 pub fn split_exit_logits(net: &EarlyExitNet, split: &Split) -> Result<Vec<ExitLogits>> {
     net.logits_for(&split.images, 500).iter().map(|z| exit_logits(z, &split.labels)).collect()
+}
+
+/// Where a network's answers are recorded: `$BRANCHPOINT_CACHE_DIR/answers`,
+/// else `$XDG_CACHE_HOME/branchpoint/answers`, else
+/// `$HOME/.cache/branchpoint/answers`. `BRANCHPOINT_CACHE_DIR=""` turns
+/// recording off.
+pub fn answers_dir() -> Option<PathBuf> {
+    let var = |k: &str| std::env::var_os(k);
+    let base = match var("BRANCHPOINT_CACHE_DIR") {
+        Some(d) if d.is_empty() => return None,
+        Some(d) => PathBuf::from(d),
+        None => match var("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+            Some(d) => PathBuf::from(d).join("branchpoint"),
+            None => PathBuf::from(var("HOME").filter(|d| !d.is_empty())?).join(".cache").join("branchpoint"),
+        },
+    };
+    Some(base.join("answers"))
+}
+
+/// The network's answers on a split, recorded once per (weights, inputs):
+/// a replay, a calibration and an evaluation of the same model on the same
+/// inputs compute its forward passes once, not each time (15,000 forward
+/// passes are most of a replay's time). The record is keyed by the SHA-256
+/// of the weights' digest and the split's bytes, so other weights or other
+/// inputs (another seed, a corruption) never read it; a record that is
+/// unreadable or does not match is computed again and replaced. Recording
+/// is best effort: a cache that cannot be written costs time, never the
+/// answer.
+pub fn recorded_split_exit_logits(net: &EarlyExitNet, weights_sha256: &str, split: &Split) -> Result<Vec<ExitLogits>> {
+    let Some(dir) = answers_dir() else { return split_exit_logits(net, split) };
+    let key = answers_key(weights_sha256, split)?;
+    let path = dir.join(format!("{key}.answers"));
+    if let Some(answers) = std::fs::read(&path).ok().and_then(|bytes| decode_answers(&bytes, &key)) {
+        if answers.first().is_some_and(|e| e.len() == split.len()) {
+            return Ok(answers);
+        }
+    }
+    let answers = split_exit_logits(net, split)?;
+    let tmp = dir.join(format!("{key}.{}.tmp", std::process::id()));
+    let written = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&tmp, encode_answers(&answers, &key))).and_then(|()| std::fs::rename(&tmp, &path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    Ok(answers)
+}
+
+const ANSWERS_MAGIC: &[u8] = b"branchpoint answers v1\n";
+
+/// SHA-256 of the weights' digest, the images' shape and bytes and the
+/// labels, in hex.
+fn answers_key(weights_sha256: &str, split: &Split) -> Result<String> {
+    let mut h = Sha256::new();
+    h.update(ANSWERS_MAGIC);
+    h.update(weights_sha256.as_bytes());
+    for d in split.images.size() {
+        h.update(d.to_le_bytes());
+    }
+    let images: Vec<f32> = Vec::try_from(split.images.to_kind(Kind::Float).contiguous().flatten(0, -1))?;
+    for v in images {
+        h.update(v.to_le_bytes());
+    }
+    let labels: Vec<i64> = Vec::try_from(split.labels.to_kind(Kind::Int64))?;
+    for y in labels {
+        h.update(y.to_le_bytes());
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Magic, key, exits; per exit: classes (u32), inputs (u64), logits (f32),
+/// labels (i64), all little-endian.
+fn encode_answers(answers: &[ExitLogits], key: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(ANSWERS_MAGIC.len() + 64 + answers.iter().map(|e| e.logits.len() * 4 + e.labels.len() * 8 + 12).sum::<usize>());
+    out.extend_from_slice(ANSWERS_MAGIC);
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(&(answers.len() as u32).to_le_bytes());
+    for e in answers {
+        out.extend_from_slice(&(e.classes as u32).to_le_bytes());
+        out.extend_from_slice(&(e.labels.len() as u64).to_le_bytes());
+        e.logits.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+        e.labels.iter().for_each(|y| out.extend_from_slice(&y.to_le_bytes()));
+    }
+    out
+}
+
+fn decode_answers(bytes: &[u8], key: &str) -> Option<Vec<ExitLogits>> {
+    let mut rest = bytes.strip_prefix(ANSWERS_MAGIC)?.strip_prefix(key.as_bytes())?;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let (head, tail) = rest.split_at_checked(n)?;
+        rest = tail;
+        Some(head)
+    };
+    let exits = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+    let mut answers = Vec::with_capacity(exits.min(64));
+    for _ in 0..exits {
+        let classes = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+        let n = usize::try_from(u64::from_le_bytes(take(8)?.try_into().ok()?)).ok()?;
+        let logits = take(n.checked_mul(classes)?.checked_mul(4)?)?.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+        let labels = take(n.checked_mul(8)?)?.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+        answers.push(ExitLogits::new(classes, logits, labels).ok()?);
+    }
+    rest.is_empty().then_some(answers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_round_trip_and_damage_is_refused() {
+        let answers = vec![
+            ExitLogits::new(2, vec![1.0, -1.0, 0.5, 0.25], vec![0, 1]).unwrap(),
+            ExitLogits::new(3, vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0], vec![2, 0]).unwrap(),
+        ];
+        let bytes = encode_answers(&answers, "k");
+        assert_eq!(decode_answers(&bytes, "k"), Some(answers));
+        assert_eq!(decode_answers(&bytes, "other key"), None, "another key never reads the record");
+        assert_eq!(decode_answers(&bytes[..bytes.len() - 1], "k"), None, "truncated");
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(decode_answers(&longer, "k"), None, "trailing bytes");
+        let mut bad_label = bytes.clone();
+        let last = bad_label.len() - 8;
+        bad_label[last] = 9;
+        assert_eq!(decode_answers(&bad_label, "k"), None, "a label outside the classes");
+    }
 }

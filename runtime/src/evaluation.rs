@@ -10,6 +10,7 @@ use branchpoint_core::calibration::{self, calibration_metrics, CalibrationFile, 
 use branchpoint_core::offload::{operating_point, sweep, Decisions, LatencyModel, OperatingPoint, SweepRow};
 use branchpoint_core::recalibration::{confidences, quality, select, ConfidenceMap, ConfidenceQuality};
 use branchpoint_core::risk::{certify, certify_batch, default_grid, resplit_study, Certificate, ConfidenceCounts, ResplitRates, Target};
+use branchpoint_models::exits::recorded_split_exit_logits;
 use branchpoint_models::{Dataset, LoadedModel};
 use serde::{Deserialize, Serialize};
 
@@ -19,8 +20,11 @@ pub struct SplitLogits {
     pub test: Vec<ExitLogits>,
 }
 
+/// The model's answers on both splits, recorded once per model and inputs
+/// (`exits::recorded_split_exit_logits`).
 pub fn split_logits(model: &LoadedModel, data: &Dataset) -> Result<SplitLogits> {
-    Ok(SplitLogits { validation: branchpoint_models::exits::split_exit_logits(&model.net, &data.validation)?, test: branchpoint_models::exits::split_exit_logits(&model.net, &data.test)? })
+    let sha = &model.card.weights_sha256;
+    Ok(SplitLogits { validation: recorded_split_exit_logits(&model.net, sha, &data.validation)?, test: recorded_split_exit_logits(&model.net, sha, &data.test)? })
 }
 
 /// Fits `method` on the validation logits and describes the fit.

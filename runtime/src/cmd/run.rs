@@ -27,15 +27,15 @@ pub fn run(args: RunArgs) -> Result<()> {
     let model = args.source.load_model(tch::Device::Cpu)?;
     let data = args.source.load_data(&model)?;
     let profile = scenario::read_profile(&scenario, &args.source.model)?;
-    eprintln!("scenario {} ({}): computing the model's answers on {} test inputs", scenario.name, scenario.path.display(), data.test.len());
+    eprintln!("scenario {} ({}): the model's answers on {} test inputs (computed once per model and inputs, then read from {})", scenario.name, scenario.path.display(), data.test.len(), branchpoint_models::exits::answers_dir().map_or("nowhere: recording is off".into(), |d| d.display().to_string()));
     let logits = split_logits(&model, &data)?;
     // The model's answers on the test inputs as each shift corrupts them.
     let (mut shifted, mut shifted_splits) = (Vec::new(), Vec::new());
     for (corruption, seed) in scenario.shift_views() {
-        eprintln!("scenario {}: computing the model's answers on the test inputs under {corruption}", scenario.name);
+        eprintln!("scenario {}: the model's answers on the test inputs under {corruption}", scenario.name);
         let images = branchpoint_models::corrupt::apply(&corruption, &data.test.images, &model.card.dataset.name.normalization(), seed, 0)?;
         let split = branchpoint_models::data::Split { images, labels: data.test.labels.shallow_clone() };
-        shifted.push(branchpoint_models::exits::split_exit_logits(&model.net, &split)?);
+        shifted.push(branchpoint_models::exits::recorded_split_exit_logits(&model.net, &model.card.weights_sha256, &split)?);
         shifted_splits.push(split);
     }
     let prepared = scenario::prepare(&scenario, &model, &logits.validation, &logits.test, &shifted, &profile)?;
