@@ -15,12 +15,12 @@
 //! Shutdown: `shutdown`, or the last handle dropped, joins the thread.
 use std::path::PathBuf;
 
+use branchpoint_core::calibration::{fit_file, CalibrationFile, ExitLogits, Method};
+use branchpoint_core::risk::{certify, default_grid, ConfidenceCounts, Target};
 use branchpoint_messages::{
     decode, encode, subjects, CalibrationMethod, CalibrationRefit, CalibrationUpdate, CertifiedTarget, CertifyReply, CertifyRequest, ErrorKind, ErrorReply, PlanTarget, PlanUpdate,
 };
-use branchpoint_core::calibration::{fit_file, CalibrationFile, ExitLogits, Method};
 use branchpoint_models::exits::recorded_split_exit_logits;
-use branchpoint_core::risk::{certify, default_grid, ConfidenceCounts, Target};
 use branchpoint_models::{load_model, Dataset, LoadedModel};
 use futures::StreamExt;
 

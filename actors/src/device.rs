@@ -19,14 +19,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
-use branchpoint_messages::{AuditTag, Deadline, OffloadRequest};
 use branchpoint_core::calibration::predict;
+use branchpoint_messages::{AuditTag, Deadline, OffloadRequest};
 
 use branchpoint_core::planner::Plan;
 
 use crate::collector::{Collector, Decided, FallbackReason, InputAccepted, Latency, Outcome};
 use crate::compute::{HeadOutput, LoadedNet};
 use crate::emulation::{Emulation, EmulationSpec, ReportTo};
+pub use crate::plans::ApplyPlan;
+use crate::plans::DeviceReport;
 use crate::transport::{Answered, OffloadFailure, OffloadLink};
 
 #[derive(Debug, Clone)]
@@ -183,14 +185,14 @@ impl Device {
         let response = up.est.mean_response_us().unwrap_or(0.0);
         drop(up);
         match em.spec.reports.as_ref() {
-            Some(ReportTo::Planner(planner)) => planner.do_send(crate::planner::DeviceReport {
+            Some(ReportTo::Planner(planner)) => planner.do_send(DeviceReport {
                 device_id: self.cfg.id.clone(),
                 group: em.spec.group.clone(),
                 at_us: now,
                 observed,
                 estimated_mbit_s,
                 rtt: Duration::from_micros(em.spec.link.rtt_us(now)),
-                reply_to: Some(ctx.address()),
+                reply_to: Some(ctx.address().recipient()),
                 deadline_us: Some(self.cfg.deadline.as_micros() as f64),
                 arrival_rate: Some(em.spec.arrival_rate),
             }),
@@ -502,17 +504,6 @@ impl Outcome {
         self.latency.total_us = arrived.elapsed().as_micros() as u64;
         self
     }
-}
-
-/// New partition branch and p_tar, applied to inputs that arrive from now on.
-#[derive(Message, Debug, Clone)]
-#[rtype(result = "()")]
-pub struct ApplyPlan {
-    pub partition_branch: usize,
-    pub p_tar: f64,
-    /// Set when p_tar is a threshold certified for this on-device accuracy
-    /// (`PlanUpdate::certified`): the target a watched device's audits name.
-    pub target_accuracy: Option<f64>,
 }
 
 impl Handler<ApplyPlan> for Device {

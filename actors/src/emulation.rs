@@ -9,17 +9,17 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::Addr;
+use actix::Recipient;
 use branchpoint_core::link::Link;
 use branchpoint_core::planner::{DeviceUplink, LinkEstimator};
 use branchpoint_core::rng::SplitMix64;
 
-use crate::planner::Planner;
+use crate::plans::DeviceReport;
 
 /// Where a device's network reports go.
 #[derive(Clone)]
 pub enum ReportTo {
-    Planner(Addr<Planner>),
+    Planner(Recipient<DeviceReport>),
     Nats(async_nats::Client),
 }
 

@@ -15,6 +15,7 @@ pub mod emulation;
 pub mod error;
 pub mod fleet;
 pub mod planner;
+pub mod plans;
 pub mod transport;
 pub mod worker;
 

@@ -20,7 +20,7 @@ use actix::prelude::*;
 use branchpoint_core::planner::{choose, Costs, ModelStats, Observed, Prediction};
 use serde::{Deserialize, Serialize};
 
-use crate::device::{ApplyPlan, Device};
+use crate::plans::{ApplyPlan, DeviceReport};
 
 /// One decision, for the run's report.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -90,26 +90,6 @@ impl Actor for Planner {
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(MAILBOX);
     }
-}
-
-/// What a device saw of its network, and where to send its plan.
-#[derive(Message, Clone)]
-#[rtype(result = "()")]
-pub struct DeviceReport {
-    pub device_id: String,
-    pub group: String,
-    pub at_us: u64,
-    pub observed: Observed,
-    pub estimated_mbit_s: f64,
-    /// The device's current round trip: the plan arrives this long after
-    /// the report left (half up, half down).
-    pub rtt: Duration,
-    /// In-process devices get their plan directly; `None` over NATS.
-    pub reply_to: Option<Addr<Device>>,
-    /// The device's own deadline (µs) and arrival rate, for groups the
-    /// planner has no settings for.
-    pub deadline_us: Option<f64>,
-    pub arrival_rate: Option<f64>,
 }
 
 impl Handler<DeviceReport> for Planner {

@@ -33,4 +33,3 @@ pub struct PartitionLatency {
     /// Cloud side: remaining stages plus the final exit.
     pub tail_median_ms: Vec<f64>,
 }
-

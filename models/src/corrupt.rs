@@ -41,5 +41,4 @@ mod tests {
         assert!(apply(&c, &t.view([6, 784]), &norm, 42, 0).is_err(), "shape checked");
         assert!(apply(&c, &t, &Normalization { mean: vec![0.3, 0.3], std: vec![0.3, 0.3] }, 42, 0).is_err(), "channels checked");
     }
-
 }

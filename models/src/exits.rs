@@ -132,10 +132,7 @@ mod tests {
 
     #[test]
     fn answers_round_trip_and_damage_is_refused() {
-        let answers = vec![
-            ExitLogits::new(2, vec![1.0, -1.0, 0.5, 0.25], vec![0, 1]).unwrap(),
-            ExitLogits::new(3, vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0], vec![2, 0]).unwrap(),
-        ];
+        let answers = vec![ExitLogits::new(2, vec![1.0, -1.0, 0.5, 0.25], vec![0, 1]).unwrap(), ExitLogits::new(3, vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0], vec![2, 0]).unwrap()];
         let bytes = encode_answers(&answers, "k");
         assert_eq!(decode_answers(&bytes, "k"), Some(answers));
         assert_eq!(decode_answers(&bytes, "other key"), None, "another key never reads the record");

@@ -3,10 +3,10 @@
 //! values are errors that name the key and the file.
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
 use crate::autoscale::AutoscaleConfig;
 use crate::calibration::Method;
 use crate::link::{Link, Segment};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use branchpoint_core::calibration::{self, CalibrationFile, Method};
-use branchpoint_core::offload::{check_p_tar, default_p_tars, LatencyModel};
 use branchpoint_core::costs::ComputeProfile;
+use branchpoint_core::offload::{check_p_tar, default_p_tars, LatencyModel};
 use branchpoint_models::profile::profile;
 use branchpoint_models::LoadedModel;
 

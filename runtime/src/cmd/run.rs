@@ -27,7 +27,13 @@ pub fn run(args: RunArgs) -> Result<()> {
     let model = args.source.load_model(tch::Device::Cpu)?;
     let data = args.source.load_data(&model)?;
     let profile = scenario::read_profile(&scenario, &args.source.model)?;
-    eprintln!("scenario {} ({}): the model's answers on {} test inputs (computed once per model and inputs, then read from {})", scenario.name, scenario.path.display(), data.test.len(), branchpoint_models::exits::answers_dir().map_or("nowhere: recording is off".into(), |d| d.display().to_string()));
+    eprintln!(
+        "scenario {} ({}): the model's answers on {} test inputs (computed once per model and inputs, then read from {})",
+        scenario.name,
+        scenario.path.display(),
+        data.test.len(),
+        branchpoint_models::exits::answers_dir().map_or("nowhere: recording is off".into(), |d| d.display().to_string())
+    );
     let logits = split_logits(&model, &data)?;
     // The model's answers on the test inputs as each shift corrupts them.
     let (mut shifted, mut shifted_splits) = (Vec::new(), Vec::new());

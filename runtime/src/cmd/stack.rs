@@ -21,8 +21,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use branchpoint_messages::{decode, subjects, WorkerStatus};
 use branchpoint_core::autoscale::{AutoscaleConfig, Autoscaler, Load};
+use branchpoint_messages::{decode, subjects, WorkerStatus};
 use futures::StreamExt;
 use serde::Serialize;
 

@@ -36,9 +36,9 @@ use branchpoint_actors::fleet::{drain, forward_updates, publish_status, DeviceTh
 use branchpoint_actors::planner::{serve_planner_nats, Planner, TakePlanLog};
 use branchpoint_actors::transport::OffloadLink;
 use branchpoint_actors::worker::{publish_status as publish_worker_status, serve_nats, Batcher, WorkerConfig};
-use branchpoint_models::net::PartitionPoint;
 use branchpoint_core::planner::{Costs, LinkEstimator};
 use branchpoint_core::rng::SplitMix64;
+use branchpoint_models::net::PartitionPoint;
 
 use super::sim::{device_seed, interarrival_us, Bin, Plans, SimConfig, WatchPoint, WatchTrace};
 use super::{policy_plans, Policy, PolicyRun, Prepared, Scenario};
@@ -201,7 +201,7 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                 let n = configs.len();
                 let reports = planner.as_ref().map(|p| match &client {
                     Some(c) => ReportTo::Nats(c.clone()),
-                    None => ReportTo::Planner(p.clone()),
+                    None => ReportTo::Planner(p.clone().recipient()),
                 });
                 configs.push(DeviceConfig {
                     id: format!("{}-{k}", g.name),

@@ -17,12 +17,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
-use branchpoint_messages::{encode, Deadline, OffloadRequest, Tensor as WireTensor};
 use branchpoint_core::calibration::{self, ExitLogits, Method};
+use branchpoint_core::costs::ComputeProfile;
 use branchpoint_core::monitor::MonitorConfig;
 use branchpoint_core::planner::{certified_candidates, default_candidate_p_tars, Candidate, ModelStats, Plan};
-use branchpoint_core::costs::ComputeProfile;
 use branchpoint_core::risk::Target;
+use branchpoint_messages::{encode, Deadline, OffloadRequest, Tensor as WireTensor};
 use branchpoint_models::LoadedModel;
 
 pub use file::{Policy, Scenario, TimeMode};

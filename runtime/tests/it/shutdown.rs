@@ -2,7 +2,7 @@
 //! exits within `shutdown::BOUND` after SIGTERM or Ctrl-C, with its NATS
 //! server up or gone, with status 0, and says that it stopped. A signal
 //! while a command is still starting ends it at once.
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::ExitStatus;
@@ -10,14 +10,6 @@ use std::time::Duration;
 
 use branchpoint::shutdown::BOUND;
 use common::*;
-
-/// These tests start CPU-heavy services; one at a time keeps the measured
-/// times about shutdown, not about two tests sharing two cores.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Stops the service with `signal`: its exit status and how long it took.
 fn stop(service: &mut Proc, signal: i32) -> (ExitStatus, Duration) {
@@ -34,13 +26,13 @@ enum Nats {
 /// Starts `args` against a fresh nats-server (with JetStream when `js`),
 /// takes the server away for `Nats::Gone`, stops the service with
 /// `signal`, and checks the bound, the status and the last words.
-fn stops_within_the_bound(name: &str, args: &[&str], ready: &str, js: bool, nats: Nats, signal: i32) {
+fn stops_within_the_bound(name: &str, args: &[&str], js: bool, nats: Nats, signal: i32) {
     let store = tempfile::tempdir().unwrap();
     let server = if js { NatsServer::start_with(&["-js", "-sd", store.path().to_str().unwrap()]) } else { NatsServer::start() };
     let mut full: Vec<&str> = args.to_vec();
     full.extend(["--nats", &server.url]);
     let tag = format!("{name}-{nats:?}-{signal}");
-    let mut service = start_service(&tag, &full, ready, Duration::from_secs(120));
+    let mut service = start_service(&tag, &full, Duration::from_secs(120));
     if nats == Nats::Gone {
         drop(server); // killed and reaped: the service's connection is gone
     }
@@ -53,34 +45,34 @@ fn stops_within_the_bound(name: &str, args: &[&str], ready: &str, js: bool, nats
     assert!(log.contains("stopped in") || log.contains("interrupted after"), "{name} says it stopped: {log}");
 }
 
-fn both_ways(name: &str, args: &[&str], ready: &str, js: bool) {
-    let _serial = serial();
+fn both_ways(name: &str, args: &[&str], js: bool) {
+    let _serial = heavy();
     for nats in [Nats::Up, Nats::Gone] {
-        stops_within_the_bound(name, args, ready, js, nats, libc::SIGTERM);
+        stops_within_the_bound(name, args, js, nats, libc::SIGTERM);
     }
 }
 
 #[test]
 fn a_worker_stops_within_the_bound_on_sigterm_or_ctrl_c() {
-    both_ways("worker", &["worker", "--worker-id", "stopper"], "serving", false);
-    let _serial = serial();
-    stops_within_the_bound("worker", &["worker", "--worker-id", "stopper"], "serving", false, Nats::Up, libc::SIGINT);
+    both_ways("worker", &["worker", "--worker-id", "stopper"], false);
+    let _serial = heavy();
+    stops_within_the_bound("worker", &["worker", "--worker-id", "stopper"], false, Nats::Up, libc::SIGINT);
 }
 
 #[test]
 fn the_calibrator_stops_within_the_bound() {
-    both_ways("calibrator", &["calibrator"], "calibrator serving", true);
+    both_ways("calibrator", &["calibrator"], true);
 }
 
 #[test]
 fn the_planner_stops_within_the_bound() {
-    both_ways("planner", &["planner"], "planner serving", true);
+    both_ways("planner", &["planner"], true);
 }
 
 #[test]
 fn the_api_stops_within_the_bound() {
     let listen = format!("127.0.0.1:{}", port());
-    both_ways("api", &["serve", "--listen", &listen], "api listening", true);
+    both_ways("api", &["serve", "--listen", &listen], true);
 }
 
 /// A fleet offloading to nobody (every offload falls back) and one whose
@@ -91,9 +83,9 @@ fn a_running_fleet_stops_within_the_bound_and_accounts_for_every_input() {
     let dir = tempfile::tempdir().unwrap();
     let summary = dir.path().join("summary.json");
     let args = ["fleet", "--devices", "10", "--rate", "50", "--duration", "600", "--json", summary.to_str().unwrap()];
-    both_ways("fleet", &args, "fleet running", false);
-    let _serial = serial();
-    stops_within_the_bound("fleet", &args, "fleet running", false, Nats::Up, libc::SIGINT);
+    both_ways("fleet", &args, false);
+    let _serial = heavy();
+    stops_within_the_bound("fleet", &args, false, Nats::Up, libc::SIGINT);
     let s: branchpoint_actors::collector::Summary = serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
     assert_eq!((s.outcomes, s.duplicates), (s.inputs, 0), "every input the devices accepted has one outcome: {s:?}");
 }
@@ -102,14 +94,21 @@ fn a_running_fleet_stops_within_the_bound_and_accounts_for_every_input() {
 /// nothing to drain: SIGTERM ends it at once, as the signal's default would.
 #[test]
 fn a_signal_while_starting_ends_the_command_at_once() {
-    let _serial = serial();
+    let _serial = heavy();
     let server = NatsServer::start();
     let log = Path::new(&std::env::temp_dir()).join(format!("branchpoint-test-{}-early.log", std::process::id()));
-    let child = branchpoint().args(["calibrator", "--nats", &server.url]).stdout(std::process::Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+    let ready = Path::new(&std::env::temp_dir()).join(format!("branchpoint-test-{}-early.ready", std::process::id()));
+    let _ = std::fs::remove_file(&ready);
+    let child = branchpoint()
+        .args(["calibrator", "--nats", &server.url, "--ready-file", ready.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
     let mut service = Proc(child);
     let (status, took) = stop(&mut service, libc::SIGTERM);
     let said = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(took <= BOUND, "took {took:?}: {said}");
     assert!(!status.success(), "stopped before it served: {status}");
-    assert!(!said.contains("calibrator serving"), "{said}");
+    assert!(!ready.exists(), "it never signalled readiness: {said}");
 }

@@ -4,7 +4,7 @@
 //! them: with the right options a worker and a fleet connect and offloads are
 //! answered by the cloud; with wrong or missing ones the command exits
 //! non-zero and says it could not connect.
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,14 +12,6 @@ use std::time::Duration;
 
 use branchpoint_actors::collector::Summary;
 use common::*;
-
-/// Each test starts a worker and several fleets; run them one at a time so
-/// that deadlines measure the system, not the test harness.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 const INPUTS: usize = 200;
 /// What nats-server answers a CONNECT with wrong or missing credentials.
@@ -82,7 +74,7 @@ fn worker_fails(url: &str, nats_opts: &[&str], causes: &[&str]) -> String {
 
 #[test]
 fn user_and_password_authenticate_and_a_wrong_password_is_refused() {
-    let _serial = serial();
+    let _serial = heavy();
     let nats = NatsServer::start_with(&["--user", "alice", "--pass", "s3cret"]);
     let url = nats.url.as_str();
     let dir = tempfile::tempdir().unwrap();
@@ -97,7 +89,7 @@ fn user_and_password_authenticate_and_a_wrong_password_is_refused() {
 
 #[test]
 fn a_token_authenticates_and_a_missing_or_wrong_token_is_refused() {
-    let _serial = serial();
+    let _serial = heavy();
     let nats = NatsServer::start_with(&["--auth", "t0ken-for-tests"]);
     let url = nats.url.as_str();
     let dir = tempfile::tempdir().unwrap();
@@ -181,7 +173,7 @@ fn s(p: &Path) -> &str {
 
 #[test]
 fn tls_connects_with_the_servers_ca_and_fails_without_it() {
-    let _serial = serial();
+    let _serial = heavy();
     let pki = make_pki();
     let nats = NatsServer::start_with(&["--tls", "--tlscert", s(&pki.server_cert), "--tlskey", s(&pki.server_key)]);
     let url = nats.url.as_str();
@@ -206,7 +198,7 @@ fn tls_connects_with_the_servers_ca_and_fails_without_it() {
 
 #[test]
 fn mutual_tls_needs_a_client_certificate_from_the_servers_ca() {
-    let _serial = serial();
+    let _serial = heavy();
     let pki = make_pki();
     let nats = NatsServer::start_with(&["--tlsverify", "--tlscert", s(&pki.server_cert), "--tlskey", s(&pki.server_key), "--tlscacert", s(&pki.ca)]);
     let url = nats.url.as_str();

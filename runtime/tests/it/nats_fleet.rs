@@ -1,7 +1,7 @@
 //! The live system against a real nats-server: devices and cloud workers in
 //! separate processes make exactly the decisions the offline evaluation
 //! predicts, lose no input when a worker dies, and survive bad requests.
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -9,20 +9,12 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use branchpoint_actors::collector::{Decided, Outcome, Summary};
-use branchpoint_messages::{decode, encode, subjects, Deadline, ErrorKind, OffloadReply, OffloadRequest, Tensor};
 use branchpoint_core::calibration::predict;
+use branchpoint_messages::{decode, encode, subjects, Deadline, ErrorKind, OffloadReply, OffloadRequest, Tensor};
 use branchpoint_models::{load_model, Dataset};
 use common::*;
 
 const P_TAR: f64 = 0.9;
-
-/// These tests each run a fleet and workers that load the CPU; run them one
-/// at a time so that deadlines measure the system, not the test harness.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// (stays on the device, class) per test input, as the offline evaluation
 /// decides at partition branch 1 with temperature 1.
@@ -96,22 +88,27 @@ struct RunningFleet {
 }
 
 impl RunningFleet {
-    /// Starts `fleet ARGS` and returns once it says it is running.
+    /// Starts `fleet ARGS` and returns once it signals readiness (its
+    /// `--ready-file`: devices built, inputs flowing).
     fn start(args: &[&str]) -> RunningFleet {
-        use std::io::BufRead;
-        let mut child = branchpoint().arg("fleet").args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap());
-        let mut said = String::new();
-        while !said.contains("fleet running") {
-            let mut line = String::new();
-            assert!(lines.read_line(&mut line).unwrap() > 0, "the fleet ended before it ran: {said}");
-            said.push_str(&line);
-        }
+        let dir = tempfile::tempdir().unwrap();
+        let ready = dir.path().join("ready");
+        let mut child = branchpoint().arg("fleet").args(args).arg("--ready-file").arg(&ready).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut pipe = child.stderr.take().unwrap();
         let stderr = std::thread::spawn(move || {
-            let mut rest = String::new();
-            let _ = std::io::Read::read_to_string(&mut lines, &mut rest);
-            said + &rest
+            let mut said = String::new();
+            let _ = std::io::Read::read_to_string(&mut pipe, &mut said);
+            said
         });
+        while !ready.exists() {
+            match child.try_wait() {
+                // A short fleet may finish (and remove the file) between two looks.
+                Ok(Some(status)) if status.success() => break,
+                Ok(Some(status)) => panic!("the fleet ended ({status}) before it ran: {}", stderr.join().unwrap()),
+                _ => {}
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         RunningFleet { child, stderr }
     }
 
@@ -127,7 +124,7 @@ impl RunningFleet {
 
 #[test]
 fn two_workers_and_twenty_devices_over_nats_make_the_offline_decisions() {
-    let _serial = serial();
+    let _serial = heavy();
     let nats = NatsServer::start();
     let _w1 = start_worker(&nats.url, "w1", &[]);
     let _w2 = start_worker(&nats.url, "w2", &[]);
@@ -166,10 +163,10 @@ fn two_workers_and_twenty_devices_over_nats_make_the_offline_decisions() {
 #[test]
 fn a_watched_fleet_audits_without_changing_an_outcome() {
     use branchpoint_messages::CalibrationStatus;
-    let _serial = serial();
+    let _serial = heavy();
     let nats = NatsServer::start();
     let _w = start_worker(&nats.url, "auditor", &[]);
-    let _cal = start_service("calibrator", &["calibrator", "--nats", &nats.url, "--method", "uncalibrated"], "calibrator serving", Duration::from_secs(60));
+    let _cal = start_service("calibrator", &["calibrator", "--nats", &nats.url, "--method", "uncalibrated"], Duration::from_secs(60));
     let statuses: Watch<CalibrationStatus> = Watch::new(&nats.url, subjects::CALIBRATION_STATUS);
     let dir = tempfile::tempdir().unwrap();
     let n = 2000;
@@ -207,7 +204,7 @@ fn a_watched_fleet_audits_without_changing_an_outcome() {
 #[test]
 fn killing_a_worker_mid_run_loses_no_input() {
     use branchpoint_messages::WorkerStatus;
-    let _serial = serial();
+    let _serial = heavy();
     let nats = NatsServer::start();
     let statuses: Watch<WorkerStatus> = Watch::new(&nats.url, subjects::WORKER_STATUS);
     let quick = ["--status-interval-ms", "100"];
@@ -276,7 +273,7 @@ fn killing_a_worker_mid_run_loses_no_input() {
 /// one outcome per input and exit status 0.
 #[test]
 fn an_overloaded_fleet_answers_every_input_once_and_exits_cleanly() {
-    let _serial = serial();
+    let _serial = heavy();
     let nats = NatsServer::start();
     let _w = start_worker(&nats.url, "w", &[]);
     let dir = tempfile::tempdir().unwrap();
@@ -313,7 +310,7 @@ fn runtime() -> tokio::runtime::Runtime {
 
 #[test]
 fn malformed_requests_get_typed_error_replies_and_the_worker_keeps_serving() {
-    let _serial = serial();
+    let _serial = heavy();
     let nats = NatsServer::start();
     let _w = start_worker(&nats.url, "sturdy", &[]);
     let card: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(shipped_model().with_extension("json")).unwrap()).unwrap();
@@ -461,7 +458,7 @@ fn malformed_requests_get_typed_error_replies_and_the_worker_keeps_serving() {
 
 #[test]
 fn without_workers_offloads_fall_back_and_every_input_is_answered() {
-    let _serial = serial();
+    let _serial = heavy();
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let (s, outcomes) = run_fleet(dir.path(), "orphan", Some(&nats.url), 300, 500);
@@ -478,7 +475,7 @@ fn without_workers_offloads_fall_back_and_every_input_is_answered() {
 fn impossible_answers_from_a_rogue_worker_are_not_taken() {
     use branchpoint_messages::{OffloadAnswer, WorkerTimings};
     use futures::StreamExt;
-    let _serial = serial();
+    let _serial = heavy();
     let nats = NatsServer::start();
     let url = nats.url.clone();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -514,11 +511,11 @@ fn impossible_answers_from_a_rogue_worker_are_not_taken() {
 #[test]
 fn calibration_refits_and_plans_reach_running_devices() {
     use branchpoint_messages::{CalibrationMethod, CalibrationRefit, CalibrationUpdate, FleetStatus, PlanTarget, PlanUpdate};
-    let _serial = serial();
+    let _serial = heavy();
     let nats = NatsServer::start();
     let _w = start_worker(&nats.url, "w", &[]);
     // The calibrator starts uncalibrated (T = 1 everywhere).
-    let _cal = start_service("calibrator", &["calibrator", "--nats", &nats.url, "--method", "uncalibrated"], "calibrator serving", Duration::from_secs(60));
+    let _cal = start_service("calibrator", &["calibrator", "--nats", &nats.url, "--method", "uncalibrated"], Duration::from_secs(60));
 
     let dir = tempfile::tempdir().unwrap();
     let summary = dir.path().join("summary.json");
@@ -620,7 +617,7 @@ fn every_input_answered_in_time(summary: &Path, outcomes: &Path, deadline_ms: u6
 #[test]
 fn broker_outages_lose_no_input_and_answer_every_input_by_its_deadline() {
     use branchpoint_messages::WorkerStatus;
-    let _serial = serial();
+    let _serial = heavy();
     let mut nats = NatsServer::start();
     let statuses: Watch<WorkerStatus> = Watch::new(&nats.url, subjects::WORKER_STATUS);
     let _w = start_worker(&nats.url, "outlasting", &["--status-interval-ms", "100"]);
@@ -710,7 +707,7 @@ fn broker_outages_lose_no_input_and_answer_every_input_by_its_deadline() {
 /// any machine; BENCHMARKS.md has the numbers.
 #[test]
 fn ten_times_overload_keeps_most_of_the_goodput() {
-    let _serial = serial();
+    let _serial = heavy();
     let nats = NatsServer::start();
     let model = repo_root().join("models/bvgg-fmnist.safetensors");
     let model = model.to_str().unwrap();
@@ -795,12 +792,12 @@ fn publish_all(url: &str, subject: &str, payloads: Vec<Vec<u8>>) {
 #[test]
 fn the_calibrator_watches_audit_results_and_alarms_on_drift() {
     use branchpoint_messages::{AuditResult, CalibrationStatus};
-    let _serial = serial();
+    let _serial = heavy();
     let store = tempfile::tempdir().unwrap();
     let nats = NatsServer::start_with(&["-js", "-sd", store.path().to_str().unwrap()]);
-    let _cal = start_service("calibrator", &["calibrator", "--nats", &nats.url, "--alarm-only", "--min-refit-sample", "50"], "calibrator serving", Duration::from_secs(60));
+    let _cal = start_service("calibrator", &["calibrator", "--nats", &nats.url, "--alarm-only", "--min-refit-sample", "50"], Duration::from_secs(60));
     let api = format!("127.0.0.1:{}", port());
-    let _api = start_service("watch-api", &["serve", "--nats", &nats.url, "--listen", &api], "api listening", Duration::from_secs(60));
+    let _api = start_service("watch-api", &["serve", "--nats", &nats.url, "--listen", &api], Duration::from_secs(60));
     let statuses: Watch<CalibrationStatus> = Watch::new(&nats.url, subjects::CALIBRATION_STATUS);
     let sha = model_sha(&nats.url);
     let result = |i: u64, agrees: bool| audit_result(&sha, "cameras", i, agrees);
@@ -887,15 +884,10 @@ fn the_calibrator_watches_audit_results_and_alarms_on_drift() {
 fn a_drift_refit_is_stored_for_the_group() {
     use branchpoint_actors::control::{group_calibration_key, ControlStore};
     use branchpoint_messages::{AuditResult, CalibrationStatus, PlanTarget};
-    let _serial = serial();
+    let _serial = heavy();
     let store = tempfile::tempdir().unwrap();
     let nats = NatsServer::start_with(&["-js", "-sd", store.path().to_str().unwrap()]);
-    let _cal = start_service(
-        "refitting-calibrator",
-        &["calibrator", "--nats", &nats.url, "--min-refit-sample", "200", "--min-refit-interval-s", "1"],
-        "calibrator serving",
-        Duration::from_secs(60),
-    );
+    let _cal = start_service("refitting-calibrator", &["calibrator", "--nats", &nats.url, "--min-refit-sample", "200", "--min-refit-interval-s", "1"], Duration::from_secs(60));
     let statuses: Watch<CalibrationStatus> = Watch::new(&nats.url, subjects::CALIBRATION_STATUS);
     let sha = model_sha(&nats.url);
     // Group "night": agreeing, then only one in three agrees. Group "day"
@@ -959,10 +951,9 @@ fn a_drift_refit_is_stored_for_the_group() {
 #[test]
 fn a_certifying_planner_says_which_target_its_plans_certify() {
     use branchpoint_messages::{subjects, PlanUpdate};
-    let _serial = serial();
+    let _serial = heavy();
     let nats = NatsServer::start();
-    let _planner =
-        start_service("certifying-planner", &["planner", "--nats", &nats.url, "--device-slowdown", "4", "--certify-delta", "0.05"], "planner serving", Duration::from_secs(90));
+    let _planner = start_service("certifying-planner", &["planner", "--nats", &nats.url, "--device-slowdown", "4", "--certify-delta", "0.05"], Duration::from_secs(90));
     let plans: Watch<PlanUpdate> = Watch::new(&nats.url, &subjects::plan_device("phone-8"));
     runtime().block_on(async {
         let client = async_nats::connect(&nats.url).await.unwrap();
@@ -983,9 +974,9 @@ fn a_certifying_planner_says_which_target_its_plans_certify() {
 fn the_planner_answers_network_reports_with_plans() {
     use branchpoint_messages::{encode, subjects, PlanTarget, PlanUpdate};
     use futures::StreamExt;
-    let _serial = serial();
+    let _serial = heavy();
     let nats = NatsServer::start();
-    let _planner = start_service("planner", &["planner", "--nats", &nats.url, "--device-slowdown", "4"], "planner serving", Duration::from_secs(90));
+    let _planner = start_service("planner", &["planner", "--nats", &nats.url, "--device-slowdown", "4"], Duration::from_secs(90));
     let report = |us_per_byte: f64| network_report("phone-7", us_per_byte);
     let plans: Vec<PlanUpdate> = runtime().block_on(async {
         let client = async_nats::connect(&nats.url).await.unwrap();
@@ -1015,7 +1006,7 @@ fn the_planner_answers_network_reports_with_plans() {
 fn a_device_plan_expires_and_a_group_plan_stays() {
     use branchpoint_actors::control::{ControlStore, StoreSettings};
     use branchpoint_messages::{PlanTarget, PlanUpdate};
-    let _serial = serial();
+    let _serial = heavy();
     let store_dir = tempfile::tempdir().unwrap();
     let nats = NatsServer::start_with(&["-js", "-sd", store_dir.path().to_str().unwrap()]);
     let settings = StoreSettings { device_plan_ttl: Duration::from_secs(1), ..StoreSettings::default() };

@@ -1,12 +1,12 @@
 //! Shared by the integration tests: a real nats-server (the one
 //! scripts/setup.sh installs into the venv) on a free loopback port, and
 //! child processes of the `branchpoint` binary, all killed on drop.
-#![allow(dead_code)]
 
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 pub fn repo_root() -> PathBuf {
@@ -91,19 +91,25 @@ pub fn branchpoint() -> Command {
     c
 }
 
-/// Starts `branchpoint ARGS` and waits until its stderr says `ready`.
-pub fn start_service(name: &str, args: &[&str], ready: &str, within: Duration) -> Proc {
+/// Starts `branchpoint ARGS` with `--ready-file` and waits for the file:
+/// readiness is what the service signals, never a line of its log.
+pub fn start_service(name: &str, args: &[&str], within: Duration) -> Proc {
     let log = std::env::temp_dir().join(format!("branchpoint-test-{}-{name}.log", std::process::id()));
-    let child = branchpoint().args(args).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().expect("the service starts");
-    let proc = Proc(child);
+    let ready = std::env::temp_dir().join(format!("branchpoint-test-{}-{name}.ready", std::process::id()));
+    let _ = std::fs::remove_file(&ready);
+    let child = branchpoint().args(args).arg("--ready-file").arg(&ready).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().expect("the service starts");
+    let mut proc = Proc(child);
     let until = Instant::now() + within;
     while Instant::now() < until {
-        if std::fs::read_to_string(&log).unwrap_or_default().contains(ready) {
+        if ready.exists() {
             return proc;
+        }
+        if let Ok(Some(status)) = proc.0.try_wait() {
+            panic!("{name} exited {status} before it was ready: {}", std::fs::read_to_string(&log).unwrap_or_default());
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    panic!("{name} did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
+    panic!("{name} did not signal readiness (--ready-file) within {within:?}: {}", std::fs::read_to_string(&log).unwrap_or_default());
 }
 
 /// The stderr of a service started by `start_service`, so far.
@@ -115,7 +121,7 @@ pub fn service_log(name: &str) -> String {
 pub fn start_worker(url: &str, id: &str, extra: &[&str]) -> Proc {
     let mut args = vec!["worker", "--nats", url, "--worker-id", id];
     args.extend_from_slice(extra);
-    start_service(id, &args, "serving", Duration::from_secs(30))
+    start_service(id, &args, Duration::from_secs(30))
 }
 
 /// Runs `cmd` to its end with stdout and stderr captured, like
@@ -326,4 +332,13 @@ pub fn promtool_check(exposition: &str) -> Result<(), String> {
     } else {
         Err(said)
     }
+}
+
+/// Tests that load the CPU for long (replays, fleets, overload) take this
+/// lock: one at a time, as when each area was its own test binary, so that
+/// none of them measures another's load.
+static HEAVY: Mutex<()> = Mutex::new(());
+
+pub fn heavy() -> MutexGuard<'static, ()> {
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -2,7 +2,7 @@
 //! with JetStream, workers, calibrator, planner, API and a fleet, each its
 //! own process), the HTTP API and its dashboard in headless Chromium, the
 //! autoscaler under a load step, and resuming from the key-value store.
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -10,12 +10,6 @@ use std::time::{Duration, Instant};
 
 use branchpoint_actors::collector::Summary;
 use common::*;
-
-/// One stack at a time: they share two cores.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 struct Stack {
     _proc: Proc,
@@ -97,7 +91,7 @@ const FLEET: &str = "branchpoint_devices_on_plan{fleet=\"stack-fleet\",group=\"d
 
 #[test]
 fn stack_up_serves_metrics_plans_refits_and_the_dashboard() {
-    let _serial = serial();
+    let _serial = heavy();
     let dir = tempfile::tempdir().unwrap();
     let stack = stack_up(dir.path(), &["--workers", "2", "--devices", "50", "--rate", "5", "--duration", "20", "--token", TOKEN]);
     assert_eq!(http("GET", &stack.api, "/healthz", None, None).status, 200);
@@ -295,7 +289,7 @@ fn timeline(dir: &Path) -> Vec<branchpoint_core::autoscale::Load> {
 
 #[test]
 fn autoscaler_adds_workers_under_a_load_step_and_removes_them_after() {
-    let _serial = serial();
+    let _serial = heavy();
     let dir = tempfile::tempdir().unwrap();
     // Workers emulate cloud hardware 10x slower than this machine, so that
     // one saturates under a load two cores can also generate.
@@ -312,16 +306,19 @@ fn autoscaler_adds_workers_under_a_load_step_and_removes_them_after() {
     // for 10 s: 400 requests/s, more than one (slowed) worker can serve
     // (about 230/s at batch 32).
     let load_log = dir.path().join("load-step.log");
+    let load_ready = dir.path().join("load-step.ready");
     let mut load = branchpoint()
         .envs(stack.role_env("device"))
         .args(["fleet", "--nats", &stack.nats, "--fleet-id", "load-step", "--devices", "20", "--rate", "20", "--duration", "10"])
         .args(["--p-tar", "0.999", "--branch", "1", "--threads", "1", "--deadline-ms", "2000"])
+        .arg("--ready-file")
+        .arg(&load_ready)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&load_log).unwrap())
         .spawn()
         .unwrap();
     // The step starts when the fleet has loaded its model and data.
-    wait_for("the load fleet to start", Duration::from_secs(60), || std::fs::read_to_string(&load_log).unwrap_or_default().contains("fleet running").then_some(()));
+    wait_for("the load fleet to start", Duration::from_secs(60), || load_ready.exists().then_some(()));
     let step = Instant::now();
     let up = wait_for("a second worker", Duration::from_secs(60), || (stack.workers() >= 2).then(|| step.elapsed()));
     let load_status = load.wait().unwrap();
@@ -363,7 +360,7 @@ fn autoscaler_adds_workers_under_a_load_step_and_removes_them_after() {
 #[test]
 fn a_restarted_planner_resumes_its_plans_and_a_new_fleet_starts_from_stored_plans() {
     use branchpoint_messages::{encode, subjects, NetworkReport, PlanTarget, PlanUpdate};
-    let _serial = serial();
+    let _serial = heavy();
     let store_dir = tempfile::tempdir().unwrap();
     let nats = NatsServer::start_with(&["-js", "-sd", store_dir.path().to_str().unwrap()]);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -381,13 +378,13 @@ fn a_restarted_planner_resumes_its_plans_and_a_new_fleet_starts_from_stored_plan
         plans.into_iter().find(|p| p.value.target == PlanTarget::Device("phone-3".into())).map(|p| (p.value, p.revision))
     };
     let planner_args = ["planner", "--nats", &nats.url];
-    let planner = start_service("planner-1", &planner_args, "planner serving", Duration::from_secs(60));
+    let planner = start_service("planner-1", &planner_args, Duration::from_secs(60));
     send(report(0.08)); // 100 Mbit/s
     let (first, revision) = wait_for("the planner to store a plan", Duration::from_secs(10), stored);
     assert!(first.p_tar > 0.0, "a fast link gets an offloading plan: {first:?}");
     drop(planner); // SIGKILL: no chance to save anything on the way out
 
-    let _planner = start_service("planner-2", &planner_args, "planner serving", Duration::from_secs(60));
+    let _planner = start_service("planner-2", &planner_args, Duration::from_secs(60));
     assert!(service_log("planner-2").contains("resumed 1 device plan(s)"), "{}", service_log("planner-2"));
     // The same conditions give the same plan, which the restarted planner
     // knows it stored already: it does not write it again.
@@ -419,7 +416,7 @@ fn a_restarted_planner_resumes_its_plans_and_a_new_fleet_starts_from_stored_plan
 
 #[test]
 fn bad_setups_fail_with_what_to_do() {
-    let _serial = serial();
+    let _serial = heavy();
     // The control plane needs JetStream: a plain server is refused, with the fix.
     let plain = NatsServer::start();
     let out = output_within(branchpoint().args(["serve", "--nats", &plain.url, "--listen", &format!("127.0.0.1:{}", port())]), Duration::from_secs(60));
@@ -442,7 +439,7 @@ fn bad_setups_fail_with_what_to_do() {
     let store = tempfile::tempdir().unwrap();
     let js = NatsServer::start_with(&["-js", "-sd", store.path().to_str().unwrap()]);
     let api = format!("127.0.0.1:{}", port());
-    let _serve = start_service("lonely-api", &["serve", "--nats", &js.url, "--listen", &api, "--token", TOKEN], "api listening", Duration::from_secs(60));
+    let _serve = start_service("lonely-api", &["serve", "--nats", &js.url, "--listen", &api, "--token", TOKEN], Duration::from_secs(60));
     let r = http("GET", &api, "/nope", None, None);
     assert_eq!(r.status, 404);
     assert!(r.body.contains("/api/plan"), "{}", r.body);
@@ -465,7 +462,7 @@ fn bad_setups_fail_with_what_to_do() {
 #[test]
 fn healthz_answers_through_a_flood_of_slow_bodies() {
     use std::io::{Read, Write};
-    let _serial = serial();
+    let _serial = heavy();
     // The test holds 1,000 sockets itself.
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit and setrlimit only read and write `lim`.
@@ -476,7 +473,7 @@ fn healthz_answers_through_a_flood_of_slow_bodies() {
     }
     let nats = NatsServer::start_with(&["-js"]);
     let api = format!("127.0.0.1:{}", port());
-    let _api = start_service("flooded-api", &["serve", "--nats", &nats.url, "--listen", &api, "--token", "t0ken"], "api listening", Duration::from_secs(60));
+    let _api = start_service("flooded-api", &["serve", "--nats", &nats.url, "--listen", &api, "--token", "t0ken"], Duration::from_secs(60));
     let mut flood = Vec::new();
     for i in 0..1000 {
         let mut s = std::net::TcpStream::connect(&api).unwrap();
@@ -518,7 +515,7 @@ fn healthz_answers_through_a_flood_of_slow_bodies() {
 #[test]
 fn a_stack_cluster_loses_a_node_and_nothing_is_lost() {
     use branchpoint_actors::control::PLANS_BUCKET;
-    let _serial = serial();
+    let _serial = heavy();
     let dir = tempfile::tempdir().unwrap();
     let stack = stack_up(dir.path(), &["--cluster", "3", "--workers", "1", "--devices", "0", "--token", TOKEN]);
     let urls = stack.nats.clone();
@@ -599,7 +596,7 @@ fn a_stack_cluster_loses_a_node_and_nothing_is_lost() {
 fn a_device_cannot_change_plans_or_temperatures_or_join_the_workers() {
     use branchpoint_actors::control::ControlStore;
     use branchpoint_messages::{encode, subjects, CalibrationMethod, CalibrationUpdate, PlanTarget, PlanUpdate};
-    let _serial = serial();
+    let _serial = heavy();
     let dir = tempfile::tempdir().unwrap();
     let stack = stack_up(dir.path(), &["--workers", "1", "--devices", "2", "--rate", "2", "--token", TOKEN]);
     let mode = std::fs::metadata(dir.path().join("credentials.env")).unwrap().permissions();

@@ -1,18 +1,14 @@
 //! Scenario replay as users meet it: validation errors that name the key
 //! and the file, the shipped scenarios, reproducibility, and the acceptance
 //! check on the recorded cellular traces in ../shared/traces.
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use branchpoint::scenario::report::ScenarioReport;
 use branchpoint::scenario::Scenario;
-use common::{branchpoint, output_within, repo_root};
-
-/// Replays are CPU-heavy: one at a time on a 2-core machine.
-static SERIAL: Mutex<()> = Mutex::new(());
+use common::{branchpoint, heavy, output_within, repo_root};
 
 const VALID: &str = r#"
 name = "t"
@@ -188,7 +184,7 @@ fn policy<'a>(r: &'a ScenarioReport, name: &str) -> &'a branchpoint::scenario::r
 
 #[test]
 fn same_seed_same_report_and_every_input_answered_once() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = heavy();
     let dir = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(repo_root().join("scenarios/lte-handover.toml")).unwrap().replace("duration_s = 120.0", "duration_s = 80.0");
     let path = dir.path().join("short.toml");
@@ -238,7 +234,7 @@ fn recorded_traces() -> Vec<PathBuf> {
 /// point of the oracle's.
 #[test]
 fn adaptive_meets_the_bound_and_tracks_the_oracle_on_every_trace() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = heavy();
     let dir = tempfile::tempdir().unwrap();
     let scenario = repo_root().join("scenarios/cellular-trace.toml");
     let mut traces: Vec<Option<PathBuf>> = recorded_traces().into_iter().map(Some).collect();
@@ -274,7 +270,7 @@ fn adaptive_meets_the_bound_and_tracks_the_oracle_on_every_trace() {
 /// beside what its plans predicted.
 #[test]
 fn a_certified_scenario_runs_certified_thresholds_and_checks_its_predictions() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = heavy();
     let dir = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(repo_root().join("scenarios/lte-handover.toml"))
         .unwrap()
@@ -311,7 +307,7 @@ fn a_certified_scenario_runs_certified_thresholds_and_checks_its_predictions() {
 /// device); audits change no outcome, and the live interval covers the truth.
 #[test]
 fn the_watched_policy_detects_an_input_shift_and_refits() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = heavy();
     let dir = tempfile::tempdir().unwrap();
     let model = repo_root().join("models/bvgg-fmnist.safetensors");
     let r = replay(&repo_root().join("scenarios/input-shift.toml"), &["--model", model.to_str().unwrap()], &dir.path().join("out"));
@@ -379,7 +375,7 @@ fn the_trace_command_regenerates_the_shipped_trace() {
 /// devices stay below the target. Without --nats the run refuses at once.
 #[test]
 fn a_live_shift_is_detected_and_the_refit_reaches_the_devices_through_the_store() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = heavy();
     let shipped = repo_root().join("scenarios/input-shift-live.toml");
     let model = repo_root().join("models/bvgg-fmnist.safetensors");
     let model = model.to_str().unwrap();
@@ -440,7 +436,7 @@ fn a_live_shift_is_detected_and_the_refit_reaches_the_devices_through_the_store(
 /// virtual-time replay of the same scenario.
 #[test]
 fn real_time_over_nats_agrees_with_virtual_time() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = heavy();
     let store = tempfile::tempdir().unwrap();
     let nats = common::NatsServer::start_with(&["-js", "-sd", store.path().to_str().unwrap()]);
     let dir = tempfile::tempdir().unwrap();
@@ -513,7 +509,7 @@ fn real_time_over_nats_agrees_with_virtual_time() {
 /// four costs.
 #[test]
 fn the_pool_follows_a_load_step_out_and_back_in() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = heavy();
     let dir = tempfile::tempdir().unwrap();
     let shipped = repo_root().join("scenarios/load-step.toml");
     let scaled = replay(&shipped, &[], &dir.path().join("scaled"));
