@@ -567,7 +567,7 @@ pub async fn recertify_stored_plans(calibrator: &CalibratorHandle, store: &crate
 async fn store_refit(store: &crate::control::ControlStore, calibrator: &CalibratorHandle, r: &GroupRefit) {
     let current = match calibrator.current().await {
         Ok(c) => c,
-        Err(e) => return eprintln!("calibrator: could not store the refit for group {}: {e}", r.group),
+        Err(e) => return tracing::warn!("calibrator: could not store the refit for group {}: {e}", r.group),
     };
     let update = CalibrationUpdate { temperatures: r.temperatures.clone(), group: Some(r.group.clone()), ..to_update(&current) };
     let stored = async {
@@ -575,7 +575,11 @@ async fn store_refit(store: &crate::control::ControlStore, calibrator: &Calibrat
         store.put_plan(&r.plan).await
     };
     match stored.await {
-        Ok(_) => eprintln!(
+        Ok(_) => tracing::info!(
+            group = %r.group,
+            partition_branch = r.partition_branch,
+            temperature = r.refit.temperature,
+            threshold = r.refit.threshold,
             "calibrator: drift refit for group {}, branch {}: temperature {:.3}, threshold {:.3} certified for on-device accuracy {} (delta {}), from {} + {} sampled inputs; stored for the group's devices",
             r.group,
             r.partition_branch,
@@ -586,7 +590,7 @@ async fn store_refit(store: &crate::control::ControlStore, calibrator: &Calibrat
             r.refit.fit_inputs,
             r.refit.certify_inputs,
         ),
-        Err(e) => eprintln!("calibrator: could not store the refit for group {}: {e}", r.group),
+        Err(e) => tracing::warn!("calibrator: could not store the refit for group {}: {e}", r.group),
     }
 }
 
@@ -637,13 +641,13 @@ pub async fn serve_calibration_nats(
             let groups = store.calibrations(&initial.weights_sha256).await?;
             let groups: Vec<(String, Vec<f64>)> = groups.into_iter().filter_map(|s| Some((s.value.group?, s.value.temperatures))).collect();
             if !groups.is_empty() {
-                eprintln!("calibrator: resuming the drift refits of {} group(s)", groups.len());
+                tracing::info!("calibrator: resuming the drift refits of {} group(s)", groups.len());
             }
             calibrator.resume_groups(groups).await?;
         }
         None => {
             if calibrator.watch_settings().await?.auto_refit {
-                eprintln!("calibrator: drift alarms will not refit: refits reach devices through the control store, which needs JetStream");
+                tracing::warn!("calibrator: drift alarms will not refit: refits reach devices through the control store, which needs JetStream");
                 calibrator.alarms_only().await?;
             }
         }
@@ -671,13 +675,13 @@ pub async fn serve_calibration_nats(
                     // The model's new temperatures replace every group's.
                     match store.delete_group_calibrations(&calibrator.current().await?.weights_sha256).await {
                         Ok(0) => {}
-                        Ok(n) => eprintln!("calibrator: the refit replaces the drift refits of {n} group(s)"),
-                        Err(e) => eprintln!("calibrator: could not remove the groups' refit temperatures: {e}"),
+                        Ok(n) => tracing::info!("calibrator: the refit replaces the drift refits of {n} group(s)"),
+                        Err(e) => tracing::warn!("calibrator: could not remove the groups' refit temperatures: {e}"),
                     }
                     match recertify_stored_plans(&calibrator, store).await {
                         Ok(0) => {}
-                        Ok(n) => eprintln!("calibrator: {n} certified plan(s) certified again on the new temperatures"),
-                        Err(e) => eprintln!("calibrator: could not certify the stored plans again: {e}"),
+                        Ok(n) => tracing::info!("calibrator: {n} certified plan(s) certified again on the new temperatures"),
+                        Err(e) => tracing::warn!("calibrator: could not certify the stored plans again: {e}"),
                     }
                 }
                 if let Some(reply) = msg.reply {
@@ -693,9 +697,11 @@ pub async fn serve_calibration_nats(
                 match calibrator.audit(result).await {
                     Ok(WatchOutcome::Refit(refit)) => match &store {
                         Some(store) => store_refit(store, &calibrator, &refit).await,
-                        None => eprintln!("calibrator: a refit for group {} was computed but cannot be stored (no control store)", refit.group),
+                        None => tracing::warn!("calibrator: a refit for group {} was computed but cannot be stored (no control store)", refit.group),
                     },
-                    Ok(WatchOutcome::Alarm { group, partition_branch }) => eprintln!(
+                    Ok(WatchOutcome::Alarm { group, partition_branch }) => tracing::warn!(
+                        group = %group,
+                        partition_branch,
                         "calibrator: drift alarm: group {group}, branch {partition_branch}: on-device agreement with the final exit fell below its target{}",
                         if calibrator.watch_settings().await?.auto_refit { "; refitting once enough sampled inputs have arrived" } else { " (automatic refits are off)" }
                     ),

@@ -165,11 +165,11 @@ impl<S: 'static> TensorPool<S> {
                         continue;
                     }
                     if std::panic::catch_unwind(AssertUnwindSafe(|| job(&mut state))).is_err() {
-                        eprintln!("{thread_name}: a job panicked (its caller gets an error); rebuilding this thread's state");
+                        tracing::warn!("{thread_name}: a job panicked (its caller gets an error); rebuilding this thread's state");
                         match build() {
                             Ok(s) => state = s,
                             Err(e) => {
-                                eprintln!("{thread_name}: could not rebuild its state, so this thread stops: {e}");
+                                tracing::warn!("{thread_name}: could not rebuild its state, so this thread stops: {e}");
                                 return;
                             }
                         }
@@ -243,7 +243,7 @@ impl<S> Drop for PoolInner<S> {
     fn drop(&mut self) {
         let still = self.shutdown(Duration::from_secs(10));
         if !still.is_empty() {
-            eprintln!("{}: threads {still:?} still computing 10 s after shutdown; left running", self.name);
+            tracing::warn!("{}: threads {still:?} still computing 10 s after shutdown; left running", self.name);
         }
     }
 }

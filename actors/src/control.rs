@@ -153,7 +153,7 @@ impl ControlStore {
                 };
                 let replicas = store.stream.cached_info().config.num_replicas;
                 if replicas < cfg.num_replicas {
-                    eprintln!(
+                    tracing::info!(
                         "control: the bucket {name} has {replicas} replica(s), fewer than the {} asked for; it is left as it is (raise it with `nats kv edit {name} --replicas {}`)",
                         cfg.num_replicas, cfg.num_replicas
                     );
@@ -199,7 +199,7 @@ impl ControlStore {
                 Ok(revision) => return Ok(revision),
                 // A bucket made before TTLs were asked for: plain puts.
                 Err(e) if e.contains("TTL") || e.contains("ttl") => {
-                    eprintln!("control: the plans bucket takes no TTL per value ({e}); device plans stay until replaced");
+                    tracing::warn!("control: the plans bucket takes no TTL per value ({e}); device plans stay until replaced");
                     self.device_ttl.store(false, Ordering::Relaxed);
                 }
                 Err(e) => return Err(kv_error("storing a plan", e)),
@@ -303,12 +303,12 @@ impl ControlStore {
         let model = cal(calibration_key(model_sha256)).await?;
         let groups = cal(group_calibration_key(model_sha256, "*")).await?;
         let plans = plans.filter_map(|entry| async move {
-            let entry = entry.map_err(|e| eprintln!("control: watching plans: {e}")).ok()?;
+            let entry = entry.map_err(|e| tracing::warn!("control: watching plans: {e}")).ok()?;
             (entry.operation == kv::Operation::Put).then_some(())?;
             decode_plan(&entry.value, &entry.key).map(ControlChange::Plan)
         });
         let cal = futures::stream::select(model, groups).filter_map(|entry| async move {
-            let entry = entry.map_err(|e| eprintln!("control: watching temperatures: {e}")).ok()?;
+            let entry = entry.map_err(|e| tracing::warn!("control: watching temperatures: {e}")).ok()?;
             (entry.operation == kv::Operation::Put).then_some(())?;
             decode_calibration(&entry.value, &entry.key).map(ControlChange::Calibration)
         });
@@ -320,7 +320,7 @@ impl ControlStore {
 fn decode_plan(bytes: &[u8], key: &str) -> Option<PlanUpdate> {
     let plan = decode_checked::<PlanUpdate>(bytes, key)?;
     if plan_key(&plan.target) != key {
-        eprintln!("control: skipped the stored plan under {key}: it is for {:?}, whose key is {}", plan.target, plan_key(&plan.target));
+        tracing::warn!("control: skipped the stored plan under {key}: it is for {:?}, whose key is {}", plan.target, plan_key(&plan.target));
         return None;
     }
     Some(plan)
@@ -331,7 +331,7 @@ fn decode_plan(bytes: &[u8], key: &str) -> Option<PlanUpdate> {
 fn decode_calibration(bytes: &[u8], key: &str) -> Option<CalibrationUpdate> {
     let update = decode_checked::<CalibrationUpdate>(bytes, key)?;
     if key_of_calibration(&update) != key {
-        eprintln!("control: skipped the stored temperatures under {key}: they belong under {}", key_of_calibration(&update));
+        tracing::warn!("control: skipped the stored temperatures under {key}: they belong under {}", key_of_calibration(&update));
         return None;
     }
     Some(update)
@@ -341,7 +341,7 @@ fn decode_checked<M: Message>(bytes: &[u8], key: &str) -> Option<M> {
     match decode::<M>(bytes) {
         Ok(m) => Some(m),
         Err(e) => {
-            eprintln!("control: skipped the stored value under {key}: {e}");
+            tracing::warn!("control: skipped the stored value under {key}: {e}");
             None
         }
     }

@@ -220,7 +220,7 @@ impl Device {
                             let _ = client.publish(branchpoint_messages::subjects::NETWORK_REPORT, bytes.into()).await;
                         });
                     }
-                    Err(e) => eprintln!("device {}: could not encode a network report: {e}", self.cfg.id),
+                    Err(e) => tracing::warn!("device {}: could not encode a network report: {e}", self.cfg.id),
                 }
             }
             None => {}
@@ -513,7 +513,7 @@ impl Handler<ApplyPlan> for Device {
         // temperatures has one entry per exit: branches 1..len-1, then final.
         let branches = self.cfg.temperatures.len().saturating_sub(1);
         if msg.partition_branch == 0 || msg.partition_branch > branches || !(0.0..=1.0).contains(&msg.p_tar) {
-            eprintln!("device {}: ignored plan {msg:?}: this model has branches 1..={branches}, p_tar must be in [0, 1]", self.cfg.id);
+            tracing::warn!(device_id = %self.cfg.id, "device {}: ignored plan {msg:?}: this model has branches 1..={branches}, p_tar must be in [0, 1]", self.cfg.id);
             return;
         }
         self.cfg.partition_branch = msg.partition_branch;
@@ -535,7 +535,7 @@ impl Handler<ApplyCalibration> for Device {
     fn handle(&mut self, msg: ApplyCalibration, _: &mut Context<Self>) {
         let n = self.cfg.temperatures.len();
         if msg.temperatures.len() != n || !msg.temperatures.iter().all(|t| branchpoint_messages::is_valid_temperature(*t)) {
-            eprintln!("device {}: ignored calibration {:?}: need {n} temperatures in [1e-3, 1e3]", self.cfg.id, msg.temperatures);
+            tracing::warn!(device_id = %self.cfg.id, "device {}: ignored calibration {:?}: need {n} temperatures in [1e-3, 1e3]", self.cfg.id, msg.temperatures);
             return;
         }
         self.cfg.temperatures = msg.temperatures;

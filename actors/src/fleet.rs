@@ -355,7 +355,7 @@ pub async fn run_fleet(
                 let _ = client.flush().await;
             };
             if tokio::time::timeout(Duration::from_millis(500), last).await.is_err() {
-                eprintln!("fleet: could not publish its last status (NATS unreachable)");
+                tracing::warn!("fleet: could not publish its last status (NATS unreachable)");
             }
         }
     }
@@ -448,10 +448,10 @@ pub async fn publish_status(
     match encode(&status) {
         Ok(bytes) => {
             if let Err(e) = client.publish(subjects::fleet_status(fleet_id), bytes.into()).await {
-                eprintln!("fleet: could not publish its status: {e}");
+                tracing::warn!("fleet: could not publish its status: {e}");
             }
         }
-        Err(e) => eprintln!("fleet: could not encode its status: {e}"),
+        Err(e) => tracing::warn!("fleet: could not encode its status: {e}"),
     }
 }
 
@@ -471,14 +471,14 @@ pub async fn forward_updates(client: async_nats::Client, devices: Vec<FleetDevic
     use branchpoint_messages::{decode, subjects, CalibrationUpdate, PlanUpdate};
     use futures::StreamExt;
     let (Ok(mut cal), Ok(mut plans)) = (client.subscribe(subjects::CALIBRATION_UPDATE).await, client.subscribe(subjects::PLAN_ALL).await) else {
-        eprintln!("fleet: could not subscribe to calibration and plan updates");
+        tracing::warn!("fleet: could not subscribe to calibration and plan updates");
         return;
     };
     let apply = Forward { devices, sha256 };
     let mut stored: std::pin::Pin<Box<dyn futures::Stream<Item = ControlChange>>> = match resume(&client, &apply).await {
         Ok(watch) => Box::pin(watch),
         Err(e) => {
-            eprintln!("fleet: no stored control state, so plans and temperatures come only from update subjects: {e}");
+            tracing::warn!("fleet: no stored control state, so plans and temperatures come only from update subjects: {e}");
             Box::pin(futures::stream::pending())
         }
     };
@@ -488,13 +488,13 @@ pub async fn forward_updates(client: async_nats::Client, devices: Vec<FleetDevic
         tokio::select! {
             Some(msg) = cal.next() => match decode::<CalibrationUpdate>(&msg.payload) {
                 // A group's temperatures travel only through the store.
-                Ok(u) if u.group.is_some() => eprintln!("fleet: ignored a group's temperatures on the update subject (they travel through the control store)"),
+                Ok(u) if u.group.is_some() => tracing::warn!("fleet: ignored a group's temperatures on the update subject (they travel through the control store)"),
                 Ok(u) => apply.calibration(&u),
-                Err(e) => eprintln!("fleet: ignored a malformed calibration update: {e}"),
+                Err(e) => tracing::warn!("fleet: ignored a malformed calibration update: {e}"),
             },
             Some(msg) = plans.next() => match decode::<PlanUpdate>(&msg.payload) {
                 Ok(p) => apply.plan(&p),
-                Err(e) => eprintln!("fleet: ignored a malformed plan update: {e}"),
+                Err(e) => tracing::warn!("fleet: ignored a malformed plan update: {e}"),
             },
             Some(change) = stored.next() => match change {
                 ControlChange::Plan(p) => apply.plan(&p),
@@ -539,7 +539,7 @@ struct Forward {
 impl Forward {
     fn calibration(&self, u: &branchpoint_messages::CalibrationUpdate) {
         if u.model_sha256 != self.sha256 {
-            eprintln!("fleet: ignored a calibration update for other weights");
+            tracing::warn!("fleet: ignored a calibration update for other weights");
             return;
         }
         for d in &self.devices {

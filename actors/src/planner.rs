@@ -97,9 +97,10 @@ impl Handler<DeviceReport> for Planner {
 
     fn handle(&mut self, r: DeviceReport, ctx: &mut Context<Self>) {
         let Some(costs) = self.costs_for(&r) else {
-            eprintln!(
+            tracing::warn!(
                 "planner: ignored a report from device {} of group {:?}: no settings for the group, and the report carries no deadline and arrival rate",
-                r.device_id, r.group
+                r.device_id,
+                r.group
             );
             return;
         };
@@ -142,18 +143,18 @@ impl Handler<DeviceReport> for Planner {
                         actix::spawn(async move {
                             if let Some(store) = store {
                                 if let Err(e) = store.put_plan(&update).await {
-                                    eprintln!("planner: could not store a plan: {e}");
+                                    tracing::warn!("planner: could not store a plan: {e}");
                                 }
                             }
                             if let Err(e) = client.publish(subject, bytes.into()).await {
-                                eprintln!("planner: could not publish a plan: {e}");
+                                tracing::warn!("planner: could not publish a plan: {e}");
                             }
                         });
                     }
-                    Err(e) => eprintln!("planner: could not encode a plan for {}: {e}", r.device_id),
+                    Err(e) => tracing::warn!("planner: could not encode a plan for {}: {e}", r.device_id),
                 }
             }
-            (None, None) => eprintln!("planner: no way to reach device {}", r.device_id),
+            (None, None) => tracing::warn!("planner: no way to reach device {}", r.device_id),
         }
     }
 }
@@ -185,12 +186,12 @@ pub async fn serve_planner_nats(client: async_nats::Client, planner: Addr<Planne
         let report = match decode::<NetworkReport>(&msg.payload) {
             Ok(r) => r,
             Err(e) => {
-                eprintln!("planner: ignored a malformed network report: {e}");
+                tracing::warn!("planner: ignored a malformed network report: {e}");
                 continue;
             }
         };
         let (Some(group), Some(us_per_byte), Some(response_us)) = (report.group.clone(), report.us_per_byte_conservative, report.response_us_conservative) else {
-            eprintln!("planner: ignored a report from {} without group and conservative estimates", report.device_id);
+            tracing::warn!("planner: ignored a report from {} without group and conservative estimates", report.device_id);
             continue;
         };
         let sent = planner.try_send(DeviceReport {
@@ -210,7 +211,7 @@ pub async fn serve_planner_nats(client: async_nats::Client, planner: Addr<Planne
                 dropped += 1;
                 // Said at the first and then every 1,000th, not per report.
                 if dropped % 1000 == 1 {
-                    eprintln!("planner: {dropped} network report(s) dropped so far: more arrive than it plans (mailbox of {MAILBOX})");
+                    tracing::warn!("planner: {dropped} network report(s) dropped so far: more arrive than it plans (mailbox of {MAILBOX})");
                 }
             }
             Err(SendError::Closed(_)) => break,

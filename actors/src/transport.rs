@@ -63,7 +63,7 @@ fn exchange_runtime() -> Option<&'static tokio::runtime::Runtime> {
                 .thread_name("offload-exchange")
                 .enable_all()
                 .build()
-                .map_err(|e| eprintln!("offload: no thread of its own for deadlines ({e}); they run on the device threads"))
+                .map_err(|e| tracing::warn!("offload: no thread of its own for deadlines ({e}); they run on the device threads"))
                 .ok()
         })
         .as_ref()

@@ -654,10 +654,10 @@ pub async fn publish_status(client: async_nats::Client, batcher: Addr<Batcher>, 
         match encode(&status) {
             Ok(bytes) => {
                 if let Err(e) = client.publish(subjects::WORKER_STATUS, bytes.into()).await {
-                    eprintln!("worker {worker_id}: could not publish its status: {e}");
+                    tracing::warn!("worker {worker_id}: could not publish its status: {e}");
                 }
             }
-            Err(e) => eprintln!("worker {worker_id}: could not encode its status: {e}"),
+            Err(e) => tracing::warn!("worker {worker_id}: could not encode its status: {e}"),
         }
     }
 }

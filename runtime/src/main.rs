@@ -7,6 +7,7 @@ fn main() -> ExitCode {
     // starts (libtorch's intra-op threads included) inherits it.
     branchpoint_models::subnormal::flush_subnormals();
     raise_open_file_limit();
+    init_logging();
     let cli = match branchpoint::parse_with_config(std::env::args_os().collect()) {
         Ok(cli) => cli,
         Err(ParseFailure::Clap(e)) => e.exit(),
@@ -57,4 +58,23 @@ fn raise_open_file_limit() {
             let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
+}
+
+/// Library crates log through `tracing` (levels and fields); this prints
+/// their events on stderr, at `info` and above unless `RUST_LOG` says
+/// otherwise (`warn`, `branchpoint_actors::planner=debug,info`, ...).
+fn init_logging() {
+    use std::io::IsTerminal;
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::prelude::*;
+    let default = || Targets::new().with_default(LevelFilter::INFO);
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.is_empty() => spec.parse::<Targets>().unwrap_or_else(|e| {
+            eprintln!("warning: RUST_LOG={spec:?} is not a log filter ({e}); logging at info; write e.g. RUST_LOG=warn or RUST_LOG=branchpoint_actors=debug,info");
+            default()
+        }),
+        _ => default(),
+    };
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false).with_ansi(std::io::stderr().is_terminal());
+    tracing_subscriber::registry().with(fmt).with(filter).init();
 }
