@@ -10,6 +10,7 @@
 //! as long as the fleet. Shutdown: holds its data until the system stops.
 
 use actix::{Actor, Context, Handler, Message, MessageResult};
+use branchpoint_messages::Exit;
 use serde::{Deserialize, Serialize};
 
 /// Where an input's answer was decided.
@@ -62,8 +63,9 @@ pub struct Outcome {
     pub label: i64,
     pub class: u32,
     pub decided: Decided,
-    /// The exit that produced the answer: a branch number, or 0 for final.
-    pub exit: usize,
+    /// The exit that produced the answer: a side branch, or the final exit
+    /// (a cloud answer). JSON: the branch's number, or `"final"`.
+    pub exit: Exit,
     pub partition_branch: usize,
     pub p_tar: f64,
     /// Temperature of the partition branch used for the decision.
@@ -224,8 +226,7 @@ impl Tally {
                 }
             }
         }
-        let last = self.per_exit.len() - 1;
-        let slot = if o.exit == 0 { last } else { (o.exit - 1).min(last) };
+        let slot = o.exit.index(self.per_exit.len() - 1);
         self.per_exit[slot] += 1;
         self.latency.add(o.latency.total_us as f64 / 1e3);
     }
@@ -440,7 +441,7 @@ mod tests {
             label: 1,
             class: if right { 1 } else { 2 },
             decided,
-            exit: if decided == Decided::Cloud { 0 } else { 1 },
+            exit: if decided == Decided::Cloud { Exit::Final } else { Exit::Branch(1) },
             partition_branch: 1,
             p_tar: 0.9,
             temperature: 1.0,

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
 use branchpoint_core::calibration::predict;
-use branchpoint_messages::{AuditTag, Deadline, OffloadRequest};
+use branchpoint_messages::{AuditTag, Deadline, Exit, OffloadRequest};
 
 use branchpoint_core::planner::Plan;
 
@@ -266,7 +266,7 @@ impl Handler<Infer> for Device {
             label: msg.label,
             class: 0,
             decided: Decided::Device,
-            exit: branch,
+            exit: Exit::Branch(branch),
             partition_branch: branch,
             p_tar: cfg.p_tar,
             temperature: cfg.temperatures.get(branch - 1).copied().unwrap_or(1.0),
@@ -378,7 +378,7 @@ async fn offload(mut outcome: Outcome, mut request: OffloadRequest, classes: usi
         Ok(Answered { answer, at }) => {
             let round_trip = at.duration_since(sent).as_micros() as u64;
             outcome.decided = Decided::Cloud;
-            outcome.exit = 0;
+            outcome.exit = Exit::Final;
             outcome.class = answer.class;
             outcome.worker_id = Some(answer.worker_id);
             outcome.latency.queueing_us = answer.timings.queue_us;
@@ -492,7 +492,7 @@ impl Device {
 fn fallback(mut o: Outcome, reason: FallbackReason, arrived: Instant) -> Outcome {
     o.decided = Decided::Fallback;
     o.fallback = Some(reason);
-    o.exit = o.partition_branch;
+    o.exit = Exit::Branch(o.partition_branch);
     o.worker_id = None;
     o.latency.total_us = arrived.elapsed().as_micros() as u64;
     o
@@ -512,7 +512,7 @@ impl Handler<ApplyPlan> for Device {
     fn handle(&mut self, msg: ApplyPlan, _: &mut Context<Self>) {
         // temperatures has one entry per exit: branches 1..len-1, then final.
         let branches = self.cfg.temperatures.len().saturating_sub(1);
-        if msg.partition_branch == 0 || msg.partition_branch > branches || !(0.0..=1.0).contains(&msg.p_tar) {
+        if msg.partition_branch == 0 || msg.partition_branch > branches || branchpoint_messages::PTar::plan(msg.p_tar).is_err() {
             tracing::warn!(device_id = %self.cfg.id, "device {}: ignored plan {msg:?}: this model has branches 1..={branches}, p_tar must be in [0, 1]", self.cfg.id);
             return;
         }
@@ -554,5 +554,106 @@ impl Handler<GetPlan> for Device {
     fn handle(&mut self, _: GetPlan, _: &mut Context<Self>) -> Self::Result {
         let b = self.cfg.partition_branch;
         MessageResult((b, self.cfg.p_tar, self.cfg.temperatures.get(b - 1).copied().unwrap_or(1.0)))
+    }
+}
+
+/// The device's offload, against a scripted cloud (`FaultyLink`): every
+/// way an offload can fail leaves the branch's answer standing as a
+/// fallback with its reason, answered by the deadline, and only a timely
+/// answer to this very request, of a class the model has, is the cloud's.
+#[cfg(test)]
+mod tests {
+    use branchpoint_messages::{ErrorKind, Tensor};
+
+    use super::*;
+    use crate::transport::{Fault, FaultyLink};
+
+    const DEADLINE: Duration = Duration::from_millis(60);
+
+    fn outcome() -> Outcome {
+        Outcome {
+            device_id: "d".into(),
+            arrival: 0,
+            input_index: 0,
+            label: 3,
+            class: 3,
+            decided: Decided::Fallback,
+            exit: Exit::Branch(1),
+            partition_branch: 1,
+            p_tar: 0.9,
+            temperature: 1.0,
+            fallback: None,
+            worker_id: None,
+            latency: Latency::default(),
+            error: None,
+            arrived_unix_us: 0,
+            declined: false,
+        }
+    }
+
+    fn request(seq: u64) -> OffloadRequest {
+        OffloadRequest { device_id: "d".into(), seq, partition_branch: 1, activation: Tensor::from_f32(&[1, 2], &[0.0, 1.0]).unwrap(), deadline: Deadline::default(), audit: None }
+    }
+
+    /// The outcome of offloading request 5 to a cloud that does `fault`.
+    fn offloaded(fault: Fault) -> Outcome {
+        let link = FaultyLink::link(move |_| fault.clone());
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(offload(outcome(), request(5), 10, &link, DEADLINE, Instant::now()))
+    }
+
+    fn fell_back(o: &Outcome, reason: FallbackReason) {
+        assert_eq!((o.decided, o.fallback, o.class, o.worker_id.as_deref()), (Decided::Fallback, Some(reason), 3, None), "{o:?}");
+        assert!(o.latency.total_us <= DEADLINE.as_micros() as u64, "answered by the deadline: {o:?}");
+    }
+
+    #[test]
+    fn a_timely_answer_is_the_clouds() {
+        let o = offloaded(Fault::Answer { class: 7, after: Duration::ZERO });
+        assert_eq!((o.decided, o.fallback, o.class, o.exit, o.worker_id.as_deref()), (Decided::Cloud, None, 7, Exit::Final, Some("faulty")), "{o:?}");
+    }
+
+    #[test]
+    fn a_lost_request_or_a_late_answer_falls_back_at_the_deadline() {
+        for fault in [Fault::Drop, Fault::Answer { class: 7, after: 2 * DEADLINE }] {
+            let o = offloaded(fault.clone());
+            fell_back(&o, FallbackReason::Deadline);
+            assert_eq!(o.latency.total_us, DEADLINE.as_micros() as u64, "{fault:?}: a deadline fallback is answered at the deadline: {o:?}");
+        }
+    }
+
+    #[test]
+    fn an_error_reply_falls_back_at_once() {
+        for kind in [ErrorKind::Overloaded, ErrorKind::DeadlineExpired, ErrorKind::Internal] {
+            let o = offloaded(Fault::Error(kind));
+            fell_back(&o, FallbackReason::ErrorReply);
+        }
+    }
+
+    #[test]
+    fn a_disconnected_client_or_no_worker_falls_back_at_once() {
+        fell_back(&offloaded(Fault::Disconnected), FallbackReason::Disconnected);
+        fell_back(&offloaded(Fault::NoResponders), FallbackReason::NoResponders);
+    }
+
+    #[test]
+    fn an_answer_to_another_request_or_of_a_class_the_model_lacks_is_not_taken() {
+        fell_back(&offloaded(Fault::WrongRequest), FallbackReason::Transport);
+        fell_back(&offloaded(Fault::Answer { class: 10, after: Duration::ZERO }), FallbackReason::Transport);
+    }
+
+    #[test]
+    fn an_offload_with_no_time_left_is_never_sent() {
+        let sent = Arc::new(AtomicUsize::new(0));
+        let counter = sent.clone();
+        let link = FaultyLink::link(move |_| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            Fault::Answer { class: 7, after: Duration::ZERO }
+        });
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let arrived = Instant::now() - 2 * DEADLINE;
+        let o = rt.block_on(offload(outcome(), request(5), 10, &link, DEADLINE, arrived));
+        assert_eq!((o.decided, o.fallback), (Decided::Fallback, Some(FallbackReason::Deadline)), "{o:?}");
+        assert_eq!(sent.load(Ordering::SeqCst), 0, "nothing sent");
     }
 }

@@ -202,8 +202,8 @@ impl FleetConfig {
         if !(self.rate_per_device.is_finite() && self.rate_per_device > 0.0) {
             return bad("--rate", format!("{} must be a positive number of inputs per second", self.rate_per_device));
         }
-        if !(self.device.p_tar > 0.0 && self.device.p_tar < 1.0) {
-            return bad("--p-tar", format!("{} is outside (0, 1)", self.device.p_tar));
+        if let Err(e) = branchpoint_messages::PTar::target(self.device.p_tar) {
+            return bad("--p-tar", e.to_string());
         }
         Ok(())
     }

@@ -219,3 +219,89 @@ pub async fn serve_planner_nats(client: async_nats::Client, planner: Addr<Planne
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use branchpoint_core::planner::{Plan, ThresholdStats};
+
+    use super::*;
+
+    /// Stands in for a device: hands every plan it gets to the test.
+    struct FakeDevice(tokio::sync::mpsc::UnboundedSender<(ApplyPlan, tokio::time::Instant)>);
+
+    impl Actor for FakeDevice {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<ApplyPlan> for FakeDevice {
+        type Result = ();
+
+        fn handle(&mut self, plan: ApplyPlan, _: &mut Context<Self>) {
+            let _ = self.0.send((plan, tokio::time::Instant::now()));
+        }
+    }
+
+    /// Branch 1 weak, branch 2 better; at 0.9 branch 2 keeps 80 % on the
+    /// device at 97 % accuracy.
+    fn stats() -> ModelStats {
+        let mk = |branch, p_tar, offload_rate, edge| ThresholdStats {
+            plan: Plan { branch, p_tar },
+            offload_rate,
+            edge_accuracy: edge,
+            cloud_accuracy: 0.95,
+            fallback_accuracy: 0.6,
+            measured_edge_accuracy: edge,
+            measured_cloud_accuracy: 0.95,
+            certified: None,
+        };
+        ModelStats { candidates: vec![mk(1, 0.0, 0.0, 0.85), mk(1, 0.9, 0.4, 0.97), mk(1, 1.0, 1.0, 0.0), mk(2, 0.0, 0.0, 0.90), mk(2, 0.9, 0.2, 0.97), mk(2, 1.0, 1.0, 0.0)] }
+    }
+
+    fn report(device: &str, group: &str, us_per_byte: f64, reply_to: Recipient<ApplyPlan>) -> DeviceReport {
+        DeviceReport {
+            device_id: device.into(),
+            group: group.into(),
+            at_us: 0,
+            observed: Observed { us_per_byte, response_us: 10_000.0 },
+            estimated_mbit_s: 8.0 / us_per_byte,
+            rtt: Duration::from_millis(40),
+            reply_to: Some(reply_to),
+            deadline_us: None,
+            arrival_rate: None,
+        }
+    }
+
+    /// The plan push in one process, without NATS: a report gets the
+    /// planner's choice back one round trip after it left, a report the
+    /// planner cannot plan for gets nothing, and the log holds what it
+    /// decided. Paused time: the round trip costs no wall time.
+    #[test]
+    fn a_report_gets_its_plan_back_one_round_trip_later() {
+        actix::System::new().block_on(async {
+            tokio::time::pause();
+            let (tx, mut plans) = tokio::sync::mpsc::unbounded_channel();
+            let device = FakeDevice(tx).start().recipient();
+            let costs = Costs { head_us: vec![2_000.0, 3_000.0], upload_bytes: vec![25_000.0, 12_500.0], deadline_us: 100_000.0, arrival_rate: 10.0, miss_bound: 0.05 };
+            let planner = Planner::new(Arc::new(stats()), BTreeMap::from([("cameras".to_string(), costs)]), None, None).start();
+
+            let sent = tokio::time::Instant::now();
+            planner.do_send(report("cam-1", "cameras", 0.08, device.clone()));
+            let (fast, at) = plans.recv().await.expect("a plan for the fast link");
+            assert_eq!((fast.partition_branch, fast.p_tar, fast.target_accuracy), (2, 0.9, None), "100 Mbit/s offloads at branch 2: {fast:?}");
+            assert!(at - sent >= Duration::from_millis(40), "the plan arrives one round trip after the report: {:?}", at - sent);
+
+            // 0.1 Mbit/s: nothing can be offloaded in time.
+            planner.do_send(report("cam-1", "cameras", 80.0, device.clone()));
+            let (slow, _) = plans.recv().await.expect("a plan for the slow link");
+            assert_eq!((slow.partition_branch, slow.p_tar), (2, 0.0), "{slow:?}");
+
+            // A group the planner has no costs for, with no deadline in the
+            // report: ignored, no plan. The log says what was decided.
+            planner.do_send(report("phone-1", "phones", 0.08, device));
+            let log = planner.send(TakePlanLog).await.unwrap();
+            assert_eq!(log.iter().map(|r| (r.device_id.as_str(), r.prediction.plan.p_tar)).collect::<Vec<_>>(), vec![("cam-1", 0.9), ("cam-1", 0.0)]);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert!(plans.try_recv().is_err(), "no plan for a report the planner cannot plan for");
+        });
+    }
+}

@@ -15,7 +15,7 @@
 //! after the deadline is a miss. A client that knows it is disconnected
 //! fails at once: nothing is buffered to reach the workers, stale, after the
 //! reconnect.
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use actix::Addr;
@@ -27,6 +27,65 @@ use crate::worker::{Batcher, Job, ReplyTo};
 pub enum OffloadLink {
     InProcess(Addr<Batcher>),
     Nats(async_nats::Client),
+    /// A scripted cloud that answers, drops, delays, refuses or garbles each
+    /// request as told: for tests of the device's fallbacks and for fault
+    /// drills, with no worker behind it.
+    Faulty(Arc<FaultyLink>),
+}
+
+/// What a `FaultyLink` does with one request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fault {
+    /// Answers `class` after `after` (zero: at once).
+    Answer { class: u32, after: Duration },
+    /// Never answers: the request is lost on the way.
+    Drop,
+    /// A worker's typed error reply, at once.
+    Error(branchpoint_messages::ErrorKind),
+    /// The client is not connected: nothing is sent.
+    Disconnected,
+    /// NATS says no worker is subscribed.
+    NoResponders,
+    /// Answers, but for another request (`seq + 1`): a confused or rogue
+    /// worker.
+    WrongRequest,
+}
+
+/// A scripted cloud: `script` decides each request's fate from the request.
+pub struct FaultyLink {
+    script: Box<dyn Fn(&OffloadRequest) -> Fault + Send + Sync>,
+}
+
+impl FaultyLink {
+    pub fn link(script: impl Fn(&OffloadRequest) -> Fault + Send + Sync + 'static) -> OffloadLink {
+        OffloadLink::Faulty(Arc::new(Self { script: Box::new(script) }))
+    }
+
+    async fn exchange(&self, request: OffloadRequest, until: tokio::time::Instant) -> Result<OffloadReply, OffloadFailure> {
+        let answer = |seq, class| {
+            OffloadReply::Answer(OffloadAnswer {
+                seq,
+                worker_id: "faulty".into(),
+                class,
+                confidence: 1.0,
+                timings: branchpoint_messages::WorkerTimings { queue_us: 0, compute_us: 0, batch_size: 1 },
+            })
+        };
+        match (self.script)(&request) {
+            Fault::Answer { class, after } => match tokio::time::timeout_at(until, tokio::time::sleep(after)).await {
+                Ok(()) => Ok(answer(request.seq, class)),
+                Err(_) => Err(OffloadFailure::Deadline),
+            },
+            Fault::Drop => {
+                tokio::time::sleep_until(until).await;
+                Err(OffloadFailure::Deadline)
+            }
+            Fault::Error(kind) => Ok(OffloadReply::Error(ErrorReply { seq: Some(request.seq), worker_id: "faulty".into(), kind, detail: "injected".into() })),
+            Fault::Disconnected => Err(OffloadFailure::Disconnected),
+            Fault::NoResponders => Err(OffloadFailure::NoResponders),
+            Fault::WrongRequest => Ok(answer(request.seq.wrapping_add(1), 0)),
+        }
+    }
 }
 
 /// Why an offload did not produce an answer.
@@ -84,6 +143,7 @@ impl OffloadLink {
 
 async fn exchange(link: OffloadLink, request: OffloadRequest, until: tokio::time::Instant) -> Result<Answered, OffloadFailure> {
     let reply = match link {
+        OffloadLink::Faulty(f) => f.exchange(request, until).await?,
         OffloadLink::InProcess(batcher) => {
             let (tx, rx) = tokio::sync::oneshot::channel();
             let job = Job { request, received: Instant::now(), reply: ReplyTo::Local(tx) };

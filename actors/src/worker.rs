@@ -22,9 +22,10 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use branchpoint_messages::{decode, encode, subjects, ErrorKind, ErrorReply, MessageError, OffloadAnswer, OffloadReply, OffloadRequest, WorkerTimings};
 use branchpoint_models::net::PartitionPoint;
+use futures::future::LocalBoxFuture;
 use futures::StreamExt;
 
-use crate::compute::{Executor, RunTail, TensorPool};
+use crate::compute::{Executor, RunTail, TailOutput, TensorPool};
 use crate::error::ActorError;
 
 fn cfg_queue_default() -> usize {
@@ -114,6 +115,19 @@ impl ReplyTo {
                 });
             }
         }
+    }
+}
+
+/// What runs a batch's tails: the compute pool (`TensorPool<Executor>`) in
+/// a worker, a fake in the batcher's unit tests.
+pub trait RunTails: 'static {
+    fn run_tails(&self, run: RunTail) -> LocalBoxFuture<'static, Result<TailOutput, ActorError>>;
+}
+
+impl RunTails for TensorPool<Executor> {
+    fn run_tails(&self, run: RunTail) -> LocalBoxFuture<'static, Result<TailOutput, ActorError>> {
+        let done = self.run(move |e| e.run_tail(run));
+        Box::pin(async move { done.await.and_then(|r| r) })
     }
 }
 
@@ -245,7 +259,7 @@ pub struct Batcher {
     cfg: WorkerConfig,
     /// Over NATS: where audit results go (`branchpoint.calibration.audit`).
     audit_sink: Option<async_nats::Client>,
-    executor: TensorPool<Executor>,
+    executor: Box<dyn RunTails>,
     partition_points: Vec<PartitionPoint>,
     pending: HashMap<u8, Vec<Job>>,
     /// Bumped at every flush, so a stale max_wait timer flushes nothing.
@@ -278,11 +292,11 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    pub fn new(cfg: WorkerConfig, executor: TensorPool<Executor>, partition_points: Vec<PartitionPoint>) -> Self {
+    pub fn new(cfg: WorkerConfig, executor: impl RunTails, partition_points: Vec<PartitionPoint>) -> Self {
         Self {
             cfg,
             audit_sink: None,
-            executor,
+            executor: Box::new(executor),
             partition_points,
             pending: HashMap::new(),
             generation: HashMap::new(),
@@ -481,7 +495,7 @@ impl Batcher {
             w.push_back(took);
         }
         self.executor
-            .run(move |e| e.run_tail(run))
+            .run_tails(run)
             .into_actor(self)
             .map(move |result, act, ctx| {
                 act.in_flight -= n;
@@ -493,7 +507,6 @@ impl Batcher {
                     *t = Instant::now() + w.iter().sum::<Duration>();
                 }
                 act.resume(ctx);
-                let result = result.and_then(|r| r);
                 match result {
                     Ok(out) => {
                         act.batch_time.entry(branch).or_default().observe(n, out.compute);
@@ -717,6 +730,113 @@ pub async fn serve_nats(client: async_nats::Client, batcher: Addr<Batcher>, work
         }
     }
     Ok(())
+}
+
+/// The batcher on its own: a fake tail runner stands in for the compute
+/// pool, and tokio's time is paused, so `max_wait` passes without waiting.
+#[cfg(test)]
+mod batcher_tests {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    use branchpoint_messages::{Deadline, OffloadReply, OffloadRequest, Tensor};
+
+    use super::*;
+
+    /// Answers every batch at once with class 7, and records its size.
+    #[derive(Clone, Default)]
+    struct FakeTails(Rc<RefCell<Vec<usize>>>);
+
+    impl RunTails for FakeTails {
+        fn run_tails(&self, run: RunTail) -> LocalBoxFuture<'static, Result<TailOutput, ActorError>> {
+            self.0.borrow_mut().push(run.batch);
+            let answers = vec![(7, 0.9); run.batch];
+            Box::pin(async move { Ok(TailOutput { answers, compute: Duration::from_millis(1) }) })
+        }
+    }
+
+    fn batcher(tails: FakeTails) -> Addr<Batcher> {
+        let cfg = WorkerConfig { worker_id: "w".into(), max_batch: 4, max_wait: Duration::from_millis(10) };
+        let points = vec![PartitionPoint { branch: 1, activation_shape: vec![2], activation_bytes: 8 }];
+        Batcher::new(cfg, tails, points).start()
+    }
+
+    fn job(seq: u64, shape: &[u32], budget_ms: u64) -> (Job, tokio::sync::oneshot::Receiver<OffloadReply>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let values = vec![0.5; shape.iter().product::<u32>() as usize];
+        let request = OffloadRequest {
+            device_id: "d".into(),
+            seq,
+            partition_branch: 1,
+            activation: Tensor::from_f32(shape, &values).unwrap(),
+            deadline: Deadline { sent_at_unix_us: 0, budget_us: budget_ms * 1000 },
+            audit: None,
+        };
+        (Job { request, received: Instant::now(), reply: ReplyTo::Local(tx) }, rx)
+    }
+
+    fn answered(reply: OffloadReply, seq: u64) {
+        match reply {
+            OffloadReply::Answer(a) => assert_eq!((a.seq, a.class), (seq, 7)),
+            OffloadReply::Error(e) => panic!("request {seq}: {e:?}"),
+        }
+    }
+
+    /// `max_batch` requests flush at once, as one batch; fewer wait
+    /// `max_wait` for company and then run as they are.
+    #[test]
+    fn a_full_batch_runs_at_once_and_a_partial_one_after_max_wait() {
+        actix::System::new().block_on(async {
+            tokio::time::pause();
+            let tails = FakeTails::default();
+            let b = batcher(tails.clone());
+            let start = tokio::time::Instant::now();
+            let mut replies = Vec::new();
+            for seq in 0..4 {
+                let (j, rx) = job(seq, &[1, 2], 5_000);
+                b.send(j).await.unwrap();
+                replies.push(rx);
+            }
+            for (seq, rx) in replies.into_iter().enumerate() {
+                answered(rx.await.unwrap(), seq as u64);
+            }
+            assert_eq!(*tails.0.borrow(), vec![4], "one full batch");
+            assert!(start.elapsed() < Duration::from_millis(10), "without waiting for max_wait: {:?}", start.elapsed());
+
+            let start = tokio::time::Instant::now();
+            let (j, rx) = job(9, &[1, 2], 5_000);
+            b.send(j).await.unwrap();
+            answered(rx.await.unwrap(), 9);
+            assert!(start.elapsed() >= Duration::from_millis(10), "a lone request waits max_wait: {:?}", start.elapsed());
+            assert_eq!(*tails.0.borrow(), vec![4, 1]);
+        });
+    }
+
+    /// Bad requests get a typed error at once and never reach the tails.
+    #[test]
+    fn a_request_of_the_wrong_shape_or_branch_is_refused_without_computing() {
+        actix::System::new().block_on(async {
+            tokio::time::pause();
+            let tails = FakeTails::default();
+            let b = batcher(tails.clone());
+            let (j, rx) = job(1, &[1, 3], 5_000);
+            b.send(j).await.unwrap();
+            match rx.await.unwrap() {
+                OffloadReply::Error(e) => assert_eq!((e.seq, e.kind), (Some(1), ErrorKind::InvalidRequest), "{e:?}"),
+                other => panic!("{other:?}"),
+            }
+            let (mut j, rx) = job(2, &[1, 2], 5_000);
+            j.request.partition_branch = 2;
+            b.send(j).await.unwrap();
+            match rx.await.unwrap() {
+                OffloadReply::Error(e) => assert_eq!((e.seq, e.kind), (Some(2), ErrorKind::UnknownBranch), "{e:?}"),
+                other => panic!("{other:?}"),
+            }
+            let stats = b.send(GetWorkerStats).await.unwrap();
+            assert_eq!((stats.requests, stats.errors, stats.batches), (2, 2, 0));
+            assert!(tails.0.borrow().is_empty());
+        });
+    }
 }
 
 #[cfg(test)]

@@ -130,7 +130,7 @@ impl Corruption {
             return Err(CoreError::InvalidArgument { what: "images to corrupt".into(), reason: format!("{c} channels but the normalisation has {}", mean.len()) });
         }
         let plane = h * w;
-        if plane == 0 || data.len() % (c * plane) != 0 {
+        if plane == 0 || !data.len().is_multiple_of(c * plane) {
             return Err(CoreError::InvalidArgument { what: "images to corrupt".into(), reason: format!("{} values are not whole images of {shape:?}", data.len()) });
         }
         for (i, image) in data.chunks_mut(c * plane).enumerate() {

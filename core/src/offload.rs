@@ -34,11 +34,9 @@ pub fn default_p_tars() -> Vec<f64> {
 /// Default outage batch size N.
 pub const DEFAULT_OUTAGE_BATCH: usize = 100;
 
+/// A target p_tar (`PTar::target`: in (0, 1)).
 pub fn check_p_tar(p: f64) -> Result<()> {
-    if !(p > 0.0 && p < 1.0) {
-        return Err(CoreError::InvalidArgument { what: "p_tar".into(), reason: format!("{p} is outside (0, 1); it is a target probability, e.g. 0.8") });
-    }
-    Ok(())
+    branchpoint_messages::PTar::target(p).map(|_| ()).map_err(|e| CoreError::InvalidArgument { what: "p_tar".into(), reason: format!("{e}; e.g. 0.8") })
 }
 
 /// End-to-end latency of one input. Decided on the device: the head (stages

@@ -104,8 +104,8 @@ impl ModelStats {
                 reason: format!("{exits} exits of validation logits, {} temperatures and {} branches of candidates", temperatures.len(), per_branch.len()),
             });
         }
-        if let Some(c) = per_branch.iter().flatten().find(|c| !(0.0..=1.0).contains(&c.p_tar)) {
-            return Err(CoreError::InvalidArgument { what: "candidate p_tar".into(), reason: format!("{} is outside [0, 1]", c.p_tar) });
+        if let Some(c) = per_branch.iter().flatten().find(|c| branchpoint_messages::PTar::plan(c.p_tar).is_err()) {
+            return Err(CoreError::InvalidArgument { what: "candidate p_tar".into(), reason: branchpoint_messages::MessageError::PTar(c.p_tar).to_string() });
         }
         let fin = &validation[exits - 1];
         let n = fin.len();

@@ -160,10 +160,10 @@ fn imports(mods: &BTreeMap<String, PathBuf>) -> BTreeMap<String, BTreeSet<String
     let mut edges = BTreeMap::new();
     for (m, file) in mods {
         let code = code(file);
-        let is_dir_module = file.file_name().is_some_and(|n| n == "mod.rs" || n == "lib.rs" || n == "main.rs");
-        // `self` of a file module is the module; its `super` is the parent.
+        // A module's path already says where it sits (`a/mod.rs` is `a`,
+        // `a/b.rs` is `a::b`): `self` is the module, `super` its parent.
         let here = m.clone();
-        let up = if is_dir_module { parent(m) } else { parent(m) };
+        let up = parent(m);
         let mut deps = BTreeSet::new();
         for p in paths_after(&code, "crate::") {
             deps.extend(resolve(String::new(), &p));

@@ -39,6 +39,9 @@ pub enum MessageError {
     /// `p_tar` is a confidence threshold in [0, 1].
     #[error("p_tar must lie in [0, 1], got {0}")]
     PTar(f64),
+    /// A target p_tar a person sets lies strictly between the extremes.
+    #[error("p_tar {0} is outside (0, 1): a target lies strictly between 0 (everything on the device) and 1 (everything offloaded)")]
+    PTarTarget(f64),
     /// Temperatures divide logits, so they must be positive and finite.
     #[error("temperature of exit {exit} must be positive and finite, got {value}")]
     Temperature { exit: usize, value: f64 },

@@ -11,6 +11,7 @@
 pub mod error;
 pub mod subjects;
 pub mod tensor;
+pub mod vocab;
 pub mod wire;
 
 #[cfg(test)]
@@ -18,6 +19,7 @@ mod tests;
 
 pub use error::MessageError;
 pub use tensor::{DType, Tensor, MAX_DIMS, MAX_TENSOR_BYTES};
+pub use vocab::{Exit, PTar};
 pub use wire::{
     decode, decode_seq, encode, is_valid_temperature, AppliedPlan, AuditResult, AuditTag, BranchWatch, CalibrationMethod, CalibrationRefit, CalibrationStatus, CalibrationUpdate,
     CertifiedTarget, CertifyReply, CertifyRequest, Deadline, ErrorKind, ErrorReply, FleetStatus, FleetSummary, Message, NetworkReport, OffloadAnswer, OffloadReply, OffloadRequest,

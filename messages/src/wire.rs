@@ -372,9 +372,7 @@ impl Message for CertifyReply {
         check_branch(self.partition_branch)?;
         self.target.validate()?;
         if let Some(t) = self.threshold {
-            if !(0.0..=1.0).contains(&t) {
-                return Err(MessageError::PTar(t));
-            }
+            crate::PTar::plan(t)?;
         }
         if !is_valid_temperature(self.temperature) {
             return Err(MessageError::OutOfRange { field: "temperature", value: self.temperature, expected: "in [1e-3, 1e3]" });
@@ -445,9 +443,7 @@ impl Message for AuditResult {
         if !(self.audit_rate > 0.0 && self.audit_rate <= 1.0) {
             return Err(MessageError::OutOfRange { field: "audit_rate", value: self.audit_rate, expected: "in (0, 1]" });
         }
-        if !(0.0..=1.0).contains(&self.p_tar) {
-            return Err(MessageError::PTar(self.p_tar));
-        }
+        crate::PTar::plan(self.p_tar)?;
         if !(self.target_accuracy > 0.0 && self.target_accuracy < 1.0) {
             return Err(MessageError::OutOfRange { field: "target_accuracy", value: self.target_accuracy, expected: "in (0, 1)" });
         }
@@ -563,9 +559,7 @@ impl Message for CalibrationStatus {
                 if !is_valid_temperature(r.temperature) {
                     return Err(MessageError::OutOfRange { field: "last_refit.temperature", value: r.temperature, expected: "in [1e-3, 1e3]" });
                 }
-                if !probability(r.threshold) {
-                    return Err(MessageError::PTar(r.threshold));
-                }
+                crate::PTar::plan(r.threshold)?;
             }
         }
         Ok(())
@@ -687,9 +681,7 @@ impl Message for PlanUpdate {
         check_branch(self.partition_branch)?;
         // 0 means every input exits at the branch (device only), 1 means
         // every input is offloaded (cloud only): the planner's extremes.
-        if !(0.0..=1.0).contains(&self.p_tar) {
-            return Err(MessageError::PTar(self.p_tar));
-        }
+        crate::PTar::plan(self.p_tar)?;
         if let Some(c) = self.certified {
             c.validate()?;
         }
@@ -941,9 +933,7 @@ impl Message for FleetStatus {
         check_non_negative("latency_sum_ms", self.latency_sum_ms)?;
         for a in &self.applied {
             check_branch(a.partition_branch)?;
-            if !(0.0..=1.0).contains(&a.p_tar) {
-                return Err(MessageError::PTar(a.p_tar));
-            }
+            crate::PTar::plan(a.p_tar)?;
             if !is_valid_temperature(a.temperature) {
                 return Err(MessageError::OutOfRange { field: "applied.temperature", value: a.temperature, expected: "in [1e-3, 1e3]" });
             }

@@ -145,9 +145,9 @@ pub struct StackArgs {
     /// The fleet's starting confidence target (until a plan arrives).
     #[arg(long, default_value_t = 0.9, value_name = "P")]
     pub p_tar: f64,
-    /// The fleet's starting partition branch.
-    #[arg(long, default_value_t = 1, value_name = "K")]
-    pub branch: usize,
+    /// The fleet's starting partition branch (`--branch` is an alias).
+    #[arg(long = "partition-branch", visible_alias = "branch", default_value_t = 1, value_name = "K")]
+    pub partition_branch: usize,
     /// Deadline of one input, in ms.
     #[arg(long, default_value_t = 1000.0, value_name = "MS")]
     pub deadline_ms: f64,
@@ -457,9 +457,9 @@ pub struct FleetArgs {
     /// Confidence target: answer on the device when the calibrated branch confidence reaches it.
     #[arg(long, default_value_t = 0.9, value_name = "P")]
     pub p_tar: f64,
-    /// Partition branch every device ends its head with.
-    #[arg(long, default_value_t = 1, value_name = "K")]
-    pub branch: usize,
+    /// Partition branch every device ends its head with (`--branch` is an alias).
+    #[arg(long = "partition-branch", visible_alias = "branch", default_value_t = 1, value_name = "K")]
+    pub partition_branch: usize,
     /// Watch calibration live: each input's audit coin comes up with this probability; the on-device ones among them are sent to the cloud as well (audits, which change no outcome), and offloads are tagged, so the calibrator sees both [default: 0, off].
     #[arg(long, default_value_t = 0.0, value_name = "R")]
     pub audit_rate: f64,

@@ -113,14 +113,16 @@ fn flag_for<'a>(cli: &'a Command, sub: &'a Command, section: &str, key: &str, or
         let Some(target) = cli.find_subcommand(section) else {
             bail!("{origin}: unknown section [{section}]; sections are [nats] and the subcommands: {}", cli.get_subcommands().map(|c| c.get_name()).collect::<Vec<_>>().join(", "));
         };
-        let known = target.get_arguments().any(|a| a.get_id().as_str() == key && a.get_long().is_some());
-        if !known {
+        // A key is a flag's id, or one of its aliases with _ for -.
+        let names_it =
+            |a: &&clap::Arg| a.get_long().is_some() && (a.get_id().as_str() == key || a.get_all_aliases().into_iter().flatten().any(|alias| alias.replace('-', "_") == key));
+        let Some(arg) = target.get_arguments().find(names_it) else {
             bail!("{origin}: unknown key {section}.{key}; `branchpoint {section} --help` lists the flags (a key is a flag's name with _ for -)");
-        }
+        };
         if target.get_name() != sub.get_name() {
             return Ok(None);
         }
-        key
+        arg.get_id().as_str()
     };
     Ok(sub.get_arguments().find(|a| a.get_id().as_str() == id))
 }
@@ -214,6 +216,18 @@ mod tests {
             crate::cli::Command::Worker(w) => w,
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_key_may_be_a_flag_alias_and_the_flag_still_wins() {
+        let fleet = |cli: Cli| match cli.command {
+            crate::cli::Command::Fleet(f) => f,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(fleet(merged(&["branchpoint", "fleet"], "[fleet]\npartition_branch = 2\n", &[]).unwrap()).partition_branch, 2);
+        assert_eq!(fleet(merged(&["branchpoint", "fleet"], "[fleet]\nbranch = 3\n", &[]).unwrap()).partition_branch, 3, "the old key");
+        assert_eq!(fleet(merged(&["branchpoint", "fleet", "--branch", "1"], "[fleet]\npartition_branch = 2\n", &[]).unwrap()).partition_branch, 1, "the alias on the command line");
+        assert!(merged(&["branchpoint", "fleet"], "[fleet]\nbranches = 2\n", &[]).is_err(), "not an alias");
     }
 
     #[test]

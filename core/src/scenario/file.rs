@@ -537,8 +537,8 @@ impl Scenario {
             if g.branch == 0 {
                 return Err(self.err(&key("branch"), "branches count from 1"));
             }
-            if !(g.p_tar > 0.0 && g.p_tar < 1.0) {
-                return Err(self.err(&key("p_tar"), format!("{} is outside (0, 1)", g.p_tar)));
+            if let Err(e) = branchpoint_messages::PTar::target(g.p_tar) {
+                return Err(self.err(&key("p_tar"), e.to_string()));
             }
             self.link(g).map_err(|e| self.err(&key("network"), format!("{e:#}")))?;
             if let Some(shift) = &g.shift {

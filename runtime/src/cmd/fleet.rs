@@ -29,7 +29,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
     }
     branchpoint_models::subnormal::prepare_tensor_thread(1);
     let model = args.source.load_model(tch::Device::Cpu)?;
-    model.net.check_branch(args.branch).context("--branch")?;
+    model.net.check_branch(args.partition_branch).context("--partition-branch")?;
     let num_exits = model.net.architecture().num_exits();
     let temperatures = match &args.calibration {
         Some(path) => {
@@ -69,7 +69,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
         seed: args.seed,
         device: DeviceConfig {
             id: "device".into(),
-            partition_branch: args.branch,
+            partition_branch: args.partition_branch,
             p_tar: args.p_tar,
             temperatures,
             deadline: Duration::from_secs_f64(args.deadline_ms / 1e3),

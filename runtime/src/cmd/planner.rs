@@ -45,7 +45,7 @@ pub fn run(args: PlannerArgs) -> Result<()> {
     };
     let stats = match args.certify_delta {
         Some(delta) => {
-            let targets: Vec<f64> = default_candidate_p_tars().into_iter().filter(|p| *p > 0.0 && *p < 1.0).collect();
+            let targets: Vec<f64> = default_candidate_p_tars().into_iter().filter(|p| branchpoint_messages::PTar::target(*p).is_ok()).collect();
             ModelStats::certified(&validation, &temperatures, &targets, delta)?
         }
         None => ModelStats::from_validation(&validation, &temperatures, &default_candidate_p_tars())?,

@@ -124,7 +124,7 @@ pub fn prepare(
     let delta = scenario.planner.certify_delta;
     let (stats, group_plans, threshold_rule) = if scenario.certified() {
         // Every p_tar strictly inside (0, 1) is a target accuracy.
-        let targets: Vec<f64> = candidate_p_tars.iter().copied().filter(|p| *p > 0.0 && *p < 1.0).collect();
+        let targets: Vec<f64> = candidate_p_tars.iter().copied().filter(|p| branchpoint_messages::PTar::target(*p).is_ok()).collect();
         let stats = ModelStats::certified(validation, &temperatures, &targets, delta)?;
         let mut plans = Vec::new();
         for g in &scenario.groups {
