@@ -415,7 +415,9 @@ impl Calibrator {
     /// dataset or file is a clear error here); returns its handle and the
     /// initial calibration.
     pub async fn start(cfg: CalibratorConfig) -> Result<(CalibratorHandle, CalibrationFile), ActorError> {
-        let handle = CalibratorHandle(TensorPool::start("calibrator", 1, 8, move || Calibrator::build(&cfg))?);
+        // Off the event loop: the model load and the answers on the
+        // validation split take seconds, while NATS waits for pongs.
+        let handle = CalibratorHandle(TensorPool::start_async("calibrator", 1, 8, move || Calibrator::build(&cfg)).await?);
         let initial = handle.current().await?;
         Ok((handle, initial))
     }

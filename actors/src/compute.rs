@@ -194,6 +194,19 @@ impl<S: 'static> TensorPool<S> {
         Ok(pool)
     }
 
+    /// `start` from async code: the wait for the threads to build their
+    /// state (a model load, a forward over a split) happens off the event
+    /// loop, which meanwhile keeps driving its NATS client and timers.
+    pub async fn start_async(name: &str, threads: usize, queue: usize, build: impl Fn() -> Result<S, ActorError> + Send + Sync + 'static) -> Result<Self, ActorError>
+    where
+        S: 'static,
+    {
+        let owned = name.to_string();
+        tokio::task::spawn_blocking(move || Self::start(&owned, threads, queue, build))
+            .await
+            .unwrap_or_else(|e| Err(ActorError::Invalid { what: format!("{name} thread"), reason: format!("the start failed: {e}") }))
+    }
+
     /// Threads in the pool.
     pub fn threads(&self) -> usize {
         self.inner.size

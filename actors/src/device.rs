@@ -417,7 +417,7 @@ impl Device {
         let deadline_us = deadline.as_micros() as u64;
         let branch_class = outcome.class;
         let (t_arrival, now) = (em.us(arrived), em.us(Instant::now()));
-        let bytes = branchpoint_messages::encode(&request).map_or(request.activation.data.len(), |b| b.len());
+        let bytes = branchpoint_messages::encoded_len(&request).unwrap_or(request.activation.data.len());
         if em.spec.admission && em.uplink.borrow().would_miss(t_arrival, now, bytes, deadline_us, em.spec.safety) {
             outcome.declined = true;
             outcome.latency.total_us = arrived.elapsed().as_micros() as u64;

@@ -39,3 +39,19 @@ pub struct ApplyPlan {
     /// (`PlanUpdate::certified`): the target a watched device's audits name.
     pub target_accuracy: Option<f64>,
 }
+
+/// A plan for a device the planner cannot reach in process: the planner's
+/// decision, before any wire type.
+#[derive(Debug, Clone)]
+pub struct DevicePlan {
+    pub device_id: String,
+    pub plan: ApplyPlan,
+    /// The target accuracy (and delta) the threshold is certified for.
+    pub certified: Option<branchpoint_core::risk::Target>,
+}
+
+/// Where the planner's plans for out-of-process devices go (over NATS:
+/// `planner::NatsPlans`).
+pub trait PlanSink {
+    fn send(&mut self, plan: DevicePlan);
+}

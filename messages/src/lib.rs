@@ -21,10 +21,10 @@ pub use error::MessageError;
 pub use tensor::{DType, Tensor, MAX_DIMS, MAX_TENSOR_BYTES};
 pub use vocab::{Exit, PTar};
 pub use wire::{
-    decode, decode_seq, encode, is_valid_temperature, AppliedPlan, AuditResult, AuditTag, BranchWatch, CalibrationMethod, CalibrationRefit, CalibrationStatus, CalibrationUpdate,
-    CertifiedTarget, CertifyReply, CertifyRequest, Deadline, ErrorKind, ErrorReply, FleetStatus, FleetSummary, Message, NetworkReport, OffloadAnswer, OffloadReply, OffloadRequest,
-    PlanTarget, PlanUpdate, RefitSummary, ReliabilityBin, WorkerStatus, WorkerTimings, MAX_AUDIT_CLASSES, MAX_EXITS, MAX_FLEET_DEVICES, MAX_MESSAGE_BYTES, MAX_TEMPERATURE,
-    MIN_TEMPERATURE,
+    decode, decode_seq, encode, encoded_len, is_valid_temperature, AppliedPlan, AuditResult, AuditTag, BranchWatch, CalibrationMethod, CalibrationRefit, CalibrationStatus,
+    CalibrationUpdate, CertifiedTarget, CertifyReply, CertifyRequest, Deadline, ErrorKind, ErrorReply, FleetStatus, FleetSummary, Message, NetworkReport, OffloadAnswer,
+    OffloadReply, OffloadRequest, PlanTarget, PlanUpdate, RefitSummary, ReliabilityBin, WorkerStatus, WorkerTimings, MAX_AUDIT_CLASSES, MAX_EXITS, MAX_FLEET_DEVICES,
+    MAX_MESSAGE_BYTES, MAX_TEMPERATURE, MIN_TEMPERATURE,
 };
 
 /// Version of the wire format. Every message carries it, so a peer can refuse

@@ -212,6 +212,12 @@ macro_rules! assert_refused {
 
 proptest! {
     #[test]
+    fn encoded_len_is_the_length_of_the_encoding(req in request(), st in fleet_status()) {
+        prop_assert_eq!(encoded_len(&req).unwrap(), encode(&req).unwrap().len());
+        prop_assert_eq!(encoded_len(&st).unwrap(), encode(&st).unwrap().len());
+    }
+
+    #[test]
     fn every_message_round_trips(
         req in request(), rep in prop_oneof![answer(), error_reply()], cal in calibration(),
         pl in plan(), net in network(), ws in worker_status(), fs in fleet_status(),

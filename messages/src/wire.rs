@@ -60,6 +60,26 @@ pub fn encode<M: Message>(msg: &M) -> Result<Vec<u8>, MessageError> {
     encode_unvalidated(msg, WIRE_VERSION)
 }
 
+/// The size `encode` would give `msg`, counted as it is serialised, without
+/// building the bytes: an emulated uplink charges each offload its real
+/// size on the wire without encoding it.
+pub fn encoded_len<M: Serialize>(msg: &M) -> Result<usize, MessageError> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    let envelope = EnvelopeOut { wire_version: WIRE_VERSION, body: msg };
+    rmp_serde::encode::write_named(&mut count, &envelope).map_err(|e| MessageError::Encode(e.to_string()))?;
+    Ok(count.0)
+}
+
 /// Encodes without validating and with any version; for tests of the decoder.
 pub(crate) fn encode_unvalidated<M: Serialize>(msg: &M, version: u16) -> Result<Vec<u8>, MessageError> {
     let envelope = EnvelopeOut { wire_version: version, body: msg };

@@ -1,5 +1,6 @@
 //! The `branchpoint` binary's library: CLI definition and commands. The
 //! binary (`main.rs`) only parses arguments and calls `run`.
+pub mod api;
 pub mod cli;
 pub mod cmd;
 pub mod config;

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use actix::Actor;
 use anyhow::{bail, Context, Result};
 use branchpoint_actors::control::ControlStore;
-use branchpoint_actors::planner::{serve_planner_nats, Planner};
+use branchpoint_actors::planner::nats::{serve_planner_nats, NatsPlans};
+use branchpoint_actors::planner::Planner;
 use branchpoint_core::calibration::{self, CalibrationFile, Method};
 use branchpoint_core::planner::{default_candidate_p_tars, Costs, ModelStats};
 
@@ -64,17 +65,17 @@ pub fn run(args: PlannerArgs) -> Result<()> {
     let system = actix::System::new();
     system.block_on(async move {
         let client = crate::nats::connect(&args.nats, "branchpoint-planner").await?;
-        let mut planner = Planner::new(Arc::new(stats), BTreeMap::new(), Some(template), Some(client.clone()));
+        let mut plans = NatsPlans::new(client.clone());
         match ControlStore::open_with(&client, args.nats.store_settings()).await {
             Ok(store) => {
                 let stored: Vec<_> = store.plans().await?.into_iter().map(|p| p.value).collect();
                 let devices = stored.iter().filter(|p| matches!(p.target, branchpoint_messages::PlanTarget::Device(_))).count();
                 eprintln!("planner: resumed {devices} device plan(s) from the control store");
-                planner = planner.with_store(store, stored);
+                plans = plans.with_store(store, stored);
             }
             Err(e) => eprintln!("planner: plans will not be stored: {e:#}"),
         }
-        let planner = planner.start();
+        let planner = Planner::new(Arc::new(stats), BTreeMap::new(), Some(template), Some(Box::new(plans))).start();
         let service = args.service.clone();
         let ready = move || {
             service.mark_ready();

@@ -48,8 +48,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     let cfg = scenario::sim_config(&scenario, &prepared)?;
 
     if let Some(listen) = &args.listen {
-        let info = crate::cmd::serve::ModelInfo { sha256: model.card.weights_sha256.clone(), branches: model.net.num_branches() };
-        crate::cmd::serve::spawn_embedded(args.nats.clone(), listen.clone(), args.token.clone(), info)?;
+        let info = crate::api::ModelInfo { sha256: model.card.weights_sha256.clone(), branches: model.net.num_branches() };
+        crate::api::spawn_embedded(args.nats.clone(), listen.clone(), args.token.clone(), info)?;
         eprintln!("api listening on http://{listen} (dashboard at /, metrics at /metrics) while the replay runs");
     }
     let replay_started = Instant::now();

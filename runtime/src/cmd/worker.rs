@@ -33,7 +33,13 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     let system = actix::System::new();
     system.block_on(async move {
         let client = crate::nats::connect(&args.nats, &worker_id).await?;
-        let executor = Executor::start_with_slowdown(ModelSpec { weights: args.model.clone(), device }, args.threads, args.cloud_slowdown).context("--cloud-slowdown")?;
+        // Off the event loop, which drives the NATS client meanwhile.
+        let spec = ModelSpec { weights: args.model.clone(), device };
+        let (threads, slowdown) = (args.threads, args.cloud_slowdown);
+        let executor = tokio::task::spawn_blocking(move || Executor::start_with_slowdown(spec, threads, slowdown))
+            .await
+            .context("starting the compute threads")?
+            .context("--cloud-slowdown")?;
         let cfg = WorkerConfig { worker_id: worker_id.clone(), max_batch: args.max_batch, max_wait: Duration::from_micros(args.max_wait_us) };
         let executor_pool = executor.clone();
         let batcher = Batcher::new(cfg, executor, partition_points).with_compute_threads(args.threads).with_audit_sink(client.clone()).start();

@@ -33,7 +33,8 @@ use branchpoint_actors::control::ControlStore;
 use branchpoint_actors::device::{AuditSettings, DeviceConfig, Infer};
 use branchpoint_actors::emulation::{EmulationSpec, ReportTo};
 use branchpoint_actors::fleet::{drain, forward_updates, publish_status, DeviceThreads, FleetDevice, TestInputs};
-use branchpoint_actors::planner::{serve_planner_nats, Planner, TakePlanLog};
+use branchpoint_actors::planner::nats::{serve_planner_nats, NatsPlans};
+use branchpoint_actors::planner::{Planner, TakePlanLog};
 use branchpoint_actors::transport::OffloadLink;
 use branchpoint_actors::worker::{publish_status as publish_worker_status, serve_nats, Batcher, WorkerConfig};
 use branchpoint_core::planner::{Costs, LinkEstimator};
@@ -153,7 +154,10 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                     (g.name.clone(), costs)
                 })
                 .collect();
-            Planner::new(Arc::new(prepared.sim.stats.clone()), costs, None, client.clone()).start()
+            {
+                let sink = client.clone().map(|c| Box::new(NatsPlans::new(c)) as Box<dyn branchpoint_actors::plans::PlanSink>);
+                Planner::new(Arc::new(prepared.sim.stats.clone()), costs, None, sink).start()
+            }
         });
         if let (Some(c), Some(p)) = (&client, &planner) {
             let (tx, rx) = tokio::sync::oneshot::channel();

@@ -4,23 +4,26 @@
 //!
 //! Owns: the model's statistics (from the calibrated validation split), the
 //! costs of each device group, and a log of what it decided (for reports).
-//! Messages in: `DeviceReport` (in-process), or NATS `NetworkReport`s through
-//! `serve_planner_nats`. Plans go back as `ApplyPlan` to the device
-//! (in-process, one round trip of the device's link after the report left)
-//! or as a `PlanUpdate` on `branchpoint.plan.device.<id>` (NATS). A report
+//! Messages in: `DeviceReport` (in-process, or from NATS `NetworkReport`s
+//! through the edge `nats::serve_planner_nats`). Plans go back as
+//! `ApplyPlan` to the device (in-process, one round trip of the device's
+//! link after the report left) or as a `DevicePlan` to its `PlanSink`
+//! (over NATS: `nats::NatsPlans` publishes a `PlanUpdate` on
+//! `branchpoint.plan.device.<id>`). A report
 //! from an unknown group is dropped with a message: a stray publisher must
 //! not stop the planner. Restart: over NATS with JetStream, plans are stored
 //! in the control store (`control`) when they change, and a restarted planner
 //! starts from the stored ones; devices keep their last plan meanwhile.
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use actix::prelude::*;
-use branchpoint_core::planner::{choose, Costs, ModelStats, Observed, Prediction};
+use branchpoint_core::planner::{choose, Costs, ModelStats, Prediction};
 use serde::{Deserialize, Serialize};
 
-use crate::plans::{ApplyPlan, DeviceReport};
+use crate::plans::{ApplyPlan, DevicePlan, DeviceReport, PlanSink};
+
+pub mod nats;
 
 /// One decision, for the run's report.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -42,32 +45,14 @@ pub struct Planner {
     /// and arrival rate from their reports.
     template: Option<Costs>,
     log: Vec<PlanRecord>,
-    nats: Option<async_nats::Client>,
-    /// Where plans are stored durably (over NATS with JetStream), and the
-    /// plan stored for each device and when: a plan is stored when it
-    /// changes, and again before its TTL runs out while the device keeps
-    /// reporting; a restarted planner starts from what is stored. Devices
-    /// not heard of for a TTL are forgotten here too.
-    store: Option<crate::control::ControlStore>,
-    stored: std::collections::HashMap<String, (branchpoint_messages::PlanUpdate, std::time::Instant)>,
-    pruned_at: usize,
+    /// Where plans for devices out of reach in process go (over NATS:
+    /// `nats::NatsPlans`, which stores and publishes them).
+    sink: Option<Box<dyn PlanSink>>,
 }
 
 impl Planner {
-    pub fn new(stats: Arc<ModelStats>, costs: BTreeMap<String, Costs>, template: Option<Costs>, nats: Option<async_nats::Client>) -> Self {
-        Self { stats, costs, template, log: Vec::new(), nats, store: None, stored: Default::default(), pruned_at: 1024 }
-    }
-
-    /// Stores plans in `store`, starting from the device plans in `stored`.
-    pub fn with_store(mut self, store: crate::control::ControlStore, stored: Vec<branchpoint_messages::PlanUpdate>) -> Self {
-        use branchpoint_messages::PlanTarget;
-        for p in stored {
-            if let PlanTarget::Device(id) = &p.target {
-                self.stored.insert(id.clone(), (p.clone(), std::time::Instant::now()));
-            }
-        }
-        self.store = Some(store);
-        self
+    pub fn new(stats: Arc<ModelStats>, costs: BTreeMap<String, Costs>, template: Option<Costs>, sink: Option<Box<dyn PlanSink>>) -> Self {
+        Self { stats, costs, template, log: Vec::new(), sink }
     }
 
     fn costs_for(&self, r: &DeviceReport) -> Option<Costs> {
@@ -107,53 +92,11 @@ impl Handler<DeviceReport> for Planner {
         let prediction = choose(&self.stats, &costs, &r.observed);
         self.log.push(PlanRecord { at_us: r.at_us, group: r.group.clone(), device_id: r.device_id.clone(), estimated_mbit_s: r.estimated_mbit_s, prediction });
         let apply = ApplyPlan { partition_branch: prediction.plan.branch, p_tar: prediction.plan.p_tar, target_accuracy: prediction.certified.map(|t| t.accuracy) };
-        match (r.reply_to, &self.nats) {
+        match (r.reply_to, &mut self.sink) {
             (Some(device), _) => {
                 ctx.run_later(r.rtt, move |_, _| device.do_send(apply));
             }
-            (None, Some(client)) => {
-                use branchpoint_messages::{encode, subjects, CertifiedTarget, PlanTarget, PlanUpdate};
-                let update = PlanUpdate {
-                    target: PlanTarget::Device(r.device_id.clone()),
-                    partition_branch: apply.partition_branch as u8,
-                    p_tar: apply.p_tar,
-                    certified: prediction.certified.map(|t| CertifiedTarget { accuracy: t.accuracy, delta: t.delta }),
-                };
-                let store = match &self.store {
-                    Some(s) => {
-                        let ttl = s.settings().device_plan_ttl;
-                        let fresh = self.stored.get(&r.device_id).is_some_and(|(p, at)| *p == update && at.elapsed() < ttl / 2);
-                        if fresh {
-                            None
-                        } else {
-                            self.stored.insert(r.device_id.clone(), (update.clone(), std::time::Instant::now()));
-                            if self.stored.len() >= 2 * self.pruned_at {
-                                self.stored.retain(|_, (_, at)| at.elapsed() < ttl);
-                                self.pruned_at = self.stored.len().max(1024);
-                            }
-                            Some(s.clone())
-                        }
-                    }
-                    None => None,
-                };
-                match encode(&update) {
-                    Ok(bytes) => {
-                        let client = client.clone();
-                        let subject = subjects::plan_device(&r.device_id);
-                        actix::spawn(async move {
-                            if let Some(store) = store {
-                                if let Err(e) = store.put_plan(&update).await {
-                                    tracing::warn!("planner: could not store a plan: {e}");
-                                }
-                            }
-                            if let Err(e) = client.publish(subject, bytes.into()).await {
-                                tracing::warn!("planner: could not publish a plan: {e}");
-                            }
-                        });
-                    }
-                    Err(e) => tracing::warn!("planner: could not encode a plan for {}: {e}", r.device_id),
-                }
-            }
+            (None, Some(sink)) => sink.send(DevicePlan { device_id: r.device_id, plan: apply, certified: prediction.certified }),
             (None, None) => tracing::warn!("planner: no way to reach device {}", r.device_id),
         }
     }
@@ -172,57 +115,11 @@ impl Handler<TakePlanLog> for Planner {
     }
 }
 
-/// Serves network reports from NATS (`branchpoint.report.network`) until
-/// the subscription ends. Malformed reports, and reports without the
-/// planner's fields, are dropped with a message on stderr.
-pub async fn serve_planner_nats(client: async_nats::Client, planner: Addr<Planner>, on_ready: impl FnOnce()) -> Result<(), crate::ActorError> {
-    use branchpoint_messages::{decode, subjects, NetworkReport};
-    use futures::StreamExt;
-    let mut sub = client.subscribe(subjects::NETWORK_REPORT).await.map_err(|e| crate::ActorError::Nats(e.to_string()))?;
-    client.flush().await.map_err(|e| crate::ActorError::Nats(e.to_string()))?;
-    on_ready();
-    let mut dropped = 0u64;
-    while let Some(msg) = sub.next().await {
-        let report = match decode::<NetworkReport>(&msg.payload) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!("planner: ignored a malformed network report: {e}");
-                continue;
-            }
-        };
-        let (Some(group), Some(us_per_byte), Some(response_us)) = (report.group.clone(), report.us_per_byte_conservative, report.response_us_conservative) else {
-            tracing::warn!("planner: ignored a report from {} without group and conservative estimates", report.device_id);
-            continue;
-        };
-        let sent = planner.try_send(DeviceReport {
-            device_id: report.device_id.clone(),
-            group,
-            at_us: report.window_end_unix_us,
-            observed: Observed { us_per_byte, response_us },
-            estimated_mbit_s: report.uplink_bytes_per_s_ewma * 8.0 / 1e6,
-            rtt: Duration::ZERO,
-            reply_to: None,
-            deadline_us: report.deadline_us.map(|d| d as f64),
-            arrival_rate: report.arrival_rate,
-        });
-        match sent {
-            Ok(()) => {}
-            Err(SendError::Full(_)) => {
-                dropped += 1;
-                // Said at the first and then every 1,000th, not per report.
-                if dropped % 1000 == 1 {
-                    tracing::warn!("planner: {dropped} network report(s) dropped so far: more arrive than it plans (mailbox of {MAILBOX})");
-                }
-            }
-            Err(SendError::Closed(_)) => break,
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
-    use branchpoint_core::planner::{Plan, ThresholdStats};
+    use std::time::Duration;
+
+    use branchpoint_core::planner::{Observed, Plan, ThresholdStats};
 
     use super::*;
 
