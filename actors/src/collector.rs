@@ -83,6 +83,18 @@ pub struct Outcome {
     /// its offload would miss the deadline (adaptive devices only).
     #[serde(default)]
     pub declined: bool,
+    /// The input's deadline, µs from its arrival (0: unknown, in files
+    /// written before it was recorded).
+    #[serde(default)]
+    pub deadline_us: u64,
+}
+
+impl Outcome {
+    /// Whether this input missed its deadline, by the one definition
+    /// (`branchpoint_core::offload::deadline_missed`).
+    pub fn deadline_missed(&self) -> bool {
+        branchpoint_core::offload::deadline_missed(self.latency.total_us, self.deadline_us, self.fallback == Some(FallbackReason::Deadline))
+    }
 }
 
 impl Outcome {
@@ -189,6 +201,7 @@ struct Tally {
     fallbacks_no_responders: usize,
     fallbacks_error_reply: usize,
     fallbacks_transport: usize,
+    deadline_misses: usize,
     per_exit: Vec<usize>,
     latency: FineHistogram,
 }
@@ -205,6 +218,7 @@ impl Tally {
             return;
         }
         self.right += usize::from(o.correct());
+        self.deadline_misses += usize::from(o.deadline_missed());
         match o.decided {
             Decided::Device => {
                 self.decided_on_device += 1;
@@ -247,6 +261,7 @@ impl Tally {
             fallbacks_transport: self.fallbacks_transport,
             fallbacks_disconnected: self.fallbacks_disconnected,
             errors: self.errors,
+            deadline_misses: self.deadline_misses,
             per_exit: self.per_exit.clone(),
             accuracy: self.right as f64 / n,
             edge_accuracy: (self.decided_on_device > 0).then(|| self.edge_right as f64 / self.decided_on_device as f64),
@@ -451,6 +466,7 @@ mod tests {
             error: None,
             arrived_unix_us: 0,
             declined: false,
+            deadline_us: 100_000,
         }
     }
 
@@ -466,6 +482,11 @@ mod tests {
         assert_eq!((s.outcomes, s.decided_on_device, s.answered_by_cloud, s.fallbacks, s.fallbacks_deadline), (10_000, 3334, 3333, 3333, 3333));
         assert_eq!(s.per_exit, vec![6667, 0, 3333]);
         assert!((s.accuracy - 0.8).abs() < 1e-12);
+        // Deadline misses, by the one definition: every deadline fallback,
+        // and any other input answered after its 100 ms.
+        let late = outcomes.iter().filter(|o| o.decided != Decided::Fallback && o.latency.total_us > 100_000).count();
+        assert!(late > 0);
+        assert_eq!(s.deadline_misses, 3333 + late);
         // Exact percentiles, from the sorted latencies.
         let mut ms: Vec<f64> = outcomes.iter().map(|o| o.latency.total_us as f64 / 1e3).collect();
         ms.sort_by(f64::total_cmp);

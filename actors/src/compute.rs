@@ -346,10 +346,11 @@ pub struct HeadOutput {
 }
 
 impl HeadOutput {
-    /// The activation as a wire tensor, batch dimension included.
-    pub fn wire_activation(&self) -> Result<branchpoint_messages::Tensor, ActorError> {
+    /// The activation's shape (batch dimension included) and values, copied
+    /// out of the tensor once, for an input that is offloaded.
+    pub fn activation_values(&self) -> Result<(Vec<u32>, std::sync::Arc<[f32]>), ActorError> {
         let shape: Vec<u32> = self.activation.size().iter().map(|&d| d as u32).collect();
-        Ok(branchpoint_messages::Tensor::from_f32(&shape, &to_vec(&self.activation)?)?)
+        Ok((shape, to_vec(&self.activation)?.into()))
     }
 }
 

@@ -20,13 +20,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
 use branchpoint_core::calibration::predict;
-use branchpoint_messages::{AuditTag, Deadline, Exit, OffloadRequest};
+use branchpoint_messages::{AuditTag, Deadline, Exit};
 
 use branchpoint_core::planner::Plan;
 
 use crate::collector::{Collector, Decided, FallbackReason, InputAccepted, Latency, Outcome};
 use crate::compute::{HeadOutput, LoadedNet};
 use crate::emulation::{Emulation, EmulationSpec, ReportTo};
+use crate::offload::Offload;
 pub use crate::plans::ApplyPlan;
 use crate::plans::DeviceReport;
 use crate::transport::{Answered, OffloadFailure, OffloadLink};
@@ -276,6 +277,7 @@ impl Handler<Infer> for Device {
             error: None,
             arrived_unix_us: unix_us().saturating_sub(arrived.elapsed().as_micros() as u64),
             declined: false,
+            deadline_us: cfg.deadline.as_micros() as u64,
         };
         let head = match self.net.run_head(branch, &msg.input) {
             Ok(h) => h,
@@ -299,7 +301,7 @@ impl Handler<Infer> for Device {
         }
         let tag = self.audit_tag(&head.branch_logits, false, msg.label).map(|t| t.0);
         let cfg = &self.cfg;
-        let request = offload_request(self.seq, cfg, &head, arrived).map(|r| OffloadRequest { audit: tag, ..r });
+        let request = offload_request(self.seq, cfg, &head, arrived).map(|r| Offload { audit: tag, ..r });
         let (link, collector, deadline) = (self.link.clone(), self.collector.clone(), cfg.deadline);
         let classes = head.branch_logits.len();
         if let (Some(em), Ok(request)) = (self.em.clone(), &request) {
@@ -324,8 +326,8 @@ impl Device {
             return;
         }
         let Ok(request) = offload_request(self.seq, &self.cfg, head, arrived) else { return };
-        let request = OffloadRequest { audit: Some(tag), ..request };
-        self.collector.do_send(crate::collector::Audited { group, sent: true, bytes: request.activation.data.len() as u64 });
+        let request = Offload { audit: Some(tag), ..request };
+        self.collector.do_send(crate::collector::Audited { group, sent: true, bytes: (request.activation.len() * 4) as u64 });
         let (link, in_flight, deadline) = (self.link.clone(), self.audits_in_flight.clone(), self.cfg.deadline);
         in_flight.set(in_flight.get() + 1);
         actix::spawn(async move {
@@ -339,13 +341,15 @@ impl Device {
 
 /// The request for an input that did not exit: it carries what is left of
 /// the input's budget.
-fn offload_request(seq: u64, cfg: &DeviceConfig, head: &HeadOutput, arrived: Instant) -> Result<OffloadRequest, crate::ActorError> {
+fn offload_request(seq: u64, cfg: &DeviceConfig, head: &HeadOutput, arrived: Instant) -> Result<Offload, crate::ActorError> {
     let remaining = cfg.deadline.saturating_sub(arrived.elapsed());
-    Ok(OffloadRequest {
+    let (shape, activation) = head.activation_values()?;
+    Ok(Offload {
         device_id: cfg.id.clone(),
         seq,
         partition_branch: cfg.partition_branch as u8,
-        activation: head.wire_activation()?,
+        shape,
+        activation,
         deadline: Deadline { sent_at_unix_us: unix_us(), budget_us: remaining.as_micros().max(1) as u64 },
         audit: None,
     })
@@ -358,7 +362,7 @@ fn offload_request(seq: u64, cfg: &DeviceConfig, head: &HeadOutput, arrived: Ins
 /// is a miss, whatever the device thread was doing meanwhile; the outcome's
 /// latency is when the answer, or the deadline, came.
 #[allow(clippy::too_many_arguments)]
-async fn offload(mut outcome: Outcome, mut request: OffloadRequest, classes: usize, link: &OffloadLink, deadline: Duration, arrived: Instant) -> Outcome {
+async fn offload(mut outcome: Outcome, mut request: Offload, classes: usize, link: &OffloadLink, deadline: Duration, arrived: Instant) -> Outcome {
     let due = arrived + deadline;
     let seq = request.seq;
     let remaining = due.saturating_duration_since(Instant::now());
@@ -411,13 +415,13 @@ impl Device {
     /// predicts a miss (adaptive devices), drop it if it cannot start before
     /// the deadline, otherwise wait for the upload and half the RTT, offload,
     /// and wait half the RTT for the reply.
-    fn offload_emulated(&mut self, em: Rc<Emulation>, mut outcome: Outcome, request: OffloadRequest, classes: usize, arrived: Instant) -> ResponseFuture<()> {
+    fn offload_emulated(&mut self, em: Rc<Emulation>, mut outcome: Outcome, request: Offload, classes: usize, arrived: Instant) -> ResponseFuture<()> {
         let collector = self.collector.clone();
         let deadline = self.cfg.deadline;
         let deadline_us = deadline.as_micros() as u64;
         let branch_class = outcome.class;
         let (t_arrival, now) = (em.us(arrived), em.us(Instant::now()));
-        let bytes = branchpoint_messages::encoded_len(&request).unwrap_or(request.activation.data.len());
+        let bytes = request.wire_len();
         if em.spec.admission && em.uplink.borrow().would_miss(t_arrival, now, bytes, deadline_us, em.spec.safety) {
             outcome.declined = true;
             outcome.latency.total_us = arrived.elapsed().as_micros() as u64;
@@ -563,7 +567,7 @@ impl Handler<GetPlan> for Device {
 /// answer to this very request, of a class the model has, is the cloud's.
 #[cfg(test)]
 mod tests {
-    use branchpoint_messages::{ErrorKind, Tensor};
+    use branchpoint_messages::ErrorKind;
 
     use super::*;
     use crate::transport::{Fault, FaultyLink};
@@ -588,11 +592,12 @@ mod tests {
             error: None,
             arrived_unix_us: 0,
             declined: false,
+            deadline_us: DEADLINE.as_micros() as u64,
         }
     }
 
-    fn request(seq: u64) -> OffloadRequest {
-        OffloadRequest { device_id: "d".into(), seq, partition_branch: 1, activation: Tensor::from_f32(&[1, 2], &[0.0, 1.0]).unwrap(), deadline: Deadline::default(), audit: None }
+    fn request(seq: u64) -> Offload {
+        Offload { device_id: "d".into(), seq, partition_branch: 1, shape: vec![1, 2], activation: vec![0.0, 1.0].into(), deadline: Deadline::default(), audit: None }
     }
 
     /// The outcome of offloading request 5 to a cloud that does `fault`.

@@ -14,6 +14,7 @@ pub mod device;
 pub mod emulation;
 pub mod error;
 pub mod fleet;
+pub mod offload;
 pub mod planner;
 pub mod plans;
 pub mod transport;

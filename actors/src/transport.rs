@@ -2,7 +2,8 @@
 //! until the deadline, and say exactly what happened otherwise.
 //!
 //! In-process (the embedded default) the request goes straight to a
-//! worker's batcher, without encoding. Over NATS it is encoded with the wire
+//! worker's batcher as an `Offload`, its activation f32 values, never
+//! bytes. Over NATS it is encoded with the wire
 //! codec and sent as a request to `branchpoint.offload.<branch>`, where the
 //! workers' queue group picks one worker.
 //!
@@ -19,8 +20,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use actix::Addr;
-use branchpoint_messages::{decode, encode, subjects, ErrorReply, OffloadAnswer, OffloadReply, OffloadRequest};
+use branchpoint_messages::{decode, encode, subjects, ErrorReply, OffloadAnswer, OffloadReply};
 
+use crate::offload::Offload;
 use crate::worker::{Batcher, Job, ReplyTo};
 
 #[derive(Clone)]
@@ -53,15 +55,15 @@ pub enum Fault {
 
 /// A scripted cloud: `script` decides each request's fate from the request.
 pub struct FaultyLink {
-    script: Box<dyn Fn(&OffloadRequest) -> Fault + Send + Sync>,
+    script: Box<dyn Fn(&Offload) -> Fault + Send + Sync>,
 }
 
 impl FaultyLink {
-    pub fn link(script: impl Fn(&OffloadRequest) -> Fault + Send + Sync + 'static) -> OffloadLink {
+    pub fn link(script: impl Fn(&Offload) -> Fault + Send + Sync + 'static) -> OffloadLink {
         OffloadLink::Faulty(Arc::new(Self { script: Box::new(script) }))
     }
 
-    async fn exchange(&self, request: OffloadRequest, until: tokio::time::Instant) -> Result<OffloadReply, OffloadFailure> {
+    async fn exchange(&self, request: Offload, until: tokio::time::Instant) -> Result<OffloadReply, OffloadFailure> {
         let answer = |seq, class| {
             OffloadReply::Answer(OffloadAnswer {
                 seq,
@@ -131,7 +133,7 @@ fn exchange_runtime() -> Option<&'static tokio::runtime::Runtime> {
 impl OffloadLink {
     /// Offloads `request` and waits at most `timeout` for the answer, from
     /// now: sending, the worker's queue and the reply all count.
-    pub async fn offload(&self, request: OffloadRequest, timeout: Duration) -> Result<Answered, OffloadFailure> {
+    pub async fn offload(&self, request: Offload, timeout: Duration) -> Result<Answered, OffloadFailure> {
         let until = tokio::time::Instant::now() + timeout;
         let exchange = exchange(self.clone(), request, until);
         match exchange_runtime() {
@@ -141,7 +143,7 @@ impl OffloadLink {
     }
 }
 
-async fn exchange(link: OffloadLink, request: OffloadRequest, until: tokio::time::Instant) -> Result<Answered, OffloadFailure> {
+async fn exchange(link: OffloadLink, request: Offload, until: tokio::time::Instant) -> Result<Answered, OffloadFailure> {
     let reply = match link {
         OffloadLink::Faulty(f) => f.exchange(request, until).await?,
         OffloadLink::InProcess(batcher) => {
@@ -160,8 +162,9 @@ async fn exchange(link: OffloadLink, request: OffloadRequest, until: tokio::time
             if client.connection_state() != async_nats::connection::State::Connected {
                 return Err(OffloadFailure::Disconnected);
             }
+            // The edge: only here does the activation become bytes.
             let subject = subjects::offload(request.partition_branch);
-            let payload = encode(&request).map_err(|e| OffloadFailure::Transport(e.to_string()))?;
+            let payload = request.to_wire().and_then(|r| encode(&r)).map_err(|e| OffloadFailure::Transport(e.to_string()))?;
             let remaining = until.saturating_duration_since(tokio::time::Instant::now());
             let req = async_nats::Request::new().payload(payload.into()).timeout(Some(remaining));
             // The client's own timeout starts after the request is queued

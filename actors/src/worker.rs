@@ -27,6 +27,7 @@ use futures::StreamExt;
 
 use crate::compute::{Executor, RunTail, TailOutput, TensorPool};
 use crate::error::ActorError;
+use crate::offload::Offload;
 
 fn cfg_queue_default() -> usize {
     512
@@ -135,7 +136,7 @@ impl RunTails for TensorPool<Executor> {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Job {
-    pub request: OffloadRequest,
+    pub request: Offload,
     pub received: Instant,
     pub reply: ReplyTo,
 }
@@ -380,7 +381,7 @@ impl Batcher {
     /// not stale: a request whose budget ended more than `CLOCK_SKEW` ago by
     /// this worker's clock was held up on the way (a client buffering
     /// through a broker outage) and nobody waits for its answer.
-    fn check(&self, r: &OffloadRequest, now_unix_us: u64) -> Result<(), (ErrorKind, String)> {
+    fn check(&self, r: &Offload, now_unix_us: u64) -> Result<(), (ErrorKind, String)> {
         let d = r.deadline;
         let ended = d.sent_at_unix_us.saturating_add(d.budget_us);
         if d.sent_at_unix_us != 0 && now_unix_us > ended.saturating_add(CLOCK_SKEW.as_micros() as u64) {
@@ -393,8 +394,8 @@ impl Batcher {
         };
         let mut want: Vec<u32> = vec![1];
         want.extend(pp.activation_shape.iter().map(|&d| d as u32));
-        if r.activation.shape != want {
-            return Err((ErrorKind::InvalidRequest, format!("activation shape {:?}, branch {k} needs {want:?}", r.activation.shape)));
+        if r.shape != want || r.activation.len() != want.iter().map(|&d| d as usize).product::<usize>() {
+            return Err((ErrorKind::InvalidRequest, format!("activation shape {:?} ({} values), branch {k} needs {want:?}", r.shape, r.activation.len())));
         }
         Ok(())
     }
@@ -463,16 +464,8 @@ impl Batcher {
                 job.reply.send(reply);
                 continue;
             }
-            match job.request.activation.to_f32_vec() {
-                Ok(v) => {
-                    activations.extend(v);
-                    live.push(job);
-                }
-                Err(e) => {
-                    let reply = self.error(Some(job.request.seq), ErrorKind::InvalidRequest, e.to_string());
-                    job.reply.send(reply);
-                }
-            }
+            activations.extend_from_slice(&job.request.activation);
+            live.push(job);
         }
         if live.is_empty() {
             // Nothing left to compute: the thread is still free.
@@ -713,6 +706,15 @@ pub async fn serve_nats(client: async_nats::Client, batcher: Addr<Batcher>, work
                     refuse(request, Some(offload.seq), ErrorKind::InvalidRequest, detail);
                     continue;
                 }
+                // The edge: from here on the activation is f32 values.
+                let (seq, offload) = (offload.seq, Offload::from_wire(offload));
+                let offload = match offload {
+                    Ok(o) => o,
+                    Err(e) => {
+                        refuse(request, Some(seq), ErrorKind::InvalidRequest, e.to_string());
+                        continue;
+                    }
+                };
                 if batcher.send(Job { request: offload, received, reply: reply_to(request) }).await.is_err() {
                     break; // the batcher stopped: so does this worker
                 }
@@ -739,7 +741,7 @@ mod batcher_tests {
     use std::cell::RefCell;
     use std::rc::Rc;
 
-    use branchpoint_messages::{Deadline, OffloadReply, OffloadRequest, Tensor};
+    use branchpoint_messages::{Deadline, OffloadReply};
 
     use super::*;
 
@@ -763,12 +765,12 @@ mod batcher_tests {
 
     fn job(seq: u64, shape: &[u32], budget_ms: u64) -> (Job, tokio::sync::oneshot::Receiver<OffloadReply>) {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let values = vec![0.5; shape.iter().product::<u32>() as usize];
-        let request = OffloadRequest {
+        let request = Offload {
             device_id: "d".into(),
             seq,
             partition_branch: 1,
-            activation: Tensor::from_f32(shape, &values).unwrap(),
+            shape: shape.to_vec(),
+            activation: vec![0.5; shape.iter().product::<u32>() as usize].into(),
             deadline: Deadline { sent_at_unix_us: 0, budget_us: budget_ms * 1000 },
             audit: None,
         };

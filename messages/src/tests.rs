@@ -110,7 +110,7 @@ prop_compose! {
         let summary = FleetSummary {
             inputs, outcomes: inputs, decided_on_device: inputs / 2, offloaded: inputs - inputs / 2,
             answered_by_cloud: inputs - inputs / 2, per_exit: vec![inputs / 2, inputs - inputs / 2],
-            accuracy: 0.5, edge_accuracy: (inputs % 2 == 0).then_some(0.25), ..FleetSummary::default()
+            accuracy: 0.5, edge_accuracy: (inputs % 2 == 0).then_some(0.25), deadline_misses: inputs / 3, ..FleetSummary::default()
         };
         // Cumulative, and no more than the outcomes.
         let mut counts = counts;

@@ -833,7 +833,8 @@ pub struct FleetSummary {
     pub offloaded: usize,
     pub answered_by_cloud: usize,
     pub fallbacks: usize,
-    /// Offloads with no answer before the deadline: the deadline misses.
+    /// Offloads the branch answered because the cloud's answer had not come
+    /// by the deadline.
     pub fallbacks_deadline: usize,
     pub fallbacks_no_responders: usize,
     pub fallbacks_error_reply: usize,
@@ -844,6 +845,12 @@ pub struct FleetSummary {
     pub fallbacks_disconnected: usize,
     /// Inputs the device could not decide at all.
     pub errors: usize,
+    /// Deadline misses: inputs answered after their deadline, or answered
+    /// by the branch because the cloud's answer had not come by it
+    /// (`branchpoint_core::offload::deadline_missed`, the definition the
+    /// replay's report.json uses too). Absent from older fleets.
+    #[serde(default)]
+    pub deadline_misses: usize,
     /// Outcomes per exit: branches in order, then final.
     pub per_exit: Vec<usize>,
     pub accuracy: f64,
@@ -912,6 +919,10 @@ impl FleetSummary {
         let reasons = self.fallbacks_deadline + self.fallbacks_no_responders + self.fallbacks_error_reply + self.fallbacks_transport + self.fallbacks_disconnected;
         if reasons > self.fallbacks {
             return bad("fallbacks_deadline", reasons, "the reasons add up to the fallbacks");
+        }
+        // 0 from a fleet older than the field, whatever its fallbacks.
+        if self.deadline_misses > self.outcomes || (self.deadline_misses > 0 && self.fallbacks_deadline > self.deadline_misses) {
+            return bad("deadline_misses", self.deadline_misses, "at most the outcomes, counting every deadline fallback");
         }
         if self.per_exit.len() > MAX_EXITS || self.per_exit.iter().sum::<usize>() > self.outcomes {
             return bad("per_exit", self.per_exit.len(), "at most 64 exits, adding up to at most the outcomes");

@@ -32,18 +32,20 @@ use branchpoint_actors::collector::{Collector, GetSummary};
 use branchpoint_actors::compute::{Executor, LoadedNet, ModelSpec};
 use branchpoint_actors::device::{Device, DeviceConfig, Infer};
 use branchpoint_actors::fleet::{run_fleet, DeviceThreads, FleetConfig, TestInputs};
+use branchpoint_actors::offload::Offload;
 use branchpoint_actors::transport::OffloadLink;
 use branchpoint_actors::worker::{serve_nats, Batcher, Job, ReplyTo, WorkerConfig};
-use branchpoint_messages::{Deadline, OffloadReply, OffloadRequest, Tensor as WireTensor};
+use branchpoint_messages::{Deadline, OffloadReply, Tensor as WireTensor};
 use branchpoint_models::{load_model, Dataset};
 use tch::Tensor;
 
-fn branch2_request(seq: usize, activation: &WireTensor, budget_us: u64) -> OffloadRequest {
-    OffloadRequest {
+fn branch2_request(seq: usize, activation: &WireTensor, budget_us: u64) -> Offload {
+    Offload {
         device_id: "bench".into(),
         seq: seq as u64,
         partition_branch: 2,
-        activation: activation.clone(),
+        shape: activation.shape.clone(),
+        activation: activation.to_f32_vec().expect("an f32 tensor").into(),
         deadline: Deadline { sent_at_unix_us: 0, budget_us },
         audit: None,
     }

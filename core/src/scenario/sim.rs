@@ -39,6 +39,7 @@ use crate::autoscale::{AutoscaleConfig, Autoscaler, Load};
 use crate::calibration::ExitLogits;
 use crate::link::Link;
 use crate::monitor::{Event as WatchEvent, Interval, Monitor, MonitorConfig, Observation, Refit};
+use crate::offload::deadline_missed;
 use crate::planner::{choose, Costs, DeviceUplink, LinkEstimator, ModelStats, Plan};
 use crate::rng::SplitMix64;
 
@@ -720,14 +721,14 @@ impl<'a> Sim<'a> {
         if on_device {
             let latency = done - t;
             self.out.edge[k - 1].add(&m.predictions, plan, class == label);
-            self.record(group, t, latency, class == label, true, false, latency > deadline, plan);
+            self.record(group, t, latency, class == label, true, false, deadline_missed(latency, deadline, false), plan);
             let b = self.bin(group, t);
             b.edge_agree += u64::from(class == m.final_of(view, input as usize));
             return;
         }
         if self.admission && self.devices[d as usize].uplink.would_miss(t, done, m.upload_bytes[k - 1], deadline, c.safety) {
             self.bin(group, t).declined += 1;
-            self.record(group, t, done - t, class == label, true, false, false, plan);
+            self.record(group, t, done - t, class == label, true, false, deadline_missed(done - t, deadline, false), plan);
             return;
         }
         let dev = &mut self.devices[d as usize];
@@ -735,7 +736,7 @@ impl<'a> Sim<'a> {
         let up_start = done.max(dev.uplink.free_at());
         if up_start >= deadline_at {
             // Still queued at its deadline: never sent.
-            self.record(group, t, deadline.max(done - t), class == label, false, false, true, plan);
+            self.record(group, t, deadline.max(done - t), class == label, false, false, deadline_missed(deadline.max(done - t), deadline, true), plan);
             return;
         }
         let bytes = m.upload_bytes[k - 1];
@@ -756,7 +757,7 @@ impl<'a> Sim<'a> {
         });
         if finish == u64::MAX {
             // The link never delivers it: the device answers at the deadline.
-            self.record(group, t, deadline, class == label, false, false, true, plan);
+            self.record(group, t, deadline, class == label, false, false, deadline_missed(deadline, deadline, true), plan);
         } else {
             self.push(finish, UPLOAD_DONE, id, 0);
         }
@@ -988,7 +989,7 @@ impl<'a> Sim<'a> {
         let correct = class == self.m.labels[r.input as usize];
         let (group, arrival, deadline) = (dev.group, r.arrival, self.c.groups[dev.group].deadline_us);
         let plan = Plan { branch: r.branch, p_tar: r.p_tar };
-        self.record(group, arrival, deadline, correct, false, false, true, plan);
+        self.record(group, arrival, deadline, correct, false, false, deadline_missed(deadline, deadline, true), plan);
     }
 
     fn reply(&mut self, t: u64, id: u32, _: u32) {
@@ -1002,10 +1003,10 @@ impl<'a> Sim<'a> {
         let plan = Plan { branch, p_tar };
         if t <= deadline_at {
             let correct = self.m.final_of(view, input) == label;
-            self.record(group, arrival, t - arrival, correct, false, true, false, plan);
+            self.record(group, arrival, t - arrival, correct, false, true, deadline_missed(t - arrival, deadline, false), plan);
         } else {
             let correct = self.m.pred(view, branch, input).0 == label;
-            self.record(group, arrival, deadline, correct, false, false, true, plan);
+            self.record(group, arrival, deadline, correct, false, false, deadline_missed(deadline, deadline, true), plan);
         }
     }
 

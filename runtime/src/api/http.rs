@@ -144,7 +144,7 @@ fn totals(fleets: &[(FleetStatus, f64)], workers: usize) -> Totals {
         t.inputs += s.inputs as u64;
         outcomes += (s.outcomes - s.errors) as u64;
         offloaded += s.offloaded as u64;
-        t.deadline_misses += s.fallbacks_deadline as u64;
+        t.deadline_misses += s.deadline_misses as u64;
         if let Some(a) = s.edge_accuracy {
             edge += s.decided_on_device as u64;
             edge_right += a * s.decided_on_device as f64;

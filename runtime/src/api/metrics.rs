@@ -49,7 +49,11 @@ pub(super) async fn metrics(state: web::Data<ApiState>) -> HttpResponse {
         ("branchpoint_decided_on_device_total", "Inputs answered on the device because the branch was confident enough.", |s| s.decided_on_device),
         ("branchpoint_offloads_total", "Inputs offloaded to the cloud workers.", |s| s.offloaded),
         ("branchpoint_cloud_answers_total", "Offloads answered by a cloud worker.", |s| s.answered_by_cloud),
-        ("branchpoint_deadline_misses_total", "Offloads with no answer before the deadline (answered by the branch instead).", |s| s.fallbacks_deadline),
+        (
+            "branchpoint_deadline_misses_total",
+            "Inputs answered after their deadline, or by the branch because the cloud's answer had not come by it (the definition report.json uses).",
+            |s| s.deadline_misses,
+        ),
         ("branchpoint_errors_total", "Inputs the device could not decide at all.", |s| s.errors),
     ];
     m.family("branchpoint_fleet_devices", "gauge", "Devices of the fleet.");

@@ -188,7 +188,7 @@ fn print_summary(s: &Summary) {
     let exits: Vec<String> = s.per_exit.iter().enumerate().map(|(i, n)| if i + 1 == s.per_exit.len() { format!("final {n}") } else { format!("branch {} {n}", i + 1) }).collect();
     println!("per exit: {}", exits.join(", "));
     println!(
-        "decided on device {} ({:.1} %), offloaded {} ({:.1} %): answered by cloud {}, fallbacks {} (deadline {}, disconnected {}, no responders {}, error reply {}, transport {}); errors {}",
+        "decided on device {} ({:.1} %), offloaded {} ({:.1} %): answered by cloud {}, fallbacks {} (deadline {}, disconnected {}, no responders {}, error reply {}, transport {}); errors {}; deadline misses {} ({:.1} %)",
         s.decided_on_device,
         pct(s.decided_on_device),
         s.offloaded,
@@ -200,7 +200,9 @@ fn print_summary(s: &Summary) {
         s.fallbacks_no_responders,
         s.fallbacks_error_reply,
         s.fallbacks_transport,
-        s.errors
+        s.errors,
+        s.deadline_misses,
+        pct(s.deadline_misses)
     );
     println!("accuracy {:.2} %, edge accuracy {}", 100.0 * s.accuracy, s.edge_accuracy.map_or("- (nothing decided on the device)".into(), |a| format!("{:.2} %", 100.0 * a)));
     println!("latency p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms", s.latency_ms_p50, s.latency_ms_p95, s.latency_ms_p99);

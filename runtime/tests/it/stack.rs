@@ -217,7 +217,7 @@ fn stack_up_serves_metrics_plans_refits_and_the_dashboard() {
         ("branchpoint_decided_on_device_total", s.decided_on_device),
         ("branchpoint_offloads_total", s.offloaded),
         ("branchpoint_cloud_answers_total", s.answered_by_cloud),
-        ("branchpoint_deadline_misses_total", s.fallbacks_deadline),
+        ("branchpoint_deadline_misses_total", s.deadline_misses),
         ("branchpoint_errors_total", s.errors),
     ] {
         assert_eq!(metric(&m, &format!("{name}{label}")), Some(want as f64), "{name} against the fleet's summary");
