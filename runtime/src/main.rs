@@ -61,13 +61,16 @@ fn raise_open_file_limit() {
 }
 
 /// Library crates log through `tracing` (levels and fields); this prints
-/// their events on stderr, at `info` and above unless `RUST_LOG` says
-/// otherwise (`warn`, `branchpoint_actors::planner=debug,info`, ...).
+/// their events on stderr: branchpoint's at `info` and above, other
+/// libraries' at `warn`, unless `RUST_LOG` says otherwise (`warn`,
+/// `branchpoint_actors::planner=debug,info`, ...).
 fn init_logging() {
     use std::io::IsTerminal;
     use tracing_subscriber::filter::{LevelFilter, Targets};
     use tracing_subscriber::prelude::*;
-    let default = || Targets::new().with_default(LevelFilter::INFO);
+    // Our own events from info up; libraries' (async-nats reports every
+    // connect and reconnect at info) from warn up.
+    let default = || Targets::new().with_default(LevelFilter::WARN).with_target("branchpoint", LevelFilter::INFO);
     let filter = match std::env::var("RUST_LOG") {
         Ok(spec) if !spec.is_empty() => spec.parse::<Targets>().unwrap_or_else(|e| {
             eprintln!("warning: RUST_LOG={spec:?} is not a log filter ({e}); logging at info; write e.g. RUST_LOG=warn or RUST_LOG=branchpoint_actors=debug,info");
