@@ -99,17 +99,26 @@ pub fn start_service(name: &str, args: &[&str], within: Duration) -> Proc {
     let _ = std::fs::remove_file(&ready);
     let child = branchpoint().args(args).arg("--ready-file").arg(&ready).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().expect("the service starts");
     let mut proc = Proc(child);
-    let until = Instant::now() + within;
-    while Instant::now() < until {
-        if ready.exists() {
-            return proc;
-        }
-        if let Ok(Some(status)) = proc.0.try_wait() {
-            panic!("{name} exited {status} before it was ready: {}", std::fs::read_to_string(&log).unwrap_or_default());
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if let Err(status) = wait_ready(&mut proc.0, &ready, within) {
+        panic!("{name} exited {status} before it was ready: {}", std::fs::read_to_string(&log).unwrap_or_default());
     }
-    panic!("{name} did not signal readiness (--ready-file) within {within:?}: {}", std::fs::read_to_string(&log).unwrap_or_default());
+    proc
+}
+
+/// Waits for `child` to signal readiness through its `--ready-file`: Ok once
+/// the file exists, or once the child has ended successfully (a short run
+/// removes the file on its way out); its exit status if it failed first.
+pub fn wait_ready(child: &mut Child, ready: &Path, within: Duration) -> Result<(), std::process::ExitStatus> {
+    wait_for(&format!("{} (--ready-file)", ready.display()), within, || {
+        if ready.exists() {
+            return Some(Ok(()));
+        }
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => Some(Ok(())),
+            Ok(Some(status)) => Some(Err(status)),
+            _ => None,
+        }
+    })
 }
 
 /// The stderr of a service started by `start_service`, so far.

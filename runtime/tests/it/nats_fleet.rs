@@ -100,14 +100,8 @@ impl RunningFleet {
             let _ = std::io::Read::read_to_string(&mut pipe, &mut said);
             said
         });
-        while !ready.exists() {
-            match child.try_wait() {
-                // A short fleet may finish (and remove the file) between two looks.
-                Ok(Some(status)) if status.success() => break,
-                Ok(Some(status)) => panic!("the fleet ended ({status}) before it ran: {}", stderr.join().unwrap()),
-                _ => {}
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if let Err(status) = wait_ready(&mut child, &ready, Duration::from_secs(120)) {
+            panic!("the fleet ended ({status}) before it ran: {}", stderr.join().unwrap());
         }
         RunningFleet { child, stderr }
     }
