@@ -20,13 +20,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
 use branchpoint_core::calibration::predict;
-use branchpoint_messages::{AuditTag, Deadline, Exit};
+use branchpoint_messages::{AuditTag, Deadline, Exit, PartitionBranch};
 
 use branchpoint_core::planner::Plan;
 
 use crate::collector::{Collector, Decided, FallbackReason, InputAccepted, Latency, Outcome};
 use crate::compute::{HeadOutput, LoadedNet};
-use crate::emulation::{Emulation, EmulationSpec, ReportTo};
+use crate::emulation::{Emulation, EmulationSpec};
 use crate::offload::Offload;
 pub use crate::plans::ApplyPlan;
 use crate::plans::DeviceReport;
@@ -35,7 +35,7 @@ use crate::transport::{Answered, OffloadFailure, OffloadLink};
 #[derive(Debug, Clone)]
 pub struct DeviceConfig {
     pub id: String,
-    pub partition_branch: usize,
+    pub partition_branch: PartitionBranch,
     pub p_tar: f64,
     /// One per exit: branches in order, then final.
     pub temperatures: Vec<f64>,
@@ -185,46 +185,20 @@ impl Device {
         let estimated_mbit_s = up.est.mean_mbit_s().unwrap_or(0.0);
         let response = up.est.mean_response_us().unwrap_or(0.0);
         drop(up);
-        match em.spec.reports.as_ref() {
-            Some(ReportTo::Planner(planner)) => planner.do_send(DeviceReport {
+        if let Some(planner) = em.spec.reports.as_ref() {
+            planner.do_send(DeviceReport {
                 device_id: self.cfg.id.clone(),
                 group: em.spec.group.clone(),
                 at_us: now,
                 observed,
                 estimated_mbit_s,
+                response_us: response,
+                window_us: interval,
                 rtt: Duration::from_micros(em.spec.link.rtt_us(now)),
                 reply_to: Some(ctx.address().recipient()),
                 deadline_us: Some(self.cfg.deadline.as_micros() as f64),
                 arrival_rate: Some(em.spec.arrival_rate),
-            }),
-            Some(ReportTo::Nats(client)) => {
-                let report = branchpoint_messages::NetworkReport {
-                    device_id: self.cfg.id.clone(),
-                    uplink_bytes_per_s_ewma: estimated_mbit_s * 1e6 / 8.0,
-                    rtt_us_ewma: response,
-                    window_start_unix_us: now.saturating_sub(interval),
-                    window_end_unix_us: now,
-                    samples: 0,
-                    group: Some(em.spec.group.clone()),
-                    us_per_byte_conservative: Some(observed.us_per_byte),
-                    response_us_conservative: Some(observed.response_us),
-                    deadline_us: Some(self.cfg.deadline.as_micros() as u64),
-                    arrival_rate: Some(em.spec.arrival_rate),
-                };
-                match branchpoint_messages::encode(&report) {
-                    Ok(bytes) => {
-                        let client = client.clone();
-                        let delay = em.half_rtt(now);
-                        actix::spawn(async move {
-                            // The report crosses the emulated link too.
-                            tokio::time::sleep(delay).await;
-                            let _ = client.publish(branchpoint_messages::subjects::NETWORK_REPORT, bytes.into()).await;
-                        });
-                    }
-                    Err(e) => tracing::warn!("device {}: could not encode a network report: {e}", self.cfg.id),
-                }
-            }
-            None => {}
+            });
         }
     }
 }
@@ -259,7 +233,7 @@ impl Handler<Infer> for Device {
         self.seq += 1;
         self.collector.do_send(InputAccepted);
         let cfg = &self.cfg;
-        let branch = cfg.partition_branch;
+        let branch = cfg.partition_branch.get();
         let mut outcome = Outcome {
             device_id: cfg.id.clone(),
             arrival: msg.arrival,
@@ -347,7 +321,7 @@ fn offload_request(seq: u64, cfg: &DeviceConfig, head: &HeadOutput, arrived: Ins
     Ok(Offload {
         device_id: cfg.id.clone(),
         seq,
-        partition_branch: cfg.partition_branch as u8,
+        partition_branch: cfg.partition_branch.byte(),
         shape,
         activation,
         deadline: Deadline { sent_at_unix_us: unix_us(), budget_us: remaining.as_micros().max(1) as u64 },
@@ -516,8 +490,8 @@ impl Handler<ApplyPlan> for Device {
     fn handle(&mut self, msg: ApplyPlan, _: &mut Context<Self>) {
         // temperatures has one entry per exit: branches 1..len-1, then final.
         let branches = self.cfg.temperatures.len().saturating_sub(1);
-        if msg.partition_branch == 0 || msg.partition_branch > branches || branchpoint_messages::PTar::plan(msg.p_tar).is_err() {
-            tracing::warn!(device_id = %self.cfg.id, "device {}: ignored plan {msg:?}: this model has branches 1..={branches}, p_tar must be in [0, 1]", self.cfg.id);
+        if let Err(e) = msg.partition_branch.within(branches).and_then(|_| branchpoint_messages::PTar::plan(msg.p_tar)) {
+            tracing::warn!(device_id = %self.cfg.id, "device {}: ignored plan {msg:?}: {e}", self.cfg.id);
             return;
         }
         self.cfg.partition_branch = msg.partition_branch;
@@ -556,7 +530,7 @@ impl Handler<GetPlan> for Device {
     type Result = MessageResult<GetPlan>;
 
     fn handle(&mut self, _: GetPlan, _: &mut Context<Self>) -> Self::Result {
-        let b = self.cfg.partition_branch;
+        let b = self.cfg.partition_branch.get();
         MessageResult((b, self.cfg.p_tar, self.cfg.temperatures.get(b - 1).copied().unwrap_or(1.0)))
     }
 }

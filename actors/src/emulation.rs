@@ -16,22 +16,6 @@ use branchpoint_core::rng::SplitMix64;
 
 use crate::plans::DeviceReport;
 
-/// Where a device's network reports go.
-#[derive(Clone)]
-pub enum ReportTo {
-    Planner(Recipient<DeviceReport>),
-    Nats(async_nats::Client),
-}
-
-impl std::fmt::Debug for ReportTo {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            ReportTo::Planner(_) => "ReportTo::Planner",
-            ReportTo::Nats(_) => "ReportTo::Nats",
-        })
-    }
-}
-
 /// How one device's link is emulated (sendable: devices are built on their
 /// own threads from it).
 #[derive(Debug, Clone)]
@@ -46,8 +30,9 @@ pub struct EmulationSpec {
     pub admission: bool,
     pub safety: f64,
     /// Report to the planner (adaptive devices), every interval, starting
-    /// after `report_offset`.
-    pub reports: Option<ReportTo>,
+    /// after `report_offset`: to an in-process planner, or to the NATS edge
+    /// (`planner::nats::NatsReports`) that publishes for a remote one.
+    pub reports: Option<Recipient<DeviceReport>>,
     pub report_interval: Duration,
     pub report_offset: Duration,
     pub probe_bytes: usize,

@@ -551,7 +551,12 @@ impl Forward {
 
     fn plan(&self, p: &branchpoint_messages::PlanUpdate) {
         use branchpoint_messages::PlanTarget;
-        let apply = ApplyPlan { partition_branch: p.partition_branch as usize, p_tar: p.p_tar, target_accuracy: p.certified.map(|c| c.accuracy) };
+        // Decoding checked the branch; a plan made in process may not have been.
+        let partition_branch = match branchpoint_messages::PartitionBranch::new(p.partition_branch.into()) {
+            Ok(b) => b,
+            Err(e) => return tracing::warn!("fleet: ignored a plan: {e}"),
+        };
+        let apply = ApplyPlan { partition_branch, p_tar: p.p_tar, target_accuracy: p.certified.map(|c| c.accuracy) };
         for d in &self.devices {
             let for_me = match &p.target {
                 PlanTarget::Device(t) => *t == d.id,

@@ -3,11 +3,13 @@
 //! device reports to a `Recipient<DeviceReport>` and the planner answers a
 //! `Recipient<ApplyPlan>`, so each can be tested against a fake of the other.
 //! Over NATS the same exchange is `NetworkReport` and `PlanUpdate`
-//! (branchpoint-messages).
+//! (branchpoint-messages), translated at the edge (`planner::nats`: a
+//! device's reports go to a `NatsReports` there, which publishes them).
 use std::time::Duration;
 
 use actix::prelude::*;
 use branchpoint_core::planner::Observed;
+use branchpoint_messages::PartitionBranch;
 
 /// What a device saw of its network, and where to send its plan.
 #[derive(Message, Clone)]
@@ -18,6 +20,10 @@ pub struct DeviceReport {
     pub at_us: u64,
     pub observed: Observed,
     pub estimated_mbit_s: f64,
+    /// The mean response time (µs) the device measured (its EWMA).
+    pub response_us: f64,
+    /// The report covers link time `at_us - window_us` to `at_us`.
+    pub window_us: u64,
     /// The device's current round trip: the plan arrives this long after
     /// the report left (half up, half down).
     pub rtt: Duration,
@@ -33,7 +39,7 @@ pub struct DeviceReport {
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]
 pub struct ApplyPlan {
-    pub partition_branch: usize,
+    pub partition_branch: PartitionBranch,
     pub p_tar: f64,
     /// Set when p_tar is a threshold certified for this on-device accuracy
     /// (`PlanUpdate::certified`): the target a watched device's audits name.

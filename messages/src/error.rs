@@ -34,8 +34,13 @@ pub enum MessageError {
     #[error("tensor value at flat index {index} is not finite ({value})")]
     NonFinite { index: usize, value: f32 },
     /// Branches are numbered from 1; branch 0 does not exist.
-    #[error("partition branch must be >= 1, got {0}")]
-    PartitionBranch(u8),
+    #[error("partition branch must be >= 1 (and at most 255), got {0}")]
+    PartitionBranch(usize),
+    /// The model has fewer side branches.
+    #[error("partition branch {branch} does not exist: this model has side branches 1 to {branches}")]
+    NoSuchBranch { branch: usize, branches: usize },
+    #[error("partition branch {0:?} is not a number: give a side branch, counted from 1")]
+    PartitionBranchText(String),
     /// `p_tar` is a confidence threshold in [0, 1].
     #[error("p_tar must lie in [0, 1], got {0}")]
     PTar(f64),

@@ -19,7 +19,7 @@ mod tests;
 
 pub use error::MessageError;
 pub use tensor::{DType, Tensor, MAX_DIMS, MAX_TENSOR_BYTES};
-pub use vocab::{Exit, PTar};
+pub use vocab::{Exit, PTar, PartitionBranch};
 pub use wire::{
     decode, decode_seq, encode, encoded_len, is_valid_temperature, AppliedPlan, AuditResult, AuditTag, BranchWatch, CalibrationMethod, CalibrationRefit, CalibrationStatus,
     CalibrationUpdate, CertifiedTarget, CertifyReply, CertifyRequest, Deadline, ErrorKind, ErrorReply, FleetStatus, FleetSummary, Message, NetworkReport, OffloadAnswer,

@@ -2,6 +2,8 @@
 //!
 //! - [`Exit`]: where an answer came from, a side branch (numbered from 1)
 //!   or the final exit, which is named, never a number.
+//! - [`PartitionBranch`]: the side branch where a device decides, numbered
+//!   from 1 and at most the model's number of side branches.
 //! - [`PTar`]: a confidence threshold. Its ranges are stated here once: a
 //!   plan's p_tar lies in [0, 1] (0 keeps every input on the device, 1
 //!   offloads every input: the planner's extremes); a target a person sets
@@ -68,6 +70,73 @@ impl<'de> Deserialize<'de> for Exit {
     }
 }
 
+/// A partition branch: the side branch, numbered from 1, up to which a
+/// device runs the network and where it decides to answer or offload; the
+/// cloud runs the rest. Its rules are stated here once: it is at least 1
+/// (`new`, and every way of reading one), and at most the model's number of
+/// side branches (`within`, where the model is known). On the wire it is the
+/// number, one byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct PartitionBranch(u8);
+
+impl PartitionBranch {
+    /// Side branch 1, which every early-exit model has.
+    pub const FIRST: Self = Self(1);
+
+    pub fn new(k: usize) -> Result<Self, MessageError> {
+        match u8::try_from(k) {
+            Ok(b) if b >= 1 => Ok(Self(b)),
+            _ => Err(MessageError::PartitionBranch(k)),
+        }
+    }
+
+    /// This branch, if a model with `branches` side branches has it.
+    pub fn within(self, branches: usize) -> Result<Self, MessageError> {
+        match self.get() <= branches {
+            true => Ok(self),
+            false => Err(MessageError::NoSuchBranch { branch: self.get(), branches }),
+        }
+    }
+
+    pub fn get(self) -> usize {
+        self.0 as usize
+    }
+
+    /// The wire's one byte.
+    pub fn byte(self) -> u8 {
+        self.0
+    }
+
+    /// Its exit: the side branch's own.
+    pub fn exit(self) -> Exit {
+        Exit::Branch(self.get())
+    }
+}
+
+impl std::fmt::Display for PartitionBranch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Reads a flag's value (`--partition-branch 2`).
+impl std::str::FromStr for PartitionBranch {
+    type Err = MessageError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let k: usize = s.trim().parse().map_err(|_| MessageError::PartitionBranchText(s.to_string()))?;
+        Self::new(k)
+    }
+}
+
+impl<'de> Deserialize<'de> for PartitionBranch {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let k = u64::deserialize(d)?;
+        PartitionBranch::new(usize::try_from(k).unwrap_or(usize::MAX)).map_err(serde::de::Error::custom)
+    }
+}
+
 /// A confidence threshold: an input stays on the device when its calibrated
 /// branch confidence reaches it.
 #[derive(Debug, Clone, Copy, PartialEq, PartialOrd, Serialize)]
@@ -108,6 +177,21 @@ impl<'de> Deserialize<'de> for PTar {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_partition_branch_counts_from_one_and_stays_within_the_model() {
+        assert_eq!(PartitionBranch::new(0), Err(MessageError::PartitionBranch(0)));
+        assert_eq!(PartitionBranch::new(256), Err(MessageError::PartitionBranch(256)));
+        let two = PartitionBranch::new(2).unwrap();
+        assert_eq!((two.get(), two.byte(), two.exit(), two.to_string()), (2, 2u8, Exit::Branch(2), "2".to_string()));
+        assert!(two.within(2).is_ok());
+        assert_eq!(two.within(1), Err(MessageError::NoSuchBranch { branch: 2, branches: 1 }));
+        assert_eq!("2".parse::<PartitionBranch>(), Ok(two));
+        assert!("0".parse::<PartitionBranch>().is_err() && "two".parse::<PartitionBranch>().is_err());
+        assert_eq!(serde_json::to_string(&two).unwrap(), "2");
+        assert!(serde_json::from_str::<PartitionBranch>("0").unwrap_err().to_string().contains(">= 1"));
+        assert_eq!(serde_json::from_str::<PartitionBranch>("1").unwrap().get(), 1);
+    }
 
     #[test]
     fn the_final_exit_has_a_name_and_old_files_still_read() {

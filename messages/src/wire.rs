@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::subjects::{self, is_valid_id};
 use crate::tensor::{Tensor, MAX_TENSOR_BYTES};
-use crate::{MessageError, WIRE_VERSION};
+use crate::{MessageError, PartitionBranch, WIRE_VERSION};
 
 /// Largest encoded message accepted: the largest tensor plus room for the
 /// rest. Checked before parsing so no decode work is spent on a flood.
@@ -988,10 +988,7 @@ fn check_sha256(sha: &str) -> Result<(), MessageError> {
 }
 
 fn check_branch(partition_branch: u8) -> Result<(), MessageError> {
-    match partition_branch {
-        0 => Err(MessageError::PartitionBranch(0)),
-        _ => Ok(()),
-    }
+    PartitionBranch::new(partition_branch as usize).map(|_| ())
 }
 
 /// `value` must be finite and within `[0, max]`; `expected` says so in words.

@@ -35,7 +35,7 @@ use branchpoint_actors::fleet::{run_fleet, DeviceThreads, FleetConfig, TestInput
 use branchpoint_actors::offload::Offload;
 use branchpoint_actors::transport::OffloadLink;
 use branchpoint_actors::worker::{serve_nats, Batcher, Job, ReplyTo, WorkerConfig};
-use branchpoint_messages::{Deadline, OffloadReply, Tensor as WireTensor};
+use branchpoint_messages::{Deadline, OffloadReply, PartitionBranch, Tensor as WireTensor};
 use branchpoint_models::{load_model, Dataset};
 use tch::Tensor;
 
@@ -97,7 +97,7 @@ fn main() {
             let link = OffloadLink::InProcess(Batcher::new(wcfg, wexec, points).with_compute_threads(1).start());
             let cfg = DeviceConfig {
                 id: "bench".into(),
-                partition_branch: 1,
+                partition_branch: PartitionBranch::FIRST,
                 p_tar: 0.1,
                 temperatures: vec![1.3; 3],
                 deadline: Duration::from_secs(1),
@@ -268,7 +268,7 @@ fn main() {
                 seed: 1,
                 device: DeviceConfig {
                     id: "d".into(),
-                    partition_branch: 1,
+                    partition_branch: PartitionBranch::FIRST,
                     p_tar: 0.9,
                     temperatures: vec![1.0; 3],
                     deadline: Duration::from_secs(1),

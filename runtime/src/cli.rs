@@ -1,6 +1,7 @@
 //! Command-line interface. Every flag carries help text; a test checks it.
 use std::path::PathBuf;
 
+use branchpoint_messages::PartitionBranch;
 use clap::{Args, Parser, Subcommand};
 
 /// The model the project ships; every command that reads a model defaults to it.
@@ -146,8 +147,8 @@ pub struct StackArgs {
     #[arg(long, default_value_t = 0.9, value_name = "P")]
     pub p_tar: f64,
     /// The fleet's starting partition branch (`--branch` is an alias).
-    #[arg(long = "partition-branch", visible_alias = "branch", default_value_t = 1, value_name = "K")]
-    pub partition_branch: usize,
+    #[arg(long = "partition-branch", visible_alias = "branch", default_value = "1", value_name = "K")]
+    pub partition_branch: PartitionBranch,
     /// Deadline of one input, in ms.
     #[arg(long, default_value_t = 1000.0, value_name = "MS")]
     pub deadline_ms: f64,
@@ -330,7 +331,7 @@ impl ServiceArgs {
     pub fn mark_ready(&self) {
         if let Some(f) = &self.ready_file {
             if let Err(e) = std::fs::write(f, b"ready\n") {
-                eprintln!("could not create the ready file {}: {e}", f.display());
+                tracing::warn!("could not create the ready file {}: {e}", f.display());
             }
         }
     }
@@ -458,8 +459,8 @@ pub struct FleetArgs {
     #[arg(long, default_value_t = 0.9, value_name = "P")]
     pub p_tar: f64,
     /// Partition branch every device ends its head with (`--branch` is an alias).
-    #[arg(long = "partition-branch", visible_alias = "branch", default_value_t = 1, value_name = "K")]
-    pub partition_branch: usize,
+    #[arg(long = "partition-branch", visible_alias = "branch", default_value = "1", value_name = "K")]
+    pub partition_branch: PartitionBranch,
     /// Watch calibration live: each input's audit coin comes up with this probability; the on-device ones among them are sent to the cloud as well (audits, which change no outcome), and offloads are tagged, so the calibrator sees both [default: 0, off].
     #[arg(long, default_value_t = 0.0, value_name = "R")]
     pub audit_rate: f64,

@@ -224,9 +224,13 @@ mod tests {
             crate::cli::Command::Fleet(f) => f,
             other => panic!("{other:?}"),
         };
-        assert_eq!(fleet(merged(&["branchpoint", "fleet"], "[fleet]\npartition_branch = 2\n", &[]).unwrap()).partition_branch, 2);
-        assert_eq!(fleet(merged(&["branchpoint", "fleet"], "[fleet]\nbranch = 3\n", &[]).unwrap()).partition_branch, 3, "the old key");
-        assert_eq!(fleet(merged(&["branchpoint", "fleet", "--branch", "1"], "[fleet]\npartition_branch = 2\n", &[]).unwrap()).partition_branch, 1, "the alias on the command line");
+        assert_eq!(fleet(merged(&["branchpoint", "fleet"], "[fleet]\npartition_branch = 2\n", &[]).unwrap()).partition_branch.get(), 2);
+        assert_eq!(fleet(merged(&["branchpoint", "fleet"], "[fleet]\nbranch = 3\n", &[]).unwrap()).partition_branch.get(), 3, "the old key");
+        assert_eq!(
+            fleet(merged(&["branchpoint", "fleet", "--branch", "1"], "[fleet]\npartition_branch = 2\n", &[]).unwrap()).partition_branch.get(),
+            1,
+            "the alias on the command line"
+        );
         assert!(merged(&["branchpoint", "fleet"], "[fleet]\nbranches = 2\n", &[]).is_err(), "not an alias");
     }
 

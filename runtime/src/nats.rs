@@ -41,10 +41,10 @@ pub async fn connect(args: &NatsArgs, client_name: &str) -> Result<async_nats::C
             async move {
                 match event {
                     async_nats::Event::ServerError(async_nats::ServerError::AuthorizationViolation) => {
-                        eprintln!("{who}: NATS refused the credentials; check --nats-user/--nats-password (or [nats] user and password)")
+                        tracing::warn!("{who}: NATS refused the credentials; check --nats-user/--nats-password (or [nats] user and password)")
                     }
                     async_nats::Event::ServerError(async_nats::ServerError::Other(e)) if e.to_lowercase().contains("permission") => {
-                        eprintln!("{who}: NATS denied an operation: {e}; this role may not do that (see README, \"Roles and TLS\")");
+                        tracing::warn!("{who}: NATS denied an operation: {e}; this role may not do that (see README, \"Roles and TLS\")");
                         // A subscription is what the service serves or
                         // learns from: without it, it would look healthy and
                         // do nothing. Stop, and exit 1.
@@ -52,7 +52,7 @@ pub async fn connect(args: &NatsArgs, client_name: &str) -> Result<async_nats::C
                             crate::shutdown::fail(format!("{who}: NATS denied a subscription it needs ({e}); connect as a user whose role allows it"));
                         }
                     }
-                    async_nats::Event::SlowConsumer(sid) => eprintln!("{who}: NATS dropped messages of subscription {sid}: it fell behind"),
+                    async_nats::Event::SlowConsumer(sid) => tracing::warn!("{who}: NATS dropped messages of subscription {sid}: it fell behind"),
                     _ => {}
                 }
             }

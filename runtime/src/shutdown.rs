@@ -60,7 +60,7 @@ pub fn install(who: &str) {
         // async-signal-safe.
         let registered = unsafe { signal_hook_registry::register(sig, move || on_signal(sig)) };
         if let Err(e) = registered {
-            eprintln!("{who}: could not take over signal {sig} ({e}); it ends the process at once");
+            tracing::warn!("{who}: could not take over signal {sig} ({e}); it ends the process at once");
         }
     }
     let name = who.to_string();
@@ -70,13 +70,13 @@ pub fn install(who: &str) {
         }
         let seen = Instant::now();
         std::thread::sleep(BOUND.saturating_sub(Duration::from_millis(10)));
-        eprintln!("{name}: still not stopped {:.1} s after the signal; exiting now", seen.elapsed().as_secs_f64());
+        tracing::warn!("{name}: still not stopped {:.1} s after the signal; exiting now", seen.elapsed().as_secs_f64());
         // SAFETY: _exit ends the process without atexit handlers or
         // destructors, which is the point: nothing can hang or race there.
         unsafe { libc::_exit(1) }
     });
     if let Err(e) = spawned {
-        eprintln!("{who}: no shutdown watchdog ({e}); its shutdown is not bounded");
+        tracing::warn!("{who}: no shutdown watchdog ({e}); its shutdown is not bounded");
     }
 }
 
@@ -163,7 +163,7 @@ impl Stopping {
         match tokio::time::timeout(self.left().min(at_most), step).await {
             Ok(out) => Some(out),
             Err(_) => {
-                eprintln!("{}: gave up on {what} (NATS unreachable or too slow); going on", self.who);
+                tracing::warn!("{}: gave up on {what} (NATS unreachable or too slow); going on", self.who);
                 None
             }
         }
@@ -171,6 +171,6 @@ impl Stopping {
 
     /// Says how long the shutdown took.
     pub fn done(&self) {
-        eprintln!("{}: stopped in {} ms", self.who, self.started.elapsed().as_millis());
+        tracing::info!("{}: stopped in {} ms", self.who, self.started.elapsed().as_millis());
     }
 }

@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use branchpoint_core::planner::{choose, Costs, ModelStats, Prediction};
+use branchpoint_messages::PartitionBranch;
 use serde::{Deserialize, Serialize};
 
 use crate::plans::{ApplyPlan, DevicePlan, DeviceReport, PlanSink};
@@ -91,7 +92,14 @@ impl Handler<DeviceReport> for Planner {
         };
         let prediction = choose(&self.stats, &costs, &r.observed);
         self.log.push(PlanRecord { at_us: r.at_us, group: r.group.clone(), device_id: r.device_id.clone(), estimated_mbit_s: r.estimated_mbit_s, prediction });
-        let apply = ApplyPlan { partition_branch: prediction.plan.branch, p_tar: prediction.plan.p_tar, target_accuracy: prediction.certified.map(|t| t.accuracy) };
+        let partition_branch = match PartitionBranch::new(prediction.plan.branch) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!("planner: no plan for device {}: the model's statistics name {e}", r.device_id);
+                return;
+            }
+        };
+        let apply = ApplyPlan { partition_branch, p_tar: prediction.plan.p_tar, target_accuracy: prediction.certified.map(|t| t.accuracy) };
         match (r.reply_to, &mut self.sink) {
             (Some(device), _) => {
                 ctx.run_later(r.rtt, move |_, _| device.do_send(apply));
@@ -161,6 +169,8 @@ mod tests {
             at_us: 0,
             observed: Observed { us_per_byte, response_us: 10_000.0 },
             estimated_mbit_s: 8.0 / us_per_byte,
+            response_us: 10_000.0,
+            window_us: 1_000_000,
             rtt: Duration::from_millis(40),
             reply_to: Some(reply_to),
             deadline_us: None,
@@ -184,13 +194,13 @@ mod tests {
             let sent = tokio::time::Instant::now();
             planner.do_send(report("cam-1", "cameras", 0.08, device.clone()));
             let (fast, at) = plans.recv().await.expect("a plan for the fast link");
-            assert_eq!((fast.partition_branch, fast.p_tar, fast.target_accuracy), (2, 0.9, None), "100 Mbit/s offloads at branch 2: {fast:?}");
+            assert_eq!((fast.partition_branch.get(), fast.p_tar, fast.target_accuracy), (2, 0.9, None), "100 Mbit/s offloads at branch 2: {fast:?}");
             assert!(at - sent >= Duration::from_millis(40), "the plan arrives one round trip after the report: {:?}", at - sent);
 
             // 0.1 Mbit/s: nothing can be offloaded in time.
             planner.do_send(report("cam-1", "cameras", 80.0, device.clone()));
             let (slow, _) = plans.recv().await.expect("a plan for the slow link");
-            assert_eq!((slow.partition_branch, slow.p_tar), (2, 0.0), "{slow:?}");
+            assert_eq!((slow.partition_branch.get(), slow.p_tar), (2, 0.0), "{slow:?}");
 
             // A group the planner has no costs for, with no deadline in the
             // report: ignored, no plan. The log says what was decided.

@@ -1,12 +1,14 @@
-//! The planner's NATS edge: network reports in (`serve_planner_nats`),
-//! plans out (`NatsPlans`). The planner itself decides on its own messages
-//! and never sees a wire type.
+//! The NATS edge of the device-planner exchange: network reports in
+//! (`serve_planner_nats`) and plans out (`NatsPlans`) at the planner, and
+//! network reports out at the devices (`NatsReports`). The planner and the
+//! devices decide on their own messages (`crate::plans`) and never see a
+//! wire type; `network_report` and `device_report` translate both ways.
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use branchpoint_core::planner::Observed;
-use branchpoint_messages::{encode, subjects, CertifiedTarget, PlanTarget, PlanUpdate};
+use branchpoint_messages::{encode, subjects, CertifiedTarget, NetworkReport, PlanTarget, PlanUpdate};
 
 use super::{Planner, MAILBOX};
 use crate::control::ControlStore;
@@ -47,7 +49,7 @@ impl PlanSink for NatsPlans {
     fn send(&mut self, p: DevicePlan) {
         let update = PlanUpdate {
             target: PlanTarget::Device(p.device_id.clone()),
-            partition_branch: p.plan.partition_branch as u8,
+            partition_branch: p.plan.partition_branch.byte(),
             p_tar: p.plan.p_tar,
             certified: p.certified.map(|t| CertifiedTarget { accuracy: t.accuracy, delta: t.delta }),
         };
@@ -88,11 +90,90 @@ impl PlanSink for NatsPlans {
     }
 }
 
+/// A device's report as it goes on the wire.
+pub fn network_report(r: &DeviceReport) -> NetworkReport {
+    NetworkReport {
+        device_id: r.device_id.clone(),
+        uplink_bytes_per_s_ewma: r.estimated_mbit_s * 1e6 / 8.0,
+        rtt_us_ewma: r.response_us,
+        window_start_unix_us: r.at_us.saturating_sub(r.window_us),
+        window_end_unix_us: r.at_us,
+        samples: 0,
+        group: Some(r.group.clone()),
+        us_per_byte_conservative: Some(r.observed.us_per_byte),
+        response_us_conservative: Some(r.observed.response_us),
+        deadline_us: r.deadline_us.map(|d| d as u64),
+        arrival_rate: r.arrival_rate,
+    }
+}
+
+/// A report from the wire as the planner takes it, or `None` without the
+/// planner's fields (group and conservative estimates). Its plan goes back
+/// over NATS, so there is no `reply_to`.
+pub fn device_report(r: NetworkReport) -> Option<DeviceReport> {
+    let (Some(group), Some(us_per_byte), Some(response_us)) = (r.group, r.us_per_byte_conservative, r.response_us_conservative) else {
+        return None;
+    };
+    Some(DeviceReport {
+        device_id: r.device_id,
+        group,
+        at_us: r.window_end_unix_us,
+        observed: Observed { us_per_byte, response_us },
+        estimated_mbit_s: r.uplink_bytes_per_s_ewma * 8.0 / 1e6,
+        response_us: r.rtt_us_ewma,
+        window_us: r.window_end_unix_us.saturating_sub(r.window_start_unix_us),
+        rtt: Duration::ZERO,
+        reply_to: None,
+        deadline_us: r.deadline_us.map(|d| d as f64),
+        arrival_rate: r.arrival_rate,
+    })
+}
+
+/// Devices' reports for a planner in another process: each `DeviceReport`
+/// is published as a `NetworkReport` on `branchpoint.report.network` half
+/// the device's round trip after it was sent, since the report crosses the
+/// device's (emulated) link. Reports come at the devices' report interval,
+/// so the mailbox stays short; a report that cannot be published is lost
+/// with a warning, as a report on a lossy link would be.
+pub struct NatsReports {
+    client: async_nats::Client,
+}
+
+impl NatsReports {
+    pub fn new(client: async_nats::Client) -> Self {
+        Self { client }
+    }
+}
+
+impl Actor for NatsReports {
+    type Context = Context<Self>;
+}
+
+impl Handler<DeviceReport> for NatsReports {
+    type Result = ();
+
+    fn handle(&mut self, r: DeviceReport, _: &mut Context<Self>) {
+        match encode(&network_report(&r)) {
+            Ok(bytes) => {
+                let client = self.client.clone();
+                let delay = r.rtt / 2;
+                actix::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    if let Err(e) = client.publish(subjects::NETWORK_REPORT, bytes.into()).await {
+                        tracing::warn!(device = %r.device_id, "could not publish a network report: {e}");
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(device = %r.device_id, "could not encode a network report: {e}"),
+        }
+    }
+}
+
 /// Serves network reports from NATS (`branchpoint.report.network`) until
 /// the subscription ends. Malformed reports, and reports without the
 /// planner's fields, are dropped with a message on stderr.
 pub async fn serve_planner_nats(client: async_nats::Client, planner: Addr<Planner>, on_ready: impl FnOnce()) -> Result<(), crate::ActorError> {
-    use branchpoint_messages::{decode, NetworkReport};
+    use branchpoint_messages::decode;
     use futures::StreamExt;
     let mut sub = client.subscribe(subjects::NETWORK_REPORT).await.map_err(|e| crate::ActorError::Nats(e.to_string()))?;
     client.flush().await.map_err(|e| crate::ActorError::Nats(e.to_string()))?;
@@ -106,21 +187,12 @@ pub async fn serve_planner_nats(client: async_nats::Client, planner: Addr<Planne
                 continue;
             }
         };
-        let (Some(group), Some(us_per_byte), Some(response_us)) = (report.group.clone(), report.us_per_byte_conservative, report.response_us_conservative) else {
-            tracing::warn!("planner: ignored a report from {} without group and conservative estimates", report.device_id);
+        let device_id = report.device_id.clone();
+        let Some(report) = device_report(report) else {
+            tracing::warn!("planner: ignored a report from {device_id} without group and conservative estimates");
             continue;
         };
-        let sent = planner.try_send(DeviceReport {
-            device_id: report.device_id.clone(),
-            group,
-            at_us: report.window_end_unix_us,
-            observed: Observed { us_per_byte, response_us },
-            estimated_mbit_s: report.uplink_bytes_per_s_ewma * 8.0 / 1e6,
-            rtt: Duration::ZERO,
-            reply_to: None,
-            deadline_us: report.deadline_us.map(|d| d as f64),
-            arrival_rate: report.arrival_rate,
-        });
+        let sent = planner.try_send(report);
         match sent {
             Ok(()) => {}
             Err(SendError::Full(_)) => {
@@ -134,4 +206,38 @@ pub async fn serve_planner_nats(client: async_nats::Client, planner: Addr<Planne
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a device reports reaches a remote planner as it was sent: the
+    /// two translations at the edge are inverse for every field the planner
+    /// reads, through MessagePack.
+    #[test]
+    fn a_report_crosses_the_wire_unchanged() {
+        let sent = DeviceReport {
+            device_id: "cell-3".into(),
+            group: "cell".into(),
+            at_us: 12_000_000,
+            observed: Observed { us_per_byte: 0.75, response_us: 41_000.0 },
+            estimated_mbit_s: 12.5,
+            response_us: 38_000.0,
+            window_us: 1_000_000,
+            rtt: Duration::from_millis(60),
+            reply_to: None,
+            deadline_us: Some(150_000.0),
+            arrival_rate: Some(10.0),
+        };
+        let wire = branchpoint_messages::decode::<NetworkReport>(&encode(&network_report(&sent)).unwrap()).unwrap();
+        assert_eq!((wire.window_start_unix_us, wire.window_end_unix_us), (11_000_000, 12_000_000));
+        let got = device_report(wire).expect("a report with the planner's fields");
+        assert_eq!((got.device_id.as_str(), got.group.as_str(), got.at_us, got.window_us), ("cell-3", "cell", 12_000_000, 1_000_000));
+        assert_eq!((got.observed.us_per_byte, got.observed.response_us, got.response_us), (0.75, 41_000.0, 38_000.0));
+        assert!((got.estimated_mbit_s - 12.5).abs() < 1e-12, "{}", got.estimated_mbit_s);
+        assert_eq!((got.deadline_us, got.arrival_rate), (Some(150_000.0), Some(10.0)));
+        let bare = NetworkReport { group: None, ..network_report(&sent) };
+        assert!(device_report(bare).is_none(), "a report without a group cannot be planned for");
+    }
 }

@@ -534,8 +534,8 @@ impl Scenario {
                 }
             }
             positive(&key("deadline_ms"), g.deadline_ms)?;
-            if g.branch == 0 {
-                return Err(self.err(&key("branch"), "branches count from 1"));
+            if let Err(e) = branchpoint_messages::PartitionBranch::new(g.branch) {
+                return Err(self.err(&key("branch"), e.to_string()));
             }
             if let Err(e) = branchpoint_messages::PTar::target(g.p_tar) {
                 return Err(self.err(&key("p_tar"), e.to_string()));

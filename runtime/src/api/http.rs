@@ -5,8 +5,8 @@ use std::time::Duration;
 use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
 use branchpoint_messages::{
-    decode, encode, subjects, CalibrationMethod, CalibrationRefit, CalibrationUpdate, CertifiedTarget, CertifyReply, CertifyRequest, ErrorReply, FleetStatus, PlanTarget,
-    PlanUpdate,
+    decode, encode, subjects, CalibrationMethod, CalibrationRefit, CalibrationUpdate, CertifiedTarget, CertifyReply, CertifyRequest, ErrorReply, FleetStatus, PartitionBranch,
+    PlanTarget, PlanUpdate,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -232,8 +232,8 @@ pub(super) async fn put_plan(state: web::Data<ApiState>, req: HttpRequest, paylo
         _ => return error(StatusCode::UNPROCESSABLE_ENTITY, "give exactly one of \"group\" and \"device\""),
     };
     let branches = state.model.branches;
-    if plan.partition_branch == 0 || plan.partition_branch as usize > branches {
-        return error(StatusCode::UNPROCESSABLE_ENTITY, format!("partition_branch {}: this model has branches 1 to {branches}", plan.partition_branch));
+    if let Err(e) = PartitionBranch::new(plan.partition_branch.into()).and_then(|b| b.within(branches)) {
+        return error(StatusCode::UNPROCESSABLE_ENTITY, format!("partition_branch: {e}"));
     }
     let (p_tar, certified) = match (plan.p_tar, plan.certified) {
         (Some(p_tar), None) => (p_tar, None),

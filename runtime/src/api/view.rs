@@ -104,7 +104,7 @@ impl ApiState {
                     }
                     Err(e) => {
                         view.lock().unwrap_or_else(|e| e.into_inner()).refused += 1;
-                        eprintln!("api: ignored a malformed fleet status: {e}")
+                        tracing::warn!("api: ignored a malformed fleet status: {e}")
                     }
                 }
             }
@@ -122,7 +122,7 @@ impl ApiState {
                     }
                     Err(e) => {
                         view.lock().unwrap_or_else(|e| e.into_inner()).refused += 1;
-                        eprintln!("api: ignored a malformed worker status: {e}")
+                        tracing::warn!("api: ignored a malformed worker status: {e}")
                     }
                 }
             }
@@ -135,7 +135,7 @@ impl ApiState {
                     Ok(_) => {}
                     Err(e) => {
                         view.lock().unwrap_or_else(|e| e.into_inner()).refused += 1;
-                        eprintln!("api: ignored a malformed calibration status: {e}")
+                        tracing::warn!("api: ignored a malformed calibration status: {e}")
                     }
                 }
             }

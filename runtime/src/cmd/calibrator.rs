@@ -43,14 +43,14 @@ pub fn run(args: CalibratorArgs) -> Result<()> {
         let store = match ControlStore::open_with(&client, args.nats.store_settings()).await {
             Ok(store) => Some(store),
             Err(e) => {
-                eprintln!("calibrator: temperatures will not be stored: {e:#}");
+                tracing::warn!("calibrator: temperatures will not be stored: {e:#}");
                 None
             }
         };
         if let Some(store) = &store {
             if let Some(stored) = store.calibration(&file.weights_sha256).await? {
                 let method = method_of(stored.value.method);
-                eprintln!("calibrator: resuming the stored {} calibration (revision {})", method.name(), stored.revision);
+                tracing::info!("calibrator: resuming the stored {} calibration (revision {})", method.name(), stored.revision);
                 if method != file.method {
                     file = calibrator.refit(method).await?;
                 }
@@ -59,7 +59,7 @@ pub fn run(args: CalibratorArgs) -> Result<()> {
         let service = args.service.clone();
         let ready = move || {
             service.mark_ready();
-            eprintln!(
+            tracing::info!(
                 "calibrator serving {} and {}; {} temperatures {:?} published on {}; watching audits on {} ({})",
                 branchpoint_messages::subjects::CALIBRATION_GET,
                 branchpoint_messages::subjects::CALIBRATION_REFIT,
@@ -74,7 +74,7 @@ pub fn run(args: CalibratorArgs) -> Result<()> {
         let served = tokio::select! {
             r = serve_calibration_nats(client.clone(), calibrator.clone(), store, ready) => Some(r),
             sig = crate::shutdown::signal() => {
-                eprintln!("calibrator: {}: shutting down", sig.name());
+                tracing::info!("calibrator: {}: shutting down", sig.name());
                 None
             }
         };
@@ -83,7 +83,7 @@ pub fn run(args: CalibratorArgs) -> Result<()> {
         stopping.step("flushing replies to NATS", std::time::Duration::from_millis(500), client.flush()).await;
         let still = calibrator.shutdown(stopping.left());
         if !still.is_empty() {
-            eprintln!("calibrator: a refit is still running on {still:?}");
+            tracing::warn!("calibrator: a refit is still running on {still:?}");
         }
         args.service.clear();
         if let Some(r) = served {

@@ -29,7 +29,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
     }
     branchpoint_models::subnormal::prepare_tensor_thread(1);
     let model = args.source.load_model(tch::Device::Cpu)?;
-    model.net.check_branch(args.partition_branch).context("--partition-branch")?;
+    model.net.check_branch(args.partition_branch.get()).context("--partition-branch")?;
     let num_exits = model.net.architecture().num_exits();
     let temperatures = match &args.calibration {
         Some(path) => {
@@ -43,7 +43,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
     let mut data = args.source.load_data(&model)?;
     if let Some(c) = corruption {
         data.test.images = branchpoint_models::corrupt::apply(&c, &data.test.images, &model.card.dataset.name.normalization(), 1, 0)?;
-        eprintln!("fleet: the devices see the test images under {c}");
+        tracing::info!("fleet: the devices see the test images under {c}");
     }
     let inputs = Arc::new(TestInputs::from_split(&data.test)?);
     let partition_points = model.net.architecture().partition_points.clone();
@@ -127,13 +127,13 @@ pub fn run(args: FleetArgs) -> Result<()> {
         let started = move || {
             crate::shutdown::serving();
             service.mark_ready();
-            eprintln!("fleet running: {devices} devices, {rate} inputs/s each")
+            tracing::info!("fleet running: {devices} devices, {rate} inputs/s each")
         };
         let signalled = std::cell::Cell::new(None);
         let stop = async {
             let sig = crate::shutdown::signal().await;
             signalled.set(Some(std::time::Instant::now()));
-            eprintln!("fleet: {}: no more arrivals; waiting for the inputs already running", sig.name());
+            tracing::info!("fleet: {}: no more arrivals; waiting for the inputs already running", sig.name());
         };
         let run = run_fleet(cfg, inputs, &device_threads, link, collector.clone(), client, started, stop).await?;
         let outcomes = collector.send(TakeOutcomes).await?;
@@ -144,7 +144,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
             pool.shutdown(Duration::from_secs(1));
         }
         if let Some(at) = signalled.get() {
-            eprintln!("fleet: stopped in {} ms", at.elapsed().as_millis());
+            tracing::info!("fleet: stopped in {} ms", at.elapsed().as_millis());
         }
         Ok::<_, anyhow::Error>((run, outcomes))
     })?;

@@ -70,16 +70,16 @@ pub fn run(args: PlannerArgs) -> Result<()> {
             Ok(store) => {
                 let stored: Vec<_> = store.plans().await?.into_iter().map(|p| p.value).collect();
                 let devices = stored.iter().filter(|p| matches!(p.target, branchpoint_messages::PlanTarget::Device(_))).count();
-                eprintln!("planner: resumed {devices} device plan(s) from the control store");
+                tracing::info!("planner: resumed {devices} device plan(s) from the control store");
                 plans = plans.with_store(store, stored);
             }
-            Err(e) => eprintln!("planner: plans will not be stored: {e:#}"),
+            Err(e) => tracing::warn!("planner: plans will not be stored: {e:#}"),
         }
         let planner = Planner::new(Arc::new(stats), BTreeMap::new(), Some(template), Some(Box::new(plans))).start();
         let service = args.service.clone();
         let ready = move || {
             service.mark_ready();
-            eprintln!(
+            tracing::info!(
                 "planner serving {} with temperatures {temperatures:?}; plans go to {}",
                 branchpoint_messages::subjects::NETWORK_REPORT,
                 branchpoint_messages::subjects::plan_device("<id>")
@@ -88,7 +88,7 @@ pub fn run(args: PlannerArgs) -> Result<()> {
         crate::shutdown::serving();
         tokio::select! {
             r = serve_planner_nats(client.clone(), planner, ready) => r.context("serving the planner")?,
-            sig = crate::shutdown::signal() => eprintln!("planner: {}: shutting down", sig.name()),
+            sig = crate::shutdown::signal() => tracing::info!("planner: {}: shutting down", sig.name()),
         }
         let stopping = Stopping::new("planner", GRACE);
         // Plans already published leave now, unless the server is gone.

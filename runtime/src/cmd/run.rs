@@ -27,7 +27,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let model = args.source.load_model(tch::Device::Cpu)?;
     let data = args.source.load_data(&model)?;
     let profile = scenario::read_profile(&scenario, &args.source.model)?;
-    eprintln!(
+    tracing::info!(
         "scenario {} ({}): the model's answers on {} test inputs (computed once per model and inputs, then read from {})",
         scenario.name,
         scenario.path.display(),
@@ -38,7 +38,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     // The model's answers on the test inputs as each shift corrupts them.
     let (mut shifted, mut shifted_splits) = (Vec::new(), Vec::new());
     for (corruption, seed) in scenario.shift_views() {
-        eprintln!("scenario {}: the model's answers on the test inputs under {corruption}", scenario.name);
+        tracing::info!("scenario {}: the model's answers on the test inputs under {corruption}", scenario.name);
         let images = branchpoint_models::corrupt::apply(&corruption, &data.test.images, &model.card.dataset.name.normalization(), seed, 0)?;
         let split = branchpoint_models::data::Split { images, labels: data.test.labels.shallow_clone() };
         shifted.push(branchpoint_models::exits::recorded_split_exit_logits(&model.net, &model.card.weights_sha256, &split)?);
@@ -50,7 +50,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     if let Some(listen) = &args.listen {
         let info = crate::api::ModelInfo { sha256: model.card.weights_sha256.clone(), branches: model.net.num_branches() };
         crate::api::spawn_embedded(args.nats.clone(), listen.clone(), args.token.clone(), info)?;
-        eprintln!("api listening on http://{listen} (dashboard at /, metrics at /metrics) while the replay runs");
+        tracing::info!("api listening on http://{listen} (dashboard at /, metrics at /metrics) while the replay runs");
     }
     let replay_started = Instant::now();
     let runs = match time {

@@ -22,7 +22,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     // every change is refused, never allowed without a secret.
     let token = args.http.token.clone().filter(|t| !t.is_empty());
     if token.is_none() {
-        eprintln!("api: no --token, so PUT /api/plan and POST /api/calibration/refit answer 401");
+        tracing::warn!("api: no --token, so PUT /api/plan and POST /api/calibration/refit answer 401");
     }
     branchpoint_models::subnormal::prepare_tensor_thread(1);
     let model = branchpoint_models::load_model(&args.model, tch::Device::Cpu)?;
@@ -36,12 +36,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let followers = state.follow().await?;
         let server = http_server(state, &args.http.listen)?;
         args.service.mark_ready();
-        eprintln!("api listening on http://{} (dashboard at /, metrics at /metrics)", args.http.listen);
+        tracing::info!("api listening on http://{} (dashboard at /, metrics at /metrics)", args.http.listen);
         let handle = server.handle();
         let served = actix::spawn(server);
         crate::shutdown::serving();
         let sig = crate::shutdown::signal().await;
-        eprintln!("api: {}: shutting down", sig.name());
+        tracing::info!("api: {}: shutting down", sig.name());
         let stopping = Stopping::new("api", GRACE);
         for task in &followers {
             task.abort();

@@ -108,7 +108,7 @@ impl Stack {
 
     fn start(&mut self, name: &str, args: Vec<String>, keep_up: bool) -> Result<()> {
         let child = self.spawn(name, &args)?;
-        eprintln!("stack: started {name} (pid {})", child.id());
+        tracing::info!("stack: started {name} (pid {})", child.id());
         self.services.push(Service { name: name.into(), args, child, keep_up });
         Ok(())
     }
@@ -151,7 +151,7 @@ impl Stack {
         if let Some(i) = self.services.iter().rposition(|s| s.name.starts_with("worker-")) {
             let mut s = self.services.remove(i);
             terminate(&mut s.child, Duration::from_secs(5));
-            eprintln!("stack: stopped {}", s.name);
+            tracing::info!("stack: stopped {}", s.name);
         }
     }
 
@@ -163,7 +163,7 @@ impl Stack {
         let (mut nats, mut rest): (Vec<Service>, Vec<Service>) = std::mem::take(&mut self.services).into_iter().partition(|s| s.name.starts_with("nats"));
         let grace = crate::shutdown::GRACE + Duration::from_millis(500);
         for s in terminate_all(&mut rest, grace) {
-            eprintln!("stack: {s} did not stop within {} ms of SIGTERM; killed", grace.as_millis());
+            tracing::warn!("stack: {s} did not stop within {} ms of SIGTERM; killed", grace.as_millis());
         }
         terminate_all(&mut nats, Duration::from_millis(800));
     }
@@ -397,7 +397,7 @@ pub fn run(args: StackArgs) -> Result<()> {
     let stopping = Instant::now();
     stack.stop_all();
     let _ = std::fs::remove_file(args.dir.join("stack.json"));
-    eprintln!("stack: stopped in {} ms", stopping.elapsed().as_millis());
+    tracing::info!("stack: stopped in {} ms", stopping.elapsed().as_millis());
     result
 }
 
@@ -428,7 +428,7 @@ fn create_buckets(url: &str, creds: Option<&Credentials>, nats: &crate::cli::Sta
             match branchpoint_actors::control::ControlStore::open_with(&client, settings).await {
                 Ok(_) => break,
                 Err(e) if Instant::now() < until => {
-                    eprintln!("stack: the control store is not ready yet ({e}); trying again");
+                    tracing::warn!("stack: the control store is not ready yet ({e}); trying again");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 Err(e) => return Err(e.into()),
@@ -453,7 +453,7 @@ async fn supervise(stack: &mut Stack, worker_base: &[String], scale: AutoscaleCo
     loop {
         tokio::select! {
             sig = &mut shutdown => {
-                eprintln!("stack: {}: stopping {} services", sig.name(), stack.services.len());
+                tracing::info!("stack: {}: stopping {} services", sig.name(), stack.services.len());
                 return Ok(());
             }
             Some(msg) = statuses.next() => {
@@ -471,18 +471,18 @@ async fn supervise(stack: &mut Stack, worker_base: &[String], scale: AutoscaleCo
                         "nats" => bail!("nats-server exited ({status}); see {}", stack.logs.join("nats.log").display()),
                         // A cluster goes on without one node; without all, nothing works.
                         name if name.starts_with("nats-") => {
-                            eprintln!("stack: {name} exited ({status}); the cluster goes on without it, see {}", stack.logs.join(format!("{name}.log")).display());
+                            tracing::warn!("stack: {name} exited ({status}); the cluster goes on without it, see {}", stack.logs.join(format!("{name}.log")).display());
                             if !stack.services.iter().any(|s| s.name.starts_with("nats-")) {
                                 bail!("every nats-server of the cluster exited");
                             }
                         }
-                        "fleet" => eprintln!("stack: the fleet ended ({status}); its summary is in {}", args.dir.join("fleet-summary.json").display()),
+                        "fleet" => tracing::info!("stack: the fleet ended ({status}); its summary is in {}", args.dir.join("fleet-summary.json").display()),
                         name if s.keep_up => {
-                            eprintln!("stack: {name} exited ({status}); starting it again, see {}", stack.logs.join(format!("{name}.log")).display());
+                            tracing::warn!("stack: {name} exited ({status}); starting it again, see {}", stack.logs.join(format!("{name}.log")).display());
                             tokio::time::sleep(Duration::from_secs(1)).await;
                             stack.start(name, s.args.clone(), true)?;
                         }
-                        name => eprintln!("stack: {name} exited ({status})"),
+                        name => tracing::warn!("stack: {name} exited ({status})"),
                     }
                 }
                 // Load of the workers this stack runs, from their last statuses.
@@ -500,7 +500,7 @@ async fn supervise(stack: &mut Stack, worker_base: &[String], scale: AutoscaleCo
                 // its decisions can be replayed from them.
                 writeln!(timeline, "{now:.3},{},{},{}", load.workers, load.queue_delay_us, load.backlog)?;
                 if target != load.workers {
-                    eprintln!(
+                    tracing::info!(
                         "stack: autoscaler: {} -> {target} workers (queue delay {:.1} ms, backlog {:.0})",
                         load.workers, load.queue_delay_us / 1e3, load.backlog
                     );

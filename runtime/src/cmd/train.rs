@@ -39,13 +39,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
     cfg.validate(net.architecture().num_exits()).context("--exit-weights")?;
     let exit_names = net.architecture().exit_names();
     let data_dir = args.data_dir.clone().unwrap_or_else(|| kind.default_dir());
-    eprintln!("loading {} from {}", kind.name(), data_dir.display());
+    tracing::info!("loading {} from {}", kind.name(), data_dir.display());
     let data = Dataset::load(kind, &data_dir, args.validation_size, args.split_seed)?;
     let train_split = match args.subset {
         Some(n) => data.train.head(n),
         None => data.train.head(data.train.len()),
     };
-    eprintln!("split (seed {}): {} train ({} used), {} validation, {} test", data.split.seed, data.split.train, train_split.len(), data.split.validation, data.split.test);
+    tracing::info!("split (seed {}): {} train ({} used), {} validation, {} test", data.split.seed, data.split.train, train_split.len(), data.split.validation, data.split.test);
 
     let batches = train_split.len().div_ceil(cfg.batch_size) as u64;
     let bar = ProgressBar::new(batches);
@@ -71,7 +71,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             let line = format!("epoch {:>2}: loss {:.4}, train acc {:.2} %; validation: {}", e.epoch, e.loss, 100.0 * e.train_accuracy, val.join(", "));
             // A hidden bar (stderr not a terminal: CI, logs) drops println.
             if bar.is_hidden() {
-                eprintln!("{line}");
+                tracing::info!("{line}");
             } else {
                 bar.println(line);
             }
@@ -84,7 +84,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     // and saving, so the card describes exactly the file.
     let zeroed = branchpoint_models::subnormal::zero_subnormal_weights(&vs);
     if zeroed > 0 {
-        eprintln!("zeroed {zeroed} subnormal weights before saving");
+        tracing::info!("zeroed {zeroed} subnormal weights before saving");
     }
 
     let test_logits = net.logits_for(&data.test.images, 500);

@@ -49,7 +49,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             let service = args.service.clone();
             move || {
                 service.mark_ready();
-                eprintln!(
+                tracing::info!(
                     "worker {id} serving {} on {url} (max batch {max_batch}, max wait {max_wait_us} us, {threads} thread(s), {device})",
                     branchpoint_messages::subjects::OFFLOAD_ALL
                 )
@@ -69,7 +69,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         };
         let stopping = crate::shutdown::Stopping::new(&who, crate::shutdown::GRACE);
         if let Some(sig) = sig {
-            eprintln!("{who}: {}: shutting down", sig.name());
+            tracing::info!("{who}: {}: shutting down", sig.name());
         }
         status.abort();
         // The subscription is gone with serve_nats's future, so no new
@@ -86,7 +86,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             .await;
         if drained.is_none() {
             if let Ok(s) = batcher_for_drain.send(GetWorkerStats).await {
-                eprintln!("{who}: {} request(s) not answered; their devices fall back to their own answers", s.queue_depth);
+                tracing::warn!("{who}: {} request(s) not answered; their devices fall back to their own answers", s.queue_depth);
             }
         }
         // Replies are published by spawned tasks: let them run, then flush,
@@ -95,7 +95,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         stopping.step("flushing replies to NATS", Duration::from_millis(500), drain_client.flush()).await;
         let still = executor_pool.shutdown(stopping.left());
         if !still.is_empty() {
-            eprintln!("{who}: compute threads {still:?} still busy");
+            tracing::warn!("{who}: compute threads {still:?} still busy");
         }
         args.service.clear();
         stopping.done();

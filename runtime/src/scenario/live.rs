@@ -31,14 +31,15 @@ use branchpoint_actors::collector::{AuditCounts, Collector, Decided, GetAuditCou
 use branchpoint_actors::compute::{Executor, ModelSpec};
 use branchpoint_actors::control::ControlStore;
 use branchpoint_actors::device::{AuditSettings, DeviceConfig, Infer};
-use branchpoint_actors::emulation::{EmulationSpec, ReportTo};
+use branchpoint_actors::emulation::EmulationSpec;
 use branchpoint_actors::fleet::{drain, forward_updates, publish_status, DeviceThreads, FleetDevice, TestInputs};
-use branchpoint_actors::planner::nats::{serve_planner_nats, NatsPlans};
+use branchpoint_actors::planner::nats::{serve_planner_nats, NatsPlans, NatsReports};
 use branchpoint_actors::planner::{Planner, TakePlanLog};
 use branchpoint_actors::transport::OffloadLink;
 use branchpoint_actors::worker::{publish_status as publish_worker_status, serve_nats, Batcher, WorkerConfig};
 use branchpoint_core::planner::{Costs, LinkEstimator};
 use branchpoint_core::rng::SplitMix64;
+use branchpoint_messages::PartitionBranch;
 use branchpoint_models::net::PartitionPoint;
 
 use super::sim::{device_seed, interarrival_us, Bin, Plans, SimConfig, WatchPoint, WatchTrace};
@@ -87,7 +88,7 @@ pub fn replay_live(setup: &LiveSetup, on_policy: &dyn Fn(Policy)) -> Result<Vec<
     let mut runs = Vec::new();
     for &policy in &setup.scenario.policies {
         let Some(plans) = policy_plans(policy, setup.scenario, setup.prepared) else {
-            eprintln!("policy oracle: skipped in real time (it replays every fixed plan in hindsight; use time = \"virtual\")");
+            tracing::warn!("policy oracle: skipped in real time (it replays every fixed plan in hindsight; use time = \"virtual\")");
             continue;
         };
         on_policy(policy);
@@ -128,7 +129,7 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                         })
                         .await
                         {
-                            eprintln!("worker: {e}");
+                            tracing::error!("worker: {e}");
                         }
                     });
                     rx.await.context("a cloud worker could not subscribe to NATS")?;
@@ -168,11 +169,16 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                 })
                 .await
                 {
-                    eprintln!("planner: {e}");
+                    tracing::error!("planner: {e}");
                 }
             });
             rx.await.context("the planner could not subscribe to NATS")?;
         }
+        // With NATS, devices report through its edge, as remote devices do.
+        let nats_reports = match (&client, &planner) {
+            (Some(c), Some(_)) => Some(NatsReports::new(c.clone()).start()),
+            _ => None,
+        };
 
         // Watched runs: the groups' starting plans in the control store (so
         // a refit left there by an earlier run does not apply), then a
@@ -203,13 +209,13 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
             let cap = sim.deadline_us as f64 / *prepared.sim.upload_bytes.iter().min().expect("a branch") as f64;
             for k in 0..g.devices {
                 let n = configs.len();
-                let reports = planner.as_ref().map(|p| match &client {
-                    Some(c) => ReportTo::Nats(c.clone()),
-                    None => ReportTo::Planner(p.clone().recipient()),
+                let reports = planner.as_ref().map(|p| match &nats_reports {
+                    Some(edge) => edge.clone().recipient(),
+                    None => p.clone().recipient(),
                 });
                 configs.push(DeviceConfig {
                     id: format!("{}-{k}", g.name),
-                    partition_branch: plan.branch,
+                    partition_branch: PartitionBranch::new(plan.branch).with_context(|| format!("group {}", g.name))?,
                     p_tar: plan.p_tar,
                     temperatures: match plans {
                         Plans::Uncalibrated(_) => vec![1.0; prepared.temperatures.len()],
@@ -323,7 +329,7 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                 let _ = c.flush().await;
             };
             if tokio::time::timeout(Duration::from_secs(1), last).await.is_err() {
-                eprintln!("run: could not publish the policy's last status (NATS unreachable)");
+                tracing::warn!("run: could not publish the policy's last status (NATS unreachable)");
             }
         }
         let outcomes = collector.send(TakeOutcomes).await?;
@@ -350,7 +356,7 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
         if let Some(c) = calibrator {
             let still = c.shutdown(Duration::from_secs(5));
             if !still.is_empty() {
-                eprintln!("run: the watched policy's calibrator is still refitting on {still:?}");
+                tracing::warn!("run: the watched policy's calibrator is still refitting on {still:?}");
             }
         }
         // Joined before the next policy starts and before the process exits.
@@ -440,7 +446,7 @@ async fn start_calibrator(
         store.delete_group_calibration(&setup.model_sha256, &g.name).await?;
         let update = branchpoint_messages::PlanUpdate {
             target: branchpoint_messages::PlanTarget::Group(g.name.clone()),
-            partition_branch: u8::try_from(plan.branch).context("a branch number above 255")?,
+            partition_branch: PartitionBranch::new(plan.branch).with_context(|| format!("group {}", g.name))?.byte(),
             p_tar: plan.p_tar,
             certified: None,
         };
@@ -468,7 +474,7 @@ async fn start_calibrator(
         })
         .await
         {
-            eprintln!("calibrator: {e}");
+            tracing::error!("calibrator: {e}");
         }
     });
     rx.await.context("the watched policy's calibrator could not serve on NATS")?;
