@@ -373,6 +373,10 @@ fn the_trace_command_regenerates_the_shipped_trace() {
 /// control store: they decide with the refit threshold from then on. The
 /// live estimate's interval holds the truth, and the calibrated-once
 /// devices stay below the target. Without --nats the run refuses at once.
+/// The calibrated-once baseline is the same scenario's static policy in
+/// virtual time (the same arrivals and decisions as live, which
+/// `real_time_over_nats_agrees_with_virtual_time` checks), so that only the
+/// watched policy spends 30 s of wall clock.
 #[test]
 fn a_live_shift_is_detected_and_the_refit_reaches_the_devices_through_the_store() {
     let _g = heavy();
@@ -386,9 +390,21 @@ fn a_live_shift_is_detected_and_the_refit_reaches_the_devices_through_the_store(
     let store = tempfile::tempdir().unwrap();
     let nats = common::NatsServer::start_with(&["-js", "-sd", store.path().to_str().unwrap()]);
     let dir = tempfile::tempdir().unwrap();
-    let r = replay(&shipped, &["--nats", &nats.url, "--model", model], &dir.path().join("out"));
+    let text = std::fs::read_to_string(&shipped).unwrap();
+    assert!(text.contains("policies = [\"static\", \"watched\"]") && text.contains("time = \"real\""), "the test edits these keys");
+    let variant = |name: &str, time: &str, policy: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            text.replace("policies = [\"static\", \"watched\"]", &format!("policies = [\"{policy}\"]")).replace("time = \"real\"", &format!("time = \"{time}\"")),
+        )
+        .unwrap();
+        path
+    };
+    let r = replay(&variant("input-shift-live.toml", "real", "watched"), &["--nats", &nats.url, "--model", model], &dir.path().join("out"));
     assert_eq!(r.time, "real");
-    let (stat, watched) = (policy(&r, "static"), policy(&r, "watched"));
+    let once = replay(&variant("static.toml", "virtual", "static"), &["--model", model], &dir.path().join("static"));
+    let (stat, watched) = (policy(&once, "static"), policy(&r, "watched"));
     assert_eq!(stat.totals.inputs, watched.totals.inputs, "the same arrivals");
     let shift_s = 8.0;
     // Per-second on-device accuracy, weighted by on-device inputs, from `from` s on.
@@ -422,8 +438,16 @@ fn a_live_shift_is_detected_and_the_refit_reaches_the_devices_through_the_store(
     // the accuracy against the labels rises above the calibrated-once one.
     let agreement: Vec<f64> = w.true_edge_agreement[from..].iter().flatten().copied().collect();
     assert!(agreement.iter().all(|&a| a > 0.87), "{agreement:?}");
-    let after_watched = edge_from(watched, from);
-    assert!(after_watched > after_static, "watched {after_watched} vs calibrated once {after_static} after the shift");
+    if refit.threshold < 1.0 {
+        let after_watched = edge_from(watched, from);
+        assert!(after_watched > after_static, "watched {after_watched} vs calibrated once {after_static} after the shift: {refit:?}");
+    } else {
+        // The sample certified no threshold below 1 (which sample the
+        // refit gets depends on when audits arrive): the certificate then
+        // keeps nothing on the device, and the devices offload every input.
+        let rates: Vec<f64> = watched.series.offload_rate[from + 1..].iter().flatten().copied().collect();
+        assert!(!rates.is_empty() && rates.iter().all(|&r| r == 1.0), "threshold 1 offloads every input: {rates:?}");
+    }
     assert!(w.interval_coverage.unwrap() >= 0.9, "the live interval holds the truth in {:?} of windows", w.interval_coverage);
     assert!(w.audits > 0 && w.audit_uplink_share.is_some_and(|s| s > 0.0 && s < 0.5), "{:?}", w.audit_uplink_share);
     let shift_bin = shift_s as usize;
