@@ -277,3 +277,44 @@ fn every_file_is_rustfmt_clean() {
     let out = std::process::Command::new(&cargo).args(["fmt", "--all", "--check"]).current_dir(workspace()).output().expect("cargo fmt runs (rustup component add rustfmt)");
     assert!(out.status.success(), "run `cargo fmt --all`:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
+
+/// Every package's features as `cargo tree` resolves them, with or without
+/// the dev-dependencies (`--offline`: the lock file says everything).
+fn resolved_features(edges: &str) -> BTreeMap<String, BTreeSet<String>> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = std::process::Command::new(&cargo)
+        .args(["tree", "--offline", "--workspace", "--prefix", "none", "-e", edges, "-f", "{p}|{f}"])
+        .current_dir(workspace())
+        .output()
+        .expect("cargo tree runs");
+    assert!(out.status.success(), "cargo tree -e {edges}: {}", String::from_utf8_lossy(&out.stderr));
+    let mut features: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let line = line.trim_end_matches(" (*)");
+        if let Some((package, f)) = line.split_once('|') {
+            features.entry(package.to_string()).or_default().insert(f.to_string());
+        }
+    }
+    features
+}
+
+/// `make test` builds the tests right after `make setup` built the release
+/// binaries. A dev-dependency that turns on more features of a package the
+/// binaries use makes cargo build that package and everything above it
+/// again for the tests, the whole binary crate included (80 s here, once
+/// through rustix's "fs" from tempfile). The fix is to give the normal
+/// dependency the same features (see runtime/Cargo.toml's rustix).
+#[test]
+fn the_tests_reuse_the_release_build() {
+    let normal = resolved_features("normal,build");
+    let with_dev = resolved_features("normal,build,dev");
+    let differ: Vec<String> = normal
+        .iter()
+        .filter_map(|(package, f)| with_dev.get(package).filter(|g| *g != f).map(|g| format!("{package}: [{}] in the build, [{}] with the tests", join_all(f), join_all(g))))
+        .collect();
+    assert!(differ.is_empty(), "features that the dev-dependencies change, so `make test` rebuilds what depends on them:\n{}", differ.join("\n"));
+}
+
+fn join_all(set: &BTreeSet<String>) -> String {
+    set.iter().cloned().collect::<Vec<_>>().join(" / ")
+}
