@@ -14,6 +14,8 @@ demo: setup
 	./target/release/branchpoint run scenarios/handover-and-shift.toml --model models/bvgg-fmnist.safetensors
 
 # Tests run in release mode: they reuse the release build of libtorch's
-# wrapper from setup and run the real model at full speed.
+# wrapper from setup and run the real model at full speed. Then the model
+# exporter's tests (python/), in the project venv.
 test: setup
 	cargo test --release --workspace
+	.venv/bin/python -m unittest discover -s python

@@ -87,7 +87,9 @@ test = "fashion-mnist"
 
 class ExportTest(unittest.TestCase):
     def setUp(self):
-        self.dir = pathlib.Path(tempfile.mkdtemp())
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.dir = pathlib.Path(tmp.name)
         (self.dir / "net.py").write_text(MODEL)
 
     def describe(self, text=DESCRIPTION):
