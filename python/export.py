@@ -187,6 +187,8 @@ def build_model(desc: Description) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ExportError(f"{desc.source}: {desc.module}() returned a {type(model).__name__}, not a torch.nn.Module")
     if desc.weights is not None:
+        if not desc.weights.is_file():
+            raise ExportError(f"{desc.source}: weights: {desc.weights} does not exist; train the model first (the example: python/train_example.py) or drop the key to export its initial weights")
         try:
             state = torch.load(desc.weights, map_location="cpu", weights_only=True)
         except (OSError, RuntimeError) as e:
