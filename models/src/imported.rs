@@ -1,0 +1,234 @@
+//! A user's own early-exit network, exported by `python/export.py`: per
+//! partition branch k a TorchScript head (input -> branch-k logits and the
+//! activation to offload) and tail (activation -> final logits), loaded
+//! only through their card (`NAME.json`, format `branchpoint-torchscript/1`),
+//! which names every file with its SHA-256.
+//!
+//! Every output is checked against the card before it is used: a head must
+//! return two tensors, logits `[N, classes]` and an activation of the
+//! card's shape; a tail must take that activation and return `[N,
+//! classes]`. So a file that does not fit its card is an error naming the
+//! file, never a silent wrong answer.
+//!
+//! Not yet wired into the commands (issue 16): they take the built-in
+//! network only.
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::{CModule, Device, IValue, Tensor};
+
+use crate::card::sha256_file;
+use crate::data::{InputShape, Normalization};
+use crate::error::{ModelError, Result};
+
+/// The card format this build reads (what `python/export.py` writes).
+pub const FORMAT: &str = "branchpoint-torchscript/1";
+
+/// `NAME.json` as `python/export.py` writes it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImportedCard {
+    pub format: String,
+    pub name: String,
+    pub input: InputShape,
+    pub normalization: Normalization,
+    pub num_classes: i64,
+    /// The description's trunk and final steps, for the record.
+    pub trunk: Vec<String>,
+    #[serde(rename = "final")]
+    pub final_steps: Vec<String>,
+    pub branches: Vec<ImportedBranch>,
+    /// Where the validation and test data come from (a built-in dataset's
+    /// name or a tensor file).
+    #[serde(default)]
+    pub data: std::collections::BTreeMap<String, String>,
+}
+
+/// One partition branch of an imported model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImportedBranch {
+    pub branch: usize,
+    /// The trunk block the branch follows.
+    pub after: String,
+    /// The activation at this partition point, per input ([C, H, W] or any
+    /// other shape), and its size in bytes as f32.
+    pub activation_shape: Vec<i64>,
+    pub activation_bytes: u64,
+    pub head: String,
+    pub head_sha256: String,
+    pub tail: String,
+    pub tail_sha256: String,
+}
+
+impl ImportedCard {
+    pub fn read(path: &Path) -> Result<Self> {
+        let bad = |reason: String| ModelError::BadModelCard { path: path.to_path_buf(), reason };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let card: ImportedCard = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        if card.format != FORMAT {
+            return Err(bad(format!("format {:?}: this build reads {FORMAT:?} (write it with python/export.py)", card.format)));
+        }
+        if card.branches.is_empty() {
+            return Err(bad("no side branches".into()));
+        }
+        for (i, b) in card.branches.iter().enumerate() {
+            if b.branch != i + 1 {
+                return Err(bad(format!("branches[{i}] is branch {}; branches are numbered 1, 2, ... in order", b.branch)));
+            }
+            let values: i64 = b.activation_shape.iter().product();
+            if b.activation_shape.is_empty() || b.activation_shape.iter().any(|&d| d <= 0) || b.activation_bytes != 4 * values as u64 {
+                return Err(bad(format!("branch {}: activation shape {:?} and {} bytes do not agree (4 bytes per f32 value)", b.branch, b.activation_shape, b.activation_bytes)));
+            }
+        }
+        if card.num_classes < 2 {
+            return Err(bad(format!("num_classes {}: an exit scores at least 2 classes", card.num_classes)));
+        }
+        Ok(card)
+    }
+}
+
+/// One partition branch's TorchScript modules.
+struct Partition {
+    head: CModule,
+    tail: CModule,
+}
+
+/// A loaded imported model: its card and every head and tail.
+pub struct ImportedNet {
+    card: ImportedCard,
+    card_path: PathBuf,
+    parts: Vec<Partition>,
+    device: Device,
+}
+
+impl std::fmt::Debug for ImportedNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImportedNet").field("card", &self.card_path).field("branches", &self.parts.len()).finish()
+    }
+}
+
+impl ImportedNet {
+    /// Loads the model a card describes onto `device`: every file must
+    /// exist beside the card and have the SHA-256 the card names.
+    pub fn load(card_path: &Path, device: Device) -> Result<Self> {
+        crate::subnormal::flush_subnormals();
+        let card = ImportedCard::read(card_path)?;
+        let dir = card_path.parent().unwrap_or(Path::new("."));
+        let module = |file: &str, sha: &str| -> Result<CModule> {
+            let path = dir.join(file);
+            if !path.is_file() {
+                return Err(ModelError::MissingWeights { path, hint: format!("the card {} names it; export the model again with python/export.py", card_path.display()) });
+            }
+            let digest = sha256_file(&path)?;
+            if digest != sha {
+                return Err(ModelError::WeightsMismatch {
+                    path,
+                    reason: format!("its SHA-256 is {digest}, the card {} expects {sha}; export the model again or restore the files", card_path.display()),
+                });
+            }
+            let mut m = CModule::load_on_device(&path, device)
+                .map_err(|e| ModelError::WeightsMismatch { path: path.clone(), reason: format!("not a TorchScript module tch can load: {e}") })?;
+            m.set_eval();
+            Ok(m)
+        };
+        let parts = card.branches.iter().map(|b| Ok(Partition { head: module(&b.head, &b.head_sha256)?, tail: module(&b.tail, &b.tail_sha256)? })).collect::<Result<Vec<_>>>()?;
+        Ok(Self { card, card_path: card_path.to_path_buf(), parts, device })
+    }
+
+    pub fn card(&self) -> &ImportedCard {
+        &self.card
+    }
+
+    pub fn num_branches(&self) -> usize {
+        self.parts.len()
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    fn branch(&self, branch: usize) -> Result<(&ImportedBranch, &Partition)> {
+        match (branch.checked_sub(1).and_then(|i| self.card.branches.get(i)), branch.checked_sub(1).and_then(|i| self.parts.get(i))) {
+            (Some(b), Some(p)) => Ok((b, p)),
+            _ => Err(ModelError::InvalidArgument { what: "partition branch".into(), reason: format!("{branch} does not exist; this model has branches 1..={}", self.parts.len()) }),
+        }
+    }
+
+    fn refused(&self, file: &str, reason: String) -> ModelError {
+        ModelError::WeightsMismatch { path: self.card_path.with_file_name(file), reason }
+    }
+
+    /// The device side of partition branch k on inputs `[N, C, H, W]`:
+    /// (branch logits `[N, classes]`, activation `[N, ...]`).
+    pub fn head(&self, branch: usize, xs: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, p) = self.branch(branch)?;
+        let want = [self.card.input.channels, self.card.input.height, self.card.input.width];
+        let size = xs.size();
+        if size.len() != 4 || size[1..] != want {
+            return Err(ModelError::InvalidArgument { what: "input".into(), reason: format!("shape {size:?}, the model takes [N, {}, {}, {}]", want[0], want[1], want[2]) });
+        }
+        let out = tch::no_grad(|| p.head.forward_is(&[IValue::Tensor(xs.shallow_clone())])).map_err(|e| self.refused(&b.head, format!("its forward failed: {e}")))?;
+        let (logits, activation) = match out {
+            IValue::Tuple(mut v) if v.len() == 2 => match (v.remove(0), v.remove(0)) {
+                (IValue::Tensor(l), IValue::Tensor(a)) => (l, a),
+                _ => return Err(self.refused(&b.head, "it returned a pair that is not two tensors; a head returns (logits, activation)".into())),
+            },
+            other => return Err(self.refused(&b.head, format!("it returned {}, not (logits, activation)", ivalue_kind(&other)))),
+        };
+        let n = size[0];
+        if logits.size() != [n, self.card.num_classes] {
+            return Err(self.refused(&b.head, format!("its logits have shape {:?}, the card says [{n}, {}]", logits.size(), self.card.num_classes)));
+        }
+        let mut act_want = vec![n];
+        act_want.extend(&b.activation_shape);
+        if activation.size() != act_want {
+            return Err(self.refused(&b.head, format!("its activation has shape {:?}, the card says {act_want:?}", activation.size())));
+        }
+        Ok((logits, activation))
+    }
+
+    /// The cloud side of partition branch k on `head(k)`'s activation:
+    /// final logits `[N, classes]`.
+    pub fn tail(&self, branch: usize, activation: &Tensor) -> Result<Tensor> {
+        let (b, p) = self.branch(branch)?;
+        let size = activation.size();
+        if size.len() != b.activation_shape.len() + 1 || size[1..] != b.activation_shape[..] {
+            return Err(ModelError::InvalidArgument {
+                what: "activation".into(),
+                reason: format!("shape {size:?}, branch {branch} of this model offloads [N, {}]", b.activation_shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+            });
+        }
+        let logits =
+            tch::no_grad(|| p.tail.forward_ts(&[activation.shallow_clone()])).map_err(|e| self.refused(&b.tail, format!("it refused branch {branch}'s activation: {e}")))?;
+        if logits.size() != [size[0], self.card.num_classes] {
+            return Err(self.refused(&b.tail, format!("its logits have shape {:?}, the card says [{}, {}]", logits.size(), size[0], self.card.num_classes)));
+        }
+        Ok(logits)
+    }
+
+    /// Every exit's logits (branches in order, then final): each branch's
+    /// head, and the final exit through branch 1's tail.
+    pub fn forward_exits(&self, xs: &Tensor) -> Result<Vec<Tensor>> {
+        let mut exits = Vec::with_capacity(self.parts.len() + 1);
+        let mut first_activation = None;
+        for k in 1..=self.parts.len() {
+            let (logits, activation) = self.head(k, xs)?;
+            exits.push(logits);
+            if k == 1 {
+                first_activation = Some(activation);
+            }
+        }
+        let activation = first_activation.expect("a card has at least one branch");
+        exits.push(self.tail(1, &activation)?);
+        Ok(exits)
+    }
+}
+
+fn ivalue_kind(v: &IValue) -> &'static str {
+    match v {
+        IValue::Tensor(_) => "one tensor",
+        IValue::Tuple(_) => "a tuple of another length",
+        IValue::GenericList(_) | IValue::TensorList(_) => "a list",
+        IValue::None => "None",
+        _ => "something else",
+    }
+}
