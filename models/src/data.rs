@@ -151,6 +151,54 @@ impl Split {
     }
 }
 
+/// A split the user brings: a safetensors file holding `inputs` (f32,
+/// `[N, C, H, W]`, standardised as the model takes them) and `labels`
+/// (integers in `0..num_classes`, `[N]`; any integer dtype). Every
+/// problem is an error naming the file, the tensor and what was expected.
+/// `python/tensorfile.py` writes such files.
+pub fn read_tensor_split(path: &Path, input: InputShape, num_classes: i64) -> Result<Split> {
+    let bad = |reason: String| ModelError::CorruptDataFile {
+        path: path.to_path_buf(),
+        what: "tensor file".into(),
+        reason,
+        hint: "a safetensors file with `inputs` (f32, [N, C, H, W], standardised) and `labels` (integers, [N]); python/tensorfile.py writes one".into(),
+    };
+    if !path.is_file() {
+        return Err(ModelError::MissingDataFile {
+            path: path.to_path_buf(),
+            hint: "give the path of a safetensors file with `inputs` and `labels` (python/tensorfile.py writes one)".into(),
+        });
+    }
+    let mut tensors: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(path).map_err(|e| bad(format!("not a readable safetensors file ({e})")))?.into_iter().collect();
+    let inputs = tensors.remove("inputs").ok_or_else(|| bad("it has no tensor named `inputs`".into()))?;
+    let labels = tensors.remove("labels").ok_or_else(|| bad("it has no tensor named `labels`".into()))?;
+    let want = input.dims();
+    let size = inputs.size();
+    if inputs.kind() != Kind::Float {
+        return Err(bad(format!("`inputs` is {:?}, expected f32", inputs.kind())));
+    }
+    if size.len() != 4 || size[1..] != want || size[0] == 0 {
+        return Err(bad(format!("`inputs` has shape {size:?}, expected [N, {}, {}, {}] with N >= 1", want[0], want[1], want[2])));
+    }
+    if !matches!(labels.kind(), Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8) {
+        return Err(bad(format!("`labels` is {:?}, expected integers", labels.kind())));
+    }
+    let labels = labels.to_kind(Kind::Int64);
+    if labels.size() != [size[0]] {
+        return Err(bad(format!("`labels` has shape {:?}, expected [{}] (one per input)", labels.size(), size[0])));
+    }
+    let (lo, hi) = (labels.min().int64_value(&[]), labels.max().int64_value(&[]));
+    if lo < 0 || hi >= num_classes {
+        return Err(bad(format!("`labels` range from {lo} to {hi}, expected 0 to {} (the model's {num_classes} classes)", num_classes - 1)));
+    }
+    let finite = inputs.isfinite().all().to_kind(Kind::Int64).int64_value(&[]) == 1;
+    if !finite {
+        return Err(bad("`inputs` holds NaN or infinite values".into()));
+    }
+    Ok(Split { images: inputs, labels })
+}
+
 /// How the training set was split; recorded in the model card so calibration
 /// later uses exactly the held-out validation inputs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -180,3 +180,78 @@ fn the_split_is_seeded_disjoint_and_complete() {
     assert_ne!(train_validation_indices(60_000, 5_000, 2022).unwrap().1, val);
     assert!(train_validation_indices(10, 10, 1).is_err());
 }
+
+/// A split the user brings as a tensor file: python/tensorfile.py writes
+/// it (the documented format, without the safetensors package), Rust reads
+/// it back exactly; a file with the wrong shape, dtype, labels or tensors
+/// is refused naming the file, the tensor and what was expected.
+#[test]
+fn a_split_the_user_brings_reads_from_a_tensor_file() {
+    use branchpoint_models::data::read_tensor_split;
+    use branchpoint_models::InputShape;
+    use tch::{Kind, Tensor};
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = root.join(".venv/bin/python");
+    assert!(python.is_file(), "{} missing: run `make setup`", python.display());
+    let good = dir.path().join("validation.safetensors");
+    let script = r#"
+import sys, warnings
+warnings.filterwarnings("ignore")
+sys.path.insert(0, sys.argv[1])
+import torch, tensorfile
+g = torch.Generator().manual_seed(3)
+x = torch.randn(6, 1, 28, 28, generator=g)
+tensorfile.write(sys.argv[2], x, torch.tensor([0, 9, 3, 3, 1, 7]))
+print(repr(float(x[0, 0, 0, 0])), repr(float(x[5, 0, 27, 27])), repr(float(x.abs().sum())))
+"#;
+    let out = std::process::Command::new(&python).arg("-c").arg(script).arg(root.join("python")).arg(&good).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let fmnist = InputShape { channels: 1, height: 28, width: 28 };
+    let split = read_tensor_split(&good, fmnist, 10).unwrap();
+    assert_eq!((split.images.size(), split.labels.size()), (vec![6, 1, 28, 28], vec![6]));
+    assert_eq!(Vec::<i64>::try_from(&split.labels).unwrap(), vec![0, 9, 3, 3, 1, 7]);
+    // Python's values, exactly: two of them and the sum of magnitudes.
+    let said: Vec<f64> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(|v| v.parse().unwrap()).collect();
+    let at = |i: &[i64]| split.images.double_value(i);
+    assert_eq!((at(&[0, 0, 0, 0]), at(&[5, 0, 27, 27])), (said[0], said[1]));
+    assert!((split.images.abs().sum(Kind::Double).double_value(&[]) - said[2]).abs() < 1e-3 * said[2], "{said:?}");
+
+    let write = |name: &str, tensors: Vec<(&str, Tensor)>| {
+        let path = dir.path().join(name);
+        Tensor::write_safetensors(&tensors, &path).unwrap();
+        path
+    };
+    // Round trip through tch's writer keeps every value.
+    let written = write("same.safetensors", vec![("inputs", split.images.shallow_clone()), ("labels", split.labels.shallow_clone())]);
+    let again = read_tensor_split(&written, fmnist, 10).unwrap();
+    assert_eq!(f64::try_from((&again.images - &split.images).abs().max()).unwrap(), 0.0);
+
+    let x = |n: i64| Tensor::zeros([n, 1, 28, 28], (Kind::Float, tch::Device::Cpu));
+    let y = |v: &[i64]| Tensor::from_slice(v);
+    let refused = |path: &Path, needles: &[&str]| {
+        let e = read_tensor_split(path, fmnist, 10).unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains(&path.display().to_string()), "names the file: {text}");
+        for n in needles {
+            assert!(text.contains(n), "{n:?} in {text}");
+        }
+    };
+    refused(
+        &write("shape.safetensors", vec![("inputs", Tensor::zeros([2, 3, 32, 32], (Kind::Float, tch::Device::Cpu))), ("labels", y(&[0, 1]))]),
+        &["`inputs` has shape [2, 3, 32, 32]", "[N, 1, 28, 28]"],
+    );
+    refused(&write("nolabels.safetensors", vec![("inputs", x(2))]), &["no tensor named `labels`"]);
+    refused(&write("count.safetensors", vec![("inputs", x(2)), ("labels", y(&[0, 1, 2]))]), &["`labels` has shape [3]", "expected [2]"]);
+    refused(&write("range.safetensors", vec![("inputs", x(2)), ("labels", y(&[0, 10]))]), &["`labels` range from 0 to 10", "0 to 9"]);
+    refused(&write("dtype.safetensors", vec![("inputs", x(2).to_kind(Kind::Double)), ("labels", y(&[0, 1]))]), &["`inputs` is Double", "f32"]);
+    refused(&write("floats.safetensors", vec![("inputs", x(2)), ("labels", Tensor::from_slice(&[0.0f32, 1.0]))]), &["`labels` is Float", "integers"]);
+    let nan = x(2);
+    let _ = nan.get(0).get(0).get(0).get(0).fill_(f64::NAN);
+    refused(&write("nan.safetensors", vec![("inputs", nan), ("labels", y(&[0, 1]))]), &["NaN"]);
+    std::fs::write(dir.path().join("junk.safetensors"), b"junk").unwrap();
+    refused(&dir.path().join("junk.safetensors"), &["not a readable safetensors file"]);
+    let e = read_tensor_split(&dir.path().join("absent.safetensors"), fmnist, 10).unwrap_err();
+    assert!(matches!(e, ModelError::MissingDataFile { .. }) && e.to_string().contains("absent.safetensors"), "{e}");
+}
