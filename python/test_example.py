@@ -38,6 +38,13 @@ class ExampleTest(unittest.TestCase):
         self.assertEqual([b["activation_shape"] for b in card["branches"]], [[24, 14, 14], [32, 7, 7], [64, 4, 4]])
         self.assertLessEqual(card["check"]["max_abs_difference"], export.TOLERANCE)
 
+    def test_the_shipped_weights_fit_and_export(self):
+        # models/mobilenet-ee-fmnist.pt, written by train_example.py.
+        with tempfile.TemporaryDirectory() as d:
+            card = export.export(export.read_description(HERE / "mobilenet_ee.toml"), pathlib.Path(d) / "m", samples=4)
+        self.assertEqual(len(card["branches"]), 3)
+        self.assertLessEqual(card["check"]["max_abs_difference"], export.TOLERANCE)
+
 
 if __name__ == "__main__":
     unittest.main()

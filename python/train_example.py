@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description="Train the example early-exit MobileNetV2-style network on Fashion-MNIST.")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("models/mobilenet-ee-fmnist.pt"), help="state dict to write [default: models/mobilenet-ee-fmnist.pt]")
     p.add_argument("--data-dir", type=pathlib.Path, default=fmnist.DEFAULT_DIR, help=f"Fashion-MNIST's folder [default: {fmnist.DEFAULT_DIR}]")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3, help="Adam's learning rate, cosine-annealed to 0 [default: 0.002]")
     p.add_argument("--subset", type=int, default=0, help="train on only the first N training images (0: all) [default: 0]")
