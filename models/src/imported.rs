@@ -147,9 +147,12 @@ impl ImportedNet {
     }
 
     fn branch(&self, branch: usize) -> Result<(&ImportedBranch, &Partition)> {
-        match (branch.checked_sub(1).and_then(|i| self.card.branches.get(i)), branch.checked_sub(1).and_then(|i| self.parts.get(i))) {
-            (Some(b), Some(p)) => Ok((b, p)),
-            _ => Err(ModelError::InvalidArgument { what: "partition branch".into(), reason: format!("{branch} does not exist; this model has branches 1..={}", self.parts.len()) }),
+        // The card and the modules have one entry per branch, in order.
+        match branch.checked_sub(1).and_then(|i| Some((self.card.branches.get(i)?, self.parts.get(i)?))) {
+            Some(found) => Ok(found),
+            None => {
+                Err(ModelError::InvalidArgument { what: "partition branch".into(), reason: format!("{branch} does not exist; this model has branches 1..={}", self.parts.len()) })
+            }
         }
     }
 
