@@ -273,7 +273,7 @@ fn an_overloaded_fleet_answers_every_input_once_and_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let summary = dir.path().join("summary.json");
     let outcomes = dir.path().join("outcomes.jsonl");
-    let n = 2000;
+    let n = 1000;
     // 20 devices x 1,000/s = 20,000 inputs/s offered to one thread that
     // runs a few hundred: the last inputs wait seconds for their heads.
     let out = output_within(
@@ -709,18 +709,19 @@ fn ten_times_overload_keeps_most_of_the_goodput() {
     let _w = start_worker(&nats.url, "swamped", &["--model", model, "--cloud-slowdown", "40"]);
     let dir = tempfile::tempdir().unwrap();
     // Offloads answered in time per second, offered `offered` per second
-    // for 10 s (p_tar 0.999999: nearly every input offloads).
+    // for SECONDS (p_tar 0.999999: nearly every input offloads).
+    const SECONDS: f64 = 6.0;
     let goodput = |name: &str, offered: f64| -> (Summary, f64) {
         let (summary, outcomes) = (dir.path().join(format!("{name}.json")), dir.path().join(format!("{name}.jsonl")));
         let out = branchpoint()
-            .args(["fleet", "--nats", &nats.url, "--model", model, "--devices", "10", "--rate", &(offered / 10.0).to_string(), "--duration", "10"])
+            .args(["fleet", "--nats", &nats.url, "--model", model, "--devices", "10", "--rate", &(offered / 10.0).to_string(), "--duration", &SECONDS.to_string()])
             .args(["--p-tar", "0.999999", "--deadline-ms", "4000", "--threads", "2"])
             .args(["--json", summary.to_str().unwrap(), "--outcomes", outcomes.to_str().unwrap()])
             .output()
             .unwrap();
         assert!(out.status.success(), "fleet {name} failed: {}", String::from_utf8_lossy(&out.stderr));
         let (s, _) = every_input_answered_in_time(&summary, &outcomes, 4000);
-        let per_s = s.answered_by_cloud as f64 / 10.0;
+        let per_s = s.answered_by_cloud as f64 / SECONDS;
         eprintln!("{name}: offered {offered:.0}/s ({} offloads), answered in time {per_s:.1}/s: {s:?}", s.offloaded);
         (s, per_s)
     };

@@ -376,7 +376,9 @@ fn the_trace_command_regenerates_the_shipped_trace() {
 /// The calibrated-once baseline is the same scenario's static policy in
 /// virtual time (the same arrivals and decisions as live, which
 /// `real_time_over_nats_agrees_with_virtual_time` checks), so that only the
-/// watched policy spends 30 s of wall clock.
+/// watched policy spends wall-clock time: 25 s, not the shipped 30 (the
+/// refit comes about 10 s after the shift at 8 s, and the test needs a few
+/// bins after it).
 #[test]
 fn a_live_shift_is_detected_and_the_refit_reaches_the_devices_through_the_store() {
     let _g = heavy();
@@ -391,12 +393,12 @@ fn a_live_shift_is_detected_and_the_refit_reaches_the_devices_through_the_store(
     let nats = common::NatsServer::start_with(&["-js", "-sd", store.path().to_str().unwrap()]);
     let dir = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(&shipped).unwrap();
-    assert!(text.contains("policies = [\"static\", \"watched\"]") && text.contains("time = \"real\""), "the test edits these keys");
+    assert!(text.contains("policies = [\"static\", \"watched\"]") && text.contains("time = \"real\"") && text.contains("duration_s = 30.0"), "the test edits these keys");
     let variant = |name: &str, time: &str, policy: &str| {
         let path = dir.path().join(name);
         std::fs::write(
             &path,
-            text.replace("policies = [\"static\", \"watched\"]", &format!("policies = [\"{policy}\"]")).replace("time = \"real\"", &format!("time = \"{time}\"")),
+            text.replace("policies = [\"static\", \"watched\"]", &format!("policies = [\"{policy}\"]")).replace("time = \"real\"", &format!("time = \"{time}\"")).replace("duration_s = 30.0", "duration_s = 25.0"),
         )
         .unwrap();
         path
@@ -457,7 +459,9 @@ fn a_live_shift_is_detected_and_the_refit_reaches_the_devices_through_the_store(
 
 /// Real time, across a real NATS server: the live devices, workers and
 /// planner make the same arrivals and nearly the same decisions as the
-/// virtual-time replay of the same scenario.
+/// virtual-time replay of the same scenario. Only the adaptive policy runs
+/// live (it uses every live part the static one does, and the planner
+/// besides); the static baseline it is compared with runs in virtual time.
 #[test]
 fn real_time_over_nats_agrees_with_virtual_time() {
     let _g = heavy();
@@ -465,18 +469,21 @@ fn real_time_over_nats_agrees_with_virtual_time() {
     let nats = common::NatsServer::start_with(&["-js", "-sd", store.path().to_str().unwrap()]);
     let dir = tempfile::tempdir().unwrap();
     // lte-handover squeezed into 16 s: the link drops at 6 s and returns at 12 s.
-    let text = std::fs::read_to_string(repo_root().join("scenarios/lte-handover.toml"))
-        .unwrap()
-        .replace("duration_s = 120.0", "duration_s = 16.0\npolicies = [\"static\", \"adaptive\"]")
-        .replace("devices = 20", "devices = 10")
-        .replace("at_s = 40.0", "at_s = 6.0")
-        .replace("at_s = 60.0", "at_s = 9.0")
-        .replace("at_s = 65.0", "at_s = 10.0")
-        .replace("at_s = 70.0", "at_s = 12.0");
-    let path = dir.path().join("short.toml");
-    std::fs::write(&path, &text).unwrap();
+    let squeezed = |policies: &str| {
+        std::fs::read_to_string(repo_root().join("scenarios/lte-handover.toml"))
+            .unwrap()
+            .replace("duration_s = 120.0", &format!("duration_s = 16.0\npolicies = {policies}"))
+            .replace("devices = 20", "devices = 10")
+            .replace("at_s = 40.0", "at_s = 6.0")
+            .replace("at_s = 60.0", "at_s = 9.0")
+            .replace("at_s = 65.0", "at_s = 10.0")
+            .replace("at_s = 70.0", "at_s = 12.0")
+    };
+    let (live_path, virtual_path) = (dir.path().join("live.toml"), dir.path().join("virtual.toml"));
+    std::fs::write(&live_path, squeezed("[\"adaptive\"]")).unwrap();
+    std::fs::write(&virtual_path, squeezed("[\"static\", \"adaptive\"]")).unwrap();
     // The live replay embeds the HTTP API (--listen): a poller records which
-    // fleets and workers it shows while the policies run.
+    // fleets and workers it shows while the policy runs.
     let api = format!("127.0.0.1:{}", common::port());
     let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<String, u64>::new()));
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -500,30 +507,27 @@ fn real_time_over_nats_agrees_with_virtual_time() {
             workers
         })
     };
-    let live = replay(&path, &["--nats", &nats.url, "--listen", &api], &dir.path().join("live"));
+    let live = replay(&live_path, &["--nats", &nats.url, "--listen", &api], &dir.path().join("live"));
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let workers = poller.join().unwrap();
     let seen = seen.lock().unwrap().clone();
-    for name in ["static", "adaptive"] {
-        let inputs = seen.get(&format!("lte-handover-{name}")).copied();
-        assert!(inputs.is_some_and(|n| n > 100), "the embedded API showed the {name} run as a fleet: {seen:?}");
-    }
+    let inputs = seen.get("lte-handover-adaptive").copied();
+    assert!(inputs.is_some_and(|n| n > 100), "the embedded API showed the adaptive run as a fleet: {seen:?}");
     assert!(workers >= 1, "the embedded API showed the run's workers");
-    let virt = replay(&path, &[], &dir.path().join("virtual"));
+    let virt = replay(&virtual_path, &[], &dir.path().join("virtual"));
     assert_eq!((live.time.as_str(), virt.time.as_str()), ("real", "virtual"));
-    for name in ["static", "adaptive"] {
-        let (l, v) = (&policy(&live, name).totals, &policy(&virt, name).totals);
-        eprintln!("{name}: live {l:?}\n{name}: virtual {v:?}");
-        assert_eq!(l.inputs, v.inputs, "{name}: the same arrivals");
-        assert!((l.accuracy - v.accuracy).abs() < 0.02, "{name}: accuracy live {} virtual {}", l.accuracy, v.accuracy);
-        assert!((l.deadline_miss_rate - v.deadline_miss_rate).abs() < 0.03, "{name}: misses live {} virtual {}", l.deadline_miss_rate, v.deadline_miss_rate);
-    }
+    let (l, v) = (&policy(&live, "adaptive").totals, &policy(&virt, "adaptive").totals);
+    eprintln!("adaptive: live {l:?}\nadaptive: virtual {v:?}");
+    assert_eq!(l.inputs, v.inputs, "the same arrivals");
+    assert!((l.accuracy - v.accuracy).abs() < 0.02, "accuracy live {} virtual {}", l.accuracy, v.accuracy);
+    assert!((l.deadline_miss_rate - v.deadline_miss_rate).abs() < 0.03, "misses live {} virtual {}", l.deadline_miss_rate, v.deadline_miss_rate);
     // The live planner got reports over NATS and its plans reached the devices.
     let adaptive = policy(&live, "adaptive");
     assert!(adaptive.series.estimated_uplink_mbit_s.as_ref().unwrap().iter().flatten().count() > 5, "reports reached the planner");
     let p_tar_late: Vec<f64> = adaptive.series.p_tar[10..14].iter().flatten().copied().collect();
     assert!(p_tar_late.iter().all(|&p| p < 0.5), "during the outage the devices run the planner's low p_tar: {p_tar_late:?}");
-    assert!(policy(&live, "static").totals.deadline_miss_rate > 0.05, "the fixed plan misses during the drop");
+    // What the planner saves the devices from: the fixed plan misses during the drop.
+    assert!(policy(&virt, "static").totals.deadline_miss_rate > 0.05, "{:?}", policy(&virt, "static").totals);
 }
 
 /// scenarios/load-step.toml: 200 inputs/s, 2,000 from 20 s to 40 s, 200

@@ -303,13 +303,13 @@ fn autoscaler_adds_workers_under_a_load_step_and_removes_them_after() {
     assert!(idle.iter().all(|l| l.workers == 1), "{idle:?}");
     assert_eq!(stack.workers(), 1, "{}", stack.log());
     // The step: 20 devices at 20 inputs/s, nearly all offloaded at branch 1,
-    // for 10 s: 400 requests/s, more than one (slowed) worker can serve
-    // (about 230/s at batch 32).
+    // for 7 s: 400 requests/s, more than one (slowed) worker can serve
+    // (about 230/s at batch 32). The second worker comes about 2 s in.
     let load_log = dir.path().join("load-step.log");
     let load_ready = dir.path().join("load-step.ready");
     let mut load = branchpoint()
         .envs(stack.role_env("device"))
-        .args(["fleet", "--nats", &stack.nats, "--fleet-id", "load-step", "--devices", "20", "--rate", "20", "--duration", "10"])
+        .args(["fleet", "--nats", &stack.nats, "--fleet-id", "load-step", "--devices", "20", "--rate", "20", "--duration", "7"])
         .args(["--p-tar", "0.999", "--branch", "1", "--threads", "1", "--deadline-ms", "2000"])
         .arg("--ready-file")
         .arg(&load_ready)
