@@ -398,7 +398,9 @@ fn a_live_shift_is_detected_and_the_refit_reaches_the_devices_through_the_store(
         let path = dir.path().join(name);
         std::fs::write(
             &path,
-            text.replace("policies = [\"static\", \"watched\"]", &format!("policies = [\"{policy}\"]")).replace("time = \"real\"", &format!("time = \"{time}\"")).replace("duration_s = 30.0", "duration_s = 25.0"),
+            text.replace("policies = [\"static\", \"watched\"]", &format!("policies = [\"{policy}\"]"))
+                .replace("time = \"real\"", &format!("time = \"{time}\""))
+                .replace("duration_s = 30.0", "duration_s = 25.0"),
         )
         .unwrap();
         path
