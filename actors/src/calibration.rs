@@ -15,13 +15,13 @@
 //! Shutdown: `shutdown`, or the last handle dropped, joins the thread.
 use std::path::PathBuf;
 
-use branchpoint_core::calibration::{fit_file, CalibrationFile, ExitLogits, Method};
+use branchpoint_core::calibration::{fit_file, CalibrationFile, ExitLogits, FitSource, Method};
 use branchpoint_core::risk::{certify, default_grid, ConfidenceCounts, Target};
 use branchpoint_messages::{
     decode, encode, subjects, CalibrationMethod, CalibrationRefit, CalibrationUpdate, CertifiedTarget, CertifyReply, CertifyRequest, ErrorKind, ErrorReply, PlanTarget, PlanUpdate,
 };
 use branchpoint_models::exits::recorded_split_exit_logits;
-use branchpoint_models::{load_model, Dataset, LoadedModel};
+use branchpoint_models::Model;
 use futures::StreamExt;
 
 use crate::compute::TensorPool;
@@ -29,7 +29,8 @@ use crate::error::ActorError;
 
 #[derive(Debug, Clone)]
 pub struct CalibratorConfig {
-    pub weights: PathBuf,
+    /// The model's file (`Model::load`).
+    pub model: PathBuf,
     pub data_dir: Option<PathBuf>,
     /// The calibration to start with: a file, or a fit with this method.
     pub initial: Initial,
@@ -44,8 +45,11 @@ pub enum Initial {
 }
 
 pub struct Calibrator {
-    model: LoadedModel,
+    model: Model,
     validation: Vec<ExitLogits>,
+    /// Where `validation` came from, as calibration files record it.
+    validation_source: String,
+    split_seed: u64,
     current: CalibrationFile,
     watch: LiveWatch,
 }
@@ -390,25 +394,22 @@ impl LiveWatch {
 
 impl Calibrator {
     fn build(cfg: &CalibratorConfig) -> Result<Self, ActorError> {
-        let model = load_model(&cfg.weights, tch::Device::Cpu)?;
-        let c = &model.card;
-        let dir = cfg.data_dir.clone().unwrap_or_else(|| c.dataset.name.default_dir());
-        let data = Dataset::load(c.dataset.name, &dir, c.dataset.split.validation, c.dataset.split.seed)?;
-        let validation = recorded_split_exit_logits(&model.net, &c.weights_sha256, &data.validation)?;
+        let model = Model::load(&cfg.model, tch::Device::Cpu)?;
+        let data = model.load_data(cfg.data_dir.as_deref())?;
+        let validation = recorded_split_exit_logits(&model, &data.validation)?;
         let current = match &cfg.initial {
             Initial::File(f) => {
-                f.check_fits(model.net.architecture().num_exits(), &c.weights_sha256)?;
+                f.check_fits(model.num_exits(), model.sha256())?;
                 f.clone()
             }
-            Initial::Fit(method) => Self::fit(&model, &validation, *method)?,
+            Initial::Fit(method) => Self::fit(&model, &validation, &data.validation_source, data.split_seed, *method)?,
         };
-        Ok(Self { model, validation, current, watch: LiveWatch::new(cfg.watch) })
+        Ok(Self { model, validation, validation_source: data.validation_source, split_seed: data.split_seed, current, watch: LiveWatch::new(cfg.watch) })
     }
 
-    fn fit(model: &LoadedModel, validation: &[ExitLogits], method: Method) -> Result<CalibrationFile, ActorError> {
-        let c = &model.card;
-        let names = model.net.architecture().exit_names();
-        Ok(fit_file(method, validation, &names, &c.weights, &c.weights_sha256, c.dataset.split.seed)?)
+    fn fit(model: &Model, validation: &[ExitLogits], data: &str, split_seed: u64, method: Method) -> Result<CalibrationFile, ActorError> {
+        let source = FitSource { model: &model.file_name(), sha256: model.sha256(), data, split_seed };
+        Ok(fit_file(method, validation, &model.exit_names(), source)?)
     }
 
     /// Starts the calibrator's thread, which builds its state (a bad model,
@@ -438,7 +439,7 @@ impl CalibratorHandle {
     pub async fn refit(&self, method: Method) -> Result<CalibrationFile, ActorError> {
         self.0
             .run(move |c: &mut Calibrator| {
-                c.current = Calibrator::fit(&c.model, &c.validation, method)?;
+                c.current = Calibrator::fit(&c.model, &c.validation, &c.validation_source, c.split_seed, method)?;
                 c.watch.reset();
                 Ok(c.current.clone())
             })

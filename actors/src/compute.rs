@@ -25,23 +25,23 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use branchpoint_models::subnormal::prepare_tensor_thread;
-use branchpoint_models::{load_model, EarlyExitNet};
+use branchpoint_models::Model;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::ActorError;
 
-/// What a pool thread needs to load its own copy of the model.
+/// What a pool thread needs to load its own copy of the model: the file
+/// `Model::load` takes (a built-in model's weights or card, or an imported
+/// model's card).
 #[derive(Debug, Clone)]
 pub struct ModelSpec {
-    pub weights: PathBuf,
+    pub model: PathBuf,
     pub device: Device,
 }
 
-/// One thread's copy of the network.
+/// One thread's copy of the network, of either kind.
 pub struct LoadedNet {
-    net: EarlyExitNet,
-    // Keeps the variables alive; the network's layers read them.
-    _vs: tch::nn::VarStore,
+    net: Model,
     /// Emulates slower device hardware: each head holds its thread this
     /// many times as long as it took here (1: this machine as it is).
     slowdown: f64,
@@ -49,8 +49,7 @@ pub struct LoadedNet {
 
 impl LoadedNet {
     pub fn load(spec: &ModelSpec) -> Result<Self, ActorError> {
-        let m = load_model(&spec.weights, spec.device)?;
-        Ok(Self { net: m.net, _vs: m.vs, slowdown: 1.0 })
+        Ok(Self { net: Model::load(&spec.model, spec.device)?, slowdown: 1.0 })
     }
 
     /// This copy on emulated hardware `slowdown` (at least 1) times slower.
@@ -59,14 +58,14 @@ impl LoadedNet {
         self
     }
 
-    pub fn net(&self) -> &EarlyExitNet {
+    pub fn net(&self) -> &Model {
         &self.net
     }
 
     /// Runs `head(partition_branch)` on one input [C, H, W] (flattened).
     pub fn run_head(&self, partition_branch: usize, input: &[f32]) -> Result<HeadOutput, ActorError> {
         let started = Instant::now();
-        let dims = self.net.architecture().input.dims();
+        let dims = self.net.input().dims();
         let want = (dims[0] * dims[1] * dims[2]) as usize;
         if input.len() != want {
             return Err(ActorError::Invalid { what: "input".into(), reason: format!("{} values, the model takes {dims:?} = {want}", input.len()) });
@@ -333,7 +332,7 @@ impl Executor {
 
     fn activation_shape(&self, branch: usize) -> Result<Vec<i64>, ActorError> {
         self.net.net.check_branch(branch)?;
-        Ok(self.net.net.architecture().partition_points[branch - 1].activation_shape.clone())
+        Ok(self.net.net.partition_points()[branch - 1].activation_shape.clone())
     }
 }
 

@@ -279,7 +279,20 @@ pub fn check_temperatures(temperatures: &[f64], num_exits: usize) -> Result<()> 
 
 /// Fits `method` on validation logits and describes the fit: the
 /// calibration file for weights `model` (file name) with digest `sha256`.
-pub fn fit_file(method: Method, validation: &[ExitLogits], exit_names: &[String], model: &str, sha256: &str, split_seed: u64) -> Result<CalibrationFile> {
+/// What a calibration file records of the model and the inputs it was fit on.
+#[derive(Debug, Clone, Copy)]
+pub struct FitSource<'a> {
+    /// The model's file name (weights or card).
+    pub model: &'a str,
+    /// The model's SHA-256, as the wire names it.
+    pub sha256: &'a str,
+    /// The validation inputs, in words.
+    pub data: &'a str,
+    /// The seed of the train/validation split (0 for data the user brought).
+    pub split_seed: u64,
+}
+
+pub fn fit_file(method: Method, validation: &[ExitLogits], exit_names: &[String], source: FitSource) -> Result<CalibrationFile> {
     let temperatures = fit(method, validation)?;
     let exits = exit_names
         .iter()
@@ -291,14 +304,14 @@ pub fn fit_file(method: Method, validation: &[ExitLogits], exit_names: &[String]
         })
         .collect();
     Ok(CalibrationFile {
-        model: model.to_string(),
-        weights_sha256: sha256.to_string(),
+        model: source.model.to_string(),
+        weights_sha256: source.sha256.to_string(),
         method,
         temperatures,
         fit: FitInfo {
-            data: "validation split held out of the training set".into(),
+            data: source.data.to_string(),
             inputs: validation.first().map_or(0, |e| e.len()),
-            split_seed,
+            split_seed: source.split_seed,
             tolerance: TOLERANCE,
             objective: method.objective().into(),
         },

@@ -144,6 +144,11 @@ impl Split {
         Split { images: self.images.index_select(0, &idx), labels: self.labels.index_select(0, &idx) }
     }
 
+    /// The same tensors, shared (tensors are reference counted).
+    pub fn shallow(&self) -> Split {
+        Split { images: self.images.shallow_clone(), labels: self.labels.shallow_clone() }
+    }
+
     /// The first `n` rows (all of them if there are fewer).
     pub fn head(&self, n: usize) -> Split {
         let n = n.min(self.len()) as i64;

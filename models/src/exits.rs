@@ -8,7 +8,7 @@ use tch::{Kind, Tensor};
 
 use crate::data::Split;
 use crate::error::Result;
-use crate::net::EarlyExitNet;
+use crate::model::Model;
 
 /// From a [n, classes] float tensor and [n] label tensor.
 pub fn exit_logits(logits: &Tensor, labels: &Tensor) -> Result<ExitLogits> {
@@ -21,8 +21,8 @@ pub fn exit_logits(logits: &Tensor, labels: &Tensor) -> Result<ExitLogits> {
 
 /// Logits of every exit over a split, as plain `ExitLogits` (branches in
 /// order, then final).
-pub fn split_exit_logits(net: &EarlyExitNet, split: &Split) -> Result<Vec<ExitLogits>> {
-    net.logits_for(&split.images, 500).iter().map(|z| exit_logits(z, &split.labels)).collect()
+pub fn split_exit_logits(model: &Model, split: &Split) -> Result<Vec<ExitLogits>> {
+    model.logits_for(&split.images, 500)?.iter().map(|z| exit_logits(z, &split.labels)).collect()
 }
 
 /// Where a network's answers are recorded: `$BRANCHPOINT_CACHE_DIR/answers`,
@@ -42,25 +42,25 @@ pub fn answers_dir() -> Option<PathBuf> {
     Some(base.join("answers"))
 }
 
-/// The network's answers on a split, recorded once per (weights, inputs):
+/// The model's answers on a split, recorded once per (model, inputs):
 /// a replay, a calibration and an evaluation of the same model on the same
 /// inputs compute its forward passes once, not each time (15,000 forward
 /// passes are most of a replay's time). The record is keyed by the SHA-256
-/// of the weights' digest and the split's bytes, so other weights or other
-/// inputs (another seed, a corruption) never read it; a record that is
+/// of the model's digest (`Model::sha256`) and the split's bytes, so other
+/// models or other inputs (another seed, a corruption) never read it; a record that is
 /// unreadable or does not match is computed again and replaced. Recording
 /// is best effort: a cache that cannot be written costs time, never the
 /// answer.
-pub fn recorded_split_exit_logits(net: &EarlyExitNet, weights_sha256: &str, split: &Split) -> Result<Vec<ExitLogits>> {
-    let Some(dir) = answers_dir() else { return split_exit_logits(net, split) };
-    let key = answers_key(weights_sha256, split)?;
+pub fn recorded_split_exit_logits(model: &Model, split: &Split) -> Result<Vec<ExitLogits>> {
+    let Some(dir) = answers_dir() else { return split_exit_logits(model, split) };
+    let key = answers_key(model.sha256(), split)?;
     let path = dir.join(format!("{key}.answers"));
     if let Some(answers) = std::fs::read(&path).ok().and_then(|bytes| decode_answers(&bytes, &key)) {
         if answers.first().is_some_and(|e| e.len() == split.len()) {
             return Ok(answers);
         }
     }
-    let answers = split_exit_logits(net, split)?;
+    let answers = split_exit_logits(model, split)?;
     let tmp = dir.join(format!("{key}.{}.tmp", std::process::id()));
     let written = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&tmp, encode_answers(&answers, &key))).and_then(|()| std::fs::rename(&tmp, &path));
     if written.is_err() {

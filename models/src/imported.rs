@@ -10,16 +10,17 @@
 //! classes]`. So a file that does not fit its card is an error naming the
 //! file, never a silent wrong answer.
 //!
-//! Not yet wired into the commands (issue 16): they take the built-in
-//! network only.
+//! Commands reach it through `model::Model`, beside the built-in network.
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use tch::{CModule, Device, IValue, Tensor};
 
 use crate::card::sha256_file;
-use crate::data::{InputShape, Normalization};
+use crate::data::{read_tensor_split, Dataset, DatasetKind, InputShape, Normalization, Split};
 use crate::error::{ModelError, Result};
+use crate::model::ModelData;
+use crate::net::PartitionPoint;
 
 /// The card format this build reads (what `python/export.py` writes).
 pub const FORMAT: &str = "branchpoint-torchscript/1";
@@ -37,10 +38,40 @@ pub struct ImportedCard {
     #[serde(rename = "final")]
     pub final_steps: Vec<String>,
     pub branches: Vec<ImportedBranch>,
-    /// Where the validation and test data come from (a built-in dataset's
-    /// name or a tensor file).
+    /// Where the validation and test data come from; without it the
+    /// commands that need data refuse the model.
     #[serde(default)]
-    pub data: std::collections::BTreeMap<String, String>,
+    pub data: Option<ImportedData>,
+}
+
+/// An imported model's validation and test data.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImportedData {
+    /// A built-in dataset's name (`fashion-mnist`, `cifar-10`: its
+    /// validation split held out of the training set) or the path of a
+    /// tensor file (`data::read_tensor_split`), relative to the card.
+    pub validation: String,
+    /// A built-in dataset's name (its test set) or a tensor file's path.
+    pub test: String,
+    /// How a built-in dataset's training set was split, so the validation
+    /// inputs are the ones the model did not train on.
+    #[serde(default)]
+    pub split: Option<DataSplit>,
+}
+
+/// The seed and validation size of a built-in dataset's train/validation
+/// split (`data::train_validation_indices`; `python/fmnist.py` makes the
+/// same split).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataSplit {
+    pub seed: u64,
+    pub validation: usize,
+}
+
+impl Default for DataSplit {
+    fn default() -> Self {
+        Self { seed: crate::data::DEFAULT_SPLIT_SEED, validation: crate::data::DEFAULT_VALIDATION_SIZE }
+    }
 }
 
 /// One partition branch of an imported model.
@@ -96,6 +127,9 @@ struct Partition {
 pub struct ImportedNet {
     card: ImportedCard,
     card_path: PathBuf,
+    /// The card file's SHA-256: the model's name on the wire.
+    pub(crate) card_sha256: String,
+    partition_points: Vec<PartitionPoint>,
     parts: Vec<Partition>,
     device: Device,
 }
@@ -131,11 +165,25 @@ impl ImportedNet {
             Ok(m)
         };
         let parts = card.branches.iter().map(|b| Ok(Partition { head: module(&b.head, &b.head_sha256)?, tail: module(&b.tail, &b.tail_sha256)? })).collect::<Result<Vec<_>>>()?;
-        Ok(Self { card, card_path: card_path.to_path_buf(), parts, device })
+        let partition_points = card
+            .branches
+            .iter()
+            .map(|b| PartitionPoint { branch: b.branch, activation_shape: b.activation_shape.clone(), activation_bytes: b.activation_bytes as usize })
+            .collect();
+        Ok(Self { card_sha256: sha256_file(card_path)?, card, card_path: card_path.to_path_buf(), partition_points, parts, device })
     }
 
     pub fn card(&self) -> &ImportedCard {
         &self.card
+    }
+
+    pub fn card_path(&self) -> &Path {
+        &self.card_path
+    }
+
+    /// What crosses the cut at each partition branch, branch 1 first.
+    pub fn partition_points(&self) -> &[PartitionPoint] {
+        &self.partition_points
     }
 
     pub fn num_branches(&self) -> usize {
@@ -223,6 +271,77 @@ impl ImportedNet {
         let activation = first_activation.expect("a card has at least one branch");
         exits.push(self.tail(1, &activation)?);
         Ok(exits)
+    }
+}
+
+impl ImportedNet {
+    /// See `Model::load_data`.
+    pub fn load_data(&self, data_dir: Option<&Path>) -> Result<ModelData> {
+        let card = self.card();
+        let Some(data) = &card.data else {
+            return Err(ModelError::BadModelCard {
+                path: self.card_path().to_path_buf(),
+                reason: "it names no validation and test data; export it again with a [data] table (python/README.md)".into(),
+            });
+        };
+        let base = self.card_path().parent().unwrap_or(Path::new(".")).to_path_buf();
+        // A built-in dataset is loaded once even if it serves both sides.
+        let mut builtin: Option<Dataset> = None;
+        let mut side = |source: &str, validation: bool| -> Result<Split> {
+            match DatasetKind::parse(source) {
+                Ok(kind) => {
+                    if kind.input_shape() != card.input || kind.num_classes() != card.num_classes {
+                        return Err(ModelError::BadModelCard {
+                            path: self.card_path().to_path_buf(),
+                            reason: format!(
+                                "its data {source:?} has inputs {:?} and {} classes; the model takes {:?} and {}",
+                                kind.input_shape(),
+                                kind.num_classes(),
+                                card.input,
+                                card.num_classes
+                            ),
+                        });
+                    }
+                    if builtin.as_ref().is_none_or(|d| d.kind != kind) {
+                        let split = data.split.clone().unwrap_or_default();
+                        let dir = data_dir.map_or_else(|| kind.default_dir(), Path::to_path_buf);
+                        builtin = Some(Dataset::load(kind, &dir, split.validation, split.seed)?);
+                    }
+                    let d = builtin.as_ref().expect("loaded above");
+                    Ok(if validation { d.validation.shallow() } else { d.test.shallow() })
+                }
+                Err(_) => read_tensor_split(&resolve(&base, source), card.input, card.num_classes),
+            }
+        };
+        let validation = side(&data.validation, true)?;
+        let test = side(&data.test, false)?;
+        let split = data.split.clone().unwrap_or_default();
+        let describe = |source: &str, part: &str| match DatasetKind::parse(source) {
+            Ok(kind) => format!("{}: {part} (split seed {})", kind.name(), split.seed),
+            Err(_) => format!("tensor file {source}"),
+        };
+        Ok(ModelData {
+            validation,
+            test,
+            validation_source: describe(&data.validation, crate::model::HELD_OUT),
+            test_source: describe(&data.test, "test set"),
+            split_seed: if DatasetKind::parse(&data.validation).is_ok() { split.seed } else { 0 },
+        })
+    }
+
+    /// What the wire and the calibration files name this model by: the
+    /// SHA-256 of its card, which names every module by its own SHA-256.
+    pub fn sha256(&self) -> &str {
+        &self.card_sha256
+    }
+}
+
+fn resolve(base: &Path, path: &str) -> PathBuf {
+    let p = Path::new(path);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::Instant;
 use branchpoint::evaluation::{method_report, split_logits, SweepSettings};
 use branchpoint_core::calibration::{fit, Method};
 use branchpoint_core::offload::{default_p_tars, LatencyModel};
-use branchpoint_models::{load_model, Dataset};
+use branchpoint_models::Model;
 
 fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
     f();
@@ -37,11 +37,10 @@ fn main() {
 }
 
 fn bench(weights: &Path) {
-    let model = load_model(weights, tch::Device::Cpu).expect("shipped model");
-    let kind = model.card.dataset.name;
-    let data = Dataset::load(kind, &kind.default_dir(), model.card.dataset.split.validation, model.card.dataset.split.seed).expect("dataset installed by scripts/setup.sh");
+    let model = Model::load(weights, tch::Device::Cpu).expect("shipped model");
+    let data = model.load_data(None).expect("dataset installed by scripts/setup.sh");
     let logits = split_logits(&model, &data).expect("logits");
-    let names = model.net.architecture().exit_names();
+    let names = model.exit_names();
     let n_val = logits.validation[0].len();
 
     let per_branch = median_ms(21, || {
@@ -50,13 +49,8 @@ fn bench(weights: &Path) {
     let global = median_ms(21, || {
         fit(Method::Global, &logits.validation).unwrap();
     });
-    let latency: Vec<LatencyModel> = model
-        .net
-        .architecture()
-        .partition_points
-        .iter()
-        .map(|p| LatencyModel { head_ms: 0.4, tail_ms: 1.0, activation_bytes: p.activation_bytes, uplink_mbit_s: 10.0, rtt_ms: 20.0 })
-        .collect();
+    let latency: Vec<LatencyModel> =
+        model.partition_points().iter().map(|p| LatencyModel { head_ms: 0.4, tail_ms: 1.0, activation_bytes: p.activation_bytes, uplink_mbit_s: 10.0, rtt_ms: 20.0 }).collect();
     let p_tars = default_p_tars();
     let settings = SweepSettings { p_tars: &p_tars, outage_batch: 100, latency: &latency, deadline_ms: 40.0, deadline_curve_p_tar: 0.9 };
     let temps = fit(Method::PerBranch, &logits.validation).unwrap();

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use branchpoint::evaluation::split_logits;
 use branchpoint::scenario::{self, Scenario};
-use branchpoint_models::{load_model, Dataset};
+use branchpoint_models::Model;
 
 fn main() {
     // Before any thread exists: libtorch's intra-op threads inherit it.
@@ -28,9 +28,8 @@ fn main() {
 
     let t = Instant::now();
     tch::set_num_threads(std::thread::available_parallelism().map_or(1, |n| n.get() as i32));
-    let model = load_model(&weights, tch::Device::Cpu).unwrap();
-    let kind = model.card.dataset.name;
-    let data = Dataset::load(kind, &kind.default_dir(), model.card.dataset.split.validation, model.card.dataset.split.seed).unwrap();
+    let model = Model::load(&weights, tch::Device::Cpu).unwrap();
+    let data = model.load_data(None).unwrap();
     let logits = split_logits(&model, &data).unwrap();
     let profile = scenario::read_profile(&s, &weights).unwrap();
     let prepared = scenario::prepare(&s, &model, &logits.validation, &logits.test, &[], &profile).unwrap();

@@ -36,7 +36,7 @@ use branchpoint_actors::offload::Offload;
 use branchpoint_actors::transport::OffloadLink;
 use branchpoint_actors::worker::{serve_nats, Batcher, Job, ReplyTo, WorkerConfig};
 use branchpoint_messages::{Deadline, OffloadReply, PartitionBranch, Tensor as WireTensor};
-use branchpoint_models::{load_model, Dataset};
+use branchpoint_models::Model;
 use tch::Tensor;
 
 fn branch2_request(seq: usize, activation: &WireTensor, budget_us: u64) -> Offload {
@@ -71,12 +71,11 @@ fn main() {
     branchpoint_models::subnormal::prepare_tensor_thread(1);
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
     let weights = root.join("models/balexnet-fmnist.safetensors");
-    let model = load_model(&weights, tch::Device::Cpu).expect("shipped model");
-    let kind = model.card.dataset.name;
-    let data = Dataset::load(kind, &kind.default_dir(), model.card.dataset.split.validation, model.card.dataset.split.seed).unwrap();
+    let model = Model::load(&weights, tch::Device::Cpu).expect("shipped model");
+    let data = model.load_data(None).unwrap();
     let inputs = Arc::new(TestInputs::from_split(&data.test).unwrap());
-    let points = model.net.architecture().partition_points.clone();
-    let spec = ModelSpec { weights: weights.clone(), device: tch::Device::Cpu };
+    let points = model.partition_points().to_vec();
+    let spec = ModelSpec { model: weights.clone(), device: tch::Device::Cpu };
     println!("torch threads per compute thread: 1; machine: {} cores", std::thread::available_parallelism().map_or(0, |n| n.get()));
 
     // 1. Decision path vs bare head forward, batch 1, branch 1. The two are
@@ -135,13 +134,13 @@ fn main() {
     let mut dims = vec![batch as i64];
     dims.extend(act_shape);
     let xb = Tensor::from_slice(&one_act.repeat(batch)).view(dims.as_slice());
-    let _ = model.net.tail(2, &xb).unwrap();
+    let _ = model.tail(2, &xb).unwrap();
     // Rounds of 10 bare batches, then 10 batches' worth of requests through
     // the worker, so both see the same machine load; inputs/s over all rounds.
     let rounds = batches / 10;
     let (bare_secs, worker_secs) = system.block_on({
         let (spec, points, one_act, act_shape) = (spec.clone(), points.clone(), one_act.clone(), act_shape.clone());
-        let net = &model.net;
+        let net = &model;
         let xb = &xb;
         async move {
             let exec = Executor::start(spec, 1).unwrap();
@@ -304,7 +303,7 @@ fn main() {
 
     // 5. Subnormals in the activations a worker receives.
     let head_inputs = Tensor::from_slice(&inputs.images[..batch].concat()).view([batch as i64, 1, 28, 28]);
-    let (_, real) = model.net.head(2, &head_inputs).unwrap();
+    let (_, real) = model.head(2, &head_inputs).unwrap();
     let real = real.contiguous();
     let flushed = {
         let v: Vec<f32> = Vec::try_from(real.flatten(0, -1)).unwrap();
@@ -322,7 +321,7 @@ fn main() {
     let tail_ms = |x: &Tensor, reps: usize| {
         let t = Instant::now();
         for _ in 0..reps {
-            let y = model.net.tail(2, x).unwrap();
+            let y = model.tail(2, x).unwrap();
             let _ = Vec::<f32>::try_from(y.flatten(0, -1)).unwrap();
         }
         t.elapsed().as_secs_f64() * 1e3 / reps as f64

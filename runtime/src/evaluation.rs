@@ -6,12 +6,12 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use branchpoint_core::calibration::{self, calibration_metrics, CalibrationFile, CalibrationMetrics, ExitLogits, Method};
+use branchpoint_core::calibration::{self, calibration_metrics, CalibrationFile, CalibrationMetrics, ExitLogits, FitSource, Method};
 use branchpoint_core::offload::{operating_point, sweep, Decisions, LatencyModel, OperatingPoint, SweepRow};
 use branchpoint_core::recalibration::{confidences, quality, select, ConfidenceMap, ConfidenceQuality};
 use branchpoint_core::risk::{certify, certify_batch, default_grid, resplit_study, Certificate, ConfidenceCounts, ResplitRates, Target};
 use branchpoint_models::exits::recorded_split_exit_logits;
-use branchpoint_models::{Dataset, LoadedModel};
+use branchpoint_models::{Model, ModelData};
 use serde::{Deserialize, Serialize};
 
 /// Per-exit logits of the validation and test splits.
@@ -22,16 +22,14 @@ pub struct SplitLogits {
 
 /// The model's answers on both splits, recorded once per model and inputs
 /// (`exits::recorded_split_exit_logits`).
-pub fn split_logits(model: &LoadedModel, data: &Dataset) -> Result<SplitLogits> {
-    let sha = &model.card.weights_sha256;
-    Ok(SplitLogits { validation: recorded_split_exit_logits(&model.net, sha, &data.validation)?, test: recorded_split_exit_logits(&model.net, sha, &data.test)? })
+pub fn split_logits(model: &Model, data: &ModelData) -> Result<SplitLogits> {
+    Ok(SplitLogits { validation: recorded_split_exit_logits(model, &data.validation)?, test: recorded_split_exit_logits(model, &data.test)? })
 }
 
 /// Fits `method` on the validation logits and describes the fit.
-pub fn calibrate(model: &LoadedModel, method: Method, validation: &[ExitLogits]) -> Result<CalibrationFile> {
-    let c = &model.card;
-    let names = model.net.architecture().exit_names();
-    Ok(calibration::fit_file(method, validation, &names, &c.weights, &c.weights_sha256, c.dataset.split.seed)?)
+pub fn calibrate(model: &Model, data: &ModelData, method: Method, validation: &[ExitLogits]) -> Result<CalibrationFile> {
+    let source = FitSource { model: &model.file_name(), sha256: model.sha256(), data: &data.validation_source, split_seed: data.split_seed };
+    Ok(calibration::fit_file(method, validation, &model.exit_names(), source)?)
 }
 
 /// Network and deadline settings of the latency model.

@@ -93,16 +93,15 @@ pub fn set_threads(threads: i32) -> Result<()> {
 }
 
 impl cli::ModelArgs {
-    /// Loads the model through its card.
-    pub fn load_model(&self, device: Device) -> Result<branchpoint_models::LoadedModel> {
-        Ok(branchpoint_models::load_model(&self.model, device)?)
+    /// Loads the model through its card (a built-in or an imported one).
+    pub fn load_model(&self, device: Device) -> Result<branchpoint_models::Model> {
+        Ok(branchpoint_models::Model::load(&self.model, device)?)
     }
 
-    /// Loads the model's dataset with the split its card records, so the
-    /// validation and test inputs are the ones held out when it was trained.
-    pub fn load_data(&self, model: &branchpoint_models::LoadedModel) -> Result<branchpoint_models::Dataset> {
-        let c = &model.card;
-        let dir = self.data_dir.clone().unwrap_or_else(|| c.dataset.name.default_dir());
-        Ok(branchpoint_models::Dataset::load(c.dataset.name, &dir, c.dataset.split.validation, c.dataset.split.seed)?)
+    /// Loads the validation and test inputs the model's card names: for a
+    /// built-in dataset, with the split its card records, so the
+    /// validation inputs are the ones held out when it was trained.
+    pub fn load_data(&self, model: &branchpoint_models::Model) -> Result<branchpoint_models::ModelData> {
+        Ok(model.load_data(self.data_dir.as_deref())?)
     }
 }

@@ -16,7 +16,7 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     let model = args.source.load_model(device)?;
     let data = args.source.load_data(&model)?;
     let logits = split_logits(&model, &data)?;
-    let file = calibrate(&model, method, &logits.validation)?;
+    let file = calibrate(&model, &data, method, &logits.validation)?;
     file.write(&args.out)?;
 
     println!("{} temperature scaling of {} on the validation split ({} inputs, split seed {}):", method.name(), args.source.model.display(), file.fit.inputs, file.fit.split_seed);

@@ -33,7 +33,7 @@ pub fn run(args: CalibratorArgs) -> Result<()> {
         ..WatchSettings::default()
     };
     watch.validate().context("the calibrator's live watch (--drift-margin, --refit-delta, --min-refit-sample)")?;
-    let cfg = CalibratorConfig { weights: args.source.model.clone(), data_dir: args.source.data_dir.clone(), initial, watch };
+    let cfg = CalibratorConfig { model: args.source.model.clone(), data_dir: args.source.data_dir.clone(), initial, watch };
     let system = actix::System::new();
     system.block_on(async move {
         let client = crate::nats::connect(&args.nats, "branchpoint-calibrator").await?;

@@ -9,7 +9,7 @@ use branchpoint_core::calibration::{self, CalibrationFile, Method};
 use branchpoint_core::costs::ComputeProfile;
 use branchpoint_core::offload::{check_p_tar, default_p_tars, LatencyModel};
 use branchpoint_models::profile::profile;
-use branchpoint_models::LoadedModel;
+use branchpoint_models::{Model, ModelData};
 
 use crate::cli::EvaluateArgs;
 use crate::evaluation::{certified_report, dump_logits, method_report, recalibration_report, split_logits, MethodReport, NetworkSettings, Report, SweepSettings};
@@ -56,27 +56,26 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     let device = parse_device(&args.compute.device)?;
     set_threads(args.compute.threads)?;
     let model = args.source.load_model(device)?;
-    let num_exits = model.net.architecture().num_exits();
+    let num_exits = model.num_exits();
     let calibration_file = match &args.calibration {
         Some(path) => {
             let file = CalibrationFile::read(path)?;
-            file.check_fits(num_exits, &model.card.weights_sha256).with_context(|| format!("calibration file {}", path.display()))?;
+            file.check_fits(num_exits, model.sha256()).with_context(|| format!("calibration file {}", path.display()))?;
             Some((path.clone(), file))
         }
         None => None,
     };
     let latency = latency_models(&model, &args)?;
 
-    let kind = model.card.dataset.name;
     let mut data = args.source.load_data(&model)?;
     if let Some(c) = corruption {
-        data.test.images = branchpoint_models::corrupt::apply(&c, &data.test.images, &kind.normalization(), args.corrupt_seed, 0)?;
+        data.test.images = branchpoint_models::corrupt::apply(&c, &data.test.images, model.normalization(), args.corrupt_seed, 0)?;
         println!("test images corrupted: {c}, seed {}; calibration fits on the clean validation split", args.corrupt_seed);
     }
     let logits = split_logits(&model, &data)?;
-    let names = model.net.architecture().exit_names();
+    let names = model.exit_names();
 
-    print_exit_table(&args.source.model, &model, &logits.test, &names);
+    print_exit_table(&args.source.model, &model, &data, &logits.test, &names);
 
     let settings =
         SweepSettings { p_tars: &p_tars, outage_batch: args.outage_batch, latency: &latency, deadline_ms: args.deadline_ms, deadline_curve_p_tar: args.deadline_curve_p_tar };
@@ -90,9 +89,9 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         methods.push(method_report(method, source, &temps, &logits, &names, &settings)?);
     }
     let report = Report {
-        model: model.card.weights.clone(),
-        weights_sha256: model.card.weights_sha256.clone(),
-        dataset: kind.name().into(),
+        model: model.file_name(),
+        weights_sha256: model.sha256().to_string(),
+        dataset: model.dataset().map_or_else(|| data.test_source.clone(), |kind| kind.name().to_string()),
         test_inputs: data.test.len(),
         test_corruption: corruption.map(|c| c.to_string()),
         validation_inputs: data.validation.len(),
@@ -133,18 +132,18 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
 
 /// Head and tail latency at batch 1 per partition branch: from a saved
 /// profile, or measured now.
-fn latency_models(model: &LoadedModel, args: &EvaluateArgs) -> Result<Vec<LatencyModel>> {
+fn latency_models(model: &Model, args: &EvaluateArgs) -> Result<Vec<LatencyModel>> {
     let profile: ComputeProfile = match &args.profile {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading profile {}", path.display()))?;
             serde_json::from_str(&text).with_context(|| format!("{} is not a profile written by `branchpoint profile --json`", path.display()))?
         }
-        None => profile(&model.net, &[1], 30),
+        None => profile(model, &[1], 30)?,
     };
     let Some(b1) = profile.batch_sizes.iter().position(|&b| b == 1) else {
         bail!("the compute profile has no batch-1 timings; run `branchpoint profile --batch-sizes 1,32 --json FILE`");
     };
-    let points = &model.net.architecture().partition_points;
+    let points = model.partition_points();
     if profile.partitions.len() != points.len() {
         bail!("the compute profile has {} partitions, the model {}; profile this model", profile.partitions.len(), points.len());
     }
@@ -161,19 +160,26 @@ fn latency_models(model: &LoadedModel, args: &EvaluateArgs) -> Result<Vec<Latenc
         .collect())
 }
 
-fn print_exit_table(path: &Path, model: &LoadedModel, test: &[calibration::ExitLogits], names: &[String]) {
+fn print_exit_table(path: &Path, model: &Model, data: &ModelData, test: &[calibration::ExitLogits], names: &[String]) {
     let n = test.first().map_or(0, |e| e.len());
-    println!("model {} ({}, {}), test set: {n} inputs", path.display(), model.card.architecture.name, model.card.dataset.name.name());
-    println!("  {:<9} {:>10} {:>8} {:>8} {:>15}", "exit", "accuracy", "NLL", "ECE", "card accuracy");
+    println!("model {} ({}), test set: {n} inputs ({})", path.display(), model.description(), data.test_source);
+    let card = model.card_test_metrics();
+    println!("  {:<9} {:>10} {:>8} {:>8} {:>15}", "exit", "accuracy", "NLL", "ECE", if card.is_some() { "card accuracy" } else { "" });
     let mut differing = 0;
-    for ((name, e), card) in names.iter().zip(test).zip(&model.card.test_metrics) {
+    for (i, (name, e)) in names.iter().zip(test).enumerate() {
         let m = calibration::calibration_metrics(e, 1.0);
+        let Some(card) = card.and_then(|c| c.get(i)) else {
+            println!("  {:<9} {:>8.2} % {:>8.4} {:>8.4}", name, 100.0 * m.accuracy, m.nll, m.ece);
+            continue;
+        };
         // Accuracies are counts over the same inputs: compare them as counts.
         let same = (m.accuracy * n as f64).round() == (card.metrics.accuracy * n as f64).round();
         differing += usize::from(!same);
         println!("  {:<9} {:>8.2} % {:>8.4} {:>8.4} {:>13.2} %{}", name, 100.0 * m.accuracy, m.nll, m.ece, 100.0 * card.metrics.accuracy, if same { "" } else { "  (differs)" });
     }
-    if differing == 0 {
+    if card.is_none() {
+        println!("(the model's card records no test accuracy to compare with)");
+    } else if differing == 0 {
         println!("every exit's accuracy equals the model card's");
     } else {
         println!("{differing} exit(s) differ from the model card (another libtorch build or CPU can flip a few near-ties)");

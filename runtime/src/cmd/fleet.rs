@@ -29,12 +29,12 @@ pub fn run(args: FleetArgs) -> Result<()> {
     }
     branchpoint_models::subnormal::prepare_tensor_thread(1);
     let model = args.source.load_model(tch::Device::Cpu)?;
-    model.net.check_branch(args.partition_branch.get()).context("--partition-branch")?;
-    let num_exits = model.net.architecture().num_exits();
+    model.check_branch(args.partition_branch.get()).context("--partition-branch")?;
+    let num_exits = model.num_exits();
     let temperatures = match &args.calibration {
         Some(path) => {
             let file = CalibrationFile::read(path)?;
-            file.check_fits(num_exits, &model.card.weights_sha256).with_context(|| format!("calibration file {}", path.display()))?;
+            file.check_fits(num_exits, model.sha256()).with_context(|| format!("calibration file {}", path.display()))?;
             file.temperatures
         }
         None => vec![1.0; num_exits],
@@ -42,13 +42,13 @@ pub fn run(args: FleetArgs) -> Result<()> {
     let corruption = args.corrupt.as_deref().map(branchpoint_core::corrupt::Corruption::parse).transpose().context("--corrupt")?;
     let mut data = args.source.load_data(&model)?;
     if let Some(c) = corruption {
-        data.test.images = branchpoint_models::corrupt::apply(&c, &data.test.images, &model.card.dataset.name.normalization(), 1, 0)?;
+        data.test.images = branchpoint_models::corrupt::apply(&c, &data.test.images, model.normalization(), 1, 0)?;
         tracing::info!("fleet: the devices see the test images under {c}");
     }
     let inputs = Arc::new(TestInputs::from_split(&data.test)?);
-    let partition_points = model.net.architecture().partition_points.clone();
-    let num_branches = model.net.num_branches();
-    let model_sha256 = model.card.weights_sha256.clone();
+    let partition_points = model.partition_points().to_vec();
+    let num_branches = model.num_branches();
+    let model_sha256 = model.sha256().to_string();
     drop(model);
     if !(0.0..=1.0).contains(&args.audit_rate) {
         bail!("--audit-rate {}: give a probability in [0, 1] (0 turns audits off)", args.audit_rate);
@@ -97,7 +97,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
         stop_grace: crate::shutdown::GRACE - Duration::from_millis(800),
     };
     cfg.validate()?;
-    let spec = ModelSpec { weights: args.source.model.clone(), device: tch::Device::Cpu };
+    let spec = ModelSpec { model: args.source.model.clone(), device: tch::Device::Cpu };
 
     let ready_service = args.service.clone();
     let system = actix::System::new();

@@ -34,12 +34,12 @@ pub fn run(args: PlannerArgs) -> Result<()> {
     tch::set_num_threads(std::thread::available_parallelism().map_or(1, |n| n.get() as i32));
     let model = args.source.load_model(tch::Device::Cpu)?;
     let data = args.source.load_data(&model)?;
-    let validation = branchpoint_models::exits::recorded_split_exit_logits(&model.net, &model.card.weights_sha256, &data.validation)?;
+    let validation = branchpoint_models::exits::recorded_split_exit_logits(&model, &data.validation)?;
     let num_exits = validation.len();
     let temperatures = match &args.temperatures.calibration {
         Some(path) => {
             let file = CalibrationFile::read(path)?;
-            file.check_fits(num_exits, &model.card.weights_sha256).with_context(|| format!("calibration file {}", path.display()))?;
+            file.check_fits(num_exits, model.sha256()).with_context(|| format!("calibration file {}", path.display()))?;
             file.temperatures
         }
         None => calibration::fit(Method::parse(&args.temperatures.method)?, &validation)?,
@@ -56,7 +56,7 @@ pub fn run(args: PlannerArgs) -> Result<()> {
     let (head_us, _) = compute_costs(&profile, args.device_slowdown, 1.0)?;
     let template = Costs {
         head_us,
-        upload_bytes: upload_bytes(&model.net.architecture().partition_points)?.into_iter().map(|b| b as f64).collect(),
+        upload_bytes: upload_bytes(model.partition_points())?.into_iter().map(|b| b as f64).collect(),
         deadline_us: 0.0,
         arrival_rate: 0.0,
         miss_bound: args.miss_bound,

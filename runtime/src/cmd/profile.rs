@@ -1,8 +1,8 @@
 //! `branchpoint profile`: median latency of each stage, branch and partition
 //! at the requested batch sizes, and the activation bytes at each partition.
 use anyhow::{bail, Context, Result};
-use branchpoint_models::load_model;
 use branchpoint_models::profile::profile;
+use branchpoint_models::Model;
 
 use crate::cli::ProfileArgs;
 use crate::{parse_device, set_threads};
@@ -16,8 +16,8 @@ pub fn run(args: ProfileArgs) -> Result<()> {
     }
     let device = parse_device(&args.device)?;
     set_threads(args.threads)?;
-    let model = load_model(&args.model, device)?;
-    let p = profile(&model.net, &args.batch_sizes, args.repeats);
+    let model = Model::load(&args.model, device)?;
+    let p = profile(&model, &args.batch_sizes, args.repeats)?;
 
     let cols: Vec<String> = p.batch_sizes.iter().map(|b| format!("batch {b:>3} ms")).collect();
     println!("{} on {} with {} torch thread(s), median of {} runs", args.model.display(), p.device, p.torch_threads, p.repeats);
@@ -26,13 +26,16 @@ pub fn run(args: ProfileArgs) -> Result<()> {
         let v: Vec<String> = ms.iter().map(|m| format!("{m:>12.4}")).collect();
         println!("  {name:<22} {}", v.join("  "));
     };
+    // An imported model's profile has heads and tails only (its modules are whole heads and tails).
     for s in &p.stages {
         row(&s.name, &s.median_ms);
     }
     for b in &p.branches {
         row(&b.name, &b.median_ms);
     }
-    row(&p.final_exit.name, &p.final_exit.median_ms);
+    if !p.final_exit.median_ms.is_empty() {
+        row(&p.final_exit.name, &p.final_exit.median_ms);
+    }
     println!("  partitions (device head = stages up to the branch + the branch; cloud tail = the rest):");
     for part in &p.partitions {
         row(&format!("branch {} head", part.branch), &part.head_median_ms);

@@ -39,16 +39,16 @@ pub fn run(args: RunArgs) -> Result<()> {
     let (mut shifted, mut shifted_splits) = (Vec::new(), Vec::new());
     for (corruption, seed) in scenario.shift_views() {
         tracing::info!("scenario {}: the model's answers on the test inputs under {corruption}", scenario.name);
-        let images = branchpoint_models::corrupt::apply(&corruption, &data.test.images, &model.card.dataset.name.normalization(), seed, 0)?;
+        let images = branchpoint_models::corrupt::apply(&corruption, &data.test.images, model.normalization(), seed, 0)?;
         let split = branchpoint_models::data::Split { images, labels: data.test.labels.shallow_clone() };
-        shifted.push(branchpoint_models::exits::recorded_split_exit_logits(&model.net, &model.card.weights_sha256, &split)?);
+        shifted.push(branchpoint_models::exits::recorded_split_exit_logits(&model, &split)?);
         shifted_splits.push(split);
     }
     let prepared = scenario::prepare(&scenario, &model, &logits.validation, &logits.test, &shifted, &profile)?;
     let cfg = scenario::sim_config(&scenario, &prepared)?;
 
     if let Some(listen) = &args.listen {
-        let info = crate::api::ModelInfo { sha256: model.card.weights_sha256.clone(), branches: model.net.num_branches() };
+        let info = crate::api::ModelInfo { sha256: model.sha256().to_string(), branches: model.num_branches() };
         crate::api::spawn_embedded(args.nats.clone(), listen.clone(), args.token.clone(), info)?;
         tracing::info!("api listening on http://{listen} (dashboard at /, metrics at /metrics) while the replay runs");
     }
@@ -72,12 +72,12 @@ pub fn run(args: RunArgs) -> Result<()> {
                 scenario: &scenario,
                 cfg: &cfg,
                 prepared: &prepared,
-                spec: ModelSpec { weights: args.source.model.clone(), device: tch::Device::Cpu },
-                points: model.net.architecture().partition_points.clone(),
+                spec: ModelSpec { model: args.source.model.clone(), device: tch::Device::Cpu },
+                points: model.partition_points().to_vec(),
                 inputs,
                 shifted,
                 nats: &args.nats,
-                model_sha256: model.card.weights_sha256.clone(),
+                model_sha256: model.sha256().to_string(),
                 data_dir: args.source.data_dir.clone(),
             };
             let n = scenario.policies.iter().filter(|p| **p != scenario::Policy::Oracle).count();
@@ -106,7 +106,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             bail!("policy {}: {} inputs but {} outcomes: the replay lost inputs (a bug; please report it)", r.policy.name(), r.arrivals, r.outcomes);
         }
     }
-    let rep = report::build(&scenario, &cfg, &prepared, &args.source.model.display().to_string(), &model.card.weights_sha256, runs, time);
+    let rep = report::build(&scenario, &cfg, &prepared, &args.source.model.display().to_string(), model.sha256(), runs, time);
 
     let out = args.out.clone().unwrap_or_else(|| std::path::Path::new("runs").join(&scenario.name));
     std::fs::create_dir_all(&out).map_err(|e| anyhow::anyhow!("creating {}: {e}", out.display()))?;

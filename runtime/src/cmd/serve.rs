@@ -25,8 +25,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         tracing::warn!("api: no --token, so PUT /api/plan and POST /api/calibration/refit answer 401");
     }
     branchpoint_models::subnormal::prepare_tensor_thread(1);
-    let model = branchpoint_models::load_model(&args.model, tch::Device::Cpu)?;
-    let info = ModelInfo { sha256: model.card.weights_sha256.clone(), branches: model.net.num_branches() };
+    let model = branchpoint_models::Model::load(&args.model, tch::Device::Cpu)?;
+    let info = ModelInfo { sha256: model.sha256().to_string(), branches: model.num_branches() };
     drop(model);
     let system = actix::System::new();
     system.block_on(async move {

@@ -6,7 +6,7 @@ use actix::Actor;
 use anyhow::{bail, Context, Result};
 use branchpoint_actors::compute::{Executor, ModelSpec};
 use branchpoint_actors::worker::{publish_status, serve_nats, Batcher, GetWorkerStats, WorkerConfig};
-use branchpoint_models::load_model;
+use branchpoint_models::Model;
 
 use crate::cli::WorkerArgs;
 use crate::parse_device;
@@ -22,8 +22,8 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
     // One intra-op thread per compute thread: parallelism comes from the pool.
     branchpoint_models::subnormal::prepare_tensor_thread(1);
-    let model = load_model(&args.model, device)?;
-    let partition_points = model.net.architecture().partition_points.clone();
+    let model = Model::load(&args.model, device)?;
+    let partition_points = model.partition_points().to_vec();
     drop(model);
     let worker_id = args.worker_id.clone().unwrap_or_else(|| format!("worker-{}", std::process::id()));
     if !branchpoint_messages::subjects::is_valid_id(&worker_id) {
@@ -34,7 +34,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     system.block_on(async move {
         let client = crate::nats::connect(&args.nats, &worker_id).await?;
         // Off the event loop, which drives the NATS client meanwhile.
-        let spec = ModelSpec { weights: args.model.clone(), device };
+        let spec = ModelSpec { model: args.model.clone(), device };
         let (threads, slowdown) = (args.threads, args.cloud_slowdown);
         let executor = tokio::task::spawn_blocking(move || Executor::start_with_slowdown(spec, threads, slowdown))
             .await

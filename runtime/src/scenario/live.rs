@@ -464,7 +464,7 @@ async fn start_calibrator(
         auto_refit: w.auto_refit,
         min_refit_interval_us: secs(w.min_refit_interval_s),
     };
-    let cfg = CalibratorConfig { weights: setup.spec.weights.clone(), data_dir: setup.data_dir.clone(), initial: Initial::Fit(setup.prepared.method), watch };
+    let cfg = CalibratorConfig { model: setup.spec.model.clone(), data_dir: setup.data_dir.clone(), initial: Initial::Fit(setup.prepared.method), watch };
     let (handle, _) = Calibrator::start(cfg).await.context("starting the watched policy's calibrator")?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (c, h) = (client.clone(), handle.clone());

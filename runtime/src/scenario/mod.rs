@@ -23,7 +23,7 @@ use branchpoint_core::monitor::MonitorConfig;
 use branchpoint_core::planner::{certified_candidates, default_candidate_p_tars, Candidate, ModelStats, Plan};
 use branchpoint_core::risk::Target;
 use branchpoint_messages::{encode, Deadline, OffloadRequest, Tensor as WireTensor};
-use branchpoint_models::LoadedModel;
+use branchpoint_models::Model;
 
 pub use file::{Policy, Scenario, TimeMode};
 use sim::{AutoscaleSim, GroupSim, Plans, RunResult, SimConfig, SimModel, View};
@@ -64,14 +64,7 @@ pub fn read_profile_at(path: &Path) -> Result<ComputeProfile> {
 ///
 /// `shifted` holds the test logits (every exit) of each of the scenario's
 /// `shift_views`, in order.
-pub fn prepare(
-    scenario: &Scenario,
-    model: &LoadedModel,
-    validation: &[ExitLogits],
-    test: &[ExitLogits],
-    shifted: &[Vec<ExitLogits>],
-    profile: &ComputeProfile,
-) -> Result<Prepared> {
+pub fn prepare(scenario: &Scenario, model: &Model, validation: &[ExitLogits], test: &[ExitLogits], shifted: &[Vec<ExitLogits>], profile: &ComputeProfile) -> Result<Prepared> {
     let method = scenario.calibration_method()?;
     let num_exits = test.len();
     let branches = num_exits - 1;
@@ -81,7 +74,7 @@ pub fn prepare(
         }
     }
     let temperatures = calibration::fit(method, validation)?;
-    let points = &model.net.architecture().partition_points;
+    let points = model.partition_points();
     if profile.partitions.len() != branches {
         bail!("the compute profile has {} partitions, the model {branches}: profile the same model", profile.partitions.len());
     }
