@@ -35,6 +35,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
 import pathlib
 import sys
 import tomllib
@@ -89,7 +90,7 @@ class Description:
     trunk: list[str]
     final: list[str]
     branches: list[Branch]
-    data: dict[str, str]
+    data: dict | None
 
 
 def _steps(value, key: str, where: pathlib.Path) -> list[str]:
@@ -149,10 +150,8 @@ def read_description(path: pathlib.Path) -> Description:
     if points[-1] == len(trunk) - 1:
         raise ExportError(f"{path}: branch {len(branches)} attaches after the last trunk block {trunk[-1]!r}: nothing would be left for the cloud")
     weights = d.get("weights")
-    data = d.get("data", {})
-    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-        raise ExportError(f"{path}: data: a table like {{ validation = \"fashion-mnist\", test = \"fashion-mnist\" }} or paths of tensor files")
     base = path.parent
+    data = _data(d.get("data"), path)
     return Description(
         source=path,
         module=module,
@@ -166,6 +165,55 @@ def read_description(path: pathlib.Path) -> Description:
         branches=branches,
         data=data,
     )
+
+
+BUILTIN_DATASETS = ("fashion-mnist", "cifar-10", "cifar10")
+
+
+def _data(value, path: pathlib.Path) -> dict | None:
+    """The [data] table as the card records it: validation and test, each a
+    built-in dataset's name or a tensor file (made absolute here, relative
+    to the card when written), and for a built-in dataset the split of its
+    training set (split_seed, validation_size; branchpoint's defaults)."""
+    if value is None:
+        return None
+    usage = f"{path}: data: a table like {{ validation = \"fashion-mnist\", test = \"fashion-mnist\" }} or paths of tensor files (python/README.md)"
+    if not isinstance(value, dict):
+        raise ExportError(usage)
+    unknown = set(value) - {"validation", "test", "split_seed", "validation_size"}
+    if unknown:
+        raise ExportError(f"{path}: data: unknown key(s) {sorted(unknown)}; the keys are validation, test, split_seed and validation_size")
+    out = {}
+    for side in ("validation", "test"):
+        source = value.get(side)
+        if not isinstance(source, str) or not source:
+            raise ExportError(usage)
+        if source not in BUILTIN_DATASETS:
+            file = (path.parent / source).resolve()
+            if not file.is_file():
+                raise ExportError(f"{path}: data.{side} = {source!r}: no such tensor file ({file}); give a built-in dataset ({', '.join(BUILTIN_DATASETS[:2])}) or a safetensors file written by tensorfile.py")
+            source = file
+        out[side] = source
+    seed, size = value.get("split_seed", 2021), value.get("validation_size", 5000)
+    if not isinstance(seed, int) or seed < 0 or not isinstance(size, int) or size < 1:
+        raise ExportError(f"{path}: data: split_seed must be a non-negative integer and validation_size a positive one")
+    out["split"] = {"seed": seed, "validation": size}
+    return out
+
+
+def _card_data(data: dict | None, card_dir: pathlib.Path) -> dict | None:
+    """Tensor files as paths relative to the card's folder (absolute if they
+    are on another tree)."""
+    if data is None:
+        return None
+    out = dict(data)
+    for side in ("validation", "test"):
+        if isinstance(out[side], pathlib.Path):
+            try:
+                out[side] = os.path.relpath(out[side], card_dir.resolve())
+            except ValueError:
+                out[side] = str(out[side])
+    return out
 
 
 def build_model(desc: Description) -> nn.Module:
@@ -348,7 +396,7 @@ def export(desc: Description, out: pathlib.Path, samples: int = 8, seed: int = 0
         "trunk": desc.trunk,
         "final": desc.final,
         "branches": branches,
-        "data": desc.data,
+        "data": _card_data(desc.data, out.parent),
         "exported_with": {"torch": torch.__version__.split("+")[0], "description": desc.source.name},
         "check": {"samples": samples, "seed": seed, "tolerance": TOLERANCE, "max_abs_difference": worst},
     }

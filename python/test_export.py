@@ -85,6 +85,16 @@ test = "fashion-mnist"
 '''
 
 
+def write_tiny(directory) -> dict:
+    """Exports the small CNN above (two side branches, random weights from
+    a fixed seed) into DIRECTORY as `tiny`: Rust's tests load it from there.
+    Returns the card."""
+    d = pathlib.Path(directory)
+    (d / "net.py").write_text(MODEL)
+    (d / "exits.toml").write_text(DESCRIPTION)
+    return export.export(export.read_description(d / "exits.toml"), d / "tiny")
+
+
 class ExportTest(unittest.TestCase):
     def setUp(self):
         tmp = tempfile.TemporaryDirectory()
@@ -147,6 +157,19 @@ class ExportTest(unittest.TestCase):
 
     def test_a_forward_that_returns_only_the_final_exit_is_refused(self):
         self.refused(DESCRIPTION.replace("net.py:build", "net.py:build_single"), "must return every exit's logits")
+
+    def test_data_is_a_builtin_dataset_or_a_tensor_file_recorded_relative_to_the_card(self):
+        import tensorfile
+
+        tensorfile.write(self.dir / "val.safetensors", torch.zeros(4, 1, 28, 28), torch.tensor([0, 1, 2, 3]))
+        text = DESCRIPTION.replace('validation = "fashion-mnist"', 'validation = "val.safetensors"')
+        card = export.export(self.describe(text), self.dir / "out" / "m")
+        self.assertEqual(card["data"], {"validation": "../val.safetensors", "test": "fashion-mnist", "split": {"seed": 2021, "validation": 5000}})
+        seeded = DESCRIPTION.replace('test = "fashion-mnist"', 'test = "fashion-mnist"\nsplit_seed = 7\nvalidation_size = 1000')
+        self.assertEqual(export.export(self.describe(seeded), self.dir / "out2" / "m")["data"]["split"], {"seed": 7, "validation": 1000})
+        self.assertIsNone(export.export(self.describe(DESCRIPTION.split("[data]")[0]), self.dir / "out3" / "m")["data"], "no [data]: none recorded")
+        self.refused(DESCRIPTION.replace('validation = "fashion-mnist"', 'validation = "absent.safetensors"'), "data.validation", "no such tensor file")
+        self.refused(DESCRIPTION.replace('test = "fashion-mnist"', 'test = "fashion-mnist"\nseed = 3'), "unknown key(s) ['seed']")
 
     def test_bad_descriptions_name_the_key(self):
         self.refused(DESCRIPTION.replace('after = "blocks.0"', 'after = "blocks.9"'), "branches[0].after", "not a trunk block")

@@ -282,43 +282,45 @@ pub fn join_within(handles: Vec<JoinHandle<()>>, within: Duration) -> Vec<String
     still
 }
 
-/// One tail-pool thread's state: its copy of the network.
+/// One tail-pool thread's state: its copy of each model the worker serves.
 pub struct Executor {
-    net: LoadedNet,
+    nets: Vec<LoadedNet>,
     /// Emulates slower cloud hardware: each tail holds its thread this many
     /// times as long as it took here (1: this machine as it is).
     slowdown: f64,
 }
 
 impl Executor {
-    /// Starts `threads` executors, each with its own copy of the model.
-    pub fn start(spec: ModelSpec, threads: usize) -> Result<TensorPool<Executor>, ActorError> {
-        Self::start_with_slowdown(spec, threads, 1.0)
+    /// Starts `threads` executors, each with its own copy of every model
+    /// in `specs` (`RunTail::model` indexes them).
+    pub fn start(specs: Vec<ModelSpec>, threads: usize) -> Result<TensorPool<Executor>, ActorError> {
+        Self::start_with_slowdown(specs, threads, 1.0)
     }
 
     /// `start`, on emulated hardware `slowdown` times slower than this
     /// machine: the thread stays busy for the difference, as a slower CPU
     /// would, so queues and batching react to it like to real load.
-    pub fn start_with_slowdown(spec: ModelSpec, threads: usize, slowdown: f64) -> Result<TensorPool<Executor>, ActorError> {
+    pub fn start_with_slowdown(specs: Vec<ModelSpec>, threads: usize, slowdown: f64) -> Result<TensorPool<Executor>, ActorError> {
         if !(slowdown.is_finite() && slowdown >= 1.0) {
             return Err(ActorError::Invalid { what: "cloud slowdown".into(), reason: format!("{slowdown} must be a number at least 1") });
         }
         // The batcher keeps at most one batch per thread plus one in flight
         // (`Batcher::with_compute_threads`); the queue leaves room for more.
-        TensorPool::start("tail", threads, 2 * threads.max(1) + 2, move || Ok(Executor { net: LoadedNet::load(&spec)?, slowdown }))
+        TensorPool::start("tail", threads, 2 * threads.max(1) + 2, move || Ok(Executor { nets: specs.iter().map(LoadedNet::load).collect::<Result<_, _>>()?, slowdown }))
     }
 
-    /// Runs `tail(partition_branch)` on a batch.
+    /// Runs model `msg.model`'s `tail(partition_branch)` on a batch.
     pub fn run_tail(&self, msg: RunTail) -> Result<TailOutput, ActorError> {
         let started = Instant::now();
-        let shape = self.activation_shape(msg.partition_branch)?;
+        let net = &self.nets.get(msg.model).ok_or_else(|| ActorError::Invalid { what: "model".into(), reason: format!("{} of the {} served", msg.model, self.nets.len()) })?.net;
+        net.check_branch(msg.partition_branch)?;
+        let shape = net.partition_points()[msg.partition_branch - 1].activation_shape.clone();
         let per_input: i64 = shape.iter().product();
         if msg.activations.len() as i64 != per_input * msg.batch as i64 {
             return Err(ActorError::Invalid { what: "activation batch".into(), reason: format!("{} values for {} inputs of shape {shape:?}", msg.activations.len(), msg.batch) });
         }
         let mut dims = vec![msg.batch as i64];
         dims.extend(&shape);
-        let net = &self.net.net;
         let x = Tensor::from_slice(&msg.activations).view(dims.as_slice()).to_device(net.device());
         let logits = net.tail(msg.partition_branch, &x)?;
         let (conf, class) = logits.softmax(-1, Kind::Float).max_dim(1, false);
@@ -328,11 +330,6 @@ impl Executor {
             std::thread::sleep(started.elapsed().mul_f64(self.slowdown - 1.0));
         }
         Ok(TailOutput { answers: class.into_iter().map(|c| c as u32).zip(conf).collect(), compute: started.elapsed() })
-    }
-
-    fn activation_shape(&self, branch: usize) -> Result<Vec<i64>, ActorError> {
-        self.net.net.check_branch(branch)?;
-        Ok(self.net.net.partition_points()[branch - 1].activation_shape.clone())
     }
 }
 
@@ -353,8 +350,11 @@ impl HeadOutput {
     }
 }
 
-/// `tail(partition_branch)` on `batch` activations laid end to end.
+/// Model `model`'s `tail(partition_branch)` on `batch` activations laid end
+/// to end.
 pub struct RunTail {
+    /// Which of the executor's models (their order when it started).
+    pub model: usize,
     pub partition_branch: usize,
     pub batch: usize,
     pub activations: Vec<f32>,

@@ -41,6 +41,9 @@ pub struct DeviceConfig {
     pub temperatures: Vec<f64>,
     /// Budget of one input from arrival to answer.
     pub deadline: Duration,
+    /// The model's SHA-256 (`Model::sha256`), sent with every offload so
+    /// that a worker serving several models runs this one's tail.
+    pub model_sha256: Arc<str>,
     /// Real-time scenario replay: the emulated uplink in front of `link`.
     pub emulation: Option<EmulationSpec>,
     /// Shared by a fleet's devices; see `Interrupt`.
@@ -326,6 +329,7 @@ fn offload_request(seq: u64, cfg: &DeviceConfig, head: &HeadOutput, arrived: Ins
         activation,
         deadline: Deadline { sent_at_unix_us: unix_us(), budget_us: remaining.as_micros().max(1) as u64 },
         audit: None,
+        model_sha256: Some(cfg.model_sha256.clone()),
     })
 }
 
@@ -571,7 +575,16 @@ mod tests {
     }
 
     fn request(seq: u64) -> Offload {
-        Offload { device_id: "d".into(), seq, partition_branch: 1, shape: vec![1, 2], activation: vec![0.0, 1.0].into(), deadline: Deadline::default(), audit: None }
+        Offload {
+            device_id: "d".into(),
+            seq,
+            partition_branch: 1,
+            shape: vec![1, 2],
+            activation: vec![0.0, 1.0].into(),
+            deadline: Deadline::default(),
+            audit: None,
+            model_sha256: None,
+        }
     }
 
     /// The outcome of offloading request 5 to a cloud that does `fault`.

@@ -20,13 +20,24 @@ pub struct Offload {
     pub activation: Arc<[f32]>,
     pub deadline: Deadline,
     pub audit: Option<AuditTag>,
+    /// The model whose head made the activation (`OffloadRequest::model_sha256`).
+    pub model_sha256: Option<Arc<str>>,
 }
 
 impl Offload {
     /// From the wire: the tensor's values as f32 (f16 widened).
     pub fn from_wire(r: OffloadRequest) -> Result<Self, MessageError> {
         let activation: Arc<[f32]> = r.activation.to_f32_vec()?.into();
-        Ok(Self { device_id: r.device_id, seq: r.seq, partition_branch: r.partition_branch, shape: r.activation.shape, activation, deadline: r.deadline, audit: r.audit })
+        Ok(Self {
+            device_id: r.device_id,
+            seq: r.seq,
+            partition_branch: r.partition_branch,
+            shape: r.activation.shape,
+            activation,
+            deadline: r.deadline,
+            audit: r.audit,
+            model_sha256: r.model_sha256.map(Into::into),
+        })
     }
 
     /// To the wire, as f32.
@@ -38,6 +49,7 @@ impl Offload {
             activation: Tensor::from_f32(&self.shape, &self.activation)?,
             deadline: self.deadline,
             audit: self.audit.clone(),
+            model_sha256: self.model_sha256.as_deref().map(str::to_string),
         })
     }
 
@@ -54,6 +66,7 @@ impl Offload {
             activation: Tensor { dtype: branchpoint_messages::DType::F32, shape: self.shape.clone(), data: Vec::new() },
             deadline: self.deadline,
             audit: self.audit.clone(),
+            model_sha256: self.model_sha256.as_deref().map(str::to_string),
         };
         let prefix = |n: usize| match n {
             0..=0xff => 2,
@@ -77,6 +90,7 @@ mod tests {
             activation: (0..n).map(|i| i as f32 * 0.5).collect(),
             deadline: Deadline { sent_at_unix_us: 1, budget_us: 1000 },
             audit: None,
+            model_sha256: Some("ab".repeat(32).into()),
         }
     }
 

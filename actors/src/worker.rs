@@ -69,7 +69,7 @@ pub struct NatsReply {
 /// the request got wrong, 5xx for the worker's state.
 fn service_code(kind: ErrorKind) -> usize {
     match kind {
-        ErrorKind::InvalidRequest | ErrorKind::UnsupportedVersion | ErrorKind::UnknownBranch => 400,
+        ErrorKind::InvalidRequest | ErrorKind::UnsupportedVersion | ErrorKind::UnknownBranch | ErrorKind::UnknownModel => 400,
         ErrorKind::DeadlineExpired => 408,
         ErrorKind::Overloaded => 503,
         ErrorKind::Internal | ErrorKind::Unknown => 500,
@@ -256,15 +256,33 @@ pub fn admit(audits: &[bool], is_audit: bool, backlog: usize, shed_at: usize) ->
     Some(audits.iter().position(|&a| a).unwrap_or(audits.len()))
 }
 
+/// A model the worker serves: its SHA-256 (`Model::sha256`, what requests
+/// name it by) and what crosses each of its partition points.
+#[derive(Debug, Clone)]
+pub struct ServedModel {
+    pub sha256: String,
+    pub partition_points: Vec<PartitionPoint>,
+}
+
+/// Requests that may share a batch: the same model's tail at the same
+/// partition branch (`model` indexes the worker's models).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Lane {
+    pub model: usize,
+    pub branch: u8,
+}
+
 pub struct Batcher {
     cfg: WorkerConfig,
     /// Over NATS: where audit results go (`branchpoint.calibration.audit`).
     audit_sink: Option<async_nats::Client>,
     executor: Box<dyn RunTails>,
-    partition_points: Vec<PartitionPoint>,
-    pending: HashMap<u8, Vec<Job>>,
+    /// The models served, in the executor's order; a request that names
+    /// none goes to the first.
+    models: Vec<ServedModel>,
+    pending: HashMap<Lane, Vec<Job>>,
     /// Bumped at every flush, so a stale max_wait timer flushes nothing.
-    generation: HashMap<u8, u64>,
+    generation: HashMap<Lane, u64>,
     stats: WorkerStats,
     /// Requests in batches handed to the compute pool and not yet answered.
     in_flight: usize,
@@ -274,13 +292,13 @@ pub struct Batcher {
     /// and where waiting requests join bigger batches.
     batches_in_flight: usize,
     max_batches_in_flight: usize,
-    /// Branches with requests ready to run, waiting for a compute thread,
+    /// Lanes with requests ready to run, waiting for a compute thread,
     /// and since when: the queue delay starts there, not at arrival, because
     /// the batching window before it is chosen, not congestion.
-    deferred: std::collections::BTreeSet<u8>,
-    ready_since: HashMap<u8, Instant>,
-    /// Each branch's batch time, for deadline decisions.
-    batch_time: HashMap<u8, BatchTime>,
+    deferred: std::collections::BTreeSet<Lane>,
+    ready_since: HashMap<Lane, Instant>,
+    /// Each lane's batch time, for deadline decisions.
+    batch_time: HashMap<Lane, BatchTime>,
     /// Most requests held (waiting and computing); beyond it an offload is
     /// refused at once as Overloaded.
     max_queue: usize,
@@ -293,12 +311,15 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    pub fn new(cfg: WorkerConfig, executor: impl RunTails, partition_points: Vec<PartitionPoint>) -> Self {
+    /// A batcher for `models` (at least one), whose tails `executor` runs
+    /// (`RunTail::model` indexes `models`).
+    pub fn new(cfg: WorkerConfig, executor: impl RunTails, models: Vec<ServedModel>) -> Self {
+        assert!(!models.is_empty(), "a worker serves at least one model");
         Self {
             cfg,
             audit_sink: None,
             executor: Box::new(executor),
-            partition_points,
+            models,
             pending: HashMap::new(),
             generation: HashMap::new(),
             stats: WorkerStats::default(),
@@ -360,14 +381,14 @@ impl Batcher {
         (slot, at.max(now))
     }
 
-    /// Flushes deferred branches while compute threads are free, the branch
+    /// Flushes deferred lanes while compute threads are free, the lane
     /// whose most urgent offload is due first first.
     fn resume(&mut self, ctx: &mut Context<Self>) {
         while self.batches_in_flight < self.max_batches_in_flight {
-            let urgent = |b: &u8| self.pending.get(b).and_then(|q| q.iter().filter(|j| !j.is_audit()).map(Job::due).min());
-            let Some(branch) = self.deferred.iter().copied().min_by_key(|b| (urgent(b).is_none(), urgent(b), *b)) else { return };
-            self.deferred.remove(&branch);
-            self.flush(branch, ctx);
+            let urgent = |l: &Lane| self.pending.get(l).and_then(|q| q.iter().filter(|j| !j.is_audit()).map(Job::due).min());
+            let Some(lane) = self.deferred.iter().copied().min_by_key(|l| (urgent(l).is_none(), urgent(l), *l)) else { return };
+            self.deferred.remove(&lane);
+            self.flush(lane, ctx);
         }
     }
 
@@ -376,47 +397,56 @@ impl Batcher {
         OffloadReply::Error(ErrorReply { seq, worker_id: self.cfg.worker_id.clone(), kind, detail })
     }
 
-    /// Checks what the message crate cannot: that the branch exists here and
-    /// the activation has its shape, one input per request; and that it is
-    /// not stale: a request whose budget ended more than `CLOCK_SKEW` ago by
-    /// this worker's clock was held up on the way (a client buffering
-    /// through a broker outage) and nobody waits for its answer.
-    fn check(&self, r: &Offload, now_unix_us: u64) -> Result<(), (ErrorKind, String)> {
+    /// Checks what the message crate cannot: that the model and its branch
+    /// are served here and the activation has the branch's shape, one input
+    /// per request; and that it is not stale: a request whose budget ended
+    /// more than `CLOCK_SKEW` ago by this worker's clock was held up on the
+    /// way (a client buffering through a broker outage) and nobody waits for
+    /// its answer. Gives the request's lane.
+    fn check(&self, r: &Offload, now_unix_us: u64) -> Result<Lane, (ErrorKind, String)> {
         let d = r.deadline;
         let ended = d.sent_at_unix_us.saturating_add(d.budget_us);
         if d.sent_at_unix_us != 0 && now_unix_us > ended.saturating_add(CLOCK_SKEW.as_micros() as u64) {
             let late = Duration::from_micros(now_unix_us - ended);
             return Err((ErrorKind::DeadlineExpired, format!("stale: its budget ended {late:?} before it arrived here (by this worker's clock)")));
         }
+        let model = match &r.model_sha256 {
+            None => 0,
+            Some(sha) => self.models.iter().position(|m| m.sha256 == **sha).ok_or_else(|| {
+                let served: Vec<&str> = self.models.iter().map(|m| m.sha256.get(..12).unwrap_or(&m.sha256)).collect();
+                (ErrorKind::UnknownModel, format!("model {} is not served here; this worker serves {served:?} (SHA-256 prefixes)", sha.get(..12).unwrap_or(sha)))
+            })?,
+        };
+        let points = &self.models[model].partition_points;
         let k = r.partition_branch as usize;
-        let Some(pp) = self.partition_points.get(k.wrapping_sub(1)) else {
-            return Err((ErrorKind::UnknownBranch, format!("branch {k} does not exist; this model has branches 1..={}", self.partition_points.len())));
+        let Some(pp) = points.get(k.wrapping_sub(1)) else {
+            return Err((ErrorKind::UnknownBranch, format!("branch {k} does not exist; this model has branches 1..={}", points.len())));
         };
         let mut want: Vec<u32> = vec![1];
         want.extend(pp.activation_shape.iter().map(|&d| d as u32));
         if r.shape != want || r.activation.len() != want.iter().map(|&d| d as usize).product::<usize>() {
             return Err((ErrorKind::InvalidRequest, format!("activation shape {:?} ({} values), branch {k} needs {want:?}", r.shape, r.activation.len())));
         }
-        Ok(())
+        Ok(Lane { model, branch: r.partition_branch })
     }
 
-    fn flush(&mut self, branch: u8, ctx: &mut Context<Self>) {
-        *self.generation.entry(branch).or_default() += 1;
-        if self.pending.get(&branch).is_none_or(Vec::is_empty) {
+    fn flush(&mut self, lane: Lane, ctx: &mut Context<Self>) {
+        *self.generation.entry(lane).or_default() += 1;
+        if self.pending.get(&lane).is_none_or(Vec::is_empty) {
             return;
         }
         if self.batches_in_flight >= self.max_batches_in_flight {
             // Ready, but every compute thread is busy: runs when one frees.
-            self.deferred.insert(branch);
-            self.ready_since.entry(branch).or_insert_with(Instant::now);
+            self.deferred.insert(lane);
+            self.ready_since.entry(lane).or_insert_with(Instant::now);
             return;
         }
-        let ready = self.ready_since.remove(&branch);
+        let ready = self.ready_since.remove(&lane);
         // Deadlines count from when the batch will start: now, or when the
         // batch ahead of it at the pool is expected to finish.
         let (slot, now) = self.next_start(Instant::now());
-        let estimate = self.batch_time.get(&branch).cloned().unwrap_or_default();
-        let queue = self.pending.get_mut(&branch).expect("checked above");
+        let estimate = self.batch_time.get(&lane).cloned().unwrap_or_default();
+        let queue = self.pending.get_mut(&lane).expect("checked above");
         // Earliest deadline first, offloads ahead of audits; an offload that
         // cannot finish even alone is answered now, not computed late.
         queue.sort_by_key(|j| (j.is_audit(), j.due()));
@@ -446,12 +476,12 @@ impl Batcher {
                 self.error(Some(job.request.seq), ErrorKind::DeadlineExpired, format!("it cannot finish before its deadline (a batch takes about {:?})", estimate.estimate(1)));
             job.reply.send(reply);
         }
-        let queue = self.pending.get_mut(&branch).expect("still there");
+        let queue = self.pending.get_mut(&lane).expect("still there");
         if !queue.is_empty() {
-            // More arrived while the branch waited for a thread; they have
+            // More arrived while the lane waited for a thread; they have
             // waited too, so they go next.
-            self.deferred.insert(branch);
-            self.ready_since.insert(branch, Instant::now());
+            self.deferred.insert(lane);
+            self.ready_since.insert(lane, Instant::now());
         }
         let started = Instant::now();
         let ready = ready.unwrap_or(started);
@@ -479,7 +509,7 @@ impl Batcher {
             let q = started.duration_since(job.received).as_micros() as f64;
             self.stats.queue_delay_us_ewma = 0.9 * self.stats.queue_delay_us_ewma + 0.1 * q;
         }
-        let run = RunTail { partition_branch: branch as usize, batch: n, activations };
+        let run = RunTail { model: lane.model, partition_branch: lane.branch as usize, batch: n, activations };
         self.in_flight += n;
         self.batches_in_flight += 1;
         let took = estimate.estimate(n);
@@ -502,7 +532,7 @@ impl Batcher {
                 act.resume(ctx);
                 match result {
                     Ok(out) => {
-                        act.batch_time.entry(branch).or_default().observe(n, out.compute);
+                        act.batch_time.entry(lane).or_default().observe(n, out.compute);
                         // Waiting for a thread: deferred here, then queued at the pool.
                         let waited = (started.elapsed().saturating_sub(out.compute) + started.duration_since(ready)).as_micros() as f64;
                         act.stats.answered += n as u64;
@@ -545,11 +575,11 @@ impl Batcher {
     /// `max_queue` requests already, or the offloads due before it make a
     /// queue it cannot get through before its own deadline (a device told
     /// now falls back at once, instead of at its deadline).
-    fn refuse_offload(&self, job: &Job, backlog: usize) -> Option<String> {
+    fn refuse_offload(&self, job: &Job, lane: Lane, backlog: usize) -> Option<String> {
         if backlog >= self.max_queue {
             return Some(format!("the worker holds {backlog} requests already (at most {})", self.max_queue));
         }
-        let estimate = self.batch_time.get(&job.request.partition_branch)?;
+        let estimate = self.batch_time.get(&lane)?;
         let due = job.due();
         // Waiting here, due before it: full batches ahead of its own, after
         // what the pool holds already.
@@ -576,38 +606,40 @@ impl Handler<Job> for Batcher {
     fn handle(&mut self, job: Job, ctx: &mut Context<Self>) {
         self.stats.requests += 1;
         let now_unix_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
-        if let Err((kind, detail)) = self.check(&job.request, now_unix_us) {
-            let reply = self.error(Some(job.request.seq), kind, detail);
-            job.reply.send(reply);
-            return;
-        }
-        let branch = job.request.partition_branch;
+        let lane = match self.check(&job.request, now_unix_us) {
+            Ok(lane) => lane,
+            Err((kind, detail)) => {
+                let reply = self.error(Some(job.request.seq), kind, detail);
+                job.reply.send(reply);
+                return;
+            }
+        };
         let is_audit = job.is_audit();
         let backlog = self.backlog();
         if !is_audit {
-            if let Some(why) = self.refuse_offload(&job, backlog) {
+            if let Some(why) = self.refuse_offload(&job, lane, backlog) {
                 let reply = self.error(Some(job.request.seq), ErrorKind::Overloaded, why);
                 job.reply.send(reply);
                 return;
             }
         }
-        let flags: Vec<bool> = self.pending.get(&branch).map_or(Vec::new(), |q| q.iter().map(|j| j.request.audit.as_ref().is_some_and(|t| t.on_device)).collect());
+        let flags: Vec<bool> = self.pending.get(&lane).map_or(Vec::new(), |q| q.iter().map(|j| j.request.audit.as_ref().is_some_and(|t| t.on_device)).collect());
         let Some(at) = admit(&flags, is_audit, backlog, self.cfg.max_batch) else {
             self.stats.audits_shed += 1;
             let reply = self.error(Some(job.request.seq), ErrorKind::Overloaded, "an audit, shed: the worker is busy with offloads".into());
             job.reply.send(reply);
             return;
         };
-        let queue = self.pending.entry(branch).or_default();
+        let queue = self.pending.entry(lane).or_default();
         queue.insert(at, job);
         let len = queue.len();
         if len >= self.cfg.max_batch {
-            self.flush(branch, ctx);
+            self.flush(lane, ctx);
         } else if len == 1 {
-            let generation = *self.generation.entry(branch).or_default();
+            let generation = *self.generation.entry(lane).or_default();
             ctx.run_later(self.cfg.max_wait, move |act, ctx| {
-                if act.generation.get(&branch) == Some(&generation) {
-                    act.flush(branch, ctx);
+                if act.generation.get(&lane) == Some(&generation) {
+                    act.flush(lane, ctx);
                 }
             });
         }
@@ -760,7 +792,7 @@ mod batcher_tests {
     fn batcher(tails: FakeTails) -> Addr<Batcher> {
         let cfg = WorkerConfig { worker_id: "w".into(), max_batch: 4, max_wait: Duration::from_millis(10) };
         let points = vec![PartitionPoint { branch: 1, activation_shape: vec![2], activation_bytes: 8 }];
-        Batcher::new(cfg, tails, points).start()
+        Batcher::new(cfg, tails, vec![ServedModel { sha256: "ab".repeat(32), partition_points: points }]).start()
     }
 
     fn job(seq: u64, shape: &[u32], budget_ms: u64) -> (Job, tokio::sync::oneshot::Receiver<OffloadReply>) {
@@ -773,6 +805,7 @@ mod batcher_tests {
             activation: vec![0.5; shape.iter().product::<u32>() as usize].into(),
             deadline: Deadline { sent_at_unix_us: 0, budget_us: budget_ms * 1000 },
             audit: None,
+            model_sha256: None,
         };
         (Job { request, received: Instant::now(), reply: ReplyTo::Local(tx) }, rx)
     }

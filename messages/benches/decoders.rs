@@ -45,8 +45,15 @@ fn samples() -> Vec<Vec<u8>> {
         decided_at_unix_us: 5,
         label: Some(1),
     };
-    let request =
-        OffloadRequest { device_id: "d-1".into(), seq: 7, partition_branch: 1, activation, deadline: Deadline { sent_at_unix_us: 1, budget_us: 1000 }, audit: Some(tag.clone()) };
+    let request = OffloadRequest {
+        device_id: "d-1".into(),
+        seq: 7,
+        partition_branch: 1,
+        activation,
+        deadline: Deadline { sent_at_unix_us: 1, budget_us: 1000 },
+        audit: Some(tag.clone()),
+        model_sha256: None,
+    };
     let timings = WorkerTimings { queue_us: 1, compute_us: 2, batch_size: 3 };
     let watch = BranchWatch {
         group: "g".into(),

@@ -27,7 +27,7 @@ prop_compose! {
     fn request()(device_id in id(), seq: u64, partition_branch in 1u8.., activation in tensor(),
                  sent_at_unix_us: u64, budget_us in 1u64..) -> OffloadRequest {
         let deadline = Deadline { sent_at_unix_us, budget_us };
-        OffloadRequest { device_id, seq, partition_branch, activation, deadline, audit: None }
+        OffloadRequest { device_id, seq, partition_branch, activation, deadline, audit: None, model_sha256: None }
     }
 }
 
@@ -271,7 +271,7 @@ proptest! {
 fn sample_request() -> OffloadRequest {
     let activation = Tensor::from_f32(&[1, 2, 2], &[0.5, -1.0, 2.0, 3.25]).unwrap();
     let deadline = Deadline { sent_at_unix_us: 1_700_000_000_000_000, budget_us: 50_000 };
-    OffloadRequest { device_id: "dev-1".into(), seq: 7, partition_branch: 2, activation, deadline, audit: None }
+    OffloadRequest { device_id: "dev-1".into(), seq: 7, partition_branch: 2, activation, deadline, audit: None, model_sha256: None }
 }
 
 #[test]

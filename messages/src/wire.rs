@@ -168,6 +168,13 @@ pub struct OffloadRequest {
     /// (`on_device`) changes no outcome and is shed first under load.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit: Option<AuditTag>,
+    /// The SHA-256 of the model whose head made the activation (the
+    /// weights' for a built-in model, the card's for an imported one): a
+    /// worker serving several models runs that model's tail, and refuses
+    /// one it does not serve (`UnknownModel`). Absent: the worker's first
+    /// model, as before workers served several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_sha256: Option<String>,
 }
 
 /// What a watched device adds to an offload or an audit.
@@ -217,6 +224,9 @@ impl Message for OffloadRequest {
         if self.deadline.budget_us == 0 {
             return Err(MessageError::MissingDeadline);
         }
+        if let Some(sha) = &self.model_sha256 {
+            check_sha256(sha)?;
+        }
         if let Some(tag) = &self.audit {
             // The same checks as the result it becomes (class 0 exists).
             tag.result(&self.device_id, self.partition_branch, 0).validate()?;
@@ -264,6 +274,9 @@ pub enum ErrorKind {
     UnsupportedVersion,
     /// The worker does not serve this partition branch.
     UnknownBranch,
+    /// The worker does not serve the model the request names
+    /// (`model_sha256`). Peers older than this kind decode it as `Unknown`.
+    UnknownModel,
     /// The worker failed for a reason of its own.
     Internal,
     /// A kind this build does not know (sent by a newer peer); decoding it as

@@ -23,7 +23,7 @@ pub enum ModelError {
     #[error("model weights {path} not found; {hint}")]
     MissingWeights { path: PathBuf, hint: String },
 
-    #[error("model card {path} is missing or unreadable: {reason}; every weights file ships with a card NAME.json beside NAME.safetensors (written by `branchpoint train`)")]
+    #[error("model card {path} is missing or unreadable: {reason}; a model is a weights file NAME.safetensors with its card NAME.json beside it (written by `branchpoint train`), or the card of an imported model (written by python/export.py)")]
     BadModelCard { path: PathBuf, reason: String },
 
     #[error("weights {path} do not fit the architecture in the model card: {reason}")]

@@ -34,7 +34,7 @@ use branchpoint_actors::device::{Device, DeviceConfig, Infer};
 use branchpoint_actors::fleet::{run_fleet, DeviceThreads, FleetConfig, TestInputs};
 use branchpoint_actors::offload::Offload;
 use branchpoint_actors::transport::OffloadLink;
-use branchpoint_actors::worker::{serve_nats, Batcher, Job, ReplyTo, WorkerConfig};
+use branchpoint_actors::worker::{serve_nats, Batcher, Job, ReplyTo, ServedModel, WorkerConfig};
 use branchpoint_messages::{Deadline, OffloadReply, PartitionBranch, Tensor as WireTensor};
 use branchpoint_models::Model;
 use tch::Tensor;
@@ -48,6 +48,7 @@ fn branch2_request(seq: usize, activation: &WireTensor, budget_us: u64) -> Offlo
         activation: activation.to_f32_vec().expect("an f32 tensor").into(),
         deadline: Deadline { sent_at_unix_us: 0, budget_us },
         audit: None,
+        model_sha256: None,
     }
 }
 
@@ -75,6 +76,7 @@ fn main() {
     let data = model.load_data(None).unwrap();
     let inputs = Arc::new(TestInputs::from_split(&data.test).unwrap());
     let points = model.partition_points().to_vec();
+    let sha = model.sha256().to_string();
     let spec = ModelSpec { model: weights.clone(), device: tch::Device::Cpu };
     println!("torch threads per compute thread: 1; machine: {} cores", std::thread::available_parallelism().map_or(0, |n| n.get()));
 
@@ -85,21 +87,23 @@ fn main() {
     let runs = 3000;
     let system = actix::System::new();
     let (bare, actor): (Vec<f64>, Vec<f64>) = system.block_on({
+        let sha = sha.clone();
         let (spec, inputs, points) = (spec.clone(), inputs.clone(), points.clone());
         async move {
             // The device lives on this thread, as on a real device; p_tar is
             // low enough that every input exits (the offload path is [3]).
             let net = std::rc::Rc::new(LoadedNet::load(&spec).unwrap());
             let collector = Collector::new(2).start();
-            let wexec = Executor::start(spec.clone(), 1).unwrap();
+            let wexec = Executor::start(vec![spec.clone()], 1).unwrap();
             let wcfg = WorkerConfig { worker_id: "unused".into(), max_batch: 1, max_wait: Duration::from_millis(1) };
-            let link = OffloadLink::InProcess(Batcher::new(wcfg, wexec, points).with_compute_threads(1).start());
+            let link = OffloadLink::InProcess(Batcher::new(wcfg, wexec, vec![ServedModel { sha256: sha.clone(), partition_points: points }]).with_compute_threads(1).start());
             let cfg = DeviceConfig {
                 id: "bench".into(),
                 partition_branch: PartitionBranch::FIRST,
                 p_tar: 0.1,
                 temperatures: vec![1.3; 3],
                 deadline: Duration::from_secs(1),
+                model_sha256: sha.as_str().into(),
                 emulation: None,
                 interrupt: Default::default(),
                 audit: None,
@@ -139,13 +143,14 @@ fn main() {
     // the worker, so both see the same machine load; inputs/s over all rounds.
     let rounds = batches / 10;
     let (bare_secs, worker_secs) = system.block_on({
+        let sha = sha.clone();
         let (spec, points, one_act, act_shape) = (spec.clone(), points.clone(), one_act.clone(), act_shape.clone());
         let net = &model;
         let xb = &xb;
         async move {
-            let exec = Executor::start(spec, 1).unwrap();
+            let exec = Executor::start(vec![spec], 1).unwrap();
             let cfg = WorkerConfig { worker_id: "bench".into(), max_batch: batch, max_wait: Duration::from_millis(5) };
-            let batcher = Batcher::new(cfg, exec, points).with_compute_threads(1).start();
+            let batcher = Batcher::new(cfg, exec, vec![ServedModel { sha256: sha.clone(), partition_points: points }]).with_compute_threads(1).start();
             let mut shape = vec![1u32];
             shape.extend(act_shape.iter().map(|&d| d as u32));
             let tensor = WireTensor::from_f32(&shape, &one_act).unwrap();
@@ -196,12 +201,13 @@ fn main() {
     }
     let url = format!("nats://127.0.0.1:{port}");
     let (overhead, rtts, sent) = system.block_on({
+        let sha = sha.clone();
         let (spec, points, one_act, act_shape) = (spec.clone(), points.clone(), one_act.clone(), act_shape.clone());
         async move {
             let wclient = async_nats::connect(&url).await.unwrap();
-            let exec = Executor::start(spec, 1).unwrap();
+            let exec = Executor::start(vec![spec], 1).unwrap();
             let cfg = WorkerConfig { worker_id: "bench".into(), max_batch: 32, max_wait: Duration::from_micros(500) };
-            let batcher = Batcher::new(cfg, exec, points).with_compute_threads(1).start();
+            let batcher = Batcher::new(cfg, exec, vec![ServedModel { sha256: sha.clone(), partition_points: points }]).with_compute_threads(1).start();
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
             actix::spawn(async move {
                 let _ = serve_nats(wclient, batcher, "bench".into(), move || {
@@ -252,12 +258,13 @@ fn main() {
 
     // 4. 1,000 device actors in one process, in-process worker.
     let (summary, secs) = system.block_on({
+        let sha = sha.clone();
         let (spec, points, inputs) = (spec.clone(), points.clone(), inputs.clone());
         async move {
             let mut device_threads = DeviceThreads::start(spec.clone(), 1).unwrap();
-            let wexec = Executor::start(spec, 1).unwrap();
+            let wexec = Executor::start(vec![spec], 1).unwrap();
             let cfg = WorkerConfig { worker_id: "embedded".into(), max_batch: 32, max_wait: Duration::from_millis(2) };
-            let link = OffloadLink::InProcess(Batcher::new(cfg, wexec, points).with_compute_threads(1).start());
+            let link = OffloadLink::InProcess(Batcher::new(cfg, wexec, vec![ServedModel { sha256: sha.clone(), partition_points: points }]).with_compute_threads(1).start());
             let collector = Collector::new(2).start();
             let fleet = FleetConfig {
                 devices: 1000,
@@ -271,13 +278,14 @@ fn main() {
                     p_tar: 0.9,
                     temperatures: vec![1.0; 3],
                     deadline: Duration::from_secs(1),
+                    model_sha256: sha.as_str().into(),
                     emulation: None,
                     interrupt: Default::default(),
                     audit: None,
                 },
                 drain: Duration::from_secs(3),
                 group: "default".into(),
-                model_sha256: String::new(),
+                model_sha256: sha.clone(),
                 fleet_id: "bench".into(),
                 status_interval: None,
                 stop_grace: Duration::ZERO,

@@ -83,7 +83,7 @@ pub struct ServeArgs {
     pub service: ServiceArgs,
     #[command(flatten)]
     pub http: HttpArgs,
-    /// Weights file (.safetensors) with its model card NAME.json beside it: plans are checked against it.
+    /// The model plans are checked against: a built-in model's weights (.safetensors) or an imported model's card (.json).
     #[arg(long, default_value = DEFAULT_MODEL, value_name = "FILE")]
     pub model: PathBuf,
     /// Forget a worker or fleet that has not reported for this long, in seconds.
@@ -123,7 +123,9 @@ pub struct StackArgs {
     pub nats: StackStoreArgs,
     #[command(flatten)]
     pub http: HttpArgs,
-    /// Weights file (.safetensors) with its model card NAME.json beside it.
+    /// The model: a built-in model's weights (.safetensors, its card
+    /// NAME.json beside it) or an imported model's card (.json, from
+    /// python/export.py).
     #[arg(long, default_value = DEFAULT_MODEL, value_name = "FILE")]
     pub model: PathBuf,
     /// Workers to start with.
@@ -309,7 +311,9 @@ pub struct TemperatureArgs {
 /// A model and the dataset it was trained on, for commands that need both.
 #[derive(Debug, Args, Clone)]
 pub struct ModelArgs {
-    /// Weights file (.safetensors) with its model card NAME.json beside it.
+    /// The model: a built-in model's weights (.safetensors, its card
+    /// NAME.json beside it) or an imported model's card (.json, from
+    /// python/export.py).
     #[arg(long, default_value = DEFAULT_MODEL, value_name = "FILE")]
     pub model: PathBuf,
     /// Folder holding the dataset files [default: the dataset's standard folder].
@@ -409,9 +413,13 @@ pub struct WorkerArgs {
     pub nats: NatsArgs,
     #[command(flatten)]
     pub service: ServiceArgs,
-    /// Weights file (.safetensors) with its model card NAME.json beside it.
-    #[arg(long, default_value = DEFAULT_MODEL, value_name = "FILE")]
-    pub model: PathBuf,
+    /// The models to serve: each a built-in model's weights (.safetensors,
+    /// its card NAME.json beside it) or an imported model's card (.json, from
+    /// python/export.py). Repeat the flag (or separate with commas) to serve
+    /// several; a request runs the tail of the model it names by SHA-256,
+    /// and one that names none runs the first.
+    #[arg(long, default_value = DEFAULT_MODEL, value_name = "FILE", value_delimiter = ',', action = clap::ArgAction::Append)]
+    pub model: Vec<PathBuf>,
     /// Most offloaded inputs run together in one batched tail forward.
     #[arg(long, default_value_t = 32, value_name = "B")]
     pub max_batch: usize,
@@ -642,7 +650,9 @@ pub struct EvaluateArgs {
 
 #[derive(Debug, Args)]
 pub struct ProfileArgs {
-    /// Weights file (.safetensors) with its model card NAME.json beside it.
+    /// The model: a built-in model's weights (.safetensors, its card
+    /// NAME.json beside it) or an imported model's card (.json, from
+    /// python/export.py).
     #[arg(long, default_value = DEFAULT_MODEL, value_name = "FILE")]
     pub model: PathBuf,
     /// Also write the profile as JSON to this file.

@@ -23,10 +23,8 @@ warnings.filterwarnings("ignore")
 sys.path.insert(0, sys.argv[1])
 import torch, export, test_export
 d = pathlib.Path(sys.argv[2])
-(d / "net.py").write_text(test_export.MODEL)
-(d / "exits.toml").write_text(test_export.DESCRIPTION)
+test_export.write_tiny(d)
 desc = export.read_description(d / "exits.toml")
-export.export(desc, d / "tiny")
 model = export.build_model(desc).eval()
 x = export.sample_inputs(desc, 5, seed=42)
 def raw(t, name):

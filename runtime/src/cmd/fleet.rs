@@ -11,7 +11,7 @@ use branchpoint_actors::compute::{Executor, ModelSpec};
 use branchpoint_actors::device::{AuditSettings, DeviceConfig};
 use branchpoint_actors::fleet::{run_fleet, DeviceThreads, FleetConfig, TestInputs};
 use branchpoint_actors::transport::OffloadLink;
-use branchpoint_actors::worker::{Batcher, WorkerConfig};
+use branchpoint_actors::worker::{Batcher, ServedModel, WorkerConfig};
 use branchpoint_core::calibration::CalibrationFile;
 
 use crate::cli::FleetArgs;
@@ -73,6 +73,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
             p_tar: args.p_tar,
             temperatures,
             deadline: Duration::from_secs_f64(args.deadline_ms / 1e3),
+            model_sha256: model_sha256.as_str().into(),
             emulation: None,
             interrupt: Default::default(),
             audit: (args.audit_rate > 0.0).then(|| AuditSettings {
@@ -98,6 +99,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
     };
     cfg.validate()?;
     let spec = ModelSpec { model: args.source.model.clone(), device: tch::Device::Cpu };
+    let served = ServedModel { sha256: cfg.model_sha256.clone(), partition_points };
 
     let ready_service = args.service.clone();
     let system = actix::System::new();
@@ -112,10 +114,10 @@ pub fn run(args: FleetArgs) -> Result<()> {
         let link = match &client {
             Some(c) => OffloadLink::Nats(c.clone()),
             None => {
-                let worker_exec = Executor::start(spec, args.worker_threads)?;
+                let worker_exec = Executor::start(vec![spec], args.worker_threads)?;
                 embedded_pool = Some(worker_exec.clone());
                 let wcfg = WorkerConfig { worker_id: "embedded".into(), max_batch: args.max_batch, max_wait: Duration::from_micros(args.max_wait_us) };
-                OffloadLink::InProcess(Batcher::new(wcfg, worker_exec, partition_points).with_compute_threads(args.worker_threads).start())
+                OffloadLink::InProcess(Batcher::new(wcfg, worker_exec, vec![served]).with_compute_threads(args.worker_threads).start())
             }
         };
         // Every outcome is kept only for an --outcomes file; otherwise the

@@ -5,7 +5,7 @@ use std::time::Duration;
 use actix::Actor;
 use anyhow::{bail, Context, Result};
 use branchpoint_actors::compute::{Executor, ModelSpec};
-use branchpoint_actors::worker::{publish_status, serve_nats, Batcher, GetWorkerStats, WorkerConfig};
+use branchpoint_actors::worker::{publish_status, serve_nats, Batcher, GetWorkerStats, ServedModel, WorkerConfig};
 use branchpoint_models::Model;
 
 use crate::cli::WorkerArgs;
@@ -22,9 +22,16 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
     // One intra-op thread per compute thread: parallelism comes from the pool.
     branchpoint_models::subnormal::prepare_tensor_thread(1);
-    let model = Model::load(&args.model, device)?;
-    let partition_points = model.partition_points().to_vec();
-    drop(model);
+    // Each model loaded once here, to check it and learn its name and
+    // shapes; the compute threads load their own copies.
+    let mut served: Vec<ServedModel> = Vec::new();
+    for path in &args.model {
+        let model = Model::load(path, device).with_context(|| format!("--model {}", path.display()))?;
+        if let Some(i) = served.iter().position(|m| m.sha256 == model.sha256()) {
+            bail!("--model {}: the same model as --model {} (SHA-256 {}); serve each model once", path.display(), args.model[i].display(), model.sha256());
+        }
+        served.push(ServedModel { sha256: model.sha256().to_string(), partition_points: model.partition_points().to_vec() });
+    }
     let worker_id = args.worker_id.clone().unwrap_or_else(|| format!("worker-{}", std::process::id()));
     if !branchpoint_messages::subjects::is_valid_id(&worker_id) {
         bail!("--worker-id {worker_id:?}: use 1 to 64 letters, digits, '-' or '_'");
@@ -34,15 +41,16 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     system.block_on(async move {
         let client = crate::nats::connect(&args.nats, &worker_id).await?;
         // Off the event loop, which drives the NATS client meanwhile.
-        let spec = ModelSpec { model: args.model.clone(), device };
+        let specs: Vec<ModelSpec> = args.model.iter().map(|m| ModelSpec { model: m.clone(), device }).collect();
         let (threads, slowdown) = (args.threads, args.cloud_slowdown);
-        let executor = tokio::task::spawn_blocking(move || Executor::start_with_slowdown(spec, threads, slowdown))
+        let executor = tokio::task::spawn_blocking(move || Executor::start_with_slowdown(specs, threads, slowdown))
             .await
             .context("starting the compute threads")?
             .context("--cloud-slowdown")?;
         let cfg = WorkerConfig { worker_id: worker_id.clone(), max_batch: args.max_batch, max_wait: Duration::from_micros(args.max_wait_us) };
         let executor_pool = executor.clone();
-        let batcher = Batcher::new(cfg, executor, partition_points).with_compute_threads(args.threads).with_audit_sink(client.clone()).start();
+        let names: Vec<String> = served.iter().map(|m| m.sha256.get(..12).unwrap_or(&m.sha256).to_string()).collect();
+        let batcher = Batcher::new(cfg, executor, served).with_compute_threads(args.threads).with_audit_sink(client.clone()).start();
         let ready = {
             let (id, url) = (worker_id.clone(), args.nats.nats.clone().unwrap_or_default());
             let (max_batch, max_wait_us, threads, device) = (args.max_batch, args.max_wait_us, args.threads, args.device.clone());
@@ -50,7 +58,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             move || {
                 service.mark_ready();
                 tracing::info!(
-                    "worker {id} serving {} on {url} (max batch {max_batch}, max wait {max_wait_us} us, {threads} thread(s), {device})",
+                    "worker {id} serving {} on {url} for models {names:?} (SHA-256 prefixes; max batch {max_batch}, max wait {max_wait_us} us, {threads} thread(s), {device})",
                     branchpoint_messages::subjects::OFFLOAD_ALL
                 )
             }

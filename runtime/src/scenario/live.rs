@@ -36,7 +36,7 @@ use branchpoint_actors::fleet::{drain, forward_updates, publish_status, DeviceTh
 use branchpoint_actors::planner::nats::{serve_planner_nats, NatsPlans, NatsReports};
 use branchpoint_actors::planner::{Planner, TakePlanLog};
 use branchpoint_actors::transport::OffloadLink;
-use branchpoint_actors::worker::{publish_status as publish_worker_status, serve_nats, Batcher, WorkerConfig};
+use branchpoint_actors::worker::{publish_status as publish_worker_status, serve_nats, Batcher, ServedModel, WorkerConfig};
 use branchpoint_core::planner::{Costs, LinkEstimator};
 use branchpoint_core::rng::SplitMix64;
 use branchpoint_messages::PartitionBranch;
@@ -107,16 +107,17 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
             Some(_) => Some(crate::nats::connect(setup.nats, "branchpoint-run").await?),
             None => None,
         };
+        let served = || ServedModel { sha256: setup.model_sha256.clone(), partition_points: setup.points.clone() };
         let wcfg = |w: usize| WorkerConfig { worker_id: format!("run-worker-{w}"), max_batch: cfg.max_batch, max_wait: Duration::from_micros(cfg.max_wait_us) };
         let link = match &client {
             None => {
-                let exec = Executor::start(setup.spec.clone(), cfg.workers)?;
-                OffloadLink::InProcess(Batcher::new(wcfg(0), exec, setup.points.clone()).with_compute_threads(cfg.workers).start())
+                let exec = Executor::start(vec![setup.spec.clone()], cfg.workers)?;
+                OffloadLink::InProcess(Batcher::new(wcfg(0), exec, vec![served()]).with_compute_threads(cfg.workers).start())
             }
             Some(c) => {
                 for w in 0..cfg.workers {
                     let wc = crate::nats::connect(setup.nats, &format!("branchpoint-run-worker-{w}")).await?;
-                    let batcher = Batcher::new(wcfg(w), Executor::start(setup.spec.clone(), 1)?, setup.points.clone()).with_compute_threads(1);
+                    let batcher = Batcher::new(wcfg(w), Executor::start(vec![setup.spec.clone()], 1)?, vec![served()]).with_compute_threads(1);
                     // Watched runs: the final exit's answers go to the calibrator.
                     let batcher = if watched { batcher.with_audit_sink(wc.clone()) } else { batcher }.start();
                     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -222,6 +223,7 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                         _ => prepared.temperatures.clone(),
                     },
                     deadline: Duration::from_micros(sim.deadline_us),
+                    model_sha256: setup.model_sha256.as_str().into(),
                     emulation: Some(EmulationSpec {
                         link: Arc::new(sim.link.clone()),
                         epoch,

@@ -203,6 +203,8 @@ pub fn upload_bytes(points: &[branchpoint_models::net::PartitionPoint]) -> Resul
                 activation: WireTensor::from_f32(&shape, &zeros)?,
                 deadline: Deadline { sent_at_unix_us: u64::MAX, budget_us: u64::MAX },
                 audit: None,
+                // Devices name their model in every request.
+                model_sha256: Some("0".repeat(64)),
             };
             Ok(encode(&request)?.len())
         })

@@ -6,6 +6,7 @@ mod common;
 
 mod cli;
 mod compose;
+mod imported;
 mod nats_auth;
 mod nats_fleet;
 mod scenario;

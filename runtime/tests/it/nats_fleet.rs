@@ -318,6 +318,7 @@ fn malformed_requests_get_typed_error_replies_and_the_worker_keeps_serving() {
         activation: Tensor::from_f32(shape, &vec![0.5; n]).unwrap(),
         deadline: Deadline { sent_at_unix_us: 0, budget_us: 5_000_000 },
         audit: None,
+        model_sha256: None,
     };
 
     runtime().block_on(async {
@@ -344,12 +345,14 @@ fn malformed_requests_get_typed_error_replies_and_the_worker_keeps_serving() {
         let newer_version = rmp_serde::to_vec_named(&serde_json::json!({"wire_version": 99, "body": {}})).unwrap();
         let wrong_shape = encode(&request(1, &[1, 3, 8, 8], 192)).unwrap();
         let unknown_branch = encode(&request(9, &shape, elems as usize)).unwrap();
+        let unknown_model = encode(&OffloadRequest { model_sha256: Some("ab".repeat(32)), ..request(1, &shape, elems as usize) }).unwrap();
         let cases: Vec<(String, Vec<u8>, ErrorKind)> = vec![
             (subjects::offload(1), b"\xc1 definitely not msgpack".to_vec(), ErrorKind::InvalidRequest),
             (subjects::offload(1), Vec::new(), ErrorKind::InvalidRequest),
             (subjects::offload(1), newer_version, ErrorKind::UnsupportedVersion),
             (subjects::offload(1), wrong_shape, ErrorKind::InvalidRequest),
             (subjects::offload(9), unknown_branch, ErrorKind::UnknownBranch),
+            (subjects::offload(1), unknown_model, ErrorKind::UnknownModel),
         ];
         for (subject, payload, kind) in cases {
             assert_eq!(error_kind(ask(subject, payload).await), kind);
