@@ -163,11 +163,11 @@ class ExportTest(unittest.TestCase):
 
         tensorfile.write(self.dir / "val.safetensors", torch.zeros(4, 1, 28, 28), torch.tensor([0, 1, 2, 3]))
         text = DESCRIPTION.replace('validation = "fashion-mnist"', 'validation = "val.safetensors"')
-        card = export.export(self.describe(text), self.dir / "out" / "m")
+        card = export.export(self.describe(text), self.dir / "ok" / "m")
         self.assertEqual(card["data"], {"validation": "../val.safetensors", "test": "fashion-mnist", "split": {"seed": 2021, "validation": 5000}})
         seeded = DESCRIPTION.replace('test = "fashion-mnist"', 'test = "fashion-mnist"\nsplit_seed = 7\nvalidation_size = 1000')
-        self.assertEqual(export.export(self.describe(seeded), self.dir / "out2" / "m")["data"]["split"], {"seed": 7, "validation": 1000})
-        self.assertIsNone(export.export(self.describe(DESCRIPTION.split("[data]")[0]), self.dir / "out3" / "m")["data"], "no [data]: none recorded")
+        self.assertEqual(export.export(self.describe(seeded), self.dir / "ok2" / "m")["data"]["split"], {"seed": 7, "validation": 1000})
+        self.assertIsNone(export.export(self.describe(DESCRIPTION.split("[data]")[0]), self.dir / "ok3" / "m")["data"], "no [data]: none recorded")
         self.refused(DESCRIPTION.replace('validation = "fashion-mnist"', 'validation = "absent.safetensors"'), "data.validation", "no such tensor file")
         self.refused(DESCRIPTION.replace('test = "fashion-mnist"', 'test = "fashion-mnist"\nseed = 3'), "unknown key(s) ['seed']")
 
