@@ -272,9 +272,7 @@ impl ImportedNet {
         exits.push(self.tail(1, &activation)?);
         Ok(exits)
     }
-}
 
-impl ImportedNet {
     /// See `Model::load_data`.
     pub fn load_data(&self, data_dir: Option<&Path>) -> Result<ModelData> {
         let card = self.card();
@@ -316,15 +314,16 @@ impl ImportedNet {
         let validation = side(&data.validation, true)?;
         let test = side(&data.test, false)?;
         let split = data.split.clone().unwrap_or_default();
-        let describe = |source: &str, part: &str| match DatasetKind::parse(source) {
-            Ok(kind) => format!("{}: {part} (split seed {})", kind.name(), split.seed),
+        let describe = |source: &str, validation: bool| match DatasetKind::parse(source) {
+            Ok(kind) if validation => format!("{}: {} (seed {})", kind.name(), crate::model::HELD_OUT, split.seed),
+            Ok(kind) => format!("{} test set", kind.name()),
             Err(_) => format!("tensor file {source}"),
         };
         Ok(ModelData {
             validation,
             test,
-            validation_source: describe(&data.validation, crate::model::HELD_OUT),
-            test_source: describe(&data.test, "test set"),
+            validation_source: describe(&data.validation, true),
+            test_source: describe(&data.test, false),
             split_seed: if DatasetKind::parse(&data.validation).is_ok() { split.seed } else { 0 },
         })
     }

@@ -25,8 +25,9 @@ use crate::net::PartitionPoint;
 /// own (tch modules are Send but not Sync).
 #[derive(Debug)]
 pub enum Model {
-    Builtin(LoadedModel),
-    Imported(ImportedNet),
+    // Boxed: both are hundreds of bytes (layers, cards), and the enum is moved whole.
+    Builtin(Box<LoadedModel>),
+    Imported(Box<ImportedNet>),
 }
 
 /// The inputs a model is calibrated and evaluated on.
@@ -52,7 +53,7 @@ impl Model {
         if path.extension().is_some_and(|e| e == "json") {
             let format = card_format(path)?;
             return match format.as_deref() {
-                Some(FORMAT) => Ok(Self::Imported(ImportedNet::load(path, device)?)),
+                Some(FORMAT) => Ok(Self::Imported(Box::new(ImportedNet::load(path, device)?))),
                 Some(other) => Err(ModelError::BadModelCard {
                     path: path.to_path_buf(),
                     reason: format!("format {other:?}: this build reads {FORMAT:?} cards (written by python/export.py) and built-in cards (written by `branchpoint train`)"),
@@ -67,11 +68,11 @@ impl Model {
                             reason: format!("it names weights {:?}; a built-in card is NAME.json beside NAME.safetensors", card.weights),
                         });
                     }
-                    Ok(Self::Builtin(load_model(&weights, device)?))
+                    Ok(Self::Builtin(Box::new(load_model(&weights, device)?)))
                 }
             };
         }
-        Ok(Self::Builtin(load_model(path, device)?))
+        Ok(Self::Builtin(Box::new(load_model(path, device)?)))
     }
 
     /// What the wire, calibration files and the control store name this
@@ -93,11 +94,11 @@ impl Model {
     }
 
     /// What the model is, in a few words: "b-vgg-small on fashion-mnist",
-    /// "mobilenet-ee-fmnist (imported TorchScript)".
+    /// "imported TorchScript model mobilenet-ee-fmnist".
     pub fn description(&self) -> String {
         match self {
             Self::Builtin(m) => format!("{} on {}", m.card.architecture.name, m.card.dataset.name.name()),
-            Self::Imported(m) => format!("{} (imported TorchScript)", m.card().name),
+            Self::Imported(m) => format!("imported TorchScript model {}", m.card().name),
         }
     }
 
@@ -132,9 +133,9 @@ impl Model {
         self.num_branches() + 1
     }
 
-    /// "branch1", ..., "final": the names reports and calibration files use.
+    /// "branch 1", ..., "final": the names reports and calibration files use.
     pub fn exit_names(&self) -> Vec<String> {
-        (1..=self.num_branches()).map(|k| format!("branch{k}")).chain(std::iter::once("final".to_string())).collect()
+        crate::net::exit_names(self.num_branches())
     }
 
     /// What crosses the cut at each partition branch, branch 1 first.

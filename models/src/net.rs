@@ -78,10 +78,14 @@ impl Architecture {
 
     /// Display names of the exits in order: "branch 1", ..., "final".
     pub fn exit_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.branches.iter().map(|b| format!("branch {}", b.branch)).collect();
-        names.push("final".to_string());
-        names
+        exit_names(self.branches.len())
     }
+}
+
+/// Display names of the exits of a model with `branches` side branches, in
+/// order: "branch 1", ..., "final" (reports and calibration files use them).
+pub fn exit_names(branches: usize) -> Vec<String> {
+    (1..=branches).map(|k| format!("branch {k}")).chain(std::iter::once("final".to_string())).collect()
 }
 
 /// Accumulates a stage (or branch) as layers plus a description, tracking the

@@ -5,7 +5,9 @@
 //! 1. Device decision path at batch 1 (an `Infer` message to a device actor,
 //!    head forward on the device's thread, calibrated decision, outcome to
 //!    the collector) vs a bare tch forward of the same head and branch, with
-//!    its logits read back: ratio of medians.
+//!    its logits read back: ratio of medians. Once for the built-in model,
+//!    once for the imported example (`models/mobilenet-ee-fmnist.json`,
+//!    whose bare head is the TorchScript module itself).
 //! 2. Worker throughput with dynamic batching (requests flooding the
 //!    batcher, max batch 32) vs a bare batched tail forward at batch 32:
 //!    ratio of inputs per second.
@@ -52,6 +54,57 @@ fn branch2_request(seq: usize, activation: &WireTensor, budget_us: u64) -> Offlo
     }
 }
 
+/// Medians (bare head forward, device decision path) in us of `runs`
+/// inputs of `model` at partition branch 1. The two are interleaved input
+/// by input, so both see the same machine load (run one after the other,
+/// they differed by up to 30 % on this shared machine, either way round).
+fn decision_path(system: &actix::SystemRunner, model: &Path, runs: usize) -> (f64, f64) {
+    let loaded = Model::load(model, tch::Device::Cpu).expect("shipped model");
+    let data = loaded.load_data(None).unwrap();
+    let inputs = Arc::new(TestInputs::from_split(&data.test).unwrap());
+    let (points, sha, dims, exits) = (loaded.partition_points().to_vec(), loaded.sha256().to_string(), loaded.input().dims(), loaded.num_exits());
+    drop(loaded);
+    let spec = ModelSpec { model: model.to_path_buf(), device: tch::Device::Cpu };
+    let (bare, actor): (Vec<f64>, Vec<f64>) = system.block_on(async move {
+        // The device lives on this thread, as on a real device; p_tar is
+        // low enough that every input exits (the offload path is [3]).
+        let net = std::rc::Rc::new(LoadedNet::load(&spec).unwrap());
+        let collector = Collector::new(exits - 1).start();
+        let wexec = Executor::start(vec![spec.clone()], 1).unwrap();
+        let wcfg = WorkerConfig { worker_id: "unused".into(), max_batch: 1, max_wait: Duration::from_millis(1) };
+        let link = OffloadLink::InProcess(Batcher::new(wcfg, wexec, vec![ServedModel { sha256: sha.clone(), partition_points: points }]).with_compute_threads(1).start());
+        let cfg = DeviceConfig {
+            id: "bench".into(),
+            partition_branch: PartitionBranch::FIRST,
+            p_tar: 0.1,
+            temperatures: vec![1.3; exits],
+            deadline: Duration::from_secs(1),
+            model_sha256: sha.as_str().into(),
+            emulation: None,
+            interrupt: Default::default(),
+            audit: None,
+        };
+        let device = Device::new(cfg, net.clone(), link, collector.clone()).start();
+        let (mut bare, mut actor) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
+        for i in 0..runs {
+            let k = i % 1000;
+            let t = Instant::now();
+            let x = Tensor::from_slice(&inputs.images[k]).view([1, dims[0], dims[1], dims[2]]);
+            let (logits, _act) = net.net().head(1, &x).unwrap();
+            let _ = Vec::<f32>::try_from(logits.flatten(0, -1)).unwrap();
+            bare.push(t.elapsed().as_secs_f64() * 1e6);
+            let t = Instant::now();
+            let arrived = Instant::now();
+            device.send(Infer { arrival: i as u64, arrived, input_index: k, input: inputs.images[k].clone(), label: inputs.labels[k] }).await.unwrap();
+            actor.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        let s = collector.send(GetSummary).await.unwrap();
+        assert_eq!((s.outcomes, s.decided_on_device), (runs, runs), "every input decided on the device");
+        (bare, actor)
+    });
+    (median(bare), median(actor))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -80,55 +133,17 @@ fn main() {
     let spec = ModelSpec { model: weights.clone(), device: tch::Device::Cpu };
     println!("torch threads per compute thread: 1; machine: {} cores", std::thread::available_parallelism().map_or(0, |n| n.get()));
 
-    // 1. Decision path vs bare head forward, batch 1, branch 1. The two are
-    // interleaved input by input, so both see the same machine load (run
-    // one after the other, they differed by up to 30 % on this shared
-    // machine, either way round).
-    let runs = 3000;
+    // 1. Decision path vs bare head forward, batch 1, branch 1: the
+    // built-in model, then the imported example (its head is TorchScript).
     let system = actix::System::new();
-    let (bare, actor): (Vec<f64>, Vec<f64>) = system.block_on({
-        let sha = sha.clone();
-        let (spec, inputs, points) = (spec.clone(), inputs.clone(), points.clone());
-        async move {
-            // The device lives on this thread, as on a real device; p_tar is
-            // low enough that every input exits (the offload path is [3]).
-            let net = std::rc::Rc::new(LoadedNet::load(&spec).unwrap());
-            let collector = Collector::new(2).start();
-            let wexec = Executor::start(vec![spec.clone()], 1).unwrap();
-            let wcfg = WorkerConfig { worker_id: "unused".into(), max_batch: 1, max_wait: Duration::from_millis(1) };
-            let link = OffloadLink::InProcess(Batcher::new(wcfg, wexec, vec![ServedModel { sha256: sha.clone(), partition_points: points }]).with_compute_threads(1).start());
-            let cfg = DeviceConfig {
-                id: "bench".into(),
-                partition_branch: PartitionBranch::FIRST,
-                p_tar: 0.1,
-                temperatures: vec![1.3; 3],
-                deadline: Duration::from_secs(1),
-                model_sha256: sha.as_str().into(),
-                emulation: None,
-                interrupt: Default::default(),
-                audit: None,
-            };
-            let device = Device::new(cfg, net.clone(), link, collector.clone()).start();
-            let (mut bare, mut actor) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
-            for i in 0..runs {
-                let k = i % 1000;
-                let t = Instant::now();
-                let x = Tensor::from_slice(&inputs.images[k]).view([1, 1, 28, 28]);
-                let (logits, _act) = net.net().head(1, &x).unwrap();
-                let _ = Vec::<f32>::try_from(logits.flatten(0, -1)).unwrap();
-                bare.push(t.elapsed().as_secs_f64() * 1e6);
-                let t = Instant::now();
-                let arrived = Instant::now();
-                device.send(Infer { arrival: i as u64, arrived, input_index: k, input: inputs.images[k].clone(), label: inputs.labels[k] }).await.unwrap();
-                actor.push(t.elapsed().as_secs_f64() * 1e6);
-            }
-            let s = collector.send(GetSummary).await.unwrap();
-            assert_eq!((s.outcomes, s.decided_on_device), (runs, runs), "every input decided on the device");
-            (bare, actor)
-        }
-    });
-    let (b, a) = (median(bare), median(actor));
-    println!("[1] decision path, batch 1, branch 1: bare head forward median {b:.1} us; device decision path median {a:.1} us; ratio {:.3}", a / b);
+    for (label, path) in [("built-in", weights.clone()), ("imported", root.join("models/mobilenet-ee-fmnist.json"))] {
+        let (b, a) = decision_path(&system, &path, 3000);
+        println!(
+            "[1] decision path, batch 1, branch 1, {label} {}: bare head forward median {b:.1} us; device decision path median {a:.1} us; ratio {:.3}",
+            path.file_name().unwrap().to_string_lossy(),
+            a / b
+        );
+    }
 
     // 2. Worker throughput with dynamic batching vs bare batched tail, batch 32, branch 2.
     let (batch, batches) = (32usize, 100usize);

@@ -5,6 +5,8 @@ use std::process::{Command, Output};
 
 use clap::CommandFactory;
 
+use crate::common::shared;
+
 fn branchpoint(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_branchpoint"))
         .args(args)
@@ -24,6 +26,7 @@ fn stdout(o: &Output) -> String {
 
 #[test]
 fn every_flag_of_every_subcommand_has_help() {
+    let _cpu = shared();
     let cli = branchpoint::cli::Cli::command();
     let mut checked = 0;
     for sub in cli.get_subcommands() {
@@ -42,6 +45,7 @@ fn every_flag_of_every_subcommand_has_help() {
 
 #[test]
 fn help_lists_the_subcommands_and_their_flags() {
+    let _cpu = shared();
     let top = branchpoint(&["--help"]);
     assert!(top.status.success());
     for sub in ["train", "evaluate", "profile"] {
@@ -62,6 +66,7 @@ fn help_lists_the_subcommands_and_their_flags() {
 
 #[test]
 fn bad_input_gives_a_clear_error_and_a_failing_exit() {
+    let _cpu = shared();
     // (arguments, words the error must contain)
     let cases: &[(&[&str], &[&str])] = &[
         (&["evaluate", "--data-dir", "/nonexistent/fmnist"], &["/nonexistent/fmnist", "does not exist", "apt-get install"]),
@@ -91,6 +96,7 @@ fn bad_input_gives_a_clear_error_and_a_failing_exit() {
 
 #[test]
 fn train_then_evaluate_and_profile_through_the_cli() {
+    let _cpu = shared();
     let dir = tempfile::tempdir().unwrap();
     let weights = dir.path().join("tiny.safetensors");
     let w = weights.to_str().unwrap();
@@ -152,6 +158,7 @@ fn train_then_evaluate_and_profile_through_the_cli() {
 /// accuracies chosen three ways, with a short re-split study.
 #[test]
 fn a_three_branch_network_trains_and_evaluates_with_certified_thresholds() {
+    let _cpu = shared();
     let dir = tempfile::tempdir().unwrap();
     let weights = dir.path().join("vgg.safetensors");
     let w = weights.to_str().unwrap();
@@ -210,6 +217,7 @@ fn a_three_branch_network_trains_and_evaluates_with_certified_thresholds() {
 
 #[test]
 fn calibration_files_and_targets_that_do_not_fit_are_refused() {
+    let _cpu = shared();
     let dir = tempfile::tempdir().unwrap();
     let card: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/balexnet-fmnist.json")).unwrap()).unwrap();
     let sha = card["weights_sha256"].as_str().unwrap();
@@ -259,6 +267,7 @@ fn calibration_files_and_targets_that_do_not_fit_are_refused() {
 
 #[test]
 fn calibrate_then_evaluate_with_the_file_reproduces_the_fit() {
+    let _cpu = shared();
     let dir = tempfile::tempdir().unwrap();
     let cal = dir.path().join("per-branch.json");
     let out = branchpoint(&["calibrate", "--method", "per-branch", "--out", cal.to_str().unwrap()]);
@@ -338,6 +347,7 @@ fn calibrate_then_evaluate_with_the_file_reproduces_the_fit() {
 /// flags; the [nats] section reaches a command that connects.
 #[test]
 fn configuration_layers_file_environment_and_flags() {
+    let _cpu = shared();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("b.toml");
     let json = dir.path().join("s.json");

@@ -6,7 +6,7 @@ use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 pub fn repo_root() -> PathBuf {
@@ -343,11 +343,18 @@ pub fn promtool_check(exposition: &str) -> Result<(), String> {
     }
 }
 
-/// Tests that load the CPU for long (replays, fleets, overload) take this
-/// lock: one at a time, as when each area was its own test binary, so that
-/// none of them measures another's load.
-static HEAVY: Mutex<()> = Mutex::new(());
+/// Who shares the two cores. A test whose assertions depend on timing
+/// (deadlines met under load, goodput, how long a stop takes, a fleet still
+/// running when a step ends) takes `alone()`: no other test runs beside
+/// it. Every other test that starts processes or runs the model takes
+/// `shared()`: such tests run beside one another, never beside a timing
+/// test. Tests that only parse take neither.
+static CPU: RwLock<()> = RwLock::new(());
 
-pub fn heavy() -> MutexGuard<'static, ()> {
-    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+pub fn alone() -> RwLockWriteGuard<'static, ()> {
+    CPU.write().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn shared() -> RwLockReadGuard<'static, ()> {
+    CPU.read().unwrap_or_else(|e| e.into_inner())
 }

@@ -73,7 +73,7 @@ fn fleet(dir: &Path, name: &str, url: &str, model: &Path, n: usize) -> (Summary,
 
 #[test]
 fn one_worker_serves_an_imported_model_next_to_a_built_in_one_as_offline() {
-    let _serial = heavy();
+    let _cpu = shared();
     let dir = tempfile::tempdir().unwrap();
     let tiny = export_tiny(dir.path());
     let builtin = shipped_model();
@@ -105,6 +105,7 @@ fn one_worker_serves_an_imported_model_next_to_a_built_in_one_as_offline() {
 /// a failing exit, from the commands users run.
 #[test]
 fn bad_cards_and_data_fail_the_command_with_what_is_wrong() {
+    let _cpu = shared();
     let dir = tempfile::tempdir().unwrap();
     let tiny = export_tiny(dir.path());
     let card: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&tiny).unwrap()).unwrap();

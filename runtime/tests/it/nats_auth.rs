@@ -4,9 +4,7 @@
 //! them: with the right options a worker and a fleet connect and offloads are
 //! answered by the cloud; with wrong or missing ones the command exits
 //! non-zero and says it could not connect.
-//!
-//! These tests do not take the `heavy` lock: they time nothing (a 5 s
-//! deadline for 200 inputs), so they may run beside one another.
+
 use crate::common;
 
 use std::path::{Path, PathBuf};
@@ -77,6 +75,7 @@ fn worker_fails(url: &str, nats_opts: &[&str], causes: &[&str]) -> String {
 
 #[test]
 fn user_and_password_authenticate_and_a_wrong_password_is_refused() {
+    let _cpu = shared();
     let nats = NatsServer::start_with(&["--user", "alice", "--pass", "s3cret"]);
     let url = nats.url.as_str();
     let dir = tempfile::tempdir().unwrap();
@@ -91,6 +90,7 @@ fn user_and_password_authenticate_and_a_wrong_password_is_refused() {
 
 #[test]
 fn a_token_authenticates_and_a_missing_or_wrong_token_is_refused() {
+    let _cpu = shared();
     let nats = NatsServer::start_with(&["--auth", "t0ken-for-tests"]);
     let url = nats.url.as_str();
     let dir = tempfile::tempdir().unwrap();
@@ -174,6 +174,7 @@ fn s(p: &Path) -> &str {
 
 #[test]
 fn tls_connects_with_the_servers_ca_and_fails_without_it() {
+    let _cpu = shared();
     let pki = make_pki();
     let nats = NatsServer::start_with(&["--tls", "--tlscert", s(&pki.server_cert), "--tlskey", s(&pki.server_key)]);
     let url = nats.url.as_str();
@@ -198,6 +199,7 @@ fn tls_connects_with_the_servers_ca_and_fails_without_it() {
 
 #[test]
 fn mutual_tls_needs_a_client_certificate_from_the_servers_ca() {
+    let _cpu = shared();
     let pki = make_pki();
     let nats = NatsServer::start_with(&["--tlsverify", "--tlscert", s(&pki.server_cert), "--tlskey", s(&pki.server_key), "--tlscacert", s(&pki.ca)]);
     let url = nats.url.as_str();

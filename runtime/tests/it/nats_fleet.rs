@@ -118,7 +118,7 @@ impl RunningFleet {
 
 #[test]
 fn two_workers_and_twenty_devices_over_nats_make_the_offline_decisions() {
-    let _serial = heavy();
+    let _cpu = shared();
     let nats = NatsServer::start();
     let _w1 = start_worker(&nats.url, "w1", &[]);
     let _w2 = start_worker(&nats.url, "w2", &[]);
@@ -157,7 +157,7 @@ fn two_workers_and_twenty_devices_over_nats_make_the_offline_decisions() {
 #[test]
 fn a_watched_fleet_audits_without_changing_an_outcome() {
     use branchpoint_messages::CalibrationStatus;
-    let _serial = heavy();
+    let _cpu = shared();
     let nats = NatsServer::start();
     let _w = start_worker(&nats.url, "auditor", &[]);
     let _cal = start_service("calibrator", &["calibrator", "--nats", &nats.url, "--method", "uncalibrated"], Duration::from_secs(60));
@@ -198,7 +198,7 @@ fn a_watched_fleet_audits_without_changing_an_outcome() {
 #[test]
 fn killing_a_worker_mid_run_loses_no_input() {
     use branchpoint_messages::WorkerStatus;
-    let _serial = heavy();
+    let _cpu = shared();
     let nats = NatsServer::start();
     let statuses: Watch<WorkerStatus> = Watch::new(&nats.url, subjects::WORKER_STATUS);
     let quick = ["--status-interval-ms", "100"];
@@ -267,7 +267,7 @@ fn killing_a_worker_mid_run_loses_no_input() {
 /// one outcome per input and exit status 0.
 #[test]
 fn an_overloaded_fleet_answers_every_input_once_and_exits_cleanly() {
-    let _serial = heavy();
+    let _cpu = shared();
     let nats = NatsServer::start();
     let _w = start_worker(&nats.url, "w", &[]);
     let dir = tempfile::tempdir().unwrap();
@@ -304,7 +304,7 @@ fn runtime() -> tokio::runtime::Runtime {
 
 #[test]
 fn malformed_requests_get_typed_error_replies_and_the_worker_keeps_serving() {
-    let _serial = heavy();
+    let _cpu = shared();
     let nats = NatsServer::start();
     let _w = start_worker(&nats.url, "sturdy", &[]);
     let card: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(shipped_model().with_extension("json")).unwrap()).unwrap();
@@ -455,7 +455,7 @@ fn malformed_requests_get_typed_error_replies_and_the_worker_keeps_serving() {
 
 #[test]
 fn without_workers_offloads_fall_back_and_every_input_is_answered() {
-    let _serial = heavy();
+    let _cpu = shared();
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let (s, outcomes) = run_fleet(dir.path(), "orphan", Some(&nats.url), 300, 500);
@@ -472,7 +472,7 @@ fn without_workers_offloads_fall_back_and_every_input_is_answered() {
 fn impossible_answers_from_a_rogue_worker_are_not_taken() {
     use branchpoint_messages::{OffloadAnswer, WorkerTimings};
     use futures::StreamExt;
-    let _serial = heavy();
+    let _cpu = shared();
     let nats = NatsServer::start();
     let url = nats.url.clone();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -508,7 +508,7 @@ fn impossible_answers_from_a_rogue_worker_are_not_taken() {
 #[test]
 fn calibration_refits_and_plans_reach_running_devices() {
     use branchpoint_messages::{CalibrationMethod, CalibrationRefit, CalibrationUpdate, FleetStatus, PlanTarget, PlanUpdate};
-    let _serial = heavy();
+    let _cpu = shared();
     let nats = NatsServer::start();
     let _w = start_worker(&nats.url, "w", &[]);
     // The calibrator starts uncalibrated (T = 1 everywhere).
@@ -614,7 +614,7 @@ fn every_input_answered_in_time(summary: &Path, outcomes: &Path, deadline_ms: u6
 #[test]
 fn broker_outages_lose_no_input_and_answer_every_input_by_its_deadline() {
     use branchpoint_messages::WorkerStatus;
-    let _serial = heavy();
+    let _cpu = alone();
     let mut nats = NatsServer::start();
     let statuses: Watch<WorkerStatus> = Watch::new(&nats.url, subjects::WORKER_STATUS);
     let _w = start_worker(&nats.url, "outlasting", &["--status-interval-ms", "100"]);
@@ -705,7 +705,7 @@ fn broker_outages_lose_no_input_and_answer_every_input_by_its_deadline() {
 /// any machine; BENCHMARKS.md has the numbers.
 #[test]
 fn ten_times_overload_keeps_most_of_the_goodput() {
-    let _serial = heavy();
+    let _cpu = alone();
     let nats = NatsServer::start();
     let model = repo_root().join("models/bvgg-fmnist.safetensors");
     let model = model.to_str().unwrap();
@@ -791,7 +791,7 @@ fn publish_all(url: &str, subject: &str, payloads: Vec<Vec<u8>>) {
 #[test]
 fn the_calibrator_watches_audit_results_and_alarms_on_drift() {
     use branchpoint_messages::{AuditResult, CalibrationStatus};
-    let _serial = heavy();
+    let _cpu = shared();
     let store = tempfile::tempdir().unwrap();
     let nats = NatsServer::start_with(&["-js", "-sd", store.path().to_str().unwrap()]);
     let _cal = start_service("calibrator", &["calibrator", "--nats", &nats.url, "--alarm-only", "--min-refit-sample", "50"], Duration::from_secs(60));
@@ -883,7 +883,7 @@ fn the_calibrator_watches_audit_results_and_alarms_on_drift() {
 fn a_drift_refit_is_stored_for_the_group() {
     use branchpoint_actors::control::{group_calibration_key, ControlStore};
     use branchpoint_messages::{AuditResult, CalibrationStatus, PlanTarget};
-    let _serial = heavy();
+    let _cpu = shared();
     let store = tempfile::tempdir().unwrap();
     let nats = NatsServer::start_with(&["-js", "-sd", store.path().to_str().unwrap()]);
     let _cal = start_service("refitting-calibrator", &["calibrator", "--nats", &nats.url, "--min-refit-sample", "200", "--min-refit-interval-s", "1"], Duration::from_secs(60));
@@ -950,7 +950,7 @@ fn a_drift_refit_is_stored_for_the_group() {
 #[test]
 fn a_certifying_planner_says_which_target_its_plans_certify() {
     use branchpoint_messages::{subjects, PlanUpdate};
-    let _serial = heavy();
+    let _cpu = shared();
     let nats = NatsServer::start();
     let _planner = start_service("certifying-planner", &["planner", "--nats", &nats.url, "--device-slowdown", "4", "--certify-delta", "0.05"], Duration::from_secs(90));
     let plans: Watch<PlanUpdate> = Watch::new(&nats.url, &subjects::plan_device("phone-8"));
@@ -973,7 +973,7 @@ fn a_certifying_planner_says_which_target_its_plans_certify() {
 fn the_planner_answers_network_reports_with_plans() {
     use branchpoint_messages::{encode, subjects, PlanTarget, PlanUpdate};
     use futures::StreamExt;
-    let _serial = heavy();
+    let _cpu = shared();
     let nats = NatsServer::start();
     let _planner = start_service("planner", &["planner", "--nats", &nats.url, "--device-slowdown", "4"], Duration::from_secs(90));
     let report = |us_per_byte: f64| network_report("phone-7", us_per_byte);
@@ -1005,7 +1005,7 @@ fn the_planner_answers_network_reports_with_plans() {
 fn a_device_plan_expires_and_a_group_plan_stays() {
     use branchpoint_actors::control::{ControlStore, StoreSettings};
     use branchpoint_messages::{PlanTarget, PlanUpdate};
-    let _serial = heavy();
+    let _cpu = shared();
     let store_dir = tempfile::tempdir().unwrap();
     let nats = NatsServer::start_with(&["-js", "-sd", store_dir.path().to_str().unwrap()]);
     let settings = StoreSettings { device_plan_ttl: Duration::from_secs(1), ..StoreSettings::default() };

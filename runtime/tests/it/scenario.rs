@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use branchpoint::scenario::report::ScenarioReport;
 use branchpoint::scenario::Scenario;
-use common::{branchpoint, heavy, output_within, repo_root};
+use common::{alone, branchpoint, output_within, repo_root, shared};
 
 const VALID: &str = r#"
 name = "t"
@@ -140,6 +140,7 @@ fn rate_schedules_and_autoscaling_are_checked_key_by_key() {
 
 #[test]
 fn the_command_fails_clearly_on_bad_input() {
+    let _cpu = shared();
     let dir = tempfile::tempdir().unwrap();
     let missing = output_within(branchpoint().args(["run", "scenarios/no-such.toml"]), Duration::from_secs(30));
     assert!(!missing.status.success());
@@ -184,7 +185,7 @@ fn policy<'a>(r: &'a ScenarioReport, name: &str) -> &'a branchpoint::scenario::r
 
 #[test]
 fn same_seed_same_report_and_every_input_answered_once() {
-    let _g = heavy();
+    let _cpu = shared();
     let dir = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(repo_root().join("scenarios/lte-handover.toml")).unwrap().replace("duration_s = 120.0", "duration_s = 80.0");
     let path = dir.path().join("short.toml");
@@ -234,7 +235,7 @@ fn recorded_traces() -> Vec<PathBuf> {
 /// point of the oracle's.
 #[test]
 fn adaptive_meets_the_bound_and_tracks_the_oracle_on_every_trace() {
-    let _g = heavy();
+    let _cpu = shared();
     let dir = tempfile::tempdir().unwrap();
     let scenario = repo_root().join("scenarios/cellular-trace.toml");
     let mut traces: Vec<Option<PathBuf>> = recorded_traces().into_iter().map(Some).collect();
@@ -270,7 +271,7 @@ fn adaptive_meets_the_bound_and_tracks_the_oracle_on_every_trace() {
 /// beside what its plans predicted.
 #[test]
 fn a_certified_scenario_runs_certified_thresholds_and_checks_its_predictions() {
-    let _g = heavy();
+    let _cpu = shared();
     let dir = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(repo_root().join("scenarios/lte-handover.toml"))
         .unwrap()
@@ -307,7 +308,7 @@ fn a_certified_scenario_runs_certified_thresholds_and_checks_its_predictions() {
 /// device); audits change no outcome, and the live interval covers the truth.
 #[test]
 fn the_watched_policy_detects_an_input_shift_and_refits() {
-    let _g = heavy();
+    let _cpu = shared();
     let dir = tempfile::tempdir().unwrap();
     let model = repo_root().join("models/bvgg-fmnist.safetensors");
     let r = replay(&repo_root().join("scenarios/input-shift.toml"), &["--model", model.to_str().unwrap()], &dir.path().join("out"));
@@ -358,6 +359,7 @@ fn the_watched_policy_detects_an_input_shift_and_refits() {
 
 #[test]
 fn the_trace_command_regenerates_the_shipped_trace() {
+    let _cpu = shared();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("t.up");
     let o = output_within(branchpoint().args(["trace", "--out"]).arg(&out), Duration::from_secs(30));
@@ -381,7 +383,7 @@ fn the_trace_command_regenerates_the_shipped_trace() {
 /// bins after it).
 #[test]
 fn a_live_shift_is_detected_and_the_refit_reaches_the_devices_through_the_store() {
-    let _g = heavy();
+    let _cpu = alone();
     let shipped = repo_root().join("scenarios/input-shift-live.toml");
     let model = repo_root().join("models/bvgg-fmnist.safetensors");
     let model = model.to_str().unwrap();
@@ -466,7 +468,7 @@ fn a_live_shift_is_detected_and_the_refit_reaches_the_devices_through_the_store(
 /// besides); the static baseline it is compared with runs in virtual time.
 #[test]
 fn real_time_over_nats_agrees_with_virtual_time() {
-    let _g = heavy();
+    let _cpu = alone();
     let store = tempfile::tempdir().unwrap();
     let nats = common::NatsServer::start_with(&["-js", "-sd", store.path().to_str().unwrap()]);
     let dir = tempfile::tempdir().unwrap();
@@ -539,7 +541,7 @@ fn real_time_over_nats_agrees_with_virtual_time() {
 /// four costs.
 #[test]
 fn the_pool_follows_a_load_step_out_and_back_in() {
-    let _g = heavy();
+    let _cpu = shared();
     let dir = tempfile::tempdir().unwrap();
     let shipped = repo_root().join("scenarios/load-step.toml");
     let scaled = replay(&shipped, &[], &dir.path().join("scaled"));

@@ -46,7 +46,6 @@ fn stops_within_the_bound(name: &str, args: &[&str], js: bool, nats: Nats, signa
 }
 
 fn both_ways(name: &str, args: &[&str], js: bool) {
-    let _serial = heavy();
     for nats in [Nats::Up, Nats::Gone] {
         stops_within_the_bound(name, args, js, nats, libc::SIGTERM);
     }
@@ -54,23 +53,26 @@ fn both_ways(name: &str, args: &[&str], js: bool) {
 
 #[test]
 fn a_worker_stops_within_the_bound_on_sigterm_or_ctrl_c() {
+    let _cpu = alone();
     both_ways("worker", &["worker", "--worker-id", "stopper"], false);
-    let _serial = heavy();
     stops_within_the_bound("worker", &["worker", "--worker-id", "stopper"], false, Nats::Up, libc::SIGINT);
 }
 
 #[test]
 fn the_calibrator_stops_within_the_bound() {
+    let _cpu = alone();
     both_ways("calibrator", &["calibrator"], true);
 }
 
 #[test]
 fn the_planner_stops_within_the_bound() {
+    let _cpu = alone();
     both_ways("planner", &["planner"], true);
 }
 
 #[test]
 fn the_api_stops_within_the_bound() {
+    let _cpu = alone();
     let listen = format!("127.0.0.1:{}", port());
     both_ways("api", &["serve", "--listen", &listen], true);
 }
@@ -80,11 +82,11 @@ fn the_api_stops_within_the_bound() {
 /// already running finish, writes its summary and exits 0.
 #[test]
 fn a_running_fleet_stops_within_the_bound_and_accounts_for_every_input() {
+    let _cpu = alone();
     let dir = tempfile::tempdir().unwrap();
     let summary = dir.path().join("summary.json");
     let args = ["fleet", "--devices", "10", "--rate", "50", "--duration", "600", "--json", summary.to_str().unwrap()];
     both_ways("fleet", &args, false);
-    let _serial = heavy();
     stops_within_the_bound("fleet", &args, false, Nats::Up, libc::SIGINT);
     let s: branchpoint_actors::collector::Summary = serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
     assert_eq!((s.outcomes, s.duplicates), (s.inputs, 0), "every input the devices accepted has one outcome: {s:?}");
@@ -94,7 +96,7 @@ fn a_running_fleet_stops_within_the_bound_and_accounts_for_every_input() {
 /// nothing to drain: SIGTERM ends it at once, as the signal's default would.
 #[test]
 fn a_signal_while_starting_ends_the_command_at_once() {
-    let _serial = heavy();
+    let _cpu = alone();
     let server = NatsServer::start();
     let log = Path::new(&std::env::temp_dir()).join(format!("branchpoint-test-{}-early.log", std::process::id()));
     let ready = Path::new(&std::env::temp_dir()).join(format!("branchpoint-test-{}-early.ready", std::process::id()));

@@ -91,7 +91,7 @@ const FLEET: &str = "branchpoint_devices_on_plan{fleet=\"stack-fleet\",group=\"d
 
 #[test]
 fn stack_up_serves_metrics_plans_refits_and_the_dashboard() {
-    let _serial = heavy();
+    let _cpu = alone();
     let dir = tempfile::tempdir().unwrap();
     let stack = stack_up(dir.path(), &["--workers", "2", "--devices", "50", "--rate", "5", "--duration", "20", "--token", TOKEN]);
     assert_eq!(http("GET", &stack.api, "/healthz", None, None).status, 200);
@@ -289,7 +289,7 @@ fn timeline(dir: &Path) -> Vec<branchpoint_core::autoscale::Load> {
 
 #[test]
 fn autoscaler_adds_workers_under_a_load_step_and_removes_them_after() {
-    let _serial = heavy();
+    let _cpu = alone();
     let dir = tempfile::tempdir().unwrap();
     // Workers emulate cloud hardware 10x slower than this machine, so that
     // one saturates under a load two cores can also generate.
@@ -360,7 +360,7 @@ fn autoscaler_adds_workers_under_a_load_step_and_removes_them_after() {
 #[test]
 fn a_restarted_planner_resumes_its_plans_and_a_new_fleet_starts_from_stored_plans() {
     use branchpoint_messages::{encode, subjects, NetworkReport, PlanTarget, PlanUpdate};
-    let _serial = heavy();
+    let _cpu = shared();
     let store_dir = tempfile::tempdir().unwrap();
     let nats = NatsServer::start_with(&["-js", "-sd", store_dir.path().to_str().unwrap()]);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -416,7 +416,7 @@ fn a_restarted_planner_resumes_its_plans_and_a_new_fleet_starts_from_stored_plan
 
 #[test]
 fn bad_setups_fail_with_what_to_do() {
-    let _serial = heavy();
+    let _cpu = shared();
     // The control plane needs JetStream: a plain server is refused, with the fix.
     let plain = NatsServer::start();
     let out = output_within(branchpoint().args(["serve", "--nats", &plain.url, "--listen", &format!("127.0.0.1:{}", port())]), Duration::from_secs(60));
@@ -462,7 +462,7 @@ fn bad_setups_fail_with_what_to_do() {
 #[test]
 fn healthz_answers_through_a_flood_of_slow_bodies() {
     use std::io::{Read, Write};
-    let _serial = heavy();
+    let _cpu = alone();
     // The test holds 1,000 sockets itself.
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit and setrlimit only read and write `lim`.
@@ -515,7 +515,7 @@ fn healthz_answers_through_a_flood_of_slow_bodies() {
 #[test]
 fn a_stack_cluster_loses_a_node_and_nothing_is_lost() {
     use branchpoint_actors::control::PLANS_BUCKET;
-    let _serial = heavy();
+    let _cpu = alone();
     let dir = tempfile::tempdir().unwrap();
     let stack = stack_up(dir.path(), &["--cluster", "3", "--workers", "1", "--devices", "0", "--token", TOKEN]);
     let urls = stack.nats.clone();
@@ -596,7 +596,7 @@ fn a_stack_cluster_loses_a_node_and_nothing_is_lost() {
 fn a_device_cannot_change_plans_or_temperatures_or_join_the_workers() {
     use branchpoint_actors::control::ControlStore;
     use branchpoint_messages::{encode, subjects, CalibrationMethod, CalibrationUpdate, PlanTarget, PlanUpdate};
-    let _serial = heavy();
+    let _cpu = shared();
     let dir = tempfile::tempdir().unwrap();
     let stack = stack_up(dir.path(), &["--workers", "1", "--devices", "2", "--rate", "2", "--token", TOKEN]);
     let mode = std::fs::metadata(dir.path().join("credentials.env")).unwrap().permissions();
