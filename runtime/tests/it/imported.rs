@@ -101,6 +101,93 @@ fn one_worker_serves_an_imported_model_next_to_a_built_in_one_as_offline() {
     assert!(s.offloaded > 0 && s.fallbacks_error_reply == s.offloaded && s.answered_by_cloud == 0, "{s:?}");
 }
 
+/// The offline commands on an imported model with data the user brings
+/// (tensor files named by its card): `profile`, `calibrate` and `evaluate`
+/// give what they give for a built-in model (the same report keys, the
+/// same plots), and `run` replays a shipped scenario with it.
+#[test]
+fn calibrate_evaluate_profile_and_run_take_an_imported_model_and_its_data() {
+    let _cpu = shared();
+    let dir = tempfile::tempdir().unwrap();
+    // The shipped example (trained: a model with random weights has no
+    // finite temperature), its card pointing at tensor files instead of
+    // Fashion-MNIST: 300 validation and 300 test images, as
+    // python/tensorfile.py writes them for a user.
+    let shipped = repo_root().join("models/mobilenet-ee-fmnist.json");
+    let mut card: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&shipped).unwrap()).unwrap();
+    for b in card["branches"].as_array().unwrap() {
+        for part in ["head", "tail"] {
+            let file = b[part].as_str().unwrap();
+            std::fs::copy(repo_root().join("models").join(file), dir.path().join(file)).unwrap();
+        }
+    }
+    let python = repo_root().join(".venv/bin/python");
+    let script = "import sys; sys.path.insert(0, sys.argv[1]); import fmnist, tensorfile, torch
+x, y = fmnist.load()['test']
+tensorfile.write(sys.argv[2] + '/validation.safetensors', x[:300], y[:300])
+tensorfile.write(sys.argv[2] + '/test.safetensors', x[300:600], y[300:600])";
+    let out = Command::new(&python).arg("-c").arg(script).arg(repo_root().join("python")).arg(dir.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    card["data"] = serde_json::json!({"validation": "validation.safetensors", "test": "test.safetensors"});
+    let model = dir.path().join("own.json");
+    std::fs::write(&model, serde_json::to_string_pretty(&card).unwrap()).unwrap();
+    let m = model.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let o = output_within(branchpoint().args(args), std::time::Duration::from_secs(300));
+        assert!(o.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let profile = dir.path().join("own.profile.json");
+    run(&["profile", "--model", m, "--batch-sizes", "1,8", "--repeats", "5", "--json", profile.to_str().unwrap()]);
+    let calibration = dir.path().join("calibration.json");
+    let said = run(&["calibrate", "--model", m, "--method", "per-branch", "--out", calibration.to_str().unwrap()]);
+    assert!(said.contains("300 inputs") && said.contains("branch 3"), "{said}");
+    let file: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&calibration).unwrap()).unwrap();
+    assert_eq!(file["fit"]["data"], "tensor file validation.safetensors");
+    let sha = branchpoint_models::card::sha256_file(&model).unwrap();
+    assert_eq!(file["weights_sha256"], sha, "an imported model is named by its card's SHA-256");
+    // evaluate, with the calibration file, beside the built-in model's report.
+    let (mine, builtin) = (dir.path().join("mine"), dir.path().join("builtin"));
+    let said = run(&[
+        "evaluate",
+        "--model",
+        m,
+        "--calibration",
+        calibration.to_str().unwrap(),
+        "--profile",
+        profile.to_str().unwrap(),
+        "--resplits",
+        "5",
+        "--plots",
+        mine.to_str().unwrap(),
+        "--json",
+        mine.with_extension("json").to_str().unwrap(),
+    ]);
+    assert!(said.contains("imported TorchScript model mobilenet-ee-fmnist") && said.contains("300 inputs"), "{said}");
+    let bvgg = repo_root().join("models/bvgg-fmnist.safetensors");
+    run(&["evaluate", "--model", bvgg.to_str().unwrap(), "--resplits", "5", "--plots", builtin.to_str().unwrap(), "--json", builtin.with_extension("json").to_str().unwrap()]);
+    let keys = |p: &Path| -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p.with_extension("json")).unwrap()).unwrap();
+        v.as_object().unwrap().keys().cloned().collect()
+    };
+    assert_eq!(keys(&mine), keys(&builtin), "the same report");
+    let plots = |p: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(p).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.ends_with(".png")).collect();
+        v.sort();
+        v
+    };
+    assert!(!plots(&mine).is_empty());
+    assert_eq!(plots(&mine), plots(&builtin), "the same plots (both models have three side branches)");
+    // A shipped scenario, in virtual time, with this model and its profile.
+    let scenario = std::fs::read_to_string(repo_root().join("scenarios/wifi-stable.toml")).unwrap().replace("duration_s = 120.0", "duration_s = 20.0");
+    let path = dir.path().join("wifi.toml");
+    std::fs::write(&path, scenario).unwrap();
+    let out = dir.path().join("run");
+    let said = run(&["run", path.to_str().unwrap(), "--model", m, "--out", out.to_str().unwrap()]);
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["model"]["sha256"].as_str(), Some(sha.as_str()), "{said}");
+}
+
 /// Cards and data that do not fit: each a clear error naming the file and
 /// a failing exit, from the commands users run.
 #[test]
