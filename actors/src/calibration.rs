@@ -20,7 +20,7 @@ use branchpoint_core::risk::{certify, default_grid, ConfidenceCounts, Target};
 use branchpoint_messages::{
     decode, encode, subjects, CalibrationMethod, CalibrationRefit, CalibrationUpdate, CertifiedTarget, CertifyReply, CertifyRequest, ErrorKind, ErrorReply, PlanTarget, PlanUpdate,
 };
-use branchpoint_models::exits::recorded_split_exit_logits;
+use branchpoint_models::model::recorded_split_exit_logits;
 use branchpoint_models::Model;
 use futures::StreamExt;
 

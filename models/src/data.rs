@@ -403,3 +403,22 @@ pub fn read_cifar_batch(path: &Path) -> Result<(Vec<u8>, Vec<u8>)> {
     }
     Ok((pixels, labels))
 }
+
+/// The inputs a model is calibrated and evaluated on.
+#[derive(Debug)]
+pub struct ModelData {
+    /// Held out of training: what temperatures and thresholds are fit on.
+    pub validation: Split,
+    pub test: Split,
+    /// Where the validation inputs came from, in words (calibration files
+    /// record it).
+    pub validation_source: String,
+    /// Where the test inputs came from, in words.
+    pub test_source: String,
+    /// The seed of the train/validation split, where a built-in dataset
+    /// was split (0 for tensor files the user brought).
+    pub split_seed: u64,
+}
+
+/// What a calibration file says of a built-in dataset's validation inputs.
+pub const HELD_OUT: &str = "validation split held out of the training set";

@@ -8,7 +8,6 @@ use tch::{Kind, Tensor};
 
 use crate::data::Split;
 use crate::error::Result;
-use crate::model::Model;
 
 /// From a [n, classes] float tensor and [n] label tensor.
 pub fn exit_logits(logits: &Tensor, labels: &Tensor) -> Result<ExitLogits> {
@@ -17,12 +16,6 @@ pub fn exit_logits(logits: &Tensor, labels: &Tensor) -> Result<ExitLogits> {
     let flat: Vec<f32> = Vec::try_from(logits.to_kind(Kind::Float).flatten(0, -1))?;
     let labels: Vec<i64> = Vec::try_from(labels.to_kind(Kind::Int64))?;
     Ok(ExitLogits::new(classes, flat, labels)?)
-}
-
-/// Logits of every exit over a split, as plain `ExitLogits` (branches in
-/// order, then final).
-pub fn split_exit_logits(model: &Model, split: &Split) -> Result<Vec<ExitLogits>> {
-    model.logits_for(&split.images, 500)?.iter().map(|z| exit_logits(z, &split.labels)).collect()
 }
 
 /// Where a network's answers are recorded: `$BRANCHPOINT_CACHE_DIR/answers`,
@@ -51,16 +44,20 @@ pub fn answers_dir() -> Option<PathBuf> {
 /// unreadable or does not match is computed again and replaced. Recording
 /// is best effort: a cache that cannot be written costs time, never the
 /// answer.
-pub fn recorded_split_exit_logits(model: &Model, split: &Split) -> Result<Vec<ExitLogits>> {
-    let Some(dir) = answers_dir() else { return split_exit_logits(model, split) };
-    let key = answers_key(model.sha256(), split)?;
+///
+/// `compute` gives the answers when there is no record; `model_sha256`
+/// names the model (`model::recorded_split_exit_logits` is the usual
+/// caller).
+pub fn recorded(model_sha256: &str, split: &Split, compute: impl FnOnce() -> Result<Vec<ExitLogits>>) -> Result<Vec<ExitLogits>> {
+    let Some(dir) = answers_dir() else { return compute() };
+    let key = answers_key(model_sha256, split)?;
     let path = dir.join(format!("{key}.answers"));
     if let Some(answers) = std::fs::read(&path).ok().and_then(|bytes| decode_answers(&bytes, &key)) {
         if answers.first().is_some_and(|e| e.len() == split.len()) {
             return Ok(answers);
         }
     }
-    let answers = split_exit_logits(model, split)?;
+    let answers = compute()?;
     let tmp = dir.join(format!("{key}.{}.tmp", std::process::id()));
     let written = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&tmp, encode_answers(&answers, &key))).and_then(|()| std::fs::rename(&tmp, &path));
     if written.is_err() {

@@ -17,9 +17,8 @@ use serde::{Deserialize, Serialize};
 use tch::{CModule, Device, IValue, Tensor};
 
 use crate::card::sha256_file;
-use crate::data::{read_tensor_split, Dataset, DatasetKind, InputShape, Normalization, Split};
+use crate::data::{read_tensor_split, Dataset, DatasetKind, InputShape, ModelData, Normalization, Split, HELD_OUT};
 use crate::error::{ModelError, Result};
-use crate::model::ModelData;
 use crate::net::PartitionPoint;
 
 /// The card format this build reads (what `python/export.py` writes).
@@ -315,7 +314,7 @@ impl ImportedNet {
         let test = side(&data.test, false)?;
         let split = data.split.clone().unwrap_or_default();
         let describe = |source: &str, validation: bool| match DatasetKind::parse(source) {
-            Ok(kind) if validation => format!("{}: {} (seed {})", kind.name(), crate::model::HELD_OUT, split.seed),
+            Ok(kind) if validation => format!("{}: {} (seed {})", kind.name(), HELD_OUT, split.seed),
             Ok(kind) => format!("{} test set", kind.name()),
             Err(_) => format!("tensor file {source}"),
         };

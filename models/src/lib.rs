@@ -21,8 +21,9 @@ pub mod subnormal;
 pub mod train;
 
 pub use card::{load_model, LoadedModel, ModelCard};
+pub use data::ModelData;
 pub use data::{Dataset, DatasetKind, InputShape, Split};
 pub use error::{ModelError, Result};
 pub use imported::{ImportedCard, ImportedNet};
-pub use model::{Model, ModelData};
+pub use model::Model;
 pub use net::{Architecture, EarlyExitNet};

@@ -16,8 +16,11 @@ use std::path::Path;
 use tch::{Device, Tensor};
 
 use crate::card::{card_path, load_model, LoadedModel, NamedExitMetrics};
-use crate::data::{Dataset, DatasetKind, InputShape, Normalization, Split};
+use branchpoint_core::calibration::ExitLogits;
+
+use crate::data::{Dataset, DatasetKind, InputShape, ModelData, Normalization, Split, HELD_OUT};
 use crate::error::{ModelError, Result};
+use crate::exits::{exit_logits, recorded};
 use crate::imported::{ImportedNet, FORMAT};
 use crate::net::PartitionPoint;
 
@@ -28,22 +31,6 @@ pub enum Model {
     // Boxed: both are hundreds of bytes (layers, cards), and the enum is moved whole.
     Builtin(Box<LoadedModel>),
     Imported(Box<ImportedNet>),
-}
-
-/// The inputs a model is calibrated and evaluated on.
-#[derive(Debug)]
-pub struct ModelData {
-    /// Held out of training: what temperatures and thresholds are fit on.
-    pub validation: Split,
-    pub test: Split,
-    /// Where the validation inputs came from, in words (calibration files
-    /// record it).
-    pub validation_source: String,
-    /// Where the test inputs came from, in words.
-    pub test_source: String,
-    /// The seed of the train/validation split, where a built-in dataset
-    /// was split (0 for tensor files the user brought).
-    pub split_seed: u64,
 }
 
 impl Model {
@@ -252,9 +239,6 @@ impl Model {
     }
 }
 
-/// What a calibration file says of a built-in dataset's validation inputs.
-pub const HELD_OUT: &str = "validation split held out of the training set";
-
 /// The `format` key of a JSON card, if it has one.
 fn card_format(path: &Path) -> Result<Option<String>> {
     let bad = |reason: String| ModelError::BadModelCard { path: path.to_path_buf(), reason };
@@ -265,4 +249,16 @@ fn card_format(path: &Path) -> Result<Option<String>> {
         Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
         Some(other) => Err(bad(format!("format is {other}, not a string"))),
     }
+}
+
+/// Every exit's answers over a split, as plain `ExitLogits` (branches in
+/// order, then final).
+pub fn split_exit_logits(model: &Model, split: &Split) -> Result<Vec<ExitLogits>> {
+    model.logits_for(&split.images, 500)?.iter().map(|z| exit_logits(z, &split.labels)).collect()
+}
+
+/// `split_exit_logits`, recorded once per (model, inputs) and read back
+/// after (`exits::recorded`).
+pub fn recorded_split_exit_logits(model: &Model, split: &Split) -> Result<Vec<ExitLogits>> {
+    recorded(model.sha256(), split, || split_exit_logits(model, split))
 }

@@ -10,7 +10,7 @@ use branchpoint_core::calibration::{self, calibration_metrics, CalibrationFile, 
 use branchpoint_core::offload::{operating_point, sweep, Decisions, LatencyModel, OperatingPoint, SweepRow};
 use branchpoint_core::recalibration::{confidences, quality, select, ConfidenceMap, ConfidenceQuality};
 use branchpoint_core::risk::{certify, certify_batch, default_grid, resplit_study, Certificate, ConfidenceCounts, ResplitRates, Target};
-use branchpoint_models::exits::recorded_split_exit_logits;
+use branchpoint_models::model::recorded_split_exit_logits;
 use branchpoint_models::{Model, ModelData};
 use serde::{Deserialize, Serialize};
 
@@ -21,7 +21,7 @@ pub struct SplitLogits {
 }
 
 /// The model's answers on both splits, recorded once per model and inputs
-/// (`exits::recorded_split_exit_logits`).
+/// (`model::recorded_split_exit_logits`).
 pub fn split_logits(model: &Model, data: &ModelData) -> Result<SplitLogits> {
     Ok(SplitLogits { validation: recorded_split_exit_logits(model, &data.validation)?, test: recorded_split_exit_logits(model, &data.test)? })
 }

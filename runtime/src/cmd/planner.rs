@@ -34,7 +34,7 @@ pub fn run(args: PlannerArgs) -> Result<()> {
     tch::set_num_threads(std::thread::available_parallelism().map_or(1, |n| n.get() as i32));
     let model = args.source.load_model(tch::Device::Cpu)?;
     let data = args.source.load_data(&model)?;
-    let validation = branchpoint_models::exits::recorded_split_exit_logits(&model, &data.validation)?;
+    let validation = branchpoint_models::model::recorded_split_exit_logits(&model, &data.validation)?;
     let num_exits = validation.len();
     let temperatures = match &args.temperatures.calibration {
         Some(path) => {

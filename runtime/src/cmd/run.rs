@@ -41,7 +41,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         tracing::info!("scenario {}: the model's answers on the test inputs under {corruption}", scenario.name);
         let images = branchpoint_models::corrupt::apply(&corruption, &data.test.images, model.normalization(), seed, 0)?;
         let split = branchpoint_models::data::Split { images, labels: data.test.labels.shallow_clone() };
-        shifted.push(branchpoint_models::exits::recorded_split_exit_logits(&model, &split)?);
+        shifted.push(branchpoint_models::model::recorded_split_exit_logits(&model, &split)?);
         shifted_splits.push(split);
     }
     let prepared = scenario::prepare(&scenario, &model, &logits.validation, &logits.test, &shifted, &profile)?;
