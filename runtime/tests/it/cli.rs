@@ -374,6 +374,16 @@ fn configuration_layers_file_environment_and_flags() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("could not connect to NATS at nats://127.0.0.1:1"), "{}", stderr(&o));
 
+    // A list: the worker's models. Both load (one of each kind) before it
+    // tries to connect; the same model twice is refused.
+    let models = "[\"models/balexnet-fmnist.safetensors\", \"models/mobilenet-ee-fmnist.json\"]";
+    std::fs::write(&file, format!("[nats]\nurl = \"nats://127.0.0.1:1\"\n[worker]\nmodel = {models}\n")).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_branchpoint")).current_dir(root).arg("--config").arg(&file).arg("worker").output().unwrap();
+    assert!(!o.status.success() && stderr(&o).contains("could not connect to NATS at nats://127.0.0.1:1"), "{}", stderr(&o));
+    std::fs::write(&file, "[nats]\nurl = \"nats://127.0.0.1:1\"\n[worker]\nmodel = [\"models/bvgg-fmnist.safetensors\", \"models/bvgg-fmnist.json\"]\n").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_branchpoint")).current_dir(root).arg("--config").arg(&file).arg("worker").output().unwrap();
+    assert!(!o.status.success() && stderr(&o).contains("the same model as --model models/bvgg-fmnist.safetensors"), "{}", stderr(&o));
+
     // Bad configuration: non-zero exit, the key and its origin named.
     std::fs::write(&file, "[fleet]\nrate = \"fast\"\n").unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_branchpoint")).current_dir(root).arg("--config").arg(&file).arg("fleet").output().unwrap();
