@@ -195,12 +195,9 @@ impl ImportedNet {
 
     fn branch(&self, branch: usize) -> Result<(&ImportedBranch, &Partition)> {
         // The card and the modules have one entry per branch, in order.
-        match branch.checked_sub(1).and_then(|i| Some((self.card.branches.get(i)?, self.parts.get(i)?))) {
-            Some(found) => Ok(found),
-            None => {
-                Err(ModelError::InvalidArgument { what: "partition branch".into(), reason: format!("{branch} does not exist; this model has branches 1..={}", self.parts.len()) })
-            }
-        }
+        // The card and the modules have one entry per branch, in order.
+        crate::net::check_branch(branch, self.parts.len())?;
+        Ok((&self.card.branches[branch - 1], &self.parts[branch - 1]))
     }
 
     fn refused(&self, file: &str, reason: String) -> ModelError {

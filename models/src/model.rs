@@ -135,13 +135,7 @@ impl Model {
 
     /// Checks that `branch` is one of this model's partition branches.
     pub fn check_branch(&self, branch: usize) -> Result<()> {
-        if branch == 0 || branch > self.num_branches() {
-            return Err(ModelError::InvalidArgument {
-                what: "partition branch".into(),
-                reason: format!("{branch} does not exist; this model has branches 1..={}", self.num_branches()),
-            });
-        }
-        Ok(())
+        crate::net::check_branch(branch, self.num_branches())
     }
 
     pub fn device(&self) -> Device {
@@ -183,18 +177,7 @@ impl Model {
     /// Every exit's logits over a whole split, in batches of `batch_size`,
     /// concatenated: one `[N, classes]` tensor per exit, on the CPU.
     pub fn logits_for(&self, images: &Tensor, batch_size: i64) -> Result<Vec<Tensor>> {
-        let n = images.size()[0];
-        let mut per_exit: Vec<Vec<Tensor>> = (0..self.num_exits()).map(|_| Vec::new()).collect();
-        let mut start = 0;
-        while start < n {
-            let len = batch_size.min(n - start);
-            let xs = images.narrow(0, start, len).to_device(self.device());
-            for (e, l) in self.forward_exits(&xs)?.into_iter().enumerate() {
-                per_exit[e].push(l.to_device(Device::Cpu));
-            }
-            start += len;
-        }
-        Ok(per_exit.into_iter().map(|v| Tensor::cat(&v, 0)).collect())
+        crate::net::logits_in_batches(images, batch_size, self.device(), |xs| self.forward_exits(xs))
     }
 
     /// The test metrics the card records per exit, where it records them

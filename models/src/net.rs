@@ -273,13 +273,7 @@ impl EarlyExitNet {
 
     /// Checks that `branch` is a valid partition branch (1..=num_branches).
     pub fn check_branch(&self, branch: usize) -> Result<()> {
-        if branch == 0 || branch > self.branches.len() {
-            return Err(ModelError::InvalidArgument {
-                what: "partition branch".into(),
-                reason: format!("{branch} does not exist; this model has branches 1..={}", self.branches.len()),
-            });
-        }
-        Ok(())
+        check_branch(branch, self.branches.len())
     }
 
     /// Checks that `xs` is a batch of inputs [N, C, H, W] of this network.
@@ -379,17 +373,34 @@ impl EarlyExitNet {
     /// Logits of every exit over a whole split, in batches of `batch_size`,
     /// concatenated: one [N, classes] tensor per exit, on the CPU.
     pub fn logits_for(&self, images: &Tensor, batch_size: i64) -> Vec<Tensor> {
-        let n = images.size()[0];
-        let mut per_exit: Vec<Vec<Tensor>> = (0..=self.branches.len()).map(|_| Vec::new()).collect();
-        let mut start = 0;
-        while start < n {
-            let len = batch_size.min(n - start);
-            let xs = images.narrow(0, start, len).to_device(self.device);
-            for (e, l) in self.forward_exits(&xs).into_iter().enumerate() {
-                per_exit[e].push(l.to_device(Device::Cpu));
-            }
-            start += len;
-        }
-        per_exit.into_iter().map(|v| Tensor::cat(&v, 0)).collect()
+        logits_in_batches(images, batch_size, self.device, |xs| Ok(self.forward_exits(xs))).expect("the built-in forward does not fail")
     }
+}
+
+/// Checks that `branch` is one of a model's `branches` partition branches
+/// (1..=branches), for every kind of model.
+pub fn check_branch(branch: usize, branches: usize) -> Result<()> {
+    if branch == 0 || branch > branches {
+        return Err(ModelError::InvalidArgument { what: "partition branch".into(), reason: format!("{branch} does not exist; this model has branches 1..={branches}") });
+    }
+    Ok(())
+}
+
+/// Every exit's logits over `images`, `forward` run on batches of
+/// `batch_size` on `device` and the results concatenated per exit on the
+/// CPU, for every kind of model.
+pub fn logits_in_batches(images: &Tensor, batch_size: i64, device: Device, forward: impl Fn(&Tensor) -> Result<Vec<Tensor>>) -> Result<Vec<Tensor>> {
+    let n = images.size()[0];
+    let mut per_exit: Vec<Vec<Tensor>> = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let len = batch_size.min(n - start);
+        let exits = forward(&images.narrow(0, start, len).to_device(device))?;
+        per_exit.resize_with(exits.len(), Vec::new);
+        for (e, l) in exits.into_iter().enumerate() {
+            per_exit[e].push(l.to_device(Device::Cpu));
+        }
+        start += len;
+    }
+    Ok(per_exit.into_iter().map(|v| Tensor::cat(&v, 0)).collect())
 }
