@@ -49,13 +49,26 @@ pub fn answers_dir() -> Option<PathBuf> {
 /// names the model (`model::recorded_split_exit_logits` is the usual
 /// caller).
 pub fn recorded(model_sha256: &str, split: &Split, compute: impl FnOnce() -> Result<Vec<ExitLogits>>) -> Result<Vec<ExitLogits>> {
-    let Some(dir) = answers_dir() else { return compute() };
+    recorded_in(answers_dir(), model_sha256, split, compute)
+}
+
+/// `recorded`, with the answers directory given (`None`: no recording).
+fn recorded_in(dir: Option<PathBuf>, model_sha256: &str, split: &Split, compute: impl FnOnce() -> Result<Vec<ExitLogits>>) -> Result<Vec<ExitLogits>> {
+    let Some(dir) = dir else { return compute() };
     let key = answers_key(model_sha256, split)?;
     let path = dir.join(format!("{key}.answers"));
-    if let Some(answers) = std::fs::read(&path).ok().and_then(|bytes| decode_answers(&bytes, &key)) {
-        if answers.first().is_some_and(|e| e.len() == split.len()) {
-            return Ok(answers);
-        }
+    let read = || std::fs::read(&path).ok().and_then(|bytes| decode_answers(&bytes, &key)).filter(|answers| answers.first().is_some_and(|e| e.len() == split.len()));
+    if let Some(answers) = read() {
+        return Ok(answers);
+    }
+    // Processes started together (a stack's calibrator, planner and fleet; a
+    // test suite) would each compute the same answers: the first to take the
+    // record's lock computes, the others wait and read its record. The OS
+    // drops the lock of a process that dies; without a lock file (a
+    // read-only cache) everyone computes.
+    let _lock = std::fs::create_dir_all(&dir).and_then(|()| std::fs::File::create(dir.join(format!("{key}.lock")))).and_then(|f| f.lock().map(|()| f)).ok();
+    if let Some(answers) = read() {
+        return Ok(answers);
     }
     let answers = compute()?;
     let tmp = dir.join(format!("{key}.{}.tmp", std::process::id()));
@@ -141,5 +154,47 @@ mod tests {
         let last = bad_label.len() - 8;
         bad_label[last] = 9;
         assert_eq!(decode_answers(&bad_label, "k"), None, "a label outside the classes");
+    }
+
+    #[test]
+    fn callers_started_together_compute_once() {
+        let dir = std::env::temp_dir().join(format!("branchpoint-answers-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        // Tensors are not shared between threads: each caller builds the
+        // same split.
+        let split = || Split { images: Tensor::from_slice(&[0.5f32, 1.5]).reshape([2, 1, 1, 1]), labels: Tensor::from_slice(&[1i64, 0]) };
+        let answers = vec![ExitLogits::new(2, vec![1.0, -1.0, 0.5, 0.25], vec![1, 0]).unwrap()];
+        let computed = std::sync::atomic::AtomicUsize::new(0);
+        let (second_computes, first_sees) = std::sync::mpsc::channel::<()>();
+        let (dir, answers, computed) = (&dir, &answers, &computed);
+        let results: Vec<Vec<ExitLogits>> = std::thread::scope(|s| {
+            let first = s.spawn(move || {
+                recorded_in(Some(dir.clone()), "model", &split(), || {
+                    computed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    // Hold the computation open while the second caller
+                    // starts. With the lock it waits and never computes, so
+                    // this waits out the bound; without it, it computes too
+                    // and the count below fails. The bound only limits how
+                    // surely a missing lock is caught, never the result of a
+                    // correct one.
+                    let _ = first_sees.recv_timeout(std::time::Duration::from_millis(500));
+                    Ok(answers.clone())
+                })
+            });
+            while computed.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                std::thread::yield_now();
+            }
+            let second = s.spawn(move || {
+                recorded_in(Some(dir.clone()), "model", &split(), || {
+                    computed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let _ = second_computes.send(());
+                    Ok(answers.clone())
+                })
+            });
+            vec![first.join().unwrap().unwrap(), second.join().unwrap().unwrap()]
+        });
+        assert_eq!(results, vec![answers.clone(), answers.clone()]);
+        assert_eq!(computed.load(std::sync::atomic::Ordering::SeqCst), 1, "the second caller read the first one's record");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
