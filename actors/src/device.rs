@@ -20,14 +20,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
 use branchpoint_core::calibration::predict;
-use branchpoint_messages::{AuditTag, Deadline, Exit, PartitionBranch};
+use branchpoint_messages::{AuditTag, Codec, Deadline, Exit, PartitionBranch};
 
 use branchpoint_core::planner::Plan;
 
 use crate::collector::{Collector, Decided, FallbackReason, InputAccepted, Latency, Outcome};
 use crate::compute::{HeadOutput, LoadedNet};
 use crate::emulation::{Emulation, EmulationSpec};
-use crate::offload::Offload;
+use crate::offload::{Activation, Offload};
 pub use crate::plans::ApplyPlan;
 use crate::plans::DeviceReport;
 use crate::transport::{Answered, OffloadFailure, OffloadLink};
@@ -44,6 +44,8 @@ pub struct DeviceConfig {
     /// The model's SHA-256 (`Model::sha256`), sent with every offload so
     /// that a worker serving several models runs this one's tail.
     pub model_sha256: Arc<str>,
+    /// How offloaded activations are encoded (a plan may change it).
+    pub codec: Codec,
     /// Real-time scenario replay: the emulated uplink in front of `link`.
     pub emulation: Option<EmulationSpec>,
     /// Shared by a fleet's devices; see `Interrupt`.
@@ -266,7 +268,7 @@ impl Handler<Infer> for Device {
         let (class, confidence) = predict(&head.branch_logits, outcome.temperature);
         outcome.class = class as u32;
         outcome.latency.device_compute_us = head.compute.as_micros() as u64;
-        if (Plan { branch, p_tar: cfg.p_tar }).exits(confidence) {
+        if (Plan { branch, p_tar: cfg.p_tar, codec: cfg.codec }).exits(confidence) {
             outcome.latency.total_us = arrived.elapsed().as_micros() as u64;
             self.collector.do_send(outcome);
             // An audit: the cloud sees the input too, and nobody waits for
@@ -304,7 +306,7 @@ impl Device {
         }
         let Ok(request) = offload_request(self.seq, &self.cfg, head, arrived) else { return };
         let request = Offload { audit: Some(tag), ..request };
-        self.collector.do_send(crate::collector::Audited { group, sent: true, bytes: (request.activation.len() * 4) as u64 });
+        self.collector.do_send(crate::collector::Audited { group, sent: true, bytes: request.activation.payload_bytes() as u64 });
         let (link, in_flight, deadline) = (self.link.clone(), self.audits_in_flight.clone(), self.cfg.deadline);
         in_flight.set(in_flight.get() + 1);
         actix::spawn(async move {
@@ -320,7 +322,8 @@ impl Device {
 /// the input's budget.
 fn offload_request(seq: u64, cfg: &DeviceConfig, head: &HeadOutput, arrived: Instant) -> Result<Offload, crate::ActorError> {
     let remaining = cfg.deadline.saturating_sub(arrived.elapsed());
-    let (shape, activation) = head.activation_values()?;
+    let (shape, values) = head.activation_values()?;
+    let activation = Activation::encode(cfg.codec, &shape, values)?;
     Ok(Offload {
         device_id: cfg.id.clone(),
         seq,
@@ -500,6 +503,9 @@ impl Handler<ApplyPlan> for Device {
         }
         self.cfg.partition_branch = msg.partition_branch;
         self.cfg.p_tar = msg.p_tar;
+        if let Some(codec) = msg.codec {
+            self.cfg.codec = codec;
+        }
         self.plan_target = msg.target_accuracy.filter(|a| *a > 0.0 && *a < 1.0);
     }
 }
@@ -580,7 +586,7 @@ mod tests {
             seq,
             partition_branch: 1,
             shape: vec![1, 2],
-            activation: vec![0.0, 1.0].into(),
+            activation: Activation::F32(vec![0.0, 1.0].into()),
             deadline: Deadline::default(),
             audit: None,
             model_sha256: None,

@@ -44,6 +44,9 @@ pub struct ApplyPlan {
     /// Set when p_tar is a threshold certified for this on-device accuracy
     /// (`PlanUpdate::certified`): the target a watched device's audits name.
     pub target_accuracy: Option<f64>,
+    /// How to encode offloaded activations; `None` keeps the device's own
+    /// (a planner that does not choose codecs).
+    pub codec: Option<branchpoint_messages::Codec>,
 }
 
 /// A plan for a device the planner cannot reach in process: the planner's

@@ -494,7 +494,14 @@ impl Batcher {
                 job.reply.send(reply);
                 continue;
             }
-            activations.extend_from_slice(&job.request.activation);
+            // Decoding f16 or int8 here, on the batch's way to compute.
+            let before = activations.len();
+            if let Err(e) = job.request.activation.append_to(&mut activations) {
+                activations.truncate(before);
+                let reply = self.error(Some(job.request.seq), ErrorKind::InvalidRequest, format!("activation: {e}"));
+                job.reply.send(reply);
+                continue;
+            }
             live.push(job);
         }
         if live.is_empty() {
@@ -802,7 +809,7 @@ mod batcher_tests {
             seq,
             partition_branch: 1,
             shape: shape.to_vec(),
-            activation: vec![0.5; shape.iter().product::<u32>() as usize].into(),
+            activation: crate::offload::Activation::F32(vec![0.5; shape.iter().product::<u32>() as usize].into()),
             deadline: Deadline { sent_at_unix_us: 0, budget_us: budget_ms * 1000 },
             audit: None,
             model_sha256: None,

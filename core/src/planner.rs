@@ -1,7 +1,8 @@
 //! The partition planner's decision, as pure computation: given what
-//! calibration predicts about each branch and threshold, the compute costs,
-//! and what a device observes of its network, choose the partition branch
-//! and p_tar with the best predicted accuracy whose predicted deadline-miss
+//! calibration predicts about each branch, threshold and activation codec,
+//! the compute costs, what a device observes of its network and what the
+//! workers report of their load, choose the partition branch, p_tar and
+//! codec with the best predicted accuracy whose predicted deadline-miss
 //! rate stays under a bound.
 //!
 //! Thresholds: an input exits at branch k when its calibrated confidence is
@@ -19,15 +20,25 @@ use serde::{Deserialize, Serialize};
 use crate::calibration::ExitLogits;
 use crate::error::{CoreError, Result};
 use crate::risk::Target;
+pub use branchpoint_messages::Codec;
 
-/// A device's partition branch and threshold.
+/// A device's partition branch, threshold and activation codec.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
     pub branch: usize,
     pub p_tar: f64,
+    /// How offloaded activations are encoded (f32 in plans from before
+    /// codecs).
+    #[serde(default)]
+    pub codec: Codec,
 }
 
 impl Plan {
+    /// A plan that offloads f32 activations.
+    pub fn f32(branch: usize, p_tar: f64) -> Self {
+        Plan { branch, p_tar, codec: Codec::F32 }
+    }
+
     /// Whether an input with this calibrated confidence stays on the device.
     pub fn exits(&self, confidence: f64) -> bool {
         self.p_tar < 1.0 && confidence >= self.p_tar
@@ -41,7 +52,8 @@ pub struct ThresholdStats {
     pub offload_rate: f64,
     /// Mean calibrated branch confidence of the inputs that exit.
     pub edge_accuracy: f64,
-    /// Mean calibrated final-exit confidence of the inputs offloaded.
+    /// Mean calibrated final-exit confidence of the inputs offloaded, their
+    /// activations encoded with the plan's codec.
     pub cloud_accuracy: f64,
     /// Mean calibrated branch confidence of the inputs offloaded: what a
     /// fallback to the branch's answer is worth.
@@ -80,23 +92,27 @@ pub struct Candidate {
 
 impl ModelStats {
     /// `validation`: one `ExitLogits` per exit (branches, then final);
-    /// `temperatures`: one per exit. The same `p_tars` at every branch.
-    pub fn from_validation(validation: &[ExitLogits], temperatures: &[f64], p_tars: &[f64]) -> Result<Self> {
+    /// `temperatures`: one per exit. The same `p_tars` at every branch;
+    /// f32 plans, and plans of every codec in `codecs`.
+    pub fn from_validation(validation: &[ExitLogits], temperatures: &[f64], p_tars: &[f64], codecs: &[CodecFinals]) -> Result<Self> {
         let per_branch: Vec<Vec<Candidate>> = (0..validation.len().saturating_sub(1)).map(|_| p_tars.iter().map(|&p_tar| Candidate { p_tar, certified: None }).collect()).collect();
-        Self::for_candidates(validation, temperatures, &per_branch)
+        Self::for_candidates(validation, temperatures, &per_branch, codecs)
     }
 
     /// Certified candidates: per branch, device only (0), cloud only (1),
     /// and the threshold `risk::certify` finds on the validation split for
     /// each target accuracy in `accuracies` at `delta` (cloud only when none
     /// is certified), on the temperature-scaled confidences.
-    pub fn certified(validation: &[ExitLogits], temperatures: &[f64], accuracies: &[f64], delta: f64) -> Result<Self> {
+    pub fn certified(validation: &[ExitLogits], temperatures: &[f64], accuracies: &[f64], delta: f64, codecs: &[CodecFinals]) -> Result<Self> {
         let per_branch = certified_candidates(validation, temperatures, accuracies, delta)?;
-        Self::for_candidates(validation, temperatures, &per_branch)
+        Self::for_candidates(validation, temperatures, &per_branch, codecs)
     }
 
-    /// Statistics for explicit candidates, `per_branch[k]` for branch k + 1.
-    pub fn for_candidates(validation: &[ExitLogits], temperatures: &[f64], per_branch: &[Vec<Candidate>]) -> Result<Self> {
+    /// Statistics for explicit candidates, `per_branch[k]` for branch k + 1:
+    /// each as an f32 plan, and as a plan of every codec in `codecs` (whose
+    /// offloaded inputs get the final exit's answers on the decoded
+    /// activation).
+    pub fn for_candidates(validation: &[ExitLogits], temperatures: &[f64], per_branch: &[Vec<Candidate>], codecs: &[CodecFinals]) -> Result<Self> {
         let exits = validation.len();
         if exits < 2 || temperatures.len() != exits || per_branch.len() != exits - 1 {
             return Err(CoreError::InvalidArgument {
@@ -104,17 +120,26 @@ impl ModelStats {
                 reason: format!("{exits} exits of validation logits, {} temperatures and {} branches of candidates", temperatures.len(), per_branch.len()),
             });
         }
+        let n = validation[exits - 1].len();
+        if let Some(c) = codecs.iter().find(|c| c.codec == Codec::F32 || c.per_branch.len() != exits - 1 || c.per_branch.iter().any(|f| f.len() != n)) {
+            return Err(CoreError::InvalidArgument {
+                what: "codec answers".into(),
+                reason: format!("{}: need the final exit's answers on all {n} validation inputs from each of the {} branches (f32 is the plain answers)", c.codec, exits - 1),
+            });
+        }
         if let Some(c) = per_branch.iter().flatten().find(|c| branchpoint_messages::PTar::plan(c.p_tar).is_err()) {
             return Err(CoreError::InvalidArgument { what: "candidate p_tar".into(), reason: branchpoint_messages::MessageError::PTar(c.p_tar).to_string() });
         }
         let fin = &validation[exits - 1];
-        let n = fin.len();
-        let finals: Vec<(usize, f64)> = (0..n).map(|i| fin.predict(i, temperatures[exits - 1])).collect();
+        let t_final = temperatures[exits - 1];
+        let finals: Vec<(usize, f64)> = (0..n).map(|i| fin.predict(i, t_final)).collect();
         let mut candidates = Vec::new();
         for (b, branch) in validation[..exits - 1].iter().enumerate() {
             let preds: Vec<(usize, f64)> = (0..n).map(|i| branch.predict(i, temperatures[b])).collect();
-            for c in &per_branch[b] {
-                let plan = Plan { branch: b + 1, p_tar: c.p_tar };
+            let mut by_codec: Vec<(Codec, Vec<(usize, f64)>)> = vec![(Codec::F32, finals.clone())];
+            by_codec.extend(codecs.iter().map(|c| (c.codec, (0..n).map(|i| c.per_branch[b].predict(i, t_final)).collect())));
+            for (c, (codec, finals)) in per_branch[b].iter().flat_map(|c| by_codec.iter().map(move |f| (c, f))) {
+                let plan = Plan { branch: b + 1, p_tar: c.p_tar, codec: *codec };
                 let (mut ne, mut conf_e, mut right_e) = (0usize, 0.0, 0usize);
                 let (mut no, mut conf_c, mut conf_f, mut right_c) = (0usize, 0.0, 0.0, 0usize);
                 for i in 0..n {
@@ -152,6 +177,40 @@ impl ModelStats {
     }
 }
 
+/// The final exit's answers on the validation inputs when the activation
+/// of each branch crossed the wire under `codec` (`per_branch[k]` for
+/// branch k + 1): what a codec does to the cloud's accuracy.
+#[derive(Debug, Clone)]
+pub struct CodecFinals {
+    pub codec: Codec,
+    pub per_branch: Vec<ExitLogits>,
+}
+
+/// Bytes of one offload request at a branch under each codec, framing
+/// included.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct OffloadBytes {
+    pub f32: f64,
+    pub f16: f64,
+    pub int8: f64,
+}
+
+impl OffloadBytes {
+    pub fn of(&self, codec: Codec) -> f64 {
+        match codec {
+            Codec::F32 => self.f32,
+            Codec::F16 => self.f16,
+            Codec::Int8 => self.int8,
+        }
+    }
+
+    /// The same bytes under every codec (a model whose codecs are not
+    /// measured; tests).
+    pub fn same(bytes: f64) -> Self {
+        OffloadBytes { f32: bytes, f16: bytes, int8: bytes }
+    }
+}
+
 /// Per branch: device only, cloud only, and the thresholds certified for
 /// `accuracies` at `delta` (see `ModelStats::certified`).
 pub fn certified_candidates(validation: &[ExitLogits], temperatures: &[f64], accuracies: &[f64], delta: f64) -> Result<Vec<Vec<Candidate>>> {
@@ -180,13 +239,19 @@ pub fn certified_candidates(validation: &[ExitLogits], temperatures: &[f64], acc
 pub struct Costs {
     /// Device compute of head(k), per branch k (index k - 1), microseconds.
     pub head_us: Vec<f64>,
-    /// Bytes sent per offload at branch k (activation plus framing).
-    pub upload_bytes: Vec<f64>,
+    /// Bytes sent per offload at branch k under each codec (activation
+    /// plus framing), index k - 1.
+    pub upload_bytes: Vec<OffloadBytes>,
     pub deadline_us: f64,
     /// Inputs per second arriving at the device.
     pub arrival_rate: f64,
     /// The largest predicted fraction of inputs that may miss the deadline.
     pub miss_bound: f64,
+    /// Cloud compute per request at branch k in a full batch (µs, index
+    /// k - 1): how fast the workers drain a backlog. Empty: the planner
+    /// does not count the workers' backlog.
+    #[serde(default)]
+    pub tail_us_per_request: Vec<f64>,
 }
 
 /// A device's network as the planner sees it: conservative figures (mean
@@ -198,6 +263,32 @@ pub struct Observed {
     /// From the end of an upload to its reply: propagation both ways plus
     /// the cloud's queueing and compute, microseconds.
     pub response_us: f64,
+    /// The worker pool's load now, from the workers' status (`None`: not
+    /// known, and the device's own response times are all the planner
+    /// has).
+    #[serde(default)]
+    pub cloud: Option<CloudLoad>,
+}
+
+/// The worker pool as the planner sees it: what the workers report
+/// (`WorkerStatus`) or, in virtual time, what the pool holds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CloudLoad {
+    /// Requests waiting at the workers, all together.
+    pub backlog: f64,
+    /// Workers serving.
+    pub workers: f64,
+}
+
+impl CloudLoad {
+    /// How long a request sent now waits behind the backlog, at
+    /// `per_request_us` of compute each, spread over the workers. A
+    /// device's response time shows the cloud's queueing only once its own
+    /// offloads come back (and not at all for those that expire there);
+    /// the backlog shows it now.
+    pub fn wait_us(&self, per_request_us: f64) -> f64 {
+        (self.backlog.max(0.0) * per_request_us / self.workers.max(1.0)).max(0.0)
+    }
 }
 
 /// What the planner expects of a plan.
@@ -243,10 +334,16 @@ pub fn offload_miss_probability(head_us: f64, bytes: f64, costs: &Costs, offload
 pub const ACCURACY_TOLERANCE: f64 = 1e-9;
 
 /// What the planner predicts for one candidate under these costs and this
-/// network.
+/// network: the response time is the device's estimate plus the wait behind
+/// the workers' backlog, when the planner knows it.
 pub fn predict(c: &ThresholdStats, costs: &Costs, seen: &Observed) -> Prediction {
     let k = c.plan.branch - 1;
-    let (head, bytes) = (costs.head_us[k], costs.upload_bytes[k]);
+    let (head, bytes) = (costs.head_us[k], costs.upload_bytes[k].of(c.plan.codec));
+    let wait = match (seen.cloud, costs.tail_us_per_request.get(k)) {
+        (Some(load), Some(&per_request)) => load.wait_us(per_request),
+        _ => 0.0,
+    };
+    let seen = &Observed { response_us: seen.response_us + wait, ..*seen };
     // A device whose CPU cannot keep up misses everything.
     let cpu = costs.arrival_rate * head / 1e6;
     let m = if c.offload_rate > 0.0 { offload_miss_probability(head, bytes, costs, c.offload_rate, seen) } else { 0.0 };
@@ -357,7 +454,7 @@ impl LinkEstimator {
         let (Some((bm, bd)), Some((rm, rd))) = (self.us_per_byte, self.response_us) else {
             return None;
         };
-        Some(Observed { us_per_byte: bm + safety * bd, response_us: rm + safety * rd })
+        Some(Observed { us_per_byte: bm + safety * bd, response_us: rm + safety * rd, cloud: None })
     }
 
     /// Smoothed uplink throughput, Mbit/s (for reports).
@@ -454,7 +551,7 @@ mod tests {
     fn stats() -> ModelStats {
         // Branch 1: cheap but weak; branch 2: better. Hand-made predictions.
         let mk = |branch, p_tar, offload_rate, edge| ThresholdStats {
-            plan: Plan { branch, p_tar },
+            plan: Plan { branch, p_tar, codec: Codec::F32 },
             offload_rate,
             edge_accuracy: edge,
             cloud_accuracy: 0.95,
@@ -467,20 +564,27 @@ mod tests {
     }
 
     fn costs() -> Costs {
-        Costs { head_us: vec![2_000.0, 3_000.0], upload_bytes: vec![25_000.0, 12_500.0], deadline_us: 100_000.0, arrival_rate: 10.0, miss_bound: 0.05 }
+        Costs {
+            head_us: vec![2_000.0, 3_000.0],
+            upload_bytes: vec![OffloadBytes::same(25_000.0), OffloadBytes::same(12_500.0)],
+            deadline_us: 100_000.0,
+            arrival_rate: 10.0,
+            miss_bound: 0.05,
+            tail_us_per_request: Vec::new(),
+        }
     }
 
     #[test]
     fn a_fast_link_offloads_and_a_dead_link_stays_on_the_device() {
         let s = stats();
         // 100 Mbit/s: 0.08 us per byte; 10 ms response.
-        let fast = choose(&s, &costs(), &Observed { us_per_byte: 0.08, response_us: 10_000.0 });
+        let fast = choose(&s, &costs(), &Observed { us_per_byte: 0.08, response_us: 10_000.0, cloud: None });
         // Branch 2 at 0.9 beats cloud only here: 0.8 * 0.97 + 0.2 * 0.95.
-        assert_eq!(fast.plan, Plan { branch: 2, p_tar: 0.9 }, "{fast:?}");
+        assert_eq!(fast.plan, Plan { branch: 2, p_tar: 0.9, codec: Codec::F32 }, "{fast:?}");
         assert!((fast.accuracy - 0.966).abs() < 1e-9 && fast.miss_rate < 1e-9, "{fast:?}");
         // 0.1 Mbit/s: 80 us per byte, 12,500 bytes take 1 s: nothing can be offloaded.
-        let slow = choose(&s, &costs(), &Observed { us_per_byte: 80.0, response_us: 10_000.0 });
-        assert_eq!(slow.plan, Plan { branch: 2, p_tar: 0.0 }, "{slow:?}");
+        let slow = choose(&s, &costs(), &Observed { us_per_byte: 80.0, response_us: 10_000.0, cloud: None });
+        assert_eq!(slow.plan, Plan { branch: 2, p_tar: 0.0, codec: Codec::F32 }, "{slow:?}");
         assert_eq!(slow.miss_rate, 0.0);
     }
 
@@ -488,23 +592,23 @@ mod tests {
     fn a_middling_link_offloads_only_what_it_can_carry() {
         let s = stats();
         // 2 Mbit/s = 4 us per byte: 12,500 bytes take 50 ms, 25,000 take 100 ms.
-        let seen = Observed { us_per_byte: 4.0, response_us: 20_000.0 };
+        let seen = Observed { us_per_byte: 4.0, response_us: 20_000.0, cloud: None };
         let p = choose(&s, &costs(), &seen);
-        assert_eq!(p.plan, Plan { branch: 2, p_tar: 0.9 }, "{p:?}");
+        assert_eq!(p.plan, Plan { branch: 2, p_tar: 0.9, codec: Codec::F32 }, "{p:?}");
         assert!(p.miss_rate <= 0.05 && p.miss_rate > 0.001, "{p:?}");
         // A tighter bound than that plan's predicted misses keeps inputs on the device.
         let strict = choose(&s, &Costs { miss_bound: 0.001, ..costs() }, &seen);
-        assert_eq!(strict.plan, Plan { branch: 2, p_tar: 0.0 }, "{strict:?}");
+        assert_eq!(strict.plan, Plan { branch: 2, p_tar: 0.0, codec: Codec::F32 }, "{strict:?}");
     }
 
     #[test]
     fn miss_probability_grows_with_load_and_shrinking_slack() {
         let c = costs();
-        let seen = Observed { us_per_byte: 4.0, response_us: 20_000.0 };
+        let seen = Observed { us_per_byte: 4.0, response_us: 20_000.0, cloud: None };
         let light = offload_miss_probability(3_000.0, 12_500.0, &c, 0.1, &seen);
         let heavy = offload_miss_probability(3_000.0, 12_500.0, &c, 1.0, &seen);
         assert!(light < heavy && heavy < 1.0, "{light} {heavy}");
-        let late = Observed { us_per_byte: 4.0, response_us: 60_000.0 };
+        let late = Observed { us_per_byte: 4.0, response_us: 60_000.0, cloud: None };
         assert_eq!(offload_miss_probability(3_000.0, 12_500.0, &c, 0.1, &late), 1.0);
     }
 
@@ -538,7 +642,7 @@ mod tests {
         // Two exits, three inputs, two classes.
         let branch = ExitLogits::new(2, vec![5.0, 0.0, 0.0, 0.1, 0.0, 5.0], vec![0, 1, 0]).unwrap();
         let fin = ExitLogits::new(2, vec![5.0, 0.0, 0.0, 5.0, 5.0, 0.0], vec![0, 1, 0]).unwrap();
-        let s = ModelStats::from_validation(&[branch, fin], &[1.0, 1.0], &[0.0, 0.9, 1.0]).unwrap();
+        let s = ModelStats::from_validation(&[branch, fin], &[1.0, 1.0], &[0.0, 0.9, 1.0], &[]).unwrap();
         let at = |p: f64| s.candidates.iter().find(|c| c.plan.p_tar == p).unwrap();
         assert_eq!(at(0.0).offload_rate, 0.0);
         assert_eq!(at(1.0).offload_rate, 1.0);
@@ -548,7 +652,7 @@ mod tests {
         assert!((mid.measured_cloud_accuracy - 1.0).abs() < 1e-12);
         let conf = 1.0 / (1.0 + (-5.0f64).exp());
         assert!((mid.edge_accuracy - conf).abs() < 1e-6);
-        assert!(ModelStats::from_validation(&s_exits(), &[1.0], &[0.5]).is_err());
+        assert!(ModelStats::from_validation(&s_exits(), &[1.0], &[0.5], &[]).is_err());
     }
 
     /// Random validation logits: `n` inputs, 10 classes, each exit with one
@@ -572,7 +676,11 @@ mod tests {
 
     fn costs_for(exits: usize) -> Costs {
         let branches = exits - 1;
-        Costs { head_us: (0..branches).map(|b| 1_000.0 * (b + 1) as f64).collect(), upload_bytes: (0..branches).map(|b| 25_000.0 / (b + 1) as f64).collect(), ..costs() }
+        Costs {
+            head_us: (0..branches).map(|b| 1_000.0 * (b + 1) as f64).collect(),
+            upload_bytes: (0..branches).map(|b| OffloadBytes::same(25_000.0 / (b + 1) as f64)).collect(),
+            ..costs()
+        }
     }
 
     /// The failure the issue saw: on a link where every offload misses, an
@@ -583,8 +691,8 @@ mod tests {
     fn when_every_offload_misses_the_device_keeps_every_input() {
         for seed in 0..20 {
             let validation = random_validation(seed, 2_000, 3);
-            let stats = ModelStats::from_validation(&validation, &[1.3, 1.1, 1.0], &default_candidate_p_tars()).unwrap();
-            let dead = Observed { us_per_byte: 160.0, response_us: 20_000.0 };
+            let stats = ModelStats::from_validation(&validation, &[1.3, 1.1, 1.0], &default_candidate_p_tars(), &[]).unwrap();
+            let dead = Observed { us_per_byte: 160.0, response_us: 20_000.0, cloud: None };
             let p = choose(&stats, &costs_for(3), &dead);
             assert_eq!((p.plan.p_tar, p.miss_rate, p.offload_rate), (0.0, 0.0, 0.0), "seed {seed}: {p:?}");
             let best_device_only = stats.candidates.iter().filter(|c| c.offload_rate == 0.0).map(|c| predict(c, &costs_for(3), &dead).accuracy).fold(f64::MIN, f64::max);
@@ -596,7 +704,7 @@ mod tests {
     fn certified_candidates_are_the_certified_thresholds_with_their_targets() {
         let validation = random_validation(3, 3000, 3);
         let temps = [1.2, 1.1, 1.0];
-        let stats = ModelStats::certified(&validation, &temps, &[0.9, 0.95], 0.05).unwrap();
+        let stats = ModelStats::certified(&validation, &temps, &[0.9, 0.95], 0.05, &[]).unwrap();
         assert_eq!(stats.candidates.len(), 2 * 4, "per branch: device only, two certified, cloud only");
         for b in 1..=2 {
             let of_branch: Vec<&ThresholdStats> = stats.candidates.iter().filter(|c| c.plan.branch == b).collect();
@@ -611,8 +719,8 @@ mod tests {
                 }
             }
         }
-        assert_eq!(stats.lookup(Plan { branch: 1, p_tar: 0.0 }).map(|c| c.offload_rate), Some(0.0));
-        assert!(stats.lookup(Plan { branch: 1, p_tar: 0.123 }).is_none());
+        assert_eq!(stats.lookup(Plan { branch: 1, p_tar: 0.0, codec: Codec::F32 }).map(|c| c.offload_rate), Some(0.0));
+        assert!(stats.lookup(Plan { branch: 1, p_tar: 0.123, codec: Codec::F32 }).is_none());
     }
 
     fn check_choice(stats: &ModelStats, costs: &Costs, seen: &Observed) -> Result<(), String> {
@@ -644,7 +752,7 @@ mod tests {
         // on paper) are common, as with real statistics.
         let level = (0u32..=20).prop_map(|k| f64::from(k) / 20.0);
         let one = (1usize..=3, 0usize..14, level.clone(), level.clone(), level.clone(), level).prop_map(|(branch, p, offload, edge, cloud, fallback)| ThresholdStats {
-            plan: Plan { branch, p_tar: default_candidate_p_tars()[p] },
+            plan: Plan { branch, p_tar: default_candidate_p_tars()[p], codec: Codec::F32 },
             offload_rate: offload,
             edge_accuracy: edge,
             cloud_accuracy: cloud,
@@ -666,7 +774,7 @@ mod tests {
             bound in 0.0f64..0.2,
         ) {
             let costs = Costs { arrival_rate: rate, miss_bound: bound, ..costs_for(4) };
-            let seen = Observed { us_per_byte, response_us };
+            let seen = Observed { us_per_byte, response_us, cloud: None };
             if let Err(e) = check_choice(&stats, &costs, &seen) {
                 return Err(proptest::test_runner::TestCaseError::fail(e));
             }
@@ -679,12 +787,84 @@ mod tests {
             rate in 0.5f64..100.0,
         ) {
             let validation = random_validation(seed, 300, 3);
-            let stats = ModelStats::from_validation(&validation, &[1.0, 1.0, 1.0], &default_candidate_p_tars()).unwrap();
-            let seen = Observed { us_per_byte, response_us: 20_000.0 };
+            let stats = ModelStats::from_validation(&validation, &[1.0, 1.0, 1.0], &default_candidate_p_tars(), &[]).unwrap();
+            let seen = Observed { us_per_byte, response_us: 20_000.0, cloud: None };
             if let Err(e) = check_choice(&stats, &Costs { arrival_rate: rate, ..costs_for(3) }, &seen) {
                 return Err(proptest::test_runner::TestCaseError::fail(e));
             }
         }
+    }
+
+    /// Every (branch, p_tar) comes as a plan of each codec given; a codec's
+    /// cloud accuracy is its own final answers', and the rest is the same.
+    #[test]
+    fn codec_plans_predict_with_the_codec_answers() {
+        let validation = random_validation(5, 1_000, 3);
+        // int8 answers: the final exit's, with one input in ten made wrong.
+        let damaged = |f: &ExitLogits| {
+            let mut logits = f.logits.clone();
+            for i in (0..f.len()).step_by(10) {
+                let right = f.labels[i] as usize;
+                logits[i * 10 + right] = -50.0;
+            }
+            ExitLogits::new(10, logits, f.labels.clone()).unwrap()
+        };
+        let fin = &validation[2];
+        let int8 = CodecFinals { codec: Codec::Int8, per_branch: vec![damaged(fin), fin.clone()] };
+        let p_tars = [0.0, 0.9, 1.0];
+        let stats = ModelStats::from_validation(&validation, &[1.0; 3], &p_tars, std::slice::from_ref(&int8)).unwrap();
+        assert_eq!(stats.candidates.len(), 2 * 3 * 2, "two branches, three thresholds, two codecs");
+        for c in stats.candidates.iter().filter(|c| c.plan.codec == Codec::Int8) {
+            let f32 = stats.lookup(Plan { codec: Codec::F32, ..c.plan }).unwrap();
+            assert_eq!((c.offload_rate, c.edge_accuracy, c.fallback_accuracy), (f32.offload_rate, f32.edge_accuracy, f32.fallback_accuracy));
+            if c.plan.branch == 1 && c.offload_rate > 0.05 {
+                assert!(c.measured_cloud_accuracy < f32.measured_cloud_accuracy - 0.05, "{c:?} vs {f32:?}");
+            } else if c.plan.branch == 2 {
+                assert_eq!(c.cloud_accuracy, f32.cloud_accuracy);
+            }
+        }
+        let short = CodecFinals { codec: Codec::Int8, per_branch: vec![fin.clone()] };
+        assert!(ModelStats::from_validation(&validation, &[1.0; 3], &p_tars, &[short]).is_err(), "answers for every branch");
+        let f32_again = CodecFinals { codec: Codec::F32, per_branch: vec![fin.clone(), fin.clone()] };
+        assert!(ModelStats::from_validation(&validation, &[1.0; 3], &p_tars, &[f32_again]).is_err(), "f32 is the plain answers");
+    }
+
+    /// On a link too slow for f32 activations in time, the planner offloads
+    /// int8 ones when they cost it nothing in accuracy.
+    #[test]
+    fn a_slow_link_offloads_the_smaller_codec() {
+        let validation = random_validation(6, 2_000, 3);
+        let same = CodecFinals { codec: Codec::Int8, per_branch: vec![validation[2].clone(), validation[2].clone()] };
+        let stats = ModelStats::from_validation(&validation, &[1.0; 3], &default_candidate_p_tars(), &[same]).unwrap();
+        let costs =
+            Costs { upload_bytes: vec![OffloadBytes { f32: 25_000.0, f16: 12_600.0, int8: 6_600.0 }, OffloadBytes { f32: 12_800.0, f16: 6_500.0, int8: 3_800.0 }], ..costs_for(3) };
+        // 1 Mbit/s: 8 us per byte. f32 takes 100 ms or more, int8 30 to 53 ms.
+        let seen = Observed { us_per_byte: 8.0, response_us: 20_000.0, cloud: None };
+        let with_codecs = choose(&stats, &costs, &seen);
+        let f32_only = ModelStats { candidates: stats.candidates.iter().filter(|c| c.plan.codec == Codec::F32).cloned().collect() };
+        let plain = choose(&f32_only, &costs, &seen);
+        assert_eq!(with_codecs.plan.codec, Codec::Int8, "{with_codecs:?}");
+        assert!(with_codecs.offload_rate > plain.offload_rate && with_codecs.accuracy > plain.accuracy, "{with_codecs:?} vs {plain:?}");
+    }
+
+    /// A backlog at the workers is a wait the device's own response times
+    /// do not show yet: it raises the predicted misses, and the planner
+    /// offloads less; an idle pool changes nothing.
+    #[test]
+    fn a_backlog_at_the_workers_makes_the_planner_offload_less() {
+        let validation = random_validation(7, 2_000, 3);
+        let stats = ModelStats::from_validation(&validation, &[1.0; 3], &default_candidate_p_tars(), &[]).unwrap();
+        let costs = Costs { tail_us_per_request: vec![1_000.0, 800.0], ..costs_for(3) };
+        let seen = Observed { us_per_byte: 0.08, response_us: 10_000.0, cloud: None };
+        let blind = choose(&stats, &costs, &seen);
+        let idle = choose(&stats, &costs, &Observed { cloud: Some(CloudLoad { backlog: 0.0, workers: 2.0 }), ..seen });
+        assert_eq!(idle, blind);
+        assert!(blind.offload_rate > 0.0, "{blind:?}");
+        // 400 requests ahead at about 1 ms each over two workers: 200 ms.
+        let swamped = choose(&stats, &costs, &Observed { cloud: Some(CloudLoad { backlog: 400.0, workers: 2.0 }), ..seen });
+        assert!(swamped.offload_rate < blind.offload_rate, "{swamped:?} vs {blind:?}");
+        assert_eq!(swamped.offload_rate, 0.0, "no offload makes 100 ms behind 200 ms of backlog: {swamped:?}");
+        assert!((CloudLoad { backlog: 400.0, workers: 2.0 }.wait_us(1_000.0) - 200_000.0).abs() < 1e-9);
     }
 
     fn s_exits() -> Vec<ExitLogits> {

@@ -65,6 +65,12 @@ pub enum MessageError {
     /// An id that is empty, too long, or not usable as a NATS subject token.
     #[error("{what} {id:?} is not valid: use 1 to 64 characters of [A-Za-z0-9_-]")]
     BadId { what: &'static str, id: String },
+    /// A quantised tensor's scales and zero points do not fit its values.
+    #[error("quantised tensor: {0}")]
+    BadQuantisation(String),
+    /// A codec name that is not one of f32, f16, int8.
+    #[error("codec {0:?} is not known: use f32, f16 or int8")]
+    UnknownCodec(String),
     /// A statistic outside its range, e.g. a negative or NaN throughput.
     #[error("{field} must be {expected}, got {value}")]
     OutOfRange { field: &'static str, value: f64, expected: &'static str },

@@ -8,6 +8,7 @@
 //! [`WIRE_VERSION`]; [`encode`] validates before sending, [`decode`] checks the
 //! version, then the body, and never panics on arbitrary bytes.
 
+pub mod codec;
 pub mod error;
 pub mod subjects;
 pub mod tensor;
@@ -17,6 +18,7 @@ pub mod wire;
 #[cfg(test)]
 mod tests;
 
+pub use codec::Codec;
 pub use error::MessageError;
 pub use tensor::{DType, Tensor, MAX_DIMS, MAX_TENSOR_BYTES};
 pub use vocab::{Exit, PTar, PartitionBranch};
@@ -30,4 +32,7 @@ pub use wire::{
 /// Version of the wire format. Every message carries it, so a peer can refuse
 /// a message it does not understand instead of misreading it. Adding a field
 /// does not change it (see [`wire`]); any incompatible change does.
-pub const WIRE_VERSION: u16 = 1;
+///
+/// 2: tensors of dtype `u8` with `scale` and `zero_point` (the int8 codec),
+/// which a version-1 peer cannot read.
+pub const WIRE_VERSION: u16 = 2;

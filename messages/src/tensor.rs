@@ -1,4 +1,5 @@
-//! Tensors on the wire: dtype + shape + raw little-endian bytes.
+//! Tensors on the wire: dtype + shape + raw little-endian bytes, and for
+//! the 8-bit dtype its scales and zero points.
 //!
 //! Bytes rather than a MessagePack array of numbers because an activation is
 //! tens of kilobytes to megabytes: as `bin` it is one memcpy to encode and can
@@ -26,6 +27,12 @@ pub enum DType {
     F32,
     /// IEEE 754 binary16, 2 bytes: halves the uplink bytes of an activation.
     F16,
+    /// Unsigned 8-bit integers with an affine map to real values, 1 byte:
+    /// the elements (row-major) split into `scale.len()` equal consecutive
+    /// groups, and element x of group g stands for
+    /// `(x - zero_point[g]) * scale[g]`. The `int8` codec (`codec::Codec`)
+    /// makes one group per channel of each item of an NCHW activation.
+    U8,
 }
 
 impl DType {
@@ -34,6 +41,7 @@ impl DType {
         match self {
             DType::F32 => 4,
             DType::F16 => 2,
+            DType::U8 => 1,
         }
     }
 }
@@ -43,6 +51,7 @@ impl fmt::Display for DType {
         f.write_str(match self {
             DType::F32 => "f32",
             DType::F16 => "f16",
+            DType::U8 => "u8",
         })
     }
 }
@@ -59,6 +68,14 @@ pub struct Tensor {
     /// `bin`: an array of numbers or a string is refused, not converted.
     #[serde(serialize_with = "serde_bytes::serialize", deserialize_with = "bin_only")]
     pub data: Vec<u8>,
+    /// dtype `u8` only, and then required: one positive, finite scale per
+    /// group of elements (see [`DType::U8`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scale: Vec<f32>,
+    /// dtype `u8` only: one zero point (0 to 255) per group, as many as
+    /// `scale`, as MessagePack `bin` (one byte each).
+    #[serde(default, skip_serializing_if = "Vec::is_empty", with = "serde_bytes")]
+    pub zero_point: Vec<u8>,
 }
 
 /// Accepts MessagePack `bin` (bytes) and nothing else: the wire format says
@@ -97,8 +114,16 @@ impl Tensor {
         Self::checked(DType::F16, shape, data)
     }
 
+    /// A `u8` tensor from its codes, scales and zero points (see
+    /// [`DType::U8`]); `codec::Codec::Int8` makes them from f32 values.
+    pub fn from_u8_affine(shape: &[u32], codes: Vec<u8>, scale: Vec<f32>, zero_point: Vec<u8>) -> Result<Self, MessageError> {
+        let tensor = Tensor { dtype: DType::U8, shape: shape.to_vec(), data: codes, scale, zero_point };
+        tensor.validate()?;
+        Ok(tensor)
+    }
+
     fn checked(dtype: DType, shape: &[u32], data: Vec<u8>) -> Result<Self, MessageError> {
-        let tensor = Tensor { dtype, shape: shape.to_vec(), data };
+        let tensor = Tensor { dtype, shape: shape.to_vec(), data, scale: Vec::new(), zero_point: Vec::new() };
         tensor.validate()?;
         Ok(tensor)
     }
@@ -108,11 +133,21 @@ impl Tensor {
         self.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(u64::from(d)))
     }
 
-    /// The values as f32, widening f16. Validates the size first, so a
-    /// malformed payload gives an error rather than a short vector.
+    /// The values as f32, widening f16 and mapping u8 codes through their
+    /// scales. Validates the size first, so a malformed payload gives an
+    /// error rather than a short vector.
     pub fn to_f32_vec(&self) -> Result<Vec<f32>, MessageError> {
+        let mut out = Vec::with_capacity(self.data.len());
+        self.append_f32(&mut out)?;
+        Ok(out)
+    }
+
+    /// Appends the values as f32 to `out` (a worker builds its batch this
+    /// way, decoding straight into it).
+    pub fn append_f32(&self, out: &mut Vec<f32>) -> Result<(), MessageError> {
         self.check_size()?;
-        Ok(self.values().collect())
+        out.extend(self.values());
+        Ok(())
     }
 
     /// Checks shape, size and that every value is finite.
@@ -126,7 +161,8 @@ impl Tensor {
         }
     }
 
-    /// Checks dims, limits and that the byte length equals shape x dtype size.
+    /// Checks dims, limits, that the byte length equals shape x dtype size,
+    /// and a `u8` tensor's groups.
     fn check_size(&self) -> Result<(), MessageError> {
         let bad = |reason| MessageError::BadShape { shape: self.shape.clone(), reason };
         if self.shape.is_empty() || self.shape.len() > MAX_DIMS {
@@ -145,6 +181,31 @@ impl Tensor {
             let (shape, dtype) = (self.shape.clone(), self.dtype);
             return Err(MessageError::SizeMismatch { shape, dtype, expected, actual });
         }
+        self.check_groups(actual)
+    }
+
+    /// A `u8` tensor needs as many zero points as scales, a number of groups
+    /// that divides its elements, and scales whose codes all map to finite
+    /// values; other dtypes carry neither.
+    fn check_groups(&self, elements: u64) -> Result<(), MessageError> {
+        let bad = |reason: String| Err(MessageError::BadQuantisation(reason));
+        if self.dtype != DType::U8 {
+            if !self.scale.is_empty() || !self.zero_point.is_empty() {
+                return bad(format!("dtype {} carries no scale or zero_point", self.dtype));
+            }
+            return Ok(());
+        }
+        let groups = self.scale.len() as u64;
+        if groups == 0 || groups != self.zero_point.len() as u64 {
+            return bad(format!("dtype u8 needs one scale and one zero point per group, got {} scales and {} zero points", self.scale.len(), self.zero_point.len()));
+        }
+        if elements % groups != 0 {
+            return bad(format!("{groups} groups do not divide {elements} elements"));
+        }
+        // 255 steps of the scale must stay finite: the largest code's value.
+        if let Some((g, s)) = self.scale.iter().enumerate().find(|(_, s)| !(s.is_finite() && **s > 0.0 && (**s * 255.0).is_finite())) {
+            return bad(format!("scale {s} of group {g} is not positive and finite"));
+        }
         Ok(())
     }
 
@@ -153,6 +214,15 @@ impl Tensor {
         match self.dtype {
             DType::F32 => Box::new(self.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
             DType::F16 => Box::new(self.data.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())),
+            DType::U8 => {
+                let per_group = self.data.len() / self.scale.len().max(1);
+                Box::new(
+                    self.data
+                        .chunks(per_group.max(1))
+                        .zip(self.scale.iter().zip(&self.zero_point))
+                        .flat_map(|(codes, (&s, &z))| codes.iter().map(move |&x| crate::codec::dequantise(x, s, z))),
+                )
+            }
         }
     }
 }

@@ -13,12 +13,9 @@ fn id() -> impl Strategy<Value = String> {
 }
 
 fn tensor() -> impl Strategy<Value = Tensor> {
-    (prop::collection::vec(1u32..5, 1..5), any::<bool>()).prop_flat_map(|(shape, half)| {
+    (prop::collection::vec(1u32..5, 1..5), 0usize..3).prop_flat_map(|(shape, codec)| {
         let n = shape.iter().product::<u32>() as usize;
-        prop::collection::vec(-1e3f32..1e3, n).prop_map(move |values| match half {
-            true => Tensor::from_f32_as_f16(&shape, &values).unwrap(),
-            false => Tensor::from_f32(&shape, &values).unwrap(),
-        })
+        prop::collection::vec(-1e3f32..1e3, n).prop_map(move |values| crate::Codec::ALL[codec].encode(&shape, &values).unwrap())
     })
 }
 
@@ -64,11 +61,12 @@ prop_compose! {
 
 prop_compose! {
     fn plan()(id in id(), group: bool, partition_branch in 1u8.., p_tar in 1e-6f64..0.999,
-              certified in proptest::option::of((0.01f64..0.999, 0.001f64..0.5)))
+              certified in proptest::option::of((0.01f64..0.999, 0.001f64..0.5)),
+              codec in proptest::option::of(0usize..3))
               -> PlanUpdate {
         let target = if group { PlanTarget::Group(id) } else { PlanTarget::Device(id) };
         let certified = certified.map(|(accuracy, delta)| CertifiedTarget { accuracy, delta });
-        PlanUpdate { target, partition_branch, p_tar, certified }
+        PlanUpdate { target, partition_branch, p_tar, certified, codec: codec.map(|c| crate::Codec::ALL[c]) }
     }
 }
 
@@ -315,7 +313,8 @@ fn wrong_version_is_refused_naming_both() {
     let err = decode::<OffloadRequest>(&bytes).unwrap_err();
     assert_eq!(err, E::VersionMismatch { got: WIRE_VERSION + 1, expected: WIRE_VERSION });
     let text = err.to_string();
-    assert!(text.contains("version 2") && text.contains("version 1"), "{text}");
+    let (got, ours) = (format!("version {}", WIRE_VERSION + 1), format!("version {WIRE_VERSION}"));
+    assert!(text.contains(&got) && text.contains(&ours), "{text}");
 }
 
 #[test]
@@ -427,7 +426,7 @@ fn missing_deadline_is_refused() {
 
 #[test]
 fn ranges_are_checked() {
-    let plan = |partition_branch, p_tar| PlanUpdate { target: PlanTarget::Group("lab".into()), partition_branch, p_tar, certified: None };
+    let plan = |partition_branch, p_tar| PlanUpdate { target: PlanTarget::Group("lab".into()), partition_branch, p_tar, certified: None, codec: None };
     let certified = |accuracy, delta| PlanUpdate { certified: Some(CertifiedTarget { accuracy, delta }), ..plan(1, 0.6) };
     assert!(certified(0.95, 0.05).validate().is_ok());
     let request = |partition_branch, accuracy, delta| CertifyRequest { partition_branch, target: CertifiedTarget { accuracy, delta } };
@@ -572,7 +571,7 @@ fn ranges_are_checked() {
 
 #[test]
 fn hostile_shapes_and_sizes_are_refused() {
-    let t = |shape: Vec<u32>| Tensor { dtype: DType::F32, shape, data: vec![] };
+    let t = |shape: Vec<u32>| Tensor { dtype: DType::F32, shape, data: vec![], scale: vec![], zero_point: vec![] };
     assert_refused!(t(vec![]).validate(), E::BadShape { .. });
     assert_refused!(t(vec![1; MAX_DIMS + 1]).validate(), E::BadShape { .. });
     assert_refused!(t(vec![4, 0]).validate(), E::BadShape { .. });
@@ -609,4 +608,48 @@ fn subjects_are_dotted_tokens() {
     for bad in ["", "a.b", "a b", "*", ">", &"x".repeat(65)] {
         assert!(!subjects::is_valid_id(bad), "{bad:?}");
     }
+}
+
+#[test]
+fn an_int8_activation_crosses_the_wire_with_its_scales() {
+    let values: Vec<f32> = (0..2 * 3 * 4).map(|i| (i as f32 - 5.0) * 0.25).collect();
+    let activation = crate::Codec::Int8.encode(&[2, 3, 2, 2], &values).unwrap();
+    assert_eq!((activation.dtype, activation.scale.len()), (DType::U8, 6));
+    let req = OffloadRequest { activation, ..sample_request() };
+    let back = decode::<OffloadRequest>(&encode(&req).unwrap()).unwrap();
+    assert_eq!(back, req);
+    let decoded = back.activation.to_f32_vec().unwrap();
+    // Within half a step of each channel's range (widened to hold 0).
+    for (group, (sent, got)) in values.chunks(4).zip(decoded.chunks(4)).enumerate() {
+        let range = sent.iter().fold(0f32, |m, v| m.max(*v)) - sent.iter().fold(0f32, |m, v| m.min(*v));
+        for (a, b) in sent.iter().zip(got) {
+            assert!((a - b).abs() <= range / 255.0 * 0.5 + 1e-6, "group {group}: {a} came back as {b}");
+        }
+    }
+    // A f32 request encodes as before: no scale or zero point on the wire.
+    let plain = encode(&sample_request()).unwrap();
+    let text = String::from_utf8_lossy(&plain);
+    assert!(!text.contains("scale") && !text.contains("zero_point"));
+}
+
+#[test]
+fn a_quantised_tensor_that_does_not_add_up_is_refused() {
+    let good = crate::Codec::Int8.encode(&[1, 2, 2, 2], &[0.0, 1.0, 2.0, 3.0, 0.0, -1.0, -2.0, 4.0]).unwrap();
+    let bad = |t: Tensor| {
+        let req = OffloadRequest { activation: t, ..sample_request() };
+        let bytes = encode_unvalidated(&req, WIRE_VERSION).unwrap();
+        decode::<OffloadRequest>(&bytes).unwrap_err()
+    };
+    let quant = |e: E| matches!(e, E::BadQuantisation(_));
+    assert!(quant(bad(Tensor { scale: vec![], zero_point: vec![], ..good.clone() })), "u8 without scales");
+    assert!(quant(bad(Tensor { zero_point: vec![0], ..good.clone() })), "fewer zero points than scales");
+    assert!(quant(bad(Tensor { scale: vec![0.1, 0.1, 0.1], zero_point: vec![0, 0, 0], ..good.clone() })), "3 groups of 8 values");
+    for s in [0.0, -1.0, f32::NAN, f32::INFINITY, f32::MAX] {
+        let e = bad(Tensor { scale: vec![s, 0.1], ..good.clone() });
+        assert!(quant(e.clone()), "scale {s}: {e}");
+    }
+    let f32_with_scale = Tensor { scale: vec![1.0], zero_point: vec![0], ..Tensor::from_f32(&[1, 2], &[1.0, 2.0]).unwrap() };
+    assert!(quant(bad(f32_with_scale)), "a f32 tensor carries no scale");
+    let short = Tensor { data: vec![0; 7], ..good };
+    assert!(matches!(bad(short), E::SizeMismatch { .. }));
 }

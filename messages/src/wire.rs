@@ -685,6 +685,11 @@ pub struct PlanUpdate {
     /// for a plain p_tar; older senders never set it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certified: Option<CertifiedTarget>,
+    /// How to encode offloaded activations ("f32", "f16" or "int8"). Absent:
+    /// the device keeps the codec it has (planners before codecs never set
+    /// it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub codec: Option<crate::Codec>,
 }
 
 /// A target on-device accuracy and the confidence a certificate gives it.

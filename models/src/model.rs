@@ -17,6 +17,7 @@ use tch::{Device, Tensor};
 
 use crate::card::{card_path, load_model, LoadedModel, NamedExitMetrics};
 use branchpoint_core::calibration::ExitLogits;
+use branchpoint_messages::Codec;
 
 use crate::data::{Dataset, DatasetKind, InputShape, ModelData, Normalization, Split, HELD_OUT};
 use crate::error::{ModelError, Result};
@@ -244,4 +245,44 @@ pub fn split_exit_logits(model: &Model, split: &Split) -> Result<Vec<ExitLogits>
 /// after (`exits::recorded`).
 pub fn recorded_split_exit_logits(model: &Model, split: &Split) -> Result<Vec<ExitLogits>> {
     recorded(model.sha256(), split, || split_exit_logits(model, split))
+}
+
+/// The final exit's answers over a split when the activation of branch k
+/// crosses the wire under `codec`: one `ExitLogits` per branch. Each input's
+/// activation is encoded alone, as a device sends it (an int8 scale per
+/// channel of that input), and decoded before the tail.
+pub fn codec_final_logits(model: &Model, split: &Split, codec: Codec) -> Result<Vec<ExitLogits>> {
+    const BATCH: i64 = 500;
+    let bad = |e: branchpoint_messages::MessageError| ModelError::InvalidArgument { what: format!("{codec} activation"), reason: e.to_string() };
+    let n = split.len() as i64;
+    (1..=model.num_branches())
+        .map(|k| {
+            let mut logits = Vec::new();
+            let mut start = 0;
+            while start < n {
+                let len = BATCH.min(n - start);
+                let xs = split.images.narrow(0, start, len).to_device(model.device());
+                let (_, activation) = model.head(k, &xs)?;
+                let activation = activation.to_device(tch::Device::Cpu).to_kind(tch::Kind::Float).contiguous();
+                let size = activation.size();
+                let values: Vec<f32> = Vec::try_from(activation.flatten(0, -1))?;
+                let per_input = values.len() / len as usize;
+                let mut item_shape: Vec<u32> = vec![1];
+                item_shape.extend(size[1..].iter().map(|&d| d as u32));
+                let mut decoded = Vec::with_capacity(values.len());
+                for item in values.chunks(per_input.max(1)) {
+                    decoded.extend(codec.round_trip(&item_shape, item).map_err(bad)?);
+                }
+                let decoded = Tensor::from_slice(&decoded).view(size.as_slice()).to_device(model.device());
+                logits.push(model.tail(k, &decoded)?.to_device(tch::Device::Cpu));
+                start += len;
+            }
+            exit_logits(&Tensor::cat(&logits, 0), &split.labels)
+        })
+        .collect()
+}
+
+/// `codec_final_logits`, recorded once per (model, codec, inputs).
+pub fn recorded_codec_final_logits(model: &Model, split: &Split, codec: Codec) -> Result<Vec<ExitLogits>> {
+    recorded(&format!("{} final exit under codec {codec}", model.sha256()), split, || codec_final_logits(model, split, codec))
 }

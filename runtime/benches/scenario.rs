@@ -32,13 +32,14 @@ fn main() {
     let data = model.load_data(None).unwrap();
     let logits = split_logits(&model, &data).unwrap();
     let profile = scenario::read_profile(&s, &weights).unwrap();
-    let prepared = scenario::prepare(&s, &model, &logits.validation, &logits.test, &[], &profile).unwrap();
+    let codecs = scenario::codec_answers(&s, &model, &data, &[]).unwrap();
+    let prepared = scenario::prepare(&s, &model, &logits.validation, &logits.test, &[], &codecs, &profile).unwrap();
     let prepare_s = t.elapsed().as_secs_f64();
 
     let t = Instant::now();
     let runs = scenario::replay(&s, &prepared, &|_, _| ()).unwrap();
     let replay_s = t.elapsed().as_secs_f64();
-    let candidates = scenario::oracle_candidates(&prepared).len();
+    let candidates = scenario::oracle_candidates(&s, &prepared).len();
     let per_run = runs[0].arrivals;
     let total_runs = runs.len() - 1 + candidates;
     for r in &runs {

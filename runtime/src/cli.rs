@@ -241,6 +241,12 @@ pub struct PlannerArgs {
     /// Compute profile [default: <model>.profile.json].
     #[arg(long, value_name = "FILE")]
     pub profile: Option<PathBuf>,
+    /// Activation codecs plans may choose, by their measured accuracy and bytes.
+    #[arg(long, default_value = "f32,f16,int8", value_name = "C,C", value_delimiter = ',')]
+    pub codecs: Vec<branchpoint_messages::Codec>,
+    /// Workers' tail compute = the profile's time times this (as `worker --cloud-slowdown`): how fast they drain the backlog their status reports.
+    #[arg(long, default_value_t = 1.0, value_name = "X")]
+    pub cloud_slowdown: f64,
 }
 
 #[derive(Debug, Args)]
@@ -469,6 +475,9 @@ pub struct FleetArgs {
     /// Partition branch every device ends its head with (`--branch` is an alias).
     #[arg(long = "partition-branch", visible_alias = "branch", default_value = "1", value_name = "K")]
     pub partition_branch: PartitionBranch,
+    /// How devices encode the activations they offload: f32, f16 (half the bytes) or int8 (a quarter, with a scale per channel); a planner's plans change it.
+    #[arg(long, default_value = "f32", value_name = "CODEC")]
+    pub codec: branchpoint_messages::Codec,
     /// Watch calibration live: each input's audit coin comes up with this probability; the on-device ones among them are sent to the cloud as well (audits, which change no outcome), and offloads are tagged, so the calibrator sees both [default: 0, off].
     #[arg(long, default_value_t = 0.0, value_name = "R")]
     pub audit_rate: f64,

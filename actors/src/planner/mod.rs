@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use actix::prelude::*;
-use branchpoint_core::planner::{choose, Costs, ModelStats, Prediction};
+use branchpoint_core::planner::{choose, CloudLoad, Costs, ModelStats, Observed, Prediction};
 use branchpoint_messages::PartitionBranch;
 use serde::{Deserialize, Serialize};
 
@@ -49,11 +49,32 @@ pub struct Planner {
     /// Where plans for devices out of reach in process go (over NATS:
     /// `nats::NatsPlans`, which stores and publishes them).
     sink: Option<Box<dyn PlanSink>>,
+    /// The worker pool's load, and when it was heard (`PoolLoad`).
+    cloud: Option<(CloudLoad, std::time::Instant)>,
+}
+
+/// How long a pool load stays the planner's view of the cloud: workers
+/// report every second, so three missed reports mean the planner no longer
+/// knows (and plans from the devices' own response times).
+pub const POOL_LOAD_TTL: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The worker pool's load now (over NATS: summed from the workers' status
+/// by `nats::serve_planner_nats`).
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct PoolLoad(pub CloudLoad);
+
+impl Handler<PoolLoad> for Planner {
+    type Result = ();
+
+    fn handle(&mut self, msg: PoolLoad, _: &mut Context<Self>) {
+        self.cloud = Some((msg.0, std::time::Instant::now()));
+    }
 }
 
 impl Planner {
     pub fn new(stats: Arc<ModelStats>, costs: BTreeMap<String, Costs>, template: Option<Costs>, sink: Option<Box<dyn PlanSink>>) -> Self {
-        Self { stats, costs, template, log: Vec::new(), sink }
+        Self { stats, costs, template, log: Vec::new(), sink, cloud: None }
     }
 
     fn costs_for(&self, r: &DeviceReport) -> Option<Costs> {
@@ -90,7 +111,8 @@ impl Handler<DeviceReport> for Planner {
             );
             return;
         };
-        let prediction = choose(&self.stats, &costs, &r.observed);
+        let cloud = self.cloud.filter(|(_, at)| at.elapsed() <= POOL_LOAD_TTL).map(|(load, _)| load);
+        let prediction = choose(&self.stats, &costs, &Observed { cloud, ..r.observed });
         self.log.push(PlanRecord { at_us: r.at_us, group: r.group.clone(), device_id: r.device_id.clone(), estimated_mbit_s: r.estimated_mbit_s, prediction });
         let partition_branch = match PartitionBranch::new(prediction.plan.branch) {
             Ok(b) => b,
@@ -99,7 +121,7 @@ impl Handler<DeviceReport> for Planner {
                 return;
             }
         };
-        let apply = ApplyPlan { partition_branch, p_tar: prediction.plan.p_tar, target_accuracy: prediction.certified.map(|t| t.accuracy) };
+        let apply = ApplyPlan { partition_branch, p_tar: prediction.plan.p_tar, target_accuracy: prediction.certified.map(|t| t.accuracy), codec: Some(prediction.plan.codec) };
         match (r.reply_to, &mut self.sink) {
             (Some(device), _) => {
                 ctx.run_later(r.rtt, move |_, _| device.do_send(apply));
@@ -127,7 +149,7 @@ impl Handler<TakePlanLog> for Planner {
 mod tests {
     use std::time::Duration;
 
-    use branchpoint_core::planner::{Observed, Plan, ThresholdStats};
+    use branchpoint_core::planner::{Codec, OffloadBytes, Plan, ThresholdStats};
 
     use super::*;
 
@@ -150,7 +172,7 @@ mod tests {
     /// device at 97 % accuracy.
     fn stats() -> ModelStats {
         let mk = |branch, p_tar, offload_rate, edge| ThresholdStats {
-            plan: Plan { branch, p_tar },
+            plan: Plan { branch, p_tar, codec: Codec::F32 },
             offload_rate,
             edge_accuracy: edge,
             cloud_accuracy: 0.95,
@@ -167,7 +189,7 @@ mod tests {
             device_id: device.into(),
             group: group.into(),
             at_us: 0,
-            observed: Observed { us_per_byte, response_us: 10_000.0 },
+            observed: Observed { us_per_byte, response_us: 10_000.0, cloud: None },
             estimated_mbit_s: 8.0 / us_per_byte,
             response_us: 10_000.0,
             window_us: 1_000_000,
@@ -188,7 +210,14 @@ mod tests {
             tokio::time::pause();
             let (tx, mut plans) = tokio::sync::mpsc::unbounded_channel();
             let device = FakeDevice(tx).start().recipient();
-            let costs = Costs { head_us: vec![2_000.0, 3_000.0], upload_bytes: vec![25_000.0, 12_500.0], deadline_us: 100_000.0, arrival_rate: 10.0, miss_bound: 0.05 };
+            let costs = Costs {
+                head_us: vec![2_000.0, 3_000.0],
+                upload_bytes: vec![OffloadBytes::same(25_000.0), OffloadBytes::same(12_500.0)],
+                deadline_us: 100_000.0,
+                arrival_rate: 10.0,
+                miss_bound: 0.05,
+                tail_us_per_request: Vec::new(),
+            };
             let planner = Planner::new(Arc::new(stats()), BTreeMap::from([("cameras".to_string(), costs)]), None, None).start();
 
             let sent = tokio::time::Instant::now();
@@ -209,6 +238,36 @@ mod tests {
             assert_eq!(log.iter().map(|r| (r.device_id.as_str(), r.prediction.plan.p_tar)).collect::<Vec<_>>(), vec![("cam-1", 0.9), ("cam-1", 0.0)]);
             tokio::time::sleep(Duration::from_secs(1)).await;
             assert!(plans.try_recv().is_err(), "no plan for a report the planner cannot plan for");
+        });
+    }
+
+    /// The pool's load reaches the plans: behind a backlog no offload makes
+    /// its deadline, so the same report gets a device-only plan, and the
+    /// plan carries the codec it was made for.
+    #[test]
+    fn a_swamped_pool_keeps_inputs_on_the_device() {
+        actix::System::new().block_on(async {
+            tokio::time::pause();
+            let (tx, mut plans) = tokio::sync::mpsc::unbounded_channel();
+            let device = FakeDevice(tx).start().recipient();
+            let costs = Costs {
+                head_us: vec![2_000.0, 3_000.0],
+                upload_bytes: vec![OffloadBytes::same(25_000.0), OffloadBytes::same(12_500.0)],
+                deadline_us: 100_000.0,
+                arrival_rate: 10.0,
+                miss_bound: 0.05,
+                tail_us_per_request: vec![1_000.0, 1_000.0],
+            };
+            let planner = Planner::new(Arc::new(stats()), BTreeMap::from([("cameras".to_string(), costs)]), None, None).start();
+            planner.do_send(PoolLoad(CloudLoad { backlog: 0.0, workers: 1.0 }));
+            planner.do_send(report("cam-1", "cameras", 0.08, device.clone()));
+            let (idle, _) = plans.recv().await.expect("a plan");
+            assert_eq!((idle.partition_branch.get(), idle.p_tar, idle.codec), (2, 0.9, Some(Codec::F32)), "{idle:?}");
+            // 400 requests of 1 ms each ahead on one worker.
+            planner.do_send(PoolLoad(CloudLoad { backlog: 400.0, workers: 1.0 }));
+            planner.do_send(report("cam-1", "cameras", 0.08, device));
+            let (swamped, _) = plans.recv().await.expect("a plan");
+            assert_eq!((swamped.partition_branch.get(), swamped.p_tar), (2, 0.0), "{swamped:?}");
         });
     }
 }

@@ -52,6 +52,7 @@ impl PlanSink for NatsPlans {
             partition_branch: p.plan.partition_branch.byte(),
             p_tar: p.plan.p_tar,
             certified: p.certified.map(|t| CertifiedTarget { accuracy: t.accuracy, delta: t.delta }),
+            codec: p.plan.codec,
         };
         let store = match &self.store {
             Some(s) => {
@@ -118,7 +119,7 @@ pub fn device_report(r: NetworkReport) -> Option<DeviceReport> {
         device_id: r.device_id,
         group,
         at_us: r.window_end_unix_us,
-        observed: Observed { us_per_byte, response_us },
+        observed: Observed { us_per_byte, response_us, cloud: None },
         estimated_mbit_s: r.uplink_bytes_per_s_ewma * 8.0 / 1e6,
         response_us: r.rtt_us_ewma,
         window_us: r.window_end_unix_us.saturating_sub(r.window_start_unix_us),
@@ -170,16 +171,32 @@ impl Handler<DeviceReport> for NatsReports {
 }
 
 /// Serves network reports from NATS (`branchpoint.report.network`) until
-/// the subscription ends. Malformed reports, and reports without the
-/// planner's fields, are dropped with a message on stderr.
+/// the subscription ends, and tells the planner the worker pool's load from
+/// the workers' status (`branchpoint.worker.status`, `PoolLoad`). Malformed
+/// reports and statuses, and reports without the planner's fields, are
+/// dropped with a message.
 pub async fn serve_planner_nats(client: async_nats::Client, planner: Addr<Planner>, on_ready: impl FnOnce()) -> Result<(), crate::ActorError> {
-    use branchpoint_messages::decode;
+    use branchpoint_messages::{decode, WorkerStatus};
     use futures::StreamExt;
-    let mut sub = client.subscribe(subjects::NETWORK_REPORT).await.map_err(|e| crate::ActorError::Nats(e.to_string()))?;
-    client.flush().await.map_err(|e| crate::ActorError::Nats(e.to_string()))?;
+    let nats = |e: String| crate::ActorError::Nats(e);
+    let reports = client.subscribe(subjects::NETWORK_REPORT).await.map_err(|e| nats(e.to_string()))?;
+    let statuses = client.subscribe(subjects::WORKER_STATUS).await.map_err(|e| nats(e.to_string()))?;
+    client.flush().await.map_err(|e| nats(e.to_string()))?;
     on_ready();
+    let mut merged = futures::stream::select(reports.map(|m| (true, m)), statuses.map(|m| (false, m)));
+    let mut pool = PoolView::default();
     let mut dropped = 0u64;
-    while let Some(msg) = sub.next().await {
+    while let Some((is_report, msg)) = merged.next().await {
+        if !is_report {
+            match decode::<WorkerStatus>(&msg.payload) {
+                Ok(status) => {
+                    // Only the latest load matters: a full mailbox drops it.
+                    let _ = planner.try_send(super::PoolLoad(pool.heard(status, Instant::now())));
+                }
+                Err(e) => tracing::warn!("planner: ignored a malformed worker status: {e}"),
+            }
+            continue;
+        }
         let report = match decode::<NetworkReport>(&msg.payload) {
             Ok(r) => r,
             Err(e) => {
@@ -208,9 +225,69 @@ pub async fn serve_planner_nats(client: async_nats::Client, planner: Addr<Planne
     Ok(())
 }
 
+/// The pool from its workers' status: each worker's latest queue depth,
+/// forgetting a worker not heard from for `POOL_LOAD_TTL` (stopped, or cut
+/// off). Bounded: one entry per live worker id, and at most
+/// `MAX_POOL_WORKERS` of them (a flood of made-up ids evicts the stalest).
+#[derive(Debug, Default)]
+pub struct PoolView {
+    workers: HashMap<String, (u32, Instant)>,
+}
+
+/// Most workers a pool view keeps.
+pub const MAX_POOL_WORKERS: usize = 4096;
+
+impl PoolView {
+    /// A worker's status arrived at `now`: the pool's load after it.
+    pub fn heard(&mut self, status: branchpoint_messages::WorkerStatus, now: Instant) -> branchpoint_core::planner::CloudLoad {
+        self.workers.retain(|_, (_, at)| now.saturating_duration_since(*at) <= super::POOL_LOAD_TTL);
+        if self.workers.len() >= MAX_POOL_WORKERS && !self.workers.contains_key(&status.worker_id) {
+            if let Some(stalest) = self.workers.iter().min_by_key(|(_, (_, at))| *at).map(|(id, _)| id.clone()) {
+                self.workers.remove(&stalest);
+            }
+        }
+        self.workers.insert(status.worker_id, (status.queue_depth, now));
+        branchpoint_core::planner::CloudLoad { backlog: self.workers.values().map(|(q, _)| f64::from(*q)).sum(), workers: self.workers.len() as f64 }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use branchpoint_core::planner::CloudLoad;
+
+    fn status(worker: &str, queue_depth: u32) -> branchpoint_messages::WorkerStatus {
+        branchpoint_messages::WorkerStatus {
+            worker_id: worker.into(),
+            queue_depth,
+            batches_served: 0,
+            mean_batch_size: 0.0,
+            queue_delay_us_ewma: 0.0,
+            at_unix_us: 0,
+            requests: 0,
+            errors: 0,
+            queue_delay_us_interval: 0.0,
+            batch_size_interval: 0.0,
+        }
+    }
+
+    /// The pool is the sum of each worker's latest status; a worker not
+    /// heard from for the TTL is gone, and made-up ids cannot grow it
+    /// without bound.
+    #[test]
+    fn the_pool_view_sums_the_latest_status_of_live_workers() {
+        let mut pool = PoolView::default();
+        let t0 = Instant::now();
+        assert_eq!(pool.heard(status("w1", 10), t0), CloudLoad { backlog: 10.0, workers: 1.0 });
+        assert_eq!(pool.heard(status("w2", 5), t0), CloudLoad { backlog: 15.0, workers: 2.0 });
+        assert_eq!(pool.heard(status("w1", 2), t0 + Duration::from_secs(1)), CloudLoad { backlog: 7.0, workers: 2.0 }, "w1's latest replaces its earlier one");
+        let later = t0 + super::super::POOL_LOAD_TTL + Duration::from_secs(2);
+        assert_eq!(pool.heard(status("w3", 1), later), CloudLoad { backlog: 1.0, workers: 1.0 }, "w1 and w2 went quiet");
+        for i in 0..MAX_POOL_WORKERS + 10 {
+            pool.heard(status(&format!("rogue-{i}"), 0), later);
+        }
+        assert!(pool.workers.len() <= MAX_POOL_WORKERS);
+    }
 
     /// What a device reports reaches a remote planner as it was sent: the
     /// two translations at the edge are inverse for every field the planner
@@ -221,7 +298,7 @@ mod tests {
             device_id: "cell-3".into(),
             group: "cell".into(),
             at_us: 12_000_000,
-            observed: Observed { us_per_byte: 0.75, response_us: 41_000.0 },
+            observed: Observed { us_per_byte: 0.75, response_us: 41_000.0, cloud: None },
             estimated_mbit_s: 12.5,
             response_us: 38_000.0,
             window_us: 1_000_000,

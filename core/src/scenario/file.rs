@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::autoscale::AutoscaleConfig;
 use crate::calibration::Method;
 use crate::link::{Link, Segment};
+use crate::planner::Codec;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
@@ -28,8 +29,15 @@ pub enum Policy {
     CloudOnly,
     /// Every input answered at the group's branch.
     DeviceOnly,
-    /// The planner, from what devices observe.
+    /// The planner, from what devices observe and what the workers report
+    /// of their load, choosing among `[planner] codecs`.
     Adaptive,
+    /// The planner with f32 activations only (the codec-blind planner, to
+    /// compare with).
+    AdaptiveF32,
+    /// The planner blind to the workers' load: it sees only what devices
+    /// observe (the planner before cloud load, to compare with).
+    AdaptiveCloudBlind,
     /// In hindsight, the best fixed branch and p_tar in each time window.
     Oracle,
     /// The group's branch and p_tar, fixed, on uncalibrated confidences
@@ -48,6 +56,8 @@ impl Policy {
             Policy::CloudOnly => "cloud-only",
             Policy::DeviceOnly => "device-only",
             Policy::Adaptive => "adaptive",
+            Policy::AdaptiveF32 => "adaptive-f32",
+            Policy::AdaptiveCloudBlind => "adaptive-cloud-blind",
             Policy::Oracle => "oracle",
             Policy::Uncalibrated => "uncalibrated",
             Policy::Watched => "watched",
@@ -217,11 +227,27 @@ pub struct PlannerSection {
     /// With `calibration = "certified"`: each certificate holds with
     /// probability at least 1 - certify_delta.
     pub certify_delta: f64,
+    /// Activation codecs the adaptive planner may choose (f32, f16, int8),
+    /// by their measured accuracy and bytes.
+    pub codecs: Vec<Codec>,
+    /// Whether the adaptive planner counts the workers' backlog in an
+    /// offload's predicted response time.
+    pub cloud_aware: bool,
 }
 
 impl Default for PlannerSection {
     fn default() -> Self {
-        Self { miss_bound: 0.05, report_interval_s: 1.0, ewma_alpha: 0.25, safety: 2.0, probe_bytes: 15_000, p_tars: None, certify_delta: 0.05 }
+        Self {
+            miss_bound: 0.05,
+            report_interval_s: 1.0,
+            ewma_alpha: 0.25,
+            safety: 2.0,
+            probe_bytes: 15_000,
+            p_tars: None,
+            certify_delta: 0.05,
+            codecs: Codec::ALL.to_vec(),
+            cloud_aware: true,
+        }
     }
 }
 
@@ -312,6 +338,9 @@ pub struct GroupSection {
     pub branch: usize,
     /// Initial p_tar (and the static policy's).
     pub p_tar: f64,
+    /// Initial activation codec (and the fixed policies').
+    #[serde(default)]
+    pub codec: Codec,
     pub network: NetworkSection,
     /// An input shift from some point in time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -460,7 +489,11 @@ impl Scenario {
             return Err(self.err("duration_s", format!("{} s is more than a day", self.duration_s)));
         }
         if self.policies.is_empty() {
-            return Err(self.err("policies", "name at least one of static, cloud-only, device-only, adaptive, oracle, uncalibrated, watched"));
+            return Err(self.err("policies", "name at least one of static, cloud-only, device-only, adaptive, adaptive-f32, adaptive-cloud-blind, oracle, uncalibrated, watched"));
+        }
+        let codecs = &self.planner.codecs;
+        if codecs.is_empty() || (1..codecs.len()).any(|i| codecs[..i].contains(&codecs[i])) {
+            return Err(self.err("planner.codecs", format!("{codecs:?}: name each codec the planner may choose once, from f32, f16, int8")));
         }
         self.calibration_method()?;
         positive("compute.device_slowdown", self.compute.device_slowdown)?;

@@ -40,7 +40,7 @@ use crate::calibration::ExitLogits;
 use crate::link::Link;
 use crate::monitor::{Event as WatchEvent, Interval, Monitor, MonitorConfig, Observation, Refit};
 use crate::offload::deadline_missed;
-use crate::planner::{choose, Costs, DeviceUplink, LinkEstimator, ModelStats, Plan};
+use crate::planner::{choose, CloudLoad, Codec, Costs, DeviceUplink, LinkEstimator, ModelStats, OffloadBytes, Plan};
 use crate::rng::SplitMix64;
 
 /// The model's answers for every test input, and its costs.
@@ -51,8 +51,9 @@ pub struct SimModel {
     pub labels: Vec<u32>,
     /// Device compute of head(k), microseconds.
     pub head_us: Vec<f64>,
-    /// Bytes of one offload request at branch k, framing included.
-    pub upload_bytes: Vec<usize>,
+    /// Bytes of one offload request at branch k under each codec, framing
+    /// included.
+    pub upload_bytes: Vec<OffloadBytes>,
     /// Per branch: (batch size, microseconds) of the cloud's tail, ascending.
     pub tail_us: Vec<Vec<(usize, f64)>>,
     /// The planner's candidates.
@@ -68,6 +69,9 @@ pub struct SimModel {
     /// The test inputs as each shift corrupts them (view 1, 2, ...; view 0
     /// is the clean inputs above).
     pub shifted: Vec<View>,
+    /// The final exit's class of every test input when its activation
+    /// crossed the wire under a codec other than f32.
+    pub codec_final: Vec<CodecClasses>,
 }
 
 /// The model's answers on one version of the test inputs.
@@ -75,6 +79,15 @@ pub struct View {
     pub branch_logits: Vec<ExitLogits>,
     pub branch_pred: Vec<Vec<(u32, f64)>>,
     pub final_class: Vec<u32>,
+    pub codec_final: Vec<CodecClasses>,
+}
+
+/// The final exit's class of every input, `per_branch[k - 1][input]`,
+/// when branch k's activation was sent under `codec`.
+#[derive(Debug, Clone)]
+pub struct CodecClasses {
+    pub codec: Codec,
+    pub per_branch: Vec<Vec<u32>>,
 }
 
 impl SimModel {
@@ -100,6 +113,27 @@ impl SimModel {
             0 => self.final_class[input],
             v => self.shifted[v - 1].final_class[input],
         }
+    }
+
+    /// The final exit's class of input i in a view, offloaded at `branch`
+    /// under `codec`; f32's for a codec whose answers were not recorded
+    /// (no plan of the run uses it).
+    pub fn final_under(&self, view: usize, codec: Codec, branch: usize, input: usize) -> u32 {
+        let recorded = match view {
+            0 => &self.codec_final,
+            v => &self.shifted[v - 1].codec_final,
+        };
+        match recorded.iter().find(|c| c.codec == codec) {
+            Some(c) => c.per_branch[branch - 1][input],
+            None => self.final_of(view, input),
+        }
+    }
+
+    /// The codecs whose answers were recorded, f32 first.
+    pub fn codecs(&self) -> Vec<Codec> {
+        let mut v = vec![Codec::F32];
+        v.extend(self.codec_final.iter().map(|c| c.codec));
+        v
     }
 
     fn logits(&self, view: usize, branch: usize) -> &ExitLogits {
@@ -204,12 +238,30 @@ pub enum Plans {
     /// One fixed plan per group.
     Fixed(Vec<Plan>),
     /// The planner, from the devices' reports.
-    Adaptive,
+    Adaptive(Planning),
     /// One fixed plan per group, on uncalibrated confidences (T = 1).
     Uncalibrated(Vec<Plan>),
     /// One plan per group to start with, watched: audits feed a monitor per
     /// group, whose refits set the group's temperature and threshold.
     Watched(Vec<Plan>),
+}
+
+/// What the planner of an adaptive run may choose and what it sees.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Planning {
+    /// The codecs its plans may use (f32 among them or not).
+    pub codecs: Vec<Codec>,
+    /// Whether it sees the worker pool's backlog (`CloudLoad`), as live
+    /// planners read it from the workers' status.
+    pub cloud_aware: bool,
+}
+
+impl Planning {
+    /// f32 only, blind to the cloud: the planner before codecs and cloud
+    /// load.
+    pub fn f32_blind() -> Self {
+        Planning { codecs: vec![Codec::F32], cloud_aware: false }
+    }
 }
 
 /// How a run computes a branch's confidence.
@@ -251,6 +303,10 @@ pub struct Bin {
     pub edge_agree: u64,
     /// Watched runs: audits sent.
     pub audits: u64,
+    /// Offloads put on the uplink, per codec (`Codec::index`), and their
+    /// bytes.
+    pub sent_by_codec: [u64; 3],
+    pub uplink_bytes: u64,
 }
 
 impl Bin {
@@ -274,6 +330,10 @@ impl Bin {
         self.latencies_us.extend_from_slice(&o.latencies_us);
         self.edge_agree += o.edge_agree;
         self.audits += o.audits;
+        for (a, b) in self.sent_by_codec.iter_mut().zip(o.sent_by_codec) {
+            *a += b;
+        }
+        self.uplink_bytes += o.uplink_bytes;
     }
 }
 
@@ -402,6 +462,8 @@ struct Request {
     p_tar: f64,
     /// The view of the inputs it came from.
     view: usize,
+    /// How its activation was encoded.
+    codec: Codec,
 }
 
 struct Sim<'a> {
@@ -418,6 +480,10 @@ struct Sim<'a> {
     plans: Vec<Plan>,
     /// Adaptive devices decline offloads they predict would miss.
     admission: bool,
+    /// Adaptive runs: the planner's candidates (the codecs it may use) and
+    /// whether it sees the pool's backlog.
+    stats: ModelStats,
+    cloud_aware: bool,
     next_input: u64,
     out: RunResult,
     costs: Vec<Costs>,
@@ -502,7 +568,12 @@ pub fn simulate(m: &SimModel, c: &SimConfig, plans: &Plans) -> RunResult {
             counted_until: 0,
         },
         plans: Vec::new(),
-        admission: matches!(plans, Plans::Adaptive),
+        admission: matches!(plans, Plans::Adaptive(_)),
+        stats: match plans {
+            Plans::Adaptive(p) => ModelStats { candidates: m.stats.candidates.iter().filter(|c| p.codecs.contains(&c.plan.codec)).cloned().collect() },
+            _ => ModelStats { candidates: Vec::new() },
+        },
+        cloud_aware: matches!(plans, Plans::Adaptive(p) if p.cloud_aware),
         next_input: 0,
         out: RunResult {
             bins: vec![vec![Bin::default(); bins]; c.groups.len()],
@@ -519,10 +590,11 @@ pub fn simulate(m: &SimModel, c: &SimConfig, plans: &Plans) -> RunResult {
             .iter()
             .map(|g| Costs {
                 head_us: m.head_us.clone(),
-                upload_bytes: m.upload_bytes.iter().map(|&b| b as f64).collect(),
+                upload_bytes: m.upload_bytes.clone(),
                 deadline_us: g.deadline_us as f64,
                 arrival_rate: g.rate_at(0),
                 miss_bound: c.miss_bound,
+                tail_us_per_request: (1..=m.num_branches()).map(|k| m.tail_time_us(k, c.max_batch) / c.max_batch as f64).collect(),
             })
             .collect(),
         rule: match plans {
@@ -549,7 +621,7 @@ pub fn simulate(m: &SimModel, c: &SimConfig, plans: &Plans) -> RunResult {
     for (gi, g) in c.groups.iter().enumerate() {
         let plan = match plans {
             Plans::Fixed(p) | Plans::Uncalibrated(p) | Plans::Watched(p) => p[gi],
-            Plans::Adaptive => g.initial,
+            Plans::Adaptive(_) => g.initial,
         };
         for k in 0..g.devices {
             let base = device_seed(c.seed, gi, k);
@@ -563,14 +635,17 @@ pub fn simulate(m: &SimModel, c: &SimConfig, plans: &Plans) -> RunResult {
                 cpu_free: 0,
                 // Slower than the cap, not even the smallest upload could
                 // make the deadline with no response time at all.
-                uplink: DeviceUplink::new(LinkEstimator::new(c.ewma_alpha, g.deadline_us as f64 / *m.upload_bytes.iter().min().expect("a branch") as f64)),
+                uplink: DeviceUplink::new(LinkEstimator::new(
+                    c.ewma_alpha,
+                    g.deadline_us as f64 / m.upload_bytes.iter().map(|b| b.int8.min(b.f16).min(b.f32)).fold(f64::INFINITY, f64::min),
+                )),
                 probe_start: 0,
                 plan,
             });
             if first < c.duration_us {
                 sim.push(first, ARRIVAL, d, 0);
             }
-            if matches!(plans, Plans::Adaptive) {
+            if matches!(plans, Plans::Adaptive(_)) {
                 // Reports spread over the first interval, not all at once.
                 let offset = c.report_interval_us * (u64::from(d) + 1) / (c.groups.iter().map(|g| g.devices).sum::<usize>() as u64 + 1);
                 sim.push(offset.max(1), REPORT, d, 0);
@@ -716,7 +791,7 @@ impl<'a> Sim<'a> {
         }
         let on_device = plan.exits(conf);
         if self.rule == Rule::Watched {
-            self.watch(t, group, view, k, input as usize, on_device, sampled);
+            self.watch(t, group, view, plan, input as usize, on_device, sampled);
         }
         if on_device {
             let latency = done - t;
@@ -726,7 +801,8 @@ impl<'a> Sim<'a> {
             b.edge_agree += u64::from(class == m.final_of(view, input as usize));
             return;
         }
-        if self.admission && self.devices[d as usize].uplink.would_miss(t, done, m.upload_bytes[k - 1], deadline, c.safety) {
+        let bytes = m.upload_bytes[k - 1].of(plan.codec) as usize;
+        if self.admission && self.devices[d as usize].uplink.would_miss(t, done, bytes, deadline, c.safety) {
             self.bin(group, t).declined += 1;
             self.record(group, t, done - t, class == label, true, false, deadline_missed(done - t, deadline, false), plan);
             return;
@@ -739,8 +815,10 @@ impl<'a> Sim<'a> {
             self.record(group, t, deadline.max(done - t), class == label, false, false, deadline_missed(deadline.max(done - t), deadline, true), plan);
             return;
         }
-        let bytes = m.upload_bytes[k - 1];
         let (_, finish) = dev.uplink.enqueue(&g.link, up_start, bytes, &mut dev.losses);
+        let b = self.bin(group, t);
+        b.sent_by_codec[plan.codec.index()] += 1;
+        b.uplink_bytes += bytes as u64;
         let finish = finish.unwrap_or(u64::MAX);
         let id = self.requests.len() as u32;
         self.requests.push(Request {
@@ -754,6 +832,7 @@ impl<'a> Sim<'a> {
             cloud_arrival: 0,
             p_tar: plan.p_tar,
             view,
+            codec: plan.codec,
         });
         if finish == u64::MAX {
             // The link never delivers it: the device answers at the deadline.
@@ -769,8 +848,9 @@ impl<'a> Sim<'a> {
     /// take no uplink or worker time from real requests here; their cost is
     /// counted instead).
     #[allow(clippy::too_many_arguments)]
-    fn watch(&mut self, t: u64, group: usize, view: usize, k: usize, input: usize, on_device: bool, sampled: bool) {
-        let m = self.m;
+    fn watch(&mut self, t: u64, group: usize, view: usize, plan: Plan, input: usize, on_device: bool, sampled: bool) {
+        let (m, k) = (self.m, plan.branch);
+        let bytes = m.upload_bytes[k - 1].of(plan.codec) as u64;
         let logits = m.logits(view, k);
         let final_class = m.final_of(view, input);
         let label = m.labels[input];
@@ -782,11 +862,11 @@ impl<'a> Sim<'a> {
                 return;
             }
             trace.audits += 1;
-            trace.audit_bytes += m.upload_bytes[k - 1] as u64;
+            trace.audit_bytes += bytes;
             trace.audit_worker_us += m.tail_time_us(k, self.c.max_batch) / self.c.max_batch as f64;
             self.bin(group, t).audits += 1;
         } else {
-            trace.offload_bytes += m.upload_bytes[k - 1] as u64;
+            trace.offload_bytes += bytes;
         }
         let obs = Observation { t_us: t, logits: logits.row(input).to_vec(), final_class, label: Some(label), on_device, sampled };
         match self.monitors[group].observe(obs) {
@@ -835,7 +915,7 @@ impl<'a> Sim<'a> {
     fn upload_done(&mut self, t: u64, id: u32) {
         let r = &self.requests[id as usize];
         let dev = &mut self.devices[r.device as usize];
-        dev.uplink.finished(t, r.upload_start, self.m.upload_bytes[r.branch - 1]);
+        dev.uplink.finished(t, r.upload_start, self.m.upload_bytes[r.branch - 1].of(r.codec) as usize);
         let half_rtt = self.c.groups[dev.group].link.rtt_us(t) / 2;
         self.push(t + half_rtt, CLOUD_ARRIVE, id, 0);
     }
@@ -982,27 +1062,36 @@ impl<'a> Sim<'a> {
         }
     }
 
+    /// The pool as a cloud-aware planner sees it at `t`: the requests
+    /// waiting (those whose deadline has passed are as good as gone) and
+    /// the workers serving, as the workers' status reports them live.
+    fn cloud_load(&self, t: u64) -> CloudLoad {
+        let backlog = self.queues.iter().flatten().filter(|&&id| self.requests[id as usize].deadline_at > t).count();
+        CloudLoad { backlog: backlog as f64, workers: self.pool.serving as f64 }
+    }
+
     fn expired(&mut self, id: u32) {
         let r = &self.requests[id as usize];
         let dev = &self.devices[r.device as usize];
         let (class, _) = self.m.pred(r.view, r.branch, r.input as usize);
         let correct = class == self.m.labels[r.input as usize];
         let (group, arrival, deadline) = (dev.group, r.arrival, self.c.groups[dev.group].deadline_us);
-        let plan = Plan { branch: r.branch, p_tar: r.p_tar };
+        let plan = Plan { branch: r.branch, p_tar: r.p_tar, codec: r.codec };
         self.record(group, arrival, deadline, correct, false, false, deadline_missed(deadline, deadline, true), plan);
     }
 
     fn reply(&mut self, t: u64, id: u32, _: u32) {
         let r = &self.requests[id as usize];
         let d = r.device as usize;
-        let (arrival, deadline_at, branch, input, upload_done, p_tar, view) = (r.arrival, r.deadline_at, r.branch, r.input as usize, r.upload_done, r.p_tar, r.view);
+        let (arrival, deadline_at, branch, input, upload_done, p_tar, view, codec) =
+            (r.arrival, r.deadline_at, r.branch, r.input as usize, r.upload_done, r.p_tar, r.view, r.codec);
         self.devices[d].uplink.est.observe_response((t - upload_done) as f64);
         let group = self.devices[d].group;
         let deadline = self.c.groups[group].deadline_us;
         let label = self.m.labels[input];
-        let plan = Plan { branch, p_tar };
+        let plan = Plan { branch, p_tar, codec };
         if t <= deadline_at {
-            let correct = self.m.final_of(view, input) == label;
+            let correct = self.m.final_under(view, codec, branch, input) == label;
             self.record(group, arrival, t - arrival, correct, false, true, deadline_missed(t - arrival, deadline, false), plan);
         } else {
             let correct = self.m.pred(view, branch, input).0 == label;
@@ -1033,7 +1122,8 @@ impl<'a> Sim<'a> {
         let mbit = dev.uplink.est.mean_mbit_s().unwrap_or(0.0);
         // The device knows the rate its inputs arrive at now.
         self.costs[group].arrival_rate = self.c.groups[group].rate_at(t);
-        let prediction = choose(&self.m.stats, &self.costs[group], &seen);
+        let seen = if self.cloud_aware { crate::planner::Observed { cloud: Some(self.cloud_load(t)), ..seen } } else { seen };
+        let prediction = choose(&self.stats, &self.costs[group], &seen);
         let rtt = self.c.groups[group].link.rtt_us(t);
         let b = self.bin(group, t);
         b.reports += 1;
@@ -1060,7 +1150,7 @@ mod tests {
         let labels: Vec<u32> = (0..n).map(|i| (i % 10) as u32).collect();
         let pred = |i: usize| if i.is_multiple_of(2) { (labels[i], 0.99) } else { ((labels[i] + 1) % 10, 0.5) };
         let stat = |branch, p_tar: f64, off: f64| ThresholdStats {
-            plan: Plan { branch, p_tar },
+            plan: Plan { branch, p_tar, codec: Codec::F32 },
             offload_rate: off,
             edge_accuracy: if off < 1.0 { 0.99 } else { 0.0 },
             cloud_accuracy: 1.0,
@@ -1074,13 +1164,15 @@ mod tests {
         // After a shift, every input is confident at the branches, and
         // the odd ones are still wrong there.
         let confident: Vec<(u32, f64)> = (0..n).map(|i| (pred(i).0, 0.99)).collect();
-        let shifted = View { branch_logits: vec![logits_of(&confident, &labels); 2], branch_pred: vec![confident.clone(), confident], final_class: labels.clone() };
+        let shifted =
+            View { branch_logits: vec![logits_of(&confident, &labels); 2], branch_pred: vec![confident.clone(), confident], final_class: labels.clone(), codec_final: Vec::new() };
         SimModel {
             branch_pred: vec![(0..n).map(pred).collect(), (0..n).map(pred).collect()],
             final_class: labels.clone(),
             labels: labels.clone(),
             head_us: vec![1_000.0, 2_000.0],
-            upload_bytes: vec![25_000, 12_500],
+            upload_bytes: vec![OffloadBytes::same(25_000.0), OffloadBytes::same(12_500.0)],
+            codec_final: Vec::new(),
             tail_us: vec![vec![(1, 500.0), (32, 8_000.0)], vec![(1, 400.0), (32, 6_000.0)]],
             predictions: stats.clone(),
             stats,
@@ -1113,7 +1205,7 @@ mod tests {
                 rate_steps: vec![(0, 5.0)],
                 deadline_us: 100_000,
                 link,
-                initial: Plan { branch: 2, p_tar: 0.9 },
+                initial: Plan { branch: 2, p_tar: 0.9, codec: Codec::F32 },
                 target: 0.9,
                 shift: None,
             }],
@@ -1148,7 +1240,7 @@ mod tests {
     fn a_watched_run_detects_a_shift_and_refits() {
         let m = model();
         let mut c = config(Link::constant(100.0, 10_000, 0.0).unwrap());
-        let plans = vec![Plan { branch: 2, p_tar: 0.9 }];
+        let plans = vec![Plan { branch: 2, p_tar: 0.9, codec: Codec::F32 }];
         let calm = simulate(&m, &c, &Plans::Watched(plans.clone()));
         assert!(calm.watch[0].refits.is_empty() && calm.watch[0].alarms_only.is_empty(), "{:?}", calm.watch[0].refits);
         assert_eq!(total(&calm).on_device, total(&simulate(&m, &c, &Plans::Fixed(plans.clone()))).on_device, "audits change no outcome");
@@ -1187,7 +1279,7 @@ mod tests {
     fn a_fast_link_answers_every_offload_in_the_cloud() {
         let m = model();
         let c = config(Link::constant(100.0, 10_000, 0.0).unwrap());
-        let r = simulate(&m, &c, &Plans::Fixed(vec![Plan { branch: 2, p_tar: 0.9 }]));
+        let r = simulate(&m, &c, &Plans::Fixed(vec![Plan { branch: 2, p_tar: 0.9, codec: Codec::F32 }]));
         let t = total(&r);
         assert_eq!(r.arrivals, r.outcomes);
         assert_eq!(t.inputs, r.arrivals);
@@ -1198,7 +1290,7 @@ mod tests {
         assert!(t.offloaded * 3 > t.inputs && t.offloaded * 3 < 2 * t.inputs, "about half offloaded: {t:?}");
         assert!(r.batches > 0 && r.batched_requests == t.cloud);
         // The same seed, the same run.
-        assert_eq!(simulate(&m, &c, &Plans::Fixed(vec![Plan { branch: 2, p_tar: 0.9 }])).bins, r.bins);
+        assert_eq!(simulate(&m, &c, &Plans::Fixed(vec![Plan { branch: 2, p_tar: 0.9, codec: Codec::F32 }])).bins, r.bins);
     }
 
     #[test]
@@ -1210,10 +1302,10 @@ mod tests {
         ])
         .unwrap();
         let c = config(dead);
-        let fixed = total(&simulate(&m, &c, &Plans::Fixed(vec![Plan { branch: 2, p_tar: 0.9 }])));
+        let fixed = total(&simulate(&m, &c, &Plans::Fixed(vec![Plan { branch: 2, p_tar: 0.9, codec: Codec::F32 }])));
         assert_eq!(fixed.misses, fixed.fallbacks);
         assert!(fixed.fallbacks * 2 > fixed.offloaded, "after 5 s nothing gets through: {fixed:?}");
-        let r = simulate(&m, &c, &Plans::Adaptive);
+        let r = simulate(&m, &c, &Plans::Adaptive(Planning::f32_blind()));
         let late: Bin = r.bins[0][10..].iter().fold(Bin::default(), |mut a, b| {
             a.add(b);
             a
@@ -1275,7 +1367,7 @@ mod tests {
     #[test]
     fn the_pool_grows_with_the_load_step_and_shrinks_back_without_losing_work() {
         let (m, c) = load_step(4);
-        let cloud_only = Plans::Fixed(vec![Plan { branch: 2, p_tar: 1.0 }]);
+        let cloud_only = Plans::Fixed(vec![Plan { branch: 2, p_tar: 1.0, codec: Codec::F32 }]);
         let r = simulate(&m, &c, &cloud_only);
         assert_eq!(r.arrivals, r.outcomes, "workers leave only when idle: no request is lost");
         let workers: Vec<f64> = r.bins[0].iter().map(|b| b.worker_us as f64 / 1e6).collect();

@@ -177,6 +177,9 @@ struct PlanJson {
     p_tar: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     certified: Option<CertifiedTarget>,
+    /// "f32", "f16" or "int8"; absent: devices keep their codec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    codec: Option<branchpoint_messages::Codec>,
     #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
     revision: Option<u64>,
 }
@@ -187,7 +190,7 @@ impl PlanJson {
             PlanTarget::Group(g) => (Some(g.clone()), None),
             PlanTarget::Device(d) => (None, Some(d.clone())),
         };
-        Self { group, device, partition_branch: p.partition_branch, p_tar: Some(p.p_tar), certified: p.certified, revision: Some(revision) }
+        Self { group, device, partition_branch: p.partition_branch, p_tar: Some(p.p_tar), certified: p.certified, codec: p.codec, revision: Some(revision) }
     }
 }
 
@@ -243,7 +246,7 @@ pub(super) async fn put_plan(state: web::Data<ApiState>, req: HttpRequest, paylo
         },
         _ => return error(StatusCode::UNPROCESSABLE_ENTITY, "give exactly one of \"p_tar\" (a threshold) and \"certified\" (like {\"accuracy\": 0.95, \"delta\": 0.05})"),
     };
-    let update = PlanUpdate { target, partition_branch: plan.partition_branch, p_tar, certified };
+    let update = PlanUpdate { target, partition_branch: plan.partition_branch, p_tar, certified, codec: plan.codec };
     // The wire checks (ids, p_tar in [0, 1]) run here, before anything is stored.
     if let Err(e) = encode(&update) {
         return error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string());

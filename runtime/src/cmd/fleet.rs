@@ -74,6 +74,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
             temperatures,
             deadline: Duration::from_secs_f64(args.deadline_ms / 1e3),
             model_sha256: model_sha256.as_str().into(),
+            codec: args.codec,
             emulation: None,
             interrupt: Default::default(),
             audit: (args.audit_rate > 0.0).then(|| AuditSettings {

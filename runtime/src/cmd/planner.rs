@@ -11,7 +11,8 @@ use branchpoint_actors::control::ControlStore;
 use branchpoint_actors::planner::nats::{serve_planner_nats, NatsPlans};
 use branchpoint_actors::planner::Planner;
 use branchpoint_core::calibration::{self, CalibrationFile, Method};
-use branchpoint_core::planner::{default_candidate_p_tars, Costs, ModelStats};
+use branchpoint_core::planner::{default_candidate_p_tars, Codec, CodecFinals, Costs, ModelStats};
+use branchpoint_models::model::recorded_codec_final_logits;
 
 use crate::cli::PlannerArgs;
 use crate::scenario::{compute_costs, read_profile_at, upload_bytes};
@@ -27,6 +28,12 @@ pub fn run(args: PlannerArgs) -> Result<()> {
     }
     if !(args.device_slowdown.is_finite() && args.device_slowdown > 0.0) {
         bail!("--device-slowdown {}: give a positive factor", args.device_slowdown);
+    }
+    if !(args.cloud_slowdown.is_finite() && args.cloud_slowdown > 0.0) {
+        bail!("--cloud-slowdown {}: give a positive factor", args.cloud_slowdown);
+    }
+    if args.codecs.is_empty() {
+        bail!("--codecs: name at least one of f32, f16, int8");
     }
     if let Some(delta) = args.certify_delta.filter(|d| !(*d > 0.0 && *d < 1.0)) {
         bail!("--certify-delta {delta}: give a probability in (0, 1), e.g. 0.05");
@@ -44,22 +51,33 @@ pub fn run(args: PlannerArgs) -> Result<()> {
         }
         None => calibration::fit(Method::parse(&args.temperatures.method)?, &validation)?,
     };
-    let stats = match args.certify_delta {
+    let codecs = args
+        .codecs
+        .iter()
+        .filter(|c| **c != Codec::F32)
+        .map(|&codec| Ok(CodecFinals { codec, per_branch: recorded_codec_final_logits(&model, &data.validation, codec)? }))
+        .collect::<Result<Vec<_>>>()?;
+    let mut stats = match args.certify_delta {
         Some(delta) => {
             let targets: Vec<f64> = default_candidate_p_tars().into_iter().filter(|p| branchpoint_messages::PTar::target(*p).is_ok()).collect();
-            ModelStats::certified(&validation, &temperatures, &targets, delta)?
+            ModelStats::certified(&validation, &temperatures, &targets, delta, &codecs)?
         }
-        None => ModelStats::from_validation(&validation, &temperatures, &default_candidate_p_tars())?,
+        None => ModelStats::from_validation(&validation, &temperatures, &default_candidate_p_tars(), &codecs)?,
     };
+    // f32 plans come with every statistic; keep only the codecs asked for.
+    stats.candidates.retain(|c| args.codecs.contains(&c.plan.codec));
     let profile_path = args.profile.clone().unwrap_or_else(|| args.source.model.with_extension("profile.json"));
     let profile = read_profile_at(&profile_path)?;
-    let (head_us, _) = compute_costs(&profile, args.device_slowdown, 1.0)?;
+    let (head_us, tail_us) = compute_costs(&profile, args.device_slowdown, args.cloud_slowdown)?;
     let template = Costs {
         head_us,
-        upload_bytes: upload_bytes(model.partition_points())?.into_iter().map(|b| b as f64).collect(),
+        upload_bytes: upload_bytes(model.partition_points())?,
         deadline_us: 0.0,
         arrival_rate: 0.0,
         miss_bound: args.miss_bound,
+        // A request's share of the largest profiled batch: the workers'
+        // rate when a backlog keeps their batches full.
+        tail_us_per_request: tail_us.iter().map(|pts| pts.last().map_or(0.0, |&(b, us)| us / b.max(1) as f64)).collect(),
     };
     tch::set_num_threads(1);
     let system = actix::System::new();

@@ -44,7 +44,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         shifted.push(branchpoint_models::model::recorded_split_exit_logits(&model, &split)?);
         shifted_splits.push(split);
     }
-    let prepared = scenario::prepare(&scenario, &model, &logits.validation, &logits.test, &shifted, &profile)?;
+    let codecs = scenario::codec_answers(&scenario, &model, &data, &shifted_splits)?;
+    let prepared = scenario::prepare(&scenario, &model, &logits.validation, &logits.test, &shifted, &codecs, &profile)?;
     let cfg = scenario::sim_config(&scenario, &prepared)?;
 
     if let Some(listen) = &args.listen {

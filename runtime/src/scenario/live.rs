@@ -99,7 +99,7 @@ pub fn replay_live(setup: &LiveSetup, on_policy: &dyn Fn(Policy)) -> Result<Vec<
 
 fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<PolicyRun> {
     let (s, cfg, prepared) = (setup.scenario, setup.cfg, setup.prepared);
-    let adaptive = matches!(plans, Plans::Adaptive);
+    let adaptive = matches!(plans, Plans::Adaptive(_));
     let watched = matches!(plans, Plans::Watched(_));
     let system = actix::System::new();
     let (outcomes, log, claimed, epoch_unix, statuses, audits) = system.block_on(async {
@@ -146,19 +146,33 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                 .iter()
                 .zip(&cfg.groups)
                 .map(|(g, sim)| {
+                    let cloud_aware = matches!(plans, Plans::Adaptive(p) if p.cloud_aware);
                     let costs = Costs {
                         head_us: prepared.sim.head_us.clone(),
-                        upload_bytes: prepared.sim.upload_bytes.iter().map(|&b| b as f64).collect(),
+                        upload_bytes: prepared.sim.upload_bytes.clone(),
                         deadline_us: sim.deadline_us as f64,
                         arrival_rate: sim.rate,
                         miss_bound: cfg.miss_bound,
+                        // Over NATS the planner hears the workers' status;
+                        // blind, it never counts their backlog.
+                        tail_us_per_request: if cloud_aware {
+                            (1..=prepared.sim.num_branches()).map(|k| prepared.sim.tail_time_us(k, cfg.max_batch) / cfg.max_batch as f64).collect()
+                        } else {
+                            Vec::new()
+                        },
                     };
                     (g.name.clone(), costs)
                 })
                 .collect();
             {
                 let sink = client.clone().map(|c| Box::new(NatsPlans::new(c)) as Box<dyn branchpoint_actors::plans::PlanSink>);
-                Planner::new(Arc::new(prepared.sim.stats.clone()), costs, None, sink).start()
+                let codecs = match plans {
+                    Plans::Adaptive(p) => p.codecs.clone(),
+                    _ => vec![branchpoint_core::planner::Codec::F32],
+                };
+                let stats =
+                    branchpoint_core::planner::ModelStats { candidates: prepared.sim.stats.candidates.iter().filter(|c| codecs.contains(&c.plan.codec)).cloned().collect() };
+                Planner::new(Arc::new(stats), costs, None, sink).start()
             }
         });
         if let (Some(c), Some(p)) = (&client, &planner) {
@@ -205,9 +219,9 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                 // Validation keeps uncalibrated and watched runs in virtual
                 // time; their starting plans are the groups' own.
                 Plans::Fixed(p) | Plans::Uncalibrated(p) | Plans::Watched(p) => p[gi],
-                Plans::Adaptive => sim.initial,
+                Plans::Adaptive(_) => sim.initial,
             };
-            let cap = sim.deadline_us as f64 / *prepared.sim.upload_bytes.iter().min().expect("a branch") as f64;
+            let cap = sim.deadline_us as f64 / prepared.sim.upload_bytes.iter().map(|b| b.int8.min(b.f16).min(b.f32)).fold(f64::INFINITY, f64::min);
             for k in 0..g.devices {
                 let n = configs.len();
                 let reports = planner.as_ref().map(|p| match &nats_reports {
@@ -224,6 +238,7 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                     },
                     deadline: Duration::from_micros(sim.deadline_us),
                     model_sha256: setup.model_sha256.as_str().into(),
+                    codec: plan.codec,
                     emulation: Some(EmulationSpec {
                         link: Arc::new(sim.link.clone()),
                         epoch,
@@ -391,7 +406,9 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                 b.edge_correct += u64::from(correct);
                 b.declined += u64::from(o.declined);
                 if !o.declined {
-                    let plan = branchpoint_core::planner::Plan { branch: o.partition_branch, p_tar: o.p_tar };
+                    // What a plan predicts on the device is the same under
+                    // every codec: f32's statistics stand for all.
+                    let plan = branchpoint_core::planner::Plan::f32(o.partition_branch, o.p_tar);
                     edge[o.partition_branch - 1].add(&prepared.sim.predictions, plan, correct);
                 }
             }
@@ -451,6 +468,7 @@ async fn start_calibrator(
             partition_branch: PartitionBranch::new(plan.branch).with_context(|| format!("group {}", g.name))?.byte(),
             p_tar: plan.p_tar,
             certified: None,
+            codec: Some(plan.codec),
         };
         store.put_plan(&update).await?;
     }
@@ -598,7 +616,7 @@ fn watch_traces(
             });
         }
         let counts = audits.get(&g.name).copied().unwrap_or_default();
-        let bytes = m.upload_bytes[branch - 1] as u64;
+        let bytes = m.upload_bytes[branch - 1].of(g.codec) as u64;
         trace.audits = counts.sent;
         trace.audit_bytes = counts.bytes;
         let offloaded = outcomes.iter().filter(|o| o.device_id.rsplit_once('-').is_some_and(|(name, _)| name == g.name) && o.decided != Decided::Device).count() as u64;

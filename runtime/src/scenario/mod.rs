@@ -20,13 +20,13 @@ use anyhow::{bail, Context, Result};
 use branchpoint_core::calibration::{self, ExitLogits, Method};
 use branchpoint_core::costs::ComputeProfile;
 use branchpoint_core::monitor::MonitorConfig;
-use branchpoint_core::planner::{certified_candidates, default_candidate_p_tars, Candidate, ModelStats, Plan};
+use branchpoint_core::planner::{certified_candidates, default_candidate_p_tars, Candidate, Codec, CodecFinals, ModelStats, OffloadBytes, Plan};
 use branchpoint_core::risk::Target;
-use branchpoint_messages::{encode, Deadline, OffloadRequest, Tensor as WireTensor};
+use branchpoint_messages::{encode, Deadline, OffloadRequest};
 use branchpoint_models::Model;
 
 pub use file::{Policy, Scenario, TimeMode};
-use sim::{AutoscaleSim, GroupSim, Plans, RunResult, SimConfig, SimModel, View};
+use sim::{AutoscaleSim, CodecClasses, GroupSim, Planning, Plans, RunResult, SimConfig, SimModel, View};
 
 /// Everything about the model a replay needs, computed once.
 pub struct Prepared {
@@ -59,12 +59,68 @@ pub fn read_profile_at(path: &Path) -> Result<ComputeProfile> {
     serde_json::from_str(&text).with_context(|| format!("{} is not a compute profile written by `branchpoint profile --json`", path.display()))
 }
 
+/// The final exit's answers when activations cross the wire under each
+/// codec a replay may use besides f32 (`codecs_used`), per branch.
+#[derive(Debug, Clone, Default)]
+pub struct CodecAnswers {
+    /// On the validation split: what the planner predicts with.
+    pub validation: Vec<CodecFinals>,
+    /// On the test split, and on each shift view's corrupted test inputs.
+    pub test: Vec<CodecFinals>,
+    pub shifted: Vec<Vec<CodecFinals>>,
+}
+
+/// The codecs other than f32 a replay of `scenario` may use: the planner's
+/// (when a policy plans or an oracle picks) and the groups' own.
+pub fn codecs_used(scenario: &Scenario) -> Vec<Codec> {
+    let planning = scenario.policies.iter().any(|p| matches!(p, Policy::Adaptive | Policy::AdaptiveCloudBlind | Policy::Oracle));
+    let mut v: Vec<Codec> = if planning { scenario.planner.codecs.clone() } else { Vec::new() };
+    v.extend(scenario.groups.iter().map(|g| g.codec));
+    v.retain(|c| *c != Codec::F32);
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// The answers a replay of `scenario` needs under its codecs
+/// (`codecs_used`): on the validation and test splits and on each shift
+/// view's inputs (`shifted`, in order), recorded once per model, codec and
+/// inputs.
+pub fn codec_answers(scenario: &Scenario, model: &Model, data: &branchpoint_models::data::ModelData, shifted: &[branchpoint_models::data::Split]) -> Result<CodecAnswers> {
+    use branchpoint_models::model::recorded_codec_final_logits;
+    let codecs = codecs_used(scenario);
+    let on = |split: &branchpoint_models::data::Split| -> Result<Vec<CodecFinals>> {
+        codecs.iter().map(|&codec| Ok(CodecFinals { codec, per_branch: recorded_codec_final_logits(model, split, codec)? })).collect()
+    };
+    if !codecs.is_empty() {
+        tracing::info!("scenario {}: the final exit's answers under codecs {codecs:?} (computed once per model and inputs)", scenario.name);
+    }
+    Ok(CodecAnswers { validation: on(&data.validation)?, test: on(&data.test)?, shifted: shifted.iter().map(on).collect::<Result<_>>()? })
+}
+
+/// The final exit's classes of every input from each codec's answers.
+fn codec_classes(answers: &[CodecFinals], t_final: f64) -> Vec<CodecClasses> {
+    answers
+        .iter()
+        .map(|c| CodecClasses { codec: c.codec, per_branch: c.per_branch.iter().map(|f| (0..f.len()).map(|i| f.predict(i, t_final).0 as u32).collect()).collect() })
+        .collect()
+}
+
 /// Computes the model's answers on the test split, its temperatures and
 /// the planner's statistics on the validation split, and the costs.
 ///
 /// `shifted` holds the test logits (every exit) of each of the scenario's
-/// `shift_views`, in order.
-pub fn prepare(scenario: &Scenario, model: &Model, validation: &[ExitLogits], test: &[ExitLogits], shifted: &[Vec<ExitLogits>], profile: &ComputeProfile) -> Result<Prepared> {
+/// `shift_views`, in order; `codecs` the answers under the codecs of
+/// `codecs_used`.
+pub fn prepare(
+    scenario: &Scenario,
+    model: &Model,
+    validation: &[ExitLogits],
+    test: &[ExitLogits],
+    shifted: &[Vec<ExitLogits>],
+    codecs: &CodecAnswers,
+    profile: &ComputeProfile,
+) -> Result<Prepared> {
     let method = scenario.calibration_method()?;
     let num_exits = test.len();
     let branches = num_exits - 1;
@@ -95,9 +151,17 @@ pub fn prepare(scenario: &Scenario, model: &Model, validation: &[ExitLogits], te
     if shifted.len() != scenario.shift_views().len() || shifted.iter().any(|v| v.len() != num_exits || v.iter().any(|e| e.len() != fin.len())) {
         bail!("scenario {}: the shifted test logits do not match its shifts (a bug)", scenario.path.display());
     }
+    let needed = codecs_used(scenario);
+    let have = |a: &[CodecFinals]| a.iter().map(|c| c.codec).collect::<Vec<_>>() == needed;
+    if !have(&codecs.validation) || !have(&codecs.test) || codecs.shifted.len() != shifted.len() || !codecs.shifted.iter().all(|v| have(v)) {
+        bail!("scenario {}: the answers under codecs {needed:?} do not match its codecs (a bug)", scenario.path.display());
+    }
+    let t_final = temperatures[num_exits - 1];
     let views: Vec<View> = shifted
         .iter()
-        .map(|exits| View {
+        .zip(&codecs.shifted)
+        .map(|(exits, codec_answers)| View {
+            codec_final: codec_classes(codec_answers, t_final),
             branch_pred: (0..branches)
                 .map(|k| {
                     (0..exits[k].len())
@@ -118,11 +182,11 @@ pub fn prepare(scenario: &Scenario, model: &Model, validation: &[ExitLogits], te
     let (stats, group_plans, threshold_rule) = if scenario.certified() {
         // Every p_tar strictly inside (0, 1) is a target accuracy.
         let targets: Vec<f64> = candidate_p_tars.iter().copied().filter(|p| branchpoint_messages::PTar::target(*p).is_ok()).collect();
-        let stats = ModelStats::certified(validation, &temperatures, &targets, delta)?;
+        let stats = ModelStats::certified(validation, &temperatures, &targets, delta, &codecs.validation)?;
         let mut plans = Vec::new();
         for g in &scenario.groups {
             let own = certified_candidates(validation, &temperatures, &[g.p_tar], delta)?;
-            plans.push(Plan { branch: g.branch, p_tar: own[g.branch - 1][1].p_tar });
+            plans.push(Plan { branch: g.branch, p_tar: own[g.branch - 1][1].p_tar, codec: g.codec });
         }
         (
             stats,
@@ -130,8 +194,8 @@ pub fn prepare(scenario: &Scenario, model: &Model, validation: &[ExitLogits], te
             format!("certified: each p_tar is a target on-device accuracy, its threshold certified by Learn-then-Test on the validation split with confidence {:.2}", 1.0 - delta),
         )
     } else {
-        let stats = ModelStats::from_validation(validation, &temperatures, &candidate_p_tars)?;
-        let plans = scenario.groups.iter().map(|g| Plan { branch: g.branch, p_tar: g.p_tar }).collect();
+        let stats = ModelStats::from_validation(validation, &temperatures, &candidate_p_tars, &codecs.validation)?;
+        let plans = scenario.groups.iter().map(|g| Plan { branch: g.branch, p_tar: g.p_tar, codec: g.codec }).collect();
         (stats, plans, format!("p_tar: exit when the {} confidence reaches it", method.name()))
     };
     // Predictions for every plan a replay can use, so that each report can
@@ -143,7 +207,7 @@ pub fn prepare(scenario: &Scenario, model: &Model, validation: &[ExitLogits], te
         }
     }
     let mut predictions = stats.clone();
-    predictions.candidates.extend(ModelStats::for_candidates(validation, &temperatures, &extra)?.candidates);
+    predictions.candidates.extend(ModelStats::for_candidates(validation, &temperatures, &extra, &codecs.validation)?.candidates);
     Ok(Prepared {
         sim: SimModel {
             branch_pred,
@@ -157,6 +221,7 @@ pub fn prepare(scenario: &Scenario, model: &Model, validation: &[ExitLogits], te
             branch_logits: test[..branches].to_vec(),
             temperatures: temperatures.clone(),
             shifted: views,
+            codec_final: codec_classes(&codecs.test, t_final),
         },
         method,
         temperatures,
@@ -186,9 +251,11 @@ pub fn compute_costs(profile: &ComputeProfile, device_slowdown: f64, cloud_slowd
     Ok((head_us, tail_us))
 }
 
-/// The exact size on the wire of one offload request at each branch,
-/// framing included.
-pub fn upload_bytes(points: &[branchpoint_models::net::PartitionPoint]) -> Result<Vec<usize>> {
+/// The size on the wire of one offload request at each branch under each
+/// codec, framing included: exact for f32 and f16; for int8 with the zero
+/// points of a ReLU's activation (0, one byte each; a zero point above 127
+/// takes two).
+pub fn upload_bytes(points: &[branchpoint_models::net::PartitionPoint]) -> Result<Vec<OffloadBytes>> {
     points
         .iter()
         .enumerate()
@@ -196,17 +263,20 @@ pub fn upload_bytes(points: &[branchpoint_models::net::PartitionPoint]) -> Resul
             let mut shape = vec![1u32];
             shape.extend(p.activation_shape.iter().map(|&d| d as u32));
             let zeros = vec![0f32; p.activation_bytes / 4];
-            let request = OffloadRequest {
-                device_id: "device-00000".into(),
-                seq: u64::MAX,
-                partition_branch: (k + 1) as u8,
-                activation: WireTensor::from_f32(&shape, &zeros)?,
-                deadline: Deadline { sent_at_unix_us: u64::MAX, budget_us: u64::MAX },
-                audit: None,
-                // Devices name their model in every request.
-                model_sha256: Some("0".repeat(64)),
+            let bytes = |codec: Codec| -> Result<f64> {
+                let request = OffloadRequest {
+                    device_id: "device-00000".into(),
+                    seq: u64::MAX,
+                    partition_branch: (k + 1) as u8,
+                    activation: codec.encode(&shape, &zeros)?,
+                    deadline: Deadline { sent_at_unix_us: u64::MAX, budget_us: u64::MAX },
+                    audit: None,
+                    // Devices name their model in every request.
+                    model_sha256: Some("0".repeat(64)),
+                };
+                Ok(encode(&request)?.len() as f64)
             };
-            Ok(encode(&request)?.len())
+            Ok(OffloadBytes { f32: bytes(Codec::F32)?, f16: bytes(Codec::F16)?, int8: bytes(Codec::Int8)? })
         })
         .collect()
 }
@@ -276,25 +346,28 @@ pub fn watch_config(s: &Scenario) -> MonitorConfig {
 
 /// The plans of one policy that is not the oracle.
 pub fn policy_plans(policy: Policy, s: &Scenario, prepared: &Prepared) -> Option<Plans> {
-    let fixed = |p_tar: f64| Plans::Fixed(s.groups.iter().map(|g| Plan { branch: g.branch, p_tar }).collect());
+    let fixed = |p_tar: f64| Plans::Fixed(s.groups.iter().map(|g| Plan { branch: g.branch, p_tar, codec: g.codec }).collect());
+    let planning = |codecs: &[Codec], cloud_aware: bool| Some(Plans::Adaptive(Planning { codecs: codecs.to_vec(), cloud_aware }));
     match policy {
         Policy::Static => Some(Plans::Fixed(prepared.group_plans.clone())),
         Policy::CloudOnly => Some(fixed(1.0)),
         Policy::DeviceOnly => Some(fixed(0.0)),
-        Policy::Adaptive => Some(Plans::Adaptive),
+        Policy::Adaptive => planning(&s.planner.codecs, s.planner.cloud_aware),
+        Policy::AdaptiveF32 => planning(&[Codec::F32], s.planner.cloud_aware),
+        Policy::AdaptiveCloudBlind => planning(&s.planner.codecs, false),
         Policy::Oracle => None,
-        Policy::Uncalibrated => Some(Plans::Uncalibrated(s.groups.iter().map(|g| Plan { branch: g.branch, p_tar: g.p_tar }).collect())),
+        Policy::Uncalibrated => Some(Plans::Uncalibrated(s.groups.iter().map(|g| Plan { branch: g.branch, p_tar: g.p_tar, codec: g.codec }).collect())),
         Policy::Watched => Some(Plans::Watched(prepared.group_plans.clone())),
     }
 }
 
 /// The oracle's candidates: the planner's, every branch with every
-/// candidate threshold (certified thresholds can coincide: each plan once),
-/// the same for all groups.
-pub fn oracle_candidates(prepared: &Prepared) -> Vec<Plan> {
+/// candidate threshold and every codec it may choose (certified thresholds
+/// can coincide: each plan once), the same for all groups.
+pub fn oracle_candidates(scenario: &Scenario, prepared: &Prepared) -> Vec<Plan> {
     let mut v: Vec<Plan> = Vec::new();
     for c in &prepared.sim.stats.candidates {
-        if !v.contains(&c.plan) {
+        if !v.contains(&c.plan) && scenario.planner.codecs.contains(&c.plan.codec) {
             v.push(c.plan);
         }
     }
@@ -418,7 +491,7 @@ pub fn replay(scenario: &Scenario, prepared: &Prepared, on_progress: &(dyn Fn(us
         }
     }
     let named = jobs.len();
-    let candidates = if scenario.policies.contains(&Policy::Oracle) { oracle_candidates(prepared) } else { Vec::new() };
+    let candidates = if scenario.policies.contains(&Policy::Oracle) { oracle_candidates(scenario, prepared) } else { Vec::new() };
     for c in &candidates {
         jobs.push(Plans::Fixed(vec![*c; cfg.groups.len()]));
     }

@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use branchpoint_core::planner::Plan;
+use branchpoint_core::planner::{Codec, OffloadBytes, Plan};
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -42,7 +42,11 @@ pub struct ModelInfo {
     pub threshold_rule: String,
     pub temperatures: Vec<f64>,
     pub device_head_ms: Vec<f64>,
+    /// Bytes of one offload request per branch, f32 activations.
     pub upload_bytes: Vec<usize>,
+    /// The same under each codec (int8: with one-byte zero points).
+    #[serde(default)]
+    pub codec_upload_bytes: Vec<OffloadBytes>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -101,6 +105,20 @@ pub struct Totals {
     pub latency_ms_p50: f64,
     pub latency_ms_p95: f64,
     pub latency_ms_p99: f64,
+    /// Bytes the offloads put on the devices' uplinks (virtual time).
+    #[serde(default)]
+    pub uplink_bytes: u64,
+    /// Offloads put on the uplink under each codec (virtual time).
+    #[serde(default)]
+    pub offloads_by_codec: CodecCounts,
+}
+
+/// A count per activation codec.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct CodecCounts {
+    pub f32: u64,
+    pub f16: u64,
+    pub int8: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -276,6 +294,8 @@ fn totals(bins: &[&Bin], latencies: &mut [u32]) -> Totals {
         latency_ms_p50: percentile_ms(latencies, 0.5),
         latency_ms_p95: percentile_ms(latencies, 0.95),
         latency_ms_p99: percentile_ms(latencies, 0.99),
+        uplink_bytes: t.uplink_bytes,
+        offloads_by_codec: CodecCounts { f32: t.sent_by_codec[Codec::F32.index()], f16: t.sent_by_codec[Codec::F16.index()], int8: t.sent_by_codec[Codec::Int8.index()] },
     }
 }
 
@@ -344,7 +364,7 @@ pub fn build(scenario: &Scenario, cfg: &SimConfig, prepared: &Prepared, weights:
                     m.add(b);
                 }
             }
-            let adaptive = run.policy == super::Policy::Adaptive;
+            let adaptive = matches!(run.policy, super::Policy::Adaptive | super::Policy::AdaptiveF32 | super::Policy::AdaptiveCloudBlind);
             // Live runs cannot autoscale: their bins hold no pool.
             let autoscaled = scenario.workers.autoscale.is_some() && time == super::TimeMode::Virtual;
             let bin_width_s = |i: usize| ((((i as u64 + 1) * cfg.bin_us).min(cfg.duration_us) - i as u64 * cfg.bin_us) as f64 / 1e6).max(1e-9);
@@ -424,7 +444,8 @@ pub fn build(scenario: &Scenario, cfg: &SimConfig, prepared: &Prepared, weights:
             threshold_rule: prepared.threshold_rule.clone(),
             temperatures: prepared.temperatures.clone(),
             device_head_ms: prepared.sim.head_us.iter().map(|u| u / 1e3).collect(),
-            upload_bytes: prepared.sim.upload_bytes.clone(),
+            upload_bytes: prepared.sim.upload_bytes.iter().map(|b| b.f32 as usize).collect(),
+            codec_upload_bytes: prepared.sim.upload_bytes.clone(),
         },
         settings: Settings {
             workers: cfg.workers,
@@ -488,6 +509,8 @@ fn policy_color(name: &str) -> RGBColor {
         "cloud-only" => RGBColor(31, 119, 180),
         "device-only" => RGBColor(127, 127, 127),
         "adaptive" => RGBColor(44, 160, 44),
+        "adaptive-f32" => RGBColor(140, 86, 75),
+        "adaptive-cloud-blind" => RGBColor(188, 189, 34),
         "uncalibrated" => RGBColor(255, 127, 14),
         "watched" => RGBColor(23, 190, 207),
         _ => RGBColor(148, 103, 189),

@@ -42,12 +42,17 @@ fn read_outcomes(path: &Path) -> Vec<Outcome> {
 }
 
 fn run_fleet(dir: &Path, name: &str, nats: Option<&str>, inputs: usize, deadline_ms: u32) -> (Summary, Vec<Outcome>) {
+    run_fleet_with(dir, name, nats, inputs, deadline_ms, &[])
+}
+
+fn run_fleet_with(dir: &Path, name: &str, nats: Option<&str>, inputs: usize, deadline_ms: u32, extra: &[&str]) -> (Summary, Vec<Outcome>) {
     let summary = dir.join(format!("{name}-summary.json"));
     let outcomes = dir.join(format!("{name}-outcomes.jsonl"));
     let mut cmd = branchpoint();
     cmd.args(["fleet", "--devices", "20", "--rate", "50", "--duration", "60", "--inputs", &inputs.to_string()])
         .args(["--p-tar", &P_TAR.to_string(), "--branch", "1", "--deadline-ms", &deadline_ms.to_string()])
-        .args(["--json", summary.to_str().unwrap(), "--outcomes", outcomes.to_str().unwrap()]);
+        .args(["--json", summary.to_str().unwrap(), "--outcomes", outcomes.to_str().unwrap()])
+        .args(extra);
     if let Some(url) = nats {
         cmd.args(["--nats", url]);
     }
@@ -148,6 +153,39 @@ fn two_workers_and_twenty_devices_over_nats_make_the_offline_decisions() {
     for i in 0..n {
         assert_eq!((local[&i].class, local[&i].decided), (by_input[&i].class, by_input[&i].decided), "input {i}");
     }
+}
+
+/// Devices that offload int8 activations: over NATS and in process, every
+/// offloaded input gets the class the offline evaluation predicts for the
+/// final exit on the int8-decoded activation, and the worker decodes
+/// exactly what the device encoded.
+#[test]
+fn int8_offloads_over_nats_are_answered_as_the_codec_predicts() {
+    let _cpu = shared();
+    let nats = NatsServer::start();
+    let _w1 = start_worker(&nats.url, "w1", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let n = 600;
+    let expected = offline_decisions(n);
+    let model = branchpoint_models::Model::load(&shipped_model(), tch::Device::Cpu).unwrap();
+    let data = model.load_data(None).unwrap();
+    let first = branchpoint_models::data::Split { images: data.test.images.narrow(0, 0, n as i64), labels: data.test.labels.narrow(0, 0, n as i64) };
+    let int8 = branchpoint_models::model::codec_final_logits(&model, &first, branchpoint_messages::Codec::Int8).unwrap();
+    let extra = ["--codec", "int8"];
+    let (s, outcomes) = run_fleet_with(dir.path(), "int8-nats", Some(&nats.url), n, 5000, &extra);
+    assert_eq!((s.inputs, s.outcomes, s.errors, s.fallbacks), (n, n, 0, 0), "{s:?}");
+    let (_, local) = run_fleet_with(dir.path(), "int8-local", None, n, 5000, &extra);
+    let (by_input, local) = (exactly_one_each(&outcomes, n), exactly_one_each(&local, n));
+    let mut offloaded = 0;
+    for (i, &(on_device, class)) in expected.iter().enumerate() {
+        let o = by_input[&i];
+        assert_eq!(o.decided == Decided::Device, on_device, "input {i}: {o:?}");
+        let want = if on_device { class } else { int8[0].predict(i, 1.0).0 as u32 };
+        assert_eq!(o.class, want, "input {i}: {o:?}");
+        assert_eq!((local[&i].class, local[&i].decided), (o.class, o.decided), "input {i}: in process as over NATS");
+        offloaded += usize::from(!on_device);
+    }
+    assert!(offloaded > 30, "the test needs offloads: {offloaded}");
 }
 
 /// A watched fleet: devices audit a share of their on-device inputs and tag
@@ -561,7 +599,7 @@ fn calibration_refits_and_plans_reach_running_devices() {
         let bad = client.request(subjects::CALIBRATION_REFIT, "nonsense".into()).await.unwrap();
         assert!(decode::<branchpoint_messages::ErrorReply>(&bad.payload).is_ok());
 
-        let plan = PlanUpdate { target: PlanTarget::Group("default".into()), partition_branch: 2, p_tar: 0.75, certified: None };
+        let plan = PlanUpdate { target: PlanTarget::Group("default".into()), partition_branch: 2, p_tar: 0.75, certified: None, codec: None };
         client.publish(plan.target.subject(), encode(&plan).unwrap().into()).await.unwrap();
         client.flush().await.unwrap();
         fitted
@@ -1014,7 +1052,7 @@ fn a_device_plan_expires_and_a_group_plan_stays() {
         let client = async_nats::connect(&nats.url).await.unwrap();
         let store = ControlStore::open_with(&client, settings).await.unwrap();
         for target in [PlanTarget::Device("gone-1".into()), PlanTarget::Group("stays".into())] {
-            store.put_plan(&PlanUpdate { target, partition_branch: 1, p_tar: 0.8, certified: None }).await.unwrap();
+            store.put_plan(&PlanUpdate { target, partition_branch: 1, p_tar: 0.8, certified: None, codec: None }).await.unwrap();
         }
         store
     });
