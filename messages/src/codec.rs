@@ -13,8 +13,9 @@
 //!   when a channel holds at least 64 values. An activation without
 //!   spatial dimensions (`[N, C]`) gets one group per item.
 //!
-//! Every step is plain f32 arithmetic with round-half-away-from-zero, so a
-//! codec gives the same bytes on every machine.
+//! Every step is plain IEEE f32 arithmetic, rounding to nearest with ties
+//! to even (f16 in hardware where the CPU has it, the same bits either
+//! way), so a codec gives the same bytes on every machine.
 use std::fmt;
 use std::str::FromStr;
 
@@ -34,6 +35,11 @@ pub enum Codec {
     /// 1 byte per value, an affine map per channel.
     Int8,
 }
+
+/// Changes whenever a codec's bytes for the same values change: answers
+/// recorded under a codec are keyed by it, so none computed by an older
+/// codec is read back.
+pub const CODEC_REVISION: u32 = 1;
 
 impl Codec {
     /// Every codec, in the order of their bytes (most first).
@@ -63,9 +69,17 @@ impl Codec {
                 let per_group = values.len() / groups;
                 let mut codes = Vec::with_capacity(values.len());
                 let (mut scale, mut zero_point) = (Vec::with_capacity(groups), Vec::with_capacity(groups));
-                for chunk in values.chunks(per_group.max(1)) {
-                    let (s, z) = affine_params(chunk)?;
-                    codes.extend(chunk.iter().map(|&v| quantise(v, s, z)));
+                for (g, chunk) in values.chunks(per_group.max(1)).enumerate() {
+                    let (s, z) = affine_params(chunk).map_err(|e| match e {
+                        MessageError::NonFinite { index, value } => MessageError::NonFinite { index: g * per_group + index, value },
+                        e => e,
+                    })?;
+                    // To the nearest code, ties to even, without a saturating
+                    // float-to-int conversion (which does not vectorise):
+                    // adding 2^23 to a value in [0, 255] leaves its rounded
+                    // integer in the low byte of the mantissa.
+                    let (inverse, zero) = (1.0 / s, f32::from(z));
+                    codes.extend(chunk.iter().map(|&v| ((v * inverse + zero).clamp(0.0, 255.0) + 8_388_608.0).to_bits() as u8));
                     scale.push(s);
                     zero_point.push(z);
                 }
@@ -117,13 +131,28 @@ fn int8_groups(shape: &[u32], len: usize) -> usize {
 /// Scale and zero point mapping `values` onto 0..=255: the range is
 /// widened to hold 0, so that 0 (a ReLU's most common output) is exact.
 fn affine_params(values: &[f32]) -> Result<(f32, u8), MessageError> {
-    let (mut lo, mut hi) = (0f32, 0f32);
-    for (index, &v) in values.iter().enumerate() {
-        if !v.is_finite() {
-            return Err(MessageError::NonFinite { index, value: v });
+    // Eight running minima and maxima, element-wise, so the loop vectorises
+    // (a single running minimum is a chain the compiler must keep in order).
+    // An infinity shows in them; a NaN, which no comparison lets in, in `nan`.
+    let (mut lo8, mut hi8, mut nan) = ([0f32; 8], [0f32; 8], false);
+    let chunks = values.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for j in 0..8 {
+            lo8[j] = if c[j] < lo8[j] { c[j] } else { lo8[j] };
+            hi8[j] = if c[j] > hi8[j] { c[j] } else { hi8[j] };
+            nan |= c[j].is_nan();
         }
+    }
+    let (mut lo, mut hi) = (0f32, 0f32);
+    for &v in lo8.iter().chain(rest) {
         lo = lo.min(v);
+    }
+    for &v in hi8.iter().chain(rest) {
         hi = hi.max(v);
+    }
+    if nan || !(lo.is_finite() && hi.is_finite()) || rest.iter().any(|v| v.is_nan()) {
+        crate::tensor::check_finite(values)?;
     }
     let scale = (hi - lo) / 255.0;
     // All zeros: any scale codes them exactly.
@@ -132,15 +161,6 @@ fn affine_params(values: &[f32]) -> Result<(f32, u8), MessageError> {
     }
     let zero_point = (-lo / scale).round().clamp(0.0, 255.0) as u8;
     Ok((scale, zero_point))
-}
-
-fn quantise(v: f32, scale: f32, zero_point: u8) -> u8 {
-    (v / scale + f32::from(zero_point)).round().clamp(0.0, 255.0) as u8
-}
-
-/// The value code `x` stands for.
-pub(crate) fn dequantise(x: u8, scale: f32, zero_point: u8) -> f32 {
-    (f32::from(x) - f32::from(zero_point)) * scale
 }
 
 #[cfg(test)]

@@ -103,28 +103,38 @@ fn bin_only<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error>
 impl Tensor {
     /// A f32 tensor holding `values` (row-major) with the given shape.
     pub fn from_f32(shape: &[u32], values: &[f32]) -> Result<Self, MessageError> {
-        let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        Self::checked(DType::F32, shape, data)
+        check_finite(values)?;
+        Self::sized(DType::F32, shape, le_bytes(values, f32::to_le_bytes))
     }
 
-    /// A f16 tensor holding `values` rounded to the nearest f16. Values beyond
-    /// f16's range (|x| > 65504) become infinite and are refused.
+    /// A f16 tensor holding `values` rounded to the nearest f16 (ties to
+    /// even, in hardware where the CPU has it: the same bits either way).
+    /// Values beyond f16's range (|x| > 65504) become infinite and are
+    /// refused.
     pub fn from_f32_as_f16(shape: &[u32], values: &[f32]) -> Result<Self, MessageError> {
-        let data = values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect();
-        Self::checked(DType::F16, shape, data)
+        use half::slice::HalfFloatSliceExt;
+        check_finite(values)?;
+        let mut halves = vec![f16::ZERO; values.len()];
+        halves.convert_from_f32_slice(values);
+        if let Some(index) = halves.iter().position(|h| !h.is_finite()) {
+            return Err(MessageError::NonFinite { index, value: halves[index].to_f32() });
+        }
+        Self::sized(DType::F16, shape, le_bytes(&halves, f16::to_le_bytes))
     }
 
     /// A `u8` tensor from its codes, scales and zero points (see
     /// [`DType::U8`]); `codec::Codec::Int8` makes them from f32 values.
     pub fn from_u8_affine(shape: &[u32], codes: Vec<u8>, scale: Vec<f32>, zero_point: Vec<u8>) -> Result<Self, MessageError> {
         let tensor = Tensor { dtype: DType::U8, shape: shape.to_vec(), data: codes, scale, zero_point };
-        tensor.validate()?;
+        // Valid groups make every code's value finite: no pass over them.
+        tensor.check_size()?;
         Ok(tensor)
     }
 
-    fn checked(dtype: DType, shape: &[u32], data: Vec<u8>) -> Result<Self, MessageError> {
+    /// A tensor whose values are known to be finite: only its size is checked.
+    fn sized(dtype: DType, shape: &[u32], data: Vec<u8>) -> Result<Self, MessageError> {
         let tensor = Tensor { dtype, shape: shape.to_vec(), data, scale: Vec::new(), zero_point: Vec::new() };
-        tensor.validate()?;
+        tensor.check_size()?;
         Ok(tensor)
     }
 
@@ -146,7 +156,24 @@ impl Tensor {
     /// way, decoding straight into it).
     pub fn append_f32(&self, out: &mut Vec<f32>) -> Result<(), MessageError> {
         self.check_size()?;
-        out.extend(self.values());
+        match self.dtype {
+            DType::F32 => out.extend(self.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+            DType::F16 => {
+                use half::slice::HalfFloatSliceExt;
+                let start = out.len();
+                out.resize(start + self.data.len() / 2, 0.0);
+                let halves: Vec<f16> = from_le_bytes(&self.data, f16::from_le_bytes);
+                halves.convert_to_f32_slice(&mut out[start..]);
+            }
+            DType::U8 => {
+                let per_group = self.data.len() / self.scale.len();
+                out.reserve(self.data.len());
+                for (codes, (&scale, &zero_point)) in self.data.chunks_exact(per_group).zip(self.scale.iter().zip(&self.zero_point)) {
+                    let zero = f32::from(zero_point);
+                    out.extend(codes.iter().map(|&x| (f32::from(x) - zero) * scale));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -155,7 +182,19 @@ impl Tensor {
         self.check_size()?;
         // NaN or inf in an activation would silently poison the tail's logits
         // and every answer batched with it, so refuse it at the boundary.
-        match self.values().enumerate().find(|(_, v)| !v.is_finite()) {
+        let bad = match self.dtype {
+            DType::F32 => self.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).enumerate().find(|(_, v)| !v.is_finite()),
+            // All exponent bits set: an infinity or NaN.
+            DType::F16 => self
+                .data
+                .chunks_exact(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                .position(|h| h & 0x7C00 == 0x7C00)
+                .map(|i| (i, f16::from_le_bytes([self.data[2 * i], self.data[2 * i + 1]]).to_f32())),
+            // Every code's value is finite once the groups are valid.
+            DType::U8 => None,
+        };
+        match bad {
             Some((index, value)) => Err(MessageError::NonFinite { index, value }),
             None => Ok(()),
         }
@@ -208,21 +247,37 @@ impl Tensor {
         }
         Ok(())
     }
+}
 
-    /// Values as f32; assumes `check_size` passed (a ragged tail is dropped).
-    fn values(&self) -> Box<dyn Iterator<Item = f32> + '_> {
-        match self.dtype {
-            DType::F32 => Box::new(self.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
-            DType::F16 => Box::new(self.data.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())),
-            DType::U8 => {
-                let per_group = self.data.len() / self.scale.len().max(1);
-                Box::new(
-                    self.data
-                        .chunks(per_group.max(1))
-                        .zip(self.scale.iter().zip(&self.zero_point))
-                        .flat_map(|(codes, (&s, &z))| codes.iter().map(move |&x| crate::codec::dequantise(x, s, z))),
-                )
-            }
-        }
+/// Refuses the first value that is not finite.
+pub(crate) fn check_finite(values: &[f32]) -> Result<(), MessageError> {
+    // A branch-free pass first (it vectorises); the position only on failure.
+    if values.iter().fold(true, |ok, v| ok & v.is_finite()) {
+        return Ok(());
+    }
+    let index = values.iter().position(|v| !v.is_finite()).unwrap_or(0);
+    Err(MessageError::NonFinite { index, value: values[index] })
+}
+
+/// The values' little-endian bytes: on a little-endian CPU their memory as
+/// it is (one copy), elsewhere value by value.
+fn le_bytes<T: bytemuck::Pod, const N: usize>(values: &[T], to_le: fn(T) -> [u8; N]) -> Vec<u8> {
+    if cfg!(target_endian = "little") {
+        bytemuck::cast_slice::<T, u8>(values).to_vec()
+    } else {
+        values.iter().flat_map(|&v| to_le(v)).collect()
+    }
+}
+
+/// The values of little-endian `bytes` (a whole number of values).
+fn from_le_bytes<T: bytemuck::Pod, const N: usize>(bytes: &[u8], from_le: fn([u8; N]) -> T) -> Vec<T> {
+    if cfg!(target_endian = "little") {
+        // Bytes carry no alignment: copy into values, do not cast in place.
+        let n = bytes.len() / N;
+        let mut values = vec![T::zeroed(); n];
+        bytemuck::cast_slice_mut::<T, u8>(&mut values).copy_from_slice(&bytes[..n * N]);
+        values
+    } else {
+        bytes.chunks_exact(N).map(|b| from_le(b.try_into().expect("N bytes"))).collect()
     }
 }

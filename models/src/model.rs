@@ -252,8 +252,19 @@ pub fn recorded_split_exit_logits(model: &Model, split: &Split) -> Result<Vec<Ex
 /// activation is encoded alone, as a device sends it (an int8 scale per
 /// channel of that input), and decoded before the tail.
 pub fn codec_final_logits(model: &Model, split: &Split, codec: Codec) -> Result<Vec<ExitLogits>> {
+    codec_final_logits_with(model, split, codec.name(), |shape, values| codec.round_trip(shape, values))
+}
+
+/// `codec_final_logits` with any round trip of one input's activation
+/// (shape `[1, ...]`, row-major values): what the tail gets instead.
+pub fn codec_final_logits_with(
+    model: &Model,
+    split: &Split,
+    what: &str,
+    round_trip: impl Fn(&[u32], &[f32]) -> std::result::Result<Vec<f32>, branchpoint_messages::MessageError>,
+) -> Result<Vec<ExitLogits>> {
     const BATCH: i64 = 500;
-    let bad = |e: branchpoint_messages::MessageError| ModelError::InvalidArgument { what: format!("{codec} activation"), reason: e.to_string() };
+    let bad = |e: branchpoint_messages::MessageError| ModelError::InvalidArgument { what: format!("{what} activation"), reason: e.to_string() };
     let n = split.len() as i64;
     (1..=model.num_branches())
         .map(|k| {
@@ -271,7 +282,7 @@ pub fn codec_final_logits(model: &Model, split: &Split, codec: Codec) -> Result<
                 item_shape.extend(size[1..].iter().map(|&d| d as u32));
                 let mut decoded = Vec::with_capacity(values.len());
                 for item in values.chunks(per_input.max(1)) {
-                    decoded.extend(codec.round_trip(&item_shape, item).map_err(bad)?);
+                    decoded.extend(round_trip(&item_shape, item).map_err(bad)?);
                 }
                 let decoded = Tensor::from_slice(&decoded).view(size.as_slice()).to_device(model.device());
                 logits.push(model.tail(k, &decoded)?.to_device(tch::Device::Cpu));
@@ -284,5 +295,6 @@ pub fn codec_final_logits(model: &Model, split: &Split, codec: Codec) -> Result<
 
 /// `codec_final_logits`, recorded once per (model, codec, inputs).
 pub fn recorded_codec_final_logits(model: &Model, split: &Split, codec: Codec) -> Result<Vec<ExitLogits>> {
-    recorded(&format!("{} final exit under codec {codec}", model.sha256()), split, || codec_final_logits(model, split, codec))
+    let key = format!("{} final exit under codec {codec} revision {}", model.sha256(), branchpoint_messages::codec::CODEC_REVISION);
+    recorded(&key, split, || codec_final_logits(model, split, codec))
 }

@@ -35,6 +35,8 @@ pub enum Command {
     Evaluate(EvaluateArgs),
     /// Measure the median latency of every stage, branch and partition on this machine.
     Profile(ProfileArgs),
+    /// Measure each activation codec per branch on the test set: bytes per offload, final-exit agreement with f32 and accuracy, encode and decode time.
+    Codecs(CodecsArgs),
     /// Run a cloud worker: serve offloaded activations from NATS with dynamic batching.
     Worker(WorkerArgs),
     /// Run a fleet of simulated devices (in-process by default, or against NATS workers).
@@ -655,6 +657,18 @@ pub struct EvaluateArgs {
     pub corrupt_seed: u64,
     #[command(flatten)]
     pub compute: ComputeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CodecsArgs {
+    #[command(flatten)]
+    pub source: ModelArgs,
+    /// Also write the measurements as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Test inputs whose encoding, decoding and head are timed (one at a time; medians are reported).
+    #[arg(long, default_value_t = 200, value_name = "N")]
+    pub timed_inputs: usize,
 }
 
 #[derive(Debug, Args)]

@@ -47,6 +47,7 @@ pub fn run(cli: cli::Cli) -> Result<()> {
         cli::Command::Calibrate(args) => cmd::calibrate::run(args),
         cli::Command::Evaluate(args) => cmd::evaluate::run(args),
         cli::Command::Profile(args) => cmd::profile::run(args),
+        cli::Command::Codecs(args) => cmd::codecs::run(args),
         cli::Command::Worker(args) => cmd::worker::run(args),
         cli::Command::Fleet(args) => cmd::fleet::run(args),
         cli::Command::Calibrator(args) => cmd::calibrator::run(args),

@@ -1,6 +1,7 @@
 //! One file per subcommand: parse nothing (clap did), do the work, print.
 pub mod calibrate;
 pub mod calibrator;
+pub mod codecs;
 pub mod evaluate;
 pub mod fleet;
 pub mod nats_config;
