@@ -82,10 +82,19 @@ fn samples() -> Vec<Vec<u8>> {
         FleetSummary { inputs: 10, outcomes: 10, decided_on_device: 5, offloaded: 5, answered_by_cloud: 5, per_exit: vec![5, 5], accuracy: 0.9, ..FleetSummary::default() };
     vec![
         encode(&request).unwrap(),
+        // An int8 activation: scales and zero points to corrupt too.
+        encode(&OffloadRequest { activation: branchpoint_messages::Codec::Int8.encode(&[1, 2, 3], &[0.5, 1.0, 0.0, 2.0, 3.0, 4.0]).unwrap(), ..request.clone() }).unwrap(),
         encode(&OffloadReply::Answer(OffloadAnswer { seq: 7, worker_id: "w".into(), class: 3, confidence: 0.9, timings })).unwrap(),
         encode(&OffloadReply::Error(ErrorReply { seq: Some(7), worker_id: "w".into(), kind: ErrorKind::Overloaded, detail: "busy".into() })).unwrap(),
         encode(&CalibrationUpdate { model_sha256: sha.clone(), method: CalibrationMethod::PerBranch, temperatures: vec![1.0, 1.5, 2.0], group: Some("g".into()) }).unwrap(),
-        encode(&PlanUpdate { target: PlanTarget::Group("g".into()), partition_branch: 2, p_tar: 0.8, certified: Some(CertifiedTarget { accuracy: 0.9, delta: 0.05 }) }).unwrap(),
+        encode(&PlanUpdate {
+            target: PlanTarget::Group("g".into()),
+            partition_branch: 2,
+            p_tar: 0.8,
+            certified: Some(CertifiedTarget { accuracy: 0.9, delta: 0.05 }),
+            codec: Some(branchpoint_messages::Codec::Int8),
+        })
+        .unwrap(),
         encode(&CertifyRequest { partition_branch: 1, target: CertifiedTarget { accuracy: 0.9, delta: 0.05 } }).unwrap(),
         encode(&CalibrationRefit { method: CalibrationMethod::Global }).unwrap(),
         encode(&tag.result("d-1", 1, 2)).unwrap(),

@@ -121,7 +121,7 @@ fn int8_groups(shape: &[u32], len: usize) -> usize {
         [n, ..] => *n as usize,
         [] => 1,
     };
-    if groups == 0 || len % groups != 0 {
+    if groups == 0 || !len.is_multiple_of(groups) {
         1
     } else {
         groups

@@ -238,7 +238,7 @@ impl Tensor {
         if groups == 0 || groups != self.zero_point.len() as u64 {
             return bad(format!("dtype u8 needs one scale and one zero point per group, got {} scales and {} zero points", self.scale.len(), self.zero_point.len()));
         }
-        if elements % groups != 0 {
+        if !elements.is_multiple_of(groups) {
             return bad(format!("{groups} groups do not divide {elements} elements"));
         }
         // 255 steps of the scale must stay finite: the largest code's value.

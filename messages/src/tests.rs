@@ -653,3 +653,55 @@ fn a_quantised_tensor_that_does_not_add_up_is_refused() {
     let short = Tensor { data: vec![0; 7], ..good };
     assert!(matches!(bad(short), E::SizeMismatch { .. }));
 }
+
+/// docs/wire.md, followed by a client that is not branchpoint: raw
+/// MessagePack primitives, keys in an order of its own, an int8 activation
+/// with two groups, and a field this version does not know.
+#[test]
+fn an_outside_client_following_docs_wire_md_is_understood() {
+    use rmp::encode::*;
+    let mut b = Vec::new();
+    write_map_len(&mut b, 2).unwrap();
+    write_str(&mut b, "body").unwrap();
+    write_map_len(&mut b, 7).unwrap();
+    write_str(&mut b, "seq").unwrap();
+    write_uint(&mut b, 41).unwrap();
+    write_str(&mut b, "activation").unwrap();
+    write_map_len(&mut b, 5).unwrap();
+    write_str(&mut b, "shape").unwrap();
+    write_array_len(&mut b, 4).unwrap();
+    for d in [1u64, 2, 1, 2] {
+        write_uint(&mut b, d).unwrap();
+    }
+    write_str(&mut b, "zero_point").unwrap();
+    write_bin(&mut b, &[0, 10]).unwrap();
+    write_str(&mut b, "dtype").unwrap();
+    write_str(&mut b, "u8").unwrap();
+    write_str(&mut b, "data").unwrap();
+    write_bin(&mut b, &[0, 255, 10, 20]).unwrap();
+    write_str(&mut b, "scale").unwrap();
+    write_array_len(&mut b, 2).unwrap();
+    write_f32(&mut b, 0.5).unwrap();
+    write_f64(&mut b, 0.25).unwrap();
+    write_str(&mut b, "device_id").unwrap();
+    write_str(&mut b, "outsider-1").unwrap();
+    write_str(&mut b, "partition_branch").unwrap();
+    write_uint(&mut b, 1).unwrap();
+    write_str(&mut b, "deadline").unwrap();
+    write_map_len(&mut b, 2).unwrap();
+    write_str(&mut b, "budget_us").unwrap();
+    write_uint(&mut b, 50_000).unwrap();
+    write_str(&mut b, "sent_at_unix_us").unwrap();
+    write_uint(&mut b, 1_700_000_000_000_000).unwrap();
+    write_str(&mut b, "model_sha256").unwrap();
+    write_str(&mut b, &"ab".repeat(32)).unwrap();
+    write_str(&mut b, "radio").unwrap();
+    write_str(&mut b, "umts").unwrap();
+    write_str(&mut b, "wire_version").unwrap();
+    write_uint(&mut b, 2).unwrap();
+    let req = decode::<OffloadRequest>(&b).unwrap();
+    assert_eq!((req.device_id.as_str(), req.seq, req.partition_branch, req.deadline.budget_us), ("outsider-1", 41, 1, 50_000));
+    assert_eq!(req.activation.dtype, DType::U8);
+    // Group 0: (0 - 0) * 0.5, (255 - 0) * 0.5; group 1: (10 - 10) * 0.25, (20 - 10) * 0.25.
+    assert_eq!(req.activation.to_f32_vec().unwrap(), vec![0.0, 127.5, 0.0, 2.5]);
+}

@@ -196,6 +196,6 @@ mod tests {
         });
         assert_eq!(results, vec![answers.clone(), answers.clone()]);
         assert_eq!(computed.load(std::sync::atomic::Ordering::SeqCst), 1, "the second caller read the first one's record");
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -34,20 +34,26 @@ use branchpoint_actors::collector::{Collector, GetSummary};
 use branchpoint_actors::compute::{Executor, LoadedNet, ModelSpec};
 use branchpoint_actors::device::{Device, DeviceConfig, Infer};
 use branchpoint_actors::fleet::{run_fleet, DeviceThreads, FleetConfig, TestInputs};
-use branchpoint_actors::offload::Offload;
+use branchpoint_actors::offload::{Activation, Offload};
 use branchpoint_actors::transport::OffloadLink;
 use branchpoint_actors::worker::{serve_nats, Batcher, Job, ReplyTo, ServedModel, WorkerConfig};
-use branchpoint_messages::{Deadline, OffloadReply, PartitionBranch, Tensor as WireTensor};
+use branchpoint_messages::{Codec, Deadline, OffloadReply, PartitionBranch, Tensor as WireTensor};
 use branchpoint_models::Model;
 use tch::Tensor;
 
 fn branch2_request(seq: usize, activation: &WireTensor, budget_us: u64) -> Offload {
+    // As the worker's NATS edge takes it: f32 as values, others encoded.
+    let shape = activation.shape.clone();
+    let activation = match activation.dtype {
+        branchpoint_messages::DType::F32 => Activation::F32(activation.to_f32_vec().expect("an f32 tensor").into()),
+        _ => Activation::Encoded(std::sync::Arc::new(activation.clone())),
+    };
     Offload {
         device_id: "bench".into(),
         seq: seq as u64,
         partition_branch: 2,
-        shape: activation.shape.clone(),
-        activation: activation.to_f32_vec().expect("an f32 tensor").into(),
+        shape,
+        activation,
         deadline: Deadline { sent_at_unix_us: 0, budget_us },
         audit: None,
         model_sha256: None,
@@ -80,6 +86,7 @@ fn decision_path(system: &actix::SystemRunner, model: &Path, runs: usize) -> (f6
             temperatures: vec![1.3; exits],
             deadline: Duration::from_secs(1),
             model_sha256: sha.as_str().into(),
+            codec: Codec::F32,
             emulation: None,
             interrupt: Default::default(),
             audit: None,
@@ -155,51 +162,55 @@ fn main() {
     let xb = Tensor::from_slice(&one_act.repeat(batch)).view(dims.as_slice());
     let _ = model.tail(2, &xb).unwrap();
     // Rounds of 10 bare batches, then 10 batches' worth of requests through
-    // the worker, so both see the same machine load; inputs/s over all rounds.
+    // the worker, so both see the same machine load; inputs/s over all
+    // rounds. Once per codec: the worker decodes f16 and int8 activations
+    // into its batch, the bare tail gets f32 values.
     let rounds = batches / 10;
-    let (bare_secs, worker_secs) = system.block_on({
-        let sha = sha.clone();
-        let (spec, points, one_act, act_shape) = (spec.clone(), points.clone(), one_act.clone(), act_shape.clone());
-        let net = &model;
-        let xb = &xb;
-        async move {
-            let exec = Executor::start(vec![spec], 1).unwrap();
-            let cfg = WorkerConfig { worker_id: "bench".into(), max_batch: batch, max_wait: Duration::from_millis(5) };
-            let batcher = Batcher::new(cfg, exec, vec![ServedModel { sha256: sha.clone(), partition_points: points }]).with_compute_threads(1).start();
-            let mut shape = vec![1u32];
-            shape.extend(act_shape.iter().map(|&d| d as u32));
-            let tensor = WireTensor::from_f32(&shape, &one_act).unwrap();
-            let (mut bare, mut worker) = (0.0, 0.0);
-            for _ in 0..rounds {
-                let t = Instant::now();
-                for _ in 0..10 {
-                    let y = net.tail(2, xb).unwrap();
-                    let _ = y.softmax(-1, tch::Kind::Float).max_dim(1, false);
+    for codec in Codec::ALL {
+        let (bare_secs, worker_secs) = system.block_on({
+            let sha = sha.clone();
+            let (spec, points, one_act, act_shape) = (spec.clone(), points.clone(), one_act.clone(), act_shape.clone());
+            let net = &model;
+            let xb = &xb;
+            async move {
+                let exec = Executor::start(vec![spec], 1).unwrap();
+                let cfg = WorkerConfig { worker_id: "bench".into(), max_batch: batch, max_wait: Duration::from_millis(5) };
+                let batcher = Batcher::new(cfg, exec, vec![ServedModel { sha256: sha.clone(), partition_points: points }]).with_compute_threads(1).start();
+                let mut shape = vec![1u32];
+                shape.extend(act_shape.iter().map(|&d| d as u32));
+                let tensor = codec.encode(&shape, &one_act).unwrap();
+                let (mut bare, mut worker) = (0.0, 0.0);
+                for _ in 0..rounds {
+                    let t = Instant::now();
+                    for _ in 0..10 {
+                        let y = net.tail(2, xb).unwrap();
+                        let _ = y.softmax(-1, tch::Kind::Float).max_dim(1, false);
+                    }
+                    bare += t.elapsed().as_secs_f64();
+                    let n = batch * 10;
+                    let t = Instant::now();
+                    let mut waits = Vec::with_capacity(n);
+                    for seq in 0..n {
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        let request = branch2_request(seq, &tensor, 60_000_000);
+                        batcher.send(Job { request, received: Instant::now(), reply: ReplyTo::Local(tx) }).await.unwrap();
+                        waits.push(rx);
+                    }
+                    for w in waits {
+                        assert!(matches!(w.await.unwrap(), OffloadReply::Answer(_)));
+                    }
+                    worker += t.elapsed().as_secs_f64();
                 }
-                bare += t.elapsed().as_secs_f64();
-                let n = batch * 10;
-                let t = Instant::now();
-                let mut waits = Vec::with_capacity(n);
-                for seq in 0..n {
-                    let (tx, rx) = tokio::sync::oneshot::channel();
-                    let request = branch2_request(seq, &tensor, 60_000_000);
-                    batcher.send(Job { request, received: Instant::now(), reply: ReplyTo::Local(tx) }).await.unwrap();
-                    waits.push(rx);
-                }
-                for w in waits {
-                    assert!(matches!(w.await.unwrap(), OffloadReply::Answer(_)));
-                }
-                worker += t.elapsed().as_secs_f64();
+                (bare, worker)
             }
-            (bare, worker)
-        }
-    });
-    let bare_ips = (batch * batches) as f64 / bare_secs;
-    let worker_ips = (batch * batches) as f64 / worker_secs;
-    println!(
-        "[2] worker throughput, branch 2 tail, batch {batch}: bare batched forward {bare_ips:.0} inputs/s; worker with dynamic batching {worker_ips:.0} inputs/s; ratio {:.3}",
-        worker_ips / bare_ips
-    );
+        });
+        let bare_ips = (batch * batches) as f64 / bare_secs;
+        let worker_ips = (batch * batches) as f64 / worker_secs;
+        println!(
+            "[2] worker throughput, branch 2 tail, batch {batch}, {codec} activations: bare batched forward {bare_ips:.0} inputs/s; worker with dynamic batching {worker_ips:.0} inputs/s; ratio {:.3}",
+            worker_ips / bare_ips
+        );
+    }
 
     // 3. Offload round trip over loopback NATS at 1,000 requests/s, worker compute excluded.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -294,6 +305,7 @@ fn main() {
                     temperatures: vec![1.0; 3],
                     deadline: Duration::from_secs(1),
                     model_sha256: sha.as_str().into(),
+                    codec: Codec::F32,
                     emulation: None,
                     interrupt: Default::default(),
                     audit: None,

@@ -103,7 +103,8 @@ impl Role {
                 let mut p = s(&["branchpoint.plan.device.*"]);
                 p.extend(kv_write(PLANS_BUCKET));
                 p.extend(kv_read(CALIBRATION_BUCKET));
-                (p, s(&[subjects::NETWORK_REPORT]))
+                // Devices' reports, and the workers' load for every plan.
+                (p, s(&[subjects::NETWORK_REPORT, subjects::WORKER_STATUS]))
             }
             Role::Calibrator => {
                 let mut p = s(&[subjects::CALIBRATION_UPDATE, subjects::CALIBRATION_STATUS]);
