@@ -71,6 +71,9 @@ pub struct ThresholdStats {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelStats {
     pub candidates: Vec<ThresholdStats>,
+    /// Validation inputs the predictions come from (0: not known).
+    #[serde(default)]
+    pub validation_inputs: usize,
 }
 
 /// The default candidate thresholds: device only (0), 0.5 to 0.95 in steps
@@ -168,7 +171,23 @@ impl ModelStats {
                 });
             }
         }
-        Ok(Self { candidates })
+        Ok(Self { candidates, validation_inputs: n })
+    }
+
+    /// Predicted accuracies closer than this count as equal: the weight of
+    /// one validation input (a prediction is a mean over them, so a smaller
+    /// difference is less than one input's answer), and never less than
+    /// `ACCURACY_TOLERANCE`.
+    pub fn accuracy_tolerance(&self) -> f64 {
+        match self.validation_inputs {
+            0 => ACCURACY_TOLERANCE,
+            n => (1.0 / n as f64).max(ACCURACY_TOLERANCE),
+        }
+    }
+
+    /// The candidates whose codec is one of `codecs`.
+    pub fn with_codecs(&self, codecs: &[Codec]) -> Self {
+        Self { candidates: self.candidates.iter().filter(|c| codecs.contains(&c.plan.codec)).cloned().collect(), validation_inputs: self.validation_inputs }
     }
 
     /// The statistics of `plan`, if it is a candidate.
@@ -301,6 +320,9 @@ pub struct Prediction {
     /// The target the plan's threshold was certified for, if it was.
     #[serde(default)]
     pub certified: Option<Target>,
+    /// Bytes of one offload under the plan's codec.
+    #[serde(default)]
+    pub upload_bytes: f64,
 }
 
 /// Probability that one offloaded input misses its deadline. The device's
@@ -325,12 +347,13 @@ pub fn offload_miss_probability(head_us: f64, bytes: f64, costs: &Costs, offload
     (rho * (-2.0 * (1.0 - rho) * slack / service).exp()).clamp(0.0, 1.0)
 }
 
-/// Predicted accuracies closer than this count as equal in `choose`. Two
-/// plans can be equally good on paper and differ only by float rounding: when
-/// every offload misses, a plan that offloads some inputs (and falls back on
-/// them) predicts exactly the accuracy of keeping all of them on the device.
-/// Rounding of these sums of a few thousand confidences is about 1e-13; one
-/// validation input out of 5,000 weighs 2e-4; the tolerance lies between.
+/// Predicted accuracies closer than this always count as equal in `choose`.
+/// Two plans can be equally good on paper and differ only by float
+/// rounding: when every offload misses, a plan that offloads some inputs
+/// (and falls back on them) predicts exactly the accuracy of keeping all of
+/// them on the device. Rounding of these sums of a few thousand confidences
+/// is about 1e-13. `ModelStats::accuracy_tolerance` widens it to what the
+/// validation split can tell apart.
 pub const ACCURACY_TOLERANCE: f64 = 1e-9;
 
 /// What the planner predicts for one candidate under these costs and this
@@ -349,44 +372,36 @@ pub fn predict(c: &ThresholdStats, costs: &Costs, seen: &Observed) -> Prediction
     let m = if c.offload_rate > 0.0 { offload_miss_probability(head, bytes, costs, c.offload_rate, seen) } else { 0.0 };
     let miss_rate = if cpu >= 1.0 || head > costs.deadline_us { 1.0 } else { c.offload_rate * m };
     let accuracy = (1.0 - c.offload_rate) * c.edge_accuracy + c.offload_rate * ((1.0 - m) * c.cloud_accuracy + m * c.fallback_accuracy);
-    Prediction { plan: c.plan, accuracy, offload_rate: c.offload_rate, miss_rate, certified: c.certified }
+    Prediction { plan: c.plan, accuracy, offload_rate: c.offload_rate, miss_rate, certified: c.certified, upload_bytes: bytes }
 }
 
 /// The plan with the best predicted accuracy whose predicted miss rate is
 /// within the bound; when none is, the one with the fewest predicted misses
-/// (then the best accuracy, then the least offloading).
+/// (then the least offloading, the fewest bytes, the best accuracy).
 ///
-/// Accuracies within `ACCURACY_TOLERANCE` count as equal, and then fewer
-/// predicted misses, then less offloading, win: the returned plan has no
-/// candidate within the tolerance of its accuracy (or better) that misses
-/// less, or misses as much and offloads less. Starting from the most
-/// accurate plan, it moves to the best such candidate until there is none;
-/// every move lowers (misses, offloading), so it ends, and it drifts from
-/// the best accuracy by at most the tolerance per candidate.
+/// Accuracies within `stats.accuracy_tolerance()` of the best count as
+/// equal, and among them fewer predicted misses, then less offloading, then
+/// fewer bytes per offload win: the returned plan is within the tolerance of
+/// the best feasible accuracy, and no feasible plan within it is cheaper.
+/// So a codec whose answers differ from f32's on fewer validation inputs
+/// than the split can resolve wins by its bytes, not loses by rounding.
 pub fn choose(stats: &ModelStats, costs: &Costs, seen: &Observed) -> Prediction {
-    use std::cmp::Ordering;
     let all: Vec<Prediction> = stats.candidates.iter().map(|c| predict(c, costs, seen)).collect();
-    // Fewer misses, then less offloading, then better accuracy: the order
-    // in which equally accurate plans are preferred.
-    let cheaper = |a: &Prediction, b: &Prediction| -> Ordering {
-        a.miss_rate.total_cmp(&b.miss_rate).then(a.offload_rate.total_cmp(&b.offload_rate)).then(b.accuracy.total_cmp(&a.accuracy))
-    };
     let feasible: Vec<&Prediction> = all.iter().filter(|p| p.miss_rate <= costs.miss_bound).collect();
     if feasible.is_empty() {
         return *all.iter().min_by(|a, b| cheaper(a, b)).expect("at least one candidate");
     }
+    let best = feasible.iter().map(|p| p.accuracy).fold(f64::NEG_INFINITY, f64::max);
+    let tolerance = stats.accuracy_tolerance();
     // min_by keeps the first of equals: ties beyond these keys go to the
     // candidate listed first.
-    let mut best = *feasible.iter().min_by(|a, b| b.accuracy.total_cmp(&a.accuracy).then(cheaper(a, b))).expect("not empty");
-    while let Some(next) = feasible.iter().filter(|p| p.accuracy >= best.accuracy - ACCURACY_TOLERANCE && cheaper_ignoring_accuracy(p, best)).min_by(|a, b| cheaper(a, b)) {
-        best = *next;
-    }
-    *best
+    **feasible.iter().filter(|p| p.accuracy >= best - tolerance).min_by(|a, b| cheaper(a, b)).expect("the best is among them")
 }
 
-/// Fewer predicted misses, or as many and less offloading.
-fn cheaper_ignoring_accuracy(a: &Prediction, b: &Prediction) -> bool {
-    a.miss_rate.total_cmp(&b.miss_rate).then(a.offload_rate.total_cmp(&b.offload_rate)).is_lt()
+/// The order in which equally accurate plans are preferred: fewer misses,
+/// then less offloading, then fewer bytes per offload, then better accuracy.
+fn cheaper(a: &Prediction, b: &Prediction) -> std::cmp::Ordering {
+    a.miss_rate.total_cmp(&b.miss_rate).then(a.offload_rate.total_cmp(&b.offload_rate)).then(a.upload_bytes.total_cmp(&b.upload_bytes)).then(b.accuracy.total_cmp(&a.accuracy))
 }
 
 /// A device's running estimate of its uplink and response time: smoothed
@@ -560,7 +575,10 @@ mod tests {
             measured_cloud_accuracy: 0.95,
             certified: None,
         };
-        ModelStats { candidates: vec![mk(1, 0.0, 0.0, 0.85), mk(1, 0.9, 0.4, 0.97), mk(1, 1.0, 1.0, 0.0), mk(2, 0.0, 0.0, 0.90), mk(2, 0.9, 0.2, 0.97), mk(2, 1.0, 1.0, 0.0)] }
+        ModelStats {
+            candidates: vec![mk(1, 0.0, 0.0, 0.85), mk(1, 0.9, 0.4, 0.97), mk(1, 1.0, 1.0, 0.0), mk(2, 0.0, 0.0, 0.90), mk(2, 0.9, 0.2, 0.97), mk(2, 1.0, 1.0, 0.0)],
+            validation_inputs: 0,
+        }
     }
 
     fn costs() -> Costs {
@@ -678,7 +696,7 @@ mod tests {
         let branches = exits - 1;
         Costs {
             head_us: (0..branches).map(|b| 1_000.0 * (b + 1) as f64).collect(),
-            upload_bytes: (0..branches).map(|b| OffloadBytes::same(25_000.0 / (b + 1) as f64)).collect(),
+            upload_bytes: (0..branches).map(|b| 25_000.0 / (b + 1) as f64).map(|f32| OffloadBytes { f32, f16: f32 / 2.0, int8: f32 / 4.0 }).collect(),
             ..costs()
         }
     }
@@ -734,14 +752,18 @@ mod tests {
         if chosen.miss_rate > costs.miss_bound {
             return Err(format!("{chosen:?} breaks the bound while {} plans meet it", feasible.len()));
         }
-        for c in &all {
-            if c.accuracy >= chosen.accuracy - ACCURACY_TOLERANCE && c.miss_rate < chosen.miss_rate {
+        let best = feasible.iter().map(|p| p.accuracy).fold(f64::MIN, f64::max);
+        let tolerance = stats.accuracy_tolerance();
+        if chosen.accuracy < best - tolerance {
+            return Err(format!("{chosen:?} gives up accuracy: the best plan within the bound predicts {best}"));
+        }
+        for c in feasible.iter().filter(|c| c.accuracy >= best - tolerance) {
+            if c.miss_rate < chosen.miss_rate {
                 return Err(format!("{chosen:?} was chosen over {c:?}: as accurate, fewer misses"));
             }
-        }
-        let best = feasible.iter().map(|p| p.accuracy).fold(f64::MIN, f64::max);
-        if chosen.accuracy < best - ACCURACY_TOLERANCE * all.len() as f64 {
-            return Err(format!("{chosen:?} gives up accuracy: the best plan within the bound predicts {best}"));
+            if c.miss_rate == chosen.miss_rate && (c.offload_rate, c.upload_bytes) < (chosen.offload_rate, chosen.upload_bytes) {
+                return Err(format!("{chosen:?} was chosen over {c:?}: as accurate, as many misses, less offloading or fewer bytes"));
+            }
         }
         Ok(())
     }
@@ -751,17 +773,21 @@ mod tests {
         // Accuracies on a coarse grid, so exact ties (and sums that tie only
         // on paper) are common, as with real statistics.
         let level = (0u32..=20).prop_map(|k| f64::from(k) / 20.0);
-        let one = (1usize..=3, 0usize..14, level.clone(), level.clone(), level.clone(), level).prop_map(|(branch, p, offload, edge, cloud, fallback)| ThresholdStats {
-            plan: Plan { branch, p_tar: default_candidate_p_tars()[p], codec: Codec::F32 },
-            offload_rate: offload,
-            edge_accuracy: edge,
-            cloud_accuracy: cloud,
-            fallback_accuracy: fallback,
-            measured_edge_accuracy: edge,
-            measured_cloud_accuracy: cloud,
-            certified: None,
-        });
-        proptest::collection::vec(one, 1..30).prop_map(|candidates| ModelStats { candidates })
+        let one =
+            (1usize..=3, 0usize..14, 0usize..3, level.clone(), level.clone(), level.clone(), level).prop_map(|(branch, p, codec, offload, edge, cloud, fallback)| ThresholdStats {
+                plan: Plan { branch, p_tar: default_candidate_p_tars()[p], codec: Codec::ALL[codec] },
+                offload_rate: offload,
+                edge_accuracy: edge,
+                cloud_accuracy: cloud,
+                fallback_accuracy: fallback,
+                measured_edge_accuracy: edge,
+                measured_cloud_accuracy: cloud,
+                certified: None,
+            });
+        // Tolerances from none to one input in 100, coarser ones merging
+        // nearby accuracies.
+        (proptest::collection::vec(one, 1..30), proptest::sample::select(vec![0usize, 100, 5_000]))
+            .prop_map(|(candidates, validation_inputs)| ModelStats { candidates, validation_inputs })
     }
 
     proptest::proptest! {
@@ -841,7 +867,7 @@ mod tests {
         // 1 Mbit/s: 8 us per byte. f32 takes 100 ms or more, int8 30 to 53 ms.
         let seen = Observed { us_per_byte: 8.0, response_us: 20_000.0, cloud: None };
         let with_codecs = choose(&stats, &costs, &seen);
-        let f32_only = ModelStats { candidates: stats.candidates.iter().filter(|c| c.plan.codec == Codec::F32).cloned().collect() };
+        let f32_only = stats.with_codecs(&[Codec::F32]);
         let plain = choose(&f32_only, &costs, &seen);
         assert_eq!(with_codecs.plan.codec, Codec::Int8, "{with_codecs:?}");
         assert!(with_codecs.offload_rate > plain.offload_rate && with_codecs.accuracy > plain.accuracy, "{with_codecs:?} vs {plain:?}");

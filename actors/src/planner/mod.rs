@@ -181,7 +181,10 @@ mod tests {
             measured_cloud_accuracy: 0.95,
             certified: None,
         };
-        ModelStats { candidates: vec![mk(1, 0.0, 0.0, 0.85), mk(1, 0.9, 0.4, 0.97), mk(1, 1.0, 1.0, 0.0), mk(2, 0.0, 0.0, 0.90), mk(2, 0.9, 0.2, 0.97), mk(2, 1.0, 1.0, 0.0)] }
+        ModelStats {
+            candidates: vec![mk(1, 0.0, 0.0, 0.85), mk(1, 0.9, 0.4, 0.97), mk(1, 1.0, 1.0, 0.0), mk(2, 0.0, 0.0, 0.90), mk(2, 0.9, 0.2, 0.97), mk(2, 1.0, 1.0, 0.0)],
+            validation_inputs: 0,
+        }
     }
 
     fn report(device: &str, group: &str, us_per_byte: f64, reply_to: Recipient<ApplyPlan>) -> DeviceReport {

@@ -57,7 +57,7 @@ pub fn run(args: PlannerArgs) -> Result<()> {
         .filter(|c| **c != Codec::F32)
         .map(|&codec| Ok(CodecFinals { codec, per_branch: recorded_codec_final_logits(&model, &data.validation, codec)? }))
         .collect::<Result<Vec<_>>>()?;
-    let mut stats = match args.certify_delta {
+    let stats = match args.certify_delta {
         Some(delta) => {
             let targets: Vec<f64> = default_candidate_p_tars().into_iter().filter(|p| branchpoint_messages::PTar::target(*p).is_ok()).collect();
             ModelStats::certified(&validation, &temperatures, &targets, delta, &codecs)?
@@ -65,7 +65,7 @@ pub fn run(args: PlannerArgs) -> Result<()> {
         None => ModelStats::from_validation(&validation, &temperatures, &default_candidate_p_tars(), &codecs)?,
     };
     // f32 plans come with every statistic; keep only the codecs asked for.
-    stats.candidates.retain(|c| args.codecs.contains(&c.plan.codec));
+    let stats = stats.with_codecs(&args.codecs);
     let profile_path = args.profile.clone().unwrap_or_else(|| args.source.model.with_extension("profile.json"));
     let profile = read_profile_at(&profile_path)?;
     let (head_us, tail_us) = compute_costs(&profile, args.device_slowdown, args.cloud_slowdown)?;

@@ -170,8 +170,7 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                     Plans::Adaptive(p) => p.codecs.clone(),
                     _ => vec![branchpoint_core::planner::Codec::F32],
                 };
-                let stats =
-                    branchpoint_core::planner::ModelStats { candidates: prepared.sim.stats.candidates.iter().filter(|c| codecs.contains(&c.plan.codec)).cloned().collect() };
+                let stats = prepared.sim.stats.with_codecs(&codecs);
                 Planner::new(Arc::new(stats), costs, None, sink).start()
             }
         });

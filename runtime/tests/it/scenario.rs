@@ -261,7 +261,52 @@ fn adaptive_meets_the_bound_and_tracks_the_oracle_on_every_trace() {
         assert!(adaptive.totals.deadline_miss_rate <= 0.05, "{name}: adaptive misses {}", adaptive.totals.deadline_miss_rate);
         assert!(oracle.totals.accuracy - adaptive.totals.accuracy <= 0.01, "{name}: adaptive {} vs oracle {}", adaptive.totals.accuracy, oracle.totals.accuracy);
         assert!(oracle.oracle_choices.as_ref().is_some_and(|c| c[0].plans.len() == 14), "{name}: one choice per 10-s window");
+
+        // The planner that chooses codecs against the f32-only one: int8
+        // activations, a third of the bytes per offload or less, and no
+        // accuracy given up beyond 0.2 points.
+        let f32_only = policy(&r, "adaptive-f32");
+        let per_offload = |p: &branchpoint::scenario::report::PolicyReport| {
+            let c = &p.totals.offloads_by_codec;
+            p.totals.uplink_bytes as f64 / (c.f32 + c.f16 + c.int8).max(1) as f64
+        };
+        eprintln!(
+            "{name}: f32-only {:.2} % acc, {} misses, {:.0} B per offload; codecs {:.2} %, {} misses, {:.0} B per offload ({:?})",
+            100.0 * f32_only.totals.accuracy,
+            f32_only.totals.deadline_misses,
+            per_offload(f32_only),
+            100.0 * adaptive.totals.accuracy,
+            adaptive.totals.deadline_misses,
+            per_offload(adaptive),
+            adaptive.totals.offloads_by_codec
+        );
+        assert_eq!((f32_only.totals.offloads_by_codec.f16, f32_only.totals.offloads_by_codec.int8), (0, 0), "{name}: f32 only");
+        assert!(adaptive.totals.offloads_by_codec.int8 > adaptive.totals.offloads_by_codec.f32, "{name}: {:?}", adaptive.totals.offloads_by_codec);
+        assert!(per_offload(adaptive) < per_offload(f32_only) / 3.0, "{name}: {} vs {} bytes per offload", per_offload(adaptive), per_offload(f32_only));
+        assert!(adaptive.totals.accuracy >= f32_only.totals.accuracy - 0.002, "{name}: {} vs {}", adaptive.totals.accuracy, f32_only.totals.accuracy);
     }
+}
+
+/// scenarios/load-step-fleet.toml: 1,200 devices step from 600 to 6,000
+/// inputs/s for 20 s. The planner that counts the workers' backlog misses
+/// no more deadlines during the step than the one blind to it, for about
+/// the same worker-seconds, and both stay far below the fixed plan.
+#[test]
+fn the_cloud_aware_planner_through_a_load_step() {
+    let _cpu = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let r = replay(&repo_root().join("scenarios/load-step-fleet.toml"), &[], dir.path());
+    let step = |name: &str| {
+        let s = &policy(&r, name).series;
+        let inputs: u64 = s.inputs[20..40].iter().sum();
+        let misses: f64 = s.deadline_miss_rate[20..40].iter().zip(&s.inputs[20..40]).map(|(m, &n)| m.unwrap_or(0.0) * n as f64).sum();
+        (misses.round() as u64, inputs, policy(&r, name).worker_seconds.expect("an autoscaled pool"))
+    };
+    let ((aware, n, aware_ws), (blind, _, blind_ws), (fixed, _, _)) = (step("adaptive"), step("adaptive-cloud-blind"), step("static"));
+    eprintln!("load step, 20-40 s ({n} inputs): misses cloud-aware {aware}, blind {blind}, static {fixed}; worker-seconds {aware_ws} and {blind_ws}");
+    assert!(aware <= blind, "cloud-aware {aware} vs blind {blind}");
+    assert!(aware * 20 < fixed, "the planners against the fixed plan: {aware} vs {fixed}");
+    assert!((aware_ws - blind_ws).abs() <= 0.1 * blind_ws, "worker-seconds {aware_ws} vs {blind_ws}");
 }
 
 /// `calibration = "certified"`: every p_tar is a target on-device accuracy
