@@ -91,9 +91,20 @@ impl Codec {
     /// What a worker decodes from `encode(shape, values)`: the values after
     /// the trip over the wire.
     pub fn round_trip(self, shape: &[u32], values: &[f32]) -> Result<Vec<f32>, MessageError> {
+        let mut out = Vec::with_capacity(values.len());
+        self.round_trip_into(shape, values, &mut out)?;
+        Ok(out)
+    }
+
+    /// `round_trip`, appended to `out` (no buffer of its own per call).
+    pub fn round_trip_into(self, shape: &[u32], values: &[f32], out: &mut Vec<f32>) -> Result<(), MessageError> {
         match self {
-            Codec::F32 => Ok(values.to_vec()),
-            _ => self.encode(shape, values)?.to_f32_vec(),
+            Codec::F32 => {
+                crate::tensor::check_finite(values)?;
+                out.extend_from_slice(values);
+                Ok(())
+            }
+            _ => self.encode(shape, values)?.append_f32(out),
         }
     }
 }

@@ -252,20 +252,24 @@ pub fn recorded_split_exit_logits(model: &Model, split: &Split) -> Result<Vec<Ex
 /// activation is encoded alone, as a device sends it (an int8 scale per
 /// channel of that input), and decoded before the tail.
 pub fn codec_final_logits(model: &Model, split: &Split, codec: Codec) -> Result<Vec<ExitLogits>> {
-    codec_final_logits_with(model, split, codec.name(), |shape, values| codec.round_trip(shape, values))
+    codec_final_logits_with(model, split, codec.name(), |shape, values, out| codec.round_trip_into(shape, values, out))
 }
 
 /// `codec_final_logits` with any round trip of one input's activation
-/// (shape `[1, ...]`, row-major values): what the tail gets instead.
+/// (shape `[1, ...]`, row-major values, appended to the output): what the
+/// tail gets instead.
 pub fn codec_final_logits_with(
     model: &Model,
     split: &Split,
     what: &str,
-    round_trip: impl Fn(&[u32], &[f32]) -> std::result::Result<Vec<f32>, branchpoint_messages::MessageError>,
+    round_trip: impl Fn(&[u32], &[f32], &mut Vec<f32>) -> std::result::Result<(), branchpoint_messages::MessageError>,
 ) -> Result<Vec<ExitLogits>> {
-    const BATCH: i64 = 500;
+    // Small batches: an activation batch and its decoded copy stay a few MB,
+    // reused by the allocator rather than fresh pages each time.
+    const BATCH: i64 = 100;
     let bad = |e: branchpoint_messages::MessageError| ModelError::InvalidArgument { what: format!("{what} activation"), reason: e.to_string() };
     let n = split.len() as i64;
+    let mut decoded: Vec<f32> = Vec::new();
     (1..=model.num_branches())
         .map(|k| {
             let mut logits = Vec::new();
@@ -280,9 +284,9 @@ pub fn codec_final_logits_with(
                 let per_input = values.len() / len as usize;
                 let mut item_shape: Vec<u32> = vec![1];
                 item_shape.extend(size[1..].iter().map(|&d| d as u32));
-                let mut decoded = Vec::with_capacity(values.len());
+                decoded.clear();
                 for item in values.chunks(per_input.max(1)) {
-                    decoded.extend(round_trip(&item_shape, item).map_err(bad)?);
+                    round_trip(&item_shape, item, &mut decoded).map_err(bad)?;
                 }
                 let decoded = Tensor::from_slice(&decoded).view(size.as_slice()).to_device(model.device());
                 logits.push(model.tail(k, &decoded)?.to_device(tch::Device::Cpu));

@@ -162,50 +162,55 @@ fn main() {
     let xb = Tensor::from_slice(&one_act.repeat(batch)).view(dims.as_slice());
     let _ = model.tail(2, &xb).unwrap();
     // Rounds of 10 bare batches, then 10 batches' worth of requests through
-    // the worker, so both see the same machine load; inputs/s over all
-    // rounds. Once per codec: the worker decodes f16 and int8 activations
-    // into its batch, the bare tail gets f32 values.
+    // the worker under each codec in turn, so all see the same machine
+    // load; inputs/s over all rounds. The worker decodes f16 and int8
+    // activations into its batch; the bare tail gets f32 values.
     let rounds = batches / 10;
-    for codec in Codec::ALL {
-        let (bare_secs, worker_secs) = system.block_on({
-            let sha = sha.clone();
-            let (spec, points, one_act, act_shape) = (spec.clone(), points.clone(), one_act.clone(), act_shape.clone());
-            let net = &model;
-            let xb = &xb;
-            async move {
-                let exec = Executor::start(vec![spec], 1).unwrap();
+    let (bare_secs, worker_secs) = system.block_on({
+        let sha = sha.clone();
+        let (spec, points, one_act, act_shape) = (spec.clone(), points.clone(), one_act.clone(), act_shape.clone());
+        let net = &model;
+        let xb = &xb;
+        async move {
+            let mut shape = vec![1u32];
+            shape.extend(act_shape.iter().map(|&d| d as u32));
+            let mut workers = Vec::new();
+            for codec in Codec::ALL {
+                let exec = Executor::start(vec![spec.clone()], 1).unwrap();
                 let cfg = WorkerConfig { worker_id: "bench".into(), max_batch: batch, max_wait: Duration::from_millis(5) };
-                let batcher = Batcher::new(cfg, exec, vec![ServedModel { sha256: sha.clone(), partition_points: points }]).with_compute_threads(1).start();
-                let mut shape = vec![1u32];
-                shape.extend(act_shape.iter().map(|&d| d as u32));
-                let tensor = codec.encode(&shape, &one_act).unwrap();
-                let (mut bare, mut worker) = (0.0, 0.0);
-                for _ in 0..rounds {
-                    let t = Instant::now();
-                    for _ in 0..10 {
-                        let y = net.tail(2, xb).unwrap();
-                        let _ = y.softmax(-1, tch::Kind::Float).max_dim(1, false);
-                    }
-                    bare += t.elapsed().as_secs_f64();
+                let batcher = Batcher::new(cfg, exec, vec![ServedModel { sha256: sha.clone(), partition_points: points.clone() }]).with_compute_threads(1).start();
+                workers.push((batcher, codec.encode(&shape, &one_act).unwrap()));
+            }
+            let (mut bare, mut worker) = (0.0, [0.0; 3]);
+            for _ in 0..rounds {
+                let t = Instant::now();
+                for _ in 0..10 {
+                    let y = net.tail(2, xb).unwrap();
+                    let _ = y.softmax(-1, tch::Kind::Float).max_dim(1, false);
+                }
+                bare += t.elapsed().as_secs_f64();
+                for (i, (batcher, tensor)) in workers.iter().enumerate() {
                     let n = batch * 10;
                     let t = Instant::now();
                     let mut waits = Vec::with_capacity(n);
                     for seq in 0..n {
                         let (tx, rx) = tokio::sync::oneshot::channel();
-                        let request = branch2_request(seq, &tensor, 60_000_000);
+                        let request = branch2_request(seq, tensor, 60_000_000);
                         batcher.send(Job { request, received: Instant::now(), reply: ReplyTo::Local(tx) }).await.unwrap();
                         waits.push(rx);
                     }
                     for w in waits {
                         assert!(matches!(w.await.unwrap(), OffloadReply::Answer(_)));
                     }
-                    worker += t.elapsed().as_secs_f64();
+                    worker[i] += t.elapsed().as_secs_f64();
                 }
-                (bare, worker)
             }
-        });
-        let bare_ips = (batch * batches) as f64 / bare_secs;
-        let worker_ips = (batch * batches) as f64 / worker_secs;
+            (bare, worker)
+        }
+    });
+    let bare_ips = (batch * batches) as f64 / bare_secs;
+    for (codec, secs) in Codec::ALL.iter().zip(worker_secs) {
+        let worker_ips = (batch * batches) as f64 / secs;
         println!(
             "[2] worker throughput, branch 2 tail, batch {batch}, {codec} activations: bare batched forward {bare_ips:.0} inputs/s; worker with dynamic batching {worker_ips:.0} inputs/s; ratio {:.3}",
             worker_ips / bare_ips

@@ -68,9 +68,9 @@ pub fn run(args: CodecsArgs) -> Result<()> {
     let timed = args.timed_inputs.clamp(1, test.len());
     let mut branches = Vec::new();
     let per_codec: Vec<(Codec, Vec<ExitLogits>)> = [Codec::F16, Codec::Int8].into_iter().map(|c| Ok((c, recorded_codec_final_logits(&model, test, c)?))).collect::<Result<_>>()?;
-    let per_tensor = codec_final_logits_with(&model, test, "int8 per tensor", |shape, values| {
+    let per_tensor = codec_final_logits_with(&model, test, "int8 per tensor", |shape, values, out| {
         let n: u32 = shape.iter().product();
-        Codec::Int8.round_trip(&[1, n], values)
+        Codec::Int8.round_trip_into(&[1, n], values, out)
     })?;
     for k in 1..=model.num_branches() {
         let (head_us, activations) = time_heads(&model, test, k, timed)?;
