@@ -187,6 +187,18 @@ mod tests {
         }
     }
 
+    /// The cameras' costs; `tail_us_per_request` empty: blind to the pool.
+    fn cameras(tail_us_per_request: Vec<f64>) -> Costs {
+        Costs {
+            head_us: vec![2_000.0, 3_000.0],
+            upload_bytes: vec![OffloadBytes::same(25_000.0), OffloadBytes::same(12_500.0)],
+            deadline_us: 100_000.0,
+            arrival_rate: 10.0,
+            miss_bound: 0.05,
+            tail_us_per_request,
+        }
+    }
+
     fn report(device: &str, group: &str, us_per_byte: f64, reply_to: Recipient<ApplyPlan>) -> DeviceReport {
         DeviceReport {
             device_id: device.into(),
@@ -213,14 +225,7 @@ mod tests {
             tokio::time::pause();
             let (tx, mut plans) = tokio::sync::mpsc::unbounded_channel();
             let device = FakeDevice(tx).start().recipient();
-            let costs = Costs {
-                head_us: vec![2_000.0, 3_000.0],
-                upload_bytes: vec![OffloadBytes::same(25_000.0), OffloadBytes::same(12_500.0)],
-                deadline_us: 100_000.0,
-                arrival_rate: 10.0,
-                miss_bound: 0.05,
-                tail_us_per_request: Vec::new(),
-            };
+            let costs = cameras(Vec::new());
             let planner = Planner::new(Arc::new(stats()), BTreeMap::from([("cameras".to_string(), costs)]), None, None).start();
 
             let sent = tokio::time::Instant::now();
@@ -253,14 +258,7 @@ mod tests {
             tokio::time::pause();
             let (tx, mut plans) = tokio::sync::mpsc::unbounded_channel();
             let device = FakeDevice(tx).start().recipient();
-            let costs = Costs {
-                head_us: vec![2_000.0, 3_000.0],
-                upload_bytes: vec![OffloadBytes::same(25_000.0), OffloadBytes::same(12_500.0)],
-                deadline_us: 100_000.0,
-                arrival_rate: 10.0,
-                miss_bound: 0.05,
-                tail_us_per_request: vec![1_000.0, 1_000.0],
-            };
+            let costs = cameras(vec![1_000.0, 1_000.0]);
             let planner = Planner::new(Arc::new(stats()), BTreeMap::from([("cameras".to_string(), costs)]), None, None).start();
             planner.do_send(PoolLoad(CloudLoad { backlog: 0.0, workers: 1.0 }));
             planner.do_send(report("cam-1", "cameras", 0.08, device.clone()));
