@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use branchpoint_actors::collector::{Decided, Outcome, Summary};
 use branchpoint_core::calibration::predict;
-use branchpoint_messages::{decode, encode, subjects, Deadline, ErrorKind, OffloadReply, OffloadRequest, Tensor};
+use branchpoint_messages::{decode, encode, subjects, Deadline, ErrorKind, OffloadReply, OffloadRequest, Tensor, WorkerStatus};
 use branchpoint_models::{load_model, Dataset};
 use common::*;
 
@@ -235,7 +235,6 @@ fn a_watched_fleet_audits_without_changing_an_outcome() {
 
 #[test]
 fn killing_a_worker_mid_run_loses_no_input() {
-    use branchpoint_messages::WorkerStatus;
     let _cpu = shared();
     let nats = NatsServer::start();
     let statuses: Watch<WorkerStatus> = Watch::new(&nats.url, subjects::WORKER_STATUS);
@@ -651,7 +650,6 @@ fn every_input_answered_in_time(summary: &Path, outcomes: &Path, deadline_ms: u6
 /// length is the fault injected; everything else waits for evidence.)
 #[test]
 fn broker_outages_lose_no_input_and_answer_every_input_by_its_deadline() {
-    use branchpoint_messages::WorkerStatus;
     let _cpu = alone();
     let mut nats = NatsServer::start();
     let statuses: Watch<WorkerStatus> = Watch::new(&nats.url, subjects::WORKER_STATUS);
@@ -1029,12 +1027,47 @@ fn the_planner_answers_network_reports_with_plans() {
             let msg = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.expect("a plan within 20 s").unwrap();
             plans.push(branchpoint_messages::decode::<PlanUpdate>(&msg.payload).unwrap());
         }
+        // A worker reports 5,000 requests waiting: on the fast link again,
+        // no offload can make its deadline behind them. The status and the
+        // report arrive on two subscriptions, so the planner may take the
+        // report first: send both until a plan says device only.
+        let status = |queue_depth| WorkerStatus { queue_depth, ..worker_status("w-busy") };
+        let mut swamped = None;
+        for _ in 0..20 {
+            client.publish(subjects::WORKER_STATUS, encode(&status(5_000)).unwrap().into()).await.unwrap();
+            client.flush().await.unwrap();
+            client.publish(subjects::NETWORK_REPORT, encode(&report(0.08)).unwrap().into()).await.unwrap();
+            let msg = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.expect("a plan within 20 s").unwrap();
+            let plan = branchpoint_messages::decode::<PlanUpdate>(&msg.payload).unwrap();
+            if plan.p_tar == 0.0 {
+                swamped = Some(plan);
+                break;
+            }
+        }
+        plans.push(swamped.expect("a device-only plan behind the backlog"));
         plans
     });
     assert_eq!(plans[0].target, PlanTarget::Device("phone-7".into()));
     assert!(plans[0].p_tar > 0.0, "a fast link is worth offloading to: {:?}", plans[0]);
+    assert!(plans[0].codec.is_some(), "a plan names its codec: {:?}", plans[0]);
     assert_eq!(plans[1].p_tar, 0.0, "nothing can cross a 0.05 Mbit/s link in 100 ms: {:?}", plans[1]);
+    assert_eq!(plans[2].p_tar, 0.0, "a swamped pool keeps inputs on the device: {:?}", plans[2]);
     assert!(service_log("planner").contains("malformed network report"));
+}
+
+fn worker_status(worker_id: &str) -> WorkerStatus {
+    WorkerStatus {
+        worker_id: worker_id.into(),
+        queue_depth: 0,
+        batches_served: 0,
+        mean_batch_size: 0.0,
+        queue_delay_us_ewma: 0.0,
+        at_unix_us: 0,
+        requests: 0,
+        errors: 0,
+        queue_delay_us_interval: 0.0,
+        batch_size_interval: 0.0,
+    }
 }
 
 /// A plan stored for one device expires its TTL after it was last written
