@@ -114,7 +114,7 @@ pub struct StackArgs {
     /// Port of the stack's nats-server on 127.0.0.1.
     #[arg(long, default_value_t = 4222, value_name = "PORT")]
     pub nats_port: u16,
-    /// Run a JetStream cluster of this many nats-servers (ports --nats-port and up, routes 100 above) instead of one; the services get every node's URL and the buckets min(3, N) replicas.
+    /// Run a JetStream cluster of this many nats-servers (clients on --nats-port and up, routes on free ports the stack picks) instead of one; the services get every node's URL and the buckets min(3, N) replicas.
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=9))]
     pub cluster: u16,
     /// Run NATS without users: any client may do anything (by default each service connects as its role's user, with permissions to match, and the passwords are in DIR/credentials.env).

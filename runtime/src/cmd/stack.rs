@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
-use std::net::TcpStream;
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -256,15 +256,24 @@ pub fn run(args: StackArgs) -> Result<()> {
         bail!("--model {}: no such file (run from the repository root, or give the path)", args.model.display());
     }
     let nodes = usize::from(args.cluster.max(1));
-    // Node i listens for clients on nats_port + i and for its peers on
-    // nats_port + 100 + i.
+    // Node i listens for clients on nats_port + i, and in a cluster for its
+    // peers on a port the system hands out now: a fixed offset from
+    // nats_port can land on a port something else already holds.
     let client_port = |i: usize| args.nats_port + i as u16;
-    let route_port = |i: usize| args.nats_port + 100 + i as u16;
     for i in 0..nodes {
-        if TcpStream::connect(("127.0.0.1", client_port(i))).is_ok() {
+        // Binding, not connecting: a port held by a socket that does not
+        // listen (another program's connection) is taken too.
+        if TcpStream::connect(("127.0.0.1", client_port(i))).is_ok() || TcpListener::bind(("127.0.0.1", client_port(i))).is_err() {
             bail!("port {} is taken: another nats-server (or stack) runs there; stop it or give --nats-port", client_port(i));
         }
     }
+    let route_ports: Vec<u16> = match nodes {
+        1 => Vec::new(),
+        _ => {
+            (0..nodes).map(|_| Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())).collect::<std::io::Result<_>>().context("finding free ports for the cluster's routes")?
+        }
+    };
+    let route_port = |i: usize| route_ports[i];
     let nats_bin = nats_server_binary(args.nats_server.as_deref())?;
     let logs = args.dir.join("logs");
     let store = args.dir.join("jetstream");
@@ -287,7 +296,7 @@ pub fn run(args: StackArgs) -> Result<()> {
     // nats-server first (a node, or a cluster of them): everything else
     // connects to it.
     let store_abs = std::fs::canonicalize(&store).with_context(|| format!("finding {}", store.display()))?;
-    let routes: Vec<String> = (0..nodes).map(|i| format!("nats://127.0.0.1:{}", route_port(i))).collect();
+    let routes: Vec<String> = route_ports.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect();
     for i in 0..nodes {
         let name = if nodes == 1 { "nats".to_string() } else { format!("nats-{}", i + 1) };
         let mut conf = format!("listen: \"127.0.0.1:{}\"\nserver_name: {name:?}\n", client_port(i));

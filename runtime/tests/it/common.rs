@@ -168,6 +168,18 @@ pub fn port() -> u16 {
     free_port()
 }
 
+/// The first of `n` consecutive free ports (a stack's cluster listens for
+/// clients on `--nats-port` and the ports after it).
+pub fn free_ports(n: u16) -> u16 {
+    for _ in 0..100 {
+        let base = free_port();
+        if base.checked_add(n).is_some() && (0..n).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no {n} consecutive free ports in 100 tries");
+}
+
 /// An HTTP response: status code and body.
 pub struct Http {
     pub status: u16,

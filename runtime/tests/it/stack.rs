@@ -19,7 +19,8 @@ struct Stack {
 }
 
 fn stack_up(dir: &Path, extra: &[&str]) -> Stack {
-    let (nats_port, api_port) = (port(), port());
+    // Room for a cluster's nodes: --nats-port and the two after it.
+    let (nats_port, api_port) = (free_ports(3), port());
     let api = format!("127.0.0.1:{api_port}");
     let log = std::fs::File::create(dir.join("stack.log")).unwrap();
     let child = branchpoint()
