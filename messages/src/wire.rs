@@ -781,7 +781,8 @@ impl Message for NetworkReport {
 
 /// Worker -> autoscaler and control plane: how loaded the worker is,
 /// published every status interval on `branchpoint.worker.status`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `Default` is an idle worker with no id (give it one before sending).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct WorkerStatus {
     pub worker_id: String,
     /// Requests waiting now: for a batch, or in a batch waiting for compute.

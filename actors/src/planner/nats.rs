@@ -257,18 +257,7 @@ mod tests {
     use branchpoint_core::planner::CloudLoad;
 
     fn status(worker: &str, queue_depth: u32) -> branchpoint_messages::WorkerStatus {
-        branchpoint_messages::WorkerStatus {
-            worker_id: worker.into(),
-            queue_depth,
-            batches_served: 0,
-            mean_batch_size: 0.0,
-            queue_delay_us_ewma: 0.0,
-            at_unix_us: 0,
-            requests: 0,
-            errors: 0,
-            queue_delay_us_interval: 0.0,
-            batch_size_interval: 0.0,
-        }
+        branchpoint_messages::WorkerStatus { worker_id: worker.into(), queue_depth, ..Default::default() }
     }
 
     /// The pool is the sum of each worker's latest status; a worker not

@@ -1031,7 +1031,7 @@ fn the_planner_answers_network_reports_with_plans() {
         // no offload can make its deadline behind them. The status and the
         // report arrive on two subscriptions, so the planner may take the
         // report first: send both until a plan says device only.
-        let status = |queue_depth| WorkerStatus { queue_depth, ..worker_status("w-busy") };
+        let status = |queue_depth| WorkerStatus { worker_id: "w-busy".into(), queue_depth, ..Default::default() };
         let mut swamped = None;
         for _ in 0..20 {
             client.publish(subjects::WORKER_STATUS, encode(&status(5_000)).unwrap().into()).await.unwrap();
@@ -1053,21 +1053,6 @@ fn the_planner_answers_network_reports_with_plans() {
     assert_eq!(plans[1].p_tar, 0.0, "nothing can cross a 0.05 Mbit/s link in 100 ms: {:?}", plans[1]);
     assert_eq!(plans[2].p_tar, 0.0, "a swamped pool keeps inputs on the device: {:?}", plans[2]);
     assert!(service_log("planner").contains("malformed network report"));
-}
-
-fn worker_status(worker_id: &str) -> WorkerStatus {
-    WorkerStatus {
-        worker_id: worker_id.into(),
-        queue_depth: 0,
-        batches_served: 0,
-        mean_batch_size: 0.0,
-        queue_delay_us_ewma: 0.0,
-        at_unix_us: 0,
-        requests: 0,
-        errors: 0,
-        queue_delay_us_interval: 0.0,
-        batch_size_interval: 0.0,
-    }
 }
 
 /// A plan stored for one device expires its TTL after it was last written
