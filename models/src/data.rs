@@ -112,12 +112,19 @@ pub struct Normalization {
 }
 
 impl Normalization {
-    /// Maps raw u8 pixels laid out as [N, C, H, W] to standardised f32.
+    /// Maps raw u8 pixels laid out as [N, C, H, W] to standardised f32:
+    /// `(x / 255 - mean) / std` in f32. In place on one new tensor: the
+    /// same values as three out-of-place steps, without two dataset-sized
+    /// temporaries (each a fresh mapping the kernel faults in and zeroes).
     pub fn apply(&self, raw: &Tensor) -> Tensor {
         let c = self.mean.len() as i64;
         let mean = Tensor::from_slice(&self.mean).to_kind(Kind::Float).view([1, c, 1, 1]);
         let std = Tensor::from_slice(&self.std).to_kind(Kind::Float).view([1, c, 1, 1]);
-        (raw.to_kind(Kind::Float) / 255.0 - mean) / std
+        let mut x = raw.to_kind(Kind::Float);
+        let _ = x.g_div_scalar_(255.0);
+        let _ = x.g_sub_(&mean);
+        let _ = x.g_div_(&std);
+        x
     }
 }
 
@@ -227,6 +234,39 @@ impl Dataset {
     /// Loads `kind` from `dir` and splits its training set into train and
     /// validation with `seed`.
     pub fn load(kind: DatasetKind, dir: &Path, validation_size: usize, seed: u64) -> Result<Self> {
+        let raw = RawDataset::read(kind, dir, validation_size, seed)?;
+        let train = raw.split(&raw.train_idx);
+        Ok(Dataset { kind, validation: raw.split(&raw.val_idx), test: raw.test(), train, split: raw.info })
+    }
+
+    /// The held-out validation split and the test set, as `load` gives
+    /// them, without the training split: what calibration, evaluation,
+    /// replays, fleets and services read (the training images are read,
+    /// since the validation split is drawn from them, but only the drawn
+    /// rows become floats).
+    pub fn load_held_out(kind: DatasetKind, dir: &Path, validation_size: usize, seed: u64) -> Result<(Split, Split, SplitInfo)> {
+        let raw = RawDataset::read(kind, dir, validation_size, seed)?;
+        Ok((raw.split(&raw.val_idx), raw.test(), raw.info))
+    }
+}
+
+/// A dataset's raw pixels and labels, and its seeded train/validation
+/// split as row indices: rows are chosen on the bytes and only the chosen
+/// ones are standardised (element-wise, so a row's values do not depend on
+/// which others are standardised with it).
+struct RawDataset {
+    kind: DatasetKind,
+    train_raw: Vec<u8>,
+    train_labels: Vec<u8>,
+    test_raw: Vec<u8>,
+    test_labels: Vec<u8>,
+    train_idx: Vec<usize>,
+    val_idx: Vec<usize>,
+    info: SplitInfo,
+}
+
+impl RawDataset {
+    fn read(kind: DatasetKind, dir: &Path, validation_size: usize, seed: u64) -> Result<Self> {
         if !dir.is_dir() {
             return Err(ModelError::MissingDataDir { dir: dir.to_path_buf(), hint: kind.how_to_get() });
         }
@@ -248,19 +288,30 @@ impl Dataset {
                 (tr_x, tr_y, te_x, te_y)
             }
         };
-        let shape = kind.input_shape();
-        let norm = kind.normalization();
-        let to_split = |raw: Vec<u8>, labels: Vec<u8>| -> Split {
-            let n = labels.len() as i64;
-            let images = Tensor::from_slice(&raw).view([n, shape.channels, shape.height, shape.width]);
-            let labels: Vec<i64> = labels.into_iter().map(i64::from).collect();
-            Split { images: norm.apply(&images), labels: Tensor::from_slice(&labels) }
-        };
-        let full_train = to_split(train_raw, train_labels);
-        let test = to_split(test_raw, test_labels);
-        let (train_idx, val_idx) = train_validation_indices(full_train.len(), validation_size, seed)?;
-        let split = SplitInfo { seed, train: train_idx.len(), validation: val_idx.len(), test: test.len() };
-        Ok(Dataset { kind, train: full_train.select(&train_idx), validation: full_train.select(&val_idx), test, split })
+        let (train_idx, val_idx) = train_validation_indices(train_labels.len(), validation_size, seed)?;
+        let info = SplitInfo { seed, train: train_idx.len(), validation: val_idx.len(), test: test_labels.len() };
+        Ok(RawDataset { kind, train_raw, train_labels, test_raw, test_labels, train_idx, val_idx, info })
+    }
+
+    /// Standardised images and labels of `rows` pixel rows.
+    fn to_split(&self, pixels: Vec<u8>, labels: Vec<i64>) -> Split {
+        let shape = self.kind.input_shape();
+        let images = Tensor::from_slice(&pixels).view([labels.len() as i64, shape.channels, shape.height, shape.width]);
+        Split { images: self.kind.normalization().apply(&images), labels: Tensor::from_slice(&labels) }
+    }
+
+    /// The training file's rows at `indices`, in that order.
+    fn split(&self, indices: &[usize]) -> Split {
+        let row = self.train_raw.len() / self.train_labels.len().max(1);
+        let mut pixels = Vec::with_capacity(indices.len() * row);
+        for &i in indices {
+            pixels.extend_from_slice(&self.train_raw[i * row..(i + 1) * row]);
+        }
+        self.to_split(pixels, indices.iter().map(|&i| i64::from(self.train_labels[i])).collect())
+    }
+
+    fn test(&self) -> Split {
+        self.to_split(self.test_raw.clone(), self.test_labels.iter().map(|&y| i64::from(y)).collect())
     }
 }
 

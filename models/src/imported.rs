@@ -280,7 +280,7 @@ impl ImportedNet {
         };
         let base = self.card_path().parent().unwrap_or(Path::new(".")).to_path_buf();
         // A built-in dataset is loaded once even if it serves both sides.
-        let mut builtin: Option<Dataset> = None;
+        let mut builtin: Option<(DatasetKind, Split, Split)> = None;
         let mut side = |source: &str, validation: bool| -> Result<Split> {
             match DatasetKind::parse(source) {
                 Ok(kind) => {
@@ -296,13 +296,14 @@ impl ImportedNet {
                             ),
                         });
                     }
-                    if builtin.as_ref().is_none_or(|d| d.kind != kind) {
+                    if builtin.as_ref().is_none_or(|(k, _, _)| *k != kind) {
                         let split = data.split.clone().unwrap_or_default();
                         let dir = data_dir.map_or_else(|| kind.default_dir(), Path::to_path_buf);
-                        builtin = Some(Dataset::load(kind, &dir, split.validation, split.seed)?);
+                        let (v, t, _) = Dataset::load_held_out(kind, &dir, split.validation, split.seed)?;
+                        builtin = Some((kind, v, t));
                     }
-                    let d = builtin.as_ref().expect("loaded above");
-                    Ok(if validation { d.validation.shallow() } else { d.test.shallow() })
+                    let (_, v, t) = builtin.as_ref().expect("loaded above");
+                    Ok(if validation { v.shallow() } else { t.shallow() })
                 }
                 Err(_) => read_tensor_split(&resolve(&base, source), card.input, card.num_classes),
             }

@@ -209,14 +209,8 @@ impl Model {
             Self::Builtin(m) => {
                 let c = &m.card;
                 let dir = data_dir.map_or_else(|| c.dataset.name.default_dir(), Path::to_path_buf);
-                let d = Dataset::load(c.dataset.name, &dir, c.dataset.split.validation, c.dataset.split.seed)?;
-                Ok(ModelData {
-                    validation: d.validation,
-                    test: d.test,
-                    validation_source: HELD_OUT.into(),
-                    test_source: format!("{} test set", c.dataset.name.name()),
-                    split_seed: c.dataset.split.seed,
-                })
+                let (validation, test, _) = Dataset::load_held_out(c.dataset.name, &dir, c.dataset.split.validation, c.dataset.split.seed)?;
+                Ok(ModelData { validation, test, validation_source: HELD_OUT.into(), test_source: format!("{} test set", c.dataset.name.name()), split_seed: c.dataset.split.seed })
             }
             Self::Imported(m) => m.load_data(data_dir),
         }

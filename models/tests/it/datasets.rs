@@ -255,3 +255,43 @@ print(repr(float(x[0, 0, 0, 0])), repr(float(x[5, 0, 27, 27])), repr(float(x.abs
     let e = read_tensor_split(&dir.path().join("absent.safetensors"), fmnist, 10).unwrap_err();
     assert!(matches!(e, ModelError::MissingDataFile { .. }) && e.to_string().contains("absent.safetensors"), "{e}");
 }
+
+/// Rows are chosen on the raw bytes and only the chosen ones are
+/// standardised, in place: on the real Fashion-MNIST files, `load` and
+/// `load_held_out` give bit for bit what standardising every image out of
+/// place and then choosing rows gives.
+#[test]
+fn choosing_rows_before_standardising_changes_no_value() {
+    use branchpoint_models::data::{read_idx_images, read_idx_labels, FASHION_MNIST_DEFAULT_DIR};
+    use tch::{Kind, Tensor};
+    let (kind, dir, validation, seed) = (DatasetKind::FashionMnist, Path::new(FASHION_MNIST_DEFAULT_DIR), 5000, 2021);
+    let data = Dataset::load(kind, dir, validation, seed).expect("Fashion-MNIST is installed by scripts/setup.sh");
+    let (held_out, test, info) = Dataset::load_held_out(kind, dir, validation, seed).unwrap();
+    assert_eq!(info, data.split);
+    // The straightforward computation: every image to f32, three
+    // out-of-place steps, then the rows.
+    let norm = kind.normalization();
+    let mean = Tensor::from_slice(&norm.mean).to_kind(Kind::Float).view([1, 1, 1, 1]);
+    let std = Tensor::from_slice(&norm.std).to_kind(Kind::Float).view([1, 1, 1, 1]);
+    let standardised = |prefix: &str| {
+        let (pixels, n, rows, cols) = read_idx_images(kind, &dir.join(format!("{prefix}-images-idx3-ubyte"))).unwrap();
+        let labels = read_idx_labels(kind, &dir.join(format!("{prefix}-labels-idx1-ubyte"))).unwrap();
+        let raw = Tensor::from_slice(&pixels).view([n as i64, 1, rows as i64, cols as i64]);
+        ((raw.to_kind(Kind::Float) / 255.0 - &mean) / &std, Tensor::from_slice(&labels.iter().map(|&y| i64::from(y)).collect::<Vec<_>>()))
+    };
+    let (train_images, train_labels) = standardised("train");
+    let (test_images, test_labels) = standardised("t10k");
+    let (train_idx, val_idx) = train_validation_indices(train_labels.size()[0] as usize, validation, seed).unwrap();
+    let rows = |idx: &[usize]| Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>());
+    let same = |a: &Tensor, b: &Tensor| a.size() == b.size() && a.kind() == b.kind() && a.equal(b);
+    for (what, got, images, labels) in [
+        ("train", &data.train, train_images.index_select(0, &rows(&train_idx)), train_labels.index_select(0, &rows(&train_idx))),
+        ("validation", &data.validation, train_images.index_select(0, &rows(&val_idx)), train_labels.index_select(0, &rows(&val_idx))),
+        ("held-out validation", &held_out, train_images.index_select(0, &rows(&val_idx)), train_labels.index_select(0, &rows(&val_idx))),
+        ("test", &data.test, test_images.shallow_clone(), test_labels.shallow_clone()),
+        ("held-out test", &test, test_images.shallow_clone(), test_labels.shallow_clone()),
+    ] {
+        assert!(same(&got.images, &images), "{what}: images differ");
+        assert!(same(&got.labels, &labels), "{what}: labels differ");
+    }
+}
