@@ -57,8 +57,25 @@ if [ ! -x "$VENV/bin/python" ]; then
   log "creating virtual environment $VENV"
   python3 -m venv "$VENV"
 fi
-have_torch="$("$VENV/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)"
-if [ "$have_torch" != "$TORCH_VERSION" ]; then
+# What the venv holds, from one interpreter: each import of torch costs
+# seconds, and every `make` runs this script. Prints the torch and
+# torchvision versions (from their metadata; "none" if absent), torch's
+# C++11 ABI flag and its folder; nothing if torch does not import.
+venv_torch() {
+  "$VENV/bin/python" - 2>/dev/null <<'PY' || true
+import importlib.metadata as md
+import os
+def version(name):
+    try:
+        return md.version(name).split("+")[0]
+    except md.PackageNotFoundError:
+        return "none"
+import torch
+print(version("torch"), version("torchvision"), torch._C._GLIBCXX_USE_CXX11_ABI, os.path.dirname(torch.__file__))
+PY
+}
+read -r have_torch have_tv abi torch_dir <<<"$(venv_torch)" || true
+if [ "${have_torch:-}" != "$TORCH_VERSION" ]; then
   log "installing torch==$TORCH_VERSION into the venv (about 4.7 GB with its nvidia libraries)"
   "$VENV/bin/pip" install -q --disable-pip-version-check "torch==$TORCH_VERSION"
 else
@@ -67,8 +84,7 @@ fi
 # torchvision's architecture definitions, for exporting a backbone from
 # them (python/export.py; no pretrained weights are downloaded). The
 # version is the one built against torch $TORCH_VERSION.
-have_tv="$("$VENV/bin/python" -c 'import torchvision; print(torchvision.__version__.split("+")[0])' 2>/dev/null || true)"
-if [ "$have_tv" != "$TORCHVISION_VERSION" ]; then
+if [ "${have_tv:-}" != "$TORCHVISION_VERSION" ]; then
   log "installing torchvision==$TORCHVISION_VERSION into the venv"
   "$VENV/bin/pip" install -q --disable-pip-version-check "torchvision==$TORCHVISION_VERSION" "torch==$TORCH_VERSION"
 else
@@ -84,9 +100,11 @@ fi
 # libtorch for torch-sys: .cargo/config.toml points LIBTORCH at .venv/libtorch,
 # a link to the wheel's torch/ folder (include/ and lib/). tch assumes the
 # C++11 ABI (LIBTORCH_CXX11_ABI=1 there); check that the wheel agrees.
-torch_dir="$("$VENV/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>/dev/null)"
-abi="$("$VENV/bin/python" -c 'import torch; print(torch._C._GLIBCXX_USE_CXX11_ABI)' 2>/dev/null)"
-if [ "$abi" != "True" ]; then
+if [ "${have_torch:-}" != "$TORCH_VERSION" ] || [ "${have_tv:-}" != "$TORCHVISION_VERSION" ]; then
+  # Something was installed above: ask again.
+  read -r have_torch have_tv abi torch_dir <<<"$(venv_torch)" || true
+fi
+if [ "${abi:-}" != "True" ]; then
   log "error: the venv's torch was not built with the C++11 ABI that tch expects; remove $VENV and rerun"
   exit 1
 fi

@@ -495,7 +495,8 @@ impl Scenario {
         }
         let codecs = &self.planner.codecs;
         if codecs.is_empty() || (1..codecs.len()).any(|i| codecs[..i].contains(&codecs[i])) {
-            return Err(self.err("planner.codecs", format!("{codecs:?}: name each codec the planner may choose once, from f32, f16, int8")));
+            let named: Vec<&str> = codecs.iter().map(|c| c.name()).collect();
+            return Err(self.err("planner.codecs", format!("{named:?}: name each codec the planner may choose once, from f32, f16, int8")));
         }
         self.calibration_method()?;
         positive("compute.device_slowdown", self.compute.device_slowdown)?;

@@ -82,6 +82,8 @@ fn scenario_errors_name_the_key_and_the_file() {
     expect_error(&format!("calibration = \"hot\"\n{VALID}"), &["calibration", "hot"]);
     expect_error(&format!("policies = [\"greedy\"]\n{VALID}"), &["policies", "greedy"]);
     expect_error(&format!("{VALID}\n[planner]\nmiss_bound = 2.0\n"), &["planner.miss_bound"]);
+    expect_error(&format!("{VALID}\n[planner]\ncodecs = [\"int8\", \"int8\"]\n"), &["planner.codecs", "[\"int8\", \"int8\"]", "once"]);
+    expect_error(&format!("{VALID}\n[planner]\ncodecs = [\"bf16\"]\n"), &["bf16"]);
     expect_error(&format!("{VALID}\n[oracle]\nwindow_s = 2.5\n"), &["oracle.window_s", "whole number"]);
     expect_error(&format!("{VALID}\n[workers]\ncount = 0\n"), &["workers.count"]);
     expect_error(&format!("{VALID}{}", VALID.split("[[groups]]").nth(1).map(|g| format!("[[groups]]{g}")).unwrap()), &["groups[1].name", "twice"]);
