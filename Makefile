@@ -8,7 +8,8 @@ setup:
 
 # The main job: replay the shipped handover-and-shift scenario (a network
 # change, then an input shift) on the overconfident model under every policy
-# (about 20 s here); it prints a table and where report.json and the
+# (about 35 s here the first time, 2 s once the model's answers are
+# recorded); it prints a table and where report.json and the
 # plots are.
 demo: setup
 	./target/release/branchpoint run scenarios/handover-and-shift.toml --model models/bvgg-fmnist.safetensors
