@@ -293,7 +293,7 @@ impl RawDataset {
         Ok(RawDataset { kind, train_raw, train_labels, test_raw, test_labels, train_idx, val_idx, info })
     }
 
-    /// Standardised images and labels of `rows` pixel rows.
+    /// `pixels` (whole rows, [N, C, H, W] order) standardised, with their labels.
     fn to_split(&self, pixels: Vec<u8>, labels: Vec<i64>) -> Split {
         let shape = self.kind.input_shape();
         let images = Tensor::from_slice(&pixels).view([labels.len() as i64, shape.channels, shape.height, shape.width]);
