@@ -185,6 +185,20 @@ impl ModelStats {
         }
     }
 
+    /// The codec a planner choosing among `codecs` starts `branch` with,
+    /// before it has seen the link: the fewest bytes (`bytes`, that
+    /// branch's) among the codecs whose cloud-only plan predicts an
+    /// accuracy within `accuracy_tolerance` of the best one's. On an
+    /// unknown link the smaller upload is the safer one, and it costs no
+    /// accuracy the planner can tell apart. `None` without a cloud-only
+    /// candidate of any of them.
+    pub fn starting_codec(&self, branch: usize, codecs: &[Codec], bytes: &OffloadBytes) -> Option<Codec> {
+        let accuracy = |codec: Codec| self.lookup(Plan { branch, p_tar: 1.0, codec }).map(|s| s.cloud_accuracy);
+        let best = codecs.iter().filter_map(|&c| accuracy(c)).fold(f64::NEG_INFINITY, f64::max);
+        let tolerance = self.accuracy_tolerance();
+        codecs.iter().copied().filter(|&c| accuracy(c).is_some_and(|a| a >= best - tolerance)).min_by(|a, b| bytes.of(*a).total_cmp(&bytes.of(*b)))
+    }
+
     /// The candidates whose codec is one of `codecs`.
     pub fn with_codecs(&self, codecs: &[Codec]) -> Self {
         Self { candidates: self.candidates.iter().filter(|c| codecs.contains(&c.plan.codec)).cloned().collect(), validation_inputs: self.validation_inputs }
@@ -871,6 +885,28 @@ mod tests {
         let plain = choose(&f32_only, &costs, &seen);
         assert_eq!(with_codecs.plan.codec, Codec::Int8, "{with_codecs:?}");
         assert!(with_codecs.offload_rate > plain.offload_rate && with_codecs.accuracy > plain.accuracy, "{with_codecs:?} vs {plain:?}");
+    }
+
+    /// Before it has seen the link, a planner starts a branch with the
+    /// smallest codec that costs no accuracy it can tell apart; a codec
+    /// that does cost accuracy is passed over, and f32 alone stays f32.
+    #[test]
+    fn the_starting_codec_is_the_smallest_that_costs_no_accuracy() {
+        let validation = random_validation(8, 1_000, 3);
+        let fin = &validation[2];
+        let mut wrong = fin.logits.clone();
+        for i in (0..fin.len()).step_by(10) {
+            wrong[i * 10 + fin.labels[i] as usize] = -50.0;
+        }
+        let damaged = ExitLogits::new(10, wrong, fin.labels.clone()).unwrap();
+        let codecs = [CodecFinals { codec: Codec::F16, per_branch: vec![fin.clone(), fin.clone()] }, CodecFinals { codec: Codec::Int8, per_branch: vec![damaged, fin.clone()] }];
+        let stats = ModelStats::from_validation(&validation, &[1.0; 3], &default_candidate_p_tars(), &codecs).unwrap();
+        let bytes = OffloadBytes { f32: 25_000.0, f16: 12_600.0, int8: 6_600.0 };
+        let all = [Codec::F32, Codec::F16, Codec::Int8];
+        assert_eq!(stats.starting_codec(2, &all, &bytes), Some(Codec::Int8), "int8 answers as f32 does at branch 2");
+        assert_eq!(stats.starting_codec(1, &all, &bytes), Some(Codec::F16), "int8 costs a tenth of the answers at branch 1");
+        assert_eq!(stats.starting_codec(1, &[Codec::F32], &bytes), Some(Codec::F32));
+        assert_eq!(stats.starting_codec(3, &all, &bytes), None, "no branch 3");
     }
 
     /// A backlog at the workers is a wait the device's own response times

@@ -91,6 +91,15 @@ pub struct CodecClasses {
 }
 
 impl SimModel {
+    /// Where an adaptive policy's devices start, before any plan reaches
+    /// them: the group's branch and p_tar, with the codec its planner
+    /// starts that branch with (`ModelStats::starting_codec`; the group's
+    /// own if the planner has no prediction for it).
+    pub fn starting_plan(&self, group: Plan, planning: &Planning) -> Plan {
+        let codec = self.upload_bytes.get(group.branch - 1).and_then(|bytes| self.predictions.starting_codec(group.branch, &planning.codecs, bytes));
+        Plan { codec: codec.unwrap_or(group.codec), ..group }
+    }
+
     pub fn num_branches(&self) -> usize {
         self.branch_pred.len()
     }
@@ -621,7 +630,7 @@ pub fn simulate(m: &SimModel, c: &SimConfig, plans: &Plans) -> RunResult {
     for (gi, g) in c.groups.iter().enumerate() {
         let plan = match plans {
             Plans::Fixed(p) | Plans::Uncalibrated(p) | Plans::Watched(p) => p[gi],
-            Plans::Adaptive(_) => g.initial,
+            Plans::Adaptive(planning) => m.starting_plan(g.initial, planning),
         };
         for k in 0..g.devices {
             let base = device_seed(c.seed, gi, k);

@@ -218,7 +218,7 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                 // Validation keeps uncalibrated and watched runs in virtual
                 // time; their starting plans are the groups' own.
                 Plans::Fixed(p) | Plans::Uncalibrated(p) | Plans::Watched(p) => p[gi],
-                Plans::Adaptive(_) => sim.initial,
+                Plans::Adaptive(planning) => prepared.sim.starting_plan(sim.initial, planning),
             };
             let cap = sim.deadline_us as f64 / prepared.sim.upload_bytes.iter().map(|b| b.int8.min(b.f16).min(b.f32)).fold(f64::INFINITY, f64::min);
             for k in 0..g.devices {
