@@ -294,9 +294,9 @@ impl RawDataset {
     }
 
     /// `pixels` (whole rows, [N, C, H, W] order) standardised, with their labels.
-    fn to_split(&self, pixels: Vec<u8>, labels: Vec<i64>) -> Split {
+    fn to_split(&self, pixels: &[u8], labels: Vec<i64>) -> Split {
         let shape = self.kind.input_shape();
-        let images = Tensor::from_slice(&pixels).view([labels.len() as i64, shape.channels, shape.height, shape.width]);
+        let images = Tensor::from_slice(pixels).view([labels.len() as i64, shape.channels, shape.height, shape.width]);
         Split { images: self.kind.normalization().apply(&images), labels: Tensor::from_slice(&labels) }
     }
 
@@ -307,11 +307,11 @@ impl RawDataset {
         for &i in indices {
             pixels.extend_from_slice(&self.train_raw[i * row..(i + 1) * row]);
         }
-        self.to_split(pixels, indices.iter().map(|&i| i64::from(self.train_labels[i])).collect())
+        self.to_split(&pixels, indices.iter().map(|&i| i64::from(self.train_labels[i])).collect())
     }
 
     fn test(&self) -> Split {
-        self.to_split(self.test_raw.clone(), self.test_labels.iter().map(|&y| i64::from(y)).collect())
+        self.to_split(&self.test_raw, self.test_labels.iter().map(|&y| i64::from(y)).collect())
     }
 }
 

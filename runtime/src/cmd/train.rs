@@ -2,21 +2,16 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use branchpoint_models::card::{card_path, sha256_file, DatasetCard, ModelCard, NamedExitMetrics, TrainingCard};
-use branchpoint_models::exits::{exit_logits, recorded};
+use branchpoint_models::card::{card_path, load_weights, sha256_file, DatasetCard, ModelCard, NamedExitMetrics, TrainingCard};
 use branchpoint_models::metrics::exit_metrics;
+use branchpoint_models::model::recorded_split_exit_logits;
 use branchpoint_models::train::{train, TrainConfig};
-use branchpoint_models::{Dataset, DatasetKind, EarlyExitNet};
+use branchpoint_models::{Dataset, DatasetKind, EarlyExitNet, LoadedModel, Model};
 use indicatif::{ProgressBar, ProgressStyle};
 use tch::nn;
 
 use crate::cli::TrainArgs;
 use crate::{parse_device, set_threads};
-
-/// Every exit's answers of `net` over `split`, as plain numbers.
-fn split_exit_logits(net: &EarlyExitNet, split: &branchpoint_models::data::Split) -> branchpoint_models::Result<Vec<branchpoint_core::calibration::ExitLogits>> {
-    net.logits_for(&split.images, 500).iter().map(|z| exit_logits(z, &split.labels)).collect()
-}
 
 pub fn run(args: TrainArgs) -> Result<()> {
     if args.out.extension().and_then(|e| e.to_str()) != Some("safetensors") {
@@ -97,16 +92,26 @@ pub fn run(args: TrainArgs) -> Result<()> {
         std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }
     vs.save(&args.out).with_context(|| format!("writing weights to {}", args.out.display()))?;
-    let weights_sha256 = sha256_file(&args.out)?;
+    let card = ModelCard {
+        weights: args.out.file_name().expect("--out has a file name").to_string_lossy().into_owned(),
+        weights_sha256: sha256_file(&args.out)?,
+        architecture: net.architecture().clone(),
+        dataset: DatasetCard { name: kind, normalization: kind.normalization(), split: data.split.clone() },
+        training: TrainingCard { config: cfg, optimizer: "adam, cosine-decayed learning rate".into(), torch_threads: tch::get_num_threads(), duration_s, history },
+        test_metrics: Vec::new(),
+    };
     // The card's test metrics come from the weights as read back from the
-    // file, and those answers are recorded under the file's digest, as
-    // `evaluate`, `calibrate` and `run` look them up: the first of them
-    // after training does not run the test set again.
-    let mut saved = nn::VarStore::new(device);
-    let reread = EarlyExitNet::build(&saved.root(), &args.architecture, kind.input_shape(), kind.num_classes())?;
-    saved.load(&args.out).with_context(|| format!("reading back {}", args.out.display()))?;
-    let test_answers = recorded(&weights_sha256, &data.test, || split_exit_logits(&reread, &data.test))?;
-    let test_metrics: Vec<NamedExitMetrics> = exit_names
+    // file, through the same recorded answers `evaluate`, `calibrate` and
+    // `run` read: the first of them after training does not run the test
+    // set again.
+    let mut vs = nn::VarStore::new(device);
+    let reread = EarlyExitNet::build(&vs.root(), &args.architecture, kind.input_shape(), kind.num_classes())?;
+    load_weights(&mut vs, &args.out)?;
+    let mut model = Model::Builtin(Box::new(LoadedModel { net: reread, vs, card, weights_path: args.out.clone() }));
+    let test_answers = recorded_split_exit_logits(&model, &data.test)?;
+    let Model::Builtin(loaded) = &mut model else { unreachable!("built above") };
+    let card = &mut loaded.card;
+    card.test_metrics = exit_names
         .iter()
         .zip(&test_answers)
         .map(|(name, e)| {
@@ -114,14 +119,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
             NamedExitMetrics { exit: name.clone(), metrics: exit_metrics(&z, &data.test.labels) }
         })
         .collect();
-    let card = ModelCard {
-        weights: args.out.file_name().expect("--out has a file name").to_string_lossy().into_owned(),
-        weights_sha256,
-        architecture: net.architecture().clone(),
-        dataset: DatasetCard { name: kind, normalization: kind.normalization(), split: data.split.clone() },
-        training: TrainingCard { config: cfg, optimizer: "adam, cosine-decayed learning rate".into(), torch_threads: tch::get_num_threads(), duration_s, history },
-        test_metrics,
-    };
     let card_file = card_path(&args.out);
     card.write(&card_file)?;
 
