@@ -87,6 +87,18 @@ pub struct Outcome {
     /// written before it was recorded).
     #[serde(default)]
     pub deadline_us: u64,
+    /// An offload put on the uplink: its activation's codec and the
+    /// request's bytes on the wire (`None`: nothing sent, for an input
+    /// answered on the device, declined, or dropped before it could start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent: Option<Sent>,
+}
+
+/// What one offload put on the uplink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sent {
+    pub codec: branchpoint_messages::Codec,
+    pub bytes: u64,
 }
 
 impl Outcome {
@@ -467,6 +479,7 @@ mod tests {
             arrived_unix_us: 0,
             declined: false,
             deadline_us: 100_000,
+            sent: None,
         }
     }
 

@@ -24,7 +24,7 @@ use branchpoint_messages::{AuditTag, Codec, Deadline, Exit, PartitionBranch};
 
 use branchpoint_core::planner::Plan;
 
-use crate::collector::{Collector, Decided, FallbackReason, InputAccepted, Latency, Outcome};
+use crate::collector::{Collector, Decided, FallbackReason, InputAccepted, Latency, Outcome, Sent};
 use crate::compute::{HeadOutput, LoadedNet};
 use crate::emulation::{Emulation, EmulationSpec};
 use crate::offload::{Activation, Offload};
@@ -257,6 +257,7 @@ impl Handler<Infer> for Device {
             arrived_unix_us: unix_us().saturating_sub(arrived.elapsed().as_micros() as u64),
             declined: false,
             deadline_us: cfg.deadline.as_micros() as u64,
+            sent: None,
         };
         let head = match self.net.run_head(branch, &msg.input) {
             Ok(h) => h,
@@ -288,7 +289,10 @@ impl Handler<Infer> for Device {
         }
         Box::pin(async move {
             let outcome = match request {
-                Ok(request) => offload(outcome, request, classes, &link, deadline, arrived).await,
+                Ok(request) => {
+                    let sent = Sent { codec: request.activation.codec(), bytes: request.wire_len() as u64 };
+                    offload(Outcome { sent: Some(sent), ..outcome }, request, classes, &link, deadline, arrived).await
+                }
                 Err(e) => outcome.failed(format!("activation: {e}"), arrived),
             };
             collector.do_send(outcome);
@@ -418,6 +422,7 @@ impl Device {
             });
         }
         let (start, finish) = em.uplink.borrow_mut().enqueue(&em.spec.link, now, bytes, &mut em.rng.borrow_mut());
+        outcome.sent = Some(Sent { codec: request.activation.codec(), bytes: bytes as u64 });
         let link = self.link.clone();
         Box::pin(async move {
             let Some(finish) = finish else {
@@ -577,6 +582,7 @@ mod tests {
             arrived_unix_us: 0,
             declined: false,
             deadline_us: DEADLINE.as_micros() as u64,
+            sent: None,
         }
     }
 

@@ -480,10 +480,19 @@ impl LinkEstimator {
 
     /// Mean + safety * deviation of each; `None` until both have a sample.
     pub fn conservative(&self, safety: f64) -> Option<Observed> {
-        let (Some((bm, bd)), Some((rm, rd))) = (self.us_per_byte, self.response_us) else {
-            return None;
-        };
-        Some(Observed { us_per_byte: bm + safety * bd, response_us: rm + safety * rd, cloud: None })
+        Some(Observed { us_per_byte: self.conservative_us_per_byte(safety)?, response_us: self.conservative_response_us(safety)?, cloud: None })
+    }
+
+    /// Mean + safety * deviation of the uplink time per byte alone, once an
+    /// upload has finished.
+    pub fn conservative_us_per_byte(&self, safety: f64) -> Option<f64> {
+        self.us_per_byte.map(|(m, d)| m + safety * d)
+    }
+
+    /// Mean + safety * deviation of the response time alone, once a reply
+    /// has come.
+    pub fn conservative_response_us(&self, safety: f64) -> Option<f64> {
+        self.response_us.map(|(m, d)| m + safety * d)
     }
 
     /// Smoothed uplink throughput, Mbit/s (for reports).
@@ -556,19 +565,30 @@ impl DeviceUplink {
     /// Whether an offload decided at `done` (the input arrived at `t`) would
     /// miss `deadline`, from what the device knows at `t`: its conservative
     /// estimate, the bytes still queued, and how long the current upload
-    /// has been going (a stall raises the time per byte). Without an
-    /// estimate it cannot tell and says no.
+    /// has been going (a stall raises the time per byte).
+    ///
+    /// Before the estimate has both figures it uses what it has: the uplink
+    /// estimate alone once an upload has finished, and in any case the
+    /// upload in progress, which has taken at least its elapsed time for its
+    /// bytes, so the link is no faster than that. A missing response time
+    /// counts as nothing. These are lower bounds, so it declines only
+    /// offloads that miss even so: at a device's start on a slow link, the
+    /// first upload still going past the deadline says every later one
+    /// would miss as well. With nothing sent and nothing measured it cannot
+    /// tell and says no.
     pub fn would_miss(&self, t: u64, done: u64, bytes: usize, deadline: u64, safety: f64) -> bool {
-        let Some(seen) = self.est.conservative(safety) else { return false };
-        let mut us_per_byte = seen.us_per_byte;
+        let mut us_per_byte = self.est.conservative_us_per_byte(safety).unwrap_or(0.0);
+        let response_us = self.est.conservative_response_us(safety).unwrap_or(0.0);
         let mut pending: f64 = self.uploading.iter().filter(|u| u.1 > t).map(|u| u.2 as f64).sum();
         if let Some(&(start, _, b)) = self.uploading.iter().find(|u| u.1 > t && u.0 <= t) {
             let elapsed = (t - start) as f64;
-            us_per_byte = us_per_byte.max(elapsed / b as f64);
+            us_per_byte = us_per_byte.max(elapsed / b.max(1) as f64);
             // What has probably left already.
-            pending -= (elapsed / us_per_byte).min(b as f64);
+            if us_per_byte > 0.0 {
+                pending -= (elapsed / us_per_byte).min(b as f64);
+            }
         }
-        let predicted = done.saturating_sub(t) as f64 + (pending.max(0.0) + bytes as f64) * us_per_byte + seen.response_us;
+        let predicted = done.saturating_sub(t) as f64 + (pending.max(0.0) + bytes as f64) * us_per_byte + response_us;
         predicted > deadline as f64
     }
 }
@@ -667,6 +687,36 @@ mod tests {
             e.observe_upload(1000, 1000.0);
         }
         assert!(e.conservative(2.0).unwrap().us_per_byte < 2.0, "{:?}", e.conservative(2.0));
+    }
+
+    /// Before its estimate is ready, a device declines an offload only on
+    /// what it already knows for sure: an upload still going after more
+    /// than the deadline means the link is that slow, so a like upload
+    /// behind it would miss; a short one still going says nothing. Once an
+    /// upload has finished, its time per byte counts even without a reply.
+    #[test]
+    fn a_device_declines_before_its_estimate_is_ready_only_on_what_it_has_seen() {
+        let link = crate::link::Link::constant(0.2, 40_000, 0.0).unwrap();
+        let mut rng = crate::rng::SplitMix64::new(1);
+        let (deadline, bytes) = (150_000, 6_000);
+        let mut up = DeviceUplink::new(LinkEstimator::new(0.25, 1_000.0));
+        assert!(!up.would_miss(0, 1_000, bytes, deadline, 2.0), "nothing sent, nothing known");
+        // 6,000 bytes at 0.2 Mbit/s: 240 ms.
+        let (start, finish) = up.enqueue(&link, 1_000, bytes, &mut rng);
+        let finish = finish.unwrap();
+        assert!(finish - start >= 240_000, "{start} {finish}");
+        assert!(!up.would_miss(50_000, 51_000, bytes, deadline, 2.0), "50 ms into an upload: the link may still be fast");
+        assert!(up.would_miss(200_000, 201_000, bytes, deadline, 2.0), "200 ms into a 6,000-byte upload: another takes as long");
+        assert!(!up.would_miss(200_000, 201_000, 100, deadline, 2.0), "a tiny upload may still make it");
+        up.finished(finish, start, bytes);
+        assert!(!up.est.is_ready(), "no reply yet");
+        assert!(up.would_miss(finish + 1, finish + 2_000, bytes, deadline, 2.0), "the uplink's own estimate is enough");
+        // A fast link: its first upload finished quickly says yes to the next.
+        let mut fast = DeviceUplink::new(LinkEstimator::new(0.25, 1_000.0));
+        let fast_link = crate::link::Link::constant(50.0, 20_000, 0.0).unwrap();
+        let (s, f) = fast.enqueue(&fast_link, 0, bytes, &mut rng);
+        fast.finished(f.unwrap(), s, bytes);
+        assert!(!fast.would_miss(f.unwrap() + 1, f.unwrap() + 2_000, bytes, deadline, 2.0));
     }
 
     #[test]

@@ -72,6 +72,22 @@ impl Handler<PoolLoad> for Planner {
     }
 }
 
+/// Tells `planner` the load of a worker pool in this process every
+/// `every`, until either stops: the batcher's backlog over its `workers`
+/// compute threads, as the workers' status tells a planner over NATS
+/// (`nats::serve_planner_nats`).
+pub async fn watch_in_process_pool(batcher: Addr<crate::worker::Batcher>, planner: Addr<Planner>, workers: usize, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let Ok(stats) = batcher.send(crate::worker::GetWorkerStats).await else { return };
+        let load = CloudLoad { backlog: stats.queue_depth as f64, workers: workers.max(1) as f64 };
+        if planner.send(PoolLoad(load)).await.is_err() {
+            return;
+        }
+    }
+}
+
 impl Planner {
     pub fn new(stats: Arc<ModelStats>, costs: BTreeMap<String, Costs>, template: Option<Costs>, sink: Option<Box<dyn PlanSink>>) -> Self {
         Self { stats, costs, template, log: Vec::new(), sink, cloud: None }
@@ -269,6 +285,62 @@ mod tests {
             planner.do_send(report("cam-1", "cameras", 0.08, device));
             let (swamped, _) = plans.recv().await.expect("a plan");
             assert_eq!((swamped.partition_branch.get(), swamped.p_tar), (2, 0.0), "{swamped:?}");
+        });
+    }
+
+    /// Tails that never finish: the batcher's requests stay in its backlog.
+    struct StuckTails;
+
+    impl crate::worker::RunTails for StuckTails {
+        fn run_tails(&self, _: crate::compute::RunTail) -> futures::future::LocalBoxFuture<'static, Result<crate::compute::TailOutput, crate::ActorError>> {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    /// In one process the planner hears the batcher's backlog as it would
+    /// hear the workers' status over NATS: the same report gets an
+    /// offloading plan before the backlog builds and a device-only one
+    /// after.
+    #[test]
+    fn an_in_process_pool_tells_the_planner_its_backlog() {
+        use crate::worker::{Batcher, Job, ReplyTo, ServedModel, WorkerConfig};
+        use branchpoint_models::net::PartitionPoint;
+        actix::System::new().block_on(async {
+            tokio::time::pause();
+            let (tx, mut plans) = tokio::sync::mpsc::unbounded_channel();
+            let device = FakeDevice(tx).start().recipient();
+            // 5 ms of cloud compute per request: 40 waiting are 200 ms.
+            let planner = Planner::new(Arc::new(stats()), BTreeMap::from([("cameras".to_string(), cameras(vec![5_000.0, 5_000.0]))]), None, None).start();
+            let cfg = WorkerConfig { worker_id: "w".into(), max_batch: 4, max_wait: Duration::from_millis(1) };
+            // The pool serves the branch the plans offload at.
+            let point = |branch| PartitionPoint { branch, activation_shape: vec![2], activation_bytes: 8 };
+            let points = vec![point(1), point(2)];
+            let batcher = Batcher::new(cfg, StuckTails, vec![ServedModel { sha256: "ab".repeat(32), partition_points: points }]).with_compute_threads(1).start();
+            actix::spawn(watch_in_process_pool(batcher.clone(), planner.clone(), 1, Duration::from_millis(100)));
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            planner.do_send(report("cam-1", "cameras", 0.08, device.clone()));
+            let (idle, _) = plans.recv().await.expect("a plan");
+            assert_eq!((idle.partition_branch.get(), idle.p_tar), (2, 0.9), "an idle pool: {idle:?}");
+            let mut replies = Vec::new();
+            for seq in 0..40 {
+                let (reply, rx) = tokio::sync::oneshot::channel();
+                let request = crate::offload::Offload {
+                    device_id: "d".into(),
+                    seq,
+                    partition_branch: 2,
+                    shape: vec![1, 2],
+                    activation: crate::offload::Activation::F32(vec![0.5, 0.5].into()),
+                    deadline: branchpoint_messages::Deadline { sent_at_unix_us: 0, budget_us: 60_000_000 },
+                    audit: None,
+                    model_sha256: None,
+                };
+                batcher.send(Job { request, received: std::time::Instant::now(), reply: ReplyTo::Local(reply) }).await.unwrap();
+                replies.push(rx);
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            planner.do_send(report("cam-1", "cameras", 0.08, device));
+            let (swamped, _) = plans.recv().await.expect("a plan");
+            assert_eq!((swamped.partition_branch.get(), swamped.p_tar), (2, 0.0), "40 requests stuck ahead: {swamped:?}");
         });
     }
 }

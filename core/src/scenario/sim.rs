@@ -1073,7 +1073,10 @@ impl<'a> Sim<'a> {
 
     /// The pool as a cloud-aware planner sees it at `t`: the requests
     /// waiting (those whose deadline has passed are as good as gone) and
-    /// the workers serving, as the workers' status reports them live.
+    /// the workers serving, as the workers' status reports them live. It is
+    /// the pool at the instant of the report, the freshest a status could
+    /// be; a live planner's view is up to one status interval old
+    /// (BENCHMARKS.md measures what that costs on the load step).
     fn cloud_load(&self, t: u64) -> CloudLoad {
         let backlog = self.queues.iter().flatten().filter(|&&id| self.requests[id as usize].deadline_at > t).count();
         CloudLoad { backlog: backlog as f64, workers: self.pool.serving as f64 }

@@ -34,7 +34,7 @@ use branchpoint_actors::device::{AuditSettings, DeviceConfig, Infer};
 use branchpoint_actors::emulation::EmulationSpec;
 use branchpoint_actors::fleet::{drain, forward_updates, publish_status, DeviceThreads, FleetDevice, TestInputs};
 use branchpoint_actors::planner::nats::{serve_planner_nats, NatsPlans, NatsReports};
-use branchpoint_actors::planner::{Planner, TakePlanLog};
+use branchpoint_actors::planner::{watch_in_process_pool, Planner, TakePlanLog};
 use branchpoint_actors::transport::OffloadLink;
 use branchpoint_actors::worker::{publish_status as publish_worker_status, serve_nats, Batcher, ServedModel, WorkerConfig};
 use branchpoint_core::planner::{Costs, LinkEstimator};
@@ -65,6 +65,10 @@ pub struct LiveSetup<'a> {
     /// Where the watched policy's calibrator finds the validation split.
     pub data_dir: Option<std::path::PathBuf>,
 }
+
+/// How often the run's workers tell their load: the worker's default
+/// (`branchpoint worker --status-interval-ms`).
+const WORKER_STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Runs every policy but the oracle live, one after the other.
 pub fn replay_live(setup: &LiveSetup, on_policy: &dyn Fn(Policy)) -> Result<Vec<PolicyRun>> {
@@ -109,10 +113,14 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
         };
         let served = || ServedModel { sha256: setup.model_sha256.clone(), partition_points: setup.points.clone() };
         let wcfg = |w: usize| WorkerConfig { worker_id: format!("run-worker-{w}"), max_batch: cfg.max_batch, max_wait: Duration::from_micros(cfg.max_wait_us) };
+        // In process, the one batcher (and its compute threads) is the pool.
+        let mut in_process_pool = None;
         let link = match &client {
             None => {
                 let exec = Executor::start(vec![setup.spec.clone()], cfg.workers)?;
-                OffloadLink::InProcess(Batcher::new(wcfg(0), exec, vec![served()]).with_compute_threads(cfg.workers).start())
+                let batcher = Batcher::new(wcfg(0), exec, vec![served()]).with_compute_threads(cfg.workers).start();
+                in_process_pool = Some(batcher.clone());
+                OffloadLink::InProcess(batcher)
             }
             Some(c) => {
                 for w in 0..cfg.workers {
@@ -123,7 +131,7 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     let id = wcfg(w).worker_id;
                     // Their load, for a control plane watching the run (`--listen`).
-                    actix::spawn(publish_worker_status(wc.clone(), batcher.clone(), id.clone(), Duration::from_secs(1)));
+                    actix::spawn(publish_worker_status(wc.clone(), batcher.clone(), id.clone(), WORKER_STATUS_INTERVAL));
                     actix::spawn(async move {
                         if let Err(e) = serve_nats(wc, batcher, id, move || {
                             let _ = tx.send(());
@@ -153,8 +161,8 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                         deadline_us: sim.deadline_us as f64,
                         arrival_rate: sim.rate,
                         miss_bound: cfg.miss_bound,
-                        // Over NATS the planner hears the workers' status;
-                        // blind, it never counts their backlog.
+                        // Cloud-aware, the planner hears the pool's load
+                        // (below); blind, it never counts its backlog.
                         tail_us_per_request: if cloud_aware {
                             (1..=prepared.sim.num_branches()).map(|k| prepared.sim.tail_time_us(k, cfg.max_batch) / cfg.max_batch as f64).collect()
                         } else {
@@ -174,6 +182,13 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                 Planner::new(Arc::new(stats), costs, None, sink).start()
             }
         });
+        // A cloud-aware planner hears the pool's load: over NATS from the
+        // workers' status (below), in process from the batcher, as often.
+        if let (Some(batcher), Some(p), Plans::Adaptive(planning)) = (&in_process_pool, &planner, plans) {
+            if planning.cloud_aware {
+                actix::spawn(watch_in_process_pool(batcher.clone(), p.clone(), cfg.workers, WORKER_STATUS_INTERVAL));
+            }
+        }
         if let (Some(c), Some(p)) = (&client, &planner) {
             let (tx, rx) = tokio::sync::oneshot::channel();
             let (c, p) = (c.clone(), p.clone());
@@ -419,6 +434,10 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                 b.offloaded += 1;
                 b.fallbacks += 1;
             }
+        }
+        if let Some(sent) = o.sent {
+            b.sent_by_codec[sent.codec.index()] += 1;
+            b.uplink_bytes += sent.bytes;
         }
         let missed = o.decided == Decided::Fallback || o.latency.total_us > deadline;
         b.misses += u64::from(missed);

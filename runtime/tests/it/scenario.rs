@@ -6,7 +6,7 @@ use crate::common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use branchpoint::scenario::report::ScenarioReport;
+use branchpoint::scenario::report::{CodecCounts, ScenarioReport};
 use branchpoint::scenario::Scenario;
 use common::{alone, branchpoint, output_within, repo_root, shared};
 
@@ -572,6 +572,13 @@ fn real_time_over_nats_agrees_with_virtual_time() {
     assert_eq!(l.inputs, v.inputs, "the same arrivals");
     assert!((l.accuracy - v.accuracy).abs() < 0.02, "accuracy live {} virtual {}", l.accuracy, v.accuracy);
     assert!((l.deadline_miss_rate - v.deadline_miss_rate).abs() < 0.03, "misses live {} virtual {}", l.deadline_miss_rate, v.deadline_miss_rate);
+    // The live devices count what they put on the uplink, per codec, as
+    // the virtual replay does: its planner starts them on int8.
+    let sent = |c: &CodecCounts| c.f32 + c.f16 + c.int8;
+    let (l_sent, v_sent) = (sent(&l.offloads_by_codec), sent(&v.offloads_by_codec));
+    assert!(l.offloads_by_codec.int8 > 0 && l_sent > 0, "live offloads by codec: {:?}", l.offloads_by_codec);
+    let (l_per, v_per) = (l.uplink_bytes as f64 / l_sent as f64, v.uplink_bytes as f64 / v_sent.max(1) as f64);
+    assert!((l_per / v_per - 1.0).abs() < 0.15, "bytes per offload live {l_per:.0}, virtual {v_per:.0}");
     // The live planner got reports over NATS and its plans reached the devices.
     let adaptive = policy(&live, "adaptive");
     assert!(adaptive.series.estimated_uplink_mbit_s.as_ref().unwrap().iter().flatten().count() > 5, "reports reached the planner");
