@@ -285,6 +285,19 @@ pub struct Costs {
     /// does not count the workers' backlog.
     #[serde(default)]
     pub tail_us_per_request: Vec<f64>,
+    /// The most of the worker pool's time the devices' offloads may take
+    /// together, each device its share by its input rate
+    /// (`CloudLoad::over_share`); counted only when the planner knows the
+    /// pool and the devices' rates.
+    #[serde(default = "default_pool_utilisation")]
+    pub pool_utilisation: f64,
+}
+
+/// Headroom below a pool kept exactly busy, where any burst queues.
+pub const DEFAULT_POOL_UTILISATION: f64 = 0.9;
+
+fn default_pool_utilisation() -> f64 {
+    DEFAULT_POOL_UTILISATION
 }
 
 /// A device's network as the planner sees it: conservative figures (mean
@@ -311,6 +324,10 @@ pub struct CloudLoad {
     pub backlog: f64,
     /// Workers serving.
     pub workers: f64,
+    /// Inputs per second arriving at all the devices that share the pool,
+    /// as they last reported (0: not known, and no share is enforced).
+    #[serde(default)]
+    pub inputs_per_s: f64,
 }
 
 impl CloudLoad {
@@ -321,6 +338,19 @@ impl CloudLoad {
     /// the backlog shows it now.
     pub fn wait_us(&self, per_request_us: f64) -> f64 {
         (self.backlog.max(0.0) * per_request_us / self.workers.max(1.0)).max(0.0)
+    }
+
+    /// Whether offloading `offload_rate` of its inputs, at `per_request_us`
+    /// of cloud compute each, takes more than a device's share of the pool:
+    /// were every device sharing it to offload as much, the workers would be
+    /// busy more than `utilisation` of the time. The share is proportional
+    /// to each device's input rate, so it depends only on the pool and the
+    /// devices' rates, never on the plans in force: a device's plan does not
+    /// swing with the backlog the other devices' plans left a moment ago
+    /// (planned on the backlog alone, devices offload less until it drains,
+    /// then all offload more at once and fill it again).
+    pub fn over_share(&self, offload_rate: f64, per_request_us: f64, utilisation: f64) -> bool {
+        self.inputs_per_s > 0.0 && offload_rate * per_request_us * self.inputs_per_s > utilisation * self.workers.max(1.0) * 1e6
     }
 }
 
@@ -383,7 +413,19 @@ pub fn predict(c: &ThresholdStats, costs: &Costs, seen: &Observed) -> Prediction
     let seen = &Observed { response_us: seen.response_us + wait, ..*seen };
     // A device whose CPU cannot keep up misses everything.
     let cpu = costs.arrival_rate * head / 1e6;
-    let m = if c.offload_rate > 0.0 { offload_miss_probability(head, bytes, costs, c.offload_rate, seen) } else { 0.0 };
+    let over = match (seen.cloud, costs.tail_us_per_request.get(k)) {
+        (Some(load), Some(&per_request)) => load.over_share(c.offload_rate, per_request, costs.pool_utilisation),
+        _ => false,
+    };
+    // Beyond the pool's share the workers' queue grows without bound:
+    // every offload misses in the end.
+    let m = if over {
+        1.0
+    } else if c.offload_rate > 0.0 {
+        offload_miss_probability(head, bytes, costs, c.offload_rate, seen)
+    } else {
+        0.0
+    };
     let miss_rate = if cpu >= 1.0 || head > costs.deadline_us { 1.0 } else { c.offload_rate * m };
     let accuracy = (1.0 - c.offload_rate) * c.edge_accuracy + c.offload_rate * ((1.0 - m) * c.cloud_accuracy + m * c.fallback_accuracy);
     Prediction { plan: c.plan, accuracy, offload_rate: c.offload_rate, miss_rate, certified: c.certified, upload_bytes: bytes }
@@ -622,6 +664,7 @@ mod tests {
             deadline_us: 100_000.0,
             arrival_rate: 10.0,
             miss_bound: 0.05,
+            pool_utilisation: DEFAULT_POOL_UTILISATION,
             tail_us_per_request: Vec::new(),
         }
     }
@@ -969,14 +1012,42 @@ mod tests {
         let costs = Costs { tail_us_per_request: vec![1_000.0, 800.0], ..costs_for(3) };
         let seen = Observed { us_per_byte: 0.08, response_us: 10_000.0, cloud: None };
         let blind = choose(&stats, &costs, &seen);
-        let idle = choose(&stats, &costs, &Observed { cloud: Some(CloudLoad { backlog: 0.0, workers: 2.0 }), ..seen });
+        let idle = choose(&stats, &costs, &Observed { cloud: Some(CloudLoad { backlog: 0.0, workers: 2.0, inputs_per_s: 0.0 }), ..seen });
         assert_eq!(idle, blind);
         assert!(blind.offload_rate > 0.0, "{blind:?}");
         // 400 requests ahead at about 1 ms each over two workers: 200 ms.
-        let swamped = choose(&stats, &costs, &Observed { cloud: Some(CloudLoad { backlog: 400.0, workers: 2.0 }), ..seen });
+        let swamped = choose(&stats, &costs, &Observed { cloud: Some(CloudLoad { backlog: 400.0, workers: 2.0, inputs_per_s: 0.0 }), ..seen });
         assert!(swamped.offload_rate < blind.offload_rate, "{swamped:?} vs {blind:?}");
         assert_eq!(swamped.offload_rate, 0.0, "no offload makes 100 ms behind 200 ms of backlog: {swamped:?}");
-        assert!((CloudLoad { backlog: 400.0, workers: 2.0 }.wait_us(1_000.0) - 200_000.0).abs() < 1e-9);
+        assert!((CloudLoad { backlog: 400.0, workers: 2.0, inputs_per_s: 0.0 }.wait_us(1_000.0) - 200_000.0).abs() < 1e-9);
+    }
+
+    /// Each device may take its share of the pool by its input rate: with
+    /// 10,000 inputs a second sharing two workers of 1 ms a request (0.8 ms
+    /// at branch 2), no plan offloads more than 0.9 x 2 s / 10,000 of
+    /// compute per input, whatever the backlog now; a pool with room
+    /// changes nothing, and more workers widen the share.
+    #[test]
+    fn no_plan_takes_more_than_its_share_of_the_pool() {
+        let validation = random_validation(7, 2_000, 3);
+        let stats = ModelStats::from_validation(&validation, &[1.0; 3], &default_candidate_p_tars(), &[]).unwrap();
+        let costs = Costs { tail_us_per_request: vec![1_000.0, 800.0], ..costs_for(3) };
+        let seen = Observed { us_per_byte: 0.08, response_us: 10_000.0, cloud: None };
+        let load = |workers: f64, inputs_per_s: f64| Observed { cloud: Some(CloudLoad { backlog: 0.0, workers, inputs_per_s }), ..seen };
+        let free = choose(&stats, &costs, &seen);
+        assert_eq!(choose(&stats, &costs, &load(2.0, 100.0)), free, "a pool with room");
+        assert!(free.offload_rate > 0.0, "{free:?}");
+        let per_request = |p: &Prediction| costs.tail_us_per_request[p.plan.branch - 1];
+        let shared = choose(&stats, &costs, &load(2.0, 10_000.0));
+        assert!(per_request(&free) * free.offload_rate > 0.9 * 2.0 * 1e6 / 10_000.0, "the share binds: {free:?}");
+        assert!(shared.offload_rate * per_request(&shared) <= 0.9 * 2.0 * 1e6 / 10_000.0, "{shared:?}");
+        assert!(shared.offload_rate > 0.0 && shared.offload_rate < free.offload_rate, "{shared:?} vs {free:?}");
+        let wider = choose(&stats, &costs, &load(4.0, 10_000.0));
+        assert!(wider.offload_rate > shared.offload_rate, "{wider:?} vs {shared:?}");
+        // The bound itself.
+        let pool = CloudLoad { backlog: 0.0, workers: 2.0, inputs_per_s: 4_000.0 };
+        assert!(!pool.over_share(0.45, 1_000.0, 0.9) && pool.over_share(0.46, 1_000.0, 0.9));
+        assert!(!CloudLoad { inputs_per_s: 0.0, ..pool }.over_share(1.0, 1_000.0, 0.9), "rates unknown: no share");
     }
 
     fn s_exits() -> Vec<ExitLogits> {

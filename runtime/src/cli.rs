@@ -234,6 +234,9 @@ pub struct PlannerArgs {
     /// Largest predicted fraction of a device's inputs that may miss the deadline.
     #[arg(long, default_value_t = 0.05, value_name = "P")]
     pub miss_bound: f64,
+    /// Most of the worker pool's time the devices' offloads may take together, each device its share by its input rate (from the workers' status and the devices' reports).
+    #[arg(long, default_value_t = branchpoint_core::planner::DEFAULT_POOL_UTILISATION, value_name = "U")]
+    pub pool_utilisation: f64,
     /// Devices' head compute = the profile's time on this project's machine times this.
     #[arg(long, default_value_t = 1.0, value_name = "X")]
     pub device_slowdown: f64,

@@ -14,7 +14,7 @@
 //! not stop the planner. Restart: over NATS with JetStream, plans are stored
 //! in the control store (`control`) when they change, and a restarted planner
 //! starts from the stored ones; devices keep their last plan meanwhile.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -51,6 +51,58 @@ pub struct Planner {
     sink: Option<Box<dyn PlanSink>>,
     /// The worker pool's load, and when it was heard (`PoolLoad`).
     cloud: Option<(CloudLoad, std::time::Instant)>,
+    /// Each reporting device's input rate and when it reported, for the
+    /// pool's share (`CloudLoad::inputs_per_s`).
+    rates: DeviceRates,
+}
+
+/// The input rates of the devices heard from within `DEVICE_RATE_TTL`,
+/// and their sum, kept as reports come and recomputed at each sweep (once a
+/// second: a report costs O(1), not a pass over every device). Bounded:
+/// beyond `MAX_RATED_DEVICES` a new id is not counted, so a flood of
+/// made-up ids cannot grow the map, nor the sum without bound.
+#[derive(Debug)]
+struct DeviceRates {
+    rates: HashMap<String, (f64, std::time::Instant)>,
+    sum: f64,
+    swept: Option<std::time::Instant>,
+}
+
+/// A device not heard from for this long no longer counts in the pool's
+/// share: five missed reports at the devices' one a second.
+pub const DEVICE_RATE_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Most devices whose rates a planner keeps.
+pub const MAX_RATED_DEVICES: usize = 1 << 18;
+
+impl DeviceRates {
+    fn new() -> Self {
+        Self { rates: HashMap::new(), sum: 0.0, swept: None }
+    }
+
+    /// A device's rate heard at `now`; returns the sum over the devices
+    /// heard within the TTL (as of the last sweep for the others).
+    fn heard(&mut self, device_id: &str, rate: f64, now: std::time::Instant) -> f64 {
+        if self.swept.is_none_or(|at| now.saturating_duration_since(at) >= std::time::Duration::from_secs(1)) {
+            self.rates.retain(|_, (_, at)| now.saturating_duration_since(*at) <= DEVICE_RATE_TTL);
+            self.sum = self.rates.values().map(|(r, _)| r).sum();
+            self.swept = Some(now);
+        }
+        let rate = if rate.is_finite() { rate.max(0.0) } else { 0.0 };
+        let full = self.rates.len() >= MAX_RATED_DEVICES;
+        match self.rates.get_mut(device_id) {
+            Some(entry) => {
+                self.sum += rate - entry.0;
+                *entry = (rate, now);
+            }
+            None if !full => {
+                self.sum += rate;
+                self.rates.insert(device_id.to_string(), (rate, now));
+            }
+            None => {}
+        }
+        self.sum.max(0.0)
+    }
 }
 
 /// How long a pool load stays the planner's view of the cloud: workers
@@ -81,7 +133,7 @@ pub async fn watch_in_process_pool(batcher: Addr<crate::worker::Batcher>, planne
     loop {
         tick.tick().await;
         let Ok(stats) = batcher.send(crate::worker::GetWorkerStats).await else { return };
-        let load = CloudLoad { backlog: stats.queue_depth as f64, workers: workers.max(1) as f64 };
+        let load = CloudLoad { backlog: stats.queue_depth as f64, workers: workers.max(1) as f64, inputs_per_s: 0.0 };
         if planner.send(PoolLoad(load)).await.is_err() {
             return;
         }
@@ -90,7 +142,7 @@ pub async fn watch_in_process_pool(batcher: Addr<crate::worker::Batcher>, planne
 
 impl Planner {
     pub fn new(stats: Arc<ModelStats>, costs: BTreeMap<String, Costs>, template: Option<Costs>, sink: Option<Box<dyn PlanSink>>) -> Self {
-        Self { stats, costs, template, log: Vec::new(), sink, cloud: None }
+        Self { stats, costs, template, log: Vec::new(), sink, cloud: None, rates: DeviceRates::new() }
     }
 
     fn costs_for(&self, r: &DeviceReport) -> Option<Costs> {
@@ -127,7 +179,12 @@ impl Handler<DeviceReport> for Planner {
             );
             return;
         };
-        let cloud = self.cloud.filter(|(_, at)| at.elapsed() <= POOL_LOAD_TTL).map(|(load, _)| load);
+        let now = std::time::Instant::now();
+        // A device counts for at most the inputs its CPU can run: one
+        // report cannot claim the whole pool.
+        let most = 1e6 / costs.head_us.iter().copied().fold(f64::INFINITY, f64::min).max(1.0);
+        let inputs_per_s = self.rates.heard(&r.device_id, r.arrival_rate.unwrap_or(costs.arrival_rate).min(most), now);
+        let cloud = self.cloud.filter(|(_, at)| now.saturating_duration_since(*at) <= POOL_LOAD_TTL).map(|(load, _)| CloudLoad { inputs_per_s, ..load });
         let prediction = choose(&self.stats, &costs, &Observed { cloud, ..r.observed });
         self.log.push(PlanRecord { at_us: r.at_us, group: r.group.clone(), device_id: r.device_id.clone(), estimated_mbit_s: r.estimated_mbit_s, prediction });
         let partition_branch = match PartitionBranch::new(prediction.plan.branch) {
@@ -165,7 +222,7 @@ impl Handler<TakePlanLog> for Planner {
 mod tests {
     use std::time::Duration;
 
-    use branchpoint_core::planner::{Codec, OffloadBytes, Plan, ThresholdStats};
+    use branchpoint_core::planner::{Codec, OffloadBytes, Plan, ThresholdStats, DEFAULT_POOL_UTILISATION};
 
     use super::*;
 
@@ -211,6 +268,7 @@ mod tests {
             deadline_us: 100_000.0,
             arrival_rate: 10.0,
             miss_bound: 0.05,
+            pool_utilisation: DEFAULT_POOL_UTILISATION,
             tail_us_per_request,
         }
     }
@@ -276,16 +334,36 @@ mod tests {
             let device = FakeDevice(tx).start().recipient();
             let costs = cameras(vec![1_000.0, 1_000.0]);
             let planner = Planner::new(Arc::new(stats()), BTreeMap::from([("cameras".to_string(), costs)]), None, None).start();
-            planner.do_send(PoolLoad(CloudLoad { backlog: 0.0, workers: 1.0 }));
+            planner.do_send(PoolLoad(CloudLoad { backlog: 0.0, workers: 1.0, inputs_per_s: 0.0 }));
             planner.do_send(report("cam-1", "cameras", 0.08, device.clone()));
             let (idle, _) = plans.recv().await.expect("a plan");
             assert_eq!((idle.partition_branch.get(), idle.p_tar, idle.codec), (2, 0.9, Some(Codec::F32)), "{idle:?}");
             // 400 requests of 1 ms each ahead on one worker.
-            planner.do_send(PoolLoad(CloudLoad { backlog: 400.0, workers: 1.0 }));
+            planner.do_send(PoolLoad(CloudLoad { backlog: 400.0, workers: 1.0, inputs_per_s: 0.0 }));
             planner.do_send(report("cam-1", "cameras", 0.08, device));
             let (swamped, _) = plans.recv().await.expect("a plan");
             assert_eq!((swamped.partition_branch.get(), swamped.p_tar), (2, 0.0), "{swamped:?}");
         });
+    }
+
+    /// The rates the planner sums for the pool's share: each device's
+    /// latest, none older than the TTL after a sweep, and a flood of new ids
+    /// beyond the cap not counted.
+    #[test]
+    fn device_rates_sum_the_latest_of_live_devices() {
+        let mut r = DeviceRates::new();
+        let t0 = std::time::Instant::now();
+        assert_eq!(r.heard("a", 10.0, t0), 10.0);
+        assert_eq!(r.heard("b", 5.0, t0), 15.0);
+        assert_eq!(r.heard("a", 2.0, t0), 7.0, "a's latest replaces its earlier rate");
+        assert_eq!(r.heard("c", f64::NAN, t0), 7.0, "a rate that is no number counts as none");
+        let later = t0 + DEVICE_RATE_TTL + Duration::from_secs(2);
+        assert_eq!(r.heard("d", 1.0, later), 1.0, "a, b and c went quiet");
+        for i in 0..MAX_RATED_DEVICES + 10 {
+            r.heard(&format!("rogue-{i}"), 1.0, later);
+        }
+        assert_eq!(r.rates.len(), MAX_RATED_DEVICES);
+        assert_eq!(r.heard("one-more", 1_000.0, later), MAX_RATED_DEVICES as f64, "beyond the cap, not counted");
     }
 
     /// Tails that never finish: the batcher's requests stay in its backlog.

@@ -247,7 +247,7 @@ impl PoolView {
             }
         }
         self.workers.insert(status.worker_id, (status.queue_depth, now));
-        branchpoint_core::planner::CloudLoad { backlog: self.workers.values().map(|(q, _)| f64::from(*q)).sum(), workers: self.workers.len() as f64 }
+        branchpoint_core::planner::CloudLoad { backlog: self.workers.values().map(|(q, _)| f64::from(*q)).sum(), workers: self.workers.len() as f64, inputs_per_s: 0.0 }
     }
 }
 
@@ -267,11 +267,11 @@ mod tests {
     fn the_pool_view_sums_the_latest_status_of_live_workers() {
         let mut pool = PoolView::default();
         let t0 = Instant::now();
-        assert_eq!(pool.heard(status("w1", 10), t0), CloudLoad { backlog: 10.0, workers: 1.0 });
-        assert_eq!(pool.heard(status("w2", 5), t0), CloudLoad { backlog: 15.0, workers: 2.0 });
-        assert_eq!(pool.heard(status("w1", 2), t0 + Duration::from_secs(1)), CloudLoad { backlog: 7.0, workers: 2.0 }, "w1's latest replaces its earlier one");
+        assert_eq!(pool.heard(status("w1", 10), t0), CloudLoad { backlog: 10.0, workers: 1.0, inputs_per_s: 0.0 });
+        assert_eq!(pool.heard(status("w2", 5), t0), CloudLoad { backlog: 15.0, workers: 2.0, inputs_per_s: 0.0 });
+        assert_eq!(pool.heard(status("w1", 2), t0 + Duration::from_secs(1)), CloudLoad { backlog: 7.0, workers: 2.0, inputs_per_s: 0.0 }, "w1's latest replaces its earlier one");
         let later = t0 + super::super::POOL_LOAD_TTL + Duration::from_secs(2);
-        assert_eq!(pool.heard(status("w3", 1), later), CloudLoad { backlog: 1.0, workers: 1.0 }, "w1 and w2 went quiet");
+        assert_eq!(pool.heard(status("w3", 1), later), CloudLoad { backlog: 1.0, workers: 1.0, inputs_per_s: 0.0 }, "w1 and w2 went quiet");
         for i in 0..MAX_POOL_WORKERS + 10 {
             pool.heard(status(&format!("rogue-{i}"), 0), later);
         }

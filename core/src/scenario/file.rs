@@ -233,8 +233,12 @@ pub struct PlannerSection {
     /// codec costs a replay its answers on every split, once per model.
     pub codecs: Vec<Codec>,
     /// Whether the adaptive planner counts the workers' backlog in an
-    /// offload's predicted response time.
+    /// offload's predicted response time, and keeps each device's offloads
+    /// within its share of the pool.
     pub cloud_aware: bool,
+    /// The most of the worker pool's time the devices' offloads may take
+    /// together (`Costs::pool_utilisation`), with `cloud_aware`.
+    pub pool_utilisation: f64,
 }
 
 impl Default for PlannerSection {
@@ -249,6 +253,7 @@ impl Default for PlannerSection {
             certify_delta: 0.05,
             codecs: vec![Codec::F32, Codec::Int8],
             cloud_aware: true,
+            pool_utilisation: crate::planner::DEFAULT_POOL_UTILISATION,
         }
     }
 }
@@ -516,6 +521,9 @@ impl Scenario {
         let p = &self.planner;
         if !(p.miss_bound > 0.0 && p.miss_bound < 1.0) {
             return Err(self.err("planner.miss_bound", format!("{} must be in (0, 1)", p.miss_bound)));
+        }
+        if !(p.pool_utilisation > 0.0 && p.pool_utilisation <= 1.0) {
+            return Err(self.err("planner.pool_utilisation", format!("{} must be in (0, 1], e.g. 0.9", p.pool_utilisation)));
         }
         positive("planner.report_interval_s", p.report_interval_s)?;
         if !(p.ewma_alpha > 0.0 && p.ewma_alpha <= 1.0) {

@@ -199,6 +199,9 @@ pub struct SimConfig {
     pub safety: f64,
     pub probe_bytes: usize,
     pub miss_bound: f64,
+    /// Cloud-aware planners: the most of the pool's time the offloads may
+    /// take (`Costs::pool_utilisation`).
+    pub pool_utilisation: f64,
     pub autoscale: Option<AutoscaleSim>,
     /// Keep every input's latency in its bin too, for per-bin percentiles.
     /// Off unless a report plots them, so that the others' runs keep their
@@ -493,6 +496,9 @@ struct Sim<'a> {
     /// whether it sees the pool's backlog.
     stats: ModelStats,
     cloud_aware: bool,
+    /// Each device's input rate as it last reported it (its group's
+    /// starting rate before), which the planner sums for the pool's share.
+    reported_rates: Vec<f64>,
     next_input: u64,
     out: RunResult,
     costs: Vec<Costs>,
@@ -583,6 +589,7 @@ pub fn simulate(m: &SimModel, c: &SimConfig, plans: &Plans) -> RunResult {
             _ => m.stats.with_codecs(&[]),
         },
         cloud_aware: matches!(plans, Plans::Adaptive(p) if p.cloud_aware),
+        reported_rates: c.groups.iter().flat_map(|g| std::iter::repeat_n(g.rate_at(0), g.devices)).collect(),
         next_input: 0,
         out: RunResult {
             bins: vec![vec![Bin::default(); bins]; c.groups.len()],
@@ -603,6 +610,7 @@ pub fn simulate(m: &SimModel, c: &SimConfig, plans: &Plans) -> RunResult {
                 deadline_us: g.deadline_us as f64,
                 arrival_rate: g.rate_at(0),
                 miss_bound: c.miss_bound,
+                pool_utilisation: c.pool_utilisation,
                 tail_us_per_request: (1..=m.num_branches()).map(|k| m.tail_time_us(k, c.max_batch) / c.max_batch as f64).collect(),
             })
             .collect(),
@@ -1073,13 +1081,14 @@ impl<'a> Sim<'a> {
 
     /// The pool as a cloud-aware planner sees it at `t`: the requests
     /// waiting (those whose deadline has passed are as good as gone) and
-    /// the workers serving, as the workers' status reports them live. It is
+    /// the workers serving, as the workers' status reports them live, and
+    /// the input rates the devices last reported. It is
     /// the pool at the instant of the report, the freshest a status could
     /// be; a live planner's view is up to one status interval old
     /// (BENCHMARKS.md measures what that costs on the load step).
     fn cloud_load(&self, t: u64) -> CloudLoad {
         let backlog = self.queues.iter().flatten().filter(|&&id| self.requests[id as usize].deadline_at > t).count();
-        CloudLoad { backlog: backlog as f64, workers: self.pool.serving as f64 }
+        CloudLoad { backlog: backlog as f64, workers: self.pool.serving as f64, inputs_per_s: self.reported_rates.iter().sum() }
     }
 
     fn expired(&mut self, id: u32) {
@@ -1134,6 +1143,7 @@ impl<'a> Sim<'a> {
         let mbit = dev.uplink.est.mean_mbit_s().unwrap_or(0.0);
         // The device knows the rate its inputs arrive at now.
         self.costs[group].arrival_rate = self.c.groups[group].rate_at(t);
+        self.reported_rates[d as usize] = self.costs[group].arrival_rate;
         let seen = if self.cloud_aware { crate::planner::Observed { cloud: Some(self.cloud_load(t)), ..seen } } else { seen };
         let prediction = choose(&self.stats, &self.costs[group], &seen);
         let rtt = self.c.groups[group].link.rtt_us(t);
@@ -1229,6 +1239,7 @@ mod tests {
             safety: 2.0,
             probe_bytes: 15_000,
             miss_bound: 0.05,
+            pool_utilisation: 0.9,
             autoscale: None,
             bin_latencies: false,
             watch: MonitorConfig {
@@ -1422,6 +1433,36 @@ mod tests {
         assert!(scaled * 2 < single, "autoscaled misses {scaled}, one worker {single}");
         // The same seed, the same run.
         assert_eq!(simulate(&m, &c, &cloud_only).bins, r.bins);
+    }
+
+    /// A step to twice what one worker serves: the planner blind to the
+    /// cloud keeps offloading half the inputs into a queue that grows; the
+    /// cloud-aware one keeps each device within its share of the pool and
+    /// misses far less, at the same arrivals.
+    #[test]
+    fn the_cloud_aware_planner_keeps_offloads_within_the_pools_share() {
+        // A fleet: 500 devices, each offloading about once a second or
+        // less, so that its own response times say little about the pool.
+        let (m, mut c) = load_step(1);
+        c.groups[0].devices = 500;
+        c.groups[0].rate_steps = vec![(0, 0.1), (5_000_000, 2.0), (15_000_000, 0.1)];
+        c.groups[0].rate = 0.1;
+        let step = |r: &RunResult| r.bins[0][5..15].iter().map(|b| b.misses).sum::<u64>();
+        let blind = simulate(&m, &c, &Plans::Adaptive(Planning::f32_blind()));
+        let aware = simulate(&m, &c, &Plans::Adaptive(Planning { codecs: vec![Codec::F32], cloud_aware: true }));
+        assert_eq!(blind.arrivals, aware.arrivals);
+        let (b, a) = (step(&blind), step(&aware));
+        assert!(b > 100 && a * 2 < b, "misses in the step: blind {b}, cloud-aware {a}");
+        // Before the step both offload alike: the share binds only beyond
+        // what the pool serves.
+        let offloaded = |r: &RunResult| r.bins[0][..5].iter().map(|b| b.offloaded).sum::<u64>();
+        assert_eq!(offloaded(&blind), offloaded(&aware));
+        // With no share at all (every device's rate unknown), the
+        // cloud-aware planner is back to the backlog alone.
+        let mut unlimited = c.clone();
+        unlimited.pool_utilisation = 1e9;
+        let backlog_only = simulate(&m, &unlimited, &Plans::Adaptive(Planning { codecs: vec![Codec::F32], cloud_aware: true }));
+        assert!(step(&backlog_only) > a, "the share, not the backlog, made the difference: {} vs {a}", step(&backlog_only));
     }
 
     #[test]

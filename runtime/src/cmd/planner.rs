@@ -26,6 +26,9 @@ pub fn run(args: PlannerArgs) -> Result<()> {
     if !(args.miss_bound > 0.0 && args.miss_bound < 1.0) {
         bail!("--miss-bound {}: give a fraction in (0, 1), e.g. 0.05", args.miss_bound);
     }
+    if !(args.pool_utilisation > 0.0 && args.pool_utilisation <= 1.0) {
+        bail!("--pool-utilisation {}: give a fraction in (0, 1], e.g. 0.9", args.pool_utilisation);
+    }
     if !(args.device_slowdown.is_finite() && args.device_slowdown > 0.0) {
         bail!("--device-slowdown {}: give a positive factor", args.device_slowdown);
     }
@@ -75,6 +78,7 @@ pub fn run(args: PlannerArgs) -> Result<()> {
         deadline_us: 0.0,
         arrival_rate: 0.0,
         miss_bound: args.miss_bound,
+        pool_utilisation: args.pool_utilisation,
         // A request's share of the largest profiled batch: the workers'
         // rate when a backlog keeps their batches full.
         tail_us_per_request: tail_us.iter().map(|pts| pts.last().map_or(0.0, |&(b, us)| us / b.max(1) as f64)).collect(),

@@ -161,6 +161,7 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                         deadline_us: sim.deadline_us as f64,
                         arrival_rate: sim.rate,
                         miss_bound: cfg.miss_bound,
+                        pool_utilisation: cfg.pool_utilisation,
                         // Cloud-aware, the planner hears the pool's load
                         // (below); blind, it never counts its backlog.
                         tail_us_per_request: if cloud_aware {

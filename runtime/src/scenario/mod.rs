@@ -314,6 +314,7 @@ pub fn sim_config(s: &Scenario, prepared: &Prepared) -> Result<SimConfig> {
         safety: s.planner.safety,
         probe_bytes: s.planner.probe_bytes,
         miss_bound: s.planner.miss_bound,
+        pool_utilisation: s.planner.pool_utilisation,
         autoscale: s.workers.autoscale.as_ref().map(|a| AutoscaleSim {
             policy: a.policy(),
             tick_us: ((a.tick_s * 1e6).round() as u64).max(1),
