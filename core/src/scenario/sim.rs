@@ -497,8 +497,11 @@ struct Sim<'a> {
     stats: ModelStats,
     cloud_aware: bool,
     /// Each device's input rate as it last reported it (its group's
-    /// starting rate before), which the planner sums for the pool's share.
+    /// starting rate before), and their sum, kept as reports come (a
+    /// report costs O(1), not a pass over every device), for the pool's
+    /// share.
     reported_rates: Vec<f64>,
+    reported_rate_sum: f64,
     next_input: u64,
     out: RunResult,
     costs: Vec<Costs>,
@@ -590,6 +593,7 @@ pub fn simulate(m: &SimModel, c: &SimConfig, plans: &Plans) -> RunResult {
         },
         cloud_aware: matches!(plans, Plans::Adaptive(p) if p.cloud_aware),
         reported_rates: c.groups.iter().flat_map(|g| std::iter::repeat_n(g.rate_at(0), g.devices)).collect(),
+        reported_rate_sum: c.groups.iter().flat_map(|g| std::iter::repeat_n(g.rate_at(0), g.devices)).sum(),
         next_input: 0,
         out: RunResult {
             bins: vec![vec![Bin::default(); bins]; c.groups.len()],
@@ -1088,7 +1092,7 @@ impl<'a> Sim<'a> {
     /// (BENCHMARKS.md measures what that costs on the load step).
     fn cloud_load(&self, t: u64) -> CloudLoad {
         let backlog = self.queues.iter().flatten().filter(|&&id| self.requests[id as usize].deadline_at > t).count();
-        CloudLoad { backlog: backlog as f64, workers: self.pool.serving as f64, inputs_per_s: self.reported_rates.iter().sum() }
+        CloudLoad { backlog: backlog as f64, workers: self.pool.serving as f64, inputs_per_s: self.reported_rate_sum }
     }
 
     fn expired(&mut self, id: u32) {
@@ -1143,7 +1147,8 @@ impl<'a> Sim<'a> {
         let mbit = dev.uplink.est.mean_mbit_s().unwrap_or(0.0);
         // The device knows the rate its inputs arrive at now.
         self.costs[group].arrival_rate = self.c.groups[group].rate_at(t);
-        self.reported_rates[d as usize] = self.costs[group].arrival_rate;
+        let rate = self.costs[group].arrival_rate;
+        self.reported_rate_sum += rate - std::mem::replace(&mut self.reported_rates[d as usize], rate);
         let seen = if self.cloud_aware { crate::planner::Observed { cloud: Some(self.cloud_load(t)), ..seen } } else { seen };
         let prediction = choose(&self.stats, &self.costs[group], &seen);
         let rtt = self.c.groups[group].link.rtt_us(t);
@@ -1457,8 +1462,8 @@ mod tests {
         // what the pool serves.
         let offloaded = |r: &RunResult| r.bins[0][..5].iter().map(|b| b.offloaded).sum::<u64>();
         assert_eq!(offloaded(&blind), offloaded(&aware));
-        // With no share at all (every device's rate unknown), the
-        // cloud-aware planner is back to the backlog alone.
+        // With a share no pool reaches, the cloud-aware planner is back to
+        // the backlog alone.
         let mut unlimited = c.clone();
         unlimited.pool_utilisation = 1e9;
         let backlog_only = simulate(&m, &unlimited, &Plans::Adaptive(Planning { codecs: vec![Codec::F32], cloud_aware: true }));
