@@ -13,30 +13,10 @@ use actix::{Actor, Context, Handler, Message, MessageResult};
 use branchpoint_messages::Exit;
 use serde::{Deserialize, Serialize};
 
-/// Where an input's answer was decided.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Decided {
-    /// The branch was confident enough: answered on the device.
-    Device,
-    /// Offloaded and answered by a cloud worker with the final exit.
-    Cloud,
-    /// Offloaded, but no answer came in time (or an error came back): the
-    /// device answered with its own branch.
-    Fallback,
-}
-
-/// Why an offload fell back to the device's own answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum FallbackReason {
-    Deadline,
-    /// The device's NATS client was disconnected: nothing was sent.
-    Disconnected,
-    NoResponders,
-    ErrorReply,
-    Transport,
-}
+use branchpoint_core::outcome::{Counted, Counts};
+/// Where an input was decided, and why an offload fell back: the core's
+/// words, so that every count of outcomes means the same.
+pub use branchpoint_core::outcome::{Decided, FallbackReason};
 
 /// Latency of one input, broken down, in microseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -102,10 +82,22 @@ pub struct Sent {
 }
 
 impl Outcome {
+    /// What counting needs of it (`core::outcome::Counts`).
+    pub fn counted(&self) -> Counted {
+        Counted {
+            decided: self.decided,
+            fallback: self.fallback,
+            declined: self.declined,
+            correct: self.correct(),
+            latency_us: self.latency.total_us,
+            deadline_us: self.deadline_us,
+        }
+    }
+
     /// Whether this input missed its deadline, by the one definition
-    /// (`branchpoint_core::offload::deadline_missed`).
+    /// (`branchpoint_core::outcome::deadline_missed`).
     pub fn deadline_missed(&self) -> bool {
-        branchpoint_core::offload::deadline_missed(self.latency.total_us, self.deadline_us, self.fallback == Some(FallbackReason::Deadline))
+        self.counted().missed()
     }
 }
 
@@ -202,18 +194,8 @@ impl FineHistogram {
 struct Tally {
     outcomes: usize,
     errors: usize,
-    right: usize,
-    decided_on_device: usize,
-    edge_right: usize,
-    offloaded: usize,
-    answered_by_cloud: usize,
-    fallbacks: usize,
-    fallbacks_deadline: usize,
-    fallbacks_disconnected: usize,
-    fallbacks_no_responders: usize,
-    fallbacks_error_reply: usize,
-    fallbacks_transport: usize,
-    deadline_misses: usize,
+    /// The decided outcomes, counted the one way.
+    counts: Counts,
     per_exit: Vec<usize>,
     latency: FineHistogram,
 }
@@ -229,29 +211,7 @@ impl Tally {
             self.errors += 1;
             return;
         }
-        self.right += usize::from(o.correct());
-        self.deadline_misses += usize::from(o.deadline_missed());
-        match o.decided {
-            Decided::Device => {
-                self.decided_on_device += 1;
-                self.edge_right += usize::from(o.correct());
-            }
-            Decided::Cloud => {
-                self.offloaded += 1;
-                self.answered_by_cloud += 1;
-            }
-            Decided::Fallback => {
-                self.offloaded += 1;
-                self.fallbacks += 1;
-                match o.fallback {
-                    Some(FallbackReason::Deadline) => self.fallbacks_deadline += 1,
-                    Some(FallbackReason::Disconnected) => self.fallbacks_disconnected += 1,
-                    Some(FallbackReason::NoResponders) => self.fallbacks_no_responders += 1,
-                    Some(FallbackReason::ErrorReply) => self.fallbacks_error_reply += 1,
-                    Some(FallbackReason::Transport) | None => self.fallbacks_transport += 1,
-                }
-            }
-        }
+        self.counts.add(&o.counted());
         let slot = o.exit.index(self.per_exit.len() - 1);
         self.per_exit[slot] += 1;
         self.latency.add(o.latency.total_us as f64 / 1e3);
@@ -259,24 +219,29 @@ impl Tally {
 
     fn summary(&self, inputs: usize, duplicates: usize) -> Summary {
         let n = self.outcomes.max(1) as f64;
+        let c = &self.counts;
+        let reason = |r: FallbackReason| c.fallbacks_for(r) as usize;
         Summary {
             inputs,
             outcomes: self.outcomes,
             duplicates,
-            decided_on_device: self.decided_on_device,
-            offloaded: self.offloaded,
-            answered_by_cloud: self.answered_by_cloud,
-            fallbacks: self.fallbacks,
-            fallbacks_deadline: self.fallbacks_deadline,
-            fallbacks_no_responders: self.fallbacks_no_responders,
-            fallbacks_error_reply: self.fallbacks_error_reply,
-            fallbacks_transport: self.fallbacks_transport,
-            fallbacks_disconnected: self.fallbacks_disconnected,
+            decided_on_device: c.on_device as usize,
+            offloaded: c.offloaded as usize,
+            answered_by_cloud: c.cloud as usize,
+            fallbacks: c.fallbacks as usize,
+            fallbacks_deadline: reason(FallbackReason::Deadline),
+            fallbacks_no_responders: reason(FallbackReason::NoResponders),
+            fallbacks_error_reply: reason(FallbackReason::ErrorReply),
+            fallbacks_transport: reason(FallbackReason::Transport),
+            fallbacks_disconnected: reason(FallbackReason::Disconnected),
+            fallbacks_refused: reason(FallbackReason::Refused),
+            fallbacks_expired: reason(FallbackReason::Expired),
+            declined: c.declined as usize,
             errors: self.errors,
-            deadline_misses: self.deadline_misses,
+            deadline_misses: c.misses as usize,
             per_exit: self.per_exit.clone(),
-            accuracy: self.right as f64 / n,
-            edge_accuracy: (self.decided_on_device > 0).then(|| self.edge_right as f64 / self.decided_on_device as f64),
+            accuracy: c.correct as f64 / n,
+            edge_accuracy: (c.on_device > 0).then(|| c.edge_correct as f64 / c.on_device as f64),
             latency_ms_p50: self.latency.percentile(0.50),
             latency_ms_p95: self.latency.percentile(0.95),
             latency_ms_p99: self.latency.percentile(0.99),

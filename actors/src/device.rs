@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
 use branchpoint_core::calibration::predict;
-use branchpoint_messages::{AuditTag, Codec, Deadline, Exit, PartitionBranch};
+use branchpoint_messages::{AuditTag, Codec, Deadline, ErrorKind, Exit, PartitionBranch};
 
 use branchpoint_core::planner::Plan;
 
@@ -382,7 +382,11 @@ async fn offload(mut outcome: Outcome, mut request: Offload, classes: usize, lin
                 OffloadFailure::Deadline => FallbackReason::Deadline,
                 OffloadFailure::Disconnected => FallbackReason::Disconnected,
                 OffloadFailure::NoResponders => FallbackReason::NoResponders,
-                OffloadFailure::ErrorReply(_) => FallbackReason::ErrorReply,
+                OffloadFailure::ErrorReply(e) => match e.kind {
+                    ErrorKind::Overloaded => FallbackReason::Refused,
+                    ErrorKind::DeadlineExpired => FallbackReason::Expired,
+                    _ => FallbackReason::ErrorReply,
+                },
                 OffloadFailure::Transport(_) => FallbackReason::Transport,
             });
             // A deadline fallback is answered at the deadline; the others
@@ -441,11 +445,16 @@ impl Device {
             let fallback_outcome = outcome.clone();
             let exchange = async {
                 tokio::time::sleep_until(tokio::time::Instant::from_std(em.instant(finish) + half)).await;
-                let out = offload(outcome, request, classes, &link, deadline.saturating_sub(half), arrived).await;
+                let mut out = offload(outcome, request, classes, &link, deadline.saturating_sub(half), arrived).await;
                 if out.decided == Decided::Cloud {
                     tokio::time::sleep(half).await;
                     let replied = em.us(Instant::now());
                     em.uplink.borrow_mut().est.observe_response(replied.saturating_sub(finish) as f64);
+                } else if matches!(out.fallback, Some(FallbackReason::Refused | FallbackReason::Expired | FallbackReason::ErrorReply)) {
+                    // A worker's error reply comes back over the emulated
+                    // link too, as the virtual-time replay has it.
+                    tokio::time::sleep(half).await;
+                    out.latency.total_us = arrived.elapsed().as_micros() as u64;
                 }
                 out
             };
@@ -472,6 +481,12 @@ impl Device {
                     out
                 }
             };
+            if out.fallback == Some(FallbackReason::Deadline) {
+                // No answer by the deadline: the response took at least
+                // that long after the upload ended (the same lower bound the
+                // virtual-time replay's devices learn from).
+                em.uplink.borrow_mut().est.observe_response_at_least((t_arrival + deadline_us).saturating_sub(finish) as f64);
+            }
             out.latency.network_us = out.latency.total_us.saturating_sub(out.latency.device_compute_us + out.latency.queueing_us + out.latency.cloud_compute_us);
             collector.do_send(out);
         })
@@ -628,9 +643,16 @@ mod tests {
 
     #[test]
     fn an_error_reply_falls_back_at_once() {
-        for kind in [ErrorKind::Overloaded, ErrorKind::DeadlineExpired, ErrorKind::Internal] {
+        let reasons = [
+            (ErrorKind::Overloaded, FallbackReason::Refused),
+            (ErrorKind::DeadlineExpired, FallbackReason::Expired),
+            (ErrorKind::Internal, FallbackReason::ErrorReply),
+            (ErrorKind::UnknownModel, FallbackReason::ErrorReply),
+        ];
+        for (kind, reason) in reasons {
             let o = offloaded(Fault::Error(kind));
-            fell_back(&o, FallbackReason::ErrorReply);
+            fell_back(&o, reason);
+            assert!(!o.deadline_missed(), "{kind:?}: answered by the branch in time: {o:?}");
         }
     }
 

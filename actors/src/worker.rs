@@ -2,13 +2,14 @@
 //! batches those that arrive close together, runs one batched tail forward
 //! per batch on the compute pool, and answers each request.
 //!
-//! Owns: the pending batches, one per partition branch (only requests of the
-//! same branch have activations of the same shape). Messages in: `Job`,
-//! `GetWorkerStats`. A batch is flushed when it holds `max_batch` requests or
-//! `max_wait` after its first request arrived, whichever comes first, and
-//! runs when a compute thread is free (`with_compute_threads`): under
-//! overload requests wait here, where expired ones are answered at once and
-//! the others join full batches, rather than queueing at the compute pool.
+//! Owns: the batching policy's state (`branchpoint_core::batching::
+//! WorkerQueue`, the same code the virtual-time replay runs): the waiting
+//! requests per lane (model and partition branch: only those share a
+//! batch's shape), the compute slots, the learned batch times. This actor
+//! only carries its decisions out on the wall clock: it arms the max_wait
+//! timers, replies to what the policy refuses or expires, decodes a batch
+//! into one buffer and hands it to the compute pool. Messages in: `Job`,
+//! `GetWorkerStats`.
 //! Mailbox: bounded (actix default); the NATS loop awaits `send`, so a busy
 //! worker stops pulling from its subscription and NATS's queue group hands
 //! new requests to other members. Bad requests get a typed error reply and
@@ -20,6 +21,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use branchpoint_core::batching::{Finish, Flush, Lane, Offered, QueueConfig, Ticket, Waiting, WorkerQueue};
 use branchpoint_messages::{decode, encode, subjects, ErrorKind, ErrorReply, MessageError, OffloadAnswer, OffloadReply, OffloadRequest, WorkerTimings};
 use branchpoint_models::net::PartitionPoint;
 use futures::future::LocalBoxFuture;
@@ -28,10 +30,6 @@ use futures::StreamExt;
 use crate::compute::{Executor, RunTail, TailOutput, TensorPool};
 use crate::error::ActorError;
 use crate::offload::Offload;
-
-fn cfg_queue_default() -> usize {
-    512
-}
 
 /// How far a device's clock may be behind a worker's before the worker
 /// takes the device's requests for stale (`Deadline::sent_at_unix_us`; 0
@@ -142,119 +140,13 @@ pub struct Job {
 }
 
 impl Job {
-    /// When its answer stops being useful, by this worker's clock.
-    fn due(&self) -> Instant {
-        self.received + Duration::from_micros(self.request.deadline.budget_us)
-    }
-
     fn is_audit(&self) -> bool {
         self.request.audit.as_ref().is_some_and(|t| t.on_device)
     }
 }
 
-/// How long a batch of n takes to run at one branch: a least-squares line
-/// `a + b n` (a and b at least 0) through the smoothed time of each batch
-/// size seen (one point per size, so a run of small batches under light
-/// load does not make the worker forget what full ones take), and beyond
-/// the largest size seen no steeper than proportional to it. Unknown (0)
-/// before the first batch, so nothing is refused on a guess.
-#[derive(Debug, Clone, Default)]
-pub struct BatchTime {
-    /// Smoothed seconds per batch, by batch size (index n).
-    by_size: Vec<Option<f64>>,
-    a: f64,
-    b: f64,
-}
-
-impl BatchTime {
-    /// Weight of a new batch in its size's smoothed time.
-    const ALPHA: f64 = 0.2;
-    /// Batch sizes tracked (a worker's max_batch is far below).
-    const MAX_SIZE: usize = 4096;
-
-    pub fn observe(&mut self, n: usize, took: Duration) {
-        let n = n.clamp(1, Self::MAX_SIZE);
-        if self.by_size.len() <= n {
-            self.by_size.resize(n + 1, None);
-        }
-        let t = took.as_secs_f64();
-        let slot = &mut self.by_size[n];
-        *slot = Some(slot.map_or(t, |old| old + Self::ALPHA * (t - old)));
-        let points: Vec<(f64, f64)> = self.by_size.iter().enumerate().filter_map(|(n, t)| t.map(|t| (n as f64, t))).collect();
-        let k = points.len() as f64;
-        let (mx, my) = points.iter().fold((0.0, 0.0), |(x, y), p| (x + p.0 / k, y + p.1 / k));
-        let (sxx, sxy) = points.iter().fold((0.0, 0.0), |(xx, xy), p| (xx + (p.0 - mx).powi(2), xy + (p.0 - mx) * (p.1 - my)));
-        if sxx > 0.0 {
-            self.b = (sxy / sxx).max(0.0);
-            self.a = (my - self.b * mx).max(0.0);
-        } else {
-            // One batch size so far: all of it per input.
-            (self.a, self.b) = (0.0, my / mx.max(1.0));
-        }
-    }
-
-    pub fn estimate(&self, n: usize) -> Duration {
-        let line = (self.a + self.b * n as f64).max(0.0);
-        // Beyond the largest batch seen, a line through small ones can
-        // climb too steeply (noise in their times); proportional to the
-        // largest seen is an upper bound there (batching only amortises).
-        let Some((largest, t)) = self.by_size.iter().enumerate().rev().find_map(|(n, t)| t.map(|t| (n as f64, t))) else { return Duration::ZERO };
-        let secs = if n as f64 > largest { line.min(t * n as f64 / largest) } else { line };
-        Duration::from_secs_f64(secs)
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct WorkerStats {
-    pub requests: u64,
-    pub batches: u64,
-    pub errors: u64,
-    /// Requests waiting: for their batch, or in a batch waiting for compute.
-    pub queue_depth: usize,
-    pub mean_batch_size: f64,
-    /// EWMA (alpha 0.1) of the time requests wait for their batch, µs.
-    pub queue_delay_us_ewma: f64,
-    /// Requests answered by the tail (not error replies).
-    pub answered: u64,
-    /// Sum over answered requests of the time their formed batch waited for
-    /// a compute thread, µs: divided by `answered` it is the congestion
-    /// delay, without the batching window.
-    pub compute_wait_us_total: f64,
-    /// Audits shed because the worker was busy.
-    pub audits_shed: u64,
-}
-
-/// How many of a branch's waiting requests (their deadlines `dues`, in
-/// earliest-first order, audits after) to run as the next batch: the n up to
-/// `max_batch` that answers the most of them in time per second of compute,
-/// with `batch_time(n)` the estimated time of a batch of n started `now`;
-/// the batch is then the earliest n whose deadlines a batch of n still
-/// meets. At least one when any request waits.
-pub fn batch_to_run(dues: &[Instant], max_batch: usize, now: Instant, batch_time: impl Fn(usize) -> Duration) -> usize {
-    let upto = dues.len().min(max_batch.max(1));
-    let mut best = (0.0f64, upto.min(1));
-    for n in 1..=upto {
-        let t = batch_time(n);
-        let in_time = dues.iter().filter(|&&d| d >= now + t).count().min(n);
-        // Answers per second of compute; ties go to the larger batch.
-        let rate = in_time as f64 / t.as_secs_f64().max(1e-9);
-        if in_time > 0 && rate >= best.0 {
-            best = (rate, n);
-        }
-    }
-    best.1
-}
-
-/// Where in a branch's queue a new request goes, or `None` to shed it:
-/// real requests go ahead of every queued audit (an audit never delays an
-/// offload), and an audit is shed while the worker holds `shed_at` requests
-/// or more (`backlog`: queued and computing). `audits` flags the queue.
-pub fn admit(audits: &[bool], is_audit: bool, backlog: usize, shed_at: usize) -> Option<usize> {
-    if is_audit {
-        return (backlog < shed_at).then_some(audits.len());
-    }
-    Some(audits.iter().position(|&a| a).unwrap_or(audits.len()))
-}
+/// The worker's counters: the batching policy's (`core::batching`).
+pub use branchpoint_core::batching::QueueStats as WorkerStats;
 
 /// A model the worker serves: its SHA-256 (`Model::sha256`, what requests
 /// name it by) and what crosses each of its partition points.
@@ -264,14 +156,9 @@ pub struct ServedModel {
     pub partition_points: Vec<PartitionPoint>,
 }
 
-/// Requests that may share a batch: the same model's tail at the same
-/// partition branch (`model` indexes the worker's models).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Lane {
-    pub model: usize,
-    pub branch: u8,
-}
-
+/// The batching policy's decisions (`core::batching::WorkerQueue`), carried
+/// out on the wall clock: this actor arms its timers, hands its batches to
+/// the compute pool and sends its replies.
 pub struct Batcher {
     cfg: WorkerConfig,
     /// Over NATS: where audit results go (`branchpoint.calibration.audit`).
@@ -280,34 +167,9 @@ pub struct Batcher {
     /// The models served, in the executor's order; a request that names
     /// none goes to the first.
     models: Vec<ServedModel>,
-    pending: HashMap<Lane, Vec<Job>>,
-    /// Bumped at every flush, so a stale max_wait timer flushes nothing.
-    generation: HashMap<Lane, u64>,
-    stats: WorkerStats,
-    /// Requests in batches handed to the compute pool and not yet answered.
-    in_flight: usize,
-    /// Batches handed to the compute pool and not yet answered, and how
-    /// many may be: one per compute thread, plus one. Beyond that, requests wait here,
-    /// where an expired one is answered at once instead of being computed,
-    /// and where waiting requests join bigger batches.
-    batches_in_flight: usize,
-    max_batches_in_flight: usize,
-    /// Lanes with requests ready to run, waiting for a compute thread,
-    /// and since when: the queue delay starts there, not at arrival, because
-    /// the batching window before it is chosen, not congestion.
-    deferred: std::collections::BTreeSet<Lane>,
-    ready_since: HashMap<Lane, Instant>,
-    /// Each lane's batch time, for deadline decisions.
-    batch_time: HashMap<Lane, BatchTime>,
-    /// Most requests held (waiting and computing); beyond it an offload is
-    /// refused at once as Overloaded.
-    max_queue: usize,
-    compute_threads: usize,
-    /// When each compute thread is expected to be free (a batch handed to
-    /// the pool may wait for one: its deadline counts from then), and the
-    /// estimated times of the batches handed to it and not yet done.
-    free_at: Vec<Instant>,
-    slot_work: Vec<std::collections::VecDeque<Duration>>,
+    queue: WorkerQueue<Job>,
+    /// Time 0 of the policy's microseconds.
+    epoch: Instant,
 }
 
 impl Batcher {
@@ -315,38 +177,27 @@ impl Batcher {
     /// (`RunTail::model` indexes `models`).
     pub fn new(cfg: WorkerConfig, executor: impl RunTails, models: Vec<ServedModel>) -> Self {
         assert!(!models.is_empty(), "a worker serves at least one model");
-        Self {
-            cfg,
-            audit_sink: None,
-            executor: Box::new(executor),
-            models,
-            pending: HashMap::new(),
-            generation: HashMap::new(),
-            stats: WorkerStats::default(),
-            in_flight: 0,
-            batches_in_flight: 0,
-            max_batches_in_flight: usize::MAX,
-            deferred: Default::default(),
-            ready_since: HashMap::new(),
-            batch_time: HashMap::new(),
-            max_queue: cfg_queue_default(),
-            compute_threads: 1,
-            free_at: vec![Instant::now()],
-            slot_work: vec![Default::default()],
-        }
-        .with_default_queue()
+        let queue = WorkerQueue::new(QueueConfig::new(cfg.max_batch, cfg.max_wait.as_micros() as u64, 1));
+        Self { cfg, audit_sink: None, executor: Box::new(executor), models, queue, epoch: Instant::now() }
     }
 
-    fn with_default_queue(mut self) -> Self {
-        self.max_queue = self.cfg.max_batch.max(1) * 16;
+    fn reconfigure(mut self, f: impl FnOnce(&mut QueueConfig)) -> Self {
+        let mut qc = *self.queue.config();
+        f(&mut qc);
+        self.queue = WorkerQueue::new(qc);
         self
     }
 
     /// Holds at most `n` requests (waiting and computing) [default: 16
     /// batches].
-    pub fn with_max_queue(mut self, n: usize) -> Self {
-        self.max_queue = n.max(1);
-        self
+    pub fn with_max_queue(self, n: usize) -> Self {
+        self.reconfigure(|c| c.max_queue = n.max(1))
+    }
+
+    /// Runs batches on a compute pool of `threads` threads (at most one
+    /// batch per thread plus one waiting behind them are handed to it).
+    pub fn with_compute_threads(self, threads: usize) -> Self {
+        self.reconfigure(|c| c.compute_threads = threads.max(1))
     }
 
     /// Sends the final exit's answer to every tagged request (audits and
@@ -356,44 +207,16 @@ impl Batcher {
         self
     }
 
-    fn backlog(&self) -> usize {
-        self.pending.values().map(Vec::len).sum::<usize>() + self.in_flight
+    /// Now, in the policy's microseconds.
+    fn now_us(&self) -> u64 {
+        self.us(Instant::now())
     }
 
-    /// Hands the compute pool (of `threads` threads) at most one batch per
-    /// thread plus one waiting behind them: the one waiting keeps a thread
-    /// from idling while its next batch is gathered (without it throughput
-    /// fell to 0.78x a bare batched forward). Without this call there is no
-    /// bound, and under overload batches queue at the executor, where
-    /// expired requests are computed anyway.
-    pub fn with_compute_threads(mut self, threads: usize) -> Self {
-        self.max_batches_in_flight = threads.max(1) + 1;
-        self.compute_threads = threads.max(1);
-        self.free_at = vec![Instant::now(); self.compute_threads];
-        self.slot_work = vec![Default::default(); self.compute_threads];
-        self
+    fn us(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_micros() as u64
     }
 
-    /// The compute thread expected free first, and when a batch handed to
-    /// the pool now would start.
-    fn next_start(&self, now: Instant) -> (usize, Instant) {
-        let (slot, at) = self.free_at.iter().enumerate().min_by_key(|(_, t)| **t).map(|(i, t)| (i, *t)).unwrap_or((0, now));
-        (slot, at.max(now))
-    }
-
-    /// Flushes deferred lanes while compute threads are free, the lane
-    /// whose most urgent offload is due first first.
-    fn resume(&mut self, ctx: &mut Context<Self>) {
-        while self.batches_in_flight < self.max_batches_in_flight {
-            let urgent = |l: &Lane| self.pending.get(l).and_then(|q| q.iter().filter(|j| !j.is_audit()).map(Job::due).min());
-            let Some(lane) = self.deferred.iter().copied().min_by_key(|l| (urgent(l).is_none(), urgent(l), *l)) else { return };
-            self.deferred.remove(&lane);
-            self.flush(lane, ctx);
-        }
-    }
-
-    fn error(&mut self, seq: Option<u64>, kind: ErrorKind, detail: String) -> OffloadReply {
-        self.stats.errors += 1;
+    fn error(&self, seq: Option<u64>, kind: ErrorKind, detail: String) -> OffloadReply {
         OffloadReply::Error(ErrorReply { seq, worker_id: self.cfg.worker_id.clone(), kind, detail })
     }
 
@@ -430,142 +253,68 @@ impl Batcher {
         Ok(Lane { model, branch: r.partition_branch })
     }
 
-    fn flush(&mut self, lane: Lane, ctx: &mut Context<Self>) {
-        *self.generation.entry(lane).or_default() += 1;
-        if self.pending.get(&lane).is_none_or(Vec::is_empty) {
-            return;
-        }
-        if self.batches_in_flight >= self.max_batches_in_flight {
-            // Ready, but every compute thread is busy: runs when one frees.
-            self.deferred.insert(lane);
-            self.ready_since.entry(lane).or_insert_with(Instant::now);
-            return;
-        }
-        let ready = self.ready_since.remove(&lane);
-        // Deadlines count from when the batch will start: now, or when the
-        // batch ahead of it at the pool is expected to finish.
-        let (slot, now) = self.next_start(Instant::now());
-        let estimate = self.batch_time.get(&lane).cloned().unwrap_or_default();
-        let queue = self.pending.get_mut(&lane).expect("checked above");
-        // Earliest deadline first, offloads ahead of audits; an offload that
-        // cannot finish even alone is answered now, not computed late.
-        queue.sort_by_key(|j| (j.is_audit(), j.due()));
-        let (hopeless, rest): (Vec<Job>, Vec<Job>) = std::mem::take(queue).into_iter().partition(|j| now + estimate.estimate(1) > j.due());
-        *queue = rest;
-        // The batch that answers the most requests in time per second of
-        // compute: under overload a full batch of those that can still make
-        // it, rather than a small one shrunk to fit the most urgent.
-        let dues: Vec<Instant> = queue.iter().map(Job::due).collect();
-        let take = batch_to_run(&dues, self.cfg.max_batch, now, |n| estimate.estimate(n));
-        let jobs: Vec<Job> = {
-            let fits = |j: &Job| j.due() >= now + estimate.estimate(take.max(1));
-            let mut chosen = Vec::with_capacity(take);
-            let mut kept = Vec::with_capacity(queue.len());
-            for j in std::mem::take(queue) {
-                if chosen.len() < take && fits(&j) {
-                    chosen.push(j);
-                } else {
-                    kept.push(j);
-                }
+    /// Hands every batch the policy has ready to the compute pool, while it
+    /// has room for them.
+    fn run_ready(&mut self, ctx: &mut Context<Self>) {
+        while let Some(next) = self.queue.next_batch(self.now_us()) {
+            for w in next.expired {
+                let detail = format!("it cannot finish before its deadline (a batch takes about {:.1} ms)", next.one_us as f64 / 1e3);
+                let reply = self.error(Some(w.item.request.seq), ErrorKind::DeadlineExpired, detail);
+                w.item.reply.send(reply);
             }
-            *queue = kept;
-            chosen
-        };
-        for job in hopeless {
-            let reply =
-                self.error(Some(job.request.seq), ErrorKind::DeadlineExpired, format!("it cannot finish before its deadline (a batch takes about {:?})", estimate.estimate(1)));
-            job.reply.send(reply);
-        }
-        let queue = self.pending.get_mut(&lane).expect("still there");
-        if !queue.is_empty() {
-            // More arrived while the lane waited for a thread; they have
-            // waited too, so they go next.
-            self.deferred.insert(lane);
-            self.ready_since.insert(lane, Instant::now());
-        }
-        let started = Instant::now();
-        let ready = ready.unwrap_or(started);
-        let mut live = Vec::with_capacity(jobs.len());
-        let mut activations = Vec::new();
-        for job in jobs {
-            let budget = Duration::from_micros(job.request.deadline.budget_us);
-            if started.duration_since(job.received) >= budget {
-                let reply = self.error(Some(job.request.seq), ErrorKind::DeadlineExpired, "the deadline passed while the request waited".into());
-                job.reply.send(reply);
-                continue;
-            }
+            let Some(mut ticket) = next.ticket else { continue };
             // Decoding f16 or int8 here, on the batch's way to compute.
-            let before = activations.len();
-            if let Err(e) = job.request.activation.append_to(&mut activations) {
-                activations.truncate(before);
-                let reply = self.error(Some(job.request.seq), ErrorKind::InvalidRequest, format!("activation: {e}"));
-                job.reply.send(reply);
+            let mut live = Vec::with_capacity(next.batch.len());
+            let mut activations = Vec::new();
+            for w in next.batch {
+                let job = w.item;
+                let before = activations.len();
+                if let Err(e) = job.request.activation.append_to(&mut activations) {
+                    activations.truncate(before);
+                    self.queue.count_error();
+                    let reply = self.error(Some(job.request.seq), ErrorKind::InvalidRequest, format!("activation: {e}"));
+                    job.reply.send(reply);
+                    continue;
+                }
+                live.push(job);
+            }
+            self.queue.shrink(&mut ticket, live.len());
+            if live.is_empty() {
+                // Nothing left to compute: the slot is free again.
+                self.queue.finished(self.now_us(), ticket, Finish::Failed);
                 continue;
             }
-            live.push(job);
+            self.start(ticket, live, activations, ctx);
         }
-        if live.is_empty() {
-            // Nothing left to compute: the thread is still free.
-            self.resume(ctx);
-            return;
-        }
-        let n = live.len();
-        self.stats.batches += 1;
-        self.stats.mean_batch_size += (n as f64 - self.stats.mean_batch_size) / self.stats.batches as f64;
-        for job in &live {
-            let q = started.duration_since(job.received).as_micros() as f64;
-            self.stats.queue_delay_us_ewma = 0.9 * self.stats.queue_delay_us_ewma + 0.1 * q;
-        }
+    }
+
+    fn start(&mut self, ticket: Ticket, live: Vec<Job>, activations: Vec<f32>, ctx: &mut Context<Self>) {
+        let (lane, n) = (ticket.lane, live.len());
+        let started = Instant::now();
         let run = RunTail { model: lane.model, partition_branch: lane.branch as usize, batch: n, activations };
-        self.in_flight += n;
-        self.batches_in_flight += 1;
-        let took = estimate.estimate(n);
-        if let (Some(t), Some(w)) = (self.free_at.get_mut(slot), self.slot_work.get_mut(slot)) {
-            *t = now + took;
-            w.push_back(took);
-        }
         self.executor
             .run_tails(run)
             .into_actor(self)
             .map(move |result, act, ctx| {
-                act.in_flight -= n;
-                act.batches_in_flight -= 1;
-                // Done: that thread is free now, but for what was handed
-                // to it after this batch.
-                if let (Some(t), Some(w)) = (act.free_at.get_mut(slot), act.slot_work.get_mut(slot)) {
-                    w.pop_front();
-                    *t = Instant::now() + w.iter().sum::<Duration>();
-                }
-                act.resume(ctx);
+                let now = act.now_us();
                 match result {
                     Ok(out) => {
-                        act.batch_time.entry(lane).or_default().observe(n, out.compute);
-                        // Waiting for a thread: deferred here, then queued at the pool.
-                        let waited = (started.elapsed().saturating_sub(out.compute) + started.duration_since(ready)).as_micros() as f64;
-                        act.stats.answered += n as u64;
-                        act.stats.compute_wait_us_total += waited * n as f64;
+                        act.queue.finished(now, ticket, Finish::Ran { took_us: out.compute.as_micros() as u64 });
+                        act.run_ready(ctx);
                         for (job, (class, confidence)) in live.into_iter().zip(out.answers) {
                             let timings = WorkerTimings {
                                 queue_us: started.duration_since(job.received).as_micros() as u64,
                                 compute_us: out.compute.as_micros() as u64,
                                 batch_size: n as u32,
                             };
-                            if let (Some(tag), Some(client)) = (&job.request.audit, &act.audit_sink) {
-                                let result = tag.result(&job.request.device_id, job.request.partition_branch, class);
-                                if let Ok(bytes) = encode(&result) {
-                                    let client = client.clone();
-                                    // Best effort: a lost audit result costs the
-                                    // calibrator one sample, nothing else.
-                                    actix::spawn(async move {
-                                        let _ = client.publish(subjects::CALIBRATION_AUDIT, bytes.into()).await;
-                                    });
-                                }
-                            }
+                            act.send_audit(&job, class);
                             let answer = OffloadAnswer { seq: job.request.seq, worker_id: act.cfg.worker_id.clone(), class, confidence, timings };
                             job.reply.send(OffloadReply::Answer(answer));
                         }
                     }
                     Err(e) => {
+                        act.queue.finished(now, ticket, Finish::Failed);
+                        act.run_ready(ctx);
                         for job in live {
                             let reply = act.error(Some(job.request.seq), ErrorKind::Internal, e.to_string());
                             job.reply.send(reply);
@@ -575,31 +324,18 @@ impl Batcher {
             })
             .spawn(ctx);
     }
-}
 
-impl Batcher {
-    /// Why an offload is refused at once, if it is: the worker holds
-    /// `max_queue` requests already, or the offloads due before it make a
-    /// queue it cannot get through before its own deadline (a device told
-    /// now falls back at once, instead of at its deadline).
-    fn refuse_offload(&self, job: &Job, lane: Lane, backlog: usize) -> Option<String> {
-        if backlog >= self.max_queue {
-            return Some(format!("the worker holds {backlog} requests already (at most {})", self.max_queue));
+    /// A tagged request's final-exit answer, to the calibrator (best
+    /// effort: a lost audit result costs the calibrator one sample).
+    fn send_audit(&self, job: &Job, class: u32) {
+        let (Some(tag), Some(client)) = (&job.request.audit, &self.audit_sink) else { return };
+        let result = tag.result(&job.request.device_id, job.request.partition_branch, class);
+        if let Ok(bytes) = encode(&result) {
+            let client = client.clone();
+            actix::spawn(async move {
+                let _ = client.publish(subjects::CALIBRATION_AUDIT, bytes.into()).await;
+            });
         }
-        let estimate = self.batch_time.get(&lane)?;
-        let due = job.due();
-        // Waiting here, due before it: full batches ahead of its own, after
-        // what the pool holds already.
-        let ahead: usize = self.pending.values().flatten().filter(|j| !j.is_audit() && j.due() <= due).count();
-        // Full batches of those ahead, then its own with the rest, shared
-        // by the compute threads.
-        let max_batch = self.cfg.max_batch.max(1);
-        let work = estimate.estimate(max_batch) * (ahead / max_batch) as u32 + estimate.estimate(ahead % max_batch + 1);
-        let now = Instant::now();
-        // `next_start` counts the batches handed to the pool already.
-        let (_, start) = self.next_start(now);
-        let finish = start + work / self.compute_threads as u32;
-        (finish > due).then(|| format!("{ahead} requests are due before it: it would finish about {:?} from now, after its deadline", finish - now))
     }
 }
 
@@ -611,44 +347,36 @@ impl Handler<Job> for Batcher {
     type Result = ();
 
     fn handle(&mut self, job: Job, ctx: &mut Context<Self>) {
-        self.stats.requests += 1;
         let now_unix_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
         let lane = match self.check(&job.request, now_unix_us) {
             Ok(lane) => lane,
             Err((kind, detail)) => {
+                self.queue.count_invalid();
                 let reply = self.error(Some(job.request.seq), kind, detail);
                 job.reply.send(reply);
                 return;
             }
         };
-        let is_audit = job.is_audit();
-        let backlog = self.backlog();
-        if !is_audit {
-            if let Some(why) = self.refuse_offload(&job, lane, backlog) {
-                let reply = self.error(Some(job.request.seq), ErrorKind::Overloaded, why);
-                job.reply.send(reply);
-                return;
+        let received_us = self.us(job.received);
+        let due_us = received_us + job.request.deadline.budget_us;
+        let audit = job.is_audit();
+        let now = self.now_us();
+        match self.queue.offer(now, lane, Waiting { item: job, received_us, due_us, audit }) {
+            Offered::Refused(w, why) => {
+                let reply = self.error(Some(w.item.request.seq), ErrorKind::Overloaded, why.to_string());
+                w.item.reply.send(reply);
             }
-        }
-        let flags: Vec<bool> = self.pending.get(&lane).map_or(Vec::new(), |q| q.iter().map(|j| j.request.audit.as_ref().is_some_and(|t| t.on_device)).collect());
-        let Some(at) = admit(&flags, is_audit, backlog, self.cfg.max_batch) else {
-            self.stats.audits_shed += 1;
-            let reply = self.error(Some(job.request.seq), ErrorKind::Overloaded, "an audit, shed: the worker is busy with offloads".into());
-            job.reply.send(reply);
-            return;
-        };
-        let queue = self.pending.entry(lane).or_default();
-        queue.insert(at, job);
-        let len = queue.len();
-        if len >= self.cfg.max_batch {
-            self.flush(lane, ctx);
-        } else if len == 1 {
-            let generation = *self.generation.entry(lane).or_default();
-            ctx.run_later(self.cfg.max_wait, move |act, ctx| {
-                if act.generation.get(&lane) == Some(&generation) {
-                    act.flush(lane, ctx);
-                }
-            });
+            Offered::Queued(Flush::Now) => {
+                self.queue.flush(now, lane);
+                self.run_ready(ctx);
+            }
+            Offered::Queued(Flush::At { at_us, generation }) => {
+                ctx.run_later(Duration::from_micros(at_us.saturating_sub(now)), move |act, ctx| {
+                    act.queue.timer_fired(act.now_us(), lane, generation);
+                    act.run_ready(ctx);
+                });
+            }
+            Offered::Queued(Flush::Armed) => {}
         }
     }
 }
@@ -661,9 +389,7 @@ impl Handler<GetWorkerStats> for Batcher {
     type Result = MessageResult<GetWorkerStats>;
 
     fn handle(&mut self, _: GetWorkerStats, _: &mut Context<Self>) -> Self::Result {
-        let mut s = self.stats;
-        s.queue_depth = self.backlog();
-        MessageResult(s)
+        MessageResult(self.queue.stats())
     }
 }
 
@@ -878,68 +604,5 @@ mod batcher_tests {
             assert_eq!((stats.requests, stats.errors, stats.batches), (2, 2, 0));
             assert!(tails.0.borrow().is_empty());
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{admit, batch_to_run, BatchTime};
-    use std::time::{Duration, Instant};
-
-    #[test]
-    fn batch_times_follow_the_batches_seen() {
-        let mut t = BatchTime::default();
-        assert_eq!(t.estimate(32), Duration::ZERO, "nothing refused on a guess");
-        // 2 ms + 0.5 ms per input.
-        for n in [1, 4, 8, 16, 32, 8, 1] {
-            t.observe(n, Duration::from_micros(2000 + 500 * n as u64));
-        }
-        for n in [1, 10, 32] {
-            let want = 2000.0 + 500.0 * n as f64;
-            assert!((t.estimate(n).as_micros() as f64 - want).abs() < 2.0, "{n}: {:?}", t.estimate(n));
-        }
-        // A long run of small batches (light load) does not make it forget
-        // what a full one takes.
-        for _ in 0..500 {
-            t.observe(2, Duration::from_micros(3000));
-        }
-        assert!((t.estimate(32).as_micros() as f64 - 18_000.0).abs() < 1_000.0, "{:?}", t.estimate(32));
-        // Only small batches seen: beyond them, no steeper than proportional.
-        let mut small = BatchTime::default();
-        small.observe(1, Duration::from_millis(30));
-        small.observe(2, Duration::from_millis(70));
-        assert!(small.estimate(32) <= Duration::from_millis(70 * 16), "{:?}", small.estimate(32));
-    }
-
-    #[test]
-    fn under_overload_a_full_batch_of_what_can_still_make_it() {
-        let now = Instant::now();
-        let ms = |m: u64| now + Duration::from_millis(m);
-        // A batch of n takes 10 + n ms.
-        let time = |n: usize| Duration::from_millis(10 + n as u64);
-        // Plenty of slack: everything, up to max_batch.
-        let relaxed: Vec<Instant> = (0..50).map(|i| ms(1000 + i)).collect();
-        assert_eq!(batch_to_run(&relaxed, 32, now, time), 32);
-        // Two urgent ones (due in 15 ms) and 40 with room: a full batch of
-        // those that make it beats a batch of 2 shrunk to fit the urgent.
-        let mut mixed = vec![ms(15), ms(15)];
-        mixed.extend((0..40).map(|i| ms(500 + i)));
-        assert_eq!(batch_to_run(&mixed, 32, now, time), 32);
-        // Only the urgent ones: a small batch that saves them.
-        assert_eq!(batch_to_run(&[ms(15), ms(15)], 32, now, time), 2);
-        assert_eq!(batch_to_run(&[ms(11)], 32, now, time), 1);
-        assert_eq!(batch_to_run(&[], 32, now, time), 0);
-    }
-
-    #[test]
-    fn audits_wait_behind_offloads_and_are_shed_first() {
-        // An offload goes ahead of every queued audit, however many.
-        assert_eq!(admit(&[false, false, true, true], false, 4, 32), Some(2));
-        assert_eq!(admit(&[true; 100], false, 1000, 32), Some(0), "a burst of audits cannot delay an offload, let alone refuse it");
-        assert_eq!(admit(&[false, false], false, 1000, 32), Some(2), "offloads are never shed here");
-        // An audit goes last, while the worker has room.
-        assert_eq!(admit(&[false, true], true, 2, 32), Some(2));
-        assert_eq!(admit(&[], true, 31, 32), Some(0));
-        assert_eq!(admit(&[], true, 32, 32), None, "shed at the limit");
     }
 }

@@ -9,6 +9,7 @@
 //! recorded answers (`calibration::ExitLogits`) and its measured costs
 //! (`costs::ComputeProfile`), so this crate's tests run in seconds anywhere.
 pub mod autoscale;
+pub mod batching;
 pub mod calibration;
 pub mod corrupt;
 pub mod costs;
@@ -16,6 +17,7 @@ pub mod error;
 pub mod link;
 pub mod monitor;
 pub mod offload;
+pub mod outcome;
 pub mod planner;
 pub mod recalibration;
 pub mod risk;

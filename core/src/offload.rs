@@ -34,14 +34,8 @@ pub fn default_p_tars() -> Vec<f64> {
 /// Default outage batch size N.
 pub const DEFAULT_OUTAGE_BATCH: usize = 100;
 
-/// The one definition of a deadline miss, for the replay's report.json,
-/// the live fleets' summaries, `/metrics` and the dashboard alike: an input
-/// answered after its deadline (`latency_us > deadline_us`; a deadline of 0
-/// is unknown), or one the branch answered because the cloud's answer had
-/// not come by the deadline.
-pub fn deadline_missed(latency_us: u64, deadline_us: u64, fell_back_at_deadline: bool) -> bool {
-    fell_back_at_deadline || (deadline_us > 0 && latency_us > deadline_us)
-}
+/// The one definition of a deadline miss lives with the outcomes.
+pub use crate::outcome::deadline_missed;
 
 /// A target p_tar (`PTar::target`: in (0, 1)).
 pub fn check_p_tar(p: f64) -> Result<()> {

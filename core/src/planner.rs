@@ -515,6 +515,21 @@ impl LinkEstimator {
         }
     }
 
+    /// An offload whose answer had not come `us` after its upload ended
+    /// (the device gave up at its deadline): the response takes at least
+    /// that. Only raises the estimate, as a stalled upload does; without it
+    /// a device whose answers all come too late would never see them, and
+    /// would go on offloading on the response time of better days.
+    pub fn observe_response_at_least(&mut self, us: f64) {
+        if !(us.is_finite() && us >= 0.0) {
+            return;
+        }
+        match self.response_us {
+            Some((m, _)) if us <= m => {}
+            _ => Self::update(&mut self.response_us, self.alpha, us),
+        }
+    }
+
     /// Whether both the uplink and the response time have a sample.
     pub fn is_ready(&self) -> bool {
         self.us_per_byte.is_some() && self.response_us.is_some()
@@ -737,6 +752,26 @@ mod tests {
     /// than the deadline means the link is that slow, so a like upload
     /// behind it would miss; a short one still going says nothing. Once an
     /// upload has finished, its time per byte counts even without a reply.
+    /// Answers that never come back in time are never seen: the device
+    /// learns from giving up at its deadline that the response took at
+    /// least that long, and declines what would miss; a shorter bound
+    /// than it knows changes nothing.
+    #[test]
+    fn a_device_learns_from_answers_that_did_not_come_in_time() {
+        let mut up = DeviceUplink::new(LinkEstimator::new(0.5, 1e6));
+        up.est.observe_upload(1000, 1000.0);
+        up.est.observe_response(30_000.0);
+        // 1 ms of upload + 30 ms of response: well within 100 ms.
+        assert!(!up.would_miss(0, 0, 1000, 100_000, 0.0));
+        up.est.observe_response_at_least(20_000.0);
+        assert_eq!(up.est.mean_response_us(), Some(30_000.0), "a bound below the estimate says nothing");
+        for _ in 0..8 {
+            up.est.observe_response_at_least(120_000.0);
+        }
+        assert!(up.est.mean_response_us().unwrap() > 100_000.0);
+        assert!(up.would_miss(0, 0, 1000, 100_000, 0.0), "declines once its answers are known to come too late");
+    }
+
     #[test]
     fn a_device_declines_before_its_estimate_is_ready_only_on_what_it_has_seen() {
         let link = crate::link::Link::constant(0.2, 40_000, 0.0).unwrap();

@@ -862,6 +862,21 @@ pub struct FleetSummary {
     /// (absent from older fleets).
     #[serde(default)]
     pub fallbacks_disconnected: usize,
+    /// Offloads a worker refused at once (`Overloaded`: it could not finish
+    /// them before their deadline behind what it held), answered by the
+    /// branch in time (absent from older fleets).
+    #[serde(default)]
+    pub fallbacks_refused: usize,
+    /// Offloads a worker took but answered `DeadlineExpired`: their
+    /// deadline came before a batch could run them (absent from older
+    /// fleets). `fallbacks_error_reply` counts the other error replies.
+    #[serde(default)]
+    pub fallbacks_expired: usize,
+    /// Inputs below p_tar answered on the device because the device
+    /// predicted their offload would miss the deadline (counted in
+    /// `decided_on_device` too; absent from older fleets).
+    #[serde(default)]
+    pub declined: usize,
     /// Inputs the device could not decide at all.
     pub errors: usize,
     /// Deadline misses: inputs answered after their deadline, or answered
@@ -919,6 +934,20 @@ pub const MAX_FLEET_DEVICES: u32 = 100_000;
 const MAX_INPUTS_PER_DEVICE_PER_S: f64 = 10_000.0;
 
 impl FleetSummary {
+    /// The fallbacks by reason, named as `/metrics`, reports and the
+    /// outcomes' JSON name them (`core::outcome::FallbackReason::name`).
+    pub fn fallbacks_by_reason(&self) -> [(&'static str, usize); 7] {
+        [
+            ("deadline", self.fallbacks_deadline),
+            ("disconnected", self.fallbacks_disconnected),
+            ("no-responders", self.fallbacks_no_responders),
+            ("refused", self.fallbacks_refused),
+            ("expired", self.fallbacks_expired),
+            ("error-reply", self.fallbacks_error_reply),
+            ("transport", self.fallbacks_transport),
+        ]
+    }
+
     /// The totals must add up: outcomes of inputs, decided in one place each.
     fn validate(&self, devices: u32, running_s: f64) -> Result<(), MessageError> {
         let bad = |field: &'static str, value: usize, expected: &'static str| Err(MessageError::OutOfRange { field, value: value as f64, expected });
@@ -935,9 +964,18 @@ impl FleetSummary {
         if self.answered_by_cloud + self.fallbacks > self.offloaded {
             return bad("fallbacks", self.fallbacks, "cloud answers and fallbacks add up to the offloads");
         }
-        let reasons = self.fallbacks_deadline + self.fallbacks_no_responders + self.fallbacks_error_reply + self.fallbacks_transport + self.fallbacks_disconnected;
+        let reasons = self.fallbacks_deadline
+            + self.fallbacks_no_responders
+            + self.fallbacks_error_reply
+            + self.fallbacks_transport
+            + self.fallbacks_disconnected
+            + self.fallbacks_refused
+            + self.fallbacks_expired;
         if reasons > self.fallbacks {
             return bad("fallbacks_deadline", reasons, "the reasons add up to the fallbacks");
+        }
+        if self.declined > self.decided_on_device {
+            return bad("declined", self.declined, "at most the inputs decided on the device");
         }
         // 0 from a fleet older than the field, whatever its fallbacks.
         if self.deadline_misses > self.outcomes || (self.deadline_misses > 0 && self.fallbacks_deadline > self.deadline_misses) {

@@ -36,10 +36,11 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 
 use crate::autoscale::{AutoscaleConfig, Autoscaler, Load};
+use crate::batching::{Finish, Flush, Lane, Offered, QueueConfig, QueueStats, Ticket, Waiting, WorkerQueue};
 use crate::calibration::ExitLogits;
 use crate::link::Link;
 use crate::monitor::{Event as WatchEvent, Interval, Monitor, MonitorConfig, Observation, Refit};
-use crate::offload::deadline_missed;
+use crate::outcome::{Counted, Counts, Decided, FallbackReason};
 use crate::planner::{choose, CloudLoad, Codec, Costs, DeviceUplink, LinkEstimator, ModelStats, OffloadBytes, Plan};
 use crate::rng::SplitMix64;
 
@@ -287,17 +288,8 @@ enum Rule {
 /// Counts of one group in one time bin, by arrival time.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Bin {
-    pub inputs: u64,
-    pub correct: u64,
-    pub on_device: u64,
-    pub edge_correct: u64,
-    pub offloaded: u64,
-    pub cloud: u64,
-    pub fallbacks: u64,
-    pub misses: u64,
-    /// Adaptive runs: inputs below p_tar answered on the device because the
-    /// device predicted their offload would miss the deadline.
-    pub declined: u64,
+    /// The inputs' outcomes, counted the one way (`outcome::Counts`).
+    pub counts: Counts,
     pub p_tar_sum: f64,
     pub branch_sum: u64,
     /// Adaptive runs: the planner's view at the reports in this bin.
@@ -323,15 +315,7 @@ pub struct Bin {
 
 impl Bin {
     pub fn add(&mut self, o: &Bin) {
-        self.inputs += o.inputs;
-        self.correct += o.correct;
-        self.on_device += o.on_device;
-        self.edge_correct += o.edge_correct;
-        self.offloaded += o.offloaded;
-        self.cloud += o.cloud;
-        self.fallbacks += o.fallbacks;
-        self.misses += o.misses;
-        self.declined += o.declined;
+        self.counts.merge(&o.counts);
         self.p_tar_sum += o.p_tar_sum;
         self.branch_sum += o.branch_sum;
         self.reports += o.reports;
@@ -346,6 +330,13 @@ impl Bin {
             *a += b;
         }
         self.uplink_bytes += o.uplink_bytes;
+    }
+
+    /// Counts one outcome under the plan it was decided with.
+    pub fn count(&mut self, o: &Counted, plan: Plan) {
+        self.counts.add(o);
+        self.p_tar_sum += plan.p_tar;
+        self.branch_sum += plan.branch as u64;
     }
 }
 
@@ -425,7 +416,7 @@ const UPLOAD_DONE: u8 = 1;
 const PROBE_DONE: u8 = 2;
 const PROBE_ECHO: u8 = 3;
 const CLOUD_ARRIVE: u8 = 4;
-const WORKER_FREE: u8 = 5;
+const WORKER_DONE: u8 = 5;
 const BATCH_TIMER: u8 = 6;
 const PLAN_ARRIVE: u8 = 7;
 const REPORT: u8 = 8;
@@ -436,6 +427,14 @@ const SCALE_TICK: u8 = 11;
 // Watched runs only: the live estimates at the end of each bin.
 const ESTIMATE: u8 = 12;
 
+// What a REPLY event brings the device (its `b`).
+const ANSWER: u32 = 0;
+const EXPIRED: u32 = 1;
+const REFUSED: u32 = 2;
+const NO_RESPONDERS: u32 = 3;
+/// Not sent: nothing was left of its budget when it reached the cloud.
+const ANSWER_TOO_LATE: u32 = 4;
+
 /// Ordered by time, then kind, then the ids: never by insertion order, so
 /// the order of simultaneous arrivals (and with it which test input each
 /// device gets) is the same under every policy.
@@ -445,6 +444,8 @@ struct Event {
     kind: u8,
     a: u32,
     b: u32,
+    /// A batch timer's generation.
+    c: u64,
 }
 
 struct Device {
@@ -469,7 +470,9 @@ struct Request {
     branch: usize,
     upload_start: u64,
     upload_done: u64,
-    cloud_arrival: u64,
+    /// Half the link's RTT when the upload finished: the request's trip to
+    /// the worker, and its answer's back (as the live emulation waits it).
+    half_rtt: u64,
     /// The device's p_tar when the input arrived.
     p_tar: f64,
     /// The view of the inputs it came from.
@@ -484,10 +487,6 @@ struct Sim<'a> {
     events: BinaryHeap<Reverse<Event>>,
     devices: Vec<Device>,
     requests: Vec<Request>,
-    /// Per branch: requests waiting at the cloud.
-    queues: Vec<VecDeque<u32>>,
-    timers: Vec<Option<u64>>,
-    idle_workers: Vec<u32>,
     pool: Pool,
     plans: Vec<Plan>,
     /// Adaptive devices decline offloads they predict would miss.
@@ -514,22 +513,50 @@ struct Sim<'a> {
     decided: Vec<VecDeque<(u64, bool, bool)>>,
 }
 
-/// The worker pool's state beyond `idle_workers`, which autoscaling changes.
+/// The cloud's worker pool: each worker the live worker's batching policy
+/// (`batching::WorkerQueue`) on one compute thread, as `branchpoint worker`
+/// runs; a request goes to one serving worker at random, as a NATS queue
+/// group hands it to one member.
 struct Pool {
     scaler: Option<Autoscaler>,
-    /// Workers taking batches, idle or busy, not counting those leaving.
-    serving: usize,
-    /// Busy workers that leave when their batch is done.
-    leaving: usize,
-    /// Ids of the started workers not serving yet; a WORKER_READY whose id
-    /// is no longer here was cancelled.
-    starting: Vec<u32>,
-    next_id: u32,
-    /// Queue delays of the batches started since the last tick.
-    delay_sum_us: u64,
-    delayed: u64,
+    workers: Vec<SimWorker>,
+    /// Which worker each request goes to.
+    pick: SplitMix64,
     /// Until when worker time has been counted into the bins.
     counted_until: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WorkerState {
+    /// Started, serving after the start delay (cancelled: `Gone` first).
+    Starting,
+    Serving,
+    /// Asked to leave: takes no new request, finishes what it holds.
+    Leaving,
+    Gone,
+}
+
+struct SimWorker {
+    queue: WorkerQueue<u32>,
+    state: WorkerState,
+    /// When its compute thread is free: batches handed to it run one after
+    /// another.
+    busy_until: u64,
+    /// Batches handed to it, in order, with their compute time.
+    handed: VecDeque<(Ticket, u64)>,
+    /// Its counters at the last autoscaling tick, as its status tells them.
+    last: QueueStats,
+}
+
+impl SimWorker {
+    fn new(c: &SimConfig, state: WorkerState) -> Self {
+        SimWorker { queue: WorkerQueue::new(QueueConfig::new(c.max_batch, c.max_wait_us, 1)), state, busy_until: 0, handed: VecDeque::new(), last: QueueStats::default() }
+    }
+
+    /// Serving or finishing what it holds: its time counts.
+    fn running(&self) -> bool {
+        matches!(self.state, WorkerState::Serving | WorkerState::Leaving)
+    }
 }
 
 /// Seed of a device's streams: depends only on the run's seed and the
@@ -572,17 +599,10 @@ pub fn simulate(m: &SimModel, c: &SimConfig, plans: &Plans) -> RunResult {
         events: BinaryHeap::new(),
         devices: Vec::new(),
         requests: Vec::new(),
-        queues: vec![VecDeque::new(); m.num_branches()],
-        timers: vec![None; m.num_branches()],
-        idle_workers: (0..c.workers as u32).rev().collect(),
         pool: Pool {
             scaler: c.autoscale.as_ref().map(|a| Autoscaler::new(a.policy.clone())),
-            serving: c.workers,
-            leaving: 0,
-            starting: Vec::new(),
-            next_id: c.workers as u32,
-            delay_sum_us: 0,
-            delayed: 0,
+            workers: (0..c.workers).map(|_| SimWorker::new(c, WorkerState::Serving)).collect(),
+            pick: SplitMix64::new(c.seed ^ 0x9001_9001_9001_9001),
             counted_until: 0,
         },
         plans: Vec::new(),
@@ -690,7 +710,7 @@ pub fn simulate(m: &SimModel, c: &SimConfig, plans: &Plans) -> RunResult {
 
 impl<'a> Sim<'a> {
     fn push(&mut self, t: u64, kind: u8, a: u32, b: u32) {
-        self.events.push(Reverse(Event { t, kind, a, b }));
+        self.events.push(Reverse(Event { t, kind, a, b, c: 0 }));
     }
 
     fn handle(&mut self, e: Event) {
@@ -698,32 +718,19 @@ impl<'a> Sim<'a> {
             ARRIVAL => self.arrival(e.t, e.a),
             UPLOAD_DONE => self.upload_done(e.t, e.a),
             CLOUD_ARRIVE => self.cloud_arrive(e.t, e.a),
-            WORKER_FREE => {
-                if self.pool.leaving > 0 {
-                    // Asked to leave while busy: its batch is done now.
-                    self.count_workers(e.t);
-                    self.pool.leaving -= 1;
-                } else {
-                    self.idle_workers.push(e.a);
-                    self.dispatch(e.t);
-                }
-            }
+            WORKER_DONE => self.worker_done(e.t, e.a as usize),
             WORKER_READY => {
-                if let Some(i) = self.pool.starting.iter().position(|&w| w == e.a) {
-                    self.pool.starting.remove(i);
+                if self.pool.workers[e.a as usize].state == WorkerState::Starting {
                     self.count_workers(e.t);
-                    self.pool.serving += 1;
-                    self.idle_workers.push(e.a);
-                    self.dispatch(e.t);
+                    self.pool.workers[e.a as usize].state = WorkerState::Serving;
                 }
             }
             SCALE_TICK => self.scale_tick(e.t),
             ESTIMATE => self.estimate(e.t),
             BATCH_TIMER => {
-                if self.timers[e.a as usize] == Some(e.t) {
-                    self.timers[e.a as usize] = None;
-                }
-                self.dispatch(e.t);
+                let lane = Lane { model: 0, branch: e.b as u8 };
+                self.pool.workers[e.a as usize].queue.timer_fired(e.t, lane, e.c);
+                self.run_ready(e.t, e.a as usize);
             }
             REPLY => self.reply(e.t, e.a, e.b),
             REPORT => self.report(e.t, e.a),
@@ -748,33 +755,32 @@ impl<'a> Sim<'a> {
         &mut self.out.bins[group][i]
     }
 
-    /// Records the one outcome of an input.
-    #[allow(clippy::too_many_arguments)]
-    fn record(&mut self, group: usize, arrival: u64, latency: u64, correct: bool, on_device: bool, cloud: bool, missed: bool, plan: Plan) {
+    /// Records the one outcome of an input that arrived at `arrival`,
+    /// decided under `plan`.
+    fn record(&mut self, group: usize, arrival: u64, plan: Plan, o: Counted) {
         self.out.outcomes += 1;
         let keep_latency = self.c.bin_latencies;
+        let latency = o.latency_us.min(u64::from(u32::MAX)) as u32;
         let b = self.bin(group, arrival);
-        b.inputs += 1;
-        b.correct += u64::from(correct);
-        b.p_tar_sum += plan.p_tar;
-        b.branch_sum += plan.branch as u64;
-        if on_device {
-            b.on_device += 1;
-            b.edge_correct += u64::from(correct);
-        } else {
-            b.offloaded += 1;
-            if cloud {
-                b.cloud += 1;
-            } else {
-                b.fallbacks += 1;
-            }
-        }
-        b.misses += u64::from(missed);
+        b.count(&o, plan);
         if keep_latency {
-            b.latencies_us.push(latency.min(u64::from(u32::MAX)) as u32);
+            b.latencies_us.push(latency);
         }
         let w = ((arrival / self.c.window_us) as usize).min(self.out.latencies_us[group].len() - 1);
-        self.out.latencies_us[group][w].push(latency.min(u64::from(u32::MAX)) as u32);
+        self.out.latencies_us[group][w].push(latency);
+    }
+
+    /// An input answered on the device, `latency_us` after it arrived.
+    fn on_device(&mut self, group: usize, arrival: u64, plan: Plan, correct: bool, latency_us: u64, declined: bool) {
+        let deadline_us = self.c.groups[group].deadline_us;
+        self.record(group, arrival, plan, Counted { decided: Decided::Device, fallback: None, declined, correct, latency_us, deadline_us });
+    }
+
+    /// An offload the branch answered instead, for `reason`.
+    #[allow(clippy::too_many_arguments)]
+    fn fell_back(&mut self, group: usize, arrival: u64, plan: Plan, correct: bool, latency_us: u64, reason: FallbackReason) {
+        let deadline_us = self.c.groups[group].deadline_us;
+        self.record(group, arrival, plan, Counted { decided: Decided::Fallback, fallback: Some(reason), declined: false, correct, latency_us, deadline_us });
     }
 
     fn arrival(&mut self, t: u64, d: u32) {
@@ -808,24 +814,22 @@ impl<'a> Sim<'a> {
         let sampled = self.rule == Rule::Watched && dev.audits.next_f64() < c.watch.audit_rate;
         let label = m.labels[input as usize];
         if next < c.duration_us {
-            self.events.push(Reverse(Event { t: next, kind: ARRIVAL, a: d, b: 0 }));
+            self.push(next, ARRIVAL, d, 0);
         }
         let on_device = plan.exits(conf);
         if self.rule == Rule::Watched {
             self.watch(t, group, view, plan, input as usize, on_device, sampled);
         }
         if on_device {
-            let latency = done - t;
             self.out.edge[k - 1].add(&m.predictions, plan, class == label);
-            self.record(group, t, latency, class == label, true, false, deadline_missed(latency, deadline, false), plan);
+            self.on_device(group, t, plan, class == label, done - t, false);
             let b = self.bin(group, t);
             b.edge_agree += u64::from(class == m.final_of(view, input as usize));
             return;
         }
         let bytes = m.upload_bytes[k - 1].of(plan.codec) as usize;
         if self.admission && self.devices[d as usize].uplink.would_miss(t, done, bytes, deadline, c.safety) {
-            self.bin(group, t).declined += 1;
-            self.record(group, t, done - t, class == label, true, false, deadline_missed(done - t, deadline, false), plan);
+            self.on_device(group, t, plan, class == label, done - t, true);
             return;
         }
         let dev = &mut self.devices[d as usize];
@@ -833,7 +837,7 @@ impl<'a> Sim<'a> {
         let up_start = done.max(dev.uplink.free_at());
         if up_start >= deadline_at {
             // Still queued at its deadline: never sent.
-            self.record(group, t, deadline.max(done - t), class == label, false, false, deadline_missed(deadline.max(done - t), deadline, true), plan);
+            self.fell_back(group, t, plan, class == label, deadline.max(done - t), FallbackReason::Deadline);
             return;
         }
         let (_, finish) = dev.uplink.enqueue(&g.link, up_start, bytes, &mut dev.losses);
@@ -850,14 +854,14 @@ impl<'a> Sim<'a> {
             branch: k,
             upload_start: up_start,
             upload_done: finish,
-            cloud_arrival: 0,
+            half_rtt: 0,
             p_tar: plan.p_tar,
             view,
             codec: plan.codec,
         });
         if finish == u64::MAX {
             // The link never delivers it: the device answers at the deadline.
-            self.record(group, t, deadline, class == label, false, false, deadline_missed(deadline, deadline, true), plan);
+            self.fell_back(group, t, plan, class == label, deadline, FallbackReason::Deadline);
         } else {
             self.push(finish, UPLOAD_DONE, id, 0);
         }
@@ -938,86 +942,95 @@ impl<'a> Sim<'a> {
         let dev = &mut self.devices[r.device as usize];
         dev.uplink.finished(t, r.upload_start, self.m.upload_bytes[r.branch - 1].of(r.codec) as usize);
         let half_rtt = self.c.groups[dev.group].link.rtt_us(t) / 2;
+        self.requests[id as usize].half_rtt = half_rtt;
         self.push(t + half_rtt, CLOUD_ARRIVE, id, 0);
     }
 
+    /// An offload reaches the pool: one serving worker takes it, as NATS
+    /// hands a request to one member of the workers' queue group, and its
+    /// batching policy queues or refuses it.
     fn cloud_arrive(&mut self, t: u64, id: u32) {
-        self.requests[id as usize].cloud_arrival = t;
-        let k = self.requests[id as usize].branch;
-        self.queues[k - 1].push_back(id);
-        self.dispatch(t);
-    }
-
-    /// Starts batches on idle workers: a branch's queue goes when it holds
-    /// `max_batch` requests or its oldest has waited `max_wait`.
-    fn dispatch(&mut self, t: u64) {
-        loop {
-            // Expired requests are rejected unprocessed, like the live worker does.
-            for k in 0..self.queues.len() {
-                while let Some(&id) = self.queues[k].front() {
-                    if t >= self.requests[id as usize].deadline_at {
-                        self.queues[k].pop_front();
-                        self.expired(id);
-                    } else {
-                        break;
-                    }
-                }
+        let serving: Vec<usize> = (0..self.pool.workers.len()).filter(|&w| self.pool.workers[w].state == WorkerState::Serving).collect();
+        if serving.is_empty() {
+            self.push(t, REPLY, id, NO_RESPONDERS);
+            return;
+        }
+        let r = &self.requests[id as usize];
+        // Its budget is what is left of its deadline when it is sent, less
+        // the answer's trip back, as a live device sends it; with nothing
+        // left, the device does not send it.
+        let due_us = r.deadline_at.saturating_sub(r.half_rtt);
+        if t >= due_us {
+            self.push(t, REPLY, id, ANSWER_TOO_LATE);
+            return;
+        }
+        let w = serving[self.pool.pick.below(serving.len() as u64) as usize];
+        let lane = Lane { model: 0, branch: r.branch as u8 };
+        match self.pool.workers[w].queue.offer(t, lane, Waiting { item: id, received_us: t, due_us, audit: false }) {
+            Offered::Refused(..) => {
+                let back = self.requests[id as usize].half_rtt;
+                self.push(t + back, REPLY, id, REFUSED);
             }
-            if self.idle_workers.is_empty() {
-                return;
+            Offered::Queued(Flush::Now) => {
+                self.pool.workers[w].queue.flush(t, lane);
+                self.run_ready(t, w);
             }
-            let mut ready: Option<usize> = None;
-            let mut timers = Vec::new();
-            for (k, q) in self.queues.iter().enumerate() {
-                let Some(&oldest) = q.front() else { continue };
-                let due = self.requests[oldest as usize].cloud_arrival + self.c.max_wait_us;
-                if q.len() >= self.c.max_batch || t >= due {
-                    let older = ready.is_none_or(|r| self.requests[oldest as usize].cloud_arrival < self.requests[*self.queues[r].front().unwrap() as usize].cloud_arrival);
-                    if older {
-                        ready = Some(k);
-                    }
-                } else if self.timers[k] != Some(due) {
-                    timers.push((k, due));
-                }
+            Offered::Queued(Flush::At { at_us, generation }) => {
+                self.events.push(Reverse(Event { t: at_us, kind: BATCH_TIMER, a: w as u32, b: u32::from(lane.branch), c: generation }));
             }
-            for (k, due) in timers {
-                self.timers[k] = Some(due);
-                self.push(due, BATCH_TIMER, k as u32, 0);
-            }
-            let Some(k) = ready else { return };
-            let worker = self.idle_workers.pop().expect("checked above");
-            let n = self.queues[k].len().min(self.c.max_batch);
-            let service = self.m.tail_time_us(k + 1, n).round() as u64;
-            self.out.batches += 1;
-            self.out.batched_requests += n as u64;
-            // When the batch was formed: full, or its oldest request's
-            // max_wait over. The policy's queue delay is the wait after that,
-            // for a worker, as the live worker measures it: the batching
-            // window is chosen, not congestion, and counting it would keep a
-            // lightly loaded pool from ever looking idle.
-            let q = &self.queues[k];
-            let due = self.requests[q[0] as usize].cloud_arrival + self.c.max_wait_us;
-            let formed = match q.get(self.c.max_batch - 1) {
-                Some(&last) => due.min(self.requests[last as usize].cloud_arrival),
-                None => due,
-            };
-            for _ in 0..n {
-                let id = self.queues[k].pop_front().expect("n <= len");
-                self.pool.delay_sum_us += t.saturating_sub(formed.max(self.requests[id as usize].cloud_arrival));
-                self.pool.delayed += 1;
-                let dev = self.requests[id as usize].device as usize;
-                let half_rtt = self.c.groups[self.devices[dev].group].link.rtt_us(t) / 2;
-                self.push(t + service + half_rtt, REPLY, id, 0);
-            }
-            self.push(t + service, WORKER_FREE, worker, 0);
+            Offered::Queued(Flush::Armed) => {}
         }
     }
 
-    /// Counts the workers serving (busy ones leaving included) from the
-    /// last count until `t` into the bins; called before the count changes.
+    /// Hands worker `w`'s ready batches to its compute thread, as its
+    /// policy decides; expired requests are answered at once.
+    fn run_ready(&mut self, t: u64, w: usize) {
+        while let Some(next) = self.pool.workers[w].queue.next_batch(t) {
+            for e in &next.expired {
+                let back = self.requests[e.item as usize].half_rtt;
+                self.push(t + back, REPLY, e.item, EXPIRED);
+            }
+            let Some(ticket) = next.ticket else { continue };
+            let n = next.batch.len();
+            let service = self.m.tail_time_us(usize::from(ticket.lane.branch), n).round() as u64;
+            let worker = &mut self.pool.workers[w];
+            let finish = t.max(worker.busy_until) + service;
+            worker.busy_until = finish;
+            worker.handed.push_back((ticket, service));
+            self.out.batches += 1;
+            self.out.batched_requests += n as u64;
+            for r in &next.batch {
+                let back = self.requests[r.item as usize].half_rtt;
+                self.push(finish + back, REPLY, r.item, ANSWER);
+            }
+            self.push(finish, WORKER_DONE, w as u32, 0);
+        }
+        self.settle(t, w);
+    }
+
+    /// Worker `w`'s oldest batch is done.
+    fn worker_done(&mut self, t: u64, w: usize) {
+        let worker = &mut self.pool.workers[w];
+        let (ticket, service) = worker.handed.pop_front().expect("a batch was handed to it");
+        worker.queue.finished(t, ticket, Finish::Ran { took_us: service });
+        self.run_ready(t, w);
+    }
+
+    /// A leaving worker that holds nothing more is gone.
+    fn settle(&mut self, t: u64, w: usize) {
+        let worker = &self.pool.workers[w];
+        if worker.state == WorkerState::Leaving && worker.queue.is_idle() {
+            self.count_workers(t);
+            self.pool.workers[w].state = WorkerState::Gone;
+        }
+    }
+
+    /// Counts the workers serving (leaving ones finishing what they hold
+    /// included) from the last count until `t` into the bins; called
+    /// before the count changes.
     fn count_workers(&mut self, t: u64) {
         let t = t.min(self.c.duration_us);
-        let running = (self.pool.serving + self.pool.leaving) as u64;
+        let running = self.pool.workers.iter().filter(|w| w.running()).count() as u64;
         let mut from = self.pool.counted_until;
         while from < t {
             let i = (from / self.c.bin_us) as usize;
@@ -1029,20 +1042,28 @@ impl<'a> Sim<'a> {
         self.pool.counted_until = self.pool.counted_until.max(t);
     }
 
-    /// One autoscaling tick: the policy sees the load and the pool moves
-    /// toward its answer.
+    /// One autoscaling tick: the policy sees the load as the workers'
+    /// statuses tell it live (`stack up`): the pool (serving and starting),
+    /// the mean over the workers of each one's congestion delay since the
+    /// last tick, and the requests they hold; the pool moves toward its
+    /// answer.
     fn scale_tick(&mut self, t: u64) {
         let c = self.c;
         let Some(a) = &c.autoscale else { return };
         if t + a.tick_us <= c.duration_us {
             self.push(t + a.tick_us, SCALE_TICK, 0, 0);
         }
-        // Expired requests still queued are as good as gone: the next
-        // dispatch rejects them.
-        let backlog = self.queues.iter().flatten().filter(|&&id| self.requests[id as usize].deadline_at > t).count();
-        let queue_delay_us = if self.pool.delayed > 0 { self.pool.delay_sum_us as f64 / self.pool.delayed as f64 } else { 0.0 };
-        (self.pool.delay_sum_us, self.pool.delayed) = (0, 0);
-        let workers = self.pool.serving + self.pool.starting.len();
+        let (mut delay_sum, mut reporting, mut backlog) = (0.0, 0usize, 0usize);
+        for w in self.pool.workers.iter_mut().filter(|w| w.running()) {
+            let s = w.queue.stats();
+            let answered = s.answered - w.last.answered;
+            delay_sum += if answered > 0 { (s.compute_wait_us_total - w.last.compute_wait_us_total) / answered as f64 } else { 0.0 };
+            reporting += 1;
+            backlog += s.queue_depth;
+            w.last = s;
+        }
+        let queue_delay_us = if reporting > 0 { delay_sum / reporting as f64 } else { 0.0 };
+        let workers = self.pool.workers.iter().filter(|w| matches!(w.state, WorkerState::Serving | WorkerState::Starting)).count();
         let scaler = self.pool.scaler.as_mut().expect("autoscaled runs have a policy");
         let target = scaler.tick(Load { workers, queue_delay_us, backlog: backlog as f64 });
         for _ in workers..target {
@@ -1054,74 +1075,81 @@ impl<'a> Sim<'a> {
     }
 
     fn add_worker(&mut self, t: u64) {
-        let p = &mut self.pool;
-        if p.leaving > 0 {
-            // A busy worker asked to leave is still running: keeping it
-            // serves sooner than starting another.
-            p.leaving -= 1;
-            p.serving += 1;
+        // A worker asked to leave is still running: keeping it serves
+        // sooner than starting another.
+        if let Some(w) = self.pool.workers.iter_mut().rev().find(|w| w.state == WorkerState::Leaving) {
+            w.state = WorkerState::Serving;
             return;
         }
-        let id = p.next_id;
-        p.next_id += 1;
-        p.starting.push(id);
+        let id = self.pool.workers.len() as u32;
+        self.pool.workers.push(SimWorker::new(self.c, WorkerState::Starting));
         let delay = self.c.autoscale.as_ref().map_or(0, |a| a.start_delay_us);
         self.push(t + delay, WORKER_READY, id, 0);
     }
 
-    /// Cancels the newest start, else retires an idle worker, else asks a
-    /// busy one to leave when its batch is done: work in flight is never
-    /// dropped.
+    /// Cancels the newest start, else asks the serving worker that holds
+    /// the least (the newest of those) to leave: it takes no new request,
+    /// and is gone once it has answered what it holds, so work in flight is
+    /// never dropped.
     fn remove_worker(&mut self, t: u64) {
-        if self.pool.starting.pop().is_some() {
+        let workers = &mut self.pool.workers;
+        if let Some(w) = workers.iter_mut().rev().find(|w| w.state == WorkerState::Starting) {
+            w.state = WorkerState::Gone;
             return;
         }
+        let Some(w) = (0..workers.len()).filter(|&w| workers[w].state == WorkerState::Serving).min_by_key(|&w| (workers[w].queue.backlog(), std::cmp::Reverse(w))) else { return };
         self.count_workers(t);
-        self.pool.serving -= 1;
-        if self.idle_workers.pop().is_none() {
-            self.pool.leaving += 1;
-        }
+        self.pool.workers[w].state = WorkerState::Leaving;
+        self.settle(t, w);
     }
 
-    /// The pool as a cloud-aware planner sees it at `t`: the requests
-    /// waiting (those whose deadline has passed are as good as gone) and
-    /// the workers serving, as the workers' status reports them live, and
-    /// the input rates the devices last reported. It is
-    /// the pool at the instant of the report, the freshest a status could
-    /// be; a live planner's view is up to one status interval old
-    /// (BENCHMARKS.md measures what that costs on the load step).
-    fn cloud_load(&self, t: u64) -> CloudLoad {
-        let backlog = self.queues.iter().flatten().filter(|&&id| self.requests[id as usize].deadline_at > t).count();
-        CloudLoad { backlog: backlog as f64, workers: self.pool.serving as f64, inputs_per_s: self.reported_rate_sum }
+    /// The pool as a cloud-aware planner sees it at `t`: the requests the
+    /// workers hold and the workers serving, as their statuses report them
+    /// live, and the input rates the devices last reported. It is the pool
+    /// at the instant of the report, the freshest a status could be; a
+    /// live planner's view is up to one status interval old (BENCHMARKS.md
+    /// measures what that costs on the load step).
+    fn cloud_load(&self, _t: u64) -> CloudLoad {
+        let running = self.pool.workers.iter().filter(|w| w.running());
+        let backlog: usize = running.clone().map(|w| w.queue.backlog()).sum();
+        let workers = self.pool.workers.iter().filter(|w| w.state == WorkerState::Serving).count();
+        CloudLoad { backlog: backlog as f64, workers: workers as f64, inputs_per_s: self.reported_rate_sum }
     }
 
-    fn expired(&mut self, id: u32) {
-        let r = &self.requests[id as usize];
-        let dev = &self.devices[r.device as usize];
-        let (class, _) = self.m.pred(r.view, r.branch, r.input as usize);
-        let correct = class == self.m.labels[r.input as usize];
-        let (group, arrival, deadline) = (dev.group, r.arrival, self.c.groups[dev.group].deadline_us);
-        let plan = Plan { branch: r.branch, p_tar: r.p_tar, codec: r.codec };
-        self.record(group, arrival, deadline, correct, false, false, deadline_missed(deadline, deadline, true), plan);
-    }
-
-    fn reply(&mut self, t: u64, id: u32, _: u32) {
+    /// What reaches the device for request `id` at `t`: the cloud's answer,
+    /// or a worker's refusal or expiry, or NATS's "no responders". The device
+    /// answers with its branch unless the cloud's answer came in time; a
+    /// reply after the deadline finds the device answered at its deadline.
+    fn reply(&mut self, t: u64, id: u32, what: u32) {
         let r = &self.requests[id as usize];
         let d = r.device as usize;
-        let (arrival, deadline_at, branch, input, upload_done, p_tar, view, codec) =
-            (r.arrival, r.deadline_at, r.branch, r.input as usize, r.upload_done, r.p_tar, r.view, r.codec);
-        self.devices[d].uplink.est.observe_response((t - upload_done) as f64);
+        let (arrival, deadline_at, branch, input, upload_done, view, half_rtt) = (r.arrival, r.deadline_at, r.branch, r.input as usize, r.upload_done, r.view, r.half_rtt);
+        let plan = Plan { branch, p_tar: r.p_tar, codec: r.codec };
         let group = self.devices[d].group;
         let deadline = self.c.groups[group].deadline_us;
         let label = self.m.labels[input];
-        let plan = Plan { branch, p_tar, codec };
-        if t <= deadline_at {
-            let correct = self.m.final_under(view, codec, branch, input) == label;
-            self.record(group, arrival, t - arrival, correct, false, true, deadline_missed(t - arrival, deadline, false), plan);
-        } else {
-            let correct = self.m.pred(view, branch, input).0 == label;
-            self.record(group, arrival, deadline, correct, false, false, deadline_missed(deadline, deadline, true), plan);
+        let branch_right = self.m.pred(view, branch, input).0 == label;
+        if t > deadline_at || what == ANSWER_TOO_LATE {
+            // The device stopped waiting for the worker when a reply could
+            // no longer come back in time: half the RTT before its deadline.
+            // All it knows is that the response took longer than that.
+            self.devices[d].uplink.est.observe_response_at_least(deadline_at.saturating_sub(upload_done) as f64);
+            self.fell_back(group, arrival, plan, branch_right, deadline.saturating_sub(half_rtt), FallbackReason::Deadline);
+            return;
         }
+        let reason = match what {
+            ANSWER => {
+                self.devices[d].uplink.est.observe_response((t - upload_done) as f64);
+                let correct = self.m.final_under(view, plan.codec, branch, input) == label;
+                let o = Counted { decided: Decided::Cloud, fallback: None, declined: false, correct, latency_us: t - arrival, deadline_us: deadline };
+                self.record(group, arrival, plan, o);
+                return;
+            }
+            EXPIRED => FallbackReason::Expired,
+            REFUSED => FallbackReason::Refused,
+            _ => FallbackReason::NoResponders,
+        };
+        self.fell_back(group, arrival, plan, branch_right, t - arrival, reason);
     }
 
     fn report(&mut self, t: u64, d: u32) {
@@ -1271,7 +1299,7 @@ mod tests {
         let plans = vec![Plan { branch: 2, p_tar: 0.9, codec: Codec::F32 }];
         let calm = simulate(&m, &c, &Plans::Watched(plans.clone()));
         assert!(calm.watch[0].refits.is_empty() && calm.watch[0].alarms_only.is_empty(), "{:?}", calm.watch[0].refits);
-        assert_eq!(total(&calm).on_device, total(&simulate(&m, &c, &Plans::Fixed(plans.clone()))).on_device, "audits change no outcome");
+        assert_eq!(total(&calm).counts.on_device, total(&simulate(&m, &c, &Plans::Fixed(plans.clone()))).counts.on_device, "audits change no outcome");
         assert!(calm.watch[0].audits > 0 && calm.watch[0].audit_bytes > 0);
         c.groups[0].shift = Some((5_000_000, 1));
         let watched = simulate(&m, &c, &Plans::Watched(plans.clone()));
@@ -1286,15 +1314,15 @@ mod tests {
             t
         };
         let (w, f) = (after(&watched), after(&fixed));
-        assert!(f.on_device > 0 && (f.edge_correct as f64) < 0.6 * f.on_device as f64, "{f:?}");
-        assert!(w.on_device == 0 || w.edge_correct as f64 >= 0.9 * w.on_device as f64, "{w:?}");
+        assert!(f.counts.on_device > 0 && (f.counts.edge_correct as f64) < 0.6 * f.counts.on_device as f64, "{f:?}");
+        assert!(w.counts.on_device == 0 || w.counts.edge_correct as f64 >= 0.9 * w.counts.on_device as f64, "{w:?}");
         assert_eq!(watched.arrivals, watched.outcomes);
         // Estimates at the end of every bin, each beside its truth.
         assert_eq!(watched.watch[0].points.len(), c.bins());
         let before: Vec<&WatchPoint> = watched.watch[0].points.iter().filter(|p| p.t_us <= 5_000_000 && p.estimate.is_some()).collect();
         assert!(before.iter().all(|p| p.true_agreement == Some(0.5) || p.true_agreement == Some(1.0)), "{before:?}");
         // The uncalibrated run reads the same logits at T = 1: the same decisions here.
-        assert_eq!(total(&simulate(&m, &c, &Plans::Uncalibrated(plans))).on_device, total(&fixed).on_device);
+        assert_eq!(total(&simulate(&m, &c, &Plans::Uncalibrated(plans))).counts.on_device, total(&fixed).counts.on_device);
     }
 
     fn total(r: &RunResult) -> Bin {
@@ -1316,15 +1344,15 @@ mod tests {
         let c = config(Link::constant(2.0, 10_000, 0.0).unwrap());
         let run = |codec| total(&simulate(&m, &c, &Plans::Fixed(vec![Plan { branch: 2, p_tar: 0.9, codec }])));
         let (f32, int8) = (run(Codec::F32), run(Codec::Int8));
-        assert_eq!((f32.inputs, f32.offloaded), (int8.inputs, int8.offloaded), "the same inputs offloaded");
+        assert_eq!((f32.counts.inputs, f32.counts.offloaded), (int8.counts.inputs, int8.counts.offloaded), "the same inputs offloaded");
         assert_eq!(f32.uplink_bytes, 12_500 * f32.sent_by_codec[Codec::F32.index()]);
         assert_eq!(int8.uplink_bytes, 3_125 * int8.sent_by_codec[Codec::Int8.index()]);
         assert_eq!((f32.sent_by_codec[Codec::Int8.index()], int8.sent_by_codec[Codec::F32.index()]), (0, 0));
-        assert!(int8.misses < f32.misses, "a quarter of the bytes misses less: {int8:?} vs {f32:?}");
+        assert!(int8.counts.misses < f32.counts.misses, "a quarter of the bytes misses less: {int8:?} vs {f32:?}");
         // Every odd input is offloaded; half of those (1 mod 4) come back
         // wrong under int8.
-        assert!(int8.cloud > 20 && int8.correct < int8.inputs - int8.cloud / 3, "{int8:?}");
-        assert!(f32.correct > f32.inputs - f32.misses - f32.declined - 1, "f32's cloud answers are right: {f32:?}");
+        assert!(int8.counts.cloud > 20 && int8.counts.correct < int8.counts.inputs - int8.counts.cloud / 3, "{int8:?}");
+        assert!(f32.counts.correct + f32.counts.fallbacks >= f32.counts.inputs, "f32's cloud answers are right: {f32:?}");
     }
 
     #[test]
@@ -1334,13 +1362,13 @@ mod tests {
         let r = simulate(&m, &c, &Plans::Fixed(vec![Plan { branch: 2, p_tar: 0.9, codec: Codec::F32 }]));
         let t = total(&r);
         assert_eq!(r.arrivals, r.outcomes);
-        assert_eq!(t.inputs, r.arrivals);
-        assert!(t.inputs > 300, "4 devices x 5/s x 20 s: {}", t.inputs);
-        assert_eq!(t.offloaded, t.cloud, "every offload answered");
-        assert_eq!((t.misses, t.fallbacks), (0, 0));
-        assert_eq!(t.correct, t.inputs, "confident inputs right on the device, the rest right in the cloud");
-        assert!(t.offloaded * 3 > t.inputs && t.offloaded * 3 < 2 * t.inputs, "about half offloaded: {t:?}");
-        assert!(r.batches > 0 && r.batched_requests == t.cloud);
+        assert_eq!(t.counts.inputs, r.arrivals);
+        assert!(t.counts.inputs > 300, "4 devices x 5/s x 20 s: {}", t.counts.inputs);
+        assert_eq!(t.counts.offloaded, t.counts.cloud, "every offload answered");
+        assert_eq!((t.counts.misses, t.counts.fallbacks), (0, 0));
+        assert_eq!(t.counts.correct, t.counts.inputs, "confident inputs right on the device, the rest right in the cloud");
+        assert!(t.counts.offloaded * 3 > t.counts.inputs && t.counts.offloaded * 3 < 2 * t.counts.inputs, "about half offloaded: {t:?}");
+        assert!(r.batches > 0 && r.batched_requests == t.counts.cloud);
         // The same seed, the same run.
         assert_eq!(simulate(&m, &c, &Plans::Fixed(vec![Plan { branch: 2, p_tar: 0.9, codec: Codec::F32 }])).bins, r.bins);
     }
@@ -1355,16 +1383,16 @@ mod tests {
         .unwrap();
         let c = config(dead);
         let fixed = total(&simulate(&m, &c, &Plans::Fixed(vec![Plan { branch: 2, p_tar: 0.9, codec: Codec::F32 }])));
-        assert_eq!(fixed.misses, fixed.fallbacks);
-        assert!(fixed.fallbacks * 2 > fixed.offloaded, "after 5 s nothing gets through: {fixed:?}");
+        assert_eq!(fixed.counts.misses, fixed.counts.fallbacks);
+        assert!(fixed.counts.fallbacks * 2 > fixed.counts.offloaded, "after 5 s nothing gets through: {fixed:?}");
         let r = simulate(&m, &c, &Plans::Adaptive(Planning::f32_blind()));
         let late: Bin = r.bins[0][10..].iter().fold(Bin::default(), |mut a, b| {
             a.add(b);
             a
         });
         assert_eq!(r.arrivals, r.outcomes);
-        assert_eq!(late.offloaded, 0, "the planner keeps inputs on the device once the link is dead: {late:?}");
-        assert!(total(&r).misses < fixed.misses / 4, "adaptive {:?} vs fixed {fixed:?}", total(&r));
+        assert_eq!(late.counts.offloaded, 0, "the planner keeps inputs on the device once the link is dead: {late:?}");
+        assert!(total(&r).counts.misses < fixed.counts.misses / 4, "adaptive {:?} vs fixed {fixed:?}", total(&r));
         // Stalls count as the cap: 100 ms / 12,500 bytes = 8 us per byte = 1 Mbit/s.
         assert!(late.reports > 0 && late.est_mbit_s_sum / (late.reports as f64) < 1.5);
     }
@@ -1429,13 +1457,18 @@ mod tests {
         assert_eq!(workers[29], 1.0, "back to min_workers after the step: {workers:?}");
         assert!(r.bins[0].iter().map(|b| b.latencies_us.len() as u64).sum::<u64>() == r.outcomes);
 
-        // One worker throughout: the same arrivals, far more misses.
+        // One worker throughout: the same arrivals, far more offloads the
+        // pool could not answer (refused at once or expired: the workers'
+        // policy answers them before their deadline, so they fall back
+        // rather than miss).
         let (m, fixed) = load_step(1);
         let one = simulate(&m, &fixed, &cloud_only);
         assert_eq!(one.arrivals, r.arrivals);
         assert!(one.bins[0].iter().all(|b| b.worker_us == 1_000_000));
-        let (scaled, single) = (total(&r).misses, total(&one).misses);
-        assert!(scaled * 2 < single, "autoscaled misses {scaled}, one worker {single}");
+        let (scaled, single) = (total(&r).counts.fallbacks, total(&one).counts.fallbacks);
+        assert!(scaled * 2 < single, "autoscaled fallbacks {scaled}, one worker {single}");
+        let t = total(&one).counts;
+        assert!(t.fallbacks_for(FallbackReason::Refused) + t.fallbacks_for(FallbackReason::Expired) > t.fallbacks / 2, "the overloaded worker refuses and expires: {t:?}");
         // The same seed, the same run.
         assert_eq!(simulate(&m, &c, &cloud_only).bins, r.bins);
     }
@@ -1452,15 +1485,17 @@ mod tests {
         c.groups[0].devices = 500;
         c.groups[0].rate_steps = vec![(0, 0.1), (5_000_000, 2.0), (15_000_000, 0.1)];
         c.groups[0].rate = 0.1;
-        let step = |r: &RunResult| r.bins[0][5..15].iter().map(|b| b.misses).sum::<u64>();
+        // Offloads the pool did not answer in time, whether it refused them,
+        // expired them or answered late.
+        let step = |r: &RunResult| r.bins[0][5..15].iter().map(|b| b.counts.fallbacks + b.counts.misses - b.counts.fallbacks_for(FallbackReason::Deadline)).sum::<u64>();
         let blind = simulate(&m, &c, &Plans::Adaptive(Planning::f32_blind()));
         let aware = simulate(&m, &c, &Plans::Adaptive(Planning { codecs: vec![Codec::F32], cloud_aware: true }));
         assert_eq!(blind.arrivals, aware.arrivals);
         let (b, a) = (step(&blind), step(&aware));
-        assert!(b > 100 && a * 2 < b, "misses in the step: blind {b}, cloud-aware {a}");
+        assert!(b > 100 && a * 2 < b, "offloads not answered in the step: blind {b}, cloud-aware {a}");
         // Before the step both offload alike: the share binds only beyond
         // what the pool serves.
-        let offloaded = |r: &RunResult| r.bins[0][..5].iter().map(|b| b.offloaded).sum::<u64>();
+        let offloaded = |r: &RunResult| r.bins[0][..5].iter().map(|b| b.counts.offloaded).sum::<u64>();
         assert_eq!(offloaded(&blind), offloaded(&aware));
         // With a share no pool reaches, the cloud-aware planner is back to
         // the backlog alone.

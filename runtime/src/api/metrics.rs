@@ -85,13 +85,7 @@ pub(super) async fn metrics(state: web::Data<ApiState>) -> HttpResponse {
     m.family("branchpoint_fallbacks_total", "counter", "Offloads answered by the device's branch instead, by reason.");
     for (f, _) in &fleets {
         let s = &f.summary;
-        for (reason, n) in [
-            ("deadline", s.fallbacks_deadline),
-            ("no-responders", s.fallbacks_no_responders),
-            ("error-reply", s.fallbacks_error_reply),
-            ("transport", s.fallbacks_transport),
-            ("disconnected", s.fallbacks_disconnected),
-        ] {
+        for (reason, n) in s.fallbacks_by_reason() {
             m.sample("branchpoint_fallbacks_total", &format!("{},reason=\"{reason}\"", fl(f)), n as f64);
         }
     }

@@ -191,18 +191,15 @@ fn print_summary(s: &Summary) {
     let exits: Vec<String> = s.per_exit.iter().enumerate().map(|(i, n)| if i + 1 == s.per_exit.len() { format!("final {n}") } else { format!("branch {} {n}", i + 1) }).collect();
     println!("per exit: {}", exits.join(", "));
     println!(
-        "decided on device {} ({:.1} %), offloaded {} ({:.1} %): answered by cloud {}, fallbacks {} (deadline {}, disconnected {}, no responders {}, error reply {}, transport {}); errors {}; deadline misses {} ({:.1} %)",
+        "decided on device {} ({:.1} %; {} declined), offloaded {} ({:.1} %): answered by cloud {}, fallbacks {} ({}); errors {}; deadline misses {} ({:.1} %)",
         s.decided_on_device,
         pct(s.decided_on_device),
+        s.declined,
         s.offloaded,
         pct(s.offloaded),
         s.answered_by_cloud,
         s.fallbacks,
-        s.fallbacks_deadline,
-        s.fallbacks_disconnected,
-        s.fallbacks_no_responders,
-        s.fallbacks_error_reply,
-        s.fallbacks_transport,
+        s.fallbacks_by_reason().iter().map(|(reason, n)| format!("{reason} {n}")).collect::<Vec<_>>().join(", "),
         s.errors,
         s.deadline_misses,
         pct(s.deadline_misses)

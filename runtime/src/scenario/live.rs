@@ -244,7 +244,7 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                     None => p.clone().recipient(),
                 });
                 configs.push(DeviceConfig {
-                    id: format!("{}-{k}", g.name),
+                    id: device_id(&g.name, k),
                     partition_branch: PartitionBranch::new(plan.branch).with_context(|| format!("group {}", g.name))?,
                     p_tar: plan.p_tar,
                     temperatures: match plans {
@@ -399,6 +399,7 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
 
     // Outcomes into the report's bins, by arrival time.
     let group_of: HashMap<&str, usize> = s.groups.iter().enumerate().map(|(i, g)| (g.name.as_str(), i)).collect();
+    let group_of_device = devices_groups(s);
     let mut bins = vec![vec![Bin::default(); cfg.bins()]; cfg.groups.len()];
     let mut latencies = vec![Vec::new(); cfg.groups.len()];
     let mut edge = vec![super::sim::EdgeTally::default(); prepared.sim.num_branches()];
@@ -406,42 +407,20 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
         if let Some(e) = &o.error {
             bail!("policy {}: device {} could not decide input {}: {e}", policy.name(), o.device_id, o.input_index);
         }
-        let group = o.device_id.rsplit_once('-').and_then(|(g, _)| group_of.get(g).copied()).context("an outcome from an unknown device")?;
-        let deadline = cfg.groups[group].deadline_us;
+        let group = *group_of_device.get(&o.device_id).context("an outcome from an unknown device")?;
         let bin = ((o.arrived_unix_us.saturating_sub(epoch_unix) / cfg.bin_us) as usize).min(cfg.bins() - 1);
         let b = &mut bins[group][bin];
-        let correct = o.correct();
-        b.inputs += 1;
-        b.correct += u64::from(correct);
-        b.p_tar_sum += o.p_tar;
-        b.branch_sum += o.partition_branch as u64;
-        match o.decided {
-            Decided::Device => {
-                b.on_device += 1;
-                b.edge_correct += u64::from(correct);
-                b.declined += u64::from(o.declined);
-                if !o.declined {
-                    // What a plan predicts on the device is the same under
-                    // every codec: f32's statistics stand for all.
-                    let plan = branchpoint_core::planner::Plan::f32(o.partition_branch, o.p_tar);
-                    edge[o.partition_branch - 1].add(&prepared.sim.predictions, plan, correct);
-                }
-            }
-            Decided::Cloud => {
-                b.offloaded += 1;
-                b.cloud += 1;
-            }
-            Decided::Fallback => {
-                b.offloaded += 1;
-                b.fallbacks += 1;
-            }
+        b.count(&o.counted(), branchpoint_core::planner::Plan::f32(o.partition_branch, o.p_tar));
+        if o.decided == Decided::Device && !o.declined {
+            // What a plan predicts on the device is the same under every
+            // codec: f32's statistics stand for all.
+            let plan = branchpoint_core::planner::Plan::f32(o.partition_branch, o.p_tar);
+            edge[o.partition_branch - 1].add(&prepared.sim.predictions, plan, o.correct());
         }
         if let Some(sent) = o.sent {
             b.sent_by_codec[sent.codec.index()] += 1;
             b.uplink_bytes += sent.bytes;
         }
-        let missed = o.decided == Decided::Fallback || o.latency.total_us > deadline;
-        b.misses += u64::from(missed);
         latencies[group].push(o.latency.total_us.min(u64::from(u32::MAX)) as u32);
     }
     for r in &log {
@@ -454,6 +433,17 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
     }
     let watch = if watched { watch_traces(setup, &outcomes, &statuses, &audits, epoch_unix) } else { Vec::new() };
     Ok(PolicyRun { policy, bins, latencies_us: latencies, arrivals: claimed as u64, outcomes: outcomes.len() as u64, mean_batch: f64::NAN, choices: None, edge: Some(edge), watch })
+}
+
+/// A device's id in a live replay: its group's name and its place there.
+fn device_id(group: &str, k: usize) -> String {
+    format!("{group}-{k}")
+}
+
+/// Each device's group (its index in the scenario), by id: groups are data
+/// the replay keeps, not read back out of the ids.
+fn devices_groups(s: &Scenario) -> HashMap<String, usize> {
+    s.groups.iter().enumerate().flat_map(|(gi, g)| (0..g.devices).map(move |k| (device_id(&g.name, k), gi))).collect()
 }
 
 /// Each device's id and the group plans address it by: its group's name in
@@ -552,6 +542,7 @@ fn watch_traces(
     epoch_unix: u64,
 ) -> Vec<WatchTrace> {
     let (s, cfg, m) = (setup.scenario, setup.cfg, &setup.prepared.sim);
+    let group_of_device = devices_groups(s);
     let rel = |unix: u64| unix.saturating_sub(epoch_unix);
     let mut traces = Vec::with_capacity(s.groups.len());
     for (gi, g) in s.groups.iter().enumerate() {
@@ -591,7 +582,7 @@ fn watch_traces(
         // plan in force, in the calibrator's window.
         let decided: Vec<(u64, f64, bool, bool)> = outcomes
             .iter()
-            .filter(|o| o.device_id.rsplit_once('-').is_some_and(|(name, _)| name == g.name) && o.decided == Decided::Device && !o.declined)
+            .filter(|o| group_of_device.get(&o.device_id) == Some(&gi) && o.decided == Decided::Device && !o.declined)
             .map(|o| {
                 let t = rel(o.arrived_unix_us);
                 let view = sim.view_at(t);
@@ -638,7 +629,7 @@ fn watch_traces(
         let bytes = m.upload_bytes[branch - 1].of(g.codec) as u64;
         trace.audits = counts.sent;
         trace.audit_bytes = counts.bytes;
-        let offloaded = outcomes.iter().filter(|o| o.device_id.rsplit_once('-').is_some_and(|(name, _)| name == g.name) && o.decided != Decided::Device).count() as u64;
+        let offloaded = outcomes.iter().filter(|o| group_of_device.get(&o.device_id) == Some(&gi) && o.decided != Decided::Device).count() as u64;
         trace.offload_bytes = offloaded * bytes;
         trace.audit_worker_us = counts.sent as f64 * m.tail_time_us(branch, cfg.max_batch) / cfg.max_batch as f64;
         traces.push(trace);

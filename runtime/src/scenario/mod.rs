@@ -451,8 +451,8 @@ pub fn assemble_oracle(cfg: &SimConfig, candidates: &[Plan], runs: &[RunResult],
                 for b in &r.bins[g][range.clone()] {
                     t.add(b);
                 }
-                let n = t.inputs.max(1) as f64;
-                let (acc, miss, off) = (t.correct as f64 / n, t.misses as f64 / n, t.offloaded as f64 / n);
+                let n = t.counts.inputs.max(1) as f64;
+                let (acc, miss, off) = (t.counts.correct as f64 / n, t.counts.misses as f64 / n, t.counts.offloaded as f64 / n);
                 let ok = miss <= miss_bound;
                 let better = match best {
                     None => true,
@@ -471,8 +471,8 @@ pub fn assemble_oracle(cfg: &SimConfig, candidates: &[Plan], runs: &[RunResult],
             choices[g].push(candidates[c]);
             for i in range {
                 bins[g][i] = runs[c].bins[g][i].clone();
-                arrivals += runs[c].bins[g][i].inputs;
-                outcomes += runs[c].bins[g][i].inputs;
+                arrivals += runs[c].bins[g][i].counts.inputs;
+                outcomes += runs[c].bins[g][i].counts.inputs;
             }
             latencies[g].extend_from_slice(&runs[c].latencies_us[g][w]);
         }

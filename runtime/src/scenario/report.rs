@@ -8,6 +8,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use branchpoint_core::outcome::FallbackReason;
 use branchpoint_core::planner::{Codec, OffloadBytes, Plan};
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -97,6 +98,12 @@ pub struct Totals {
     pub offload_rate: f64,
     pub answered_by_cloud: u64,
     pub fallbacks: u64,
+    /// The fallbacks by reason (`core::outcome::FallbackReason::name`):
+    /// `deadline` (the answer had not come by it: a miss), `refused` and
+    /// `expired` (an overloaded worker answered at once: in time, with the
+    /// branch's class), and the transport's.
+    #[serde(default)]
+    pub fallbacks_by_reason: std::collections::BTreeMap<String, u64>,
     pub deadline_misses: u64,
     pub deadline_miss_rate: f64,
     /// Adaptive: inputs below p_tar the device answered itself because it
@@ -281,6 +288,8 @@ fn totals(bins: &[&Bin], latencies: &mut [u32]) -> Totals {
         t.add(b);
     }
     latencies.sort_unstable();
+    let (sent_by_codec, uplink_bytes) = (t.sent_by_codec, t.uplink_bytes);
+    let t = t.counts;
     Totals {
         inputs: t.inputs,
         accuracy: ratio(t.correct, t.inputs).unwrap_or(0.0),
@@ -288,14 +297,15 @@ fn totals(bins: &[&Bin], latencies: &mut [u32]) -> Totals {
         offload_rate: ratio(t.offloaded, t.inputs).unwrap_or(0.0),
         answered_by_cloud: t.cloud,
         fallbacks: t.fallbacks,
+        fallbacks_by_reason: FallbackReason::ALL.iter().map(|&r| (r.name().to_string(), t.fallbacks_for(r))).filter(|(_, n)| *n > 0).collect(),
         deadline_misses: t.misses,
         deadline_miss_rate: ratio(t.misses, t.inputs).unwrap_or(0.0),
         declined_offloads: t.declined,
         latency_ms_p50: percentile_ms(latencies, 0.5),
         latency_ms_p95: percentile_ms(latencies, 0.95),
         latency_ms_p99: percentile_ms(latencies, 0.99),
-        uplink_bytes: t.uplink_bytes,
-        offloads_by_codec: CodecCounts { f32: t.sent_by_codec[Codec::F32.index()], f16: t.sent_by_codec[Codec::F16.index()], int8: t.sent_by_codec[Codec::Int8.index()] },
+        uplink_bytes,
+        offloads_by_codec: CodecCounts { f32: sent_by_codec[Codec::F32.index()], f16: sent_by_codec[Codec::F16.index()], int8: sent_by_codec[Codec::Int8.index()] },
     }
 }
 
@@ -372,13 +382,13 @@ pub fn build(scenario: &Scenario, cfg: &SimConfig, prepared: &Prepared, weights:
                 |f: fn(&Bin) -> f64| -> Option<Vec<Option<f64>>> { adaptive.then(|| merged.iter().map(|b| (b.reports > 0).then(|| f(b) / b.reports as f64)).collect()) };
             let series = Series {
                 t_s: t_s.clone(),
-                inputs: merged.iter().map(|b| b.inputs).collect(),
-                accuracy: merged.iter().map(|b| ratio(b.correct, b.inputs)).collect(),
-                deadline_miss_rate: merged.iter().map(|b| ratio(b.misses, b.inputs)).collect(),
-                offload_rate: merged.iter().map(|b| ratio(b.offloaded, b.inputs)).collect(),
-                edge_accuracy: merged.iter().map(|b| ratio(b.edge_correct, b.on_device)).collect(),
-                p_tar: merged.iter().map(|b| (b.inputs > 0).then(|| b.p_tar_sum / b.inputs as f64)).collect(),
-                branch: merged.iter().map(|b| (b.inputs > 0).then(|| b.branch_sum as f64 / b.inputs as f64)).collect(),
+                inputs: merged.iter().map(|b| b.counts.inputs).collect(),
+                accuracy: merged.iter().map(|b| ratio(b.counts.correct, b.counts.inputs)).collect(),
+                deadline_miss_rate: merged.iter().map(|b| ratio(b.counts.misses, b.counts.inputs)).collect(),
+                offload_rate: merged.iter().map(|b| ratio(b.counts.offloaded, b.counts.inputs)).collect(),
+                edge_accuracy: merged.iter().map(|b| ratio(b.counts.edge_correct, b.counts.on_device)).collect(),
+                p_tar: merged.iter().map(|b| (b.counts.inputs > 0).then(|| b.p_tar_sum / b.counts.inputs as f64)).collect(),
+                branch: merged.iter().map(|b| (b.counts.inputs > 0).then(|| b.branch_sum as f64 / b.counts.inputs as f64)).collect(),
                 estimated_uplink_mbit_s: per_report(|b| b.est_mbit_s_sum),
                 predicted_accuracy: per_report(|b| b.predicted_accuracy_sum),
                 predicted_miss_rate: per_report(|b| b.predicted_miss_sum),
