@@ -288,6 +288,9 @@ pub struct Executor {
     /// Emulates slower cloud hardware: each tail holds its thread this many
     /// times as long as it took here (1: this machine as it is).
     slowdown: f64,
+    /// Or paces each batch to a profile: `[model][branch - 1]` (batch size,
+    /// µs) points; a batch holds its thread at least that long.
+    paced: Option<Arc<Vec<Vec<Vec<(usize, f64)>>>>>,
 }
 
 impl Executor {
@@ -306,7 +309,36 @@ impl Executor {
         }
         // The batcher keeps at most one batch per thread plus one in flight
         // (`Batcher::with_compute_threads`); the queue leaves room for more.
-        TensorPool::start("tail", threads, 2 * threads.max(1) + 2, move || Ok(Executor { nets: specs.iter().map(LoadedNet::load).collect::<Result<_, _>>()?, slowdown }))
+        TensorPool::start("tail", threads, 2 * threads.max(1) + 2, move || {
+            let cold = Executor { nets: specs.iter().map(LoadedNet::load).collect::<Result<_, _>>()?, slowdown: 1.0, paced: None };
+            Ok(Executor { slowdown, ..cold.warmed()? })
+        })
+    }
+
+    /// `start`, each batch taking at least the time `times` gives it
+    /// (`[model][branch - 1]`: (batch size, µs) points, interpolated as the
+    /// virtual-time replay does): a live replay's workers then take the
+    /// scenario's compute times, not this machine's under its load.
+    pub fn start_paced(specs: Vec<ModelSpec>, threads: usize, times: Vec<Vec<Vec<(usize, f64)>>>) -> Result<TensorPool<Executor>, ActorError> {
+        let times = Arc::new(times);
+        TensorPool::start("tail", threads, 2 * threads.max(1) + 2, move || {
+            let cold = Executor { nets: specs.iter().map(LoadedNet::load).collect::<Result<_, _>>()?, slowdown: 1.0, paced: None };
+            Ok(Executor { paced: Some(times.clone()), ..cold.warmed()? })
+        })
+    }
+
+    /// Runs every tail once on zeros: a first forward is many times slower
+    /// than the next (libtorch sets its kernels up), and the batcher learns
+    /// its batch times from what it measures, so a cold first batch would
+    /// make it refuse what it can serve.
+    fn warmed(self) -> Result<Self, ActorError> {
+        for (model, loaded) in self.nets.iter().enumerate() {
+            for (k, point) in loaded.net.partition_points().iter().enumerate() {
+                let values = point.activation_shape.iter().product::<i64>().max(0) as usize;
+                self.run_tail(RunTail { model, partition_branch: k + 1, batch: 1, activations: vec![0.0; values] })?;
+            }
+        }
+        Ok(self)
     }
 
     /// Runs model `msg.model`'s `tail(partition_branch)` on a batch.
@@ -328,6 +360,10 @@ impl Executor {
         let class: Vec<i64> = Vec::try_from(class.to_device(Device::Cpu)).map_err(branchpoint_models::ModelError::from)?;
         if self.slowdown > 1.0 {
             std::thread::sleep(started.elapsed().mul_f64(self.slowdown - 1.0));
+        }
+        if let Some(points) = self.paced.as_ref().and_then(|p| p.get(msg.model)).and_then(|m| m.get(msg.partition_branch - 1)) {
+            let target = Duration::from_secs_f64(branchpoint_core::costs::batch_time_us(points, msg.batch).round() / 1e6);
+            std::thread::sleep(target.saturating_sub(started.elapsed()));
         }
         Ok(TailOutput { answers: class.into_iter().map(|c| c as u32).zip(conf).collect(), compute: started.elapsed() })
     }

@@ -202,7 +202,7 @@ impl Device {
                 rtt: Duration::from_micros(em.spec.link.rtt_us(now)),
                 reply_to: Some(ctx.address().recipient()),
                 deadline_us: Some(self.cfg.deadline.as_micros() as f64),
-                arrival_rate: Some(em.spec.arrival_rate),
+                arrival_rate: Some(branchpoint_core::scenario::sim::rate_at(&em.spec.arrival_rates, now)),
             });
         }
     }
@@ -446,38 +446,42 @@ impl Device {
             let exchange = async {
                 tokio::time::sleep_until(tokio::time::Instant::from_std(em.instant(finish) + half)).await;
                 let mut out = offload(outcome, request, classes, &link, deadline.saturating_sub(half), arrived).await;
-                if out.decided == Decided::Cloud {
-                    tokio::time::sleep(half).await;
-                    let replied = em.us(Instant::now());
-                    em.uplink.borrow_mut().est.observe_response(replied.saturating_sub(finish) as f64);
-                } else if matches!(out.fallback, Some(FallbackReason::Refused | FallbackReason::Expired | FallbackReason::ErrorReply)) {
-                    // A worker's error reply comes back over the emulated
-                    // link too, as the virtual-time replay has it.
-                    tokio::time::sleep(half).await;
-                    out.latency.total_us = arrived.elapsed().as_micros() as u64;
+                let from_worker = out.decided == Decided::Cloud || matches!(out.fallback, Some(FallbackReason::Refused | FallbackReason::Expired | FallbackReason::ErrorReply));
+                if from_worker {
+                    // The reply, an answer or a worker's error, crosses the
+                    // emulated link back: it reaches the device half the RTT
+                    // after it left, exactly, as in virtual time. The timer
+                    // that waits for it may wake later; the emulation does
+                    // not count its own timer's slack.
+                    let reaches = Instant::now() + half;
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(reaches)).await;
+                    out.latency.total_us = reaches.saturating_duration_since(arrived).as_micros() as u64;
                 }
                 out
             };
             // The device answers by the deadline, with its branch if the
-            // cloud's reply has not come back.
-            let mut out = match tokio::time::timeout_at(tokio::time::Instant::from_std(arrived + deadline), exchange).await {
+            // cloud's reply has not come back (judged on the emulated
+            // reply's arrival; the wait allows for the timers' slack).
+            let mut out = match tokio::time::timeout_at(tokio::time::Instant::from_std(arrived + deadline + EMULATION_SLACK), exchange).await {
                 // The reply's trip back counts: after the deadline it is a
                 // miss, answered with the branch.
-                Ok(out) if out.decided == Decided::Cloud && arrived.elapsed() > deadline => {
+                Ok(out) if out.latency.total_us > deadline_us && (out.decided == Decided::Cloud || out.fallback != Some(FallbackReason::Deadline)) => {
                     let mut late = fallback(fallback_outcome, FallbackReason::Deadline, arrived);
                     late.class = branch_class;
-                    late.latency.total_us = late.latency.total_us.min(deadline.as_micros() as u64);
+                    late.latency.total_us = deadline_us;
                     late
                 }
-                Ok(out) if out.decided == Decided::Cloud => {
-                    let mut out = out;
-                    out.latency.total_us = arrived.elapsed().as_micros() as u64;
+                Ok(out) => {
+                    if out.decided == Decided::Cloud {
+                        let replied = t_arrival + out.latency.total_us;
+                        em.uplink.borrow_mut().est.observe_response(replied.saturating_sub(finish) as f64);
+                    }
                     out
                 }
-                Ok(out) => out,
                 Err(_) => {
                     let mut out = fallback(fallback_outcome, FallbackReason::Deadline, arrived);
                     out.class = branch_class;
+                    out.latency.total_us = deadline_us;
                     out
                 }
             };
@@ -492,6 +496,11 @@ impl Device {
         })
     }
 }
+
+/// How much longer than its deadline an emulated offload's timer may
+/// wait for a reply whose emulated arrival is in time: tokio's timers wake
+/// on millisecond ticks, and a busy machine wakes them later still.
+const EMULATION_SLACK: Duration = Duration::from_millis(20);
 
 /// The branch's own answer stands for an offload that did not come back.
 fn fallback(mut o: Outcome, reason: FallbackReason, arrived: Instant) -> Outcome {

@@ -36,8 +36,9 @@ pub struct EmulationSpec {
     pub report_interval: Duration,
     pub report_offset: Duration,
     pub probe_bytes: usize,
-    /// Inputs per second arriving at the device, for its reports.
-    pub arrival_rate: f64,
+    /// Inputs per second arriving at the device, for its reports: `(start
+    /// µs of link time, rate)` steps, ascending from 0.
+    pub arrival_rates: Vec<(u64, f64)>,
 }
 
 /// A device's emulation state, on the device's thread.

@@ -28,11 +28,37 @@ use crate::worker::{Batcher, Job, ReplyTo};
 #[derive(Clone)]
 pub enum OffloadLink {
     InProcess(Addr<Batcher>),
+    /// Several workers in this process, one of which takes each request at
+    /// random, as a NATS queue group hands it to one member (and as the
+    /// virtual-time replay's pool does).
+    InProcessPool(Arc<InProcessPool>),
     Nats(async_nats::Client),
     /// A scripted cloud that answers, drops, delays, refuses or garbles each
     /// request as told: for tests of the device's fallbacks and for fault
     /// drills, with no worker behind it.
     Faulty(Arc<FaultyLink>),
+}
+
+/// Workers in this process, each its own batcher.
+pub struct InProcessPool {
+    workers: Vec<Addr<Batcher>>,
+    picks: std::sync::atomic::AtomicU64,
+}
+
+impl InProcessPool {
+    /// A link to `workers` (at least one).
+    pub fn link(workers: Vec<Addr<Batcher>>) -> OffloadLink {
+        assert!(!workers.is_empty(), "a pool has a worker");
+        OffloadLink::InProcessPool(Arc::new(Self { workers, picks: Default::default() }))
+    }
+
+    /// The worker for the next request: uniform, from a counter through
+    /// SplitMix64, so that no device thread waits on another's generator.
+    fn pick(&self) -> Addr<Batcher> {
+        let n = self.picks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let i = branchpoint_core::rng::SplitMix64::new(n).below(self.workers.len() as u64) as usize;
+        self.workers[i].clone()
+    }
 }
 
 /// What a `FaultyLink` does with one request.
@@ -143,21 +169,25 @@ impl OffloadLink {
     }
 }
 
+/// One request to a batcher in this process, its answer by `until`.
+async fn in_process(batcher: Addr<Batcher>, request: Offload, until: tokio::time::Instant) -> Result<OffloadReply, OffloadFailure> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job = Job { request, received: Instant::now(), reply: ReplyTo::Local(tx) };
+    let exchange = async move {
+        batcher.send(job).await.map_err(|e| OffloadFailure::Transport(e.to_string()))?;
+        rx.await.map_err(|_| OffloadFailure::Transport("the worker dropped the request".into()))
+    };
+    match tokio::time::timeout_at(until, exchange).await {
+        Ok(r) => r,
+        Err(_) => Err(OffloadFailure::Deadline),
+    }
+}
+
 async fn exchange(link: OffloadLink, request: Offload, until: tokio::time::Instant) -> Result<Answered, OffloadFailure> {
     let reply = match link {
         OffloadLink::Faulty(f) => f.exchange(request, until).await?,
-        OffloadLink::InProcess(batcher) => {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let job = Job { request, received: Instant::now(), reply: ReplyTo::Local(tx) };
-            let exchange = async move {
-                batcher.send(job).await.map_err(|e| OffloadFailure::Transport(e.to_string()))?;
-                rx.await.map_err(|_| OffloadFailure::Transport("the worker dropped the request".into()))
-            };
-            match tokio::time::timeout_at(until, exchange).await {
-                Ok(r) => r?,
-                Err(_) => return Err(OffloadFailure::Deadline),
-            }
-        }
+        OffloadLink::InProcess(batcher) => in_process(batcher, request, until).await?,
+        OffloadLink::InProcessPool(pool) => in_process(pool.pick(), request, until).await?,
         OffloadLink::Nats(client) => {
             if client.connection_state() != async_nats::connection::State::Connected {
                 return Err(OffloadFailure::Disconnected);

@@ -58,14 +58,20 @@ impl QueueConfig {
 /// `a + b n` (a and b at least 0) through the smoothed time of each batch
 /// size seen (one point per size, so a run of small batches under light
 /// load does not make the worker forget what full ones take), and beyond
-/// the largest size seen no steeper than proportional to it. Unknown (0)
-/// before the first batch, so nothing is refused on a guess.
+/// the largest size seen no steeper than proportional to it; plus twice
+/// the smoothed deviation of batches from their size's time, so that a
+/// worker whose batches vary does not plan to the microsecond and answer
+/// half of its tightest requests late (in virtual time, where a batch size
+/// always takes the same time, the deviation is 0). Unknown (0) before the
+/// first batch, so nothing is refused on a guess.
 #[derive(Debug, Clone, Default)]
 pub struct BatchTime {
     /// Smoothed µs per batch, by batch size (index n).
     by_size: Vec<Option<f64>>,
     a: f64,
     b: f64,
+    /// Smoothed |batch time - its size's smoothed time|, µs.
+    deviation: f64,
 }
 
 impl BatchTime {
@@ -81,6 +87,9 @@ impl BatchTime {
         }
         let t = took_us as f64;
         let slot = &mut self.by_size[n];
+        if let Some(old) = *slot {
+            self.deviation += Self::ALPHA * ((t - old).abs() - self.deviation);
+        }
         *slot = Some(slot.map_or(t, |old| old + Self::ALPHA * (t - old)));
         let points: Vec<(f64, f64)> = self.by_size.iter().enumerate().filter_map(|(n, t)| t.map(|t| (n as f64, t))).collect();
         let k = points.len() as f64;
@@ -104,7 +113,7 @@ impl BatchTime {
         // largest seen is an upper bound there (batching only amortises).
         let Some((largest, t)) = self.by_size.iter().enumerate().rev().find_map(|(n, t)| t.map(|t| (n as f64, t))) else { return 0 };
         let us = if n as f64 > largest { line.min(t * n as f64 / largest) } else { line };
-        us.ceil() as u64
+        (us + self.deviation).ceil() as u64
     }
 }
 
@@ -284,6 +293,8 @@ pub struct WorkerQueue<T> {
     /// batches handed to it and not finished.
     free_at: Vec<u64>,
     slot_work: Vec<VecDeque<u64>>,
+    /// When each slot's last batch was seen done.
+    done_at: Vec<u64>,
     stats: QueueStats,
 }
 
@@ -301,6 +312,7 @@ impl<T> WorkerQueue<T> {
             batches_in_flight: 0,
             free_at: vec![0; threads],
             slot_work: vec![VecDeque::new(); threads],
+            done_at: vec![0; threads],
             stats: QueueStats::default(),
         }
     }
@@ -354,6 +366,12 @@ impl<T> WorkerQueue<T> {
     fn refuse_offload(&self, now: u64, lane: Lane, due: u64, backlog: usize) -> Option<Refusal> {
         if backlog >= self.cfg.max_queue {
             return Some(Refusal::Full { held: backlog, max: self.cfg.max_queue });
+        }
+        if self.is_idle() {
+            // An idle worker tries: its estimates come only from batches it
+            // runs, so one slow batch must not make it refuse everything
+            // from then on and never learn otherwise.
+            return None;
         }
         let estimate = self.batch_time.get(&lane)?;
         // Waiting here, due before it: full batches ahead of its own, after
@@ -435,16 +453,23 @@ impl<T> WorkerQueue<T> {
         // Earliest deadline first, offloads ahead of audits; a request that
         // cannot finish even alone is answered now, not computed late.
         queue.sort_by_key(|w| (w.audit, w.due_us));
-        let (expired, rest): (Vec<_>, Vec<_>) = std::mem::take(queue).into_iter().partition(|w| now >= w.due_us || start + one_us > w.due_us);
+        // An idle worker runs what has not expired yet, whatever its
+        // estimate says (as it admits it): so it measures again.
+        let idle = self.batches_in_flight == 0;
+        let (expired, rest): (Vec<_>, Vec<_>) = std::mem::take(queue).into_iter().partition(|w| now >= w.due_us || (!idle && start + one_us > w.due_us));
         // The batch that answers the most requests in time per second of
         // compute: under overload a full batch of those that can still make
         // it, rather than a small one shrunk to fit the most urgent.
         let dues: Vec<u64> = rest.iter().map(|w| w.due_us).collect();
         let take = batch_to_run(&dues, self.cfg.max_batch, start, |n| estimate.estimate_us(n));
         let fits_by = start + estimate.estimate_us(take.max(1));
+        // None in time by the estimate: an idle worker runs the earliest
+        // `take` all the same (a busy one has expired them above).
+        let in_time = |w: &Waiting<T>| w.due_us >= fits_by || (idle && !rest.iter().any(|r| r.due_us >= fits_by));
         let (mut batch, mut kept) = (Vec::with_capacity(take), Vec::with_capacity(rest.len()));
-        for w in rest {
-            if batch.len() < take && w.due_us >= fits_by {
+        let fits: Vec<bool> = rest.iter().map(in_time).collect();
+        for (w, fits) in rest.into_iter().zip(fits) {
+            if batch.len() < take && fits {
                 batch.push(w);
             } else {
                 kept.push(w);
@@ -498,9 +523,20 @@ impl<T> WorkerQueue<T> {
         if ticket.n == 0 {
             return;
         }
+        // A batch's time as the caller sees it: from when it could start
+        // (handed over, and its slot done with the batch before) to when it
+        // is seen done, at least its compute. Live, that includes what the
+        // compute alone does not (a thread waking, the result reaching the
+        // caller), and the worker plans with it; in virtual time it is the
+        // compute.
+        let could_start = ticket.handed_us.max(self.done_at.get(ticket.slot).copied().unwrap_or(0));
+        if let Some(d) = self.done_at.get_mut(ticket.slot) {
+            *d = now;
+        }
         match how {
             Finish::Ran { took_us } => {
-                self.batch_time.entry(ticket.lane).or_default().observe(ticket.n, took_us);
+                let seen = now.saturating_sub(could_start).max(took_us);
+                self.batch_time.entry(ticket.lane).or_default().observe(ticket.n, seen);
                 // Waiting for a slot: ready here, then queued at the slot.
                 let waited = now.saturating_sub(ticket.handed_us).saturating_sub(took_us) + ticket.handed_us.saturating_sub(ticket.ready_us);
                 self.stats.answered += ticket.n as u64;
@@ -595,10 +631,17 @@ mod tests {
         assert!(q.next_batch(at_us).is_none());
         let ticket = next.ticket.expect("a batch to run");
         assert_eq!((q.backlog(), ticket.n), (3, 3));
-        q.finished(5_000, ticket, Finish::Ran { took_us: 3_000 });
+        q.finished(3_020, ticket, Finish::Ran { took_us: 3_000 });
         let s = q.stats();
         assert_eq!((s.requests, s.batches, s.answered, s.queue_depth), (3, 1, 3, 0));
         assert_eq!(q.batch_time(LANE).estimate_us(3), 3_000);
+        // Seen done later than its compute (a thread slow to wake, the
+        // result slow to come back): the worker plans with what it saw.
+        q.offer(10_000, LANE, waiting(3, 10_000, 100_000));
+        q.flush(10_000, LANE);
+        let ticket = q.next_batch(10_000).unwrap().ticket.unwrap();
+        q.finished(14_000, ticket, Finish::Ran { took_us: 3_000 });
+        assert!(q.batch_time(LANE).estimate_us(1) > 3_000, "{}", q.batch_time(LANE).estimate_us(1));
     }
 
     /// Under overload: an offload that cannot finish behind those due
@@ -641,6 +684,43 @@ mod tests {
         let s = q.stats();
         assert_eq!((s.refused, s.expired, s.answered, s.queue_depth), (1, 1, 6, 0));
         assert!(q.is_idle());
+    }
+
+    /// One cold batch that took longer than any deadline does not lock the
+    /// worker out: idle, it admits and runs the next request anyway, and
+    /// learns from it.
+    #[test]
+    fn one_slow_batch_does_not_make_an_idle_worker_refuse_everything() {
+        let mut q = WorkerQueue::new(QueueConfig::new(4, 1_000, 1));
+        q.offer(0, LANE, waiting(0, 0, 10_000_000));
+        q.flush(0, LANE);
+        let t = q.next_batch(0).unwrap().ticket.unwrap();
+        q.finished(1_000_000, t, Finish::Ran { took_us: 1_000_000 });
+        // Due in 100 ms, a batch estimated at 1 s: an idle worker tries.
+        assert!(matches!(q.offer(1_000_000, LANE, waiting(1, 1_000_000, 1_100_000)), Offered::Queued(_)));
+        q.flush(1_000_000, LANE);
+        let next = q.next_batch(1_000_000).unwrap();
+        assert!(next.expired.is_empty());
+        assert_eq!(next.batch.iter().map(|w| w.item).collect::<Vec<_>>(), vec![1]);
+        let mut now = 1_010_000;
+        q.finished(now, next.ticket.unwrap(), Finish::Ran { took_us: 10_000 });
+        let first = q.batch_time(LANE).estimate_us(1);
+        // Each batch it runs brings the estimate down to what batches take.
+        for i in 0..30 {
+            q.offer(now, LANE, waiting(10 + i, now, now + 100_000));
+            q.flush(now, LANE);
+            let t = q.next_batch(now).unwrap().ticket.expect("run, not expired");
+            now += 10_000;
+            q.finished(now, t, Finish::Ran { took_us: 10_000 });
+        }
+        let learned = q.batch_time(LANE).estimate_us(1);
+        assert!(learned < first && learned < 30_000, "it learned: {first} then {learned}");
+        // Busy, it does refuse what its estimate says it cannot finish.
+        q.offer(now, LANE, waiting(2, now, now + 9_000_000));
+        q.flush(now, LANE);
+        let busy = q.next_batch(now).unwrap().ticket.unwrap();
+        assert!(matches!(q.offer(now, LANE, waiting(3, now, now + 1_000)), Offered::Refused(_, Refusal::TooLate { .. })));
+        q.finished(now + 10_000, busy, Finish::Ran { took_us: 10_000 });
     }
 
     /// The queue holds at most `max_queue`: beyond it offloads are refused,

@@ -33,3 +33,19 @@ pub struct PartitionLatency {
     /// Cloud side: remaining stages plus the final exit.
     pub tail_median_ms: Vec<f64>,
 }
+
+/// Time of a batch of `n` from measured `(batch size, µs)` points in
+/// ascending batch order: linear between them and beyond them, at least
+/// 1 µs; proportional to the one point there is. The replay's workers take
+/// this long, and so do a live replay's (`Executor::start_paced`).
+pub fn batch_time_us(points: &[(usize, f64)], n: usize) -> f64 {
+    match points {
+        [] => 0.0,
+        [(b, t)] => t * n as f64 / (*b).max(1) as f64,
+        _ => {
+            let i = points.partition_point(|&(b, _)| b < n).clamp(1, points.len() - 1);
+            let ((b0, t0), (b1, t1)) = (points[i - 1], points[i]);
+            (t0 + (t1 - t0) * (n as f64 - b0 as f64) / (b1 as f64 - b0 as f64)).max(1.0)
+        }
+    }
+}

@@ -125,15 +125,19 @@ impl Handler<PoolLoad> for Planner {
 }
 
 /// Tells `planner` the load of a worker pool in this process every
-/// `every`, until either stops: the batcher's backlog over its `workers`
-/// compute threads, as the workers' status tells a planner over NATS
+/// `every`, until either stops: the requests its workers (one compute
+/// thread each) hold, as the workers' statuses tell a planner over NATS
 /// (`nats::serve_planner_nats`).
-pub async fn watch_in_process_pool(batcher: Addr<crate::worker::Batcher>, planner: Addr<Planner>, workers: usize, every: std::time::Duration) {
+pub async fn watch_in_process_pool(workers: Vec<Addr<crate::worker::Batcher>>, planner: Addr<Planner>, every: std::time::Duration) {
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
-        let Ok(stats) = batcher.send(crate::worker::GetWorkerStats).await else { return };
-        let load = CloudLoad { backlog: stats.queue_depth as f64, workers: workers.max(1) as f64, inputs_per_s: 0.0 };
+        let mut backlog = 0;
+        for w in &workers {
+            let Ok(stats) = w.send(crate::worker::GetWorkerStats).await else { return };
+            backlog += stats.queue_depth;
+        }
+        let load = CloudLoad { backlog: backlog as f64, workers: workers.len().max(1) as f64, inputs_per_s: 0.0 };
         if planner.send(PoolLoad(load)).await.is_err() {
             return;
         }
@@ -147,7 +151,9 @@ impl Planner {
 
     fn costs_for(&self, r: &DeviceReport) -> Option<Costs> {
         if let Some(c) = self.costs.get(&r.group) {
-            return Some(c.clone());
+            // The device knows the rate its inputs arrive at now, as the
+            // virtual-time replay's devices do.
+            return Some(Costs { arrival_rate: r.arrival_rate.filter(|a| a.is_finite() && *a >= 0.0).unwrap_or(c.arrival_rate), ..c.clone() });
         }
         let (t, deadline_us, rate) = (self.template.as_ref()?, r.deadline_us?, r.arrival_rate?);
         Some(Costs { deadline_us, arrival_rate: rate, ..t.clone() })
@@ -394,7 +400,7 @@ mod tests {
             let point = |branch| PartitionPoint { branch, activation_shape: vec![2], activation_bytes: 8 };
             let points = vec![point(1), point(2)];
             let batcher = Batcher::new(cfg, StuckTails, vec![ServedModel { sha256: "ab".repeat(32), partition_points: points }]).with_compute_threads(1).start();
-            actix::spawn(watch_in_process_pool(batcher.clone(), planner.clone(), 1, Duration::from_millis(100)));
+            actix::spawn(watch_in_process_pool(vec![batcher.clone()], planner.clone(), Duration::from_millis(100)));
             tokio::time::sleep(Duration::from_millis(150)).await;
             planner.do_send(report("cam-1", "cameras", 0.08, device.clone()));
             let (idle, _) = plans.recv().await.expect("a plan");

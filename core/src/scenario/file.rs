@@ -666,9 +666,6 @@ impl Scenario {
                 return Err(self.err(&format!("{key}[{j}].at_s"), format!("{} starts after the scenario ends (duration_s = {})", s.at_s, self.duration_s)));
             }
         }
-        if self.time == TimeMode::Real {
-            return Err(self.err(key, "a rate that steps is replayed in virtual time only: use rate, or set time = \"virtual\""));
-        }
         Ok(())
     }
 

@@ -156,13 +156,7 @@ impl SimModel {
     /// Tail time of a batch of n at branch k: linear between the profiled
     /// batch sizes, and beyond them.
     pub fn tail_time_us(&self, branch: usize, n: usize) -> f64 {
-        let pts = &self.tail_us[branch - 1];
-        if pts.len() == 1 {
-            return pts[0].1 * n as f64 / pts[0].0 as f64;
-        }
-        let i = pts.partition_point(|&(b, _)| b < n).clamp(1, pts.len() - 1);
-        let ((b0, t0), (b1, t1)) = (pts[i - 1], pts[i]);
-        (t0 + (t1 - t0) * (n as f64 - b0 as f64) / (b1 as f64 - b0 as f64)).max(1.0)
+        crate::costs::batch_time_us(&self.tail_us[branch - 1], n)
     }
 }
 
@@ -223,7 +217,7 @@ pub struct AutoscaleSim {
 impl GroupSim {
     /// Inputs per second at each device at time t.
     pub fn rate_at(&self, t: u64) -> f64 {
-        self.rate_steps[self.rate_steps.partition_point(|s| s.0 <= t).max(1) - 1].1
+        rate_at(&self.rate_steps, t)
     }
 
     /// Which view of the inputs the group sees at time t.
@@ -564,6 +558,12 @@ impl SimWorker {
 /// arrivals. The device's loss stream uses it xor 0x5555....
 pub fn device_seed(seed: u64, group: usize, index: usize) -> u64 {
     seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((group as u64) << 32 | index as u64)
+}
+
+/// The rate in force at `t` of a schedule of `(start µs, rate)` steps,
+/// ascending from 0 (0 for an empty one).
+pub fn rate_at(steps: &[(u64, f64)], t: u64) -> f64 {
+    steps.get(steps.partition_point(|s| s.0 <= t).max(1) - 1).map_or(0.0, |s| s.1)
 }
 
 /// Microseconds to the next Poisson arrival.

@@ -35,14 +35,14 @@ use branchpoint_actors::emulation::EmulationSpec;
 use branchpoint_actors::fleet::{drain, forward_updates, publish_status, DeviceThreads, FleetDevice, TestInputs};
 use branchpoint_actors::planner::nats::{serve_planner_nats, NatsPlans, NatsReports};
 use branchpoint_actors::planner::{watch_in_process_pool, Planner, TakePlanLog};
-use branchpoint_actors::transport::OffloadLink;
-use branchpoint_actors::worker::{publish_status as publish_worker_status, serve_nats, Batcher, ServedModel, WorkerConfig};
+use branchpoint_actors::transport::{InProcessPool, OffloadLink};
+use branchpoint_actors::worker::{publish_status as publish_worker_status, serve_nats, Batcher, GetWorkerStats, ServedModel, WorkerConfig};
 use branchpoint_core::planner::{Costs, LinkEstimator};
 use branchpoint_core::rng::SplitMix64;
 use branchpoint_messages::PartitionBranch;
 use branchpoint_models::net::PartitionPoint;
 
-use super::sim::{device_seed, interarrival_us, Bin, Plans, SimConfig, WatchPoint, WatchTrace};
+use super::sim::{device_seed, next_arrival_us, Bin, Plans, SimConfig, WatchPoint, WatchTrace};
 use super::{policy_plans, Policy, PolicyRun, Prepared, Scenario};
 use crate::cli::NatsArgs;
 
@@ -80,9 +80,6 @@ pub fn replay_live(setup: &LiveSetup, on_policy: &dyn Fn(Policy)) -> Result<Vec<
             setup.scenario.path.display()
         );
     }
-    if let Some(g) = setup.scenario.groups.iter().find(|g| g.rate_schedule.is_some()) {
-        bail!("scenario {}: group {} has a rate_schedule, which is replayed in virtual time only; run it without --nats", setup.scenario.path.display(), g.name);
-    }
     if setup.scenario.policies.contains(&Policy::Watched) && setup.nats.nats.is_none() {
         bail!(
             "scenario {}: the watched policy in real time needs --nats URL (a NATS server with JetStream): its refits reach the devices through the control store",
@@ -106,28 +103,37 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
     let adaptive = matches!(plans, Plans::Adaptive(_));
     let watched = matches!(plans, Plans::Watched(_));
     let system = actix::System::new();
-    let (outcomes, log, claimed, epoch_unix, statuses, audits) = system.block_on(async {
+    let (outcomes, log, claimed, epoch_unix, statuses, audits, mean_batch) = system.block_on(async {
         let client = match &setup.nats.nats {
             Some(_) => Some(crate::nats::connect(setup.nats, "branchpoint-run").await?),
             None => None,
         };
         let served = || ServedModel { sha256: setup.model_sha256.clone(), partition_points: setup.points.clone() };
         let wcfg = |w: usize| WorkerConfig { worker_id: format!("run-worker-{w}"), max_batch: cfg.max_batch, max_wait: Duration::from_micros(cfg.max_wait_us) };
-        // In process, the one batcher (and its compute threads) is the pool.
-        let mut in_process_pool = None;
+        // The pool: `workers` workers of one compute thread each, as
+        // `branchpoint worker` runs and as virtual time has them, each batch
+        // taking the scenario's compute time (the profile times
+        // `cloud_slowdown`), as in virtual time, or longer if this machine
+        // is slower.
+        let worker = |w: usize| -> Result<Batcher> {
+            let exec = Executor::start_paced(vec![setup.spec.clone()], 1, vec![prepared.sim.tail_us.clone()])?;
+            Ok(Batcher::new(wcfg(w), exec, vec![served()]).with_compute_threads(1))
+        };
+        let mut pool = Vec::new();
         let link = match &client {
             None => {
-                let exec = Executor::start(vec![setup.spec.clone()], cfg.workers)?;
-                let batcher = Batcher::new(wcfg(0), exec, vec![served()]).with_compute_threads(cfg.workers).start();
-                in_process_pool = Some(batcher.clone());
-                OffloadLink::InProcess(batcher)
+                for w in 0..cfg.workers {
+                    pool.push(worker(w)?.start());
+                }
+                InProcessPool::link(pool.clone())
             }
             Some(c) => {
                 for w in 0..cfg.workers {
                     let wc = crate::nats::connect(setup.nats, &format!("branchpoint-run-worker-{w}")).await?;
-                    let batcher = Batcher::new(wcfg(w), Executor::start(vec![setup.spec.clone()], 1)?, vec![served()]).with_compute_threads(1);
+                    let batcher = worker(w)?;
                     // Watched runs: the final exit's answers go to the calibrator.
                     let batcher = if watched { batcher.with_audit_sink(wc.clone()) } else { batcher }.start();
+                    pool.push(batcher.clone());
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     let id = wcfg(w).worker_id;
                     // Their load, for a control plane watching the run (`--listen`).
@@ -185,9 +191,9 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
         });
         // A cloud-aware planner hears the pool's load: over NATS from the
         // workers' status (below), in process from the batcher, as often.
-        if let (Some(batcher), Some(p), Plans::Adaptive(planning)) = (&in_process_pool, &planner, plans) {
+        if let (None, Some(p), Plans::Adaptive(planning)) = (&client, &planner, plans) {
             if planning.cloud_aware {
-                actix::spawn(watch_in_process_pool(batcher.clone(), p.clone(), cfg.workers, WORKER_STATUS_INTERVAL));
+                actix::spawn(watch_in_process_pool(pool.clone(), p.clone(), WORKER_STATUS_INTERVAL));
             }
         }
         if let (Some(c), Some(p)) = (&client, &planner) {
@@ -266,7 +272,7 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                         report_interval: Duration::from_micros(cfg.report_interval_us),
                         report_offset: Duration::from_micros(cfg.report_interval_us * (n as u64 + 1) / (total as u64 + 1)) + Duration::from_millis(500),
                         probe_bytes: cfg.probe_bytes,
-                        arrival_rate: sim.rate,
+                        arrival_rates: sim.rate_steps.clone(),
                     }),
                     interrupt: Default::default(),
                     audit: watched.then(|| AuditSettings {
@@ -280,7 +286,7 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                         seed: device_seed(cfg.seed, gi, k) ^ 0xa0d1_7a0d_17a0_d17a,
                     }),
                 });
-                places.push((gi, k, sim.rate));
+                places.push((gi, k));
             }
         }
         let ids: Vec<String> = configs.iter().map(|c| c.id.clone()).collect();
@@ -319,14 +325,15 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
         let claimed = Rc::new(Cell::new(0usize));
         let duration_us = cfg.duration_us;
         let mut tasks = Vec::new();
-        for ((gi, k, rate), device) in places.into_iter().zip(devices) {
+        for ((gi, k), device) in places.into_iter().zip(devices) {
             let (claimed, clean, shifted) = (claimed.clone(), setup.inputs.clone(), setup.shifted.clone());
             let group = cfg.groups[gi].clone();
             let mut rng = SplitMix64::new(device_seed(cfg.seed, gi, k));
             tasks.push(actix::spawn(async move {
                 let mut at = 0u64;
                 loop {
-                    at += interarrival_us(&mut rng, rate);
+                    // The virtual-time replay's draws, rate steps included.
+                    at = next_arrival_us(&mut rng, at, &group.rate_steps);
                     if at >= duration_us {
                         return;
                     }
@@ -340,7 +347,9 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                         v => &shifted[v - 1],
                     };
                     let x = i % inputs.len();
-                    let arrived = Instant::now();
+                    // It arrived when scheduled: the driver's timer waking
+                    // late is emulation slack, not the input's time.
+                    let arrived = epoch + Duration::from_micros(at);
                     device.do_send(Infer { arrival: i as u64, arrived, input_index: x, input: inputs.images[x].clone(), label: inputs.labels[x] });
                 }
             }));
@@ -394,7 +403,15 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
         // Joined before the next policy starts and before the process exits.
         let mut threads = threads;
         threads.shutdown();
-        Ok::<_, anyhow::Error>((outcomes, log, claimed.get(), epoch_unix, statuses, audits))
+        // The pool's batches, as virtual time counts them.
+        let (mut batches, mut batched) = (0u64, 0.0);
+        for w in &pool {
+            let s = w.send(GetWorkerStats).await?;
+            batches += s.batches;
+            batched += s.mean_batch_size * s.batches as f64;
+        }
+        let mean_batch = if batches > 0 { batched / batches as f64 } else { f64::NAN };
+        Ok::<_, anyhow::Error>((outcomes, log, claimed.get(), epoch_unix, statuses, audits, mean_batch))
     })?;
 
     // Outcomes into the report's bins, by arrival time.
@@ -432,7 +449,7 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
         b.predicted_miss_sum += r.prediction.miss_rate;
     }
     let watch = if watched { watch_traces(setup, &outcomes, &statuses, &audits, epoch_unix) } else { Vec::new() };
-    Ok(PolicyRun { policy, bins, latencies_us: latencies, arrivals: claimed as u64, outcomes: outcomes.len() as u64, mean_batch: f64::NAN, choices: None, edge: Some(edge), watch })
+    Ok(PolicyRun { policy, bins, latencies_us: latencies, arrivals: claimed as u64, outcomes: outcomes.len() as u64, mean_batch, choices: None, edge: Some(edge), watch })
 }
 
 /// A device's id in a live replay: its group's name and its place there.

@@ -642,3 +642,53 @@ fn the_pool_follows_a_load_step_out_and_back_in() {
         assert_eq!(p.totals.inputs, q.totals.inputs, "{name}: the same arrivals");
     }
 }
+
+/// The replay is the live system's twin, overload included:
+/// scenarios/load-step-live.toml (a load step that overloads the one
+/// worker) run live over a real NATS server and in virtual time, with the
+/// same seed and this machine's compute profile. Per policy, cloud answers,
+/// fallbacks by reason, deadline misses, offloads and the mean batch agree
+/// within 10 % (or 20 inputs, whichever is larger): the live worker and the
+/// replay's run the same batching policy (`core::batching`), and count
+/// outcomes the same way (`core::outcome`).
+#[test]
+fn an_overloaded_pool_runs_live_as_its_virtual_time_twin_predicts() {
+    let _cpu = alone();
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("profile.json");
+    let o = output_within(branchpoint().args(["profile", "--batch-sizes", "1,8,32", "--repeats", "20", "--json"]).arg(&profile), Duration::from_secs(120));
+    assert!(o.status.success(), "profile: {}", String::from_utf8_lossy(&o.stderr));
+    let shipped = std::fs::read_to_string(repo_root().join("scenarios/load-step-live.toml")).unwrap();
+    assert!(shipped.contains("[compute]\n"), "the test adds the profile under [compute]");
+    let path = dir.path().join("load-step-live.toml");
+    std::fs::write(&path, shipped.replace("[compute]\n", &format!("[compute]\nprofile = {:?}\n", profile.display().to_string()))).unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let nats = common::NatsServer::start_with(&["-js", "-sd", store.path().to_str().unwrap()]);
+    let live = replay(&path, &["--nats", &nats.url], &dir.path().join("live"));
+    let virt = replay(&path, &[], &dir.path().join("virtual"));
+    assert_eq!((live.time.as_str(), virt.time.as_str()), ("real", "virtual"));
+    let close = |what: &str, policy: &str, l: f64, v: f64| {
+        assert!((l - v).abs() <= (0.1 * v.abs()).max(20.0), "{policy}: {what} live {l}, virtual {v}");
+    };
+    for name in ["static", "adaptive"] {
+        let (l, v) = (policy(&live, name), policy(&virt, name));
+        eprintln!("{name}: live {:?} {:?}\n{name}: virtual {:?} {:?}", l.totals, l.mean_batch, v.totals, v.mean_batch);
+        assert_eq!(l.totals.inputs, v.totals.inputs, "the same arrivals");
+        let n = v.totals.inputs as f64;
+        close("offloads", name, l.totals.offload_rate * n, v.totals.offload_rate * n);
+        close("cloud answers", name, l.totals.answered_by_cloud as f64, v.totals.answered_by_cloud as f64);
+        close("deadline misses", name, l.totals.deadline_misses as f64, v.totals.deadline_misses as f64);
+        for reason in ["deadline", "refused", "expired", "no-responders", "error-reply", "transport", "disconnected"] {
+            let count = |p: &branchpoint::scenario::report::PolicyReport| p.totals.fallbacks_by_reason.get(reason).copied().unwrap_or(0) as f64;
+            close(&format!("{reason} fallbacks"), name, count(l), count(v));
+        }
+        let (lb, vb) = (l.mean_batch.unwrap(), v.mean_batch.unwrap());
+        assert!((lb / vb - 1.0).abs() <= 0.1, "{name}: mean batch live {lb}, virtual {vb}");
+    }
+    // The step overloads the worker under the fixed plan: it refuses and
+    // expires offloads (fallbacks answered in time), and the adaptive
+    // planner keeps within what the worker serves.
+    let s = &policy(&virt, "static").totals;
+    assert!(s.fallbacks_by_reason.get("refused").copied().unwrap_or(0) > 100, "{s:?}");
+    assert!(policy(&virt, "adaptive").totals.fallbacks * 10 < s.fallbacks, "{:?}", policy(&virt, "adaptive").totals);
+}
