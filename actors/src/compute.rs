@@ -282,6 +282,10 @@ pub fn join_within(handles: Vec<JoinHandle<()>>, within: Duration) -> Vec<String
     still
 }
 
+/// Measured batch times: `[model][branch - 1]`, (batch size, µs) points in
+/// ascending batch order.
+pub type TailTimes = Vec<Vec<Vec<(usize, f64)>>>;
+
 /// One tail-pool thread's state: its copy of each model the worker serves.
 pub struct Executor {
     nets: Vec<LoadedNet>,
@@ -290,7 +294,7 @@ pub struct Executor {
     slowdown: f64,
     /// Or paces each batch to a profile: `[model][branch - 1]` (batch size,
     /// µs) points; a batch holds its thread at least that long.
-    paced: Option<Arc<Vec<Vec<Vec<(usize, f64)>>>>>,
+    paced: Option<Arc<TailTimes>>,
 }
 
 impl Executor {
@@ -319,7 +323,7 @@ impl Executor {
     /// (`[model][branch - 1]`: (batch size, µs) points, interpolated as the
     /// virtual-time replay does): a live replay's workers then take the
     /// scenario's compute times, not this machine's under its load.
-    pub fn start_paced(specs: Vec<ModelSpec>, threads: usize, times: Vec<Vec<Vec<(usize, f64)>>>) -> Result<TensorPool<Executor>, ActorError> {
+    pub fn start_paced(specs: Vec<ModelSpec>, threads: usize, times: TailTimes) -> Result<TensorPool<Executor>, ActorError> {
         let times = Arc::new(times);
         TensorPool::start("tail", threads, 2 * threads.max(1) + 2, move || {
             let cold = Executor { nets: specs.iter().map(LoadedNet::load).collect::<Result<_, _>>()?, slowdown: 1.0, paced: None };

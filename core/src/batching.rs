@@ -437,7 +437,8 @@ impl<T> WorkerQueue<T> {
     /// lane whose most urgent offload is due first goes first. Call it until
     /// it gives `None`.
     pub fn next_batch(&mut self, now: u64) -> Option<Next<T>> {
-        if self.batches_in_flight >= self.cfg.compute_threads + 1 {
+        // One batch per thread, and one waiting behind them.
+        if self.batches_in_flight > self.cfg.compute_threads {
             return None;
         }
         let urgent = |l: &Lane| self.pending.get(l).and_then(|q| q.iter().filter(|w| !w.audit).map(|w| w.due_us).min());

@@ -228,6 +228,10 @@ pub struct Series {
     pub accuracy: Vec<Option<f64>>,
     pub deadline_miss_rate: Vec<Option<f64>>,
     pub offload_rate: Vec<Option<f64>>,
+    /// Offloads the branch answered instead (every reason: late, refused,
+    /// expired, ...), per input.
+    #[serde(default)]
+    pub fallback_rate: Vec<Option<f64>>,
     /// Accuracy of the inputs answered on the device because their
     /// confidence reached p_tar (or the device declined the offload).
     #[serde(default)]
@@ -386,6 +390,7 @@ pub fn build(scenario: &Scenario, cfg: &SimConfig, prepared: &Prepared, weights:
                 accuracy: merged.iter().map(|b| ratio(b.counts.correct, b.counts.inputs)).collect(),
                 deadline_miss_rate: merged.iter().map(|b| ratio(b.counts.misses, b.counts.inputs)).collect(),
                 offload_rate: merged.iter().map(|b| ratio(b.counts.offloaded, b.counts.inputs)).collect(),
+                fallback_rate: merged.iter().map(|b| ratio(b.counts.fallbacks, b.counts.inputs)).collect(),
                 edge_accuracy: merged.iter().map(|b| ratio(b.counts.edge_correct, b.counts.on_device)).collect(),
                 p_tar: merged.iter().map(|b| (b.counts.inputs > 0).then(|| b.p_tar_sum / b.counts.inputs as f64)).collect(),
                 branch: merged.iter().map(|b| (b.counts.inputs > 0).then(|| b.branch_sum as f64 / b.counts.inputs as f64)).collect(),

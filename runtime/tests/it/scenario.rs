@@ -632,13 +632,16 @@ fn the_pool_follows_a_load_step_out_and_back_in() {
         assert!(p.worker_seconds.unwrap() < 4.0 * scaled.duration_s, "{name}: cheaper than four workers throughout");
 
         // Once the new workers serve and the backlog is gone (27 s to 40 s),
-        // latency and misses are lower than with one worker, which never
-        // catches up.
+        // latency is lower than with one worker, which never catches up,
+        // and nearly every offload is answered: the lone worker refuses or
+        // expires (fallbacks, answered by the branch in time) what it
+        // cannot answer before the deadline.
         let (p95, p95_one) = (mean(&p.series.latency_ms_p95.as_ref().unwrap()[27..40]), mean(&q.series.latency_ms_p95.as_ref().unwrap()[27..40]));
-        let (miss, miss_one) = (mean(&p.series.deadline_miss_rate[27..40]), mean(&q.series.deadline_miss_rate[27..40]));
-        eprintln!("{name}, 27-40 s: p95 {p95:.1} ms, misses {:.2} % autoscaled; one worker {p95_one:.1} ms, {:.2} %", 100.0 * miss, 100.0 * miss_one);
+        let (unanswered, unanswered_one) = (mean(&p.series.fallback_rate[27..40]), mean(&q.series.fallback_rate[27..40]));
+        eprintln!("{name}, 27-40 s: p95 {p95:.1} ms, fallbacks {:.2} % autoscaled; one worker {p95_one:.1} ms, {:.2} %", 100.0 * unanswered, 100.0 * unanswered_one);
         assert!(p95 + 10.0 < p95_one, "{name}: p95 {p95} ms autoscaled vs {p95_one} ms with one worker");
-        assert!(miss < 0.01 && miss_one > 0.05, "{name}: misses {miss} autoscaled vs {miss_one} with one worker");
+        assert!(unanswered < 0.01 && unanswered_one > 0.01 + 2.0 * unanswered, "{name}: fallbacks {unanswered} autoscaled vs {unanswered_one} with one worker");
+        assert!(mean(&q.series.deadline_miss_rate[27..40]) < 0.01, "{name}: the lone worker's overload is not answered late");
         assert_eq!(p.totals.inputs, q.totals.inputs, "{name}: the same arrivals");
     }
 }
