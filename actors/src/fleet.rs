@@ -19,6 +19,7 @@ use crate::collector::{Collector, GetSnapshot, GetSummary, Summary};
 use crate::compute::{LoadedNet, ModelSpec};
 use crate::control::{ControlChange, ControlStore};
 use crate::device::{ApplyCalibration, ApplyPlan, Device, DeviceConfig, GetPlan, Infer};
+use crate::emulation::EmulationSpec;
 use crate::error::ActorError;
 use crate::transport::OffloadLink;
 
@@ -261,7 +262,26 @@ pub async fn run_fleet(
     let claimed = Rc::new(Cell::new(0usize));
     let budget = cfg.max_inputs.unwrap_or(usize::MAX);
     let interrupt = cfg.device.interrupt.clone();
-    let configs: Vec<DeviceConfig> = (0..cfg.devices).map(|d| DeviceConfig { id: format!("{}-{d}", cfg.device.id), ..cfg.device.clone() }).collect();
+    // Emulated uplinks: each device its own loss stream and report offset
+    // (reports spread over the interval), reporting through the NATS edge.
+    let reports = match (&cfg.device.emulation, &updates) {
+        (Some(_), Some(client)) => Some(crate::planner::nats::NatsReports::new(client.clone()).start()),
+        _ => None,
+    };
+    let epoch = Instant::now();
+    let configs: Vec<DeviceConfig> = (0..cfg.devices)
+        .map(|d| DeviceConfig {
+            id: format!("{}-{d}", cfg.device.id),
+            emulation: cfg.device.emulation.as_ref().map(|e| EmulationSpec {
+                epoch,
+                seed: e.seed ^ (d as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                reports: reports.as_ref().map(|r| r.clone().recipient()),
+                report_offset: e.report_interval * (d as u32 + 1) / (cfg.devices as u32 + 1),
+                ..e.clone()
+            }),
+            ..cfg.device.clone()
+        })
+        .collect();
     let ids: Vec<String> = configs.iter().map(|c| c.id.clone()).collect();
     let devices: Vec<(String, Addr<Device>)> = ids.into_iter().zip(threads.spawn(configs, link, collector.clone()).await?).collect();
     let listener = match &updates {

@@ -156,6 +156,15 @@ pub struct StackArgs {
     /// Deadline of one input, in ms.
     #[arg(long, default_value_t = 1000.0, value_name = "MS")]
     pub deadline_ms: f64,
+    /// Emulate the fleet's uplinks from this Mahimahi trace (e.g.
+    /// scenarios/traces/synthetic-cellular.up): its devices then report
+    /// what they observe, and the planner plans for them as the trace
+    /// changes (`fleet --uplink-trace`).
+    #[arg(long, value_name = "FILE")]
+    pub uplink_trace: Option<PathBuf>,
+    /// Round-trip propagation time of the emulated uplinks.
+    #[arg(long, default_value_t = 20.0, value_name = "MS")]
+    pub rtt_ms: f64,
     /// Temperature method of the calibrator's initial fit: uncalibrated, global or per-branch.
     #[arg(long, default_value = "per-branch", value_name = "METHOD")]
     pub method: String,
@@ -528,6 +537,24 @@ pub struct FleetArgs {
     /// With --nats: how often the fleet publishes its totals and its devices' plans, in ms (0: never).
     #[arg(long, default_value_t = 250, value_name = "MS")]
     pub status_interval_ms: u64,
+    /// Emulate each device's uplink from this Mahimahi trace (looped; each
+    /// line a millisecond at which a 1,500-byte packet may leave). The
+    /// devices then measure their uplink, decline offloads predicted to miss
+    /// the deadline, and report to the planner (over NATS: the stack's
+    /// planner plans for them)
+    #[arg(long, value_name = "FILE", conflicts_with = "uplink_mbit_s")]
+    pub uplink_trace: Option<PathBuf>,
+    /// Emulate each device's uplink at this constant rate instead (see
+    /// --uplink-trace)
+    #[arg(long, value_name = "MBIT_S")]
+    pub uplink_mbit_s: Option<f64>,
+    /// Round-trip propagation time of the emulated uplink
+    #[arg(long, default_value_t = 20.0, value_name = "MS")]
+    pub rtt_ms: f64,
+    /// How often each emulated device reports what it observes to the
+    /// planner
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    pub report_interval_ms: u64,
 }
 
 #[derive(Debug, Args)]

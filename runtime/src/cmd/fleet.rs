@@ -9,10 +9,13 @@ use anyhow::{bail, Context, Result};
 use branchpoint_actors::collector::{Collector, Summary, TakeOutcomes};
 use branchpoint_actors::compute::{Executor, ModelSpec};
 use branchpoint_actors::device::{AuditSettings, DeviceConfig};
+use branchpoint_actors::emulation::EmulationSpec;
 use branchpoint_actors::fleet::{run_fleet, DeviceThreads, FleetConfig, TestInputs};
 use branchpoint_actors::transport::OffloadLink;
 use branchpoint_actors::worker::{Batcher, ServedModel, WorkerConfig};
 use branchpoint_core::calibration::CalibrationFile;
+use branchpoint_core::link::Link;
+use branchpoint_core::planner::LinkEstimator;
 
 use crate::cli::FleetArgs;
 
@@ -61,6 +64,8 @@ pub fn run(args: FleetArgs) -> Result<()> {
         bail!("--fleet-id {fleet_id:?}: use 1 to 64 letters, digits, '-' or '_'");
     }
 
+    let smallest_upload = partition_points.iter().map(|p| p.activation_bytes).min().unwrap_or(1) / 4;
+    let emulation = emulation(&args, &fleet_id, smallest_upload)?;
     let cfg = FleetConfig {
         devices: args.devices,
         rate_per_device: args.rate,
@@ -75,7 +80,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
             deadline: Duration::from_secs_f64(args.deadline_ms / 1e3),
             model_sha256: model_sha256.as_str().into(),
             codec: args.codec,
-            emulation: None,
+            emulation,
             interrupt: Default::default(),
             audit: (args.audit_rate > 0.0).then(|| AuditSettings {
                 rate: args.audit_rate,
@@ -183,6 +188,43 @@ pub fn run(args: FleetArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Each device's emulated uplink, from `--uplink-trace` or
+/// `--uplink-mbit-s` (none without either): the same emulation, estimate,
+/// declining and reports as a live scenario replay's devices
+/// (`run_fleet` gives each device its own seed and report offset).
+fn emulation(args: &FleetArgs, fleet_id: &str, smallest_upload: usize) -> Result<Option<EmulationSpec>> {
+    if !(args.rtt_ms.is_finite() && args.rtt_ms >= 0.0) {
+        bail!("--rtt-ms {}: give a number of milliseconds, at least 0", args.rtt_ms);
+    }
+    let rtt_us = (args.rtt_ms * 1e3).round() as u64;
+    let link = match (&args.uplink_trace, args.uplink_mbit_s) {
+        (Some(path), _) => Link::trace(path, rtt_us, 0.0).with_context(|| format!("--uplink-trace {}", path.display()))?,
+        (None, Some(mbit)) => Link::constant(mbit, rtt_us, 0.0).context("--uplink-mbit-s")?,
+        (None, None) => return Ok(None),
+    };
+    if args.report_interval_ms == 0 {
+        bail!("--report-interval-ms 0: give how often devices report, e.g. 1000");
+    }
+    let defaults = branchpoint_core::scenario::file::PlannerSection::default();
+    // Slower than the cap, not even the smallest upload (int8's, about a
+    // quarter of f32's) could make the deadline.
+    let cap_us_per_byte = args.deadline_ms * 1e3 / smallest_upload.max(1) as f64;
+    Ok(Some(EmulationSpec {
+        link: Arc::new(link),
+        epoch: std::time::Instant::now(),
+        group: args.group.clone(),
+        seed: args.seed ^ fleet_id.bytes().fold(0u64, |h, b| h.wrapping_mul(0x100_0000_01B3) ^ u64::from(b)),
+        estimator: LinkEstimator::new(defaults.ewma_alpha, cap_us_per_byte),
+        admission: true,
+        safety: defaults.safety,
+        reports: None,
+        report_interval: Duration::from_millis(args.report_interval_ms),
+        report_offset: Duration::ZERO,
+        probe_bytes: defaults.probe_bytes,
+        arrival_rates: vec![(0, args.rate)],
+    }))
 }
 
 fn print_summary(s: &Summary) {

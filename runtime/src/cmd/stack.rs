@@ -365,7 +365,12 @@ pub fn run(args: StackArgs) -> Result<()> {
         }
         if args.devices > 0 {
             let summary = args.dir.join("fleet-summary.json").display().to_string();
-            let fleet = with_nats(
+            let mut uplink = Vec::new();
+            if let Some(trace) = &args.uplink_trace {
+                let trace = std::fs::canonicalize(trace).with_context(|| format!("--uplink-trace {}", trace.display()))?;
+                uplink = vec!["--uplink-trace".to_string(), trace.display().to_string(), "--rtt-ms".into(), args.rtt_ms.to_string()];
+            }
+            let mut fleet = with_nats(
                 "fleet",
                 &[
                     "--fleet-id",
@@ -386,6 +391,7 @@ pub fn run(args: StackArgs) -> Result<()> {
                     &summary,
                 ],
             );
+            fleet.extend(uplink);
             stack.start("fleet", fleet, false)?;
         }
         Ok(worker_base)

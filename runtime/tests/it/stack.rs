@@ -659,3 +659,40 @@ fn a_device_cannot_change_plans_or_temperatures_or_join_the_workers() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("denied a subscription"), "{:?}: {err}", o.status);
 }
+
+/// `stack up --uplink-trace`: the fleet's devices emulate their uplinks from
+/// a shipped trace and report what they observe; the stack's planner plans
+/// for them, its plans are stored in the control store (as `/metrics` reads
+/// them back), change as the trace does, and the devices hold them (as
+/// their fleet reports it, and the dashboard shows).
+#[test]
+fn the_stacks_planner_plans_for_a_fleet_on_a_trace() {
+    let _cpu = alone();
+    let dir = tempfile::tempdir().unwrap();
+    let trace = repo_root().join("scenarios/traces/synthetic-cellular.up");
+    let stack = stack_up(dir.path(), &["--workers", "1", "--devices", "10", "--rate", "5", "--duration", "180", "--deadline-ms", "150", "--uplink-trace", trace.to_str().unwrap()]);
+    let label = |line: &str, key: &str| -> Option<String> {
+        let from = line.find(&format!("{key}=\""))? + key.len() + 2;
+        Some(line[from..].split('"').next()?.to_string())
+    };
+    let mut stored: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> = Default::default();
+    let mut held: std::collections::BTreeSet<(String, String)> = Default::default();
+    wait_for("a stored plan to change with the trace, and devices to hold the planner's plans", Duration::from_secs(150), || {
+        let m = stack.metrics();
+        for line in m.lines().filter(|l| l.starts_with("branchpoint_plan_p_tar{device=")) {
+            if let (Some(device), Some(p_tar)) = (label(line, "device"), line.rsplit(' ').next()) {
+                stored.entry(device).or_default().insert(p_tar.to_string());
+            }
+        }
+        for line in m.lines().filter(|l| l.starts_with(FLEET) && !l.ends_with(" 0")) {
+            if let (Some(branch), Some(p_tar)) = (label(line, "partition_branch"), label(line, "p_tar")) {
+                held.insert((branch, p_tar));
+            }
+        }
+        let changed = stored.values().any(|plans| plans.len() >= 2);
+        let planned = held.iter().any(|(b, p)| (b.as_str(), p.as_str()) != ("1", "0.9"));
+        (changed && planned).then_some(())
+    });
+    eprintln!("stored p_tars per device: {stored:?}\nplans held: {held:?}");
+    assert!(stack.log().contains("stack up:"));
+}
