@@ -24,13 +24,13 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use actix::Actor;
+use actix::{Actor, Addr};
 use anyhow::{bail, Context, Result};
 use branchpoint_actors::calibration::{serve_calibration_nats, Calibrator, CalibratorConfig, Initial, WatchSettings};
 use branchpoint_actors::collector::{AuditCounts, Collector, Decided, GetAuditCounts, Outcome, TakeOutcomes};
 use branchpoint_actors::compute::{Executor, ModelSpec};
 use branchpoint_actors::control::ControlStore;
-use branchpoint_actors::device::{AuditSettings, DeviceConfig, Infer};
+use branchpoint_actors::device::{AuditSettings, Device, DeviceConfig, Infer};
 use branchpoint_actors::emulation::EmulationSpec;
 use branchpoint_actors::fleet::{drain, forward_updates, publish_status, DeviceThreads, FleetDevice, TestInputs};
 use branchpoint_actors::planner::nats::{serve_planner_nats, NatsPlans, NatsReports};
@@ -42,7 +42,7 @@ use branchpoint_core::rng::SplitMix64;
 use branchpoint_messages::PartitionBranch;
 use branchpoint_models::net::PartitionPoint;
 
-use super::sim::{device_seed, next_arrival_us, Bin, Plans, SimConfig, WatchPoint, WatchTrace};
+use super::sim::{device_seed, next_arrival_us, Bin, Planning, Plans, SimConfig, WatchPoint, WatchTrace};
 use super::{policy_plans, Policy, PolicyRun, Prepared, Scenario};
 use crate::cli::NatsArgs;
 
@@ -108,108 +108,13 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
             Some(_) => Some(crate::nats::connect(setup.nats, "branchpoint-run").await?),
             None => None,
         };
-        let served = || ServedModel { sha256: setup.model_sha256.clone(), partition_points: setup.points.clone() };
-        let wcfg = |w: usize| WorkerConfig { worker_id: format!("run-worker-{w}"), max_batch: cfg.max_batch, max_wait: Duration::from_micros(cfg.max_wait_us) };
-        // The pool: `workers` workers of one compute thread each, as
-        // `branchpoint worker` runs and as virtual time has them, each batch
-        // taking the scenario's compute time (the profile times
-        // `cloud_slowdown`), as in virtual time, or longer if this machine
-        // is slower.
-        let worker = |w: usize| -> Result<Batcher> {
-            let exec = Executor::start_paced(vec![setup.spec.clone()], 1, vec![prepared.sim.tail_us.clone()])?;
-            Ok(Batcher::new(wcfg(w), exec, vec![served()]).with_compute_threads(1))
-        };
-        let mut pool = Vec::new();
-        let link = match &client {
-            None => {
-                for w in 0..cfg.workers {
-                    pool.push(worker(w)?.start());
-                }
-                InProcessPool::link(pool.clone())
-            }
-            Some(c) => {
-                for w in 0..cfg.workers {
-                    let wc = crate::nats::connect(setup.nats, &format!("branchpoint-run-worker-{w}")).await?;
-                    let batcher = worker(w)?;
-                    // Watched runs: the final exit's answers go to the calibrator.
-                    let batcher = if watched { batcher.with_audit_sink(wc.clone()) } else { batcher }.start();
-                    pool.push(batcher.clone());
-                    let (tx, rx) = tokio::sync::oneshot::channel();
-                    let id = wcfg(w).worker_id;
-                    // Their load, for a control plane watching the run (`--listen`).
-                    actix::spawn(publish_worker_status(wc.clone(), batcher.clone(), id.clone(), WORKER_STATUS_INTERVAL));
-                    actix::spawn(async move {
-                        if let Err(e) = serve_nats(wc, batcher, id, move || {
-                            let _ = tx.send(());
-                        })
-                        .await
-                        {
-                            tracing::error!("worker: {e}");
-                        }
-                    });
-                    rx.await.context("a cloud worker could not subscribe to NATS")?;
-                }
-                OffloadLink::Nats(c.clone())
-            }
-        };
+        let (pool, link) = start_pool(setup, client.as_ref(), watched).await?;
         // The report is made from every outcome.
         let collector = Collector::new(prepared.sim.num_branches()).keeping_outcomes().start();
-        let planner = adaptive.then(|| {
-            let costs: BTreeMap<String, Costs> = s
-                .groups
-                .iter()
-                .zip(&cfg.groups)
-                .map(|(g, sim)| {
-                    let cloud_aware = matches!(plans, Plans::Adaptive(p) if p.cloud_aware);
-                    let costs = Costs {
-                        head_us: prepared.sim.head_us.clone(),
-                        upload_bytes: prepared.sim.upload_bytes.clone(),
-                        deadline_us: sim.deadline_us as f64,
-                        arrival_rate: sim.rate,
-                        miss_bound: cfg.miss_bound,
-                        pool_utilisation: cfg.pool_utilisation,
-                        // Cloud-aware, the planner hears the pool's load
-                        // (below); blind, it never counts its backlog.
-                        tail_us_per_request: if cloud_aware {
-                            (1..=prepared.sim.num_branches()).map(|k| prepared.sim.tail_time_us(k, cfg.max_batch) / cfg.max_batch as f64).collect()
-                        } else {
-                            Vec::new()
-                        },
-                    };
-                    (g.name.clone(), costs)
-                })
-                .collect();
-            {
-                let sink = client.clone().map(|c| Box::new(NatsPlans::new(c)) as Box<dyn branchpoint_actors::plans::PlanSink>);
-                let codecs = match plans {
-                    Plans::Adaptive(p) => p.codecs.clone(),
-                    _ => vec![branchpoint_core::planner::Codec::F32],
-                };
-                let stats = prepared.sim.stats.with_codecs(&codecs);
-                Planner::new(Arc::new(stats), costs, None, sink).start()
-            }
-        });
-        // A cloud-aware planner hears the pool's load: over NATS from the
-        // workers' status (below), in process from the batcher, as often.
-        if let (None, Some(p), Plans::Adaptive(planning)) = (&client, &planner, plans) {
-            if planning.cloud_aware {
-                actix::spawn(watch_in_process_pool(pool.clone(), p.clone(), WORKER_STATUS_INTERVAL));
-            }
-        }
-        if let (Some(c), Some(p)) = (&client, &planner) {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let (c, p) = (c.clone(), p.clone());
-            actix::spawn(async move {
-                if let Err(e) = serve_planner_nats(c, p, move || {
-                    let _ = tx.send(());
-                })
-                .await
-                {
-                    tracing::error!("planner: {e}");
-                }
-            });
-            rx.await.context("the planner could not subscribe to NATS")?;
-        }
+        let planner = match plans {
+            Plans::Adaptive(planning) => Some(start_planner(setup, client.as_ref(), planning, &pool).await?),
+            _ => None,
+        };
         // With NATS, devices report through its edge, as remote devices do.
         let nats_reports = match (&client, &planner) {
             (Some(c), Some(_)) => Some(NatsReports::new(c.clone()).start()),
@@ -232,63 +137,7 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
         // Time 0 of every link: when the first arrivals may come.
         let epoch = Instant::now() + Duration::from_millis(500);
         let epoch_unix = unix_us() + 500_000;
-        let total: usize = cfg.groups.iter().map(|g| g.devices).sum();
-        let mut configs = Vec::new();
-        let mut places = Vec::new();
-        for (gi, (g, sim)) in s.groups.iter().zip(&cfg.groups).enumerate() {
-            let plan = match plans {
-                // Validation keeps uncalibrated and watched runs in virtual
-                // time; their starting plans are the groups' own.
-                Plans::Fixed(p) | Plans::Uncalibrated(p) | Plans::Watched(p) => p[gi],
-                Plans::Adaptive(planning) => prepared.sim.starting_plan(sim.initial, planning),
-            };
-            let cap = sim.deadline_us as f64 / prepared.sim.upload_bytes.iter().map(|b| b.int8.min(b.f16).min(b.f32)).fold(f64::INFINITY, f64::min);
-            for k in 0..g.devices {
-                let n = configs.len();
-                let reports = planner.as_ref().map(|p| match &nats_reports {
-                    Some(edge) => edge.clone().recipient(),
-                    None => p.clone().recipient(),
-                });
-                configs.push(DeviceConfig {
-                    id: device_id(&g.name, k),
-                    partition_branch: PartitionBranch::new(plan.branch).with_context(|| format!("group {}", g.name))?,
-                    p_tar: plan.p_tar,
-                    temperatures: match plans {
-                        Plans::Uncalibrated(_) => vec![1.0; prepared.temperatures.len()],
-                        _ => prepared.temperatures.clone(),
-                    },
-                    deadline: Duration::from_micros(sim.deadline_us),
-                    model_sha256: setup.model_sha256.as_str().into(),
-                    codec: plan.codec,
-                    emulation: Some(EmulationSpec {
-                        link: Arc::new(sim.link.clone()),
-                        epoch,
-                        group: g.name.clone(),
-                        seed: device_seed(cfg.seed, gi, k) ^ 0x5555_5555_5555_5555,
-                        estimator: LinkEstimator::new(cfg.ewma_alpha, cap),
-                        admission: adaptive,
-                        safety: cfg.safety,
-                        reports,
-                        report_interval: Duration::from_micros(cfg.report_interval_us),
-                        report_offset: Duration::from_micros(cfg.report_interval_us * (n as u64 + 1) / (total as u64 + 1)) + Duration::from_millis(500),
-                        probe_bytes: cfg.probe_bytes,
-                        arrival_rates: sim.rate_steps.clone(),
-                    }),
-                    interrupt: Default::default(),
-                    audit: watched.then(|| AuditSettings {
-                        rate: s.watch.audit_rate,
-                        group: g.name.clone(),
-                        model_sha256: setup.model_sha256.clone(),
-                        target_accuracy: Some(sim.target),
-                        max_in_flight: 4,
-                        // The virtual-time replay's audit coins are another
-                        // stream; these only need to repeat.
-                        seed: device_seed(cfg.seed, gi, k) ^ 0xa0d1_7a0d_17a0_d17a,
-                    }),
-                });
-                places.push((gi, k));
-            }
-        }
+        let (configs, places) = device_configs(setup, plans, planner.as_ref(), nats_reports.as_ref(), epoch)?;
         let ids: Vec<String> = configs.iter().map(|c| c.id.clone()).collect();
         let devices = threads.spawn(configs, link, collector.clone()).await?;
         // Over NATS the run shows up as a fleet named after the scenario and
@@ -321,48 +170,13 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
             None => None,
         };
 
-        // Arrivals: the virtual-time replay's streams, on the wall clock.
-        let claimed = Rc::new(Cell::new(0usize));
-        let duration_us = cfg.duration_us;
-        let mut tasks = Vec::new();
-        for ((gi, k), device) in places.into_iter().zip(devices) {
-            let (claimed, clean, shifted) = (claimed.clone(), setup.inputs.clone(), setup.shifted.clone());
-            let group = cfg.groups[gi].clone();
-            let mut rng = SplitMix64::new(device_seed(cfg.seed, gi, k));
-            tasks.push(actix::spawn(async move {
-                let mut at = 0u64;
-                loop {
-                    // The virtual-time replay's draws, rate steps included.
-                    at = next_arrival_us(&mut rng, at, &group.rate_steps);
-                    if at >= duration_us {
-                        return;
-                    }
-                    tokio::time::sleep_until(tokio::time::Instant::from_std(epoch + Duration::from_micros(at))).await;
-                    let i = claimed.get();
-                    claimed.set(i + 1);
-                    // What the group's camera sees now: the clean test
-                    // image, or after its shift the corrupted one.
-                    let inputs = match group.view_at(at) {
-                        0 => &clean,
-                        v => &shifted[v - 1],
-                    };
-                    let x = i % inputs.len();
-                    // It arrived when scheduled: the driver's timer waking
-                    // late is emulation slack, not the input's time.
-                    let arrived = epoch + Duration::from_micros(at);
-                    device.do_send(Infer { arrival: i as u64, arrived, input_index: x, input: inputs.images[x].clone(), label: inputs.labels[x] });
-                }
-            }));
-        }
-        for t in tasks {
-            let _ = t.await;
-        }
+        let claimed = arrive(setup, places, devices, epoch).await;
         // Every input gets its outcome, however far behind the device
         // threads are; an offload ends by its deadline at the latest.
         let longest = cfg.groups.iter().map(|g| g.deadline_us).max().unwrap_or(0);
         let stall = Duration::from_micros(longest) + Duration::from_secs(5);
         let no_interrupt = branchpoint_actors::device::Interrupt::default();
-        drain(&collector, claimed.get(), &no_interrupt, stall, Duration::ZERO, std::future::pending(), None).await?;
+        drain(&collector, claimed, &no_interrupt, stall, Duration::ZERO, std::future::pending(), None).await?;
         if let (Some(task), Some(c)) = (status, &client) {
             task.abort();
             let last = async {
@@ -380,18 +194,7 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
             None => Vec::new(),
         };
         let statuses = match watch_statuses {
-            // The calibrator's last status covers the last audits.
-            Some((task, seen)) => {
-                // One more status (the calibrator publishes every second)
-                // covers the last audits; a gone calibrator ends the wait.
-                let (ended, until) = (unix_us(), Instant::now() + Duration::from_secs(3));
-                while Instant::now() < until && seen.borrow().last().is_none_or(|s| s.at_unix_us < ended) {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                task.abort();
-                let v = seen.borrow().clone();
-                v
-            }
+            Some((task, seen)) => last_statuses(task, seen).await,
             None => Vec::new(),
         };
         if let Some(c) = calibrator {
@@ -403,24 +206,267 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
         // Joined before the next policy starts and before the process exits.
         let mut threads = threads;
         threads.shutdown();
-        // The pool's batches, as virtual time counts them.
-        let (mut batches, mut batched) = (0u64, 0.0);
-        for w in &pool {
-            let s = w.send(GetWorkerStats).await?;
-            batches += s.batches;
-            batched += s.mean_batch_size * s.batches as f64;
-        }
-        let mean_batch = if batches > 0 { batched / batches as f64 } else { f64::NAN };
-        Ok::<_, anyhow::Error>((outcomes, log, claimed.get(), epoch_unix, statuses, audits, mean_batch))
+        let mean_batch = mean_batch(&pool).await?;
+        Ok::<_, anyhow::Error>((outcomes, log, claimed, epoch_unix, statuses, audits, mean_batch))
     })?;
 
+    let Tallied { bins, latencies, edge } = tally(setup, policy, &outcomes, &log, epoch_unix)?;
+    let watch = if watched { watch_traces(setup, &outcomes, &statuses, &audits, epoch_unix) } else { Vec::new() };
+    Ok(PolicyRun { policy, bins, latencies_us: latencies, arrivals: claimed as u64, outcomes: outcomes.len() as u64, mean_batch, choices: None, edge: Some(edge), watch })
+}
+
+/// Feeds every device its arrivals, the virtual-time replay's streams
+/// (rate steps included) on the wall clock, until the scenario's end, and
+/// gives how many inputs arrived.
+async fn arrive(setup: &LiveSetup<'_>, places: Places, devices: Vec<Addr<Device>>, epoch: Instant) -> usize {
+    let cfg = setup.cfg;
+    let claimed = Rc::new(Cell::new(0usize));
+    let duration_us = cfg.duration_us;
+    let mut tasks = Vec::new();
+    for ((gi, k), device) in places.into_iter().zip(devices) {
+        let (claimed, clean, shifted) = (claimed.clone(), setup.inputs.clone(), setup.shifted.clone());
+        let group = cfg.groups[gi].clone();
+        let mut rng = SplitMix64::new(device_seed(cfg.seed, gi, k));
+        tasks.push(actix::spawn(async move {
+            let mut at = 0u64;
+            loop {
+                at = next_arrival_us(&mut rng, at, &group.rate_steps);
+                if at >= duration_us {
+                    return;
+                }
+                tokio::time::sleep_until(tokio::time::Instant::from_std(epoch + Duration::from_micros(at))).await;
+                let i = claimed.get();
+                claimed.set(i + 1);
+                // What the group's camera sees now: the clean test image, or
+                // after its shift the corrupted one.
+                let inputs = match group.view_at(at) {
+                    0 => &clean,
+                    v => &shifted[v - 1],
+                };
+                let x = i % inputs.len();
+                // It arrived when scheduled: the driver's timer waking late
+                // is emulation slack, not the input's time.
+                let arrived = epoch + Duration::from_micros(at);
+                device.do_send(Infer { arrival: i as u64, arrived, input_index: x, input: inputs.images[x].clone(), label: inputs.labels[x] });
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    claimed.get()
+}
+
+/// The calibrator's statuses of a watched run, once one more (it publishes
+/// every second) covers the last audits; a gone calibrator ends the wait.
+async fn last_statuses(task: tokio::task::JoinHandle<()>, seen: Statuses) -> Vec<branchpoint_messages::CalibrationStatus> {
+    let (ended, until) = (unix_us(), Instant::now() + Duration::from_secs(3));
+    while Instant::now() < until && seen.borrow().last().is_none_or(|s| s.at_unix_us < ended) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    task.abort();
+    let v = seen.borrow().clone();
+    v
+}
+
+/// The pool's mean batch, as virtual time counts it.
+async fn mean_batch(pool: &[Addr<Batcher>]) -> Result<f64> {
+    let (mut batches, mut batched) = (0u64, 0.0);
+    for w in pool {
+        let s = w.send(GetWorkerStats).await?;
+        batches += s.batches;
+        batched += s.mean_batch_size * s.batches as f64;
+    }
+    Ok(if batches > 0 { batched / batches as f64 } else { f64::NAN })
+}
+
+/// The run's worker pool: `workers` workers of one compute thread each, as
+/// `branchpoint worker` runs and as virtual time has them, each batch
+/// taking the scenario's compute time (the profile times `cloud_slowdown`),
+/// as in virtual time, or longer if this machine is slower. In process a
+/// request goes to one at random; over NATS each serves the offload
+/// subjects in the workers' queue group (and, in watched runs, sends the
+/// final exit's answers to the calibrator).
+async fn start_pool(setup: &LiveSetup<'_>, client: Option<&async_nats::Client>, watched: bool) -> Result<(Vec<Addr<Batcher>>, OffloadLink)> {
+    let cfg = setup.cfg;
+    let served = || ServedModel { sha256: setup.model_sha256.clone(), partition_points: setup.points.clone() };
+    let wcfg = |w: usize| WorkerConfig { worker_id: format!("run-worker-{w}"), max_batch: cfg.max_batch, max_wait: Duration::from_micros(cfg.max_wait_us) };
+    let worker = |w: usize| -> Result<Batcher> {
+        let exec = Executor::start_paced(vec![setup.spec.clone()], 1, vec![setup.prepared.sim.tail_us.clone()])?;
+        Ok(Batcher::new(wcfg(w), exec, vec![served()]).with_compute_threads(1))
+    };
+    let mut pool = Vec::new();
+    let Some(c) = client else {
+        for w in 0..cfg.workers {
+            pool.push(worker(w)?.start());
+        }
+        let link = InProcessPool::link(pool.clone());
+        return Ok((pool, link));
+    };
+    for w in 0..cfg.workers {
+        let wc = crate::nats::connect(setup.nats, &format!("branchpoint-run-worker-{w}")).await?;
+        let batcher = worker(w)?;
+        let batcher = if watched { batcher.with_audit_sink(wc.clone()) } else { batcher }.start();
+        pool.push(batcher.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let id = wcfg(w).worker_id;
+        // Their load, for a control plane watching the run (`--listen`).
+        actix::spawn(publish_worker_status(wc.clone(), batcher.clone(), id.clone(), WORKER_STATUS_INTERVAL));
+        actix::spawn(async move {
+            if let Err(e) = serve_nats(wc, batcher, id, move || {
+                let _ = tx.send(());
+            })
+            .await
+            {
+                tracing::error!("worker: {e}");
+            }
+        });
+        rx.await.context("a cloud worker could not subscribe to NATS")?;
+    }
+    Ok((pool, OffloadLink::Nats(c.clone())))
+}
+
+/// The adaptive policy's planner, with each group's costs; it hears the
+/// pool's load when cloud-aware (over NATS from the workers' statuses, in
+/// process from the batchers, as often), and over NATS it serves the
+/// devices' reports.
+async fn start_planner(setup: &LiveSetup<'_>, client: Option<&async_nats::Client>, planning: &Planning, pool: &[Addr<Batcher>]) -> Result<Addr<Planner>> {
+    let (s, cfg, sim) = (setup.scenario, setup.cfg, &setup.prepared.sim);
+    let costs: BTreeMap<String, Costs> = s
+        .groups
+        .iter()
+        .zip(&cfg.groups)
+        .map(|(g, group)| {
+            let costs = Costs {
+                head_us: sim.head_us.clone(),
+                upload_bytes: sim.upload_bytes.clone(),
+                deadline_us: group.deadline_us as f64,
+                arrival_rate: group.rate,
+                miss_bound: cfg.miss_bound,
+                pool_utilisation: cfg.pool_utilisation,
+                // Cloud-aware, the planner hears the pool's load; blind, it
+                // never counts its backlog.
+                tail_us_per_request: if planning.cloud_aware {
+                    (1..=sim.num_branches()).map(|k| sim.tail_time_us(k, cfg.max_batch) / cfg.max_batch as f64).collect()
+                } else {
+                    Vec::new()
+                },
+            };
+            (g.name.clone(), costs)
+        })
+        .collect();
+    let sink = client.cloned().map(|c| Box::new(NatsPlans::new(c)) as Box<dyn branchpoint_actors::plans::PlanSink>);
+    let planner = Planner::new(Arc::new(sim.stats.with_codecs(&planning.codecs)), costs, None, sink).start();
+    match client {
+        None if planning.cloud_aware => {
+            actix::spawn(watch_in_process_pool(pool.to_vec(), planner.clone(), WORKER_STATUS_INTERVAL));
+        }
+        None => {}
+        Some(c) => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let (c, p) = (c.clone(), planner.clone());
+            actix::spawn(async move {
+                if let Err(e) = serve_planner_nats(c, p, move || {
+                    let _ = tx.send(());
+                })
+                .await
+                {
+                    tracing::error!("planner: {e}");
+                }
+            });
+            rx.await.context("the planner could not subscribe to NATS")?;
+        }
+    }
+    Ok(planner)
+}
+
+/// Each device's place: its group's index and its own in the group.
+type Places = Vec<(usize, usize)>;
+
+/// Every device of the scenario, in group order, and its place (group,
+/// index): the group's starting plan, its emulated uplink (time 0 at
+/// `epoch`), reports to the planner (in process, or through the NATS edge)
+/// and, in watched runs, audits.
+fn device_configs(
+    setup: &LiveSetup<'_>,
+    plans: &Plans,
+    planner: Option<&Addr<Planner>>,
+    nats_reports: Option<&Addr<NatsReports>>,
+    epoch: Instant,
+) -> Result<(Vec<DeviceConfig>, Places)> {
+    let (s, cfg, prepared) = (setup.scenario, setup.cfg, setup.prepared);
+    let (adaptive, watched) = (matches!(plans, Plans::Adaptive(_)), matches!(plans, Plans::Watched(_)));
+    let total: usize = cfg.groups.iter().map(|g| g.devices).sum();
+    let mut configs = Vec::new();
+    let mut places = Vec::new();
+    for (gi, (g, sim)) in s.groups.iter().zip(&cfg.groups).enumerate() {
+        let plan = match plans {
+            // Validation keeps uncalibrated and watched runs in virtual
+            // time; their starting plans are the groups' own.
+            Plans::Fixed(p) | Plans::Uncalibrated(p) | Plans::Watched(p) => p[gi],
+            Plans::Adaptive(planning) => prepared.sim.starting_plan(sim.initial, planning),
+        };
+        let cap = sim.deadline_us as f64 / prepared.sim.upload_bytes.iter().map(|b| b.int8.min(b.f16).min(b.f32)).fold(f64::INFINITY, f64::min);
+        for k in 0..g.devices {
+            let n = configs.len();
+            let reports = planner.map(|p| match nats_reports {
+                Some(edge) => edge.clone().recipient(),
+                None => p.clone().recipient(),
+            });
+            configs.push(DeviceConfig {
+                id: device_id(&g.name, k),
+                partition_branch: PartitionBranch::new(plan.branch).with_context(|| format!("group {}", g.name))?,
+                p_tar: plan.p_tar,
+                temperatures: match plans {
+                    Plans::Uncalibrated(_) => vec![1.0; prepared.temperatures.len()],
+                    _ => prepared.temperatures.clone(),
+                },
+                deadline: Duration::from_micros(sim.deadline_us),
+                model_sha256: setup.model_sha256.as_str().into(),
+                codec: plan.codec,
+                emulation: Some(EmulationSpec {
+                    link: Arc::new(sim.link.clone()),
+                    epoch,
+                    group: g.name.clone(),
+                    seed: device_seed(cfg.seed, gi, k) ^ 0x5555_5555_5555_5555,
+                    estimator: LinkEstimator::new(cfg.ewma_alpha, cap),
+                    admission: adaptive,
+                    safety: cfg.safety,
+                    reports,
+                    report_interval: Duration::from_micros(cfg.report_interval_us),
+                    report_offset: Duration::from_micros(cfg.report_interval_us * (n as u64 + 1) / (total as u64 + 1)) + Duration::from_millis(500),
+                    probe_bytes: cfg.probe_bytes,
+                    arrival_rates: sim.rate_steps.clone(),
+                }),
+                interrupt: Default::default(),
+                audit: watched.then(|| AuditSettings {
+                    rate: s.watch.audit_rate,
+                    group: g.name.clone(),
+                    model_sha256: setup.model_sha256.clone(),
+                    target_accuracy: Some(sim.target),
+                    max_in_flight: 4,
+                    // The virtual-time replay's audit coins are another
+                    // stream; these only need to repeat.
+                    seed: device_seed(cfg.seed, gi, k) ^ 0xa0d1_7a0d_17a0_d17a,
+                }),
+            });
+            places.push((gi, k));
+        }
+    }
+    Ok((configs, places))
+}
+
+/// The run's outcomes into the report's bins, by arrival time, and the
+/// planner's reports beside them: counted as virtual time counts them.
+fn tally(setup: &LiveSetup, policy: Policy, outcomes: &[Outcome], log: &[branchpoint_actors::planner::PlanRecord], epoch_unix: u64) -> Result<Tallied> {
+    let (s, cfg, prepared) = (setup.scenario, setup.cfg, setup.prepared);
     // Outcomes into the report's bins, by arrival time.
     let group_of: HashMap<&str, usize> = s.groups.iter().enumerate().map(|(i, g)| (g.name.as_str(), i)).collect();
     let group_of_device = devices_groups(s);
     let mut bins = vec![vec![Bin::default(); cfg.bins()]; cfg.groups.len()];
     let mut latencies = vec![Vec::new(); cfg.groups.len()];
     let mut edge = vec![super::sim::EdgeTally::default(); prepared.sim.num_branches()];
-    for o in &outcomes {
+    for o in outcomes {
         if let Some(e) = &o.error {
             bail!("policy {}: device {} could not decide input {}: {e}", policy.name(), o.device_id, o.input_index);
         }
@@ -440,7 +486,7 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
         }
         latencies[group].push(o.latency.total_us.min(u64::from(u32::MAX)) as u32);
     }
-    for r in &log {
+    for r in log {
         let Some(&g) = group_of.get(r.group.as_str()) else { continue };
         let b = &mut bins[g][((r.at_us / cfg.bin_us) as usize).min(cfg.bins() - 1)];
         b.reports += 1;
@@ -448,8 +494,15 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
         b.predicted_accuracy_sum += r.prediction.accuracy;
         b.predicted_miss_sum += r.prediction.miss_rate;
     }
-    let watch = if watched { watch_traces(setup, &outcomes, &statuses, &audits, epoch_unix) } else { Vec::new() };
-    Ok(PolicyRun { policy, bins, latencies_us: latencies, arrivals: claimed as u64, outcomes: outcomes.len() as u64, mean_batch, choices: None, edge: Some(edge), watch })
+    Ok(Tallied { bins, latencies, edge })
+}
+
+/// A live run counted: per group its bins and latencies, per branch its
+/// exits by confidence.
+struct Tallied {
+    bins: Vec<Vec<Bin>>,
+    latencies: Vec<Vec<u32>>,
+    edge: Vec<super::sim::EdgeTally>,
 }
 
 /// A device's id in a live replay: its group's name and its place there.

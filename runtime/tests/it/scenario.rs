@@ -649,22 +649,19 @@ fn the_pool_follows_a_load_step_out_and_back_in() {
 /// The replay is the live system's twin, overload included:
 /// scenarios/load-step-live.toml (a load step that overloads the one
 /// worker) run live over a real NATS server and in virtual time, with the
-/// same seed and this machine's compute profile. Per policy, cloud answers,
-/// fallbacks by reason, deadline misses, offloads and the mean batch agree
-/// within 10 % (or 20 inputs, whichever is larger): the live worker and the
-/// replay's run the same batching policy (`core::batching`), and count
-/// outcomes the same way (`core::outcome`).
+/// same seed. Its workers are paced to the profile's batch times (60 times
+/// slower hardware), and the devices' heads take a fraction of a
+/// millisecond against a 200 ms deadline, so the comparison holds on any
+/// machine that keeps up. Per policy, cloud answers, fallbacks by reason,
+/// deadline misses, offloads and the mean batch agree within 10 % (or 20
+/// inputs, whichever is larger): the live worker and the replay's run the
+/// same batching policy (`core::batching`), and count outcomes the same
+/// way (`core::outcome`).
 #[test]
 fn an_overloaded_pool_runs_live_as_its_virtual_time_twin_predicts() {
     let _cpu = alone();
     let dir = tempfile::tempdir().unwrap();
-    let profile = dir.path().join("profile.json");
-    let o = output_within(branchpoint().args(["profile", "--batch-sizes", "1,8,32", "--repeats", "20", "--json"]).arg(&profile), Duration::from_secs(120));
-    assert!(o.status.success(), "profile: {}", String::from_utf8_lossy(&o.stderr));
-    let shipped = std::fs::read_to_string(repo_root().join("scenarios/load-step-live.toml")).unwrap();
-    assert!(shipped.contains("[compute]\n"), "the test adds the profile under [compute]");
-    let path = dir.path().join("load-step-live.toml");
-    std::fs::write(&path, shipped.replace("[compute]\n", &format!("[compute]\nprofile = {:?}\n", profile.display().to_string()))).unwrap();
+    let path = repo_root().join("scenarios/load-step-live.toml");
     let store = tempfile::tempdir().unwrap();
     let nats = common::NatsServer::start_with(&["-js", "-sd", store.path().to_str().unwrap()]);
     let live = replay(&path, &["--nats", &nats.url], &dir.path().join("live"));
