@@ -290,12 +290,13 @@ fn adaptive_meets_the_bound_and_tracks_the_oracle_on_every_trace() {
 }
 
 /// scenarios/load-step-fleet.toml: 1,200 devices step from 600 to 6,000
-/// inputs/s for 20 s. The cloud-aware planner misses no more deadlines
-/// during the step than the one blind to the pool, for no more
-/// worker-seconds, and both stay far below the fixed plan. With the cloud
-/// twice as slow, the step overloads the pool: the cloud-aware planner,
-/// keeping each device within its share of the pool, misses less than half
-/// as often as the blind one.
+/// inputs/s for 20 s. The cloud-aware planner leaves no more offloads
+/// unanswered during the step (refused, expired or late: fallbacks) than
+/// the one blind to the pool, for no more worker-seconds, and both stay far
+/// below the fixed plan. With the cloud twice as slow, the step overloads
+/// the pool: the cloud-aware planner, keeping each device within its share
+/// of the pool as the workers' statuses tell it (a second old at most),
+/// leaves at most two thirds as many unanswered as the blind one.
 #[test]
 fn the_cloud_aware_planner_through_a_load_step() {
     let _cpu = shared();
@@ -304,12 +305,12 @@ fn the_cloud_aware_planner_through_a_load_step() {
     let step = |r: &ScenarioReport, name: &str| {
         let s = &policy(r, name).series;
         let inputs: u64 = s.inputs[20..40].iter().sum();
-        let misses: f64 = s.deadline_miss_rate[20..40].iter().zip(&s.inputs[20..40]).map(|(m, &n)| m.unwrap_or(0.0) * n as f64).sum();
-        (misses.round() as u64, inputs, policy(r, name).worker_seconds.expect("an autoscaled pool"))
+        let unanswered: f64 = s.fallback_rate[20..40].iter().zip(&s.inputs[20..40]).map(|(f, &n)| f.unwrap_or(0.0) * n as f64).sum();
+        (unanswered.round() as u64, inputs, policy(r, name).worker_seconds.expect("an autoscaled pool"))
     };
     let r = replay(&shipped, &[], &dir.path().join("shipped"));
     let ((aware, n, aware_ws), (blind, _, blind_ws), (fixed, _, _)) = (step(&r, "adaptive"), step(&r, "adaptive-cloud-blind"), step(&r, "static"));
-    eprintln!("load step, 20-40 s ({n} inputs): misses cloud-aware {aware}, blind {blind}, static {fixed}; worker-seconds {aware_ws} and {blind_ws}");
+    eprintln!("load step, 20-40 s ({n} inputs): unanswered offloads cloud-aware {aware}, blind {blind}, static {fixed}; worker-seconds {aware_ws} and {blind_ws}");
     assert!(aware <= blind, "cloud-aware {aware} vs blind {blind}");
     assert!(aware * 20 < fixed, "the planners against the fixed plan: {aware} vs {fixed}");
     assert!(aware_ws <= blind_ws, "worker-seconds {aware_ws} vs {blind_ws}");
@@ -320,8 +321,8 @@ fn the_cloud_aware_planner_through_a_load_step() {
     std::fs::write(&slower, text.replace("cloud_slowdown = 3.0", "cloud_slowdown = 6.0")).unwrap();
     let r = replay(&slower, &[], &dir.path().join("slower"));
     let ((aware, _, aware_ws), (blind, _, blind_ws)) = (step(&r, "adaptive"), step(&r, "adaptive-cloud-blind"));
-    eprintln!("load step, cloud twice as slow: misses cloud-aware {aware}, blind {blind}; worker-seconds {aware_ws} and {blind_ws}");
-    assert!(aware * 2 <= blind && aware_ws <= blind_ws, "cloud-aware {aware} misses, {aware_ws} worker-s; blind {blind}, {blind_ws}");
+    eprintln!("load step, cloud twice as slow: unanswered offloads cloud-aware {aware}, blind {blind}; worker-seconds {aware_ws} and {blind_ws}");
+    assert!(aware * 3 <= blind * 2 && aware_ws <= blind_ws, "cloud-aware {aware} unanswered, {aware_ws} worker-s; blind {blind}, {blind_ws}");
 }
 
 /// `calibration = "certified"`: every p_tar is a target on-device accuracy
