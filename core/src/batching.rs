@@ -466,7 +466,8 @@ impl<T> WorkerQueue<T> {
         let fits_by = start + estimate.estimate_us(take.max(1));
         // None in time by the estimate: an idle worker runs the earliest
         // `take` all the same (a busy one has expired them above).
-        let in_time = |w: &Waiting<T>| w.due_us >= fits_by || (idle && !rest.iter().any(|r| r.due_us >= fits_by));
+        let none_in_time = !rest.iter().any(|r| r.due_us >= fits_by);
+        let in_time = |w: &Waiting<T>| w.due_us >= fits_by || (idle && none_in_time);
         let (mut batch, mut kept) = (Vec::with_capacity(take), Vec::with_capacity(rest.len()));
         let fits: Vec<bool> = rest.iter().map(in_time).collect();
         for (w, fits) in rest.into_iter().zip(fits) {
