@@ -57,10 +57,18 @@ impl NatsServer {
     /// A nats-server with extra command-line options, e.g. `--user U --pass P`,
     /// `--auth TOKEN`, `--tls --tlscert F --tlskey F` or `-c CONFIG`.
     pub fn start_with(extra: &[&str]) -> NatsServer {
-        let mut s = NatsServer { url: String::new(), port: free_port(), extra: extra.iter().map(|e| e.to_string()).collect(), proc: None };
-        s.url = format!("nats://127.0.0.1:{}", s.port);
-        s.restart();
-        s
+        // A port that was free when picked may be taken by another test's
+        // server before this one binds it: then this one says so and exits,
+        // and another port is tried.
+        for _ in 0..5 {
+            let mut s = NatsServer { url: String::new(), port: free_port(), extra: extra.iter().map(|e| e.to_string()).collect(), proc: None };
+            s.url = format!("nats://127.0.0.1:{}", s.port);
+            match s.try_start() {
+                Ok(()) => return s,
+                Err(why) => eprintln!("nats-server on port {}: {why}; trying another port", s.port),
+            }
+        }
+        panic!("nats-server {extra:?} could not start on any of 5 free ports");
     }
 
     /// Kills the server (a broker outage); `restart` brings it back on the
@@ -70,18 +78,40 @@ impl NatsServer {
     }
 
     pub fn restart(&mut self) {
+        if let Err(why) = self.try_start() {
+            panic!("nats-server {:?} on port {}: {why}", self.extra, self.port);
+        }
+    }
+
+    /// Starts the server and waits for its own word that it serves (not
+    /// just for the port to answer: another process may hold it).
+    fn try_start(&mut self) -> Result<(), String> {
         let bin = repo_root().join(".venv/bin/nats-server");
         assert!(bin.is_file(), "{} is missing: run scripts/setup.sh", bin.display());
+        let log = tempfile::NamedTempFile::new().expect("a temporary log file");
         let child = Command::new(&bin)
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
             .args(&self.extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log.reopen().expect("the log file, for writing"))
             .spawn()
             .expect("nats-server starts");
-        let proc = Proc(child);
-        assert!(wait_for_port(self.port, Duration::from_secs(10)), "nats-server {:?} did not listen on {}", self.extra, self.port);
-        self.proc = Some(proc);
+        let mut proc = Proc(child);
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let said = std::fs::read_to_string(log.path()).unwrap_or_default();
+            if said.contains("Server is ready") && wait_for_port(self.port, Duration::from_secs(1)) {
+                self.proc = Some(proc);
+                return Ok(());
+            }
+            if let Ok(Some(status)) = proc.0.try_wait() {
+                return Err(format!("exited ({status}): {}", said.lines().rev().find(|l| l.contains("[FTL]") || l.contains("[ERR]")).unwrap_or("no error logged")));
+            }
+            if Instant::now() > until {
+                return Err(format!("not ready within 10 s: {}", said.lines().last().unwrap_or("")));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
