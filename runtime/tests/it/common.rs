@@ -21,17 +21,6 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn wait_for_port(port: u16, within: Duration) -> bool {
-    let until = Instant::now() + within;
-    while Instant::now() < until {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
-
 /// A child process killed when dropped.
 pub struct Proc(pub Child);
 
@@ -84,33 +73,40 @@ impl NatsServer {
     }
 
     /// Starts the server and waits for its own word that it serves (not
-    /// just for the port to answer: another process may hold it).
+    /// just for the port to answer: another process may hold it), read
+    /// from its log as it writes it; a thread keeps draining the log so
+    /// the server never blocks on it.
     fn try_start(&mut self) -> Result<(), String> {
+        use std::io::BufRead;
         let bin = repo_root().join(".venv/bin/nats-server");
         assert!(bin.is_file(), "{} is missing: run scripts/setup.sh", bin.display());
-        let log = tempfile::NamedTempFile::new().expect("a temporary log file");
-        let child = Command::new(&bin)
+        let mut child = Command::new(&bin)
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
             .args(&self.extra)
             .stdout(Stdio::null())
-            .stderr(log.reopen().expect("the log file, for writing"))
+            .stderr(Stdio::piped())
             .spawn()
             .expect("nats-server starts");
-        let mut proc = Proc(child);
-        let until = Instant::now() + Duration::from_secs(10);
-        loop {
-            let said = std::fs::read_to_string(log.path()).unwrap_or_default();
-            if said.contains("Server is ready") && wait_for_port(self.port, Duration::from_secs(1)) {
+        let log = child.stderr.take().expect("piped stderr");
+        let proc = Proc(child);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(log).lines().map_while(Result::ok) {
+                if line.contains("Server is ready") {
+                    let _ = tx.send(Ok(()));
+                } else if line.contains("[FTL]") {
+                    let _ = tx.send(Err(line));
+                }
+            }
+            let _ = tx.send(Err("it exited".into()));
+        });
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(())) => {
                 self.proc = Some(proc);
-                return Ok(());
+                Ok(())
             }
-            if let Ok(Some(status)) = proc.0.try_wait() {
-                return Err(format!("exited ({status}): {}", said.lines().rev().find(|l| l.contains("[FTL]") || l.contains("[ERR]")).unwrap_or("no error logged")));
-            }
-            if Instant::now() > until {
-                return Err(format!("not ready within 10 s: {}", said.lines().last().unwrap_or("")));
-            }
-            std::thread::sleep(Duration::from_millis(20));
+            Ok(Err(why)) => Err(why),
+            Err(_) => Err("not ready within 10 s".into()),
         }
     }
 }
