@@ -741,7 +741,7 @@ impl<'a> Sim<'a> {
             SCALE_TICK => self.scale_tick(e.t),
             ESTIMATE => self.estimate(e.t),
             POOL_STATUS => {
-                self.cloud_seen = Some(self.cloud_load(e.t));
+                self.cloud_seen = Some(self.cloud_load());
                 if e.t + WORKER_STATUS_INTERVAL_US < self.c.duration_us {
                     self.push(e.t + WORKER_STATUS_INTERVAL_US, POOL_STATUS, 0, 0);
                 }
@@ -969,8 +969,8 @@ impl<'a> Sim<'a> {
     /// hands a request to one member of the workers' queue group, and its
     /// batching policy queues or refuses it.
     fn cloud_arrive(&mut self, t: u64, id: u32) {
-        let serving: Vec<usize> = (0..self.pool.workers.len()).filter(|&w| self.pool.workers[w].state == WorkerState::Serving).collect();
-        if serving.is_empty() {
+        let serving = self.pool.workers.iter().filter(|w| w.state == WorkerState::Serving).count();
+        if serving == 0 {
             self.push(t, REPLY, id, NO_RESPONDERS);
             return;
         }
@@ -983,7 +983,8 @@ impl<'a> Sim<'a> {
             self.push(t, REPLY, id, ANSWER_TOO_LATE);
             return;
         }
-        let w = serving[self.pool.pick.below(serving.len() as u64) as usize];
+        let nth = self.pool.pick.below(serving as u64) as usize;
+        let w = (0..self.pool.workers.len()).filter(|&w| self.pool.workers[w].state == WorkerState::Serving).nth(nth).expect("nth < serving");
         let lane = Lane { model: 0, branch: r.branch as u8 };
         match self.pool.workers[w].queue.offer(t, lane, Waiting { item: id, received_us: t, due_us, audit: false }) {
             Offered::Refused(..) => {
@@ -1126,7 +1127,7 @@ impl<'a> Sim<'a> {
     /// workers hold and the workers serving (the input rates come from the
     /// devices' reports when the planner plans). The planner plans on the
     /// last status, up to one status interval old, as live planners do.
-    fn cloud_load(&self, _t: u64) -> CloudLoad {
+    fn cloud_load(&self) -> CloudLoad {
         let running = self.pool.workers.iter().filter(|w| w.running());
         let backlog: usize = running.clone().map(|w| w.queue.backlog()).sum();
         let workers = self.pool.workers.iter().filter(|w| w.state == WorkerState::Serving).count();
