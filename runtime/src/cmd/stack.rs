@@ -255,6 +255,10 @@ pub fn run(args: StackArgs) -> Result<()> {
     if !args.model.is_file() {
         bail!("--model {}: no such file (run from the repository root, or give the path)", args.model.display());
     }
+    // Read now, before anything starts: the fleet would fail on it later.
+    if let Some(trace) = &args.uplink_trace {
+        branchpoint_core::link::Link::trace(trace, 0, 0.0).with_context(|| format!("--uplink-trace {}", trace.display()))?;
+    }
     let nodes = usize::from(args.cluster.max(1));
     // Node i listens for clients on nats_port + i, and in a cluster for its
     // peers on a port the system hands out now: a fixed offset from
