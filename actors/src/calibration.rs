@@ -547,18 +547,23 @@ pub fn method_of(m: CalibrationMethod) -> Method {
     }
 }
 
-/// Certifies every stored certified plan again on the calibrator's current
-/// temperatures, and stores those whose threshold moved (devices follow the
-/// store). Returns how many moved.
+/// Certifies every stored certified group plan again on the calibrator's
+/// current temperatures, and stores those whose threshold moved (devices
+/// follow the store). Devices' plans are the planner's to write, never the
+/// calibrator's. A plan another writer replaced meanwhile is left as that
+/// writer stored it. Returns how many moved.
 pub async fn recertify_stored_plans(calibrator: &CalibratorHandle, store: &crate::control::ControlStore) -> Result<usize, ActorError> {
     let mut moved = 0;
     for stored in store.plans().await? {
         let plan = stored.value;
-        let Some(target) = plan.certified else { continue };
+        let (PlanTarget::Group(group), Some(target)) = (&plan.target, plan.certified) else { continue };
         let reply = calibrator.certify(plan.partition_branch, target).await?;
         if reply.p_tar() != plan.p_tar {
-            store.put_plan(&PlanUpdate { p_tar: reply.p_tar(), ..plan }).await?;
-            moved += 1;
+            let group = group.clone();
+            match store.replace_plan(&PlanUpdate { p_tar: reply.p_tar(), ..plan }, stored.revision).await? {
+                Some(_) => moved += 1,
+                None => tracing::info!("calibrator: the plan of group {group} changed while it was certified again; the new one stands"),
+            }
         }
     }
     Ok(moved)
@@ -573,12 +578,24 @@ async fn store_refit(store: &crate::control::ControlStore, calibrator: &Calibrat
         Err(e) => return tracing::warn!("calibrator: could not store the refit for group {}: {e}", r.group),
     };
     let update = CalibrationUpdate { temperatures: r.temperatures.clone(), group: Some(r.group.clone()), ..to_update(&current) };
+    // The refit changes the threshold of the plan in force: that plan as it
+    // is stored (its codec kept), unless it was replaced meanwhile by one on
+    // another branch, which the refit says nothing about.
     let stored = async {
+        let current = store.plan(&r.plan.target).await?;
+        if current.as_ref().is_some_and(|c| c.value.partition_branch != r.plan.partition_branch) {
+            return Ok(false);
+        }
+        let (plan, revision) = match current {
+            Some(c) => (PlanUpdate { p_tar: r.plan.p_tar, certified: r.plan.certified, ..c.value }, c.revision),
+            None => (r.plan.clone(), 0),
+        };
         store.put_calibration(&update).await?;
-        store.put_plan(&r.plan).await
+        Ok::<_, ActorError>(store.replace_plan(&plan, revision).await?.is_some())
     };
     match stored.await {
-        Ok(_) => tracing::info!(
+        Ok(false) => tracing::info!("calibrator: group {}'s plan changed while its refit was made; the new plan stands and the refit is not stored", r.group),
+        Ok(true) => tracing::info!(
             group = %r.group,
             partition_branch = r.partition_branch,
             temperature = r.refit.temperature,

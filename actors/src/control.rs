@@ -208,6 +208,43 @@ impl ControlStore {
         self.plans.put(key, bytes.into()).await.map_err(|e| kv_error("storing a plan", e))
     }
 
+    /// The plan stored for `target`, with its revision, if there is one.
+    pub async fn plan(&self, target: &PlanTarget) -> Result<Option<Stored<PlanUpdate>>, ActorError> {
+        let key = plan_key(target);
+        let Some(entry) = self.plans.entry(key.clone()).await.map_err(|e| kv_error("reading a plan", e))? else { return Ok(None) };
+        if entry.operation != kv::Operation::Put {
+            return Ok(None);
+        }
+        Ok(decode_plan(&entry.value, &key).map(|value| Stored { value, revision: entry.revision }))
+    }
+
+    /// Removes the plan stored for `target`, if any.
+    pub async fn delete_plan(&self, target: &PlanTarget) -> Result<(), ActorError> {
+        self.plans.delete(plan_key(target)).await.map_err(|e| kv_error("removing a plan", e))
+    }
+
+    /// Stores a group's `plan` only if its key is still at `revision` (0:
+    /// only if it holds no plan): a writer that read a plan and derives a
+    /// new one never overwrites another writer's plan stored meanwhile.
+    /// `Ok(None)` when someone else wrote first.
+    pub async fn replace_plan(&self, plan: &PlanUpdate, revision: u64) -> Result<Option<u64>, ActorError> {
+        use async_nats::jetstream::kv::{CreateErrorKind, UpdateErrorKind};
+        let bytes: bytes::Bytes = encode(plan)?.into();
+        let key = plan_key(&plan.target);
+        if revision == 0 {
+            return match self.plans.create(&key, bytes).await {
+                Ok(r) => Ok(Some(r)),
+                Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(None),
+                Err(e) => Err(kv_error("storing a plan", e)),
+            };
+        }
+        match self.plans.update(&key, bytes, revision).await {
+            Ok(r) => Ok(Some(r)),
+            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(None),
+            Err(e) => Err(kv_error("storing a plan", e)),
+        }
+    }
+
     /// Every stored plan, groups and devices, in key order.
     pub async fn plans(&self) -> Result<Vec<Stored<PlanUpdate>>, ActorError> {
         let mut keys: Vec<String> = Vec::new();

@@ -475,30 +475,31 @@ pub async fn publish_status(
     }
 }
 
-/// Forwards plans and temperatures to the devices, from two sources:
-/// - the control store (JetStream key-value, see `control`): the stored
-///   state is applied before `ready` fires, so devices start from it, and
-///   later writes follow;
-/// - the update subjects (`branchpoint.calibration.update`,
-///   `branchpoint.plan.>`), for publishers that do not store.
+/// Forwards plans and temperatures to the devices. Plans come only from
+/// the control store (JetStream key-value, see `control`), their one home:
+/// the stored state is applied before `ready` fires, so devices start from
+/// it, and later writes follow. A model's temperatures also come on
+/// `branchpoint.calibration.update`, for a calibrator without a store.
 ///
 /// Only temperatures for these weights (the model's, or a device's group's)
 /// and plans for a device's group or the device itself are applied.
 /// Malformed updates are dropped with a message on stderr: a bad publisher
-/// must not stop the fleet. Without JetStream the fleet says so once and
-/// lives on the subjects alone.
+/// must not stop the fleet. Without JetStream the fleet says so once, and
+/// its devices keep their starting plan.
 pub async fn forward_updates(client: async_nats::Client, devices: Vec<FleetDevice>, sha256: String, ready: tokio::sync::oneshot::Sender<()>) {
-    use branchpoint_messages::{decode, subjects, CalibrationUpdate, PlanUpdate};
+    use branchpoint_messages::{decode, subjects, CalibrationUpdate};
     use futures::StreamExt;
-    let (Ok(mut cal), Ok(mut plans)) = (client.subscribe(subjects::CALIBRATION_UPDATE).await, client.subscribe(subjects::PLAN_ALL).await) else {
-        tracing::warn!("fleet: could not subscribe to calibration and plan updates");
+    let Ok(mut cal) = client.subscribe(subjects::CALIBRATION_UPDATE).await else {
+        tracing::warn!("fleet: could not subscribe to calibration updates");
         return;
     };
     let apply = Forward { devices, sha256 };
+    // Plans live only in the control store: without it the devices keep
+    // the plan they started with.
     let mut stored: std::pin::Pin<Box<dyn futures::Stream<Item = ControlChange>>> = match resume(&client, &apply).await {
         Ok(watch) => Box::pin(watch),
         Err(e) => {
-            tracing::warn!("fleet: no stored control state, so plans and temperatures come only from update subjects: {e}");
+            tracing::warn!("fleet: no control store, so no plan reaches these devices (they keep their starting plan) and temperatures come only from the update subject: {e}");
             Box::pin(futures::stream::pending())
         }
     };
@@ -511,10 +512,6 @@ pub async fn forward_updates(client: async_nats::Client, devices: Vec<FleetDevic
                 Ok(u) if u.group.is_some() => tracing::warn!("fleet: ignored a group's temperatures on the update subject (they travel through the control store)"),
                 Ok(u) => apply.calibration(&u),
                 Err(e) => tracing::warn!("fleet: ignored a malformed calibration update: {e}"),
-            },
-            Some(msg) = plans.next() => match decode::<PlanUpdate>(&msg.payload) {
-                Ok(p) => apply.plan(&p),
-                Err(e) => tracing::warn!("fleet: ignored a malformed plan update: {e}"),
             },
             Some(change) = stored.next() => match change {
                 ControlChange::Plan(p) => apply.plan(&p),

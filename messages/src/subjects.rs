@@ -39,12 +39,6 @@ pub const CALIBRATION_AUDIT: &str = "branchpoint.calibration.audit";
 /// estimates of each watched group and branch.
 pub const CALIBRATION_STATUS: &str = "branchpoint.status.calibration";
 
-/// Prefix of the plan subjects, see [`plan_device`] and [`plan_group`].
-pub const PLAN_PREFIX: &str = "branchpoint.plan";
-
-/// Wildcard that sees every plan update (for the fleet view and tests).
-pub const PLAN_ALL: &str = "branchpoint.plan.>";
-
 /// Devices -> planner: observed uplink throughput and round trip (`NetworkReport`).
 pub const NETWORK_REPORT: &str = "branchpoint.report.network";
 
@@ -78,19 +72,6 @@ pub fn fleet_status(fleet_id: &str) -> String {
 /// activations have the same shape, and may load only some tails.
 pub fn offload(partition_branch: u8) -> String {
     format!("{OFFLOAD_PREFIX}.{partition_branch}")
-}
-
-/// Planner -> one device: `PlanUpdate` for `device_id`.
-///
-/// Devices and groups get separate tokens (`device` / `group`) so a device
-/// and a group may share a name without one receiving the other's plan.
-pub fn plan_device(device_id: &str) -> String {
-    format!("{PLAN_PREFIX}.device.{device_id}")
-}
-
-/// Planner -> every device of a group: `PlanUpdate` for `group`.
-pub fn plan_group(group: &str) -> String {
-    format!("{PLAN_PREFIX}.group.{group}")
 }
 
 /// Whether `id` can serve as a device id, worker id or group name: 1 to 64

@@ -12,7 +12,7 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::subjects::{self, is_valid_id};
+use crate::subjects::is_valid_id;
 use crate::tensor::{Tensor, MAX_TENSOR_BYTES};
 use crate::{MessageError, PartitionBranch, WIRE_VERSION};
 
@@ -657,16 +657,6 @@ impl Message for CalibrationUpdate {
 pub enum PlanTarget {
     Device(String),
     Group(String),
-}
-
-impl PlanTarget {
-    /// The subject this plan is published on.
-    pub fn subject(&self) -> String {
-        match self {
-            PlanTarget::Device(id) => subjects::plan_device(id),
-            PlanTarget::Group(name) => subjects::plan_group(name),
-        }
-    }
 }
 
 /// Planner -> devices: where to cut and when to offload.

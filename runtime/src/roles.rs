@@ -62,8 +62,14 @@ fn kv_read(bucket: &str) -> Vec<String> {
 /// operator to make it). Never updating or deleting it: nothing but the
 /// operator changes a bucket's settings.
 fn kv_write(bucket: &str) -> Vec<String> {
+    kv_write_keys(bucket, ">")
+}
+
+/// Reading a bucket, and writing only its keys under `keys` (a subject
+/// pattern such as `device.>`): one writer per key, kept by the server.
+fn kv_write_keys(bucket: &str, keys: &str) -> Vec<String> {
     let mut v = kv_read(bucket);
-    v.push(format!("$KV.{bucket}.>"));
+    v.push(format!("$KV.{bucket}.{keys}"));
     v.push(format!("$JS.API.STREAM.CREATE.KV_{bucket}"));
     v
 }
@@ -91,7 +97,7 @@ impl Role {
                 let mut p = s(&[subjects::OFFLOAD_ALL, subjects::NETWORK_REPORT, subjects::FLEET_STATUS_ALL]);
                 p.extend(kv_read(PLANS_BUCKET));
                 p.extend(kv_read(CALIBRATION_BUCKET));
-                (p, s(&[subjects::PLAN_ALL, subjects::CALIBRATION_UPDATE]))
+                (p, s(&[subjects::CALIBRATION_UPDATE]))
             }
             Role::Worker => {
                 let p = s(&[subjects::WORKER_STATUS, "branchpoint.worker.errors.*", subjects::CALIBRATION_AUDIT]);
@@ -100,21 +106,21 @@ impl Role {
                 (p, vec![q, "$SRV.>".into()])
             }
             Role::Planner => {
-                let mut p = s(&["branchpoint.plan.device.*"]);
-                p.extend(kv_write(PLANS_BUCKET));
+                // Devices' plans are the planner's alone; groups' are not.
+                let mut p = kv_write_keys(PLANS_BUCKET, "device.>");
                 p.extend(kv_read(CALIBRATION_BUCKET));
                 // Devices' reports, and the workers' load for every plan.
                 (p, s(&[subjects::NETWORK_REPORT, subjects::WORKER_STATUS]))
             }
             Role::Calibrator => {
                 let mut p = s(&[subjects::CALIBRATION_UPDATE, subjects::CALIBRATION_STATUS]);
-                p.extend(kv_write(PLANS_BUCKET));
+                p.extend(kv_write_keys(PLANS_BUCKET, "group.>"));
                 p.extend(kv_write(CALIBRATION_BUCKET));
                 (p, s(&[subjects::CALIBRATION_GET, subjects::CALIBRATION_REFIT, subjects::CALIBRATION_CERTIFY, subjects::CALIBRATION_AUDIT]))
             }
             Role::Api => {
                 let mut p = s(&[subjects::CALIBRATION_GET, subjects::CALIBRATION_REFIT, subjects::CALIBRATION_CERTIFY]);
-                p.extend(kv_write(PLANS_BUCKET));
+                p.extend(kv_write_keys(PLANS_BUCKET, "group.>"));
                 p.extend(kv_read(CALIBRATION_BUCKET));
                 (p, s(&["branchpoint.status.>", subjects::WORKER_STATUS]))
             }
@@ -256,6 +262,13 @@ mod tests {
             assert!(!role.permissions().subscribe.iter().any(|s| s.starts_with("branchpoint.offload")), "{role:?}");
         }
         assert!(!Role::Planner.permissions().publish.iter().any(|s| s.contains(CALIBRATION_BUCKET) && s.starts_with("$KV")), "the planner writes plans only");
+        // One writer per key: devices' plans are the planner's, groups' the
+        // operator's (through the API) and the calibrator's refits.
+        let plan_writes = |role: Role| role.permissions().publish.into_iter().filter(|s| s.starts_with(&format!("$KV.{PLANS_BUCKET}."))).collect::<Vec<_>>();
+        assert_eq!(plan_writes(Role::Planner), [format!("$KV.{PLANS_BUCKET}.device.>")]);
+        for role in [Role::Api, Role::Calibrator] {
+            assert_eq!(plan_writes(role), [format!("$KV.{PLANS_BUCKET}.group.>")], "{role:?}");
+        }
         let conf = server_config(4222, Path::new("/tmp/js"), &Credentials::generate().unwrap());
         for role in Role::ALL {
             assert!(conf.contains(&format!("user: {:?}", role.name())));

@@ -8,12 +8,12 @@
 //! through the edge `nats::serve_planner_nats`). Plans go back as
 //! `ApplyPlan` to the device (in-process, one round trip of the device's
 //! link after the report left) or as a `DevicePlan` to its `PlanSink`
-//! (over NATS: `nats::NatsPlans` publishes a `PlanUpdate` on
-//! `branchpoint.plan.device.<id>`). A report
+//! (over NATS: `nats::NatsPlans` stores a `PlanUpdate` under `device.<id>`
+//! in the control store, `control`, which the devices watch). A report
 //! from an unknown group is dropped with a message: a stray publisher must
-//! not stop the planner. Restart: over NATS with JetStream, plans are stored
-//! in the control store (`control`) when they change, and a restarted planner
-//! starts from the stored ones; devices keep their last plan meanwhile.
+//! not stop the planner. Restart: plans are stored when they change, and a
+//! restarted planner starts from the stored ones; devices keep their last
+//! plan meanwhile.
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -47,7 +47,7 @@ pub struct Planner {
     template: Option<Costs>,
     log: Vec<PlanRecord>,
     /// Where plans for devices out of reach in process go (over NATS:
-    /// `nats::NatsPlans`, which stores and publishes them).
+    /// `nats::NatsPlans`, which stores them).
     sink: Option<Box<dyn PlanSink>>,
     /// The worker pool's load, and when it was heard (`PoolLoad`).
     cloud: Option<(CloudLoad, std::time::Instant)>,

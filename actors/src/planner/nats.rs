@@ -1,5 +1,6 @@
 //! The NATS edge of the device-planner exchange: network reports in
-//! (`serve_planner_nats`) and plans out (`NatsPlans`) at the planner, and
+//! (`serve_planner_nats`) and plans out to the control store (`NatsPlans`)
+//! at the planner, and
 //! network reports out at the devices (`NatsReports`). The planner and the
 //! devices decide on their own messages (`crate::plans`) and never see a
 //! wire type; `network_report` and `device_report` translate both ways.
@@ -14,38 +15,34 @@ use super::{Planner, MAILBOX};
 use crate::control::ControlStore;
 use crate::plans::{DevicePlan, DeviceReport, PlanSink};
 
-/// Plans for devices over NATS: each is published on
-/// `branchpoint.plan.device.<id>` and, with a control store, stored when it
-/// changes and again before its TTL runs out while the device keeps
-/// reporting; a restarted planner starts from what is stored. Devices not
-/// heard of for a TTL are forgotten here too.
+/// Plans for devices over NATS: each is stored in the control store's
+/// plans bucket under `device.<id>`, the one place devices learn plans
+/// from (they watch the bucket). The planner is the only writer of device
+/// keys. A plan is stored when it changes and again before its TTL runs
+/// out while the device keeps reporting; a restarted planner starts from
+/// what is stored. Devices not heard of for a TTL are forgotten here too.
 pub struct NatsPlans {
-    client: async_nats::Client,
-    store: Option<ControlStore>,
+    store: ControlStore,
     stored: HashMap<String, (PlanUpdate, Instant)>,
     pruned_at: usize,
 }
 
 impl NatsPlans {
-    pub fn new(client: async_nats::Client) -> Self {
-        Self { client, store: None, stored: HashMap::new(), pruned_at: 1024 }
-    }
-
     /// Stores plans in `store`, starting from the device plans in `stored`.
-    pub fn with_store(mut self, store: ControlStore, stored: Vec<PlanUpdate>) -> Self {
+    pub fn new(store: ControlStore, stored: Vec<PlanUpdate>) -> Self {
+        let mut plans = Self { store, stored: HashMap::new(), pruned_at: 1024 };
         for p in stored {
             if let PlanTarget::Device(id) = &p.target {
-                self.stored.insert(id.clone(), (p.clone(), Instant::now()));
+                plans.stored.insert(id.clone(), (p.clone(), Instant::now()));
             }
         }
-        self.store = Some(store);
-        self
+        plans
     }
 }
 
 impl PlanSink for NatsPlans {
-    /// Runs on the planner's thread; storing and publishing run as tasks
-    /// there, so the planner never waits for NATS.
+    /// Runs on the planner's thread; storing runs as a task there, so the
+    /// planner never waits for NATS.
     fn send(&mut self, p: DevicePlan) {
         let update = PlanUpdate {
             target: PlanTarget::Device(p.device_id.clone()),
@@ -54,40 +51,21 @@ impl PlanSink for NatsPlans {
             certified: p.certified.map(|t| CertifiedTarget { accuracy: t.accuracy, delta: t.delta }),
             codec: p.plan.codec,
         };
-        let store = match &self.store {
-            Some(s) => {
-                let ttl = s.settings().device_plan_ttl;
-                let fresh = self.stored.get(&p.device_id).is_some_and(|(old, at)| *old == update && at.elapsed() < ttl / 2);
-                if fresh {
-                    None
-                } else {
-                    self.stored.insert(p.device_id.clone(), (update.clone(), Instant::now()));
-                    if self.stored.len() >= 2 * self.pruned_at {
-                        self.stored.retain(|_, (_, at)| at.elapsed() < ttl);
-                        self.pruned_at = self.stored.len().max(1024);
-                    }
-                    Some(s.clone())
-                }
-            }
-            None => None,
-        };
-        match encode(&update) {
-            Ok(bytes) => {
-                let client = self.client.clone();
-                let subject = subjects::plan_device(&p.device_id);
-                actix::spawn(async move {
-                    if let Some(store) = store {
-                        if let Err(e) = store.put_plan(&update).await {
-                            tracing::warn!("planner: could not store a plan: {e}");
-                        }
-                    }
-                    if let Err(e) = client.publish(subject, bytes.into()).await {
-                        tracing::warn!("planner: could not publish a plan: {e}");
-                    }
-                });
-            }
-            Err(e) => tracing::warn!("planner: could not encode a plan for {}: {e}", p.device_id),
+        let ttl = self.store.settings().device_plan_ttl;
+        if self.stored.get(&p.device_id).is_some_and(|(old, at)| *old == update && at.elapsed() < ttl / 2) {
+            return;
         }
+        self.stored.insert(p.device_id.clone(), (update.clone(), Instant::now()));
+        if self.stored.len() >= 2 * self.pruned_at {
+            self.stored.retain(|_, (_, at)| at.elapsed() < ttl);
+            self.pruned_at = self.stored.len().max(1024);
+        }
+        let store = self.store.clone();
+        actix::spawn(async move {
+            if let Err(e) = store.put_plan(&update).await {
+                tracing::warn!("planner: could not store the plan for a device: {e}");
+            }
+        });
     }
 }
 

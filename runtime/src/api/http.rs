@@ -229,10 +229,17 @@ pub(super) async fn put_plan(state: web::Data<ApiState>, req: HttpRequest, paylo
             return error(StatusCode::BAD_REQUEST, format!("the body is not a plan ({e}); send JSON like {{\"group\": \"default\", \"partition_branch\": 1, \"p_tar\": 0.8}}"))
         }
     };
+    // One writer per key: a device's plan is the planner's (it would
+    // replace an operator's at the device's next report).
     let target = match (plan.group, plan.device) {
         (Some(g), None) => PlanTarget::Group(g),
-        (None, Some(d)) => PlanTarget::Device(d),
-        _ => return error(StatusCode::UNPROCESSABLE_ENTITY, "give exactly one of \"group\" and \"device\""),
+        (None, Some(d)) => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("device {d}'s plan is the planner's to write; set its group's plan (\"group\") instead, which the device holds until the planner plans for it"),
+            )
+        }
+        _ => return error(StatusCode::UNPROCESSABLE_ENTITY, "give \"group\": a group's plan is the operator's to set"),
     };
     let branches = state.model.branches;
     if let Err(e) = PartitionBranch::new(plan.partition_branch.into()).and_then(|b| b.within(branches)) {

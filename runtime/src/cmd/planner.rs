@@ -1,7 +1,7 @@
 //! `branchpoint planner`: the partition planner on NATS. Devices publish
 //! network reports on `branchpoint.report.network` (with their deadline and
-//! arrival rate); the planner answers each with a `PlanUpdate` on
-//! `branchpoint.plan.device.<id>`.
+//! arrival rate); the planner answers each with a `PlanUpdate` stored under
+//! `device.<id>` in the control store, which the devices watch.
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -87,24 +87,23 @@ pub fn run(args: PlannerArgs) -> Result<()> {
     let system = actix::System::new();
     system.block_on(async move {
         let client = crate::nats::connect(&args.nats, "branchpoint-planner").await?;
-        let mut plans = NatsPlans::new(client.clone());
-        match ControlStore::open_with(&client, args.nats.store_settings()).await {
-            Ok(store) => {
-                let stored: Vec<_> = store.plans().await?.into_iter().map(|p| p.value).collect();
-                let devices = stored.iter().filter(|p| matches!(p.target, branchpoint_messages::PlanTarget::Device(_))).count();
-                tracing::info!("planner: resumed {devices} device plan(s) from the control store");
-                plans = plans.with_store(store, stored);
-            }
-            Err(e) => tracing::warn!("planner: plans will not be stored: {e:#}"),
-        }
+        // Devices learn plans only from the control store: without it the
+        // planner could reach no one.
+        let store = ControlStore::open_with(&client, args.nats.store_settings())
+            .await
+            .context("the planner stores its plans in the control store, which needs JetStream (start nats-server with -js, as `branchpoint stack up` does)")?;
+        let stored: Vec<_> = store.plans().await?.into_iter().map(|p| p.value).collect();
+        let devices = stored.iter().filter(|p| matches!(p.target, branchpoint_messages::PlanTarget::Device(_))).count();
+        tracing::info!("planner: resumed {devices} device plan(s) from the control store");
+        let plans = NatsPlans::new(store, stored);
         let planner = Planner::new(Arc::new(stats), BTreeMap::new(), Some(template), Some(Box::new(plans))).start();
         let service = args.service.clone();
         let ready = move || {
             service.mark_ready();
             tracing::info!(
-                "planner serving {} with temperatures {temperatures:?}; plans go to {}",
+                "planner serving {} with temperatures {temperatures:?}; plans go to the control store's {} bucket under device.<id>",
                 branchpoint_messages::subjects::NETWORK_REPORT,
-                branchpoint_messages::subjects::plan_device("<id>")
+                branchpoint_actors::control::PLANS_BUCKET
             )
         };
         crate::shutdown::serving();

@@ -152,6 +152,9 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
                 // groups' refits. The fixed policies keep their own plans
                 // whatever an earlier run left in the store.
                 if adaptive || watched {
+                    if adaptive {
+                        forget_device_plans(setup, c, &ids).await?;
+                    }
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     let addressed = configs_groups(s, &ids, watched).into_iter().zip(devices.iter().cloned()).map(|((id, group), addr)| FleetDevice { id, group, addr }).collect();
                     actix::spawn(forward_updates(c.clone(), addressed, setup.model_sha256.clone(), tx));
@@ -355,7 +358,14 @@ async fn start_planner(setup: &LiveSetup<'_>, client: Option<&async_nats::Client
             (g.name.clone(), costs)
         })
         .collect();
-    let sink = client.cloned().map(|c| Box::new(NatsPlans::new(c)) as Box<dyn branchpoint_actors::plans::PlanSink>);
+    // Over NATS the plans go where remote devices learn them: the store.
+    let sink = match client {
+        Some(c) => {
+            let store = ControlStore::open_with(c, setup.nats.store_settings()).await.context("an adaptive policy over NATS keeps its plans in the control store")?;
+            Some(Box::new(NatsPlans::new(store, Vec::new())) as Box<dyn branchpoint_actors::plans::PlanSink>)
+        }
+        None => None,
+    };
     let planner = Planner::new(Arc::new(sim.stats.with_codecs(&planning.codecs)), costs, None, sink).start();
     match client {
         None if planning.cloud_aware => {
@@ -528,6 +538,16 @@ fn configs_groups(s: &Scenario, ids: &[String], watched: bool) -> Vec<(String, S
         }
     }
     out
+}
+
+/// Removes the plans an earlier run's planner stored for these devices, so
+/// that they start from the policy's own plan, not from another policy's.
+async fn forget_device_plans(setup: &LiveSetup<'_>, client: &async_nats::Client, ids: &[String]) -> Result<()> {
+    let store = ControlStore::open_with(client, setup.nats.store_settings()).await.context("an adaptive policy over NATS keeps its plans in the control store")?;
+    for id in ids {
+        store.delete_plan(&branchpoint_messages::PlanTarget::Device(id.clone())).await?;
+    }
+    Ok(())
 }
 
 /// The watched run's calibrator: the groups' starting plans go into the

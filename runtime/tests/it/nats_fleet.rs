@@ -544,9 +544,12 @@ fn impossible_answers_from_a_rogue_worker_are_not_taken() {
 
 #[test]
 fn calibration_refits_and_plans_reach_running_devices() {
+    use branchpoint_actors::control::ControlStore;
     use branchpoint_messages::{CalibrationMethod, CalibrationRefit, CalibrationUpdate, FleetStatus, PlanTarget, PlanUpdate};
     let _cpu = shared();
-    let nats = NatsServer::start();
+    // Plans reach devices only through the control store (JetStream).
+    let store = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start_with(&["-js", "-sd", store.path().to_str().unwrap()]);
     let _w = start_worker(&nats.url, "w", &[]);
     // The calibrator starts uncalibrated (T = 1 everywhere).
     let _cal = start_service("calibrator", &["calibrator", "--nats", &nats.url, "--method", "uncalibrated"], Duration::from_secs(60));
@@ -577,8 +580,7 @@ fn calibration_refits_and_plans_reach_running_devices() {
         outcomes.to_str().unwrap(),
     ]);
     let decided = |seen: &[FleetStatus]| seen.iter().map(|s| s.summary.outcomes).max();
-    // Updates are not stored (that is the control plane's key-value store):
-    // publish them once some inputs were decided with T = 1.
+    // Refit and plan once some inputs were decided with T = 1.
     statuses.wait("the fleet to decide 50 inputs", Duration::from_secs(60), |seen| decided(seen).filter(|&n| n >= 50));
 
     let fitted = runtime().block_on(async {
@@ -599,8 +601,7 @@ fn calibration_refits_and_plans_reach_running_devices() {
         assert!(decode::<branchpoint_messages::ErrorReply>(&bad.payload).is_ok());
 
         let plan = PlanUpdate { target: PlanTarget::Group("default".into()), partition_branch: 2, p_tar: 0.75, certified: None, codec: None };
-        client.publish(plan.target.subject(), encode(&plan).unwrap().into()).await.unwrap();
-        client.flush().await.unwrap();
+        ControlStore::open(&client).await.unwrap().put_plan(&plan).await.unwrap();
         fitted
     });
     // Evidence that both reached every device, then more inputs decided so.
@@ -989,9 +990,10 @@ fn a_drift_refit_is_stored_for_the_group() {
 fn a_certifying_planner_says_which_target_its_plans_certify() {
     use branchpoint_messages::{subjects, PlanUpdate};
     let _cpu = shared();
-    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start_with(&["-js", "-sd", store.path().to_str().unwrap()]);
     let _planner = start_service("certifying-planner", &["planner", "--nats", &nats.url, "--device-slowdown", "4", "--certify-delta", "0.05"], Duration::from_secs(90));
-    let plans: Watch<PlanUpdate> = Watch::new(&nats.url, &subjects::plan_device("phone-8"));
+    let plans: Watch<PlanUpdate> = Watch::new(&nats.url, &stored_plan("device.phone-8"));
     runtime().block_on(async {
         let client = async_nats::connect(&nats.url).await.unwrap();
         client.publish(subjects::NETWORK_REPORT, encode(&network_report("phone-8", 0.08)).unwrap().into()).await.unwrap();
@@ -1004,57 +1006,90 @@ fn a_certifying_planner_says_which_target_its_plans_certify() {
     assert!((0.5..1.0).contains(&target.accuracy), "{plan:?}");
 }
 
+/// The subject a write to the plans bucket's `key` is published on: a
+/// plain subscription to it sees every plan stored there, as it is stored.
+fn stored_plan(key: &str) -> String {
+    format!("$KV.{}.{key}", branchpoint_actors::control::PLANS_BUCKET)
+}
+
 /// `branchpoint planner` over NATS: a report of a fast link gets a plan that
 /// offloads, one of a crawling link a plan that keeps every input on the
-/// device; malformed reports do not stop it.
+/// device, each stored where devices learn plans (the control store);
+/// malformed reports do not stop it.
 #[test]
 fn the_planner_answers_network_reports_with_plans() {
     use branchpoint_messages::{encode, subjects, PlanTarget, PlanUpdate};
-    use futures::StreamExt;
     let _cpu = shared();
-    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start_with(&["-js", "-sd", store.path().to_str().unwrap()]);
     let _planner = start_service("planner", &["planner", "--nats", &nats.url, "--device-slowdown", "4"], Duration::from_secs(90));
-    let report = |us_per_byte: f64| network_report("phone-7", us_per_byte);
-    let plans: Vec<PlanUpdate> = runtime().block_on(async {
-        let client = async_nats::connect(&nats.url).await.unwrap();
-        let mut sub = client.subscribe(subjects::plan_device("phone-7")).await.unwrap();
-        client.flush().await.unwrap();
-        let mut plans = Vec::new();
-        // 100 Mbit/s, then garbage, then 0.05 Mbit/s.
-        for payload in [encode(&report(0.08)).unwrap(), b"not a report".to_vec(), encode(&report(160.0)).unwrap()] {
-            client.publish(subjects::NETWORK_REPORT, payload.into()).await.unwrap();
+    let plans: Watch<PlanUpdate> = Watch::new(&nats.url, &stored_plan("device.>"));
+    let of = |seen: &[PlanUpdate], device: &str| seen.iter().filter(|p| p.target == PlanTarget::Device(device.into())).cloned().collect::<Vec<_>>();
+    let rt = runtime();
+    let client = rt.block_on(async_nats::connect(&nats.url)).unwrap();
+    let publish = |subject: &'static str, payload: Vec<u8>| {
+        rt.block_on(async {
+            client.publish(subject, payload.into()).await.unwrap();
             client.flush().await.unwrap();
+        })
+    };
+    // 100 Mbit/s, then garbage, then 0.05 Mbit/s: a plan is stored when it
+    // changes, so each report's answer is a new write.
+    publish(subjects::NETWORK_REPORT, encode(&network_report("phone-7", 0.08)).unwrap());
+    let fast = plans.wait("a plan for a fast link", Duration::from_secs(30), |seen| of(seen, "phone-7").first().cloned());
+    publish(subjects::NETWORK_REPORT, b"not a report".to_vec());
+    publish(subjects::NETWORK_REPORT, encode(&network_report("phone-7", 160.0)).unwrap());
+    let crawling = plans.wait("a plan for a crawling link", Duration::from_secs(30), |seen| of(seen, "phone-7").get(1).cloned());
+    // A worker reports 5,000 requests waiting: on a fast link, no offload
+    // can make its deadline behind them. The status and the reports arrive
+    // on two subscriptions, so the planner may take a report first: each
+    // report comes from a new device (whose first plan is always stored)
+    // until a plan says device only.
+    let status = WorkerStatus { worker_id: "w-busy".into(), queue_depth: 5_000, ..Default::default() };
+    let mut swamped = None;
+    for k in 0..20 {
+        publish(subjects::WORKER_STATUS, encode(&status).unwrap());
+        let device = format!("phone-swamped-{k}");
+        publish(subjects::NETWORK_REPORT, encode(&network_report(&device, 0.08)).unwrap());
+        let plan = plans.wait("a plan behind the backlog", Duration::from_secs(30), |seen| of(seen, &device).first().cloned());
+        if plan.p_tar == 0.0 {
+            swamped = Some(plan);
+            break;
         }
-        for _ in 0..2 {
-            let msg = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.expect("a plan within 20 s").unwrap();
-            plans.push(branchpoint_messages::decode::<PlanUpdate>(&msg.payload).unwrap());
-        }
-        // A worker reports 5,000 requests waiting: on the fast link again,
-        // no offload can make its deadline behind them. The status and the
-        // report arrive on two subscriptions, so the planner may take the
-        // report first: send both until a plan says device only.
-        let status = |queue_depth| WorkerStatus { worker_id: "w-busy".into(), queue_depth, ..Default::default() };
-        let mut swamped = None;
-        for _ in 0..20 {
-            client.publish(subjects::WORKER_STATUS, encode(&status(5_000)).unwrap().into()).await.unwrap();
-            client.flush().await.unwrap();
-            client.publish(subjects::NETWORK_REPORT, encode(&report(0.08)).unwrap().into()).await.unwrap();
-            let msg = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.expect("a plan within 20 s").unwrap();
-            let plan = branchpoint_messages::decode::<PlanUpdate>(&msg.payload).unwrap();
-            if plan.p_tar == 0.0 {
-                swamped = Some(plan);
-                break;
-            }
-        }
-        plans.push(swamped.expect("a device-only plan behind the backlog"));
-        plans
-    });
-    assert_eq!(plans[0].target, PlanTarget::Device("phone-7".into()));
-    assert!(plans[0].p_tar > 0.0, "a fast link is worth offloading to: {:?}", plans[0]);
-    assert!(plans[0].codec.is_some(), "a plan names its codec: {:?}", plans[0]);
-    assert_eq!(plans[1].p_tar, 0.0, "nothing can cross a 0.05 Mbit/s link in 100 ms: {:?}", plans[1]);
-    assert_eq!(plans[2].p_tar, 0.0, "a swamped pool keeps inputs on the device: {:?}", plans[2]);
+    }
+    let swamped = swamped.expect("a device-only plan behind the backlog");
+    assert_eq!(fast.target, PlanTarget::Device("phone-7".into()));
+    assert!(fast.p_tar > 0.0, "a fast link is worth offloading to: {fast:?}");
+    assert!(fast.codec.is_some(), "a plan names its codec: {fast:?}");
+    assert_eq!(crawling.p_tar, 0.0, "nothing can cross a 0.05 Mbit/s link in 100 ms: {crawling:?}");
+    assert_eq!(swamped.p_tar, 0.0, "a swamped pool keeps inputs on the device: {swamped:?}");
     assert!(service_log("planner").contains("malformed network report"));
+}
+
+/// One writer per key, kept by the store: a writer that derives a plan from
+/// the one it read (the calibrator's refit) never overwrites a plan another
+/// writer (the operator) stored meanwhile.
+#[test]
+fn a_plan_replaced_meanwhile_is_not_overwritten() {
+    use branchpoint_actors::control::ControlStore;
+    use branchpoint_messages::{PlanTarget, PlanUpdate};
+    let _cpu = shared();
+    let store_dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start_with(&["-js", "-sd", store_dir.path().to_str().unwrap()]);
+    runtime().block_on(async {
+        let client = async_nats::connect(&nats.url).await.unwrap();
+        let store = ControlStore::open(&client).await.unwrap();
+        let plan = |p_tar| PlanUpdate { target: PlanTarget::Group("lab".into()), partition_branch: 1, p_tar, certified: None, codec: None };
+        let first = store.replace_plan(&plan(0.8), 0).await.unwrap().expect("an absent key is created");
+        assert_eq!(store.replace_plan(&plan(0.7), 0).await.unwrap(), None, "a create does not overwrite");
+        let operators = store.put_plan(&plan(0.6)).await.unwrap();
+        assert_eq!(store.replace_plan(&plan(0.5), first).await.unwrap(), None, "a replace at an old revision does not overwrite");
+        let stored = store.plan(&PlanTarget::Group("lab".into())).await.unwrap().unwrap();
+        assert_eq!((stored.value.p_tar, stored.revision), (0.6, operators));
+        let replaced = store.replace_plan(&plan(0.5), operators).await.unwrap().expect("a replace at the revision read is stored");
+        assert!(replaced > operators);
+        assert_eq!(store.plan(&PlanTarget::Group("lab".into())).await.unwrap().unwrap().value.p_tar, 0.5);
+    });
 }
 
 /// A plan stored for one device expires its TTL after it was last written

@@ -125,7 +125,8 @@ fn stack_up_serves_metrics_plans_refits_and_the_dashboard() {
         (r#"{"group": "default", "partition_branch": 3, "p_tar": 0.5}"#, "branches 1 to 2"),
         (r#"{"group": "default", "partition_branch": 1, "p_tar": 1.5}"#, "p_tar"),
         (r#"{"group": "a b", "partition_branch": 1, "p_tar": 0.5}"#, "group name"),
-        (r#"{"partition_branch": 1, "p_tar": 0.5}"#, "exactly one"),
+        (r#"{"partition_branch": 1, "p_tar": 0.5}"#, "is the operator's to set"),
+        (r#"{"device": "phone-1", "partition_branch": 1, "p_tar": 0.5}"#, "the planner's to write"),
     ] {
         let r = http("PUT", &stack.api, "/api/plan", Some(TOKEN), Some(bad));
         assert_eq!(r.status, 422, "{bad}: {}", r.body);
@@ -379,10 +380,8 @@ fn a_restarted_planner_resumes_its_plans_and_a_new_fleet_starts_from_stored_plan
             client.flush().await.unwrap();
         })
     };
-    let stored = || -> Option<(PlanUpdate, u64)> {
-        let plans = rt.block_on(kv.plans()).unwrap();
-        plans.into_iter().find(|p| p.value.target == PlanTarget::Device("phone-3".into())).map(|p| (p.value, p.revision))
-    };
+    let stored_for = |device: &str| -> Option<(PlanUpdate, u64)> { rt.block_on(kv.plan(&PlanTarget::Device(device.into()))).unwrap().map(|p| (p.value, p.revision)) };
+    let stored = || stored_for("phone-3");
     let planner_args = ["planner", "--nats", &nats.url];
     let planner = start_service("planner-1", &planner_args, Duration::from_secs(60));
     send(report(0.08)); // 100 Mbit/s
@@ -394,11 +393,12 @@ fn a_restarted_planner_resumes_its_plans_and_a_new_fleet_starts_from_stored_plan
     assert!(service_log("planner-2").contains("resumed 1 device plan(s)"), "{}", service_log("planner-2"));
     // The same conditions give the same plan, which the restarted planner
     // knows it stored already: it does not write it again.
-    // The planner answers every report with a plan, after storing it if it
-    // changed: once the answer is here, a rewrite would be too.
-    let answers: Watch<PlanUpdate> = Watch::new(&nats.url, &subjects::plan_device("phone-3"));
+    // The planner takes reports in the order they were sent: once a later
+    // report from a new device has its plan stored, a rewrite of phone-3's
+    // would have been stored too.
     send(report(0.08));
-    answers.wait("the restarted planner to answer the report", Duration::from_secs(30), |seen| (!seen.is_empty()).then_some(()));
+    send(network_report("phone-4", 0.08));
+    wait_for("the restarted planner to plan for the next report", Duration::from_secs(30), || stored_for("phone-4"));
     assert_eq!(stored().map(|(_, r)| r), Some(revision), "the restarted planner rewrote a plan it had resumed");
     // A collapsed link changes the plan, which it stores.
     send(report(160.0));
@@ -628,7 +628,6 @@ fn a_device_cannot_change_plans_or_temperatures_or_join_the_workers() {
         let store = ControlStore::open(&client).await.expect("a device reads the control store");
         let before = store.plans().await.unwrap().len();
         let forged = PlanUpdate { target: PlanTarget::Group("default".into()), partition_branch: 1, p_tar: 0.0, certified: None, codec: None };
-        client.publish(forged.target.subject(), encode(&forged).unwrap().into()).await.unwrap();
         let temps = CalibrationUpdate { model_sha256: "ab".repeat(32), method: CalibrationMethod::Global, temperatures: vec![1e-2; 3], group: None };
         client.publish(subjects::CALIBRATION_UPDATE, encode(&temps).unwrap().into()).await.unwrap();
         client.publish(subjects::CALIBRATION_REFIT, "{}".into()).await.unwrap();
@@ -642,7 +641,6 @@ fn a_device_cannot_change_plans_or_temperatures_or_join_the_workers() {
     let (before, store) = refused;
     let mut said = Vec::new();
     let wanted = [
-        "Publish to \"branchpoint.plan.group.default\"",
         "Publish to \"branchpoint.calibration.update\"",
         "Publish to \"branchpoint.calibration.refit\"",
         "Subscription to \"branchpoint.offload.*\"",
@@ -663,6 +661,19 @@ fn a_device_cannot_change_plans_or_temperatures_or_join_the_workers() {
     let o = output_within(branchpoint().envs(stack.role_env("device")).args(["worker", "--nats", &stack.nats, "--worker-id", "impostor"]), Duration::from_secs(90));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("denied a subscription"), "{:?}: {err}", o.status);
+
+    // One writer per key: the planner writes devices' plans, never a
+    // group's (the operator's and the calibrator's).
+    let env = stack.role_env("planner");
+    rt.block_on(async {
+        let client = async_nats::ConnectOptions::new().user_and_password(env[0].1.clone(), env[1].1.clone()).connect(stack.nats.as_str()).await.expect("the planner connects");
+        let store = ControlStore::open(&client).await.expect("the planner opens the control store");
+        let device = PlanUpdate { target: PlanTarget::Device("phone-1".into()), partition_branch: 1, p_tar: 0.5, certified: None, codec: None };
+        store.put_plan(&device).await.expect("the planner stores a device's plan");
+        let group = PlanUpdate { target: PlanTarget::Group("default".into()), ..device };
+        let put = tokio::time::timeout(Duration::from_secs(10), store.put_plan(&group)).await;
+        assert!(!matches!(put, Ok(Ok(_))), "the planner wrote a group's plan: {put:?}");
+    });
 }
 
 /// `stack up --uplink-trace`: the fleet's devices emulate their uplinks from
