@@ -319,12 +319,19 @@ type CurveOf<'a> = &'a dyn Fn(&MethodReport, usize) -> Vec<(f64, f64)>;
 
 fn write_plots(dir: &Path, report: &Report) -> Result<usize> {
     prepare_dir(dir)?;
+    let (pmin, pmax) = (report.p_tars.iter().cloned().fold(1.0, f64::min), report.p_tars.iter().cloned().fold(0.0, f64::max));
+    let x_range = (pmin - 0.01, pmax + 0.01);
+    Ok(plot_sweeps(dir, report, x_range)? + plot_reliability(dir, report)? + plot_certified(dir, report, x_range)?)
+}
+
+/// Per branch, against p_tar: on-device accuracy, offloading and outage
+/// probabilities; and missed deadlines against the deadline.
+fn plot_sweeps(dir: &Path, report: &Report, x_range: (f64, f64)) -> Result<usize> {
     let mut n = 0;
+    let pmin = report.p_tars.iter().cloned().fold(1.0, f64::min);
     let method_curves = |f: CurveOf, branch: usize| -> Vec<Curve> {
         report.methods.iter().enumerate().map(|(i, m)| Curve { label: m.method.clone(), color: method_color(i), points: f(m, branch), dashed: false }).collect()
     };
-    let (pmin, pmax) = (report.p_tars.iter().cloned().fold(1.0, f64::min), report.p_tars.iter().cloned().fold(0.0, f64::max));
-    let x_range = (pmin - 0.01, pmax + 0.01);
     for b in 1..=report.latency.len() {
         // Edge accuracy vs p_tar, with the line y = p_tar.
         let mut curves = method_curves(&|m, b| m.branches[b - 1].rows.iter().filter_map(|r| r.edge_accuracy.map(|a| (r.p_tar, a))).collect(), b);
@@ -387,6 +394,13 @@ fn write_plots(dir: &Path, report: &Report) -> Result<usize> {
         )?;
         n += 4;
     }
+    Ok(n)
+}
+
+/// Reliability diagrams per exit: before, then after each calibration, and
+/// for every calibration method compared.
+fn plot_reliability(dir: &Path, report: &Report) -> Result<usize> {
+    let mut n = 0;
     // Reliability diagrams per exit: before, then after each calibration.
     let uncal = &report.methods[0];
     for (ei, exit) in uncal.exits.iter().enumerate() {
@@ -407,6 +421,13 @@ fn write_plots(dir: &Path, report: &Report) -> Result<usize> {
         reliability_diagram(&dir.join(file), &format!("Reliability diagram per calibration method, {} (test set)", r.exit), &panels)?;
         n += 1;
     }
+    Ok(n)
+}
+
+/// Edge accuracy against the target for the ways of choosing the
+/// threshold, over the rows certified at the plot's delta.
+fn plot_certified(dir: &Path, report: &Report, x_range: (f64, f64)) -> Result<usize> {
+    let mut n = 0;
     // Edge accuracy against the target for the ways of choosing the
     // threshold, over the rows certified at the plot's delta.
     let delta = report.certified.branches.first().and_then(|b| b.rows.last()).map_or(0.05, |r| r.target.delta);

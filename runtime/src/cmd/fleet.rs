@@ -21,15 +21,7 @@ use crate::cli::FleetArgs;
 
 pub fn run(args: FleetArgs) -> Result<()> {
     crate::shutdown::install("fleet");
-    if !(args.deadline_ms.is_finite() && args.deadline_ms > 0.0) {
-        bail!("--deadline-ms {}: give a positive number of milliseconds", args.deadline_ms);
-    }
-    if !(args.duration.is_finite() && args.duration > 0.0) {
-        bail!("--duration {}: give a positive number of seconds", args.duration);
-    }
-    if args.threads == 0 || args.worker_threads == 0 || args.max_batch == 0 {
-        bail!("--threads, --worker-threads and --max-batch must be at least 1");
-    }
+    let fleet_id = check_args(&args)?;
     branchpoint_models::subnormal::prepare_tensor_thread(1);
     let model = args.source.load_model(tch::Device::Cpu)?;
     model.check_branch(args.partition_branch.get()).context("--partition-branch")?;
@@ -53,56 +45,10 @@ pub fn run(args: FleetArgs) -> Result<()> {
     let num_branches = model.num_branches();
     let model_sha256 = model.sha256().to_string();
     drop(model);
-    if !(0.0..=1.0).contains(&args.audit_rate) {
-        bail!("--audit-rate {}: give a probability in [0, 1] (0 turns audits off)", args.audit_rate);
-    }
-    if !branchpoint_messages::subjects::is_valid_id(&args.group) {
-        bail!("--group {:?}: use 1 to 64 letters, digits, '-' or '_'", args.group);
-    }
-    let fleet_id = args.fleet_id.clone().unwrap_or_else(|| format!("fleet-{}", std::process::id()));
-    if !branchpoint_messages::subjects::is_valid_id(&fleet_id) {
-        bail!("--fleet-id {fleet_id:?}: use 1 to 64 letters, digits, '-' or '_'");
-    }
 
     let smallest_upload = partition_points.iter().map(|p| p.activation_bytes).min().unwrap_or(1) / 4;
     let emulation = emulation(&args, &fleet_id, smallest_upload)?;
-    let cfg = FleetConfig {
-        devices: args.devices,
-        rate_per_device: args.rate,
-        duration: Duration::from_secs_f64(args.duration),
-        max_inputs: args.inputs,
-        seed: args.seed,
-        device: DeviceConfig {
-            id: "device".into(),
-            partition_branch: args.partition_branch,
-            p_tar: args.p_tar,
-            temperatures,
-            deadline: Duration::from_secs_f64(args.deadline_ms / 1e3),
-            model_sha256: model_sha256.as_str().into(),
-            codec: args.codec,
-            emulation,
-            interrupt: Default::default(),
-            audit: (args.audit_rate > 0.0).then(|| AuditSettings {
-                rate: args.audit_rate,
-                group: args.group.clone(),
-                model_sha256: model_sha256.clone(),
-                target_accuracy: None,
-                // Audits are fire-and-forget, but a slow cloud must not
-                // pile them up: a few per device at most.
-                max_in_flight: 4,
-                seed: args.seed,
-            }),
-        },
-        // No outcome for this long means none is coming: an offload ends by
-        // its deadline at the latest.
-        drain: Duration::from_secs_f64(args.deadline_ms / 1e3) + Duration::from_secs(2),
-        group: args.group.clone(),
-        model_sha256,
-        fleet_id,
-        status_interval: (args.status_interval_ms > 0).then(|| Duration::from_millis(args.status_interval_ms)),
-        // Leaves room in shutdown::GRACE for the last status and the joins.
-        stop_grace: crate::shutdown::GRACE - Duration::from_millis(800),
-    };
+    let cfg = fleet_config(&args, temperatures, model_sha256, fleet_id, emulation);
     cfg.validate()?;
     let spec = ModelSpec { model: args.source.model.clone(), device: tch::Device::Cpu };
     let served = ServedModel { sha256: cfg.model_sha256.clone(), partition_points };
@@ -110,7 +56,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
     let ready_service = args.service.clone();
     let system = actix::System::new();
     let keep_outcomes = args.outcomes.is_some();
-    let (run, outcomes) = system.block_on(async move {
+    let (run, outcomes) = system.block_on(async {
         let mut device_threads = DeviceThreads::start_with_slowdown(spec.clone(), args.threads, args.device_slowdown).context("--device-slowdown")?;
         let client = match &args.nats.nats {
             Some(_) => Some(crate::nats::connect(&args.nats, "branchpoint-fleet").await?),
@@ -156,10 +102,81 @@ pub fn run(args: FleetArgs) -> Result<()> {
         }
         Ok::<_, anyhow::Error>((run, outcomes))
     })?;
-    let summary = run.summary.clone();
 
     args.service.clear();
-    print_summary(&summary);
+    write_results(&args, &run, &outcomes)
+}
+
+/// Checks the flags nothing else checks; gives the fleet's id.
+fn check_args(args: &FleetArgs) -> Result<String> {
+    if !(args.deadline_ms.is_finite() && args.deadline_ms > 0.0) {
+        bail!("--deadline-ms {}: give a positive number of milliseconds", args.deadline_ms);
+    }
+    if !(args.duration.is_finite() && args.duration > 0.0) {
+        bail!("--duration {}: give a positive number of seconds", args.duration);
+    }
+    if args.threads == 0 || args.worker_threads == 0 || args.max_batch == 0 {
+        bail!("--threads, --worker-threads and --max-batch must be at least 1");
+    }
+    if !(0.0..=1.0).contains(&args.audit_rate) {
+        bail!("--audit-rate {}: give a probability in [0, 1] (0 turns audits off)", args.audit_rate);
+    }
+    if !branchpoint_messages::subjects::is_valid_id(&args.group) {
+        bail!("--group {:?}: use 1 to 64 letters, digits, '-' or '_'", args.group);
+    }
+    let fleet_id = args.fleet_id.clone().unwrap_or_else(|| format!("fleet-{}", std::process::id()));
+    if !branchpoint_messages::subjects::is_valid_id(&fleet_id) {
+        bail!("--fleet-id {fleet_id:?}: use 1 to 64 letters, digits, '-' or '_'");
+    }
+    Ok(fleet_id)
+}
+
+/// The fleet's settings from its flags.
+fn fleet_config(args: &FleetArgs, temperatures: Vec<f64>, model_sha256: String, fleet_id: String, emulation: Option<EmulationSpec>) -> FleetConfig {
+    FleetConfig {
+        devices: args.devices,
+        rate_per_device: args.rate,
+        duration: Duration::from_secs_f64(args.duration),
+        max_inputs: args.inputs,
+        seed: args.seed,
+        device: DeviceConfig {
+            id: "device".into(),
+            partition_branch: args.partition_branch,
+            p_tar: args.p_tar,
+            temperatures,
+            deadline: Duration::from_secs_f64(args.deadline_ms / 1e3),
+            model_sha256: model_sha256.as_str().into(),
+            codec: args.codec,
+            emulation,
+            interrupt: Default::default(),
+            audit: (args.audit_rate > 0.0).then(|| AuditSettings {
+                rate: args.audit_rate,
+                group: args.group.clone(),
+                model_sha256: model_sha256.clone(),
+                target_accuracy: None,
+                // Audits are fire-and-forget, but a slow cloud must not
+                // pile them up: a few per device at most.
+                max_in_flight: 4,
+                seed: args.seed,
+            }),
+        },
+        // No outcome for this long means none is coming: an offload ends by
+        // its deadline at the latest.
+        drain: Duration::from_secs_f64(args.deadline_ms / 1e3) + Duration::from_secs(2),
+        group: args.group.clone(),
+        model_sha256,
+        fleet_id,
+        status_interval: (args.status_interval_ms > 0).then(|| Duration::from_millis(args.status_interval_ms)),
+        // Leaves room in shutdown::GRACE for the last status and the joins.
+        stop_grace: crate::shutdown::GRACE - Duration::from_millis(800),
+    }
+}
+
+/// Prints the summary and writes the files asked for; fails when an input
+/// got no outcome or two.
+fn write_results(args: &FleetArgs, run: &branchpoint_actors::fleet::FleetRun, outcomes: &[branchpoint_actors::collector::Outcome]) -> Result<()> {
+    let summary = &run.summary;
+    print_summary(summary);
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&summary)? + "\n").with_context(|| format!("writing {}", path.display()))?;
         println!("summary written to {}", path.display());
@@ -167,7 +184,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
     if let Some(path) = &args.outcomes {
         let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
         let mut w = std::io::BufWriter::new(file);
-        for o in &outcomes {
+        for o in outcomes {
             serde_json::to_writer(&mut w, o)?;
             writeln!(w)?;
         }

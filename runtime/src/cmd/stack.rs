@@ -260,24 +260,7 @@ pub fn run(args: StackArgs) -> Result<()> {
         branchpoint_core::link::Link::trace(trace, 0, 0.0).with_context(|| format!("--uplink-trace {}", trace.display()))?;
     }
     let nodes = usize::from(args.cluster.max(1));
-    // Node i listens for clients on nats_port + i, and in a cluster for its
-    // peers on a port the system hands out now: a fixed offset from
-    // nats_port can land on a port something else already holds.
-    let client_port = |i: usize| args.nats_port + i as u16;
-    for i in 0..nodes {
-        // Binding, not connecting: a port held by a socket that does not
-        // listen (another program's connection) is taken too.
-        if TcpStream::connect(("127.0.0.1", client_port(i))).is_ok() || TcpListener::bind(("127.0.0.1", client_port(i))).is_err() {
-            bail!("port {} is taken: another nats-server (or stack) runs there; stop it or give --nats-port", client_port(i));
-        }
-    }
-    let route_ports: Vec<u16> = match nodes {
-        1 => Vec::new(),
-        _ => {
-            (0..nodes).map(|_| Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())).collect::<std::io::Result<_>>().context("finding free ports for the cluster's routes")?
-        }
-    };
-    let route_port = |i: usize| route_ports[i];
+    let ports = ClusterPorts::find(args.nats_port, nodes)?;
     let nats_bin = nats_server_binary(args.nats_server.as_deref())?;
     let logs = args.dir.join("logs");
     let store = args.dir.join("jetstream");
@@ -299,108 +282,9 @@ pub fn run(args: StackArgs) -> Result<()> {
 
     // nats-server first (a node, or a cluster of them): everything else
     // connects to it.
-    let store_abs = std::fs::canonicalize(&store).with_context(|| format!("finding {}", store.display()))?;
-    let routes: Vec<String> = route_ports.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect();
-    for i in 0..nodes {
-        let name = if nodes == 1 { "nats".to_string() } else { format!("nats-{}", i + 1) };
-        let mut conf = format!("listen: \"127.0.0.1:{}\"\nserver_name: {name:?}\n", client_port(i));
-        let node_store = if nodes == 1 { store_abs.clone() } else { store_abs.join(&name) };
-        let _ = std::fmt::Write::write_fmt(&mut conf, format_args!("jetstream {{ store_dir: {:?} }}\n", node_store.display().to_string()));
-        if nodes > 1 {
-            let _ = std::fmt::Write::write_fmt(
-                &mut conf,
-                format_args!(
-                    "cluster {{ name: \"branchpoint\", listen: \"127.0.0.1:{}\", routes: [{}] }}\n",
-                    route_port(i),
-                    routes.iter().map(|r| format!("{r:?}")).collect::<Vec<_>>().join(", ")
-                ),
-            );
-        }
-        if let Some(c) = &stack.creds {
-            conf.push_str(&crate::roles::authorization(|role| format!("{:?}", c.password(role))));
-        }
-        let conf_path = args.dir.join(format!("{name}.conf"));
-        crate::roles::write_private(&conf_path, &format!("# Written by `branchpoint stack up`; it may hold passwords: keep it private.\n{conf}"))?;
-        let nats_log = File::options().create(true).append(true).open(logs.join(format!("{name}.log")))?;
-        let mut nats_cmd = Command::new(&nats_bin);
-        nats_cmd.arg("-c").arg(&conf_path).stdin(Stdio::null()).stdout(nats_log.try_clone()?).stderr(nats_log);
-        die_with_parent(&mut nats_cmd);
-        let child = nats_cmd.spawn().with_context(|| format!("starting {}", nats_bin.display()))?;
-        stack.services.push(Service { name, args: Vec::new(), child, keep_up: false });
-    }
-    for i in 0..nodes {
-        let until = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", client_port(i))).is_err() {
-            if Instant::now() > until {
-                stack.stop_all();
-                bail!("nats-server did not listen on port {} within 10 s; see {}", client_port(i), logs.display());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-    // Every node's URL: clients fail over between them.
-    let url = (0..nodes).map(|i| format!("nats://127.0.0.1:{}", client_port(i))).collect::<Vec<_>>().join(",");
-    let model = args.model.display().to_string();
-    let with_nats = |sub: &str, rest: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = vec![sub.into(), "--nats".into(), url.clone(), "--model".into(), model.clone()];
-        v.extend(rest.iter().map(|s| s.to_string()));
-        v
-    };
-    let started = (|| -> Result<Vec<String>> {
-        // The buckets, made by the operator: the services may read and
-        // write their keys but not create or change buckets.
-        create_buckets(&url, stack.creds.as_ref(), &args.nats, nodes)?;
-        stack.start("calibrator", with_nats("calibrator", &["--method", &args.method]), true)?;
-        stack.start("planner", with_nats("planner", &[]), true)?;
-        let mut api = with_nats("serve", &["--listen", &args.http.listen]);
-        if let Some(t) = &args.http.token {
-            api.extend(["--token".into(), t.clone()]);
-        }
-        stack.start("api", api, true)?;
-        let worker_base = with_nats("worker", &["--cloud-slowdown", &args.cloud_slowdown.to_string()]);
-        for _ in 0..args.workers {
-            stack.start_worker(&worker_base)?;
-        }
-        // The fleet starts once the calibrator and planner serve: its devices
-        // then start calibrated, and do not queue inputs behind the two
-        // services' start-up work (each runs the validation split once).
-        for (name, says) in [("calibrator", "calibrator serving"), ("planner", "planner serving")] {
-            stack.wait_for_log(name, says, Duration::from_secs(180))?;
-        }
-        if args.devices > 0 {
-            let summary = args.dir.join("fleet-summary.json").display().to_string();
-            let mut uplink = Vec::new();
-            if let Some(trace) = &args.uplink_trace {
-                let trace = std::fs::canonicalize(trace).with_context(|| format!("--uplink-trace {}", trace.display()))?;
-                uplink = vec!["--uplink-trace".to_string(), trace.display().to_string(), "--rtt-ms".into(), args.rtt_ms.to_string()];
-            }
-            let mut fleet = with_nats(
-                "fleet",
-                &[
-                    "--fleet-id",
-                    "stack-fleet",
-                    "--devices",
-                    &args.devices.to_string(),
-                    "--rate",
-                    &args.rate.to_string(),
-                    "--duration",
-                    &args.duration.to_string(),
-                    "--p-tar",
-                    &args.p_tar.to_string(),
-                    "--partition-branch",
-                    &args.partition_branch.to_string(),
-                    "--deadline-ms",
-                    &args.deadline_ms.to_string(),
-                    "--json",
-                    &summary,
-                ],
-            );
-            fleet.extend(uplink);
-            stack.start("fleet", fleet, false)?;
-        }
-        Ok(worker_base)
-    })();
-    let worker_base = match started {
+    start_nats(&mut stack, &nats_bin, &ports, &args.dir, &store)?;
+    let url = ports.url();
+    let worker_base = match start_services(&mut stack, &args, &url, nodes) {
         Ok(b) => b,
         Err(e) => {
             stack.stop_all();
@@ -418,6 +302,163 @@ pub fn run(args: StackArgs) -> Result<()> {
     let _ = std::fs::remove_file(args.dir.join("stack.json"));
     tracing::info!("stack: stopped in {} ms", stopping.elapsed().as_millis());
     result
+}
+
+/// The ports of the stack's NATS nodes. Node i listens for clients on
+/// nats_port + i, and in a cluster for its peers on a port the system hands
+/// out now: a fixed offset from nats_port can land on a port something
+/// else already holds.
+struct ClusterPorts {
+    nats_port: u16,
+    routes: Vec<u16>,
+    nodes: usize,
+}
+
+impl ClusterPorts {
+    fn find(nats_port: u16, nodes: usize) -> Result<Self> {
+        let ports = Self { nats_port, routes: Vec::new(), nodes };
+        for i in 0..nodes {
+            // Binding, not connecting: a port held by a socket that does not
+            // listen (another program's connection) is taken too.
+            let port = ports.client(i);
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() || TcpListener::bind(("127.0.0.1", port)).is_err() {
+                bail!("port {port} is taken: another nats-server (or stack) runs there; stop it or give --nats-port");
+            }
+        }
+        let routes = match nodes {
+            1 => Vec::new(),
+            _ => (0..nodes)
+                .map(|_| Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()))
+                .collect::<std::io::Result<_>>()
+                .context("finding free ports for the cluster's routes")?,
+        };
+        Ok(Self { routes, ..ports })
+    }
+
+    fn client(&self, i: usize) -> u16 {
+        self.nats_port + i as u16
+    }
+
+    /// Every node's URL: clients fail over between them.
+    fn url(&self) -> String {
+        (0..self.nodes).map(|i| format!("nats://127.0.0.1:{}", self.client(i))).collect::<Vec<_>>().join(",")
+    }
+}
+
+/// Starts the stack's nats-server nodes (JetStream in `store`, a cluster
+/// when more than one, the roles' users when the stack has credentials) and
+/// waits until each listens.
+fn start_nats(stack: &mut Stack, nats_bin: &Path, ports: &ClusterPorts, dir: &Path, store: &Path) -> Result<()> {
+    let nodes = ports.nodes;
+    let store_abs = std::fs::canonicalize(store).with_context(|| format!("finding {}", store.display()))?;
+    let routes: Vec<String> = ports.routes.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect();
+    for i in 0..nodes {
+        let name = if nodes == 1 { "nats".to_string() } else { format!("nats-{}", i + 1) };
+        let mut conf = format!("listen: \"127.0.0.1:{}\"\nserver_name: {name:?}\n", ports.client(i));
+        let node_store = if nodes == 1 { store_abs.clone() } else { store_abs.join(&name) };
+        let _ = std::fmt::Write::write_fmt(&mut conf, format_args!("jetstream {{ store_dir: {:?} }}\n", node_store.display().to_string()));
+        if nodes > 1 {
+            let _ = std::fmt::Write::write_fmt(
+                &mut conf,
+                format_args!(
+                    "cluster {{ name: \"branchpoint\", listen: \"127.0.0.1:{}\", routes: [{}] }}\n",
+                    ports.routes[i],
+                    routes.iter().map(|r| format!("{r:?}")).collect::<Vec<_>>().join(", ")
+                ),
+            );
+        }
+        if let Some(c) = &stack.creds {
+            conf.push_str(&crate::roles::authorization(|role| format!("{:?}", c.password(role))));
+        }
+        let conf_path = dir.join(format!("{name}.conf"));
+        crate::roles::write_private(&conf_path, &format!("# Written by `branchpoint stack up`; it may hold passwords: keep it private.\n{conf}"))?;
+        let nats_log = File::options().create(true).append(true).open(stack.logs.join(format!("{name}.log")))?;
+        let mut nats_cmd = Command::new(nats_bin);
+        nats_cmd.arg("-c").arg(&conf_path).stdin(Stdio::null()).stdout(nats_log.try_clone()?).stderr(nats_log);
+        die_with_parent(&mut nats_cmd);
+        let child = nats_cmd.spawn().with_context(|| format!("starting {}", nats_bin.display()))?;
+        stack.services.push(Service { name, args: Vec::new(), child, keep_up: false });
+    }
+    for i in 0..nodes {
+        let until = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", ports.client(i))).is_err() {
+            if Instant::now() > until {
+                stack.stop_all();
+                bail!("nats-server did not listen on port {} within 10 s; see {}", ports.client(i), stack.logs.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(())
+}
+
+/// Starts the services on NATS at `url`: the buckets first, then the
+/// calibrator, planner, API and workers, and the fleet once the calibrator
+/// and planner serve. Gives the workers' command line, for the ones the
+/// supervisor starts later.
+fn start_services(stack: &mut Stack, args: &StackArgs, url: &str, nodes: usize) -> Result<Vec<String>> {
+    let model = args.model.display().to_string();
+    let with_nats = |sub: &str, rest: &[String]| -> Vec<String> {
+        let mut v: Vec<String> = vec![sub.into(), "--nats".into(), url.to_string(), "--model".into(), model.clone()];
+        v.extend(rest.iter().cloned());
+        v
+    };
+    let own = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    // The buckets, made by the operator: the services may read and write
+    // their keys but not create or change buckets.
+    create_buckets(url, stack.creds.as_ref(), &args.nats, nodes)?;
+    stack.start("calibrator", with_nats("calibrator", &own(&["--method", &args.method])), true)?;
+    stack.start("planner", with_nats("planner", &[]), true)?;
+    let mut api = with_nats("serve", &own(&["--listen", &args.http.listen]));
+    if let Some(t) = &args.http.token {
+        api.extend(["--token".into(), t.clone()]);
+    }
+    stack.start("api", api, true)?;
+    let worker_base = with_nats("worker", &own(&["--cloud-slowdown", &args.cloud_slowdown.to_string()]));
+    for _ in 0..args.workers {
+        stack.start_worker(&worker_base)?;
+    }
+    // The fleet starts once the calibrator and planner serve: its devices
+    // then start calibrated, and do not queue inputs behind the two
+    // services' start-up work (each runs the validation split once).
+    for (name, says) in [("calibrator", "calibrator serving"), ("planner", "planner serving")] {
+        stack.wait_for_log(name, says, Duration::from_secs(180))?;
+    }
+    if args.devices > 0 {
+        stack.start("fleet", with_nats("fleet", &fleet_args(args)?), false)?;
+    }
+    Ok(worker_base)
+}
+
+/// The stack's fleet's flags, after `--nats` and `--model`.
+fn fleet_args(args: &StackArgs) -> Result<Vec<String>> {
+    let summary = args.dir.join("fleet-summary.json").display().to_string();
+    let mut v: Vec<String> = [
+        "--fleet-id",
+        "stack-fleet",
+        "--devices",
+        &args.devices.to_string(),
+        "--rate",
+        &args.rate.to_string(),
+        "--duration",
+        &args.duration.to_string(),
+        "--p-tar",
+        &args.p_tar.to_string(),
+        "--partition-branch",
+        &args.partition_branch.to_string(),
+        "--deadline-ms",
+        &args.deadline_ms.to_string(),
+        "--json",
+        &summary,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if let Some(trace) = &args.uplink_trace {
+        let trace = std::fs::canonicalize(trace).with_context(|| format!("--uplink-trace {}", trace.display()))?;
+        v.extend(["--uplink-trace".to_string(), trace.display().to_string(), "--rtt-ms".into(), args.rtt_ms.to_string()]);
+    }
+    Ok(v)
 }
 
 /// The supervisor's loop: every tick, restart what must stay up, replace lost

@@ -360,88 +360,7 @@ pub fn build(scenario: &Scenario, cfg: &SimConfig, prepared: &Prepared, weights:
             capacity_mbit_s: (0..cfg.bins() as u64).map(|i| sim.link.mean_capacity_mbit_s(i * cfg.bin_us, ((i + 1) * cfg.bin_us).min(cfg.duration_us))).collect(),
         })
         .collect();
-    let policies = runs
-        .into_iter()
-        .map(|mut run| {
-            let all_bins: Vec<&Bin> = run.bins.iter().flatten().collect();
-            let mut all_lat: Vec<u32> = run.latencies_us.concat();
-            let overall = totals(&all_bins, &mut all_lat);
-            let per_group = scenario
-                .groups
-                .iter()
-                .enumerate()
-                .map(|(g, gs)| GroupTotals { group: gs.name.clone(), totals: totals(&run.bins[g].iter().collect::<Vec<_>>(), &mut run.latencies_us[g]) })
-                .collect();
-            let mut merged = vec![Bin::default(); cfg.bins()];
-            for g in &run.bins {
-                for (m, b) in merged.iter_mut().zip(g) {
-                    m.add(b);
-                }
-            }
-            let adaptive = matches!(run.policy, super::Policy::Adaptive | super::Policy::AdaptiveF32 | super::Policy::AdaptiveCloudBlind);
-            // Live runs cannot autoscale: their bins hold no pool.
-            let autoscaled = scenario.workers.autoscale.is_some() && time == super::TimeMode::Virtual;
-            let bin_width_s = |i: usize| ((((i as u64 + 1) * cfg.bin_us).min(cfg.duration_us) - i as u64 * cfg.bin_us) as f64 / 1e6).max(1e-9);
-            let per_report =
-                |f: fn(&Bin) -> f64| -> Option<Vec<Option<f64>>> { adaptive.then(|| merged.iter().map(|b| (b.reports > 0).then(|| f(b) / b.reports as f64)).collect()) };
-            let series = Series {
-                t_s: t_s.clone(),
-                inputs: merged.iter().map(|b| b.counts.inputs).collect(),
-                accuracy: merged.iter().map(|b| ratio(b.counts.correct, b.counts.inputs)).collect(),
-                deadline_miss_rate: merged.iter().map(|b| ratio(b.counts.misses, b.counts.inputs)).collect(),
-                offload_rate: merged.iter().map(|b| ratio(b.counts.offloaded, b.counts.inputs)).collect(),
-                fallback_rate: merged.iter().map(|b| ratio(b.counts.fallbacks, b.counts.inputs)).collect(),
-                edge_accuracy: merged.iter().map(|b| ratio(b.counts.edge_correct, b.counts.on_device)).collect(),
-                p_tar: merged.iter().map(|b| (b.counts.inputs > 0).then(|| b.p_tar_sum / b.counts.inputs as f64)).collect(),
-                branch: merged.iter().map(|b| (b.counts.inputs > 0).then(|| b.branch_sum as f64 / b.counts.inputs as f64)).collect(),
-                estimated_uplink_mbit_s: per_report(|b| b.est_mbit_s_sum),
-                predicted_accuracy: per_report(|b| b.predicted_accuracy_sum),
-                predicted_miss_rate: per_report(|b| b.predicted_miss_sum),
-                workers: autoscaled.then(|| merged.iter().enumerate().map(|(i, b)| b.worker_us as f64 / 1e6 / bin_width_s(i)).collect()),
-                latency_ms_p95: autoscaled.then(|| {
-                    merged
-                        .iter_mut()
-                        .map(|b| {
-                            b.latencies_us.sort_unstable();
-                            (!b.latencies_us.is_empty()).then(|| percentile_ms(&b.latencies_us, 0.95))
-                        })
-                        .collect()
-                }),
-            };
-            let window_s = cfg.window_us as f64 / 1e6;
-            let oracle_choices = run.choices.map(|choices| {
-                choices
-                    .into_iter()
-                    .zip(&scenario.groups)
-                    .map(|(plans, g)| OracleChoices { group: g.name.clone(), window_start_s: (0..plans.len()).map(|w| w as f64 * window_s).collect(), plans })
-                    .collect()
-            });
-            let edge_by_branch = run
-                .edge
-                .iter()
-                .flatten()
-                .enumerate()
-                .map(|(k, e)| EdgeCheck {
-                    branch: k + 1,
-                    exits: e.exits,
-                    measured_edge_accuracy: (e.exits > 0).then(|| e.correct as f64 / e.exits as f64),
-                    predicted_edge_accuracy: (e.exits > 0 && e.predicted_sum.is_finite()).then(|| e.predicted_sum / e.exits as f64),
-                })
-                .collect();
-            let watch = run.watch.iter().zip(&scenario.groups).map(|(w, g)| watch_report(scenario, g, w)).collect();
-            PolicyReport {
-                watch,
-                policy: run.policy.name().into(),
-                totals: overall,
-                mean_batch: run.mean_batch.is_finite().then_some(run.mean_batch),
-                worker_seconds: autoscaled.then(|| merged.iter().map(|b| b.worker_us).sum::<u64>() as f64 / 1e6),
-                groups: per_group,
-                series,
-                oracle_choices,
-                edge_by_branch,
-            }
-        })
-        .collect();
+    let policies = runs.into_iter().map(|run| policy_report(scenario, cfg, &t_s, run, time)).collect();
     let p = &scenario.planner;
     ScenarioReport {
         scenario: scenario.name.clone(),
@@ -479,6 +398,88 @@ pub fn build(scenario: &Scenario, cfg: &SimConfig, prepared: &Prepared, weights:
         groups,
         policies,
         links,
+    }
+}
+
+/// One policy's report: its totals, per group and over all, its series in
+/// bins of `t_s`, and what it chose and watched.
+fn policy_report(scenario: &Scenario, cfg: &SimConfig, t_s: &[f64], mut run: PolicyRun, time: super::TimeMode) -> PolicyReport {
+    let all_bins: Vec<&Bin> = run.bins.iter().flatten().collect();
+    let mut all_lat: Vec<u32> = run.latencies_us.concat();
+    let overall = totals(&all_bins, &mut all_lat);
+    let per_group = scenario
+        .groups
+        .iter()
+        .enumerate()
+        .map(|(g, gs)| GroupTotals { group: gs.name.clone(), totals: totals(&run.bins[g].iter().collect::<Vec<_>>(), &mut run.latencies_us[g]) })
+        .collect();
+    let mut merged = vec![Bin::default(); cfg.bins()];
+    for g in &run.bins {
+        for (m, b) in merged.iter_mut().zip(g) {
+            m.add(b);
+        }
+    }
+    let adaptive = matches!(run.policy, super::Policy::Adaptive | super::Policy::AdaptiveF32 | super::Policy::AdaptiveCloudBlind);
+    // Live runs cannot autoscale: their bins hold no pool.
+    let autoscaled = scenario.workers.autoscale.is_some() && time == super::TimeMode::Virtual;
+    let bin_width_s = |i: usize| ((((i as u64 + 1) * cfg.bin_us).min(cfg.duration_us) - i as u64 * cfg.bin_us) as f64 / 1e6).max(1e-9);
+    let per_report =
+        |f: fn(&Bin) -> f64| -> Option<Vec<Option<f64>>> { adaptive.then(|| merged.iter().map(|b| (b.reports > 0).then(|| f(b) / b.reports as f64)).collect()) };
+    let series = Series {
+        t_s: t_s.to_vec(),
+        inputs: merged.iter().map(|b| b.counts.inputs).collect(),
+        accuracy: merged.iter().map(|b| ratio(b.counts.correct, b.counts.inputs)).collect(),
+        deadline_miss_rate: merged.iter().map(|b| ratio(b.counts.misses, b.counts.inputs)).collect(),
+        offload_rate: merged.iter().map(|b| ratio(b.counts.offloaded, b.counts.inputs)).collect(),
+        fallback_rate: merged.iter().map(|b| ratio(b.counts.fallbacks, b.counts.inputs)).collect(),
+        edge_accuracy: merged.iter().map(|b| ratio(b.counts.edge_correct, b.counts.on_device)).collect(),
+        p_tar: merged.iter().map(|b| (b.counts.inputs > 0).then(|| b.p_tar_sum / b.counts.inputs as f64)).collect(),
+        branch: merged.iter().map(|b| (b.counts.inputs > 0).then(|| b.branch_sum as f64 / b.counts.inputs as f64)).collect(),
+        estimated_uplink_mbit_s: per_report(|b| b.est_mbit_s_sum),
+        predicted_accuracy: per_report(|b| b.predicted_accuracy_sum),
+        predicted_miss_rate: per_report(|b| b.predicted_miss_sum),
+        workers: autoscaled.then(|| merged.iter().enumerate().map(|(i, b)| b.worker_us as f64 / 1e6 / bin_width_s(i)).collect()),
+        latency_ms_p95: autoscaled.then(|| {
+            merged
+                .iter_mut()
+                .map(|b| {
+                    b.latencies_us.sort_unstable();
+                    (!b.latencies_us.is_empty()).then(|| percentile_ms(&b.latencies_us, 0.95))
+                })
+                .collect()
+        }),
+    };
+    let window_s = cfg.window_us as f64 / 1e6;
+    let oracle_choices = run.choices.map(|choices| {
+        choices
+            .into_iter()
+            .zip(&scenario.groups)
+            .map(|(plans, g)| OracleChoices { group: g.name.clone(), window_start_s: (0..plans.len()).map(|w| w as f64 * window_s).collect(), plans })
+            .collect()
+    });
+    let edge_by_branch = run
+        .edge
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(k, e)| EdgeCheck {
+            branch: k + 1,
+            exits: e.exits,
+            measured_edge_accuracy: (e.exits > 0).then(|| e.correct as f64 / e.exits as f64),
+            predicted_edge_accuracy: (e.exits > 0 && e.predicted_sum.is_finite()).then(|| e.predicted_sum / e.exits as f64),
+        })
+        .collect();
+    let watch = run.watch.iter().zip(&scenario.groups).map(|(w, g)| watch_report(scenario, g, w)).collect();
+    PolicyReport {
+        watch,
+        policy: run.policy.name().into(),
+        totals: overall,
+        mean_batch: run.mean_batch.is_finite().then_some(run.mean_batch),
+        worker_seconds: autoscaled.then(|| merged.iter().map(|b| b.worker_us).sum::<u64>() as f64 / 1e6),
+        groups: per_group,
+        series,
+        oracle_choices,
+        edge_by_branch,
     }
 }
 
@@ -539,12 +540,26 @@ fn points(t: &[f64], v: &[Option<f64>], scale: f64) -> Vec<(f64, f64)> {
 /// Writes the plots; returns their paths.
 pub fn plot(report: &ScenarioReport, dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     plots::prepare_dir(dir)?;
-    let mut written = Vec::new();
+    let mut written = vec![plot_network(report, dir)?, plot_accuracy(report, dir)?, plot_summary(report, dir)?];
+    let shifted = report.groups.iter().any(|g| g.shift.is_some());
+    if shifted || report.policies.iter().any(|p| p.policy == "watched") {
+        written.push(plot_watched(report, dir)?);
+    }
+    // Autoscaling: the offered load, the pool's size and the latency it
+    // gave, every policy.
+    if let Some(a) = &report.settings.autoscale {
+        let path = dir.join("workers.png");
+        plot_workers(report, a, &path)?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// The network and the plans: capacity (and what adaptive devices
+/// estimated), p_tar and branch over time.
+fn plot_network(report: &ScenarioReport, dir: &Path) -> Result<std::path::PathBuf> {
     let x_range = (0.0, report.duration_s);
     let policy = |name: &str| report.policies.iter().find(|p| p.policy == name);
-
-    // 1. The network and the plans: capacity (and what adaptive devices
-    // estimated), p_tar and branch over time.
     let mut cap_curves: Vec<Curve> = report
         .links
         .iter()
@@ -581,9 +596,12 @@ pub fn plot(report: &ScenarioReport, dir: &Path) -> Result<Vec<std::path::PathBu
             Panel { y_label: "branch (mean)", y_range: (0.5, branches + 0.5), curves: branch_curves },
         ],
     )?;
-    written.push(path);
+    Ok(path)
+}
 
-    // 2. Accuracy and deadline misses over time, every policy.
+/// Accuracy and deadline misses over time, every policy.
+fn plot_accuracy(report: &ScenarioReport, dir: &Path) -> Result<std::path::PathBuf> {
+    let x_range = (0.0, report.duration_s);
     let acc: Vec<Curve> = report
         .policies
         .iter()
@@ -606,9 +624,11 @@ pub fn plot(report: &ScenarioReport, dir: &Path) -> Result<Vec<std::path::PathBu
             Panel { y_label: "deadline misses (%)", y_range: (0.0, miss_max.min(100.0)), curves: miss },
         ],
     )?;
-    written.push(path);
+    Ok(path)
+}
 
-    // 3. Summary per policy.
+/// Summary per policy.
+fn plot_summary(report: &ScenarioReport, dir: &Path) -> Result<std::path::PathBuf> {
     let path = dir.join("summary.png");
     let names: Vec<String> = report.policies.iter().map(|p| p.policy.clone()).collect();
     plots::grouped_bars(
@@ -622,51 +642,43 @@ pub fn plot(report: &ScenarioReport, dir: &Path) -> Result<Vec<std::path::PathBu
             ("offloaded (%)", report.policies.iter().map(|p| 100.0 * p.totals.offload_rate).collect()),
         ],
     )?;
-    written.push(path);
+    Ok(path)
+}
 
-    // 4. Calibration watched: on-device accuracy against the target for the
-    // policies with a fixed branch, and the watched run's live estimate
-    // beside the truth.
-    let shifted = report.groups.iter().any(|g| g.shift.is_some());
-    if shifted || policy("watched").is_some() {
-        let target = report.groups.first().map_or(0.9, |g| g.p_tar);
-        let mut edge: Vec<Curve> = ["static", "uncalibrated", "watched"]
-            .iter()
-            .filter_map(|&n| policy(n).map(|p| Curve { label: n.into(), color: policy_color(n), points: points(&p.series.t_s, &p.series.edge_accuracy, 100.0), dashed: false }))
-            .collect();
-        edge.push(Curve {
-            label: format!("target {:.0} %", 100.0 * target),
-            color: RGBColor(0, 0, 0),
-            points: vec![(0.0, 100.0 * target), (report.duration_s, 100.0 * target)],
-            dashed: true,
-        });
-        let low = edge.iter().flat_map(|c| c.points.iter().map(|p| p.1)).fold(100.0, f64::min);
-        let mut panels = vec![Panel { y_label: "on-device accuracy (%)", y_range: ((low - 2.0).max(0.0).floor(), 100.0), curves: edge }];
-        if let Some(w) = policy("watched").and_then(|p| p.watch.first()) {
-            let pct = |v: &[Option<f64>]| points(&w.t_s, v, 100.0);
-            let curves = vec![
-                Curve { label: "estimated agreement (audits)".into(), color: policy_color("watched"), points: pct(&w.estimated_edge_agreement), dashed: false },
-                Curve { label: "95 % interval".into(), color: RGBColor(158, 218, 229), points: pct(&w.estimate_low), dashed: true },
-                Curve { label: String::new(), color: RGBColor(158, 218, 229), points: pct(&w.estimate_high), dashed: true },
-                Curve { label: "true agreement".into(), color: RGBColor(0, 0, 0), points: pct(&w.true_edge_agreement), dashed: false },
-                Curve { label: "true accuracy (labels)".into(), color: RGBColor(127, 127, 127), points: pct(&w.true_edge_accuracy), dashed: false },
-            ];
-            let low = curves.iter().flat_map(|c| c.points.iter().map(|p| p.1)).fold(100.0, f64::min);
-            panels.push(Panel { y_label: "watched: on-device (%)", y_range: ((low - 2.0).max(0.0).floor(), 100.0), curves });
-        }
-        let path = dir.join("calibration-watched.png");
-        plots::time_panels(&path, &format!("{}: on-device accuracy and its live estimate per {} s", report.scenario, report.settings.bin_s), x_range, &panels)?;
-        written.push(path);
+/// Calibration watched: on-device accuracy against the target for the
+/// policies with a fixed branch, and the watched run's live estimate beside
+/// the truth.
+fn plot_watched(report: &ScenarioReport, dir: &Path) -> Result<std::path::PathBuf> {
+    let x_range = (0.0, report.duration_s);
+    let policy = |name: &str| report.policies.iter().find(|p| p.policy == name);
+    let target = report.groups.first().map_or(0.9, |g| g.p_tar);
+    let mut edge: Vec<Curve> = ["static", "uncalibrated", "watched"]
+        .iter()
+        .filter_map(|&n| policy(n).map(|p| Curve { label: n.into(), color: policy_color(n), points: points(&p.series.t_s, &p.series.edge_accuracy, 100.0), dashed: false }))
+        .collect();
+    edge.push(Curve {
+        label: format!("target {:.0} %", 100.0 * target),
+        color: RGBColor(0, 0, 0),
+        points: vec![(0.0, 100.0 * target), (report.duration_s, 100.0 * target)],
+        dashed: true,
+    });
+    let low = edge.iter().flat_map(|c| c.points.iter().map(|p| p.1)).fold(100.0, f64::min);
+    let mut panels = vec![Panel { y_label: "on-device accuracy (%)", y_range: ((low - 2.0).max(0.0).floor(), 100.0), curves: edge }];
+    if let Some(w) = policy("watched").and_then(|p| p.watch.first()) {
+        let pct = |v: &[Option<f64>]| points(&w.t_s, v, 100.0);
+        let curves = vec![
+            Curve { label: "estimated agreement (audits)".into(), color: policy_color("watched"), points: pct(&w.estimated_edge_agreement), dashed: false },
+            Curve { label: "95 % interval".into(), color: RGBColor(158, 218, 229), points: pct(&w.estimate_low), dashed: true },
+            Curve { label: String::new(), color: RGBColor(158, 218, 229), points: pct(&w.estimate_high), dashed: true },
+            Curve { label: "true agreement".into(), color: RGBColor(0, 0, 0), points: pct(&w.true_edge_agreement), dashed: false },
+            Curve { label: "true accuracy (labels)".into(), color: RGBColor(127, 127, 127), points: pct(&w.true_edge_accuracy), dashed: false },
+        ];
+        let low = curves.iter().flat_map(|c| c.points.iter().map(|p| p.1)).fold(100.0, f64::min);
+        panels.push(Panel { y_label: "watched: on-device (%)", y_range: ((low - 2.0).max(0.0).floor(), 100.0), curves });
     }
-
-    // 5. Autoscaling: the offered load, the pool's size and the latency
-    // it gave, every policy.
-    if let Some(a) = &report.settings.autoscale {
-        let path = dir.join("workers.png");
-        plot_workers(report, a, &path)?;
-        written.push(path);
-    }
-    Ok(written)
+    let path = dir.join("calibration-watched.png");
+    plots::time_panels(&path, &format!("{}: on-device accuracy and its live estimate per {} s", report.scenario, report.settings.bin_s), x_range, &panels)?;
+    Ok(path)
 }
 
 fn plot_workers(report: &ScenarioReport, a: &AutoscaleSection, path: &Path) -> Result<()> {
