@@ -241,51 +241,10 @@ impl LiveWatch {
             return refuse(self, format!("{classes} logits, one per class of this model"));
         }
         self.clock += 1;
-        let same = |w: &Watched| w.group == r.group && w.branch == r.partition_branch;
-        let found = self.monitors.iter().position(|w| same(w) && w.monitor.threshold() == r.p_tar && w.monitor.target_accuracy() == r.target_accuracy);
-        let i = match found {
-            Some(i) => i,
-            None => {
-                if let Some(w) = self.monitors.iter_mut().find(|w| same(w) && w.superseded.contains(&r.p_tar)) {
-                    w.stale += 1;
-                    return Ok(WatchOutcome::Stale);
-                }
-                let s = self.settings;
-                let cfg = branchpoint_core::monitor::MonitorConfig {
-                    audit_rate: r.audit_rate,
-                    target: Target { accuracy: r.target_accuracy, delta: s.delta },
-                    window_us: s.window_us,
-                    max_observations: s.max_observations,
-                    drift_margin: s.drift_margin.min(r.target_accuracy / 2.0),
-                    alarm_alpha: s.alarm_alpha,
-                    auto_refit: s.auto_refit,
-                    min_refit_interval_us: s.min_refit_interval_us,
-                    min_refit_sample: s.min_refit_sample,
-                };
-                let temperature = self.temperatures_of(&r.group, temperatures)[b - 1];
-                let monitor = match branchpoint_core::monitor::Monitor::new(cfg, temperature, r.p_tar) {
-                    Ok(m) => m,
-                    Err(e) => return refuse(self, format!("a watchable plan ({e})")),
-                };
-                // A plan from elsewhere (the planner, an operator) replaces
-                // the one this (group, branch) was watched under.
-                self.monitors.retain(|w| !same(w));
-                if self.monitors.len() >= MAX_WATCHED {
-                    let oldest = (0..self.monitors.len()).min_by_key(|&j| self.monitors[j].last_heard).expect("not empty");
-                    self.monitors.swap_remove(oldest);
-                }
-                self.monitors.push(Watched {
-                    group: r.group.clone(),
-                    branch: r.partition_branch,
-                    monitor,
-                    superseded: Vec::new(),
-                    last_heard: 0,
-                    latest_us: 0,
-                    stale: 0,
-                    last_refit: None,
-                });
-                self.monitors.len() - 1
-            }
+        let i = match self.monitor_for(r, temperatures) {
+            Ok(Some(i)) => i,
+            Ok(None) => return Ok(WatchOutcome::Stale),
+            Err(why) => return refuse(self, why),
         };
         let w = &mut self.monitors[i];
         w.last_heard = self.clock;
@@ -313,35 +272,96 @@ impl LiveWatch {
                 self.alarms_total += 1;
                 Ok(WatchOutcome::Alarm { group: r.group.clone(), partition_branch: r.partition_branch })
             }
-            Some(Event::Refit(refit)) => {
-                self.alarms_total += 1;
-                self.refits_total += 1;
-                if refit.threshold != before {
-                    w.superseded.push(before);
-                    if w.superseded.len() > 8 {
-                        w.superseded.remove(0);
-                    }
+            Some(Event::Refit(refit)) => Ok(self.refitted(i, refit, before, temperatures, now_unix_us)),
+        }
+    }
+
+    /// The monitor watching the plan `r` was decided under: found, or made
+    /// (replacing the one its group and branch were watched under, and the
+    /// least recently heard beyond `MAX_WATCHED`). `None` for a result
+    /// decided under a plan a refit replaced; `Err` says why a plan cannot
+    /// be watched.
+    fn monitor_for(&mut self, r: &branchpoint_messages::AuditResult, temperatures: &[f64]) -> Result<Option<usize>, String> {
+        let b = usize::from(r.partition_branch);
+        let same = |w: &Watched| w.group == r.group && w.branch == r.partition_branch;
+        let found = self.monitors.iter().position(|w| same(w) && w.monitor.threshold() == r.p_tar && w.monitor.target_accuracy() == r.target_accuracy);
+        match found {
+            Some(i) => Ok(Some(i)),
+            None => {
+                if let Some(w) = self.monitors.iter_mut().find(|w| same(w) && w.superseded.contains(&r.p_tar)) {
+                    w.stale += 1;
+                    return Ok(None);
                 }
-                let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
-                w.last_refit = Some(branchpoint_messages::RefitSummary {
-                    at_unix_us: now_unix_us,
-                    decided_at_unix_us: refit.t_us,
-                    temperature: wire_temperature(refit.temperature),
-                    threshold: refit.threshold,
-                    fit_inputs: count(refit.fit_inputs),
-                    certify_inputs: count(refit.certify_inputs),
+                let s = self.settings;
+                let cfg = branchpoint_core::monitor::MonitorConfig {
+                    audit_rate: r.audit_rate,
+                    target: Target { accuracy: r.target_accuracy, delta: s.delta },
+                    window_us: s.window_us,
+                    max_observations: s.max_observations,
+                    drift_margin: s.drift_margin.min(r.target_accuracy / 2.0),
+                    alarm_alpha: s.alarm_alpha,
+                    auto_refit: s.auto_refit,
+                    min_refit_interval_us: s.min_refit_interval_us,
+                    min_refit_sample: s.min_refit_sample,
+                };
+                let temperature = self.temperatures_of(&r.group, temperatures)[b - 1];
+                let monitor = match branchpoint_core::monitor::Monitor::new(cfg, temperature, r.p_tar) {
+                    Ok(m) => m,
+                    Err(e) => return Err(format!("a watchable plan ({e})")),
+                };
+                // A plan from elsewhere (the planner, an operator) replaces
+                // the one this (group, branch) was watched under.
+                self.monitors.retain(|w| !same(w));
+                if self.monitors.len() >= MAX_WATCHED {
+                    let oldest = (0..self.monitors.len()).min_by_key(|&j| self.monitors[j].last_heard).expect("not empty");
+                    self.monitors.swap_remove(oldest);
+                }
+                self.monitors.push(Watched {
+                    group: r.group.clone(),
+                    branch: r.partition_branch,
+                    monitor,
+                    superseded: Vec::new(),
+                    last_heard: 0,
+                    latest_us: 0,
+                    stale: 0,
+                    last_refit: None,
                 });
-                let target = CertifiedTarget { accuracy: w.monitor.target_accuracy(), delta: self.settings.delta };
-                let (group, branch) = (w.group.clone(), w.branch);
-                let mut temps = self.temperatures_of(&group, temperatures).to_vec();
-                // A fit on degenerate pseudo-labels can leave the range the
-                // wire accepts; beyond it confidences do not change anyway.
-                temps[b - 1] = wire_temperature(refit.temperature);
-                self.remember_group(group.clone(), temps.clone());
-                let plan = PlanUpdate { target: PlanTarget::Group(group.clone()), partition_branch: branch, p_tar: refit.threshold, certified: Some(target), codec: None };
-                Ok(WatchOutcome::Refit(GroupRefit { group, partition_branch: branch, temperatures: temps, plan, refit }))
+                Ok(Some(self.monitors.len() - 1))
             }
         }
+    }
+
+    /// Counts a refit of monitor `i` (threshold `before` until now), and
+    /// gives the group's new temperatures and certified plan to store.
+    fn refitted(&mut self, i: usize, refit: branchpoint_core::monitor::Refit, before: f64, temperatures: &[f64], now_unix_us: u64) -> WatchOutcome {
+        let b = usize::from(self.monitors[i].branch);
+        let w = &mut self.monitors[i];
+        self.alarms_total += 1;
+        self.refits_total += 1;
+        if refit.threshold != before {
+            w.superseded.push(before);
+            if w.superseded.len() > 8 {
+                w.superseded.remove(0);
+            }
+        }
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        w.last_refit = Some(branchpoint_messages::RefitSummary {
+            at_unix_us: now_unix_us,
+            decided_at_unix_us: refit.t_us,
+            temperature: wire_temperature(refit.temperature),
+            threshold: refit.threshold,
+            fit_inputs: count(refit.fit_inputs),
+            certify_inputs: count(refit.certify_inputs),
+        });
+        let target = CertifiedTarget { accuracy: w.monitor.target_accuracy(), delta: self.settings.delta };
+        let (group, branch) = (w.group.clone(), w.branch);
+        let mut temps = self.temperatures_of(&group, temperatures).to_vec();
+        // A fit on degenerate pseudo-labels can leave the range the
+        // wire accepts; beyond it confidences do not change anyway.
+        temps[b - 1] = wire_temperature(refit.temperature);
+        self.remember_group(group.clone(), temps.clone());
+        let plan = PlanUpdate { target: PlanTarget::Group(group.clone()), partition_branch: branch, p_tar: refit.threshold, certified: Some(target), codec: None };
+        WatchOutcome::Refit(GroupRefit { group, partition_branch: branch, temperatures: temps, plan, refit })
     }
 
     /// Counts a result that could not even be decoded.
@@ -614,6 +634,66 @@ async fn store_refit(store: &crate::control::ControlStore, calibrator: &Calibrat
     }
 }
 
+/// Resumes the groups' drift refits from the store; without a store,
+/// alarms cannot refit (refits reach devices only through it).
+async fn resume_watch(calibrator: &CalibratorHandle, store: Option<&crate::control::ControlStore>, initial: &CalibrationFile) -> Result<(), ActorError> {
+    match store {
+        Some(store) => {
+            let groups = store.calibrations(&initial.weights_sha256).await?;
+            let groups: Vec<(String, Vec<f64>)> = groups.into_iter().filter_map(|s| Some((s.value.group?, s.value.temperatures))).collect();
+            if !groups.is_empty() {
+                tracing::info!("calibrator: resuming the drift refits of {} group(s)", groups.len());
+            }
+            calibrator.resume_groups(groups).await?;
+        }
+        None => {
+            if calibrator.watch_settings().await?.auto_refit {
+                tracing::warn!("calibrator: drift alarms will not refit: refits reach devices through the control store, which needs JetStream");
+                calibrator.alarms_only().await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// After an operator's refit of the whole model: its temperatures replace
+/// every group's, and the stored certified plans are certified again.
+async fn after_model_refit(calibrator: &CalibratorHandle, store: &crate::control::ControlStore) -> Result<(), ActorError> {
+    // The model's new temperatures replace every group's.
+    match store.delete_group_calibrations(&calibrator.current().await?.weights_sha256).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("calibrator: the refit replaces the drift refits of {n} group(s)"),
+        Err(e) => tracing::warn!("calibrator: could not remove the groups' refit temperatures: {e}"),
+    }
+    match recertify_stored_plans(calibrator, store).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("calibrator: {n} certified plan(s) certified again on the new temperatures"),
+        Err(e) => tracing::warn!("calibrator: could not certify the stored plans again: {e}"),
+    }
+    Ok(())
+}
+
+/// One audit result (`None`: undecodable) into the watch; a drift refit is
+/// stored for the group's devices.
+async fn on_audit(calibrator: &CalibratorHandle, store: Option<&crate::control::ControlStore>, result: Option<branchpoint_messages::AuditResult>) -> Result<(), ActorError> {
+    match calibrator.audit(result).await {
+        Ok(WatchOutcome::Refit(refit)) => match store {
+            Some(store) => store_refit(store, calibrator, &refit).await,
+            None => tracing::warn!("calibrator: a refit for group {} was computed but cannot be stored (no control store)", refit.group),
+        },
+        Ok(WatchOutcome::Alarm { group, partition_branch }) => tracing::warn!(
+            group = %group,
+            partition_branch,
+            "calibrator: drift alarm: group {group}, branch {partition_branch}: on-device agreement with the final exit fell below its target{}",
+            if calibrator.watch_settings().await?.auto_refit { "; refitting once enough sampled inputs have arrived" } else { " (automatic refits are off)" }
+        ),
+        Ok(WatchOutcome::Quiet | WatchOutcome::Stale) => {}
+        // Refused and counted; the status says how many.
+        Err(_) => {}
+    }
+    Ok(())
+}
+
 /// Serves the calibration actor on NATS: publishes the current temperatures
 /// on `CALIBRATION_UPDATE` (and stores them in the control store, when there
 /// is one) at start and after every refit, answers `CALIBRATION_GET` with
@@ -656,22 +736,7 @@ pub async fn serve_calibration_nats(
         }
     };
     let initial = calibrator.current().await?;
-    match &store {
-        Some(store) => {
-            let groups = store.calibrations(&initial.weights_sha256).await?;
-            let groups: Vec<(String, Vec<f64>)> = groups.into_iter().filter_map(|s| Some((s.value.group?, s.value.temperatures))).collect();
-            if !groups.is_empty() {
-                tracing::info!("calibrator: resuming the drift refits of {} group(s)", groups.len());
-            }
-            calibrator.resume_groups(groups).await?;
-        }
-        None => {
-            if calibrator.watch_settings().await?.auto_refit {
-                tracing::warn!("calibrator: drift alarms will not refit: refits reach devices through the control store, which needs JetStream");
-                calibrator.alarms_only().await?;
-            }
-        }
-    }
+    resume_watch(&calibrator, store.as_ref(), &initial).await?;
     publish(initial).await?;
     client.flush().await.map_err(|e| nats(e.to_string()))?;
     on_ready();
@@ -692,17 +757,7 @@ pub async fn serve_calibration_nats(
                     Err(e) => Err(e.into()),
                 };
                 if let (Ok(_), Some(store)) = (&result, &store) {
-                    // The model's new temperatures replace every group's.
-                    match store.delete_group_calibrations(&calibrator.current().await?.weights_sha256).await {
-                        Ok(0) => {}
-                        Ok(n) => tracing::info!("calibrator: the refit replaces the drift refits of {n} group(s)"),
-                        Err(e) => tracing::warn!("calibrator: could not remove the groups' refit temperatures: {e}"),
-                    }
-                    match recertify_stored_plans(&calibrator, store).await {
-                        Ok(0) => {}
-                        Ok(n) => tracing::info!("calibrator: {n} certified plan(s) certified again on the new temperatures"),
-                        Err(e) => tracing::warn!("calibrator: could not certify the stored plans again: {e}"),
-                    }
+                    after_model_refit(&calibrator, store).await?;
                 }
                 if let Some(reply) = msg.reply {
                     let bytes = match result {
@@ -713,22 +768,7 @@ pub async fn serve_calibration_nats(
                 }
             }
             Some(msg) = audits.next() => {
-                let result = decode::<branchpoint_messages::AuditResult>(&msg.payload).ok();
-                match calibrator.audit(result).await {
-                    Ok(WatchOutcome::Refit(refit)) => match &store {
-                        Some(store) => store_refit(store, &calibrator, &refit).await,
-                        None => tracing::warn!("calibrator: a refit for group {} was computed but cannot be stored (no control store)", refit.group),
-                    },
-                    Ok(WatchOutcome::Alarm { group, partition_branch }) => tracing::warn!(
-                        group = %group,
-                        partition_branch,
-                        "calibrator: drift alarm: group {group}, branch {partition_branch}: on-device agreement with the final exit fell below its target{}",
-                        if calibrator.watch_settings().await?.auto_refit { "; refitting once enough sampled inputs have arrived" } else { " (automatic refits are off)" }
-                    ),
-                    Ok(WatchOutcome::Quiet | WatchOutcome::Stale) => {}
-                    // Refused and counted; the status says how many.
-                    Err(_) => {}
-                }
+                on_audit(&calibrator, store.as_ref(), decode::<branchpoint_messages::AuditResult>(&msg.payload).ok()).await?;
             }
             _ = status_tick.tick() => {
                 let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);

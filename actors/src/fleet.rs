@@ -260,7 +260,6 @@ pub async fn run_fleet(
         return Err(ActorError::Invalid { what: "test inputs".into(), reason: "none".into() });
     }
     let claimed = Rc::new(Cell::new(0usize));
-    let budget = cfg.max_inputs.unwrap_or(usize::MAX);
     let interrupt = cfg.device.interrupt.clone();
     // Emulated uplinks: each device its own loss stream and report offset
     // (reports spread over the interval), reporting through the NATS edge.
@@ -268,20 +267,7 @@ pub async fn run_fleet(
         (Some(_), Some(client)) => Some(crate::planner::nats::NatsReports::new(client.clone()).start()),
         _ => None,
     };
-    let epoch = Instant::now();
-    let configs: Vec<DeviceConfig> = (0..cfg.devices)
-        .map(|d| DeviceConfig {
-            id: format!("{}-{d}", cfg.device.id),
-            emulation: cfg.device.emulation.as_ref().map(|e| EmulationSpec {
-                epoch,
-                seed: e.seed ^ (d as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                reports: reports.as_ref().map(|r| r.clone().recipient()),
-                report_offset: e.report_interval * (d as u32 + 1) / (cfg.devices as u32 + 1),
-                ..e.clone()
-            }),
-            ..cfg.device.clone()
-        })
-        .collect();
+    let configs = device_configs(&cfg, reports.as_ref(), Instant::now());
     let ids: Vec<String> = configs.iter().map(|c| c.id.clone()).collect();
     let devices: Vec<(String, Addr<Device>)> = ids.into_iter().zip(threads.spawn(configs, link, collector.clone()).await?).collect();
     let listener = match &updates {
@@ -297,49 +283,12 @@ pub async fn run_fleet(
     };
     let started_unix_us = unix_us();
     let status = match (&updates, cfg.status_interval) {
-        (Some(client), Some(every)) => {
-            let (client, cfg, devices, collector) = (client.clone(), cfg.clone(), devices.clone(), collector.clone());
-            Some(actix::spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                loop {
-                    tick.tick().await;
-                    publish_status(&client, &cfg.fleet_id, &cfg.group, &devices, &collector, started_unix_us, true).await;
-                }
-            }))
-        }
+        (Some(client), Some(every)) => Some(actix::spawn(publish_statuses(client.clone(), cfg.clone(), devices.clone(), collector.clone(), started_unix_us, every))),
         _ => None,
     };
     on_started();
     let started = Instant::now();
-    let mut arrivals = Vec::with_capacity(cfg.devices);
-    for (d, (_, device)) in devices.iter().enumerate() {
-        let device = device.clone();
-        let inputs = inputs.clone();
-        let claimed = claimed.clone();
-        let mut rng = SplitMix64::new(cfg.seed.wrapping_mul(0x100_0000_01B3).wrapping_add(d as u64));
-        let (rate, duration) = (cfg.rate_per_device, cfg.duration);
-        arrivals.push(actix::spawn(async move {
-            let mut at = Duration::ZERO;
-            loop {
-                at += Duration::from_secs_f64(rng.exponential(rate));
-                if at >= duration {
-                    break;
-                }
-                tokio::time::sleep_until(tokio::time::Instant::from_std(started + at)).await;
-                let i = claimed.get();
-                if i >= budget {
-                    break;
-                }
-                claimed.set(i + 1);
-                let k = i % inputs.len();
-                // Unbounded on purpose: the arrival process is the load being
-                // simulated, and every input handed over must get its outcome
-                // (the drain below waits for the backlog).
-                let arrived = Instant::now();
-                device.do_send(Infer { arrival: i as u64, arrived, input_index: k, input: inputs.images[k].clone(), label: inputs.labels[k] });
-            }
-        }));
-    }
+    let arrivals = arrive(&cfg, &devices, &inputs, &claimed, started);
     let aborts: Vec<_> = arrivals.iter().map(|a| a.abort_handle()).collect();
     tokio::pin!(stop);
     let mut stop_deadline = None;
@@ -365,21 +314,88 @@ pub async fn run_fleet(
     if let Some(l) = listener {
         l.abort();
     }
-    if let Some(task) = status {
+    if let (Some(task), Some(client)) = (status, &updates) {
         task.abort();
-        if let Some(client) = &updates {
-            // The last status must leave before the process exits, unless
-            // the server is gone: then a flush would wait for it forever.
-            let last = async {
-                publish_status(client, &cfg.fleet_id, &cfg.group, &devices, &collector, started_unix_us, false).await;
-                let _ = client.flush().await;
-            };
-            if tokio::time::timeout(Duration::from_millis(500), last).await.is_err() {
-                tracing::warn!("fleet: could not publish its last status (NATS unreachable)");
-            }
-        }
+        publish_last_status(client, &cfg, &devices, &collector, started_unix_us).await;
     }
     Ok(FleetRun { summary, arrived, not_run: interrupt.not_run(), interrupted: stopped })
+}
+
+/// Each device's settings: the fleet's, with its own id, and with an
+/// emulated uplink, its own loss stream and report offset (reports spread
+/// over the interval), reporting through `reports` (the NATS edge).
+fn device_configs(cfg: &FleetConfig, reports: Option<&Addr<crate::planner::nats::NatsReports>>, epoch: Instant) -> Vec<DeviceConfig> {
+    (0..cfg.devices)
+        .map(|d| DeviceConfig {
+            id: format!("{}-{d}", cfg.device.id),
+            emulation: cfg.device.emulation.as_ref().map(|e| EmulationSpec {
+                epoch,
+                seed: e.seed ^ (d as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                reports: reports.map(|r| r.clone().recipient()),
+                report_offset: e.report_interval * (d as u32 + 1) / (cfg.devices as u32 + 1),
+                ..e.clone()
+            }),
+            ..cfg.device.clone()
+        })
+        .collect()
+}
+
+/// One task per device handing it inputs at Poisson arrivals from
+/// `started`, until the duration or the fleet's input budget (`claimed`
+/// counts the inputs handed over) is spent.
+fn arrive(cfg: &FleetConfig, devices: &[(String, Addr<Device>)], inputs: &Arc<TestInputs>, claimed: &Rc<Cell<usize>>, started: Instant) -> Vec<tokio::task::JoinHandle<()>> {
+    let budget = cfg.max_inputs.unwrap_or(usize::MAX);
+    let mut arrivals = Vec::with_capacity(cfg.devices);
+    for (d, (_, device)) in devices.iter().enumerate() {
+        let device = device.clone();
+        let inputs = inputs.clone();
+        let claimed = claimed.clone();
+        let mut rng = SplitMix64::new(cfg.seed.wrapping_mul(0x100_0000_01B3).wrapping_add(d as u64));
+        let (rate, duration) = (cfg.rate_per_device, cfg.duration);
+        arrivals.push(actix::spawn(async move {
+            let mut at = Duration::ZERO;
+            loop {
+                at += Duration::from_secs_f64(rng.exponential(rate));
+                if at >= duration {
+                    break;
+                }
+                tokio::time::sleep_until(tokio::time::Instant::from_std(started + at)).await;
+                let i = claimed.get();
+                if i >= budget {
+                    break;
+                }
+                claimed.set(i + 1);
+                let k = i % inputs.len();
+                // Unbounded on purpose: the arrival process is the load being
+                // simulated, and every input handed over must get its outcome
+                // (`run_fleet`'s drain waits for the backlog).
+                let arrived = Instant::now();
+                device.do_send(Infer { arrival: i as u64, arrived, input_index: k, input: inputs.images[k].clone(), label: inputs.labels[k] });
+            }
+        }));
+    }
+    arrivals
+}
+
+/// Publishes the fleet's status every `every` (until aborted).
+async fn publish_statuses(client: async_nats::Client, cfg: FleetConfig, devices: Vec<(String, Addr<Device>)>, collector: Addr<Collector>, started_unix_us: u64, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        publish_status(&client, &cfg.fleet_id, &cfg.group, &devices, &collector, started_unix_us, true).await;
+    }
+}
+
+/// The fleet's final status. It must leave before the process exits,
+/// unless the server is gone: then a flush would wait for it forever.
+async fn publish_last_status(client: &async_nats::Client, cfg: &FleetConfig, devices: &[(String, Addr<Device>)], collector: &Addr<Collector>, started_unix_us: u64) {
+    let last = async {
+        publish_status(client, &cfg.fleet_id, &cfg.group, devices, collector, started_unix_us, false).await;
+        let _ = client.flush().await;
+    };
+    if tokio::time::timeout(Duration::from_millis(500), last).await.is_err() {
+        tracing::warn!("fleet: could not publish its last status (NATS unreachable)");
+    }
 }
 
 /// Waits until each of the `arrived` inputs has its outcome (or, after an
