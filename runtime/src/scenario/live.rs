@@ -309,7 +309,7 @@ async fn start_pool(setup: &LiveSetup<'_>, client: Option<&async_nats::Client>, 
     for w in 0..cfg.workers {
         let wc = crate::nats::connect(setup.nats, &format!("branchpoint-run-worker-{w}")).await?;
         let batcher = worker(w)?;
-        let batcher = if watched { batcher.with_audit_sink(wc.clone()) } else { batcher }.start();
+        let batcher = if watched { batcher.with_audit_sink(branchpoint_actors::worker::NatsAudits(wc.clone())) } else { batcher }.start();
         pool.push(batcher.clone());
         let (tx, rx) = tokio::sync::oneshot::channel();
         let id = wcfg(w).worker_id;

@@ -423,8 +423,7 @@ fn policy_report(scenario: &Scenario, cfg: &SimConfig, t_s: &[f64], mut run: Pol
     // Live runs cannot autoscale: their bins hold no pool.
     let autoscaled = scenario.workers.autoscale.is_some() && time == super::TimeMode::Virtual;
     let bin_width_s = |i: usize| ((((i as u64 + 1) * cfg.bin_us).min(cfg.duration_us) - i as u64 * cfg.bin_us) as f64 / 1e6).max(1e-9);
-    let per_report =
-        |f: fn(&Bin) -> f64| -> Option<Vec<Option<f64>>> { adaptive.then(|| merged.iter().map(|b| (b.reports > 0).then(|| f(b) / b.reports as f64)).collect()) };
+    let per_report = |f: fn(&Bin) -> f64| -> Option<Vec<Option<f64>>> { adaptive.then(|| merged.iter().map(|b| (b.reports > 0).then(|| f(b) / b.reports as f64)).collect()) };
     let series = Series {
         t_s: t_s.to_vec(),
         inputs: merged.iter().map(|b| b.counts.inputs).collect(),

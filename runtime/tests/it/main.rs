@@ -12,3 +12,4 @@ mod nats_fleet;
 mod scenario;
 mod shutdown;
 mod stack;
+mod tidy;

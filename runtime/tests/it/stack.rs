@@ -105,9 +105,7 @@ fn stack_up_serves_metrics_plans_refits_and_the_dashboard() {
     // Workers report every second and the fleet every 250 ms, so the
     // fleet's first status may come before a worker's first one reaches the
     // API: wait for both workers' statuses, as evidence, not for a time.
-    wait_for("both workers report their load", Duration::from_secs(60), || {
-        (metric(&stack.metrics(), "branchpoint_workers ") == Some(2.0)).then_some(())
-    });
+    wait_for("both workers report their load", Duration::from_secs(60), || (metric(&stack.metrics(), "branchpoint_workers ") == Some(2.0)).then_some(()));
     // Prometheus's own linter accepts the exposition (names, base units, types).
     promtool_check(&stack.metrics()).unwrap_or_else(|e| panic!("promtool check metrics: {e}"));
 

@@ -15,13 +15,16 @@ use actix::prelude::*;
 use branchpoint_core::rng::SplitMix64;
 use branchpoint_models::Split;
 
-use crate::collector::{Collector, GetSnapshot, GetSummary, Summary};
+use crate::collector::{Collector, GetSummary, Summary};
 use crate::compute::{LoadedNet, ModelSpec};
-use crate::control::{ControlChange, ControlStore};
-use crate::device::{ApplyCalibration, ApplyPlan, Device, DeviceConfig, GetPlan, Infer};
+use crate::device::{Device, DeviceConfig, Infer};
 use crate::emulation::EmulationSpec;
 use crate::error::ActorError;
 use crate::transport::OffloadLink;
+
+pub mod nats;
+pub use nats::{forward_updates, publish_status, FleetBus};
+use nats::{publish_last_status, publish_statuses};
 
 /// The threads that host device actors. Each thread has its own copy of the
 /// network, shared by the devices it hosts, which run their heads inline: a
@@ -251,7 +254,7 @@ pub async fn run_fleet(
     threads: &DeviceThreads,
     link: OffloadLink,
     collector: Addr<Collector>,
-    updates: Option<async_nats::Client>,
+    updates: Option<FleetBus>,
     on_started: impl FnOnce(),
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<FleetRun, ActorError> {
@@ -264,7 +267,7 @@ pub async fn run_fleet(
     // Emulated uplinks: each device its own loss stream and report offset
     // (reports spread over the interval), reporting through the NATS edge.
     let reports = match (&cfg.device.emulation, &updates) {
-        (Some(_), Some(client)) => Some(crate::planner::nats::NatsReports::new(client.clone()).start()),
+        (Some(_), Some(bus)) => Some(bus.reports()),
         _ => None,
     };
     let configs = device_configs(&cfg, reports.as_ref(), Instant::now());
@@ -274,7 +277,7 @@ pub async fn run_fleet(
         Some(client) => {
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
             let addressed = devices.iter().map(|(id, addr)| FleetDevice { id: id.clone(), group: cfg.group.clone(), addr: addr.clone() }).collect();
-            let task = actix::spawn(forward_updates(client.clone(), addressed, cfg.model_sha256.clone(), ready_tx));
+            let task = actix::spawn(forward_updates(client.0.clone(), addressed, cfg.model_sha256.clone(), ready_tx));
             // If subscribing failed the task has said so and ended; run anyway.
             let _ = ready_rx.await;
             Some(task)
@@ -283,7 +286,7 @@ pub async fn run_fleet(
     };
     let started_unix_us = unix_us();
     let status = match (&updates, cfg.status_interval) {
-        (Some(client), Some(every)) => Some(actix::spawn(publish_statuses(client.clone(), cfg.clone(), devices.clone(), collector.clone(), started_unix_us, every))),
+        (Some(bus), Some(every)) => Some(actix::spawn(publish_statuses(bus.0.clone(), cfg.clone(), devices.clone(), collector.clone(), started_unix_us, every))),
         _ => None,
     };
     on_started();
@@ -316,7 +319,7 @@ pub async fn run_fleet(
     }
     if let (Some(task), Some(client)) = (status, &updates) {
         task.abort();
-        publish_last_status(client, &cfg, &devices, &collector, started_unix_us).await;
+        publish_last_status(&client.0, &cfg, &devices, &collector, started_unix_us).await;
     }
     Ok(FleetRun { summary, arrived, not_run: interrupt.not_run(), interrupted: stopped })
 }
@@ -377,27 +380,6 @@ fn arrive(cfg: &FleetConfig, devices: &[(String, Addr<Device>)], inputs: &Arc<Te
     arrivals
 }
 
-/// Publishes the fleet's status every `every` (until aborted).
-async fn publish_statuses(client: async_nats::Client, cfg: FleetConfig, devices: Vec<(String, Addr<Device>)>, collector: Addr<Collector>, started_unix_us: u64, every: Duration) {
-    let mut tick = tokio::time::interval(every);
-    loop {
-        tick.tick().await;
-        publish_status(&client, &cfg.fleet_id, &cfg.group, &devices, &collector, started_unix_us, true).await;
-    }
-}
-
-/// The fleet's final status. It must leave before the process exits,
-/// unless the server is gone: then a flush would wait for it forever.
-async fn publish_last_status(client: &async_nats::Client, cfg: &FleetConfig, devices: &[(String, Addr<Device>)], collector: &Addr<Collector>, started_unix_us: u64) {
-    let last = async {
-        publish_status(client, &cfg.fleet_id, &cfg.group, devices, collector, started_unix_us, false).await;
-        let _ = client.flush().await;
-    };
-    if tokio::time::timeout(Duration::from_millis(500), last).await.is_err() {
-        tracing::warn!("fleet: could not publish its last status (NATS unreachable)");
-    }
-}
-
 /// Waits until each of the `arrived` inputs has its outcome (or, after an
 /// interruption, was not run), backlog included: as long as inputs keep
 /// being decided. Gives up when nothing has moved for `stall`, or `grace`
@@ -446,158 +428,10 @@ pub fn unix_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
-/// Publishes a fleet's `FleetStatus`: the collector's totals and the plans
-/// the devices hold (asked of each device, so it is what they apply, not what
-/// was sent to them). A failed publish is reported and the fleet goes on.
-pub async fn publish_status(
-    client: &async_nats::Client,
-    fleet_id: &str,
-    group: &str,
-    devices: &[(String, Addr<Device>)],
-    collector: &Addr<Collector>,
-    started_unix_us: u64,
-    running: bool,
-) {
-    use branchpoint_messages::{encode, subjects, AppliedPlan, FleetStatus};
-    let Ok((summary, latency)) = collector.send(GetSnapshot).await else { return };
-    let mut applied: Vec<AppliedPlan> = Vec::new();
-    for (_, d) in devices {
-        let Ok((branch, p_tar, temperature)) = d.send(GetPlan).await else { continue };
-        match applied.iter_mut().find(|a| a.partition_branch as usize == branch && a.p_tar == p_tar && a.temperature == temperature) {
-            Some(a) => a.devices += 1,
-            None => applied.push(AppliedPlan { partition_branch: branch as u8, p_tar, temperature, devices: 1 }),
-        }
-    }
-    let status = FleetStatus {
-        fleet_id: fleet_id.to_string(),
-        group: group.to_string(),
-        devices: devices.len() as u32,
-        running,
-        at_unix_us: unix_us(),
-        started_unix_us,
-        summary,
-        latency_le_ms: latency.le_ms,
-        latency_le_counts: latency.counts,
-        latency_sum_ms: latency.sum_ms,
-        applied,
-    };
-    match encode(&status) {
-        Ok(bytes) => {
-            if let Err(e) = client.publish(subjects::fleet_status(fleet_id), bytes.into()).await {
-                tracing::warn!("fleet: could not publish its status: {e}");
-            }
-        }
-        Err(e) => tracing::warn!("fleet: could not encode its status: {e}"),
-    }
-}
-
-/// Forwards plans and temperatures to the devices. Plans come only from
-/// the control store (JetStream key-value, see `control`), their one home:
-/// the stored state is applied before `ready` fires, so devices start from
-/// it, and later writes follow. A model's temperatures also come on
-/// `branchpoint.calibration.update`, for a calibrator without a store.
-///
-/// Only temperatures for these weights (the model's, or a device's group's)
-/// and plans for a device's group or the device itself are applied.
-/// Malformed updates are dropped with a message on stderr: a bad publisher
-/// must not stop the fleet. Without JetStream the fleet says so once, and
-/// its devices keep their starting plan.
-pub async fn forward_updates(client: async_nats::Client, devices: Vec<FleetDevice>, sha256: String, ready: tokio::sync::oneshot::Sender<()>) {
-    use branchpoint_messages::{decode, subjects, CalibrationUpdate};
-    use futures::StreamExt;
-    let Ok(mut cal) = client.subscribe(subjects::CALIBRATION_UPDATE).await else {
-        tracing::warn!("fleet: could not subscribe to calibration updates");
-        return;
-    };
-    let apply = Forward { devices, sha256 };
-    // Plans live only in the control store: without it the devices keep
-    // the plan they started with.
-    let mut stored: std::pin::Pin<Box<dyn futures::Stream<Item = ControlChange>>> = match resume(&client, &apply).await {
-        Ok(watch) => Box::pin(watch),
-        Err(e) => {
-            tracing::warn!("fleet: no control store, so no plan reaches these devices (they keep their starting plan) and temperatures come only from the update subject: {e}");
-            Box::pin(futures::stream::pending())
-        }
-    };
-    let _ = client.flush().await;
-    let _ = ready.send(());
-    loop {
-        tokio::select! {
-            Some(msg) = cal.next() => match decode::<CalibrationUpdate>(&msg.payload) {
-                // A group's temperatures travel only through the store.
-                Ok(u) if u.group.is_some() => tracing::warn!("fleet: ignored a group's temperatures on the update subject (they travel through the control store)"),
-                Ok(u) => apply.calibration(&u),
-                Err(e) => tracing::warn!("fleet: ignored a malformed calibration update: {e}"),
-            },
-            Some(change) = stored.next() => match change {
-                ControlChange::Plan(p) => apply.plan(&p),
-                ControlChange::Calibration(u) => apply.calibration(&u),
-            },
-            else => return,
-        }
-    }
-}
-
-/// Applies the stored state (plans and temperatures each in the order they
-/// were written, so the latest wins as it would have live), then returns
-/// the watch of the store, which repeats the stored state (harmless:
-/// applying is idempotent) and then follows every write.
-async fn resume(client: &async_nats::Client, apply: &Forward) -> Result<impl futures::Stream<Item = ControlChange>, ActorError> {
-    let store = ControlStore::open(client).await?;
-    let mut plans = store.plans().await?;
-    plans.sort_by_key(|p| p.revision);
-    for p in &plans {
-        apply.plan(&p.value);
-    }
-    for c in store.calibrations(&apply.sha256).await? {
-        apply.calibration(&c.value);
-    }
-    store.watch(&apply.sha256).await
-}
-
 /// One device of a fleet, as updates address it: by its id or its group.
 #[derive(Clone)]
 pub struct FleetDevice {
     pub id: String,
     pub group: String,
     pub addr: Addr<Device>,
-}
-
-/// Who gets which update.
-struct Forward {
-    devices: Vec<FleetDevice>,
-    sha256: String,
-}
-
-impl Forward {
-    fn calibration(&self, u: &branchpoint_messages::CalibrationUpdate) {
-        if u.model_sha256 != self.sha256 {
-            tracing::warn!("fleet: ignored a calibration update for other weights");
-            return;
-        }
-        for d in &self.devices {
-            if u.group.as_ref().is_none_or(|g| *g == d.group) {
-                d.addr.do_send(ApplyCalibration { temperatures: u.temperatures.clone() });
-            }
-        }
-    }
-
-    fn plan(&self, p: &branchpoint_messages::PlanUpdate) {
-        use branchpoint_messages::PlanTarget;
-        // Decoding checked the branch; a plan made in process may not have been.
-        let partition_branch = match branchpoint_messages::PartitionBranch::new(p.partition_branch.into()) {
-            Ok(b) => b,
-            Err(e) => return tracing::warn!("fleet: ignored a plan: {e}"),
-        };
-        let apply = ApplyPlan { partition_branch, p_tar: p.p_tar, target_accuracy: p.certified.map(|c| c.accuracy), codec: p.codec };
-        for d in &self.devices {
-            let for_me = match &p.target {
-                PlanTarget::Device(t) => *t == d.id,
-                PlanTarget::Group(g) => *g == d.group,
-            };
-            if for_me {
-                d.addr.do_send(apply.clone());
-            }
-        }
-    }
 }
