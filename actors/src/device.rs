@@ -16,7 +16,7 @@
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use branchpoint_core::calibration::predict;
@@ -24,6 +24,7 @@ use branchpoint_messages::{AuditTag, Codec, Deadline, ErrorKind, Exit, Partition
 
 use branchpoint_core::planner::Plan;
 
+use crate::clock::unix_us;
 use crate::collector::{Collector, Decided, FallbackReason, InputAccepted, Latency, Outcome, Sent};
 use crate::compute::{HeadOutput, LoadedNet};
 use crate::emulation::{Emulation, EmulationSpec};
@@ -220,10 +221,6 @@ pub struct Infer {
     pub input_index: usize,
     pub input: Arc<[f32]>,
     pub label: i64,
-}
-
-fn unix_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
 impl Handler<Infer> for Device {

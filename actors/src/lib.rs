@@ -4,9 +4,11 @@
 //! Tensor work happens only on threads that own a copy of the network: the
 //! device threads (`fleet::DeviceThreads`) and the `compute::TensorPool`s of
 //! workers and the calibrator; everything else runs on the actix event loop. Wire types from
-//! `branchpoint-messages` are used only at the NATS edge (`transport`,
-//! `worker::serve_nats`); inside a process actors exchange their own messages.
+//! `branchpoint-messages` are used only at the NATS edges (`transport`,
+//! `control`, and each actor's `nats` module); inside a process actors
+//! exchange their own messages.
 pub mod calibration;
+pub mod clock;
 pub mod collector;
 pub mod compute;
 pub mod control;

@@ -6,6 +6,9 @@
 //! - No file imports a file that imports it back, directly or around a
 //!   longer circle (modules of one crate; tests excluded).
 //! - Every file is rustfmt-clean.
+//! - No function outside tests is over 120 lines.
+//! - In `actors/`, only the NATS edges (`nats.rs` beside an actor,
+//!   `transport.rs`, `control.rs`) touch NATS.
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
@@ -317,4 +320,66 @@ fn the_tests_reuse_the_release_build() {
 
 fn join_all(set: &BTreeSet<String>) -> String {
     set.iter().cloned().collect::<Vec<_>>().join(" / ")
+}
+
+/// The functions of `code` longer than `most` lines: (name, first line,
+/// length). A function runs from its `fn` line to the first line that
+/// closes it at the same indentation (rustfmt's layout).
+fn long_functions(code: &str, most: usize) -> Vec<(String, usize, usize)> {
+    let lines: Vec<&str> = code.lines().collect();
+    let mut long = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let text = line.trim_start();
+        let indent = &line[..line.len() - text.len()];
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let Some(at) = words.iter().position(|w| *w == "fn") else { continue };
+        let modifiers = ["pub", "pub(crate)", "pub(super)", "async", "const", "unsafe"];
+        if !words[..at].iter().all(|w| modifiers.contains(w)) || text.ends_with(';') {
+            continue;
+        }
+        let close = format!("{indent}}}");
+        let Some(end) = lines[i..].iter().position(|l| *l == close) else { continue };
+        if end + 1 > most {
+            let name = words.get(at + 1).map_or("", |n| n.split(|c: char| !(c.is_alphanumeric() || c == '_')).next().unwrap_or(""));
+            long.push((name.to_string(), i + 1, end + 1));
+        }
+    }
+    long
+}
+
+#[test]
+fn no_function_outside_tests_is_over_120_lines() {
+    let mut long = Vec::new();
+    for krate in CRATES {
+        for path in rust_files(&workspace().join(krate).join("src")) {
+            if path.file_name().is_some_and(|f| f == "tests.rs") {
+                continue;
+            }
+            for (name, line, n) in long_functions(&code(&path), 120) {
+                long.push(format!("{}:{line} {name}: {n} lines", path.strip_prefix(workspace()).unwrap().display()));
+            }
+        }
+    }
+    assert!(long.is_empty(), "split these so that each reads as one thing:\n{}", long.join("\n"));
+}
+
+#[test]
+fn the_length_check_finds_a_long_function() {
+    let body = "    let x = 1;\n".repeat(130);
+    let code = format!("pub fn short() {{\n}}\n\n    pub(super) async fn long(a: u8) -> u8 {{\n{body}    }}\n");
+    assert_eq!(long_functions(&code, 120), [("long".to_string(), 4, 132)]);
+}
+
+#[test]
+fn only_the_actors_nats_edges_touch_nats() {
+    let edges = ["nats.rs", "transport.rs", "control.rs"];
+    let files = rust_files(&workspace().join("actors/src"));
+    let touches = |p: &PathBuf| code(p).contains("async_nats");
+    assert!(files.iter().any(|p| p.ends_with("worker/nats.rs") && touches(p)), "the check sees the workers' edge");
+    let wrong: Vec<String> = files
+        .iter()
+        .filter(|p| !p.file_name().is_some_and(|f| edges.iter().any(|e| f == *e)) && touches(p))
+        .map(|p| p.strip_prefix(workspace()).unwrap().display().to_string())
+        .collect();
+    assert!(wrong.is_empty(), "async_nats outside an edge ({}): {wrong:?}", edges.join(", "));
 }

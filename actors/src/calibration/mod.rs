@@ -21,11 +21,11 @@ use branchpoint_messages::{CalibrationMethod, CalibrationUpdate, CertifiedTarget
 use branchpoint_models::model::recorded_split_exit_logits;
 use branchpoint_models::Model;
 
+use crate::clock::unix_us;
 use crate::compute::TensorPool;
 use crate::error::ActorError;
 
 pub mod nats;
-pub use nats::{recertify_stored_plans, serve_calibration_nats};
 
 #[derive(Debug, Clone)]
 pub struct CalibratorConfig {
@@ -539,10 +539,6 @@ impl CalibratorHandle {
     pub fn shutdown(&self, within: std::time::Duration) -> Vec<String> {
         self.0.shutdown(within)
     }
-}
-
-fn unix_us() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
 /// The wire form of a calibration file.

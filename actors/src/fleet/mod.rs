@@ -23,8 +23,8 @@ use crate::error::ActorError;
 use crate::transport::OffloadLink;
 
 pub mod nats;
-pub use nats::{forward_updates, publish_status, FleetBus};
-use nats::{publish_last_status, publish_statuses};
+use crate::clock::unix_us;
+use nats::{forward_updates, publish_last_status, publish_statuses, FleetBus, FleetDevice};
 
 /// The threads that host device actors. Each thread has its own copy of the
 /// network, shared by the devices it hosts, which run their heads inline: a
@@ -286,7 +286,9 @@ pub async fn run_fleet(
     };
     let started_unix_us = unix_us();
     let status = match (&updates, cfg.status_interval) {
-        (Some(bus), Some(every)) => Some(actix::spawn(publish_statuses(bus.0.clone(), cfg.clone(), devices.clone(), collector.clone(), started_unix_us, every))),
+        (Some(bus), Some(every)) => {
+            Some(actix::spawn(publish_statuses(bus.0.clone(), (cfg.fleet_id.clone(), cfg.group.clone()), devices.clone(), collector.clone(), started_unix_us, every)))
+        }
         _ => None,
     };
     on_started();
@@ -319,7 +321,7 @@ pub async fn run_fleet(
     }
     if let (Some(task), Some(client)) = (status, &updates) {
         task.abort();
-        publish_last_status(&client.0, &cfg, &devices, &collector, started_unix_us).await;
+        publish_last_status(&client.0, (&cfg.fleet_id, &cfg.group), &devices, &collector, started_unix_us).await;
     }
     Ok(FleetRun { summary, arrived, not_run: interrupt.not_run(), interrupted: stopped })
 }
@@ -422,16 +424,4 @@ pub async fn drain(
             }
         }
     }
-}
-
-pub fn unix_us() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
-}
-
-/// One device of a fleet, as updates address it: by its id or its group.
-#[derive(Clone)]
-pub struct FleetDevice {
-    pub id: String,
-    pub group: String,
-    pub addr: Addr<Device>,
 }

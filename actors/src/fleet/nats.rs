@@ -5,11 +5,19 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
-use super::{unix_us, FleetConfig, FleetDevice};
+use crate::clock::unix_us;
 use crate::collector::{Collector, GetSnapshot};
 use crate::control::{ControlChange, ControlStore};
 use crate::device::{ApplyCalibration, ApplyPlan, Device, GetPlan};
 use crate::error::ActorError;
+
+/// One device of a fleet, as updates address it: by its id or its group.
+#[derive(Clone)]
+pub struct FleetDevice {
+    pub id: String,
+    pub group: String,
+    pub addr: Addr<Device>,
+}
 
 /// The NATS connection a fleet runs on: its devices' network reports go
 /// out on it, its statuses too, and plans and temperatures come in.
@@ -26,7 +34,7 @@ impl FleetBus {
 /// Publishes the fleet's status every `every` (until aborted).
 pub(super) async fn publish_statuses(
     client: async_nats::Client,
-    cfg: FleetConfig,
+    (fleet_id, group): (String, String),
     devices: Vec<(String, Addr<Device>)>,
     collector: Addr<Collector>,
     started_unix_us: u64,
@@ -35,15 +43,21 @@ pub(super) async fn publish_statuses(
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
-        publish_status(&client, &cfg.fleet_id, &cfg.group, &devices, &collector, started_unix_us, true).await;
+        publish_status(&client, &fleet_id, &group, &devices, &collector, started_unix_us, true).await;
     }
 }
 
 /// The fleet's final status. It must leave before the process exits,
 /// unless the server is gone: then a flush would wait for it forever.
-pub(super) async fn publish_last_status(client: &async_nats::Client, cfg: &FleetConfig, devices: &[(String, Addr<Device>)], collector: &Addr<Collector>, started_unix_us: u64) {
+pub(super) async fn publish_last_status(
+    client: &async_nats::Client,
+    (fleet_id, group): (&str, &str),
+    devices: &[(String, Addr<Device>)],
+    collector: &Addr<Collector>,
+    started_unix_us: u64,
+) {
     let last = async {
-        publish_status(client, &cfg.fleet_id, &cfg.group, devices, collector, started_unix_us, false).await;
+        publish_status(client, fleet_id, group, devices, collector, started_unix_us, false).await;
         let _ = client.flush().await;
     };
     if tokio::time::timeout(Duration::from_millis(500), last).await.is_err() {

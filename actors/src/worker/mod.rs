@@ -30,7 +30,6 @@ use crate::error::ActorError;
 use crate::offload::Offload;
 
 pub mod nats;
-pub use nats::{publish_status, serve_nats, NatsAudits, SERVICE_NAME};
 
 /// How far a device's clock may be behind a worker's before the worker
 /// takes the device's requests for stale (`Deadline::sent_at_unix_us`; 0

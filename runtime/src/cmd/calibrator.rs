@@ -1,6 +1,7 @@
 //! `branchpoint calibrator`: the calibration actor on NATS.
 use anyhow::{bail, Context, Result};
-use branchpoint_actors::calibration::{method_of, serve_calibration_nats, Calibrator, CalibratorConfig, Initial, WatchSettings};
+use branchpoint_actors::calibration::nats::serve_calibration_nats;
+use branchpoint_actors::calibration::{method_of, Calibrator, CalibratorConfig, Initial, WatchSettings};
 use branchpoint_actors::control::ControlStore;
 use branchpoint_core::calibration::{CalibrationFile, Method};
 

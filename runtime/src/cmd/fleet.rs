@@ -89,7 +89,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
             signalled.set(Some(std::time::Instant::now()));
             tracing::info!("fleet: {}: no more arrivals; waiting for the inputs already running", sig.name());
         };
-        let run = run_fleet(cfg, inputs, &device_threads, link, collector.clone(), client.map(branchpoint_actors::fleet::FleetBus), started, stop).await?;
+        let run = run_fleet(cfg, inputs, &device_threads, link, collector.clone(), client.map(branchpoint_actors::fleet::nats::FleetBus), started, stop).await?;
         let outcomes = collector.send(TakeOutcomes).await?;
         // Joined before the process exits: no forward may still run while
         // libtorch tears down.

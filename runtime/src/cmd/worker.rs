@@ -5,7 +5,8 @@ use std::time::Duration;
 use actix::Actor;
 use anyhow::{bail, Context, Result};
 use branchpoint_actors::compute::{Executor, ModelSpec};
-use branchpoint_actors::worker::{publish_status, serve_nats, Batcher, GetWorkerStats, ServedModel, WorkerConfig};
+use branchpoint_actors::worker::nats::{publish_status, serve_nats, NatsAudits};
+use branchpoint_actors::worker::{Batcher, GetWorkerStats, ServedModel, WorkerConfig};
 use branchpoint_models::Model;
 
 use crate::cli::WorkerArgs;
@@ -50,7 +51,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         let cfg = WorkerConfig { worker_id: worker_id.clone(), max_batch: args.max_batch, max_wait: Duration::from_micros(args.max_wait_us) };
         let executor_pool = executor.clone();
         let names: Vec<String> = served.iter().map(|m| m.sha256.get(..12).unwrap_or(&m.sha256).to_string()).collect();
-        let batcher = Batcher::new(cfg, executor, served).with_compute_threads(args.threads).with_audit_sink(branchpoint_actors::worker::NatsAudits(client.clone())).start();
+        let batcher = Batcher::new(cfg, executor, served).with_compute_threads(args.threads).with_audit_sink(NatsAudits(client.clone())).start();
         let ready = {
             let (id, url) = (worker_id.clone(), args.nats.nats.clone().unwrap_or_default());
             let (max_batch, max_wait_us, threads, device) = (args.max_batch, args.max_wait_us, args.threads, args.device.clone());

@@ -22,21 +22,25 @@ use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use actix::{Actor, Addr};
 use anyhow::{bail, Context, Result};
-use branchpoint_actors::calibration::{serve_calibration_nats, Calibrator, CalibratorConfig, Initial, WatchSettings};
+use branchpoint_actors::calibration::nats::serve_calibration_nats;
+use branchpoint_actors::calibration::{Calibrator, CalibratorConfig, Initial, WatchSettings};
+use branchpoint_actors::clock::unix_us;
 use branchpoint_actors::collector::{AuditCounts, Collector, Decided, GetAuditCounts, Outcome, TakeOutcomes};
 use branchpoint_actors::compute::{Executor, ModelSpec};
 use branchpoint_actors::control::ControlStore;
 use branchpoint_actors::device::{AuditSettings, Device, DeviceConfig, Infer};
 use branchpoint_actors::emulation::EmulationSpec;
-use branchpoint_actors::fleet::{drain, forward_updates, publish_status, DeviceThreads, FleetDevice, TestInputs};
+use branchpoint_actors::fleet::nats::{forward_updates, publish_status, FleetDevice};
+use branchpoint_actors::fleet::{drain, DeviceThreads, TestInputs};
 use branchpoint_actors::planner::nats::{serve_planner_nats, NatsPlans, NatsReports};
 use branchpoint_actors::planner::{watch_in_process_pool, Planner, TakePlanLog};
 use branchpoint_actors::transport::{InProcessPool, OffloadLink};
-use branchpoint_actors::worker::{publish_status as publish_worker_status, serve_nats, Batcher, GetWorkerStats, ServedModel, WorkerConfig};
+use branchpoint_actors::worker::nats::{publish_status as publish_worker_status, serve_nats, NatsAudits};
+use branchpoint_actors::worker::{Batcher, GetWorkerStats, ServedModel, WorkerConfig};
 use branchpoint_core::planner::{Costs, LinkEstimator};
 use branchpoint_core::rng::SplitMix64;
 use branchpoint_messages::PartitionBranch;
@@ -45,10 +49,6 @@ use branchpoint_models::net::PartitionPoint;
 use super::sim::{device_seed, next_arrival_us, Bin, Planning, Plans, SimConfig, WatchPoint, WatchTrace};
 use super::{policy_plans, Policy, PolicyRun, Prepared, Scenario};
 use crate::cli::NatsArgs;
-
-fn unix_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
-}
 
 pub struct LiveSetup<'a> {
     pub scenario: &'a Scenario,
@@ -309,7 +309,7 @@ async fn start_pool(setup: &LiveSetup<'_>, client: Option<&async_nats::Client>, 
     for w in 0..cfg.workers {
         let wc = crate::nats::connect(setup.nats, &format!("branchpoint-run-worker-{w}")).await?;
         let batcher = worker(w)?;
-        let batcher = if watched { batcher.with_audit_sink(branchpoint_actors::worker::NatsAudits(wc.clone())) } else { batcher }.start();
+        let batcher = if watched { batcher.with_audit_sink(NatsAudits(wc.clone())) } else { batcher }.start();
         pool.push(batcher.clone());
         let (tx, rx) = tokio::sync::oneshot::channel();
         let id = wcfg(w).worker_id;

@@ -12,4 +12,3 @@ mod nats_fleet;
 mod scenario;
 mod shutdown;
 mod stack;
-mod tidy;

@@ -268,7 +268,7 @@ fn killing_a_worker_mid_run_loses_no_input() {
     statuses.wait("the victim to answer requests", Duration::from_secs(60), |seen| answered("victim")(seen).filter(|&n| n > 0));
     w2.0.kill().unwrap();
     w2.0.wait().unwrap();
-    let killed_unix_us = branchpoint_actors::fleet::unix_us();
+    let killed_unix_us = branchpoint_actors::clock::unix_us();
     // At least what it had answered when the victim died.
     let before = statuses.wait("a status of the survivor", Duration::from_secs(10), answered("survivor"));
     statuses.wait("the survivor to serve 300 more requests after the kill", Duration::from_secs(60), |seen| answered("survivor")(seen).filter(|&n| n >= before + 300));
@@ -678,10 +678,10 @@ fn broker_outages_lose_no_input_and_answer_every_input_by_its_deadline() {
     ]);
     let before = statuses.wait("200 offloads answered", Duration::from_secs(60), |seen| answered(seen).filter(|&n| n >= 200));
     nats.stop();
-    let down_unix_us = branchpoint_actors::fleet::unix_us();
+    let down_unix_us = branchpoint_actors::clock::unix_us();
     std::thread::sleep(Duration::from_secs(15));
     nats.restart();
-    let up_unix_us = branchpoint_actors::fleet::unix_us();
+    let up_unix_us = branchpoint_actors::clock::unix_us();
     // The worker and the fleet reconnect and the cloud answers again.
     statuses.wait("the worker to answer 200 more after the outage", Duration::from_secs(90), |seen| answered(seen).filter(|&n| n >= before + 200));
     let said = fleet.interrupt();
