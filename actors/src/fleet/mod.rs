@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use branchpoint_core::rng::SplitMix64;
+use branchpoint_core::scenario::sim::{device_seed, next_arrival_us};
 use branchpoint_models::Split;
 
 use crate::collector::{Collector, GetSummary, Summary};
@@ -293,7 +294,18 @@ pub async fn run_fleet(
     };
     on_started();
     let started = Instant::now();
-    let arrivals = arrive(&cfg, &devices, &inputs, &claimed, started);
+    let arrivals = devices
+        .iter()
+        .enumerate()
+        .map(|(d, (_, device))| Arrivals {
+            device: device.clone(),
+            seed: device_seed(cfg.seed, 0, d),
+            rate_steps: vec![(0, cfg.rate_per_device)],
+            views: vec![(0, inputs.clone())],
+        })
+        .collect();
+    let until_us = cfg.duration.as_micros() as u64;
+    let arrivals = drive_arrivals(arrivals, started, until_us, cfg.max_inputs.unwrap_or(usize::MAX), &claimed);
     let aborts: Vec<_> = arrivals.iter().map(|a| a.abort_handle()).collect();
     tokio::pin!(stop);
     let mut stop_deadline = None;
@@ -345,41 +357,55 @@ fn device_configs(cfg: &FleetConfig, reports: Option<&Addr<crate::planner::nats:
         .collect()
 }
 
-/// One task per device handing it inputs at Poisson arrivals from
-/// `started`, until the duration or the fleet's input budget (`claimed`
-/// counts the inputs handed over) is spent.
-fn arrive(cfg: &FleetConfig, devices: &[(String, Addr<Device>)], inputs: &Arc<TestInputs>, claimed: &Rc<Cell<usize>>, started: Instant) -> Vec<tokio::task::JoinHandle<()>> {
-    let budget = cfg.max_inputs.unwrap_or(usize::MAX);
-    let mut arrivals = Vec::with_capacity(cfg.devices);
-    for (d, (_, device)) in devices.iter().enumerate() {
-        let device = device.clone();
-        let inputs = inputs.clone();
-        let claimed = claimed.clone();
-        let mut rng = SplitMix64::new(cfg.seed.wrapping_mul(0x100_0000_01B3).wrapping_add(d as u64));
-        let (rate, duration) = (cfg.rate_per_device, cfg.duration);
-        arrivals.push(actix::spawn(async move {
-            let mut at = Duration::ZERO;
-            loop {
-                at += Duration::from_secs_f64(rng.exponential(rate));
-                if at >= duration {
-                    break;
+/// What arrives at one device: Poisson arrivals from its own seeded
+/// stream at its group's rate schedule (`(start µs, inputs/s)` steps, as
+/// `core::scenario::sim` draws them: a replay's devices get exactly the
+/// virtual-time arrivals), and the inputs it sees from each instant on
+/// (`(from µs, inputs)`, ascending from 0: a shift replaces the clean test
+/// images with corrupted ones).
+pub struct Arrivals {
+    pub device: Addr<Device>,
+    pub seed: u64,
+    pub rate_steps: Vec<(u64, f64)>,
+    pub views: Vec<(u64, Arc<TestInputs>)>,
+}
+
+/// The one fleet driver's arrivals: a task per device handing it its
+/// inputs at its arrival instants after `epoch`, until `until_us` or until
+/// the fleet's input budget is spent (`claimed` counts the inputs handed
+/// over, fleet-wide: an input's arrival number, and which test input it
+/// is). An input arrives when scheduled: the driver's timer waking late is
+/// the host's slack, not the input's time.
+pub fn drive_arrivals(devices: Vec<Arrivals>, epoch: Instant, until_us: u64, budget: usize, claimed: &Rc<Cell<usize>>) -> Vec<tokio::task::JoinHandle<()>> {
+    devices
+        .into_iter()
+        .map(|a| {
+            let claimed = claimed.clone();
+            actix::spawn(async move {
+                let mut rng = SplitMix64::new(a.seed);
+                let mut at = 0u64;
+                loop {
+                    at = next_arrival_us(&mut rng, at, &a.rate_steps);
+                    if at >= until_us {
+                        return;
+                    }
+                    let arrived = epoch + Duration::from_micros(at);
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(arrived)).await;
+                    let i = claimed.get();
+                    if i >= budget {
+                        return;
+                    }
+                    claimed.set(i + 1);
+                    let inputs = &a.views[a.views.partition_point(|(from, _)| *from <= at).max(1) - 1].1;
+                    let k = i % inputs.len();
+                    // Unbounded on purpose: the arrival process is the load
+                    // being simulated, and every input handed over must get
+                    // its outcome (`drain` waits for the backlog).
+                    a.device.do_send(Infer { arrival: i as u64, arrived, input_index: k, input: inputs.images[k].clone(), label: inputs.labels[k] });
                 }
-                tokio::time::sleep_until(tokio::time::Instant::from_std(started + at)).await;
-                let i = claimed.get();
-                if i >= budget {
-                    break;
-                }
-                claimed.set(i + 1);
-                let k = i % inputs.len();
-                // Unbounded on purpose: the arrival process is the load being
-                // simulated, and every input handed over must get its outcome
-                // (`run_fleet`'s drain waits for the backlog).
-                let arrived = Instant::now();
-                device.do_send(Infer { arrival: i as u64, arrived, input_index: k, input: inputs.images[k].clone(), label: inputs.labels[k] });
-            }
-        }));
-    }
-    arrivals
+            })
+        })
+        .collect()
 }
 
 /// Waits until each of the `arrived` inputs has its outcome (or, after an

@@ -32,21 +32,20 @@ use branchpoint_actors::clock::unix_us;
 use branchpoint_actors::collector::{AuditCounts, Collector, Decided, GetAuditCounts, Outcome, TakeOutcomes};
 use branchpoint_actors::compute::{Executor, ModelSpec};
 use branchpoint_actors::control::ControlStore;
-use branchpoint_actors::device::{AuditSettings, Device, DeviceConfig, Infer};
+use branchpoint_actors::device::{AuditSettings, Device, DeviceConfig};
 use branchpoint_actors::emulation::EmulationSpec;
 use branchpoint_actors::fleet::nats::{forward_updates, publish_status, FleetDevice};
-use branchpoint_actors::fleet::{drain, DeviceThreads, TestInputs};
+use branchpoint_actors::fleet::{drain, drive_arrivals, Arrivals, DeviceThreads, TestInputs};
 use branchpoint_actors::planner::nats::{serve_planner_nats, NatsPlans, NatsReports};
 use branchpoint_actors::planner::{watch_in_process_pool, Planner, TakePlanLog};
 use branchpoint_actors::transport::{InProcessPool, OffloadLink};
 use branchpoint_actors::worker::nats::{publish_status as publish_worker_status, serve_nats, NatsAudits};
 use branchpoint_actors::worker::{Batcher, GetWorkerStats, ServedModel, WorkerConfig};
 use branchpoint_core::planner::{Costs, LinkEstimator};
-use branchpoint_core::rng::SplitMix64;
 use branchpoint_messages::PartitionBranch;
 use branchpoint_models::net::PartitionPoint;
 
-use super::sim::{device_seed, next_arrival_us, Bin, Planning, Plans, SimConfig, WatchPoint, WatchTrace};
+use super::sim::{device_seed, Bin, Planning, Plans, SimConfig, WatchPoint, WatchTrace};
 use super::{policy_plans, Policy, PolicyRun, Prepared, Scenario};
 use crate::cli::NatsArgs;
 
@@ -223,38 +222,22 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
 /// gives how many inputs arrived.
 async fn arrive(setup: &LiveSetup<'_>, places: Places, devices: Vec<Addr<Device>>, epoch: Instant) -> usize {
     let cfg = setup.cfg;
-    let claimed = Rc::new(Cell::new(0usize));
-    let duration_us = cfg.duration_us;
-    let mut tasks = Vec::new();
-    for ((gi, k), device) in places.into_iter().zip(devices) {
-        let (claimed, clean, shifted) = (claimed.clone(), setup.inputs.clone(), setup.shifted.clone());
-        let group = cfg.groups[gi].clone();
-        let mut rng = SplitMix64::new(device_seed(cfg.seed, gi, k));
-        tasks.push(actix::spawn(async move {
-            let mut at = 0u64;
-            loop {
-                at = next_arrival_us(&mut rng, at, &group.rate_steps);
-                if at >= duration_us {
-                    return;
-                }
-                tokio::time::sleep_until(tokio::time::Instant::from_std(epoch + Duration::from_micros(at))).await;
-                let i = claimed.get();
-                claimed.set(i + 1);
-                // What the group's camera sees now: the clean test image, or
-                // after its shift the corrupted one.
-                let inputs = match group.view_at(at) {
-                    0 => &clean,
-                    v => &shifted[v - 1],
-                };
-                let x = i % inputs.len();
-                // It arrived when scheduled: the driver's timer waking late
-                // is emulation slack, not the input's time.
-                let arrived = epoch + Duration::from_micros(at);
-                device.do_send(Infer { arrival: i as u64, arrived, input_index: x, input: inputs.images[x].clone(), label: inputs.labels[x] });
+    let arrivals = places
+        .into_iter()
+        .zip(devices)
+        .map(|((gi, k), device)| {
+            let group = &cfg.groups[gi];
+            // What the group's camera sees: the clean test images, and
+            // after its shift the corrupted ones.
+            let mut views = vec![(0, setup.inputs.clone())];
+            if let Some((at, view)) = group.shift {
+                views.push((at, setup.shifted[view - 1].clone()));
             }
-        }));
-    }
-    for t in tasks {
+            Arrivals { device, seed: device_seed(cfg.seed, gi, k), rate_steps: group.rate_steps.clone(), views }
+        })
+        .collect();
+    let claimed = Rc::new(Cell::new(0usize));
+    for t in drive_arrivals(arrivals, epoch, cfg.duration_us, usize::MAX, &claimed) {
         let _ = t.await;
     }
     claimed.get()
