@@ -391,7 +391,7 @@ impl CalibrationFile {
 
     pub fn write(&self, path: &std::path::Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self).expect("calibration file serialises");
-        std::fs::write(path, text + "\n").map_err(|source| CoreError::Io { path: path.to_path_buf(), source })
+        std::fs::write(path, text + "\n").map_err(|error| CoreError::Io { action: "write", path: path.to_path_buf(), error })
     }
 }
 

@@ -7,12 +7,10 @@ pub enum CoreError {
     #[error("{path} is not a valid {what}: {reason}; {hint}")]
     CorruptFile { path: PathBuf, what: String, reason: String, hint: String },
 
-    #[error("could not read or write {path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// Says its cause itself (and does not also return it as its source,
+    /// which a chain of causes would print twice).
+    #[error("could not {action} {path}: {error}")]
+    Io { action: &'static str, path: PathBuf, error: std::io::Error },
 
     #[error("invalid {what}: {reason}")]
     InvalidArgument { what: String, reason: String },

@@ -82,7 +82,7 @@ impl Link {
     /// Reads a Mahimahi trace. Errors name the file and the line.
     pub fn trace(path: &Path, rtt_us: u64, loss: f64) -> Result<Self> {
         check_loss(loss)?;
-        let text = std::fs::read_to_string(path).map_err(|source| CoreError::Io { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|error| CoreError::Io { action: "read", path: path.to_path_buf(), error })?;
         let corrupt = |reason: String| CoreError::CorruptFile {
             path: path.to_path_buf(),
             what: "Mahimahi trace".into(),
