@@ -160,8 +160,12 @@ pub struct StackArgs {
     /// scenarios/traces/synthetic-cellular.up): its devices then report
     /// what they observe, and the planner plans for them as the trace
     /// changes (`fleet --uplink-trace`).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "uplink_schedule")]
     pub uplink_trace: Option<PathBuf>,
+    /// Emulate the fleet's uplinks as steps over time instead: AT_S:MBIT_S
+    /// pairs from 0 s, e.g. 0:50,20:0.5,40:50 (`fleet --uplink-schedule`).
+    #[arg(long, value_name = "AT_S:MBIT_S,...")]
+    pub uplink_schedule: Option<String>,
     /// Round-trip propagation time of the emulated uplinks.
     #[arg(long, default_value_t = 20.0, value_name = "MS")]
     pub rtt_ms: f64,
@@ -542,12 +546,17 @@ pub struct FleetArgs {
     /// devices then measure their uplink, decline offloads predicted to miss
     /// the deadline, and report to the planner (over NATS: the stack's
     /// planner plans for them)
-    #[arg(long, value_name = "FILE", conflicts_with = "uplink_mbit_s")]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["uplink_mbit_s", "uplink_schedule"])]
     pub uplink_trace: Option<PathBuf>,
     /// Emulate each device's uplink at this constant rate instead (see
     /// --uplink-trace)
-    #[arg(long, value_name = "MBIT_S")]
+    #[arg(long, value_name = "MBIT_S", conflicts_with = "uplink_schedule")]
     pub uplink_mbit_s: Option<f64>,
+    /// Emulate each device's uplink as steps over time instead: AT_S:MBIT_S
+    /// pairs, from 0 s, e.g. 0:50,20:0.5,40:50 (a handover at 20 s that
+    /// ends at 40 s; the last step lasts to the end)
+    #[arg(long, value_name = "AT_S:MBIT_S,...")]
+    pub uplink_schedule: Option<String>,
     /// Round-trip propagation time of the emulated uplink
     #[arg(long, default_value_t = 20.0, value_name = "MS")]
     pub rtt_ms: f64,

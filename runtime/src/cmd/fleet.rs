@@ -207,8 +207,8 @@ fn write_results(args: &FleetArgs, run: &branchpoint_actors::fleet::FleetRun, ou
     Ok(())
 }
 
-/// Each device's emulated uplink, from `--uplink-trace` or
-/// `--uplink-mbit-s` (none without either): the same emulation, estimate,
+/// Each device's emulated uplink, from `--uplink-trace`, `--uplink-mbit-s`
+/// or `--uplink-schedule` (none without one): the same emulation, estimate,
 /// declining and reports as a live scenario replay's devices
 /// (`run_fleet` gives each device its own seed and report offset).
 fn emulation(args: &FleetArgs, fleet_id: &str, smallest_upload: usize) -> Result<Option<EmulationSpec>> {
@@ -216,10 +216,11 @@ fn emulation(args: &FleetArgs, fleet_id: &str, smallest_upload: usize) -> Result
         bail!("--rtt-ms {}: give a number of milliseconds, at least 0", args.rtt_ms);
     }
     let rtt_us = (args.rtt_ms * 1e3).round() as u64;
-    let link = match (&args.uplink_trace, args.uplink_mbit_s) {
-        (Some(path), _) => Link::trace(path, rtt_us, 0.0).with_context(|| format!("--uplink-trace {}", path.display()))?,
-        (None, Some(mbit)) => Link::constant(mbit, rtt_us, 0.0).context("--uplink-mbit-s")?,
-        (None, None) => return Ok(None),
+    let link = match (&args.uplink_trace, args.uplink_mbit_s, &args.uplink_schedule) {
+        (Some(path), _, _) => Link::trace(path, rtt_us, 0.0).with_context(|| format!("--uplink-trace {}", path.display()))?,
+        (None, Some(mbit), _) => Link::constant(mbit, rtt_us, 0.0).context("--uplink-mbit-s")?,
+        (None, None, Some(steps)) => uplink_schedule(steps, rtt_us).with_context(|| format!("--uplink-schedule {steps}"))?,
+        (None, None, None) => return Ok(None),
     };
     if args.report_interval_ms == 0 {
         bail!("--report-interval-ms 0: give how often devices report, e.g. 1000");
@@ -242,6 +243,24 @@ fn emulation(args: &FleetArgs, fleet_id: &str, smallest_upload: usize) -> Result
         probe_bytes: defaults.probe_bytes,
         arrival_rates: vec![(0, args.rate)],
     }))
+}
+
+/// A link of constant steps from `AT_S:MBIT_S,...` (the scenario files'
+/// `schedule`, on one line).
+pub(crate) fn uplink_schedule(steps: &str, rtt_us: u64) -> Result<Link> {
+    let segments = steps
+        .split(',')
+        .map(|step| {
+            let parsed = step.split_once(':').and_then(|(at, mbit)| Some((at.trim().parse::<f64>().ok()?, mbit.trim().parse::<f64>().ok()?)));
+            match parsed {
+                Some((at_s, uplink_mbit_s)) if at_s.is_finite() && at_s >= 0.0 => {
+                    Ok(branchpoint_core::link::Segment { at_us: (at_s * 1e6).round() as u64, uplink_mbit_s, rtt_us, loss: 0.0 })
+                }
+                _ => bail!("{step:?} is not a step: give AT_S:MBIT_S pairs separated by commas, from 0 s, e.g. 0:50,20:0.5,40:50"),
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Link::schedule(segments)?)
 }
 
 fn print_summary(s: &Summary) {

@@ -259,6 +259,9 @@ pub fn run(args: StackArgs) -> Result<()> {
     if let Some(trace) = &args.uplink_trace {
         branchpoint_core::link::Link::trace(trace, 0, 0.0).with_context(|| format!("--uplink-trace {}", trace.display()))?;
     }
+    if let Some(steps) = &args.uplink_schedule {
+        super::fleet::uplink_schedule(steps, 0).with_context(|| format!("--uplink-schedule {steps}"))?;
+    }
     let nodes = usize::from(args.cluster.max(1));
     let ports = ClusterPorts::find(args.nats_port, nodes)?;
     let nats_bin = nats_server_binary(args.nats_server.as_deref())?;
@@ -457,6 +460,9 @@ fn fleet_args(args: &StackArgs) -> Result<Vec<String>> {
     if let Some(trace) = &args.uplink_trace {
         let trace = std::fs::canonicalize(trace).with_context(|| format!("--uplink-trace {}", trace.display()))?;
         v.extend(["--uplink-trace".to_string(), trace.display().to_string(), "--rtt-ms".into(), args.rtt_ms.to_string()]);
+    }
+    if let Some(steps) = &args.uplink_schedule {
+        v.extend(["--uplink-schedule".to_string(), steps.clone(), "--rtt-ms".into(), args.rtt_ms.to_string()]);
     }
     Ok(v)
 }

@@ -1066,6 +1066,40 @@ fn the_planner_answers_network_reports_with_plans() {
     assert!(service_log("planner").contains("malformed network report"));
 }
 
+/// `fleet --uplink-schedule`: each device emulates its uplink as steps over
+/// time. On a fast link nothing is declined; when it collapses at 3 s the
+/// devices see it and decline offloads that cannot make the deadline, none
+/// in the first second of arrivals (the links start before the first
+/// arrival, by the time devices take to spawn: far less than 2 s); every
+/// input still gets exactly one outcome.
+#[test]
+fn a_fleet_on_a_scheduled_uplink_declines_what_a_collapse_cannot_carry() {
+    let _cpu = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = |name: &str, schedule: &str| {
+        let summary = dir.path().join(format!("{name}-summary.json"));
+        let outcomes = dir.path().join(format!("{name}-outcomes.jsonl"));
+        let out = branchpoint()
+            .args(["fleet", "--devices", "20", "--rate", "5", "--duration", "60", "--inputs", "600", "--deadline-ms", "100", "--uplink-schedule", schedule])
+            .args(["--json", summary.to_str().unwrap(), "--outcomes", outcomes.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "fleet failed: {}", String::from_utf8_lossy(&out.stderr));
+        let s: Summary = serde_json::from_str(&std::fs::read_to_string(summary).unwrap()).unwrap();
+        (s, read_outcomes(&outcomes))
+    };
+    let (fast, _) = fleet("fast", "0:100");
+    assert_eq!((fast.inputs, fast.outcomes, fast.declined), (600, 600, 0), "{fast:?}");
+    assert!(fast.offloaded > 0, "{fast:?}");
+    let (s, outcomes) = fleet("collapse", "0:100,3:0.2");
+    assert_eq!((s.inputs, s.outcomes, s.duplicates), (600, 600, 0), "{s:?}");
+    exactly_one_each(&outcomes, 600);
+    assert!(s.declined > 0, "the devices saw the collapse: {s:?}");
+    let start = outcomes.iter().map(|o| o.arrived_unix_us).min().unwrap();
+    let early: Vec<&Outcome> = outcomes.iter().filter(|o| o.declined && o.arrived_unix_us < start + 1_000_000).collect();
+    assert!(early.is_empty(), "declined before the collapse: {:?}", early.first());
+}
+
 /// One writer per key, kept by the store: a writer that derives a plan from
 /// the one it read (the calibrator's refit) never overwrites a plan another
 /// writer (the operator) stored meanwhile.
