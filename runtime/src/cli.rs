@@ -40,7 +40,7 @@ pub enum Command {
     /// Run a cloud worker: serve offloaded activations from NATS with dynamic batching.
     Worker(WorkerArgs),
     /// Run a fleet of simulated devices (in-process by default, or against NATS workers).
-    Fleet(FleetArgs),
+    Fleet(Box<FleetArgs>),
     /// Run the calibration actor on NATS: publish temperatures, answer gets and refits.
     Calibrator(CalibratorArgs),
     /// Run the partition planner on NATS: answer devices' network reports with plans.

@@ -49,7 +49,7 @@ pub fn run(cli: cli::Cli) -> Result<()> {
         cli::Command::Profile(args) => cmd::profile::run(args),
         cli::Command::Codecs(args) => cmd::codecs::run(args),
         cli::Command::Worker(args) => cmd::worker::run(args),
-        cli::Command::Fleet(args) => cmd::fleet::run(args),
+        cli::Command::Fleet(args) => cmd::fleet::run(*args),
         cli::Command::Calibrator(args) => cmd::calibrator::run(args),
         cli::Command::Planner(args) => cmd::planner::run(args),
         cli::Command::Run(args) => cmd::run::run(args),
