@@ -492,14 +492,17 @@ fn a_live_shift_is_detected_and_the_refit_reaches_the_devices_through_the_store(
     let w = &watched.watch[0];
     let delay = w.detection_delay_s.expect("the shift is detected live");
     assert!(delay > 0.0, "{delay}");
-    // The virtual-time twin runs the same watch on the same audits: it
-    // alarms within 2 s of the live run. (Its refit threshold is not
-    // compared: the refit splits its sample in the order audits reach the
-    // calibrator, which the network reorders, and at ~400 inputs a half
-    // moves the certified threshold by 0.1; see the README.)
+    // The virtual-time twin runs the same watch on the same audits and
+    // alarms too, within seconds of the live run: 0.24 s apart on an idle
+    // 2-core machine, 2.25 s with a build running beside it (live, audits
+    // reach the calibrator later when the devices fall behind), so 5 s is
+    // the bound checked. (Its refit threshold is not compared: the refit
+    // splits its sample in the order audits reach the calibrator, which
+    // the network reorders, and at ~400 inputs a half moves the certified
+    // threshold by 0.1; see the README.)
     let twin = replay(&variant("watched-virtual.toml", "virtual", "watched"), &["--model", model], &dir.path().join("twin"));
     let twin_delay = policy(&twin, "watched").watch[0].detection_delay_s.expect("the twin detects the shift");
-    assert!((twin_delay - delay).abs() <= 2.0, "alarm {delay} s after the shift live, {twin_delay} s in virtual time");
+    assert!((twin_delay - delay).abs() <= 5.0, "alarm {delay} s after the shift live, {twin_delay} s in virtual time");
     let refit = w.refits.first().expect("and the branch refit");
     assert!(refit.t_s > shift_s + delay - 1e-6 && refit.temperature > r.model.temperatures[0], "{refit:?}");
     // The refit reached the running devices through the control store: the
