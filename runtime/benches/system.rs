@@ -252,10 +252,10 @@ fn main() {
             let batcher = Batcher::new(cfg, exec, vec![ServedModel { sha256: sha.clone(), partition_points: points }]).with_compute_threads(1).start();
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
             actix::spawn(async move {
-                let _ = serve_nats(wclient, batcher, "bench".into(), move || {
+                let ready = move || {
                     let _ = ready_tx.send(());
-                })
-                .await;
+                };
+                let _ = serve_nats(wclient, batcher, "bench".into(), ready, std::future::pending()).await;
             });
             ready_rx.await.unwrap();
             let client = async_nats::connect(&url).await.unwrap();

@@ -153,6 +153,7 @@ pub async fn serve_calibration_nats(
     calibrator: CalibratorHandle,
     store: Option<crate::control::ControlStore>,
     on_ready: impl FnOnce(),
+    shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ActorError> {
     let nats = |e: String| ActorError::Nats(e);
     let mut get = client.subscribe(subjects::CALIBRATION_GET).await.map_err(|e| nats(e.to_string()))?;
@@ -183,8 +184,12 @@ pub async fn serve_calibration_nats(
     publish(initial).await?;
     client.flush().await.map_err(|e| nats(e.to_string()))?;
     on_ready();
+    tokio::pin!(shutdown);
     loop {
         tokio::select! {
+            // A message being handled is handled to the end: shutdown is
+            // seen only between messages.
+            _ = &mut shutdown => return Ok(()),
             Some(msg) = get.next() => {
                 if let Some(reply) = msg.reply {
                     let bytes = encode(&to_update(&calibrator.current().await?))?;

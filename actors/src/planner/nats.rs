@@ -153,7 +153,12 @@ impl Handler<DeviceReport> for NatsReports {
 /// the workers' status (`branchpoint.worker.status`, `PoolLoad`). Malformed
 /// reports and statuses, and reports without the planner's fields, are
 /// dropped with a message.
-pub async fn serve_planner_nats(client: async_nats::Client, planner: Addr<Planner>, on_ready: impl FnOnce()) -> Result<(), crate::ActorError> {
+pub async fn serve_planner_nats(
+    client: async_nats::Client,
+    planner: Addr<Planner>,
+    on_ready: impl FnOnce(),
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), crate::ActorError> {
     use branchpoint_messages::{decode, WorkerStatus};
     use futures::StreamExt;
     let nats = |e: String| crate::ActorError::Nats(e);
@@ -164,7 +169,16 @@ pub async fn serve_planner_nats(client: async_nats::Client, planner: Addr<Planne
     let mut merged = futures::stream::select(reports.map(|m| (true, m)), statuses.map(|m| (false, m)));
     let mut pool = PoolView::default();
     let mut dropped = 0u64;
-    while let Some((is_report, msg)) = merged.next().await {
+    tokio::pin!(shutdown);
+    loop {
+        // Shutdown is seen between messages, never in the middle of one.
+        let (is_report, msg) = tokio::select! {
+            _ = &mut shutdown => break,
+            next = merged.next() => match next {
+                Some(m) => m,
+                None => break,
+            },
+        };
         if !is_report {
             match decode::<WorkerStatus>(&msg.payload) {
                 Ok(status) => {

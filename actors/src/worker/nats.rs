@@ -118,7 +118,13 @@ pub const SERVICE_NAME: &str = "branchpoint-worker";
 /// workers' queue group, so each request goes to one worker of the pool.
 /// `on_ready` runs once the endpoint is subscribed, i.e. once requests can
 /// reach this worker.
-pub async fn serve_nats(client: async_nats::Client, batcher: Addr<Batcher>, worker_id: String, on_ready: impl FnOnce()) -> Result<(), ActorError> {
+pub async fn serve_nats(
+    client: async_nats::Client,
+    batcher: Addr<Batcher>,
+    worker_id: String,
+    on_ready: impl FnOnce(),
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ActorError> {
     use async_nats::service::ServiceExt;
     let nats = |e: async_nats::Error| ActorError::Nats(e.to_string());
     let service = client
@@ -133,7 +139,17 @@ pub async fn serve_nats(client: async_nats::Client, batcher: Addr<Batcher>, work
     // Make sure the server has the subscription before saying we are ready.
     client.flush().await.map_err(|e| ActorError::Nats(e.to_string()))?;
     on_ready();
-    while let Some(request) = endpoint.next().await {
+    tokio::pin!(shutdown);
+    loop {
+        // A request being handed over is handed over: shutdown is seen only
+        // between requests, and ends the subscription with the endpoint.
+        let request = tokio::select! {
+            _ = &mut shutdown => break,
+            next = endpoint.next() => match next {
+                Some(r) => r,
+                None => break,
+            },
+        };
         let received = Instant::now();
         let reply_to = |request| {
             let (client, worker_id) = (client.clone(), worker_id.clone());

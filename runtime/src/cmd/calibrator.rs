@@ -72,13 +72,11 @@ pub fn run(args: CalibratorArgs) -> Result<()> {
             )
         };
         crate::shutdown::serving();
-        let served = tokio::select! {
-            r = serve_calibration_nats(client.clone(), calibrator.clone(), store, ready) => Some(r),
-            sig = crate::shutdown::signal() => {
-                tracing::info!("calibrator: {}: shutting down", sig.name());
-                None
-            }
+        let signalled = async {
+            let sig = crate::shutdown::signal().await;
+            tracing::info!("calibrator: {}: shutting down", sig.name());
         };
+        let served = serve_calibration_nats(client.clone(), calibrator.clone(), store, ready, signalled).await;
         let stopping = Stopping::new("calibrator", GRACE);
         // Replies already published leave now, unless the server is gone.
         stopping.step("flushing replies to NATS", std::time::Duration::from_millis(500), client.flush()).await;
@@ -87,9 +85,7 @@ pub fn run(args: CalibratorArgs) -> Result<()> {
             tracing::warn!("calibrator: a refit is still running on {still:?}");
         }
         args.service.clear();
-        if let Some(r) = served {
-            r.context("serving calibration")?;
-        }
+        served.context("serving calibration")?;
         stopping.done();
         Ok::<(), anyhow::Error>(())
     })

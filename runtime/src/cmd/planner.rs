@@ -107,10 +107,11 @@ pub fn run(args: PlannerArgs) -> Result<()> {
             )
         };
         crate::shutdown::serving();
-        tokio::select! {
-            r = serve_planner_nats(client.clone(), planner, ready) => r.context("serving the planner")?,
-            sig = crate::shutdown::signal() => tracing::info!("planner: {}: shutting down", sig.name()),
-        }
+        let signalled = async {
+            let sig = crate::shutdown::signal().await;
+            tracing::info!("planner: {}: shutting down", sig.name());
+        };
+        serve_planner_nats(client.clone(), planner, ready, signalled).await.context("serving the planner")?;
         let stopping = Stopping::new("planner", GRACE);
         // Plans already published leave now, unless the server is gone.
         stopping.step("flushing plans to NATS", std::time::Duration::from_millis(500), client.flush()).await;

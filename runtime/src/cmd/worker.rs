@@ -69,17 +69,12 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         let (batcher_for_drain, drain_client) = (batcher.clone(), client.clone());
         let who = format!("worker {worker_id}");
         crate::shutdown::serving();
-        let sig = tokio::select! {
-            r = serve_nats(client, batcher, worker_id.clone(), ready) => {
-                r.context("serving offloads")?;
-                None
-            }
-            sig = crate::shutdown::signal() => Some(sig),
-        };
-        let stopping = crate::shutdown::Stopping::new(&who, crate::shutdown::GRACE);
-        if let Some(sig) = sig {
+        let signalled = async {
+            let sig = crate::shutdown::signal().await;
             tracing::info!("{who}: {}: shutting down", sig.name());
-        }
+        };
+        serve_nats(client, batcher, worker_id.clone(), ready, signalled).await.context("serving offloads")?;
+        let stopping = crate::shutdown::Stopping::new(&who, crate::shutdown::GRACE);
         status.abort();
         // The subscription is gone with serve_nats's future, so no new
         // request arrives; answer those already here before exiting.

@@ -299,11 +299,11 @@ async fn start_pool(setup: &LiveSetup<'_>, client: Option<&async_nats::Client>, 
         // Their load, for a control plane watching the run (`--listen`).
         actix::spawn(publish_worker_status(wc.clone(), batcher.clone(), id.clone(), WORKER_STATUS_INTERVAL));
         actix::spawn(async move {
-            if let Err(e) = serve_nats(wc, batcher, id, move || {
+            // Served until the run ends and aborts it.
+            let ready = move || {
                 let _ = tx.send(());
-            })
-            .await
-            {
+            };
+            if let Err(e) = serve_nats(wc, batcher, id, ready, std::future::pending()).await {
                 tracing::error!("worker: {e}");
             }
         });
@@ -359,11 +359,10 @@ async fn start_planner(setup: &LiveSetup<'_>, client: Option<&async_nats::Client
             let (tx, rx) = tokio::sync::oneshot::channel();
             let (c, p) = (c.clone(), planner.clone());
             actix::spawn(async move {
-                if let Err(e) = serve_planner_nats(c, p, move || {
+                let ready = move || {
                     let _ = tx.send(());
-                })
-                .await
-                {
+                };
+                if let Err(e) = serve_planner_nats(c, p, ready, std::future::pending()).await {
                     tracing::error!("planner: {e}");
                 }
             });
@@ -571,11 +570,10 @@ async fn start_calibrator(
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (c, h) = (client.clone(), handle.clone());
     actix::spawn(async move {
-        if let Err(e) = serve_calibration_nats(c, h, Some(store), move || {
+        let ready = move || {
             let _ = tx.send(());
-        })
-        .await
-        {
+        };
+        if let Err(e) = serve_calibration_nats(c, h, Some(store), ready, std::future::pending()).await {
             tracing::error!("calibrator: {e}");
         }
     });
