@@ -210,6 +210,11 @@ impl FleetConfig {
         if let Err(e) = branchpoint_messages::PTar::target(self.device.p_tar) {
             return bad("--p-tar", e.to_string());
         }
+        // Device ids are `<id>-<n>`: each must be a valid id on the wire.
+        let last = format!("{}-{}", self.device.id, self.devices - 1);
+        if !branchpoint_messages::subjects::is_valid_id(&last) {
+            return bad("--fleet-id", format!("its devices' ids (up to {last:?}) must be 1 to 64 letters, digits, '-' or '_': give a shorter fleet id"));
+        }
         Ok(())
     }
 }

@@ -140,7 +140,9 @@ fn fleet_config(args: &FleetArgs, temperatures: Vec<f64>, model_sha256: String, 
         max_inputs: args.inputs,
         seed: args.seed,
         device: DeviceConfig {
-            id: "device".into(),
+            // Device ids are the fleet's id and a number: fleets sharing a bus
+            // never share a device's plan key.
+            id: fleet_id.clone(),
             partition_branch: args.partition_branch,
             p_tar: args.p_tar,
             temperatures,
