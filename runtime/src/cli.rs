@@ -535,7 +535,7 @@ pub struct FleetArgs {
     /// Group of the devices, for plan updates addressed to a group (with --nats).
     #[arg(long, default_value = "default", value_name = "NAME")]
     pub group: String,
-    /// Name of this fleet in its status reports (with --nats) [default: fleet-<pid>].
+    /// Name of this fleet in its status reports, and of its devices (<ID>-0, <ID>-1, ...) [default: fleet-<pid>].
     #[arg(long, value_name = "ID")]
     pub fleet_id: Option<String>,
     /// With --nats: how often the fleet publishes its totals and its devices' plans, in ms (0: never).
