@@ -210,7 +210,12 @@ impl ControlStore {
 
     /// The plan stored for `target`, with its revision, if there is one.
     pub async fn plan(&self, target: &PlanTarget) -> Result<Option<Stored<PlanUpdate>>, ActorError> {
-        let key = plan_key(target);
+        self.plan_at(plan_key(target)).await
+    }
+
+    /// The plan stored under `key`, if one is (not deleted, and it decodes
+    /// to a plan for the target its key names).
+    async fn plan_at(&self, key: String) -> Result<Option<Stored<PlanUpdate>>, ActorError> {
         let Some(entry) = self.plans.entry(key.clone()).await.map_err(|e| kv_error("reading a plan", e))? else { return Ok(None) };
         if entry.operation != kv::Operation::Put {
             return Ok(None);
@@ -255,14 +260,7 @@ impl ControlStore {
         keys.sort();
         let mut out = Vec::with_capacity(keys.len());
         for key in keys {
-            let Some(entry) = self.plans.entry(key.clone()).await.map_err(|e| kv_error("reading a plan", e))? else { continue };
-            if entry.operation != kv::Operation::Put {
-                continue;
-            }
-            match decode_plan(&entry.value, &key) {
-                Some(value) => out.push(Stored { value, revision: entry.revision }),
-                None => continue,
-            }
+            out.extend(self.plan_at(key).await?);
         }
         Ok(out)
     }

@@ -401,23 +401,22 @@ fn start_nats(stack: &mut Stack, nats_bin: &Path, ports: &ClusterPorts, dir: &Pa
 /// supervisor starts later.
 fn start_services(stack: &mut Stack, args: &StackArgs, url: &str, nodes: usize) -> Result<Vec<String>> {
     let model = args.model.display().to_string();
-    let with_nats = |sub: &str, rest: &[String]| -> Vec<String> {
+    let with_nats = |sub: &str, rest: Vec<String>| -> Vec<String> {
         let mut v: Vec<String> = vec![sub.into(), "--nats".into(), url.to_string(), "--model".into(), model.clone()];
-        v.extend(rest.iter().cloned());
+        v.extend(rest);
         v
     };
-    let own = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     // The buckets, made by the operator: the services may read and write
     // their keys but not create or change buckets.
     create_buckets(url, stack.creds.as_ref(), &args.nats, nodes)?;
-    stack.start("calibrator", with_nats("calibrator", &own(&["--method", &args.method])), true)?;
-    stack.start("planner", with_nats("planner", &[]), true)?;
-    let mut api = with_nats("serve", &own(&["--listen", &args.http.listen]));
+    stack.start("calibrator", with_nats("calibrator", vec!["--method".into(), args.method.clone()]), true)?;
+    stack.start("planner", with_nats("planner", Vec::new()), true)?;
+    let mut api = with_nats("serve", vec!["--listen".into(), args.http.listen.clone()]);
     if let Some(t) = &args.http.token {
         api.extend(["--token".into(), t.clone()]);
     }
     stack.start("api", api, true)?;
-    let worker_base = with_nats("worker", &own(&["--cloud-slowdown", &args.cloud_slowdown.to_string()]));
+    let worker_base = with_nats("worker", vec!["--cloud-slowdown".into(), args.cloud_slowdown.to_string()]);
     for _ in 0..args.workers {
         stack.start_worker(&worker_base)?;
     }
@@ -428,7 +427,7 @@ fn start_services(stack: &mut Stack, args: &StackArgs, url: &str, nodes: usize) 
         stack.wait_for_log(name, says, Duration::from_secs(180))?;
     }
     if args.devices > 0 {
-        stack.start("fleet", with_nats("fleet", &fleet_args(args)?), false)?;
+        stack.start("fleet", with_nats("fleet", fleet_args(args)?), false)?;
     }
     Ok(worker_base)
 }
