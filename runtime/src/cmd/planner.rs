@@ -89,9 +89,7 @@ pub fn run(args: PlannerArgs) -> Result<()> {
         let client = crate::nats::connect(&args.nats, "branchpoint-planner").await?;
         // Devices learn plans only from the control store: without it the
         // planner could reach no one.
-        let store = ControlStore::open_with(&client, args.nats.store_settings())
-            .await
-            .context("the planner stores its plans in the control store, which needs JetStream (start nats-server with -js, as `branchpoint stack up` does)")?;
+        let store = ControlStore::open_with(&client, args.nats.store_settings()).await.context("the planner stores its plans in the control store")?;
         let stored: Vec<_> = store.plans().await?.into_iter().map(|p| p.value).collect();
         let devices = stored.iter().filter(|p| matches!(p.target, branchpoint_messages::PlanTarget::Device(_))).count();
         tracing::info!("planner: resumed {devices} device plan(s) from the control store");
