@@ -14,6 +14,7 @@ pub mod calibration;
 pub mod corrupt;
 pub mod costs;
 pub mod error;
+pub mod guarantee;
 pub mod link;
 pub mod monitor;
 pub mod offload;

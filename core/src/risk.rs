@@ -356,20 +356,20 @@ pub fn batch_error_rate(exits: u64, target: Target) -> f64 {
 /// `batch_error_rate` for one target, remembered per batch size (a
 /// certificate asks for many sizes, a re-split study for the same ones
 /// again).
-struct BatchErrorRates {
+pub(crate) struct BatchErrorRates {
     /// The batch certificate's target.
     certified: Target,
     /// Its batch half: delta / 2.
-    target: Target,
+    pub(crate) target: Target,
     known: std::collections::HashMap<u64, f64>,
 }
 
 impl BatchErrorRates {
-    fn new(certified: Target) -> Self {
+    pub(crate) fn new(certified: Target) -> Self {
         Self { certified, target: Target { delta: certified.delta / 2.0, ..certified }, known: std::collections::HashMap::new() }
     }
 
-    fn get(&mut self, exits: u64) -> f64 {
+    pub(crate) fn get(&mut self, exits: u64) -> f64 {
         let target = self.target;
         *self.known.entry(exits).or_insert_with(|| batch_error_rate(exits, target))
     }
