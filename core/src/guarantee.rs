@@ -377,6 +377,108 @@ pub fn guarantee_study(pool: &[BranchAnswers], targets: &[Target], calibration_i
     Ok(rows)
 }
 
+/// One branch and target of the deployment study.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeploymentRow {
+    pub target: Target,
+    pub branch: usize,
+    /// Each test's level in the plan certificate (delta / branches).
+    pub level: f64,
+    /// Certified on the validation split's labels, judged on the
+    /// deployment's labels: the lowest certified threshold (`None`: nothing
+    /// certified) and whether the deployment's exits there fell below `a`.
+    pub validation_threshold: Option<f64>,
+    pub validation_violated: bool,
+    /// Recertified, over `draws` samples of the deployment at the audit
+    /// rate, on the audits' agreement with the final exit, and judged on the
+    /// whole deployment's agreement: how many draws certified a threshold
+    /// here, and how many of those fell below `a`.
+    pub draws: usize,
+    pub audit_certified: usize,
+    pub audit_violations: usize,
+    /// The mean over draws of the audit-certified threshold's offload rate
+    /// on the deployment (1 where nothing was certified).
+    pub audit_mean_offload_rate: f64,
+}
+
+/// A deployment's inputs as each branch answered them, judged two ways.
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    /// Right when the branch's class is the label.
+    pub labels: Vec<BranchAnswers>,
+    /// Right when it is the final exit's class.
+    pub agreement: Vec<BranchAnswers>,
+}
+
+/// The non-exchangeable deployment: thresholds certified on the
+/// validation split (`validation`, labels) judged on a deployment's labels,
+/// beside the same plans recertified from audits (a uniform sample of the
+/// deployment at `audit_rate`, drawn `draws` times) judged on its agreement
+/// with the final exit.
+pub fn deployment_study(
+    validation: &[BranchAnswers],
+    deployment: &Deployment,
+    targets: &[Target],
+    audit_rate: f64,
+    draws: usize,
+    seed: u64,
+    grid: &[f64],
+) -> Result<Vec<DeploymentRow>> {
+    let (deployment_labels, deployment_agreement) = (&deployment.labels, &deployment.agreement);
+    let branches = validation.len();
+    let m = deployment_labels.first().map_or(0, |b| b.confidences.len());
+    let audits = (audit_rate * m as f64).round() as usize;
+    if branches == 0 || deployment_labels.len() != branches || deployment_agreement.len() != branches || !(audits > 0 && audits < m) || draws == 0 {
+        return Err(CoreError::InvalidArgument {
+            what: "deployment study".into(),
+            reason: format!(
+                "{branches} validation branches, {} and {} deployment branches, {audits} audits of {m} inputs, {draws} draws",
+                deployment_labels.len(),
+                deployment_agreement.len()
+            ),
+        });
+    }
+    let all = |pool: &[BranchAnswers]| -> Result<Vec<ConfidenceCounts>> { pool.iter().map(|b| b.counts_of(&(0..b.confidences.len()).collect::<Vec<_>>())).collect() };
+    let (on_validation, judged_labels, judged_agreement) = (all(validation)?, all(deployment_labels)?, all(deployment_agreement)?);
+    let violated = |counts: &ConfidenceCounts, t: f64, a: f64| {
+        let (exits, errors) = counts.at(t);
+        exits > 0 && !crate::offload::reaches_target(exits - errors, exits, a)
+    };
+    let mut rows = Vec::new();
+    for &target in targets {
+        let before = certify_plans(&on_validation, target, Promise::Population, Correction::FixedSequenceUnion, grid)?;
+        let first = rows.len();
+        for b in &before.branches {
+            let validation_threshold = b.lowest();
+            rows.push(DeploymentRow {
+                target,
+                branch: b.branch,
+                level: b.level,
+                validation_threshold,
+                validation_violated: validation_threshold.is_some_and(|t| violated(&judged_labels[b.branch - 1], t, target.accuracy)),
+                draws,
+                audit_certified: 0,
+                audit_violations: 0,
+                audit_mean_offload_rate: 0.0,
+            });
+        }
+        for d in 0..draws {
+            let order = crate::rng::SplitMix64::new(seed.wrapping_add(d as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)).permutation(m);
+            let sample: Vec<ConfidenceCounts> = deployment_agreement.iter().map(|b| b.counts_of(&order[..audits])).collect::<Result<_>>()?;
+            let after = certify_plans(&sample, target, Promise::Population, Correction::FixedSequenceUnion, grid)?;
+            for (b, row) in after.branches.iter().zip(&mut rows[first..]) {
+                let exits = b.lowest().map_or(0, |t| judged_agreement[b.branch - 1].at(t).0);
+                row.audit_mean_offload_rate += (1.0 - exits as f64 / m as f64) / draws as f64;
+                if let Some(t) = b.lowest() {
+                    row.audit_certified += 1;
+                    row.audit_violations += usize::from(violated(&judged_agreement[b.branch - 1], t, target.accuracy));
+                }
+            }
+        }
+    }
+    Ok(rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -545,6 +647,34 @@ mod tests {
         assert_eq!(joint.chosen_branch.iter().sum::<usize>(), 200, "something certified every draw: {joint:?}");
         let batch = row(Promise::Batch(19_000), Correction::FixedSequenceUnion);
         assert!(batch.violation_rate <= target.delta + batch.sampling_error, "{batch:?}");
+    }
+
+    #[test]
+    fn audits_recertify_a_deployment_that_validation_misjudges() {
+        // Validation: right with probability 0.5 + c / 2. The deployment is
+        // harder: right with probability c, so thresholds certified on
+        // validation break a there; audits of the deployment itself do not.
+        let answers = |n: usize, seed: u64, p: fn(f64) -> f64| {
+            let mut rng = crate::rng::SplitMix64::new(seed);
+            let (confidences, correct) = (0..n)
+                .map(|_| {
+                    let c = rng.next_f64();
+                    (c, rng.next_f64() < p(c))
+                })
+                .unzip();
+            vec![BranchAnswers { confidences, correct }]
+        };
+        let validation = answers(5000, 1, |c| 0.5 + c / 2.0);
+        let harder = answers(10_000, 2, |c| c);
+        let deployment = Deployment { labels: harder.clone(), agreement: harder };
+        let target = Target { accuracy: 0.9, delta: 0.1 };
+        let rows = deployment_study(&validation, &deployment, &[target], 0.1, 100, 3, &plan_grid()).unwrap();
+        let r = &rows[0];
+        assert!(r.validation_violated, "{r:?}");
+        assert!(r.audit_certified > 50, "most draws certify a threshold: {r:?}");
+        // At most delta of the draws break it, up to sampling error.
+        assert!((r.audit_violations as f64) <= 0.1 * 100.0 + 2.0 * (100.0f64 * 0.1 * 0.9).sqrt(), "{r:?}");
+        assert!(r.audit_mean_offload_rate > 0.2, "the harder deployment offloads more: {r:?}");
     }
 
     #[test]

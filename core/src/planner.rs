@@ -244,27 +244,33 @@ impl OffloadBytes {
     }
 }
 
-/// Per branch: device only, cloud only, and the thresholds certified for
-/// `accuracies` at `delta` (see `ModelStats::certified`).
+/// Per branch: device only, cloud only, and for each target accuracy in
+/// `accuracies` at `delta` the lowest threshold of the branch's certified
+/// set (see `ModelStats::certified`). Each target's thresholds are certified
+/// for every branch at once (`guarantee::certify_plans`: fixed sequence
+/// within a branch, union bound across), so the planner may choose among
+/// the branches after looking and the chosen plan still keeps its target
+/// with probability at least 1 - delta.
 pub fn certified_candidates(validation: &[ExitLogits], temperatures: &[f64], accuracies: &[f64], delta: f64) -> Result<Vec<Vec<Candidate>>> {
-    let grid = crate::risk::default_grid();
+    use crate::guarantee::{certify_plans, plan_grid, Correction, Promise};
+    let grid = plan_grid();
     let exits = validation.len();
     if exits < 2 || temperatures.len() != exits {
         return Err(CoreError::InvalidArgument { what: "certified candidates".into(), reason: format!("{exits} exits and {} temperatures", temperatures.len()) });
     }
-    (0..exits - 1)
-        .map(|b| {
-            let counts = crate::risk::ConfidenceCounts::of_exit(&validation[b], temperatures[b])?;
-            let mut v = vec![Candidate { p_tar: 0.0, certified: None }];
-            for &accuracy in accuracies {
-                let target = Target { accuracy, delta };
-                let c = crate::risk::certify(&counts, target, &grid)?;
-                v.push(Candidate { p_tar: c.threshold.unwrap_or(1.0), certified: Some(target) });
-            }
-            v.push(Candidate { p_tar: 1.0, certified: None });
-            Ok(v)
-        })
-        .collect()
+    let counts: Vec<crate::risk::ConfidenceCounts> = (0..exits - 1).map(|b| crate::risk::ConfidenceCounts::of_exit(&validation[b], temperatures[b])).collect::<Result<_>>()?;
+    let mut per_branch: Vec<Vec<Candidate>> = vec![vec![Candidate { p_tar: 0.0, certified: None }]; exits - 1];
+    for &accuracy in accuracies {
+        let target = Target { accuracy, delta };
+        let certificate = certify_plans(&counts, target, Promise::Population, Correction::FixedSequenceUnion, &grid)?;
+        for (candidates, b) in per_branch.iter_mut().zip(&certificate.branches) {
+            candidates.push(Candidate { p_tar: b.lowest().unwrap_or(1.0), certified: Some(target) });
+        }
+    }
+    for candidates in &mut per_branch {
+        candidates.push(Candidate { p_tar: 1.0, certified: None });
+    }
+    Ok(per_branch)
 }
 
 /// What the planner knows of compute and of the deadline.
@@ -871,9 +877,18 @@ mod tests {
             assert_eq!((of_branch[0].plan.p_tar, of_branch[3].plan.p_tar), (0.0, 1.0));
             for c in &of_branch[1..3] {
                 let target = c.certified.expect("certified");
-                let counts = crate::risk::ConfidenceCounts::of_exit(&validation[b - 1], temps[b - 1]).unwrap();
-                let want = crate::risk::certify(&counts, target, &crate::risk::default_grid()).unwrap().threshold.unwrap_or(1.0);
-                assert_eq!(c.plan.p_tar, want);
+                // Certified with both branches at once: each at delta / 2.
+                let counts: Vec<_> = (0..2).map(|k| crate::risk::ConfidenceCounts::of_exit(&validation[k], temps[k]).unwrap()).collect();
+                let joint = crate::guarantee::certify_plans(
+                    &counts,
+                    target,
+                    crate::guarantee::Promise::Population,
+                    crate::guarantee::Correction::FixedSequenceUnion,
+                    &crate::guarantee::plan_grid(),
+                )
+                .unwrap();
+                assert_eq!(joint.branches[b - 1].level, 0.025);
+                assert_eq!(c.plan.p_tar, joint.branches[b - 1].lowest().unwrap_or(1.0));
                 if c.plan.p_tar < 1.0 {
                     assert!(c.measured_edge_accuracy >= target.accuracy, "on the data it was certified on: {c:?}");
                 }

@@ -685,6 +685,9 @@ pub struct EvaluateArgs {
     /// Random re-splits of validation + test into calibration and evaluation halves, to count how often each threshold rule breaks its target (0: none).
     #[arg(long, default_value_t = 200, value_name = "N")]
     pub resplits: usize,
+    /// Draws of the guarantee study: a planner choosing among every certified branch and threshold, on calibration sets drawn from validation + test, and recertification on audits of the test split (0: none).
+    #[arg(long, default_value_t = 200, value_name = "N")]
+    pub guarantee_draws: usize,
     /// Seed of the re-splits and of the calibration methods' cross-validation folds.
     #[arg(long, default_value_t = 1, value_name = "S")]
     pub seed: u64,

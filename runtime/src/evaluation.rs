@@ -7,6 +7,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use branchpoint_core::calibration::{self, calibration_metrics, CalibrationFile, CalibrationMetrics, ExitLogits, FitSource, Method};
+use branchpoint_core::guarantee::{deployment_study, guarantee_study, plan_grid, BranchAnswers, Deployment, DeploymentRow, GuaranteeRow};
 use branchpoint_core::offload::{operating_point, sweep, Decisions, LatencyModel, OperatingPoint, SweepRow};
 use branchpoint_core::recalibration::{confidences, quality, select, ConfidenceMap, ConfidenceQuality};
 use branchpoint_core::risk::{certify, certify_batch, default_grid, resplit_study, Certificate, ConfidenceCounts, ResplitRates, Target};
@@ -64,6 +65,10 @@ pub struct Report {
     /// Thresholds for target accuracies: p_tar, temperature-scaled p_tar
     /// and certified.
     pub certified: CertifiedReport,
+    /// Certified for the plan chosen; `None` without draws
+    /// (`--guarantee-draws 0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guarantee: Option<GuaranteeReport>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -239,6 +244,67 @@ pub struct CertifiedRow {
     pub batch_certified: OperatingPoint,
     /// `None` when the report was made without re-splits.
     pub resplit: Option<ResplitRates>,
+}
+
+/// Certified for the plan chosen (`core::guarantee`): how often a planner
+/// choosing among every certified (branch, threshold) broke its target, and
+/// what certifying on the deployment's own audits changes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GuaranteeReport {
+    pub grid: String,
+    /// Per-branch temperatures, fit on the validation split (fixed for
+    /// every draw).
+    pub temperatures: Vec<f64>,
+    pub pool: String,
+    pub calibration_inputs: usize,
+    pub chooser: String,
+    pub draws: usize,
+    pub seed: u64,
+    pub rows: Vec<GuaranteeRow>,
+    pub deployment: String,
+    pub audit_rate: f64,
+    pub deployment_rows: Vec<DeploymentRow>,
+}
+
+/// Audits in the deployment study: the fraction of the test split a
+/// watched fleet sends to the cloud as well.
+pub const STUDY_AUDIT_RATE: f64 = 0.1;
+
+/// The guarantee study (`core::guarantee::guarantee_study`) on validation +
+/// test pooled, and the deployment study with the test split as the
+/// deployment, for `targets` over `draws` seeded draws.
+pub fn guarantee_report(logits: &SplitLogits, targets: &[Target], draws: usize, seed: u64) -> Result<GuaranteeReport> {
+    let branches = logits.test.len() - 1;
+    let temperatures: Vec<f64> = logits.validation[..branches].iter().map(|v| calibration::fit_temperature(&[v])).collect::<std::result::Result<_, _>>()?;
+    let (final_test, t_final) = (logits.test.last().context("a final exit")?, 1.0);
+    let answers = |e: &ExitLogits, t: f64, truth: &dyn Fn(usize) -> i64| {
+        let (confidences, correct) = (0..e.len()).map(|i| e.predict(i, t)).enumerate().map(|(i, (class, c))| (c, class as i64 == truth(i))).unzip();
+        BranchAnswers { confidences, correct }
+    };
+    let validation: Vec<BranchAnswers> = (0..branches).map(|b| answers(&logits.validation[b], temperatures[b], &|i| logits.validation[b].labels[i])).collect();
+    let test_labels: Vec<BranchAnswers> = (0..branches).map(|b| answers(&logits.test[b], temperatures[b], &|i| logits.test[b].labels[i])).collect();
+    let finals: Vec<i64> = (0..final_test.len()).map(|i| final_test.predict(i, t_final).0 as i64).collect();
+    let test_agreement: Vec<BranchAnswers> = (0..branches).map(|b| answers(&logits.test[b], temperatures[b], &|i| finals[i])).collect();
+    let pool: Vec<BranchAnswers> = validation
+        .iter()
+        .zip(&test_labels)
+        .map(|(v, t)| BranchAnswers { confidences: v.confidences.iter().chain(&t.confidences).copied().collect(), correct: v.correct.iter().chain(&t.correct).copied().collect() })
+        .collect();
+    let grid = plan_grid();
+    let calibration_inputs = logits.validation[0].len();
+    Ok(GuaranteeReport {
+        grid: "1 - 10^-x for x from 8 down to 3.1 in steps of 0.1, then 0.999 down to 0.001 in steps of 0.001; each branch tested from high to low".into(),
+        temperatures,
+        pool: format!("validation + test splits, {} labelled inputs", pool[0].confidences.len()),
+        calibration_inputs,
+        chooser: "the lowest certified threshold of the branch that offloads least on the draw (cloud only when nothing is certified)".into(),
+        draws,
+        seed,
+        rows: guarantee_study(&pool, targets, calibration_inputs, draws, seed, &grid)?,
+        deployment: "the test split: certified on the validation split's labels and judged on the test split's; recertified on audits (agreement with the final exit) and judged on the test split's agreement".into(),
+        audit_rate: STUDY_AUDIT_RATE,
+        deployment_rows: deployment_study(&validation, &Deployment { labels: test_labels, agreement: test_agreement }, targets, STUDY_AUDIT_RATE, draws, seed, &grid)?,
+    })
 }
 
 /// The certified-threshold comparison for every branch and target.

@@ -12,7 +12,9 @@ use branchpoint_models::profile::profile;
 use branchpoint_models::{Model, ModelData};
 
 use crate::cli::EvaluateArgs;
-use crate::evaluation::{certified_report, dump_logits, method_report, recalibration_report, split_logits, MethodReport, NetworkSettings, Report, SweepSettings};
+use crate::evaluation::{
+    certified_report, dump_logits, guarantee_report, method_report, recalibration_report, split_logits, GuaranteeReport, MethodReport, NetworkSettings, Report, SweepSettings,
+};
 use branchpoint_core::risk::Target;
 use plotters::prelude::SeriesLabelPosition;
 
@@ -40,6 +42,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         t.validate().with_context(|| format!("--certify-accuracy {} / --certify-delta {}", t.accuracy, t.delta))?;
     }
     let resplit_targets: Vec<usize> = (0..targets.len()).collect();
+    let study_targets = targets.clone();
     // The plot over the sweep: every p_tar as a target, at the smallest delta.
     let plot_delta = args.certify_delta.iter().copied().fold(1.0, f64::min);
     for &accuracy in &p_tars {
@@ -107,12 +110,16 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         methods,
         recalibration: recalibration_report(&logits, &names, args.seed)?,
         certified: certified_report(&logits, &targets, &resplit_targets, args.resplits, args.seed, args.outage_batch)?,
+        guarantee: if args.guarantee_draws > 0 { Some(guarantee_report(&logits, &study_targets, args.guarantee_draws, args.seed)?) } else { None },
     };
     print_calibration(&report);
     print_sweep(&report, 1);
     print_verdicts(&report);
     print_recalibration(&report);
     print_certified(&report, resplit_targets.len());
+    if let Some(g) = &report.guarantee {
+        print_guarantee(g);
+    }
 
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&report)?;
@@ -264,6 +271,49 @@ fn print_recalibration(report: &Report) {
                 if m.method == r.chosen { "  <- chosen" } else { "" }
             );
         }
+    }
+}
+
+fn print_guarantee(g: &GuaranteeReport) {
+    use branchpoint_core::guarantee::{Correction, Promise};
+    println!("\ncertified for the plan chosen ({} draws of {} calibration inputs from {}; {}):", g.draws, g.calibration_inputs, g.pool, g.chooser);
+    println!("  {:<6} {:>5}  {:<10}  {:<22}  {:>10}  {:>14}  {:>8}  chosen per branch", "a", "delta", "promise", "correction", "violations", "delta + 2 s.e.", "offload");
+    for r in &g.rows {
+        let promise = match r.promise {
+            Promise::Population => "population".to_string(),
+            Promise::Batch(m) => format!("batch {m}"),
+        };
+        let correction = match r.correction {
+            Correction::FixedSequenceUnion => "fixed sequence + union",
+            Correction::None => "none (each alone)",
+        };
+        println!(
+            "  {:<6} {:>5}  {:<10}  {:<22}  {:>9.1}%  {:>13.1}%  {:>7.1}%  {:?}",
+            r.target.accuracy,
+            r.target.delta,
+            promise,
+            correction,
+            100.0 * r.violation_rate,
+            100.0 * (r.target.delta + r.sampling_error),
+            100.0 * r.mean_offload_rate,
+            r.chosen_branch
+        );
+    }
+    println!("\ndeployment ({}; audits {:.0} % of it, {} draws):", g.deployment, 100.0 * g.audit_rate, g.draws);
+    println!("  {:<6} {:>5} {:>6}  {:>22}  {:>32}", "branch", "a", "delta", "validation: threshold", "audits: certified / broken, offload");
+    for r in &g.deployment_rows {
+        let validation = r.validation_threshold.map_or("none".into(), |t| format!("{t:.4}{}", if r.validation_violated { " broken" } else { "" }));
+        println!(
+            "  {:<6} {:>5} {:>6}  {:>22}  {:>14} / {:<4} (<= {:.1} by chance), {:.1}%",
+            r.branch,
+            r.target.accuracy,
+            r.target.delta,
+            validation,
+            r.audit_certified,
+            r.audit_violations,
+            r.level * r.audit_certified as f64,
+            100.0 * r.audit_mean_offload_rate
+        );
     }
 }
 
