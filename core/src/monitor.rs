@@ -20,11 +20,27 @@
 //!   be seen (Horvitz-Thompson): 1 / audit_rate for an audit, 1 for an
 //!   offload. Where the simulation knows labels, the label accuracy of the
 //!   same audits is estimated beside the agreement.
-//! - **Drift**: a one-sided CUSUM on the audits' disagreements tests "the
-//!   on-device error rate is 1 - a" against "it is 1 - a + margin"; it
-//!   alarms when the log-likelihood ratio statistic reaches ln(1 / alpha).
-//!   By Wald's bound, an alarm while the branch meets its target has
-//!   probability at most alpha per run of the statistic from 0.
+//! - **Drift**: an e-process (`DriftTest`) on the disagreements of every
+//!   input heard under the plan, audits and offloads alike. Its null: an
+//!   input of confidence c disagrees with the final exit with probability
+//!   at most mu(c), the `Reference`'s rate at that confidence (the
+//!   validation split's at the start, the refit's own evidence after a
+//!   refit; an upper confidence bound per confidence bin, plus
+//!   `drift_margin`). Which inputs are heard depends only on their
+//!   confidence and the audit coin, never on whether they disagree, so
+//!   every input heard is a fair test of it. The wealth starts at 1 with
+//!   each plan and is multiplied by 1 + lambda (d - mu(c)) per input
+//!   (d = 1 on a disagreement); the alarm is at wealth 1 / alpha. While
+//!   the null holds each factor has expectation at most 1, so by Ville's
+//!   inequality the chance of an alarm *ever*, however long the plan runs
+//!   and whenever it is read, is at most alpha (plus the chance that the
+//!   reference's bounds are too low, at most alpha too). Unlike the CUSUM
+//!   it replaces, its false alarms do not accumulate with time. Offloads
+//!   come back with the final exit's answer for free, so at a 10 % audit
+//!   rate they are most of the evidence: on the shipped shift the branch's
+//!   disagreement rises at every confidence (0.15 to 0.46 at 0.7 to 0.9),
+//!   and the test sees it within a second or two of inputs. Without a
+//!   reference, only on-device audits are tested, against mu = 1 - a.
 //! - **Refit**: after an alarm, from the sampled inputs that arrive after
 //!   it (the run of disagreements that raised the alarm is worse than the
 //!   truth by the way it was picked), once there are `min_refit_sample`,
@@ -57,9 +73,12 @@ pub struct MonitorConfig {
     pub window_us: u64,
     /// At most this many observations are kept (the oldest go first).
     pub max_observations: usize,
-    /// The drift test's alternative: error rate 1 - a + margin.
+    /// The smallest rise in disagreement the drift test is after: added to
+    /// the reference's rate at every confidence.
     pub drift_margin: f64,
-    /// The drift test's false-alarm bound (per run of the statistic).
+    /// The drift test's false-alarm bound: at most this chance of an alarm,
+    /// ever, while the reference holds (and as much again that it is too
+    /// low where it was estimated).
     pub alarm_alpha: f64,
     /// Refit on an alarm; off, the alarm is still raised and counted.
     pub auto_refit: bool,
@@ -169,7 +188,10 @@ pub struct Monitor {
     /// Observations numbered in arrival order, for the refit's halves.
     seen: u64,
     first_number: u64,
-    cusum: f64,
+    /// What the drift test holds the inputs to; `None`: the on-device
+    /// audits only, against 1 - a.
+    reference: Option<Reference>,
+    drift: DriftTest,
     /// After an alarm: refit from the inputs since this time as soon as
     /// there are enough and the last refit is far enough back.
     pending_since_us: Option<u64>,
@@ -179,7 +201,9 @@ pub struct Monitor {
 }
 
 impl Monitor {
-    pub fn new(cfg: MonitorConfig, temperature: f64, threshold: f64) -> Result<Self> {
+    /// `reference`: the disagreement expected at each confidence at this
+    /// `temperature` (`Reference::of_exit` on the validation split).
+    pub fn new(cfg: MonitorConfig, temperature: f64, threshold: f64, reference: Option<Reference>) -> Result<Self> {
         cfg.validate()?;
         if !(temperature.is_finite() && temperature > 0.0) {
             return Err(CoreError::InvalidArgument { what: "temperature".into(), reason: format!("{temperature}; give a positive number") });
@@ -192,7 +216,8 @@ impl Monitor {
             window: VecDeque::new(),
             seen: 0,
             first_number: 0,
-            cusum: 0.0,
+            reference,
+            drift: DriftTest::new(),
             pending_since_us: None,
             last_refit_us: None,
             alarms: 0,
@@ -230,26 +255,33 @@ impl Monitor {
             return Err(CoreError::InvalidArgument { what: "observation".into(), reason: format!("a class outside the {} classes", obs.logits.len()) });
         }
         let now = obs.t_us;
-        let audit_under_plan = obs.on_device && obs.t_us >= self.plan_since_us;
-        let disagrees = predict(&obs.logits, self.temperature).0 as u32 != obs.final_class;
+        let (class, confidence) = predict(&obs.logits, self.temperature);
+        let disagrees = class as u32 != obs.final_class;
+        // The null rate for this input: the reference's at its confidence;
+        // without one, the target's, for on-device inputs only.
+        let null = match (&self.reference, obs.on_device) {
+            _ if obs.t_us < self.plan_since_us => None,
+            (Some(r), _) => Some(r.null_at(confidence)),
+            (None, true) => Some((0, 1.0 - self.cfg.target.accuracy)),
+            (None, false) => None,
+        };
         self.push(obs);
         if let Some(since) = self.pending_since_us {
             if let Some(refit) = self.try_refit(now, since)? {
                 return Ok(Some(Event::Refit(refit)));
             }
         }
-        if !audit_under_plan {
+        // Once a refit is pending the alarm has done its work: the test
+        // waits for the refit's new plan.
+        let Some((bin, null)) = null.filter(|_| self.pending_since_us.is_none()) else {
             return Ok(None);
-        }
-        let e0 = 1.0 - self.cfg.target.accuracy;
-        let e1 = (e0 + self.cfg.drift_margin).min(1.0 - 1e-9);
-        let llr = if disagrees { (e1 / e0).ln() } else { ((1.0 - e1) / (1.0 - e0)).ln() };
-        self.cusum = (self.cusum + llr).max(0.0);
-        if self.cusum < (1.0 / self.cfg.alarm_alpha).ln() {
+        };
+        if !self.drift.observe(disagrees, null, bin, self.cfg.alarm_alpha) {
             return Ok(None);
         }
         self.alarms += 1;
-        self.cusum = 0.0;
+        // An alarm is raised once; counting goes on from fresh wealth.
+        self.drift = DriftTest::new();
         if self.cfg.auto_refit {
             // A refit learns from inputs that arrive after the alarm: those
             // before it describe the old inputs, and the run of
@@ -336,7 +368,19 @@ impl Monitor {
         self.threshold = threshold;
         self.plan_since_us = now;
         self.last_refit_us = Some(now);
-        self.cusum = 0.0;
+        // A new plan is a new hypothesis, held to what the inputs since the
+        // alarm look like at the new temperature (every input heard, at
+        // least `Reference::MIN_INPUTS` of them).
+        let since_alarm: Vec<&Observation> = self.window.iter().filter(|o| o.t_us >= since).collect();
+        let (conf, disagree): (Vec<f64>, Vec<bool>) = since_alarm
+            .iter()
+            .map(|o| {
+                let (class, c) = predict(&o.logits, temperature);
+                (c, class as u32 != o.final_class)
+            })
+            .unzip();
+        self.reference = Reference::new(&conf, &disagree, self.cfg.drift_margin, self.cfg.alarm_alpha).ok();
+        self.drift = DriftTest::new();
         self.refits.push(refit);
         Ok(Some(refit))
     }
@@ -371,6 +415,179 @@ impl Monitor {
         let reliability: Vec<(f64, f64, f64)> = bins.iter().filter(|b| b.2 > 0.0).map(|b| (b.0 / b.2, b.1 / b.2, b.2)).collect();
         let ece = (total > 0.0).then(|| reliability.iter().map(|(c, a, w)| w / total * (c - a).abs()).sum());
         LiveEstimate { audits: audits.len(), offloads, edge_agreement, edge_accuracy, offload_rate, ece, reliability }
+    }
+}
+
+/// The disagreement with the final exit expected at each confidence: the
+/// drift test's null. Confidences are cut into bins of equal counts; a
+/// bin's rate is the Clopper-Pearson upper bound on its disagreements
+/// (confidence 1 - beta / bins: all bins at once with probability
+/// 1 - beta), plus the margin.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reference {
+    /// Upper confidence edge of each bin but the last, ascending.
+    edges: Vec<f64>,
+    null: Vec<f64>,
+}
+
+impl Reference {
+    /// Inputs a reference needs: fewer make bins too wide to test with.
+    pub const MIN_INPUTS: usize = 100;
+
+    /// From inputs' confidences and whether each disagreed.
+    pub fn new(confidences: &[f64], disagrees: &[bool], margin: f64, beta: f64) -> Result<Self> {
+        let n = confidences.len();
+        if n < Self::MIN_INPUTS || disagrees.len() != n || confidences.iter().any(|c| !c.is_finite()) {
+            return Err(CoreError::InvalidArgument {
+                what: "drift reference".into(),
+                reason: format!("{n} confidences and {} disagreement flags; need at least {} finite pairs", disagrees.len(), Self::MIN_INPUTS),
+            });
+        }
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&i, &j| confidences[i].total_cmp(&confidences[j]));
+        // Ten bins, or fewer while a bin would hold under 100 inputs.
+        let bins = (n / Self::MIN_INPUTS).clamp(1, 10);
+        let (mut edges, mut null) = (Vec::new(), Vec::new());
+        for b in 0..bins {
+            let part = &order[b * n / bins..(b + 1) * n / bins];
+            let k = part.iter().filter(|&&i| disagrees[i]).count() as u64;
+            null.push((clopper_pearson_upper(k, part.len() as u64, beta / bins as f64) + margin).min(1.0));
+            if b + 1 < bins {
+                edges.push(confidences[*part.last().expect("bins are not empty")]);
+            }
+        }
+        Ok(Self { edges, null })
+    }
+
+    /// From one branch's logits on labelled-free inputs (the validation
+    /// split) and the final exit's class of each, at `temperature`.
+    pub fn of_exit(branch: &ExitLogits, final_classes: &[u32], temperature: f64, margin: f64, beta: f64) -> Result<Self> {
+        if final_classes.len() != branch.len() {
+            return Err(CoreError::InvalidArgument { what: "drift reference".into(), reason: format!("{} inputs but {} final classes", branch.len(), final_classes.len()) });
+        }
+        let (conf, disagree): (Vec<f64>, Vec<bool>) = (0..branch.len())
+            .map(|i| {
+                let (class, c) = branch.predict(i, temperature);
+                (c, class as u32 != final_classes[i])
+            })
+            .unzip();
+        Self::new(&conf, &disagree, margin, beta)
+    }
+
+    /// The bin of `confidence` and its null rate.
+    pub fn null_at(&self, confidence: f64) -> (usize, f64) {
+        let bin = self.edges.partition_point(|&e| e < confidence);
+        (bin, self.null[bin])
+    }
+}
+
+/// The inputs references are estimated from at the start: each branch's
+/// logits on the validation split and the final exit's class of each
+/// input (agreement needs no label).
+#[derive(Debug, Clone)]
+pub struct ReferenceInputs {
+    /// `[branch - 1]`.
+    pub branch_logits: Vec<ExitLogits>,
+    pub final_class: Vec<u32>,
+}
+
+impl ReferenceInputs {
+    /// From every exit's logits (branches, then the final exit) at the
+    /// final exit's `final_temperature` (a temperature never changes a
+    /// class; it is there for the one definition of a prediction).
+    pub fn of_exits(exits: &[ExitLogits], final_temperature: f64) -> Option<Self> {
+        let (fin, branches) = exits.split_last()?;
+        Some(Self { branch_logits: branches.to_vec(), final_class: (0..fin.len()).map(|i| fin.predict(i, final_temperature).0 as u32).collect() })
+    }
+
+    /// The reference of `branch` (from 1) at `temperature` for a monitor
+    /// of `cfg`; `None` when there is no such branch or too few inputs.
+    pub fn reference(&self, branch: usize, temperature: f64, cfg: &MonitorConfig) -> Option<Reference> {
+        let logits = self.branch_logits.get(branch.checked_sub(1)?)?;
+        Reference::of_exit(logits, &self.final_class, temperature, cfg.drift_margin, cfg.alarm_alpha).ok()
+    }
+}
+
+/// The drift test (module doc): a betting e-process on disagreements, each
+/// input against its own null rate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DriftTest {
+    /// ln of each bettor's wealth (one per stake in `STAKES`).
+    log_wealth: [f64; STAKES.len()],
+    /// Per reference bin: (d - mu, mu (1 - mu)) of its last `RECENT`
+    /// inputs, oldest first, and their sums.
+    recent: Vec<Recent>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+struct Recent {
+    inputs: VecDeque<(f64, f64)>,
+    excess: f64,
+    variance: f64,
+}
+
+/// Inputs of one confidence bin that decide whether to bet on the next.
+const RECENT: usize = 40;
+
+/// The bettors' stakes, as fractions of what one agreement could lose
+/// (lambda = stake / mu): from a small rise's best bet to a large jump's.
+/// Averaging their wealths costs ln 5 of evidence against knowing the best
+/// stake in advance; choosing one from the recent rate instead overbets
+/// whenever that rate is overestimated, as it always is right after a run
+/// of disagreements.
+const STAKES: [f64; 5] = [1.0 / 32.0, 1.0 / 16.0, 1.0 / 8.0, 1.0 / 4.0, 1.0 / 2.0];
+
+impl Default for DriftTest {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DriftTest {
+    pub fn new() -> Self {
+        Self { log_wealth: [0.0; STAKES.len()], recent: Vec::new() }
+    }
+
+    /// Whether the next input of reference bin `bin` is bet on: only while
+    /// that bin's recent inputs disagreed more than their null rates add up
+    /// to, by a standard deviation of the null. Decided from the inputs
+    /// before it, so the bound holds; a bin that keeps inside its null is
+    /// seldom bet on and costs the wealth little, and a bin that drifts is
+    /// bet on whatever the others do.
+    pub fn betting(&self, bin: usize) -> bool {
+        self.recent.get(bin).is_some_and(|r| r.excess > r.variance.sqrt())
+    }
+
+    /// Takes one input of reference bin `bin` and null rate `null` (in
+    /// (0, 1)); true when the wealth reaches 1 / alpha.
+    pub fn observe(&mut self, disagrees: bool, null: f64, bin: usize, alpha: f64) -> bool {
+        let null = null.clamp(1e-6, 1.0 - 1e-6);
+        let excess = f64::from(u8::from(disagrees)) - null;
+        if self.betting(bin) {
+            for (w, stake) in self.log_wealth.iter_mut().zip(STAKES) {
+                *w += (1.0 + stake / null * excess).ln();
+            }
+        }
+        if self.recent.len() <= bin {
+            self.recent.resize(bin + 1, Recent::default());
+        }
+        let r = &mut self.recent[bin];
+        let variance = null * (1.0 - null);
+        r.inputs.push_back((excess, variance));
+        r.excess += excess;
+        r.variance += variance;
+        if r.inputs.len() > RECENT {
+            let (e, v) = r.inputs.pop_front().unwrap_or((0.0, 0.0));
+            r.excess -= e;
+            r.variance = (r.variance - v).max(0.0);
+        }
+        self.wealth() >= 1.0 / alpha
+    }
+
+    /// The wealth, averaged over the bettors: the evidence against the
+    /// null (1: none).
+    pub fn wealth(&self) -> f64 {
+        self.log_wealth.iter().map(|w| w.exp()).sum::<f64>() / STAKES.len() as f64
     }
 }
 
@@ -425,6 +642,19 @@ mod tests {
         }
     }
 
+    /// The reference of `Stream`'s clean inputs at T = 1: 5,000 of them,
+    /// as a validation split would give it.
+    fn clean_reference(seed: u64) -> Reference {
+        let mut rng = SplitMix64::new(seed);
+        let (conf, disagree): (Vec<f64>, Vec<bool>) = (0..5000)
+            .map(|_| {
+                let c = predict(&[(8.0 * rng.next_f64()) as f32, 0.0], 1.0).1;
+                (c, rng.next_f64() >= c)
+            })
+            .unzip();
+        Reference::new(&conf, &disagree, 0.03, 0.01).unwrap()
+    }
+
     #[test]
     fn proportions_have_exact_intervals() {
         let i = proportion(0, 10, 0.05).unwrap();
@@ -439,7 +669,7 @@ mod tests {
     fn a_calibrated_branch_raises_no_alarm_and_its_estimate_covers_the_truth() {
         // Agreement equals confidence: calibrated. At threshold 0.8 the
         // on-device agreement is well above 0.9.
-        let mut m = Monitor::new(config(), 1.0, 0.8).unwrap();
+        let mut m = Monitor::new(config(), 1.0, 0.8, None).unwrap();
         let mut s = Stream { rng: SplitMix64::new(3), t: 0 };
         for _ in 0..60_000 {
             if let Some(o) = s.next(|c| c, 0.8, 1.0, 0.1) {
@@ -467,7 +697,7 @@ mod tests {
     #[test]
     fn the_interval_covers_the_truth_in_most_windows() {
         let cfg = MonitorConfig { window_us: 10_000_000, ..config() };
-        let mut m = Monitor::new(cfg, 1.0, 0.8).unwrap();
+        let mut m = Monitor::new(cfg, 1.0, 0.8, None).unwrap();
         let mut s = Stream { rng: SplitMix64::new(13), t: 0 };
         let (lo, n) = ((0.8f64 / 0.2).ln(), 100_000);
         let truth = (0..n).map(|i| lo + (8.0 - lo) * (i as f64 + 0.5) / n as f64).map(|g| 1.0 / (1.0 + (-g).exp())).sum::<f64>() / n as f64;
@@ -489,7 +719,7 @@ mod tests {
     fn a_shift_is_detected_refit_and_the_target_met_again() {
         // A refit waits for 1,000 sampled inputs after the alarm: enough to
         // fit a temperature on one half and certify on the other.
-        let mut m = Monitor::new(MonitorConfig { min_refit_sample: 1000, window_us: 200_000_000, ..config() }, 1.0, 0.8).unwrap();
+        let mut m = Monitor::new(MonitorConfig { min_refit_sample: 1000, window_us: 200_000_000, ..config() }, 1.0, 0.8, Some(clean_reference(8))).unwrap();
         let mut s = Stream { rng: SplitMix64::new(5), t: 0 };
         // Overconfident after the shift: the final exit agrees as if the
         // branch's temperature were 2, sigmoid(gap / 2): on the inputs above
@@ -508,7 +738,10 @@ mod tests {
         let (at, r) = refit.expect("the shift is detected and refit");
         assert!(at < 20_000 + 60_000, "within 600 s of inputs: at {at}");
         assert!((r.temperature - 2.0).abs() < 0.3, "the temperature of the shifted stream is found: {r:?}");
-        assert!(r.threshold > 0.8, "the certified threshold rises: {r:?}");
+        // Fewer inputs exit: the smallest logit gap that does,
+        // T ln(th / (1 - th)), is above the old plan's (T = 1, p_tar 0.8).
+        let gap = |t: f64, th: f64| t * (th / (1.0 - th)).ln();
+        assert!(gap(r.temperature, r.threshold) > gap(1.0, 0.8), "the certified plan keeps fewer inputs: {r:?}");
         assert!(r.fit_inputs + r.certify_inputs >= 200);
         // Under the refit plan, the on-device agreement is back above 0.9.
         for _ in 0..60_000 {
@@ -524,7 +757,7 @@ mod tests {
 
     #[test]
     fn with_refits_off_the_alarm_is_still_raised() {
-        let mut m = Monitor::new(MonitorConfig { auto_refit: false, ..config() }, 1.0, 0.8).unwrap();
+        let mut m = Monitor::new(MonitorConfig { auto_refit: false, ..config() }, 1.0, 0.8, None).unwrap();
         let mut s = Stream { rng: SplitMix64::new(7), t: 0 };
         let mut alarms = 0;
         for _ in 0..50_000 {
@@ -542,7 +775,7 @@ mod tests {
 
     #[test]
     fn bad_observations_and_settings_are_refused() {
-        let mut m = Monitor::new(config(), 1.0, 0.8).unwrap();
+        let mut m = Monitor::new(config(), 1.0, 0.8, None).unwrap();
         let o = Observation { t_us: 1, logits: vec![1.0, 0.0], final_class: 0, label: None, on_device: true, sampled: true };
         assert!(m.observe(Observation { logits: vec![f32::NAN, 0.0], ..o.clone() }).is_err());
         assert!(m.observe(Observation { final_class: 2, ..o.clone() }).is_err());
@@ -554,18 +787,109 @@ mod tests {
             MonitorConfig { alarm_alpha: 1.0, ..config() },
             MonitorConfig { min_refit_sample: 2, ..config() },
         ] {
-            assert!(Monitor::new(bad, 1.0, 0.8).is_err(), "{bad:?}");
+            assert!(Monitor::new(bad, 1.0, 0.8, None).is_err(), "{bad:?}");
         }
-        assert!(Monitor::new(config(), 0.0, 0.8).is_err());
+        assert!(Monitor::new(config(), 0.0, 0.8, None).is_err());
     }
 
     #[test]
     fn the_window_is_bounded() {
-        let mut m = Monitor::new(MonitorConfig { max_observations: 100, ..config() }, 1.0, 0.8).unwrap();
+        let mut m = Monitor::new(MonitorConfig { max_observations: 100, ..config() }, 1.0, 0.8, None).unwrap();
         for t in 0..1000u64 {
             m.observe(Observation { t_us: t, logits: vec![0.1, 0.0], final_class: 0, label: None, on_device: false, sampled: false }).unwrap();
         }
         assert_eq!(m.window.len(), 100);
         assert_eq!(m.estimate(999, 0.05).offloads, 100);
+    }
+
+    #[test]
+    fn the_drift_test_seldom_alarms_however_long_the_null_holds() {
+        // Every input disagrees at exactly its null rate (the hardest
+        // null), rates varying from input to input as confidences do;
+        // 20,000 inputs a run: at most alpha of the runs ever alarm, up to
+        // sampling error.
+        let (runs, alpha) = (300, 0.05);
+        let mut rng = SplitMix64::new(3);
+        let alarmed = (0..runs)
+            .filter(|_| {
+                let mut test = DriftTest::new();
+                (0..20_000).any(|_| {
+                    let bin = rng.below(4) as usize;
+                    let null = [0.01, 0.05, 0.2, 0.5][bin];
+                    test.observe(rng.next_f64() < null, null, bin, alpha)
+                })
+            })
+            .count();
+        let bound = alpha + 2.0 * (alpha * (1.0 - alpha) / runs as f64).sqrt();
+        assert!((alarmed as f64 / runs as f64) <= bound, "{alarmed} of {runs} runs alarmed");
+    }
+
+    #[test]
+    fn the_drift_test_sees_a_jump_within_dozens_of_inputs_and_a_long_clean_stretch_slows_it_little() {
+        // Disagreements jump from 2 % to 35 % against a null of 13 %: on a
+        // fresh plan, and after 50,000 inputs that kept well inside the
+        // null. Medians over 21 seeded streams.
+        let (mut fresh, mut late) = (Vec::new(), Vec::new());
+        for seed in 0..21 {
+            let mut rng = SplitMix64::new(seed);
+            let mut test = DriftTest::new();
+            fresh.push((1..=2000).find(|_| test.observe(rng.next_f64() < 0.35, 0.13, 0, 0.01)).expect("the jump is seen"));
+            let mut test = DriftTest::new();
+            for _ in 0..50_000 {
+                assert!(!test.observe(rng.next_f64() < 0.02, 0.13, 0, 0.01), "a clean stream alarmed");
+            }
+            assert!(test.wealth() > 0.1, "{}", test.wealth());
+            late.push((1..=2000).find(|_| test.observe(rng.next_f64() < 0.35, 0.13, 0, 0.01)).expect("the jump is seen"));
+        }
+        fresh.sort_unstable();
+        late.sort_unstable();
+        assert!(fresh[10] <= 80, "fresh: {fresh:?}");
+        assert!(late[10] <= 120, "after a clean stretch: {late:?}");
+    }
+
+    #[test]
+    fn a_reference_bins_confidences_and_bounds_each_bin() {
+        // 1,000 inputs, confidence i / 1000; those below 0.5 disagree
+        // every other time, the rest never.
+        let conf: Vec<f64> = (0..1000).map(|i| i as f64 / 1000.0).collect();
+        let disagree: Vec<bool> = (0..1000).map(|i| i < 500 && i % 2 == 0).collect();
+        let r = Reference::new(&conf, &disagree, 0.03, 0.01).unwrap();
+        assert_eq!(r.null.len(), 10);
+        let (bin, low) = r.null_at(0.05);
+        assert!(bin == 0 && low > 0.5 + 0.03 && low < 0.7, "{low}");
+        // No disagreement in 100 inputs: the bound at 0.001 is 1 - 0.001^(1/100).
+        let clean = 1.0 - 0.001f64.powf(0.01) + 0.03;
+        assert_eq!((r.null_at(0.95).0, r.null_at(1.0).0), (9, 9));
+        assert!((r.null_at(0.95).1 - clean).abs() < 1e-9, "{:?}", r.null_at(0.95));
+        assert!(Reference::new(&conf[..99], &disagree[..99], 0.03, 0.01).is_err(), "too few inputs");
+        assert_eq!(Reference::new(&conf[..250], &disagree[..250], 0.03, 0.01).unwrap().null.len(), 2, "fewer bins for fewer inputs");
+    }
+
+    #[test]
+    fn with_a_reference_offloads_see_a_shift_that_audits_alone_see_late() {
+        // Confidence sigmoid(gap) at T = 1, uniform gaps. Before the shift
+        // the final exit agrees with probability c; after it, c^8 (0.43 at
+        // 0.9; the shipped shift takes the overconfident model's branch 1
+        // from 0.85 to 0.54 agreement at 0.7 to 0.9), and the exits'
+        // disagreement, about 0.18, breaks the 0.1 allowed. The plan
+        // (threshold 0.8) keeps about 80 % of inputs; 10 % are audited,
+        // every offload is heard.
+        let shifted = |c: f64| c.powi(8);
+        let detect = |r: Option<Reference>| {
+            let mut m = Monitor::new(MonitorConfig { auto_refit: false, ..config() }, 1.0, 0.8, r).unwrap();
+            let mut s = Stream { rng: SplitMix64::new(9), t: 0 };
+            for i in 0..200_000 {
+                let Some(o) = s.next(|c| if i < 20_000 { c } else { shifted(c) }, 0.8, 1.0, 0.1) else { continue };
+                if let Some(Event::Alarm { t_us }) = m.observe(o).unwrap() {
+                    assert!(i >= 20_000, "no alarm before the shift (input {i})");
+                    return t_us - 200_000_000;
+                }
+            }
+            panic!("the shift is never seen (reference: {})", m.reference.is_some());
+        };
+        let (with, without) = (detect(Some(clean_reference(8))), detect(None));
+        // 100 inputs a second: offloads make the evidence ten times as fast.
+        assert!(with < 5_000_000, "with the reference: {with} us");
+        assert!(with * 3 < without, "with {with} us, audits alone {without} us");
     }
 }

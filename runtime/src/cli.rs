@@ -312,7 +312,7 @@ pub struct CalibratorArgs {
     /// Refits of one group and branch are at least this many seconds apart.
     #[arg(long, default_value_t = 60.0, value_name = "SECONDS")]
     pub min_refit_interval_s: f64,
-    /// The drift test alarms when on-device agreement with the final exit looks this far below the target.
+    /// The smallest rise in disagreement with the final exit the drift test is after, at any confidence (added to the validation split's rate there).
     #[arg(long, default_value_t = 0.03, value_name = "ACCURACY")]
     pub drift_margin: f64,
     /// A refit certifies its threshold with confidence 1 - this.

@@ -16,6 +16,7 @@
 use std::path::PathBuf;
 
 use branchpoint_core::calibration::{fit_file, CalibrationFile, ExitLogits, FitSource, Method};
+use branchpoint_core::monitor::ReferenceInputs;
 use branchpoint_core::risk::{certify, default_grid, ConfidenceCounts, Target};
 use branchpoint_messages::{CalibrationMethod, CalibrationUpdate, CertifiedTarget, CertifyReply, PlanTarget, PlanUpdate};
 use branchpoint_models::model::recorded_split_exit_logits;
@@ -52,6 +53,8 @@ pub struct Calibrator {
     split_seed: u64,
     current: CalibrationFile,
     watch: LiveWatch,
+    /// The validation split's answers the drift test's references come from.
+    reference: Option<ReferenceInputs>,
 }
 
 /// Most (group, branch, plan) monitors kept at once; beyond it the least
@@ -224,6 +227,7 @@ impl LiveWatch {
         model_sha256: &str,
         temperatures: &[f64],
         classes: usize,
+        reference: Option<&ReferenceInputs>,
         now_unix_us: u64,
     ) -> Result<WatchOutcome, ActorError> {
         let refuse = |w: &mut Self, why: String| {
@@ -241,7 +245,7 @@ impl LiveWatch {
             return refuse(self, format!("{classes} logits, one per class of this model"));
         }
         self.clock += 1;
-        let i = match self.monitor_for(r, temperatures) {
+        let i = match self.monitor_for(r, temperatures, reference) {
             Ok(Some(i)) => i,
             Ok(None) => return Ok(WatchOutcome::Stale),
             Err(why) => return refuse(self, why),
@@ -281,7 +285,7 @@ impl LiveWatch {
     /// least recently heard beyond `MAX_WATCHED`). `None` for a result
     /// decided under a plan a refit replaced; `Err` says why a plan cannot
     /// be watched.
-    fn monitor_for(&mut self, r: &branchpoint_messages::AuditResult, temperatures: &[f64]) -> Result<Option<usize>, String> {
+    fn monitor_for(&mut self, r: &branchpoint_messages::AuditResult, temperatures: &[f64], reference: Option<&ReferenceInputs>) -> Result<Option<usize>, String> {
         let b = usize::from(r.partition_branch);
         let same = |w: &Watched| w.group == r.group && w.branch == r.partition_branch;
         let found = self.monitors.iter().position(|w| same(w) && w.monitor.threshold() == r.p_tar && w.monitor.target_accuracy() == r.target_accuracy);
@@ -305,7 +309,10 @@ impl LiveWatch {
                     min_refit_sample: s.min_refit_sample,
                 };
                 let temperature = self.temperatures_of(&r.group, temperatures)[b - 1];
-                let monitor = match branchpoint_core::monitor::Monitor::new(cfg, temperature, r.p_tar) {
+                // Held to the validation split's disagreement at this
+                // temperature: every offload is evidence too.
+                let reference = reference.and_then(|x| x.reference(b, temperature, &cfg));
+                let monitor = match branchpoint_core::monitor::Monitor::new(cfg, temperature, r.p_tar, reference) {
                     Ok(m) => m,
                     Err(e) => return Err(format!("a watchable plan ({e})")),
                 };
@@ -424,7 +431,8 @@ impl Calibrator {
             }
             Initial::Fit(method) => Self::fit(&model, &validation, &data.validation_source, data.split_seed, *method)?,
         };
-        Ok(Self { model, validation, validation_source: data.validation_source, split_seed: data.split_seed, current, watch: LiveWatch::new(cfg.watch) })
+        let reference = ReferenceInputs::of_exits(&validation, 1.0);
+        Ok(Self { model, validation, validation_source: data.validation_source, split_seed: data.split_seed, current, watch: LiveWatch::new(cfg.watch), reference })
     }
 
     fn fit(model: &Model, validation: &[ExitLogits], data: &str, split_seed: u64, method: Method) -> Result<CalibrationFile, ActorError> {
@@ -519,7 +527,7 @@ impl CalibratorHandle {
             .run(move |c: &mut Calibrator| match result {
                 Some(r) => {
                     let classes = c.validation.first().map_or(0, |e| e.classes);
-                    c.watch.observe(&r, &c.current.weights_sha256, &c.current.temperatures, classes, now)
+                    c.watch.observe(&r, &c.current.weights_sha256, &c.current.temperatures, classes, c.reference.as_ref(), now)
                 }
                 None => {
                     c.watch.refuse_undecodable();
@@ -597,7 +605,7 @@ mod tests {
     }
 
     fn feed(w: &mut LiveWatch, r: &AuditResult) -> WatchOutcome {
-        w.observe(r, SHA, &[1.0, 1.5, 1.2], 4, 7).unwrap()
+        w.observe(r, SHA, &[1.0, 1.5, 1.2], 4, None, 7).unwrap()
     }
 
     #[test]
@@ -672,13 +680,13 @@ mod tests {
         let mut w = LiveWatch::new(settings());
         let good = audit("night", 1, true, 0.8);
         let temps = [1.0, 1.5, 1.2];
-        assert!(w.observe(&AuditResult { model_sha256: "cd".repeat(32), ..good.clone() }, SHA, &temps, 4, 0).is_err());
-        assert!(w.observe(&AuditResult { partition_branch: 3, ..good.clone() }, SHA, &temps, 4, 0).is_err(), "branch 3 is the final exit here");
-        assert!(w.observe(&good, SHA, &temps, 5, 0).is_err(), "4 logits for a 5-class model");
+        assert!(w.observe(&AuditResult { model_sha256: "cd".repeat(32), ..good.clone() }, SHA, &temps, 4, None, 0).is_err());
+        assert!(w.observe(&AuditResult { partition_branch: 3, ..good.clone() }, SHA, &temps, 4, None, 0).is_err(), "branch 3 is the final exit here");
+        assert!(w.observe(&good, SHA, &temps, 5, None, 0).is_err(), "4 logits for a 5-class model");
         w.refuse_undecodable();
         assert_eq!(w.status(SHA, 0).refused, 4);
         for g in 0..(MAX_WATCHED + 10) {
-            w.observe(&audit(&format!("g{g}"), g as u64, true, 0.8), SHA, &temps, 4, 0).unwrap();
+            w.observe(&audit(&format!("g{g}"), g as u64, true, 0.8), SHA, &temps, 4, None, 0).unwrap();
         }
         assert_eq!(w.status(SHA, 0).watched.len(), MAX_WATCHED);
     }

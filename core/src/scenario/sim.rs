@@ -67,6 +67,9 @@ pub struct SimModel {
     pub branch_logits: Vec<ExitLogits>,
     /// The scenario's temperature per branch (the watched run's start).
     pub temperatures: Vec<f64>,
+    /// What a watched run's drift test holds inputs to at the start (the
+    /// validation split); `None`: on-device audits against the target.
+    pub reference: Option<crate::monitor::ReferenceInputs>,
     /// The test inputs as each shift corrupts them (view 1, 2, ...; view 0
     /// is the clean inputs above).
     pub shifted: Vec<View>,
@@ -580,6 +583,22 @@ pub fn interarrival_us(rng: &mut SplitMix64, rate: f64) -> u64 {
     (rng.exponential(rate) * 1e6).round().max(1.0) as u64
 }
 
+/// One monitor per group, each on its group's plan at the scenario's
+/// temperature, held to the validation split's reference where there is
+/// one.
+fn watch_monitors(m: &SimModel, c: &SimConfig, plans: &[Plan]) -> Vec<Monitor> {
+    c.groups
+        .iter()
+        .zip(plans)
+        .map(|(g, plan)| {
+            let cfg = MonitorConfig { target: crate::risk::Target { accuracy: g.target, ..c.watch.target }, ..c.watch };
+            let temperature = m.temperatures[plan.branch - 1];
+            let reference = m.reference.as_ref().and_then(|r| r.reference(plan.branch, temperature, &cfg));
+            Monitor::new(cfg, temperature, plan.p_tar, reference).expect("validated with the scenario")
+        })
+        .collect()
+}
+
 /// Time of the next arrival after `t` of a Poisson process whose rate
 /// steps (`(start µs, rate)`, ascending from 0). A draw that crosses into
 /// the next step is redrawn from that step's start at its rate: exact, since
@@ -658,11 +677,7 @@ pub fn simulate(m: &SimModel, c: &SimConfig, plans: &Plans) -> RunResult {
         decided: vec![VecDeque::new(); c.groups.len()],
     };
     if let Plans::Watched(p) = plans {
-        for (gi, g) in c.groups.iter().enumerate() {
-            let cfg = MonitorConfig { target: crate::risk::Target { accuracy: g.target, ..c.watch.target }, ..c.watch };
-            let monitor = Monitor::new(cfg, m.temperatures[p[gi].branch - 1], p[gi].p_tar).expect("validated with the scenario");
-            sim.monitors.push(monitor);
-        }
+        sim.monitors = watch_monitors(m, c, p);
         sim.out.watch = vec![WatchTrace::default(); c.groups.len()];
         if c.bin_us <= c.duration_us {
             sim.push(c.bin_us, ESTIMATE, 0, 0);
@@ -1252,6 +1267,7 @@ mod tests {
             stats,
             branch_logits,
             temperatures: vec![1.0, 1.0],
+            reference: None,
             shifted: vec![shifted],
         }
     }

@@ -220,6 +220,7 @@ pub fn prepare(
             predictions,
             branch_logits: test[..branches].to_vec(),
             temperatures: temperatures.clone(),
+            reference: branchpoint_core::monitor::ReferenceInputs::of_exits(validation, t_final),
             shifted: views,
             codec_final: codec_classes(&codecs.test, t_final),
         },
