@@ -105,6 +105,48 @@ impl BranchCertificate {
     }
 }
 
+/// What an operator asks of a group: on-device answers at least
+/// `accuracy` accurate with probability at least 1 - `delta` (measured as
+/// agreement with the final exit in a deployed fleet, against labels where
+/// a simulation knows them), at most `miss_bound` of inputs past their
+/// deadline, and what to spend least of once both hold.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceLevel {
+    pub accuracy: f64,
+    pub delta: f64,
+    pub miss_bound: f64,
+    #[serde(default)]
+    pub minimise: Minimise,
+}
+
+/// What a plan that keeps the service level should spend least of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Minimise {
+    /// Offloaded inputs (the workers' load).
+    #[default]
+    Offloads,
+    /// Bytes on the uplink (offloads times their codec's bytes).
+    UplinkBytes,
+    /// Nothing: the best predicted overall accuracy.
+    Nothing,
+}
+
+impl ServiceLevel {
+    pub fn target(&self) -> Target {
+        Target { accuracy: self.accuracy, delta: self.delta }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.target().validate()?;
+        if !(0.0..=1.0).contains(&self.miss_bound) {
+            return Err(CoreError::InvalidArgument { what: "service level miss bound".into(), reason: format!("{} is outside [0, 1]", self.miss_bound) });
+        }
+        Ok(())
+    }
+}
+
 /// Every branch's certified thresholds for one target, certified together.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PlanCertificate {

@@ -111,6 +111,39 @@ impl ModelStats {
         Self::for_candidates(validation, temperatures, &per_branch, codecs)
     }
 
+    /// The candidates a planner keeping `level` may choose: per branch, the
+    /// lowest threshold certified for the level (every branch certified at
+    /// once, `guarantee::certify_plans`: the chosen plan keeps the level
+    /// whichever it is), the default p_tars above it that are certified
+    /// too, and offloading everything. Refused, naming the most the
+    /// validation split certifies, when no branch certifies anything.
+    pub fn for_level(validation: &[ExitLogits], temperatures: &[f64], level: &crate::guarantee::ServiceLevel, codecs: &[CodecFinals]) -> Result<Self> {
+        use crate::guarantee::{certify_plans, plan_grid, require_certifiable, Correction, Promise};
+        level.validate()?;
+        let exits = validation.len();
+        if exits < 2 || temperatures.len() != exits {
+            return Err(CoreError::InvalidArgument { what: "service level candidates".into(), reason: format!("{exits} exits and {} temperatures", temperatures.len()) });
+        }
+        let counts: Vec<crate::risk::ConfidenceCounts> = (0..exits - 1).map(|b| crate::risk::ConfidenceCounts::of_exit(&validation[b], temperatures[b])).collect::<Result<_>>()?;
+        let grid = plan_grid();
+        let certificate = certify_plans(&counts, level.target(), Promise::Population, Correction::FixedSequenceUnion, &grid)?;
+        require_certifiable(&certificate, &counts, &grid, Promise::Population)?;
+        let per_branch: Vec<Vec<Candidate>> = certificate
+            .branches
+            .iter()
+            .map(|b| {
+                let certified = Some(level.target());
+                let mut v: Vec<Candidate> = b.lowest().into_iter().map(|p_tar| Candidate { p_tar, certified }).collect();
+                v.extend(
+                    default_candidate_p_tars().into_iter().filter(|&p| p < 1.0 && b.lowest().is_some_and(|l| p > l) && b.covers(p)).map(|p_tar| Candidate { p_tar, certified }),
+                );
+                v.push(Candidate { p_tar: 1.0, certified: None });
+                v
+            })
+            .collect();
+        Self::for_candidates(validation, temperatures, &per_branch, codecs)
+    }
+
     /// Statistics for explicit candidates, `per_branch[k]` for branch k + 1:
     /// each as an f32 plan, and as a plan of every codec in `codecs` (whose
     /// offloaded inputs get the final exit's answers on the decoded
@@ -458,6 +491,29 @@ pub fn choose(stats: &ModelStats, costs: &Costs, seen: &Observed) -> Prediction 
     // min_by keeps the first of equals: ties beyond these keys go to the
     // candidate listed first.
     **feasible.iter().filter(|p| p.accuracy >= best - tolerance).min_by(|a, b| cheaper(a, b)).expect("the best is among them")
+}
+
+/// The plan a planner keeping a service level chooses: among the plans
+/// predicted to keep its miss bound (`costs.miss_bound`), the one that
+/// spends least of what `minimise` names (then the best accuracy, then the
+/// first listed); `Minimise::Nothing` is `choose`. When none keeps the
+/// bound, the one with the fewest predicted misses, as `choose`.
+pub fn choose_for_level(stats: &ModelStats, costs: &Costs, seen: &Observed, minimise: crate::guarantee::Minimise) -> Prediction {
+    use crate::guarantee::Minimise;
+    let spend = |p: &Prediction| match minimise {
+        Minimise::Offloads => p.offload_rate,
+        Minimise::UplinkBytes => p.offload_rate * p.upload_bytes,
+        Minimise::Nothing => 0.0,
+    };
+    if minimise == Minimise::Nothing {
+        return choose(stats, costs, seen);
+    }
+    let all: Vec<Prediction> = stats.candidates.iter().map(|c| predict(c, costs, seen)).collect();
+    let feasible = all.iter().filter(|p| p.miss_rate <= costs.miss_bound);
+    match feasible.min_by(|a, b| spend(a).total_cmp(&spend(b)).then(b.accuracy.total_cmp(&a.accuracy))) {
+        Some(p) => *p,
+        None => *all.iter().min_by(|a, b| cheaper(a, b)).expect("at least one candidate"),
+    }
 }
 
 /// The order in which equally accurate plans are preferred: fewer misses,
@@ -838,6 +894,74 @@ mod tests {
                 ExitLogits::new(10, z, labels.clone()).unwrap()
             })
             .collect()
+    }
+
+    #[test]
+    fn a_service_level_plans_only_among_thresholds_certified_for_it_and_spends_least() {
+        use crate::guarantee::{Minimise, ServiceLevel};
+        let validation = random_validation(5, 4000, 3);
+        let temps = [1.0, 1.0, 1.0];
+        let level = ServiceLevel { accuracy: 0.85, delta: 0.05, miss_bound: 0.05, minimise: Minimise::Offloads };
+        let stats = ModelStats::for_level(&validation, &temps, &level, &[]).unwrap();
+        let counts: Vec<_> = (0..2).map(|k| crate::risk::ConfidenceCounts::of_exit(&validation[k], temps[k]).unwrap()).collect();
+        let joint = crate::guarantee::certify_plans(
+            &counts,
+            level.target(),
+            crate::guarantee::Promise::Population,
+            crate::guarantee::Correction::FixedSequenceUnion,
+            &crate::guarantee::plan_grid(),
+        )
+        .unwrap();
+        for c in &stats.candidates {
+            assert!(joint.covers(c.plan.branch, c.plan.p_tar), "{c:?} is certified for the level");
+            if c.plan.p_tar < 1.0 {
+                assert_eq!(c.certified, Some(level.target()));
+                assert!(c.measured_edge_accuracy >= 0.85, "on the data it was certified on: {c:?}");
+            }
+        }
+        for b in 1..=2 {
+            let lowest = joint.branches[b - 1].lowest().unwrap();
+            assert!(stats.lookup(Plan::f32(b, lowest)).is_some() && stats.lookup(Plan::f32(b, 1.0)).is_some());
+            assert!(stats.lookup(Plan::f32(b, 0.0)).is_none(), "device only is not certified here");
+        }
+        // A fast link: minimising offloads takes the lowest certified
+        // threshold of the branch that offloads least; `Nothing` offloads
+        // more for accuracy.
+        let seen = Observed { us_per_byte: 0.08, response_us: 10_000.0, cloud: None };
+        let costs = costs_for(3);
+        let fewest = choose_for_level(&stats, &costs, &seen, Minimise::Offloads);
+        let least = stats.candidates.iter().map(|c| c.offload_rate).fold(f64::INFINITY, f64::min);
+        assert_eq!(fewest.offload_rate, least, "{fewest:?}");
+        let best = choose_for_level(&stats, &costs, &seen, Minimise::Nothing);
+        assert!(best.offload_rate > fewest.offload_rate && best.accuracy > fewest.accuracy, "{best:?} vs {fewest:?}");
+        assert_eq!(best, choose(&stats, &costs, &seen));
+        // Bytes: int8 offloads cost a quarter of f32's.
+        let int8 = FinalsOf::int8(&validation);
+        let with_codecs = ModelStats::for_level(&validation, &temps, &level, &[int8]).unwrap();
+        let bytes = choose_for_level(&with_codecs, &costs, &seen, Minimise::UplinkBytes);
+        assert!(bytes.plan.codec == Codec::Int8 || bytes.offload_rate == 0.0, "{bytes:?}");
+    }
+
+    #[test]
+    fn a_service_level_the_validation_split_cannot_certify_is_refused_naming_the_most_it_can() {
+        use crate::guarantee::{Minimise, ServiceLevel};
+        let validation = random_validation(5, 5000, 3);
+        let level = ServiceLevel { accuracy: 0.999, delta: 0.01, miss_bound: 0.05, minimise: Minimise::Offloads };
+        let err = ModelStats::for_level(&validation, &[1.0, 1.0, 1.0], &level, &[]).unwrap_err().to_string();
+        assert!(err.contains("0.999") && err.contains("the most it certifies at delta 0.01 is 0."), "{err}");
+        assert!(ModelStats::for_level(&validation, &[1.0, 1.0, 1.0], &ServiceLevel { delta: 0.0, ..level }, &[]).is_err());
+        assert!(ModelStats::for_level(&validation, &[1.0, 1.0, 1.0], &ServiceLevel { miss_bound: 1.5, accuracy: 0.9, ..level }, &[]).is_err());
+    }
+
+    /// The final exit's answers when a branch's activation crossed the wire:
+    /// here as if int8 changed nothing.
+    struct FinalsOf;
+
+    impl FinalsOf {
+        fn int8(validation: &[ExitLogits]) -> CodecFinals {
+            let fin = validation.last().unwrap().clone();
+            CodecFinals { codec: Codec::Int8, per_branch: vec![fin; validation.len() - 1] }
+        }
     }
 
     fn costs_for(exits: usize) -> Costs {

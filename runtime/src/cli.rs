@@ -256,6 +256,15 @@ pub struct PlannerArgs {
     /// Plan with certified thresholds: each candidate p_tar becomes a target on-device accuracy whose threshold is certified (Learn-then-Test, validation split) with confidence 1 - D; plans then say which target they certify.
     #[arg(long, value_name = "D")]
     pub certify_delta: Option<f64>,
+    /// Plan under a service level: on-device accuracy at least A with probability 1 - --level-delta, every plan chosen among those certified for it (all branches at once, validation split), within --miss-bound, spending least of --minimise. Refused, naming the most it certifies, when no plan can keep it.
+    #[arg(long, value_name = "A", conflicts_with = "certify_delta")]
+    pub level_accuracy: Option<f64>,
+    /// The service level's risk delta (with --level-accuracy).
+    #[arg(long, default_value_t = 0.05, value_name = "D")]
+    pub level_delta: f64,
+    /// What a plan keeping the service level spends least of: offloads, uplink-bytes, or nothing (the best predicted accuracy).
+    #[arg(long, default_value = "offloads", value_name = "WHAT", value_parser = parse_minimise)]
+    pub minimise: branchpoint_core::guarantee::Minimise,
     /// Compute profile [default: <model>.profile.json].
     #[arg(long, value_name = "FILE")]
     pub profile: Option<PathBuf>,
@@ -265,6 +274,16 @@ pub struct PlannerArgs {
     /// Workers' tail compute = the profile's time times this (as `worker --cloud-slowdown`): how fast they drain the backlog their status reports.
     #[arg(long, default_value_t = 1.0, value_name = "X")]
     pub cloud_slowdown: f64,
+}
+
+fn parse_minimise(s: &str) -> Result<branchpoint_core::guarantee::Minimise, String> {
+    use branchpoint_core::guarantee::Minimise;
+    match s {
+        "offloads" => Ok(Minimise::Offloads),
+        "uplink-bytes" => Ok(Minimise::UplinkBytes),
+        "nothing" => Ok(Minimise::Nothing),
+        _ => Err(format!("{s:?}: give offloads, uplink-bytes or nothing")),
+    }
 }
 
 #[derive(Debug, Args)]

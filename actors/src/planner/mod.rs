@@ -54,6 +54,9 @@ pub struct Planner {
     /// Each reporting device's input rate and when it reported, for the
     /// pool's share (`CloudLoad::inputs_per_s`).
     rates: DeviceRates,
+    /// Under a service level (`stats` then holds only plans certified for
+    /// it): what to spend least of (`planner::choose_for_level`).
+    minimise: Option<branchpoint_core::guarantee::Minimise>,
 }
 
 /// The input rates of the devices heard from within `DEVICE_RATE_TTL`,
@@ -146,7 +149,13 @@ pub async fn watch_in_process_pool(workers: Vec<Addr<crate::worker::Batcher>>, p
 
 impl Planner {
     pub fn new(stats: Arc<ModelStats>, costs: BTreeMap<String, Costs>, template: Option<Costs>, sink: Option<Box<dyn PlanSink>>) -> Self {
-        Self { stats, costs, template, log: Vec::new(), sink, cloud: None, rates: DeviceRates::new() }
+        Self { stats, costs, template, log: Vec::new(), sink, cloud: None, rates: DeviceRates::new(), minimise: None }
+    }
+
+    /// Plans under a service level: `stats` must be the candidates
+    /// certified for it (`ModelStats::for_level`).
+    pub fn minimising(self, minimise: branchpoint_core::guarantee::Minimise) -> Self {
+        Self { minimise: Some(minimise), ..self }
     }
 
     fn costs_for(&self, r: &DeviceReport) -> Option<Costs> {
@@ -191,7 +200,11 @@ impl Handler<DeviceReport> for Planner {
         let most = 1e6 / costs.head_us.iter().copied().fold(f64::INFINITY, f64::min).max(1.0);
         let inputs_per_s = self.rates.heard(&r.device_id, r.arrival_rate.unwrap_or(costs.arrival_rate).min(most), now);
         let cloud = self.cloud.filter(|(_, at)| now.saturating_duration_since(*at) <= POOL_LOAD_TTL).map(|(load, _)| CloudLoad { inputs_per_s, ..load });
-        let prediction = choose(&self.stats, &costs, &Observed { cloud, ..r.observed });
+        let seen = Observed { cloud, ..r.observed };
+        let prediction = match self.minimise {
+            Some(minimise) => branchpoint_core::planner::choose_for_level(&self.stats, &costs, &seen, minimise),
+            None => choose(&self.stats, &costs, &seen),
+        };
         self.log.push(PlanRecord { at_us: r.at_us, group: r.group.clone(), device_id: r.device_id.clone(), estimated_mbit_s: r.estimated_mbit_s, prediction });
         let partition_branch = match PartitionBranch::new(prediction.plan.branch) {
             Ok(b) => b,

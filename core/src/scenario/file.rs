@@ -352,6 +352,12 @@ pub struct GroupSection {
     /// An input shift from some point in time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shift: Option<ShiftSection>,
+    /// The group's service level (`guarantee::ServiceLevel`): the adaptive
+    /// planner chooses only among plans certified for it, by what it
+    /// minimises, under its miss bound. Without one it plans on the
+    /// candidate p_tars by predicted accuracy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<crate::guarantee::ServiceLevel>,
 }
 
 /// Exactly one of: `uplink_mbit_s` (constant), `schedule`, or `trace`.
@@ -589,6 +595,17 @@ impl Scenario {
                 crate::corrupt::Corruption::parse(&shift.corruption).map_err(|e| self.err(&key("shift.corruption"), e))?;
                 if !(shift.at_s.is_finite() && shift.at_s >= 0.0 && shift.at_s < self.duration_s) {
                     return Err(self.err(&key("shift.at_s"), format!("{} must be in [0, duration_s = {})", shift.at_s, self.duration_s)));
+                }
+            }
+        }
+        for g in &self.groups {
+            if let Some(level) = &g.level {
+                level.validate().map_err(|e| self.err(&format!("groups.{}.level", g.name), e))?;
+                if self.time == TimeMode::Real {
+                    return Err(self.err(
+                        &format!("groups.{}.level", g.name),
+                        "service levels are planned in virtual time only so far (the live replay's planner plans on p_tars): remove the level or set time = \"virtual\"",
+                    ));
                 }
             }
         }

@@ -180,6 +180,28 @@ pub struct GroupSim {
     /// From this time (µs) on, the group's inputs are `SimModel::shifted`'s
     /// view (from 1).
     pub shift: Option<(u64, usize)>,
+    /// The group's service level and the candidates certified for it; an
+    /// adaptive run plans the group's devices under it.
+    pub level: Option<LevelPlanning>,
+}
+
+/// A service level as an adaptive run plans under it.
+#[derive(Debug, Clone)]
+pub struct LevelPlanning {
+    pub level: crate::guarantee::ServiceLevel,
+    /// `ModelStats::for_level`: only plans certified for the level.
+    pub stats: ModelStats,
+}
+
+impl LevelPlanning {
+    /// Where a device of the group starts: the lowest certified threshold
+    /// at `initial`'s branch and codec (offloading everything when that
+    /// branch certifies nothing).
+    pub fn starting_plan(&self, initial: Plan) -> Plan {
+        let at = |c: &&crate::planner::ThresholdStats| c.plan.branch == initial.branch && c.plan.codec == initial.codec;
+        let p_tar = self.stats.candidates.iter().filter(at).map(|c| c.plan.p_tar).fold(1.0, f64::min);
+        Plan { p_tar, ..initial }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -498,6 +520,9 @@ struct Sim<'a> {
     /// Adaptive runs: the planner's candidates (the codecs it may use) and
     /// whether it sees the pool's backlog.
     stats: ModelStats,
+    /// Per group: the candidates certified for its service level, under an
+    /// adaptive run's codecs (`None`: the group has no level).
+    level_stats: Vec<Option<ModelStats>>,
     cloud_aware: bool,
     /// The pool as the workers' last statuses told it.
     cloud_seen: Option<CloudLoad>,
@@ -583,6 +608,15 @@ pub fn interarrival_us(rng: &mut SplitMix64, rate: f64) -> u64 {
     (rng.exponential(rate) * 1e6).round().max(1.0) as u64
 }
 
+/// Per group, the candidates its service level allows an adaptive run.
+fn level_stats(c: &SimConfig, plans: &Plans) -> Vec<Option<ModelStats>> {
+    let codecs: &[Codec] = match plans {
+        Plans::Adaptive(p) => &p.codecs,
+        _ => &[],
+    };
+    c.groups.iter().map(|g| g.level.as_ref().map(|l| l.stats.with_codecs(codecs))).collect()
+}
+
 /// One monitor per group, each on its group's plan at the scenario's
 /// temperature, held to the validation split's reference where there is
 /// one.
@@ -639,6 +673,7 @@ pub fn simulate(m: &SimModel, c: &SimConfig, plans: &Plans) -> RunResult {
             Plans::Adaptive(p) => m.stats.with_codecs(&p.codecs),
             _ => m.stats.with_codecs(&[]),
         },
+        level_stats: level_stats(c, plans),
         cloud_aware: matches!(plans, Plans::Adaptive(p) if p.cloud_aware),
         cloud_seen: None,
         reported_rates: c.groups.iter().flat_map(|g| std::iter::repeat_n(g.rate_at(0), g.devices)).collect(),
@@ -662,7 +697,7 @@ pub fn simulate(m: &SimModel, c: &SimConfig, plans: &Plans) -> RunResult {
                 upload_bytes: m.upload_bytes.clone(),
                 deadline_us: g.deadline_us as f64,
                 arrival_rate: g.rate_at(0),
-                miss_bound: c.miss_bound,
+                miss_bound: g.level.as_ref().map_or(c.miss_bound, |l| l.level.miss_bound),
                 pool_utilisation: c.pool_utilisation,
                 tail_us_per_request: (1..=m.num_branches()).map(|k| m.tail_time_us(k, c.max_batch) / c.max_batch as f64).collect(),
             })
@@ -687,7 +722,7 @@ pub fn simulate(m: &SimModel, c: &SimConfig, plans: &Plans) -> RunResult {
     for (gi, g) in c.groups.iter().enumerate() {
         let plan = match plans {
             Plans::Fixed(p) | Plans::Uncalibrated(p) | Plans::Watched(p) => p[gi],
-            Plans::Adaptive(planning) => m.starting_plan(g.initial, planning),
+            Plans::Adaptive(planning) => g.level.as_ref().map_or_else(|| m.starting_plan(g.initial, planning), |l| l.starting_plan(m.starting_plan(g.initial, planning))),
         };
         for k in 0..g.devices {
             let base = device_seed(c.seed, gi, k);
@@ -1212,7 +1247,10 @@ impl<'a> Sim<'a> {
         self.reported_rate_sum += rate - std::mem::replace(&mut self.reported_rates[d as usize], rate);
         let cloud = self.cloud_seen.filter(|_| self.cloud_aware).map(|c| CloudLoad { inputs_per_s: self.reported_rate_sum, ..c });
         let seen = crate::planner::Observed { cloud, ..seen };
-        let prediction = choose(&self.stats, &self.costs[group], &seen);
+        let prediction = match (&self.level_stats[group], &self.c.groups[group].level) {
+            (Some(stats), Some(l)) => crate::planner::choose_for_level(stats, &self.costs[group], &seen, l.level.minimise),
+            _ => choose(&self.stats, &self.costs[group], &seen),
+        };
         let rtt = self.c.groups[group].link.rtt_us(t);
         let b = self.bin(group, t);
         b.reports += 1;
@@ -1298,6 +1336,7 @@ mod tests {
                 initial: Plan { branch: 2, p_tar: 0.9, codec: Codec::F32 },
                 target: 0.9,
                 shift: None,
+                level: None,
             }],
             workers: 2,
             max_batch: 8,

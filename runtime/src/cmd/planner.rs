@@ -60,12 +60,15 @@ pub fn run(args: PlannerArgs) -> Result<()> {
         .filter(|c| **c != Codec::F32)
         .map(|&codec| Ok(CodecFinals { codec, per_branch: recorded_codec_final_logits(&model, &data.validation, codec)? }))
         .collect::<Result<Vec<_>>>()?;
-    let stats = match args.certify_delta {
-        Some(delta) => {
+    let level =
+        args.level_accuracy.map(|accuracy| branchpoint_core::guarantee::ServiceLevel { accuracy, delta: args.level_delta, miss_bound: args.miss_bound, minimise: args.minimise });
+    let stats = match (level, args.certify_delta) {
+        (Some(level), _) => ModelStats::for_level(&validation, &temperatures, &level, &codecs).context("--level-accuracy / --level-delta")?,
+        (None, Some(delta)) => {
             let targets: Vec<f64> = default_candidate_p_tars().into_iter().filter(|p| branchpoint_messages::PTar::target(*p).is_ok()).collect();
             ModelStats::certified(&validation, &temperatures, &targets, delta, &codecs)?
         }
-        None => ModelStats::from_validation(&validation, &temperatures, &default_candidate_p_tars(), &codecs)?,
+        (None, None) => ModelStats::from_validation(&validation, &temperatures, &default_candidate_p_tars(), &codecs)?,
     };
     // f32 plans come with every statistic; keep only the codecs asked for.
     let stats = stats.with_codecs(&args.codecs);
@@ -94,7 +97,12 @@ pub fn run(args: PlannerArgs) -> Result<()> {
         let devices = stored.iter().filter(|p| matches!(p.target, branchpoint_messages::PlanTarget::Device(_))).count();
         tracing::info!("planner: resumed {devices} device plan(s) from the control store");
         let plans = NatsPlans::new(store, stored);
-        let planner = Planner::new(Arc::new(stats), BTreeMap::new(), Some(template), Some(Box::new(plans))).start();
+        let planner = Planner::new(Arc::new(stats), BTreeMap::new(), Some(template), Some(Box::new(plans)));
+        let planner = match level {
+            Some(level) => planner.minimising(level.minimise),
+            None => planner,
+        }
+        .start();
         let service = args.service.clone();
         let ready = move || {
             service.mark_ready();

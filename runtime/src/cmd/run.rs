@@ -138,6 +138,15 @@ fn print_summary(r: &report::ScenarioReport) {
             "  group {}: {} devices x {} inputs/s, deadline {} ms, static plan branch {} p_tar {}; network {} (mean {:.2} Mbit/s)",
             g.name, g.devices, g.rate, g.deadline_ms, g.branch, g.p_tar, g.network, g.mean_capacity_mbit_s
         );
+        if let Some(l) = &g.level {
+            println!(
+                "    service level: on-device accuracy >= {} with probability {}, misses <= {}, minimise {:?}; the adaptive planner chooses among plans certified for it",
+                l.accuracy,
+                1.0 - l.delta,
+                l.miss_bound,
+                l.minimise
+            );
+        }
     }
     println!("  {:<12} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}", "policy", "inputs", "accuracy", "edge acc", "offload", "misses", "p50 ms", "p95 ms", "p99 ms");
     for p in &r.policies {

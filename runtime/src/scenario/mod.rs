@@ -22,6 +22,7 @@ use branchpoint_core::costs::ComputeProfile;
 use branchpoint_core::monitor::MonitorConfig;
 use branchpoint_core::planner::{certified_candidates, default_candidate_p_tars, Candidate, Codec, CodecFinals, ModelStats, OffloadBytes, Plan};
 use branchpoint_core::risk::Target;
+use branchpoint_core::scenario::sim::LevelPlanning;
 use branchpoint_messages::{encode, Deadline, OffloadRequest};
 use branchpoint_models::Model;
 
@@ -39,6 +40,9 @@ pub struct Prepared {
     pub group_plans: Vec<Plan>,
     /// How thresholds were chosen, in words for reports.
     pub threshold_rule: String,
+    /// Each group's service level with the candidates certified for it on
+    /// the validation split (`None`: no level).
+    pub group_levels: Vec<Option<LevelPlanning>>,
 }
 
 /// Reads the compute profile: the scenario's, or the one beside the model.
@@ -208,6 +212,24 @@ pub fn prepare(
     }
     let mut predictions = stats.clone();
     predictions.candidates.extend(ModelStats::for_candidates(validation, &temperatures, &extra, &codecs.validation)?.candidates);
+    // A service level is certified on the validation split here, once: a
+    // level it cannot certify stops the replay, naming the most it can.
+    let group_levels = scenario
+        .groups
+        .iter()
+        .map(|g| {
+            g.level
+                .map(|level| {
+                    let stats = ModelStats::for_level(validation, &temperatures, &level, &codecs.validation)
+                        .with_context(|| format!("scenario {}: groups.{}.level", scenario.name, g.name))?;
+                    Ok::<_, anyhow::Error>(LevelPlanning { level, stats })
+                })
+                .transpose()
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for l in group_levels.iter().flatten() {
+        predictions.candidates.extend(l.stats.candidates.iter().filter(|c| predictions.lookup(c.plan).is_none()).copied().collect::<Vec<_>>());
+    }
     Ok(Prepared {
         sim: SimModel {
             branch_pred,
@@ -229,6 +251,7 @@ pub fn prepare(
         candidate_p_tars,
         group_plans,
         threshold_rule,
+        group_levels,
     })
 }
 
@@ -287,7 +310,8 @@ pub fn sim_config(s: &Scenario, prepared: &Prepared) -> Result<SimConfig> {
         .groups
         .iter()
         .zip(&prepared.group_plans)
-        .map(|(g, &initial)| {
+        .zip(&prepared.group_levels)
+        .map(|((g, &initial), level)| {
             let rate_steps: Vec<(u64, f64)> = g.rate_steps().iter().map(|s| ((s.at_s * 1e6).round() as u64, s.rate)).collect();
             Ok(GroupSim {
                 devices: g.devices,
@@ -298,6 +322,7 @@ pub fn sim_config(s: &Scenario, prepared: &Prepared) -> Result<SimConfig> {
                 initial,
                 target: g.p_tar,
                 shift: s.group_shift(g),
+                level: level.clone(),
             })
         })
         .collect::<Result<Vec<_>>>()?;

@@ -86,6 +86,10 @@ pub struct GroupInfo {
     /// The group's input shift, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shift: Option<super::file::ShiftSection>,
+    /// The group's service level, if any: the adaptive planner chose only
+    /// among plans certified for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<branchpoint_core::guarantee::ServiceLevel>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -348,6 +352,7 @@ pub fn build(scenario: &Scenario, cfg: &SimConfig, prepared: &Prepared, weights:
             network: describe_network(scenario, g),
             mean_capacity_mbit_s: sim.link.mean_capacity_mbit_s(0, cfg.duration_us),
             shift: g.shift.clone(),
+            level: g.level,
         })
         .collect();
     let links = scenario

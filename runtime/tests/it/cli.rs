@@ -77,6 +77,12 @@ fn bad_input_gives_a_clear_error_and_a_failing_exit() {
         (&["train", "--dataset", "imagenet", "--out", "/tmp/x.safetensors"], &["unknown dataset", "fashion-mnist"]),
         (&["train", "--exit-weights", "1,1", "--subset", "10", "--out", "/tmp/x.safetensors"], &["exit weights", "3 exits"]),
         (&["planner", "--nats", "nats://127.0.0.1:1", "--certify-delta", "2"], &["--certify-delta 2", "(0, 1)"]),
+        // A service level the 5,000 validation inputs cannot certify names the most they can.
+        (
+            &["planner", "--nats", "nats://127.0.0.1:1", "--level-accuracy", "0.999", "--level-delta", "0.01"],
+            &["--level-accuracy", "0.999", "the most it certifies at delta 0.01 is 0."],
+        ),
+        (&["planner", "--nats", "nats://127.0.0.1:1", "--level-accuracy", "0.9", "--minimise", "fewest"], &["--minimise", "offloads, uplink-bytes or nothing"]),
         (&["evaluate", "--corrupt", "fog:2"], &["--corrupt", "\"fog\"", "gaussian-noise"]),
         (&["evaluate", "--corrupt", "contrast:9"], &["--corrupt", "contrast severity", "1 to 5"]),
         (&["evaluate", "--corrupt", "contrast"], &["--corrupt", "KIND:SEVERITY"]),

@@ -362,6 +362,47 @@ fn a_certified_scenario_runs_certified_thresholds_and_checks_its_predictions() {
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("planner.certify_delta"), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// A group with a service level: the adaptive planner chooses only among
+/// plans certified for it on the validation split (every branch at once),
+/// spending the fewest offloads, and predicts on-device accuracy at or
+/// above the level wherever its devices kept inputs; a level the model
+/// cannot certify is refused before anything runs, naming the most it can,
+/// and so is a level in a real-time scenario.
+#[test]
+fn a_service_level_plans_only_among_certified_plans_and_a_level_beyond_reach_is_refused() {
+    let _cpu = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let level = "\n[groups.level]\naccuracy = 0.9\ndelta = 0.05\nmiss_bound = 0.01\nminimise = \"offloads\"\n";
+    let text = std::fs::read_to_string(repo_root().join("scenarios/lte-handover.toml"))
+        .unwrap()
+        .replace("duration_s = 120.0", "duration_s = 30.0\npolicies = [\"adaptive\"]")
+        .replacen("p_tar = 0.9\n", &format!("p_tar = 0.9{level}"), 1);
+    assert!(text.contains("[groups.level]"), "the test adds the level to the group");
+    let path = dir.path().join("level.toml");
+    std::fs::write(&path, &text).unwrap();
+    let r = replay(&path, &[], &dir.path().join("out"));
+    let adaptive = policy(&r, "adaptive");
+    let used: Vec<_> = adaptive.edge_by_branch.iter().filter(|c| c.exits > 0).collect();
+    assert!(!used.is_empty(), "inputs stayed on the device somewhere: {:?}", adaptive.edge_by_branch);
+    for c in used {
+        let p = c.predicted_edge_accuracy.unwrap();
+        assert!(p >= 0.9, "branch {}: every plan used was certified for 0.9 on validation, predicted {p}", c.branch);
+    }
+    assert!(adaptive.totals.deadline_miss_rate <= 0.05, "{}", adaptive.totals.deadline_miss_rate);
+    // Beyond what 5,000 validation inputs certify.
+    std::fs::write(&path, text.replace("accuracy = 0.9\ndelta = 0.05", "accuracy = 0.999\ndelta = 0.01")).unwrap();
+    let o = output_within(branchpoint().arg("run").arg(&path), Duration::from_secs(120));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("groups.phones.level") && err.contains("the most it certifies at delta 0.01 is 0."), "{err}");
+    // Out of range, and in real time.
+    std::fs::write(&path, text.replace("delta = 0.05", "delta = 1.5")).unwrap();
+    let o = output_within(branchpoint().arg("run").arg(&path), Duration::from_secs(30));
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("level"), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::write(&path, text.replace("duration_s = 30.0", "duration_s = 30.0\ntime = \"real\"")).unwrap();
+    let o = output_within(branchpoint().arg("run").arg(&path), Duration::from_secs(30));
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("virtual time only"), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 /// The shipped input-shift scenario on the overconfident model: the
 /// fixed plans fall below the target after the shift, the watched one
 /// detects it, refits on inputs from after its alarm, and ends with its
