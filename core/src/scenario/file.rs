@@ -598,6 +598,11 @@ impl Scenario {
                 }
             }
         }
+        self.validate_levels()?;
+        self.validate_watch()
+    }
+
+    fn validate_levels(&self) -> Result<()> {
         for g in &self.groups {
             if let Some(level) = &g.level {
                 level.validate().map_err(|e| self.err(&format!("groups.{}.level", g.name), e))?;
@@ -609,7 +614,7 @@ impl Scenario {
                 }
             }
         }
-        self.validate_watch()
+        Ok(())
     }
 
     fn validate_watch(&self) -> Result<()> {

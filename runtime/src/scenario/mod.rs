@@ -140,16 +140,7 @@ pub fn prepare(
     }
     let (head_us, tail_us) = compute_costs(profile, scenario.compute.device_slowdown, scenario.compute.cloud_slowdown)?;
     let upload_bytes = upload_bytes(points)?;
-    let branch_pred: Vec<Vec<(u32, f64)>> = (0..branches)
-        .map(|k| {
-            (0..test[k].len())
-                .map(|i| {
-                    let (c, p) = test[k].predict(i, temperatures[k]);
-                    (c as u32, p)
-                })
-                .collect()
-        })
-        .collect();
+    let branch_pred = branch_predictions(&test[..branches], &temperatures);
     let fin = &test[num_exits - 1];
     let final_class = (0..fin.len()).map(|i| fin.predict(i, temperatures[num_exits - 1]).0 as u32).collect();
     if shifted.len() != scenario.shift_views().len() || shifted.iter().any(|v| v.len() != num_exits || v.iter().any(|e| e.len() != fin.len())) {
@@ -166,16 +157,7 @@ pub fn prepare(
         .zip(&codecs.shifted)
         .map(|(exits, codec_answers)| View {
             codec_final: codec_classes(codec_answers, t_final),
-            branch_pred: (0..branches)
-                .map(|k| {
-                    (0..exits[k].len())
-                        .map(|i| {
-                            let (c, p) = exits[k].predict(i, temperatures[k]);
-                            (c as u32, p)
-                        })
-                        .collect()
-                })
-                .collect(),
+            branch_pred: branch_predictions(&exits[..branches], &temperatures),
             final_class: (0..fin.len()).map(|i| exits[num_exits - 1].predict(i, temperatures[num_exits - 1]).0 as u32).collect(),
             branch_logits: exits[..branches].to_vec(),
         })
@@ -212,21 +194,7 @@ pub fn prepare(
     }
     let mut predictions = stats.clone();
     predictions.candidates.extend(ModelStats::for_candidates(validation, &temperatures, &extra, &codecs.validation)?.candidates);
-    // A service level is certified on the validation split here, once: a
-    // level it cannot certify stops the replay, naming the most it can.
-    let group_levels = scenario
-        .groups
-        .iter()
-        .map(|g| {
-            g.level
-                .map(|level| {
-                    let stats = ModelStats::for_level(validation, &temperatures, &level, &codecs.validation)
-                        .with_context(|| format!("scenario {}: groups.{}.level", scenario.name, g.name))?;
-                    Ok::<_, anyhow::Error>(LevelPlanning { level, stats })
-                })
-                .transpose()
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let group_levels = group_levels(scenario, validation, &temperatures, &codecs.validation)?;
     for l in group_levels.iter().flatten() {
         predictions.candidates.extend(l.stats.candidates.iter().filter(|c| predictions.lookup(c.plan).is_none()).copied().collect::<Vec<_>>());
     }
@@ -253,6 +221,40 @@ pub fn prepare(
         threshold_rule,
         group_levels,
     })
+}
+
+/// Each branch's (class, calibrated confidence) of every input.
+fn branch_predictions(branches: &[ExitLogits], temperatures: &[f64]) -> Vec<Vec<(u32, f64)>> {
+    branches
+        .iter()
+        .zip(temperatures)
+        .map(|(e, &t)| {
+            (0..e.len())
+                .map(|i| {
+                    let (c, p) = e.predict(i, t);
+                    (c as u32, p)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Each group's service level with the candidates certified for it. A
+/// level is certified on the validation split here, once: one it cannot
+/// certify stops the replay, naming the most it can.
+fn group_levels(scenario: &Scenario, validation: &[ExitLogits], temperatures: &[f64], codecs: &[CodecFinals]) -> Result<Vec<Option<LevelPlanning>>> {
+    scenario
+        .groups
+        .iter()
+        .map(|g| {
+            g.level
+                .map(|level| {
+                    let stats = ModelStats::for_level(validation, temperatures, &level, codecs).with_context(|| format!("scenario {}: groups.{}.level", scenario.name, g.name))?;
+                    Ok(LevelPlanning { level, stats })
+                })
+                .transpose()
+        })
+        .collect()
 }
 
 /// Device head time per branch (batch 1) and cloud tail times per branch
