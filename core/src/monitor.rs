@@ -41,6 +41,10 @@
 //!   disagreement rises at every confidence (0.15 to 0.46 at 0.7 to 0.9),
 //!   and the test sees it within a second or two of inputs. Without a
 //!   reference, only on-device audits are tested, against mu = 1 - a.
+//!   The same test the other way (each bin's lower bound less the margin)
+//!   sees a shift end: inputs that disagree less than the reference allows
+//!   raise an alarm too, and the refit that follows relaxes the plan. The
+//!   two tests together alarm falsely with probability at most 2 alpha.
 //! - **Refit**: after an alarm, from the sampled inputs that arrive after
 //!   it (the run of disagreements that raised the alarm is worse than the
 //!   truth by the way it was picked), once there are `min_refit_sample`,
@@ -192,6 +196,10 @@ pub struct Monitor {
     /// audits only, against 1 - a.
     reference: Option<Reference>,
     drift: DriftTest,
+    /// The same test the other way: inputs that disagree *less* than the
+    /// reference allows (a shift ending) also call for a refit, which
+    /// relaxes the plan again.
+    recovery: DriftTest,
     /// After an alarm: refit from the inputs since this time as soon as
     /// there are enough and the last refit is far enough back.
     pending_since_us: Option<u64>,
@@ -218,6 +226,7 @@ impl Monitor {
             first_number: 0,
             reference,
             drift: DriftTest::new(),
+            recovery: DriftTest::new(),
             pending_since_us: None,
             last_refit_us: None,
             alarms: 0,
@@ -271,17 +280,21 @@ impl Monitor {
                 return Ok(Some(Event::Refit(refit)));
             }
         }
-        // Once a refit is pending the alarm has done its work: the test
-        // waits for the refit's new plan.
+        // Once a refit is pending the alarm has done its work: the tests
+        // wait for the refit's new plan.
         let Some((bin, null)) = null.filter(|_| self.pending_since_us.is_none()) else {
             return Ok(None);
         };
-        if !self.drift.observe(disagrees, null, bin, self.cfg.alarm_alpha) {
+        let drifted = self.drift.observe(disagrees, null, bin, self.cfg.alarm_alpha);
+        // Recovery: "agrees" tested against at most 1 - low.
+        let low = self.reference.as_ref().map_or(0.0, |r| r.low_in(bin));
+        let recovered = low > 0.0 && self.recovery.observe(!disagrees, 1.0 - low, bin, self.cfg.alarm_alpha);
+        if !(drifted || recovered) {
             return Ok(None);
         }
         self.alarms += 1;
         // An alarm is raised once; counting goes on from fresh wealth.
-        self.drift = DriftTest::new();
+        (self.drift, self.recovery) = (DriftTest::new(), DriftTest::new());
         if self.cfg.auto_refit {
             // A refit learns from inputs that arrive after the alarm: those
             // before it describe the old inputs, and the run of
@@ -380,7 +393,7 @@ impl Monitor {
             })
             .unzip();
         self.reference = Reference::new(&conf, &disagree, self.cfg.drift_margin, self.cfg.alarm_alpha).ok();
-        self.drift = DriftTest::new();
+        (self.drift, self.recovery) = (DriftTest::new(), DriftTest::new());
         self.refits.push(refit);
         Ok(Some(refit))
     }
@@ -428,6 +441,9 @@ pub struct Reference {
     /// Upper confidence edge of each bin but the last, ascending.
     edges: Vec<f64>,
     null: Vec<f64>,
+    /// Per bin: the Clopper-Pearson lower bound on its disagreements, less
+    /// the margin: the recovery test's null (at least this rate).
+    low: Vec<f64>,
 }
 
 impl Reference {
@@ -447,16 +463,18 @@ impl Reference {
         order.sort_by(|&i, &j| confidences[i].total_cmp(&confidences[j]));
         // Ten bins, or fewer while a bin would hold under 100 inputs.
         let bins = (n / Self::MIN_INPUTS).clamp(1, 10);
-        let (mut edges, mut null) = (Vec::new(), Vec::new());
+        let (mut edges, mut null, mut low) = (Vec::new(), Vec::new(), Vec::new());
         for b in 0..bins {
             let part = &order[b * n / bins..(b + 1) * n / bins];
             let k = part.iter().filter(|&&i| disagrees[i]).count() as u64;
-            null.push((clopper_pearson_upper(k, part.len() as u64, beta / bins as f64) + margin).min(1.0));
+            let m = part.len() as u64;
+            null.push((clopper_pearson_upper(k, m, beta / bins as f64) + margin).min(1.0));
+            low.push((1.0 - clopper_pearson_upper(m - k, m, beta / bins as f64) - margin).max(0.0));
             if b + 1 < bins {
                 edges.push(confidences[*part.last().expect("bins are not empty")]);
             }
         }
-        Ok(Self { edges, null })
+        Ok(Self { edges, null, low })
     }
 
     /// From one branch's logits on labelled-free inputs (the validation
@@ -478,6 +496,12 @@ impl Reference {
     pub fn null_at(&self, confidence: f64) -> (usize, f64) {
         let bin = self.edges.partition_point(|&e| e < confidence);
         (bin, self.null[bin])
+    }
+
+    /// The recovery test's null in `bin`: disagreement at least this rate
+    /// (0: the bin cannot show a recovery).
+    pub fn low_in(&self, bin: usize) -> f64 {
+        self.low.get(bin).copied().unwrap_or(0.0)
     }
 }
 
@@ -891,5 +915,31 @@ mod tests {
         // 100 inputs a second: offloads make the evidence ten times as fast.
         assert!(with < 5_000_000, "with the reference: {with} us");
         assert!(with * 3 < without, "with {with} us, audits alone {without} us");
+    }
+
+    #[test]
+    fn a_shift_that_ends_is_seen_too_and_the_plan_relaxes_again() {
+        // Clean, then from input 20,000 the final exit agrees c^8 of the
+        // time, then from input 80,000 clean again (100 inputs a second).
+        let mut m = Monitor::new(MonitorConfig { min_refit_sample: 1000, window_us: 200_000_000, ..config() }, 1.0, 0.8, Some(clean_reference(8))).unwrap();
+        let mut s = Stream { rng: SplitMix64::new(12), t: 0 };
+        for i in 0..160_000 {
+            let (t, th) = (m.temperature(), m.threshold());
+            let shifted = (20_000..80_000).contains(&i);
+            if let Some(o) = s.next(|c| if shifted { c.powi(8) } else { c }, th, t, 0.1) {
+                m.observe(o).unwrap();
+            }
+        }
+        let refits = m.refits();
+        assert!(refits.len() >= 2, "a refit for the shift and one for its end: {refits:?}");
+        let (first, last) = (refits[0], *refits.last().unwrap());
+        assert!(first.t_us > 200_000_000 && first.t_us < 800_000_000, "{first:?}");
+        assert!(last.t_us > 800_000_000, "the last refit follows the end of the shift: {last:?}");
+        // The smallest logit gap that exits, T ln(th / (1 - th)): higher
+        // under the shift, lower again after it.
+        let gap = |r: Refit| r.temperature * (r.threshold / (1.0 - r.threshold)).ln();
+        let start = Refit { t_us: 0, temperature: 1.0, threshold: 0.8, fit_inputs: 0, certify_inputs: 0 };
+        assert!(gap(first) > gap(start), "the shift's plan keeps fewer inputs: {first:?}");
+        assert!(gap(last) < gap(first), "the plan relaxes after the shift: {first:?} then {last:?}");
     }
 }

@@ -319,6 +319,9 @@ impl Default for WatchSection {
 #[serde(deny_unknown_fields)]
 pub struct ShiftSection {
     pub at_s: f64,
+    /// The shift ends here (the clean inputs come back); none: it lasts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_s: Option<f64>,
     /// KIND:SEVERITY, e.g. "gaussian-noise:3".
     pub corruption: String,
     #[serde(default = "default_shift_seed")]
@@ -595,6 +598,9 @@ impl Scenario {
                 crate::corrupt::Corruption::parse(&shift.corruption).map_err(|e| self.err(&key("shift.corruption"), e))?;
                 if !(shift.at_s.is_finite() && shift.at_s >= 0.0 && shift.at_s < self.duration_s) {
                     return Err(self.err(&key("shift.at_s"), format!("{} must be in [0, duration_s = {})", shift.at_s, self.duration_s)));
+                }
+                if let Some(until) = shift.until_s.filter(|u| !(u.is_finite() && *u > shift.at_s && *u <= self.duration_s)) {
+                    return Err(self.err(&key("shift.until_s"), format!("{until} must be after at_s = {} and at most duration_s = {}", shift.at_s, self.duration_s)));
                 }
             }
         }

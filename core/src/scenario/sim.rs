@@ -180,6 +180,8 @@ pub struct GroupSim {
     /// From this time (µs) on, the group's inputs are `SimModel::shifted`'s
     /// view (from 1).
     pub shift: Option<(u64, usize)>,
+    /// When the shift ends (µs), if it does: the clean inputs again.
+    pub shift_until_us: Option<u64>,
     /// The group's service level and the candidates certified for it; an
     /// adaptive run plans the group's devices under it.
     pub level: Option<LevelPlanning>,
@@ -248,7 +250,7 @@ impl GroupSim {
     /// Which view of the inputs the group sees at time t.
     pub fn view_at(&self, t: u64) -> usize {
         match self.shift {
-            Some((at, view)) if t >= at => view,
+            Some((at, view)) if t >= at && self.shift_until_us.is_none_or(|u| t < u) => view,
             _ => 0,
         }
     }
@@ -1336,6 +1338,7 @@ mod tests {
                 initial: Plan { branch: 2, p_tar: 0.9, codec: Codec::F32 },
                 target: 0.9,
                 shift: None,
+                shift_until_us: None,
                 level: None,
             }],
             workers: 2,

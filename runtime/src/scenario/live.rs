@@ -232,6 +232,9 @@ async fn arrive(setup: &LiveSetup<'_>, places: Places, devices: Vec<Addr<Device>
             let mut views = vec![(0, setup.inputs.clone())];
             if let Some((at, view)) = group.shift {
                 views.push((at, setup.shifted[view - 1].clone()));
+                if let Some(until) = group.shift_until_us {
+                    views.push((until, setup.inputs.clone()));
+                }
             }
             Arrivals { device, seed: device_seed(cfg.seed, gi, k), rate_steps: group.rate_steps.clone(), views }
         })

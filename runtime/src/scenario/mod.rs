@@ -324,6 +324,7 @@ pub fn sim_config(s: &Scenario, prepared: &Prepared) -> Result<SimConfig> {
                 initial,
                 target: g.p_tar,
                 shift: s.group_shift(g),
+                shift_until_us: g.shift.as_ref().and_then(|sh| sh.until_s).map(|u| (u * 1e6).round() as u64),
                 level: level.clone(),
             })
         })

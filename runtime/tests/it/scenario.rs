@@ -63,6 +63,12 @@ fn scenario_errors_name_the_key_and_the_file() {
     expect_error(&shift("5.0", "fog:2"), &["groups[0] (g).shift.corruption", "fog", "gaussian-noise"]);
     expect_error(&shift("5.0", "contrast:7"), &["groups[0] (g).shift.corruption", "1 to 5"]);
     expect_error(&shift("12.0", "contrast:2"), &["groups[0] (g).shift.at_s", "duration_s"]);
+    assert!(parse(&format!("{}until_s = 8.0\n", shift("5.0", "contrast:2"))).is_ok(), "a shift that ends");
+    expect_error(&format!("{}until_s = 4.0\n", shift("5.0", "contrast:2")), &["groups[0] (g).shift.until_s", "after at_s"]);
+    expect_error(&format!("{}until_s = 11.0\n", shift("5.0", "contrast:2")), &["groups[0] (g).shift.until_s", "duration_s"]);
+    // A service level out of range names its key.
+    expect_error(&format!("{VALID}\n[groups.level]\naccuracy = 0.9\ndelta = 0.0\nmiss_bound = 0.05\n"), &["groups.g.level", "delta"]);
+    expect_error(&format!("{VALID}\n[groups.level]\naccuracy = 0.9\ndelta = 0.05\n"), &["miss_bound"]);
     assert!(parse(&shift("5.0", "contrast:2").replace("duration_s = 10.0", "duration_s = 10.0\ntime = \"real\"")).is_ok(), "shifts replay in real time too");
     expect_error(&format!("{VALID}\n[watch]\naudit_rate = 0.0\n"), &["watch.audit_rate"]);
     expect_error(&format!("{VALID}\n[watch]\naudit = 0.1\n"), &["unknown field", "audit"]);
