@@ -5,7 +5,8 @@
 //! Buckets (created by whoever comes first; the same settings every time):
 //! - `branchpoint-plans`: key `group.<group>` or `device.<id>`, value a
 //!   `PlanUpdate` (MessagePack, as on the wire). Written by the planner (per
-//!   device) and the HTTP API (per group or device); watched by fleets.
+//!   device), and the HTTP API and the calibrator (per group); watched by
+//!   fleets.
 //!   The latest write a device sees wins, whichever key it came under.
 //! - `branchpoint-calibration`: key `model.<sha256 of the weights>`, value a
 //!   `CalibrationUpdate`: the model's temperatures. Key

@@ -5,7 +5,7 @@
 //! the virtual-time scenario engine.
 //!
 //! Nothing here links libtorch, runs an actor or opens a socket (the tidy
-//! test in `runtime/tests/it/tidy.rs` checks it): a model enters as its
+//! test in `core/tests/tidy.rs` checks it): a model enters as its
 //! recorded answers (`calibration::ExitLogits`) and its measured costs
 //! (`costs::ComputeProfile`), so this crate's tests run in seconds anywhere.
 pub mod autoscale;

@@ -62,7 +62,7 @@ pub struct ThresholdStats {
     pub measured_edge_accuracy: f64,
     pub measured_cloud_accuracy: f64,
     /// Set when `plan.p_tar` is the threshold certified for this target
-    /// (`risk::certify`) rather than a target in itself.
+    /// (`guarantee::certify_plans`) rather than a target in itself.
     #[serde(default)]
     pub certified: Option<Target>,
 }
@@ -103,9 +103,10 @@ impl ModelStats {
     }
 
     /// Certified candidates: per branch, device only (0), cloud only (1),
-    /// and the threshold `risk::certify` finds on the validation split for
-    /// each target accuracy in `accuracies` at `delta` (cloud only when none
-    /// is certified), on the temperature-scaled confidences.
+    /// and for each target accuracy in `accuracies` at `delta` the lowest
+    /// threshold certified on the validation split for every branch at
+    /// once (`certified_candidates`; cloud only when none is), on the
+    /// temperature-scaled confidences.
     pub fn certified(validation: &[ExitLogits], temperatures: &[f64], accuracies: &[f64], delta: f64, codecs: &[CodecFinals]) -> Result<Self> {
         let per_branch = certified_candidates(validation, temperatures, accuracies, delta)?;
         Self::for_candidates(validation, temperatures, &per_branch, codecs)

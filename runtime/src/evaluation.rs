@@ -1,7 +1,7 @@
 //! The paper's evaluation of one model: logits on the validation and test
 //! splits, temperatures per method, calibration quality per exit, and the
 //! offloading sweep per partition branch. Shared by `calibrate` and
-//! `evaluate`; all the arithmetic lives in `branchpoint_models`.
+//! `evaluate`; all the arithmetic lives in `branchpoint_core`.
 use std::io::Write;
 use std::path::Path;
 
