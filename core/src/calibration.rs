@@ -285,7 +285,7 @@ pub struct FitSource<'a> {
     /// The model's file name (weights or card).
     pub model: &'a str,
     /// The model's SHA-256, as the wire names it.
-    pub sha256: &'a str,
+    pub model_sha256: &'a str,
     /// The validation inputs, in words.
     pub data: &'a str,
     /// The seed of the train/validation split (0 for data the user brought).
@@ -305,7 +305,7 @@ pub fn fit_file(method: Method, validation: &[ExitLogits], exit_names: &[String]
         .collect();
     Ok(CalibrationFile {
         model: source.model.to_string(),
-        weights_sha256: source.sha256.to_string(),
+        model_sha256: source.model_sha256.to_string(),
         method,
         temperatures,
         fit: FitInfo {
@@ -326,7 +326,10 @@ pub fn fit_file(method: Method, validation: &[ExitLogits], exit_names: &[String]
 pub struct CalibrationFile {
     /// Weights file name the temperatures were fit for.
     pub model: String,
-    pub weights_sha256: String,
+    /// The SHA-256 of the weights it was fit for (older files:
+    /// `weights_sha256`).
+    #[serde(alias = "weights_sha256")]
+    pub model_sha256: String,
     pub method: Method,
     /// One temperature per exit: branches in order, then final.
     pub temperatures: Vec<f64>,
@@ -380,10 +383,10 @@ impl CalibrationFile {
     /// digest `sha256`.
     pub fn check_fits(&self, num_exits: usize, sha256: &str) -> Result<()> {
         check_temperatures(&self.temperatures, num_exits)?;
-        if self.weights_sha256 != sha256 {
+        if self.model_sha256 != sha256 {
             return Err(CoreError::InvalidArgument {
                 what: "calibration file".into(),
-                reason: format!("it was fit for weights {} with SHA-256 {}, not this model's {sha256}; refit with `branchpoint calibrate`", self.model, self.weights_sha256),
+                reason: format!("it was fit for weights {} with SHA-256 {}, not this model's {sha256}; refit with `branchpoint calibrate`", self.model, self.model_sha256),
             });
         }
         Ok(())

@@ -24,7 +24,11 @@ pub struct ModelCard {
     /// File name of the weights, relative to the card's folder.
     pub weights: String,
     /// SHA-256 of the weights file, to catch a card paired with other weights.
-    pub weights_sha256: String,
+    /// The weights file's SHA-256: the model's id everywhere (`model_sha256`
+    /// on the wire, in calibration files and reports). Cards written before
+    /// the name was unified say `weights_sha256`.
+    #[serde(alias = "weights_sha256")]
+    pub model_sha256: String,
     pub architecture: Architecture,
     pub dataset: DatasetCard,
     pub training: TrainingCard,
@@ -118,10 +122,10 @@ pub fn load_model(weights: &Path, device: Device) -> Result<LoadedModel> {
     let card_file = card_path(weights);
     let card = ModelCard::read(&card_file)?;
     let digest = sha256_file(weights)?;
-    if digest != card.weights_sha256 {
+    if digest != card.model_sha256 {
         return Err(ModelError::WeightsMismatch {
             path: weights.to_path_buf(),
-            reason: format!("its SHA-256 is {digest}, the card {} expects {}; retrain or restore the pair", card_file.display(), card.weights_sha256),
+            reason: format!("its SHA-256 is {digest}, the card {} expects {}; retrain or restore the pair", card_file.display(), card.model_sha256),
         });
     }
     let mut vs = nn::VarStore::new(device);

@@ -45,18 +45,18 @@ pub fn answers_dir() -> Option<PathBuf> {
 /// is best effort: a cache that cannot be written costs time, never the
 /// answer.
 ///
-/// `compute` gives the answers when there is no record; `model_key`
+/// `compute` gives the answers when there is no record; `model_sha256`
 /// names the model and what is asked of it: its SHA-256 for its exits
 /// (`model::recorded_split_exit_logits` is the usual caller), more words for
 /// other answers (`model::recorded_codec_final_logits`).
-pub fn recorded(model_key: &str, split: &Split, compute: impl FnOnce() -> Result<Vec<ExitLogits>>) -> Result<Vec<ExitLogits>> {
-    recorded_in(answers_dir(), model_key, split, compute)
+pub fn recorded(model_sha256: &str, split: &Split, compute: impl FnOnce() -> Result<Vec<ExitLogits>>) -> Result<Vec<ExitLogits>> {
+    recorded_in(answers_dir(), model_sha256, split, compute)
 }
 
 /// `recorded`, with the answers directory given (`None`: no recording).
-fn recorded_in(dir: Option<PathBuf>, model_key: &str, split: &Split, compute: impl FnOnce() -> Result<Vec<ExitLogits>>) -> Result<Vec<ExitLogits>> {
+fn recorded_in(dir: Option<PathBuf>, model_sha256: &str, split: &Split, compute: impl FnOnce() -> Result<Vec<ExitLogits>>) -> Result<Vec<ExitLogits>> {
     let Some(dir) = dir else { return compute() };
-    let key = answers_key(model_key, split)?;
+    let key = answers_key(model_sha256, split)?;
     let path = dir.join(format!("{key}.answers"));
     let read = || std::fs::read(&path).ok().and_then(|bytes| decode_answers(&bytes, &key)).filter(|answers| answers.first().is_some_and(|e| e.len() == split.len()));
     if let Some(answers) = read() {
@@ -84,10 +84,10 @@ const ANSWERS_MAGIC: &[u8] = b"branchpoint answers v1\n";
 
 /// SHA-256 of the weights' digest, the images' shape and bytes and the
 /// labels, in hex.
-fn answers_key(weights_sha256: &str, split: &Split) -> Result<String> {
+fn answers_key(model_sha256: &str, split: &Split) -> Result<String> {
     let mut h = Sha256::new();
     h.update(ANSWERS_MAGIC);
-    h.update(weights_sha256.as_bytes());
+    h.update(model_sha256.as_bytes());
     for d in split.images.size() {
         h.update(d.to_le_bytes());
     }

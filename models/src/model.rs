@@ -67,7 +67,7 @@ impl Model {
     /// model by (see the module's documentation).
     pub fn sha256(&self) -> &str {
         match self {
-            Self::Builtin(m) => &m.card.weights_sha256,
+            Self::Builtin(m) => &m.card.model_sha256,
             Self::Imported(m) => m.sha256(),
         }
     }

@@ -79,7 +79,7 @@ fn decision_path(system: &actix::SystemRunner, model: &Path, runs: usize) -> (f6
         let collector = Collector::new(exits - 1).start();
         let wexec = Executor::start(vec![spec.clone()], 1).unwrap();
         let wcfg = WorkerConfig { worker_id: "unused".into(), max_batch: 1, max_wait: Duration::from_millis(1) };
-        let link = OffloadLink::InProcess(Batcher::new(wcfg, wexec, vec![ServedModel { sha256: sha.clone(), partition_points: points }]).with_compute_threads(1).start());
+        let link = OffloadLink::InProcess(Batcher::new(wcfg, wexec, vec![ServedModel { model_sha256: sha.clone(), partition_points: points }]).with_compute_threads(1).start());
         let cfg = DeviceConfig {
             id: "bench".into(),
             partition_branch: PartitionBranch::FIRST,
@@ -181,7 +181,7 @@ fn main() {
             for codec in Codec::ALL {
                 let exec = Executor::start(vec![spec.clone()], 1).unwrap();
                 let cfg = WorkerConfig { worker_id: "bench".into(), max_batch: batch, max_wait: Duration::from_millis(5) };
-                let batcher = Batcher::new(cfg, exec, vec![ServedModel { sha256: sha.clone(), partition_points: points.clone() }]).with_compute_threads(1).start();
+                let batcher = Batcher::new(cfg, exec, vec![ServedModel { model_sha256: sha.clone(), partition_points: points.clone() }]).with_compute_threads(1).start();
                 workers.push((batcher, codec.encode(&shape, &one_act).unwrap()));
             }
             let (mut bare, mut worker) = (Vec::new(), [Vec::new(), Vec::new(), Vec::new()]);
@@ -249,7 +249,7 @@ fn main() {
             let wclient = async_nats::connect(&url).await.unwrap();
             let exec = Executor::start(vec![spec], 1).unwrap();
             let cfg = WorkerConfig { worker_id: "bench".into(), max_batch: 32, max_wait: Duration::from_micros(500) };
-            let batcher = Batcher::new(cfg, exec, vec![ServedModel { sha256: sha.clone(), partition_points: points }]).with_compute_threads(1).start();
+            let batcher = Batcher::new(cfg, exec, vec![ServedModel { model_sha256: sha.clone(), partition_points: points }]).with_compute_threads(1).start();
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
             actix::spawn(async move {
                 let ready = move || {
@@ -306,7 +306,7 @@ fn main() {
             let mut device_threads = DeviceThreads::start(spec.clone(), 1).unwrap();
             let wexec = Executor::start(vec![spec], 1).unwrap();
             let cfg = WorkerConfig { worker_id: "embedded".into(), max_batch: 32, max_wait: Duration::from_millis(2) };
-            let link = OffloadLink::InProcess(Batcher::new(cfg, wexec, vec![ServedModel { sha256: sha.clone(), partition_points: points }]).with_compute_threads(1).start());
+            let link = OffloadLink::InProcess(Batcher::new(cfg, wexec, vec![ServedModel { model_sha256: sha.clone(), partition_points: points }]).with_compute_threads(1).start());
             let collector = Collector::new(2).start();
             let fleet = FleetConfig {
                 devices: 1000,

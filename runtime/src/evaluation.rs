@@ -29,7 +29,7 @@ pub fn split_logits(model: &Model, data: &ModelData) -> Result<SplitLogits> {
 
 /// Fits `method` on the validation logits and describes the fit.
 pub fn calibrate(model: &Model, data: &ModelData, method: Method, validation: &[ExitLogits]) -> Result<CalibrationFile> {
-    let source = FitSource { model: &model.file_name(), sha256: model.sha256(), data: &data.validation_source, split_seed: data.split_seed };
+    let source = FitSource { model: &model.file_name(), model_sha256: model.sha256(), data: &data.validation_source, split_seed: data.split_seed };
     Ok(calibration::fit_file(method, validation, &model.exit_names(), source)?)
 }
 
@@ -44,7 +44,8 @@ pub struct NetworkSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub model: String,
-    pub weights_sha256: String,
+    #[serde(alias = "weights_sha256")]
+    pub model_sha256: String,
     pub dataset: String,
     pub test_inputs: usize,
     /// The corruption applied to the test images, if any (`--corrupt`).

@@ -436,7 +436,7 @@ impl Calibrator {
     }
 
     fn fit(model: &Model, validation: &[ExitLogits], data: &str, split_seed: u64, method: Method) -> Result<CalibrationFile, ActorError> {
-        let source = FitSource { model: &model.file_name(), sha256: model.sha256(), data, split_seed };
+        let source = FitSource { model: &model.file_name(), model_sha256: model.sha256(), data, split_seed };
         Ok(fit_file(method, validation, &model.exit_names(), source)?)
     }
 
@@ -505,7 +505,7 @@ impl CalibratorHandle {
                 let cert = certify(&counts, Target { accuracy: target.accuracy, delta: target.delta }, &default_grid())?;
                 let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
                 Ok(CertifyReply {
-                    model_sha256: c.current.weights_sha256.clone(),
+                    model_sha256: c.current.model_sha256.clone(),
                     temperature,
                     partition_branch,
                     target,
@@ -527,7 +527,7 @@ impl CalibratorHandle {
             .run(move |c: &mut Calibrator| match result {
                 Some(r) => {
                     let classes = c.validation.first().map_or(0, |e| e.classes);
-                    c.watch.observe(&r, &c.current.weights_sha256, &c.current.temperatures, classes, c.reference.as_ref(), now)
+                    c.watch.observe(&r, &c.current.model_sha256, &c.current.temperatures, classes, c.reference.as_ref(), now)
                 }
                 None => {
                     c.watch.refuse_undecodable();
@@ -539,7 +539,7 @@ impl CalibratorHandle {
 
     /// What the calibrator sees of every watched group and branch.
     pub async fn watch_status(&self, at_unix_us: u64) -> Result<branchpoint_messages::CalibrationStatus, ActorError> {
-        self.0.run(move |c: &mut Calibrator| c.watch.status(&c.current.weights_sha256, at_unix_us)).await
+        self.0.run(move |c: &mut Calibrator| c.watch.status(&c.current.model_sha256, at_unix_us)).await
     }
 
     /// Stops the thread (a refit in progress finishes first); see
@@ -552,7 +552,7 @@ impl CalibratorHandle {
 /// The wire form of a calibration file.
 pub fn to_update(file: &CalibrationFile) -> CalibrationUpdate {
     CalibrationUpdate {
-        model_sha256: file.weights_sha256.clone(),
+        model_sha256: file.model_sha256.clone(),
         method: match file.method {
             Method::Uncalibrated => CalibrationMethod::Uncalibrated,
             Method::Global => CalibrationMethod::Global,

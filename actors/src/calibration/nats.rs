@@ -82,7 +82,7 @@ async fn store_refit(store: &crate::control::ControlStore, calibrator: &Calibrat
 async fn resume_watch(calibrator: &CalibratorHandle, store: Option<&crate::control::ControlStore>, initial: &CalibrationFile) -> Result<(), ActorError> {
     match store {
         Some(store) => {
-            let groups = store.calibrations(&initial.weights_sha256).await?;
+            let groups = store.calibrations(&initial.model_sha256).await?;
             let groups: Vec<(String, Vec<f64>)> = groups.into_iter().filter_map(|s| Some((s.value.group?, s.value.temperatures))).collect();
             if !groups.is_empty() {
                 tracing::info!("calibrator: resuming the drift refits of {} group(s)", groups.len());
@@ -103,7 +103,7 @@ async fn resume_watch(calibrator: &CalibratorHandle, store: Option<&crate::contr
 /// every group's, and the stored certified plans are certified again.
 async fn after_model_refit(calibrator: &CalibratorHandle, store: &crate::control::ControlStore) -> Result<(), ActorError> {
     // The model's new temperatures replace every group's.
-    match store.delete_group_calibrations(&calibrator.current().await?.weights_sha256).await {
+    match store.delete_group_calibrations(&calibrator.current().await?.model_sha256).await {
         Ok(0) => {}
         Ok(n) => tracing::info!("calibrator: the refit replaces the drift refits of {n} group(s)"),
         Err(e) => tracing::warn!("calibrator: could not remove the groups' refit temperatures: {e}"),

@@ -128,7 +128,7 @@ pub async fn forward_updates(client: async_nats::Client, devices: Vec<FleetDevic
         tracing::warn!("fleet: could not subscribe to calibration updates");
         return;
     };
-    let apply = Forward { devices, sha256 };
+    let apply = Forward { devices, model_sha256: sha256 };
     // Plans live only in the control store: without it the devices keep
     // the plan they started with.
     let mut stored: std::pin::Pin<Box<dyn futures::Stream<Item = ControlChange>>> = match resume(&client, &apply).await {
@@ -168,21 +168,21 @@ async fn resume(client: &async_nats::Client, apply: &Forward) -> Result<impl fut
     for p in &plans {
         apply.plan(&p.value);
     }
-    for c in store.calibrations(&apply.sha256).await? {
+    for c in store.calibrations(&apply.model_sha256).await? {
         apply.calibration(&c.value);
     }
-    store.watch(&apply.sha256).await
+    store.watch(&apply.model_sha256).await
 }
 
 /// Who gets which update.
 struct Forward {
     devices: Vec<FleetDevice>,
-    sha256: String,
+    model_sha256: String,
 }
 
 impl Forward {
     fn calibration(&self, u: &branchpoint_messages::CalibrationUpdate) {
-        if u.model_sha256 != self.sha256 {
+        if u.model_sha256 != self.model_sha256 {
             tracing::warn!("fleet: ignored a calibration update for other weights");
             return;
         }

@@ -412,7 +412,7 @@ mod tests {
             // The pool serves the branch the plans offload at.
             let point = |branch| PartitionPoint { branch, activation_shape: vec![2], activation_bytes: 8 };
             let points = vec![point(1), point(2)];
-            let batcher = Batcher::new(cfg, StuckTails, vec![ServedModel { sha256: "ab".repeat(32), partition_points: points }]).with_compute_threads(1).start();
+            let batcher = Batcher::new(cfg, StuckTails, vec![ServedModel { model_sha256: "ab".repeat(32), partition_points: points }]).with_compute_threads(1).start();
             actix::spawn(watch_in_process_pool(vec![batcher.clone()], planner.clone(), Duration::from_millis(100)));
             tokio::time::sleep(Duration::from_millis(150)).await;
             planner.do_send(report("cam-1", "cameras", 0.08, device.clone()));

@@ -107,7 +107,7 @@ pub use branchpoint_core::batching::QueueStats as WorkerStats;
 /// name it by) and what crosses each of its partition points.
 #[derive(Debug, Clone)]
 pub struct ServedModel {
-    pub sha256: String,
+    pub model_sha256: String,
     pub partition_points: Vec<PartitionPoint>,
 }
 
@@ -190,8 +190,8 @@ impl Batcher {
         }
         let model = match &r.model_sha256 {
             None => 0,
-            Some(sha) => self.models.iter().position(|m| m.sha256 == **sha).ok_or_else(|| {
-                let served: Vec<&str> = self.models.iter().map(|m| m.sha256.get(..12).unwrap_or(&m.sha256)).collect();
+            Some(sha) => self.models.iter().position(|m| m.model_sha256 == **sha).ok_or_else(|| {
+                let served: Vec<&str> = self.models.iter().map(|m| m.model_sha256.get(..12).unwrap_or(&m.model_sha256)).collect();
                 (ErrorKind::UnknownModel, format!("model {} is not served here; this worker serves {served:?} (SHA-256 prefixes)", sha.get(..12).unwrap_or(sha)))
             })?,
         };
@@ -368,7 +368,7 @@ mod batcher_tests {
     fn batcher(tails: FakeTails) -> Addr<Batcher> {
         let cfg = WorkerConfig { worker_id: "w".into(), max_batch: 4, max_wait: Duration::from_millis(10) };
         let points = vec![PartitionPoint { branch: 1, activation_shape: vec![2], activation_bytes: 8 }];
-        Batcher::new(cfg, tails, vec![ServedModel { sha256: "ab".repeat(32), partition_points: points }]).start()
+        Batcher::new(cfg, tails, vec![ServedModel { model_sha256: "ab".repeat(32), partition_points: points }]).start()
     }
 
     fn job(seq: u64, shape: &[u32], budget_ms: u64) -> (Job, tokio::sync::oneshot::Receiver<OffloadReply>) {

@@ -103,7 +103,7 @@ pub(super) async fn readyz(state: web::Data<ApiState>) -> HttpResponse {
     let body = json!({
         "ready": ready,
         "nats": format!("{nats:?}").to_lowercase(),
-        "model_sha256": state.model.sha256,
+        "model_sha256": state.model.model_sha256,
         "control_store": store.as_ref().map_or_else(|e| e.clone(), |_| "ok".to_string()),
     });
     match ready {
@@ -270,10 +270,10 @@ pub(super) async fn certified_threshold(state: &ApiState, partition_branch: u8, 
     let bytes = encode(&CertifyRequest { partition_branch, target }).map_err(|e| error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
     let payload = ask_calibrator(state, subjects::CALIBRATION_CERTIFY, bytes).await?;
     if let Ok(reply) = decode::<CertifyReply>(&payload) {
-        if reply.model_sha256 != state.model.sha256 {
+        if reply.model_sha256 != state.model.model_sha256 {
             return Err(error(
                 StatusCode::CONFLICT,
-                format!("the calibrator runs other weights ({}) than this API ({}): start both with the same --model", reply.model_sha256, state.model.sha256),
+                format!("the calibrator runs other weights ({}) than this API ({}): start both with the same --model", reply.model_sha256, state.model.model_sha256),
             ));
         }
         return Ok(reply.p_tar());
@@ -321,7 +321,7 @@ fn calibration_json(u: &CalibrationUpdate, revision: Option<u64>) -> serde_json:
 }
 
 pub(super) async fn get_calibration(state: web::Data<ApiState>) -> HttpResponse {
-    match within_store_timeout(state.store.calibration(&state.model.sha256)).await {
+    match within_store_timeout(state.store.calibration(&state.model.model_sha256)).await {
         Ok(Some(c)) => {
             let mut body = calibration_json(&c.value, Some(c.revision));
             // The live view: what the calibrator's monitors estimate of each

@@ -14,7 +14,7 @@ use futures::StreamExt;
 /// The model this API serves: its weights' digest and its branches.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
-    pub sha256: String,
+    pub model_sha256: String,
     pub branches: usize,
 }
 
@@ -127,7 +127,7 @@ impl ApiState {
                 }
             }
         });
-        let (view, sha) = (self.view.clone(), self.model.sha256.clone());
+        let (view, sha) = (self.view.clone(), self.model.model_sha256.clone());
         let c = actix::spawn(async move {
             while let Some(msg) = calibration.next().await {
                 match decode::<CalibrationStatus>(&msg.payload) {

@@ -49,7 +49,7 @@ pub fn run(args: CalibratorArgs) -> Result<()> {
             }
         };
         if let Some(store) = &store {
-            if let Some(stored) = store.calibration(&file.weights_sha256).await? {
+            if let Some(stored) = store.calibration(&file.model_sha256).await? {
                 let method = method_of(stored.value.method);
                 tracing::info!("calibrator: resuming the stored {} calibration (revision {})", method.name(), stored.revision);
                 if method != file.method {

@@ -23,7 +23,8 @@ use crate::scenario::upload_bytes;
 #[derive(Debug, Serialize)]
 pub struct CodecReport {
     pub model: String,
-    pub sha256: String,
+    #[serde(alias = "sha256")]
+    pub model_sha256: String,
     pub test_inputs: usize,
     pub timed_inputs: usize,
     pub torch_threads: i32,
@@ -107,7 +108,7 @@ pub fn run(args: CodecsArgs) -> Result<()> {
     }
     let report = CodecReport {
         model: args.source.model.display().to_string(),
-        sha256: model.sha256().to_string(),
+        model_sha256: model.sha256().to_string(),
         test_inputs: test.len(),
         timed_inputs: timed,
         torch_threads: tch::get_num_threads(),

@@ -93,7 +93,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     }
     let report = Report {
         model: model.file_name(),
-        weights_sha256: model.sha256().to_string(),
+        model_sha256: model.sha256().to_string(),
         dataset: model.dataset().map_or_else(|| data.test_source.clone(), |kind| kind.name().to_string()),
         test_inputs: data.test.len(),
         test_corruption: corruption.map(|c| c.to_string()),

@@ -51,7 +51,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
     let cfg = fleet_config(&args, temperatures, model_sha256, fleet_id, emulation);
     cfg.validate()?;
     let spec = ModelSpec { model: args.source.model.clone(), device: tch::Device::Cpu };
-    let served = ServedModel { sha256: cfg.model_sha256.clone(), partition_points };
+    let served = ServedModel { model_sha256: cfg.model_sha256.clone(), partition_points };
 
     let ready_service = args.service.clone();
     let system = actix::System::new();

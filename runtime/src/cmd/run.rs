@@ -49,7 +49,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let cfg = scenario::sim_config(&scenario, &prepared)?;
 
     if let Some(listen) = &args.listen {
-        let info = crate::api::ModelInfo { sha256: model.sha256().to_string(), branches: model.num_branches() };
+        let info = crate::api::ModelInfo { model_sha256: model.sha256().to_string(), branches: model.num_branches() };
         crate::api::spawn_embedded(args.nats.clone(), listen.clone(), args.token.clone(), info)?;
         tracing::info!("api listening on http://{listen} (dashboard at /, metrics at /metrics) while the replay runs");
     }

@@ -26,7 +26,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     }
     branchpoint_models::subnormal::prepare_tensor_thread(1);
     let model = branchpoint_models::Model::load(&args.model, tch::Device::Cpu)?;
-    let info = ModelInfo { sha256: model.sha256().to_string(), branches: model.num_branches() };
+    let info = ModelInfo { model_sha256: model.sha256().to_string(), branches: model.num_branches() };
     drop(model);
     let system = actix::System::new();
     system.block_on(async move {

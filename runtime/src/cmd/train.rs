@@ -94,7 +94,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     vs.save(&args.out).with_context(|| format!("writing weights to {}", args.out.display()))?;
     let card = ModelCard {
         weights: args.out.file_name().expect("--out has a file name").to_string_lossy().into_owned(),
-        weights_sha256: sha256_file(&args.out)?,
+        model_sha256: sha256_file(&args.out)?,
         architecture: net.architecture().clone(),
         dataset: DatasetCard { name: kind, normalization: kind.normalization(), split: data.split.clone() },
         training: TrainingCard { config: cfg, optimizer: "adam, cosine-decayed learning rate".into(), torch_threads: tch::get_num_threads(), duration_s, history },

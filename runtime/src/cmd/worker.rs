@@ -28,10 +28,10 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     let mut served: Vec<ServedModel> = Vec::new();
     for path in &args.model {
         let model = Model::load(path, device).with_context(|| format!("--model {}", path.display()))?;
-        if let Some(i) = served.iter().position(|m| m.sha256 == model.sha256()) {
+        if let Some(i) = served.iter().position(|m| m.model_sha256 == model.sha256()) {
             bail!("--model {}: the same model as --model {} (SHA-256 {}); serve each model once", path.display(), args.model[i].display(), model.sha256());
         }
-        served.push(ServedModel { sha256: model.sha256().to_string(), partition_points: model.partition_points().to_vec() });
+        served.push(ServedModel { model_sha256: model.sha256().to_string(), partition_points: model.partition_points().to_vec() });
     }
     let worker_id = args.worker_id.clone().unwrap_or_else(|| format!("worker-{}", std::process::id()));
     if !branchpoint_messages::subjects::is_valid_id(&worker_id) {
@@ -50,7 +50,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             .context("--cloud-slowdown")?;
         let cfg = WorkerConfig { worker_id: worker_id.clone(), max_batch: args.max_batch, max_wait: Duration::from_micros(args.max_wait_us) };
         let executor_pool = executor.clone();
-        let names: Vec<String> = served.iter().map(|m| m.sha256.get(..12).unwrap_or(&m.sha256).to_string()).collect();
+        let names: Vec<String> = served.iter().map(|m| m.model_sha256.get(..12).unwrap_or(&m.model_sha256).to_string()).collect();
         let batcher = Batcher::new(cfg, executor, served).with_compute_threads(args.threads).with_audit_sink(NatsAudits(client.clone())).start();
         let ready = {
             let (id, url) = (worker_id.clone(), args.nats.nats.clone().unwrap_or_default());

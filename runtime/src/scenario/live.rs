@@ -278,7 +278,7 @@ async fn mean_batch(pool: &[Addr<Batcher>]) -> Result<f64> {
 /// final exit's answers to the calibrator).
 async fn start_pool(setup: &LiveSetup<'_>, client: Option<&async_nats::Client>, watched: bool) -> Result<(Vec<Addr<Batcher>>, OffloadLink)> {
     let cfg = setup.cfg;
-    let served = || ServedModel { sha256: setup.model_sha256.clone(), partition_points: setup.points.clone() };
+    let served = || ServedModel { model_sha256: setup.model_sha256.clone(), partition_points: setup.points.clone() };
     let wcfg = |w: usize| WorkerConfig { worker_id: format!("run-worker-{w}"), max_batch: cfg.max_batch, max_wait: Duration::from_micros(cfg.max_wait_us) };
     let worker = |w: usize| -> Result<Batcher> {
         let exec = Executor::start_paced(vec![setup.spec.clone()], 1, vec![setup.prepared.sim.tail_us.clone()])?;

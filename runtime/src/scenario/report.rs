@@ -35,7 +35,8 @@ pub struct ScenarioReport {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ModelInfo {
     pub weights: String,
-    pub sha256: String,
+    #[serde(alias = "sha256")]
+    pub model_sha256: String,
     pub calibration: String,
     /// How thresholds were chosen: plain p_tars, or certified for them as
     /// target accuracies.
@@ -378,7 +379,7 @@ pub fn build(scenario: &Scenario, cfg: &SimConfig, prepared: &Prepared, weights:
         },
         model: ModelInfo {
             weights: weights.into(),
-            sha256: sha256.into(),
+            model_sha256: sha256.into(),
             calibration: prepared.method.name().into(),
             threshold_rule: prepared.threshold_rule.clone(),
             temperatures: prepared.temperatures.clone(),

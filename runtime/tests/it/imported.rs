@@ -145,7 +145,7 @@ tensorfile.write(sys.argv[2] + '/test.safetensors', x[300:600], y[300:600])";
     let file: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&calibration).unwrap()).unwrap();
     assert_eq!(file["fit"]["data"], "tensor file validation.safetensors");
     let sha = branchpoint_models::card::sha256_file(&model).unwrap();
-    assert_eq!(file["weights_sha256"], sha, "an imported model is named by its card's SHA-256");
+    assert_eq!(file["model_sha256"], sha, "an imported model is named by its card's SHA-256");
     // evaluate, with the calibration file, beside the built-in model's report.
     let (mine, builtin) = (dir.path().join("mine"), dir.path().join("builtin"));
     let said = run(&[
@@ -185,7 +185,7 @@ tensorfile.write(sys.argv[2] + '/test.safetensors', x[300:600], y[300:600])";
     let out = dir.path().join("run");
     let said = run(&["run", path.to_str().unwrap(), "--model", m, "--out", out.to_str().unwrap()]);
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
-    assert_eq!(report["model"]["sha256"].as_str(), Some(sha.as_str()), "{said}");
+    assert_eq!(report["model"]["model_sha256"].as_str(), Some(sha.as_str()), "{said}");
 }
 
 /// Cards and data that do not fit: each a clear error naming the file and
