@@ -153,6 +153,11 @@ pub struct Refit {
     /// Sampled inputs that fit the temperature, and that certified.
     pub fit_inputs: usize,
     pub certify_inputs: usize,
+    /// The certifying inputs' agreement with the final exit among those
+    /// that exit under the new plan: what the refit predicts of on-device
+    /// agreement from then on (`None`: none exits).
+    #[serde(default)]
+    pub predicted_agreement: Option<f64>,
 }
 
 /// An estimate with its interval at confidence 1 - alpha.
@@ -376,7 +381,8 @@ impl Monitor {
         let counts = ConfidenceCounts::of_exit(&as_logits(&check)?, temperature)?;
         let cert = certify(&counts, self.cfg.target, &full[start..])?;
         let threshold = cert.threshold.unwrap_or(1.0);
-        let refit = Refit { t_us: now, temperature, threshold, fit_inputs: fit.len(), certify_inputs: check.len() };
+        let predicted_agreement = (cert.exits > 0).then(|| (cert.exits - cert.errors) as f64 / cert.exits as f64);
+        let refit = Refit { t_us: now, temperature, threshold, fit_inputs: fit.len(), certify_inputs: check.len(), predicted_agreement };
         self.temperature = temperature;
         self.threshold = threshold;
         self.plan_since_us = now;
@@ -938,7 +944,7 @@ mod tests {
         // The smallest logit gap that exits, T ln(th / (1 - th)): higher
         // under the shift, lower again after it.
         let gap = |r: Refit| r.temperature * (r.threshold / (1.0 - r.threshold)).ln();
-        let start = Refit { t_us: 0, temperature: 1.0, threshold: 0.8, fit_inputs: 0, certify_inputs: 0 };
+        let start = Refit { t_us: 0, temperature: 1.0, threshold: 0.8, fit_inputs: 0, certify_inputs: 0, predicted_agreement: None };
         assert!(gap(first) > gap(start), "the shift's plan keeps fewer inputs: {first:?}");
         assert!(gap(last) < gap(first), "the plan relaxes after the shift: {first:?} then {last:?}");
     }

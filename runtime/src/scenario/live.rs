@@ -640,6 +640,8 @@ fn watch_traces(
                         threshold: r.threshold,
                         fit_inputs: r.fit_inputs as usize,
                         certify_inputs: r.certify_inputs as usize,
+                        // The wire's refit summary does not carry it.
+                        predicted_agreement: None,
                     };
                     trace.refits.push(refit);
                 }

@@ -196,6 +196,9 @@ pub struct WatchReport {
     pub true_edge_accuracy: Vec<Option<f64>>,
     pub temperature: Vec<f64>,
     pub threshold: Vec<f64>,
+    /// Per 10 s: predicted against measured on-device accuracy.
+    #[serde(default)]
+    pub windows: Vec<WatchWindow>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -205,6 +208,27 @@ pub struct RefitReport {
     pub threshold: f64,
     pub fit_inputs: usize,
     pub certify_inputs: usize,
+    /// On-device agreement with the final exit the refit predicts (its
+    /// certifying inputs that exit under the new plan).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted_agreement: Option<f64>,
+}
+
+/// One 10-s window of a watched group: the plan in force's prediction of
+/// on-device accuracy beside what its devices answered.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WatchWindow {
+    pub start_s: f64,
+    /// Before the first refit, the validation split's prediction for the
+    /// group's plan (mean calibrated confidence of the inputs that exit:
+    /// accuracy against labels); after a refit, its predicted agreement
+    /// with the final exit.
+    pub predicted: Option<f64>,
+    /// Inputs answered on the device in the window: their agreement with
+    /// the final exit, and their accuracy against the labels.
+    pub on_device: u64,
+    pub measured_agreement: Option<f64>,
+    pub measured_accuracy: Option<f64>,
 }
 
 /// Predicted against measured on-device accuracy at one branch.
@@ -366,7 +390,10 @@ pub fn build(scenario: &Scenario, cfg: &SimConfig, prepared: &Prepared, weights:
             capacity_mbit_s: (0..cfg.bins() as u64).map(|i| sim.link.mean_capacity_mbit_s(i * cfg.bin_us, ((i + 1) * cfg.bin_us).min(cfg.duration_us))).collect(),
         })
         .collect();
-    let policies = runs.into_iter().map(|run| policy_report(scenario, cfg, &t_s, run, time)).collect();
+    // What the validation split predicts of each group's own plan: the
+    // watched windows' prediction until a refit replaces it.
+    let starting: Vec<Option<f64>> = prepared.group_plans.iter().map(|p| prepared.sim.predictions.lookup(*p).map(|s| s.edge_accuracy)).collect();
+    let policies = runs.into_iter().map(|run| policy_report(scenario, cfg, &t_s, run, time, &starting)).collect();
     let p = &scenario.planner;
     ScenarioReport {
         scenario: scenario.name.clone(),
@@ -409,7 +436,7 @@ pub fn build(scenario: &Scenario, cfg: &SimConfig, prepared: &Prepared, weights:
 
 /// One policy's report: its totals, per group and over all, its series in
 /// bins of `t_s`, and what it chose and watched.
-fn policy_report(scenario: &Scenario, cfg: &SimConfig, t_s: &[f64], mut run: PolicyRun, time: super::TimeMode) -> PolicyReport {
+fn policy_report(scenario: &Scenario, cfg: &SimConfig, t_s: &[f64], mut run: PolicyRun, time: super::TimeMode, starting: &[Option<f64>]) -> PolicyReport {
     let all_bins: Vec<&Bin> = run.bins.iter().flatten().collect();
     let mut all_lat: Vec<u32> = run.latencies_us.concat();
     let overall = totals(&all_bins, &mut all_lat);
@@ -474,7 +501,13 @@ fn policy_report(scenario: &Scenario, cfg: &SimConfig, t_s: &[f64], mut run: Pol
             predicted_edge_accuracy: (e.exits > 0 && e.predicted_sum.is_finite()).then(|| e.predicted_sum / e.exits as f64),
         })
         .collect();
-    let watch = run.watch.iter().zip(&scenario.groups).map(|(w, g)| watch_report(scenario, g, w)).collect();
+    let watch = run
+        .watch
+        .iter()
+        .zip(&scenario.groups)
+        .enumerate()
+        .map(|(gi, (w, g))| WatchReport { windows: watch_windows(&run.bins[gi], cfg.bin_us, &w.refits, starting[gi]), ..watch_report(scenario, g, w) })
+        .collect();
     PolicyReport {
         watch,
         policy: run.policy.name().into(),
@@ -507,7 +540,14 @@ fn watch_report(scenario: &Scenario, g: &super::file::GroupSection, w: &super::s
         refits: w
             .refits
             .iter()
-            .map(|r| RefitReport { t_s: s(r.t_us), temperature: r.temperature, threshold: r.threshold, fit_inputs: r.fit_inputs, certify_inputs: r.certify_inputs })
+            .map(|r| RefitReport {
+                t_s: s(r.t_us),
+                temperature: r.temperature,
+                threshold: r.threshold,
+                fit_inputs: r.fit_inputs,
+                certify_inputs: r.certify_inputs,
+                predicted_agreement: r.predicted_agreement,
+            })
             .collect(),
         alarms_without_refit_s: w.alarms_only.iter().map(|&t| s(t)).collect(),
         interval_coverage: (!judged.is_empty()).then(|| judged.iter().filter(|&&c| c).count() as f64 / judged.len() as f64),
@@ -520,7 +560,29 @@ fn watch_report(scenario: &Scenario, g: &super::file::GroupSection, w: &super::s
         true_edge_accuracy: w.points.iter().map(|p| p.true_accuracy).collect(),
         temperature: w.points.iter().map(|p| p.temperature).collect(),
         threshold: w.points.iter().map(|p| p.threshold).collect(),
+        windows: Vec::new(),
     }
+}
+
+/// A watched group's 10-s windows (`WatchWindow`) from its bins.
+fn watch_windows(bins: &[Bin], bin_us: u64, refits: &[branchpoint_core::monitor::Refit], starting: Option<f64>) -> Vec<WatchWindow> {
+    let per = (10_000_000 / bin_us.max(1)).max(1) as usize;
+    bins.chunks(per)
+        .enumerate()
+        .map(|(i, chunk)| {
+            let start_us = i as u64 * per as u64 * bin_us;
+            let in_force = refits.iter().rfind(|r| r.t_us <= start_us);
+            let (n, agree, right) = chunk.iter().fold((0, 0, 0), |(n, a, r), b| (n + b.counts.on_device, a + b.edge_agree, r + b.counts.edge_correct));
+            let rate = |k: u64| (n > 0).then(|| k as f64 / n as f64);
+            WatchWindow {
+                start_s: start_us as f64 / 1e6,
+                predicted: in_force.map_or(starting, |r| r.predicted_agreement),
+                on_device: n,
+                measured_agreement: rate(agree),
+                measured_accuracy: rate(right),
+            }
+        })
+        .collect()
 }
 
 /// Colours by policy, the same in every plot.

@@ -463,6 +463,18 @@ fn the_watched_policy_detects_an_input_shift_and_refits() {
     assert_eq!(watched.series.offload_rate[..shift_bin], stat.series.offload_rate[..shift_bin]);
     assert!(w.audits > 0 && w.audit_uplink_share.unwrap() > 0.0 && w.audit_uplink_share.unwrap() < 0.2, "{:?}", w.audit_uplink_share);
     assert!(w.interval_coverage.unwrap() >= 0.9, "the live interval holds the truth in {:?} of windows", w.interval_coverage);
+    // Per 10 s, the plan in force's prediction beside what happened: the
+    // refit's predicted agreement holds, within sampling error, in every
+    // window after it.
+    assert_eq!(w.windows.len(), 30);
+    let predicted = refit.predicted_agreement.expect("the refit certified a threshold inputs exit at");
+    let after: Vec<_> = w.windows.iter().filter(|x| x.start_s >= refit.t_s).collect();
+    assert!(!after.is_empty());
+    for x in after {
+        assert_eq!(x.predicted, Some(predicted));
+        let m = x.measured_agreement.unwrap();
+        assert!((m - predicted).abs() < 0.05, "window from {} s: measured agreement {m}, predicted {predicted}", x.start_s);
+    }
 }
 
 #[test]
