@@ -74,22 +74,38 @@ fn exactly_one_each(outcomes: &[Outcome], n: usize) -> HashMap<usize, &Outcome> 
 }
 
 /// Every arrival 0..n has exactly one outcome (a long run feeds a test
-/// input more than once: arrivals, not inputs, are unique).
-fn exactly_one_per_arrival(outcomes: &[Outcome], n: usize) {
-    let mut seen = vec![0u32; n];
+/// input more than once: arrivals, not inputs, are unique). A fleet
+/// interrupted while inputs were still queued at its devices does not run
+/// those: then its output (`said`) counts them, and the n decided arrivals
+/// are those of the `arrived` it handed over that were run, each once.
+fn exactly_one_per_arrival(outcomes: &[Outcome], n: usize, said: &str) {
+    let (arrived, not_run) = interrupted(said).unwrap_or((n, 0));
+    assert_eq!(arrived, n + not_run, "decided + not run = handed over: {said}");
+    let mut seen = vec![0u32; arrived];
     for o in outcomes {
-        assert!((o.arrival as usize) < n, "arrival {} beyond the {n} that arrived", o.arrival);
+        assert!((o.arrival as usize) < arrived, "arrival {} beyond the {arrived} that arrived", o.arrival);
         seen[o.arrival as usize] += 1;
     }
-    if let Some(a) = seen.iter().position(|&k| k != 1) {
+    if let Some(a) = seen.iter().position(|&k| k > 1) {
         panic!("arrival {a} has {} outcomes", seen[a]);
     }
+    assert_eq!(seen.iter().filter(|&&k| k == 1).count(), n, "every decided arrival has its outcome");
+}
+
+/// From an interrupted fleet's output: (inputs handed over, inputs still
+/// queued at the devices and not run).
+fn interrupted(said: &str) -> Option<(usize, usize)> {
+    let line = said.lines().find(|l| l.starts_with("interrupted after "))?;
+    let number = |after: &str| line.split(after).nth(1)?.split_whitespace().next()?.parse::<usize>().ok();
+    let not_run = line.split(", ").nth(1)?.split_whitespace().next()?.parse::<usize>().ok()?;
+    Some((number("interrupted after ")?, not_run))
 }
 
 /// A fleet run to its end in the background: stderr is kept for the test.
 struct RunningFleet {
     child: std::process::Child,
     stderr: std::thread::JoinHandle<String>,
+    stdout: std::thread::JoinHandle<String>,
 }
 
 impl RunningFleet {
@@ -98,26 +114,30 @@ impl RunningFleet {
     fn start(args: &[&str]) -> RunningFleet {
         let dir = tempfile::tempdir().unwrap();
         let ready = dir.path().join("ready");
-        let mut child = branchpoint().arg("fleet").args(args).arg("--ready-file").arg(&ready).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-        let mut pipe = child.stderr.take().unwrap();
-        let stderr = std::thread::spawn(move || {
-            let mut said = String::new();
-            let _ = std::io::Read::read_to_string(&mut pipe, &mut said);
-            said
-        });
+        let mut child = branchpoint().arg("fleet").args(args).arg("--ready-file").arg(&ready).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let read_all = |mut pipe: Box<dyn std::io::Read + Send>| {
+            std::thread::spawn(move || {
+                let mut said = String::new();
+                let _ = pipe.read_to_string(&mut said);
+                said
+            })
+        };
+        let stderr = read_all(Box::new(child.stderr.take().unwrap()));
+        let stdout = read_all(Box::new(child.stdout.take().unwrap()));
         if let Err(status) = wait_ready(&mut child, &ready, Duration::from_secs(120)) {
             panic!("the fleet ended ({status}) before it ran: {}", stderr.join().unwrap());
         }
-        RunningFleet { child, stderr }
+        RunningFleet { child, stderr, stdout }
     }
 
-    /// Ctrl-C, then waits for it to drain and exit: its stderr.
+    /// Ctrl-C, then waits for it to drain and exit: its stderr, then its
+    /// stdout.
     fn interrupt(mut self) -> String {
         send_signal(&self.child, libc::SIGINT);
         let status = self.child.wait().unwrap();
-        let stderr = self.stderr.join().unwrap();
-        assert!(status.success(), "fleet failed: {stderr}");
-        stderr
+        let said = self.stderr.join().unwrap() + &self.stdout.join().unwrap();
+        assert!(status.success(), "fleet failed: {said}");
+        said
     }
 }
 
@@ -278,7 +298,7 @@ fn killing_a_worker_mid_run_loses_no_input() {
     let s: Summary = serde_json::from_str(&std::fs::read_to_string(summary).unwrap()).unwrap();
     let outcomes = read_outcomes(&outcomes);
     assert_eq!((s.outcomes, s.duplicates, s.errors), (s.inputs, 0, 0), "{s:?}");
-    exactly_one_per_arrival(&outcomes, s.inputs);
+    exactly_one_per_arrival(&outcomes, s.inputs, &said);
     // Every offload ended as a cloud answer or a counted fallback.
     assert_eq!(s.answered_by_cloud + s.fallbacks, s.offloaded);
     assert_eq!(s.decided_on_device + s.offloaded, s.inputs);
@@ -330,7 +350,7 @@ fn an_overloaded_fleet_answers_every_input_once_and_exits_cleanly() {
     assert!(out.status.success(), "fleet exited {}: {err}", out.status);
     let s: Summary = serde_json::from_str(&std::fs::read_to_string(summary).unwrap()).unwrap();
     assert_eq!((s.inputs, s.outcomes, s.duplicates, s.errors), (n, n, 0, 0), "{s:?}");
-    exactly_one_per_arrival(&read_outcomes(&outcomes), n);
+    exactly_one_per_arrival(&read_outcomes(&outcomes), n, "");
     assert!(s.latency_ms_p99 > 1000.0, "inputs waited past their deadline for the device thread: it was overloaded: {s:?}");
     assert!(!err.contains("panicked"), "{err}");
 }
@@ -629,11 +649,11 @@ fn calibration_refits_and_plans_reach_running_devices() {
 /// The checks of a fleet that lived through a fault: every input exactly
 /// one outcome, every offload a cloud answer or a counted fallback, and no
 /// outcome later than its deadline plus 50 ms.
-fn every_input_answered_in_time(summary: &Path, outcomes: &Path, deadline_ms: u64) -> (Summary, Vec<Outcome>) {
+fn every_input_answered_in_time(summary: &Path, outcomes: &Path, deadline_ms: u64, said: &str) -> (Summary, Vec<Outcome>) {
     let s: Summary = serde_json::from_str(&std::fs::read_to_string(summary).unwrap()).unwrap();
     let outcomes = read_outcomes(outcomes);
     assert_eq!((s.outcomes, s.duplicates, s.errors), (s.inputs, 0, 0), "{s:?}");
-    exactly_one_per_arrival(&outcomes, s.inputs);
+    exactly_one_per_arrival(&outcomes, s.inputs, said);
     assert_eq!(s.answered_by_cloud + s.fallbacks, s.offloaded);
     assert_eq!(s.fallbacks, s.fallbacks_by_reason().iter().map(|(_, n)| n).sum::<usize>());
     let bound = (deadline_ms + 50) * 1000;
@@ -685,7 +705,7 @@ fn broker_outages_lose_no_input_and_answer_every_input_by_its_deadline() {
     // The worker and the fleet reconnect and the cloud answers again.
     statuses.wait("the worker to answer 200 more after the outage", Duration::from_secs(90), |seen| answered(seen).filter(|&n| n >= before + 200));
     let said = fleet.interrupt();
-    let (s, outs) = every_input_answered_in_time(&summary, &outcomes, 1000);
+    let (s, outs) = every_input_answered_in_time(&summary, &outcomes, 1000, &said);
     assert!(s.fallbacks_disconnected > 0, "inputs offloaded during the outage fell back at once: {s:?}\n{said}");
     let during = outs.iter().filter(|o| o.arrived_unix_us > down_unix_us + 1_000_000 && o.arrived_unix_us + 1_000_000 < up_unix_us);
     for o in during {
@@ -725,9 +745,9 @@ fn broker_outages_lose_no_input_and_answer_every_input_by_its_deadline() {
     nats.stop();
     let mut child = fleet.child;
     let status = wait_for("the fleet to end with its server gone", Duration::from_secs(60), || child.try_wait().unwrap());
-    let said = fleet.stderr.join().unwrap();
+    let said = fleet.stderr.join().unwrap() + &fleet.stdout.join().unwrap();
     assert!(status.success(), "exit 0 with the server gone: {said}");
-    let (s, _) = every_input_answered_in_time(&summary, &outcomes, 1000);
+    let (s, _) = every_input_answered_in_time(&summary, &outcomes, 1000, &said);
     assert_eq!(s.inputs, 1500, "{said}");
     assert!(s.fallbacks_disconnected > 0, "{s:?}");
 }
@@ -760,7 +780,8 @@ fn ten_times_overload_keeps_most_of_the_goodput() {
             .output()
             .unwrap();
         assert!(out.status.success(), "fleet {name} failed: {}", String::from_utf8_lossy(&out.stderr));
-        let (s, _) = every_input_answered_in_time(&summary, &outcomes, 4000);
+        let said = String::from_utf8_lossy(&out.stdout);
+        let (s, _) = every_input_answered_in_time(&summary, &outcomes, 4000, &said);
         let per_s = s.answered_by_cloud as f64 / SECONDS;
         eprintln!("{name}: offered {offered:.0}/s ({} offloads), answered in time {per_s:.1}/s: {s:?}", s.offloaded);
         (s, per_s)
