@@ -72,6 +72,17 @@ pub enum Correction {
     None,
 }
 
+impl Correction {
+    /// The level each test runs at when `branches` are certified at once
+    /// for an overall `delta`.
+    pub fn level(self, delta: f64, branches: usize) -> f64 {
+        match self {
+            Correction::FixedSequenceUnion => delta / branches.max(1) as f64,
+            Correction::None => delta,
+        }
+    }
+}
+
 /// What one branch's evidence certified.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BranchCertificate {
@@ -180,10 +191,7 @@ pub enum Promise {
 /// Certifies every branch's thresholds on `grid` (descending) for `target`,
 /// from each branch's evidence (`per_branch[k]` for branch k + 1).
 pub fn certify_plans(per_branch: &[ConfidenceCounts], target: Target, promise: Promise, correction: Correction, grid: &[f64]) -> Result<PlanCertificate> {
-    let level = match correction {
-        Correction::FixedSequenceUnion => target.delta / per_branch.len().max(1) as f64,
-        Correction::None => target.delta,
-    };
+    let level = correction.level(target.delta, per_branch.len());
     certify_plans_with(per_branch, target, promise, correction, grid, &mut BatchErrorRates::new(Target { delta: level, ..target }))
 }
 
@@ -207,10 +215,7 @@ fn certify_plans_with(
     if let Promise::Batch(0) = promise {
         return Err(CoreError::InvalidArgument { what: "certified batch".into(), reason: "0 inputs; a batch needs at least 1".into() });
     }
-    let level = match correction {
-        Correction::FixedSequenceUnion => target.delta / per_branch.len() as f64,
-        Correction::None => target.delta,
-    };
+    let level = correction.level(target.delta, per_branch.len());
     debug_assert_eq!(batch_rates.target.delta, level / 2.0, "the rates of this level");
     let branches = per_branch
         .iter()
@@ -374,7 +379,7 @@ pub fn guarantee_study(pool: &[BranchAnswers], targets: &[Target], calibration_i
         target.validate()?;
         for promise in [Promise::Population, Promise::Batch(held_out)] {
             for correction in [Correction::FixedSequenceUnion, Correction::None] {
-                let level = if correction == Correction::None { target.delta } else { target.delta / pool.len() as f64 };
+                let level = correction.level(target.delta, pool.len());
                 cells.push((BatchErrorRates::new(Target { delta: level, ..target }), rows.len()));
                 rows.push(GuaranteeRow {
                     target,

@@ -159,20 +159,23 @@ pub fn start_worker(url: &str, id: &str, extra: &[&str]) -> Proc {
     start_service(id, &args, Duration::from_secs(30))
 }
 
+/// Reads a child's pipe to its end on a thread of its own (a full pipe
+/// would block the child).
+pub fn read_in_background(mut r: Box<dyn Read + Send>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = r.read_to_end(&mut buf);
+        buf
+    })
+}
+
 /// Runs `cmd` to its end with stdout and stderr captured, like
 /// `Command::output`, but kills it and fails the test if it is still running
 /// after `within` (a command that should fail must not hang instead).
 pub fn output_within(cmd: &mut Command, within: Duration) -> Output {
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("command starts");
-    let drain = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = r.read_to_end(&mut buf);
-            buf
-        })
-    };
-    let stdout = drain(Box::new(child.stdout.take().unwrap()));
-    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let stdout = read_in_background(Box::new(child.stdout.take().unwrap()));
+    let stderr = read_in_background(Box::new(child.stderr.take().unwrap()));
     let until = Instant::now() + within;
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {

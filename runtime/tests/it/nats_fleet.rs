@@ -104,8 +104,13 @@ fn interrupted(said: &str) -> Option<(usize, usize)> {
 /// A fleet run to its end in the background: stderr is kept for the test.
 struct RunningFleet {
     child: std::process::Child,
-    stderr: std::thread::JoinHandle<String>,
-    stdout: std::thread::JoinHandle<String>,
+    stderr: std::thread::JoinHandle<Vec<u8>>,
+    stdout: std::thread::JoinHandle<Vec<u8>>,
+}
+
+/// What a background reader read, as text.
+fn text(read: std::thread::JoinHandle<Vec<u8>>) -> String {
+    String::from_utf8_lossy(&read.join().unwrap()).into_owned()
 }
 
 impl RunningFleet {
@@ -115,17 +120,10 @@ impl RunningFleet {
         let dir = tempfile::tempdir().unwrap();
         let ready = dir.path().join("ready");
         let mut child = branchpoint().arg("fleet").args(args).arg("--ready-file").arg(&ready).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-        let read_all = |mut pipe: Box<dyn std::io::Read + Send>| {
-            std::thread::spawn(move || {
-                let mut said = String::new();
-                let _ = pipe.read_to_string(&mut said);
-                said
-            })
-        };
-        let stderr = read_all(Box::new(child.stderr.take().unwrap()));
-        let stdout = read_all(Box::new(child.stdout.take().unwrap()));
+        let stderr = read_in_background(Box::new(child.stderr.take().unwrap()));
+        let stdout = read_in_background(Box::new(child.stdout.take().unwrap()));
         if let Err(status) = wait_ready(&mut child, &ready, Duration::from_secs(120)) {
-            panic!("the fleet ended ({status}) before it ran: {}", stderr.join().unwrap());
+            panic!("the fleet ended ({status}) before it ran: {}", text(stderr));
         }
         RunningFleet { child, stderr, stdout }
     }
@@ -135,7 +133,7 @@ impl RunningFleet {
     fn interrupt(mut self) -> String {
         send_signal(&self.child, libc::SIGINT);
         let status = self.child.wait().unwrap();
-        let said = self.stderr.join().unwrap() + &self.stdout.join().unwrap();
+        let said = text(self.stderr) + &text(self.stdout);
         assert!(status.success(), "fleet failed: {said}");
         said
     }
@@ -745,7 +743,7 @@ fn broker_outages_lose_no_input_and_answer_every_input_by_its_deadline() {
     nats.stop();
     let mut child = fleet.child;
     let status = wait_for("the fleet to end with its server gone", Duration::from_secs(60), || child.try_wait().unwrap());
-    let said = fleet.stderr.join().unwrap() + &fleet.stdout.join().unwrap();
+    let said = text(fleet.stderr) + &text(fleet.stdout);
     assert!(status.success(), "exit 0 with the server gone: {said}");
     let (s, _) = every_input_answered_in_time(&summary, &outcomes, 1000, &said);
     assert_eq!(s.inputs, 1500, "{said}");
