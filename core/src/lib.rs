@@ -11,6 +11,7 @@
 pub mod autoscale;
 pub mod batching;
 pub mod calibration;
+pub mod control;
 pub mod corrupt;
 pub mod costs;
 pub mod error;

@@ -205,12 +205,43 @@ pub struct Monitor {
     /// reference allows (a shift ending) also call for a refit, which
     /// relaxes the plan again.
     recovery: DriftTest,
+    /// The median confidence of a uniform sample of the inputs the plan in
+    /// force was certified for (the validation split, then the refit's
+    /// sample), and two tests on the sampled inputs against it: more of
+    /// them below it than half (plus the margin), or more above it. Either
+    /// says the inputs are no longer exchangeable with those the
+    /// certificate was computed on, whatever happens to their agreement:
+    /// a certificate says nothing about other inputs.
+    median: Option<MedianSplit>,
+    lower: DriftTest,
+    upper: DriftTest,
     /// After an alarm: refit from the inputs since this time as soon as
     /// there are enough and the last refit is far enough back.
     pending_since_us: Option<u64>,
     last_refit_us: Option<u64>,
     alarms: u64,
     refits: Vec<Refit>,
+    /// What the last refit learned from, for a planner to plan on.
+    evidence: Option<RefitEvidence>,
+}
+
+/// The inputs a refit learned from, at its new temperature: what a planner
+/// predicts the branch's plans with from then on (`control::GroupControl`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefitEvidence {
+    /// Every sampled input of the refit (both halves): its confidence at
+    /// the new temperature and whether it agreed with the final exit.
+    pub inputs: Vec<(f64, bool)>,
+    /// The certified thresholds run from `Refit::threshold` up to this one:
+    /// the fixed sequence tested (and rejected) every grid point between.
+    pub sequence_start: f64,
+}
+
+impl RefitEvidence {
+    /// Whether `p_tar` is a grid threshold the refit certified.
+    pub fn certifies(&self, lowest: f64, p_tar: f64) -> bool {
+        lowest < 1.0 && p_tar >= lowest && p_tar <= self.sequence_start && default_grid().contains(&p_tar)
+    }
 }
 
 impl Monitor {
@@ -229,13 +260,17 @@ impl Monitor {
             window: VecDeque::new(),
             seen: 0,
             first_number: 0,
+            median: reference.as_ref().and_then(|r| r.median),
             reference,
             drift: DriftTest::new(),
             recovery: DriftTest::new(),
+            lower: DriftTest::new(),
+            upper: DriftTest::new(),
             pending_since_us: None,
             last_refit_us: None,
             alarms: 0,
             refits: Vec::new(),
+            evidence: None,
         })
     }
 
@@ -260,6 +295,18 @@ impl Monitor {
         &self.refits
     }
 
+    /// Asks for a refit from the sampled inputs that arrive from `now` on
+    /// (as after an alarm), unless one is pending already: what a branch
+    /// whose evidence was voided by another branch's alarm needs.
+    pub fn request_refit(&mut self, now: u64) {
+        self.pending_since_us.get_or_insert(now);
+    }
+
+    /// What the last refit learned from (`None` before the first).
+    pub fn refit_evidence(&self) -> Option<&RefitEvidence> {
+        self.evidence.as_ref()
+    }
+
     /// Takes one observation; returns what it set off, if anything.
     pub fn observe(&mut self, obs: Observation) -> Result<Option<Event>> {
         if obs.logits.len() < 2 || obs.logits.iter().any(|z| !z.is_finite()) {
@@ -270,6 +317,7 @@ impl Monitor {
         }
         let now = obs.t_us;
         let (class, confidence) = predict(&obs.logits, self.temperature);
+        let sampled = obs.sampled && obs.t_us >= self.plan_since_us;
         let disagrees = class as u32 != obs.final_class;
         // The null rate for this input: the reference's at its confidence;
         // without one, the target's, for on-device inputs only.
@@ -287,19 +335,32 @@ impl Monitor {
         }
         // Once a refit is pending the alarm has done its work: the tests
         // wait for the refit's new plan.
-        let Some((bin, null)) = null.filter(|_| self.pending_since_us.is_none()) else {
+        if self.pending_since_us.is_some() {
             return Ok(None);
+        }
+        // The sampled inputs' confidences against the median, each way.
+        let moved = match self.median.filter(|_| sampled) {
+            Some(m) => {
+                let lower = self.lower.observe(confidence < m.median, m.below + self.cfg.drift_margin, 0, self.cfg.alarm_alpha);
+                self.upper.observe(confidence > m.median, m.above + self.cfg.drift_margin, 0, self.cfg.alarm_alpha) || lower
+            }
+            None => false,
         };
-        let drifted = self.drift.observe(disagrees, null, bin, self.cfg.alarm_alpha);
-        // Recovery: "agrees" tested against at most 1 - low.
-        let low = self.reference.as_ref().map_or(0.0, |r| r.low_in(bin));
-        let recovered = low > 0.0 && self.recovery.observe(!disagrees, 1.0 - low, bin, self.cfg.alarm_alpha);
-        if !(drifted || recovered) {
+        let (drifted, recovered) = match null {
+            Some((bin, null)) => {
+                let drifted = self.drift.observe(disagrees, null, bin, self.cfg.alarm_alpha);
+                // Recovery: "agrees" tested against at most 1 - low.
+                let low = self.reference.as_ref().map_or(0.0, |r| r.low_in(bin));
+                (drifted, low > 0.0 && self.recovery.observe(!disagrees, 1.0 - low, bin, self.cfg.alarm_alpha))
+            }
+            None => (false, false),
+        };
+        if !(drifted || recovered || moved) {
             return Ok(None);
         }
         self.alarms += 1;
         // An alarm is raised once; counting goes on from fresh wealth.
-        (self.drift, self.recovery) = (DriftTest::new(), DriftTest::new());
+        self.fresh_tests();
         if self.cfg.auto_refit {
             // A refit learns from inputs that arrive after the alarm: those
             // before it describe the old inputs, and the run of
@@ -335,6 +396,11 @@ impl Monitor {
             self.window.pop_front();
             self.first_number += 1;
         }
+    }
+
+    /// Every test starts again from wealth 1.
+    fn fresh_tests(&mut self) {
+        (self.drift, self.recovery, self.lower, self.upper) = (DriftTest::new(), DriftTest::new(), DriftTest::new(), DriftTest::new());
     }
 
     /// Refits now from the window's sample, if it holds enough; the new
@@ -381,6 +447,14 @@ impl Monitor {
         let counts = ConfidenceCounts::of_exit(&as_logits(&check)?, temperature)?;
         let cert = certify(&counts, self.cfg.target, &full[start..])?;
         let threshold = cert.threshold.unwrap_or(1.0);
+        let inputs = sample
+            .iter()
+            .map(|(_, o)| {
+                let (class, c) = predict(&o.logits, temperature);
+                (c, class as u32 == o.final_class)
+            })
+            .collect();
+        self.evidence = Some(RefitEvidence { inputs, sequence_start: full[start] });
         let predicted_agreement = (cert.exits > 0).then(|| (cert.exits - cert.errors) as f64 / cert.exits as f64);
         let refit = Refit { t_us: now, temperature, threshold, fit_inputs: fit.len(), certify_inputs: check.len(), predicted_agreement };
         self.temperature = temperature;
@@ -399,7 +473,9 @@ impl Monitor {
             })
             .unzip();
         self.reference = Reference::new(&conf, &disagree, self.cfg.drift_margin, self.cfg.alarm_alpha).ok();
-        (self.drift, self.recovery) = (DriftTest::new(), DriftTest::new());
+        // The sample is uniform: its median is the inputs'.
+        self.median = self.evidence.as_ref().and_then(|e| MedianSplit::new(e.inputs.iter().map(|i| i.0).collect(), self.cfg.alarm_alpha));
+        self.fresh_tests();
         self.refits.push(refit);
         Ok(Some(refit))
     }
@@ -450,6 +526,36 @@ pub struct Reference {
     /// Per bin: the Clopper-Pearson lower bound on its disagreements, less
     /// the margin: the recovery test's null (at least this rate).
     low: Vec<f64>,
+    /// The inputs' median confidence (they are a uniform sample when the
+    /// reference comes from the validation split).
+    pub median: Option<MedianSplit>,
+}
+
+/// A uniform sample's median confidence, and upper confidence bounds
+/// (Clopper-Pearson, 1 - beta each) on the shares of inputs strictly below
+/// it and strictly above it: the sample estimates the median, and the tests
+/// must hold whatever its error.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MedianSplit {
+    pub median: f64,
+    pub below: f64,
+    pub above: f64,
+}
+
+impl MedianSplit {
+    /// `None` for an empty sample.
+    pub fn new(mut confidences: Vec<f64>, beta: f64) -> Option<Self> {
+        if confidences.is_empty() {
+            return None;
+        }
+        confidences.sort_by(f64::total_cmp);
+        let n = confidences.len();
+        let median = confidences[(n - 1) / 2];
+        let below = confidences.partition_point(|&c| c < median) as u64;
+        let above = (n - confidences.partition_point(|&c| c <= median)) as u64;
+        let bound = |k: u64| clopper_pearson_upper(k, n as u64, beta);
+        Some(Self { median, below: bound(below), above: bound(above) })
+    }
 }
 
 impl Reference {
@@ -480,7 +586,7 @@ impl Reference {
                 edges.push(confidences[*part.last().expect("bins are not empty")]);
             }
         }
-        Ok(Self { edges, null, low })
+        Ok(Self { edges, null, low, median: MedianSplit::new(confidences.to_vec(), beta) })
     }
 
     /// From one branch's logits on labelled-free inputs (the validation

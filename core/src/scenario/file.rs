@@ -29,14 +29,23 @@ pub enum Policy {
     CloudOnly,
     /// Every input answered at the group's branch.
     DeviceOnly,
-    /// The planner, from what devices observe and what the workers report
-    /// of their load, choosing among `[planner] codecs`.
+    /// The one control loop (`control::GroupControl`): the planner, from
+    /// what devices observe and what the workers report of their load,
+    /// choosing among `[planner] codecs` and only among the plans certified
+    /// for each group's service level (`[groups.level]`, or the group's
+    /// p_tar as its accuracy at `[watch] delta`) on the evidence in force;
+    /// every branch watched from audits and offloads (`[watch]`), and a
+    /// drift alarm or refit re-plans the group at once.
     Adaptive,
-    /// The planner with f32 activations only (the codec-blind planner, to
-    /// compare with).
+    /// The planner on the validation split's predictions alone, unwatched:
+    /// it adapts to the network but not to the inputs (the planner before
+    /// the control loop, to compare with).
+    AdaptiveNetwork,
+    /// `adaptive-network` with f32 activations only (the codec-blind
+    /// planner, to compare with).
     AdaptiveF32,
-    /// The planner blind to the workers' load: it sees only what devices
-    /// observe (the planner before cloud load, to compare with).
+    /// `adaptive-network` blind to the workers' load: it sees only what
+    /// devices observe (the planner before cloud load, to compare with).
     AdaptiveCloudBlind,
     /// In hindsight, the best fixed branch and p_tar in each time window.
     Oracle,
@@ -56,6 +65,7 @@ impl Policy {
             Policy::CloudOnly => "cloud-only",
             Policy::DeviceOnly => "device-only",
             Policy::Adaptive => "adaptive",
+            Policy::AdaptiveNetwork => "adaptive-network",
             Policy::AdaptiveF32 => "adaptive-f32",
             Policy::AdaptiveCloudBlind => "adaptive-cloud-blind",
             Policy::Oracle => "oracle",

@@ -278,6 +278,22 @@ pub enum Plans {
     /// One plan per group to start with, watched: audits feed a monitor per
     /// group, whose refits set the group's temperature and threshold.
     Watched(Vec<Plan>),
+    /// The one control loop (`control::GroupControl`): the planner, from the
+    /// devices' reports, choosing among the candidates certified for each
+    /// group's service level (`levels`, one per group) on the evidence in
+    /// force, every branch watched, every change of evidence re-planning
+    /// the group at once.
+    Controlled { planning: Planning, levels: Vec<LevelPlanning> },
+}
+
+impl Plans {
+    /// The planner's settings, for the policies it plans.
+    pub fn planning(&self) -> Option<&Planning> {
+        match self {
+            Plans::Adaptive(p) | Plans::Controlled { planning: p, .. } => Some(p),
+            _ => None,
+        }
+    }
 }
 
 /// What the planner of an adaptive run may choose and what it sees.
@@ -304,6 +320,8 @@ enum Rule {
     Prepared,
     Uncalibrated,
     Watched,
+    /// Each device at the temperature its plan came with.
+    Controlled,
 }
 
 /// Counts of one group in one time bin, by arrival time.
@@ -326,6 +344,9 @@ pub struct Bin {
     pub latencies_us: Vec<u32>,
     /// On-device inputs whose branch answer is the final exit's.
     pub edge_agree: u64,
+    /// Controlled runs: over the on-device inputs, the sum of what their
+    /// plan predicted of its on-device accuracy when it was chosen.
+    pub predicted_edge_sum: f64,
     /// Watched runs: audits sent.
     pub audits: u64,
     /// Offloads put on the uplink, per codec (`Codec::index`), and their
@@ -346,6 +367,7 @@ impl Bin {
         self.worker_us += o.worker_us;
         self.latencies_us.extend_from_slice(&o.latencies_us);
         self.edge_agree += o.edge_agree;
+        self.predicted_edge_sum += o.predicted_edge_sum;
         self.audits += o.audits;
         for (a, b) in self.sent_by_codec.iter_mut().zip(o.sent_by_codec) {
             *a += b;
@@ -375,6 +397,9 @@ pub struct RunResult {
     pub edge: Vec<EdgeTally>,
     /// Watched runs: per group, what its monitor saw and did.
     pub watch: Vec<WatchTrace>,
+    /// Plans delivered that changed a device's plan (not counting the one
+    /// it starts with).
+    pub plan_changes: u64,
 }
 
 /// One group's monitor over a watched run.
@@ -485,6 +510,10 @@ struct Device {
     /// Start of the probe in flight.
     probe_start: u64,
     plan: Plan,
+    /// Controlled runs: the temperature of the plan's branch when the plan
+    /// was chosen, and the on-device accuracy it predicted.
+    temperature: f64,
+    predicted_edge: f64,
     /// Watched runs: each input's audit coin (its own stream, so arrivals
     /// and losses are those of every other run).
     audits: SplitMix64,
@@ -516,7 +545,9 @@ struct Sim<'a> {
     devices: Vec<Device>,
     requests: Vec<Request>,
     pool: Pool,
-    plans: Vec<Plan>,
+    /// Plans sent, with the temperature and on-device prediction that go
+    /// with each.
+    plans: Vec<(Plan, f64, f64)>,
     /// Adaptive devices decline offloads they predict would miss.
     admission: bool,
     /// Adaptive runs: the planner's candidates (the codecs it may use) and
@@ -542,6 +573,8 @@ struct Sim<'a> {
     /// on-device decisions since then (time, agrees with the final exit,
     /// right), for the truth beside each estimate.
     monitors: Vec<Monitor>,
+    /// Controlled runs, per group: its control loop.
+    controls: Vec<crate::control::GroupControl>,
     plan_since: Vec<u64>,
     decided: Vec<VecDeque<(u64, bool, bool)>>,
 }
@@ -635,6 +668,24 @@ fn watch_monitors(m: &SimModel, c: &SimConfig, plans: &[Plan]) -> Vec<Monitor> {
         .collect()
 }
 
+/// A controlled run's control loop per group, under its service level.
+fn controls(m: &SimModel, c: &SimConfig, planning: &Planning, levels: &[LevelPlanning]) -> Vec<crate::control::GroupControl> {
+    levels
+        .iter()
+        .map(|l| crate::control::GroupControl::new(l.level, l.stats.with_codecs(&planning.codecs), &m.temperatures, c.watch, m.reference.as_ref()))
+        .collect::<crate::Result<_>>()
+        .expect("levels certified with the scenario")
+}
+
+/// Where group `gi`'s devices start under `plans`.
+fn starting_plan(m: &SimModel, g: &GroupSim, gi: usize, plans: &Plans) -> Plan {
+    match plans {
+        Plans::Fixed(p) | Plans::Uncalibrated(p) | Plans::Watched(p) => p[gi],
+        Plans::Adaptive(planning) => g.level.as_ref().map_or_else(|| m.starting_plan(g.initial, planning), |l| l.starting_plan(m.starting_plan(g.initial, planning))),
+        Plans::Controlled { planning, levels } => levels[gi].starting_plan(m.starting_plan(g.initial, planning)),
+    }
+}
+
 /// Time of the next arrival after `t` of a Poisson process whose rate
 /// steps (`(start µs, rate)`, ascending from 0). A draw that crosses into
 /// the next step is redrawn from that step's start at its rate: exact, since
@@ -670,18 +721,16 @@ pub fn simulate(m: &SimModel, c: &SimConfig, plans: &Plans) -> RunResult {
             counted_until: 0,
         },
         plans: Vec::new(),
-        admission: matches!(plans, Plans::Adaptive(_)),
-        stats: match plans {
-            Plans::Adaptive(p) => m.stats.with_codecs(&p.codecs),
-            _ => m.stats.with_codecs(&[]),
-        },
+        admission: plans.planning().is_some(),
+        stats: m.stats.with_codecs(plans.planning().map_or(&[], |p| &p.codecs)),
         level_stats: level_stats(c, plans),
-        cloud_aware: matches!(plans, Plans::Adaptive(p) if p.cloud_aware),
+        cloud_aware: plans.planning().is_some_and(|p| p.cloud_aware),
         cloud_seen: None,
         reported_rates: c.groups.iter().flat_map(|g| std::iter::repeat_n(g.rate_at(0), g.devices)).collect(),
         reported_rate_sum: c.groups.iter().flat_map(|g| std::iter::repeat_n(g.rate_at(0), g.devices)).sum(),
         next_input: 0,
         out: RunResult {
+            plan_changes: 0,
             bins: vec![vec![Bin::default(); bins]; c.groups.len()],
             latencies_us: vec![vec![Vec::new(); windows]; c.groups.len()],
             arrivals: 0,
@@ -707,9 +756,11 @@ pub fn simulate(m: &SimModel, c: &SimConfig, plans: &Plans) -> RunResult {
         rule: match plans {
             Plans::Uncalibrated(_) => Rule::Uncalibrated,
             Plans::Watched(_) => Rule::Watched,
+            Plans::Controlled { .. } => Rule::Controlled,
             _ => Rule::Prepared,
         },
         monitors: Vec::new(),
+        controls: Vec::new(),
         plan_since: vec![0; c.groups.len()],
         decided: vec![VecDeque::new(); c.groups.len()],
     };
@@ -720,12 +771,13 @@ pub fn simulate(m: &SimModel, c: &SimConfig, plans: &Plans) -> RunResult {
             sim.push(c.bin_us, ESTIMATE, 0, 0);
         }
     }
+    if let Plans::Controlled { planning, levels } = plans {
+        (sim.controls, sim.out.watch) = (controls(m, c, planning, levels), vec![WatchTrace::default(); c.groups.len()]);
+    }
     let mut d = 0u32;
     for (gi, g) in c.groups.iter().enumerate() {
-        let plan = match plans {
-            Plans::Fixed(p) | Plans::Uncalibrated(p) | Plans::Watched(p) => p[gi],
-            Plans::Adaptive(planning) => g.level.as_ref().map_or_else(|| m.starting_plan(g.initial, planning), |l| l.starting_plan(m.starting_plan(g.initial, planning))),
-        };
+        let plan = starting_plan(m, g, gi, plans);
+        let predicted_edge = sim.controls.get(gi).and_then(|c| c.candidates().lookup(plan)).map_or(f64::NAN, |s| s.edge_accuracy);
         for k in 0..g.devices {
             let base = device_seed(c.seed, gi, k);
             let mut arrivals = SplitMix64::new(base);
@@ -744,11 +796,13 @@ pub fn simulate(m: &SimModel, c: &SimConfig, plans: &Plans) -> RunResult {
                 )),
                 probe_start: 0,
                 plan,
+                temperature: m.temperatures[plan.branch - 1],
+                predicted_edge,
             });
             if first < c.duration_us {
                 sim.push(first, ARRIVAL, d, 0);
             }
-            if matches!(plans, Plans::Adaptive(_)) {
+            if plans.planning().is_some() {
                 // Reports spread over the first interval, not all at once.
                 let offset = c.report_interval_us * (u64::from(d) + 1) / (c.groups.iter().map(|g| g.devices).sum::<usize>() as u64 + 1);
                 sim.push(offset.max(1), REPORT, d, 0);
@@ -816,7 +870,12 @@ impl<'a> Sim<'a> {
                 let rtt = self.c.groups[dev.group].link.rtt_us(e.t);
                 dev.uplink.est.observe_response(rtt as f64);
             }
-            PLAN_ARRIVE => self.devices[e.a as usize].plan = self.plans[e.b as usize],
+            PLAN_ARRIVE => {
+                let (plan, temperature, predicted_edge) = self.plans[e.b as usize];
+                let dev = &mut self.devices[e.a as usize];
+                self.out.plan_changes += u64::from(dev.plan != plan);
+                (dev.plan, dev.temperature, dev.predicted_edge) = (plan, temperature, predicted_edge);
+            }
             _ => unreachable!("unknown event kind {}", e.kind),
         }
     }
@@ -881,21 +940,32 @@ impl<'a> Sim<'a> {
                 let (class, conf) = m.logits(view, k).predict(input as usize, monitor.temperature());
                 (class as u32, conf)
             }
+            Rule::Controlled => {
+                let (class, conf) = m.logits(view, k).predict(input as usize, dev.temperature);
+                (class as u32, conf)
+            }
         };
-        let sampled = self.rule == Rule::Watched && dev.audits.next_f64() < c.watch.audit_rate;
+        let watching = matches!(self.rule, Rule::Watched | Rule::Controlled);
+        let coin = watching && dev.audits.next_f64() < c.watch.audit_rate;
+        let sampled = coin && self.rule == Rule::Watched || self.rule == Rule::Controlled && crate::control::sampled(coin, plan);
+        let predicted_edge = dev.predicted_edge;
         let label = m.labels[input as usize];
         if next < c.duration_us {
             self.push(next, ARRIVAL, d, 0);
         }
         let on_device = plan.exits(conf);
-        if self.rule == Rule::Watched {
+        if watching {
             self.watch(t, group, view, plan, input as usize, on_device, sampled);
         }
         if on_device {
             self.out.edge[k - 1].add(&m.predictions, plan, class == label);
             self.on_device(group, t, plan, class == label, done - t, false);
+            let controlled = self.rule == Rule::Controlled;
             let b = self.bin(group, t);
             b.edge_agree += u64::from(class == m.final_of(view, input as usize));
+            if controlled {
+                b.predicted_edge_sum += predicted_edge;
+            }
             return;
         }
         let bytes = m.upload_bytes[k - 1].of(plan.codec) as usize;
@@ -952,8 +1022,10 @@ impl<'a> Sim<'a> {
         let label = m.labels[input];
         let trace = &mut self.out.watch[group];
         if on_device {
-            let class = logits.predict(input, self.monitors[group].temperature()).0 as u32;
-            self.decided[group].push_back((t, class == final_class, class == label));
+            if let Some(monitor) = self.monitors.get(group) {
+                let class = logits.predict(input, monitor.temperature()).0 as u32;
+                self.decided[group].push_back((t, class == final_class, class == label));
+            }
             if !sampled {
                 return;
             }
@@ -965,6 +1037,10 @@ impl<'a> Sim<'a> {
             trace.offload_bytes += bytes;
         }
         let obs = Observation { t_us: t, logits: logits.row(input).to_vec(), final_class, label: Some(label), on_device, sampled };
+        if self.rule == Rule::Controlled {
+            self.control(t, group, k, obs);
+            return;
+        }
         match self.monitors[group].observe(obs) {
             Ok(Some(WatchEvent::Refit(r))) => {
                 self.out.watch[group].refits.push(r);
@@ -975,6 +1051,22 @@ impl<'a> Sim<'a> {
             Ok(None) => {}
             // The model's own logits are finite and well formed.
             Err(e) => unreachable!("a test input the monitor refuses: {e}"),
+        }
+    }
+
+    /// A controlled run's audit or offload reaches its group's control loop;
+    /// a change of evidence re-plans every device of the group at once.
+    fn control(&mut self, t: u64, group: usize, branch: usize, obs: Observation) {
+        match self.controls[group].observe(branch, obs) {
+            Ok(Some(crate::control::Change::Void { t_us, .. })) => self.out.watch[group].alarms_only.push(t_us),
+            Ok(Some(crate::control::Change::Live { refit, .. })) => self.out.watch[group].refits.push(refit),
+            Ok(None) => return,
+            // The model's own logits are finite and well formed.
+            Err(e) => unreachable!("a test input the control loop refuses: {e}"),
+        }
+        let first = self.c.groups[..group].iter().map(|g| g.devices).sum::<usize>();
+        for d in first..first + self.c.groups[group].devices {
+            self.plan_device(t, d as u32);
         }
     }
 
@@ -1239,29 +1331,47 @@ impl<'a> Sim<'a> {
                 self.push(finish, PROBE_DONE, d, 0);
             }
         }
-        let dev = &self.devices[d as usize];
-        let Some(seen) = dev.uplink.est.conservative(self.c.safety) else { return };
-        let group = dev.group;
-        let mbit = dev.uplink.est.mean_mbit_s().unwrap_or(0.0);
+        let group = self.devices[d as usize].group;
+        // Nothing to report before the device has measured its link.
+        if !self.devices[d as usize].uplink.est.is_ready() {
+            return;
+        }
         // The device knows the rate its inputs arrive at now.
         self.costs[group].arrival_rate = self.c.groups[group].rate_at(t);
         let rate = self.costs[group].arrival_rate;
         self.reported_rate_sum += rate - std::mem::replace(&mut self.reported_rates[d as usize], rate);
-        let cloud = self.cloud_seen.filter(|_| self.cloud_aware).map(|c| CloudLoad { inputs_per_s: self.reported_rate_sum, ..c });
-        let seen = crate::planner::Observed { cloud, ..seen };
-        let prediction = match (&self.level_stats[group], &self.c.groups[group].level) {
-            (Some(stats), Some(l)) => crate::planner::choose_for_level(stats, &self.costs[group], &seen, l.level.minimise),
-            _ => choose(&self.stats, &self.costs[group], &seen),
-        };
-        let rtt = self.c.groups[group].link.rtt_us(t);
+        let Some(prediction) = self.plan_device(t, d) else { return };
+        let mbit = self.devices[d as usize].uplink.est.mean_mbit_s().unwrap_or(0.0);
         let b = self.bin(group, t);
         b.reports += 1;
         b.est_mbit_s_sum += mbit;
         b.predicted_accuracy_sum += prediction.accuracy;
         b.predicted_miss_sum += prediction.miss_rate;
+    }
+
+    /// The planner plans device `d` on what it last reported (nothing
+    /// before it has measured its link) and sends it the plan.
+    fn plan_device(&mut self, t: u64, d: u32) -> Option<crate::planner::Prediction> {
+        let dev = &self.devices[d as usize];
+        let seen = dev.uplink.est.conservative(self.c.safety)?;
+        let group = dev.group;
+        let cloud = self.cloud_seen.filter(|_| self.cloud_aware).map(|c| CloudLoad { inputs_per_s: self.reported_rate_sum, ..c });
+        let seen = crate::planner::Observed { cloud, ..seen };
+        let costs = &self.costs[group];
+        let (prediction, temperature, predicted_edge) = match (self.controls.get(group), &self.level_stats[group], &self.c.groups[group].level) {
+            (Some(control), _, _) => {
+                let p = crate::planner::choose_for_level(control.candidates(), costs, &seen, control.level().minimise);
+                let edge = control.candidates().lookup(p.plan).map_or(f64::NAN, |s| s.edge_accuracy);
+                (p, control.temperature(p.plan.branch), edge)
+            }
+            (None, Some(stats), Some(l)) => (crate::planner::choose_for_level(stats, costs, &seen, l.level.minimise), f64::NAN, f64::NAN),
+            _ => (choose(&self.stats, costs, &seen), f64::NAN, f64::NAN),
+        };
+        let rtt = self.c.groups[group].link.rtt_us(t);
         let idx = self.plans.len() as u32;
-        self.plans.push(prediction.plan);
+        self.plans.push((prediction.plan, temperature, predicted_edge));
         self.push(t + rtt.max(1), PLAN_ARRIVE, d, idx);
+        Some(prediction)
     }
 }
 

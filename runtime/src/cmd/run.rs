@@ -148,11 +148,11 @@ fn print_summary(r: &report::ScenarioReport) {
             );
         }
     }
-    println!("  {:<12} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}", "policy", "inputs", "accuracy", "edge acc", "offload", "misses", "p50 ms", "p95 ms", "p99 ms");
+    println!("  {:<20} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}", "policy", "inputs", "accuracy", "edge acc", "offload", "misses", "p50 ms", "p95 ms", "p99 ms");
     for p in &r.policies {
         let t = &p.totals;
         println!(
-            "  {:<12} {:>8} {:>8.2}% {:>9} {:>8.1}% {:>8.2}% {:>9.1} {:>9.1} {:>9.1}",
+            "  {:<20} {:>8} {:>8.2}% {:>9} {:>8.1}% {:>8.2}% {:>9.1} {:>9.1} {:>9.1}",
             p.policy,
             t.inputs,
             100.0 * t.accuracy,
@@ -174,6 +174,42 @@ fn print_summary(r: &report::ScenarioReport) {
             .filter(|e| e.exits > 0)
             .map(|e| format!("branch {} {} / {} ({} exits)", e.branch, pct(e.measured_edge_accuracy), pct(e.predicted_edge_accuracy), e.exits))
             .collect();
-        println!("  {:<12} {}", p.policy, if per.is_empty() { "nothing exited by confidence".into() } else { per.join("; ") });
+        println!("  {:<20} {}", p.policy, if per.is_empty() { "nothing exited by confidence".into() } else { per.join("; ") });
+    }
+    for p in r.policies.iter().filter(|p| p.policy == "adaptive") {
+        print_control(p);
+    }
+}
+
+/// What the adaptive policy's control loop did for each group: its alarms
+/// and refits, and how the on-device answers kept the target per 10 s.
+fn print_control(p: &crate::scenario::report::PolicyReport) {
+    let secs = |v: &[f64]| v.iter().map(|t| format!("{t:.1}")).collect::<Vec<_>>().join(", ");
+    for w in &p.watch {
+        let refits: Vec<f64> = w.refits.iter().map(|r| r.t_s).collect();
+        let judged: Vec<&crate::scenario::report::WatchWindow> = w.windows.iter().filter(|x| x.on_device > 0).collect();
+        let kept = judged.iter().filter(|x| x.measured_agreement.is_some_and(|a| a >= w.target)).count();
+        // Until the first alarm the plans predict accuracy against labels
+        // (the validation split's); after the first refit, agreement with
+        // the final exit (the deployment's own evidence). Windows between
+        // are judged by neither.
+        let first_alarm = w.alarms_without_refit_s.first().copied().unwrap_or(f64::INFINITY);
+        let first_refit = refits.first().copied().unwrap_or(f64::INFINITY);
+        let gap = |windows: &mut dyn Iterator<Item = &&crate::scenario::report::WatchWindow>, measured: fn(&crate::scenario::report::WatchWindow) -> Option<f64>| {
+            windows.filter_map(|x| Some((x.predicted? - measured(x)?).abs())).fold(0.0, f64::max)
+        };
+        let before = gap(&mut judged.iter().filter(|x| x.start_s + 10.0 <= first_alarm), |x| x.measured_accuracy);
+        let after = gap(&mut judged.iter().filter(|x| x.start_s >= first_refit), |x| x.measured_agreement);
+        println!(
+            "  adaptive, group {}: alarms at [{}] s, refits at [{}] s; on-device agreement with the final exit >= {} in {kept} of {} 10-s windows; predicted vs measured on-device accuracy at most {:.1} points apart before the first alarm, agreement {:.1} after the first refit; {:.1} plan changes per device-hour",
+            w.group,
+            secs(&w.alarms_without_refit_s),
+            secs(&refits),
+            w.target,
+            judged.len(),
+            100.0 * before,
+            100.0 * after,
+            p.plan_changes_per_device_hour.unwrap_or(0.0)
+        );
     }
 }

@@ -19,6 +19,7 @@ use std::sync::Mutex;
 use anyhow::{bail, Context, Result};
 use branchpoint_core::calibration::{self, ExitLogits, Method};
 use branchpoint_core::costs::ComputeProfile;
+use branchpoint_core::guarantee::{Minimise, ServiceLevel};
 use branchpoint_core::monitor::MonitorConfig;
 use branchpoint_core::planner::{certified_candidates, default_candidate_p_tars, Candidate, Codec, CodecFinals, ModelStats, OffloadBytes, Plan};
 use branchpoint_core::risk::Target;
@@ -43,6 +44,9 @@ pub struct Prepared {
     /// Each group's service level with the candidates certified for it on
     /// the validation split (`None`: no level).
     pub group_levels: Vec<Option<LevelPlanning>>,
+    /// The `adaptive` policy's service level per group (`control_levels`);
+    /// empty when the scenario does not run it.
+    pub control_levels: Vec<LevelPlanning>,
 }
 
 /// Reads the compute profile: the scenario's, or the one beside the model.
@@ -77,7 +81,7 @@ pub struct CodecAnswers {
 /// The codecs other than f32 a replay of `scenario` may use: the planner's
 /// (when a policy plans or an oracle picks) and the groups' own.
 pub fn codecs_used(scenario: &Scenario) -> Vec<Codec> {
-    let planning = scenario.policies.iter().any(|p| matches!(p, Policy::Adaptive | Policy::AdaptiveCloudBlind | Policy::Oracle));
+    let planning = scenario.policies.iter().any(|p| matches!(p, Policy::Adaptive | Policy::AdaptiveNetwork | Policy::AdaptiveCloudBlind | Policy::Oracle));
     let mut v: Vec<Codec> = if planning { scenario.planner.codecs.clone() } else { Vec::new() };
     v.extend(scenario.groups.iter().map(|g| g.codec));
     v.retain(|c| *c != Codec::F32);
@@ -195,6 +199,8 @@ pub fn prepare(
     let mut predictions = stats.clone();
     predictions.candidates.extend(ModelStats::for_candidates(validation, &temperatures, &extra, &codecs.validation)?.candidates);
     let group_levels = group_levels(scenario, validation, &temperatures, &codecs.validation)?;
+    let control_levels =
+        if scenario.policies.contains(&Policy::Adaptive) { control_levels(scenario, &group_levels, validation, &temperatures, &codecs.validation)? } else { Vec::new() };
     for l in group_levels.iter().flatten() {
         predictions.candidates.extend(l.stats.candidates.iter().filter(|c| predictions.lookup(c.plan).is_none()).copied().collect::<Vec<_>>());
     }
@@ -220,6 +226,7 @@ pub fn prepare(
         group_plans,
         threshold_rule,
         group_levels,
+        control_levels,
     })
 }
 
@@ -253,6 +260,29 @@ fn group_levels(scenario: &Scenario, validation: &[ExitLogits], temperatures: &[
                     Ok(LevelPlanning { level, stats })
                 })
                 .transpose()
+        })
+        .collect()
+}
+
+/// The service level the `adaptive` policy keeps for each group: its
+/// `[groups.level]`, or else its p_tar as the on-device accuracy at the
+/// watch's delta and the planner's miss bound, maximising overall accuracy
+/// once kept. Refused, naming the most the validation split certifies, when
+/// a group's cannot be certified.
+fn control_levels(scenario: &Scenario, explicit: &[Option<LevelPlanning>], validation: &[ExitLogits], temperatures: &[f64], codecs: &[CodecFinals]) -> Result<Vec<LevelPlanning>> {
+    scenario
+        .groups
+        .iter()
+        .zip(explicit)
+        .map(|(g, level)| match level {
+            Some(l) => Ok(l.clone()),
+            None => {
+                let level = ServiceLevel { accuracy: g.p_tar, delta: scenario.watch.delta, miss_bound: scenario.planner.miss_bound, minimise: Minimise::Nothing };
+                let stats = ModelStats::for_level(validation, temperatures, &level, codecs).with_context(|| {
+                    format!("scenario {}: the adaptive policy keeps group {}'s p_tar {} as its on-device accuracy at delta {} ([watch] delta); give the group a [groups.level] the model can certify, or a lower p_tar", scenario.name, g.name, g.p_tar, scenario.watch.delta)
+                })?;
+                Ok(LevelPlanning { level, stats })
+            }
         })
         .collect()
 }
@@ -382,7 +412,10 @@ pub fn policy_plans(policy: Policy, s: &Scenario, prepared: &Prepared) -> Option
         Policy::Static => Some(Plans::Fixed(prepared.group_plans.clone())),
         Policy::CloudOnly => Some(fixed(1.0)),
         Policy::DeviceOnly => Some(fixed(0.0)),
-        Policy::Adaptive => planning(&s.planner.codecs, s.planner.cloud_aware),
+        Policy::Adaptive => {
+            Some(Plans::Controlled { planning: Planning { codecs: s.planner.codecs.clone(), cloud_aware: s.planner.cloud_aware }, levels: prepared.control_levels.clone() })
+        }
+        Policy::AdaptiveNetwork => planning(&s.planner.codecs, s.planner.cloud_aware),
         Policy::AdaptiveF32 => planning(&[Codec::F32], s.planner.cloud_aware),
         Policy::AdaptiveCloudBlind => planning(&s.planner.codecs, false),
         Policy::Oracle => None,
@@ -442,6 +475,8 @@ pub struct PolicyRun {
     pub edge: Option<Vec<sim::EdgeTally>>,
     /// Watched runs: per group, what its monitor saw and did.
     pub watch: Vec<sim::WatchTrace>,
+    /// Plans delivered that changed a device's plan (`None`: not counted).
+    pub plan_changes: Option<u64>,
 }
 
 impl PolicyRun {
@@ -456,6 +491,7 @@ impl PolicyRun {
             choices: None,
             edge: Some(r.edge),
             watch: r.watch,
+            plan_changes: Some(r.plan_changes),
         }
     }
 }
@@ -506,7 +542,18 @@ pub fn assemble_oracle(cfg: &SimConfig, candidates: &[Plan], runs: &[RunResult],
             latencies[g].extend_from_slice(&runs[c].latencies_us[g][w]);
         }
     }
-    PolicyRun { policy: Policy::Oracle, bins, latencies_us: latencies, arrivals, outcomes, mean_batch: f64::NAN, choices: Some(choices), edge: None, watch: Vec::new() }
+    PolicyRun {
+        policy: Policy::Oracle,
+        bins,
+        latencies_us: latencies,
+        arrivals,
+        outcomes,
+        mean_batch: f64::NAN,
+        choices: Some(choices),
+        edge: None,
+        watch: Vec::new(),
+        plan_changes: None,
+    }
 }
 
 /// Replays the scenario under each of its policies in virtual time.

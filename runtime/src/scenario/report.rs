@@ -158,6 +158,10 @@ pub struct PolicyReport {
     /// what the audits cost.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub watch: Vec<WatchReport>,
+    /// Planned policies in virtual time: plans delivered that changed a
+    /// device's plan, per device per hour (how much the plan flaps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_changes_per_device_hour: Option<f64>,
 }
 
 /// One group under the watched policy.
@@ -452,7 +456,7 @@ fn policy_report(scenario: &Scenario, cfg: &SimConfig, t_s: &[f64], mut run: Pol
             m.add(b);
         }
     }
-    let adaptive = matches!(run.policy, super::Policy::Adaptive | super::Policy::AdaptiveF32 | super::Policy::AdaptiveCloudBlind);
+    let adaptive = matches!(run.policy, super::Policy::Adaptive | super::Policy::AdaptiveNetwork | super::Policy::AdaptiveF32 | super::Policy::AdaptiveCloudBlind);
     // Live runs cannot autoscale: their bins hold no pool.
     let autoscaled = scenario.workers.autoscale.is_some() && time == super::TimeMode::Virtual;
     let bin_width_s = |i: usize| ((((i as u64 + 1) * cfg.bin_us).min(cfg.duration_us) - i as u64 * cfg.bin_us) as f64 / 1e6).max(1e-9);
@@ -506,9 +510,18 @@ fn policy_report(scenario: &Scenario, cfg: &SimConfig, t_s: &[f64], mut run: Pol
         .iter()
         .zip(&scenario.groups)
         .enumerate()
-        .map(|(gi, (w, g))| WatchReport { windows: watch_windows(&run.bins[gi], cfg.bin_us, &w.refits, starting[gi]), ..watch_report(scenario, g, w) })
+        .map(|(gi, (w, g))| {
+            let controlled = run.policy == super::Policy::Adaptive;
+            // The adaptive policy keeps the group's service level.
+            let target = if controlled { g.level.map_or(g.p_tar, |l| l.accuracy) } else { g.p_tar };
+            WatchReport { windows: watch_windows(&run.bins[gi], cfg.bin_us, &w.refits, starting[gi], controlled), target, ..watch_report(scenario, g, w) }
+        })
         .collect();
+    let devices: usize = cfg.groups.iter().map(|g| g.devices).sum();
+    let hours = cfg.duration_us as f64 / 3.6e9;
+    let planned = matches!(run.policy, super::Policy::Adaptive | super::Policy::AdaptiveNetwork | super::Policy::AdaptiveF32 | super::Policy::AdaptiveCloudBlind);
     PolicyReport {
+        plan_changes_per_device_hour: run.plan_changes.filter(|_| planned && devices > 0).map(|n| n as f64 / devices as f64 / hours),
         watch,
         policy: run.policy.name().into(),
         totals: overall,
@@ -565,7 +578,7 @@ fn watch_report(scenario: &Scenario, g: &super::file::GroupSection, w: &super::s
 }
 
 /// A watched group's 10-s windows (`WatchWindow`) from its bins.
-fn watch_windows(bins: &[Bin], bin_us: u64, refits: &[branchpoint_core::monitor::Refit], starting: Option<f64>) -> Vec<WatchWindow> {
+fn watch_windows(bins: &[Bin], bin_us: u64, refits: &[branchpoint_core::monitor::Refit], starting: Option<f64>, controlled: bool) -> Vec<WatchWindow> {
     let per = (10_000_000 / bin_us.max(1)).max(1) as usize;
     bins.chunks(per)
         .enumerate()
@@ -574,13 +587,11 @@ fn watch_windows(bins: &[Bin], bin_us: u64, refits: &[branchpoint_core::monitor:
             let in_force = refits.iter().rfind(|r| r.t_us <= start_us);
             let (n, agree, right) = chunk.iter().fold((0, 0, 0), |(n, a, r), b| (n + b.counts.on_device, a + b.edge_agree, r + b.counts.edge_correct));
             let rate = |k: u64| (n > 0).then(|| k as f64 / n as f64);
-            WatchWindow {
-                start_s: start_us as f64 / 1e6,
-                predicted: in_force.map_or(starting, |r| r.predicted_agreement),
-                on_device: n,
-                measured_agreement: rate(agree),
-                measured_accuracy: rate(right),
-            }
+            // Controlled runs count each on-device input's own prediction
+            // (devices of a group may be on different plans).
+            let predicted_sum: f64 = chunk.iter().map(|b| b.predicted_edge_sum).sum();
+            let predicted = if controlled { (n > 0).then(|| predicted_sum / n as f64) } else { in_force.map_or(starting, |r| r.predicted_agreement) };
+            WatchWindow { start_s: start_us as f64 / 1e6, predicted, on_device: n, measured_agreement: rate(agree), measured_accuracy: rate(right) }
         })
         .collect()
 }

@@ -315,7 +315,7 @@ fn the_cloud_aware_planner_through_a_load_step() {
         (unanswered.round() as u64, inputs, policy(r, name).worker_seconds.expect("an autoscaled pool"))
     };
     let r = replay(&shipped, &[], &dir.path().join("shipped"));
-    let ((aware, n, aware_ws), (blind, _, blind_ws), (fixed, _, _)) = (step(&r, "adaptive"), step(&r, "adaptive-cloud-blind"), step(&r, "static"));
+    let ((aware, n, aware_ws), (blind, _, blind_ws), (fixed, _, _)) = (step(&r, "adaptive-network"), step(&r, "adaptive-cloud-blind"), step(&r, "static"));
     eprintln!("load step, 20-40 s ({n} inputs): unanswered offloads cloud-aware {aware}, blind {blind}, static {fixed}; worker-seconds {aware_ws} and {blind_ws}");
     assert!(aware <= blind, "cloud-aware {aware} vs blind {blind}");
     assert!(aware * 20 < fixed, "the planners against the fixed plan: {aware} vs {fixed}");
@@ -326,7 +326,7 @@ fn the_cloud_aware_planner_through_a_load_step() {
     let slower = dir.path().join("slower.toml");
     std::fs::write(&slower, text.replace("cloud_slowdown = 3.0", "cloud_slowdown = 6.0")).unwrap();
     let r = replay(&slower, &[], &dir.path().join("slower"));
-    let ((aware, _, aware_ws), (blind, _, blind_ws)) = (step(&r, "adaptive"), step(&r, "adaptive-cloud-blind"));
+    let ((aware, _, aware_ws), (blind, _, blind_ws)) = (step(&r, "adaptive-network"), step(&r, "adaptive-cloud-blind"));
     eprintln!("load step, cloud twice as slow: unanswered offloads cloud-aware {aware}, blind {blind}; worker-seconds {aware_ws} and {blind_ws}");
     assert!(aware * 3 <= blind * 2 && aware_ws <= blind_ws, "cloud-aware {aware} unanswered, {aware_ws} worker-s; blind {blind}, {blind_ws}");
 }
@@ -615,8 +615,8 @@ fn real_time_over_nats_agrees_with_virtual_time() {
             .replace("at_s = 70.0", "at_s = 12.0")
     };
     let (live_path, virtual_path) = (dir.path().join("live.toml"), dir.path().join("virtual.toml"));
-    std::fs::write(&live_path, squeezed("[\"adaptive\"]")).unwrap();
-    std::fs::write(&virtual_path, squeezed("[\"static\", \"adaptive\"]")).unwrap();
+    std::fs::write(&live_path, squeezed("[\"adaptive-network\"]")).unwrap();
+    std::fs::write(&virtual_path, squeezed("[\"static\", \"adaptive-network\"]")).unwrap();
     // The live replay embeds the HTTP API (--listen): a poller records which
     // fleets and workers it shows while the policy runs.
     let api = format!("127.0.0.1:{}", common::port());
@@ -646,12 +646,12 @@ fn real_time_over_nats_agrees_with_virtual_time() {
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let workers = poller.join().unwrap();
     let seen = seen.lock().unwrap().clone();
-    let inputs = seen.get("lte-handover-adaptive").copied();
+    let inputs = seen.get("lte-handover-adaptive-network").copied();
     assert!(inputs.is_some_and(|n| n > 100), "the embedded API showed the adaptive run as a fleet: {seen:?}");
     assert!(workers >= 1, "the embedded API showed the run's workers");
     let virt = replay(&virtual_path, &[], &dir.path().join("virtual"));
     assert_eq!((live.time.as_str(), virt.time.as_str()), ("real", "virtual"));
-    let (l, v) = (&policy(&live, "adaptive").totals, &policy(&virt, "adaptive").totals);
+    let (l, v) = (&policy(&live, "adaptive-network").totals, &policy(&virt, "adaptive-network").totals);
     eprintln!("adaptive: live {l:?}\nadaptive: virtual {v:?}");
     assert_eq!(l.inputs, v.inputs, "the same arrivals");
     assert!((l.accuracy - v.accuracy).abs() < 0.02, "accuracy live {} virtual {}", l.accuracy, v.accuracy);
@@ -664,7 +664,7 @@ fn real_time_over_nats_agrees_with_virtual_time() {
     let (l_per, v_per) = (l.uplink_bytes as f64 / l_sent as f64, v.uplink_bytes as f64 / v_sent.max(1) as f64);
     assert!((l_per / v_per - 1.0).abs() < 0.15, "bytes per offload live {l_per:.0}, virtual {v_per:.0}");
     // The live planner got reports over NATS and its plans reached the devices.
-    let adaptive = policy(&live, "adaptive");
+    let adaptive = policy(&live, "adaptive-network");
     assert!(adaptive.series.estimated_uplink_mbit_s.as_ref().unwrap().iter().flatten().count() > 5, "reports reached the planner");
     let p_tar_late: Vec<f64> = adaptive.series.p_tar[10..14].iter().flatten().copied().collect();
     assert!(p_tar_late.iter().all(|&p| p < 0.5), "during the outage the devices run the planner's low p_tar: {p_tar_late:?}");
@@ -741,7 +741,7 @@ fn an_overloaded_pool_runs_live_as_its_virtual_time_twin_predicts() {
     let close = |what: &str, policy: &str, l: f64, v: f64| {
         assert!((l - v).abs() <= (0.1 * v.abs()).max(20.0), "{policy}: {what} live {l}, virtual {v}");
     };
-    for name in ["static", "adaptive"] {
+    for name in ["static", "adaptive-network"] {
         let (l, v) = (policy(&live, name), policy(&virt, name));
         eprintln!("{name}: live {:?} {:?}\n{name}: virtual {:?} {:?}", l.totals, l.mean_batch, v.totals, v.mean_batch);
         assert_eq!(l.totals.inputs, v.totals.inputs, "the same arrivals");
@@ -761,5 +761,5 @@ fn an_overloaded_pool_runs_live_as_its_virtual_time_twin_predicts() {
     // planner keeps within what the worker serves.
     let s = &policy(&virt, "static").totals;
     assert!(s.fallbacks_by_reason.get("refused").copied().unwrap_or(0) > 100, "{s:?}");
-    assert!(policy(&virt, "adaptive").totals.fallbacks * 10 < s.fallbacks, "{:?}", policy(&virt, "adaptive").totals);
+    assert!(policy(&virt, "adaptive-network").totals.fallbacks * 10 < s.fallbacks, "{:?}", policy(&virt, "adaptive-network").totals);
 }
