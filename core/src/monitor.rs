@@ -1001,6 +1001,33 @@ mod tests {
         assert_eq!(Reference::new(&conf[..250], &disagree[..250], 0.03, 0.01).unwrap().null.len(), 2, "fewer bins for fewer inputs");
     }
 
+    /// Inputs that move to lower confidences while each stays exactly as
+    /// likely to agree as the reference says (a shift a per-confidence
+    /// test cannot see) are no longer the inputs the plan was certified on:
+    /// the median test on the sampled inputs alarms within seconds; inputs
+    /// drawn as the reference's do not alarm in an hour of them.
+    #[test]
+    fn inputs_that_move_to_lower_confidences_alarm_though_each_agrees_as_expected() {
+        let run = |gap_scale: f64, inputs: usize| {
+            let mut m = Monitor::new(MonitorConfig { auto_refit: false, ..config() }, 1.0, 0.8, Some(clean_reference(8))).unwrap();
+            let mut rng = SplitMix64::new(11);
+            for i in 0..inputs {
+                let logits = vec![(gap_scale * 8.0 * rng.next_f64()) as f32, 0.0];
+                let c = predict(&logits, 1.0).1;
+                let class = u32::from(rng.next_f64() >= c);
+                // 10 inputs a second are sampled (audits and offloads alike).
+                let o = Observation { t_us: i as u64 * 100_000, logits, final_class: class, label: None, on_device: c >= 0.8, sampled: true };
+                if let Some(Event::Alarm { t_us }) = m.observe(o).unwrap() {
+                    return Some(t_us);
+                }
+            }
+            None
+        };
+        assert_eq!(run(1.0, 36_000), None, "an hour of the reference's inputs");
+        let t = run(0.5, 36_000).expect("the move to lower confidences is seen");
+        assert!(t < 10_000_000, "alarm after {t} us");
+    }
+
     #[test]
     fn with_a_reference_offloads_see_a_shift_that_audits_alone_see_late() {
         // Confidence sigmoid(gap) at T = 1, uniform gaps. Before the shift

@@ -1512,6 +1512,38 @@ mod tests {
         assert_eq!(total(&simulate(&m, &c, &Plans::Uncalibrated(plans))).counts.on_device, total(&fixed).counts.on_device);
     }
 
+    /// The adaptive policy's control loop: calm, it plans once per device
+    /// and never alarms; after a shift its alarm voids the validation
+    /// evidence (every device offloads everything at once), the refit
+    /// follows within a few seconds (every offload a sample), and nothing
+    /// is then answered on the device that its evidence does not certify.
+    #[test]
+    fn a_controlled_run_voids_its_evidence_on_a_shift_and_replans_on_the_refit() {
+        let m = model();
+        let mut c = config(Link::constant(100.0, 10_000, 0.0).unwrap());
+        let level = crate::guarantee::ServiceLevel { accuracy: 0.9, delta: 0.1, miss_bound: 0.05, minimise: crate::guarantee::Minimise::Offloads };
+        let stats = ModelStats { candidates: m.stats.candidates.iter().filter(|s| s.plan.p_tar > 0.0).copied().collect(), validation_inputs: 0 };
+        let plans = Plans::Controlled { planning: Planning::f32_blind(), levels: vec![LevelPlanning { level, stats }] };
+        let devices = c.groups[0].devices as u64;
+        let calm = simulate(&m, &c, &plans);
+        assert!(calm.watch[0].refits.is_empty() && calm.watch[0].alarms_only.is_empty(), "{:?}", calm.watch[0]);
+        assert!(calm.plan_changes <= devices, "calm, the plan does not flap: {} changes", calm.plan_changes);
+        c.groups[0].shift = Some((5_000_000, 1));
+        let r = simulate(&m, &c, &plans);
+        let alarm = *r.watch[0].alarms_only.first().expect("the shift is detected");
+        let refit = *r.watch[0].refits.first().expect("and refit");
+        assert!(alarm > 5_000_000 && alarm < 12_000_000, "alarm at {alarm} us");
+        assert!(refit.t_us >= alarm && refit.t_us < alarm + 3_000_000, "refit at {} us, alarm at {alarm}", refit.t_us);
+        assert!(r.plan_changes >= devices, "every device re-planned: {} changes", r.plan_changes);
+        // Half the shifted inputs are wrong at any confidence: the refit
+        // certifies nothing, and no device answers on its own after it.
+        assert_eq!(refit.threshold, 1.0, "{refit:?}");
+        let mut after = Bin::default();
+        r.bins[0][(refit.t_us / c.bin_us) as usize + 1..].iter().for_each(|b| after.add(b));
+        assert!(after.counts.inputs > 0 && after.counts.on_device == 0, "{:?}", after.counts);
+        assert_eq!(r.arrivals, r.outcomes);
+    }
+
     fn total(r: &RunResult) -> Bin {
         let mut t = Bin::default();
         r.bins.iter().flatten().for_each(|b| t.add(b));
