@@ -450,9 +450,14 @@ impl EdgeTally {
     /// Counts one exit under `plan` (`predictions` holds every plan a run
     /// can use; one it lacks adds no prediction, which the report shows).
     pub fn add(&mut self, predictions: &ModelStats, plan: Plan, correct: bool) {
+        self.add_predicted(predictions.lookup(plan).map_or(f64::NAN, |s| s.edge_accuracy), correct);
+    }
+
+    /// Counts one exit whose plan predicted `predicted`.
+    pub fn add_predicted(&mut self, predicted: f64, correct: bool) {
         self.exits += 1;
         self.correct += u64::from(correct);
-        self.predicted_sum += predictions.lookup(plan).map_or(f64::NAN, |s| s.edge_accuracy);
+        self.predicted_sum += predicted;
     }
 }
 
@@ -958,7 +963,12 @@ impl<'a> Sim<'a> {
             self.watch(t, group, view, plan, input as usize, on_device, sampled);
         }
         if on_device {
-            self.out.edge[k - 1].add(&m.predictions, plan, class == label);
+            match self.rule {
+                // Its plan came with its own prediction (the evidence in
+                // force when it was chosen).
+                Rule::Controlled => self.out.edge[k - 1].add_predicted(predicted_edge, class == label),
+                _ => self.out.edge[k - 1].add(&m.predictions, plan, class == label),
+            }
             self.on_device(group, t, plan, class == label, done - t, false);
             let controlled = self.rule == Rule::Controlled;
             let b = self.bin(group, t);

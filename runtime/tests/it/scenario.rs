@@ -342,7 +342,7 @@ fn a_certified_scenario_runs_certified_thresholds_and_checks_its_predictions() {
     let dir = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(repo_root().join("scenarios/lte-handover.toml"))
         .unwrap()
-        .replace("duration_s = 120.0", "duration_s = 30.0\ncalibration = \"certified\"\npolicies = [\"static\", \"adaptive\"]");
+        .replace("duration_s = 120.0", "duration_s = 30.0\ncalibration = \"certified\"\npolicies = [\"static\", \"adaptive-network\", \"adaptive\"]");
     assert!(text.contains("p_tar = 0.9") && text.contains("branch = 1"), "the test reads the static plan");
     let path = dir.path().join("certified.toml");
     std::fs::write(&path, &text).unwrap();
@@ -353,7 +353,7 @@ fn a_certified_scenario_runs_certified_thresholds_and_checks_its_predictions() {
     assert!(p_tar < 0.8, "the threshold certified for 90 % on-device accuracy at branch 1 ({p_tar}) sits well below 0.9");
     let edge = stat.totals.edge_accuracy.unwrap();
     assert!(edge >= 0.89, "the static plan's on-device accuracy {edge} is close to its target or above");
-    for name in ["static", "adaptive"] {
+    for name in ["static", "adaptive-network", "adaptive"] {
         let checks = &policy(&r, name).edge_by_branch;
         let used: Vec<_> = checks.iter().filter(|c| c.exits > 0).collect();
         assert!(!used.is_empty(), "{name}: inputs exited somewhere: {checks:?}");
