@@ -128,7 +128,9 @@ impl Device {
     /// is watched and its plan has a target to watch.
     fn audit_tag(&mut self, branch_logits: &[f32], on_device: bool, label: i64) -> Option<(AuditTag, bool)> {
         let a = self.cfg.audit.as_ref()?;
-        let sampled = self.coins.next_f64() < a.rate;
+        // An input offloaded because every input is belongs to the
+        // uniform sample as much as one whose coin came up.
+        let sampled = branchpoint_core::control::sampled(self.coins.next_f64() < a.rate, self.cfg.p_tar);
         let target = self.plan_target.or(a.target_accuracy).unwrap_or(self.cfg.p_tar);
         if !(target > 0.0 && target < 1.0) {
             return None;
@@ -526,6 +528,13 @@ impl Handler<ApplyPlan> for Device {
         if let Err(e) = msg.partition_branch.within(branches).and_then(|_| branchpoint_messages::PTar::plan(msg.p_tar)) {
             tracing::warn!(device_id = %self.cfg.id, "device {}: ignored plan {msg:?}: {e}", self.cfg.id);
             return;
+        }
+        if msg.temperature.is_some_and(|t| !branchpoint_messages::is_valid_temperature(t)) {
+            tracing::warn!(device_id = %self.cfg.id, "device {}: ignored plan {msg:?}: its temperature is outside [1e-3, 1e3]", self.cfg.id);
+            return;
+        }
+        if let Some(t) = msg.temperature {
+            self.cfg.temperatures[msg.partition_branch.get() - 1] = t;
         }
         self.cfg.partition_branch = msg.partition_branch;
         self.cfg.p_tar = msg.p_tar;

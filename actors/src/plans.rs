@@ -47,6 +47,9 @@ pub struct ApplyPlan {
     /// How to encode offloaded activations; `None` keeps the device's own
     /// (a planner that does not choose codecs).
     pub codec: Option<branchpoint_messages::Codec>,
+    /// The branch's temperature the threshold was chosen at (`None`: keep
+    /// the device's).
+    pub temperature: Option<f64>,
 }
 
 /// A plan for a device the planner cannot reach in process: the planner's

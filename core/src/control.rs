@@ -73,10 +73,10 @@ pub struct GroupControl {
 }
 
 /// Whether an input belongs to the uniform sample the refits learn from:
-/// its audit coin came up, or its plan offloads every input (so being
-/// offloaded says nothing about it).
-pub fn sampled(coin: bool, plan: Plan) -> bool {
-    coin || plan.p_tar >= 1.0
+/// its audit coin came up, or its plan's threshold (`p_tar`) offloads every
+/// input (so being offloaded says nothing about it).
+pub fn sampled(coin: bool, p_tar: f64) -> bool {
+    coin || p_tar >= 1.0
 }
 
 impl GroupControl {

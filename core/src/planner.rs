@@ -407,6 +407,9 @@ pub struct Prediction {
     /// Bytes of one offload under the plan's codec.
     #[serde(default)]
     pub upload_bytes: f64,
+    /// What the plan predicts of the inputs answered on the device.
+    #[serde(default)]
+    pub edge_accuracy: f64,
 }
 
 /// Probability that one offloaded input misses its deadline. The device's
@@ -468,7 +471,7 @@ pub fn predict(c: &ThresholdStats, costs: &Costs, seen: &Observed) -> Prediction
     };
     let miss_rate = if cpu >= 1.0 || head > costs.deadline_us { 1.0 } else { c.offload_rate * m };
     let accuracy = (1.0 - c.offload_rate) * c.edge_accuracy + c.offload_rate * ((1.0 - m) * c.cloud_accuracy + m * c.fallback_accuracy);
-    Prediction { plan: c.plan, accuracy, offload_rate: c.offload_rate, miss_rate, certified: c.certified, upload_bytes: bytes }
+    Prediction { plan: c.plan, accuracy, offload_rate: c.offload_rate, miss_rate, certified: c.certified, upload_bytes: bytes, edge_accuracy: c.edge_accuracy }
 }
 
 /// The plan with the best predicted accuracy whose predicted miss rate is

@@ -93,6 +93,7 @@ fn samples() -> Vec<Vec<u8>> {
             p_tar: 0.8,
             certified: Some(CertifiedTarget { accuracy: 0.9, delta: 0.05 }),
             codec: Some(branchpoint_messages::Codec::Int8),
+            temperature: Some(1.5),
         })
         .unwrap(),
         encode(&CertifyRequest { partition_branch: 1, target: CertifiedTarget { accuracy: 0.9, delta: 0.05 } }).unwrap(),

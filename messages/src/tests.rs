@@ -66,7 +66,7 @@ prop_compose! {
               -> PlanUpdate {
         let target = if group { PlanTarget::Group(id) } else { PlanTarget::Device(id) };
         let certified = certified.map(|(accuracy, delta)| CertifiedTarget { accuracy, delta });
-        PlanUpdate { target, partition_branch, p_tar, certified, codec: codec.map(|c| crate::Codec::ALL[c]) }
+        PlanUpdate { target, partition_branch, p_tar, certified, codec: codec.map(|c| crate::Codec::ALL[c]), temperature: None }
     }
 }
 
@@ -426,7 +426,7 @@ fn missing_deadline_is_refused() {
 
 #[test]
 fn ranges_are_checked() {
-    let plan = |partition_branch, p_tar| PlanUpdate { target: PlanTarget::Group("lab".into()), partition_branch, p_tar, certified: None, codec: None };
+    let plan = |partition_branch, p_tar| PlanUpdate { target: PlanTarget::Group("lab".into()), partition_branch, p_tar, certified: None, codec: None, temperature: None };
     let certified = |accuracy, delta| PlanUpdate { certified: Some(CertifiedTarget { accuracy, delta }), ..plan(1, 0.6) };
     assert!(certified(0.95, 0.05).validate().is_ok());
     let request = |partition_branch, accuracy, delta| CertifyRequest { partition_branch, target: CertifiedTarget { accuracy, delta } };

@@ -680,6 +680,12 @@ pub struct PlanUpdate {
     /// it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub codec: Option<crate::Codec>,
+    /// The temperature of `partition_branch` that `p_tar` was chosen at:
+    /// the device applies both together (a threshold means nothing at
+    /// another temperature). Absent: the device keeps the temperature it
+    /// has (senders whose plans follow the model's temperatures).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
 }
 
 /// A target on-device accuracy and the confidence a certificate gives it.
@@ -713,7 +719,10 @@ impl Message for PlanUpdate {
         if let Some(c) = self.certified {
             c.validate()?;
         }
-        Ok(())
+        match self.temperature {
+            Some(value) if !is_valid_temperature(value) => Err(MessageError::Temperature { exit: usize::from(self.partition_branch), value }),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -367,7 +367,8 @@ impl LiveWatch {
         // wire accepts; beyond it confidences do not change anyway.
         temps[b - 1] = wire_temperature(refit.temperature);
         self.remember_group(group.clone(), temps.clone());
-        let plan = PlanUpdate { target: PlanTarget::Group(group.clone()), partition_branch: branch, p_tar: refit.threshold, certified: Some(target), codec: None };
+        let plan =
+            PlanUpdate { target: PlanTarget::Group(group.clone()), partition_branch: branch, p_tar: refit.threshold, certified: Some(target), codec: None, temperature: None };
         WatchOutcome::Refit(GroupRefit { group, partition_branch: branch, temperatures: temps, plan, refit })
     }
 

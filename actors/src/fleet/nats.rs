@@ -200,7 +200,7 @@ impl Forward {
             Ok(b) => b,
             Err(e) => return tracing::warn!("fleet: ignored a plan: {e}"),
         };
-        let apply = ApplyPlan { partition_branch, p_tar: p.p_tar, target_accuracy: p.certified.map(|c| c.accuracy), codec: p.codec };
+        let apply = ApplyPlan { partition_branch, p_tar: p.p_tar, target_accuracy: p.certified.map(|c| c.accuracy), codec: p.codec, temperature: p.temperature };
         for d in &self.devices {
             let for_me = match &p.target {
                 PlanTarget::Device(t) => *t == d.id,

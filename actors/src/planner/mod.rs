@@ -18,6 +18,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use actix::prelude::*;
+use branchpoint_core::control::{Change, GroupControl};
+use branchpoint_core::monitor::Observation;
 use branchpoint_core::planner::{choose, CloudLoad, Costs, ModelStats, Observed, Prediction};
 use branchpoint_messages::PartitionBranch;
 use serde::{Deserialize, Serialize};
@@ -57,6 +59,36 @@ pub struct Planner {
     /// Under a service level (`stats` then holds only plans certified for
     /// it): what to spend least of (`planner::choose_for_level`).
     minimise: Option<branchpoint_core::guarantee::Minimise>,
+    /// The adaptive policy: per group, its control loop (`core::control`),
+    /// whose candidates and temperatures replace `stats` for the group.
+    controls: Controls,
+}
+
+/// The control loops the planner runs, what they did, and each device's
+/// last report (to re-plan a group at once when its evidence changes).
+#[derive(Default)]
+struct Controls {
+    groups: HashMap<String, GroupControl>,
+    last_reports: HashMap<String, DeviceReport>,
+    log: Vec<ControlRecord>,
+    refused: u64,
+}
+
+/// A change of a group's evidence, for the run's report.
+#[derive(Debug, Clone)]
+pub struct ControlRecord {
+    pub group: String,
+    pub change: Change,
+}
+
+/// An audit or an offload decided at `branch` by a device of `group`,
+/// with the final exit's answer: evidence for the group's control loop.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct ControlObservation {
+    pub group: String,
+    pub branch: usize,
+    pub observation: Observation,
 }
 
 /// The input rates of the devices heard from within `DEVICE_RATE_TTL`,
@@ -149,7 +181,16 @@ pub async fn watch_in_process_pool(workers: Vec<Addr<crate::worker::Batcher>>, p
 
 impl Planner {
     pub fn new(stats: Arc<ModelStats>, costs: BTreeMap<String, Costs>, template: Option<Costs>, sink: Option<Box<dyn PlanSink>>) -> Self {
-        Self { stats, costs, template, log: Vec::new(), sink, cloud: None, rates: DeviceRates::new(), minimise: None }
+        Self { stats, costs, template, log: Vec::new(), sink, cloud: None, rates: DeviceRates::new(), minimise: None, controls: Controls::default() }
+    }
+
+    /// Runs the adaptive policy's control loop for each of these groups
+    /// (`core::control::GroupControl`): their devices are planned among the
+    /// loop's candidates, at its temperatures, and every change of evidence
+    /// (`ControlObservation`s) re-plans the group's devices at once. The
+    /// planner is then the one writer of these groups' plans.
+    pub fn with_controls(self, groups: impl IntoIterator<Item = (String, GroupControl)>) -> Self {
+        Self { controls: Controls { groups: groups.into_iter().collect(), ..Controls::default() }, ..self }
     }
 
     /// Plans under a service level: `stats` must be the candidates
@@ -186,7 +227,17 @@ impl Handler<DeviceReport> for Planner {
     type Result = ();
 
     fn handle(&mut self, r: DeviceReport, ctx: &mut Context<Self>) {
-        let Some(costs) = self.costs_for(&r) else {
+        self.plan(&r, ctx);
+        if self.controls.groups.contains_key(&r.group) && (self.controls.last_reports.len() < MAX_RATED_DEVICES || self.controls.last_reports.contains_key(&r.device_id)) {
+            self.controls.last_reports.insert(r.device_id.clone(), r);
+        }
+    }
+}
+
+impl Planner {
+    /// Plans the device that sent `r`, on what it reported.
+    fn plan(&mut self, r: &DeviceReport, ctx: &mut Context<Self>) {
+        let Some(costs) = self.costs_for(r) else {
             tracing::warn!(
                 "planner: ignored a report from device {} of group {:?}: no settings for the group, and the report carries no deadline and arrival rate",
                 r.device_id,
@@ -201,9 +252,13 @@ impl Handler<DeviceReport> for Planner {
         let inputs_per_s = self.rates.heard(&r.device_id, r.arrival_rate.unwrap_or(costs.arrival_rate).min(most), now);
         let cloud = self.cloud.filter(|(_, at)| now.saturating_duration_since(*at) <= POOL_LOAD_TTL).map(|(load, _)| CloudLoad { inputs_per_s, ..load });
         let seen = Observed { cloud, ..r.observed };
-        let prediction = match self.minimise {
-            Some(minimise) => branchpoint_core::planner::choose_for_level(&self.stats, &costs, &seen, minimise),
-            None => choose(&self.stats, &costs, &seen),
+        let (prediction, temperature) = match (self.controls.groups.get(&r.group), self.minimise) {
+            (Some(control), _) => {
+                let p = branchpoint_core::planner::choose_for_level(control.candidates(), &costs, &seen, control.level().minimise);
+                (p, Some(control.temperature(p.plan.branch)))
+            }
+            (None, Some(minimise)) => (branchpoint_core::planner::choose_for_level(&self.stats, &costs, &seen, minimise), None),
+            (None, None) => (choose(&self.stats, &costs, &seen), None),
         };
         self.log.push(PlanRecord { at_us: r.at_us, group: r.group.clone(), device_id: r.device_id.clone(), estimated_mbit_s: r.estimated_mbit_s, prediction });
         let partition_branch = match PartitionBranch::new(prediction.plan.branch) {
@@ -213,14 +268,76 @@ impl Handler<DeviceReport> for Planner {
                 return;
             }
         };
-        let apply = ApplyPlan { partition_branch, p_tar: prediction.plan.p_tar, target_accuracy: prediction.certified.map(|t| t.accuracy), codec: Some(prediction.plan.codec) };
-        match (r.reply_to, &mut self.sink) {
+        let apply = ApplyPlan {
+            partition_branch,
+            p_tar: prediction.plan.p_tar,
+            target_accuracy: prediction.certified.map(|t| t.accuracy),
+            codec: Some(prediction.plan.codec),
+            temperature,
+        };
+        match (&r.reply_to, &mut self.sink) {
             (Some(device), _) => {
+                let device = device.clone();
                 ctx.run_later(r.rtt, move |_, _| device.do_send(apply));
             }
-            (None, Some(sink)) => sink.send(DevicePlan { device_id: r.device_id, plan: apply, certified: prediction.certified }),
+            (None, Some(sink)) => sink.send(DevicePlan { device_id: r.device_id.clone(), plan: apply, certified: prediction.certified }),
             (None, None) => tracing::warn!("planner: no way to reach device {}", r.device_id),
         }
+    }
+}
+
+impl Handler<ControlObservation> for Planner {
+    type Result = ();
+
+    fn handle(&mut self, o: ControlObservation, ctx: &mut Context<Self>) {
+        let Some(control) = self.controls.groups.get_mut(&o.group) else {
+            self.controls.refused += 1;
+            return;
+        };
+        let change = match control.observe(o.branch, o.observation) {
+            Ok(Some(change)) => change,
+            Ok(None) => return,
+            Err(e) => {
+                self.controls.refused += 1;
+                // Said at the first and then every 1,000th.
+                if self.controls.refused % 1000 == 1 {
+                    tracing::warn!("planner: refused evidence for group {} ({} so far): {e}", o.group, self.controls.refused);
+                }
+                return;
+            }
+        };
+        match change {
+            Change::Void { branch, .. } => {
+                tracing::warn!("planner: drift alarm, group {}, branch {branch}: its plans offload everything until a refit certifies new ones", o.group)
+            }
+            Change::Live { branch, refit } => tracing::info!(
+                "planner: group {}, branch {branch} refit on {} + {} sampled inputs: temperature {:.3}, lowest certified threshold {:.3}; re-planning the group",
+                o.group,
+                refit.fit_inputs,
+                refit.certify_inputs,
+                refit.temperature,
+                refit.threshold
+            ),
+        }
+        self.controls.log.push(ControlRecord { group: o.group.clone(), change });
+        let reports: Vec<DeviceReport> = self.controls.last_reports.values().filter(|r| r.group == o.group).cloned().collect();
+        for r in &reports {
+            self.plan(r, ctx);
+        }
+    }
+}
+
+/// Hands over what the control loops did, and how much evidence they
+/// refused.
+#[derive(Message)]
+#[rtype(result = "(Vec<ControlRecord>, u64)")]
+pub struct TakeControlLog;
+
+impl Handler<TakeControlLog> for Planner {
+    type Result = MessageResult<TakeControlLog>;
+
+    fn handle(&mut self, _: TakeControlLog, _: &mut Context<Self>) -> Self::Result {
+        MessageResult((std::mem::take(&mut self.controls.log), self.controls.refused))
     }
 }
 

@@ -50,6 +50,7 @@ impl PlanSink for NatsPlans {
             p_tar: p.plan.p_tar,
             certified: p.certified.map(|t| CertifiedTarget { accuracy: t.accuracy, delta: t.delta }),
             codec: p.plan.codec,
+            temperature: p.plan.temperature,
         };
         let ttl = self.store.settings().device_plan_ttl;
         if self.stored.get(&p.device_id).is_some_and(|(old, at)| *old == update && at.elapsed() < ttl / 2) {
@@ -241,6 +242,63 @@ impl PoolView {
         self.workers.insert(status.worker_id, (status.queue_depth, now));
         branchpoint_core::planner::CloudLoad { backlog: self.workers.values().map(|(q, _)| f64::from(*q)).sum(), workers: self.workers.len() as f64, inputs_per_s: 0.0 }
     }
+}
+
+/// Feeds the planner's control loops (`Planner::with_controls`) the audit
+/// results the workers publish (`branchpoint.calibration.audit`: every
+/// audit, and every offload of a watched device, with the final exit's
+/// answer) until the subscription ends. Results for another model, and
+/// malformed ones, are dropped and counted; a full mailbox drops one too
+/// (evidence is a sample: losing some costs power, never validity).
+pub async fn serve_control_audits(
+    client: async_nats::Client,
+    planner: Addr<Planner>,
+    model_sha256: String,
+    on_ready: impl FnOnce(),
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), crate::ActorError> {
+    use branchpoint_messages::{decode, AuditResult};
+    use futures::StreamExt;
+    let mut audits = client.subscribe(subjects::CALIBRATION_AUDIT).await.map_err(|e| crate::ActorError::Nats(e.to_string()))?;
+    client.flush().await.map_err(|e| crate::ActorError::Nats(e.to_string()))?;
+    on_ready();
+    let mut dropped = 0u64;
+    tokio::pin!(shutdown);
+    loop {
+        let msg = tokio::select! {
+            _ = &mut shutdown => break,
+            next = audits.next() => match next {
+                Some(m) => m,
+                None => break,
+            },
+        };
+        let observation = match decode::<AuditResult>(&msg.payload) {
+            Ok(r) if r.model_sha256 == model_sha256 => super::ControlObservation {
+                group: r.group,
+                branch: usize::from(r.partition_branch),
+                observation: branchpoint_core::monitor::Observation {
+                    t_us: r.decided_at_unix_us,
+                    logits: r.branch_logits,
+                    final_class: r.final_class,
+                    label: r.label,
+                    on_device: r.on_device,
+                    sampled: r.sampled,
+                },
+            },
+            _ => {
+                dropped += 1;
+                if dropped % 1000 == 1 {
+                    tracing::warn!("planner: {dropped} audit result(s) dropped so far: malformed, or for another model than {model_sha256}");
+                }
+                continue;
+            }
+        };
+        match planner.try_send(observation) {
+            Ok(()) | Err(SendError::Full(_)) => {}
+            Err(SendError::Closed(_)) => break,
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

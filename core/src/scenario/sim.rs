@@ -952,7 +952,7 @@ impl<'a> Sim<'a> {
         };
         let watching = matches!(self.rule, Rule::Watched | Rule::Controlled);
         let coin = watching && dev.audits.next_f64() < c.watch.audit_rate;
-        let sampled = coin && self.rule == Rule::Watched || self.rule == Rule::Controlled && crate::control::sampled(coin, plan);
+        let sampled = coin && self.rule == Rule::Watched || self.rule == Rule::Controlled && crate::control::sampled(coin, plan.p_tar);
         let predicted_edge = dev.predicted_edge;
         let label = m.labels[input as usize];
         if next < c.duration_us {
@@ -1371,8 +1371,7 @@ impl<'a> Sim<'a> {
         let (prediction, temperature, predicted_edge) = match (self.controls.get(group), &self.level_stats[group], &self.c.groups[group].level) {
             (Some(control), _, _) => {
                 let p = crate::planner::choose_for_level(control.candidates(), costs, &seen, control.level().minimise);
-                let edge = control.candidates().lookup(p.plan).map_or(f64::NAN, |s| s.edge_accuracy);
-                (p, control.temperature(p.plan.branch), edge)
+                (p, control.temperature(p.plan.branch), p.edge_accuracy)
             }
             (None, Some(stats), Some(l)) => (crate::planner::choose_for_level(stats, costs, &seen, l.level.minimise), f64::NAN, f64::NAN),
             _ => (choose(&self.stats, costs, &seen), f64::NAN, f64::NAN),

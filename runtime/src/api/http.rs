@@ -253,7 +253,7 @@ pub(super) async fn put_plan(state: web::Data<ApiState>, req: HttpRequest, paylo
         },
         _ => return error(StatusCode::UNPROCESSABLE_ENTITY, "give exactly one of \"p_tar\" (a threshold) and \"certified\" (like {\"accuracy\": 0.95, \"delta\": 0.05})"),
     };
-    let update = PlanUpdate { target, partition_branch: plan.partition_branch, p_tar, certified, codec: plan.codec };
+    let update = PlanUpdate { target, partition_branch: plan.partition_branch, p_tar, certified, codec: plan.codec, temperature: None };
     // The wire checks (ids, p_tar in [0, 1]) run here, before anything is stored.
     if let Err(e) = encode(&update) {
         return error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string());

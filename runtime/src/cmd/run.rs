@@ -187,7 +187,7 @@ fn print_control(p: &crate::scenario::report::PolicyReport) {
     let secs = |v: &[f64]| v.iter().map(|t| format!("{t:.1}")).collect::<Vec<_>>().join(", ");
     for w in &p.watch {
         let refits: Vec<f64> = w.refits.iter().map(|r| r.t_s).collect();
-        let judged: Vec<&crate::scenario::report::WatchWindow> = w.windows.iter().filter(|x| x.on_device > 0).collect();
+        let judged: Vec<&crate::scenario::report::WatchWindow> = w.windows.iter().filter(|x| x.measured_agreement.is_some()).collect();
         let kept = judged.iter().filter(|x| x.measured_agreement.is_some_and(|a| a >= w.target)).count();
         // Until the first alarm the plans predict accuracy against labels
         // (the validation split's); after the first refit, agreement with
@@ -201,7 +201,7 @@ fn print_control(p: &crate::scenario::report::PolicyReport) {
         let before = gap(&mut judged.iter().filter(|x| x.start_s + 10.0 <= first_alarm), |x| x.measured_accuracy);
         let after = gap(&mut judged.iter().filter(|x| x.start_s >= first_refit), |x| x.measured_agreement);
         println!(
-            "  adaptive, group {}: alarms at [{}] s, refits at [{}] s; on-device agreement with the final exit >= {} in {kept} of {} 10-s windows; predicted vs measured on-device accuracy at most {:.1} points apart before the first alarm, agreement {:.1} after the first refit; {:.1} plan changes per device-hour",
+            "  adaptive, group {}: alarms at [{}] s, refits at [{}] s; on-device agreement with the final exit >= {} in {kept} of {} 10-s windows; predicted vs measured on-device accuracy at most {:.1} points apart before the first alarm, agreement {:.1} after the first refit{}",
             w.group,
             secs(&w.alarms_without_refit_s),
             secs(&refits),
@@ -209,7 +209,7 @@ fn print_control(p: &crate::scenario::report::PolicyReport) {
             judged.len(),
             100.0 * before,
             100.0 * after,
-            p.plan_changes_per_device_hour.unwrap_or(0.0)
+            p.plan_changes_per_device_hour.map_or(String::new(), |c| format!("; {c:.1} plan changes per device-hour"))
         );
     }
 }

@@ -45,7 +45,7 @@ use branchpoint_core::planner::{Costs, LinkEstimator};
 use branchpoint_messages::PartitionBranch;
 use branchpoint_models::net::PartitionPoint;
 
-use super::sim::{device_seed, Bin, Planning, Plans, SimConfig, WatchPoint, WatchTrace};
+use super::sim::{device_seed, Bin, LevelPlanning, Planning, Plans, SimConfig, WatchPoint, WatchTrace};
 use super::{policy_plans, Policy, PolicyRun, Prepared, Scenario};
 use crate::cli::NatsArgs;
 
@@ -85,14 +85,14 @@ pub fn replay_live(setup: &LiveSetup, on_policy: &dyn Fn(Policy)) -> Result<Vec<
             setup.scenario.path.display()
         );
     }
+    if setup.scenario.policies.contains(&Policy::Adaptive) && setup.nats.nats.is_none() {
+        bail!(
+            "scenario {}: the adaptive policy in real time needs --nats URL (a NATS server with JetStream): the workers' audit results reach its planner over NATS, and its plans reach the devices through the control store; list adaptive-network to run the planner alone in process",
+            setup.scenario.path.display()
+        );
+    }
     let mut runs = Vec::new();
     for &policy in &setup.scenario.policies {
-        if policy == Policy::Adaptive {
-            // Its control loop runs in virtual time only so far: the live
-            // planner and calibrator do not yet share one evidence store.
-            tracing::warn!("policy adaptive: skipped in real time (its control loop runs in virtual time only so far; adaptive-network is the live planner)");
-            continue;
-        }
         let Some(plans) = policy_plans(policy, setup.scenario, setup.prepared) else {
             tracing::warn!("policy oracle: skipped in real time (it replays every fixed plan in hindsight; use time = \"virtual\")");
             continue;
@@ -105,26 +105,20 @@ pub fn replay_live(setup: &LiveSetup, on_policy: &dyn Fn(Policy)) -> Result<Vec<
 
 fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<PolicyRun> {
     let (s, cfg, prepared) = (setup.scenario, setup.cfg, setup.prepared);
-    let adaptive = matches!(plans, Plans::Adaptive(_));
+    let adaptive = matches!(plans, Plans::Adaptive(_) | Plans::Controlled { .. });
     let watched = matches!(plans, Plans::Watched(_));
+    let controlled = matches!(plans, Plans::Controlled { .. });
     let system = actix::System::new();
-    let (outcomes, log, claimed, epoch_unix, statuses, audits, mean_batch) = system.block_on(async {
+    let (outcomes, log, claimed, epoch_unix, statuses, audits, mean_batch, control_log) = system.block_on(async {
         let client = match &setup.nats.nats {
             Some(_) => Some(crate::nats::connect(setup.nats, "branchpoint-run").await?),
             None => None,
         };
-        let (pool, link) = start_pool(setup, client.as_ref(), watched).await?;
+        // Watched and controlled devices' audits come back from the workers.
+        let (pool, link) = start_pool(setup, client.as_ref(), watched || controlled).await?;
         // The report is made from every outcome.
         let collector = Collector::new(prepared.sim.num_branches()).keeping_outcomes().start();
-        let planner = match plans {
-            Plans::Adaptive(planning) => Some(start_planner(setup, client.as_ref(), planning, &pool).await?),
-            _ => None,
-        };
-        // With NATS, devices report through its edge, as remote devices do.
-        let nats_reports = match (&client, &planner) {
-            (Some(c), Some(_)) => Some(NatsReports::new(c.clone()).start()),
-            _ => None,
-        };
+        let (planner, nats_reports) = start_planning(setup, client.as_ref(), plans, &pool).await?;
 
         // Watched runs: the groups' starting plans in the control store (so
         // a refit left there by an earlier run does not apply), then a
@@ -197,10 +191,7 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
         }
         let outcomes = collector.send(TakeOutcomes).await?;
         let audits = collector.send(GetAuditCounts).await?;
-        let log = match &planner {
-            Some(p) => p.send(TakePlanLog).await?,
-            None => Vec::new(),
-        };
+        let (log, control_log) = planner_logs(planner.as_ref(), controlled).await?;
         let statuses = match watch_statuses {
             Some((task, seen)) => last_statuses(task, seen).await,
             None => Vec::new(),
@@ -215,11 +206,15 @@ fn run_policy(setup: &LiveSetup, policy: Policy, plans: &Plans) -> Result<Policy
         let mut threads = threads;
         threads.shutdown();
         let mean_batch = mean_batch(&pool).await?;
-        Ok::<_, anyhow::Error>((outcomes, log, claimed, epoch_unix, statuses, audits, mean_batch))
+        Ok::<_, anyhow::Error>((outcomes, log, claimed, epoch_unix, statuses, audits, mean_batch, control_log))
     })?;
 
     let Tallied { bins, latencies, edge } = tally(setup, policy, &outcomes, &log, epoch_unix)?;
-    let watch = if watched { watch_traces(setup, &outcomes, &statuses, &audits, epoch_unix) } else { Vec::new() };
+    let watch = match control_log {
+        Some(changes) => control_traces(setup, &changes, epoch_unix),
+        None if watched => watch_traces(setup, &outcomes, &statuses, &audits, epoch_unix),
+        None => Vec::new(),
+    };
     let (arrivals, outcomes) = (claimed as u64, outcomes.len() as u64);
     Ok(PolicyRun { policy, bins, latencies_us: latencies, arrivals, outcomes, mean_batch, choices: None, edge: Some(edge), watch, plan_changes: None })
 }
@@ -326,7 +321,13 @@ async fn start_pool(setup: &LiveSetup<'_>, client: Option<&async_nats::Client>, 
 /// pool's load when cloud-aware (over NATS from the workers' statuses, in
 /// process from the batchers, as often), and over NATS it serves the
 /// devices' reports.
-async fn start_planner(setup: &LiveSetup<'_>, client: Option<&async_nats::Client>, planning: &Planning, pool: &[Addr<Batcher>]) -> Result<Addr<Planner>> {
+async fn start_planner(
+    setup: &LiveSetup<'_>,
+    client: Option<&async_nats::Client>,
+    planning: &Planning,
+    pool: &[Addr<Batcher>],
+    controls: Vec<(String, branchpoint_core::control::GroupControl)>,
+) -> Result<Addr<Planner>> {
     let (s, cfg, sim) = (setup.scenario, setup.cfg, &setup.prepared.sim);
     let costs: BTreeMap<String, Costs> = s
         .groups
@@ -359,7 +360,22 @@ async fn start_planner(setup: &LiveSetup<'_>, client: Option<&async_nats::Client
         }
         None => None,
     };
-    let planner = Planner::new(Arc::new(sim.stats.with_codecs(&planning.codecs)), costs, None, sink).start();
+    let controlled = !controls.is_empty();
+    let planner = Planner::new(Arc::new(sim.stats.with_codecs(&planning.codecs)), costs, None, sink).with_controls(controls).start();
+    if let (Some(c), true) = (client, controlled) {
+        // The control loops' evidence: the workers' audit results.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (c, p, sha) = (c.clone(), planner.clone(), setup.model_sha256.clone());
+        actix::spawn(async move {
+            let ready = move || {
+                let _ = tx.send(());
+            };
+            if let Err(e) = branchpoint_actors::planner::nats::serve_control_audits(c, p, sha, ready, std::future::pending()).await {
+                tracing::error!("planner: {e}");
+            }
+        });
+        rx.await.context("the adaptive policy's planner could not subscribe to the audit results")?;
+    }
     match client {
         None if planning.cloud_aware => {
             actix::spawn(watch_in_process_pool(pool.to_vec(), planner.clone(), WORKER_STATUS_INTERVAL));
@@ -382,6 +398,78 @@ async fn start_planner(setup: &LiveSetup<'_>, client: Option<&async_nats::Client
     Ok(planner)
 }
 
+/// The planner of a run that plans (none for the others), and over NATS the
+/// edge its devices report through, as remote devices do.
+async fn start_planning(
+    setup: &LiveSetup<'_>,
+    client: Option<&async_nats::Client>,
+    plans: &Plans,
+    pool: &[Addr<Batcher>],
+) -> Result<(Option<Addr<Planner>>, Option<Addr<NatsReports>>)> {
+    let planner = match plans {
+        Plans::Adaptive(planning) => Some(start_planner(setup, client, planning, pool, Vec::new()).await?),
+        Plans::Controlled { planning, levels } => Some(start_planner(setup, client, planning, pool, controls(setup, planning, levels)?).await?),
+        _ => None,
+    };
+    let reports = match (client, &planner) {
+        (Some(c), Some(_)) => Some(NatsReports::new(c.clone()).start()),
+        _ => None,
+    };
+    Ok((planner, reports))
+}
+
+/// The planner's log of plans and, for the adaptive policy, of what its
+/// control loops did.
+type ControlLog = (Vec<branchpoint_actors::planner::ControlRecord>, u64);
+async fn planner_logs(planner: Option<&Addr<Planner>>, controlled: bool) -> Result<(Vec<branchpoint_actors::planner::PlanRecord>, Option<ControlLog>)> {
+    let Some(p) = planner else { return Ok((Vec::new(), None)) };
+    let control = if controlled { Some(p.send(branchpoint_actors::planner::TakeControlLog).await?) } else { None };
+    Ok((p.send(TakePlanLog).await?, control))
+}
+
+/// What each group's control loop did (its planner's log, and the evidence
+/// it refused), as the virtual-time replay's traces hold it: alarms and
+/// refits at their inputs' times since the run's epoch.
+fn control_traces(setup: &LiveSetup<'_>, changes: &(Vec<branchpoint_actors::planner::ControlRecord>, u64), epoch_unix: u64) -> Vec<WatchTrace> {
+    use branchpoint_core::control::Change;
+    let (log, refused) = changes;
+    if *refused > 0 {
+        tracing::warn!("run: the adaptive policy's planner refused {refused} piece(s) of evidence (malformed, or for a group or branch it does not plan)");
+    }
+    let since = |t: u64| t.saturating_sub(epoch_unix);
+    setup
+        .scenario
+        .groups
+        .iter()
+        .map(|g| {
+            let mut trace = WatchTrace::default();
+            for r in log.iter().filter(|r| r.group == g.name) {
+                match r.change {
+                    Change::Void { t_us, .. } => trace.alarms_only.push(since(t_us)),
+                    Change::Live { refit, .. } => trace.refits.push(branchpoint_core::monitor::Refit { t_us: since(refit.t_us), ..refit }),
+                }
+            }
+            trace
+        })
+        .collect()
+}
+
+/// The adaptive policy's control loop per group, under its service level,
+/// as the virtual-time replay builds them (`sim::controls`).
+fn controls(setup: &LiveSetup<'_>, planning: &Planning, levels: &[LevelPlanning]) -> Result<Vec<(String, branchpoint_core::control::GroupControl)>> {
+    let sim = &setup.prepared.sim;
+    setup
+        .scenario
+        .groups
+        .iter()
+        .zip(levels)
+        .map(|(g, l)| {
+            let control = branchpoint_core::control::GroupControl::new(l.level, l.stats.with_codecs(&planning.codecs), &sim.temperatures, setup.cfg.watch, sim.reference.as_ref())?;
+            Ok((g.name.clone(), control))
+        })
+        .collect()
+}
+
 /// Each device's place: its group's index and its own in the group.
 type Places = Vec<(usize, usize)>;
 
@@ -397,7 +485,11 @@ fn device_configs(
     epoch: Instant,
 ) -> Result<(Vec<DeviceConfig>, Places)> {
     let (s, cfg, prepared) = (setup.scenario, setup.cfg, setup.prepared);
-    let (adaptive, watched) = (matches!(plans, Plans::Adaptive(_)), matches!(plans, Plans::Watched(_)));
+    let (adaptive, watched) = (matches!(plans, Plans::Adaptive(_) | Plans::Controlled { .. }), matches!(plans, Plans::Watched(_)));
+    let controlled = match plans {
+        Plans::Controlled { levels, .. } => Some(levels),
+        _ => None,
+    };
     let total: usize = cfg.groups.iter().map(|g| g.devices).sum();
     let mut configs = Vec::new();
     let mut places = Vec::new();
@@ -407,7 +499,7 @@ fn device_configs(
             // time; their starting plans are the groups' own.
             Plans::Fixed(p) | Plans::Uncalibrated(p) | Plans::Watched(p) => p[gi],
             Plans::Adaptive(planning) => prepared.sim.starting_plan(sim.initial, planning),
-            Plans::Controlled { .. } => bail!("scenario {}: the adaptive policy does not run in real time yet; list adaptive-network instead", s.path.display()),
+            Plans::Controlled { planning, levels } => levels[gi].starting_plan(prepared.sim.starting_plan(sim.initial, planning)),
         };
         let cap = sim.deadline_us as f64 / prepared.sim.upload_bytes.iter().map(|b| b.int8.min(b.f16).min(b.f32)).fold(f64::INFINITY, f64::min);
         for k in 0..g.devices {
@@ -442,11 +534,12 @@ fn device_configs(
                     arrival_rates: sim.rate_steps.clone(),
                 }),
                 interrupt: Default::default(),
-                audit: watched.then(|| AuditSettings {
+                audit: (watched || controlled.is_some()).then(|| AuditSettings {
                     rate: s.watch.audit_rate,
                     group: g.name.clone(),
                     model_sha256: setup.model_sha256.clone(),
-                    target_accuracy: Some(sim.target),
+                    // A controlled group's target is its service level's.
+                    target_accuracy: Some(controlled.and_then(|l| l.get(gi)).map_or(sim.target, |l| l.level.accuracy)),
                     max_in_flight: 4,
                     // The virtual-time replay's audit coins are another
                     // stream; these only need to repeat.
@@ -469,6 +562,15 @@ fn tally(setup: &LiveSetup, policy: Policy, outcomes: &[Outcome], log: &[branchp
     let mut bins = vec![vec![Bin::default(); cfg.bins()]; cfg.groups.len()];
     let mut latencies = vec![Vec::new(); cfg.groups.len()];
     let mut edge = vec![super::sim::EdgeTally::default(); prepared.sim.num_branches()];
+    // The adaptive policy's plans, per device in the order they were made:
+    // each on-device answer counts the prediction of the plan it was decided
+    // under (the latest such plan made before it arrived).
+    let mut plans_of: HashMap<&str, Vec<&branchpoint_actors::planner::PlanRecord>> = HashMap::new();
+    if policy == Policy::Adaptive {
+        for r in log {
+            plans_of.entry(r.device_id.as_str()).or_default().push(r);
+        }
+    }
     for o in outcomes {
         if let Some(e) = &o.error {
             bail!("policy {}: device {} could not decide input {}: {e}", policy.name(), o.device_id, o.input_index);
@@ -481,7 +583,19 @@ fn tally(setup: &LiveSetup, policy: Policy, outcomes: &[Outcome], log: &[branchp
             // What a plan predicts on the device is the same under every
             // codec: f32's statistics stand for all.
             let plan = branchpoint_core::planner::Plan::f32(o.partition_branch, o.p_tar);
-            edge[o.partition_branch - 1].add(&prepared.sim.predictions, plan, o.correct());
+            let arrived_us = o.arrived_unix_us.saturating_sub(epoch_unix);
+            let m = &prepared.sim;
+            b.edge_agree += u64::from(o.class == m.final_of(cfg.groups[group].view_at(arrived_us), o.input_index % m.inputs()));
+            let own = plans_of.get(o.device_id.as_str()).and_then(|v| {
+                v.iter()
+                    .rev()
+                    .find(|r| r.at_us <= arrived_us && r.prediction.plan.branch == o.partition_branch && r.prediction.plan.p_tar == o.p_tar)
+                    .map(|r| r.prediction.edge_accuracy)
+            });
+            // Before its first plan, a device runs the group's starting plan.
+            let predicted = own.or_else(|| prepared.sim.predictions.lookup(plan).map(|s| s.edge_accuracy)).unwrap_or(f64::NAN);
+            b.predicted_edge_sum += predicted;
+            edge[o.partition_branch - 1].add_predicted(predicted, o.correct());
         }
         if let Some(sent) = o.sent {
             b.sent_by_codec[sent.codec.index()] += 1;
@@ -561,6 +675,7 @@ async fn start_calibrator(
             p_tar: plan.p_tar,
             certified: None,
             codec: Some(plan.codec),
+            temperature: None,
         };
         store.put_plan(&update).await?;
     }

@@ -618,7 +618,7 @@ fn calibration_refits_and_plans_reach_running_devices() {
         let bad = client.request(subjects::CALIBRATION_REFIT, "nonsense".into()).await.unwrap();
         assert!(decode::<branchpoint_messages::ErrorReply>(&bad.payload).is_ok());
 
-        let plan = PlanUpdate { target: PlanTarget::Group("default".into()), partition_branch: 2, p_tar: 0.75, certified: None, codec: None };
+        let plan = PlanUpdate { target: PlanTarget::Group("default".into()), partition_branch: 2, p_tar: 0.75, certified: None, codec: None, temperature: None };
         ControlStore::open(&client).await.unwrap().put_plan(&plan).await.unwrap();
         fitted
     });
@@ -1132,7 +1132,7 @@ fn a_plan_replaced_meanwhile_is_not_overwritten() {
     runtime().block_on(async {
         let client = async_nats::connect(&nats.url).await.unwrap();
         let store = ControlStore::open(&client).await.unwrap();
-        let plan = |p_tar| PlanUpdate { target: PlanTarget::Group("lab".into()), partition_branch: 1, p_tar, certified: None, codec: None };
+        let plan = |p_tar| PlanUpdate { target: PlanTarget::Group("lab".into()), partition_branch: 1, p_tar, certified: None, codec: None, temperature: None };
         let first = store.replace_plan(&plan(0.8), 0).await.unwrap().expect("an absent key is created");
         assert_eq!(store.replace_plan(&plan(0.7), 0).await.unwrap(), None, "a create does not overwrite");
         let operators = store.put_plan(&plan(0.6)).await.unwrap();
@@ -1160,7 +1160,7 @@ fn a_device_plan_expires_and_a_group_plan_stays() {
         let client = async_nats::connect(&nats.url).await.unwrap();
         let store = ControlStore::open_with(&client, settings).await.unwrap();
         for target in [PlanTarget::Device("gone-1".into()), PlanTarget::Group("stays".into())] {
-            store.put_plan(&PlanUpdate { target, partition_branch: 1, p_tar: 0.8, certified: None, codec: None }).await.unwrap();
+            store.put_plan(&PlanUpdate { target, partition_branch: 1, p_tar: 0.8, certified: None, codec: None, temperature: None }).await.unwrap();
         }
         store
     });

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use branchpoint::scenario::report::{CodecCounts, ScenarioReport};
 use branchpoint::scenario::Scenario;
+use branchpoint_messages::{PlanTarget, PlanUpdate};
 use common::{alone, branchpoint, output_within, repo_root, shared};
 
 const VALID: &str = r#"
@@ -590,6 +591,55 @@ fn a_live_shift_is_detected_and_the_refit_reaches_the_devices_through_the_store(
     let shift_bin = shift_s as usize;
     let calm: Vec<f64> = w.true_edge_agreement[..shift_bin].iter().flatten().copied().collect();
     assert!(calm.iter().all(|&a| a > 0.95), "before the shift the branch keeps its target: {calm:?}");
+}
+
+/// The adaptive policy live, across a real NATS server (the shipped
+/// input-shift-live scenario, adaptive only, 20 s): the devices audit, the
+/// workers send the final exit's answers to the planner's control loop, the
+/// shift sets off its alarm, a refit follows, and the re-plans reach the
+/// running devices through the control store. The planner is the one
+/// writer of their plans, counted on the store's own subject: every plan
+/// written in the run is a device's, each carries the temperature it was
+/// chosen at (which only the control loop's planner sets), and no group
+/// plan is written.
+#[test]
+fn the_adaptive_control_loop_runs_live_and_its_planner_is_the_one_writer_of_plans() {
+    let _cpu = alone();
+    let shipped = repo_root().join("scenarios/input-shift-live.toml");
+    let model = repo_root().join("models/bvgg-fmnist.safetensors");
+    let store = tempfile::tempdir().unwrap();
+    let nats = common::NatsServer::start_with(&["-js", "-sd", store.path().to_str().unwrap()]);
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(&shipped).unwrap();
+    assert!(text.contains("policies = [\"static\", \"watched\"]") && text.contains("duration_s = 30.0") && text.contains("at_s = 8.0"), "the test edits these keys");
+    let path = dir.path().join("adaptive.toml");
+    std::fs::write(&path, text.replace("policies = [\"static\", \"watched\"]", "policies = [\"adaptive\"]").replace("duration_s = 30.0", "duration_s = 20.0")).unwrap();
+    let writes = common::Watch::<PlanUpdate>::new(&nats.url, "$KV.branchpoint-plans.>");
+    let r = replay(&path, &["--nats", &nats.url, "--model", model.to_str().unwrap()], &dir.path().join("out"));
+    let adaptive = policy(&r, "adaptive");
+    let w = &adaptive.watch[0];
+    let delay = w.detection_delay_s.expect("the shift is detected live");
+    assert!(delay > 0.0 && delay < 10.0, "alarm {delay} s after the shift");
+    let refit = w.refits.first().expect("a refit follows the alarm");
+    assert!(refit.t_s >= 8.0 + delay - 1e-6 && refit.t_s < 8.0 + delay + 5.0, "refit at {} s, alarm {delay} s after the shift at 8 s", refit.t_s);
+    assert!(adaptive.totals.deadline_miss_rate <= 0.01, "{:?}", adaptive.totals);
+    // The writes to the plans bucket: the planner's, to devices only.
+    let plans = writes.wait("the plans written in the run", Duration::from_secs(10), |v| (!v.is_empty()).then(|| v.to_vec()));
+    assert!(
+        plans.iter().all(|p| matches!(p.target, PlanTarget::Device(_)) && p.temperature.is_some()),
+        "a plan not from the control loop's planner: {:?}",
+        plans.iter().find(|p| !matches!(p.target, PlanTarget::Device(_)) || p.temperature.is_none())
+    );
+    let devices: std::collections::BTreeSet<String> = plans.iter().filter_map(|p| if let PlanTarget::Device(d) = &p.target { Some(d.clone()) } else { None }).collect();
+    assert_eq!(devices.len(), 20, "every device got its plans through the store");
+    // After the refit every device was re-planned on its evidence: a plan at
+    // the refit temperature for each, and the devices answer on the device
+    // in agreement with the final exit at the target.
+    let replanned: std::collections::BTreeSet<String> =
+        plans.iter().filter(|p| p.temperature.is_some_and(|t| (t - refit.temperature).abs() < 1e-9)).map(|p| format!("{:?}", p.target)).collect();
+    assert_eq!(replanned.len(), 20, "every device re-planned at the refit's temperature {}", refit.temperature);
+    let after: Vec<&branchpoint::scenario::report::WatchWindow> = w.windows.iter().filter(|x| x.start_s >= refit.t_s && x.on_device > 100).collect();
+    assert!(after.iter().all(|x| x.measured_agreement.is_some_and(|a| a >= w.target - 0.03)), "{after:?}");
 }
 
 /// Real time, across a real NATS server: the live devices, workers and

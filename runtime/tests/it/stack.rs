@@ -404,7 +404,7 @@ fn a_restarted_planner_resumes_its_plans_and_a_new_fleet_starts_from_stored_plan
     assert_eq!(second.p_tar, 0.0, "0.05 Mbit/s: answer everything on the device");
 
     // A fleet that starts later starts from the stored plan of its group.
-    let plan = PlanUpdate { target: PlanTarget::Group("default".into()), partition_branch: 2, p_tar: 0.6, certified: None, codec: None };
+    let plan = PlanUpdate { target: PlanTarget::Group("default".into()), partition_branch: 2, p_tar: 0.6, certified: None, codec: None, temperature: None };
     rt.block_on(kv.put_plan(&plan)).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let outcomes = dir.path().join("outcomes.jsonl");
@@ -625,7 +625,7 @@ fn a_device_cannot_change_plans_or_temperatures_or_join_the_workers() {
         // Reading the control store is allowed.
         let store = ControlStore::open(&client).await.expect("a device reads the control store");
         let before = store.plans().await.unwrap().len();
-        let forged = PlanUpdate { target: PlanTarget::Group("default".into()), partition_branch: 1, p_tar: 0.0, certified: None, codec: None };
+        let forged = PlanUpdate { target: PlanTarget::Group("default".into()), partition_branch: 1, p_tar: 0.0, certified: None, codec: None, temperature: None };
         let temps = CalibrationUpdate { model_sha256: "ab".repeat(32), method: CalibrationMethod::Global, temperatures: vec![1e-2; 3], group: None };
         client.publish(subjects::CALIBRATION_UPDATE, encode(&temps).unwrap().into()).await.unwrap();
         client.publish(subjects::CALIBRATION_REFIT, "{}".into()).await.unwrap();
@@ -666,7 +666,7 @@ fn a_device_cannot_change_plans_or_temperatures_or_join_the_workers() {
     rt.block_on(async {
         let client = async_nats::ConnectOptions::new().user_and_password(env[0].1.clone(), env[1].1.clone()).connect(stack.nats.as_str()).await.expect("the planner connects");
         let store = ControlStore::open(&client).await.expect("the planner opens the control store");
-        let device = PlanUpdate { target: PlanTarget::Device("phone-1".into()), partition_branch: 1, p_tar: 0.5, certified: None, codec: None };
+        let device = PlanUpdate { target: PlanTarget::Device("phone-1".into()), partition_branch: 1, p_tar: 0.5, certified: None, codec: None, temperature: None };
         store.put_plan(&device).await.expect("the planner stores a device's plan");
         let group = PlanUpdate { target: PlanTarget::Group("default".into()), ..device };
         let put = tokio::time::timeout(Duration::from_secs(10), store.put_plan(&group)).await;
