@@ -96,7 +96,7 @@ impl GroupControl {
             .map(|b| {
                 let t = temperatures[b - 1];
                 // The branch starts offloading nothing it has no certificate for.
-                Monitor::new(cfg, t, 1.0, references.and_then(|r| r.reference(b, t, &cfg)))
+                Monitor::new(cfg, t, 1.0, references.and_then(|r| r.reference(b, t, &cfg))).map(Monitor::with_exchangeability_test)
             })
             .collect::<Result<Vec<_>>>()?;
         let evidence = vec![Evidence::Validation; branches];

@@ -45,6 +45,16 @@
 //!   sees a shift end: inputs that disagree less than the reference allows
 //!   raise an alarm too, and the refit that follows relaxes the plan. The
 //!   two tests together alarm falsely with probability at most 2 alpha.
+//! - **Exchangeability** (`with_exchangeability_test`, the adaptive
+//!   policy's monitors): a certificate holds only for inputs exchangeable
+//!   with those it was computed on, and a shift can move inputs to other
+//!   confidences while each still agrees as often as the reference says
+//!   (then the test above is blind, and the certified plan's exit rate and
+//!   agreement are not what was certified). Two more e-processes of the
+//!   same kind take the sampled inputs (a uniform sample of all inputs)
+//!   against the median confidence of the sample the plan was certified
+//!   on: more of them below it than half, or more above it, each against
+//!   a Clopper-Pearson upper bound on that share plus `drift_margin`.
 //! - **Refit**: after an alarm, from the sampled inputs that arrive after
 //!   it (the run of disagreements that raised the alarm is worse than the
 //!   truth by the way it was picked), once there are `min_refit_sample`,
@@ -213,6 +223,8 @@ pub struct Monitor {
     /// certificate was computed on, whatever happens to their agreement:
     /// a certificate says nothing about other inputs.
     median: Option<MedianSplit>,
+    /// Whether the two median tests run (`with_exchangeability_test`).
+    exchangeability: bool,
     lower: DriftTest,
     upper: DriftTest,
     /// After an alarm: refit from the inputs since this time as soon as
@@ -261,6 +273,7 @@ impl Monitor {
             seen: 0,
             first_number: 0,
             median: reference.as_ref().and_then(|r| r.median),
+            exchangeability: false,
             reference,
             drift: DriftTest::new(),
             recovery: DriftTest::new(),
@@ -272,6 +285,14 @@ impl Monitor {
             refits: Vec::new(),
             evidence: None,
         })
+    }
+
+    /// Also tests whether the sampled inputs are still exchangeable with
+    /// those the plan was certified on (the median tests): what a planner
+    /// that plans on certificates needs. Off, the monitor watches
+    /// agreement alone (the watched policy).
+    pub fn with_exchangeability_test(self) -> Self {
+        Self { exchangeability: true, ..self }
     }
 
     pub fn temperature(&self) -> f64 {
@@ -339,7 +360,7 @@ impl Monitor {
             return Ok(None);
         }
         // The sampled inputs' confidences against the median, each way.
-        let moved = match self.median.filter(|_| sampled) {
+        let moved = match self.median.filter(|_| sampled && self.exchangeability) {
             Some(m) => {
                 let lower = self.lower.observe(confidence < m.median, m.below + self.cfg.drift_margin, 0, self.cfg.alarm_alpha);
                 self.upper.observe(confidence > m.median, m.above + self.cfg.drift_margin, 0, self.cfg.alarm_alpha) || lower
@@ -1009,7 +1030,7 @@ mod tests {
     #[test]
     fn inputs_that_move_to_lower_confidences_alarm_though_each_agrees_as_expected() {
         let run = |gap_scale: f64, inputs: usize| {
-            let mut m = Monitor::new(MonitorConfig { auto_refit: false, ..config() }, 1.0, 0.8, Some(clean_reference(8))).unwrap();
+            let mut m = Monitor::new(MonitorConfig { auto_refit: false, ..config() }, 1.0, 0.8, Some(clean_reference(8))).unwrap().with_exchangeability_test();
             let mut rng = SplitMix64::new(11);
             for i in 0..inputs {
                 let logits = vec![(gap_scale * 8.0 * rng.next_f64()) as f32, 0.0];
