@@ -593,6 +593,25 @@ fn a_live_shift_is_detected_and_the_refit_reaches_the_devices_through_the_store(
     assert!(calm.iter().all(|&a| a > 0.95), "before the shift the branch keeps its target: {calm:?}");
 }
 
+/// scenarios/stationary-hour.toml: an hour of virtual time, 200 devices,
+/// clean inputs and a steady link. The adaptive policy's tests never alarm,
+/// and its plans do not flap: at most two plan changes per device-hour
+/// (the first plan, and one more).
+#[test]
+fn a_stationary_hour_raises_no_alarm_and_the_plans_do_not_flap() {
+    let _cpu = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let model = repo_root().join("models/bvgg-fmnist.safetensors");
+    let r = replay(&repo_root().join("scenarios/stationary-hour.toml"), &["--model", model.to_str().unwrap()], dir.path());
+    let adaptive = policy(&r, "adaptive");
+    assert_eq!(adaptive.totals.inputs, r.policies[0].totals.inputs);
+    assert!(adaptive.totals.inputs > 1_400_000, "{}", adaptive.totals.inputs);
+    let w = &adaptive.watch[0];
+    assert!(w.refits.is_empty() && w.alarms_without_refit_s.is_empty(), "alarms {:?}, refits {:?}", w.alarms_without_refit_s, w.refits);
+    let changes = adaptive.plan_changes_per_device_hour.expect("counted");
+    assert!(changes > 0.0 && changes <= 2.0, "{changes} plan changes per device-hour");
+}
+
 /// The adaptive policy live, across a real NATS server (the shipped
 /// input-shift-live scenario, adaptive only, 20 s): the devices audit, the
 /// workers send the final exit's answers to the planner's control loop, the
