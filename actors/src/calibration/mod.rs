@@ -367,8 +367,10 @@ impl LiveWatch {
         // wire accepts; beyond it confidences do not change anyway.
         temps[b - 1] = wire_temperature(refit.temperature);
         self.remember_group(group.clone(), temps.clone());
-        let plan =
-            PlanUpdate { target: PlanTarget::Group(group.clone()), partition_branch: branch, p_tar: refit.threshold, certified: Some(target), codec: None, temperature: None };
+        // The threshold travels with the temperature it was certified at:
+        // a device applies both at once, whichever bucket it hears first.
+        let temperature = Some(temps[b - 1]);
+        let plan = PlanUpdate { target: PlanTarget::Group(group.clone()), partition_branch: branch, p_tar: refit.threshold, certified: Some(target), codec: None, temperature };
         WatchOutcome::Refit(GroupRefit { group, partition_branch: branch, temperatures: temps, plan, refit })
     }
 

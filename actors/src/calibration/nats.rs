@@ -23,7 +23,9 @@ pub async fn recertify_stored_plans(calibrator: &CalibratorHandle, store: &crate
         let reply = calibrator.certify(plan.partition_branch, target).await?;
         if reply.p_tar() != plan.p_tar {
             let group = group.clone();
-            match store.replace_plan(&PlanUpdate { p_tar: reply.p_tar(), ..plan }, stored.revision).await? {
+            // Certified on the model's new temperatures, which the devices
+            // take from the model's calibration: the plan names none.
+            match store.replace_plan(&PlanUpdate { p_tar: reply.p_tar(), temperature: None, ..plan }, stored.revision).await? {
                 Some(_) => moved += 1,
                 None => tracing::info!("calibrator: the plan of group {group} changed while it was certified again; the new one stands"),
             }
@@ -50,7 +52,7 @@ async fn store_refit(store: &crate::control::ControlStore, calibrator: &Calibrat
             return Ok(false);
         }
         let (plan, revision) = match current {
-            Some(c) => (PlanUpdate { p_tar: r.plan.p_tar, certified: r.plan.certified, ..c.value }, c.revision),
+            Some(c) => (PlanUpdate { p_tar: r.plan.p_tar, certified: r.plan.certified, temperature: r.plan.temperature, ..c.value }, c.revision),
             None => (r.plan.clone(), 0),
         };
         store.put_calibration(&update).await?;
