@@ -274,6 +274,18 @@ pub struct PlannerArgs {
     /// Workers' tail compute = the profile's time times this (as `worker --cloud-slowdown`): how fast they drain the backlog their status reports.
     #[arg(long, default_value_t = 1.0, value_name = "X")]
     pub cloud_slowdown: f64,
+    /// Run the adaptive policy's control loop (with --level-accuracy): every group heard of is watched from the workers' audit results (devices audit with `fleet --audit-rate`), a drift alarm makes its devices offload everything until a refit certifies new plans, and each change re-plans the group's devices at once. The planner is then the only writer of their plans; run no calibrator refits for those groups.
+    #[arg(long, requires = "level_accuracy")]
+    pub watch: bool,
+    /// With --watch: the share of inputs the devices audit (`fleet --audit-rate`), which weighs the live estimates.
+    #[arg(long, default_value_t = 0.1, value_name = "P", requires = "watch")]
+    pub audit_rate: f64,
+    /// With --watch: a refit waits for this many sampled inputs after an alarm (half fit the temperature, half certify).
+    #[arg(long, default_value_t = 400, value_name = "N", requires = "watch")]
+    pub min_refit_sample: usize,
+    /// With --watch: the smallest change the drift and exchangeability tests are after.
+    #[arg(long, default_value_t = 0.03, value_name = "ACCURACY", requires = "watch")]
+    pub drift_margin: f64,
 }
 
 fn parse_minimise(s: &str) -> Result<branchpoint_core::guarantee::Minimise, String> {

@@ -69,6 +69,8 @@ pub struct Planner {
 #[derive(Default)]
 struct Controls {
     groups: HashMap<String, GroupControl>,
+    /// Copied for each group heard of (`Planner::with_control_template`).
+    template: Option<GroupControl>,
     last_reports: HashMap<String, DeviceReport>,
     log: Vec<ControlRecord>,
     refused: u64,
@@ -193,6 +195,14 @@ impl Planner {
         Self { controls: Controls { groups: groups.into_iter().collect(), ..Controls::default() }, ..self }
     }
 
+    /// As `with_controls`, for groups not known in advance: every group
+    /// heard of (in a report or in evidence) gets a copy of `template`, up
+    /// to `MAX_CONTROLLED_GROUPS`; beyond, a new group is planned without
+    /// one and its evidence is refused and counted.
+    pub fn with_control_template(self, template: GroupControl) -> Self {
+        Self { controls: Controls { template: Some(template), ..Controls::default() }, ..self }
+    }
+
     /// Plans under a service level: `stats` must be the candidates
     /// certified for it (`ModelStats::for_level`).
     pub fn minimising(self, minimise: branchpoint_core::guarantee::Minimise) -> Self {
@@ -223,10 +233,32 @@ impl Actor for Planner {
     }
 }
 
+/// Most groups a planner runs control loops for from a template: a flood
+/// of invented group names must not grow it without bound.
+pub const MAX_CONTROLLED_GROUPS: usize = 256;
+
+impl Controls {
+    /// Starts `group`'s loop from the template if it has none and there is
+    /// room; whether it has one now.
+    fn start(&mut self, group: &str) -> bool {
+        if self.groups.contains_key(group) {
+            return true;
+        }
+        match &self.template {
+            Some(t) if self.groups.len() < MAX_CONTROLLED_GROUPS => {
+                self.groups.insert(group.to_string(), t.clone());
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 impl Handler<DeviceReport> for Planner {
     type Result = ();
 
     fn handle(&mut self, r: DeviceReport, ctx: &mut Context<Self>) {
+        self.controls.start(&r.group);
         self.plan(&r, ctx);
         if self.controls.groups.contains_key(&r.group) && (self.controls.last_reports.len() < MAX_RATED_DEVICES || self.controls.last_reports.contains_key(&r.device_id)) {
             self.controls.last_reports.insert(r.device_id.clone(), r);
@@ -290,10 +322,11 @@ impl Handler<ControlObservation> for Planner {
     type Result = ();
 
     fn handle(&mut self, o: ControlObservation, ctx: &mut Context<Self>) {
-        let Some(control) = self.controls.groups.get_mut(&o.group) else {
+        if !self.controls.start(&o.group) {
             self.controls.refused += 1;
             return;
-        };
+        }
+        let Some(control) = self.controls.groups.get_mut(&o.group) else { return };
         let change = match control.observe(o.branch, o.observation) {
             Ok(Some(change)) => change,
             Ok(None) => return,

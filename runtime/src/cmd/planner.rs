@@ -1,14 +1,17 @@
 //! `branchpoint planner`: the partition planner on NATS. Devices publish
 //! network reports on `branchpoint.report.network` (with their deadline and
 //! arrival rate); the planner answers each with a `PlanUpdate` stored under
-//! `device.<id>` in the control store, which the devices watch.
+//! `device.<id>` in the control store, which the devices watch. With
+//! `--level-accuracy` and `--watch` it is the adaptive policy: each group
+//! heard of gets a control loop (`core::control`), fed the workers' audit
+//! results, and every change of a group's evidence re-plans its devices.
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use actix::Actor;
 use anyhow::{bail, Context, Result};
 use branchpoint_actors::control::ControlStore;
-use branchpoint_actors::planner::nats::{serve_planner_nats, NatsPlans};
+use branchpoint_actors::planner::nats::{serve_control_audits, serve_planner_nats, NatsPlans};
 use branchpoint_actors::planner::Planner;
 use branchpoint_core::calibration::{self, CalibrationFile, Method};
 use branchpoint_core::planner::{default_candidate_p_tars, Codec, CodecFinals, Costs, ModelStats};
@@ -17,6 +20,35 @@ use branchpoint_models::model::recorded_codec_final_logits;
 use crate::cli::PlannerArgs;
 use crate::scenario::{compute_costs, read_profile_at, upload_bytes};
 use crate::shutdown::{Stopping, GRACE};
+
+/// `--watch`: the control loop every group gets a copy of, under `level`,
+/// starting from the validation split's certified candidates and drift
+/// references.
+fn control_template(
+    args: &PlannerArgs,
+    level: branchpoint_core::guarantee::ServiceLevel,
+    stats: &ModelStats,
+    validation: &[branchpoint_core::calibration::ExitLogits],
+    temperatures: &[f64],
+) -> Result<branchpoint_core::control::GroupControl> {
+    use branchpoint_core::monitor::{MonitorConfig, ReferenceInputs};
+    let watch = MonitorConfig {
+        audit_rate: args.audit_rate,
+        // Replaced per branch by the level's (delta / branches).
+        target: level.target(),
+        window_us: 120_000_000,
+        max_observations: 200_000,
+        drift_margin: args.drift_margin,
+        alarm_alpha: 0.01,
+        auto_refit: true,
+        min_refit_interval_us: 30_000_000,
+        min_refit_sample: args.min_refit_sample,
+    };
+    let t_final = *temperatures.last().context("no temperatures")?;
+    let references = ReferenceInputs::of_exits(validation, t_final);
+    branchpoint_core::control::GroupControl::new(level, stats.clone(), temperatures, watch, references.as_ref())
+        .context("--watch (--audit-rate, --drift-margin, --min-refit-sample)")
+}
 
 pub fn run(args: PlannerArgs) -> Result<()> {
     crate::shutdown::install("planner");
@@ -72,6 +104,11 @@ pub fn run(args: PlannerArgs) -> Result<()> {
     };
     // f32 plans come with every statistic; keep only the codecs asked for.
     let stats = stats.with_codecs(&args.codecs);
+    let model_sha256 = model.sha256().to_string();
+    let control = match level.filter(|_| args.watch) {
+        Some(level) => Some(control_template(&args, level, &stats, &validation, &temperatures)?),
+        None => None,
+    };
     let profile_path = args.profile.clone().unwrap_or_else(|| args.source.model.with_extension("profile.json"));
     let profile = read_profile_at(&profile_path)?;
     let (head_us, tail_us) = compute_costs(&profile, args.device_slowdown, args.cloud_slowdown)?;
@@ -98,11 +135,26 @@ pub fn run(args: PlannerArgs) -> Result<()> {
         tracing::info!("planner: resumed {devices} device plan(s) from the control store");
         let plans = NatsPlans::new(store, stored);
         let planner = Planner::new(Arc::new(stats), BTreeMap::new(), Some(template), Some(Box::new(plans)));
-        let planner = match level {
-            Some(level) => planner.minimising(level.minimise),
-            None => planner,
+        let planner = match (level, control) {
+            (_, Some(control)) => planner.with_control_template(control),
+            (Some(level), None) => planner.minimising(level.minimise),
+            (None, None) => planner,
         }
         .start();
+        if args.watch {
+            // The control loops' evidence: the workers' audit results.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let (c, p, sha) = (client.clone(), planner.clone(), model_sha256.clone());
+            actix::spawn(async move {
+                let ready = move || {
+                    let _ = tx.send(());
+                };
+                if let Err(e) = serve_control_audits(c, p, sha, ready, std::future::pending()).await {
+                    tracing::error!("planner: {e}");
+                }
+            });
+            rx.await.context("the planner could not subscribe to the audit results (--watch)")?;
+        }
         let service = args.service.clone();
         let ready = move || {
             service.mark_ready();

@@ -83,6 +83,9 @@ fn bad_input_gives_a_clear_error_and_a_failing_exit() {
             &["--level-accuracy", "0.999", "the most it certifies at delta 0.01 is 0."],
         ),
         (&["planner", "--nats", "nats://127.0.0.1:1", "--level-accuracy", "0.9", "--minimise", "fewest"], &["--minimise", "offloads, uplink-bytes or nothing"]),
+        // The control loop keeps a service level: it needs one.
+        (&["planner", "--nats", "nats://127.0.0.1:1", "--watch"], &["--level-accuracy"]),
+        (&["planner", "--nats", "nats://127.0.0.1:1", "--level-accuracy", "0.9", "--watch", "--audit-rate", "2"], &["--audit-rate", "audit_rate", "(0, 1]"]),
         (&["evaluate", "--corrupt", "fog:2"], &["--corrupt", "\"fog\"", "gaussian-noise"]),
         (&["evaluate", "--corrupt", "contrast:9"], &["--corrupt", "contrast severity", "1 to 5"]),
         (&["evaluate", "--corrupt", "contrast"], &["--corrupt", "KIND:SEVERITY"]),

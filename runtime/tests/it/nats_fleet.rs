@@ -1025,6 +1025,50 @@ fn a_certifying_planner_says_which_target_its_plans_certify() {
     assert!((0.5..1.0).contains(&target.accuracy), "{plan:?}");
 }
 
+/// `branchpoint planner --watch`: the adaptive policy's control loop in the
+/// stack's planner. A device's report gets a plan certified for the level,
+/// stored with the temperature it was chosen at; audit results from its
+/// group whose branch now disagrees with the final exit set off a drift
+/// alarm, and the planner at once stores a plan that offloads everything
+/// (nothing on the device is certified until a refit). Every plan stored
+/// is the planner's (a calibrator runs beside it, alarms only, and stores
+/// none).
+#[test]
+fn a_watching_planner_voids_its_plans_on_drift() {
+    use branchpoint_messages::{encode, subjects, AuditResult, PlanTarget, PlanUpdate};
+    let _cpu = shared();
+    let store = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start_with(&["-js", "-sd", store.path().to_str().unwrap()]);
+    let _cal = start_service("watching-calibrator", &["calibrator", "--nats", &nats.url, "--alarm-only"], Duration::from_secs(60));
+    let args = ["planner", "--nats", &nats.url, "--device-slowdown", "4", "--level-accuracy", "0.9", "--watch", "--min-refit-sample", "100000"];
+    let _planner = start_service("watching-planner", &args, Duration::from_secs(90));
+    let plans: Watch<PlanUpdate> = Watch::new(&nats.url, &stored_plan(">"));
+    let sha = model_sha(&nats.url);
+    let rt = runtime();
+    let client = rt.block_on(async_nats::connect(&nats.url)).unwrap();
+    let publish = |subject: &'static str, payloads: Vec<Vec<u8>>| {
+        rt.block_on(async {
+            for p in payloads {
+                client.publish(subject, p.into()).await.unwrap();
+            }
+            client.flush().await.unwrap();
+        })
+    };
+    publish(subjects::NETWORK_REPORT, vec![encode(&network_report("phone-9", 0.08)).unwrap()]);
+    let first = plans.wait("a plan for phone-9", Duration::from_secs(30), |seen| seen.first().cloned());
+    assert_eq!(first.target, PlanTarget::Device("phone-9".into()));
+    assert!(first.p_tar < 1.0 && first.certified.is_some_and(|c| c.accuracy == 0.9) && first.temperature.is_some(), "{first:?}");
+    // The group's inputs at that branch now disagree with the final exit.
+    let result = |i: u64| AuditResult { group: "phones".into(), partition_branch: first.partition_branch, ..audit_result(&sha, "phones", i, false) };
+    publish(subjects::CALIBRATION_AUDIT, (0..200).map(|i| encode(&result(i)).unwrap()).collect());
+    let void = plans.wait("the plan that offloads everything", Duration::from_secs(30), |seen| seen.iter().find(|p| p.p_tar == 1.0).cloned());
+    assert_eq!(void.target, PlanTarget::Device("phone-9".into()), "{void:?}");
+    assert!(void.temperature.is_some() && void.certified.is_none(), "{void:?}");
+    let all = plans.wait("the plans so far", Duration::from_secs(5), |seen| Some(seen.to_vec()));
+    assert!(all.iter().all(|p| matches!(p.target, PlanTarget::Device(_)) && p.temperature.is_some()), "only the planner stores plans: {all:?}");
+    assert!(service_log("watching-planner").contains("drift alarm, group phones"));
+}
+
 /// The subject a write to the plans bucket's `key` is published on: a
 /// plain subscription to it sees every plan stored there, as it is stored.
 fn stored_plan(key: &str) -> String {
