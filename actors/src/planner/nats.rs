@@ -244,6 +244,21 @@ impl PoolView {
     }
 }
 
+/// Starts `serve_control_audits` on the current arbiter, for as long as the
+/// process runs, and returns once it is subscribed.
+pub async fn spawn_control_audits(client: async_nats::Client, planner: Addr<Planner>, model_sha256: String) -> Result<(), crate::ActorError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    actix::spawn(async move {
+        let ready = move || {
+            let _ = tx.send(());
+        };
+        if let Err(e) = serve_control_audits(client, planner, model_sha256, ready, std::future::pending()).await {
+            tracing::error!("planner: {e}");
+        }
+    });
+    rx.await.map_err(|_| crate::ActorError::Nats("the planner could not subscribe to the audit results".into()))
+}
+
 /// Feeds the planner's control loops (`Planner::with_controls`) the audit
 /// results the workers publish (`branchpoint.calibration.audit`: every
 /// audit, and every offload of a watched device, with the final exit's

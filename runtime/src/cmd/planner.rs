@@ -11,7 +11,7 @@ use std::sync::Arc;
 use actix::Actor;
 use anyhow::{bail, Context, Result};
 use branchpoint_actors::control::ControlStore;
-use branchpoint_actors::planner::nats::{serve_control_audits, serve_planner_nats, NatsPlans};
+use branchpoint_actors::planner::nats::{serve_planner_nats, spawn_control_audits, NatsPlans};
 use branchpoint_actors::planner::Planner;
 use branchpoint_core::calibration::{self, CalibrationFile, Method};
 use branchpoint_core::planner::{default_candidate_p_tars, Codec, CodecFinals, Costs, ModelStats};
@@ -143,17 +143,7 @@ pub fn run(args: PlannerArgs) -> Result<()> {
         .start();
         if args.watch {
             // The control loops' evidence: the workers' audit results.
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let (c, p, sha) = (client.clone(), planner.clone(), model_sha256.clone());
-            actix::spawn(async move {
-                let ready = move || {
-                    let _ = tx.send(());
-                };
-                if let Err(e) = serve_control_audits(c, p, sha, ready, std::future::pending()).await {
-                    tracing::error!("planner: {e}");
-                }
-            });
-            rx.await.context("the planner could not subscribe to the audit results (--watch)")?;
+            spawn_control_audits(client.clone(), planner.clone(), model_sha256.clone()).await.context("--watch")?;
         }
         let service = args.service.clone();
         let ready = move || {

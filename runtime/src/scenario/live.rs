@@ -364,17 +364,7 @@ async fn start_planner(
     let planner = Planner::new(Arc::new(sim.stats.with_codecs(&planning.codecs)), costs, None, sink).with_controls(controls).start();
     if let (Some(c), true) = (client, controlled) {
         // The control loops' evidence: the workers' audit results.
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let (c, p, sha) = (c.clone(), planner.clone(), setup.model_sha256.clone());
-        actix::spawn(async move {
-            let ready = move || {
-                let _ = tx.send(());
-            };
-            if let Err(e) = branchpoint_actors::planner::nats::serve_control_audits(c, p, sha, ready, std::future::pending()).await {
-                tracing::error!("planner: {e}");
-            }
-        });
-        rx.await.context("the adaptive policy's planner could not subscribe to the audit results")?;
+        branchpoint_actors::planner::nats::spawn_control_audits(c.clone(), planner.clone(), setup.model_sha256.clone()).await.context("the adaptive policy's planner")?;
     }
     match client {
         None if planning.cloud_aware => {
