@@ -109,8 +109,10 @@ impl Role {
                 // Devices' plans are the planner's alone; groups' are not.
                 let mut p = kv_write_keys(PLANS_BUCKET, "device.>");
                 p.extend(kv_read(CALIBRATION_BUCKET));
-                // Devices' reports, and the workers' load for every plan.
-                (p, s(&[subjects::NETWORK_REPORT, subjects::WORKER_STATUS]))
+                // Devices' reports, the workers' load for every plan and,
+                // under `--watch`, the workers' audit results (only workers
+                // publish them): its control loops' evidence.
+                (p, s(&[subjects::NETWORK_REPORT, subjects::WORKER_STATUS, subjects::CALIBRATION_AUDIT]))
             }
             Role::Calibrator => {
                 let mut p = s(&[subjects::CALIBRATION_UPDATE, subjects::CALIBRATION_STATUS]);
